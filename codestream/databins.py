@@ -1,0 +1,150 @@
+"""Data-bins of a codestream and the empty-packet rebuild.
+
+Server side, :func:`split_databins` cuts a stored codestream into the JPIP data-bins it
+streams: the main header, the tile header and one precinct data-bin per (comp, res,
+precinct) holding that precinct's packets in layer order.
+
+Client side, :class:`BinSet` holds whatever prefix of each data-bin has arrived, and
+:func:`rebuild_codestream` turns it into a decodable codestream: main header, a tile-part
+header with a correct Psot and without the (now stale) PLT markers, every packet that is
+present, and an empty packet in place of each missing one. OpenJPEG decodes the result
+exactly as it decodes the full codestream limited to the same layers/resolutions
+(J2K-FACTS). Only whole packets are used, and layers are used as a prefix per precinct.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from .index import (EOC, PLM, PLT, SOD, SOT, TLM, CodestreamError, PacketIndex,
+                    iter_marker_segments)
+
+
+@dataclass
+class Databins:
+    main_header: bytes
+    tile_header: bytes
+    # bin id -> (packet bytes per layer)
+    precincts: dict[int, list[bytes]]
+
+
+def split_databins(cs: bytes, index: PacketIndex) -> Databins:
+    prec: dict[int, list[bytes]] = {}
+    mv = memoryview(cs)
+    for c, l, r, p, off, ln in index.packets.tolist():
+        bins = prec.setdefault(index.databin_id(c, r, p), [b""] * index.nlayers)
+        bins[l] = bytes(mv[off:off + ln])
+    return Databins(bytes(mv[:index.main_header_end]),
+                    bytes(mv[index.tile_header[0]:index.tile_header[1]]), prec)
+
+
+def _strip(segment_bytes: bytes, drop: tuple[int, ...], start: int = 0) -> bytes:
+    out = bytearray(segment_bytes[:start])
+    for marker, pos, seglen in iter_marker_segments(segment_bytes, start, len(segment_bytes)):
+        if marker not in drop:
+            out += segment_bytes[pos:pos + seglen]
+    return bytes(out)
+
+
+@dataclass
+class BinSet:
+    """The data-bins of one codestream as received so far (prefixes only)."""
+
+    main_header: bytes | None = None
+    tile_header: bytes | None = None
+    precincts: dict[int, bytes] = field(default_factory=dict)
+    _index: PacketIndex | None = field(default=None, repr=False)
+
+    @property
+    def index(self) -> PacketIndex | None:
+        if self._index is None and self.main_header and self.tile_header:
+            self._index = PacketIndex.from_headers(self.main_header, self.tile_header)
+        return self._index
+
+    def layers_in_bin(self, bin_id: int, lengths: list[int] | None = None) -> int:
+        """Number of whole packets (layers) held for a precinct data-bin."""
+        data = self.precincts.get(bin_id, b"")
+        if lengths is None:
+            lengths = self.index.packet_lengths_by_bin()[bin_id]
+        n, acc = 0, 0
+        for ln in lengths:
+            if acc + ln > len(data):
+                break
+            acc += ln
+            n += 1
+        return n
+
+    def levels(self) -> tuple[int, int]:
+        """(layers, res) reached by the whole image: the largest q such that every
+        precinct of resolutions 0..res holds q layers, and the largest such res for
+        q >= 1. (0, -1) if nothing is decodable yet."""
+        ix = self.index
+        if ix is None:
+            return 0, -1
+        lengths = ix.packet_lengths_by_bin()
+        per_res = []
+        for r in range(ix.numres):
+            q = ix.nlayers
+            for c in range(ix.ncomp):
+                for p in range(ix.num_precincts(c, r)):
+                    b = ix.databin_id(c, r, p)
+                    q = min(q, self.layers_in_bin(b, lengths[b]))
+            per_res.append(q)
+        res, layers = -1, 0
+        best = per_res[0]
+        for r, q in enumerate(per_res):
+            if q == 0:
+                break
+            best = min(best, q)
+            res, layers = r, best
+        return layers, res
+
+    def levels_in_region(self, region: tuple[int, int, int, int]) -> tuple[int, int]:
+        """Like :meth:`levels` but only for the precincts that influence the region
+        (x, y, w, h in full-resolution pixels)."""
+        ix = self.index
+        if ix is None:
+            return 0, -1
+        x, y, w, h = region
+        lengths = ix.packet_lengths_by_bin()
+        res, layers, best = -1, 0, ix.nlayers
+        for r in range(ix.numres):
+            q = ix.nlayers
+            for c in range(ix.ncomp):
+                for p in ix.precincts_for_region(c, r, x, y, x + w, y + h):
+                    b = ix.databin_id(c, r, p)
+                    q = min(q, self.layers_in_bin(b, lengths[b]))
+            if q == 0:
+                break
+            best = min(best, q)
+            res, layers = r, best
+        return layers, res
+
+
+def rebuild_codestream(bins: BinSet, *, max_layers: int | None = None) -> bytes:
+    """A decodable codestream from whatever packets the BinSet holds."""
+    ix = bins.index
+    if ix is None:
+        raise CodestreamError("main header or tile header not received yet")
+    lengths = ix.packet_lengths_by_bin()
+    # split each precinct bin into whole packets
+    packets: dict[tuple[int, int], bytes] = {}
+    for b, data in bins.precincts.items():
+        lens = lengths.get(b)
+        if lens is None:
+            continue
+        acc = 0
+        for l, ln in enumerate(lens):
+            if acc + ln > len(data) or (max_layers is not None and l >= max_layers):
+                break
+            packets[(b, l)] = data[acc:acc + ln]
+            acc += ln
+    body = bytearray()
+    for seq, (c, l, r, p, _off, _ln) in enumerate(ix.packets.tolist()):
+        pk = packets.get((ix.databin_id(c, r, p), l))
+        body += pk if pk is not None else ix.empty_packet(seq)
+    main = _strip(bins.main_header, (TLM, PLM), start=2)  # keep SOC
+    th = _strip(bins.tile_header, (PLT,))
+    psot = 12 + len(th) + 2 + len(body)
+    sot = struct.pack(">HHHIBB", SOT, 10, 0, psot, 0, 1)
+    return main + sot + th + struct.pack(">H", SOD) + bytes(body) + struct.pack(">H", EOC)

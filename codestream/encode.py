@@ -1,0 +1,135 @@
+"""Encode one frame into a layered, precinct-partitioned JPEG 2000 codestream.
+
+The codestream is what the server stores and streams packet by packet:
+
+* reversible 5/3 wavelet; quality layers at ``LAYER_RATIOS`` with the last one lossless,
+* enough resolution levels that the smallest is at most ``MAX_LOWEST_RES`` pixels,
+* explicit 128x128 precincts (64x64 code-blocks) so a region request sends only what
+  covers it, LRCP order, PLT markers so every packet can be indexed.
+
+OpenJPEG (through glymur) writes only unsigned 8/16-bit samples, so signed data, or data
+that does not fit, is shifted by an integer ``offset``: stored = pixel + offset. The
+offset is returned and must be recorded; :func:`undo_offset` reverses it bit-exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .index import PacketIndex
+
+LAYER_RATIOS = (50, 20, 8, 1)   # about 1:50, 1:20, 1:8, then lossless
+MAX_LOWEST_RES = 64
+PRECINCT = 128
+CODEBLOCK = 64
+
+
+class EncodeError(ValueError):
+    """The pixels cannot be encoded (with the reason)."""
+
+
+@dataclass
+class EncodedFrame:
+    codestream: bytes
+    offset: int
+    index: PacketIndex
+
+
+def numres_for(width: int, height: int) -> int:
+    """Resolution count so that the smallest resolution is at most MAX_LOWEST_RES px."""
+    side = max(width, height, 1)
+    levels = max(0, math.ceil(math.log2(side / MAX_LOWEST_RES))) if side > MAX_LOWEST_RES else 0
+    return min(levels, 12) + 1
+
+
+def prepare_samples(pixels: np.ndarray, *, signed: bool, bits_stored: int) -> tuple[np.ndarray, int]:
+    """Shift and cast pixels to uint8/uint16 for OpenJPEG; returns (samples, offset)."""
+    a = np.asarray(pixels)
+    if a.ndim == 3 and a.shape[2] == 3:
+        if a.dtype != np.uint8:
+            if a.min() < 0 or a.max() > 65535:
+                raise EncodeError("colour samples must be 8 or 16-bit unsigned")
+            return a.astype(np.uint16), 0
+        return a, 0
+    if a.ndim != 2:
+        raise EncodeError(f"expected a 2-D frame or an RGB frame, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise EncodeError(f"pixels must be integers, got {a.dtype}")
+    if a.dtype == np.uint8:
+        return a, 0
+    lo, hi = int(a.min()), int(a.max())
+    offset = 0
+    if signed or lo < 0:
+        offset = 1 << (max(1, bits_stored) - 1)
+        if lo + offset < 0 or hi + offset > 65535:
+            offset = -lo
+    if hi + offset > 65535:
+        raise EncodeError(f"pixel range {lo}..{hi} does not fit in 16 bits")
+    if offset == 0 and hi <= 255 and bits_stored <= 8:
+        return a.astype(np.uint8), 0
+    return (a.astype(np.int32) + offset).astype(np.uint16), offset
+
+
+
+
+def encode_frame(pixels: np.ndarray, *, signed: bool, bits_stored: int,
+                 ratios: tuple[int, ...] = LAYER_RATIOS) -> EncodedFrame:
+    """Encode a frame; the last layer is lossless (bit-exact after undo_offset)."""
+    import glymur
+
+    samples, offset = prepare_samples(pixels, signed=signed, bits_stored=bits_stored)
+    h, w = samples.shape[:2]
+    numres = numres_for(w, h)
+    psize = max(PRECINCT, 2 * CODEBLOCK)
+    cb = CODEBLOCK if min(w, h) >= CODEBLOCK else 32
+    if ratios[-1] != 1:
+        raise EncodeError("the last layer must be lossless (ratio 1)")
+    with tempfile.TemporaryDirectory(prefix="mv-enc-") as tmp:
+        path = os.path.join(tmp, "frame.j2k")
+        glymur.Jp2k(path, data=np.ascontiguousarray(samples), cratios=list(ratios),
+                    numres=numres, psizes=[(psize, psize)] * numres, cbsize=(cb, cb),
+                    prog="LRCP", plt=True, irreversible=False)
+        with open(path, "rb") as f:
+            cs = f.read()
+    return EncodedFrame(codestream=cs, offset=offset, index=PacketIndex.parse(cs))
+
+
+def undo_offset(samples: np.ndarray, offset: int, signed: bool, bits_stored: int = 16) -> np.ndarray:
+    """Stored samples back to DICOM stored pixel values (dtype of the DICOM data)."""
+    if samples.ndim == 3:
+        return samples
+    if offset == 0 and not signed:
+        return samples
+    vals = samples.astype(np.int32) - offset
+    if signed:
+        return vals.astype(np.int16 if bits_stored > 8 else np.int8)
+    return vals.astype(np.uint16 if bits_stored > 8 else np.uint8)
+
+
+def decode_full(codestream: bytes, offset: int, signed: bool, *, layers: int = 0, reduce: int = 0,
+                area: tuple[int, int, int, int] | None = None, bits_stored: int = 16) -> np.ndarray:
+    """Reference decode through glymur/OpenJPEG (file based). ``area`` is (y0, x0, y1, x1)
+    in full-resolution pixels; the result is at ``reduce``."""
+    import glymur
+
+    fd, path = tempfile.mkstemp(suffix=".j2k")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(codestream)
+        jp = glymur.Jp2k(path)
+        # OpenJPEG's cp_layer: decode the first N layers, 0 = all of them
+        nlayers = jp.codestream.segment[2].layers
+        jp.layer = 0 if layers <= 0 or layers >= nlayers else layers
+        step = 1 << reduce
+        if area is None:
+            arr = jp[::step, ::step]
+        else:
+            y0, x0, y1, x1 = area
+            arr = jp[y0:y1:step, x0:x1:step]
+    finally:
+        os.unlink(path)
+    return undo_offset(arr, offset, signed, bits_stored)

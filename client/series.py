@@ -1,0 +1,353 @@
+"""Progressive series on the client: what each image holds, transfers that add to it.
+
+:class:`SeriesData` keeps, per image of a series, the data-bins received so far (a
+:class:`~codestream.databins.BinSet`), loads them from the packet cache first and writes
+every increment back to it. :class:`Transfer` runs one packet request: it reads the
+framed response as it streams, applies the JPP messages, and reports each increment
+through callbacks (image, layers and resolution reached, bytes received / requested /
+total). It can be cancelled at any time; the cache stays consistent because only whole
+data-bin prefixes are written, in one transaction per network record.
+
+Neither imports Qt; the viewer wraps them in its own worker signals.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from codestream import framing
+from codestream.databins import BinSet
+from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppParser
+
+from .cache import PacketCache
+from .decode import decode
+from .pool import CancelToken
+from .session import Session
+
+log = logging.getLogger("medview.client")
+
+
+class TransferError(RuntimeError):
+    """The transfer broke off (server gone, malformed stream)."""
+
+
+class Cancelled(Exception):
+    """The transfer was cancelled by the caller."""
+
+
+@dataclass
+class ImageProgress:
+    csn: int
+    key: str
+    layers: int               # quality layers reached (whole image, up to `res`)
+    res: int                  # resolution index reached (-1: nothing yet)
+    max_layers: int
+    numres: int
+    received: int             # bytes of this image received in this transfer
+    requested: int            # bytes of this image this transfer will send
+    total: int                # compressed bytes of the image at full parameters
+
+
+@dataclass
+class TransferProgress:
+    received: int
+    requested: int
+    total: int
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        return self.received / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class Decoded:
+    csn: int
+    pixels: np.ndarray        # stored values, offset undone, before rescale
+    reduce: int
+    layers: int
+    res: int
+    area: tuple[int, int, int, int] | None = None
+
+
+@dataclass
+class Callbacks:
+    on_announce: Callable[[dict], None] | None = None
+    on_image: Callable[[ImageProgress], None] | None = None
+    on_progress: Callable[[TransferProgress], None] | None = None
+    on_recommend: Callable[[dict], None] | None = None
+    on_end: Callable[[dict], None] | None = None
+
+
+class SeriesData:
+    """All images of one series as held by this client."""
+
+    def __init__(self, session: Session, cache: PacketCache | None, series_uid: str,
+                 meta: dict | None = None) -> None:
+        self.session = session
+        self.cache = cache
+        self.uid = series_uid
+        meta = meta or session.series_images(series_uid)
+        self.info: dict = meta["series"]
+        self.images: list[dict] = meta["images"]
+        self.ns = session.base_url
+        self._lock = threading.RLock()
+        self.bins: list[BinSet] = [
+            (cache.load(self.ns, im["key"]) if cache else BinSet()) for im in self.images]
+        # the server must learn what we hold: at first use, and after a broken transfer
+        self.declare_needed = any(b.main_header for b in self.bins)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def model(self) -> dict:
+        """Declaration of what this client holds, for the server's session model."""
+        out = {}
+        with self._lock:
+            for im, bs in zip(self.images, self.bins):
+                if bs.index is None:
+                    continue
+                lengths = bs.index.packet_lengths_by_bin()
+                out[im["key"]] = {"h": 1, "b": {
+                    str(b): n for b in bs.precincts
+                    if b in lengths and (n := bs.layers_in_bin(b, lengths[b])) > 0}}
+        return out
+
+    def levels(self, csn: int) -> tuple[int, int]:
+        with self._lock:
+            return self.bins[csn].levels()
+
+    def levels_in_region(self, csn: int, region) -> tuple[int, int]:
+        with self._lock:
+            return self.bins[csn].levels_in_region(region)
+
+    def held_bytes(self, csn: int) -> int:
+        with self._lock:
+            bs = self.bins[csn]
+            return (len(bs.main_header or b"") + len(bs.tile_header or b"")
+                    + sum(len(v) for v in bs.precincts.values()))
+
+    def decode(self, csn: int, *, reduce: int | None = None, layers: int = 0,
+               area: tuple[int, int, int, int] | None = None) -> Decoded:
+        """Decode image ``csn`` from what it holds (never at a resolution not held)."""
+        im = self.images[csn]
+        with self._lock:
+            bs = self.bins[csn]
+            snapshot = BinSet(bs.main_header, bs.tile_header, dict(bs.precincts), bs.index)
+            q, r = bs.levels_in_region(area) if area else bs.levels()
+        if reduce is not None and r >= 0:
+            reduce = max(reduce, bs.index.numres - 1 - r)
+        pixels, red = decode(snapshot, offset=im["offset"], signed=bool(im["signed"]),
+                             bits_stored=im["bits_stored"], reduce=reduce, layers=layers,
+                             area=area)
+        return Decoded(csn, pixels, red, layers or q, snapshot.index.numres - 1 - red, area)
+
+    # ------------------------------------------------------------------ receiving
+    def apply(self, msg, dirty: dict[int, dict]) -> int:
+        """Apply one JPP message; returns the new bytes it added."""
+        csn = msg.csn
+        if csn >= len(self.bins):
+            raise TransferError(f"server sent codestream {csn}, the series has {len(self.bins)}")
+        with self._lock:
+            bs = self.bins[csn]
+            if msg.cls in (MAIN_HEADER, TILE_HEADER):
+                if msg.offset != 0:
+                    return 0
+                if msg.cls == MAIN_HEADER:
+                    bs.main_header = msg.data
+                else:
+                    bs.tile_header = msg.data
+                bs._index = None
+                dirty.setdefault(csn, {})[(msg.cls, 0)] = msg.data
+                return len(msg.data)
+            if msg.cls != PRECINCT:
+                return 0
+            have = bs.precincts.get(msg.bin_id, b"")
+            if msg.offset > len(have):
+                log.warning("gap in precinct bin %d of image %d; ignored", msg.bin_id, csn)
+                return 0
+            new = msg.data[len(have) - msg.offset:] if msg.offset < len(have) else msg.data
+            if not new:
+                return 0
+            data = have + new
+            bs.precincts[msg.bin_id] = data
+            dirty.setdefault(csn, {})[(PRECINCT, msg.bin_id)] = data
+            return len(new)
+
+    def flush(self, dirty: dict[int, dict]) -> None:
+        if self.cache:
+            for csn, bins in dirty.items():
+                self.cache.put(self.ns, self.images[csn]["key"], bins)
+        dirty.clear()
+
+    # ------------------------------------------------------------------ requests
+    def transfer(self, *, comps: list[int] | None = None, layers: int | None = None,
+                 reduce: int | None = None, display: tuple[int, int] | None = None,
+                 region: tuple[int, int, int, int] | None = None, order: str = "quality",
+                 callbacks: Callbacks | None = None) -> "Transfer":
+        """Build a request. ``display`` (w, h) is the largest size the caller can show;
+        the request never asks for more resolution than that (V4)."""
+        params: dict = {"target": self.uid, "order": order}
+        if comps is not None:
+            params["comps"] = _ranges(comps)
+        if layers is not None:
+            params["layers"] = layers
+        red = reduce
+        if display is not None:
+            red_disp = self.reduce_for_display(display, comps, region)
+            red = red_disp if red is None else max(red, red_disp)
+        if red is not None:
+            ims = [self.images[c] for c in comps] if comps else self.images
+            params["reduce"] = min([red] + [im["numres"] - 1 for im in ims])
+        if region is not None:
+            x, y, w, h = region
+            params["roff"], params["rsiz"] = f"{x},{y}", f"{w},{h}"
+        return Transfer(self, params, callbacks or Callbacks())
+
+    def reduce_for_display(self, display: tuple[int, int], comps=None, region=None) -> int:
+        """Smallest reduce at which the image (or region) still fills ``display``."""
+        ims = [self.images[c] for c in comps] if comps else self.images
+        if not ims:
+            return 0
+        im = ims[0]
+        w, h = (region[2], region[3]) if region else (im["Columns"], im["Rows"])
+        dw, dh = max(1, display[0]), max(1, display[1])
+        red = 0
+        while red < im["numres"] - 1 and -(-w // (2 << red)) >= dw and -(-h // (2 << red)) >= dh:
+            red += 1
+        return red
+
+
+def _ranges(values: list[int]) -> str:
+    vals = sorted(set(values))
+    out, i = [], 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+class Transfer:
+    """One packet request, run with :meth:`run` (blocking; use a worker)."""
+
+    def __init__(self, series: SeriesData, params: dict, callbacks: Callbacks) -> None:
+        self.series = series
+        self.params = params
+        self.cb = callbacks
+        self.token = CancelToken()
+        self.announce: dict | None = None
+        self.end: dict | None = None
+        self.received = 0
+        self.requested = 0
+        self.total = 0
+        self.recommendations: list[dict] = []
+        self._resp = None
+
+    def cancel(self) -> None:
+        """Stop promptly: the connection is closed, so the server stops too."""
+        self.token.cancel()
+        resp = self._resp
+        if resp is not None:
+            try:
+                resp.close()
+            except Exception:
+                pass
+
+    def run(self, token: CancelToken | None = None) -> dict:
+        """Returns the server's end message; raises Cancelled or TransferError."""
+        if token is not None:
+            self.token = token
+        s = self.series
+        model = s.model() if s.declare_needed else None
+        t0 = time.monotonic()
+        self._resp = resp = s.session.packet_stream(self.params, model)
+        s.declare_needed = False
+        reader = framing.RecordReader()
+        parser = JppParser()
+        dirty: dict[int, dict] = {}
+        per_image_rx: dict[int, int] = {}
+        per_image_req: dict[int, int] = {}
+        try:
+            for chunk in resp.iter_content(chunk_size=32768):
+                if self.token.cancelled:
+                    raise Cancelled()
+                for rtype, payload in reader.feed(chunk):
+                    if rtype == framing.CONTROL:
+                        self._control(payload, per_image_req, t0)
+                        continue
+                    touched = set()
+                    for msg in parser.feed(payload):
+                        if isinstance(msg, EorMessage):
+                            continue
+                        n = s.apply(msg, dirty)
+                        self.received += n
+                        per_image_rx[msg.csn] = per_image_rx.get(msg.csn, 0) + n
+                        touched.add(msg.csn)
+                    s.flush(dirty)
+                    for csn in sorted(touched):
+                        self._image_progress(csn, per_image_rx, per_image_req)
+                    if self.cb.on_progress:
+                        self.cb.on_progress(TransferProgress(self.received, self.requested,
+                                                             self.total, time.monotonic() - t0))
+                if self.token.cancelled:
+                    raise Cancelled()
+        except Cancelled:
+            s.flush(dirty)
+            s.declare_needed = True
+            raise
+        except Exception as e:
+            s.flush(dirty)
+            s.declare_needed = True
+            if self.token.cancelled:
+                raise Cancelled() from None
+            if isinstance(e, TransferError):
+                raise
+            raise TransferError(f"transfer broke off: {e}") from e
+        finally:
+            resp.close()
+            self._resp = None
+        if self.end is None:
+            s.declare_needed = True
+            raise TransferError("the server closed the stream before the end of the transfer")
+        return self.end
+
+    def _control(self, msg: dict, per_image_req: dict, t0: float) -> None:
+        kind = msg.get("type")
+        if kind == "announce":
+            self.announce = msg
+            self.requested = msg["bytes"]
+            self.total = msg["total_bytes"]
+            for csn, _l, _r, nbytes in msg["increments"]:
+                per_image_req[csn] = per_image_req.get(csn, 0) + nbytes
+            if self.cb.on_announce:
+                self.cb.on_announce(msg)
+            if self.cb.on_progress:
+                self.cb.on_progress(TransferProgress(0, self.requested, self.total,
+                                                     time.monotonic() - t0))
+        elif kind == "recommend":
+            self.recommendations.append(msg)
+            if self.cb.on_recommend:
+                self.cb.on_recommend(msg)
+        elif kind == "end":
+            self.end = msg
+            if self.cb.on_end:
+                self.cb.on_end(msg)
+        elif kind == "error":
+            raise TransferError(msg.get("error", "server error during transfer"))
+
+    def _image_progress(self, csn: int, rx: dict, req: dict) -> None:
+        if not self.cb.on_image:
+            return
+        s = self.series
+        im = s.images[csn]
+        q, r = s.levels(csn)
+        self.cb.on_image(ImageProgress(csn, im["key"], q, r, im["nlayers"], im["numres"],
+                                       rx.get(csn, 0), req.get(csn, 0), im["total_bytes"]))

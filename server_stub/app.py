@@ -1,0 +1,313 @@
+"""The HTTP API (Starlette, served by uvicorn).
+
+Routes
+------
+``POST /api/login``                      ``{"username", "password"}`` → ``{"session"}``
+``POST /api/logout``
+``GET  /api/health``
+``GET  /dicomweb/studies``               QIDO-RS: PatientName, PatientID, StudyDate,
+                                          ModalitiesInStudy, StudyInstanceUID, limit, offset
+``GET  /dicomweb/studies/{study}/series``  and ``GET /dicomweb/series``
+``GET  /dicomweb/studies/{study}/series/{series}/instances``
+``GET  /dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata``  (WADO-RS)
+``GET  /api/series/{series}/images``     per-image geometry, rescale, window, codestream
+                                          facts: what a viewer needs to lay out a series
+``GET|POST /jpip``                       packet requests (see :mod:`server_stub.packets`);
+                                          POST carries ``{"model": ...}``, the client's
+                                          declaration of what its cache holds.
+
+QIDO responses are DICOM JSON (PS3.18 F.2) unless ``format=json`` asks for plain
+keyword-keyed JSON. The session id travels as ``Authorization: Bearer <id>`` or as the
+JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from codestream.index import CodestreamError, PacketIndex
+
+from .auth import AuthError, Authority
+from .catalogue import QueryError
+from .packets import ImageSource, RequestError, parse_request, plan, stream
+from .store import Store, StoreError
+
+log = logging.getLogger("medview.server")
+
+VERSION = "0.1.0"
+_PRIVATE_KEYS = {"codestream_relpath", "codestream_sha256", "index_relpath", "index_sha256",
+                 "original_relpath", "original_sha256"}
+
+
+def error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+
+
+def to_dicom_json(row: dict) -> dict:
+    """Keyword-keyed dict → DICOM JSON model (tags as 8 hex digits with VR and Value)."""
+    out = {}
+    for k, v in row.items():
+        tag = tag_for_keyword(k)
+        if tag is None or v is None or v == "":
+            continue
+        vr = dictionary_VR(tag)
+        vals = v if isinstance(v, list) else [v]
+        if vr == "PN":
+            vals = [{"Alphabetic": str(x)} for x in vals]
+        out[f"{tag:08X}"] = {"vr": vr, "Value": vals}
+    return out
+
+
+class _LRU:
+    """A small thread-safe LRU with a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._d: OrderedDict = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key, value, size: int) -> None:
+        with self._lock:
+            if key in self._d:
+                return
+            self._d[key] = (value, size)
+            self._size += size
+            while self._size > self.budget and len(self._d) > 1:
+                _, (_, s) = self._d.popitem(last=False)
+                self._size -= s
+
+
+class Server:
+    """State shared by the routes: the store, the authority and small caches."""
+
+    def __init__(self, store: Store, authority: Authority | None = None,
+                 cache_bytes: int = 256 << 20) -> None:
+        self.store = store
+        self.catalogue = store.catalogue
+        self.auth = authority or Authority(str(Path(store.root) / "catalogue.sqlite"))
+        self._indexes = _LRU(64 << 20)
+        self._bytes = _LRU(cache_bytes)
+
+    def _index(self, row: dict) -> PacketIndex:
+        key = row["index_sha256"]
+        v = self._indexes.get(key)
+        if v is None:
+            raw = self.store.read_verified(row["index_relpath"], row["index_sha256"])
+            v = PacketIndex.from_json(raw)
+            self._indexes.put(key, v, len(raw))
+        else:
+            v = v[0]
+        return v
+
+    def _loader(self, row: dict):
+        rel, sha = row["codestream_relpath"], row["codestream_sha256"]
+
+        def load() -> bytes:
+            v = self._bytes.get(sha)
+            if v is not None:
+                return v[0]
+            data = self.store.read_verified(rel, sha)
+            self._bytes.put(sha, data, len(data))
+            return data
+        return load
+
+    def sources(self, series_uid: str) -> list[ImageSource]:
+        rows = self.catalogue.series_images(series_uid)
+        return [ImageSource(r["index"], f"{r['SOPInstanceUID']}/{r['frame']}",
+                            self._index(r), self._loader(r)) for r in rows]
+
+
+def _sid(request: Request) -> str | None:
+    h = request.headers.get("authorization", "")
+    if h.lower().startswith("bearer "):
+        return h[7:].strip()
+    return request.query_params.get("cid")
+
+
+def create_app(store: Store, authority: Authority | None = None) -> Starlette:
+    srv = Server(store, authority)
+
+    def guarded(action: str):
+        def deco(fn):
+            async def endpoint(request: Request):
+                try:
+                    session, grant = srv.auth.authorize(_sid(request), action,
+                                                        request.path_params.get("series"))
+                    request.state.session, request.state.grant = session, grant
+                    return await fn(request)
+                except AuthError as e:
+                    return error(e.status, str(e), **e.extra)
+                except RequestError as e:
+                    return error(e.status, str(e), **e.extra)
+                except QueryError as e:
+                    return error(400, str(e))
+                except (StoreError, CodestreamError) as e:
+                    log.error("store problem: %s", e)
+                    return error(500, f"stored data is damaged or missing: {e}")
+            return endpoint
+        return deco
+
+    async def login(request: Request):
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return error(400, 'login body must be JSON: {"username": ..., "password": ...}')
+        name = body.get("username")
+        if not isinstance(name, str) or not name:
+            return error(400, "username is required")
+        try:
+            s = srv.auth.login(name, body.get("password"), request.client.host if request.client else None)
+        except AuthError as e:
+            return error(e.status, str(e))
+        return JSONResponse({"session": s.id, "user": s.user})
+
+    @guarded("logout")
+    async def logout(request: Request):
+        srv.auth.logout(request.state.session.id)
+        return JSONResponse({"ok": True})
+
+    async def health(request: Request):
+        return JSONResponse({"status": "ok", "version": VERSION})
+
+    def qido(rows: list[dict], request: Request) -> Response:
+        rows = [{k: v for k, v in r.items() if k not in _PRIVATE_KEYS} for r in rows]
+        if request.query_params.get("format") == "json":
+            return JSONResponse(rows)
+        return JSONResponse([to_dicom_json(r) for r in rows], media_type="application/dicom+json")
+
+    def _page(q) -> dict:
+        out = {}
+        for k in ("limit", "offset"):
+            if k in q:
+                try:
+                    out[k] = int(q[k])
+                    if out[k] < 0:
+                        raise ValueError
+                except ValueError:
+                    raise RequestError(f"{k} must be a non-negative integer") from None
+        return out
+
+    QIDO_STUDY = ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy",
+                  "StudyInstanceUID", "AccessionNumber")
+
+    @guarded("browse")
+    async def studies(request: Request):
+        q = request.query_params
+        args = {k: q[k] for k in QIDO_STUDY if k in q}
+        return qido(srv.catalogue.query_studies(**args, **_page(q)), request)
+
+    @guarded("browse")
+    async def series(request: Request):
+        q = request.query_params
+        args = {k: q[k] for k in ("Modality", "SeriesInstanceUID") if k in q}
+        study = request.path_params.get("study") or q.get("StudyInstanceUID")
+        if study:
+            args["StudyInstanceUID"] = study
+        return qido(srv.catalogue.query_series(**args), request)
+
+    @guarded("browse")
+    async def instances(request: Request):
+        rows = srv.catalogue.query_instances(StudyInstanceUID=request.path_params["study"],
+                                             SeriesInstanceUID=request.path_params["series"])
+        return qido(rows, request)
+
+    @guarded("metadata")
+    async def metadata(request: Request):
+        h = srv.catalogue.instance_header(request.path_params["sop"])
+        if h is None:
+            return error(404, "unknown SOP Instance UID")
+        return JSONResponse([h], media_type="application/dicom+json")
+
+    @guarded("metadata")
+    async def series_images(request: Request):
+        uid = request.path_params["series"]
+        info = srv.catalogue.get_series(uid)
+        if info is None:
+            return error(404, f"unknown series {uid}")
+        rows = srv.catalogue.series_images(uid)
+        srcs = {s.csn: s for s in srv.sources(uid)}
+        images = []
+        for r in rows:
+            ix = srcs[r["index"]].index
+            d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
+            d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
+                     total_bytes=ix.total_bytes, key=srcs[r["index"]].key,
+                     layer_bytes=[ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)])
+            images.append(d)
+        return JSONResponse({"series": info, "images": images})
+
+    @guarded("fetch")
+    async def jpip(request: Request):
+        q = dict(request.query_params)
+        req = parse_request(q)
+        session = request.state.session
+        sources = srv.sources(req.target)
+        if not sources:
+            raise RequestError(f"unknown target {req.target!r}: no such series", status=404)
+        model = session.model_for(req.target)
+        if request.method == "POST":
+            try:
+                body = await request.json()
+                declared = body.get("model") if isinstance(body, dict) else None
+                if declared is not None:
+                    if not isinstance(declared, dict):
+                        raise ValueError
+                    model.declare(declared)
+            except (ValueError, TypeError, AttributeError):
+                raise RequestError('POST body must be JSON: {"model": {"<key>": {"h": 0|1, "b": {...}}}}') from None
+        p = plan(req, sources, model)
+        media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
+        headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
+                   "X-Bytes-Total": str(p.total_bytes)}
+        return StreamingResponse(stream(p, model), media_type=media, headers=headers)
+
+    routes = [
+        Route("/api/login", login, methods=["POST"]),
+        Route("/api/logout", logout, methods=["POST"]),
+        Route("/api/health", health),
+        Route("/dicomweb/studies", studies),
+        Route("/dicomweb/series", series),
+        Route("/dicomweb/studies/{study}/series", series),
+        Route("/dicomweb/studies/{study}/series/{series}/instances", instances),
+        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata", metadata),
+        Route("/api/series/{series}/images", series_images),
+        Route("/jpip", jpip, methods=["GET", "POST"]),
+    ]
+
+    async def not_found(request, exc):
+        return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app.state.server = srv
+    return app
+
+
+def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info",
+        ready: threading.Event | None = None) -> None:
+    """Serve until interrupted (blocking)."""
+    import uvicorn
+
+    store = Store(store_dir)
+    app = create_app(store)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
+    server = uvicorn.Server(config)
+    server.run()

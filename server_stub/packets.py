@@ -1,0 +1,403 @@
+"""Packet requests: parse the JPIP-style fields, plan the increments, stream the response.
+
+No HTTP here: :func:`parse_request` turns query fields into a :class:`PacketRequest`,
+:func:`plan` turns it plus the session's cache model into a :class:`Plan` (the list of
+increments and their byte counts, which is also the announcement), and
+:func:`stream` yields the framed response records while updating the session model.
+
+Request fields (JPIP names where JPIP has one):
+
+``target``   Series Instance UID.
+``comps``    Images of the series (the series' JPIP components): ``0-63``, ``0,4,9-12``.
+             Default: all.
+``layers``   Number of quality layers (1..max). Default: all.
+``fsiz``     ``w,h``: smallest resolution at least this large (JPIP round-up).
+``reduce``   Resolution levels to discard (0 = full). ``fsiz`` wins if both are given.
+``roff``/``rsiz``  Region ``x,y`` / ``w,h`` in full-resolution pixels.
+``order``    ``quality`` (every image at layer 1, then layer 2 ...), ``resolution``, or
+             ``image`` (image by image).
+``framing``  ``mv`` (records: JPP data + control messages, default) or ``jpp`` (bare
+             JPP-stream for standard JPIP tooling).
+``len``      Byte limit for the response (JPIP ``len``); the response stops at a packet
+             boundary and ends with EOR "byte limit".
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from codestream import framing
+from codestream.databins import split_databins
+from codestream.index import PacketIndex
+from codestream.jpp import (EOR_BYTE_LIMIT, EOR_WINDOW_DONE, MAIN_HEADER, PRECINCT,
+                            TILE_HEADER, JppMessage, JppWriter)
+
+ORDERS = ("quality", "resolution", "image")
+RECORD_TARGET = 64 * 1024          # bytes of JPP data gathered into one DATA record
+
+
+class RequestError(ValueError):
+    """A malformed or out-of-range request field; ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 400, **extra):
+        super().__init__(message)
+        self.status = status
+        self.extra = extra
+
+
+@dataclass
+class ImageSource:
+    """One image (codestream) of a series as the packet engine sees it."""
+
+    csn: int                       # index within the series
+    key: str                       # stable cache key: "<SOPInstanceUID>/<frame>"
+    index: PacketIndex
+    load: Callable[[], bytes]      # returns the verified codestream bytes
+
+
+@dataclass
+class PacketRequest:
+    target: str
+    comps: list[int] | None = None
+    layers: int | None = None
+    fsiz: tuple[int, int] | None = None
+    reduce: int | None = None
+    region: tuple[int, int, int, int] | None = None      # x, y, w, h (full resolution)
+    order: str = "quality"
+    framing: str = "mv"
+    max_bytes: int | None = None
+
+
+def _ints(value: str, name: str, n: int) -> tuple[int, ...]:
+    parts = value.split(",")
+    if len(parts) != n:
+        raise RequestError(f"{name} must be {n} comma-separated integers, got {value!r}")
+    try:
+        out = tuple(int(p) for p in parts)
+    except ValueError:
+        raise RequestError(f"{name} must be integers, got {value!r}") from None
+    if any(v < 0 for v in out):
+        raise RequestError(f"{name} must not be negative, got {value!r}")
+    return out
+
+
+def parse_ranges(value: str, name: str = "comps") -> list[int]:
+    out: list[int] = []
+    for part in value.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo or lo < 0:
+                    raise ValueError
+                if hi - lo > 1_000_000:
+                    raise RequestError(f"{name} range {part!r} is too large")
+                out.extend(range(lo, hi + 1))
+            else:
+                v = int(part)
+                if v < 0:
+                    raise ValueError
+                out.append(v)
+        except ValueError:
+            raise RequestError(f"{name} must be ranges like 0-9,12, got {value!r}") from None
+    return sorted(set(out))
+
+
+KNOWN_FIELDS = {"target", "comps", "layers", "fsiz", "reduce", "roff", "rsiz", "order",
+                "framing", "len", "cid", "type"}
+
+
+def parse_request(q: dict[str, str]) -> PacketRequest:
+    unknown = set(q) - KNOWN_FIELDS
+    if unknown:
+        raise RequestError(f"unknown request field(s): {', '.join(sorted(unknown))}")
+    target = q.get("target")
+    if not target:
+        raise RequestError("target (a Series Instance UID) is required")
+    req = PacketRequest(target=target)
+    if "comps" in q:
+        req.comps = parse_ranges(q["comps"])
+    if "layers" in q:
+        (req.layers,) = _ints(q["layers"], "layers", 1)
+        if req.layers < 1:
+            raise RequestError("layers must be at least 1")
+    if "fsiz" in q:
+        req.fsiz = _ints(q["fsiz"].split(",round")[0], "fsiz", 2)  # "w,h[,round-up]"
+        if 0 in req.fsiz:
+            raise RequestError("fsiz must be positive")
+    if "reduce" in q:
+        (req.reduce,) = _ints(q["reduce"], "reduce", 1)
+    if ("roff" in q) != ("rsiz" in q):
+        raise RequestError("roff and rsiz go together")
+    if "roff" in q:
+        x, y = _ints(q["roff"], "roff", 2)
+        w, h = _ints(q["rsiz"], "rsiz", 2)
+        if w == 0 or h == 0:
+            raise RequestError("rsiz must be positive")
+        req.region = (x, y, w, h)
+    req.order = q.get("order", "quality")
+    if req.order not in ORDERS:
+        raise RequestError(f"order must be one of {', '.join(ORDERS)}")
+    req.framing = q.get("framing", "mv")
+    if req.framing not in ("mv", "jpp"):
+        raise RequestError("framing must be mv or jpp")
+    if "len" in q:
+        (req.max_bytes,) = _ints(q["len"], "len", 1)
+    return req
+
+
+# --------------------------------------------------------------------------- model
+class CacheModel:
+    """What one session holds, per image key: header bins and layers per precinct bin.
+
+    Thread-safe; shared by every request of a session.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._images: dict[str, dict] = {}
+
+    def declare(self, images: dict[str, dict]) -> None:
+        """Replace what is known of these images by the client's own declaration:
+        ``{"<key>": {"h": 1, "b": {"<bin id>": layers}}}``."""
+        with self._lock:
+            for key, held in images.items():
+                self._images[key] = {
+                    "h": bool(held.get("h")),
+                    "b": {int(b): int(n) for b, n in (held.get("b") or {}).items()},
+                }
+
+    def snapshot(self, key: str) -> tuple[bool, dict[int, int]]:
+        with self._lock:
+            m = self._images.get(key)
+            return (m["h"], dict(m["b"])) if m else (False, {})
+
+    def add_headers(self, key: str) -> None:
+        with self._lock:
+            self._images.setdefault(key, {"h": False, "b": {}})["h"] = True
+
+    def add_layers(self, key: str, bins: dict[int, int]) -> None:
+        with self._lock:
+            m = self._images.setdefault(key, {"h": False, "b": {}})["b"]
+            for b, n in bins.items():
+                if n > m.get(b, 0):
+                    m[b] = n
+
+
+# --------------------------------------------------------------------------- planning
+@dataclass
+class Increment:
+    csn: int
+    layer: int                       # 0-based layer index this increment completes
+    res: int                         # resolution index
+    headers: bool                    # carries the main + tile header bins first
+    packets: list[tuple[int, int, int, int]]   # (comp, res, prec, layer) in send order
+    nbytes: int
+
+
+@dataclass
+class Plan:
+    request: PacketRequest
+    images: list[ImageSource]
+    res: dict[int, int]              # csn -> target resolution index
+    layers: dict[int, int]           # csn -> layers requested
+    increments: list[Increment]
+    total_bytes: int                 # whole target at full parameters
+    request_bytes: int               # what this response will send
+    # (after increment i) -> recommendation dict
+    recommendations: dict[int, dict] = field(default_factory=dict)
+
+    def announcement(self) -> dict:
+        return {
+            "type": "announce",
+            "target": self.request.target,
+            "order": self.request.order,
+            "bytes": self.request_bytes,
+            "total_bytes": self.total_bytes,
+            "images": [{
+                "csn": im.csn, "key": im.key, "numres": im.index.numres,
+                "nlayers": im.index.nlayers, "width": im.index.width,
+                "height": im.index.height, "res": self.res[im.csn],
+                "layers": self.layers[im.csn], "total_bytes": im.index.total_bytes,
+            } for im in self.images],
+            "increments": [[inc.csn, inc.layer + 1, inc.res, inc.nbytes] for inc in self.increments],
+            "region": list(self.request.region) if self.request.region else None,
+        }
+
+
+def header_bytes(ix: PacketIndex) -> int:
+    return ix.main_header_end + (ix.tile_header[1] - ix.tile_header[0])
+
+
+def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel) -> Plan:
+    if req.comps is None:
+        images = list(series)
+    else:
+        bad = [c for c in req.comps if c >= len(series)]
+        if bad:
+            raise RequestError(
+                f"comps out of range: the series has {len(series)} images (0-{len(series) - 1})",
+                status=416, max_comp=len(series) - 1)
+        images = [series[c] for c in req.comps]
+    res: dict[int, int] = {}
+    layers: dict[int, int] = {}
+    for im in images:
+        ix = im.index
+        if req.layers is not None and req.layers > ix.nlayers:
+            raise RequestError(f"layers={req.layers} but the images have {ix.nlayers} layers",
+                               status=416, max_layers=ix.nlayers)
+        layers[im.csn] = req.layers or ix.nlayers
+        if req.fsiz is not None:
+            res[im.csn] = ix.res_for_size(*req.fsiz)
+        elif req.reduce is not None:
+            if req.reduce >= ix.numres:
+                raise RequestError(f"reduce={req.reduce} but the images have {ix.numres} "
+                                   f"resolution levels (reduce 0-{ix.numres - 1})",
+                                   status=416, max_reduce=ix.numres - 1)
+            res[im.csn] = ix.numres - 1 - req.reduce
+        else:
+            res[im.csn] = ix.numres - 1
+        if req.region is not None:
+            x, y, w, h = req.region
+            if x >= ix.width or y >= ix.height:
+                raise RequestError(f"region offset {x},{y} is outside the {ix.width}x{ix.height} image",
+                                   status=416, width=ix.width, height=ix.height)
+
+    # per image: packets wanted per (layer, res), minus what the session holds
+    units: dict[tuple[int, int, int], tuple[list, int]] = {}
+    need_headers: set[int] = set()
+    for im in images:
+        ix = im.index
+        have_h, have_b = model.snapshot(im.key)
+        if not have_h:
+            need_headers.add(im.csn)
+        lengths = ix.packet_lengths_by_bin()
+        for c in range(ix.ncomp):
+            for r in range(res[im.csn] + 1):
+                if req.region is not None:
+                    x, y, w, h = req.region
+                    precs = ix.precincts_for_region(c, r, x, y, x + w, y + h)
+                else:
+                    precs = range(ix.num_precincts(c, r))
+                for p in precs:
+                    b = ix.databin_id(c, r, p)
+                    for l in range(have_b.get(b, 0), layers[im.csn]):
+                        pk, n = units.setdefault((im.csn, l, r), ([], 0))
+                        pk.append((c, r, p, l))
+                        units[(im.csn, l, r)] = (pk, n + lengths[b][l])
+
+    csns = [im.csn for im in images]
+    maxres = max(res.values(), default=0)
+    maxlay = max(layers.values(), default=0)
+    if req.order == "quality":
+        keys = [(i, l, r) for l in range(maxlay) for r in range(maxres + 1) for i in csns]
+    elif req.order == "resolution":
+        keys = [(i, l, r) for r in range(maxres + 1) for l in range(maxlay) for i in csns]
+    else:
+        keys = [(i, l, r) for i in csns for l in range(maxlay) for r in range(maxres + 1)]
+
+    increments: list[Increment] = []
+    recs: dict[int, dict] = {}
+    by_csn = {im.csn: im for im in images}
+    sent_headers: set[int] = set()
+    first_render = True
+    for n, (i, l, r) in enumerate(keys):
+        if l >= layers[i] or r > res[i]:
+            continue
+        pk, nbytes = units.get((i, l, r), ([], 0))
+        hdr = i in need_headers and i not in sent_headers
+        if hdr:
+            sent_headers.add(i)
+            nbytes += header_bytes(by_csn[i].index)
+        if pk or hdr:
+            increments.append(Increment(i, l, r, hdr, pk, nbytes))
+        # consistent sets: a (layer, res) reached by every image, or an image finished
+        group = (l, r) if req.order != "image" else i
+        nxt = keys[n + 1] if n + 1 < len(keys) else None
+        nxt_group = None if nxt is None else ((nxt[1], nxt[2]) if req.order != "image" else nxt[0])
+        if nxt_group != group and increments:
+            if req.order == "image":
+                rec = {"images": [i], "layers": layers[i], "res": res[i], "action": "render"}
+            else:
+                full = (r == maxres) if req.order == "quality" else (l == maxlay - 1)
+                action = "render" if (full or first_render) else "store"
+                first_render = False
+                rec = {"images": "all", "layers": l + 1, "res": r, "action": action}
+            recs[len(increments) - 1] = {"type": "recommend", **rec}
+
+    total = sum(im.index.total_bytes for im in images)
+    sent = sum(inc.nbytes for inc in increments)
+    return Plan(req, images, res, layers, increments, total, sent, recs)
+
+
+# --------------------------------------------------------------------------- streaming
+def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda: False,
+           ) -> Iterator[bytes]:
+    """Yield the response body. In ``mv`` framing: an announce record, DATA records of
+    JPP messages, recommend records after each consistent set, an end record. The
+    session model is updated as data is handed out, so nothing is sent twice."""
+    mv = p.request.framing == "mv"
+    w = JppWriter()
+    out = bytearray()
+    sent = 0
+    limit = p.request.max_bytes
+    pending_model: list[tuple[str, dict[int, int] | None]] = []
+
+    def flush_data() -> bytes:
+        data = bytes(out)
+        out.clear()
+        return framing.record(framing.DATA, data) if mv else data
+
+    def commit_model() -> None:
+        for key, bins in pending_model:
+            if bins is None:
+                model.add_headers(key)
+            else:
+                model.add_layers(key, bins)
+        pending_model.clear()
+
+    if mv:
+        yield framing.control(p.announcement())
+    bins_cache: dict[int, object] = {}
+    reason = "complete"
+    for n, inc in enumerate(p.increments):
+        if cancelled():
+            reason = "cancelled"
+            break
+        im = next(x for x in p.images if x.csn == inc.csn)
+        db = bins_cache.get(inc.csn)
+        if db is None:
+            if len(bins_cache) > 8:
+                bins_cache.clear()
+            db = bins_cache[inc.csn] = split_databins(im.load(), im.index)
+        if limit is not None and sent + inc.nbytes > limit:
+            reason = "byte-limit"
+            break
+        if inc.headers:
+            out += w.message(JppMessage(MAIN_HEADER, inc.csn, 0, 0, db.main_header, True))
+            out += w.message(JppMessage(TILE_HEADER, inc.csn, 0, 0, db.tile_header, True))
+            pending_model.append((im.key, None))
+        got: dict[int, int] = {}
+        ix = im.index
+        for c, r, pr, l in inc.packets:
+            b = ix.databin_id(c, r, pr)
+            layers = db.precincts[b]
+            off = sum(len(x) for x in layers[:l])
+            out += w.message(JppMessage(PRECINCT, inc.csn, b, off, layers[l], l == ix.nlayers - 1))
+            got[b] = l + 1
+        pending_model.append((im.key, got))
+        sent += inc.nbytes
+        rec = p.recommendations.get(n)
+        if len(out) >= RECORD_TARGET or rec is not None:
+            yield flush_data()
+            commit_model()
+        if rec is not None and mv:
+            yield framing.control(rec)
+    out += w.eor(EOR_BYTE_LIMIT if reason == "byte-limit" else EOR_WINDOW_DONE)
+    yield flush_data()
+    commit_model()
+    if mv:
+        yield framing.control({"type": "end", "reason": reason, "bytes_sent": sent,
+                               "bytes_announced": p.request_bytes})

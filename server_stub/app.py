@@ -10,6 +10,8 @@ Routes
 ``GET  /dicomweb/studies/{study}/series``  and ``GET /dicomweb/series``
 ``GET  /dicomweb/studies/{study}/series/{series}/instances``
 ``GET  /dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata``  (WADO-RS)
+``GET  /dicomweb/studies/{study}/series/{series}/instances/{sop}``   original DICOM file
+``GET  .../instances/{sop}/frames/{n}``  the frame's whole stored codestream (plain transfer)
 ``GET  /api/series/{series}/images``     per-image geometry, rescale, window, codestream
                                           facts: what a viewer needs to lay out a series
 ``GET|POST /jpip``                       packet requests (see :mod:`server_stub.packets`);
@@ -237,6 +239,29 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
             return error(404, "unknown SOP Instance UID")
         return JSONResponse([h], media_type="application/dicom+json")
 
+    @guarded("retrieve")
+    async def instance(request: Request):
+        """WADO-RS retrieve of the original DICOM file, bit for bit."""
+        row = srv.catalogue.find_instance(request.path_params["sop"])
+        if row is None or row.get("SeriesInstanceUID") not in (None, request.path_params["series"]):
+            return error(404, "unknown SOP Instance UID in this series")
+        data = srv.store.read_verified(row["original_relpath"], row["original_sha256"])
+        return Response(data, media_type="application/dicom")
+
+    @guarded("retrieve")
+    async def frame(request: Request):
+        """The whole stored codestream of one frame (plain, non-progressive transfer)."""
+        sop = request.path_params["sop"]
+        try:
+            fno = int(request.path_params["frame"])
+        except ValueError:
+            return error(400, "frame must be an integer")
+        for r in srv.catalogue.series_images(request.path_params["series"]):
+            if r["SOPInstanceUID"] == sop and r["frame"] == fno:
+                data = srv.store.read_verified(r["codestream_relpath"], r["codestream_sha256"])
+                return Response(data, media_type="image/jp2k")
+        return error(404, "unknown instance or frame")
+
     @guarded("metadata")
     async def series_images(request: Request):
         uid = request.path_params["series"]
@@ -289,6 +314,8 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         Route("/dicomweb/studies/{study}/series", series),
         Route("/dicomweb/studies/{study}/series/{series}/instances", instances),
         Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata", metadata),
+        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}", instance),
+        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/{frame}", frame),
         Route("/api/series/{series}/images", series_images),
         Route("/jpip", jpip, methods=["GET", "POST"]),
     ]

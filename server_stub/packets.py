@@ -160,9 +160,12 @@ class CacheModel:
         self._images: dict[str, dict] = {}
 
     def declare(self, images: dict[str, dict]) -> None:
-        """Replace what is known of these images by the client's own declaration:
-        ``{"<key>": {"h": 1, "b": {"<bin id>": layers}}}``."""
+        """Replace what is known of the target by the client's own declaration:
+        ``{"<key>": {"h": 1, "b": {"<bin id>": layers}}}``; images not named are held
+        by the client not at all (the server may have believed otherwise after a broken
+        transfer)."""
         with self._lock:
+            self._images.clear()
             for key, held in images.items():
                 self._images[key] = {
                     "h": bool(held.get("h")),

@@ -1,0 +1,127 @@
+"""``medview``: the desktop app and its headless sub-commands.
+
+    medview                         desktop app with the bundled server and sample study
+    medview --server URL            desktop app against another server (login dialog)
+    medview fetch --server URL --series UID [--layers N] [--level R] [--region x,y,w,h] --out DIR
+    medview snapshot [--server URL] --series UID --slice N [--layers Q] [--level R]
+                     [--window C,W] --out file.png
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("MEDVIEW_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "medview")
+    return Path(base)
+
+
+def default_cache_path() -> Path:
+    base = os.environ.get("MEDVIEW_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "medview")
+    return Path(base) / "packets.sqlite"
+
+
+def _region(s: str) -> tuple[int, int, int, int]:
+    try:
+        x, y, w, h = (int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("region must be x,y,w,h") from None
+    if min(x, y) < 0 or min(w, h) <= 0:
+        raise argparse.ArgumentTypeError("region must have x,y >= 0 and w,h > 0")
+    return x, y, w, h
+
+
+def _window(s: str) -> tuple[float, float]:
+    try:
+        c, w = (float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("window must be C,W") from None
+    return c, w
+
+
+def _credentials(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user", default=os.environ.get("MEDVIEW_USER", "local"),
+                   help="user name (default: the local user)")
+    p.add_argument("--password", default=os.environ.get("MEDVIEW_PASSWORD"))
+    p.add_argument("--cache", default=None,
+                   help=f"packet cache file (default {default_cache_path()})")
+    p.add_argument("--no-cache", action="store_true", help="do not use the packet cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medview", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--server", help="image server URL (default: start the bundled server)")
+    p.add_argument("--store", help="store directory of the bundled server "
+                   f"(default {default_data_dir() / 'store'})")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command")
+
+    f = sub.add_parser("fetch", help="fetch a series progressively and write .npy files")
+    f.add_argument("--server", required=True, dest="fetch_server")
+    f.add_argument("--series", required=True)
+    f.add_argument("--layers", type=int)
+    f.add_argument("--level", type=int, help="resolution reduction, 0 = full resolution")
+    f.add_argument("--region", type=_region, help="x,y,w,h in full-resolution pixels")
+    f.add_argument("--order", default="quality", choices=("quality", "resolution", "image"))
+    f.add_argument("--out", required=True)
+    _credentials(f)
+
+    s = sub.add_parser("snapshot", help="render the stack view offscreen to a PNG")
+    s.add_argument("--server", dest="snap_server")
+    s.add_argument("--series", required=True)
+    s.add_argument("--slice", type=int, default=0)
+    s.add_argument("--layers", type=int)
+    s.add_argument("--level", type=int)
+    s.add_argument("--window", type=_window)
+    s.add_argument("--size", default="512,512")
+    s.add_argument("--out", required=True)
+    _credentials(s)
+    return p
+
+
+def _cache(args):
+    if args.no_cache:
+        return None
+    from client.cache import PacketCache
+    return PacketCache(args.cache or default_cache_path())
+
+
+def cmd_fetch(args) -> int:
+    from client.fetch import fetch_series
+    from client.session import ServerError, Session
+
+    try:
+        session = Session(args.fetch_server, args.user, args.password)
+        summary = fetch_series(session, args.series, args.out, layers=args.layers,
+                               level=args.level, region=args.region, cache=_cache(args),
+                               order=args.order, log=lambda m: print(m, file=sys.stderr))
+    except ServerError as e:
+        print(f"medview fetch: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(summary['images'])} images written to {args.out} "
+          f"({summary['bytes_received']} bytes received of {summary['bytes_total']} total)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "fetch":
+        return cmd_fetch(args)
+    if args.command == "snapshot":
+        from .snapshot_cmd import cmd_snapshot
+        return cmd_snapshot(args)
+    from .app import run_gui
+    return run_gui(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

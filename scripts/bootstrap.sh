@@ -20,6 +20,8 @@ have_lib libXrender.so.1 || need_apt+=(libxrender1)
 have_lib libxkbcommon-x11.so.0 || need_apt+=(libxkbcommon-x11-0)
 have_lib libxcb-cursor.so.0 || need_apt+=(libxcb-cursor0)
 have_lib libOSMesa.so || need_apt+=(libosmesa6)
+# Debian's own python3 needs python3-venv for `python3 -m venv`
+"${PYTHON:-python3}" -c "import ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "[bootstrap] installing system packages: ${need_apt[*]}"

@@ -328,13 +328,12 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
     return app
 
 
-def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info",
-        ready: threading.Event | None = None) -> None:
+def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info") -> None:
     """Serve until interrupted (blocking)."""
     import uvicorn
 
     store = Store(store_dir)
     app = create_app(store)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-    server = uvicorn.Server(config)
-    server.run()
+    log.warning("medview-server %s serving %s on http://%s:%d", VERSION, store_dir, host, port)
+    uvicorn.Server(config).run()

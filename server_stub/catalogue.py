@@ -1,0 +1,737 @@
+"""The catalogue: what is in the store, as a small relational database.
+
+Design
+------
+* Four DICOM levels plus the frame (the *image* that is streamed):
+  ``patient -> study -> series -> instance -> frame``, with foreign keys
+  (``ON DELETE CASCADE``) so that referential integrity holds by construction.
+* SQLite in WAL mode (readers never block the single writer), ``foreign_keys=ON``,
+  and a ``schema_version`` table so later releases can migrate.
+* Written so that PostgreSQL could replace SQLite:
+
+  - plain SQL only (``INSERT ... RETURNING``, ``LIMIT/OFFSET``, ``LIKE ... ESCAPE``,
+    ``EXISTS`` and scalar sub-queries, all of which both dialects have);
+  - the dialect-specific bits are few and marked: the connection set-up
+    (:meth:`Catalogue._connect`, pragmas), the primary-key column type (``_PK``),
+    ``BEGIN IMMEDIATE``, ``LIMIT -1``, the table-exists probe, and the parameter style (:meth:`Catalogue._execute` is the one place where ``?`` placeholders
+    are handed to the driver; psycopg would need ``%s``);
+  - result rows are never read back by column name from the driver (PostgreSQL folds
+    unquoted identifiers to lower case): every SELECT lists its columns from a Python
+    tuple and rows are zipped with that tuple.
+
+* Thread safety: one connection per thread (``threading.local``); all writes go through
+  one process-wide lock and one explicit transaction each, so the HTTP server's worker
+  threads can read while an ingest writes. ``busy_timeout`` covers a second process
+  (for example a command-line ingest while the server runs).
+* Multi-valued DICOM attributes (ImagePositionPatient, PixelSpacing, ...) are stored as
+  JSON text and returned as lists. The full header is stored as DICOM JSON (PS3.18 F.2)
+  without the pixel data.
+
+The query methods return plain ``dict`` objects keyed by DICOM keywords, which the HTTP
+layer turns into QIDO-RS / JSON responses.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+SCHEMA_VERSION = 1
+
+# Dialect-specific primary key column (PostgreSQL: "BIGINT GENERATED ALWAYS AS IDENTITY
+# PRIMARY KEY").
+_PK = "INTEGER PRIMARY KEY"
+
+
+class CatalogueError(Exception):
+    """Base class for catalogue errors."""
+
+
+class DuplicateInstanceError(CatalogueError):
+    """The SOP Instance UID is already catalogued."""
+
+    def __init__(self, sop_uid: str, original_sha256: str | None):
+        super().__init__(f"SOP Instance UID {sop_uid} is already stored")
+        self.sop_uid = sop_uid
+        self.original_sha256 = original_sha256
+
+
+class QueryError(CatalogueError, ValueError):
+    """A query parameter is malformed (for example a bad date range)."""
+
+
+# --------------------------------------------------------------------------- columns
+
+PATIENT_COLS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
+STUDY_COLS = ("StudyInstanceUID", "StudyDate", "StudyTime", "StudyDescription",
+              "AccessionNumber", "StudyID", "ReferringPhysicianName")
+SERIES_COLS = ("SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality",
+               "BodyPartExamined", "SeriesDate", "SeriesTime", "FrameOfReferenceUID")
+INSTANCE_COLS = (
+    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "NumberOfFrames", "Rows", "Columns",
+    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+    "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept",
+    "RescaleType", "WindowCenter", "WindowWidth", "TransferSyntaxUID",
+    "original_relpath", "original_sha256", "original_size",
+    "signed", "bits_stored", "ingested_at",
+)
+FRAME_COLS = (
+    "frame", "codestream_relpath", "codestream_sha256", "codestream_size",
+    "index_relpath", "index_sha256", "index_size", "offset", "numres", "nlayers",
+    "ImagePositionPatient", "ingested_at",
+)
+# Stored as JSON text, returned as lists.
+_JSON_COLS = {"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"}
+
+# Column name in SQL when it differs from the key we expose ("offset" and "signed" are
+# reserved words in PostgreSQL / awkward in SQL).
+_SQL_NAME = {"frame": "frame_number", "offset": "pixel_offset", "signed": "pixel_signed",
+             "bits_stored": "encoded_bits_stored"}
+
+
+def _sqlname(col: str) -> str:
+    return _SQL_NAME.get(col, col)
+
+
+_DDL = [
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT)",
+    f"""CREATE TABLE patient (
+        pk {_PK},
+        PatientID TEXT NOT NULL,
+        PatientName TEXT NOT NULL,
+        PatientBirthDate TEXT,
+        PatientSex TEXT,
+        UNIQUE (PatientID, PatientName))""",
+    f"""CREATE TABLE study (
+        pk {_PK},
+        patient_pk INTEGER NOT NULL REFERENCES patient(pk) ON DELETE CASCADE,
+        StudyInstanceUID TEXT NOT NULL UNIQUE,
+        StudyDate TEXT, StudyTime TEXT, StudyDescription TEXT, AccessionNumber TEXT,
+        StudyID TEXT, ReferringPhysicianName TEXT)""",
+    f"""CREATE TABLE series (
+        pk {_PK},
+        study_pk INTEGER NOT NULL REFERENCES study(pk) ON DELETE CASCADE,
+        SeriesInstanceUID TEXT NOT NULL UNIQUE,
+        SeriesNumber INTEGER, SeriesDescription TEXT, Modality TEXT, BodyPartExamined TEXT,
+        SeriesDate TEXT, SeriesTime TEXT, FrameOfReferenceUID TEXT)""",
+    f"""CREATE TABLE instance (
+        pk {_PK},
+        series_pk INTEGER NOT NULL REFERENCES series(pk) ON DELETE CASCADE,
+        SOPInstanceUID TEXT NOT NULL UNIQUE,
+        SOPClassUID TEXT, InstanceNumber INTEGER, NumberOfFrames INTEGER NOT NULL,
+        Rows INTEGER NOT NULL, Columns INTEGER NOT NULL, SamplesPerPixel INTEGER NOT NULL,
+        PhotometricInterpretation TEXT NOT NULL, BitsAllocated INTEGER, BitsStored INTEGER,
+        PixelRepresentation INTEGER,
+        ImagePositionPatient TEXT, ImageOrientationPatient TEXT, PixelSpacing TEXT,
+        SliceThickness REAL, SpacingBetweenSlices REAL,
+        RescaleSlope REAL, RescaleIntercept REAL, RescaleType TEXT,
+        WindowCenter REAL, WindowWidth REAL,
+        TransferSyntaxUID TEXT,
+        original_relpath TEXT NOT NULL,
+        original_sha256 TEXT NOT NULL UNIQUE,
+        original_size INTEGER NOT NULL,
+        header_json TEXT NOT NULL,
+        pixel_signed INTEGER NOT NULL,
+        encoded_bits_stored INTEGER NOT NULL,
+        ingested_at TEXT NOT NULL)""",
+    f"""CREATE TABLE frame (
+        pk {_PK},
+        instance_pk INTEGER NOT NULL REFERENCES instance(pk) ON DELETE CASCADE,
+        frame_number INTEGER NOT NULL,
+        codestream_relpath TEXT NOT NULL, codestream_sha256 TEXT NOT NULL,
+        codestream_size INTEGER NOT NULL,
+        index_relpath TEXT NOT NULL, index_sha256 TEXT NOT NULL, index_size INTEGER NOT NULL,
+        pixel_offset INTEGER NOT NULL, numres INTEGER NOT NULL, nlayers INTEGER NOT NULL,
+        ImagePositionPatient TEXT,
+        ingested_at TEXT NOT NULL,
+        UNIQUE (instance_pk, frame_number))""",
+    "CREATE INDEX study_patient ON study (patient_pk)",
+    "CREATE INDEX study_date ON study (StudyDate)",
+    "CREATE INDEX series_study ON series (study_pk)",
+    "CREATE INDEX instance_series ON instance (series_pk)",
+    "CREATE INDEX frame_instance ON frame (instance_pk)",
+    "CREATE INDEX patient_name ON patient (PatientName)",
+]
+
+_DATE_RE = re.compile(r"^\d{8}$")
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC timestamp used for ``ingested_at``."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _multi(value: str | Sequence[str] | None) -> list[str]:
+    """Split a QIDO multi-value parameter ("CT,MR", "CT\\MR" or a list)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        parts = re.split(r"[,\\]", value)
+    else:
+        parts = [str(v) for v in value]
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _like_pattern(value: str) -> str:
+    """DICOM wildcards (``*``, ``?``) to a SQL LIKE pattern with ``\\`` as escape."""
+    out = []
+    for ch in value:
+        if ch in "\\%_":
+            out.append("\\" + ch)
+        elif ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+class _Where:
+    """Accumulates WHERE clauses and their parameters (``?`` placeholders)."""
+
+    def __init__(self) -> None:
+        self.clauses: list[str] = []
+        self.params: list[Any] = []
+
+    def add(self, clause: str, *params: Any) -> None:
+        self.clauses.append(clause)
+        self.params.extend(params)
+
+    def text(self, column: str, value: str | None) -> None:
+        """Case-insensitive match; ``*`` and ``?`` are wildcards."""
+        if value is None or value == "" or value == "*":
+            return
+        if "*" in value or "?" in value:
+            self.add(f"UPPER({column}) LIKE UPPER(?) ESCAPE '\\'", _like_pattern(value))
+        else:
+            self.add(f"UPPER({column}) = UPPER(?)", value)
+
+    def exact(self, column: str, value: Any) -> None:
+        if value is None or value == "":
+            return
+        self.add(f"{column} = ?", value)
+
+    def uid_list(self, column: str, value: str | Sequence[str] | None) -> None:
+        """UID list matching: one UID or several (comma / backslash separated, or a list)."""
+        uids = _multi(value)
+        if not uids:
+            return
+        self.add(f"{column} IN ({', '.join('?' * len(uids))})", *uids)
+
+    def date_range(self, column: str, value: str | None) -> None:
+        """``YYYYMMDD``, ``YYYYMMDD-``, ``-YYYYMMDD`` or ``YYYYMMDD-YYYYMMDD``."""
+        if value is None or value.strip() == "":
+            return
+        value = value.strip()
+        if "-" not in value:
+            if not _DATE_RE.match(value):
+                raise QueryError(f"bad date {value!r}: expected YYYYMMDD or a range")
+            self.add(f"{column} = ?", value)
+            return
+        lo, _, hi = value.partition("-")
+        lo, hi = lo.strip(), hi.strip()
+        if (lo and not _DATE_RE.match(lo)) or (hi and not _DATE_RE.match(hi)) or not (lo or hi):
+            raise QueryError(f"bad date range {value!r}: expected YYYYMMDD-YYYYMMDD, "
+                             "YYYYMMDD- or -YYYYMMDD")
+        if lo:
+            self.add(f"{column} >= ?", lo)
+        if hi:
+            self.add(f"{column} <= ?", hi)
+
+    def sql(self) -> str:
+        return (" WHERE " + " AND ".join(self.clauses)) if self.clauses else ""
+
+
+def _page(limit: int | None, offset: int) -> tuple[str, list[Any]]:
+    if limit is None and not offset:
+        return "", []
+    if limit is not None and limit < 0:
+        raise QueryError("limit must be >= 0")
+    if offset < 0:
+        raise QueryError("offset must be >= 0")
+    # -1 is SQLite's "no limit"; PostgreSQL would use LIMIT ALL.
+    return " LIMIT ? OFFSET ?", [limit if limit is not None else -1, offset]
+
+
+def _decode(col: str, value: Any) -> Any:
+    if value is not None and col in _JSON_COLS:
+        return json.loads(value)
+    return value
+
+
+def _encode(col: str, value: Any) -> Any:
+    if col in _JSON_COLS and value is not None:
+        return json.dumps([float(v) for v in value])
+    if col == "signed" and value is not None:
+        return 1 if value else 0
+    return value
+
+
+def _row(cols: Sequence[str], row: Sequence[Any]) -> dict[str, Any]:
+    d = {c: _decode(c, v) for c, v in zip(cols, row)}
+    if "signed" in d and d["signed"] is not None:
+        d["signed"] = bool(d["signed"])
+    return d
+
+
+class Catalogue:
+    """SQLite catalogue of patients, studies, series, instances and frames.
+
+    Safe to share between threads. Use :meth:`close` (or a ``with`` block) when done.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        self._init_schema()
+
+    # ------------------------------------------------------------------ connection
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open a connection for the calling thread (SQLite-specific set-up)."""
+        conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise CatalogueError("catalogue is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                # Close connections of threads that have ended (e.g. an ingest's pool).
+                alive = []
+                for thread, c in self._conns:
+                    if thread.is_alive():
+                        alive.append((thread, c))
+                    else:
+                        _close_quietly(c)
+                alive.append((threading.current_thread(), conn))
+                self._conns = alive
+        return conn
+
+    def _execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        """The one place where SQL with ``?`` placeholders reaches the driver."""
+        return self._conn().execute(sql, tuple(params))
+
+    def _all(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        return self._execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> tuple | None:
+        return self._execute(sql, params).fetchone()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction; writes are serialised by a process-wide lock."""
+        with self._write_lock:
+            conn = self._conn()
+            # IMMEDIATE takes the write lock now (SQLite); PostgreSQL: plain BEGIN.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection opened by any thread."""
+        self._closed = True
+        with self._conns_lock:
+            for _thread, conn in self._conns:
+                _close_quietly(conn)
+            self._conns.clear()
+
+    def __enter__(self) -> "Catalogue":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ schema
+
+    def _init_schema(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._transaction():
+            if not self._table_exists("schema_version"):
+                for stmt in _DDL:
+                    self._execute(stmt)
+                self._execute("INSERT INTO schema_version (version) VALUES (?)",
+                              [SCHEMA_VERSION])
+                return
+            (version,) = self._one("SELECT version FROM schema_version")
+            if version > SCHEMA_VERSION:
+                raise CatalogueError(f"catalogue {self.path} has schema version {version}; "
+                                     f"this program knows up to {SCHEMA_VERSION}")
+            # Future migrations go here: if version < 2: ...
+
+    def _table_exists(self, name: str) -> bool:
+        """Dialect-specific (PostgreSQL: information_schema.tables)."""
+        return self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                         [name]) is not None
+
+    @property
+    def schema_version(self) -> int:
+        return self._one("SELECT version FROM schema_version")[0]
+
+    # ------------------------------------------------------------------ settings
+
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        row = self._one("SELECT value FROM settings WHERE key = ?", [key])
+        return default if row is None else row[0]
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._transaction():
+            self._execute("DELETE FROM settings WHERE key = ?", [key])
+            self._execute("INSERT INTO settings (key, value) VALUES (?, ?)", [key, value])
+
+    # ------------------------------------------------------------------ writes
+
+    def add_instance(self, instance: dict[str, Any], frames: Sequence[dict[str, Any]]) -> int:
+        """Insert one instance with all its frames in ONE transaction.
+
+        ``instance`` holds the patient, study, series and instance attributes keyed by
+        the names in ``PATIENT_COLS``, ``STUDY_COLS``, ``SERIES_COLS`` and
+        ``INSTANCE_COLS`` plus ``header_json`` (DICOM JSON text). ``frames`` holds one dict
+        per frame keyed by ``FRAME_COLS``. Patient, study and series rows are reused if
+        they exist (the first values seen win). Raises :class:`DuplicateInstanceError`
+        if the SOP Instance UID is already stored. Returns the instance key.
+        """
+        sop = instance["SOPInstanceUID"]
+        if not frames:
+            raise CatalogueError(f"instance {sop} has no frames")
+        now = utc_now()
+        with self._transaction():
+            row = self._one("SELECT original_sha256 FROM instance WHERE SOPInstanceUID = ?",
+                            [sop])
+            if row is not None:
+                raise DuplicateInstanceError(sop, row[0])
+            patient_pk = self._get_or_create(
+                "patient", ("PatientID", "PatientName"), PATIENT_COLS, instance, {},
+                defaults={"PatientID": "", "PatientName": ""})
+            study_pk = self._get_or_create(
+                "study", ("StudyInstanceUID",), STUDY_COLS, instance,
+                {"patient_pk": patient_pk})
+            series_pk = self._get_or_create(
+                "series", ("SeriesInstanceUID",), SERIES_COLS, instance,
+                {"study_pk": study_pk})
+            cols = [c for c in INSTANCE_COLS if c != "ingested_at"]
+            values = [_encode(c, instance.get(c)) for c in cols]
+            names = ["series_pk"] + [_sqlname(c) for c in cols] + ["header_json", "ingested_at"]
+            params = [series_pk] + values + [instance.get("header_json") or "{}", now]
+            (instance_pk,) = self._one(
+                f"INSERT INTO instance ({', '.join(names)}) "
+                f"VALUES ({', '.join('?' * len(names))}) RETURNING pk", params)
+            fcols = [c for c in FRAME_COLS if c != "ingested_at"]
+            fnames = ["instance_pk"] + [_sqlname(c) for c in fcols] + ["ingested_at"]
+            fsql = (f"INSERT INTO frame ({', '.join(fnames)}) "
+                    f"VALUES ({', '.join('?' * len(fnames))})")
+            for fr in frames:
+                self._execute(fsql, [instance_pk] + [_encode(c, fr.get(c)) for c in fcols]
+                              + [now])
+        return instance_pk
+
+    def _get_or_create(self, table: str, key_cols: Sequence[str], cols: Sequence[str],
+                       values: dict[str, Any], parent: dict[str, int],
+                       defaults: dict[str, Any] | None = None) -> int:
+        defaults = defaults or {}
+        vals = {c: values.get(c) if values.get(c) is not None else defaults.get(c)
+                for c in cols}
+        where = " AND ".join(f"{c} = ?" for c in key_cols)
+        row = self._one(f"SELECT pk FROM {table} WHERE {where}", [vals[c] for c in key_cols])
+        if row is not None:
+            return row[0]
+        names = list(parent) + list(cols)
+        params = list(parent.values()) + [vals[c] for c in cols]
+        (pk,) = self._one(f"INSERT INTO {table} ({', '.join(names)}) "
+                          f"VALUES ({', '.join('?' * len(names))}) RETURNING pk", params)
+        return pk
+
+    def delete_study(self, study_uid: str) -> list[str]:
+        """Delete a study and everything under it; returns the file relpaths that it
+        referenced (the caller deletes them *after* this commits, so a crash leaves at
+        worst orphans)."""
+        with self._transaction():
+            files = self._study_files(study_uid)
+            row = self._one("SELECT pk, patient_pk FROM study WHERE StudyInstanceUID = ?",
+                            [study_uid])
+            if row is None:
+                return []
+            self._execute("DELETE FROM study WHERE pk = ?", [row[0]])
+            self._execute("DELETE FROM patient WHERE pk = ? AND NOT EXISTS "
+                          "(SELECT 1 FROM study WHERE patient_pk = ?)", [row[1], row[1]])
+        return files
+
+    def _study_files(self, study_uid: str) -> list[str]:
+        rows = self._all(
+            "SELECT i.original_relpath, f.codestream_relpath, f.index_relpath "
+            "FROM study st JOIN series se ON se.study_pk = st.pk "
+            "JOIN instance i ON i.series_pk = se.pk JOIN frame f ON f.instance_pk = i.pk "
+            "WHERE st.StudyInstanceUID = ?", [study_uid])
+        out: dict[str, None] = {}
+        for r in rows:
+            for p in r:
+                out[p] = None
+        return list(out)
+
+    # ------------------------------------------------------------------ lookups
+
+    def has_original(self, sha256: str) -> bool:
+        """True if an instance whose original file has this SHA-256 is catalogued."""
+        return self._one("SELECT 1 FROM instance WHERE original_sha256 = ?", [sha256]) is not None
+
+    def find_instance(self, sop_uid: str) -> dict[str, Any] | None:
+        """Instance attributes (``INSTANCE_COLS``) plus series/study UIDs, or None."""
+        rows = self._instances(_where_one("i.SOPInstanceUID", sop_uid), "", [])
+        return rows[0] if rows else None
+
+    def instance_header(self, sop_uid: str) -> dict[str, Any] | None:
+        """The instance's header as DICOM JSON (pixel data excluded), or None."""
+        row = self._one("SELECT header_json FROM instance WHERE SOPInstanceUID = ?", [sop_uid])
+        return None if row is None else json.loads(row[0])
+
+    def get_study(self, study_uid: str) -> dict[str, Any] | None:
+        rows = self.query_studies(StudyInstanceUID=study_uid)
+        return rows[0] if rows else None
+
+    def get_series(self, series_uid: str) -> dict[str, Any] | None:
+        rows = self.query_series(SeriesInstanceUID=series_uid)
+        return rows[0] if rows else None
+
+    def counts(self) -> dict[str, int]:
+        """Row counts per level (patients, studies, series, instances, frames)."""
+        out = {}
+        for key, table in (("patients", "patient"), ("studies", "study"),
+                           ("series", "series"), ("instances", "instance"),
+                           ("frames", "frame")):
+            out[key] = self._one(f"SELECT COUNT(*) FROM {table}")[0]
+        return out
+
+    def file_refs(self) -> list[tuple[str, str, int, str]]:
+        """Every file the catalogue references: (relpath, sha256, size, owner SOP UID)."""
+        out: list[tuple[str, str, int, str]] = []
+        for r in self._all("SELECT original_relpath, original_sha256, original_size, "
+                           "SOPInstanceUID FROM instance"):
+            out.append((r[0], r[1], r[2], r[3]))
+        for r in self._all(
+                "SELECT f.codestream_relpath, f.codestream_sha256, f.codestream_size, "
+                "f.index_relpath, f.index_sha256, f.index_size, i.SOPInstanceUID "
+                "FROM frame f JOIN instance i ON f.instance_pk = i.pk"):
+            out.append((r[0], r[1], r[2], r[6]))
+            out.append((r[3], r[4], r[5], r[6]))
+        return out
+
+    # ------------------------------------------------------------------ QIDO-style queries
+
+    def query_studies(self, PatientName: str | None = None, PatientID: str | None = None,
+                      StudyDate: str | None = None,
+                      ModalitiesInStudy: str | Sequence[str] | None = None,
+                      StudyInstanceUID: str | Sequence[str] | None = None,
+                      AccessionNumber: str | None = None, StudyDescription: str | None = None,
+                      limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Studies matching QIDO-RS style filters, newest first.
+
+        ``PatientName``, ``PatientID``, ``AccessionNumber`` and ``StudyDescription`` match
+        case-insensitively with ``*``/``?`` wildcards; ``StudyDate`` takes a date or a
+        range; ``ModalitiesInStudy`` matches studies containing any of the given
+        modalities; ``StudyInstanceUID`` takes one UID or a list. Each row has the patient
+        and study attributes plus ``ModalitiesInStudy`` (list),
+        ``NumberOfStudyRelatedSeries`` and ``NumberOfStudyRelatedInstances``.
+        """
+        w = _Where()
+        w.text("p.PatientName", PatientName)
+        w.text("p.PatientID", PatientID)
+        w.text("st.AccessionNumber", AccessionNumber)
+        w.text("st.StudyDescription", StudyDescription)
+        w.date_range("st.StudyDate", StudyDate)
+        w.uid_list("st.StudyInstanceUID", StudyInstanceUID)
+        mods = _multi(ModalitiesInStudy)
+        if mods:
+            w.add("EXISTS (SELECT 1 FROM series ms WHERE ms.study_pk = st.pk AND ms.Modality "
+                  f"IN ({', '.join('?' * len(mods))}))", *mods)
+        cols = PATIENT_COLS + STUDY_COLS + ("NumberOfStudyRelatedSeries",
+                                             "NumberOfStudyRelatedInstances")
+        select = ", ".join([f"p.{c}" for c in PATIENT_COLS] + [f"st.{c}" for c in STUDY_COLS] + [
+            "(SELECT COUNT(*) FROM series s1 WHERE s1.study_pk = st.pk)",
+            "(SELECT COUNT(*) FROM series s2 JOIN instance i2 ON i2.series_pk = s2.pk "
+            "WHERE s2.study_pk = st.pk)",
+        ])
+        page, pparams = _page(limit, offset)
+        sql = (f"SELECT st.pk, {select} FROM study st JOIN patient p ON st.patient_pk = p.pk"
+               f"{w.sql()} ORDER BY CASE WHEN st.StudyDate IS NULL THEN 1 ELSE 0 END, "
+               f"st.StudyDate DESC, st.StudyTime DESC, st.StudyInstanceUID{page}")
+        rows = self._all(sql, w.params + pparams)
+        out = []
+        for r in rows:
+            d = _row(cols, r[1:])
+            d["ModalitiesInStudy"] = self._modalities(r[0])
+            out.append(d)
+        return out
+
+    def _modalities(self, study_pk: int) -> list[str]:
+        rows = self._all("SELECT DISTINCT Modality FROM series WHERE study_pk = ? "
+                         "AND Modality IS NOT NULL", [study_pk])
+        return sorted(r[0] for r in rows)
+
+    def query_series(self, StudyInstanceUID: str | Sequence[str] | None = None,
+                     Modality: str | Sequence[str] | None = None,
+                     SeriesInstanceUID: str | Sequence[str] | None = None,
+                     SeriesNumber: int | None = None, SeriesDescription: str | None = None,
+                     BodyPartExamined: str | None = None, PatientID: str | None = None,
+                     limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Series matching the filters, in SeriesNumber order.
+
+        Rows carry the series attributes, the parent study's StudyInstanceUID, StudyDate,
+        StudyDescription, PatientName and PatientID, plus
+        ``NumberOfSeriesRelatedInstances`` and ``NumberOfImages`` (frames).
+        """
+        w = _Where()
+        w.uid_list("st.StudyInstanceUID", StudyInstanceUID)
+        w.uid_list("se.SeriesInstanceUID", SeriesInstanceUID)
+        mods = _multi(Modality)
+        if mods:
+            w.add(f"se.Modality IN ({', '.join('?' * len(mods))})", *mods)
+        if SeriesNumber is not None and SeriesNumber != "":
+            w.exact("se.SeriesNumber", int(SeriesNumber))
+        w.text("se.SeriesDescription", SeriesDescription)
+        w.text("se.BodyPartExamined", BodyPartExamined)
+        w.text("p.PatientID", PatientID)
+        extra = ("StudyInstanceUID", "StudyDate", "StudyDescription", "PatientName",
+                 "PatientID")
+        cols = SERIES_COLS + extra + ("NumberOfSeriesRelatedInstances", "NumberOfImages")
+        select = ", ".join(
+            [f"se.{c}" for c in SERIES_COLS]
+            + ["st.StudyInstanceUID", "st.StudyDate", "st.StudyDescription", "p.PatientName",
+               "p.PatientID",
+               "(SELECT COUNT(*) FROM instance i1 WHERE i1.series_pk = se.pk)",
+               "(SELECT COUNT(*) FROM instance i2 JOIN frame f2 ON f2.instance_pk = i2.pk "
+               "WHERE i2.series_pk = se.pk)"])
+        page, pparams = _page(limit, offset)
+        sql = (f"SELECT {select} FROM series se JOIN study st ON se.study_pk = st.pk "
+               f"JOIN patient p ON st.patient_pk = p.pk{w.sql()} "
+               f"ORDER BY st.StudyInstanceUID, "
+               f"CASE WHEN se.SeriesNumber IS NULL THEN 1 ELSE 0 END, se.SeriesNumber, "
+               f"se.SeriesInstanceUID{page}")
+        return [_row(cols, r) for r in self._all(sql, w.params + pparams)]
+
+    def query_instances(self, StudyInstanceUID: str | Sequence[str] | None = None,
+                        SeriesInstanceUID: str | Sequence[str] | None = None,
+                        SOPInstanceUID: str | Sequence[str] | None = None,
+                        SOPClassUID: str | None = None, InstanceNumber: int | None = None,
+                        limit: int | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Instances (``INSTANCE_COLS`` plus StudyInstanceUID, SeriesInstanceUID,
+        Modality), in InstanceNumber order."""
+        w = _Where()
+        w.uid_list("st.StudyInstanceUID", StudyInstanceUID)
+        w.uid_list("se.SeriesInstanceUID", SeriesInstanceUID)
+        w.uid_list("i.SOPInstanceUID", SOPInstanceUID)
+        w.exact("i.SOPClassUID", SOPClassUID)
+        if InstanceNumber is not None and InstanceNumber != "":
+            w.exact("i.InstanceNumber", int(InstanceNumber))
+        page, pparams = _page(limit, offset)
+        return self._instances(w, page, pparams)
+
+    def _instances(self, w: _Where, page: str, pparams: list[Any]) -> list[dict[str, Any]]:
+        extra = ("StudyInstanceUID", "SeriesInstanceUID", "Modality")
+        cols = INSTANCE_COLS + extra
+        select = ", ".join([f"i.{_sqlname(c)}" for c in INSTANCE_COLS]
+                           + ["st.StudyInstanceUID", "se.SeriesInstanceUID", "se.Modality"])
+        sql = (f"SELECT {select} FROM instance i JOIN series se ON i.series_pk = se.pk "
+               f"JOIN study st ON se.study_pk = st.pk{w.sql()} "
+               f"ORDER BY st.StudyInstanceUID, se.SeriesInstanceUID, "
+               f"CASE WHEN i.InstanceNumber IS NULL THEN 1 ELSE 0 END, i.InstanceNumber, "
+               f"i.SOPInstanceUID{page}")
+        return [_row(cols, r) for r in self._all(sql, w.params + pparams)]
+
+    # ------------------------------------------------------------------ images of a series
+
+    def series_images(self, series_uid: str) -> list[dict[str, Any]]:
+        """Every image (instance, frame) of a series, in series order.
+
+        Order: InstanceNumber (missing last), then SOP Instance UID, then frame number.
+        Each dict has ``index`` (0..n-1, the image's component number in the series
+        target), the instance's geometry / rescale / window attributes (with the frame's
+        own ImagePositionPatient when the instance is an enhanced multi-frame), and the
+        frame's files: see :data:`SERIES_IMAGE_KEYS`.
+        """
+        icols = tuple(c for c in _IMAGE_INSTANCE_COLS)
+        fcols = tuple(c for c in _IMAGE_FRAME_COLS)
+        select = ", ".join([f"i.{_sqlname(c)}" for c in icols]
+                           + [f"f.{_sqlname(c)}" for c in fcols])
+        rows = self._all(
+            f"SELECT {select} FROM frame f JOIN instance i ON f.instance_pk = i.pk "
+            f"JOIN series se ON i.series_pk = se.pk WHERE se.SeriesInstanceUID = ?",
+            [series_uid])
+        images = []
+        for r in rows:
+            inst = _row(icols, r[: len(icols)])
+            fr = _row(fcols, r[len(icols):])
+            frame_ipp = fr.pop("frame_ImagePositionPatient")
+            inst.update(fr)
+            if frame_ipp is not None:
+                inst["ImagePositionPatient"] = frame_ipp
+            images.append(inst)
+        images.sort(key=lambda d: (d["InstanceNumber"] is None, d["InstanceNumber"] or 0,
+                                   d["SOPInstanceUID"], d["frame"]))
+        for n, d in enumerate(images):
+            d["index"] = n
+        return [{k: d[k] for k in SERIES_IMAGE_KEYS} for d in images]
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
+
+
+def _where_one(column: str, value: str) -> _Where:
+    w = _Where()
+    w.add(f"{column} = ?", value)
+    return w
+
+
+_IMAGE_INSTANCE_COLS = (
+    "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "NumberOfFrames", "Rows", "Columns",
+    "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+    "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+    "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept",
+    "RescaleType", "WindowCenter", "WindowWidth", "signed", "bits_stored",
+)
+_IMAGE_FRAME_COLS = (
+    "frame", "codestream_relpath", "codestream_sha256", "codestream_size", "index_relpath",
+    "index_sha256", "index_size", "offset", "numres", "nlayers", "frame_ImagePositionPatient",
+)
+_SQL_NAME["frame_ImagePositionPatient"] = "ImagePositionPatient"
+_JSON_COLS.add("frame_ImagePositionPatient")
+
+#: Keys of each dict returned by :meth:`Catalogue.series_images`, in this order.
+SERIES_IMAGE_KEYS = (
+    "index", "SOPInstanceUID", "SOPClassUID", "InstanceNumber", "frame", "NumberOfFrames",
+    "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+    "BitsStored", "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient",
+    "PixelSpacing", "SliceThickness", "SpacingBetweenSlices", "RescaleSlope",
+    "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+    "signed", "bits_stored", "offset", "numres", "nlayers",
+    "codestream_relpath", "codestream_sha256", "codestream_size",
+    "index_relpath", "index_sha256", "index_size",
+)

@@ -1,0 +1,352 @@
+"""The image store: files on disk, written atomically, verified by checksum.
+
+Layout (see docs/ARCHITECTURE.md)::
+
+    STORE/
+      catalogue.sqlite                              SQLite, WAL, foreign keys on
+      originals/ab/<sha256>.dcm                     original DICOM, bit for bit
+      j2k/<series_uid>/<sop_uid>.<frame>.j2k        layered codestream
+      j2k/<series_uid>/<sop_uid>.<frame>.idx.json   packet index
+
+Crash safety rests on two rules:
+
+1. every file is written to a temporary file in its final directory, flushed and
+   fsynced, then renamed over the final name (``os.replace``, atomic on POSIX) and the
+   directory is fsynced, so a file is either absent, or complete;
+2. the catalogue row that refers to a file is committed only after the file is durable,
+   and records its SHA-256 and size.
+
+So a crash leaves at worst an *orphan* (a file no row refers to, or a temporary file),
+never a row without its file. :meth:`Store.fsck` finds both orphans and rows whose files
+are missing or damaged; ``repair`` deletes orphans only (a row with a damaged file needs
+a human, or a re-ingest of the original).
+
+Paths handed around (and stored in the catalogue) are *relative* POSIX paths; use
+:meth:`Store.abspath` to reach the file. UIDs are used as path components only when they
+look like UIDs (digits and dots); anything else is hashed, so no UID can escape the store.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .catalogue import Catalogue
+
+CATALOGUE_NAME = "catalogue.sqlite"
+ORIGINALS_DIR = "originals"
+J2K_DIR = "j2k"
+TMP_MARK = ".tmp-"
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(Exception):
+    """Base class for store errors."""
+
+
+class StoreIntegrityError(StoreError):
+    """A stored file is missing, or its content does not match the recorded checksum."""
+
+    def __init__(self, relpath: str, problem: str):
+        super().__init__(f"store integrity error: {relpath}: {problem}")
+        self.relpath = relpath
+        self.problem = problem
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(SHA-256 hex, size) of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename/creation in ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def safe_component(uid: str) -> str:
+    """A UID as a file-name component: itself if it is a well-formed UID, else a hash."""
+    uid = (uid or "").strip()
+    if _UID_RE.match(uid) and len(uid) <= 128:
+        return uid
+    return "x-" + hashlib.sha1(uid.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+@dataclass
+class FsckReport:
+    """What :meth:`Store.fsck` found.
+
+    ``orphans``: files (relpaths) that no catalogue row refers to, temporary files
+    included. ``missing`` / ``damaged``: (relpath, SOP Instance UID, problem) for rows whose
+    file is absent, or whose size or SHA-256 does not match. ``removed``: orphans deleted by
+    ``repair``.
+    """
+
+    checked: int = 0
+    orphans: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str, str]] = field(default_factory=list)
+    damaged: list[tuple[str, str, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+    @property
+    def consistent(self) -> bool:
+        """True when every catalogued file exists and matches (orphans are harmless)."""
+        return not self.missing and not self.damaged
+
+    @property
+    def clean(self) -> bool:
+        """Consistent, and no orphan left."""
+        return self.consistent and len(self.orphans) == len(self.removed)
+
+    def format(self) -> str:
+        lines = [f"checked {self.checked} catalogued files"]
+        for rel, sop, problem in self.missing:
+            lines.append(f"MISSING  {rel} (instance {sop}): {problem}")
+        for rel, sop, problem in self.damaged:
+            lines.append(f"DAMAGED  {rel} (instance {sop}): {problem}")
+        removed = set(self.removed)
+        for rel in self.orphans:
+            lines.append(f"{'REMOVED ' if rel in removed else 'ORPHAN  '} {rel}")
+        lines.append(f"{len(self.missing)} missing, {len(self.damaged)} damaged, "
+                     f"{len(self.orphans)} orphans ({len(self.removed)} removed)")
+        return "\n".join(lines)
+
+
+class Store:
+    """A store directory: originals, codestreams, packet indexes and the catalogue."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        for d in (self.root, self.root / ORIGINALS_DIR, self.root / J2K_DIR):
+            self._ensure_dir(d)
+        self._catalogue: Catalogue | None = None
+        self._cat_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def catalogue(self) -> Catalogue:
+        """The store's catalogue (opened on first use, shared by all threads)."""
+        with self._cat_lock:
+            if self._catalogue is None:
+                self._catalogue = Catalogue(self.root / CATALOGUE_NAME)
+            return self._catalogue
+
+    def close(self) -> None:
+        with self._cat_lock:
+            if self._catalogue is not None:
+                self._catalogue.close()
+                self._catalogue = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def abspath(self, relpath: str | Path) -> Path:
+        """Absolute path of a store-relative path; refuses paths leaving the store."""
+        rel = PurePosixPath(str(relpath).replace(os.sep, "/"))
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise StoreError(f"not a store-relative path: {relpath!r}")
+        return self.root.joinpath(*rel.parts)
+
+    def relpath(self, path: str | Path) -> str:
+        """Store-relative POSIX path of an absolute path inside the store."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def _resolve(self, path: str | Path) -> Path:
+        p = Path(path)
+        if p.is_absolute():
+            p = p.resolve()
+            p.relative_to(self.root)   # raises ValueError when outside the store
+            return p
+        return self.abspath(path)
+
+    @staticmethod
+    def _ensure_dir(d: Path) -> None:
+        if d.is_dir():
+            return
+        missing = []
+        p = d
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        d.mkdir(parents=True, exist_ok=True)
+        for m in reversed(missing):     # make each new directory entry durable
+            _fsync_dir(m.parent)
+
+    # ------------------------------------------------------------------ writing
+
+    def atomic_write(self, path: str | Path, data: bytes) -> str:
+        """Write ``data`` to ``path`` (store-relative or absolute inside the store)
+        atomically and durably; returns its SHA-256 hex digest."""
+        target = self._resolve(path)
+        self._ensure_dir(target.parent)
+        tmp = target.with_name(f".{target.name}{TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise
+        _fsync_dir(target.parent)
+        return sha256_hex(data)
+
+    @staticmethod
+    def original_relpath(sha256: str) -> str:
+        if not _SHA_RE.match(sha256):
+            raise StoreError(f"not a SHA-256 hex digest: {sha256!r}")
+        return f"{ORIGINALS_DIR}/{sha256[:2]}/{sha256}.dcm"
+
+    def put_original(self, data: bytes) -> tuple[str, str]:
+        """Store an original DICOM file, content addressed; returns (relpath, sha256).
+
+        A no-op when the file is present with the right content; a damaged copy is
+        rewritten.
+        """
+        sha = sha256_hex(data)
+        rel = self.original_relpath(sha)
+        p = self.abspath(rel)
+        if p.is_file():
+            try:
+                have, size = sha256_file(p)
+            except OSError:
+                have, size = "", -1
+            if have == sha and size == len(data):
+                return rel, sha
+        self.atomic_write(rel, data)
+        return rel, sha
+
+    @staticmethod
+    def codestream_paths(series_uid: str, sop_uid: str, frame: int) -> tuple[str, str]:
+        """(codestream relpath, packet-index relpath) of one frame (1-based)."""
+        if int(frame) < 1:
+            raise StoreError(f"frame numbers start at 1, got {frame}")
+        base = f"{J2K_DIR}/{safe_component(series_uid)}/{safe_component(sop_uid)}.{int(frame)}"
+        return f"{base}.j2k", f"{base}.idx.json"
+
+    # ------------------------------------------------------------------ reading
+
+    def read_verified(self, relpath: str, sha256: str, size: int | None = None) -> bytes:
+        """Read a stored file and check it against its recorded SHA-256 (and size).
+
+        Raises :class:`StoreIntegrityError` if it is missing, unreadable, or different.
+        """
+        p = self.abspath(relpath)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            raise StoreIntegrityError(relpath, "file is missing") from None
+        except OSError as e:
+            raise StoreIntegrityError(relpath, f"cannot read file: {e}") from None
+        if size is not None and len(data) != size:
+            raise StoreIntegrityError(
+                relpath, f"size is {len(data)} bytes, catalogue records {size} "
+                         "(truncated or overwritten)")
+        have = sha256_hex(data)
+        if have != sha256:
+            raise StoreIntegrityError(
+                relpath, f"SHA-256 mismatch: file has {have}, catalogue records {sha256} "
+                         f"({len(data)} bytes; damaged or truncated)")
+        return data
+
+    def check_file(self, relpath: str, sha256: str, size: int | None = None) -> str | None:
+        """None if the file matches, else a description of the problem."""
+        p = self.abspath(relpath)
+        if not p.is_file():
+            return "file is missing"
+        try:
+            have, n = sha256_file(p)
+        except OSError as e:
+            return f"cannot read file: {e}"
+        if size is not None and n != size:
+            return f"size is {n} bytes, catalogue records {size}"
+        if have != sha256:
+            return f"SHA-256 mismatch: file has {have}, catalogue records {sha256}"
+        return None
+
+    # ------------------------------------------------------------------ fsck
+
+    def iter_files(self):
+        """Every file under originals/ and j2k/, as store-relative paths."""
+        for top in (ORIGINALS_DIR, J2K_DIR):
+            base = self.root / top
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    yield (Path(dirpath) / name).relative_to(self.root).as_posix()
+
+    def fsck(self, repair: bool = False) -> FsckReport:
+        """Check every catalogued file and list orphans; ``repair`` deletes orphans only.
+
+        Run it while nothing ingests into the store: a file written by an ingest that has
+        not committed yet looks like an orphan.
+        """
+        report = FsckReport()
+        refs = self.catalogue.file_refs()
+        referenced = set()
+        for rel, sha, size, sop in refs:
+            referenced.add(rel)
+            report.checked += 1
+            problem = self.check_file(rel, sha, size)
+            if problem is None:
+                continue
+            if problem == "file is missing":
+                report.missing.append((rel, sop, problem))
+            else:
+                report.damaged.append((rel, sop, problem))
+        report.orphans = sorted(rel for rel in self.iter_files() if rel not in referenced)
+        if repair:
+            for rel in report.orphans:
+                try:
+                    self.abspath(rel).unlink()
+                    report.removed.append(rel)
+                except FileNotFoundError:
+                    report.removed.append(rel)
+                except OSError:
+                    pass
+        return report
+
+    def delete_study(self, study_uid: str) -> int:
+        """Remove a study from the catalogue, then its files; returns files removed."""
+        removed = 0
+        for rel in self.catalogue.delete_study(study_uid):
+            try:
+                self.abspath(rel).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed

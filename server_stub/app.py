@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -147,13 +148,16 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
     srv = Server(store, authority)
 
     def guarded(action: str):
+        """Authorise, then run the (blocking) handler on the thread pool, never on the
+        event loop; map every known failure to a JSON error with its HTTP status."""
         def deco(fn):
             async def endpoint(request: Request):
                 try:
+                    request.state.body = await request.body() if request.method == "POST" else b""
                     session, grant = srv.auth.authorize(_sid(request), action,
                                                         request.path_params.get("series"))
                     request.state.session, request.state.grant = session, grant
-                    return await fn(request)
+                    return await run_in_threadpool(fn, request)
                 except AuthError as e:
                     return error(e.status, str(e), **e.extra)
                 except RequestError as e:
@@ -177,13 +181,14 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         if not isinstance(name, str) or not name:
             return error(400, "username is required")
         try:
-            s = srv.auth.login(name, body.get("password"), request.client.host if request.client else None)
+            s = await run_in_threadpool(srv.auth.login, name, body.get("password"),
+                                        request.client.host if request.client else None)
         except AuthError as e:
             return error(e.status, str(e))
         return JSONResponse({"session": s.id, "user": s.user})
 
     @guarded("logout")
-    async def logout(request: Request):
+    def logout(request: Request):
         srv.auth.logout(request.state.session.id)
         return JSONResponse({"ok": True})
 
@@ -212,13 +217,13 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
                   "StudyInstanceUID", "AccessionNumber")
 
     @guarded("browse")
-    async def studies(request: Request):
+    def studies(request: Request):
         q = request.query_params
         args = {k: q[k] for k in QIDO_STUDY if k in q}
         return qido(srv.catalogue.query_studies(**args, **_page(q)), request)
 
     @guarded("browse")
-    async def series(request: Request):
+    def series(request: Request):
         q = request.query_params
         args = {k: q[k] for k in ("Modality", "SeriesInstanceUID") if k in q}
         study = request.path_params.get("study") or q.get("StudyInstanceUID")
@@ -227,20 +232,20 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         return qido(srv.catalogue.query_series(**args), request)
 
     @guarded("browse")
-    async def instances(request: Request):
+    def instances(request: Request):
         rows = srv.catalogue.query_instances(StudyInstanceUID=request.path_params["study"],
                                              SeriesInstanceUID=request.path_params["series"])
         return qido(rows, request)
 
     @guarded("metadata")
-    async def metadata(request: Request):
+    def metadata(request: Request):
         h = srv.catalogue.instance_header(request.path_params["sop"])
         if h is None:
             return error(404, "unknown SOP Instance UID")
         return JSONResponse([h], media_type="application/dicom+json")
 
     @guarded("retrieve")
-    async def instance(request: Request):
+    def instance(request: Request):
         """WADO-RS retrieve of the original DICOM file, bit for bit."""
         row = srv.catalogue.find_instance(request.path_params["sop"])
         if row is None or row.get("SeriesInstanceUID") not in (None, request.path_params["series"]):
@@ -249,7 +254,7 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         return Response(data, media_type="application/dicom")
 
     @guarded("retrieve")
-    async def frame(request: Request):
+    def frame(request: Request):
         """The whole stored codestream of one frame (plain, non-progressive transfer)."""
         sop = request.path_params["sop"]
         try:
@@ -263,7 +268,7 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         return error(404, "unknown instance or frame")
 
     @guarded("metadata")
-    async def series_images(request: Request):
+    def series_images(request: Request):
         uid = request.path_params["series"]
         info = srv.catalogue.get_series(uid)
         if info is None:
@@ -281,7 +286,7 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         return JSONResponse({"series": info, "images": images})
 
     @guarded("fetch")
-    async def jpip(request: Request):
+    def jpip(request: Request):
         q = dict(request.query_params)
         req = parse_request(q)
         session = request.state.session
@@ -291,7 +296,7 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         model = session.model_for(req.target)
         if request.method == "POST":
             try:
-                body = await request.json()
+                body = json.loads(request.state.body)
                 declared = body.get("model") if isinstance(body, dict) else None
                 if declared is not None:
                     if not isinstance(declared, dict):

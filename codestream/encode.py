@@ -43,13 +43,20 @@ def numres_for(width: int, height: int) -> int:
     """Resolution count so that the smallest resolution is at most MAX_LOWEST_RES px."""
     side = max(width, height, 1)
     levels = max(0, math.ceil(math.log2(side / MAX_LOWEST_RES))) if side > MAX_LOWEST_RES else 0
+    # OpenJPEG refuses a tile side shorter than 2**(numres-1) ("Number of resolutions is
+    # too high in comparison to the size of tiles"): a thin image gets fewer levels.
+    levels = min(levels, max(1, min(width, height)).bit_length() - 1)
     return min(levels, 12) + 1
 
 
 def prepare_samples(pixels: np.ndarray, *, signed: bool, bits_stored: int) -> tuple[np.ndarray, int]:
     """Shift and cast pixels to uint8/uint16 for OpenJPEG; returns (samples, offset)."""
     a = np.asarray(pixels)
+    if a.size == 0:
+        raise EncodeError(f"empty frame, shape {a.shape}")
     if a.ndim == 3 and a.shape[2] == 3:
+        if not np.issubdtype(a.dtype, np.integer):
+            raise EncodeError(f"pixels must be integers, got {a.dtype}")
         if a.dtype != np.uint8:
             if a.min() < 0 or a.max() > 65535:
                 raise EncodeError("colour samples must be 8 or 16-bit unsigned")

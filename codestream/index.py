@@ -90,7 +90,7 @@ class PacketIndex:
     # ------------------------------------------------------------------ parsing
     @classmethod
     def parse(cls, cs: bytes) -> "PacketIndex":
-        buf = memoryview(cs).obj if isinstance(cs, memoryview) else cs
+        buf = bytes(cs) if isinstance(cs, memoryview) else cs
         if len(buf) < 4 or struct.unpack_from(">H", buf, 0)[0] != SOC:
             raise CodestreamError("not a JPEG 2000 codestream (no SOC marker)")
         siz = cod = None
@@ -118,6 +118,8 @@ class PacketIndex:
         if sot_pos + 12 > len(buf):
             raise CodestreamError("truncated SOT marker segment")
         _, lsot, isot, psot, tpsot, tnsot = struct.unpack_from(">HHHIBB", buf, sot_pos)
+        if lsot != 10:
+            raise CodestreamError(f"bad SOT marker segment length {lsot}")
         if isot != 0 or tpsot != 0 or tnsot not in (0, 1):
             raise CodestreamError("only one tile in one tile-part is supported")
         th_start = sot_pos + 12
@@ -144,6 +146,8 @@ class PacketIndex:
             raise CodestreamError("codestream has no PLT markers; packets cannot be indexed")
         scod, prog, nlayers, _mct, ndecomp, cbw, cbh, pexp = cod
         numres = ndecomp + 1
+        if any(c[2] == 0 or c[3] == 0 for c in comps) or xsiz <= xo or ysiz <= yo:
+            raise CodestreamError("SIZ describes an empty image or a zero sub-sampling factor")
         idx = cls(
             width=xsiz - xo, height=ysiz - yo, x0=xo, y0=yo,
             ncomp=len(comps),
@@ -155,6 +159,11 @@ class PacketIndex:
             tile_header=(th_start, sod_pos), body=(body_start, body_end),
             total_bytes=len(buf), packets=np.zeros((0, 6), np.int64),
         )
+        npk = nlayers * sum(idx.num_precincts(c, r) for c in range(idx.ncomp)
+                            for r in range(numres))
+        if npk != len(plt_lengths):  # checked before listing: a corrupt SIZ/COD can be huge
+            raise CodestreamError(
+                f"PLT lists {len(plt_lengths)} packets, progression has {npk}")
         order = idx._packet_order()
         if len(order) != len(plt_lengths):
             raise CodestreamError(
@@ -273,10 +282,15 @@ class PacketIndex:
             dx, dy = self.subsampling[c]
             for r in range(self.numres):
                 s = 1 << (self.numres - 1 - r)
+                px, py = self.precinct_exp[r]
                 for p in range(self.num_precincts(c, r)):
                     x0, y0, _, _ = self.precinct_rect_res(c, r, p)
-                    # position of the precinct on the reference grid (B.12.1.3-5)
-                    gy, gx = y0 * s * dy, x0 * s * dx
+                    # position at which B.12.1.3-5 visit the precinct on the reference
+                    # grid: its start, except that a first row/column precinct clipped
+                    # by an unaligned tile-component origin is visited at the tile
+                    # origin (ty0 / tx0), not at its own first sample.
+                    gy = self.y0 if y0 % (1 << py) else y0 * s * dy
+                    gx = self.x0 if x0 % (1 << px) else x0 * s * dx
                     for l in range(self.nlayers):
                         keys.append((c, l, r, p, gy, gx))
         sort = {
@@ -365,6 +379,9 @@ class PacketIndex:
 
 
 def _parse_siz(buf, pos):
+    (lsiz,) = struct.unpack_from(">H", buf, pos + 2)
+    if lsiz < 41 or lsiz != 38 + 3 * struct.unpack_from(">H", buf, pos + 38)[0]:
+        raise CodestreamError(f"bad SIZ marker segment (length {lsiz})")
     (_m, _l, _rsiz, xsiz, ysiz, xo, yo, xt, yt, xto, yto, csiz) = struct.unpack_from(
         ">HHHIIIIIIIIH", buf, pos)
     comps = []
@@ -375,8 +392,14 @@ def _parse_siz(buf, pos):
 
 
 def _parse_cod(buf, pos):
+    (lcod,) = struct.unpack_from(">H", buf, pos + 2)
+    if lcod < 12:
+        raise CodestreamError(f"bad COD marker segment (length {lcod})")
     (_m, lcod, scod, prog, nlayers, mct, ndecomp, xcb, ycb, _style, _transform) = struct.unpack_from(
         ">HHBBHBBBBBB", buf, pos)
+    if lcod < 12 + (ndecomp + 1) * (scod & 1) or ndecomp > 32 or nlayers == 0:
+        raise CodestreamError(f"bad COD marker segment (length {lcod}, {ndecomp} "
+                              f"decomposition levels, {nlayers} layers)")
     if prog >= len(PROGRESSIONS):
         raise CodestreamError(f"unknown progression order {prog}")
     numres = ndecomp + 1
@@ -389,12 +412,13 @@ def _parse_cod(buf, pos):
 
 
 def _parse_plt(buf, pos, seglen) -> list[int]:
-    out, val = [], 0
+    out, val, more = [], 0, False
     for b in buf[pos + 5: pos + seglen]:
         val = (val << 7) | (b & 0x7F)
-        if not b & 0x80:
+        more = bool(b & 0x80)
+        if not more:
             out.append(val)
             val = 0
-    if val:
+    if more:
         raise CodestreamError("PLT marker ends inside a packet length")
     return out

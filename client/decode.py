@@ -8,25 +8,20 @@ before rescale), at ``ceil(size / 2**reduce)``.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 
 import numpy as np
 
 from codestream.databins import BinSet, rebuild_codestream
-from codestream.encode import undo_offset
+from codestream.encode import DecodeError, openjpeg_decode, undo_offset  # noqa: F401 (DecodeError re-exported)
 from codestream.index import CodestreamError
 
-_TMPDIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 _threads_lock = threading.Lock()
 _threads_set = False
 
 
-class DecodeError(RuntimeError):
-    """Decoding failed (with OpenJPEG's reason)."""
-
-
 def _set_threads() -> None:
+    """Let OpenJPEG decode with several threads (once per process)."""
     global _threads_set
     with _threads_lock:
         if not _threads_set:
@@ -36,30 +31,6 @@ def _set_threads() -> None:
             except Exception:  # older OpenJPEG without thread support
                 pass
             _threads_set = True
-
-
-def decode_codestream(cs: bytes, *, reduce: int = 0, layers: int = 0,
-                      area: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """OpenJPEG decode of codestream bytes. ``area`` = (x, y, w, h) in full-res pixels."""
-    import glymur
-
-    _set_threads()
-    fd, path = tempfile.mkstemp(suffix=".j2k", dir=_TMPDIR)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(cs)
-        jp = glymur.Jp2k(path)
-        nl = jp.codestream.segment[2].layers
-        jp.layer = 0 if layers <= 0 or layers >= nl else layers
-        step = 1 << reduce
-        if area is None:
-            return jp[::step, ::step]
-        x, y, w, h = area
-        return jp[y:y + h:step, x:x + w:step]
-    except (OSError, RuntimeError, ValueError, IndexError) as e:
-        raise DecodeError(f"OpenJPEG could not decode the image: {e}") from e
-    finally:
-        os.unlink(path)
 
 
 def decode(bins: BinSet, *, offset: int, signed: bool, bits_stored: int = 16,
@@ -80,5 +51,6 @@ def decode(bins: BinSet, *, offset: int, signed: bool, bits_stored: int = 16,
         reduce = ix.numres - 1 - res
     reduce = max(0, min(reduce, ix.numres - 1))
     cs = rebuild_codestream(bins, max_layers=layers or None)
-    arr = decode_codestream(cs, reduce=reduce, area=area)
+    _set_threads()
+    arr = openjpeg_decode(cs, reduce=reduce, area=area)
     return undo_offset(arr, offset, signed, bits_stored), reduce

@@ -117,26 +117,43 @@ def undo_offset(samples: np.ndarray, offset: int, signed: bool, bits_stored: int
     return vals.astype(np.uint16 if bits_stored > 8 else np.uint8)
 
 
-def decode_full(codestream: bytes, offset: int, signed: bool, *, layers: int = 0, reduce: int = 0,
-                area: tuple[int, int, int, int] | None = None, bits_stored: int = 16) -> np.ndarray:
-    """Reference decode through glymur/OpenJPEG (file based). ``area`` is (y0, x0, y1, x1)
-    in full-resolution pixels; the result is at ``reduce``."""
+_TMPDIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class DecodeError(RuntimeError):
+    """OpenJPEG could not decode the codestream (with its reason)."""
+
+
+def openjpeg_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
+                    area: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Decode through glymur/OpenJPEG: the first ``layers`` layers (0 = all), at
+    ``reduce``, restricted to ``area`` = (x, y, w, h) in full-resolution pixels.
+    glymur reads files only, so the bytes go through a temp file in memory (/dev/shm)."""
     import glymur
 
-    fd, path = tempfile.mkstemp(suffix=".j2k")
+    fd, path = tempfile.mkstemp(suffix=".j2k", dir=_TMPDIR)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(codestream)
         jp = glymur.Jp2k(path)
+        cod = next(seg for seg in jp.codestream.segment if seg.marker_id == "COD")
         # OpenJPEG's cp_layer: decode the first N layers, 0 = all of them
-        nlayers = jp.codestream.segment[2].layers
-        jp.layer = 0 if layers <= 0 or layers >= nlayers else layers
+        jp.layer = 0 if layers <= 0 or layers >= cod.layers else layers
         step = 1 << reduce
         if area is None:
-            arr = jp[::step, ::step]
-        else:
-            y0, x0, y1, x1 = area
-            arr = jp[y0:y1:step, x0:x1:step]
+            return jp[::step, ::step]
+        x, y, w, h = area
+        return jp[y:y + h:step, x:x + w:step]
+    except (OSError, RuntimeError, ValueError, IndexError, StopIteration) as e:
+        raise DecodeError(f"OpenJPEG could not decode the image: {e}") from e
     finally:
         os.unlink(path)
+
+
+def decode_full(codestream: bytes, offset: int, signed: bool, *, layers: int = 0, reduce: int = 0,
+                area: tuple[int, int, int, int] | None = None, bits_stored: int = 16) -> np.ndarray:
+    """Reference decode of a stored codestream, offset undone. ``area`` is (y0, x0, y1, x1)
+    in full-resolution pixels; the result is at ``reduce``."""
+    xywh = None if area is None else (area[1], area[0], area[3] - area[1], area[2] - area[0])
+    arr = openjpeg_decode(codestream, layers=layers, reduce=reduce, area=xywh)
     return undo_offset(arr, offset, signed, bits_stored)

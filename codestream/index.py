@@ -353,8 +353,11 @@ class PacketIndex:
 
     @classmethod
     def from_json(cls, s: str | bytes) -> "PacketIndex":
-        d = json.loads(s)
-        if d.pop("version", None) != 1:
+        try:
+            d = json.loads(s)
+        except ValueError as e:
+            raise CodestreamError(f"packet index is not valid JSON: {e}") from None
+        if not isinstance(d, dict) or d.pop("version", None) != 1:
             raise CodestreamError("unknown packet index version")
         d["packets"] = np.asarray(d["packets"], np.int64).reshape(-1, 6)
         for k in ("subsampling", "precinct_exp"):

@@ -50,7 +50,7 @@ def decode(bins: BinSet, *, offset: int, signed: bool, bits_stored: int = 16,
             raise CodestreamError("nothing decodable has arrived yet")
         reduce = ix.numres - 1 - res
     reduce = max(0, min(reduce, ix.numres - 1))
-    cs = rebuild_codestream(bins, max_layers=layers or None)
+    cs = rebuild_codestream(bins, max_layers=layers or None, max_res=ix.numres - 1 - reduce)
     _set_threads()
     arr = openjpeg_decode(cs, reduce=reduce, area=area)
     return undo_offset(arr, offset, signed, bits_stored), reduce

@@ -121,8 +121,11 @@ class BinSet:
         return layers, res
 
 
-def rebuild_codestream(bins: BinSet, *, max_layers: int | None = None) -> bytes:
-    """A decodable codestream from whatever packets the BinSet holds."""
+def rebuild_codestream(bins: BinSet, *, max_layers: int | None = None,
+                       max_res: int | None = None) -> bytes:
+    """A decodable codestream from whatever packets the BinSet holds. Packets beyond
+    ``max_layers`` or resolution ``max_res`` are left out (empty), which decodes the same
+    at that layer count / reduction and is faster."""
     ix = bins.index
     if ix is None:
         raise CodestreamError("main header or tile header not received yet")
@@ -141,7 +144,7 @@ def rebuild_codestream(bins: BinSet, *, max_layers: int | None = None) -> bytes:
             acc += ln
     body = bytearray()
     for seq, (c, l, r, p, _off, _ln) in enumerate(ix.packets.tolist()):
-        pk = packets.get((ix.databin_id(c, r, p), l))
+        pk = None if max_res is not None and r > max_res else packets.get((ix.databin_id(c, r, p), l))
         body += pk if pk is not None else ix.empty_packet(seq)
     main = _strip(bins.main_header, (TLM, PLM), start=2)  # keep SOC
     th = _strip(bins.tile_header, (PLT,))

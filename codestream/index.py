@@ -11,6 +11,7 @@ markers present, no POC/PPM/PPT, no component-specific COC precinct sizes. That 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -228,9 +229,19 @@ class PacketIndex:
         return (min(x0 * s * dx - self.x0, self.width), min(y0 * s * dy - self.y0, self.height),
                 min(x1 * s * dx - self.x0, self.width), min(y1 * s * dy - self.y0, self.height))
 
+    @functools.cached_property
+    def _seq_base(self) -> dict[tuple[int, int], int]:
+        base = {}
+        for c in range(self.ncomp):
+            n = 0
+            for r in range(self.numres):
+                base[(c, r)] = n
+                n += self.num_precincts(c, r)
+        return base
+
     def precinct_seq(self, c: int, r: int, p: int) -> int:
         """Sequence number of a precinct within its tile-component, from res 0 up."""
-        return sum(self.num_precincts(c, rr) for rr in range(r)) + p
+        return self._seq_base[(c, r)] + p
 
     def databin_id(self, c: int, r: int, p: int) -> int:
         """JPIP precinct data-bin in-class identifier (one tile: c + s*C)."""
@@ -308,7 +319,12 @@ class PacketIndex:
         return {tuple(int(v) for v in row[:4]): (int(row[4]), int(row[5])) for row in self.packets}
 
     def packet_lengths_by_bin(self) -> dict[int, list[int]]:
-        """Precinct data-bin id -> lengths of its packets in layer order."""
+        """Precinct data-bin id -> lengths of its packets in layer order (computed once;
+        callers must not modify the result)."""
+        return self._lengths_by_bin
+
+    @functools.cached_property
+    def _lengths_by_bin(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         for c, l, r, p, _off, ln in self.packets.tolist():
             out.setdefault(self.databin_id(c, r, p), [0] * self.nlayers)[l] = ln

@@ -4,7 +4,7 @@
     medview --server URL            desktop app against another server (login dialog)
     medview fetch --server URL --series UID [--layers N] [--level R] [--region x,y,w,h] --out DIR
     medview snapshot [--server URL] --series UID --slice N [--layers Q] [--level R]
-                     [--window C,W] --out file.png
+                     [--window C,W] [--size W,H] [--no-overlays] --out file.png
 """
 from __future__ import annotations
 
@@ -79,8 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slice", type=int, default=0)
     s.add_argument("--layers", type=int)
     s.add_argument("--level", type=int)
-    s.add_argument("--window", type=_window)
-    s.add_argument("--size", default="512,512")
+    s.add_argument("--window", type=_window,
+                   help="centre,width in modality units (a negative centre: --window=-600,1500)")
+    s.add_argument("--size", default="512,512", help="output W,H in pixels")
+    s.add_argument("--no-overlays", action="store_true",
+                   help="image only, without the overlay text and scale bar")
     s.add_argument("--out", required=True)
     _credentials(s)
     return p

@@ -1,0 +1,223 @@
+"""What the desktop app connects to and owns, without Qt: the bundled server, the
+session, the packet cache, the worker pool, local import.
+
+Every method that touches the network or the disk blocks: the window calls them through
+:class:`viewer.workers.Task`. :meth:`Backend.close` stops exactly what the backend
+started (a server given to :meth:`Backend.adopt_server` with ``own=False`` stays up).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from client.cache import PacketCache
+from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool
+from client.session import DEFAULT_USER, Session
+
+from .loader import SeriesRegistry
+
+log = logging.getLogger("medview.services")
+
+__all__ = ["Backend", "ImportOutcome", "ImportDisabled", "POOL_CAPS"]
+
+POOL_WORKERS = 8
+POOL_CAPS = {INTERACTION: 8, VISIBLE: 2, PREFETCH: 2}
+"""Background work never takes more than 4 of the 8 workers: what the user looks at
+always finds a free one (its transfer and its decodes run side by side), and few Python
+threads compete with the UI thread for the interpreter."""
+
+
+class ImportDisabled(RuntimeError):
+    """Local import needs the bundled server's store."""
+
+
+@dataclass
+class ImportOutcome:
+    """Result of :meth:`Backend.import_paths`: the ingest report and what it means."""
+
+    report: object                       # server_stub.ingest.IngestReport
+    total: int                           # files found
+    cancelled: bool = False
+    studies: list[str] = field(default_factory=list)   # studies with imported files
+    series: list[str] = field(default_factory=list)
+
+    @property
+    def processed(self) -> int:
+        r = self.report
+        return len(r.imported) + len(r.duplicates) + len(r.skipped)
+
+
+class Backend:
+    """The app's connection: server (bundled or remote), session, cache, pool."""
+
+    def __init__(self, cache_path: str | Path | None = None, cache_limit: int = 2 << 30,
+                 workers: int = POOL_WORKERS) -> None:
+        self.cache_path = Path(cache_path) if cache_path else None
+        self.cache_limit = cache_limit
+        caps = dict(POOL_CAPS)
+        caps[INTERACTION] = workers
+        self.pool = WorkerPool(workers, caps)
+        self.cache: PacketCache | None = None
+        self.session: Session | None = None
+        self.registry: SeriesRegistry | None = None
+        self.server = None                # an EmbeddedServer, when there is one
+        self.own_server = False
+        self.store_dir: Path | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ connecting
+    @property
+    def url(self) -> str | None:
+        return self.session.base_url if self.session else None
+
+    @property
+    def connected(self) -> bool:
+        return self.session is not None and self.session.id is not None
+
+    @property
+    def can_import(self) -> bool:
+        """Import goes into the bundled server's store, and only while the app is
+        connected to that server (a remote server has its own store)."""
+        return (self.server is not None and self.session is not None
+                and self.session.base_url == self.server.url.rstrip("/"))
+
+    def open_cache(self) -> PacketCache | None:
+        """Open the packet cache (file I/O: call from a worker)."""
+        if self.cache is None and self.cache_path is not None:
+            self.cache = PacketCache(self.cache_path, self.cache_limit)
+        return self.cache
+
+    def start_bundled(self, store_dir: str | Path, log_fn: Callable[[str], None] = lambda m: None,
+                      *, sample: bool = True, sample_slices: int = 64, sample_size: int = 512) -> str:
+        """Create the sample study on first run, start the bundled server on a free
+        loopback port and log in as the local user. Returns the server URL."""
+        from server_stub.embedded import EmbeddedServer
+        from server_stub.sample import ensure_sample_store
+        from server_stub.store import Store
+
+        store_dir = Path(store_dir)
+        if sample:
+            log_fn("Checking the local store (the sample study is created on first run)…")
+            ensure_sample_store(store_dir, log=log_fn, slices=sample_slices,
+                                size=sample_size).close()
+        else:
+            Store(store_dir).close()
+        log_fn("Starting the bundled image server…")
+        server = EmbeddedServer(str(store_dir)).start()
+        self.adopt_server(server, own=True)
+        self.login(server.url, DEFAULT_USER, None)
+        return server.url
+
+    def adopt_server(self, server, *, own: bool = False) -> None:
+        """Use an already running :class:`~server_stub.embedded.EmbeddedServer` (its
+        store receives local imports); ``own``: stop it on :meth:`close`."""
+        self.server = server
+        self.own_server = own
+        self.store_dir = Path(server.store.root)
+
+    def login(self, url: str, user: str = DEFAULT_USER, password: str | None = None) -> Session:
+        """Log in (network: call from a worker); replaces the previous session."""
+        self.open_cache()
+        session = Session(url, user or DEFAULT_USER, password)
+        old, self.session = self.session, session
+        self.registry = SeriesRegistry(session, self.cache)
+        if old is not None:
+            old.logout()
+        return session
+
+    # ------------------------------------------------------------------ catalogue
+    def studies(self, queries: list[dict]) -> list[dict]:
+        """Studies matching any of the QIDO queries (deduplicated, newest first)."""
+        seen: dict[str, dict] = {}
+        for q in queries or [{}]:
+            for row in self.session.studies(**q):
+                seen.setdefault(row["StudyInstanceUID"], row)
+        return sorted(seen.values(), key=lambda r: (r.get("StudyDate") or "", r.get("StudyTime") or ""),
+                      reverse=True)
+
+    def series_of(self, study_uids: list[str]) -> dict[str, list[dict]]:
+        return {uid: self.session.series(uid) for uid in study_uids}
+
+    # ------------------------------------------------------------------ import
+    def import_paths(self, paths: list[str | Path], *,
+                     progress: Callable[[int, int], None] = lambda d, t: None,
+                     log_fn: Callable[[str], None] | None = None,
+                     cancelled: Callable[[], bool] = lambda: False,
+                     batch: int = 8) -> ImportOutcome:
+        """Import files and folders into the bundled server's store, ``batch`` files at a
+        time so that a cancel takes effect between batches (files already imported stay,
+        complete: the store writes each instance atomically)."""
+        if not self.can_import:
+            raise ImportDisabled(
+                f"Import adds files to the bundled server's store; you are connected to "
+                f"{self.url}, which has its own. Start medview without --server to import.")
+        from server_stub.ingest import IngestReport, ingest_paths, iter_files
+
+        files = list(iter_files(paths))
+        report = IngestReport()
+        outcome = ImportOutcome(report, len(files))
+        progress(0, len(files))
+        for start in range(0, len(files), batch):
+            if cancelled():
+                outcome.cancelled = True
+                break
+            part = ingest_paths(files[start:start + batch], self.server.store, log=log_fn,
+                                progress=lambda d, t, s=start: progress(s + d, len(files)))
+            report.imported += part.imported
+            report.duplicates += part.duplicates
+            report.skipped += part.skipped
+        for f in report.imported:
+            if f.study_instance_uid not in outcome.studies:
+                outcome.studies.append(f.study_instance_uid)
+            if f.series_instance_uid not in outcome.series:
+                outcome.series.append(f.series_instance_uid)
+        return outcome
+
+    # ------------------------------------------------------------------ cache
+    def cache_usage(self) -> tuple[int, int]:
+        """(bytes, images) held by the packet cache (disk: call from a worker)."""
+        cache = self.open_cache()
+        return cache.usage() if cache else (0, 0)
+
+    def clear_cache(self) -> None:
+        cache = self.open_cache()
+        if cache:
+            cache.clear()
+
+    def set_cache_limit(self, limit: int) -> int:
+        """New size limit; evicts least recently used images now. Returns bytes freed."""
+        self.cache_limit = int(limit)
+        cache = self.open_cache()
+        if cache is None:
+            return 0
+        cache.max_bytes = self.cache_limit
+        return cache.evict()
+
+    def evict_cache(self, keep_images: set[str] = frozenset()) -> int:
+        """Bring the cache under its limit, never dropping images of ``keep_images``
+        (cache keys of the series on screen). Returns bytes freed."""
+        cache = self.cache
+        if cache is None or self.session is None:
+            return 0
+        return cache.evict({(self.session.base_url, k) for k in keep_images})
+
+    # ------------------------------------------------------------------ shutdown
+    def close(self) -> None:
+        """Stop what this backend started: pool, session, owned server, cache."""
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.shutdown(wait=False)
+        if self.session is not None:
+            self.session.timeout = 2.0      # closing must not hang on a slow server
+            try:
+                self.session.logout()
+            except Exception:  # noqa: BLE001 - the server may already be gone
+                pass
+        if self.server is not None and self.own_server:
+            self.server.stop()
+        self.server = None
+        if self.cache is not None:
+            self.cache.close()

@@ -74,25 +74,30 @@ class BinSet:
             n += 1
         return n
 
-    def levels(self) -> tuple[int, int]:
-        """(layers, res) reached by the whole image: the largest q such that every
-        precinct of resolutions 0..res holds q layers, and the largest such res for
-        q >= 1. (0, -1) if nothing is decodable yet."""
+    def levels(self, max_res: int | None = None,
+               region: tuple[int, int, int, int] | None = None) -> tuple[int, int]:
+        """(layers, res) reached: the highest resolution ``res`` (not above ``max_res``)
+        such that every precinct of resolutions 0..res holds at least one layer, and
+        the smallest layer count among those precincts. With ``region`` (x, y, w, h in
+        full-resolution pixels) only the precincts that influence it count.
+        (0, -1) if nothing is decodable yet."""
         ix = self.index
         if ix is None:
             return 0, -1
         lengths = ix.packet_lengths_by_bin()
-        per_res = []
-        for r in range(ix.numres):
+        top = ix.numres - 1 if max_res is None else min(max_res, ix.numres - 1)
+        res, layers, best = -1, 0, ix.nlayers
+        for r in range(top + 1):
             q = ix.nlayers
             for c in range(ix.ncomp):
-                for p in range(ix.num_precincts(c, r)):
+                if region is None:
+                    precs = range(ix.num_precincts(c, r))
+                else:
+                    x, y, w, h = region
+                    precs = ix.precincts_for_region(c, r, x, y, x + w, y + h)
+                for p in precs:
                     b = ix.databin_id(c, r, p)
                     q = min(q, self.layers_in_bin(b, lengths[b]))
-            per_res.append(q)
-        res, layers = -1, 0
-        best = per_res[0]
-        for r, q in enumerate(per_res):
             if q == 0:
                 break
             best = min(best, q)
@@ -100,25 +105,8 @@ class BinSet:
         return layers, res
 
     def levels_in_region(self, region: tuple[int, int, int, int]) -> tuple[int, int]:
-        """Like :meth:`levels` but only for the precincts that influence the region
-        (x, y, w, h in full-resolution pixels)."""
-        ix = self.index
-        if ix is None:
-            return 0, -1
-        x, y, w, h = region
-        lengths = ix.packet_lengths_by_bin()
-        res, layers, best = -1, 0, ix.nlayers
-        for r in range(ix.numres):
-            q = ix.nlayers
-            for c in range(ix.ncomp):
-                for p in ix.precincts_for_region(c, r, x, y, x + w, y + h):
-                    b = ix.databin_id(c, r, p)
-                    q = min(q, self.layers_in_bin(b, lengths[b]))
-            if q == 0:
-                break
-            best = min(best, q)
-            res, layers = r, best
-        return layers, res
+        """:meth:`levels` restricted to the precincts that influence ``region``."""
+        return self.levels(region=region)
 
 
 def rebuild_codestream(bins: BinSet, *, max_layers: int | None = None,

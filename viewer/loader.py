@@ -195,30 +195,10 @@ def reduce_for_fit(columns: int, rows: int, view_w: int, view_h: int, numres: in
 
 
 def held_levels(sd: SeriesData, index: int, max_res: int | None = None) -> tuple[int, int]:
-    """(layers, res) image ``index`` holds when looking no higher than ``max_res``.
-
-    Unlike :meth:`SeriesData.levels` this does not let a partly received finer resolution
-    lower the layer count of the coarser ones the viewport actually uses.
-    """
-    with sd._lock:  # the client's own lock: bins change while transfers run
-        bs = sd.bins[index]
-        ix = bs.index
-        if ix is None:
-            return 0, -1
-        lengths = ix.packet_lengths_by_bin()
-        top = ix.numres - 1 if max_res is None else min(max_res, ix.numres - 1)
-        res, layers, best = -1, 0, ix.nlayers
-        for r in range(top + 1):
-            q = ix.nlayers
-            for c in range(ix.ncomp):
-                for p in range(ix.num_precincts(c, r)):
-                    b = ix.databin_id(c, r, p)
-                    q = min(q, bs.layers_in_bin(b, lengths[b]))
-            if q == 0:
-                break
-            best = min(best, q)
-            res, layers = r, best
-        return layers, res
+    """(layers, res) image ``index`` holds when looking no higher than ``max_res``: a
+    partly received finer resolution does not lower the layer count of the coarser ones
+    the viewport actually uses."""
+    return sd.levels(index, max_res)
 
 
 # --------------------------------------------------------------------------- status

@@ -8,15 +8,6 @@ through callbacks (image, layers and resolution reached, bytes received / reques
 total). It can be cancelled at any time; the cache stays consistent because only whole
 data-bin prefixes are written, in one transaction per network record.
 
-Server policy (issue 5): the series description carries the user's rights, the versions
-and the diagnosis record. Every request is kept within the rights
-(:class:`client.rights.Limits`); if the server still refuses one (HTTP 403: the rights
-changed), the limits in its answer are learnt and the request is made once more within
-them. :attr:`SeriesData.selection` asks for a version, a quality or a purpose on every
-request. When archived layers are recalled, the transfer reports it (``recalling``).
-:attr:`SeriesData.listeners` hear ``("limited", body)``, ``("recalling", msg)`` and
-``("recalled", msg)`` from any transfer of the series.
-
 Neither imports Qt; the viewer wraps them in its own worker signals.
 """
 from __future__ import annotations
@@ -36,8 +27,7 @@ from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppPa
 from .cache import PacketCache
 from .decode import decode
 from .pool import CancelToken
-from .rights import Limits, RightsLimited, is_rights_body
-from .session import ServerError, Session
+from .session import Session
 
 log = logging.getLogger("medview.client")
 
@@ -92,8 +82,6 @@ class Callbacks:
     on_progress: Callable[[TransferProgress], None] | None = None
     on_recommend: Callable[[dict], None] | None = None
     on_end: Callable[[dict], None] | None = None
-    on_recalling: Callable[[dict], None] | None = None   # "recalling" and "recalled"
-    on_limited: Callable[[dict], None] | None = None     # a 403 body, before the retry
 
 
 class SeriesData:
@@ -107,13 +95,6 @@ class SeriesData:
         meta = meta or session.series_images(series_uid)
         self.info: dict = meta["series"]
         self.images: list[dict] = meta["images"]
-        self.rights: dict = meta.get("rights") or {}
-        self.limits = Limits.from_body(self.rights)
-        self.versions: list[dict] | None = meta.get("versions")
-        self.auto: dict | None = meta.get("auto")
-        self.diagnosis: dict | None = meta.get("diagnosis")
-        self.selection: dict = {}      # {"version": "V2"} | {"quality": 70} | {"purpose": ...}
-        self.listeners: list[Callable[[str, dict], None]] = []
         self.ns = session.base_url
         self._lock = threading.RLock()
         self.bins: list[BinSet] = [
@@ -123,36 +104,6 @@ class SeriesData:
 
     def __len__(self) -> int:
         return len(self.images)
-
-    # ------------------------------------------------------------------ policy
-    def select(self, *, version: str | None = None, quality: int | None = None,
-               purpose: str | None = None) -> None:
-        """Ask for this version (``"auto"``: the server chooses), quality or purpose on
-        every later request; nothing = every layer the rights allow."""
-        given = {k: v for k, v in (("version", version), ("quality", quality),
-                                   ("purpose", purpose)) if v is not None}
-        if len(given) > 1:
-            raise ValueError("select one of version, quality or purpose")
-        self.selection = given
-
-    def learn_rights(self, body: dict) -> None:
-        """Adopt the limits a 403 answer names and tell the listeners."""
-        self.rights = {k: v for k, v in body.items() if k not in ("error", "status", "denied")}
-        self.limits = Limits.from_body(body)
-        self._notify("limited", body)
-
-    def _notify(self, kind: str, msg: dict) -> None:
-        for fn in list(self.listeners):
-            try:
-                fn(kind, msg)
-            except Exception:  # noqa: BLE001 - a listener bug must not break a transfer
-                log.exception("series listener failed")
-
-    def clamp(self, params: dict) -> dict:
-        """``params`` with the selection added, kept within the rights."""
-        p = dict(params)
-        p.update(self.selection)
-        return self.limits.clamp(p, self.images)
 
     def model(self) -> dict:
         """Declaration of what this client holds, for the server's session model."""
@@ -259,14 +210,6 @@ class SeriesData:
             params["roff"], params["rsiz"] = f"{x},{y}", f"{w},{h}"
         return Transfer(self, params, callbacks or Callbacks())
 
-    def can_fetch(self, comps: list[int] | None = None) -> bool:
-        """False when the rights allow none of these images."""
-        try:
-            self.limits.clamp({"comps": _ranges(comps) if comps else None}, self.images)
-            return True
-        except RightsLimited:
-            return False
-
     def reduce_for_display(self, display: tuple[int, int], comps=None, region=None) -> int:
         """Smallest reduce at which the image (or region) still fills ``display``."""
         ims = [self.images[c] for c in comps] if comps else self.images
@@ -298,11 +241,8 @@ class Transfer:
 
     def __init__(self, series: SeriesData, params: dict, callbacks: Callbacks) -> None:
         self.series = series
-        self.asked = params                   # as the caller asked
-        self.params = series.clamp(params)    # as it is sent: within the rights
+        self.params = params
         self.cb = callbacks
-        self.limited: dict | None = None      # the 403 body that made us ask again
-        self.recalling = False                # waiting for the archive
         self.token = CancelToken()
         self.announce: dict | None = None
         self.end: dict | None = None
@@ -329,22 +269,7 @@ class Transfer:
         s = self.series
         model = s.model() if s.declare_needed else None
         t0 = time.monotonic()
-        try:
-            resp = s.session.packet_stream(self.params, model)
-        except ServerError as e:
-            if e.status != 403 or not is_rights_body(e.body) or self.limited is not None:
-                raise
-            # the rights changed since the series was opened: learn them, ask within them
-            s.learn_rights(e.body)
-            self.limited = e.body
-            if self.cb.on_limited:
-                self.cb.on_limited(e.body)
-            retry = s.clamp(self.asked)
-            if retry == self.params:
-                raise
-            self.params = retry
-            resp = s.session.packet_stream(self.params, model)
-        self._resp = resp
+        self._resp = resp = s.session.packet_stream(self.params, model)
         s.declare_needed = False
         reader = framing.RecordReader()
         parser = JppParser()
@@ -416,11 +341,6 @@ class Transfer:
             self.end = msg
             if self.cb.on_end:
                 self.cb.on_end(msg)
-        elif kind in ("recalling", "recalled"):
-            self.recalling = kind == "recalling"
-            self.series._notify(kind, msg)
-            if self.cb.on_recalling:
-                self.cb.on_recalling(msg)
         elif kind == "error":
             raise TransferError(msg.get("error", "server error during transfer"))
 

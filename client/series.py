@@ -8,6 +8,15 @@ through callbacks (image, layers and resolution reached, bytes received / reques
 total). It can be cancelled at any time; the cache stays consistent because only whole
 data-bin prefixes are written, in one transaction per network record.
 
+Server policy (issue 5): the series description carries the user's rights, the versions
+and the diagnosis record. Every request is kept within the rights
+(:class:`client.rights.Limits`); if the server still refuses one (HTTP 403: the rights
+changed), the limits in its answer are learnt and the request is made once more within
+them. :attr:`SeriesData.selection` asks for a version, a quality or a purpose on every
+request. When archived layers are recalled, the transfer reports it (``recalling``).
+:attr:`SeriesData.listeners` hear ``("limited", body)``, ``("recalling", msg)`` and
+``("recalled", msg)`` from any transfer of the series.
+
 Neither imports Qt; the viewer wraps them in its own worker signals.
 """
 from __future__ import annotations
@@ -27,7 +36,8 @@ from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppPa
 from .cache import PacketCache
 from .decode import decode
 from .pool import CancelToken
-from .session import Session
+from .rights import Limits, RightsLimited, is_rights_body
+from .session import ServerError, Session
 
 log = logging.getLogger("medview.client")
 
@@ -82,6 +92,8 @@ class Callbacks:
     on_progress: Callable[[TransferProgress], None] | None = None
     on_recommend: Callable[[dict], None] | None = None
     on_end: Callable[[dict], None] | None = None
+    on_recalling: Callable[[dict], None] | None = None   # "recalling" and "recalled"
+    on_limited: Callable[[dict], None] | None = None     # a 403 body, before the retry
 
 
 class SeriesData:
@@ -95,6 +107,13 @@ class SeriesData:
         meta = meta or session.series_images(series_uid)
         self.info: dict = meta["series"]
         self.images: list[dict] = meta["images"]
+        self.rights: dict = meta.get("rights") or {}
+        self.limits = Limits.from_body(self.rights)
+        self.versions: list[dict] | None = meta.get("versions")
+        self.auto: dict | None = meta.get("auto")
+        self.diagnosis: dict | None = meta.get("diagnosis")
+        self.selection: dict = {}      # {"version": "V2"} | {"quality": 70} | {"purpose": ...}
+        self.listeners: list[Callable[[str, dict], None]] = []
         self.ns = session.base_url
         self._lock = threading.RLock()
         self.bins: list[BinSet] = [
@@ -104,6 +123,59 @@ class SeriesData:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    # ------------------------------------------------------------------ policy
+    def select(self, *, version: str | None = None, quality: int | None = None,
+               purpose: str | None = None) -> None:
+        """Ask for this version (``"auto"``: the server chooses), quality or purpose on
+        every later request; nothing = every layer the rights allow."""
+        given = {k: v for k, v in (("version", version), ("quality", quality),
+                                   ("purpose", purpose)) if v is not None}
+        if len(given) > 1:
+            raise ValueError("select one of version, quality or purpose")
+        self.selection = given
+
+    def learn_rights(self, body: dict) -> None:
+        """Adopt the limits a 403 answer names and tell the listeners."""
+        self.rights = {k: v for k, v in body.items() if k not in ("error", "status", "denied")}
+        self.limits = Limits.from_body(body)
+        self._notify("limited", body)
+
+    def _notify(self, kind: str, msg: dict) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(kind, msg)
+            except Exception:  # noqa: BLE001 - a listener bug must not break a transfer
+                log.exception("series listener failed")
+
+    def clamp(self, params: dict) -> dict:
+        """``params`` with the selection added, kept within the rights. A selected
+        version (or the version a quality or purpose means) that may not be sent is
+        replaced by the nearest one that may."""
+        p = dict(params)
+        p.update(self._allowed_selection())
+        return self.limits.clamp(p, self.images)
+
+    def _allowed_selection(self) -> dict:
+        sel = self.selection
+        allowed = self.limits.versions
+        if not sel or allowed is None or not self.versions or sel.get("version") == "auto":
+            return dict(sel)
+        names = [v["name"] for v in self.versions]
+        if "version" in sel:
+            want = sel["version"]
+        elif "purpose" in sel:
+            want = next((v["name"] for v in self.versions
+                         if v.get("purpose", "").lower() == str(sel["purpose"]).lower()), None)
+        else:
+            ok = [v for v in self.versions if v.get("quality", 0) >= sel["quality"]]
+            want = min(ok, key=lambda v: v["quality"])["name"] if ok else names[0]
+        if want is None or want in allowed or want not in names or not allowed:
+            return dict(sel)
+        i = names.index(want)
+        near = min((n for n in allowed if n in names), key=lambda n: (abs(names.index(n) - i),
+                                                                    names.index(n)), default=None)
+        return {"version": near} if near else dict(sel)
 
     def model(self) -> dict:
         """Declaration of what this client holds, for the server's session model."""
@@ -210,6 +282,14 @@ class SeriesData:
             params["roff"], params["rsiz"] = f"{x},{y}", f"{w},{h}"
         return Transfer(self, params, callbacks or Callbacks())
 
+    def can_fetch(self, comps: list[int] | None = None) -> bool:
+        """False when the rights allow none of these images."""
+        try:
+            self.limits.clamp({"comps": _ranges(comps) if comps else None}, self.images)
+            return True
+        except RightsLimited:
+            return False
+
     def reduce_for_display(self, display: tuple[int, int], comps=None, region=None) -> int:
         """Smallest reduce at which the image (or region) still fills ``display``."""
         ims = [self.images[c] for c in comps] if comps else self.images
@@ -241,8 +321,15 @@ class Transfer:
 
     def __init__(self, series: SeriesData, params: dict, callbacks: Callbacks) -> None:
         self.series = series
-        self.params = params
+        self.asked = params                   # as the caller asked
         self.cb = callbacks
+        self.limited: dict | None = None      # the 403 body that made us ask again
+        self.recalling = False                # waiting for the archive
+        self.blocked: RightsLimited | None = None   # nothing of it may be fetched
+        try:
+            self.params = series.clamp(params)    # as it is sent: within the rights
+        except RightsLimited as e:
+            self.params, self.blocked = dict(params), e
         self.token = CancelToken()
         self.announce: dict | None = None
         self.end: dict | None = None
@@ -263,13 +350,37 @@ class Transfer:
                 pass
 
     def run(self, token: CancelToken | None = None) -> dict:
-        """Returns the server's end message; raises Cancelled or TransferError."""
+        """Returns the server's end message; raises Cancelled or TransferError.
+
+        A request wholly beyond the user's rights (e.g. only images the user may not
+        load) sends nothing: it ends at once with reason ``beyond-rights``, ``limited``
+        holds the explanation, and the series' listeners hear ``limited``."""
         if token is not None:
             self.token = token
         s = self.series
+        if self.blocked is not None:
+            return self._beyond_rights(self.blocked)
         model = s.model() if s.declare_needed else None
         t0 = time.monotonic()
-        self._resp = resp = s.session.packet_stream(self.params, model)
+        try:
+            resp = s.session.packet_stream(self.params, model)
+        except ServerError as e:
+            if e.status != 403 or not is_rights_body(e.body) or self.limited is not None:
+                raise
+            # the rights changed since the series was opened: learn them, ask within them
+            s.learn_rights(e.body)
+            self.limited = e.body
+            if self.cb.on_limited:
+                self.cb.on_limited(e.body)
+            try:
+                retry = s.clamp(self.asked)
+            except RightsLimited as limited:
+                return self._beyond_rights(limited, notify=False)
+            if retry == self.params:
+                raise
+            self.params = retry
+            resp = s.session.packet_stream(self.params, model)
+        self._resp = resp
         s.declare_needed = False
         reader = framing.RecordReader()
         parser = JppParser()
@@ -320,6 +431,18 @@ class Transfer:
             raise TransferError("the server closed the stream before the end of the transfer")
         return self.end
 
+    def _beyond_rights(self, e: RightsLimited, notify: bool = True) -> dict:
+        self.limited = e.body
+        if notify:
+            self.series._notify("limited", e.body)
+            if self.cb.on_limited:
+                self.cb.on_limited(e.body)
+        self.end = {"type": "end", "reason": "beyond-rights", "bytes_sent": 0,
+                    "bytes_announced": 0, "error": str(e.message)}
+        if self.cb.on_end:
+            self.cb.on_end(self.end)
+        return self.end
+
     def _control(self, msg: dict, per_image_req: dict, t0: float) -> None:
         kind = msg.get("type")
         if kind == "announce":
@@ -341,6 +464,11 @@ class Transfer:
             self.end = msg
             if self.cb.on_end:
                 self.cb.on_end(msg)
+        elif kind in ("recalling", "recalled"):
+            self.recalling = kind == "recalling"
+            self.series._notify(kind, msg)
+            if self.cb.on_recalling:
+                self.cb.on_recalling(msg)
         elif kind == "error":
             raise TransferError(msg.get("error", "server error during transfer"))
 

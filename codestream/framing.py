@@ -3,7 +3,8 @@
 The body of a packet response is a sequence of records ``type (1 byte) | length (4 bytes,
 big-endian) | payload``. Type DATA carries JPP-stream bytes: the DATA payloads, joined,
 form a valid JPP-stream. Type CONTROL carries one UTF-8 JSON object with a ``"type"``
-field (``announce``, ``recommend``, ``end``, ``error``). This keeps the product's own
+field (``announce``, ``recommend``, ``end``, ``error``; ``recalling``/``recalled`` while
+the server waits for its archive). This keeps the product's own
 messages apart from the standard JPP data, so JPIP tooling can read the data part.
 """
 from __future__ import annotations

@@ -18,12 +18,20 @@ Routes
                                           POST carries ``{"model": ...}``, the client's
                                           declaration of what its cache holds.
 
+Policy routes (versions, diagnosis status and records, session context): see
+:mod:`server_stub.policy_routes`.
+
 QIDO responses are DICOM JSON (PS3.18 F.2) unless ``format=json`` asks for plain
 keyword-keyed JSON. The session id travels as ``Authorization: Bearer <id>`` or as the
-JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first.
+JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the series
+(path, or the JPIP ``target``) or study it is about; the grant it returns is enforced by
+the packet planner, and by the whole-file routes (original DICOM, whole codestream),
+which need an unlimited grant. Every request is written to the audit log (packet
+requests when their stream ends, with what was actually sent).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -39,10 +47,15 @@ from starlette.routing import Route
 
 from codestream.index import CodestreamError, PacketIndex
 
+from . import policy_routes
 from .auth import AuthError, Authority
 from .catalogue import QueryError
+from .diagnosis import DiagnosisError, DiagnosisRecords
 from .packets import ImageSource, RequestError, parse_request, plan, stream
+from .policy import PolicyError, PolicySource
 from .store import Store, StoreError
+from .tiers import MigrationScheduler, Tiers
+from .versions import VersionTable
 
 log = logging.getLogger("medview.server")
 
@@ -101,12 +114,22 @@ class Server:
     """State shared by the routes: the store, the authority and small caches."""
 
     def __init__(self, store: Store, authority: Authority | None = None,
-                 cache_bytes: int = 256 << 20) -> None:
+                 cache_bytes: int = 256 << 20, policy: PolicySource | None = None) -> None:
         self.store = store
         self.catalogue = store.catalogue
-        self.auth = authority or Authority(str(Path(store.root) / "catalogue.sqlite"))
+        db = str(Path(store.root) / "catalogue.sqlite")
+        self.policy = policy or PolicySource(store.root)
+        self.diagnosis = DiagnosisRecords(db)
+        self.auth = authority or Authority(db)
+        if self.auth.status_of is None:
+            self.auth.status_of = self.diagnosis.status
+        if self.auth.policy is None:
+            self.auth.policy = self.policy.get
         self._indexes = _LRU(64 << 20)
         self._bytes = _LRU(cache_bytes)
+        self.versions = VersionTable(store, self.policy.get, index_of=self._index)
+        self.tiers = Tiers(store, versions=self.versions.get, status_of=self.diagnosis.status,
+                           settings=lambda: self.policy.get().storage)
 
     def _index(self, row: dict) -> PacketIndex:
         key = row["index_sha256"]
@@ -119,22 +142,52 @@ class Server:
             v = v[0]
         return v
 
-    def _loader(self, row: dict):
-        rel, sha = row["codestream_relpath"], row["codestream_sha256"]
+    def _cached(self, sha: str, read) -> bytes:
+        v = self._bytes.get(sha)
+        if v is not None:
+            return v[0]
+        data = read()
+        self._bytes.put(sha, data, len(data))
+        return data
 
+    def _loader(self, row: dict):
+        """The whole codestream (recalled from the archive if it was migrated meanwhile)."""
+        return lambda: self._cached(row["codestream_sha256"],
+                                    lambda: self.tiers.read_codestream(row))
+
+    def _head_loader(self, row: dict, tier):
+        """The hot part of an archived codestream (the whole one if recalled meanwhile)."""
         def load() -> bytes:
-            v = self._bytes.get(sha)
+            v = self._bytes.get(tier.head_sha256) or self._bytes.get(row["codestream_sha256"])
             if v is not None:
                 return v[0]
-            data = self.store.read_verified(rel, sha)
-            self._bytes.put(sha, data, len(data))
+            data = self.tiers.read_head(row, tier)
+            key = tier.head_sha256 if len(data) == tier.head_size else row["codestream_sha256"]
+            self._bytes.put(key, data, len(data))
             return data
         return load
 
+    def _recaller(self, row: dict, frame_pk: int):
+        return lambda: self._cached(row["codestream_sha256"],
+                                    lambda: self.tiers.recall_frame(row, frame_pk))
+
     def sources(self, series_uid: str) -> list[ImageSource]:
         rows = self.catalogue.series_images(series_uid)
-        return [ImageSource(r["index"], f"{r['SOPInstanceUID']}/{r['frame']}",
-                            self._index(r), self._loader(r)) for r in rows]
+        states = self.tiers.frame_states(series_uid) if rows else {}
+        out = []
+        for r in rows:
+            key = f"{r['SOPInstanceUID']}/{r['frame']}"
+            pk, tier = states.get((r["SOPInstanceUID"], r["frame"]), (None, None))
+            if tier is not None and tier.state == "archived":
+                out.append(ImageSource(r["index"], key, self._index(r), self._head_loader(r, tier),
+                                       hot_layers=tier.hot_layers, recall=self._recaller(r, pk)))
+            else:
+                out.append(ImageSource(r["index"], key, self._index(r), self._loader(r)))
+        return out
+
+    def close(self) -> None:
+        for part in (self.versions, self.tiers, self.diagnosis, self.auth):
+            part.close()
 
 
 def _sid(request: Request) -> str | None:
@@ -144,28 +197,63 @@ def _sid(request: Request) -> str | None:
     return request.query_params.get("cid")
 
 
-def create_app(store: Store, authority: Authority | None = None) -> Starlette:
-    srv = Server(store, authority)
+def create_app(store: Store, authority: Authority | None = None, *,
+               policy: PolicySource | None = None, schedule: bool = False) -> Starlette:
+    """The application. ``schedule`` starts the migration job (tiered storage) inside
+    the server, every ``[storage] schedule_hours`` of the site policy."""
+    srv = Server(store, authority, policy=policy)
 
     def guarded(action: str):
         """Authorise, then run the (blocking) handler on the thread pool, never on the
-        event loop; map every known failure to a JSON error with its HTTP status."""
+        event loop; map every known failure to a JSON error with its HTTP status; write
+        the request to the audit log (a handler may add details to
+        ``request.state.audit``, or take the writing over with ``audit_deferred``)."""
         def deco(fn):
             async def endpoint(request: Request):
+                peer = request.client.host if request.client else None
+                resource = (request.path_params.get("series")
+                            or request.query_params.get("target"))
+                study = request.path_params.get("study")
+                request.state.audit = {}
+                request.state.audit_deferred = False
+                who: dict = {"user": None, "session": None}
+
+                async def audit(outcome: str, status: int, message: str | None = None):
+                    query = {k: v for k, v in request.query_params.items() if k != "cid"}
+                    detail = {"method": request.method, "path": request.url.path,
+                              **({"query": query} if query else {}),
+                              **request.state.audit, **({"error": message} if message else {})}
+                    await run_in_threadpool(
+                        srv.auth.audit, user=who["user"], session=who["session"], peer=peer,
+                        action=action, resource=resource or study, outcome=outcome,
+                        status=status, detail=detail)
+
                 try:
-                    request.state.body = await request.body() if request.method == "POST" else b""
-                    session, grant = srv.auth.authorize(_sid(request), action,
-                                                        request.path_params.get("series"))
+                    request.state.body = (await request.body()
+                                          if request.method in ("POST", "PUT") else b"")
+                    session, grant = await run_in_threadpool(
+                        srv.auth.authorize, _sid(request), action, resource, study=study)
+                    who.update(user=session.user, session=session.serial)
                     request.state.session, request.state.grant = session, grant
-                    return await run_in_threadpool(fn, request)
+                    response = await run_in_threadpool(fn, request)
+                    if not request.state.audit_deferred:
+                        await audit("ok" if response.status_code < 400 else "error",
+                                    response.status_code)
+                    return response
                 except AuthError as e:
+                    if e.session is not None:
+                        who.update(user=e.session.user, session=e.session.serial)
+                    await audit("denied", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
-                except RequestError as e:
+                except (RequestError, DiagnosisError) as e:
+                    await audit("denied" if e.status == 403 else "error", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
                 except QueryError as e:
+                    await audit("error", 400, str(e))
                     return error(400, str(e))
-                except (StoreError, CodestreamError) as e:
+                except (StoreError, CodestreamError, PolicyError) as e:
                     log.error("store problem: %s", e)
+                    await audit("error", 500, str(e))
                     return error(500, f"stored data is damaged or missing: {e}")
             return endpoint
         return deco
@@ -180,11 +268,16 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         name = body.get("username")
         if not isinstance(name, str) or not name:
             return error(400, "username is required")
+        peer = request.client.host if request.client else None
         try:
-            s = await run_in_threadpool(srv.auth.login, name, body.get("password"),
-                                        request.client.host if request.client else None)
+            s = await run_in_threadpool(srv.auth.login, name, body.get("password"), peer)
         except AuthError as e:
-            return error(e.status, str(e))
+            await run_in_threadpool(srv.auth.audit, user=name, action="login", resource=None,
+                                    outcome="denied", status=e.status, peer=peer,
+                                    detail={"error": str(e)})
+            return error(e.status, str(e), **e.extra)
+        await run_in_threadpool(srv.auth.audit, user=s.user, session=s.serial, action="login",
+                                resource=None, outcome="ok", status=200, peer=peer)
         return JSONResponse({"session": s.id, "user": s.user})
 
     @guarded("logout")
@@ -250,7 +343,11 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         row = srv.catalogue.find_instance(request.path_params["sop"])
         if row is None or row.get("SeriesInstanceUID") not in (None, request.path_params["series"]):
             return error(404, "unknown SOP Instance UID in this series")
-        data = srv.store.read_verified(row["original_relpath"], row["original_sha256"])
+        csns = [r["index"] for r in srv.catalogue.series_images(request.path_params["series"])
+                if r["SOPInstanceUID"] == row["SOPInstanceUID"]]
+        _whole_file_allowed(request, csns)
+        request.state.audit["sop"] = row["SOPInstanceUID"]
+        data = srv.tiers.read_original(row)
         return Response(data, media_type="application/dicom")
 
     @guarded("retrieve")
@@ -263,9 +360,21 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
             return error(400, "frame must be an integer")
         for r in srv.catalogue.series_images(request.path_params["series"]):
             if r["SOPInstanceUID"] == sop and r["frame"] == fno:
-                data = srv.store.read_verified(r["codestream_relpath"], r["codestream_sha256"])
+                _whole_file_allowed(request, [r["index"]])
+                request.state.audit["sop"] = sop
+                data = srv.tiers.read_codestream(r)
                 return Response(data, media_type="image/jp2k")
         return error(404, "unknown instance or frame")
+
+    def _whole_file_allowed(request: Request, csns: list[int]) -> None:
+        """A whole file is everything: only for a grant without any limit."""
+        grant = request.state.grant
+        versions = srv.versions.get(request.path_params["series"])
+        if not all(grant.allows_whole(c, versions) for c in csns or [None]):
+            raise RequestError("beyond your rights: whole files (the original, the lossless "
+                               "codestream) need unlimited access to the image; ask for "
+                               "packets within your rights at /jpip", status=403,
+                               **grant.limits(versions, ["whole-file"]))
 
     @guarded("metadata")
     def series_images(request: Request):
@@ -281,9 +390,12 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
             d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
             d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
                      total_bytes=ix.total_bytes, key=srcs[r["index"]].key,
-                     layer_bytes=[ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)])
+                     layer_bytes=[ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)],
+                     hot_layers=srcs[r["index"]].hot_layers)
             images.append(d)
-        return JSONResponse({"series": info, "images": images})
+        extra = policy_routes.series_policy(srv, uid, request.state.session,
+                                            request.state.grant, policy_routes.peer_of(request))
+        return JSONResponse({"series": info, "images": images, **extra})
 
     @guarded("fetch")
     def jpip(request: Request):
@@ -304,11 +416,41 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
                     model.declare(declared)
             except (ValueError, TypeError, AttributeError):
                 raise RequestError('POST body must be JSON: {"model": {"<key>": {"h": 0|1, "b": {...}}}}') from None
-        p = plan(req, sources, model)
+        versions = srv.versions.get(req.target)
+        auto = None
+        if req.version == "auto":
+            auto = policy_routes.auto_choice(srv, session, request.state.grant, versions,
+                                             policy_routes.peer_of(request))
+            req.version = auto.version
+        p = plan(req, sources, model, request.state.grant, versions)
+        if auto is not None and p.version is not None:
+            p.version["auto"] = auto.reasons
         media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
         headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
                    "X-Bytes-Total": str(p.total_bytes)}
-        return StreamingResponse(stream(p, model), media_type=media, headers=headers)
+        request.state.audit_deferred = True
+        detail = {"query": {k: v for k, v in q.items() if k != "cid"},
+                  "version": p.version["name"] if p.version else None,
+                  "images": len(p.images), "bytes_announced": p.request_bytes,
+                  "recall": p.recall}
+        who = dict(user=session.user, session=session.serial,
+                   peer=request.client.host if request.client else None)
+        return StreamingResponse(_audited(stream(p, model, stats=detail), detail, who,
+                                          req.target), media_type=media, headers=headers)
+
+    def _audited(body, detail: dict, who: dict, target: str):
+        """The packet stream, then its audit row: who fetched what of which series, and
+        how many bytes actually left (also when the client went away)."""
+        outcome = "incomplete"          # the client went away, or the server stopped
+        try:
+            yield from body
+            outcome = "ok" if detail.get("reason") == "complete" else detail.get("reason")
+        finally:
+            try:
+                srv.auth.audit(action="fetch", resource=target, outcome=outcome, status=200,
+                               detail=detail, **who)
+            except Exception:  # noqa: BLE001 - never turn a finished stream into an error
+                log.exception("audit of a packet stream failed")
 
     routes = [
         Route("/api/login", login, methods=["POST"]),
@@ -324,21 +466,37 @@ def create_app(store: Store, authority: Authority | None = None) -> Starlette:
         Route("/api/series/{series}/images", series_images),
         Route("/jpip", jpip, methods=["GET", "POST"]),
     ]
+    routes += policy_routes.routes(srv, guarded)        # issue 5: versions, diagnosis
 
     async def not_found(request, exc):
         return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    scheduler = MigrationScheduler(srv.tiers) if schedule else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if scheduler is not None:
+            scheduler.start()
+        try:
+            yield
+        finally:
+            if scheduler is not None:
+                scheduler.stop()
+            srv.close()
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
+                    lifespan=lifespan)
     app.state.server = srv
     return app
 
 
-def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info") -> None:
-    """Serve until interrupted (blocking)."""
+def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info",
+        policy_path: str | None = None) -> None:
+    """Serve until interrupted (blocking), with the scheduled migration job."""
     import uvicorn
 
     store = Store(store_dir)
-    app = create_app(store)
+    app = create_app(store, policy=PolicySource(store.root, policy_path), schedule=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
     log.warning("medview-server %s serving %s on http://%s:%d", VERSION, store_dir, host, port)
     uvicorn.Server(config).run()

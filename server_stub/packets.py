@@ -20,6 +20,22 @@ Request fields (JPIP names where JPIP has one):
              JPP-stream for standard JPIP tooling).
 ``len``      Byte limit for the response (JPIP ``len``); the response stops at a packet
              boundary and ends with EOR "byte limit".
+``version``  ``V1``/``V2``/``V3`` (names from the site policy) or ``auto``: the quality
+             layers of that version of the series (SPEC V3); with ``layers`` too, the
+             smaller wins.
+``quality``  0-100: the cheapest version whose quality figure reaches it.
+``purpose``  ``diagnosis``, ``reference``, ``comparison``: the version for that purpose.
+             At most one of version / quality / purpose.
+
+Rights (SPEC P7, V6): :func:`plan` takes the user's :class:`~server_stub.rights.Grant`
+and refuses (HTTP 403) a request that would send anything beyond it, naming the maximum
+allowed; see :mod:`server_stub.rights`.
+
+Tiered storage (SPEC V7): an image whose lossless layers are in the archive has
+``hot_layers`` set; the announcement lists the images that need a recall
+(``"recall"``), and the stream sends a ``recalling`` control message before it waits for
+the archive (after everything it could send from the hot store at that point of the
+order), and ``recalled`` once the data is back.
 """
 from __future__ import annotations
 
@@ -32,6 +48,9 @@ from codestream.databins import split_databins
 from codestream.index import PacketIndex
 from codestream.jpp import (EOR_BYTE_LIMIT, EOR_WINDOW_DONE, MAIN_HEADER, PRECINCT,
                             TILE_HEADER, JppMessage, JppWriter)
+from codestream.layersplit import databins_from_head
+
+from . import rights as _rights
 
 ORDERS = ("quality", "resolution", "image")
 RECORD_TARGET = 64 * 1024          # bytes of JPP data gathered into one DATA record
@@ -53,7 +72,12 @@ class ImageSource:
     csn: int                       # index within the series
     key: str                       # stable cache key: "<SOPInstanceUID>/<frame>"
     index: PacketIndex
-    load: Callable[[], bytes]      # returns the verified codestream bytes
+    load: Callable[[], bytes]      # returns the verified codestream bytes (or its head)
+    hot_layers: int | None = None  # layers held in the hot store; None = all of them
+    recall: Callable[[], bytes] | None = None   # the whole codestream, from the archive
+
+    def needs_recall(self, layers: int) -> bool:
+        return self.hot_layers is not None and layers > self.hot_layers
 
 
 @dataclass
@@ -67,6 +91,9 @@ class PacketRequest:
     order: str = "quality"
     framing: str = "mv"
     max_bytes: int | None = None
+    version: str | None = None                            # a version name or "auto"
+    quality: int | None = None                            # 0-100
+    purpose: str | None = None
 
 
 def _ints(value: str, name: str, n: int) -> tuple[int, ...]:
@@ -106,7 +133,7 @@ def parse_ranges(value: str, name: str = "comps") -> list[int]:
 
 
 KNOWN_FIELDS = {"target", "comps", "layers", "fsiz", "reduce", "roff", "rsiz", "order",
-                "framing", "len", "cid", "type"}
+                "framing", "len", "cid", "type", "version", "quality", "purpose"}
 
 
 def parse_request(q: dict[str, str]) -> PacketRequest:
@@ -145,6 +172,20 @@ def parse_request(q: dict[str, str]) -> PacketRequest:
         raise RequestError("framing must be mv or jpp")
     if "len" in q:
         (req.max_bytes,) = _ints(q["len"], "len", 1)
+    if sum(k in q for k in ("version", "quality", "purpose")) > 1:
+        raise RequestError("ask for one of version, quality or purpose, not several")
+    if "version" in q:
+        req.version = q["version"].strip()
+        if not req.version:
+            raise RequestError("version must not be empty")
+    if "quality" in q:
+        (req.quality,) = _ints(q["quality"], "quality", 1)
+        if req.quality > 100:
+            raise RequestError("quality is a percentage, 0-100")
+    if "purpose" in q:
+        req.purpose = q["purpose"].strip()
+        if not req.purpose:
+            raise RequestError("purpose must not be empty")
     return req
 
 
@@ -211,6 +252,8 @@ class Plan:
     request_bytes: int               # what this response will send
     # (after increment i) -> recommendation dict
     recommendations: dict[int, dict] = field(default_factory=dict)
+    version: dict | None = None      # the version asked for (name, layers, ratios...)
+    recall: list[int] = field(default_factory=list)   # images that need the archive
 
     def announcement(self) -> dict:
         return {
@@ -227,6 +270,8 @@ class Plan:
             } for im in self.images],
             "increments": [[inc.csn, inc.layer + 1, inc.res, inc.nbytes] for inc in self.increments],
             "region": list(self.request.region) if self.request.region else None,
+            "version": self.version,
+            "recall": self.recall,
         }
 
 
@@ -234,7 +279,36 @@ def header_bytes(ix: PacketIndex) -> int:
     return ix.main_header_end + (ix.tile_header[1] - ix.tile_header[0])
 
 
-def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel) -> Plan:
+def resolve_version(req: PacketRequest, versions) -> dict | None:
+    """Turn ``version``/``quality``/``purpose`` into a layer count (``req.layers`` becomes
+    the smaller of the two when both are given); returns the version's description.
+    ``version=auto`` must have been replaced by a concrete name before (the server
+    decides it, see :meth:`server_stub.policy.SitePolicy.choose_auto`)."""
+    if req.version is None and req.quality is None and req.purpose is None:
+        return None
+    if versions is None:
+        raise RequestError("this series has no versions (no site policy)", status=404)
+    from .policy import SelectionError
+    try:
+        v = versions.select(version=req.version, quality=req.quality, purpose=req.purpose)
+    except SelectionError as e:
+        raise RequestError(str(e), versions=versions.names()) from None
+    layers = versions.layers_of(v.name)
+    req.layers = min(req.layers, layers) if req.layers is not None else (
+        None if v.lossless else layers)
+    req.version = v.name
+    return v.to_json()
+
+
+def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
+         grant: "_rights.Grant | None" = None, versions=None) -> Plan:
+    """The increments of a request, minus what the session holds.
+
+    ``grant`` (from :meth:`server_stub.auth.Authority.authorize`) is enforced here: a
+    request beyond it raises :class:`RequestError` with status 403 and the maximum
+    allowed in its body. ``versions`` (a :class:`~server_stub.policy.SeriesVersions`)
+    resolves version/quality/purpose requests and caps layers by the status matrix."""
+    version = resolve_version(req, versions)
     if req.comps is None:
         images = list(series)
     else:
@@ -267,6 +341,8 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel) -> Pl
             if x >= ix.width or y >= ix.height:
                 raise RequestError(f"region offset {x},{y} is outside the {ix.width}x{ix.height} image",
                                    status=416, width=ix.width, height=ix.height)
+    if grant is not None:
+        enforce(grant, req, images, len(series), res, layers, versions)
 
     # per image: packets wanted per (layer, res), minus what the session holds
     units: dict[tuple[int, int, int], tuple[list, int]] = {}
@@ -332,15 +408,36 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel) -> Pl
 
     total = sum(im.index.total_bytes for im in images)
     sent = sum(inc.nbytes for inc in increments)
-    return Plan(req, images, res, layers, increments, total, sent, recs)
+    recall = sorted({inc.csn for inc in increments
+                     if by_csn[inc.csn].needs_recall(max((pk[3] + 1 for pk in inc.packets), default=0))})
+    return Plan(req, images, res, layers, increments, total, sent, recs, version, recall)
+
+
+def enforce(grant: "_rights.Grant", req: PacketRequest, images: list[ImageSource],
+            n_series: int, res: dict[int, int], layers: dict[int, int], versions) -> None:
+    """Refuse (403) a planned request that goes beyond ``grant``; the body names the
+    maximum allowed for every limited right and which ones the request exceeded."""
+    problems = _rights.check(
+        grant, comps=req.comps, n_images=n_series, layers=layers,
+        reduces={im.csn: im.index.numres - 1 - res[im.csn] for im in images},
+        numres={im.csn: im.index.numres for im in images},
+        sizes={im.csn: (im.index.width, im.index.height) for im in images},
+        region=req.region, version=req.version, versions=versions)
+    if problems:
+        raise RequestError("beyond your rights: " + "; ".join(m for _k, m in problems),
+                           status=403, **grant.limits(versions, [k for k, _m in problems]))
 
 
 # --------------------------------------------------------------------------- streaming
 def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda: False,
-           ) -> Iterator[bytes]:
+           stats: dict | None = None) -> Iterator[bytes]:
     """Yield the response body. In ``mv`` framing: an announce record, DATA records of
     JPP messages, recommend records after each consistent set, an end record. The
-    session model is updated as data is handed out, so nothing is sent twice."""
+    session model is updated as data is handed out, so nothing is sent twice.
+    ``stats`` (if given) is kept up to date with ``bytes_sent`` (packet and header bytes
+    handed out so far) and ``reason`` (how the stream ended)."""
+    stats = {} if stats is None else stats
+    stats.update(bytes_sent=0, reason="started")
     mv = p.request.framing == "mv"
     w = JppWriter()
     out = bytearray()
@@ -364,20 +461,54 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
     if mv:
         yield framing.control(p.announcement())
     bins_cache: dict[int, object] = {}
+    whole: set[int] = set()          # images whose bins come from the whole codestream
+    recalled: set[int] = set()
     reason = "complete"
     for n, inc in enumerate(p.increments):
         if cancelled():
             reason = "cancelled"
             break
         im = next(x for x in p.images if x.csn == inc.csn)
+        if limit is not None and sent + inc.nbytes > limit:
+            reason = "byte-limit"
+            break
+        top = max((pk[3] + 1 for pk in inc.packets), default=0)
+        if im.needs_recall(top) and inc.csn not in whole:
+            if not recalled and mv:
+                # what is ready goes out first; then the client knows why it waits
+                if out:
+                    yield flush_data()
+                    commit_model()
+                yield framing.control({"type": "recalling", "images": p.recall})
+            try:
+                data = im.recall()
+            except Exception as e:  # noqa: BLE001 - reported to the client, then logged
+                import logging
+                logging.getLogger("medview.server").error("recall failed: %s", e)
+                if out:
+                    yield flush_data()
+                    commit_model()
+                stats["reason"] = "recall-failed"
+                if mv:
+                    yield framing.control({"type": "error", "error": f"the archive could "
+                                           f"not deliver image {inc.csn}: {e}"})
+                return
+            bins_cache[inc.csn] = split_databins(data, im.index)
+            whole.add(inc.csn)
+            recalled.add(inc.csn)
+            if mv and recalled >= set(p.recall):
+                yield framing.control({"type": "recalled", "images": p.recall})
         db = bins_cache.get(inc.csn)
         if db is None:
             if len(bins_cache) > 8:
                 bins_cache.clear()
-            db = bins_cache[inc.csn] = split_databins(im.load(), im.index)
-        if limit is not None and sent + inc.nbytes > limit:
-            reason = "byte-limit"
-            break
+            data = im.recall() if inc.csn in whole and im.recall is not None else im.load()
+            if im.hot_layers is None or len(data) == im.index.total_bytes:
+                db = split_databins(data, im.index)
+                whole.add(inc.csn)
+            else:
+                db = databins_from_head(data, im.index, im.hot_layers)
+            bins_cache[inc.csn] = db
         if inc.headers:
             out += w.message(JppMessage(MAIN_HEADER, inc.csn, 0, 0, db.main_header, True))
             out += w.message(JppMessage(TILE_HEADER, inc.csn, 0, 0, db.tile_header, True))
@@ -387,17 +518,21 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
         for c, r, pr, l in inc.packets:
             b = ix.databin_id(c, r, pr)
             layers = db.precincts[b]
+            if layers[l] is None:       # archived and not recalled: never send a guess
+                raise RuntimeError(f"packet {c},{r},{pr},{l} of image {inc.csn} is archived")
             off = sum(len(x) for x in layers[:l])
             out += w.message(JppMessage(PRECINCT, inc.csn, b, off, layers[l], l == ix.nlayers - 1))
             got[b] = l + 1
         pending_model.append((im.key, got))
         sent += inc.nbytes
+        stats["bytes_sent"] = sent
         rec = p.recommendations.get(n)
         if len(out) >= RECORD_TARGET or rec is not None:
             yield flush_data()
             commit_model()
         if rec is not None and mv:
             yield framing.control(rec)
+    stats["reason"] = reason
     out += w.eor(EOR_BYTE_LIMIT if reason == "byte-limit" else EOR_WINDOW_DONE)
     yield flush_data()
     commit_model()

@@ -312,11 +312,17 @@ class Store:
     def fsck(self, repair: bool = False) -> FsckReport:
         """Check every catalogued file and list orphans; ``repair`` deletes orphans only.
 
+        Files moved to the archive (:mod:`server_stub.tiers`) are checked there, and
+        orphans in the archive are listed (as ``archive:<key>``) and repaired too.
+
         Run it while nothing ingests into the store: a file written by an ingest that has
         not committed yet looks like an orphan.
         """
         report = FsckReport()
         refs = self.catalogue.file_refs()
+        # tiered storage: archived files are checked in the archive (server_stub.tiers)
+        from .tiers import tier_fsck
+        refs = tier_fsck(self, refs, report, repair)
         referenced = set()
         for rel, sha, size, sop in refs:
             referenced.add(rel)
@@ -328,9 +334,10 @@ class Store:
                 report.missing.append((rel, sop, problem))
             else:
                 report.damaged.append((rel, sop, problem))
-        report.orphans = sorted(rel for rel in self.iter_files() if rel not in referenced)
+        hot_orphans = sorted(rel for rel in self.iter_files() if rel not in referenced)
+        report.orphans.extend(hot_orphans)
         if repair:
-            for rel in report.orphans:
+            for rel in hot_orphans:
                 try:
                     self.abspath(rel).unlink()
                     report.removed.append(rel)

@@ -1,0 +1,251 @@
+"""Tiered storage (SPEC V7): the lossless layers and the originals move to the archive,
+the lossy layers stay hot and are served without the archive, a request that needs more
+recalls transparently (the client sees "recalling"), nothing is ever lost."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import requests
+
+from client import Callbacks, SeriesData, Session, TransferError
+from codestream.encode import decode_full
+from server_stub.cli import main as cli
+from server_stub.embedded import EmbeddedServer
+from server_stub.policy import load_policy
+from server_stub.store import Store
+from server_stub.tiers import ArchiveError, S3Archive, Tiers
+from server_stub.versions import VersionTable
+from tests.policyutil import copy_store, series_uid, study_uid
+
+
+@pytest.fixture(scope="module")
+def reference(ct_store):
+    """Codestreams and originals as ingested (from the shared, never migrated store)."""
+    with Store(ct_store) as st:
+        uid = series_uid(ct_store)
+        rows = st.catalogue.series_images(uid)
+        cs = {r["index"]: st.read_verified(r["codestream_relpath"], r["codestream_sha256"]) for r in rows}
+        orig = {}
+        for r in rows:
+            inst = st.catalogue.find_instance(r["SOPInstanceUID"])
+            orig[inst["SOPInstanceUID"]] = st.read_verified(inst["original_relpath"],
+                                                            inst["original_sha256"])
+        pixels = {r["index"]: decode_full(cs[r["index"]], r["offset"], True) for r in rows}
+    return {"cs": cs, "orig": orig, "pixels": pixels, "uid": uid}
+
+
+def tiers_of(st: Store) -> tuple[Tiers, VersionTable]:
+    vt = VersionTable(st, load_policy)
+    return Tiers(st, versions=vt.get, settings=lambda: load_policy().storage), vt
+
+
+def test_migrate_keeps_lossy_layers_hot(ct_store, reference, tmp_path, capsys):
+    store = copy_store(ct_store, tmp_path / "store")
+    uid = reference["uid"]
+    assert cli(["migrate", "--store", str(store), "--dry-run"]) == 0      # 30 days: nothing
+    assert "0 instances would be migrated" in capsys.readouterr().out
+    assert cli(["migrate", "--store", str(store), "--days", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "12 codestreams and 12 originals archived" in out
+    hot = sorted(os.listdir(store / "j2k" / uid))
+    assert not [f for f in hot if f.endswith(".j2k")] and len([f for f in hot if f.endswith(".head")]) == 12
+    arch = store / "archive"
+    assert len(list((arch / "j2k" / uid).glob("*.tail"))) == 12
+    assert len(list((arch / "originals").rglob("*.dcm"))) == 12
+    assert not list((store / "originals").rglob("*.dcm"))
+    with Store(store) as st:
+        rep = st.fsck()
+        assert rep.clean and rep.checked == 12 * 2 + 12 + 12, rep.format()   # idx+head, tails, originals
+        tiers, vt = tiers_of(st)
+        summary = tiers.summary()
+        # split by layers, not copies: head + tail is exactly the codestream
+        f = summary["frames"]["archived"]
+        assert f["count"] == 12
+        assert f["head_bytes"] + f["tail_bytes"] == sum(len(c) for c in reference["cs"].values())
+        v2 = vt.get(uid).get("V2")
+        assert f["head_bytes"] == pytest.approx(v2.bytes, rel=0.02)
+        tiers.close()
+        vt.close()
+    # running again finds nothing more to do
+    assert cli(["migrate", "--store", str(store), "--days", "0", "--quiet"]) == 0
+    assert "0 codestreams and 0 originals archived" in capsys.readouterr().out
+
+
+def test_lossy_from_hot_lossless_recalled(ct_store, reference, tmp_path):
+    store = copy_store(ct_store, tmp_path / "store")
+    uid = reference["uid"]
+    arch, away = tmp_path / "nas", tmp_path / "nas-unplugged"
+    # a configured archive directory must exist (an unmounted disk is an error)
+    assert cli(["migrate", "--store", str(store), "--days", "0", "--quiet",
+                "--archive", str(arch)]) == 1
+    arch.mkdir()
+    assert cli(["migrate", "--store", str(store), "--days", "0", "--quiet",
+                "--archive", str(arch)]) == 0
+    srv = EmbeddedServer(str(store)).start()
+    try:
+        s = Session(srv.url)
+        sd = SeriesData(s, None, uid)
+        assert {im["hot_layers"] for im in sd.images} == {2}
+        # the archive is gone: the lossy version (V2 = 2 layers) still comes, from hot
+        shutil.move(arch, away)
+        events = []
+        sd.listeners.append(lambda kind, msg: events.append(kind))
+        t = sd.transfer(layers=2)
+        t.run()
+        assert t.announce["recall"] == [] and not events
+        assert all(sd.levels(c) == (2, 2) for c in range(12))
+        # more than that needs the archive: a clear error, nothing half-sent
+        t = sd.transfer(comps=[0, 1])
+        with pytest.raises(TransferError, match="archive could not deliver"):
+            t.run()
+        assert t.announce["recall"] == [0, 1] and events == ["recalling"]
+        shutil.move(away, arch)
+        # transparent recall: the client is told, then gets everything, bit-exact
+        seen = []
+        t = sd.transfer(callbacks=Callbacks(on_recalling=lambda m: seen.append(m["type"])))
+        t.run()
+        assert seen == ["recalling", "recalled"] and not t.recalling
+        for c in range(12):
+            np.testing.assert_array_equal(sd.decode(c).pixels, reference["pixels"][c])
+        # the original comes back through WADO too, bit for bit
+        study = study_uid(store)
+        sop = s.instances(study, uid)[4]["SOPInstanceUID"]
+        r = requests.get(f"{srv.url}/dicomweb/studies/{study}/series/{uid}/instances/{sop}",
+                         headers={"Authorization": f"Bearer {s.id}"})
+        assert r.status_code == 200 and r.content == reference["orig"][sop]
+        # a second session gets the recalled codestreams straight from hot
+        t = SeriesData(Session(srv.url), None, uid).transfer(comps=[3])
+        t.run()
+        assert t.announce["recall"] == []
+    finally:
+        if away.exists():
+            shutil.move(away, arch)
+        srv.stop()
+    with Store(store) as st:
+        assert st.fsck().clean
+        tiers, vt = tiers_of(st)
+        assert tiers.summary()["frames"]["recalled"]["count"] == 12
+        assert tiers.summary()["originals"]["recalled"]["count"] == 1
+        # recalled data ages again: re-archiving needs no new copy, only a check
+        rep = tiers.migrate(days=0)
+        assert rep.ok and rep.frames_archived == 12 and rep.originals_archived == 1
+        assert rep.bytes_archived == 0
+        tiers.close()
+        vt.close()
+        assert st.fsck().clean
+
+
+def test_min_status_and_age(ct_store, tmp_path):
+    store = copy_store(ct_store, tmp_path / "store")
+    with Store(store) as st:
+        tiers, vt = tiers_of(st)
+        tiers.status_of = lambda study: 1
+        assert tiers.migrate(days=0, min_status=2).frames_archived == 0
+        assert tiers.migrate(days=1).frames_archived == 0                 # ingested just now
+        assert tiers.migrate(days=0, keep_hot="V3", min_status=1).frames_archived == 12
+        assert tiers.summary()["frames"]["archived"]["count"] == 12
+        row = st.catalogue.series_images(series_uid(store))[0]
+        (pk, t), = [v for k, v in tiers.frame_states(series_uid(store)).items()
+                    if k == (row["SOPInstanceUID"], row["frame"])]
+        assert t.hot_layers == 1
+        tiers.close()
+        vt.close()
+        # a damaged archive object is found by fsck
+        tail = next((store / "archive").rglob("*.tail"))
+        tail.write_bytes(tail.read_bytes()[:-1] + b"\x00")
+        rep = st.fsck()
+        assert [d[0] for d in rep.damaged] == ["archive:" + tail.relative_to(store / "archive").as_posix()]
+
+
+class FakeS3:
+    """The five calls of a boto3 S3 client that S3Archive uses, over a dict, with the
+    botocore error shape (``e.response["Error"]["Code"]``) and paged listings. It tests
+    our use of that interface, not an S3 server."""
+
+    class ClientError(Exception):
+        def __init__(self, code: str) -> None:
+            super().__init__(code)
+            self.response = {"Error": {"Code": code}}
+
+    def __init__(self, page: int = 5) -> None:
+        self.objects: dict[tuple[str, str], bytes] = {}
+        self.page = page
+        self.calls = 0
+
+    def put_object(self, *, Bucket, Key, Body):
+        self.calls += 1
+        self.objects[(Bucket, Key)] = bytes(Body)
+
+    def get_object(self, *, Bucket, Key):
+        self.calls += 1
+        if (Bucket, Key) not in self.objects:
+            raise self.ClientError("NoSuchKey")
+        return {"Body": io.BytesIO(self.objects[(Bucket, Key)])}
+
+    def head_object(self, *, Bucket, Key):
+        if (Bucket, Key) not in self.objects:
+            raise self.ClientError("404")
+        return {"ContentLength": len(self.objects[(Bucket, Key)])}
+
+    def delete_object(self, *, Bucket, Key):
+        self.objects.pop((Bucket, Key), None)
+
+    def list_objects_v2(self, *, Bucket, Prefix, ContinuationToken=None):
+        keys = sorted(k for b, k in self.objects if b == Bucket and k.startswith(Prefix))
+        start = int(ContinuationToken or 0)
+        chunk = keys[start:start + self.page]
+        more = start + self.page < len(keys)
+        return {"Contents": [{"Key": k} for k in chunk], "IsTruncated": more,
+                **({"NextContinuationToken": str(start + self.page)} if more else {})}
+
+
+def test_s3_compatible_archive(ct_store, reference, tmp_path):
+    store = copy_store(ct_store, tmp_path / "store")
+    fake = FakeS3()
+    a = S3Archive(fake, "pacs", "medview/archive")
+    assert a.url == "s3://pacs/medview/archive/"[:-1]
+    with pytest.raises(ArchiveError, match="missing"):
+        a.get("nothing")
+    with Store(store) as st:
+        tiers, vt = tiers_of(st)
+        tiers._archives[a.url] = a                    # the client comes from configuration
+        rep = tiers.migrate(days=0, archive=a.url)
+        assert rep.ok and rep.frames_archived == 12 and rep.originals_archived == 12
+        assert len(fake.objects) == 24 and all(k.startswith("medview/archive/") for _, k in fake.objects)
+        assert sorted(a.keys()) == sorted(k[len("medview/archive/"):] for _, k in fake.objects)
+        from server_stub.store import FsckReport
+        report = FsckReport()
+        tiers.fsck(st.catalogue.file_refs(), report, repair=False)
+        assert report.consistent and not report.orphans and report.checked == 24
+        for row in st.catalogue.series_images(reference["uid"])[:3]:
+            assert tiers.read_codestream(row) == reference["cs"][row["index"]]
+        inst = st.catalogue.find_instance(row["SOPInstanceUID"])
+        assert tiers.read_original(inst) == reference["orig"][inst["SOPInstanceUID"]]
+        tiers.close()
+        vt.close()
+
+
+def test_migration_job_inside_the_server(ct_store, tmp_path):
+    """`medview-server serve` runs the migration on a schedule (here: at once)."""
+    import time
+    from server_stub.policy import StorageSettings
+    from server_stub.tiers import MigrationScheduler
+
+    store = copy_store(ct_store, tmp_path / "store")
+    with Store(store) as st:
+        vt = VersionTable(st, load_policy)
+        tiers = Tiers(st, versions=vt.get,
+                      settings=lambda: StorageSettings(migrate_after_days=0, schedule_hours=1))
+        job = MigrationScheduler(tiers, first_delay=0.01).start()
+        deadline = time.monotonic() + 30
+        while job.last_report is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job.stop()
+        assert job.last_report.ok and job.last_report.frames_archived == 12
+        tiers.close()
+        vt.close()
+        assert st.fsck().clean

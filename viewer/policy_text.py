@@ -1,0 +1,195 @@
+"""Server policy in words a clinician understands (no Qt).
+
+The server speaks in quality layers, resolution reductions, image indices and version
+names; a radiologist thinks in "reference quality", "half resolution", "images 1 to 10".
+These functions translate the rights block of a series description and the body of a
+403 answer (see :mod:`server_stub.rights`), log-in failures, and the archive's
+"recalling" state.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+__all__ = ["explain_rights", "explain_rights_error", "explain_login_error", "explain_recall",
+           "version_label", "status_label", "image_ranges_1based"]
+
+_DENIED = {
+    "images": "Some of the images you asked for are not available to your account.",
+    "layers": "The image quality you asked for is higher than your account may load.",
+    "resolution": "The image resolution you asked for is higher than your account may load.",
+    "region": "Only part of these images is available to your account.",
+    "version": "The image version you asked for may not be sent at the moment.",
+    "whole-file": "Your access does not include downloading the original files.",
+}
+_ACTIONS = {
+    "browse": "search the study list",
+    "metadata": "see image information and diagnostic records",
+    "fetch": "load images",
+    "retrieve": "download original files",
+    "diagnose": "change the diagnosis status, notes, annotations or the report",
+}
+
+
+def _parse_ranges(text: str) -> list[int]:
+    out: list[int] = []
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(part))
+    return sorted(set(out))
+
+
+def image_ranges_1based(text: str) -> str:
+    """Server image indices ("0-9,12") as a clinician counts them ("1 to 10 and 13")."""
+    vals = _parse_ranges(text)
+    if not vals:
+        return "none"
+    spans, i = [], 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        a, b = vals[i] + 1, vals[j] + 1
+        spans.append(str(a) if a == b else f"{a} to {b}")
+        i = j + 1
+    return spans[0] if len(spans) == 1 else ", ".join(spans[:-1]) + " and " + spans[-1]
+
+
+def version_label(v: Mapping[str, Any], short: bool = False) -> str:
+    """"V2 – reference, about 1:20 (reaches 1:20.3), quality 50 %"."""
+    if v.get("lossless"):
+        ratio = "original quality (lossless)"
+    else:
+        ratio = f"about 1:{v.get('target_ratio', 0):g}"
+        if not short and v.get("actual_ratio"):
+            ratio += f" (reaches 1:{v['actual_ratio']:.1f})"
+    text = f"{v['name']} – {v.get('purpose', '')}, {ratio}"
+    if not short and v.get("quality") is not None:
+        text += f", quality {v['quality']} %"
+    return text
+
+
+def status_label(status: int, names: Mapping[str, str] | None = None) -> str:
+    names = names or {}
+    name = names.get(str(status)) or {1: "unread", 2: "read", 3: "notes", 4: "annotations",
+                                      5: "report"}.get(int(status), "")
+    return f"{status} – {name}" if name else str(status)
+
+
+def _fraction(reduce: int) -> str:
+    return {1: "half", 2: "a quarter of the", 3: "an eighth of the"}.get(
+        reduce, f"1/{2 ** reduce} of the")
+
+
+def _quality_words(max_layers: int, versions: Sequence[Mapping] | None,
+                   nlayers: int | None) -> str:
+    if max_layers <= 0:
+        return "no image quality at all at the moment"
+    of = f" of {nlayers}" if nlayers else ""
+    fitting = [v for v in versions or () if not v.get("lossless") and v.get("layers")
+               and v["layers"] <= max_layers]
+    if fitting:
+        best = max(fitting, key=lambda v: v["layers"])
+        if best["layers"] == max_layers:
+            return (f"at most {best.get('purpose') or 'reduced'} quality "
+                    f"({version_label(best, short=True)}), not the original")
+        return (f"at most quality level {max_layers}{of}: better than "
+                f"{version_label(best, short=True)}, but not the original")
+    return f"at most quality level {max_layers}{of} (compressed, not the original)"
+
+
+def explain_rights(rights: Mapping[str, Any] | None, *, images: Sequence[Mapping] | None = None,
+                   versions: Sequence[Mapping] | None = None,
+                   status_names: Mapping[str, str] | None = None) -> str:
+    """The standing limits on a series, as sentences; "" when there are none."""
+    if not rights:
+        return ""
+    parts = []
+    first = images[0] if images else None
+    if rights.get("allowed_images") is not None:
+        n = f" of {len(images)}" if images else ""
+        parts.append(f"images {image_ranges_1based(rights['allowed_images'])}{n} only")
+    if rights.get("max_layers") is not None:
+        parts.append(_quality_words(int(rights["max_layers"]), versions,
+                                    first.get("nlayers") if first else None))
+    if rights.get("max_reduce_min"):
+        red = int(rights["max_reduce_min"])
+        size = ""
+        if first and first.get("Columns"):
+            w, h = -(-first["Columns"] // 2 ** red), -(-first["Rows"] // 2 ** red)
+            size = f": {w} × {h} instead of {first['Columns']} × {first['Rows']} pixels"
+        parts.append(f"at most {_fraction(red)} resolution{size}")
+    if rights.get("allowed_regions") is not None:
+        regs = rights["allowed_regions"]
+        if not regs:
+            parts.append("no part of the images")
+        else:
+            where = "; ".join(f"columns {x + 1}–{x + w}, rows {y + 1}–{y + h}" for x, y, w, h in regs)
+            parts.append(f"only part of each image ({where}); the rest is shown blurred")
+    text = ""
+    if parts:
+        text = "Your access to this series is limited to " + "; ".join(parts) + "."
+    allowed = rights.get("allowed_versions")
+    if allowed is not None and versions and len(allowed) < len(versions):
+        status = rights.get("diagnosis_status")
+        st = f" while the study is {status_label(status, status_names)}" if status else ""
+        if not allowed:
+            text += f" No version of this study may be sent{st}."
+        else:
+            names = [version_label(v, short=True) for v in versions if v["name"] in allowed]
+            text += f" Versions that may be sent{st}: " + "; ".join(names) + "."
+    return text.strip()
+
+
+def explain_rights_error(error: Any, *, images: Sequence[Mapping] | None = None,
+                         versions: Sequence[Mapping] | None = None,
+                         status_names: Mapping[str, str] | None = None) -> str:
+    """A 403 (a :class:`client.session.ServerError`, or its JSON body) in plain words:
+    what was refused, what is allowed, and that the viewer carries on within it."""
+    body = getattr(error, "body", error) if not isinstance(error, Mapping) else error
+    body = body or {}
+    denied: Iterable[str] = body.get("denied") or []
+    if "action" in denied:
+        allowed = body.get("allowed_actions") or []
+        what = ", ".join(_ACTIONS.get(a, a) for a in allowed) or "nothing"
+        return ("Your account is not allowed to do this. It may: " + what + ". "
+                "Ask your administrator if you need more.")
+    lines = [_DENIED[d] for d in denied if d in _DENIED]
+    if not lines:
+        lines = ["The server refused this request: " + str(body.get("error") or error)]
+    limits = explain_rights(body, images=images, versions=versions, status_names=status_names)
+    if limits:
+        lines.append(limits)
+    lines.append("The viewer shows the series within these limits.")
+    return " ".join(lines)
+
+
+def explain_login_error(error: Any) -> str:
+    """Why a log-in failed, for the log-in dialog."""
+    status = getattr(error, "status", None)
+    body = getattr(error, "body", {}) or {}
+    if status == 429:
+        wait = body.get("retry_after")
+        when = f" in {int(wait)} seconds" if wait else " later"
+        return ("Too many failed log-in attempts. For your protection log-in is paused: "
+                f"try again{when}.")
+    if status == 401:
+        return "The user name or the password is not correct."
+    if status == 0:
+        return f"The image server cannot be reached. {getattr(error, 'message', error)}"
+    return f"Log-in failed: {getattr(error, 'message', error)}"
+
+
+def explain_recall(msg: Mapping[str, Any] | None, recalling: bool = True) -> str:
+    """The archive state, for the status line."""
+    if not recalling:
+        return "The original images are back from the archive."
+    n = len((msg or {}).get("images") or [])
+    what = f"{n} image{'s' if n != 1 else ''}" if n else "images"
+    return (f"Fetching the original quality of {what} from the archive. Compressed "
+            "versions are shown meanwhile; this can take a moment.")

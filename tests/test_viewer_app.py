@@ -574,3 +574,21 @@ def test_closing_stops_the_bundled_server_it_started(qtbot, tmp_path, ct_store):
     w.close()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/api/health", timeout=2)
+
+
+def test_reading_panel_follows_the_series_and_saves_notes(qtbot, win, server, ct_series_uid):
+    """The Reading dock (issue 5) is wired: it follows the open series, and a note typed
+    there reaches the server, off the UI thread."""
+    from client.policy import PolicyClient
+    from client.session import Session
+
+    open_and_wait_idle(qtbot, win, ct_series_uid)
+    assert win.policy.sd is win.loader.sd
+    qtbot.waitUntil(lambda: win.diagnosis_panel.record is not None, timeout=TIMEOUT)
+    study = win.loader.sd.info["StudyInstanceUID"]
+    win.diagnosis_panel.noteAddRequested.emit("nodule 4 mm, right upper lobe")
+    pc = PolicyClient(Session(server.url))
+    qtbot.waitUntil(lambda: any("nodule 4 mm" in n.get("text", "")
+                                for n in pc.diagnosis(study).get("notes", [])), timeout=TIMEOUT)
+    win._close_loader()
+    assert win.policy.sd is None

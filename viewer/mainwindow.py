@@ -21,9 +21,9 @@ from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
                                QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QProgressDialog, QPushButton, QToolButton,
-                               QVBoxLayout, QWidget)
+                               QScrollArea, QVBoxLayout, QWidget)
 
-from client.pool import VISIBLE
+from client.pool import INTERACTION, VISIBLE
 
 from . import windowing
 from .browser import StudyBrowser
@@ -34,6 +34,7 @@ from .loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, Seri
                      SeriesStatus, Stage, reduce_for_fit)
 from .model import DecodedImage, SeriesInfo
 from .overlay import format_person_name
+from .policy_panel import DiagnosisPanel, PolicyController, VersionSelector, measurement_annotation
 from .progress import BytesBar, LevelBar, SeriesStrip, TransferLabel
 from .services import Backend, ImportOutcome
 from .stackview import MouseMode, StackView
@@ -117,6 +118,7 @@ class MainWindow(QMainWindow):
         self.thumbs = ThumbnailBridge(self)
         self._build_central()
         self._build_browser()
+        self._build_policy()
         self._build_actions()
         self._build_menus_and_toolbars()
         self._build_status_bar()
@@ -180,6 +182,49 @@ class MainWindow(QMainWindow):
                          | QDockWidget.DockWidgetFeature.DockWidgetFloatable)
         self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
         self.browser_dock = dock
+
+    def _build_policy(self) -> None:
+        """Reading dock: version/quality/purpose selector, diagnosis status, notes,
+        annotations and report (server policy, issue 5)."""
+        self.diagnosis_panel = DiagnosisPanel(self)
+        self.version_selector = VersionSelector(self)
+        box = QWidget(self)
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addWidget(self.version_selector)
+        lay.addWidget(self.diagnosis_panel, 1)
+        scroll = QScrollArea(self)           # the panel never forces the window's size
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        scroll.setWidget(box)
+        dock = QDockWidget("Reading", self)
+        dock.setObjectName("reading")
+        dock.setWidget(scroll)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, dock)
+        self.reading_dock = dock
+        self.policy = PolicyController(self.diagnosis_panel, self.version_selector,
+                                       runner=self._policy_runner, parent=self)
+        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid))
+        self.policy.notice.connect(lambda m: self.statusBar().showMessage(m, 6000))
+        self.policy.failed.connect(lambda m: self.statusBar().showMessage(m, 8000))
+        self.policy.recallingChanged.connect(
+            lambda on, m: self.statusBar().showMessage(m or ("Recalling from the archive…" if on else ""), 0 if on else 4000))
+        self.policy.set_measurement_source(self._current_measurement_annotation)
+
+    def _policy_runner(self, fn, done, failed) -> None:
+        """Run a policy call (a server round trip) off the UI thread."""
+        task = Task(lambda _ctx: fn(), name="policy", pool=self.backend.pool,
+                    priority=INTERACTION, parent=self)
+        task.finished.connect(done)
+        task.failed.connect(failed)
+        task.start()
+
+    def _current_measurement_annotation(self) -> dict | None:
+        ms = self.stack.measurements()
+        index = self.stack.current_index()
+        if not ms or index is None or self.series_info is None or self.series_uid is None:
+            return None
+        return measurement_annotation(ms[-1], self.series_info.images[index], self.series_uid)
 
     def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None,
                 tip: str = "", checkable: bool = False) -> QAction:
@@ -410,6 +455,8 @@ class MainWindow(QMainWindow):
         self.server_label.setText(f"{s.username} @ {where}")
         self.statusBar().showMessage(f"Connected to {url} as {s.username}", 5000)
         self._set_connected_ui(True)
+        from client.policy import PolicyClient
+        self.policy.set_client(PolicyClient(s))
         self.browser.refresh()
         self.connected.emit(url)
 
@@ -513,6 +560,7 @@ class MainWindow(QMainWindow):
 
     def _close_loader(self) -> None:
         self.cine_bar.pause()
+        self.policy.close_series()
         if self.loader is not None:
             self.loader.close()
             self.loader = None
@@ -540,6 +588,8 @@ class MainWindow(QMainWindow):
         self.cine_bar.set_sources(loader.cine_frame, loader.cine_levels)
         self.rebuild_presets()
         self._update_bars()
+        if loader.sd is not None:
+            self.policy.open_series(loader.sd)
         desc = info.get("SeriesDescription") or info.get("SeriesInstanceUID", "")
         patient = format_person_name(info.get("PatientName") or "")
         self.setWindowTitle(f"MedView — {patient} — {desc}" if patient else f"MedView — {desc}")

@@ -17,8 +17,15 @@ have_lib libfontconfig.so.1 || need_apt+=(libfontconfig1)
 have_lib libdbus-1.so.3 || need_apt+=(libdbus-1-3)
 have_lib libglib-2.0.so.0 || need_apt+=(libglib2.0-0)
 have_lib libXrender.so.1 || need_apt+=(libxrender1)
-have_lib libxkbcommon-x11.so.0 || need_apt+=(libxkbcommon-x11-0)
-have_lib libxcb-cursor.so.0 || need_apt+=(libxcb-cursor0)
+# Qt's xcb platform plugin (the desktop app on a real display)
+for pair in libxkbcommon-x11.so.0:libxkbcommon-x11-0 libxcb-cursor.so.0:libxcb-cursor0 \
+            libxcb-icccm.so.4:libxcb-icccm4 libxcb-image.so.0:libxcb-image0 \
+            libxcb-keysyms.so.1:libxcb-keysyms1 libxcb-randr.so.0:libxcb-randr0 \
+            libxcb-render-util.so.0:libxcb-render-util0 libxcb-shape.so.0:libxcb-shape0 \
+            libxcb-xkb.so.1:libxcb-xkb1 libxcb-xfixes.so.0:libxcb-xfixes0 \
+            libxcb-sync.so.1:libxcb-sync1 libxcb-shm.so.0:libxcb-shm0 libX11-xcb.so.1:libx11-xcb1; do
+  have_lib "${pair%%:*}" || need_apt+=("${pair##*:}")
+done
 have_lib libOSMesa.so || need_apt+=(libosmesa6)
 # Debian's own python3 needs python3-venv for `python3 -m venv`
 "${PYTHON:-python3}" -c "import ensurepip" >/dev/null 2>&1 || need_apt+=(python3-venv)

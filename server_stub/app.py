@@ -484,6 +484,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                 scheduler.stop()
             srv.close()
 
+    from .slabs import register_routes as register_slab_routes
+    register_slab_routes(routes, srv, guarded)     # thick-to-thin slab pyramids (issue 4)
+
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
                     lifespan=lifespan)
     app.state.server = srv

@@ -592,3 +592,17 @@ def test_reading_panel_follows_the_series_and_saves_notes(qtbot, win, server, ct
                                 for n in pc.diagnosis(study).get("notes", [])), timeout=TIMEOUT)
     win._close_loader()
     assert win.policy.sd is None
+
+
+def test_open_in_mpr_from_the_main_window(qtbot, win, ct_series_uid):
+    """Ctrl+M opens the shown series in the 2×2 MPR layout, sharing the stack view's
+    packets (no second metadata request, nothing fetched twice)."""
+    loader = open_and_wait_idle(qtbot, win, ct_series_uid)
+    mpr = win.open_mpr()
+    assert mpr is not None
+    qtbot.addWidget(mpr)
+    qtbot.waitUntil(lambda: bool(mpr.load_events) and mpr.load_events[-1].final, timeout=TIMEOUT)
+    assert "complete" in mpr.mpr.status.text()
+    assert mpr.mpr.volume is not None and len(mpr.mpr.volume.filled_slots()) == 0
+    assert loader.sd is win.loader.sd
+    mpr.close()

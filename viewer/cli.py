@@ -5,6 +5,9 @@
     medview fetch --server URL --series UID [--layers N] [--level R] [--region x,y,w,h] --out DIR
     medview snapshot [--server URL] --series UID --slice N [--layers Q] [--level R]
                      [--window C,W] [--size W,H] [--no-overlays] --out file.png
+    medview render (--folder DIR | --series UID [--server URL]) --view axial|coronal|sagittal|
+                   oblique|mip|vr [--angles A,B] [--slab MM] [--position X,Y,Z] [--window C,W]
+                   --out file.png [--out-npy plane.npy]          (see viewer/render_cmd.py)
 """
 from __future__ import annotations
 
@@ -86,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image only, without the overlay text and scale bar")
     s.add_argument("--out", required=True)
     _credentials(s)
+
+    from .render_cmd import add_parser as add_render_parser
+    add_render_parser(sub, _credentials)
     return p
 
 
@@ -122,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "snapshot":
         from .snapshot_cmd import cmd_snapshot
         return cmd_snapshot(args)
+    if args.command == "render":
+        from .render_cmd import cmd_render
+        return cmd_render(args)
     from .app import run_gui
     return run_gui(args)
 

@@ -226,6 +226,38 @@ class MainWindow(QMainWindow):
             return None
         return measurement_annotation(ms[-1], self.series_info.images[index], self.series_uid)
 
+    # ================================================================== MPR (issue 4)
+    def open_mpr(self, thick_to_thin: bool = False):
+        """Open the current series in the 2×2 MPR + VR layout, sharing the stack view's
+        packets (the loader's SeriesData) so nothing is fetched twice."""
+        from .mprlayout import open_series
+
+        if self.series_uid is None or self.backend.session is None:
+            self.statusBar().showMessage("Open a series first", 4000)
+            return None
+        sd = self.loader.sd if self.loader is not None and self.loader.uid == self.series_uid else None
+        try:
+            win = open_series(self.backend.session, self.series_uid, cache=self.backend.cache,
+                              series=sd, parent=self, thick_to_thin=thick_to_thin)
+        except RuntimeError:
+            return None          # the refusal (too few images, no volume) was shown
+        self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
+        return win
+
+    def open_mpr_folder(self) -> None:
+        from .mprlayout import open_folder
+        from .series_select import ServerCatalogue
+
+        folder = QFileDialog.getExistingDirectory(self, "Folder with a DICOM series")
+        if not folder:
+            return
+        catalogue = ServerCatalogue(self.backend.session) if self.backend.session else None
+        try:
+            win = open_folder(folder, parent=self, catalogue=catalogue)
+        except RuntimeError:
+            return
+        self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
+
     def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None,
                 tip: str = "", checkable: bool = False) -> QAction:
         action = QAction(text, self)
@@ -296,6 +328,12 @@ class MainWindow(QMainWindow):
         self.act_shortcuts = A("&Keyboard shortcuts", self.show_shortcuts, QKeySequence.StandardKey.HelpContents,
                                "List the keyboard shortcuts")
         self.act_about = A("&About MedView", self.show_about, None, "Version and credits")
+        self.act_mpr = A("Open in &MPR", lambda: self.open_mpr(), "Ctrl+M",
+                         "Open the series in MPR and 3-D (2×2 layout)")
+        self.act_mpr_slabs = A("Open in MPR, &thick to thin", lambda: self.open_mpr(True),
+                               "Ctrl+Shift+M", "MPR loaded as thick slabs first, then thinner")
+        self.act_mpr_folder = A("Open &folder in MPR…", self.open_mpr_folder, None,
+                                "Select a series from a folder of DICOM files and open it in MPR")
         self.preset_actions: list[QAction] = []
 
     def _build_menus_and_toolbars(self) -> None:
@@ -311,6 +349,9 @@ class MainWindow(QMainWindow):
             m.addSeparator() if a is None else m.addAction(a)
         m.addSeparator()
         m.addAction(self.browser_dock.toggleViewAction())
+        m = bar.addMenu("&3D")
+        for a in (self.act_mpr, self.act_mpr_slabs, self.act_mpr_folder):
+            m.addAction(a)
         self.window_menu = bar.addMenu("&Window")
         self.window_menu.setObjectName("window_presets")
         m = bar.addMenu("&Tools")

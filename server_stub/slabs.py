@@ -1,0 +1,325 @@
+"""A series offered as a slab pyramid through the packet protocol (P10: thick to thin).
+
+The images of a series (one grey-level frame each, one size, one orientation, one
+rescale) are sorted along the slice normal, decoded losslessly, and turned into a slab
+pyramid by :mod:`codestream.slabs` (integer average/difference along the slice axis).
+Every band image — the thickest slabs first, then the details level by level — is encoded
+like any stored frame (layered, precinct-partitioned, lossless last layer) and becomes one
+JPIP component of a *slab target*. A client asks for the thick slabs, then for the
+details that make them thinner; nothing is sent twice, the total is close to the plain
+series (the details of neighbouring slices compress well), and the thin slices come back
+bit for bit.
+
+Routes (see :func:`register_routes`):
+
+``GET  /api/series/{series}/slabs``   the pyramid: ``{"series", "images", "pyramid"}``;
+                                       ``images`` are per-band image facts as
+                                       ``/api/series/{series}/images`` gives them,
+                                       ``pyramid`` the layout (levels, band of each
+                                       component, thin-slice order, byte totals).
+``GET|POST /jpip/slabs/{series}``     packet requests on the slab target, with the fields
+                                       of ``/jpip`` (``target`` may be left out).
+
+The pyramid is built on first use and kept under ``STORE/derived/slabs/<series>/``
+(written atomically, manifest last, each file checked by SHA-256 when read). The folder
+is a cache outside ``originals/`` and ``j2k/``: deleting it only costs a rebuild, and
+``fsck`` does not look at it. A pyramid whose source frames changed is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from codestream import slabs as transform
+from codestream.encode import EncodeError, decode_full, encode_frame
+from codestream.index import PacketIndex
+
+from .packets import ImageSource, RequestError, parse_request, plan, stream
+from .store import safe_component
+
+log = logging.getLogger("medview.slabs")
+
+__all__ = ["SlabUnavailable", "SlabSeries", "SlabCatalogue", "register_routes", "DERIVED_DIR"]
+
+DERIVED_DIR = "derived/slabs"
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+class SlabUnavailable(RequestError):
+    """The series cannot be offered as a slab pyramid (with the reason)."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message, status=status)
+
+
+@dataclass
+class SlabSeries:
+    """A built pyramid: the layout JSON and the packet sources of its band images."""
+
+    series_uid: str
+    layout: dict
+    sources: list[ImageSource]
+
+
+def _normal(orientation) -> np.ndarray:
+    r = np.asarray(orientation[:3], float)
+    c = np.asarray(orientation[3:6], float)
+    n = np.cross(r, c)
+    return n / np.linalg.norm(n)
+
+
+class SlabCatalogue:
+    """Builds, caches and serves the slab pyramids of a server's series."""
+
+    def __init__(self, srv) -> None:
+        self.srv = srv
+        self.store = srv.store
+        self._lock = threading.Lock()
+        self._series_locks: dict[str, threading.Lock] = {}
+        self._built: dict[str, SlabSeries] = {}
+
+    # ------------------------------------------------------------------ public
+    def get(self, series_uid: str) -> SlabSeries:
+        """The pyramid of a series (built on first use; rebuilt when the series changed)."""
+        rows = self.srv.catalogue.series_images(series_uid)
+        if not rows:
+            raise SlabUnavailable(f"unknown series {series_uid}", status=404)
+        fingerprint = hashlib.sha256(
+            "|".join(r["codestream_sha256"] for r in rows).encode()).hexdigest()
+        with self._lock:
+            lock = self._series_locks.setdefault(series_uid, threading.Lock())
+        with lock:
+            have = self._built.get(series_uid)
+            if have is not None and have.layout["pyramid"]["fingerprint"] == fingerprint:
+                return have
+            built = self._load(series_uid, fingerprint) or self._build(series_uid, rows, fingerprint)
+            self._built[series_uid] = built
+            return built
+
+    # ------------------------------------------------------------------ building
+    def _folder(self, series_uid: str) -> str:
+        return f"{DERIVED_DIR}/{safe_component(series_uid)}"
+
+    def _check(self, rows: list[dict]) -> tuple[list[int], dict]:
+        """Validate the series; returns the thin-slice order (series image indices along
+        the normal) and the common pixel facts."""
+        if len(rows) < 2:
+            raise SlabUnavailable("a slab pyramid needs at least 2 images")
+        first = rows[0]
+        for r in rows:
+            if (r.get("SamplesPerPixel") or 1) != 1:
+                raise SlabUnavailable("colour images cannot form slabs")
+            if (r["Rows"], r["Columns"]) != (first["Rows"], first["Columns"]):
+                raise SlabUnavailable("the images differ in size")
+            if not r.get("ImagePositionPatient") or not r.get("ImageOrientationPatient"):
+                raise SlabUnavailable("an image has no position or orientation")
+            if not np.allclose(r["ImageOrientationPatient"], first["ImageOrientationPatient"], atol=1e-3):
+                raise SlabUnavailable("the images differ in orientation")
+            if ((r.get("RescaleSlope") or 1.0), (r.get("RescaleIntercept") or 0.0)) != (
+                    (first.get("RescaleSlope") or 1.0), (first.get("RescaleIntercept") or 0.0)):
+                raise SlabUnavailable("the images differ in rescale slope/intercept")
+            if bool(r["signed"]) != bool(first["signed"]):
+                raise SlabUnavailable("signed and unsigned images are mixed")
+        n = _normal(first["ImageOrientationPatient"])
+        order = sorted(range(len(rows)), key=lambda k: float(np.dot(rows[k]["ImagePositionPatient"], n)))
+        facts = {"signed": bool(first["signed"]), "bits_stored": int(first["bits_stored"]),
+                 "rows": int(first["Rows"]), "columns": int(first["Columns"]),
+                 "rescale": [float(first.get("RescaleSlope") or 1.0),
+                             float(first.get("RescaleIntercept") or 0.0)]}
+        return order, facts
+
+    def _build(self, series_uid: str, rows: list[dict], fingerprint: str) -> SlabSeries:
+        order, facts = self._check(rows)
+        srcs = {s.csn: s for s in self.srv.sources(series_uid)}
+        stack = np.empty((len(order), facts["rows"], facts["columns"]), np.int32)
+        for t, csn in enumerate(order):
+            r = rows[csn]
+            src = srcs[csn]
+            # the whole codestream: recalled from the archive when its lossless layers
+            # were migrated (tiered storage), else as stored
+            load = getattr(src, "recall", None) or src.load
+            stack[t] = decode_full(load(), r["offset"], bool(r["signed"]),
+                                   bits_stored=int(r["bits_stored"]))
+        levels = transform.default_levels(len(order))
+        pyr = transform.forward(stack, levels)
+        folder = self._folder(series_uid)
+        images, files = [], []
+        for comp, (kind, level, i, img) in enumerate(pyr.bands()):
+            lo, hi = int(img.min()), int(img.max())
+            signed = kind == "high" or facts["signed"] or lo < 0
+            bits = min(16, facts["bits_stored"] + (1 if kind == "high" else 0))
+            if (signed and (lo < -32768 or hi > 32767)) or hi - lo > 65535:
+                raise SlabUnavailable("the slice differences need more than 16 bits")
+            try:
+                enc = encode_frame(img, signed=signed, bits_stored=bits)
+            except EncodeError as e:
+                raise SlabUnavailable(f"band {kind} {level}/{i} cannot be encoded: {e}") from e
+            rel = f"{folder}/{fingerprint[:16]}.{comp}.j2k"
+            sha = self.store.atomic_write(rel, enc.codestream)
+            files.append({"path": rel, "sha256": sha, "size": len(enc.codestream)})
+            images.append(self._image_dict(series_uid, fingerprint, comp, kind, level, i, len(order),
+                                           enc.index, enc.offset, signed, bits, facts))
+        slab_counts, detail_counts = transform.counts(len(order), levels)
+        pyramid = {
+            "format": FORMAT, "fingerprint": fingerprint, "levels": levels, "count": len(order),
+            "order": order, "bands": [[im["band"], im["level"], im["slab"]] for im in images],
+            "slab_counts": slab_counts, "detail_counts": detail_counts,
+            "total_bytes": sum(im["total_bytes"] for im in images),
+            "series_bytes": sum(srcs[c].index.total_bytes for c in srcs),
+            **facts,
+        }
+        layout = {"series": self.srv.catalogue.get_series(series_uid) or {"SeriesInstanceUID": series_uid},
+                  "images": images, "pyramid": pyramid}
+        manifest = {"layout": layout, "files": files}
+        self.store.atomic_write(f"{folder}/{MANIFEST}", json.dumps(manifest).encode())
+        log.info("slab pyramid of %s: %d images, %d levels, %d bytes (series %d bytes)", series_uid,
+                 len(order), levels, pyramid["total_bytes"], pyramid["series_bytes"])
+        return self._series(series_uid, manifest)
+
+    def _image_dict(self, series_uid, fingerprint, comp, kind, level, i, n, ix: PacketIndex,
+                    offset, signed, bits, facts) -> dict:
+        start, stop = transform.slab_span(n, level, i)   # the slab this band holds or splits
+        return {
+            "index": comp, "key": f"{series_uid}#slabs/{fingerprint[:16]}/{comp}",
+            "band": kind, "level": level, "slab": i, "span": [start, stop],
+            "Rows": facts["rows"], "Columns": facts["columns"], "SamplesPerPixel": 1,
+            "PhotometricInterpretation": "MONOCHROME2", "frame": 1,
+            "RescaleSlope": facts["rescale"][0], "RescaleIntercept": facts["rescale"][1],
+            "offset": offset, "signed": int(signed), "bits_stored": bits,
+            "numres": ix.numres, "nlayers": ix.nlayers, "ncomp": ix.ncomp,
+            "total_bytes": ix.total_bytes,
+            "layer_bytes": [ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)],
+        }
+
+    def _load(self, series_uid: str, fingerprint: str) -> SlabSeries | None:
+        path = self.store.abspath(f"{self._folder(series_uid)}/{MANIFEST}")
+        try:
+            manifest = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+        pyr = manifest.get("layout", {}).get("pyramid", {})
+        if pyr.get("fingerprint") != fingerprint or pyr.get("format") != FORMAT:
+            return None
+        for f in manifest["files"]:
+            if self.store.check_file(f["path"], f["sha256"], f["size"]) is not None:
+                log.warning("slab pyramid of %s is damaged (%s): rebuilding", series_uid, f["path"])
+                return None
+        return self._series(series_uid, manifest)
+
+    def _series(self, series_uid: str, manifest: dict) -> SlabSeries:
+        sources = []
+        for comp, (f, im) in enumerate(zip(manifest["files"], manifest["layout"]["images"])):
+            data = self.store.read_verified(f["path"], f["sha256"], f["size"])
+            sources.append(ImageSource(comp, im["key"], PacketIndex.parse(data),
+                                       self._loader(f["path"], f["sha256"], f["size"])))
+        return SlabSeries(series_uid, manifest["layout"], sources)
+
+    def _loader(self, rel: str, sha: str, size: int):
+        def load() -> bytes:
+            return self.store.read_verified(rel, sha, size)
+        return load
+
+
+# --------------------------------------------------------------------------- HTTP
+def _default_guard(srv):
+    """The same contract as ``create_app``'s ``guarded``: authorise (per series), run the
+    blocking handler on the thread pool, map known failures to JSON errors."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    from codestream.index import CodestreamError
+
+    from .auth import AuthError
+    from .store import StoreError
+
+    def err(status: int, message: str, **extra):
+        return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
+
+    def sid(request):
+        h = request.headers.get("authorization", "")
+        if h.lower().startswith("bearer "):
+            return h[7:].strip()
+        return request.query_params.get("cid")
+
+    def guarded(action: str):
+        def deco(fn):
+            async def endpoint(request):
+                try:
+                    request.state.body = await request.body() if request.method == "POST" else b""
+                    session, grant = srv.auth.authorize(sid(request), action,
+                                                        request.path_params.get("series"))
+                    request.state.session, request.state.grant = session, grant
+                    return await run_in_threadpool(fn, request)
+                except (AuthError, RequestError) as e:
+                    return err(e.status, str(e), **e.extra)
+                except (StoreError, CodestreamError) as e:
+                    log.error("store problem: %s", e)
+                    return err(500, f"stored data is damaged or missing: {e}")
+            return endpoint
+        return deco
+    return guarded
+
+
+def register_routes(routes: list, srv, guarded=None) -> SlabCatalogue:
+    """Add the slab routes to a Starlette route list.
+
+    In ``create_app``: ``register_routes(routes, srv, guarded)`` before the app is made
+    (``guarded`` is its authorise-and-run decorator). Without ``guarded`` an equivalent
+    one is used, so ``register_routes(app.router.routes, app.state.server)`` also works
+    on a built app. A server that has the routes already keeps them (``srv.slabs``).
+    """
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    if isinstance(getattr(srv, "slabs", None), SlabCatalogue):
+        return srv.slabs
+    slabs = SlabCatalogue(srv)
+    srv.slabs = slabs
+    guard = guarded or _default_guard(srv)
+
+    @guard("metadata")
+    def layout(request):
+        return JSONResponse(slabs.get(request.path_params["series"]).layout)
+
+    @guard("fetch")
+    def packets(request):
+        uid = request.path_params["series"]
+        q = dict(request.query_params)
+        if q.setdefault("target", uid) != uid:
+            raise RequestError("target must be the series of the path (or left out)")
+        req = parse_request(q)
+        built = slabs.get(uid)
+        session = request.state.session
+        model = session.model_for(f"{uid}#slabs")
+        if request.method == "POST":
+            try:
+                body = json.loads(request.state.body)
+                declared = body.get("model") if isinstance(body, dict) else None
+                if declared is not None:
+                    if not isinstance(declared, dict):
+                        raise ValueError
+                    model.declare(declared)
+            except (ValueError, TypeError, AttributeError):
+                raise RequestError('POST body must be JSON: {"model": {"<key>": {"h": 0|1, "b": {...}}}}') from None
+        grant = getattr(request.state, "grant", None)
+        if grant is not None and getattr(grant, "images", None) is not None:
+            raise RequestError("your rights limit which images of this series you may fetch, and "
+                               "every slab mixes several images: ask for the plain series", status=403)
+        table = getattr(srv, "versions", None)         # image versions (V1-V3), when served
+        versions = table.get(uid) if table is not None and hasattr(table, "get") else None
+        p = plan(req, built.sources, model, grant, versions)
+        media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
+        headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
+                   "X-Bytes-Total": str(p.total_bytes)}
+        return StreamingResponse(stream(p, model), media_type=media, headers=headers)
+
+    routes.append(Route("/api/series/{series}/slabs", layout))
+    routes.append(Route("/jpip/slabs/{series}", packets, methods=["GET", "POST"]))
+    return slabs

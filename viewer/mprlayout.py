@@ -1,0 +1,431 @@
+"""The MPR layout: three planes and the 3-D pane, 2×2 or one maximised, and how to open it.
+
+:class:`MprLayout` shows axial, coronal and sagittal :class:`~viewer.mprview.MprView`
+panes (linked crosshairs, one shared window and slab) and a :class:`~viewer.vrview.VrView`
+in a 2×2 grid; double-clicking a pane maximises it (1×1), double-clicking again goes
+back. Its toolbar chooses the tool (crosshair / window / distance), the slab (thin, MIP,
+MinIP, average, thickness in mm), the window preset, the VR preset and whether the VR is
+cut at the crosshair, and resets the planes.
+
+Opening (one call each; they return the :class:`MprWindow`, a top-level window):
+
+* :func:`open_series` — a server series, loaded progressively by a
+  :class:`~viewer.volume_loader.VolumeLoader` (interleaved, H2) or, with
+  ``thick_to_thin=True``, by a :class:`~viewer.volume_loader.SlabVolumeLoader` (P10). The
+  panes redraw at each consistent level the server recommends (P9/P11).
+* :func:`open_folder` — an image file or folder on disk: the series selection of
+  :mod:`viewer.series_select` (M1–M3), a refusal shown as a message box.
+
+The loader runs on a plain thread as a generator; each yield is handed to the UI thread
+through a queued signal, and closing the window cancels it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from PySide6.QtCore import QObject, Qt, Signal
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
+                               QMainWindow, QMessageBox, QPushButton, QProgressBar, QVBoxLayout, QWidget)
+
+from . import qtcompat, windowing
+from .mpr import PLANES, MprState
+from .mprview import SLAB_NAMES, MprView, ResliceScheduler, Tool
+from .volume import Volume
+from .vr import PRESETS as VR_PRESETS
+from .vrview import VrView
+
+qtcompat.apply()
+log = logging.getLogger("medview.mprlayout")
+
+__all__ = ["MprLayout", "MprWindow", "LoadRunner", "open_series", "open_folder", "open_volume",
+           "mpr_threshold_check"]
+
+PANE_ORDER = ("axial", "coronal", "sagittal", "vr")       # grid order: row by row
+
+
+class LoadRunner(QObject):
+    """Runs a loader's ``run()`` generator on a thread; each yield becomes ``event``."""
+
+    event = Signal(object)
+    failed = Signal(str)
+    finished = Signal()
+    progress = Signal(int, int)           # bytes received, bytes requested by the transfer
+
+    def __init__(self, loader, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.loader = loader
+        self._thread: threading.Thread | None = None
+        prev = getattr(loader, "on_progress", None)
+
+        def on_progress(p) -> None:
+            if prev:
+                prev(p)
+            try:
+                self.progress.emit(int(p.received), int(p.requested))
+            except RuntimeError:
+                pass
+        if hasattr(loader, "on_progress"):
+            loader.on_progress = on_progress
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="medview-mpr-loader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self.loader.run():
+                self.event.emit(ev)
+        except Exception as e:  # noqa: BLE001 - reported to the UI
+            log.exception("volume loading failed")
+            try:
+                self.failed.emit(str(e))
+            except RuntimeError:
+                pass
+        try:
+            self.finished.emit()
+        except RuntimeError:
+            pass
+
+    def cancel(self, wait: float = 5.0) -> None:
+        self.loader.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=wait)
+
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+class MprLayout(QWidget):
+    """Three MPR panes and the VR pane (see the module docstring)."""
+
+    layoutChanged = Signal(str)          # "2x2" or the maximised pane's name
+
+    def __init__(self, volume: Volume, parent: QWidget | None = None, *, sync: bool = False,
+                 window: tuple[float, float] | None = None, vr: bool = True) -> None:
+        super().__init__(parent)
+        self.volume = volume
+        self.state = MprState(volume)
+        if window is not None:
+            self.state.window = (float(window[0]), float(window[1]))
+        elif volume.modality.upper() == "CT":
+            self.state.window = (40.0, 400.0)
+        self.scheduler = None if sync else ResliceScheduler(self)
+        self.views: dict[str, MprView] = {
+            name: MprView(self.state, name, self.scheduler, self, sync=sync) for name in PLANES}
+        self.vr = VrView(volume, self) if vr else None
+        self.panes: dict[str, QWidget] = dict(self.views)
+        if self.vr is not None:
+            self.panes["vr"] = self.vr
+        self.maximised: str | None = None
+        self._shown_version = -1
+        self.state.subscribe(self._on_state)
+        self._build()
+        for w in self.panes.values():
+            w.doubleClicked.connect(self.toggle_maximise)
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
+        bar = QHBoxLayout()
+        bar.setContentsMargins(4, 2, 4, 2)
+        self.tool_box = QComboBox(self)
+        for label, tool in (("Crosshair", Tool.CROSSHAIR), ("Window/level", Tool.WINDOW),
+                            ("Distance (mm)", Tool.DISTANCE)):
+            self.tool_box.addItem(label, tool)
+        self.tool_box.currentIndexChanged.connect(lambda _i: self.set_tool(self.tool_box.currentData()))
+        self.slab_mode = QComboBox(self)
+        self.slab_mode.addItem("Thin", None)
+        for mode in ("mip", "minip", "avg"):
+            self.slab_mode.addItem(SLAB_NAMES[mode], mode)
+        self.slab_mm = QDoubleSpinBox(self)
+        self.slab_mm.setRange(0.0, 200.0)
+        self.slab_mm.setSingleStep(1.0)
+        self.slab_mm.setValue(10.0)
+        self.slab_mm.setSuffix(" mm")
+        self.slab_mode.currentIndexChanged.connect(lambda _i: self._slab_changed())
+        self.slab_mm.valueChanged.connect(lambda _v: self._slab_changed())
+        self.window_box = QComboBox(self)
+        self.window_box.addItem("Window…", None)
+        for p in windowing.CT_PRESETS:
+            self.window_box.addItem(f"{p.name} ({p.width:g}/{p.center:g})", (p.center, p.width))
+        self.window_box.currentIndexChanged.connect(self._window_preset)
+        self.vr_box = QComboBox(self)
+        for p in VR_PRESETS:
+            self.vr_box.addItem(p.name)
+        if self.vr is not None and self.vr.scene is not None:
+            self.vr_box.setCurrentText(self.vr.scene.preset.name)
+        self.vr_box.currentTextChanged.connect(self.set_vr_preset)
+        self.vr_box.setEnabled(self.vr is not None)
+        self.clip_box = QCheckBox("Cut 3D at crosshair", self)
+        self.clip_box.toggled.connect(lambda _on: self._update_clip())
+        self.clip_box.setEnabled(self.vr is not None)
+        reset = QPushButton("Reset", self)
+        reset.clicked.connect(self.reset)
+        self.status = QLabel("", self)
+        self.progress = QProgressBar(self)
+        self.progress.setMaximumWidth(160)
+        self.progress.setTextVisible(False)
+        self.progress.hide()
+        for w in (QLabel("Tool", self), self.tool_box, QLabel("Slab", self), self.slab_mode, self.slab_mm,
+                  self.window_box, QLabel("3D", self), self.vr_box, self.clip_box, reset):
+            bar.addWidget(w)
+        bar.addStretch(1)
+        bar.addWidget(self.status)
+        bar.addWidget(self.progress)
+        self.grid = QGridLayout()
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        self.grid.setSpacing(2)
+        for k, name in enumerate(PANE_ORDER):
+            if name in self.panes:
+                self.grid.addWidget(self.panes[name], k // 2, k % 2)
+        for k in range(2):
+            self.grid.setRowStretch(k, 1)
+            self.grid.setColumnStretch(k, 1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(0)
+        lay.addLayout(bar)
+        lay.addLayout(self.grid, 1)
+
+    # ------------------------------------------------------------------ layout
+    def toggle_maximise(self, name: str) -> None:
+        """Maximise pane ``name`` (1×1), or go back to 2×2 if it is maximised."""
+        self.set_layout("2x2" if self.maximised == name else name)
+
+    def set_layout(self, which: str) -> None:
+        """``"2x2"`` or the name of the pane to show alone."""
+        if which != "2x2" and which not in self.panes:
+            raise ValueError(f"unknown pane {which!r}")
+        self.maximised = None if which == "2x2" else which
+        for name, w in self.panes.items():
+            w.setVisible(self.maximised is None or name == self.maximised)
+        self.layoutChanged.emit(which)
+
+    def layout_name(self) -> str:
+        return self.maximised or "2x2"
+
+    # ------------------------------------------------------------------ controls
+    def set_tool(self, tool: str) -> None:
+        for v in self.views.values():
+            v.set_tool(tool)
+        i = self.tool_box.findData(tool)
+        if i >= 0 and i != self.tool_box.currentIndex():
+            self.tool_box.setCurrentIndex(i)
+
+    def _slab_changed(self) -> None:
+        mode = self.slab_mode.currentData()
+        self.state.set_slab(0.0 if mode is None else self.slab_mm.value(), mode or self.state.slab_mode)
+
+    def set_slab(self, thickness: float, mode: str | None) -> None:
+        """Thick slab of ``thickness`` mm combined by ``mode`` (None: thin slices)."""
+        self.slab_mm.blockSignals(True)
+        self.slab_mm.setValue(thickness)
+        self.slab_mm.blockSignals(False)
+        i = self.slab_mode.findData(mode)
+        self.slab_mode.setCurrentIndex(max(i, 0))
+        self._slab_changed()
+
+    def _window_preset(self, _index: int) -> None:
+        data = self.window_box.currentData()
+        if data is not None:
+            self.state.set_window(*data)
+
+    def set_vr_preset(self, name: str) -> None:
+        if self.vr is not None:
+            self.vr.set_preset(name, self.state.window)
+
+    def _update_clip(self) -> None:
+        if self.vr is None:
+            return
+        if self.clip_box.isChecked():
+            self.vr.set_clip_plane(self.state.center, -self.state.normal("coronal"))
+        else:
+            self.vr.set_clip_plane(None)
+
+    def reset(self) -> None:
+        self.state.reset()
+        for v in self.views.values():
+            v.fit()
+        if self.vr is not None:
+            self.vr.reset_camera()
+
+    def _on_state(self, kind: str) -> None:
+        if self.vr is None:
+            return
+        if kind == "window" and self.state.window:
+            self.vr.set_window(*self.state.window)
+        elif kind in ("center", "planes", "reset") and self.clip_box.isChecked():
+            self._update_clip()
+        elif kind == "volume":
+            self.vr.refresh()
+
+    # ------------------------------------------------------------------ progressive data
+    def volume_changed(self, text: str = "") -> None:
+        """New voxel data (a consistent level): every pane redraws."""
+        self.state.volume_changed()
+        if text:
+            self.status.setText(text)
+
+    def on_load_event(self, ev) -> None:
+        q = ev.update.quality if ev.update else None
+        done = bool(ev.final)
+        layers = f" — {ev.layers} layer(s)" if ev.layers else ""        # none from disk
+        text = f"{ev.stage.name}{layers}" + (" — complete" if done else "")
+        if ev.update is not None and ev.update.version > self._shown_version:
+            self._shown_version = ev.update.version
+            self.volume_changed(text)
+        else:
+            self.status.setText(text)
+        if done:
+            self.progress.hide()
+        log.debug("volume level %s (%s)", q, text)
+
+    def on_progress(self, received: int, requested: int) -> None:
+        if requested > 0:
+            self.progress.show()
+            self.progress.setRange(0, 1000)
+            self.progress.setValue(int(1000 * min(received, requested) / requested))
+
+    def close_layout(self) -> None:
+        self.state.unsubscribe(self._on_state)
+        for v in self.views.values():
+            v.detach()
+        if self.vr is not None:
+            self.vr.close_scene()
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+
+
+class MprWindow(QMainWindow):
+    """A top-level window holding one :class:`MprLayout` and its loader."""
+
+    closed = Signal()
+
+    def __init__(self, layout: MprLayout, title: str, runner: LoadRunner | None = None,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle(title)
+        self.mpr = layout
+        self.runner = runner
+        self.load_events: list = []           # every LoadEvent shown, in order
+        self.setCentralWidget(layout)
+        self.resize(1200, 900)
+        if runner is not None:
+            runner.event.connect(self._on_event, Qt.ConnectionType.QueuedConnection)
+            runner.progress.connect(layout.on_progress, Qt.ConnectionType.QueuedConnection)
+            runner.failed.connect(self._failed, Qt.ConnectionType.QueuedConnection)
+
+    def _on_event(self, ev) -> None:
+        self.mpr.on_load_event(ev)
+        self.load_events.append(ev)
+
+    def _failed(self, message: str) -> None:
+        self.mpr.status.setText(f"loading failed: {message}")
+
+    def closeEvent(self, event) -> None:  # noqa: N802
+        if self.runner is not None:
+            self.runner.cancel()
+        self.mpr.close_layout()
+        self.closed.emit()
+        super().closeEvent(event)
+
+
+# --------------------------------------------------------------------------- opening
+def mpr_threshold_check(count: int, threshold: int = 10) -> str | None:
+    """The M3 refusal message for a series of ``count`` usable images, or None."""
+    if count < threshold:
+        return (f"MPR needs at least {threshold} images of one series; this series has "
+                f"{count} usable image(s).")
+    return None
+
+
+def _refuse(parent: QWidget | None, message: str, show: bool) -> None:
+    if show:
+        QMessageBox.warning(parent, "MPR not possible", message)
+    raise RuntimeError(message)
+
+
+def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = None,
+                window: tuple[float, float] | None = None, runner: LoadRunner | None = None,
+                sync: bool = False, vr: bool = True, show: bool = True) -> MprWindow:
+    """An :class:`MprWindow` on a volume already in memory (filled or being filled)."""
+    layout = MprLayout(volume, sync=sync, window=window, vr=vr)
+    win = MprWindow(layout, title, runner, parent)
+    if show:
+        win.show()
+    if runner is not None:
+        runner.start()
+    return win
+
+
+def open_series(session, series_uid: str, *, cache=None, series=None, parent: QWidget | None = None,
+                thick_to_thin: bool = False, threshold: int = 10, show: bool = True,
+                sync: bool = False, vr: bool = True, show_errors: bool = True) -> MprWindow:
+    """Open a server series in MPR, loaded progressively (see the module docstring).
+
+    ``series``: the :class:`~client.series.SeriesData` the app already holds for this
+    series (share it: packets received for the stack view are reused, and the server's
+    model of what this session holds stays right). Without it one is made here (one
+    metadata request) and declares its cache to the server on its first request.
+    ``thick_to_thin`` loads through the server's slab pyramid (built on first use, on the
+    loader's thread). Raises RuntimeError (after a message box unless ``show_errors`` is
+    False) when the series cannot form a volume or has fewer than ``threshold`` usable
+    images.
+    """
+    from client.series import SeriesData
+
+    from .volume import VolumeError
+    from .volume_loader import SlabVolumeLoader, VolumeLoader, usable_images
+
+    if series is None:
+        series = SeriesData(session, cache, series_uid)
+        series.declare_needed = True
+    keep, _notes = usable_images(series.images)
+    refusal = mpr_threshold_check(len(keep), threshold)
+    if refusal:
+        _refuse(parent, refusal, show_errors)
+    modality = str(series.info.get("Modality") or "")
+    try:
+        if thick_to_thin:
+            from client.slabs import SlabSeries
+
+            loader = SlabVolumeLoader(lambda: SlabSeries(session, cache, series_uid), series.images,
+                                      modality=modality)
+            loader.volume.series_uid = series_uid
+        else:
+            loader = VolumeLoader(series)
+    except VolumeError as e:
+        _refuse(parent, f"This series cannot be shown in MPR: {e}", show_errors)
+    info = series.info
+    title = f"MPR — {info.get('PatientName', '')} — {info.get('SeriesDescription') or series_uid}"
+    first = series.images[keep[0]]
+    window = None
+    if first.get("WindowCenter") is not None and first.get("WindowWidth"):
+        window = (float(first["WindowCenter"]), float(first["WindowWidth"]))
+    return open_volume(loader.volume, title=title, parent=parent, window=window,
+                       runner=LoadRunner(loader), sync=sync, vr=vr, show=show)
+
+
+def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=None,
+                threshold: int = 10, show: bool = True, sync: bool = False, vr: bool = True,
+                show_errors: bool = True, report: Callable[[str], None] | None = None) -> MprWindow:
+    """Open the series of an image file (or the main series of a folder) in MPR."""
+    from .series_select import select_series
+
+    sel = select_series(path, threshold=threshold, catalogue=catalogue)
+    if report:
+        report(sel.report())
+    if sel.refusal:
+        _refuse(parent, sel.refusal, show_errors)
+    from .volume_loader import FolderVolumeLoader
+
+    loader = FolderVolumeLoader(sel)
+    ref = sel.kept[0]
+    win = open_volume(loader.volume, title=f"MPR — {ref.patient_name} — {ref.series_description or ref.series_uid}",
+                      parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader))
+    if sel.warnings:
+        win.mpr.status.setToolTip("\n".join(sel.warnings))
+        win.mpr.status.setText("; ".join(sel.warnings)[:120])
+    return win

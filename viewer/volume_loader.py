@@ -1,0 +1,512 @@
+"""Progressive volume loading from the image server (H2, P9, P10, P11). No Qt.
+
+A loader fills a :class:`~viewer.volume.Volume` with the data of a series as it arrives.
+Its plan is data (STYLE 9): a list of :class:`LoadStage` — which images, at which
+resolution reduction and how many quality layers. Each stage is one packet transfer; the
+server sends a *recommendation* after every consistent set (every requested image at the
+same layer and resolution). On each "render" recommendation the loader decodes the images
+of that set and applies them to the volume in one batch, so a view redraws once per
+level and never shows slices at mixed levels (P9). Recommendations that arrive while a
+decode is running are coalesced: the latest wins.
+
+Two plans:
+
+* :func:`interleaved_plan` (H2): every n-th slice at a coarse resolution first, then all
+  slices coarse (the volume fills in between; slots not loaded yet are interpolated from
+  their neighbours), then everything at full resolution and quality.
+* :func:`slab_plan` with :class:`SlabVolumeLoader` (P10): thick slabs first, then the
+  details that make them thinner, each level at a resolution that keeps the voxels near
+  isotropic, down to the thin slices, bit-exact.
+
+:meth:`VolumeLoader.run` is a generator of :class:`LoadEvent` (STYLE 2): a worker turns
+each yield into a signal for the UI thread; :meth:`VolumeLoader.cancel` stops the
+transfer, and the generator ends at the next yield.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from client.pool import CancelToken
+from client.series import Callbacks, Cancelled, SeriesData, TransferProgress
+
+from .volume import SliceGeometry, Volume, VolumeError, VolumeUpdate, quality_key, volume_for_slices
+
+log = logging.getLogger("medview.volume_loader")
+
+__all__ = [
+    "LoadStage",
+    "LoadEvent",
+    "usable_images",
+    "volume_for_series",
+    "interleaved_plan",
+    "full_plan",
+    "slab_plan",
+    "VolumeLoader",
+    "SlabVolumeLoader",
+    "FolderVolumeLoader",
+    "load_all",
+]
+
+
+@dataclass(frozen=True)
+class LoadStage:
+    """One step of a progressive plan."""
+
+    name: str
+    comps: tuple[int, ...] | None        # series image indices (None: every volume image)
+    reduce: int | None                   # resolution reduction (None: full)
+    layers: int | None                   # quality layers (None: all)
+    level: int = 0                       # slab level (0 = thin slices)
+
+
+@dataclass(frozen=True)
+class LoadEvent:
+    """A consistent set applied to the volume."""
+
+    stage: LoadStage
+    layers: int
+    reduce: int
+    update: VolumeUpdate | None
+    received: int                        # bytes received so far (whole load)
+    final: bool                          # the last event of the plan
+
+
+# --------------------------------------------------------------------------- volumes
+def _floats(v, n):
+    if v is None or v == "":
+        return None
+    if isinstance(v, str):
+        v = v.split("\\")
+    out = tuple(float(x) for x in v)
+    return out if len(out) >= n else None
+
+
+def usable_images(images: Sequence[dict]) -> tuple[list[int], list[str]]:
+    """Indices of the series images that can form one volume (grey-level, placed, the
+    common orientation and size) and the reasons the others were left out."""
+    notes: list[str] = []
+    cand = []
+    for im in images:
+        if (im.get("SamplesPerPixel") or 1) != 1:
+            notes.append(f"image {im['index']}: colour")
+            continue
+        if not (_floats(im.get("ImagePositionPatient"), 3) and _floats(im.get("ImageOrientationPatient"), 6)
+                and _floats(im.get("PixelSpacing"), 2)):
+            notes.append(f"image {im['index']}: no position/orientation/spacing")
+            continue
+        cand.append(im)
+    if not cand:
+        return [], notes
+    key = lambda im: (tuple(round(v, 3) for v in _floats(im["ImageOrientationPatient"], 6)[:6]),  # noqa: E731
+                      im["Rows"], im["Columns"])
+    counts: dict = {}
+    for im in cand:
+        counts[key(im)] = counts.get(key(im), 0) + 1
+    best = max(counts, key=counts.get)
+    keep = []
+    for im in cand:
+        if key(im) == best:
+            keep.append(im["index"])
+        else:
+            notes.append(f"image {im['index']}: other orientation or size (localizer?)")
+    return keep, notes
+
+
+def volume_for_series(images: Sequence[dict], *, modality: str = "", series_uid: str = "",
+                      ) -> tuple[Volume, dict[int, int]]:
+    """An empty volume for the usable images of a server series (the ``images`` list of
+    ``/api/series/{uid}/images``); returns it and {image index: slot}."""
+    keep, notes = usable_images(images)
+    if not keep:
+        raise VolumeError("no image of this series can be placed in space")
+    ims = [images[i] for i in keep]
+    geoms = [SliceGeometry(_floats(im["ImagePositionPatient"], 3), _floats(im["ImageOrientationPatient"], 6),
+                           _floats(im["PixelSpacing"], 2)[:2], int(im["Rows"]), int(im["Columns"]),
+                           im.get("SpacingBetweenSlices") or im.get("SliceThickness"))
+             for im in ims]
+    rescales = [(float(im.get("RescaleSlope") or 1.0), float(im.get("RescaleIntercept") or 0.0)) for im in ims]
+    lo, hi = 0, 0
+    for im in ims:
+        b = int(im.get("bits_stored") or im.get("BitsStored") or 16)
+        if im.get("signed"):
+            lo, hi = min(lo, -(1 << (b - 1))), max(hi, (1 << (b - 1)) - 1)
+        else:
+            hi = max(hi, (1 << b) - 1)
+    raw = max(1, int(ims[0].get("BitsAllocated") or 16) // 8)
+    vol, slots = volume_for_slices(geoms, rescales, (lo, hi), modality=modality, series_uid=series_uid,
+                                   slice_ids=keep, raw_bytes_per_voxel=raw)
+    vol.warnings = notes + vol.warnings
+    return vol, dict(zip(keep, slots))
+
+
+# --------------------------------------------------------------------------- plans
+def _coarse_reduce(numres: int, size: int, target: int = 128) -> int:
+    r = 0
+    while r < numres - 1 and size >> (r + 1) >= target:
+        r += 1
+    return r
+
+
+def interleaved_plan(comps: Sequence[int], numres: int, size: int, *, step: int = 4,
+                     coarse_side: int = 128) -> list[LoadStage]:
+    """H2: every ``step``-th slice coarse (about ``coarse_side`` pixels), then all
+    slices coarse, then all at full resolution and quality. ``comps`` in slice order."""
+    comps = list(comps)
+    r = _coarse_reduce(numres, size, coarse_side)
+    sparse = comps[::step]
+    if comps and comps[-1] not in sparse:
+        sparse.append(comps[-1])
+    stages = []
+    if step > 1 and len(sparse) < len(comps):
+        nth = {2: "2nd", 3: "3rd"}.get(step, f"{step}th")
+        stages.append(LoadStage(f"every {nth} slice, 1/{1 << r} resolution", tuple(sparse), r, 1))
+    if r > 0:
+        stages.append(LoadStage(f"all slices, 1/{1 << r} resolution", None, r, 1))
+    stages.append(LoadStage("all slices, full resolution and quality", None, 0, None))
+    return stages
+
+
+def full_plan() -> list[LoadStage]:
+    """Everything at full resolution and quality in one transfer."""
+    return [LoadStage("all slices, full resolution and quality", None, 0, None)]
+
+
+def slab_plan(levels: int, numres: int, slice_spacing: float, pixel_spacing: float,
+              ) -> list[LoadStage]:
+    """P10: slabs of level L, L-1, ... 0, each at the resolution that keeps voxels near
+    isotropic (:func:`codestream.slabs.isotropic_reduce`); the last stage is full."""
+    from codestream.slabs import isotropic_reduce
+
+    stages = []
+    for k in range(levels, -1, -1):
+        r = isotropic_reduce(k, slice_spacing, pixel_spacing, numres) if k else 0
+        label = f"slabs of {1 << k} slices" if k else "thin slices"
+        stages.append(LoadStage(f"{label}, 1/{1 << r} resolution", None, r, None, k))
+    return stages
+
+
+# --------------------------------------------------------------------------- loaders
+class VolumeLoader:
+    """Fills a volume from a :class:`~client.series.SeriesData` following a plan."""
+
+    def __init__(self, series: SeriesData, volume: Volume | None = None,
+                 slots: dict[int, int] | None = None, plan: Sequence[LoadStage] | None = None, *,
+                 decode_threads: int = 2,
+                 on_progress: Callable[[TransferProgress], None] | None = None) -> None:
+        self.series = series
+        if volume is None:
+            volume, slots = volume_for_series(series.images, modality=str(series.info.get("Modality") or ""),
+                                              series_uid=series.uid)
+        self.volume = volume
+        self.volume.target_quality = quality_key(0, max(int(im["nlayers"]) for im in series.images))
+        self.slots = dict(slots or {})
+        self.comps = sorted(self.slots, key=lambda c: self.slots[c])      # slice order
+        if plan is None:
+            im = series.images[self.comps[0]]
+            plan = interleaved_plan(self.comps, int(im["numres"]), max(int(im["Rows"]), int(im["Columns"])))
+        self.plan = list(plan)
+        self.decode_threads = max(1, decode_threads)
+        self.on_progress = on_progress
+        self.token = CancelToken()
+        self.received = 0
+        self._last_update: VolumeUpdate | None = None
+        self._transfer = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ control
+    def cancel(self) -> None:
+        self.token.cancel()
+        with self._lock:
+            t = self._transfer
+        if t is not None:
+            t.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
+    # ------------------------------------------------------------------ running
+    def stage_comps(self, stage: LoadStage) -> list[int]:
+        return list(stage.comps) if stage.comps is not None else list(self.comps)
+
+    def run(self) -> Iterator[LoadEvent]:
+        """Run the plan; yields a :class:`LoadEvent` after each consistent set applied."""
+        for n, stage in enumerate(self.plan):
+            if self.cancelled:
+                return
+            last_stage = n == len(self.plan) - 1
+            yield from self._run_stage(stage, last_stage)
+
+    def _run_stage(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
+        comps = self.stage_comps(stage)
+        q: queue.Queue = queue.Queue()
+        base = self.received
+
+        def progress(p: TransferProgress) -> None:
+            self.received = base + p.received
+            if self.on_progress:
+                self.on_progress(TransferProgress(self.received, p.requested, p.total, p.elapsed))
+
+        cb = Callbacks(on_recommend=lambda m: q.put(("rec", m)), on_progress=progress)
+        transfer = self.series.transfer(comps=comps, layers=stage.layers, reduce=stage.reduce,
+                                        order="quality", callbacks=cb)
+        with self._lock:
+            self._transfer = transfer
+
+        def work() -> None:
+            try:
+                q.put(("done", transfer.run(self.token)))
+            except BaseException as e:  # noqa: BLE001 - delivered to the generator
+                q.put(("error", e))
+
+        thread = threading.Thread(target=work, name="medview-volume-transfer", daemon=True)
+        thread.start()
+        want_layers = stage.layers or max(int(self.series.images[c]["nlayers"]) for c in comps)
+        want_reduce = stage.reduce or 0
+        applied: tuple[int, int] | None = None
+        try:
+            finished = False
+            while not finished:
+                items = [q.get()]
+                while True:                        # coalesce: the latest recommendation wins
+                    try:
+                        items.append(q.get_nowait())
+                    except queue.Empty:
+                        break
+                rec = None
+                for kind, payload in items:
+                    if kind == "rec" and payload.get("action") == "render":
+                        rec = payload
+                    elif kind == "error":
+                        if isinstance(payload, Cancelled) or self.cancelled:
+                            return
+                        raise payload
+                    elif kind == "done":
+                        finished = True
+                if self.cancelled:
+                    return
+                if finished:
+                    # the final level, also when the cache already held it (no recommendation)
+                    if applied != (want_layers, want_reduce):
+                        ev = self._apply(stage, comps, want_layers, want_reduce, last_stage)
+                        if ev is not None:
+                            yield ev
+                    elif last_stage:        # already shown: only say that it is the end
+                        yield LoadEvent(stage, want_layers, want_reduce, self._last_update,
+                                        self.received, True)
+                    break
+                if rec is not None:
+                    layers = int(rec["layers"])
+                    reduce = max(int(self.series.images[comps[0]]["numres"]) - 1 - int(rec["res"]), 0)
+                    ev = self._apply(stage, comps, layers, reduce, False)
+                    applied = (layers, reduce)
+                    if ev is not None:
+                        yield ev
+        finally:
+            if thread.is_alive() and self.cancelled:
+                transfer.cancel()
+            with self._lock:
+                self._transfer = None
+
+    def _decode(self, comps: list[int], layers: int, reduce: int) -> dict[int, object]:
+        """Decode ``comps`` (in parallel; OpenJPEG releases the GIL)."""
+        def one(c):
+            if self.cancelled:
+                return c, None
+            try:
+                return c, self.series.decode(c, reduce=reduce, layers=layers)
+            except Exception as e:  # noqa: BLE001 - an image with nothing held yet
+                log.debug("image %d not decodable yet: %s", c, e)
+                return c, None
+        if self.decode_threads == 1 or len(comps) < 2:
+            return dict(one(c) for c in comps)
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="medview-volume-decode") as ex:
+            return dict(ex.map(one, comps))
+
+    def _apply(self, stage: LoadStage, comps: list[int], layers: int, reduce: int,
+               final: bool) -> LoadEvent | None:
+        target = quality_key(reduce, layers, stage.level)
+        with self.volume.lock:
+            comps = [c for c in comps if self.volume.own[self.slots[c]] < target]
+        decoded = self._decode(comps, layers, reduce)
+        if self.cancelled:
+            return None
+        updates: list[VolumeUpdate] = []
+        self.volume.subscribe(updates.append)
+        try:
+            with self.volume.batch(f"{stage.name}: {layers} layer(s), reduce {reduce}"):
+                for c in comps:
+                    d = decoded.get(c)
+                    if d is None:
+                        continue
+                    im = self.series.images[c]
+                    self.volume.set_slice(self.slots[c], d.pixels,
+                                          slope=float(im.get("RescaleSlope") or 1.0),
+                                          intercept=float(im.get("RescaleIntercept") or 0.0),
+                                          quality=quality_key(d.reduce, min(d.layers, layers), stage.level))
+        finally:
+            self.volume.unsubscribe(updates.append)
+        if updates:
+            self._last_update = updates[-1]
+        return LoadEvent(stage, layers, reduce, self._last_update, self.received, final)
+
+
+class SlabVolumeLoader(VolumeLoader):
+    """Thick to thin (P10): fills the volume from the slab pyramid of a series.
+
+    ``slab_series`` is a :class:`client.slabs.SlabSeries`, or a no-argument callable that
+    makes one: it is then called at the start of :meth:`run` (on the loader's thread —
+    the server builds a pyramid on first use, which can take a while). ``plain_images``
+    is the images list of the plain series, for the volume geometry (default: fetched
+    through the slab series' session; required with a callable).
+    """
+
+    def __init__(self, slab_series, plain_images: Sequence[dict] | None = None, *,
+                 decode_threads: int = 2, modality: str | None = None,
+                 on_progress: Callable[[TransferProgress], None] | None = None) -> None:
+        factory = None
+        if callable(slab_series) and not isinstance(slab_series, SeriesData):
+            factory, slab_series = slab_series, None
+            if plain_images is None:
+                raise ValueError("plain_images is needed when the slab series is made later")
+        images = plain_images or slab_series.session.series_images(slab_series.uid)["images"]
+        if modality is None:
+            modality = str(slab_series.info.get("Modality") or "") if slab_series is not None else ""
+        uid = slab_series.uid if slab_series is not None else ""
+        volume, self.plain_slots = volume_for_series(images, modality=modality, series_uid=uid)
+        # what VolumeLoader.__init__ sets, without a series yet
+        self.series = slab_series
+        self.volume = volume
+        self.slots: dict[int, int] = {}
+        self.comps: list[int] = []
+        self.plan: list[LoadStage] = []
+        self.decode_threads = max(1, decode_threads)
+        self.on_progress = on_progress
+        self.token = CancelToken()
+        self.received = 0
+        self._last_update: VolumeUpdate | None = None
+        self._transfer = None
+        self._lock = threading.Lock()
+        self._factory = factory
+        self.slab_series = slab_series
+        self.thin_slots: list[int] = []
+        if slab_series is not None:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        """Fit the pyramid to the volume and write the plan (once the slab series exists)."""
+        if self.slab_series is None:
+            self.slab_series = self._factory()
+        ss = self.series = self.slab_series
+        if sorted(ss.order) != sorted(self.plain_slots):
+            raise VolumeError("the slab pyramid and the usable images of the series differ")
+        self.volume.series_uid = ss.uid
+        self.thin_slots = [self.plain_slots[c] for c in ss.order]
+        self.volume.target_quality = quality_key(0, max(int(im["nlayers"]) for im in ss.images))
+        geom = self.volume.geometry
+        self.plan = slab_plan(ss.depth, int(ss.images[0]["numres"]), geom.slice_spacing,
+                              min(geom.spacing[:2]))
+
+    def run(self) -> Iterator[LoadEvent]:
+        if not self.plan:
+            self._prepare()
+        yield from super().run()
+
+    def stage_comps(self, stage: LoadStage) -> list[int]:
+        return self.slab_series.comps_for_level(stage.level)
+
+    def _decode(self, comps, layers, reduce):     # not used: reconstruct() decodes
+        raise NotImplementedError
+
+    def _apply(self, stage: LoadStage, comps: list[int], layers: int, reduce: int,
+               final: bool) -> LoadEvent | None:
+        if self.cancelled:
+            return None
+        try:
+            lv = self.slab_series.reconstruct(stage.level, reduce=reduce, layers=layers)
+        except ValueError as e:                    # a band with nothing decodable yet
+            log.debug("slabs of level %d not ready: %s", stage.level, e)
+            return None
+        info = self.slab_series.images[0]
+        slope = float(info.get("RescaleSlope") or 1.0)
+        intercept = float(info.get("RescaleIntercept") or 0.0)
+        q = quality_key(lv.reduce, layers, stage.level)
+        updates: list[VolumeUpdate] = []
+        self.volume.subscribe(updates.append)
+        try:
+            with self.volume.batch(f"{stage.name}: {layers} layer(s), reduce {lv.reduce}"):
+                for slab, (start, stop) in zip(lv.slabs, lv.spans):
+                    for t in range(start, stop):
+                        self.volume.set_slice(self.thin_slots[t], slab, slope=slope,
+                                              intercept=intercept, quality=q)
+        finally:
+            self.volume.unsubscribe(updates.append)
+        if updates:
+            self._last_update = updates[-1]
+        return LoadEvent(stage, layers, lv.reduce, self._last_update, self.received, final)
+
+
+class FolderVolumeLoader:
+    """Fills the volume of a :class:`~viewer.series_select.SeriesSelection` from the files
+    on disk, interleaved too: every ``step``-th slice first (the rest interpolated), then
+    the others. Same ``run()`` / ``cancel()`` contract as :class:`VolumeLoader`."""
+
+    def __init__(self, selection, *, step: int = 4) -> None:
+        self.selection = selection
+        self.volume, self.slots = selection.empty_volume()
+        self.comps: list[int] = []
+        self.step = max(1, step)
+        self.token = CancelToken()
+        self.on_progress = None
+        self.received = 0
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
+
+    def run(self) -> Iterator[LoadEvent]:
+        kept = self.selection.kept
+        order = list(range(0, len(kept), self.step))
+        rest = [k for k in range(len(kept)) if k not in set(order)]
+        nth = {2: "2nd", 3: "3rd"}.get(self.step, f"{self.step}th")
+        stages = [(LoadStage(f"every {nth} slice from disk", tuple(order), 0, None), order)]
+        if rest:
+            stages.append((LoadStage("all slices from disk", None, 0, None), rest))
+        datasets: dict = {}
+        for n, (stage, ks) in enumerate(stages):
+            updates: list[VolumeUpdate] = []
+            self.volume.subscribe(updates.append)
+            try:
+                with self.volume.batch(stage.name):
+                    for k in ks:
+                        if self.cancelled:
+                            return
+                        c = kept[k]
+                        key = c.path if c.path is not None else c.sop_uid
+                        ds = datasets.get(key)
+                        if ds is None:
+                            datasets.clear()
+                            ds = datasets[key] = c.dataset()
+                        self.volume.set_slice(self.slots[k], c.load_stored(ds), slope=c.slope,
+                                              intercept=c.intercept)
+                        self.received += 1
+            finally:
+                self.volume.unsubscribe(updates.append)
+            yield LoadEvent(stage, 0, 0, updates[-1] if updates else None, self.received,
+                            n == len(stages) - 1)
+
+
+def load_all(loader: VolumeLoader, on_event: Callable[[LoadEvent], None] | None = None) -> Volume:
+    """Run a loader to the end on this thread (CLI, tests)."""
+    for ev in loader.run():
+        if on_event:
+            on_event(ev)
+    return loader.volume

@@ -1,0 +1,464 @@
+"""Volume rendering with VTK, without Qt: presets, scene, offscreen rendering.
+
+:class:`VrScene` shows a :class:`~viewer.volume.Volume` (bound to its voxel array without
+a copy; ``refresh()`` after the voxels changed) in patient space: the image carries the
+voxel spacing and a user matrix the grid's directions and origin, so oblique and tilted
+acquisitions render in their true shape. The camera starts with the anterior view (the
+patient faces the viewer, head up, patient's left on screen right).
+
+Presets (:data:`PRESETS`) are transfer functions in modality units: CT bone, CT soft
+tissue, CT angio, MIP (maximum intensity along each ray, windowed), MR default (relative
+to the data's value range). Cropping (a box in fractions of the volume) and one clip
+plane (in patient coordinates) cut the volume open.
+
+Speed: with a software OpenGL (llvmpipe, OSMesa...) the GPU ray caster is very slow, so
+the multithreaded CPU ray caster (``vtkFixedPointVolumeRayCastMapper``) is used there and
+the GPU one on real hardware (``MEDVIEW_VR_MAPPER=gpu|cpu`` overrides). While the user
+interacts, :meth:`VrScene.set_interactive` samples rays and pixels more coarsely; when
+still, at full quality.
+
+Offscreen (``medview render``, tests, the widget's image mode): :func:`offscreen_window`
+tries the platform's default window when a display is present, then EGL, then OSMesa,
+and raises :class:`VrUnavailable` naming what failed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .volume import Volume
+
+log = logging.getLogger("medview.vr")
+
+__all__ = ["VrPreset", "PRESETS", "preset", "VrUnavailable", "offscreen_window",
+           "offscreen_backend", "VrScene", "projection_rotation"]
+
+
+@dataclass(frozen=True)
+class VrPreset:
+    """A volume rendering preset. Points are (value, r, g, b) and (value, opacity), in
+    modality units, or in fractions of the value range when ``relative``."""
+
+    name: str
+    colors: tuple[tuple[float, float, float, float], ...]
+    opacity: tuple[tuple[float, float], ...]
+    blend: str = "composite"             # or "mip"
+    shade: bool = True
+    relative: bool = False
+    ambient: float = 0.2
+    diffuse: float = 0.8
+    specular: float = 0.3
+
+
+PRESETS: tuple[VrPreset, ...] = (
+    VrPreset("CT bone",
+             ((-1000, 0, 0, 0), (150, 0.55, 0.25, 0.15), (300, 0.88, 0.60, 0.29), (1000, 1, 0.94, 0.95),
+              (3000, 1, 1, 1)),
+             ((-1000, 0), (150, 0), (300, 0.15), (1000, 0.85), (3000, 0.9))),
+    VrPreset("CT soft tissue",
+             ((-1000, 0, 0, 0), (-500, 0.55, 0.25, 0.15), (-100, 0.85, 0.6, 0.45), (40, 0.9, 0.45, 0.35),
+              (300, 1, 0.9, 0.8), (3000, 1, 1, 1)),
+             ((-1000, 0), (-600, 0), (-400, 0.02), (-100, 0.08), (40, 0.25), (300, 0.6), (3000, 0.8))),
+    VrPreset("CT angio",
+             ((-1000, 0, 0, 0), (100, 0.4, 0.05, 0.05), (250, 0.9, 0.25, 0.15), (500, 1, 0.85, 0.7),
+              (3000, 1, 1, 1)),
+             ((-1000, 0), (120, 0), (200, 0.25), (450, 0.7), (3000, 0.85))),
+    VrPreset("MIP", ((0.0, 0, 0, 0), (1.0, 1, 1, 1)), ((0.0, 1.0), (1.0, 1.0)), blend="mip",
+             shade=False, relative=True),
+    VrPreset("MR default",
+             ((0.0, 0, 0, 0), (0.25, 0.5, 0.4, 0.35), (0.6, 0.95, 0.85, 0.75), (1.0, 1, 1, 1)),
+             ((0.0, 0), (0.15, 0), (0.35, 0.08), (0.7, 0.4), (1.0, 0.8)), relative=True),
+)
+
+
+def preset(name: str) -> VrPreset:
+    for p in PRESETS:
+        if p.name.lower() == name.lower():
+            return p
+    raise KeyError(f"unknown VR preset {name!r}; known: {', '.join(p.name for p in PRESETS)}")
+
+
+def projection_rotation(a: float, b: float) -> np.ndarray:
+    """For ``--view mip|vr --angles A,B``: turn the patient ``A`` degrees about the
+    head-foot axis (z), then tilt ``B`` degrees about the left-right axis (x)."""
+    from .mpr import rotation_matrix
+
+    return rotation_matrix((1, 0, 0), b) @ rotation_matrix((0, 0, 1), a)
+
+
+# --------------------------------------------------------------------------- offscreen
+class VrUnavailable(RuntimeError):
+    """No OpenGL context could be made for volume rendering (with what was tried)."""
+
+
+_probe_lock = threading.Lock()
+_backend: str | None = None
+_failures: list[str] = []
+
+
+def _candidates() -> list[str]:
+    forced = os.environ.get("VTK_DEFAULT_OPENGL_WINDOW")
+    out = [forced] if forced else []
+    if os.environ.get("DISPLAY") and "vtkXOpenGLRenderWindow" not in out:
+        out.append("vtkXOpenGLRenderWindow")
+    for name in ("vtkEGLRenderWindow", "vtkOSOpenGLRenderWindow"):
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _make_window(name: str):
+    import vtkmodules.vtkRenderingOpenGL2 as gl
+
+    cls = getattr(gl, name, None)
+    if cls is None:
+        raise VrUnavailable(f"{name} is not part of this VTK build")
+    return cls()
+
+
+def _works(name: str) -> str | None:
+    """None when an offscreen window of class ``name`` renders, else the problem."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkRenderingCore import vtkRenderer, vtkWindowToImageFilter
+
+    try:
+        rw = _make_window(name)
+        rw.SetOffScreenRendering(1)
+        rw.SetSize(4, 4)
+        ren = vtkRenderer()
+        ren.SetBackground(1.0, 0.0, 0.0)
+        rw.AddRenderer(ren)
+        rw.Render()
+        grab = vtkWindowToImageFilter()
+        grab.SetInput(rw)
+        grab.Update()
+        px = vtk_to_numpy(grab.GetOutput().GetPointData().GetScalars())
+        rw.Finalize()
+        if px.size == 0 or int(px[0][0]) < 200:
+            return "renders nothing"
+    except Exception as e:  # noqa: BLE001 - any failure means: try the next one
+        return str(e) or type(e).__name__
+    return None
+
+
+def offscreen_backend() -> str:
+    """The render window class used offscreen (probed once per process)."""
+    global _backend
+    with _probe_lock:
+        if _backend is None:
+            for name in _candidates():
+                problem = _works(name)
+                if problem is None:
+                    _backend = name
+                    break
+                _failures.append(f"{name}: {problem}")
+                log.info("offscreen OpenGL %s unusable: %s", name, problem)
+            else:
+                raise VrUnavailable("no offscreen OpenGL for volume rendering: tried "
+                                    + "; ".join(_failures)
+                                    + " (install libEGL or libOSMesa, or run with a display)")
+        return _backend
+
+
+def offscreen_window(size: tuple[int, int]):
+    """A new offscreen vtkRenderWindow of ``size`` (w, h)."""
+    rw = _make_window(offscreen_backend())
+    rw.SetOffScreenRendering(1)
+    rw.SetSize(int(size[0]), int(size[1]))
+    return rw
+
+
+def is_software_gl(render_window) -> bool:
+    """True for a software OpenGL (no GPU): the CPU ray caster is then much faster.
+
+    An offscreen window is rendered once first so that its OpenGL context (and the
+    renderer string) exists; an on-screen window must have been initialised."""
+    try:
+        caps = render_window.ReportCapabilities() or ""
+        if "renderer string" not in caps and render_window.GetOffScreenRendering():
+            render_window.Render()
+            caps = render_window.ReportCapabilities() or ""
+    except Exception:  # noqa: BLE001
+        return True
+    low = caps.lower()
+    if "renderer string" not in low:
+        return False                 # unknown yet (a desktop window): assume hardware
+    return any(k in low for k in ("llvmpipe", "softpipe", "swrast", "software rasterizer"))
+
+
+# --------------------------------------------------------------------------- scene
+@dataclass
+class _Quality:
+    image_sample: float = 1.0
+    sample: float = 1.0
+
+
+class VrScene:
+    """A volume in a VTK renderer (see the module docstring)."""
+
+    def __init__(self, volume: Volume, render_window=None, *, mapper: str | None = None) -> None:
+        from vtkmodules.util.numpy_support import numpy_to_vtk
+        from vtkmodules.vtkCommonDataModel import vtkImageData
+        from vtkmodules.vtkCommonMath import vtkMatrix4x4
+        from vtkmodules.vtkRenderingCore import (vtkColorTransferFunction, vtkRenderer, vtkVolume,
+                                                 vtkVolumeProperty)
+        from vtkmodules.vtkCommonDataModel import vtkPiecewiseFunction
+        # the OpenGL implementations must be registered before a renderer is made
+        # (without them vtkRenderer is the abstract base class and rendering crashes)
+        import vtkmodules.vtkRenderingOpenGL2  # noqa: F401
+        import vtkmodules.vtkRenderingVolumeOpenGL2  # noqa: F401
+
+        self.volume = volume
+        g = volume.geometry
+        nz, ny, nx = volume.shape
+        sx, sy, sz = g.spacing
+        image = vtkImageData()
+        image.SetDimensions(nx, ny, nz)
+        image.SetSpacing(sx, sy, sz)
+        image.SetOrigin(0.0, 0.0, 0.0)
+        image.GetPointData().SetScalars(numpy_to_vtk(volume.data.reshape(-1), deep=False))
+        self.image = image
+        m = vtkMatrix4x4()
+        directions = g.matrix / np.array([sx, sy, sz])
+        for r in range(3):
+            for c in range(3):
+                m.SetElement(r, c, float(directions[r, c]))
+            m.SetElement(r, 3, float(g.origin[r]))
+        self.render_window = render_window if render_window is not None else offscreen_window((512, 512))
+        self.renderer = vtkRenderer()
+        self.renderer.SetBackground(0.0, 0.0, 0.0)
+        self.render_window.AddRenderer(self.renderer)
+        kind = (mapper or os.environ.get("MEDVIEW_VR_MAPPER") or "").lower()
+        if kind not in ("gpu", "cpu"):
+            kind = "cpu" if is_software_gl(self.render_window) else "gpu"
+        self.mapper_kind = kind
+        if kind == "gpu":
+            from vtkmodules.vtkRenderingVolume import vtkGPUVolumeRayCastMapper as Mapper
+        else:
+            from vtkmodules.vtkRenderingVolume import vtkFixedPointVolumeRayCastMapper as Mapper
+        self.mapper = Mapper()
+        self.mapper.SetInputData(image)
+        self.mapper.SetAutoAdjustSampleDistances(0)
+        if kind == "cpu":
+            self.mapper.SetNumberOfThreads(max(1, os.cpu_count() or 1))
+        self.ctf = vtkColorTransferFunction()
+        self.otf = vtkPiecewiseFunction()
+        self.prop = vtkVolumeProperty()
+        self.prop.SetColor(self.ctf)
+        self.prop.SetScalarOpacity(self.otf)
+        self.prop.SetInterpolationTypeToLinear()
+        self.actor = vtkVolume()
+        self.actor.SetMapper(self.mapper)
+        self.actor.SetProperty(self.prop)
+        self.actor.SetUserMatrix(m)
+        self.renderer.AddVolume(self.actor)
+        self.preset: VrPreset = PRESETS[0]
+        self.window: tuple[float, float] | None = None
+        base = float(min(g.spacing))
+        self.still = _Quality(1.0, base)
+        self.moving = _Quality(2.5, base * 3.0)
+        self.interactive = False
+        self.crop: tuple[tuple[float, float], ...] | None = None
+        self.clip: tuple[np.ndarray, np.ndarray] | None = None
+        self._clip_plane = None
+        self._apply_quality()
+        self.set_preset("MR default" if volume.modality.upper() not in ("CT", "") else "CT bone")
+        self.reset_camera()
+
+    # ------------------------------------------------------------------ data
+    def refresh(self) -> None:
+        """The voxels changed in place (a progressive update): render them next time."""
+        self.image.Modified()
+        if self.preset.relative:
+            self.set_preset(self.preset.name)
+
+    # ------------------------------------------------------------------ look
+    def _to_storage(self, v: float) -> float:
+        return (v - self.volume.offset) / self.volume.scale
+
+    def set_preset(self, name: str | VrPreset, window: tuple[float, float] | None = None) -> None:
+        """Apply a preset; ``window`` (centre, width in modality units) drives MIP."""
+        p = name if isinstance(name, VrPreset) else preset(name)
+        self.preset = p
+        if window is not None:
+            self.window = window
+        if p.relative:
+            if p.blend == "mip" and self.window is not None:
+                c, w = self.window
+                lo, hi = c - w / 2, c + w / 2
+            else:
+                lo, hi = self._robust_range()
+            to_value = lambda f: lo + f * (hi - lo)  # noqa: E731
+        else:
+            to_value = lambda f: f  # noqa: E731
+        self.ctf.RemoveAllPoints()
+        for v, r, g, b in p.colors:
+            self.ctf.AddRGBPoint(self._to_storage(to_value(v)), r, g, b)
+        self.otf.RemoveAllPoints()
+        for v, a in p.opacity:
+            self.otf.AddPoint(self._to_storage(to_value(v)), a)
+        if p.shade:
+            self.prop.ShadeOn()
+            self.prop.SetAmbient(p.ambient)
+            self.prop.SetDiffuse(p.diffuse)
+            self.prop.SetSpecular(p.specular)
+        else:
+            self.prop.ShadeOff()
+        if p.blend == "mip":
+            self.mapper.SetBlendModeToMaximumIntensity()
+        else:
+            self.mapper.SetBlendModeToComposite()
+
+    def set_window(self, center: float, width: float) -> None:
+        """The shared window (used by the MIP preset)."""
+        self.window = (float(center), max(float(width), 1.0))
+        if self.preset.blend == "mip":
+            self.set_preset(self.preset)
+
+    def _robust_range(self) -> tuple[float, float]:
+        data = self.volume.data
+        step = max(1, data.size // 200_000)
+        sample = self.volume.to_modality(data.reshape(-1)[::step])
+        lo, hi = np.percentile(sample, [1.0, 99.8])
+        return float(lo), float(max(hi, lo + 1.0))
+
+    # ------------------------------------------------------------------ cutting
+    def set_crop(self, box: Sequence[Sequence[float]] | None) -> None:
+        """Keep only ``box`` = ((x0, x1), (y0, y1), (z0, z1)) in fractions of the volume
+        (index axes: columns, rows, slices); None shows everything."""
+        if box is None:
+            self.crop = None
+            self.mapper.CroppingOff()
+            return
+        nz, ny, nx = self.volume.shape
+        sx, sy, sz = self.volume.geometry.spacing
+        planes = []
+        for (a, b), n, s in zip(box, (nx, ny, nz), (sx, sy, sz)):
+            a, b = sorted((min(max(a, 0.0), 1.0), min(max(b, 0.0), 1.0)))
+            planes += [a * (n - 1) * s, b * (n - 1) * s]
+        self.crop = tuple((planes[i], planes[i + 1]) for i in (0, 2, 4))
+        self.mapper.SetCroppingRegionPlanes(*planes)
+        self.mapper.SetCroppingRegionFlagsToSubVolume()
+        self.mapper.CroppingOn()
+
+    def set_clip_plane(self, origin: Sequence[float] | None, normal: Sequence[float] | None = None) -> None:
+        """Cut away what lies on the ``normal`` side of the plane through ``origin``
+        (patient coordinates); None removes the cut."""
+        from vtkmodules.vtkCommonDataModel import vtkPlane
+
+        self.mapper.RemoveAllClippingPlanes()
+        if origin is None:
+            self.clip = None
+            return
+        n = -np.asarray(normal, float) / np.linalg.norm(normal)     # VTK keeps the normal side
+        plane = vtkPlane()
+        plane.SetOrigin(*map(float, origin))
+        plane.SetNormal(*map(float, n))
+        self.mapper.AddClippingPlane(plane)
+        self._clip_plane = plane
+        self.clip = (np.asarray(origin, float), -n)
+
+    # ------------------------------------------------------------------ camera
+    def reset_camera(self, rotation: np.ndarray | None = None) -> None:
+        """Anterior view (optionally turned by ``rotation``), the whole volume in view."""
+        r = np.eye(3) if rotation is None else np.asarray(rotation, float)
+        cam = self.renderer.GetActiveCamera()
+        c = self.volume.geometry.center
+        direction = r @ np.array([0.0, 1.0, 0.0])           # looking posterior
+        up = r @ np.array([0.0, 0.0, 1.0])                   # head up
+        cam.SetFocalPoint(*map(float, c))
+        cam.SetPosition(*map(float, c - direction * 1000.0))
+        cam.SetViewUp(*map(float, up))
+        self.renderer.ResetCamera()
+        cam.SetParallelProjection(False)
+        self.renderer.ResetCameraClippingRange()
+
+    def rotate(self, azimuth: float, elevation: float) -> None:
+        cam = self.renderer.GetActiveCamera()
+        cam.Azimuth(azimuth)
+        cam.Elevation(elevation)
+        cam.OrthogonalizeViewUp()
+        self.renderer.ResetCameraClippingRange()
+
+    def zoom(self, factor: float) -> None:
+        self.renderer.GetActiveCamera().Dolly(factor)
+        self.renderer.ResetCameraClippingRange()
+
+    def pan(self, dx: float, dy: float) -> None:
+        """Move the view by a fraction (dx, dy) of its width/height."""
+        cam = self.renderer.GetActiveCamera()
+        fp = np.array(cam.GetFocalPoint())
+        pos = np.array(cam.GetPosition())
+        up = np.array(cam.GetViewUp())
+        d = fp - pos
+        dist = np.linalg.norm(d)
+        right = np.cross(d / dist, up)
+        height = 2 * dist * np.tan(np.radians(cam.GetViewAngle() / 2))
+        shift = (-dx * right + dy * up) * height
+        cam.SetFocalPoint(*(fp + shift))
+        cam.SetPosition(*(pos + shift))
+
+    # ------------------------------------------------------------------ quality
+    def set_interactive(self, on: bool) -> None:
+        """Coarser sampling while the user drags; full quality when still."""
+        self.interactive = bool(on)
+        self._apply_quality()
+
+    def _apply_quality(self) -> None:
+        q = self.moving if self.interactive else self.still
+        self.mapper.SetImageSampleDistance(q.image_sample)
+        self.mapper.SetSampleDistance(q.sample)
+
+    # ------------------------------------------------------------------ output
+    def render(self) -> None:
+        self.render_window.Render()
+
+    def to_array(self) -> np.ndarray:
+        """Render and return the picture as (h, w, 3) uint8, top row first."""
+        from vtkmodules.util.numpy_support import vtk_to_numpy
+        from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
+
+        self.render_window.Render()
+        grab = vtkWindowToImageFilter()
+        grab.SetInput(self.render_window)
+        grab.SetInputBufferTypeToRGB()
+        grab.ReadFrontBufferOff()
+        grab.Update()
+        img = grab.GetOutput()
+        w, h, _ = img.GetDimensions()
+        arr = vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3]
+        return np.ascontiguousarray(arr[::-1])
+
+    def set_size(self, w: int, h: int) -> None:
+        self.render_window.SetSize(max(1, int(w)), max(1, int(h)))
+
+    def close(self) -> None:
+        try:
+            self.renderer.RemoveAllViewProps()
+            self.render_window.RemoveRenderer(self.renderer)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def render_volume(volume: Volume, *, size: tuple[int, int] = (512, 512), preset_name: str | None = None,
+                  rotation: np.ndarray | None = None, window: tuple[float, float] | None = None,
+                  crop=None, interactive: bool = False) -> np.ndarray:
+    """One offscreen picture of a volume (for ``medview render --view vr`` and tests)."""
+    scene = VrScene(volume, offscreen_window(size))
+    try:
+        if preset_name:
+            scene.set_preset(preset_name, window)
+        elif window is not None:
+            scene.window = window
+        scene.set_crop(crop)
+        scene.reset_camera(rotation)
+        scene.set_interactive(interactive)
+        return scene.to_array()
+    finally:
+        scene.close()
+        scene.render_window.Finalize()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from codestream.ranges import format_ranges, parse_ranges
+
 from .session import ServerError
 
 
@@ -25,31 +27,6 @@ class RightsLimited(ServerError):
                                         "denied": [denied], **limits.to_body()})
         self.limits = limits
 
-
-def parse_ranges(text: str) -> set[int]:
-    out: set[int] = set()
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.update(range(int(a), int(b) + 1))
-        else:
-            out.add(int(part))
-    return out
-
-
-def _ranges(values) -> str:
-    vals = sorted(set(values))
-    out, i = [], 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def is_rights_body(body: dict | None) -> bool:
@@ -86,7 +63,7 @@ class Limits:
         if self.regions is not None:
             d["allowed_regions"] = [list(r) for r in self.regions]
         if self.images is not None:
-            d["allowed_images"] = _ranges(self.images)
+            d["allowed_images"] = format_ranges(self.images)
         if self.versions is not None:
             d["allowed_versions"] = list(self.versions)
         return d
@@ -105,9 +82,9 @@ class Limits:
             asked = parse_ranges(p["comps"]) if p.get("comps") else set(range(n))
             keep = asked & self.images
             if not keep:
-                raise RightsLimited(f"none of images {_ranges(asked)} may be loaded "
-                                    f"(allowed: {_ranges(self.images) or 'none'})", self, "images")
-            p["comps"] = _ranges(keep)
+                raise RightsLimited(f"none of images {format_ranges(asked)} may be loaded "
+                                    f"(allowed: {format_ranges(self.images) or 'none'})", self, "images")
+            p["comps"] = format_ranges(keep)
         comps = parse_ranges(p["comps"]) if p.get("comps") else set(range(n))
         ims = [images[c] for c in sorted(comps) if c < n] or images
         if self.max_layers is not None:

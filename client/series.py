@@ -24,12 +24,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from codestream import framing
+from codestream.ranges import format_ranges
 from codestream.databins import BinSet
 from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppParser
 
@@ -267,7 +268,7 @@ class SeriesData:
         the request never asks for more resolution than that (V4)."""
         params: dict = {"target": self.uid, "order": order}
         if comps is not None:
-            params["comps"] = _ranges(comps)
+            params["comps"] = format_ranges(comps)
         if layers is not None:
             params["layers"] = layers
         red = reduce
@@ -285,7 +286,7 @@ class SeriesData:
     def can_fetch(self, comps: list[int] | None = None) -> bool:
         """False when the rights allow none of these images."""
         try:
-            self.limits.clamp({"comps": _ranges(comps) if comps else None}, self.images)
+            self.limits.clamp({"comps": format_ranges(comps) if comps else None}, self.images)
             return True
         except RightsLimited:
             return False
@@ -303,17 +304,6 @@ class SeriesData:
             red += 1
         return red
 
-
-def _ranges(values: list[int]) -> str:
-    vals = sorted(set(values))
-    out, i = [], 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 class Transfer:

@@ -46,6 +46,7 @@ from typing import Callable, Iterator
 from codestream import framing
 from codestream.databins import split_databins
 from codestream.index import PacketIndex
+from codestream.ranges import parse_ranges as _parse_ranges
 from codestream.jpp import (EOR_BYTE_LIMIT, EOR_WINDOW_DONE, MAIN_HEADER, PRECINCT,
                             TILE_HEADER, JppMessage, JppWriter)
 from codestream.layersplit import databins_from_head
@@ -110,26 +111,13 @@ def _ints(value: str, name: str, n: int) -> tuple[int, ...]:
 
 
 def parse_ranges(value: str, name: str = "comps") -> list[int]:
-    out: list[int] = []
-    for part in value.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo or lo < 0:
-                    raise ValueError
-                if hi - lo > 1_000_000:
-                    raise RequestError(f"{name} range {part!r} is too large")
-                out.extend(range(lo, hi + 1))
-            else:
-                v = int(part)
-                if v < 0:
-                    raise ValueError
-                out.append(v)
-        except ValueError:
-            raise RequestError(f"{name} must be ranges like 0-9,12, got {value!r}") from None
-    return sorted(set(out))
+    try:
+        out = sorted(_parse_ranges(value))
+    except ValueError:
+        raise RequestError(f"{name} must be ranges like 0-9,12, got {value!r}") from None
+    if not out:
+        raise RequestError(f"{name} must name at least one image")
+    return out
 
 
 KNOWN_FIELDS = {"target", "comps", "layers", "fsiz", "reduce", "roff", "rsiz", "order",

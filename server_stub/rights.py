@@ -38,6 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from codestream.ranges import format_ranges, parse_ranges  # noqa: F401 (re-exported)
+
 ACTIONS = ("browse", "metadata", "fetch", "retrieve", "diagnose")
 ACTION_WORDS = {
     "browse": "search the study list",
@@ -47,39 +49,6 @@ ACTION_WORDS = {
     "diagnose": "change the diagnosis status, notes, annotations or report",
 }
 
-
-def format_ranges(values: Iterable[int]) -> str:
-    """0,1,2,5 -> "0-2,5"."""
-    vals = sorted(set(int(v) for v in values))
-    out, i = [], 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def parse_ranges(text: str) -> set[int]:
-    """"0-2,5" -> {0, 1, 2, 5}; "" -> empty set."""
-    out: set[int] = set()
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            lo, hi = int(a), int(b)
-            if hi < lo or lo < 0 or hi - lo > 1_000_000:
-                raise ValueError(f"bad range {part!r}")
-            out.update(range(lo, hi + 1))
-        else:
-            v = int(part)
-            if v < 0:
-                raise ValueError(f"bad image number {part!r}")
-            out.add(v)
-    return out
 
 
 @dataclass

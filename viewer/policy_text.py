@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+from codestream.ranges import parse_ranges
+
 __all__ = ["explain_rights", "explain_rights_error", "explain_login_error", "explain_recall",
            "version_label", "status_label", "image_ranges_1based"]
 
@@ -30,23 +32,10 @@ _ACTIONS = {
 }
 
 
-def _parse_ranges(text: str) -> list[int]:
-    out: list[int] = []
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    return sorted(set(out))
-
 
 def image_ranges_1based(text: str) -> str:
     """Server image indices ("0-9,12") as a clinician counts them ("1 to 10 and 13")."""
-    vals = _parse_ranges(text)
+    vals = sorted(parse_ranges(text))
     if not vals:
         return "none"
     spans, i = [], 0

@@ -37,6 +37,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from codestream.ranges import format_ranges
+
 from .volume import SliceGeometry, Volume, VolumeError, build_geometry, volume_for_slices
 
 log = logging.getLogger("medview.series_select")
@@ -407,7 +409,7 @@ class SeriesSelection:
         for s in self.skipped:
             lines.append(f"  {s.name}: {s.reason}")
         if self.missing:
-            lines.append("missing instance number(s): " + _ranges(self.missing))
+            lines.append("missing instance number(s): " + format_ranges(self.missing, ', '))
         else:
             lines.append("missing: none")
         for w in self.warnings:
@@ -448,17 +450,6 @@ class SeriesSelection:
                     progress(k + 1, len(self.kept))
         return vol
 
-
-def _ranges(values: Sequence[int]) -> str:
-    vals = sorted(set(values))
-    out, i = [], 0
-    while i < len(vals):
-        j = i
-        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
-            j += 1
-        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
-        i = j + 1
-    return ", ".join(out)
 
 
 def _parallel(a: Sequence[float] | None, b: Sequence[float] | None) -> bool:
@@ -604,7 +595,7 @@ def select_series(start: str | Path, *, series_uid: str | None = None,
     sel.missing = sorted(missing)
     if sel.missing:
         sel.warnings.append(f"{len(sel.missing)} image(s) of the series not found anywhere "
-                            f"(instance numbers {_ranges(sel.missing)})")
+                            f"(instance numbers {format_ranges(sel.missing, ', ')})")
 
     # order along the normal; positions taken twice keep the lower Instance Number
     normal = np.cross(orientation[:3], orientation[3:6]) if orientation else np.array([0, 0, 1.0])

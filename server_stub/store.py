@@ -139,6 +139,26 @@ class FsckReport:
         return "\n".join(lines)
 
 
+def write_file_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically and durably: a temp file in the same
+    folder (named with TMP_MARK, so fsck recognises leftovers), fsync, rename, fsync of
+    the folder. A crash leaves the old file or the new one, never a mix."""
+    tmp = target.with_name(f".{target.name}{TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(target.parent)
+
+
 class Store:
     """A store directory: originals, codestreams, packet indexes and the catalogue."""
 
@@ -210,20 +230,7 @@ class Store:
         atomically and durably; returns its SHA-256 hex digest."""
         target = self._resolve(path)
         self._ensure_dir(target.parent)
-        tmp = target.with_name(f".{target.name}{TMP_MARK}{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
-        _fsync_dir(target.parent)
+        write_file_atomic(target, data)
         return sha256_hex(data)
 
     @staticmethod

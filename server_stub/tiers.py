@@ -60,7 +60,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -71,7 +70,7 @@ from codestream.layersplit import join_layers, split_by_layers
 
 from . import faults
 from .dbutil import Db
-from .store import (FsckReport, Store, StoreError, StoreIntegrityError, _fsync_dir,
+from .store import (FsckReport, Store, StoreError, StoreIntegrityError, _fsync_dir, write_file_atomic,
                     sha256_hex)
 
 log = logging.getLogger("medview.tiers")
@@ -143,20 +142,7 @@ class DirectoryArchive:
     def put(self, key: str, data: bytes) -> None:
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(tmp, "xb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise
-        _fsync_dir(p.parent)
+        write_file_atomic(p, data)
 
     def get(self, key: str) -> bytes:
         try:

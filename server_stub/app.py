@@ -32,7 +32,6 @@ requests when their stream ends, with what was actually sent).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -51,7 +50,7 @@ from . import policy_routes
 from .auth import AuthError, Authority
 from .catalogue import QueryError
 from .diagnosis import DiagnosisError, DiagnosisRecords
-from .packets import ImageSource, RequestError, parse_request, plan, stream
+from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
 from .policy import PolicyError, PolicySource
 from .store import Store, StoreError
 from .tiers import MigrationScheduler, Tiers
@@ -407,15 +406,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
             raise RequestError(f"unknown target {req.target!r}: no such series", status=404)
         model = session.model_for(req.target)
         if request.method == "POST":
-            try:
-                body = json.loads(request.state.body)
-                declared = body.get("model") if isinstance(body, dict) else None
-                if declared is not None:
-                    if not isinstance(declared, dict):
-                        raise ValueError
-                    model.declare(declared)
-            except (ValueError, TypeError, AttributeError):
-                raise RequestError('POST body must be JSON: {"model": {"<key>": {"h": 0|1, "b": {...}}}}') from None
+            declare_from_body(request.state.body, model)
         versions = srv.versions.get(req.target)
         auto = None
         if req.version == "auto":

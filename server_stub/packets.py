@@ -39,6 +39,7 @@ order), and ``recalled`` once the data is back.
 """
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -216,6 +217,20 @@ class CacheModel:
             for b, n in bins.items():
                 if n > m.get(b, 0):
                     m[b] = n
+
+
+def declare_from_body(body: bytes, model: CacheModel) -> None:
+    """Apply a client's cache declaration sent as a request body:
+    ``{"model": {"<key>": {"h": 0|1, "b": {"<bin id>": layers}}}}`` (JPIP's model field)."""
+    try:
+        obj = json.loads(body)
+        declared = obj.get("model") if isinstance(obj, dict) else None
+        if declared is not None:
+            if not isinstance(declared, dict):
+                raise ValueError
+            model.declare(declared)
+    except (ValueError, TypeError, AttributeError):
+        raise RequestError('POST body must be JSON: {"model": {"<key>": {"h": 0|1, "b": {...}}}}') from None
 
 
 # --------------------------------------------------------------------------- planning

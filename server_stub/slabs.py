@@ -40,7 +40,7 @@ from codestream import slabs as transform
 from codestream.encode import EncodeError, decode_full, encode_frame
 from codestream.index import PacketIndex
 
-from .packets import ImageSource, RequestError, parse_request, plan, stream
+from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
 from .store import safe_component
 
 log = logging.getLogger("medview.slabs")
@@ -299,15 +299,7 @@ def register_routes(routes: list, srv, guarded=None) -> SlabCatalogue:
         session = request.state.session
         model = session.model_for(f"{uid}#slabs")
         if request.method == "POST":
-            try:
-                body = json.loads(request.state.body)
-                declared = body.get("model") if isinstance(body, dict) else None
-                if declared is not None:
-                    if not isinstance(declared, dict):
-                        raise ValueError
-                    model.declare(declared)
-            except (ValueError, TypeError, AttributeError):
-                raise RequestError('POST body must be JSON: {"model": {"<key>": {"h": 0|1, "b": {...}}}}') from None
+            declare_from_body(request.state.body, model)
         grant = getattr(request.state, "grant", None)
         if grant is not None and getattr(grant, "images", None) is not None:
             raise RequestError("your rights limit which images of this series you may fetch, and "

@@ -477,6 +477,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     from .slabs import register_routes as register_slab_routes
     register_slab_routes(routes, srv, guarded)     # thick-to-thin slab pyramids (issue 4)
+    from .slides import register_routes as register_slide_routes
+    register_slide_routes(routes, srv, guarded)    # whole-slide pyramids (issue 6)
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
                     lifespan=lifespan)

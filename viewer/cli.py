@@ -8,6 +8,8 @@
     medview render (--folder DIR | --series UID [--server URL]) --view axial|coronal|sagittal|
                    oblique|mip|vr [--angles A,B] [--slab MM] [--position X,Y,Z] [--window C,W]
                    --out file.png [--out-npy plane.npy]          (see viewer/render_cmd.py)
+    medview render --slide ID --level L [--region x,y,w,h] [--sr 2|4] --out file.png
+                                                                  (see pathology/render.py)
 """
 from __future__ import annotations
 
@@ -120,6 +122,11 @@ def cmd_fetch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pathology.render import dispatch_slide_render
+
+    code = dispatch_slide_render(sys.argv[1:] if argv is None else argv)   # render --slide
+    if code is not None:
+        return code
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,361 @@
+"""The slide catalogue: patient → pathology exam → slide, with referential integrity (W4).
+
+Its own SQLite file (``<slides root>/slides.sqlite``; WAL, ``foreign_keys=ON``,
+``synchronous=FULL``), apart from the DICOM catalogue, so that pathology can move and
+grow without touching radiology's schema.
+
+Tables
+------
+``patient``        patient_id (unique), name, status ``inpatient`` / ``outpatient`` /
+                   ``discharged``, discharged_at.
+``exam``           one pathology exam (accession) of a patient; ``patient_pk`` REFERENCES
+                   patient ON DELETE RESTRICT.
+``slide``          one slide of an exam: ``state`` ``low`` / ``high`` (scanned at low
+                   resolution — shown with super-resolution — or at high resolution),
+                   ``tier`` ``recent`` / ``mid`` / ``long``, ``path`` (folder inside the
+                   tier), ``acquired_at``, geometry, microns per pixel, QC result
+                   (``qc_status`` ``pass`` / ``flagged`` / ``unchecked`` and the measures as
+                   JSON); ``exam_pk`` REFERENCES exam ON DELETE RESTRICT.
+``tier_move``      journal of tier moves (copy → verify → commit → delete) for recovery.
+``temp_tile``      generated (super-resolved) tiles cached in the temporary tier;
+                   ``slide_pk`` REFERENCES slide ON DELETE CASCADE.
+``station``        reading stations and their cache folders; ``assignment`` says which
+                   exams go to which station (both REFERENCES, CASCADE on delete of the
+                   assignment's station or exam).
+
+Every write is one transaction; a slide row is inserted only after its pyramid folder is
+complete and durable (see :mod:`pathology.store`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from server_stub.dbutil import Db
+
+TIERS = ("recent", "mid", "long")
+STATES = ("low", "high")
+PATIENT_STATUS = ("inpatient", "outpatient", "discharged")
+
+_DDL = [
+    "CREATE TABLE IF NOT EXISTS patient ("
+    " pk INTEGER PRIMARY KEY,"
+    " patient_id TEXT NOT NULL UNIQUE,"
+    " name TEXT,"
+    " status TEXT NOT NULL DEFAULT 'outpatient'"
+    "   CHECK (status IN ('inpatient', 'outpatient', 'discharged')),"
+    " discharged_at TEXT)",
+    "CREATE TABLE IF NOT EXISTS exam ("
+    " pk INTEGER PRIMARY KEY,"
+    " patient_pk INTEGER NOT NULL REFERENCES patient(pk) ON DELETE RESTRICT,"
+    " accession TEXT NOT NULL UNIQUE,"
+    " exam_date TEXT,"
+    " description TEXT)",
+    "CREATE INDEX IF NOT EXISTS exam_patient ON exam(patient_pk)",
+    "CREATE TABLE IF NOT EXISTS slide ("
+    " pk INTEGER PRIMARY KEY,"
+    " slide_uid TEXT NOT NULL UNIQUE,"
+    " exam_pk INTEGER NOT NULL REFERENCES exam(pk) ON DELETE RESTRICT,"
+    " label TEXT,"
+    " stain TEXT,"
+    " state TEXT NOT NULL CHECK (state IN ('low', 'high')),"
+    " tier TEXT NOT NULL CHECK (tier IN ('recent', 'mid', 'long')),"
+    " path TEXT NOT NULL,"
+    " acquired_at TEXT,"
+    " ingested_at TEXT NOT NULL,"
+    " width INTEGER NOT NULL, height INTEGER NOT NULL,"
+    " levels INTEGER NOT NULL, tile_size INTEGER NOT NULL,"
+    " mpp REAL,"
+    " bytes INTEGER NOT NULL,"
+    " manifest_sha256 TEXT NOT NULL,"
+    " source TEXT,"
+    " qc_status TEXT NOT NULL DEFAULT 'unchecked'"
+    "   CHECK (qc_status IN ('pass', 'flagged', 'unchecked')),"
+    " qc TEXT)",
+    "CREATE INDEX IF NOT EXISTS slide_exam ON slide(exam_pk)",
+    "CREATE TABLE IF NOT EXISTS tier_move ("
+    " pk INTEGER PRIMARY KEY,"
+    " slide_pk INTEGER NOT NULL REFERENCES slide(pk) ON DELETE CASCADE,"
+    " from_tier TEXT NOT NULL, to_tier TEXT NOT NULL,"
+    " state TEXT NOT NULL CHECK (state IN ('copying', 'committed', 'done', 'failed')),"
+    " started_at TEXT NOT NULL, finished_at TEXT, detail TEXT)",
+    "CREATE TABLE IF NOT EXISTS temp_tile ("
+    " slide_pk INTEGER NOT NULL REFERENCES slide(pk) ON DELETE CASCADE,"
+    " key TEXT NOT NULL,"
+    " path TEXT NOT NULL,"
+    " sha256 TEXT NOT NULL,"
+    " size INTEGER NOT NULL,"
+    " created_at TEXT NOT NULL,"
+    " PRIMARY KEY (slide_pk, key))",
+    "CREATE TABLE IF NOT EXISTS station ("
+    " pk INTEGER PRIMARY KEY,"
+    " name TEXT NOT NULL UNIQUE,"
+    " cache_dir TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS assignment ("
+    " station_pk INTEGER NOT NULL REFERENCES station(pk) ON DELETE CASCADE,"
+    " exam_pk INTEGER NOT NULL REFERENCES exam(pk) ON DELETE CASCADE,"
+    " assigned_at TEXT NOT NULL,"
+    " distributed_at TEXT,"
+    " PRIMARY KEY (station_pk, exam_pk))",
+]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class CatalogueError(ValueError):
+    """A catalogue operation is refused (unknown patient, integrity rule...)."""
+
+
+def _rows(cur) -> list[dict]:
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+class SlideCatalogue:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = Db(self.path, _DDL)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ patients/exams
+    def ensure_patient(self, patient_id: str, name: str | None = None,
+                       status: str | None = None) -> int:
+        if not patient_id:
+            raise CatalogueError("a patient ID is required")
+        with self.db.transaction():
+            row = self.db.one("SELECT pk FROM patient WHERE patient_id = ?", [patient_id])
+            if row:
+                if name:
+                    self.db.execute("UPDATE patient SET name = ? WHERE pk = ?", [name, row[0]])
+                if status:
+                    self.set_patient_status(patient_id, status)
+                return row[0]
+            if status and status not in PATIENT_STATUS:
+                raise CatalogueError(f"patient status must be one of {', '.join(PATIENT_STATUS)}")
+            cur = self.db.execute("INSERT INTO patient(patient_id, name, status) VALUES (?,?,?)",
+                                  [patient_id, name, status or "outpatient"])
+            return cur.lastrowid
+
+    def set_patient_status(self, patient_id: str, status: str) -> None:
+        if status not in PATIENT_STATUS:
+            raise CatalogueError(f"patient status must be one of {', '.join(PATIENT_STATUS)}")
+        with self.db.transaction():
+            cur = self.db.execute(
+                "UPDATE patient SET status = ?, discharged_at = ? WHERE patient_id = ?",
+                [status, now_iso() if status == "discharged" else None, patient_id])
+            if cur.rowcount == 0:
+                raise CatalogueError(f"unknown patient {patient_id!r}")
+
+    def ensure_exam(self, patient_id: str, accession: str, exam_date: str | None = None,
+                    description: str | None = None) -> int:
+        if not accession:
+            raise CatalogueError("an accession number is required")
+        with self.db.transaction():
+            ppk = self.ensure_patient(patient_id)
+            row = self.db.one("SELECT pk, patient_pk FROM exam WHERE accession = ?", [accession])
+            if row:
+                if row[1] != ppk:
+                    raise CatalogueError(f"exam {accession} belongs to another patient")
+                return row[0]
+            return self.db.execute(
+                "INSERT INTO exam(patient_pk, accession, exam_date, description) VALUES (?,?,?,?)",
+                [ppk, accession, exam_date, description]).lastrowid
+
+    def patient(self, patient_id: str) -> dict | None:
+        r = _rows(self.db.execute("SELECT * FROM patient WHERE patient_id = ?", [patient_id]))
+        return r[0] if r else None
+
+    def patients(self) -> list[dict]:
+        return _rows(self.db.execute("SELECT * FROM patient ORDER BY patient_id"))
+
+    def delete_patient(self, patient_id: str) -> None:
+        """Refused while the patient has exams (ON DELETE RESTRICT)."""
+        import sqlite3
+
+        try:
+            with self.db.transaction():
+                self.db.execute("DELETE FROM patient WHERE patient_id = ?", [patient_id])
+        except sqlite3.IntegrityError as e:
+            raise CatalogueError(f"patient {patient_id} still has exams: {e}") from e
+
+    # ------------------------------------------------------------------ slides
+    def add_slide(self, *, slide_uid: str, exam_pk: int, state: str, tier: str, path: str,
+                  acquired_at: str | None, width: int, height: int, levels: int,
+                  tile_size: int, mpp: float | None, nbytes: int, manifest_sha256: str,
+                  label: str | None = None, stain: str | None = None,
+                  source: str | None = None, qc: dict | None = None) -> int:
+        if state not in STATES:
+            raise CatalogueError(f"state must be low or high, not {state!r}")
+        if tier not in TIERS:
+            raise CatalogueError(f"tier must be one of {', '.join(TIERS)}")
+        qc_status = "unchecked" if qc is None else ("flagged" if qc.get("flags") else "pass")
+        import sqlite3
+
+        try:
+            with self.db.transaction():
+                return self.db.execute(
+                    "INSERT INTO slide(slide_uid, exam_pk, label, stain, state, tier, path,"
+                    " acquired_at, ingested_at, width, height, levels, tile_size, mpp, bytes,"
+                    " manifest_sha256, source, qc_status, qc)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    [slide_uid, exam_pk, label, stain, state, tier, path, acquired_at,
+                     now_iso(), width, height, levels, tile_size, mpp, nbytes,
+                     manifest_sha256, source, qc_status,
+                     json.dumps(qc) if qc is not None else None]).lastrowid
+        except sqlite3.IntegrityError as e:
+            raise CatalogueError(f"cannot catalogue slide {slide_uid}: {e}") from e
+
+    _SLIDE_COLS = ("s.*, e.accession, e.exam_date, e.description AS exam_description,"
+                   " p.patient_id, p.name AS patient_name, p.status AS patient_status")
+    _SLIDE_FROM = ("slide s JOIN exam e ON e.pk = s.exam_pk JOIN patient p ON p.pk = e.patient_pk")
+
+    def _decode(self, rows: list[dict]) -> list[dict]:
+        for r in rows:
+            r["qc"] = json.loads(r["qc"]) if r.get("qc") else None
+        return rows
+
+    def slide(self, ref: str | int) -> dict | None:
+        """A slide by UID or by its number (pk)."""
+        key = "s.pk" if isinstance(ref, int) or str(ref).isdigit() else "s.slide_uid"
+        rows = _rows(self.db.execute(f"SELECT {self._SLIDE_COLS} FROM {self._SLIDE_FROM} "
+                                     f"WHERE {key} = ?", [ref]))
+        return self._decode(rows)[0] if rows else None
+
+    def slides(self, *, patient_id: str | None = None, accession: str | None = None,
+               tier: str | None = None, flagged: bool | None = None) -> list[dict]:
+        where, params = [], []
+        for col, v in (("p.patient_id", patient_id), ("e.accession", accession), ("s.tier", tier)):
+            if v is not None:
+                where.append(f"{col} = ?")
+                params.append(v)
+        if flagged is not None:
+            where.append("s.qc_status " + ("= 'flagged'" if flagged else "!= 'flagged'"))
+        sql = f"SELECT {self._SLIDE_COLS} FROM {self._SLIDE_FROM}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self._decode(_rows(self.db.execute(sql + " ORDER BY s.pk", params)))
+
+    def set_qc(self, slide_pk: int, qc: dict) -> None:
+        with self.db.transaction():
+            self.db.execute("UPDATE slide SET qc = ?, qc_status = ? WHERE pk = ?",
+                            [json.dumps(qc), "flagged" if qc.get("flags") else "pass", slide_pk])
+
+    def set_tier(self, slide_pk: int, tier: str, path: str) -> None:
+        if tier not in TIERS:
+            raise CatalogueError(f"tier must be one of {', '.join(TIERS)}")
+        with self.db.transaction():
+            self.db.execute("UPDATE slide SET tier = ?, path = ? WHERE pk = ?", [tier, path, slide_pk])
+
+    # ------------------------------------------------------------------ tier journal
+    def begin_move(self, slide_pk: int, src: str, dst: str) -> int:
+        with self.db.transaction():
+            return self.db.execute(
+                "INSERT INTO tier_move(slide_pk, from_tier, to_tier, state, started_at)"
+                " VALUES (?,?,?,'copying',?)", [slide_pk, src, dst, now_iso()]).lastrowid
+
+    def end_move(self, move_pk: int, state: str, detail: str | None = None) -> None:
+        with self.db.transaction():
+            self.db.execute("UPDATE tier_move SET state = ?, finished_at = ?, detail = ? WHERE pk = ?",
+                            [state, now_iso(), detail, move_pk])
+
+    def open_moves(self) -> list[dict]:
+        return _rows(self.db.execute(
+            "SELECT * FROM tier_move WHERE state IN ('copying', 'committed') ORDER BY pk"))
+
+    def moves(self, slide_pk: int | None = None) -> list[dict]:
+        if slide_pk is None:
+            return _rows(self.db.execute("SELECT * FROM tier_move ORDER BY pk"))
+        return _rows(self.db.execute("SELECT * FROM tier_move WHERE slide_pk = ? ORDER BY pk",
+                                     [slide_pk]))
+
+    # ------------------------------------------------------------------ temp tier
+    def add_temp_tile(self, slide_pk: int, key: str, path: str, sha256: str, size: int) -> None:
+        with self.db.transaction():
+            self.db.execute("INSERT OR REPLACE INTO temp_tile(slide_pk, key, path, sha256, size,"
+                            " created_at) VALUES (?,?,?,?,?,?)",
+                            [slide_pk, key, path, sha256, size, now_iso()])
+
+    def temp_tile(self, slide_pk: int, key: str) -> dict | None:
+        r = _rows(self.db.execute("SELECT * FROM temp_tile WHERE slide_pk = ? AND key = ?",
+                                  [slide_pk, key]))
+        return r[0] if r else None
+
+    def temp_tiles(self, slide_pks: list[int] | None = None) -> list[dict]:
+        if slide_pks is None:
+            return _rows(self.db.execute("SELECT * FROM temp_tile"))
+        if not slide_pks:
+            return []
+        q = ",".join("?" * len(slide_pks))
+        return _rows(self.db.execute(f"SELECT * FROM temp_tile WHERE slide_pk IN ({q})", slide_pks))
+
+    def drop_temp_tiles(self, slide_pk: int) -> None:
+        with self.db.transaction():
+            self.db.execute("DELETE FROM temp_tile WHERE slide_pk = ?", [slide_pk])
+
+    # ------------------------------------------------------------------ stations
+    def add_station(self, name: str, cache_dir: str) -> int:
+        with self.db.transaction():
+            row = self.db.one("SELECT pk FROM station WHERE name = ?", [name])
+            if row:
+                self.db.execute("UPDATE station SET cache_dir = ? WHERE pk = ?", [cache_dir, row[0]])
+                return row[0]
+            return self.db.execute("INSERT INTO station(name, cache_dir) VALUES (?,?)",
+                                   [name, cache_dir]).lastrowid
+
+    def station(self, name: str) -> dict | None:
+        r = _rows(self.db.execute("SELECT * FROM station WHERE name = ?", [name]))
+        return r[0] if r else None
+
+    def stations(self) -> list[dict]:
+        return _rows(self.db.execute("SELECT * FROM station ORDER BY name"))
+
+    def assign(self, accession: str, station: str) -> None:
+        with self.db.transaction():
+            st = self.db.one("SELECT pk FROM station WHERE name = ?", [station])
+            ex = self.db.one("SELECT pk FROM exam WHERE accession = ?", [accession])
+            if st is None:
+                raise CatalogueError(f"unknown reading station {station!r}")
+            if ex is None:
+                raise CatalogueError(f"unknown exam {accession!r}")
+            self.db.execute("INSERT OR IGNORE INTO assignment(station_pk, exam_pk, assigned_at)"
+                            " VALUES (?,?,?)", [st[0], ex[0], now_iso()])
+
+    def assignments(self, station: str | None = None, pending_only: bool = False) -> list[dict]:
+        sql = ("SELECT st.name AS station, st.cache_dir, e.accession, e.pk AS exam_pk,"
+               " a.assigned_at, a.distributed_at FROM assignment a"
+               " JOIN station st ON st.pk = a.station_pk JOIN exam e ON e.pk = a.exam_pk")
+        where, params = [], []
+        if station:
+            where.append("st.name = ?")
+            params.append(station)
+        if pending_only:
+            where.append("a.distributed_at IS NULL")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return _rows(self.db.execute(sql + " ORDER BY a.assigned_at", params))
+
+    def mark_distributed(self, station: str, accession: str) -> None:
+        with self.db.transaction():
+            self.db.execute(
+                "UPDATE assignment SET distributed_at = ? WHERE station_pk = (SELECT pk FROM"
+                " station WHERE name = ?) AND exam_pk = (SELECT pk FROM exam WHERE accession = ?)",
+                [now_iso(), station, accession])
+
+
+def age_days(iso: str | None, now: float | None = None) -> float | None:
+    if not iso:
+        return None
+    try:
+        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return ((now or time.time()) - t.timestamp()) / 86400.0

@@ -1,0 +1,404 @@
+"""A slide stored as a pyramid of JPEG 2000 tiles, and the ingest that builds it.
+
+Layout of one stored slide (a folder in a tier, see :mod:`pathology.tiers`)::
+
+    <slide_uid>/
+      manifest.json          geometry, the tile table of every level, checksums
+      level-<k>.j2kp         the tile codestreams of level k, concatenated
+      assoc-<name>.png       label / macro / thumbnail images, when the slide has them
+
+Level ``k`` is the slide reduced by ``2**k`` (block mean), cut into ``tile_size`` tiles
+(edge tiles are smaller: a level reassembles to exactly its size). Every tile is one
+codestream written by :func:`codestream.encode.encode_frame`: RGB, reversible 5/3,
+quality layers at 1:50, 1:20, 1:8 and lossless, 128×128 precincts and PLT markers — so
+the packet engine (:mod:`server_stub.packets`) can send any tile, or only the precincts
+of a tile that a region touches, layer by layer. Level ``k``, tile ``(col, row)`` is JPIP
+component ``row * cols + col`` of the *level target* ``<slide_uid>/<k>``.
+
+Each tile carries a CRC-32 in the manifest (checked on every read) and each file its
+SHA-256 and size (checked by tier moves and ``verify``). The manifest is written last,
+so a folder without a manifest is an interrupted ingest.
+
+Ingest (:func:`build_pyramid`) reads the source tile by tile. A level is read from the
+source's nearest native level when that level is at most 4× finer; otherwise (a source
+with too few levels) from a reduced copy of the previous output level, accumulated on
+disk while that level is written, so memory stays bounded by a few tiles whatever the
+slide size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from codestream.encode import encode_frame, openjpeg_decode
+from codestream.index import PacketIndex
+from server_stub.store import _fsync_dir, sha256_file, write_file_atomic
+
+from .tilesource import BACKGROUND, TileSource, block_mean
+
+log = logging.getLogger("medview.pathology")
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DEFAULT_TILE = 512
+
+
+class PyramidError(RuntimeError):
+    """A stored pyramid is missing, incomplete or damaged (with the reason)."""
+
+
+fsync_dir = _fsync_dir
+
+
+def write_atomic(path: Path, data: bytes) -> str:
+    """Write ``data`` durably under ``path`` (temp file, fsync, rename: the store's own
+    :func:`server_stub.store.write_file_atomic`); returns its SHA-256 hex."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class LevelGeometry:
+    level: int
+    width: int
+    height: int
+    downsample: int
+    tile: int
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.tile)
+
+    @property
+    def rows(self) -> int:
+        return -(-self.height // self.tile)
+
+    @property
+    def count(self) -> int:
+        return self.cols * self.rows
+
+    def tile_rect(self, index: int) -> tuple[int, int, int, int]:
+        """(x, y, w, h) of tile ``index`` in level pixels."""
+        r, c = divmod(index, self.cols)
+        x, y = c * self.tile, r * self.tile
+        return x, y, min(self.tile, self.width - x), min(self.tile, self.height - y)
+
+    def tiles_in(self, x: int, y: int, w: int, h: int) -> list[int]:
+        """Indices of the tiles a level-pixel rectangle touches (row-major)."""
+        x0, y0 = max(0, x), max(0, y)
+        x1, y1 = min(self.width, x + w), min(self.height, y + h)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        t = self.tile
+        return [r * self.cols + c for r in range(y0 // t, (y1 - 1) // t + 1)
+                for c in range(x0 // t, (x1 - 1) // t + 1)]
+
+
+def plan_levels(width: int, height: int, tile: int) -> list[LevelGeometry]:
+    """Levels 0..n: reduced by 2**k until the whole level fits in one tile."""
+    out = [LevelGeometry(0, width, height, 1, tile)]
+    w, h, d = width, height, 1
+    while max(w, h) > tile:
+        w, h, d = -(-w // 2), -(-h // 2), d * 2
+        out.append(LevelGeometry(len(out), w, h, d, tile))
+    return out
+
+
+# --------------------------------------------------------------------------- stored
+@dataclass
+class StoredSlide:
+    """A stored pyramid folder, opened read-only. Thread-safe."""
+
+    path: Path
+    manifest: dict
+    levels: list[LevelGeometry] = field(init=False)
+
+    def __post_init__(self) -> None:
+        m = self.manifest
+        self.levels = [LevelGeometry(lv["level"], lv["width"], lv["height"], lv["downsample"],
+                                     m["tile_size"]) for lv in m["levels"]]
+        self._index_cache: dict[tuple[int, int], PacketIndex] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path) -> "StoredSlide":
+        p = Path(path)
+        try:
+            m = json.loads((p / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise PyramidError(f"{p} holds no slide pyramid (no {MANIFEST}: interrupted "
+                               "ingest or tier move?)") from None
+        except (OSError, ValueError) as e:
+            raise PyramidError(f"cannot read {p / MANIFEST}: {e}") from e
+        if m.get("format") != FORMAT:
+            raise PyramidError(f"{p}: unknown pyramid format {m.get('format')!r}")
+        return cls(p, m)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def uid(self) -> str:
+        return self.manifest["slide_uid"]
+
+    @property
+    def width(self) -> int:
+        return self.manifest["width"]
+
+    @property
+    def height(self) -> int:
+        return self.manifest["height"]
+
+    @property
+    def tile_size(self) -> int:
+        return self.manifest["tile_size"]
+
+    @property
+    def mpp(self) -> float | None:
+        m = self.manifest.get("mpp")
+        return float(m[0]) if m else None
+
+    def files(self) -> list[dict]:
+        """Every file of the slide with its SHA-256 and size (manifest excluded)."""
+        out = [{"file": lv["file"], "sha256": lv["sha256"], "size": lv["size"]}
+               for lv in self.manifest["levels"]]
+        out += [dict(a, name=n) for n, a in self.manifest.get("associated", {}).items()]
+        return out
+
+    def verify(self) -> list[str]:
+        """Problems found (missing file, wrong size or SHA-256); empty when intact."""
+        return verify_folder(self.path, self.manifest)
+
+    # ------------------------------------------------------------------ tiles
+    def tile_bytes(self, level: int, index: int) -> bytes:
+        lv = self.manifest["levels"][level]
+        off, n, crc = lv["tiles"][index]
+        with open(self.path / lv["file"], "rb") as f:
+            f.seek(off)
+            data = f.read(n)
+        if len(data) != n or zlib.crc32(data) != crc:
+            raise PyramidError(f"tile {index} of level {level} of slide {self.uid} is damaged "
+                               f"(CRC-32 mismatch in {self.path / lv['file']})")
+        return data
+
+    def tile_index(self, level: int, index: int) -> PacketIndex:
+        key = (level, index)
+        with self._lock:
+            ix = self._index_cache.get(key)
+        if ix is None:
+            ix = PacketIndex.parse(self.tile_bytes(level, index))
+            with self._lock:
+                if len(self._index_cache) > 4096:
+                    self._index_cache.clear()
+                self._index_cache[key] = ix
+        return ix
+
+    def decode_tile(self, level: int, index: int, *, layers: int = 0,
+                    reduce: int = 0) -> np.ndarray:
+        return openjpeg_decode(self.tile_bytes(level, index), layers=layers, reduce=reduce)
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int, *,
+                    layers: int = 0) -> np.ndarray:
+        """RGB (h, w, 3) of level ``level`` decoded from the stored tiles (white outside)."""
+        g = self.levels[level]
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        for t in g.tiles_in(x, y, w, h):
+            tx, ty, tw, th = g.tile_rect(t)
+            ax0, ay0 = max(x, tx), max(y, ty)
+            ax1, ay1 = min(x + w, tx + tw), min(y + h, ty + th)
+            area = (ax0 - tx, ay0 - ty, ax1 - ax0, ay1 - ay0)
+            px = openjpeg_decode(self.tile_bytes(level, t), layers=layers, area=area)
+            out[ay0 - y:ay1 - y, ax0 - x:ax1 - x] = px
+        return out
+
+    def associated(self, name: str) -> np.ndarray:
+        import imageio.v3 as iio
+
+        a = self.manifest.get("associated", {}).get(name)
+        if a is None:
+            raise KeyError(name)
+        return iio.imread(self.path / a["file"])
+
+    def level_for_downsample(self, downsample: float) -> int:
+        best = 0
+        for g in self.levels:
+            if g.downsample <= downsample * 1.001:
+                best = g.level
+        return best
+
+
+def verify_folder(path: Path, manifest: dict) -> list[str]:
+    problems = []
+    files = [(lv["file"], lv["sha256"], lv["size"]) for lv in manifest["levels"]]
+    files += [(a["file"], a["sha256"], a["size"]) for a in manifest.get("associated", {}).values()]
+    for name, sha, size in files:
+        p = path / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        have, n = sha256_file(p)
+        if n != size:
+            problems.append(f"{name}: {n} bytes, manifest says {size}")
+        elif have != sha:
+            problems.append(f"{name}: SHA-256 mismatch")
+    return problems
+
+
+# --------------------------------------------------------------------------- ingest
+@dataclass
+class IngestResult:
+    slide_uid: str
+    path: Path
+    manifest: dict
+    seconds: float
+    tiles: int
+    bytes: int
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    import imageio.v3 as iio
+
+    return iio.imwrite("<bytes>", rgb, extension=".png")
+
+
+class _Canvas:
+    """A reduced copy of one output level, on disk (np.memmap), built tile by tile."""
+
+    def __init__(self, tmpdir: Path, width: int, height: int) -> None:
+        self.path = tmpdir / f"canvas-{uuid.uuid4().hex}.u8"
+        self.arr = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8,
+                                             shape=(height, width, 3))
+        self.arr[:] = BACKGROUND
+
+    def put(self, x: int, y: int, rgb: np.ndarray) -> None:
+        r = block_mean(rgb, 2)
+        self.arr[y // 2:y // 2 + r.shape[0], x // 2:x // 2 + r.shape[1]] = r
+
+    def read(self, x, y, w, h) -> np.ndarray:
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        sub = self.arr[y:y + h, x:x + w]
+        out[:sub.shape[0], :sub.shape[1]] = sub
+        return out
+
+    def close(self) -> None:
+        del self.arr
+        self.path.unlink(missing_ok=True)
+
+
+def build_pyramid(source: TileSource, dest_root: Path, *, slide_uid: str | None = None,
+                  tile_size: int = DEFAULT_TILE, workers: int = 2, extra: dict | None = None,
+                  progress: Callable[[int, int], None] | None = None,
+                  cancelled: Callable[[], bool] = lambda: False) -> IngestResult:
+    """Encode ``source`` into ``dest_root/<slide_uid>/`` (staged, then renamed)."""
+    if tile_size < 64 or tile_size % 2:
+        raise ValueError("tile_size must be an even number of at least 64 pixels")
+    t0 = time.monotonic()
+    uid = slide_uid or uuid.uuid4().hex
+    dest_root = Path(dest_root)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    final = dest_root / uid
+    if final.exists():
+        raise PyramidError(f"a slide folder {final} exists already")
+    staging = dest_root / f".staging-{uid}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix="canvas-", dir=staging))
+    levels = plan_levels(source.width, source.height, tile_size)
+    total = sum(g.count for g in levels)
+    done = 0
+    # where each output level is read from: the source, or the previous level's canvas
+    from_canvas = []
+    for g in levels:
+        lvl = source.best_level_for_downsample(g.downsample)
+        from_canvas.append(g.level > 0 and g.downsample / source.levels[lvl].downsample > 4)
+    canvases: dict[int, _Canvas] = {}
+    man_levels = []
+    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="slide-encode")
+    try:
+        for g in levels:
+            nxt = g.level + 1
+            if nxt < len(levels) and from_canvas[nxt]:
+                canvases[nxt] = _Canvas(tmp, levels[nxt].width, levels[nxt].height)
+            src_canvas = canvases.get(g.level)
+
+            def read(t: int, g=g, src_canvas=src_canvas) -> np.ndarray:
+                x, y, w, h = g.tile_rect(t)
+                if src_canvas is not None:
+                    return src_canvas.read(x, y, w, h)
+                return source.read_scaled(g.downsample, x, y, w, h)
+
+            def encode(t: int, read=read):
+                px = read(t)
+                return px, encode_frame(px, signed=False, bits_stored=8).codestream
+
+            fname = f"level-{g.level}.j2kp"
+            tiles = []
+            h = hashlib.sha256()
+            off = 0
+            with open(staging / fname, "xb") as f:
+                for row in range(g.rows):
+                    if cancelled():
+                        raise PyramidError("ingest cancelled")
+                    idx = list(range(row * g.cols, (row + 1) * g.cols))
+                    for t, (px, cs) in zip(idx, pool.map(encode, idx)):
+                        f.write(cs)
+                        h.update(cs)
+                        tiles.append([off, len(cs), zlib.crc32(cs)])
+                        off += len(cs)
+                        if nxt in canvases:
+                            x, y, _w, _h = g.tile_rect(t)
+                            canvases[nxt].put(x, y, px)
+                        done += 1
+                        if progress:
+                            progress(done, total)
+                f.flush()
+                os.fsync(f.fileno())
+            if src_canvas is not None:
+                src_canvas.close()
+                del canvases[g.level]
+            man_levels.append({"level": g.level, "width": g.width, "height": g.height,
+                               "downsample": g.downsample, "cols": g.cols, "rows": g.rows,
+                               "file": fname, "sha256": h.hexdigest(), "size": off,
+                               "tiles": tiles})
+    finally:
+        pool.shutdown(wait=True)
+        for c in canvases.values():
+            c.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    assoc = {}
+    for name, img in sorted(source.associated.items()):
+        data = _png_bytes(img)
+        fname = f"assoc-{name}.png"
+        sha = write_atomic(staging / fname, data)
+        assoc[name] = {"file": fname, "sha256": sha, "size": len(data),
+                       "width": int(img.shape[1]), "height": int(img.shape[0])}
+    manifest = {"format": FORMAT, "slide_uid": uid, "width": source.width,
+                "height": source.height, "tile_size": tile_size,
+                "mpp": list(source.mpp) if source.mpp else None,
+                "objective_power": source.objective_power,
+                "codestream": {"layers": 4, "ratios": [50, 20, 8, 1], "precinct": 128,
+                               "wavelet": "5/3 reversible", "components": 3},
+                "levels": man_levels, "associated": assoc,
+                "source": {"reader": source.name, "path": source.source_path,
+                           "levels": [[lv.width, lv.height, lv.downsample] for lv in source.levels],
+                           "acquired_at": source.acquired_at},
+                **(extra or {})}
+    write_atomic(staging / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
+    fsync_dir(staging)
+    os.rename(staging, final)
+    fsync_dir(dest_root)
+    nbytes = sum(lv["size"] for lv in man_levels) + sum(a["size"] for a in assoc.values())
+    return IngestResult(uid, final, manifest, time.monotonic() - t0, total, nbytes)

@@ -606,3 +606,39 @@ def test_open_in_mpr_from_the_main_window(qtbot, win, ct_series_uid):
     assert mpr.mpr.volume is not None and len(mpr.mpr.volume.filled_slots()) == 0
     assert loader.sd is win.loader.sd
     mpr.close()
+
+
+def test_open_slide_from_the_main_window(qtbot, tmp_path):
+    """File → Open slide: a whole slide held by the server opens in its pane, tiles
+    arriving through the packet protocol."""
+    import shutil
+
+    from pathology.sample import make_ihc_slide
+    from pathology.tilesource import ArraySource
+    from server_stub.embedded import EmbeddedServer
+    from pathology_util import new_store
+
+    root = tmp_path / "store"
+    st = new_store(root)
+    img, assoc = make_ihc_slide(640, 480, seed=3)
+    rec = st.ingest(ArraySource(img, mpp=0.5, associated=assoc), patient_id="P9",
+                    accession="A9", tile_size=256, label="ihc test")
+    st.close()
+    with EmbeddedServer(str(root)) as srv:
+        w = make_window(qtbot, tmp_path)
+        try:
+            connect(qtbot, w, srv.url)
+            with qtbot.waitSignal(w.slideOpened, timeout=TIMEOUT) as sig:
+                w.open_slide(rec["slide_uid"])
+            pane = sig.args[0]
+            qtbot.addWidget(pane)
+            v = pane.view
+            ov = v._overview
+            qtbot.waitUntil(lambda: all((ov, t) in v.cache
+                                        for t in range(pane.provider.levels[ov].count)),
+                            timeout=TIMEOUT)
+            assert pane.provider.bytes_received > 0
+            pane.close()
+        finally:
+            w.close()
+    shutil.rmtree(root, ignore_errors=True)

@@ -89,6 +89,7 @@ class MainWindow(QMainWindow):
     connected = Signal(str)
     connectionFailed = Signal(str)
     seriesOpened = Signal(str)
+    slideOpened = Signal(object)        # the slide window (viewer.slideview.SlidePane)
     imageDisplayed = Signal(object)
     """A :class:`DecodedImage` the stack view now shows (base image or region patch)."""
     importFinished = Signal(object)
@@ -258,6 +259,56 @@ class MainWindow(QMainWindow):
             return
         self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
 
+    # ================================================================== slides (issue 6)
+    def choose_slide(self) -> None:
+        """List the server's slides (off the UI thread), let the user pick one, open it."""
+        session = self.backend.session
+        if session is None:
+            self.statusBar().showMessage("Not connected", 4000)
+            return
+        task = Task(lambda _ctx: session.get_json("/api/slides"), name="slides",
+                    pool=self.backend.pool, priority=INTERACTION, parent=self)
+
+        def listed(rows: list[dict]) -> None:
+            if not rows:
+                QMessageBox.information(self, "MedView", "The server holds no slides.")
+                return
+            labels = [f"{r.get('patient_id') or '?'} · {r.get('label') or r['slide_uid']} · "
+                      f"{r.get('width')}×{r.get('height')} px · {r.get('state') or 'high'} res"
+                      + (" · QC FLAGGED" if r.get("qc_status") == "flagged" else "")
+                      for r in rows]
+            label, ok = QInputDialog.getItem(self, "Open slide", "Slide:", labels, 0, False)
+            if ok:
+                self.open_slide(rows[labels.index(label)]["slide_uid"])
+
+        task.finished.connect(listed)
+        task.failed.connect(lambda e: self.statusBar().showMessage(f"Cannot list slides: {e}", 6000))
+        task.start()
+
+    def open_slide(self, slide_uid: str) -> Task | None:
+        """Open a slide in its own window; its description is fetched off the UI thread."""
+        from pathology.provider import RemoteSlide
+
+        session = self.backend.session
+        if session is None:
+            return None
+        task = Task(lambda _ctx: RemoteSlide(session, slide_uid), name="slide",
+                    pool=self.backend.pool, priority=INTERACTION, parent=self)
+
+        def opened(provider) -> None:
+            from .slideview import open_slide_window
+
+            pane = open_slide_window(provider)
+            pane.show()
+            self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
+                                   if w.isVisible()] + [pane]
+            self.slideOpened.emit(pane)
+
+        task.finished.connect(opened)
+        task.failed.connect(lambda e: self.statusBar().showMessage(f"Cannot open the slide: {e}", 6000))
+        task.start()
+        return task
+
     def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None,
                 tip: str = "", checkable: bool = False) -> QAction:
         action = QAction(text, self)
@@ -334,12 +385,15 @@ class MainWindow(QMainWindow):
                                "Ctrl+Shift+M", "MPR loaded as thick slabs first, then thinner")
         self.act_mpr_folder = A("Open &folder in MPR…", self.open_mpr_folder, None,
                                 "Select a series from a folder of DICOM files and open it in MPR")
+        self.act_open_slide = A("Open &slide…", self.choose_slide, "Ctrl+Shift+S",
+                                "Open a whole-slide image from the server (pathology)")
         self.preset_actions: list[QAction] = []
 
     def _build_menus_and_toolbars(self) -> None:
         bar = self.menuBar()
         m = bar.addMenu("&File")
-        for a in (self.act_open_folder, self.act_import_files, None, self.act_connect, None,
+        for a in (self.act_open_folder, self.act_import_files, self.act_open_slide, None,
+                  self.act_connect, None,
                   self.act_prefs, None, self.act_quit):
             m.addSeparator() if a is None else m.addAction(a)
         m = bar.addMenu("&View")

@@ -228,53 +228,10 @@ class SlabCatalogue:
 
 
 # --------------------------------------------------------------------------- HTTP
-def _default_guard(srv):
-    """The same contract as ``create_app``'s ``guarded``: authorise (per series), run the
-    blocking handler on the thread pool, map known failures to JSON errors."""
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-
-    from codestream.index import CodestreamError
-
-    from .auth import AuthError
-    from .store import StoreError
-
-    def err(status: int, message: str, **extra):
-        return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
-
-    def sid(request):
-        h = request.headers.get("authorization", "")
-        if h.lower().startswith("bearer "):
-            return h[7:].strip()
-        return request.query_params.get("cid")
-
-    def guarded(action: str):
-        def deco(fn):
-            async def endpoint(request):
-                try:
-                    request.state.body = await request.body() if request.method == "POST" else b""
-                    session, grant = srv.auth.authorize(sid(request), action,
-                                                        request.path_params.get("series"))
-                    request.state.session, request.state.grant = session, grant
-                    return await run_in_threadpool(fn, request)
-                except (AuthError, RequestError) as e:
-                    return err(e.status, str(e), **e.extra)
-                except (StoreError, CodestreamError) as e:
-                    log.error("store problem: %s", e)
-                    return err(500, f"stored data is damaged or missing: {e}")
-            return endpoint
-        return deco
-    return guarded
-
-
-def register_routes(routes: list, srv, guarded=None) -> SlabCatalogue:
-    """Add the slab routes to a Starlette route list.
-
-    In ``create_app``: ``register_routes(routes, srv, guarded)`` before the app is made
-    (``guarded`` is its authorise-and-run decorator). Without ``guarded`` an equivalent
-    one is used, so ``register_routes(app.router.routes, app.state.server)`` also works
-    on a built app. A server that has the routes already keeps them (``srv.slabs``).
-    """
+def register_routes(routes: list, srv, guarded) -> SlabCatalogue:
+    """Add the slab routes to a Starlette route list; ``create_app`` calls this with its
+    authorise-and-run decorator ``guarded``, so every slab request passes the one
+    authorisation point."""
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
@@ -282,7 +239,7 @@ def register_routes(routes: list, srv, guarded=None) -> SlabCatalogue:
         return srv.slabs
     slabs = SlabCatalogue(srv)
     srv.slabs = slabs
-    guard = guarded or _default_guard(srv)
+    guard = guarded
 
     @guard("metadata")
     def layout(request):

@@ -57,16 +57,13 @@ def slab_server(tmp_path_factory):
     from server_stub.embedded import EmbeddedServer
     from server_stub.ingest import ingest_paths
     from server_stub.sample import make_sample_ct
-    from server_stub.slabs import register_routes
     from server_stub.store import Store
 
     root = tmp_path_factory.mktemp("slabs")
     files = make_sample_ct(root / "dicom", slices=24, size=256, seed=21)
     with Store(root / "store") as st:
         assert len(ingest_paths(files, st).imported) == 24
-    srv = EmbeddedServer(str(root / "store"))
-    register_routes(srv.app.router.routes, srv.app.state.server)
-    srv.start()
+    srv = EmbeddedServer(str(root / "store")).start()
     yield srv, files
     srv.stop()
 

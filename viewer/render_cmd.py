@@ -137,7 +137,6 @@ def _volume_from_series(args):
 
 def _start_bundled(store: str | None):
     from server_stub.embedded import EmbeddedServer
-    from server_stub.slabs import register_routes
 
     from .cli import default_data_dir
 
@@ -150,9 +149,7 @@ def _start_bundled(store: str | None):
 
         path = default_data_dir() / "store"
         ensure_sample_store(path, log=lambda m: print(m, file=sys.stderr)).close()
-    srv = EmbeddedServer(str(path))
-    register_routes(srv.app.router.routes, srv.app.state.server)
-    return srv.start()
+    return EmbeddedServer(str(path)).start()
 
 
 # --------------------------------------------------------------------------- rendering

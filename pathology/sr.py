@@ -89,10 +89,22 @@ def area_downscale(img: np.ndarray, s: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- layers
 def _conv3x3(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1) -> np.ndarray:
-    """x (H, W, Cin) float32, w (Cout, Cin, 3, 3), zero padding 1 (as torch)."""
+    """x (H, W, Cin) float32, w (Cout, Cin, 3, 3), zero padding 1 (as torch).
+
+    Few input channels: one im2col matrix product. Many: nine shifted matrix products
+    accumulated (each reads contiguous rows of W·Cin values; about twice as fast)."""
     h, wd, cin = x.shape
     p = np.zeros((h + 2, wd + 2, cin), np.float32)
     p[1:-1, 1:-1] = x
+    if cin >= 8:
+        oh, ow = (h, wd) if stride == 1 else (-(-h // stride), -(-wd // stride))
+        out = np.empty((oh * ow, w.shape[0]), np.float32)
+        out[:] = b
+        for dy in range(3):
+            for dx in range(3):
+                sl = p[dy:dy + h:stride, dx:dx + wd:stride]
+                out += sl.reshape(-1, cin) @ w[:, :, dy, dx].T
+        return out.reshape(oh, ow, w.shape[0])
     win = np.lib.stride_tricks.sliding_window_view(p, (3, 3), axis=(0, 1))  # H, W, Cin, 3, 3
     if stride != 1:
         win = win[::stride, ::stride]

@@ -382,12 +382,27 @@ class TiffSource(TileSource):
                 data = fh.read(n)
         seg, _idx, _shape = page.decode(data, index, jpegtables=page.jpegtables)
         if seg is not None:
-            seg = _rgb(seg.reshape(seg.shape[-3:]))
+            seg = seg.reshape(seg.shape[-3:])
+        return self._remember(key, seg)
+
+    def _remember(self, key, seg):
         with self._lock:
             self._tiles[key] = seg
             while len(self._tiles) > self._cache_tiles:
                 self._tiles.popitem(last=False)
         return seg
+
+    def _tile(self, level: int, index: int) -> np.ndarray | None:
+        """One TIFF tile as RGB; separate colour planes (PlanarConfiguration 2) joined."""
+        page = self._pages[level]
+        if int(page.planarconfig) == 2 and page.samplesperpixel > 1:
+            per = len(page.dataoffsets) // page.samplesperpixel
+            planes = [self._segment(level, s * per + index) for s in range(min(3, page.samplesperpixel))]
+            if any(p is None for p in planes):
+                return None
+            return _rgb(np.concatenate([p[..., :1] for p in planes], axis=2))
+        seg = self._segment(level, index)
+        return None if seg is None else _rgb(seg)
 
     def _read_level(self, level, x, y, w, h):
         page = self._pages[level]
@@ -405,7 +420,7 @@ class TiffSource(TileSource):
         out = np.full((h, w, 3), BACKGROUND, np.uint8)
         for ty in range(y // th, (y + h - 1) // th + 1):
             for tx in range(x // tw, (x + w - 1) // tw + 1):
-                seg = self._segment(level, ty * across + tx)
+                seg = self._tile(level, ty * across + tx)
                 if seg is None:
                     continue
                 sx0, sy0 = tx * tw, ty * th

@@ -17,7 +17,7 @@ written into the weights' ``meta``.
 Shipped weights (``resources/pathology``), reproducible with::
 
     python -m pathology.train_sr --scale 2 --iters 4000 --mix 0.8 0.15 0.05
-    python -m pathology.train_sr --scale 4 --iters 3000 --channels 24 48 --blocks 3 --patch 24
+    python -m pathology.train_sr --scale 4 --iters 6000 --channels 24 48 --blocks 3 --patch 24
 
 (the exact command is also in each file's ``meta``; CPU thread scheduling makes runs
 differ in the last digits). Tried and not shipped: ×4 with 32/64 channels and 4 blocks

@@ -185,8 +185,10 @@ class Server:
         return out
 
     def close(self) -> None:
-        for part in (self.versions, self.tiers, self.diagnosis, self.auth):
-            part.close()
+        for part in (self.versions, self.tiers, self.diagnosis, self.auth,
+                     getattr(self, "slides", None)):
+            if part is not None:
+                part.close()
 
 
 def _sid(request: Request) -> str | None:

@@ -84,15 +84,18 @@ def test_damaged_tile_is_detected(stored, tmp_path):
     assert any("SHA-256" in p for p in bad.verify())
 
 
-def test_pyramidal_tiff_reader(tmp_path, slide_img):
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+def test_pyramidal_tiff_reader(tmp_path, slide_img, planar):
     import tifffile
 
     img, _ = slide_img
     p = tmp_path / "slide.tif"
+    lay = (lambda a: a) if planar == "contig" else (lambda a: np.moveaxis(a, 2, 0))
     with tifffile.TiffWriter(p) as tw:
-        tw.write(img, tile=(256, 256), subifds=1, photometric="rgb",
+        tw.write(lay(img), tile=(256, 256), subifds=1, photometric="rgb", planarconfig=planar,
                  resolution=(20000, 20000), resolutionunit="CENTIMETER")
-        tw.write(block_mean(img, 4), tile=(256, 256), subfiletype=1, photometric="rgb")
+        tw.write(lay(block_mean(img, 4)), tile=(256, 256), subfiletype=1, photometric="rgb",
+                 planarconfig=planar)
     src = open_slide(p)
     assert isinstance(src, TiffSource)
     assert [(lv.width, lv.height) for lv in src.levels] == [(1000, 700), (250, 175)]
@@ -101,6 +104,8 @@ def test_pyramidal_tiff_reader(tmp_path, slide_img):
     # a level between native ones is read from the nearest finer level
     assert np.abs(src.read_scaled(2, 0, 0, 500, 350).astype(int)
                   - block_mean(img, 2).astype(int)).max() <= 1
+    if planar == "separate":
+        return
     st = new_store(tmp_path / "store")
     row = st.ingest(p, patient_id="P2", accession="A2", tile_size=256, run_qc=False)
     _r, s = st.open(row["pk"])

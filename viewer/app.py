@@ -21,13 +21,9 @@ def tune_runtime() -> None:
     The worker threads parse packet streams in Python and hold the GIL while they do;
     CPython hands the GIL over to a waiting thread only every ``switchinterval`` (5 ms by
     default, so a UI event could wait 5 ms per busy worker). 1 ms keeps the event loop's
-    latency low at a small cost in throughput. Also applies the PySide6 work-around of
-    :mod:`viewer.qtcompat`.
+    latency low at a small cost in throughput.
     """
-    from . import qtcompat
-
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    qtcompat.apply()
 
 
 def config_from_args(args):

@@ -30,14 +30,13 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
                                QMainWindow, QMessageBox, QPushButton, QProgressBar, QVBoxLayout, QWidget)
 
-from . import qtcompat, windowing
+from . import windowing
 from .mpr import PLANES, MprState
 from .mprview import SLAB_NAMES, MprView, ResliceScheduler, Tool
 from .volume import Volume
 from .vr import PRESETS as VR_PRESETS
 from .vrview import VrView
 
-qtcompat.apply()
 log = logging.getLogger("medview.mprlayout")
 
 __all__ = ["MprLayout", "MprWindow", "LoadRunner", "open_series", "open_folder", "open_volume",

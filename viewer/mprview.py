@@ -26,10 +26,8 @@ from PySide6.QtCore import QObject, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from . import qtcompat, windowing
+from . import windowing
 from .mpr import MprState, PlaneGeometry, display_uint8, plane_labels
-
-qtcompat.apply()
 
 __all__ = ["ResliceScheduler", "MprView", "Tool", "PLANE_COLORS", "SLAB_NAMES", "Measurement3D"]
 

@@ -23,11 +23,9 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QListWidget, QLis
                                QPlainTextEdit, QPushButton, QSpinBox, QTabWidget, QVBoxLayout,
                                QWidget)
 
-from . import qtcompat
 from .policy_text import (explain_recall, explain_rights, explain_rights_error, status_label,
                           version_label)
 
-qtcompat.apply()
 log = logging.getLogger("medview.policy")
 
 __all__ = ["VersionSelector", "DiagnosisPanel", "PolicyController", "measurement_annotation",

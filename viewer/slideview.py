@@ -12,9 +12,10 @@ Loading (:class:`SlideTileLoader`): the visible tiles are asked for first at qua
 1 (a small fraction of the bytes; INTERACTION priority), then at all layers (lossless),
 then the prefetch ring in the direction of panning at PREFETCH priority, on the worker
 pool of :mod:`client.pool`. On a link measured slower than 2 MB/s, prefetch brings only
-the first quality layer (SPEC H5); what comes on screen is refined as usual. While a tile is missing, the best coarser tile already held
-is drawn scaled up in its place — the overview level is always held — so the view is
-never empty and sharpens in place. A result never replaces a better one.
+the first quality layer (SPEC H5); what comes on screen is refined as usual. While a
+tile is missing, the best coarser tile already held is drawn scaled up in its place — the
+overview level is always held — so the view is never empty and sharpens in place. A
+result never replaces a better one.
 
 Modes:
 * **High resolution + prefetch** (default for slides scanned at high resolution): zoom
@@ -47,10 +48,8 @@ from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool  # noqa: F401
 from pathology.srqueue import NEAR, VIEW, SRQueue, SRTileService
 from pathology.viewport import CachedTile, TileCache, Viewport
 
-from . import qtcompat
 from .workers import dispatcher
 
-qtcompat.apply()
 log = logging.getLogger("medview.slideview")
 
 SR_COLOUR = QColor(230, 0, 200)
@@ -275,7 +274,11 @@ class SlideView(QWidget):
         near = {(s, c, r) for c in range(min(cols) - 1, max(cols) + 2)
                 for r in range(min(rows) - 1, max(rows) + 2)} - set(vis)
         self._sr_queue.retarget(set(vis), near)
-        for key, prio in [(k, VIEW) for k in vis] + [(k, NEAR) for k in sorted(near)]:
+        n = self.sr.tile / s
+        cx, cy = self.vp.centre
+        centre_first = sorted(vis, key=lambda k: math.hypot((k[1] + 0.5) * n - cx,
+                                                            (k[2] + 0.5) * n - cy))
+        for key, prio in [(k, VIEW) for k in centre_first] + [(k, NEAR) for k in sorted(near)]:
             if ("sr",) + key in self.cache or key in self._sr_jobs:
                 continue
             if key[1] < 0 or key[2] < 0:
@@ -435,9 +438,9 @@ class SlideView(QWidget):
         if sr_drawn:
             s = self.sr_active()
             text = f"SUPER-RESOLVED ×{s}: generated detail on screen (magenta tiles), not scanned"
-            p.fillRect(QRectF(0, self.height() - 52, self.width(), 20), SR_COLOUR)
+            p.fillRect(QRectF(0, y, self.width() - 200, 20), SR_COLOUR)
             p.setPen(QColor(255, 255, 255))
-            p.drawText(QPointF(12, self.height() - 37), text)
+            p.drawText(QPointF(12, y + 15), text)
 
     # ------------------------------------------------------------------ animation
     def zoom_to(self, scale: float, anchor: tuple[float, float] | None = None,

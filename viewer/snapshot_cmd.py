@@ -39,9 +39,6 @@ def cmd_snapshot(args) -> int:
     """Run the sub-command; returns the exit code (0 done, 1 failed)."""
     from client.session import ServerError
 
-    from . import qtcompat
-
-    qtcompat.apply()
     server = session = cache = None
     try:
         size = parse_size(getattr(args, "size", None) or "512,512")

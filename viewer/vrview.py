@@ -25,11 +25,9 @@ from PySide6.QtCore import QPointF, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QGuiApplication, QImage, QPainter
 from PySide6.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
-from . import qtcompat
 from .vr import VrScene, VrUnavailable, offscreen_window
 from .volume import Volume
 
-qtcompat.apply()
 log = logging.getLogger("medview.vrview")
 
 __all__ = ["VrView", "backend_for_platform"]

@@ -29,10 +29,7 @@ from PySide6.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal
 
 from client.pool import VISIBLE, CancelToken, WorkerPool
 
-from . import qtcompat
 from .loader import ImageStatus, LoaderListener, SeriesStatus, Stage
-
-qtcompat.apply()   # PySide6 6.12.0 on CPython 3.11 loses None/True/False references
 
 log = logging.getLogger("medview.workers")
 

@@ -642,3 +642,20 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
         finally:
             w.close()
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_open_folder_in_mpr_scans_off_the_ui_thread(qtbot, win, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    from server_stub.sample import make_sample_ct
+
+    folder = tmp_path / "series"
+    make_sample_ct(folder, slices=12, size=64, seed=5)
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
+    win.open_mpr_folder()
+    qtbot.waitUntil(lambda: bool(getattr(win, "_mpr_windows", [])), timeout=TIMEOUT)
+    mpr = win._mpr_windows[-1]
+    qtbot.addWidget(mpr)
+    qtbot.waitUntil(lambda: "complete" in mpr.mpr.status.text(), timeout=TIMEOUT)
+    assert len(mpr.mpr.volume.own_slots()) == 12
+    mpr.close()

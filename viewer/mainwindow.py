@@ -246,18 +246,31 @@ class MainWindow(QMainWindow):
         return win
 
     def open_mpr_folder(self) -> None:
-        from .mprlayout import open_folder
-        from .series_select import ServerCatalogue
+        """Pick a folder; its DICOM files are scanned and the series selected in a worker
+        (M1–M3), then the MPR window opens on the UI thread."""
+        from .mprlayout import open_selection
+        from .series_select import ServerCatalogue, select_series
 
         folder = QFileDialog.getExistingDirectory(self, "Folder with a DICOM series")
         if not folder:
             return
         catalogue = ServerCatalogue(self.backend.session) if self.backend.session else None
-        try:
-            win = open_folder(folder, parent=self, catalogue=catalogue)
-        except RuntimeError:
-            return
-        self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
+        task = Task(lambda _ctx: select_series(folder, catalogue=catalogue), name="select",
+                    pool=self.backend.pool, priority=INTERACTION, parent=self)
+
+        def selected(sel) -> None:
+            try:
+                win = open_selection(sel, parent=self,
+                                     report=lambda m: self.statusBar().showMessage(
+                                         (m.splitlines() or [""])[0], 8000))
+            except RuntimeError:
+                return           # the refusal (too few images) was shown
+            self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
+
+        task.finished.connect(selected)
+        task.failed.connect(lambda e: self.statusBar().showMessage(f"Cannot read the folder: {e}", 8000))
+        self.statusBar().showMessage(f"Reading {folder}…")
+        task.start()
 
     # ================================================================== slides (issue 6)
     def choose_slide(self) -> None:

@@ -410,10 +410,20 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
 def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=None,
                 threshold: int = 10, show: bool = True, sync: bool = False, vr: bool = True,
                 show_errors: bool = True, report: Callable[[str], None] | None = None) -> MprWindow:
-    """Open the series of an image file (or the main series of a folder) in MPR."""
+    """Open the series of an image file (or the main series of a folder) in MPR.
+    The folder scan reads files: from a UI, run :func:`series_select.select_series` in a
+    worker and hand its result to :func:`open_selection` instead."""
     from .series_select import select_series
 
     sel = select_series(path, threshold=threshold, catalogue=catalogue)
+    return open_selection(sel, parent=parent, show=show, sync=sync, vr=vr,
+                          show_errors=show_errors, report=report)
+
+
+def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, sync: bool = False,
+                   vr: bool = True, show_errors: bool = True,
+                   report: Callable[[str], None] | None = None) -> MprWindow:
+    """Open a finished series selection in MPR (refused with a message when too small)."""
     if report:
         report(sel.report())
     if sel.refusal:

@@ -94,7 +94,8 @@ def render_region(provider, level: int, region: tuple[int, int, int, int] | None
     return mark_generated(out, sr), text
 
 
-def _region(s: str) -> tuple[int, int, int, int]:
+def region_arg(s: str) -> tuple[int, int, int, int]:
+    """argparse type for ``x,y,w,h`` (also used by ``medview fetch``)."""
     try:
         x, y, w, h = (int(v) for v in s.split(","))
     except ValueError:
@@ -109,7 +110,7 @@ def build_parser(prog: str = "medview render") -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slide", required=True, help="slide UID or catalogue number")
     p.add_argument("--level", type=int, default=0)
-    p.add_argument("--region", type=_region, help="x,y,w,h in pixels of the level")
+    p.add_argument("--region", type=region_arg, help="x,y,w,h in pixels of the level")
     p.add_argument("--sr", type=int, choices=(2, 4), help="super-resolve ×2 or ×4 (marked)")
     p.add_argument("--layers", type=int, default=0, help="quality layers (default all)")
     p.add_argument("--store", help=f"image store (default {default_store()})")

@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from pathology.render import region_arg
+
 
 def default_data_dir() -> Path:
     base = os.environ.get("MEDVIEW_HOME") or os.path.join(
@@ -30,16 +32,6 @@ def default_cache_path() -> Path:
     base = os.environ.get("MEDVIEW_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "medview")
     return Path(base) / "packets.sqlite"
-
-
-def _region(s: str) -> tuple[int, int, int, int]:
-    try:
-        x, y, w, h = (int(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError("region must be x,y,w,h") from None
-    if min(x, y) < 0 or min(w, h) <= 0:
-        raise argparse.ArgumentTypeError("region must have x,y >= 0 and w,h > 0")
-    return x, y, w, h
 
 
 def _window(s: str) -> tuple[float, float]:
@@ -73,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--series", required=True)
     f.add_argument("--layers", type=int)
     f.add_argument("--level", type=int, help="resolution reduction, 0 = full resolution")
-    f.add_argument("--region", type=_region, help="x,y,w,h in full-resolution pixels")
+    f.add_argument("--region", type=region_arg, help="x,y,w,h in full-resolution pixels")
     f.add_argument("--order", default="quality", choices=("quality", "resolution", "image"))
     f.add_argument("--out", required=True)
     _credentials(f)

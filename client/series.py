@@ -32,7 +32,6 @@ import numpy as np
 from codestream import framing
 from codestream.ranges import format_ranges
 from codestream.databins import BinSet
-from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppParser
 
 from .cache import PacketCache
 from .decode import decode
@@ -228,30 +227,10 @@ class SeriesData:
         if csn >= len(self.bins):
             raise TransferError(f"server sent codestream {csn}, the series has {len(self.bins)}")
         with self._lock:
-            bs = self.bins[csn]
-            if msg.cls in (MAIN_HEADER, TILE_HEADER):
-                if msg.offset != 0:
-                    return 0
-                if msg.cls == MAIN_HEADER:
-                    bs.main_header = msg.data
-                else:
-                    bs.tile_header = msg.data
-                bs._index = None
-                dirty.setdefault(csn, {})[(msg.cls, 0)] = msg.data
-                return len(msg.data)
-            if msg.cls != PRECINCT:
-                return 0
-            have = bs.precincts.get(msg.bin_id, b"")
-            if msg.offset > len(have):
-                log.warning("gap in precinct bin %d of image %d; ignored", msg.bin_id, csn)
-                return 0
-            new = msg.data[len(have) - msg.offset:] if msg.offset < len(have) else msg.data
-            if not new:
-                return 0
-            data = have + new
-            bs.precincts[msg.bin_id] = data
-            dirty.setdefault(csn, {})[(PRECINCT, msg.bin_id)] = data
-            return len(new)
+            n, key, data = self.bins[csn].absorb(msg)
+        if key is not None:
+            dirty.setdefault(csn, {})[key] = data
+        return n
 
     def flush(self, dirty: dict[int, dict]) -> None:
         if self.cache:
@@ -372,8 +351,7 @@ class Transfer:
             resp = s.session.packet_stream(self.params, model)
         self._resp = resp
         s.declare_needed = False
-        reader = framing.RecordReader()
-        parser = JppParser()
+        reader = framing.PacketStreamReader()
         dirty: dict[int, dict] = {}
         per_image_rx: dict[int, int] = {}
         per_image_req: dict[int, int] = {}
@@ -386,9 +364,7 @@ class Transfer:
                         self._control(payload, per_image_req, t0)
                         continue
                     touched = set()
-                    for msg in parser.feed(payload):
-                        if isinstance(msg, EorMessage):
-                            continue
+                    for msg in payload:
                         n = s.apply(msg, dirty)
                         self.received += n
                         per_image_rx[msg.csn] = per_image_rx.get(msg.csn, 0) + n

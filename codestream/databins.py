@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from .index import (EOC, PLM, PLT, SOD, SOT, TLM, CodestreamError, PacketIndex,
                     iter_marker_segments)
+from .jpp import MAIN_HEADER, PRECINCT, TILE_HEADER
 
 
 @dataclass
@@ -60,6 +61,35 @@ class BinSet:
         if self._index is None and self.main_header and self.tile_header:
             self._index = PacketIndex.from_headers(self.main_header, self.tile_header)
         return self._index
+
+    def absorb(self, msg) -> tuple[int, tuple[int, int] | None, bytes]:
+        """Merge one JPP message (:class:`codestream.jpp.JppMessage`) into the bins.
+
+        Returns ``(new bytes, key, data)``: how many bytes it added, the cache key
+        ``(class, bin id)`` of the data-bin it changed (None if nothing changed) and that
+        bin's whole data now. Repeated bytes are dropped; a message that would leave a gap
+        in a precinct bin, and a header sent in pieces, are ignored (the client asks again
+        and the server's cache model resends them)."""
+        if msg.cls in (MAIN_HEADER, TILE_HEADER):
+            if msg.offset != 0:
+                return 0, None, b""
+            if msg.cls == MAIN_HEADER:
+                self.main_header = msg.data
+            else:
+                self.tile_header = msg.data
+            self._index = None
+            return len(msg.data), (msg.cls, 0), msg.data
+        if msg.cls != PRECINCT:
+            return 0, None, b""
+        have = self.precincts.get(msg.bin_id, b"")
+        if msg.offset > len(have):
+            return 0, None, b""
+        new = msg.data[len(have) - msg.offset:]
+        if not new:
+            return 0, None, b""
+        data = have + new
+        self.precincts[msg.bin_id] = data
+        return len(new), (PRECINCT, msg.bin_id), data
 
     def layers_in_bin(self, bin_id: int, lengths: list[int] | None = None) -> int:
         """Number of whole packets (layers) held for a precinct data-bin."""

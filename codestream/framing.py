@@ -58,3 +58,25 @@ class RecordReader:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+
+class PacketStreamReader:
+    """The receiving side of a packet response in one object: feed the HTTP body in
+    chunks of any size; get ``(CONTROL, dict)`` for control records and ``(DATA, [JPP
+    messages])`` for each data record (end-of-response messages dropped). Used by the
+    series transfer (:mod:`client.series`) and the slide provider
+    (:mod:`pathology.provider`) alike."""
+
+    def __init__(self) -> None:
+        from .jpp import EorMessage, JppParser
+
+        self._records = RecordReader()
+        self._jpp = JppParser()
+        self._eor = EorMessage
+
+    def feed(self, chunk: bytes):
+        for rtype, payload in self._records.feed(chunk):
+            if rtype == CONTROL:
+                yield CONTROL, payload
+            else:
+                yield DATA, [m for m in self._jpp.feed(payload) if not isinstance(m, self._eor)]

@@ -28,7 +28,6 @@ import numpy as np
 from codestream import framing
 from codestream.databins import BinSet, rebuild_codestream
 from codestream.encode import openjpeg_decode
-from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppParser
 
 from .pyramid import LevelGeometry, StoredSlide
 from .tilesource import BACKGROUND
@@ -189,7 +188,7 @@ class RemoteSlide(_Base):
                                     json={"model": model}, stream=True,
                                     timeout=(self.session.timeout, 120))
         self.requests += 1
-        reader, parser = framing.RecordReader(), JppParser()
+        reader = framing.PacketStreamReader()
         got = 0
         t0 = time.monotonic()
         dirty: dict[int, dict] = {}
@@ -205,9 +204,8 @@ class RemoteSlide(_Base):
                         elif msg.get("type") == "error":
                             raise ProviderError(msg.get("error", "server error"))
                         continue
-                    for m in parser.feed(payload):
-                        if not isinstance(m, EorMessage):
-                            got += self._apply(level, m, dirty)
+                    for m in payload:
+                        got += self._apply(level, m, dirty)
                     self._flush(level, dirty)
         finally:
             resp.close()
@@ -225,28 +223,10 @@ class RemoteSlide(_Base):
         if t >= g.count:
             raise ProviderError(f"server sent tile {t}; level {level} has {g.count}")
         with self._lock:
-            bs = self._binset(level, t)
-            if msg.cls in (MAIN_HEADER, TILE_HEADER):
-                if msg.offset:
-                    return 0
-                if msg.cls == MAIN_HEADER:
-                    bs.main_header = msg.data
-                else:
-                    bs.tile_header = msg.data
-                bs._index = None
-                dirty.setdefault(t, {})[(msg.cls, 0)] = msg.data
-                return len(msg.data)
-            if msg.cls != PRECINCT:
-                return 0
-            have = bs.precincts.get(msg.bin_id, b"")
-            if msg.offset > len(have):
-                return 0
-            new = msg.data[len(have) - msg.offset:]
-            if not new:
-                return 0
-            bs.precincts[msg.bin_id] = have + new
-            dirty.setdefault(t, {})[(PRECINCT, msg.bin_id)] = have + new
-            return len(new)
+            n, key, data = self._binset(level, t).absorb(msg)
+        if key is not None:
+            dirty.setdefault(t, {})[key] = data
+        return n
 
     def _flush(self, level: int, dirty: dict) -> None:
         if self.cache is not None:

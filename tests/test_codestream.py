@@ -857,22 +857,28 @@ def test_databins_over_jpp_and_framing(rgb_frame):
         if i == 0:
             stream += framing.control({"type": "announce", "n": 1})
     stream += framing.control({"type": "end"})
-    rr, pp, got = framing.RecordReader(), jpp.JppParser(), {}
-    controls = []
+    # the repeats and the gap a real stream can hold: the first precinct message again,
+    # and a piece of a bin beyond what has arrived
+    first_bin = min(db.precincts)
+    body2 = w.message(jpp.JppMessage(jpp.PRECINCT, 5, first_bin, 0, db.precincts[first_bin][0]))
+    body2 += w.message(jpp.JppMessage(jpp.PRECINCT, 5, first_bin, 10 ** 6, b"gap"))
+    stream += framing.record(framing.DATA, body2)
+    reader, bs, controls, added, dirty = framing.PacketStreamReader(), BinSet(), [], 0, {}
     for i in range(0, len(stream), 333):
-        for rtype, payload in rr.feed(bytes(stream[i:i + 333])):
+        for rtype, payload in reader.feed(bytes(stream[i:i + 333])):
             if rtype == framing.CONTROL:
                 controls.append(payload["type"])
                 continue
-            for m in pp.feed(payload):
-                if isinstance(m, jpp.EorMessage):
-                    continue
-                buf = got.setdefault((m.cls, m.bin_id), bytearray())
-                assert m.offset == len(buf) and m.csn == 5
-                buf += m.data
-    assert controls == ["announce", "end"] and rr.pending == 0 and pp.pending == 0
-    bs = BinSet(bytes(got.pop((jpp.MAIN_HEADER, 0))), bytes(got.pop((jpp.TILE_HEADER, 0))),
-                {bid: bytes(v) for (_c, bid), v in got.items()})
+            for m in payload:
+                assert m.csn == 5
+                n, key, data = bs.absorb(m)
+                added += n
+                if key is not None:
+                    dirty[key] = data
+    assert controls == ["announce", "end"]
+    assert added == sum(len(d) for _c, _b, d in bins)            # repeats and gaps add nothing
+    assert dirty[(jpp.MAIN_HEADER, 0)] == db.main_header
+    assert dirty[(jpp.PRECINCT, first_bin)] == bs.precincts[first_bin]
     assert bs.levels() == (2, ix.numres - 1)
     assert_same(opj_decode(rebuild_codestream(bs), layers=2), opj_decode(cs, layers=2), "jpp")
 

@@ -1,4 +1,5 @@
-"""``python -m pathology.cli``: slide ingest, QC, tiers, organise and distribute.
+"""``medview-slide`` (also ``python -m pathology.cli``): slide ingest, QC, tiers,
+organise and distribute.
 
     ingest PATH... --patient ID --accession ACC [--patient-name N] [--status S]
            [--label L] [--stain S] [--state low|high] [--mpp M] [--tile 512]
@@ -16,9 +17,10 @@
     demo [--patient ID]                        ingest a demonstration slide (real IHC)
     render --slide ID --level L [--region x,y,w,h] [--sr 2|4] --out file.png
 
-Every command takes ``--store DIR`` (the image store; slides live in ``DIR/slides``,
-default the desktop app's store). Exit status 0 on success, 1 on a refused or failed
-operation (with the reason on standard error), 2 on bad usage. QC-flagged slides are
+Every command takes ``--store DIR``, before or after the command (the image store;
+slides live in ``DIR/slides``, default the desktop app's store). Exit status 0 on
+success, 1 on a refused or failed operation (with the reason on standard error), 2 on
+bad usage. QC-flagged slides are
 ingested and listed with their flags; ``ingest`` exits 3 when a slide was flagged.
 """
 from __future__ import annotations
@@ -196,14 +198,17 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pathology.cli", description=__doc__,
+    p = argparse.ArgumentParser(prog="medview-slide", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--store", help=f"image store (default {default_store()})")
     sub = p.add_subparsers(dest="command", required=True)
 
     def sp(name, fn, **kw):
         s = sub.add_parser(name, **kw)
-        s.add_argument("--store", help=f"image store (default {default_store()})")
+        # also after the command; SUPPRESS keeps a --store given before it
+        s.add_argument("--store", default=argparse.SUPPRESS,
+                       help=f"image store (default {default_store()})")
         s.set_defaults(fn=fn)
         return s
 
@@ -277,10 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["render"]:
-        from .render import main as render_main
+    if "render" in argv:
+        # `[--store DIR] [-v] render ...`: the render command has its own parser
+        i = argv.index("render")
+        head, rest = argv[:i], argv[i + 1:]
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("-v", "--verbose", action="store_true")
+        pre.add_argument("--store")
+        known, extra = pre.parse_known_args(head)
+        if not extra:
+            from .render import main as render_main
 
-        return render_main(argv[1:])
+            return render_main((["--store", known.store] if known.store else []) + rest)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

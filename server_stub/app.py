@@ -24,10 +24,12 @@ Policy routes (versions, diagnosis status and records, session context): see
 QIDO responses are DICOM JSON (PS3.18 F.2) unless ``format=json`` asks for plain
 keyword-keyed JSON. The session id travels as ``Authorization: Bearer <id>`` or as the
 JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the series
-(path, or the JPIP ``target``) or study it is about; the grant it returns is enforced by
-the packet planner, and by the whole-file routes (original DICOM, whole codestream),
-which need an unlimited grant. Every request is written to the audit log (packet
-requests when their stream ends, with what was actually sent).
+(path, or the JPIP ``target``) or study it is about — or, for slides, the slide's scopes
+(:mod:`server_stub.slides`); the grant it returns is enforced by the packet planner (for
+slides by the same check in slide terms), and by the whole-file routes (original DICOM,
+whole codestream, a slide's label/macro), which need an unlimited grant. Every request is
+written to the audit log (packet requests when their stream ends, with what was actually
+sent).
 """
 from __future__ import annotations
 
@@ -204,11 +206,16 @@ def create_app(store: Store, authority: Authority | None = None, *,
     the server, every ``[storage] schedule_hours`` of the site policy."""
     srv = Server(store, authority, policy=policy)
 
-    def guarded(action: str):
+    def guarded(action: str, scopes=None):
         """Authorise, then run the (blocking) handler on the thread pool, never on the
         event loop; map every known failure to a JSON error with its HTTP status; write
         the request to the audit log (a handler may add details to
-        ``request.state.audit``, or take the writing over with ``audit_deferred``)."""
+        ``request.state.audit``, or take the writing over with ``audit_deferred``).
+
+        The target is the series of the path (or the JPIP ``target``) or the study of
+        the path; a route about something else (a slide) gives ``scopes``:
+        ``scopes(request)`` → its rights scopes, finest first (the first one names the
+        resource in the audit log), called once the session is known to be valid."""
         def deco(fn):
             async def endpoint(request: Request):
                 peer = request.client.host if request.client else None
@@ -218,6 +225,14 @@ def create_app(store: Store, authority: Authority | None = None, *,
                 request.state.audit = {}
                 request.state.audit_deferred = False
                 who: dict = {"user": None, "session": None}
+                resolved: list = []
+
+                def scope_list():
+                    resolved[:] = [x for x in scopes(request) if x]
+                    return resolved
+
+                if scopes is not None:
+                    resource = None
 
                 async def audit(outcome: str, status: int, message: str | None = None):
                     query = {k: v for k, v in request.query_params.items() if k != "cid"}
@@ -226,14 +241,16 @@ def create_app(store: Store, authority: Authority | None = None, *,
                               **request.state.audit, **({"error": message} if message else {})}
                     await run_in_threadpool(
                         srv.auth.audit, user=who["user"], session=who["session"], peer=peer,
-                        action=action, resource=resource or study, outcome=outcome,
+                        action=action, resource=(resolved[0] if resolved else None)
+                        or resource or study, outcome=outcome,
                         status=status, detail=detail)
 
                 try:
                     request.state.body = (await request.body()
                                           if request.method in ("POST", "PUT") else b"")
                     session, grant = await run_in_threadpool(
-                        srv.auth.authorize, _sid(request), action, resource, study=study)
+                        srv.auth.authorize, _sid(request), action, resource, study=study,
+                        scopes=scope_list if scopes is not None else None)
                     who.update(user=session.user, session=session.serial)
                     request.state.session, request.state.grant = session, grant
                     response = await run_in_threadpool(fn, request)
@@ -444,6 +461,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
                                detail=detail, **who)
             except Exception:  # noqa: BLE001 - never turn a finished stream into an error
                 log.exception("audit of a packet stream failed")
+
+    srv.audited_stream = _audited          # the slide packet route audits the same way
 
     routes = [
         Route("/api/login", login, methods=["POST"]),

@@ -7,8 +7,8 @@ without a password only from a loopback address (as PostgreSQL's ``trust`` for l
 connections); from anywhere else it is refused.
 
 * Groups: table ``groups`` and ``user_groups``.
-* Rights rules: table ``rights`` (see :mod:`server_stub.rights` for what a rule holds and
-  how rules combine).
+* Rights rules: table ``rights`` (see :mod:`server_stub.rights` for what a rule holds, its
+  scopes — series, study, patient, slide, exam, ``*`` — and how rules combine).
 * Sessions: in memory; they end on logout, after ``idle_s`` without a request, after
   ``max_age_s`` in any case, and when their user is removed.
 * Failed log-ins are rate-limited per user name and per client address: after
@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable
 
 from .dbutil import Db
 from .packets import CacheModel
-from .rights import ACTION_WORDS, ACTIONS, Grant, Rule, decide, format_ranges, parse_ranges
+from .rights import (ACTION_WORDS, ACTIONS, EXAM_PREFIX, PATIENT_PREFIX, Grant, Rule, decide,
+                     format_ranges, parse_ranges)
 
 __all__ = ["LOCAL_USER", "AuthError", "Authority", "Grant", "Session", "hash_password",
            "verify_password", "is_loopback"]
@@ -238,6 +239,9 @@ class Authority:
         for v, what in ((rule.max_layers, "max_layers"), (rule.max_reduce_min, "max_reduce_min")):
             if v is not None and v < 0:
                 raise ValueError(f"{what} must not be negative")
+        scope = rule.scope or "*"
+        if scope in (PATIENT_PREFIX, EXAM_PREFIX):
+            raise ValueError(f"scope {scope!r} names no patient or exam")
         for r in rule.regions or []:
             if len(r) != 4 or r[2] <= 0 or r[3] <= 0 or min(r) < 0:
                 raise ValueError(f"a region is x,y,w,h with w, h > 0: {r}")
@@ -350,38 +354,74 @@ class Authority:
 
     # ----------------------------------------------------------------- the hook
     def study_of(self, series_uid: str) -> str | None:
-        try:
-            row = self.db.one("SELECT st.StudyInstanceUID FROM series se JOIN study st "
-                              "ON se.study_pk = st.pk WHERE se.SeriesInstanceUID = ?",
-                              (series_uid,))
-        except sqlite3.OperationalError:       # an authority without a catalogue
-            return None
-        return row[0] if row else None
+        return self.placement(series_uid, None)[0]
 
-    def grant_for(self, user: str, series: str | None = None, study: str | None = None) -> Grant:
-        """The user's grant on a series (or a study): rules, then the status matrix."""
-        if series and not study:
-            study = self.study_of(series)
+    def placement(self, series: str | None, study: str | None) -> tuple[str | None, str | None]:
+        """(Study Instance UID, Patient ID) of a series — its own study, whatever study a
+        request named beside it — or of a study; None where the catalogue does not know."""
+        try:
+            if series:
+                row = self.db.one(
+                    "SELECT st.StudyInstanceUID, p.PatientID FROM series se"
+                    " JOIN study st ON se.study_pk = st.pk JOIN patient p ON st.patient_pk = p.pk"
+                    " WHERE se.SeriesInstanceUID = ?", (series,))
+                if row:
+                    return row[0], row[1]
+            if study:
+                row = self.db.one("SELECT p.PatientID FROM study st JOIN patient p"
+                                  " ON st.patient_pk = p.pk WHERE st.StudyInstanceUID = ?",
+                                  (study,))
+                return study, (row[0] if row else None)
+        except sqlite3.OperationalError:       # an authority without a catalogue
+            pass
+        return study, None
+
+    def _rules_of(self, user: str) -> tuple[list[Rule], list[str]]:
         groups = self.groups_of(user)
-        grant = decide(self.rules([user] + [f"@{g}" for g in groups]), user, groups, series, study)
+        return self.rules([user] + [f"@{g}" for g in groups]), groups
+
+    def grant_for(self, user: str, series: str | None = None, study: str | None = None, *,
+                  scopes: Iterable[str | None] | None = None) -> Grant:
+        """The user's grant on a series (or a study): rules — series, its study, its
+        patient, ``*`` — then the status matrix. With ``scopes`` (finest first; a slide:
+        its UID, ``exam:<accession>``, ``patient:<ID>``) the grant on what they name;
+        such a target has no diagnosis status."""
+        rules, groups = self._rules_of(user)
+        if scopes is not None:
+            return decide(rules, user, groups, scopes=scopes)
+        study, patient = self.placement(series, study)
+        grant = decide(rules, user, groups, series, study, patient)
         if study and self.status_of is not None:
             grant.status = int(self.status_of(study))
             if self.policy is not None:
                 grant.status_versions = self.policy().allowed_versions(grant.status)
         return grant
 
+    def grants_for(self, user: str, targets: Iterable[Iterable[str | None]]) -> list[Grant]:
+        """The user's grants on many scoped targets (e.g. every slide of a listing), with
+        the rules read once."""
+        rules, groups = self._rules_of(user)
+        return [decide(rules, user, groups, scopes=t) for t in targets]
+
     def authorize(self, sid: str | None, action: str, resource: str | None = None, *,
-                  study: str | None = None) -> tuple[Session, Grant]:
+                  study: str | None = None,
+                  scopes: "Iterable[str | None] | Callable[[], Iterable[str | None]] | None" = None
+                  ) -> tuple[Session, Grant]:
         """The single authorisation point: every API request calls this with what it
         wants to do (``browse``, ``metadata``, ``fetch``, ``retrieve``, ``diagnose``;
-        ``logout`` and ``session`` need only a valid session) and on what (a series UID as ``resource``, or a ``study``)."""
+        ``logout`` and ``session`` need only a valid session) and on what (a series UID as
+        ``resource``, or a ``study``; or, for targets that are not DICOM series such as
+        slides, their ``scopes`` finest first — a callable is called only once the session
+        is known to be valid, so that looking the target up never answers a stranger)."""
         s = self.session(sid)
         if action in ("logout", "session"):       # about the session itself, no data
             return s, Grant()
         if not self.user_exists(s.user):
             self.logout(s.id)
             raise AuthError("this user no longer exists: log in again", 401)
-        grant = self.grant_for(s.user, resource, study)
+        if callable(scopes):
+            scopes = scopes()
+        grant = self.grant_for(s.user, resource, study, scopes=scopes)
         if grant.actions is not None and action not in grant.actions:
             raise AuthError(f"your account may not {ACTION_WORDS.get(action, action)}", 403,
                             session=s, denied=["action"], allowed_actions=sorted(grant.actions))

@@ -9,7 +9,8 @@ Sub-commands::
     medview-server user add NAME --store DIR [--group G]... [--password-stdin]
     medview-server user remove|passwd NAME --store DIR [--password-stdin]
     medview-server user groups NAME [GROUP...] --store DIR
-    medview-server user grant USER|@GROUP --store DIR [--study UID | --series UID]
+    medview-server user grant USER|@GROUP --store DIR [--study UID | --series UID |
+            --patient ID | --slide UID | --exam ACCESSION]
             [--max-layers N] [--max-reduce-min R] [--region x,y,w,h]... [--images 0-9]
             [--versions V2,V3] [--actions browse,metadata,fetch] [--revoke]
     medview-server user list --store DIR
@@ -118,7 +119,7 @@ def _password(args: argparse.Namespace) -> str:
 
 
 def _cmd_user(args: argparse.Namespace) -> int:
-    from .rights import Rule, format_ranges, parse_ranges
+    from .rights import Rule, exam_scope, format_ranges, parse_ranges, patient_scope
 
     auth = _authority(args)
     try:
@@ -158,7 +159,8 @@ def _cmd_user(args: argparse.Namespace) -> int:
             auth.set_groups(name, args.groups)
             print(f"{name}: groups {', '.join(args.groups) or 'none'}")
         elif args.action == "grant":
-            scope = args.series or args.study or "*"
+            scope = (args.series or args.study or args.slide
+                     or exam_scope(args.exam) or patient_scope(args.patient) or "*")
             if args.revoke:
                 gone = auth.remove_rule(name, scope)
                 print(f"rule of {name} on {scope} " + ("removed" if gone else "did not exist"))
@@ -349,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("--study", help="grant: only for this Study Instance UID")
     scope.add_argument("--series", help="grant: only for this Series Instance UID")
+    scope.add_argument("--patient", help="grant: only for this Patient ID (every study and "
+                       "slide of the patient)")
+    scope.add_argument("--slide", help="grant: only for this slide (its slide UID)")
+    scope.add_argument("--exam", help="grant: only for the slides of this pathology exam "
+                       "(accession number)")
     p.add_argument("--max-layers", type=int, help="grant: most quality layers")
     p.add_argument("--max-reduce-min", type=int,
                    help="grant: the finest resolution as a reduction (1 = half resolution)")

@@ -426,9 +426,20 @@ def enforce(grant: "_rights.Grant", req: PacketRequest, images: list[ImageSource
         numres={im.csn: im.index.numres for im in images},
         sizes={im.csn: (im.index.width, im.index.height) for im in images},
         region=req.region, version=req.version, versions=versions)
+    refuse(grant, problems, versions)
+
+
+def refuse(grant: "_rights.Grant", problems: list[tuple[str, str]], versions=None,
+           **extra) -> None:
+    """Raise the 403 of a request beyond ``grant`` if :func:`server_stub.rights.check`
+    found ``problems`` (series, slabs and slides alike): the message says what went
+    beyond, the body names the maximum allowed for every limited right
+    (:meth:`~server_stub.rights.Grant.limits`, plus ``extra``) and which were exceeded
+    (``denied``)."""
     if problems:
         raise RequestError("beyond your rights: " + "; ".join(m for _k, m in problems),
-                           status=403, **grant.limits(versions, [k for k, _m in problems]))
+                           status=403, **{**grant.limits(versions, list(dict.fromkeys(
+                               k for k, _m in problems))), **extra})
 
 
 # --------------------------------------------------------------------------- streaming

@@ -16,16 +16,25 @@ grant (:meth:`Grant.allows_whole`).
 Rules
 -----
 A rule belongs to a user or a group and applies to every study (scope ``*``), one study
-or one series (scope = its UID). It may set any of: ``max_layers`` (quality layers),
+or one series (scope = its UID), one slide (scope = its slide UID), one pathology exam
+(scope ``exam:<accession>``) or one patient (scope ``patient:<Patient ID>``: every study
+and every slide of that patient). It may set any of: ``max_layers`` (quality layers),
 ``max_reduce_min`` (the smallest resolution reduction: 1 = at most half resolution),
 ``regions`` (rectangles x, y, w, h in full-resolution pixels; a request must lie in one of
 them), ``images`` (image indices of the series), ``versions`` (names) and ``actions``
 (``browse``, ``metadata``, ``fetch``, ``retrieve``, ``diagnose``). Unset = no limit.
 
-For a request on series S of study T the rules of the user and of the user's groups are
-ranked: scope S before scope T before ``*``; at the same scope the user's own rule before
-its groups'. The best-ranked level decides; several group rules at that level combine
-permissively (the most any of them allows). No rule at all: no limit.
+For a request on series S of study T of patient P the rules of the user and of the user's
+groups are ranked: scope S before scope T before ``patient:P`` before ``*`` (a slide: its
+UID, then ``exam:<accession>``, then ``patient:P``, then ``*``); at the same scope the
+user's own rule before its groups'. The best-ranked level decides; several group rules at
+that level combine permissively (the most any of them allows). No rule at all: no limit.
+So a rule ``patient:P`` with no actions hides every image of P, radiology and pathology,
+from its subject (unless a rule on one of P's studies or slides says otherwise).
+
+Slides (:mod:`server_stub.slides`) are checked by the same :func:`check`, with the
+request translated into slide terms there: resolution = pyramid level + reduction, regions
+scaled to the level asked.
 
 Region rights and JPEG 2000: a region is sent as the precincts that cover it at every
 resolution. At the coarse resolutions one precinct spans much more than the region (at
@@ -181,11 +190,30 @@ def combine(rules: list[Rule]) -> Grant:
     return g
 
 
-def decide(rules: list[Rule], user: str, groups: Iterable[str], series: str | None,
-           study: str | None) -> Grant:
-    """The grant of ``user`` (member of ``groups``) on a series/study from all rules."""
+PATIENT_PREFIX = "patient:"
+EXAM_PREFIX = "exam:"
+
+
+def patient_scope(patient_id: str | None) -> str | None:
+    """The scope of every study and slide of a patient (None if the ID is unknown)."""
+    return f"{PATIENT_PREFIX}{patient_id}" if patient_id else None
+
+
+def exam_scope(accession: str | None) -> str | None:
+    """The scope of every slide of a pathology exam (None if there is no accession)."""
+    return f"{EXAM_PREFIX}{accession}" if accession else None
+
+
+def decide(rules: list[Rule], user: str, groups: Iterable[str], series: str | None = None,
+           study: str | None = None, patient: str | None = None, *,
+           scopes: Iterable[str | None] | None = None) -> Grant:
+    """The grant of ``user`` (member of ``groups``) on a series/study/patient from all
+    rules; or, with ``scopes`` (finest first, e.g. a slide's UID, exam and patient scopes),
+    on whatever those scopes name. ``*`` always comes last."""
     groups = {f"@{g}" for g in groups}
-    scopes = [s for s in (series, study) if s] + ["*"]
+    if scopes is None:
+        scopes = (series, study, patient_scope(patient))
+    scopes = [s for s in scopes if s and s != "*"] + ["*"]
     for scope in scopes:
         mine = [r for r in rules if r.scope == scope and r.subject == user]
         if mine:

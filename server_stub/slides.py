@@ -1,4 +1,4 @@
-"""Slides through the packet protocol (issue 6; SPEC H3, W6).
+"""Slides through the packet protocol (issue 6; SPEC H3, W6), within the user's rights.
 
 A pyramid level of a slide is a JPIP *target* whose components are its tiles: level
 ``L`` of slide ``S`` has ``cols × rows`` components, component ``row * cols + col`` being
@@ -9,18 +9,43 @@ covered part (the same planner as series, :func:`server_stub.packets.plan`, per 
 per-tile plans are merged into one quality-progressive stream: every tile at layer 1
 first (coarse), then layer 2 … Nothing is sent twice in a session.
 
+Rights (SPEC P7, V6): every slide route goes through the app's authorisation decorator,
+hence :meth:`server_stub.auth.Authority.authorize`, with the slide's scopes — its UID,
+``exam:<accession>``, ``patient:<Patient ID>`` — so rules on the slide, its exam, its
+patient or ``*`` apply as they do to series (see :mod:`server_stub.rights`). A packet
+request is checked before anything is planned by the series' own
+:func:`server_stub.rights.check`, translated into slide terms (:func:`slide_problems`),
+and refused as a whole with the series' 403 (:func:`server_stub.packets.refuse`):
+
+* ``max_layers`` and ``versions``: layers per tile (a slide's V1–V3 are computed as for a
+  series, modality ``SM``, from the tiles of one level: :meth:`SlideService.versions`);
+* ``max_reduce_min``: level ``L`` at reduction ``r`` is the slide reduced ``2**(L+r)``
+  times; ``L + r`` must reach the right (the body names ``finest_level``); a tile too
+  small to be reduced as far as asked counts at the reduction it can give;
+* ``regions`` (full-resolution pixels): scaled to the level asked, outward (a level pixel
+  is allowed when it covers an allowed full-resolution pixel); a request must name a
+  region inside one of them;
+* ``images``: a slide has no image numbers, so a grant that limits images allows no
+  slide packets (as slabs; a rule on the slide, exam or patient can lift it);
+* label / macro / thumbnail images are whole files (the label carries the patient's
+  identity): ``retrieve`` and an unlimited grant, as the original DICOM of a series.
+
+The listing shows only the slides the user may ``browse``.
+
 Routes (see :func:`register_routes`):
 
 ``GET  /api/slides``                        the catalogue (``patient_id``, ``accession``,
                                             ``tier``, ``flagged=1|0`` filter it)
 ``GET  /api/slides/{slide}``                one slide: catalogue facts, QC, pyramid
                                             geometry (levels, tile grid, bytes per level),
-                                            associated image names
+                                            associated image names, versions, the user's
+                                            ``rights`` on it
 ``GET  /api/slides/{slide}/associated/{name}``  label / macro / thumbnail as PNG
 ``GET|POST /jpip/slides/{slide}``           packets: ``level`` (default 0) plus the fields
                                             of ``/jpip`` (``target`` may be left out;
                                             ``comps`` names tiles of the level; ``reduce``
-                                            is per tile, clamped to small edge tiles);
+                                            is per tile, clamped to small edge tiles;
+                                            ``version``/``quality``/``purpose``/``auto``);
                                             POST ``{"model": ...}`` declares the cache.
 
 ``{slide}`` is the slide UID or its catalogue number. Every slide request counts as
@@ -38,23 +63,38 @@ from pathology.catalogue import CatalogueError
 from pathology.pyramid import PyramidError
 from pathology.store import SlideStore, slide_summary
 
-from .packets import Plan, RequestError, parse_request, plan, stream
+from . import rights as _rights
+from .packets import Plan, RequestError, parse_request, plan, refuse, resolve_version, stream
 from .packets import ImageSource as PacketSource
 
 log = logging.getLogger("medview.slides")
 
-__all__ = ["SlideService", "register_routes", "slide_plan"]
+__all__ = ["SlideService", "register_routes", "slide_plan", "slide_problems", "slide_scopes",
+           "slide_limits"]
+
+#: slide versions are measured on the finest level with at most this many tiles
+VERSION_SAMPLE_TILES = 16
+
+
+def slide_scopes(row: dict) -> list[str]:
+    """The rights scopes of a catalogued slide, finest first: its UID, its exam, its
+    patient (see :mod:`server_stub.rights`)."""
+    return [s for s in (row["slide_uid"], _rights.exam_scope(row.get("accession")),
+                        _rights.patient_scope(row.get("patient_id"))) if s]
 
 
 class SlideService:
     """The slide store of a server (opened on first use: a radiology-only store gets no
-    ``slides/`` folder), and the packet sources of its levels."""
+    ``slides/`` folder), the packet sources of its levels, and the versions of its
+    slides (``policy``: the site policy, as ``Server.policy.get``)."""
 
-    def __init__(self, store_root, *, schedule: bool = False) -> None:
+    def __init__(self, store_root, *, schedule: bool = False, policy=None) -> None:
         self.root = store_root
         self._store: SlideStore | None = None
         self._lock = threading.Lock()
         self._schedule = schedule
+        self._policy = policy
+        self._versions: dict[str, tuple[str, object]] = {}
         self.scheduler = None
         if schedule:
             _ = self.store
@@ -80,18 +120,60 @@ class SlideService:
         if self._store is not None:
             self._store.activity()
 
-    def describe(self, ref: str) -> dict:
+    def scopes(self, ref: str) -> list[str]:
+        """The rights scopes of slide ``ref`` (404 if there is no such slide)."""
+        try:
+            row = self.store.catalogue.slide(ref)
+        except (CatalogueError, ValueError) as e:
+            raise RequestError(str(e), status=404) from None
+        if row is None:
+            raise RequestError(f"unknown slide {ref!r}", status=404)
+        return slide_scopes(row)
+
+    def versions(self, st):
+        """V1–V3 of a stored slide (a :class:`~server_stub.policy.SeriesVersions`, None
+        without a site policy): the site's versions for modality ``SM``, each a layer
+        count of every tile, measured on the tiles of the finest level that has at most
+        :data:`VERSION_SAMPLE_TILES` tiles (every level has the same four layers)."""
+        if self._policy is None:
+            return None
+        from .policy import image_facts
+
+        pol = self._policy()
+        with self._lock:
+            hit = self._versions.get(st.uid)
+        if hit is not None and hit[0] == pol.fingerprint:
+            return hit[1]
+        g = next((lv for lv in st.levels if lv.count <= VERSION_SAMPLE_TILES), st.levels[-1])
+        facts = [image_facts(st.tile_index(g.level, t), 8) for t in range(g.count)]
+        sv = pol.series_versions(st.uid, {"Modality": "SM"}, facts)
+        with self._lock:
+            if len(self._versions) > 256:
+                self._versions.clear()
+            self._versions[st.uid] = (pol.fingerprint, sv)
+        return sv
+
+    def describe(self, ref: str, grant=None) -> dict:
         row, st = self._open(ref)
         levels = []
         for g, lv in zip(st.levels, st.manifest["levels"]):
             levels.append({"level": g.level, "width": g.width, "height": g.height,
                            "downsample": g.downsample, "cols": g.cols, "rows": g.rows,
                            "tile": g.tile, "bytes": lv["size"]})
-        return {**slide_summary(row), "tile_size": st.tile_size, "levels": levels,
-                "layers": st.manifest["codestream"]["layers"],
-                "associated": {k: {"width": v["width"], "height": v["height"]}
-                               for k, v in st.manifest.get("associated", {}).items()},
-                "objective_power": st.manifest.get("objective_power")}
+        out = {**slide_summary(row), "tile_size": st.tile_size, "levels": levels,
+               "layers": st.manifest["codestream"]["layers"],
+               "associated": {k: {"width": v["width"], "height": v["height"]}
+                              for k, v in st.manifest.get("associated", {}).items()},
+               "objective_power": st.manifest.get("objective_power")}
+        if grant is not None:
+            versions = self.versions(st)
+            out["rights"] = slide_limits(grant, st, versions)
+            out["unlimited"] = grant.unlimited
+            if versions is not None:
+                allowed = grant.allowed_versions(versions.names())
+                out["versions"] = [dict(v.to_json(), allowed=allowed is None or v.name in allowed)
+                                   for v in versions.versions]
+        return out
 
     def _open(self, ref: str):
         try:
@@ -110,9 +192,88 @@ class SlideService:
         return row, out
 
 
-def slide_plan(req, st, level: int, model, grant=None) -> Plan:
+# --------------------------------------------------------------------------- rights
+def _coarsest(st) -> int:
+    """The largest reduction the pyramid offers (top level, its tile at its coarsest),
+    as a power of two."""
+    top = len(st.levels) - 1
+    return top + st.tile_index(top, 0).numres - 1
+
+
+def _finest(grant, st) -> int | None:
+    """The finest reduction (level + reduce) the grant allows on this slide."""
+    if not grant.max_reduce_min:
+        return None
+    return min(grant.max_reduce_min, _coarsest(st))
+
+
+def level_rect(rect, downsample: int) -> tuple[int, int, int, int]:
+    """A full-resolution rectangle x, y, w, h in pixels of a level reduced ``downsample``
+    times, rounded outward."""
+    x, y, w, h = rect
+    x0, y0 = x // downsample, y // downsample
+    x1, y1 = -(-(x + w) // downsample), -(-(y + h) // downsample)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def slide_limits(grant, st, versions=None, denied=()) -> dict:
+    """The series' rights block (:meth:`~server_stub.rights.Grant.limits`) plus the
+    finest pyramid level the user may get."""
+    d = grant.limits(versions, denied)
+    finest = _finest(grant, st)
+    if finest is not None:
+        d["finest_level"] = min(finest, len(st.levels) - 1)
+    return d
+
+
+def slide_problems(grant, req, st, level: int, reduces: dict[int, int],
+                   layers: dict[int, int], versions=None) -> tuple[list[tuple[str, str]], dict]:
+    """What a slide request goes beyond, by :func:`server_stub.rights.check` (the series'
+    check) on the request in slide terms: ``reduces``/``layers`` are per tile of level
+    ``level`` as they would be sent. Returns (problems, extra 403 body fields)."""
+    g = st.levels[level]
+    extra: dict = {}
+    view = grant
+    if grant.regions is not None:
+        scaled = [level_rect(r, g.downsample) for r in grant.regions]
+        view = dataclasses.replace(grant, regions=scaled)
+        extra.update(level=level, allowed_regions_at_level=[list(r) for r in scaled])
+    coarsest = _coarsest(st)
+    problems: list[tuple[str, str]] = []
+    if grant.images is not None:
+        problems.append(("images", "your rights limit which images of a series you may load "
+                                   f"({_rights.format_ranges(grant.images) or 'none'}), and a "
+                                   "slide has no image numbers: none of it may be sent"))
+    if versions is None and (grant.versions is not None or grant.status_versions is not None):
+        problems.append(("version", "your rights limit the versions you may get and this "
+                                    "server has no versions for slides (no site policy)"))
+    for kind, msg in _rights.check(
+            view, comps=None, n_images=0, layers=layers,
+            reduces={t: level + r for t, r in reduces.items()},
+            numres={t: coarsest + 1 for t in reduces}, sizes={0: (g.width, g.height)},
+            region=req.region, version=req.version, versions=versions):
+        if kind == "resolution":
+            worst = min(level + r for r in reduces.values())
+            finest = _finest(grant, st)
+            msg = (f"level {level} at reduce={worst - level} is the slide at 1/{2 ** worst} "
+                   f"resolution, the finest allowed is 1/{2 ** finest} "
+                   f"(level {min(finest, len(st.levels) - 1)})")
+        elif kind == "region":
+            msg += f" of level {level} (scaled from full resolution)"
+        problems.append((kind, msg))
+    finest = _finest(grant, st)
+    if finest is not None:
+        extra["finest_level"] = min(finest, len(st.levels) - 1)
+    return problems, extra
+
+
+def slide_plan(req, st, level: int, model, grant=None, versions=None) -> Plan:
     """Plan a request on level ``level`` of the stored slide ``st``: the tiles of the
-    region (and of ``req.comps`` if given), each with its own local region."""
+    region (and of ``req.comps`` if given), each with its own local region. ``grant``
+    (from :meth:`~server_stub.auth.Authority.authorize`) is enforced before anything is
+    planned: a request beyond it raises the 403 of the series path; ``versions`` (see
+    :meth:`SlideService.versions`) resolves ``version``/``quality``/``purpose``."""
+    version = resolve_version(req, versions)
     if not 0 <= level < len(st.levels):
         raise RequestError(f"level {level} out of range: the slide has levels 0-{len(st.levels) - 1}",
                            status=416, max_level=len(st.levels) - 1)
@@ -133,19 +294,22 @@ def slide_plan(req, st, level: int, model, grant=None) -> Plan:
                                f"(0-{g.count - 1})", status=416, max_comp=g.count - 1)
         wanted = set(req.comps)
         tiles = [t for t in tiles if t in wanted]
-    if grant is not None and grant.max_layers is not None and (req.layers or 99) > grant.max_layers:
-        raise RequestError(f"beyond your rights: at most {grant.max_layers} quality layers",
-                           status=403, max_layers=grant.max_layers)
-    images, res, layers, incs = [], {}, {}, []
+    # what each tile would get: reduce clamped to the tile's resolutions, layers to its own
+    reduces, layers = {}, {}
+    for t in tiles:
+        ix = st.tile_index(level, t)
+        reduces[t] = min(req.reduce, ix.numres - 1) if req.reduce is not None else 0
+        layers[t] = min(req.layers, ix.nlayers) if req.layers is not None else ix.nlayers
+    if grant is not None:
+        problems, extra = slide_problems(grant, req, st, level, reduces, layers, versions)
+        refuse(grant, problems, versions, **extra)
+    images, res, lays, incs = [], {}, {}, []
     total = sent = 0
     for t in tiles:
         ix = st.tile_index(level, t)
         src = PacketSource(t, f"{st.uid}/{level}/{t}", ix, lambda lv=level, i=t: st.tile_bytes(lv, i))
-        sub = dataclasses.replace(req, comps=None, fsiz=None)
-        if req.reduce is not None:
-            sub.reduce = min(req.reduce, ix.numres - 1)
-        if req.layers is not None:
-            sub.layers = min(req.layers, ix.nlayers)
+        sub = dataclasses.replace(req, comps=None, fsiz=None, version=None, quality=None,
+                                  purpose=None, reduce=reduces[t], layers=layers[t])
         if req.region is not None:
             tx, ty, tw, th = g.tile_rect(t)
             x, y, w, h = req.region
@@ -156,7 +320,7 @@ def slide_plan(req, st, level: int, model, grant=None) -> Plan:
         p = plan(sub, [src], model)
         images.append(src)
         res.update(p.res)
-        layers.update(p.layers)
+        lays.update(p.layers)
         incs.extend(p.increments)
         total += p.total_bytes
         sent += p.request_bytes
@@ -174,69 +338,38 @@ def slide_plan(req, st, level: int, model, grant=None) -> Plan:
             recs[n] = {"type": "recommend", "images": "all", "layers": inc.layer + 1,
                        "res": maxres, "action": "render"}
         elif req.order != "quality" and nxt is None:
-            recs[n] = {"type": "recommend", "images": "all", "layers": max(layers.values()),
+            recs[n] = {"type": "recommend", "images": "all", "layers": max(lays.values()),
                        "res": maxres, "action": "render"}
-    return Plan(request=req, images=images, res=res, layers=layers, increments=incs,
-                total_bytes=total, request_bytes=sent, recommendations=recs)
+    return Plan(request=req, images=images, res=res, layers=lays, increments=incs,
+                total_bytes=total, request_bytes=sent, recommendations=recs, version=version)
 
 
-def _default_guard(srv):
-    """Authorise (no per-series resource: slides are not series), run the blocking
-    handler on the thread pool, map known failures to JSON errors."""
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-
-    from codestream.index import CodestreamError
-
-    from .auth import AuthError
-    from .store import StoreError
-
-    def err(status: int, message: str, **extra):
-        return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
-
-    def sid(request):
-        h = request.headers.get("authorization", "")
-        if h.lower().startswith("bearer "):
-            return h[7:].strip()
-        return request.query_params.get("cid")
-
-    def guarded(action: str):
-        def deco(fn):
-            async def endpoint(request):
-                try:
-                    request.state.body = await request.body() if request.method == "POST" else b""
-                    session, grant = await run_in_threadpool(srv.auth.authorize, sid(request),
-                                                             action, None)
-                    request.state.session, request.state.grant = session, grant
-                    return await run_in_threadpool(fn, request)
-                except (AuthError, RequestError) as e:
-                    return err(e.status, str(e), **e.extra)
-                except (StoreError, CodestreamError, PyramidError) as e:
-                    log.error("slide store problem: %s", e)
-                    return err(500, f"stored slide data is damaged or missing: {e}")
-            return endpoint
-        return deco
-    return guarded
-
-
+# --------------------------------------------------------------------------- HTTP
 def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) -> SlideService:
     """Add the slide routes to a Starlette route list.
 
-    In ``create_app``: ``register_routes(routes, srv, guarded)`` before the app is made;
-    on a built app: ``register_routes(app.router.routes, app.state.server)``.
-    ``schedule`` starts the idle-time tier scheduler (a daemon thread)."""
+    ``create_app`` calls ``register_routes(routes, srv, guarded)`` with its
+    authorise-and-run decorator, so every slide request passes the one authorisation
+    point (and the audit log); on a built app, ``register_routes(app.router.routes,
+    app.state.server)`` returns the routes' service. ``schedule`` starts the idle-time
+    tier scheduler (a daemon thread)."""
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     existing = getattr(srv, "slides", None)
     if isinstance(existing, SlideService):
         return existing            # create_app registered them already
-    svc = SlideService(srv.store.root, schedule=schedule)
+    if guarded is None:
+        raise TypeError("the slide routes need the app's authorisation decorator "
+                        "(server_stub.app.create_app registers them)")
+    policy = getattr(srv, "policy", None)
+    svc = SlideService(srv.store.root, schedule=schedule,
+                       policy=policy.get if policy is not None else None)
     srv.slides = svc
-    outer = guarded or _default_guard(srv)
 
-    def guard(action: str):
-        """The server's guard, with slide-store failures mapped to JSON errors."""
+    def guard(action: str, scoped: bool = True):
+        """The server's guard — on the slide of the path (its scopes) unless ``scoped``
+        is False — with slide-store failures mapped to JSON errors."""
         def deco(fn):
             @functools.wraps(fn)
             def mapped(request):
@@ -248,22 +381,26 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
                     log.error("slide store problem: %s", e)
                     raise RequestError(f"stored slide data is damaged or missing: {e}",
                                        status=500) from None
-            return outer(action)(mapped)
+            scopes = (lambda request: svc.scopes(request.path_params["slide"])) if scoped else None
+            return guarded(action, scopes=scopes)(mapped)
         return deco
 
-    @guard("browse")
+    @guard("browse", scoped=False)
     def listing(request):
         q = request.query_params
         flagged = q.get("flagged")
         rows = svc.store.catalogue.slides(
             patient_id=q.get("patient_id"), accession=q.get("accession"), tier=q.get("tier"),
             flagged=None if flagged is None else flagged in ("1", "true", "yes"))
-        return JSONResponse([slide_summary(r) for r in rows])
+        grants = srv.auth.grants_for(request.state.session.user, [slide_scopes(r) for r in rows])
+        shown = [r for r, g in zip(rows, grants) if g.actions is None or "browse" in g.actions]
+        request.state.audit["slides"] = len(shown)
+        return JSONResponse([slide_summary(r) for r in shown])
 
     @guard("metadata")
     def describe(request):
         svc.touch()
-        return JSONResponse(svc.describe(request.path_params["slide"]))
+        return JSONResponse(svc.describe(request.path_params["slide"], request.state.grant))
 
     @guard("retrieve")
     def associated(request):
@@ -274,6 +411,16 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
             raise RequestError(f"slide {row['slide_uid']} has no {name} image "
                                f"(it has: {', '.join(st.manifest.get('associated', {})) or 'none'})",
                                status=404)
+        grant = request.state.grant
+        versions = svc.versions(st)
+        if not grant.allows_whole(None, versions):
+            # label and macro carry the patient's identity, macro and thumbnail the whole
+            # slide: whole files, as the original DICOM of a series
+            raise RequestError("beyond your rights: label, macro and thumbnail images are "
+                               "whole images of the slide (the label carries the patient's "
+                               "identity) and need unlimited access to it; ask for packets "
+                               "within your rights at /jpip/slides", status=403,
+                               **slide_limits(grant, st, versions, ["whole-file"]))
         data = (st.path / a["file"]).read_bytes()
         return Response(data, media_type="image/png")
 
@@ -291,7 +438,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
             raise RequestError("target must be the slide of the path (or left out)")
         q["target"] = row["slide_uid"]
         req = parse_request(q)
-        session = request.state.session
+        session, grant = request.state.session, request.state.grant
         model = session.model_for(f"slide:{row['slide_uid']}")
         if request.method == "POST":
             # A level has thousands of tiles and a client declares only the tiles of its
@@ -311,11 +458,33 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
             except (ValueError, TypeError, AttributeError):
                 raise RequestError('POST body must be JSON: '
                                    '{"model": {"<key>": {"h": 0|1, "b": {...}}}}') from None
-        p = slide_plan(req, st, level, model, request.state.grant)
+        versions = svc.versions(st) if (req.version or req.quality is not None or req.purpose
+                                        or grant.versions is not None
+                                        or grant.status_versions is not None) else None
+        auto = None
+        if req.version == "auto":
+            if versions is None:
+                raise RequestError("this slide has no versions (no site policy)", status=404)
+            from . import policy_routes
+
+            auto = policy_routes.auto_choice(srv, session, grant, versions,
+                                             policy_routes.peer_of(request))
+            req.version = auto.version
+        p = slide_plan(req, st, level, model, grant, versions)
+        if auto is not None and p.version is not None:
+            p.version["auto"] = auto.reasons
         media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
         headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
                    "X-Bytes-Total": str(p.total_bytes), "X-Slide-Tiles": str(len(p.images))}
-        return StreamingResponse(stream(p, model), media_type=media, headers=headers)
+        # audited when the stream ends, with what actually left (as series packets)
+        request.state.audit_deferred = True
+        detail = {"query": {k: v for k, v in request.query_params.items() if k != "cid"},
+                  "level": level, "version": p.version["name"] if p.version else None,
+                  "images": len(p.images), "bytes_announced": p.request_bytes}
+        who = dict(user=session.user, session=session.serial,
+                   peer=request.client.host if request.client else None)
+        body = srv.audited_stream(stream(p, model, stats=detail), detail, who, row["slide_uid"])
+        return StreamingResponse(body, media_type=media, headers=headers)
 
     routes.append(Route("/api/slides", listing))
     routes.append(Route("/api/slides/{slide}", describe))

@@ -60,6 +60,23 @@ def test_qido_browse(server, ct_series_uid):
     assert im["layer_bytes"] == sorted(im["layer_bytes"])
 
 
+def test_metadata_is_gzipped_when_the_client_accepts_it(server, ct_series_uid):
+    import gzip
+    import json
+
+    s = Session(server.url)
+    plain = s.request("GET", f"/api/series/{ct_series_uid}/images",
+                      headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    packed = s.request("GET", f"/api/series/{ct_series_uid}/images",
+                       headers={"Accept-Encoding": "gzip"}, stream=True)
+    assert packed.headers["content-encoding"] == "gzip"
+    assert packed.headers["vary"] == "Accept-Encoding"
+    wire = packed.raw.read(decode_content=False)
+    assert len(wire) * 4 < len(plain.content)                 # about 8x smaller
+    assert json.loads(gzip.decompress(wire)) == plain.json() == s.series_images(ct_series_uid)
+
+
 # ------------------------------------------------------------------ progressive results
 @pytest.mark.parametrize("layers,reduce", [(1, 2), (2, 1), (3, 0), (4, 0), (1, 0)])
 def test_partial_results_equal_openjpeg(server, ct_store, ct_series_uid, layers, reduce):

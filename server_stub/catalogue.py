@@ -11,16 +11,16 @@ Design
 
   - plain SQL only (``INSERT ... RETURNING``, ``LIMIT/OFFSET``, ``LIKE ... ESCAPE``,
     ``EXISTS`` and scalar sub-queries, all of which both dialects have);
-  - the dialect-specific bits are few and marked: the connection set-up
-    (:meth:`Catalogue._connect`, pragmas), the primary-key column type (``_PK``),
-    ``BEGIN IMMEDIATE``, ``LIMIT -1``, the table-exists probe, and the parameter style (:meth:`Catalogue._execute` is the one place where ``?`` placeholders
-    are handed to the driver; psycopg would need ``%s``);
+  - the dialect-specific bits are few and marked: the connection set-up, pragmas,
+    ``BEGIN IMMEDIATE``, the table-exists probe and the ``?`` parameter style live in
+    :class:`server_stub.dbutil.Db` (the one SQLite access layer of the server; psycopg
+    would need ``%s``), plus the primary-key column type (``_PK``) and ``LIMIT -1`` here;
   - result rows are never read back by column name from the driver (PostgreSQL folds
     unquoted identifiers to lower case): every SELECT lists its columns from a Python
     tuple and rows are zipped with that tuple.
 
-* Thread safety: one connection per thread (``threading.local``); all writes go through
-  one process-wide lock and one explicit transaction each, so the HTTP server's worker
+* Thread safety (:class:`server_stub.dbutil.Db`): one connection per thread; all
+  writes go through one lock and one explicit transaction each, so the HTTP server's worker
   threads can read while an ingest writes. ``busy_timeout`` covers a second process
   (for example a command-line ingest while the server runs).
 * Multi-valued DICOM attributes (ImagePositionPatient, PixelSpacing, ...) are stored as
@@ -35,11 +35,11 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-import threading
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
+
+from .dbutil import Db
 
 SCHEMA_VERSION = 1
 
@@ -290,76 +290,30 @@ class Catalogue:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._local = threading.local()
-        self._write_lock = threading.RLock()
-        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._conns_lock = threading.Lock()
-        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = Db(self.path, closed_error=CatalogueError)
         self._init_schema()
 
     # ------------------------------------------------------------------ connection
-
-    def _connect(self) -> sqlite3.Connection:
-        """Open a connection for the calling thread (SQLite-specific set-up)."""
-        conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA busy_timeout = 30000")
-        return conn
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise CatalogueError("catalogue is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._conns_lock:
-                # Close connections of threads that have ended (e.g. an ingest's pool).
-                alive = []
-                for thread, c in self._conns:
-                    if thread.is_alive():
-                        alive.append((thread, c))
-                    else:
-                        _close_quietly(c)
-                alive.append((threading.current_thread(), conn))
-                self._conns = alive
-        return conn
+    # The connections, pragmas, transactions and parameter style are server_stub.dbutil's
+    # (one SQLite access layer for every table of the catalogue database).
 
     def _execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
-        """The one place where SQL with ``?`` placeholders reaches the driver."""
-        return self._conn().execute(sql, tuple(params))
+        return self.db.execute(sql, params)
 
     def _all(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
-        return self._execute(sql, params).fetchall()
+        return self.db.all(sql, params)
 
     def _one(self, sql: str, params: Iterable[Any] = ()) -> tuple | None:
-        return self._execute(sql, params).fetchone()
+        return self.db.one(sql, params)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction; writes are serialised by a process-wide lock."""
-        with self._write_lock:
-            conn = self._conn()
-            # IMMEDIATE takes the write lock now (SQLite); PostgreSQL: plain BEGIN.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
-                conn.execute("COMMIT")
+    def _transaction(self):
+        """One write transaction; writes are serialised by one lock."""
+        return self.db.transaction()
 
     def close(self) -> None:
         """Close every connection opened by any thread."""
-        self._closed = True
-        with self._conns_lock:
-            for _thread, conn in self._conns:
-                _close_quietly(conn)
-            self._conns.clear()
+        self.db.close()
 
     def __enter__(self) -> "Catalogue":
         return self
@@ -385,9 +339,7 @@ class Catalogue:
             # Future migrations go here: if version < 2: ...
 
     def _table_exists(self, name: str) -> bool:
-        """Dialect-specific (PostgreSQL: information_schema.tables)."""
-        return self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                         [name]) is not None
+        return self.db.table_exists(name)
 
     @property
     def schema_version(self) -> int:
@@ -695,13 +647,6 @@ class Catalogue:
         for n, d in enumerate(images):
             d["index"] = n
         return [{k: d[k] for k in SERIES_IMAGE_KEYS} for d in images]
-
-
-def _close_quietly(conn: sqlite3.Connection) -> None:
-    try:
-        conn.close()
-    except sqlite3.Error:
-        pass
 
 
 def _where_one(column: str, value: str) -> _Where:

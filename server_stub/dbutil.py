@@ -1,13 +1,17 @@
-"""A small SQLite helper for the server modules that keep their own tables in the
-catalogue database (users and rights, audit, diagnosis records, storage tiers, version
-records).
+"""The one SQLite access layer of the server: the catalogue (:mod:`server_stub.catalogue`)
+and the modules that keep their own tables in the catalogue database (users and rights,
+audit, diagnosis records, storage tiers, version records, the slide catalogue).
 
-Same conventions as :mod:`server_stub.catalogue`: WAL, ``foreign_keys=ON``,
-``synchronous=FULL``, a busy timeout so that a command-line tool and the server can
-write the same file, one connection per thread, and one process-wide lock plus
+WAL, ``foreign_keys=ON``, ``synchronous=FULL``, a busy timeout so that a command-line
+tool and the server can write the same file, one connection per thread (connections of
+threads that have ended are closed when the next thread connects), and one lock plus
 ``BEGIN IMMEDIATE`` per write transaction. Each module creates its tables with
 ``CREATE TABLE IF NOT EXISTS`` (they are additions to the catalogue schema, not changes
 to it).
+
+PostgreSQL in place of SQLite: the dialect-specific parts are here and marked — the
+connection set-up (:meth:`Db._connect`), ``BEGIN IMMEDIATE``, the table-exists probe and
+the ``?`` parameter style (:meth:`Db.execute` is the one place SQL reaches the driver).
 """
 from __future__ import annotations
 
@@ -18,35 +22,63 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+class DbClosedError(RuntimeError):
+    """The database was closed (e.g. the server is shutting down)."""
+
+
 class Db:
     """Thread-safe access to one SQLite file (one connection per thread)."""
 
-    def __init__(self, path: str | Path, ddl: Iterable[str] = ()) -> None:
+    def __init__(self, path: str | Path, ddl: Iterable[str] = (), *,
+                 closed_error: type[Exception] = DbClosedError) -> None:
         self.path = str(path)
         self._local = threading.local()
         self._lock = threading.RLock()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._conns_lock = threading.Lock()
+        self._closed = False
+        self._closed_error = closed_error
         if ddl:
             with self.transaction():
                 for stmt in ddl:
                     self.execute(stmt)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA busy_timeout = 30000")
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        """Open a connection for the calling thread (SQLite-specific set-up)."""
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 30000")
         return conn
 
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise self._closed_error(f"database {self.path} is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(self.path)
+            self._local.conn = conn
+            with self._conns_lock:
+                # close the connections of threads that have ended (e.g. an ingest's pool)
+                alive = []
+                for thread, c in self._conns:
+                    if thread.is_alive():
+                        alive.append((thread, c))
+                    else:
+                        _close_quietly(c)
+                alive.append((threading.current_thread(), conn))
+                self._conns = alive
+        return conn
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        """The one place where SQL with ``?`` placeholders reaches the driver."""
         return self._conn().execute(sql, tuple(params))
 
     def all(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
@@ -63,6 +95,7 @@ class Db:
             if conn.in_transaction:
                 yield
                 return
+            # IMMEDIATE takes the write lock now (SQLite); PostgreSQL: plain BEGIN
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -73,15 +106,22 @@ class Db:
                 conn.execute("COMMIT")
 
     def table_exists(self, name: str) -> bool:
+        """Dialect-specific (PostgreSQL: information_schema.tables)."""
         return self.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                         [name]) is not None
 
     def close(self) -> None:
+        """Close every connection opened by any thread; later use raises."""
+        self._closed = True
         with self._conns_lock:
-            for c in self._conns:
-                try:
-                    c.close()
-                except sqlite3.Error:
-                    pass
+            for _thread, c in self._conns:
+                _close_quietly(c)
             self._conns.clear()
         self._local = threading.local()
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass

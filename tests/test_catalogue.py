@@ -12,8 +12,8 @@ import threading
 
 import pytest
 
-from server_stub.catalogue import (SERIES_IMAGE_KEYS, Catalogue, DuplicateInstanceError,
-                                   QueryError)
+from server_stub.catalogue import (SERIES_IMAGE_KEYS, Catalogue, CatalogueError,
+                                   DuplicateInstanceError, QueryError)
 from server_stub.ingest import ingest_paths
 from server_stub.sample import find_test_file
 from server_stub.store import Store
@@ -324,7 +324,20 @@ def test_threads_read_while_writing(tmp_path):
     assert not errors
     assert cat.counts()["instances"] == 40
     assert len(cat.series_images("7.3.1")) == 1
+    # the readers have ended: the next thread to connect closes their connections
+    held = list(cat.db._conns)
+    assert len(held) == 4
+    t = threading.Thread(target=cat.counts)
+    t.start()
+    t.join()
+    assert [th for th, _c in cat.db._conns] == [threading.current_thread(), t]
+    for th, c in held:
+        if th is not threading.current_thread():
+            with pytest.raises(sqlite3.ProgrammingError):
+                c.execute("SELECT 1")
     cat.close()
+    with pytest.raises(CatalogueError, match="closed"):
+        cat.counts()
 
 
 def test_rows_from_a_real_ingest(tmp_path):

@@ -3,9 +3,13 @@
 The server describes a user's rights on a series in the series description
 (``"rights"``) and in the body of a 403 answer: ``max_layers``, ``max_reduce_min``,
 ``allowed_regions`` (``[[x, y, w, h], ...]``), ``allowed_images`` (``"0-9,12"``),
-``allowed_versions`` and ``denied`` (what the refused request exceeded).
+``allowed_versions`` and ``denied`` (what the refused request exceeded); on a slide also
+``finest_level`` (the finest pyramid level the user may get).
 :class:`Limits` holds them and :meth:`Limits.clamp` turns any packet request into the
 largest request within them, so the client can "ask again within the maximum".
+:meth:`Limits.for_level` puts the limits on a slide into the terms of one pyramid level
+(as the server's :func:`server_stub.slides.slide_problems` applies them), so the same
+:meth:`~Limits.clamp` serves the slide client (:class:`pathology.provider.RemoteSlide`).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class Limits:
     regions: list[tuple[int, int, int, int]] | None = None
     images: set[int] | None = None
     versions: list[str] | None = None
+    finest_level: int | None = None           # slides: the finest pyramid level allowed
 
     @classmethod
     def from_body(cls, body: dict | None) -> "Limits":
@@ -52,7 +57,8 @@ class Limits:
             if body.get("allowed_regions") is not None else None,
             images=parse_ranges(body["allowed_images"])
             if body.get("allowed_images") is not None else None,
-            versions=list(body["allowed_versions"]) if body.get("allowed_versions") is not None else None)
+            versions=list(body["allowed_versions"]) if body.get("allowed_versions") is not None else None,
+            finest_level=int(body["finest_level"]) if body.get("finest_level") is not None else None)
 
     def to_body(self) -> dict:
         d: dict = {}
@@ -66,12 +72,41 @@ class Limits:
             d["allowed_images"] = format_ranges(self.images)
         if self.versions is not None:
             d["allowed_versions"] = list(self.versions)
+        if self.finest_level is not None:
+            d["finest_level"] = self.finest_level
         return d
 
     @property
     def limited(self) -> bool:
         return any(v is not None for v in (self.max_layers, self.max_reduce_min, self.regions,
                                             self.images))
+
+    def finest(self, nlevels: int) -> int:
+        """Slides: the finest pyramid level of ``nlevels`` the user may get (0: any)."""
+        if self.finest_level is not None:
+            return min(self.finest_level, nlevels - 1)
+        return min(self.max_reduce_min or 0, nlevels - 1)
+
+    def for_level(self, level: int, downsample: int, nlevels: int) -> Limits:
+        """Slides: these limits in the terms of pyramid level ``level`` (reduced
+        ``downsample`` times, of ``nlevels``), for :meth:`clamp` on a request of that
+        level — regions scaled outward to the level, the resolution right less the
+        level's own reduction (left over only on the top level, when the right goes
+        beyond the pyramid). Raises :class:`RightsLimited` when nothing of the level may
+        be fetched: a level finer than allowed, or image limits (a slide has no image
+        numbers, so they allow none of it)."""
+        if self.images is not None:
+            raise RightsLimited("your rights limit images by number, and a slide has no image "
+                                "numbers: none of this slide may be loaded", self, "images")
+        finest = self.finest(nlevels)
+        if level < finest:
+            raise RightsLimited(f"level {level} is finer than your rights allow on this slide "
+                                f"(the finest is level {finest})", self, "resolution")
+        left = (self.max_reduce_min or 0) - level
+        return Limits(max_layers=self.max_layers, max_reduce_min=left if left > 0 else None,
+                      regions=None if self.regions is None
+                      else [level_rect(r, downsample) for r in self.regions],
+                      versions=self.versions)
 
     def clamp(self, params: dict, images: list[dict]) -> dict:
         """The largest request within the limits (``params`` as built by
@@ -119,6 +154,23 @@ class Limits:
                     raise RightsLimited("no version of this study may be sent now", self, "version")
                 p["version"] = self.versions[0]
         return p
+
+
+def level_rect(rect, downsample: int) -> tuple[int, int, int, int]:
+    """A full-resolution rectangle x, y, w, h in pixels of a level reduced ``downsample``
+    times, rounded outward (a level pixel counts when it covers an allowed pixel), as the
+    server scales a slide's allowed regions."""
+    x, y, w, h = (int(v) for v in rect)
+    x0, y0 = x // downsample, y // downsample
+    x1, y1 = -(-(x + w) // downsample), -(-(y + h) // downsample)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def intersect(a, b) -> tuple[int, int, int, int] | None:
+    """The common part of two x, y, w, h rectangles (None if they do not meet)."""
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    return (x0, y0, x1 - x0, y1 - y0) if x1 > x0 and y1 > y0 else None
 
 
 def _overlap(a, b) -> int:

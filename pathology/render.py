@@ -12,6 +12,10 @@
   ×s — GENERATED, NOT SCANNED DETAIL", and PNG text chunks ``MedView-Generated``; a
   generated picture can never be mistaken for a scan.
 * ``--layers N`` renders from the first N quality layers (default all: lossless).
+* From a server, the render stays within the user's rights on the slide: a level finer
+  than they allow, more layers, a region outside the allowed ones (or the whole level
+  under a region right) exits 1 with the reason in plain words; by default ("all layers")
+  it renders with the layers the rights allow, and says so.
 
 The PNG also carries the slide's QC status (``MedView-QC``); a flagged slide is reported
 on standard error.
@@ -142,6 +146,22 @@ def dispatch_slide_render(argv: list[str]) -> int | None:
     return main(rest)
 
 
+def _slide_words(provider) -> dict:
+    if provider is None:
+        return {}
+    return {"levels": provider.info.get("levels"), "mpp": provider.info.get("mpp"),
+            "layers": provider.stored_layers, "versions": provider.info.get("versions")}
+
+
+def _rights_words(provider) -> str:
+    """The user's rights on the slide in plain words ("" when unlimited)."""
+    from viewer.policy_text import explain_slide_rights
+
+    if not provider.limited:
+        return ""
+    return explain_slide_rights(provider.rights, **_slide_words(provider))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from client.session import ServerError
@@ -149,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from .catalogue import CatalogueError
     from .provider import LocalSlide, RemoteSlide
 
-    session = store = None
+    session = store = provider = None
     try:
         if args.server:
             from client.session import Session
@@ -174,8 +194,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"medview render: region outside level {args.level} ({g.width}x{g.height})",
                   file=sys.stderr)
             return 1
+        reason = provider.beyond(args.level, args.region, args.layers)
+        if reason:
+            hint = (" (name a part with --region x,y,w,h)"
+                    if args.region is None and provider.allowed_regions(args.level) else "")
+            print(f"medview render: beyond your rights: {reason}{hint}.", file=sys.stderr)
+            words = _rights_words(provider)
+            if words:
+                print(words, file=sys.stderr)
+            return 1
         rgb, text = render_region(provider, args.level, args.region, sr=args.sr,
                                   layers=args.layers)
+        if provider.max_layers < provider.stored_layers and not args.layers:
+            text["MedView-Layers"] = (f"{provider.max_layers} of {provider.stored_layers} "
+                                      "(the most your rights allow)")
+            print(f"note: rendered with {provider.max_layers} of {provider.stored_layers} "
+                  "quality layers, the most your rights allow (not the original)",
+                  file=sys.stderr)
         save_png(args.out, rgb, text)
         qc = provider.info.get("qc_status")
         if qc == "flagged":
@@ -184,7 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} ({rgb.shape[1]}x{rgb.shape[0]}"
               f"{', SUPER-RESOLVED x%d (marked)' % args.sr if args.sr else ''})")
         return 0
-    except (CatalogueError, ServerError, OSError, ValueError, RuntimeError) as e:
+    except ServerError as e:
+        if e.status == 403:             # refused (the rights changed, or no access at all)
+            from viewer.policy_text import explain_slide_rights_error
+
+            print(f"medview render: beyond your rights: {e.message}.", file=sys.stderr)
+            print(explain_slide_rights_error(e, **_slide_words(provider)),
+                  file=sys.stderr)
+        else:
+            print(f"medview render: {e}", file=sys.stderr)
+        return 1
+    except (CatalogueError, OSError, ValueError, RuntimeError) as e:
         print(f"medview render: {e}", file=sys.stderr)
         return 1
     finally:

@@ -90,10 +90,13 @@ class Viewport:
                 best = g.level
         return best
 
-    def sr_scale(self) -> int | None:
-        if self.scale >= 3.0:
+    def sr_scale(self, scale: float | None = None) -> int | None:
+        """×4 from 3 screen pixels per source pixel, ×2 from 1.5 (``scale``: screen
+        pixels per pixel of the source level; default the level-0 scale)."""
+        s = self.scale if scale is None else scale
+        if s >= 3.0:
             return 4
-        if self.scale >= 1.5:
+        if s >= 1.5:
             return 2
         return None
 
@@ -200,6 +203,13 @@ class TileCache:
         if self.on_evict:
             for k in victims:
                 self.on_evict(k)
+
+    def clear(self) -> None:
+        """Forget every tile (e.g. the user's rights changed: what is shown is redone
+        within them)."""
+        with self._lock:
+            self._d.clear()
+            self._size = 0
 
     @property
     def size(self) -> int:

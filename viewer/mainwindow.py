@@ -312,13 +312,27 @@ class MainWindow(QMainWindow):
             from .slideview import open_slide_window
 
             pane = open_slide_window(provider)
+            # the pane's rights banner and news (label refused, rights changed) also go
+            # to the status bar, in plain words
+            pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
             pane.show()
+            if pane.rights_text:
+                self.statusBar().showMessage(pane.rights_text, 15000)
             self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
                                    if w.isVisible()] + [pane]
             self.slideOpened.emit(pane)
 
+        def failed(e) -> None:
+            if getattr(e, "status", None) == 403:
+                from .policy_text import explain_slide_rights_error
+
+                text = explain_slide_rights_error(e)
+            else:
+                text = f"Cannot open the slide: {e}"
+            self.statusBar().showMessage(text, 10000)
+
         task.finished.connect(opened)
-        task.failed.connect(lambda e: self.statusBar().showMessage(f"Cannot open the slide: {e}", 6000))
+        task.failed.connect(failed)
         task.start()
         return task
 

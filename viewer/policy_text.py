@@ -13,7 +13,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from codestream.ranges import parse_ranges
 
 __all__ = ["explain_rights", "explain_rights_error", "explain_login_error", "explain_recall",
-           "version_label", "status_label", "image_ranges_1based"]
+           "explain_slide_rights", "explain_slide_rights_error", "version_label",
+           "status_label", "image_ranges_1based"]
 
 _DENIED = {
     "images": "Some of the images you asked for are not available to your account.",
@@ -155,6 +156,103 @@ def explain_rights_error(error: Any, *, images: Sequence[Mapping] | None = None,
     if limits:
         lines.append(limits)
     lines.append("The viewer shows the series within these limits.")
+    return " ".join(lines)
+
+
+def _and(parts: Sequence[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _level_words(level: int, levels: Sequence[Mapping] | None, mpp: float | None) -> str:
+    ds = 2 ** level
+    if levels and level < len(levels):
+        ds = int(levels[level].get("downsample") or ds)
+    if mpp:
+        return f"level {level} ({mpp * ds:.3g} µm/px)"
+    return f"level {level} (1/{ds} of the full resolution)"
+
+
+def explain_slide_rights(rights: Mapping[str, Any] | None, *,
+                         levels: Sequence[Mapping] | None = None, mpp: float | None = None,
+                         layers: int | None = None, versions: Sequence[Mapping] | None = None,
+                         unlimited: bool | None = None) -> str:
+    """The standing limits on a whole slide, as sentences ("" when there are none):
+    ``rights`` as in the slide description or a 403 (``finest_level`` included);
+    ``levels``, ``mpp``, ``layers`` (stored quality layers) and ``versions`` from the
+    slide description."""
+    rights = rights or {}
+    parts: list[str] = []
+    if rights.get("allowed_images") is not None:
+        return ("Your rights allow none of this slide: they limit images by number, and a "
+                "slide has no image numbers. Ask your administrator for a rule on the slide, "
+                "its exam or its patient.")
+    finest = rights.get("finest_level")
+    if finest is None and rights.get("max_reduce_min"):
+        finest = int(rights["max_reduce_min"])
+        if levels:
+            finest = min(finest, len(levels) - 1)
+    top = len(levels) - 1 if levels else None
+    if finest:
+        if top is not None and finest >= top and int(rights.get("max_reduce_min") or 0) > top:
+            parts.append(f"only as its smallest overview (level {finest}, reduced further)")
+        else:
+            parts.append(f"up to {_level_words(int(finest), levels, mpp)}")
+    cap = rights.get("max_layers")
+    if cap is not None and (layers is None or int(cap) < layers):
+        cap = int(cap)
+        if cap <= 0:
+            parts.append("no image quality at all at the moment")
+        else:
+            of = f"{cap} of {layers}" if layers else f"{cap}"
+            match = [v for v in versions or () if not v.get("lossless") and v.get("layers") == cap]
+            what = (f"{version_label(match[0], short=True)}, not the original" if match
+                    else "compressed, not the original")
+            parts.append(f"{of} quality layer{'s' if (layers or cap) != 1 else ''} ({what})")
+    regs = rights.get("allowed_regions")
+    if regs is not None:
+        if not regs:
+            parts.append("in no part")
+        else:
+            where = "; ".join(f"columns {x + 1}–{x + w}, rows {y + 1}–{y + h}"
+                              for x, y, w, h in regs)
+            parts.append(f"in part only ({where} at full resolution; the rest is grey)")
+    text = ""
+    if parts:
+        text = "Your rights allow this slide " + _and(parts) + "."
+        if finest:
+            text += (f" Zooming in further shows level {finest} enlarged (labelled), not "
+                     "finer detail.")
+    allowed = rights.get("allowed_versions")
+    if allowed is not None and versions and len(allowed) < len(versions):
+        if not allowed:
+            text += " No version of this slide may be sent now."
+        else:
+            names = [version_label(v, short=True) for v in versions if v["name"] in allowed]
+            text += " Versions that may be sent: " + "; ".join(names) + "."
+    if unlimited is False:
+        text += (" Label and macro images are not permitted: they are whole images of the "
+                 "slide (the label carries the patient's identity) and need unlimited access.")
+    return text.strip()
+
+
+def explain_slide_rights_error(error: Any, **slide) -> str:
+    """A 403 on a slide (ServerError or its body) in plain words: what was refused, what
+    is allowed (``slide``: the keywords of :func:`explain_slide_rights`), and that the
+    viewer carries on within it."""
+    body = getattr(error, "body", error) if not isinstance(error, Mapping) else error
+    body = body or {}
+    denied: Iterable[str] = body.get("denied") or []
+    if "action" in denied:
+        return explain_rights_error(body)
+    lines = [_DENIED[d] for d in denied if d in _DENIED and d != "whole-file"]
+    if "whole-file" in denied:
+        lines.append("Label and macro images need unlimited access to the slide.")
+    if not lines:
+        lines = ["The server refused this request: " + str(body.get("error") or error)]
+    limits = explain_slide_rights(body, **slide)
+    if limits:
+        lines.append(limits)
+    lines.append("The viewer shows the slide within these limits.")
     return " ".join(lines)
 
 

@@ -26,6 +26,16 @@ Modes:
   neighbours. Every generated tile is drawn with a magenta hatched frame and an
   "SR ×n" badge, and a banner says that generated detail is on screen.
 
+Rights (SPEC P7): a :class:`~pathology.provider.RemoteSlide` never asks beyond the user's
+rights; the pane says what they limit in plain words (a banner, and :attr:`SlidePane.notice`
+for the main window's status bar; :func:`viewer.policy_text.explain_slide_rights`). Zoom
+never goes to a level finer than the rights allow: the finest allowed level is drawn
+enlarged, with an "ENLARGED" banner — it is not super-resolved unless the user chooses the
+super-resolution mode (then it is generated from that level, marked as always). Under a
+region right the parts not allowed are grey. Label and macro buttons say "not permitted"
+when the rights do not allow them (they are fetched on a worker, never on the UI thread).
+When the server teaches new rights mid-session, the banner and the view follow.
+
 Mouse and keys as in QuPath / OpenSeadragon: drag to pan (with a little inertia), wheel
 to zoom at the cursor (animated), double-click to zoom in (Shift: out), arrows / WASD
 to pan, + / - to zoom, 0 or Home to fit the whole slide, click or drag in the overview
@@ -45,14 +55,17 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QHBoxLayout, QLabel, QPushBut
                                QVBoxLayout, QWidget)
 
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool  # noqa: F401
+from client.rights import RightsLimited
 from pathology.srqueue import NEAR, VIEW, SRQueue, SRTileService
 from pathology.viewport import CachedTile, TileCache, Viewport
 
-from .workers import dispatcher
+from .policy_text import explain_slide_rights, explain_slide_rights_error
+from .workers import Task, dispatcher
 
 log = logging.getLogger("medview.slideview")
 
 SR_COLOUR = QColor(230, 0, 200)
+LIMIT_COLOUR = QColor(255, 214, 120, 235)     # the "enlarged, not finer" banner
 MODES = ("high", "low")            # high resolution + prefetch / low resolution + SR
 MODE_NAMES = {"high": "High resolution + prefetch", "low": "Low resolution + super-resolution"}
 
@@ -135,12 +148,18 @@ class SlideTileLoader:
                     continue
                 self.provider.fetch(level, need, layers, cancelled=lambda: token.cancelled)
                 self.requests += 1
+                # what "all layers" means may have shrunk during the fetch (rights learnt)
+                full = self.provider.max_layers
+                got = min(layers, full)
                 for t in need:
                     if token.cancelled:
                         return
                     px = self.provider.tile(level, t, layers=layers)
-                    self.cache.put((level, t), CachedTile(px, layers, layers >= full))
+                    self.cache.put((level, t), CachedTile(px, got, got >= full))
                     self.notify()
+        except RightsLimited as e:       # nothing of it may be had: the banner says why
+            log.info("slide tiles %s of level %d not within the rights: %s", tiles, level,
+                     e.message)
         except Exception:  # noqa: BLE001 - a failed tile stays coarse; logged
             log.exception("slide tiles %s of level %d failed", tiles, level)
         finally:
@@ -180,7 +199,9 @@ class SlideView(QWidget):
         self.setMinimumSize(320, 240)
         self.provider = provider
         info = provider.info
-        self.mode = mode or ("low" if info.get("state") == "low" else "high")
+        self.finest = int(getattr(provider, "finest_level", 0) or 0)
+        # a slide the rights limit in resolution is not super-resolved unless asked
+        self.mode = mode or ("low" if info.get("state") == "low" and not self.finest else "high")
         self.vp = Viewport(provider.width, provider.height, provider.levels, (800, 600))
         self.vp.fit()
         self.cache = TileCache(cache_bytes)
@@ -188,10 +209,8 @@ class SlideView(QWidget):
         self.loader = SlideTileLoader(provider, self.cache, lambda: disp.post(self._arrived))
         self._sr_queue = sr_queue or SRQueue(1)
         self._own_sr_queue = sr_queue is None
-        self.sr = SRTileService(lambda x, y, w, h: provider.read_level(0, x, y, w, h),
-                                width=provider.width, height=provider.height,
-                                tile=int(info.get("tile_size") or 512) // 2,
-                                queue=self._sr_queue, cache=sr_cache)
+        self._sr_cache = sr_cache
+        self.sr = self._make_sr()
         self._sr_jobs: dict = {}
         self._target_scale = self.vp.scale
         self._anchor = (0.0, 0.0)
@@ -212,8 +231,37 @@ class SlideView(QWidget):
     def _overview_level(self) -> int:
         for g in self.provider.levels:
             if max(g.width, g.height) <= 1024 and g.count <= 16:
-                return g.level
+                return max(g.level, self.finest)
         return len(self.provider.levels) - 1
+
+    def _make_sr(self) -> SRTileService:
+        """Super-resolution from the finest level the rights allow (level 0 if any)."""
+        lv = self.finest
+        g = self.provider.levels[lv]
+        prov = self.provider
+        return SRTileService(lambda x, y, w, h: prov.read_level(lv, x, y, w, h),
+                             width=g.width, height=g.height,
+                             tile=int(prov.info.get("tile_size") or 512) // 2,
+                             queue=self._sr_queue, cache=self._sr_cache if lv == 0 else None)
+
+    def _sr_downsample(self) -> int:
+        return self.provider.levels[self.finest].downsample
+
+    def rights_changed(self) -> None:
+        """The provider learnt new rights: redo what is shown within them."""
+        finest = int(getattr(self.provider, "finest_level", 0) or 0)
+        if finest != self.finest:
+            self.finest = finest
+            self._overview = self._overview_level()
+            for job in self._sr_jobs.values():
+                job.cancel()
+            self._sr_jobs.clear()
+            self.sr = self._make_sr()
+        self.loader.cancel_prefetch()
+        self.cache.clear()
+        self.loader.want(self._overview,
+                         list(range(self.provider.levels[self._overview].count)), INTERACTION)
+        self.refresh()
 
     def apply_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -231,17 +279,28 @@ class SlideView(QWidget):
             self._sr_queue.shutdown()
 
     def level(self) -> int:
-        return self.vp.level_for_scale()
+        """The level drawn: the one the zoom calls for, never finer than the rights."""
+        return max(self.vp.level_for_scale(), self.finest)
+
+    def enlarged(self) -> float | None:
+        """Screen pixels per pixel of the finest allowed level when zoomed in past it
+        (that level is drawn enlarged: no finer detail may be had), else None."""
+        if not self.finest or self.sr_active():
+            return None
+        k = self.vp.scale * self._sr_downsample()
+        return k if k > 1.0 + 1e-6 else None
 
     def sr_active(self) -> int | None:
-        return self.vp.sr_scale() if self.mode == "low" else None
+        if self.mode != "low":
+            return None
+        return self.vp.sr_scale(self.vp.scale * self._sr_downsample())
 
     def sr_tiles_visible(self) -> list[tuple[int, int, int]]:
         s = self.sr_active()
         if not s:
             return []
         x, y, w, h = self.vp.rect()
-        n = self.sr.tile / s                  # level-0 pixels per SR tile
+        n = self.sr.tile / s * self._sr_downsample()      # level-0 pixels per SR tile
         c0, r0 = max(0, int(x // n)), max(0, int(y // n))
         c1 = min(int((x + w) // n), int(math.ceil(self.provider.width / n)) - 1)
         r1 = min(int((y + h) // n), int(math.ceil(self.provider.height / n)) - 1)
@@ -274,7 +333,7 @@ class SlideView(QWidget):
         near = {(s, c, r) for c in range(min(cols) - 1, max(cols) + 2)
                 for r in range(min(rows) - 1, max(rows) + 2)} - set(vis)
         self._sr_queue.retarget(set(vis), near)
-        n = self.sr.tile / s
+        n = self.sr.tile / s * self._sr_downsample()
         cx, cy = self.vp.centre
         centre_first = sorted(vis, key=lambda k: math.hypot((k[1] + 0.5) * n - cx,
                                                             (k[2] + 0.5) * n - cy))
@@ -314,7 +373,7 @@ class SlideView(QWidget):
             if c is None:
                 continue
             s, col, row = key
-            n = self.sr.tile / s
+            n = self.sr.tile / s * self._sr_downsample()
             x0, y0 = self.vp.to_screen(col * n, row * n)
             target = QRectF(x0, y0, n * self.vp.scale, n * self.vp.scale)
             img = qimage(c.pixels)
@@ -435,9 +494,19 @@ class SlideView(QWidget):
             p.setPen(QColor(0, 0, 0))
             p.drawText(QPointF(12, y + 13), text)
             y += 22
+        k = self.enlarged()
+        if k:
+            text = (f"ENLARGED ×{k:.1f} from level {self.finest}, the finest your rights allow: "
+                    "no finer detail (not super-resolved)")
+            p.fillRect(QRectF(8, y, 8 + 7 * len(text), 18), LIMIT_COLOUR)
+            p.setPen(QColor(0, 0, 0))
+            p.drawText(QPointF(12, y + 13), text)
+            y += 22
         if sr_drawn:
             s = self.sr_active()
             text = f"SUPER-RESOLVED ×{s}: generated detail on screen (magenta tiles), not scanned"
+            if self.finest:
+                text += f" (from level {self.finest}, the finest your rights allow)"
             p.fillRect(QRectF(0, y, self.width() - 200, 20), SR_COLOUR)
             p.setPen(QColor(255, 255, 255))
             p.drawText(QPointF(12, y + 15), text)
@@ -575,7 +644,11 @@ class ImageDialog(QDialog):
 
 
 class SlidePane(QWidget):
-    """The pane: a tool row (mode, label, macro, fit), the canvas, a status line."""
+    """The pane: a tool row (mode, label, macro, fit), a rights banner when the user's
+    rights limit the slide, the canvas, a status line."""
+
+    #: plain-words news for the main window's status bar (rights, label refused, ...)
+    notice = Signal(str)
 
     def __init__(self, provider, parent: QWidget | None = None, **kw) -> None:
         super().__init__(parent)
@@ -592,13 +665,19 @@ class SlidePane(QWidget):
             lambda i: self.view.apply_mode(self.mode_box.itemData(i)))
         row.addWidget(QLabel("Mode:"))
         row.addWidget(self.mode_box)
-        self.assoc_buttons = {}
+        self.assoc_buttons: dict[str, QPushButton] = {}
+        self.assoc_state: dict[str, str] = {}          # name -> "not permitted" / "shown"
+        self._assoc_tasks: list = []
         for name in ("label", "macro", "thumbnail"):
             if name in (provider.info.get("associated") or {}):
                 b = QPushButton(name.capitalize())
                 b.clicked.connect(lambda _=False, n=name: self.show_associated(n))
                 row.addWidget(b)
                 self.assoc_buttons[name] = b
+                if not provider.associated_permitted(name):
+                    self._not_permitted(name, "they are whole images of the slide (the label "
+                                              "carries the patient's identity) and need "
+                                              "unlimited access; your access is limited")
         fit = QPushButton("Fit")
         fit.clicked.connect(lambda: self.view.keyPressEvent(_FakeKey(Qt.Key.Key_Home)))
         row.addWidget(fit)
@@ -613,12 +692,81 @@ class SlidePane(QWidget):
             self.status.setStyleSheet("color: #b35c00; font-weight: bold")
         row.addWidget(self.status)
         lay.addLayout(row)
+        self.rights_banner = QLabel()
+        self.rights_banner.setWordWrap(True)
+        self.rights_banner.setStyleSheet("background: #fff3cd; color: #5c4300; padding: 4px;"
+                                         " border-bottom: 1px solid #e0c36a")
+        lay.addWidget(self.rights_banner)
         lay.addWidget(self.view, 1)
+        self.rights_text = ""
+        self._show_rights()
+        listeners = getattr(provider, "listeners", None)
+        if listeners is not None:           # heard on a worker thread, handled on the UI's
+            disp = dispatcher()
+            self._listener = (lambda kind, body: disp.post(self._on_limited, body)
+                              if kind == "limited" else None)
+            listeners.append(self._listener)
+
+    # ------------------------------------------------------------------ rights
+    def _slide_words(self) -> dict:
+        p = self.provider
+        return {"levels": p.info.get("levels"), "mpp": p.info.get("mpp"),
+                "layers": p.stored_layers, "versions": p.info.get("versions"),
+                "unlimited": p.unlimited}
+
+    def _show_rights(self) -> None:
+        p = self.provider
+        self.rights_text = (explain_slide_rights(p.rights, **self._slide_words())
+                            if p.limited else "")
+        self.rights_banner.setText(self.rights_text)
+        self.rights_banner.setVisible(bool(self.rights_text))
+
+    def _on_limited(self, body: dict) -> None:                 # UI thread
+        self._show_rights()
+        for name in self.assoc_buttons:
+            if not self.provider.associated_permitted(name):
+                self._not_permitted(name, "your access to this slide is now limited")
+        self.view.rights_changed()
+        self.notice.emit(explain_slide_rights_error(body, **self._slide_words()))
+
+    def _not_permitted(self, name: str, reason: str) -> None:
+        b = self.assoc_buttons[name]
+        b.setText(f"{name.capitalize()}: not permitted")
+        b.setToolTip(f"The {name} image is not permitted: {reason}.")
+        b.setEnabled(False)
+        self.assoc_state[name] = "not permitted"
 
     def show_associated(self, name: str) -> None:
-        ImageDialog(f"{name.capitalize()} image", self.provider.associated(name), self).show()
+        """Fetch the label / macro on a worker; show it, or say it is not permitted."""
+        from pathology.provider import NotPermitted
+
+        if self.assoc_state.get(name) == "not permitted":
+            self.notice.emit(self.assoc_buttons[name].toolTip())
+            return
+        prov = self.provider
+        task = Task(lambda _ctx: prov.associated(name), name=f"slide-{name}",
+                    pool=self.view.loader.pool, priority=INTERACTION, parent=self)
+
+        def shown(rgb) -> None:
+            self.assoc_state[name] = "shown"
+            ImageDialog(f"{name.capitalize()} image", rgb, self).show()
+
+        def failed(e) -> None:
+            if isinstance(e, NotPermitted):
+                self._not_permitted(name, e.reason)
+                self.notice.emit(f"The {name} image is not permitted: {e.reason}.")
+            else:
+                self.notice.emit(f"Cannot load the {name} image: {e}")
+
+        task.finished.connect(shown)
+        task.failed.connect(failed)
+        self._assoc_tasks = [t for t in self._assoc_tasks if not t.done] + [task]
+        task.start()
 
     def closeEvent(self, ev) -> None:
+        listeners = getattr(self.provider, "listeners", None)
+        if listeners is not None and getattr(self, "_listener", None) in listeners:
+            listeners.remove(self._listener)
         self.view.close_view()
         super().closeEvent(ev)
 

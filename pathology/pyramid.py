@@ -7,7 +7,12 @@ Layout of one stored slide (a folder in a tier, see :mod:`pathology.tiers`)::
       level-<k>.j2kp         the tile codestreams of level k, concatenated
       assoc-<name>.png       label / macro / thumbnail images, when the slide has them
 
-Level ``k`` is the slide reduced by ``2**k`` (block mean), cut into ``tile_size`` tiles
+Level ``k`` is the slide reduced by ``2**k``: level 0 halved ``k`` times (2×2 block mean,
+rounded; the last row / column of an odd size is the mean of what it covers, never blended
+with the white beyond the slide), so for a single-level source every level is bit for bit
+:func:`~pathology.tilesource.block_mean` of level 0 — whether read from the source or
+reduced from the previous output level; a source level used instead is halved the same
+way. Each level is cut into ``tile_size`` tiles
 (edge tiles are smaller: a level reassembles to exactly its size). Every tile is one
 codestream written by :func:`codestream.encode.encode_frame`: RGB, reversible 5/3,
 quality layers at 1:50, 1:20, 1:8 and lossless, 128×128 precincts and PLT markers — so

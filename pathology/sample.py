@@ -79,14 +79,32 @@ def ihc_slide_source(width: int = 1600, height: int = 1200, **kw) -> ArraySource
     return src
 
 
-def variants(img: np.ndarray) -> dict[str, np.ndarray]:
-    """QC test cases of a slide image: blurred, colour-shifted, folded."""
+VARIANTS = ("blurred", "colour-shifted", "folded", "bubble")
+
+
+def variants(img: np.ndarray, names=VARIANTS) -> dict[str, np.ndarray]:
+    """QC test cases of a slide image: blurred, colour-shifted, folded, with a bubble
+    (``names``: only those)."""
     from skimage.filters import gaussian
 
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {VARIANTS}")
     out = {}
-    out["blurred"] = (gaussian(img, sigma=2.0, channel_axis=2, preserve_range=True) + 0.5).astype(np.uint8)
-    cast = img.astype(np.float32) * np.array([1.0, 0.97, 0.8], np.float32)
-    out["colour-shifted"] = np.clip(cast + 0.5, 0, 255).astype(np.uint8)
+    if "blurred" in names:
+        out["blurred"] = (gaussian(img, sigma=2.0, channel_axis=2, preserve_range=True)
+                          + 0.5).astype(np.uint8)
+    if "colour-shifted" in names:
+        cast = img.astype(np.float32) * np.array([1.0, 0.97, 0.8], np.float32)
+        out["colour-shifted"] = np.clip(cast + 0.5, 0, 255).astype(np.uint8)
+    if "folded" in names:
+        out["folded"] = _folded(img)
+    if "bubble" in names:
+        out["bubble"] = _bubble(img)
+    return out
+
+
+def _folded(img: np.ndarray) -> np.ndarray:
     fold = img.copy()
     h, w = img.shape[:2]
     band = slice(int(h * 0.45), int(h * 0.55))
@@ -95,13 +113,16 @@ def variants(img: np.ndarray) -> dict[str, np.ndarray]:
     fold[band] = np.clip(t * t * 255.0 + 0.5, 0, 255).astype(np.uint8)
     glass = img[band] >= GLASS - 1
     fold[band][glass] = img[band][glass]
-    out["folded"] = fold
+    return fold
+
+
+def _bubble(img: np.ndarray) -> np.ndarray:
     # an air bubble under the coverslip: a clear disc in the tissue with a dark rim
+    h, w = img.shape[:2]
     bub = img.copy()
     yy, xx = np.mgrid[0:h, 0:w]
     r = np.hypot(yy - h * 0.5, xx - w * 0.42)
     rad = min(h, w) * 0.08
     bub[r < rad] = GLASS
     bub[(r >= rad) & (r < rad + 4)] = (70, 70, 75)
-    out["bubble"] = bub
-    return out
+    return bub

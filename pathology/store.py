@@ -175,7 +175,8 @@ class SlideStore:
             stored = StoredSlide.open(res.path)
             qc = None
             if run_qc:
-                qc = check_slide(stored, thresholds=thresholds or self.qc_thresholds())
+                qc = check_slide(stored, thresholds=thresholds or self.qc_thresholds(),
+                                 stain=stain)
             man_sha = hashlib.sha256((res.path / MANIFEST).read_bytes()).hexdigest()
             pk = self.catalogue.add_slide(
                 slide_uid=res.slide_uid, exam_pk=exam_pk, state=state, tier=tier,
@@ -195,7 +196,7 @@ class SlideStore:
 
     def recheck(self, ref: str | int, thresholds: QCThresholds | None = None) -> dict:
         row, st = self.open(ref)
-        qc = check_slide(st, thresholds=thresholds or self.qc_thresholds())
+        qc = check_slide(st, thresholds=thresholds or self.qc_thresholds(), stain=row.get("stain"))
         self.catalogue.set_qc(row["pk"], qc)
         return self.catalogue.slide(row["pk"])
 

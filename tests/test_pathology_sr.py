@@ -38,15 +38,22 @@ def test_generator_loads_offline_and_keeps_any_size(offline, scale):
         assert y.shape == (h * scale, w * scale, 3) and y.dtype == np.uint8
 
 
+@pytest.mark.parametrize("which", ["ihc", "he"])
 @pytest.mark.parametrize("scale", [2, 4])
-def test_generator_beats_bicubic_on_held_out_tissue(scale):
+def test_generator_beats_bicubic_on_held_out_tissue(scale, which):
+    """Real tissue never seen in training (two slides, two stains): the generator's mean
+    PSNR is above bicubic's and it wins on most tiles (bench/sr.py reports the margins)."""
     from pathology.srdata import heldout_tiles, psnr
 
     g = sr.load_generator(scale)
-    hr = heldout_tiles()[0]
-    lr = (sr.area_downscale(hr, scale) + 0.5).astype(np.uint8)
-    bic = (np.clip(sr.bicubic_upscale(lr.astype(np.float32) / 255, scale), 0, 1) * 255 + 0.5).astype(np.uint8)
-    assert psnr(hr, g.upscale(lr), scale) > psnr(hr, bic, scale)
+    gains = []
+    for hr in heldout_tiles(which=which):
+        lr = (sr.area_downscale(hr, scale) + 0.5).astype(np.uint8)
+        bic = (np.clip(sr.bicubic_upscale(lr.astype(np.float32) / 255, scale), 0, 1) * 255
+               + 0.5).astype(np.uint8)
+        gains.append(psnr(hr, g.upscale(lr), scale) - psnr(hr, bic, scale))
+    assert np.mean(gains) > 0
+    assert sum(gn > 0 for gn in gains) >= 0.75 * len(gains)
 
 
 def test_numpy_layers_match_reference():

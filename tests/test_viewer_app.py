@@ -164,7 +164,7 @@ def test_small_viewport_never_fetches_beyond_what_it_shows(qtbot, tmp_path, serv
     try:
         w.browser_dock.hide()
         w.resize(700, 285)
-        qtbot.waitUntil(lambda: w.stack.height() < 128 or w.stack.width() < 128, timeout=5000)
+        qtbot.waitUntil(lambda: w.stack.height() < 128 or w.stack.width() < 128, timeout=TIMEOUT)
         connect(qtbot, w, server.url)
         loader = open_and_wait_idle(qtbot, w, ct_series_uid)
         assert loader.reduce >= 1
@@ -191,7 +191,7 @@ def test_cancel_stops_the_transfer_and_resume_finishes(qtbot, win, ct_series_uid
     assert win.cancel_button.isEnabled() and win.cancel_button.text() == "Cancel"
     qtbot.mouseClick(win.cancel_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: win.loader.state == "paused" and win.loader.running_stage() is None,
-                    timeout=5000)
+                    timeout=TIMEOUT)
     sd = win.loader.sd
     held = [sd.held_bytes(i) for i in range(len(sd))]
     qtbot.wait(400)
@@ -224,7 +224,7 @@ def test_switching_series_mid_transfer_never_shows_the_old_series(qtbot, tmp_pat
         sops_b = {im.sop_instance_uid for im in w.series_info.images}
         assert shown and set(shown) <= sops_b
         assert w.stack.meta().sop_instance_uid in sops_b and w.stack.slice_count() == 6
-        qtbot.waitUntil(lambda: old.running_stage() is None, timeout=5000)   # old transfer gone
+        qtbot.waitUntil(lambda: old.running_stage() is None, timeout=TIMEOUT)   # old transfer gone
     finally:
         w.close()
 
@@ -290,7 +290,7 @@ def test_value_under_the_cursor_is_hu(qtbot, win, ct_store, ct_series_uid):
         pos = win.stack.image_to_widget(x + 0.5, y + 0.5)
         QTest.mouseMove(win.stack, QPoint(round(pos.x()), round(pos.y())))
         qtbot.waitUntil(lambda: win.stack.cursor_value() is not None
-                        and int(win.stack.cursor_value()[0]) == x, timeout=5000)
+                        and int(win.stack.cursor_value()[0]) == x, timeout=TIMEOUT)
         cx, cy, value = win.stack.cursor_value()
         assert (int(cx), int(cy)) == (x, y)
         assert value.unit == "HU" and value.modality_value == pytest.approx(hu[y, x])
@@ -302,7 +302,7 @@ def test_region_at_full_resolution_fetches_only_the_region(qtbot, tmp_path, serv
     try:
         w.browser_dock.hide()
         w.resize(700, 285)
-        qtbot.waitUntil(lambda: w.stack.height() < 128 or w.stack.width() < 128, timeout=5000)
+        qtbot.waitUntil(lambda: w.stack.height() < 128 or w.stack.width() < 128, timeout=TIMEOUT)
         connect(qtbot, w, server.url)
         loader = open_and_wait_idle(qtbot, w, ct_series_uid)
         assert loader.reduce >= 1

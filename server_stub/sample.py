@@ -15,7 +15,10 @@ the ``pydicom-data`` package (module ``data_store``), never downloading anything
 
 :func:`ensure_sample_store` fills an empty store with both on first run and records that
 in the catalogue's settings table (key :data:`SAMPLE_SETTING`), so that studies the user
-deletes later are not added again.
+deletes later are not added again. It also adds the sample slide once
+(:func:`ensure_sample_slide`, key :data:`SAMPLE_SLIDE_SETTING`): the real Aperio H&E scan
+shipped in ``resources/pathology/samples`` (CMU-1-Small-Region, OpenSlide test data, CC0),
+ingested into the slide store like any slide, so File → Open slide has something to show.
 """
 from __future__ import annotations
 
@@ -30,6 +33,10 @@ from .store import Store
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SAMPLE_SETTING = "sample_data_added"
+SAMPLE_SLIDE_SETTING = "sample_slide_added"
+SAMPLE_SLIDE = (Path(__file__).resolve().parent.parent / "resources" / "pathology" / "samples"
+                / "CMU-1-Small-Region.svs")
+SAMPLE_SLIDE_PATIENT = ("MV-PATH-0001", "SAMPLE^SKIN H&E", "MV-PATH-ACC-1")
 
 PIXEL_SPACING = 0.7          # mm
 SLICE_THICKNESS = 2.5        # mm
@@ -289,7 +296,7 @@ def sample_real_files() -> list[Path]:
 
 
 def ensure_sample_store(store_dir: str | Path, *, log: Callable[[str], None] | None = None,
-                        slices: int = 64, size: int = 512) -> Store:
+                        slices: int = 64, size: int = 512, slide: bool = True) -> Store:
     """Open (creating if needed) the store; on first run fill it with sample data.
 
     Sample data is added only when the store has no study and the catalogue has no
@@ -310,4 +317,32 @@ def ensure_sample_store(store_dir: str | Path, *, log: Callable[[str], None] | N
         cat.set_setting(SAMPLE_SETTING, report.summary())
     else:
         cat.set_setting(SAMPLE_SETTING, "store already had studies")
+    if slide:
+        ensure_sample_slide(store, log=log)
     return store
+
+
+def ensure_sample_slide(store: Store, *, log: Callable[[str], None] | None = None,
+                        path: Path = SAMPLE_SLIDE) -> dict | None:
+    """Ingest the sample slide into ``store``'s slide store once (recorded in the
+    catalogue's settings, so a slide the user deletes is not added again). Returns the
+    slide's catalogue row, or None when it was added before or the file is not there
+    (an installation without the resources folder: logged, nothing recorded)."""
+    cat = store.catalogue
+    if cat.get_setting(SAMPLE_SLIDE_SETTING) is not None:
+        return None
+    if not Path(path).is_file():
+        if log:
+            log(f"sample slide not found ({path}); no sample slide added")
+        return None
+    from pathology.store import SlideStore
+
+    patient_id, patient_name, accession = SAMPLE_SLIDE_PATIENT
+    if log:
+        log("Adding the sample slide (real H&E scan, CMU-1-Small-Region)…")
+    with SlideStore.for_image_store(store.root) as slides:
+        row = slides.ingest(path, patient_id=patient_id, patient_name=patient_name,
+                            accession=accession, stain="H&E",
+                            label="Sample: skin, H&E (CMU-1-Small-Region, CC0)")
+    cat.set_setting(SAMPLE_SLIDE_SETTING, row["slide_uid"])
+    return row

@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from client.session import Session
 from codestream.encode import decode_full
 from server_stub import sample
 from server_stub.catalogue import Catalogue
@@ -489,20 +490,50 @@ def test_ensure_sample_store_is_idempotent(tmp_path, monkeypatch):
     # Keep it quick: a small phantom and two real files.
     monkeypatch.setattr(sample, "REAL_SAMPLE_FILES",
                         (("CT_small.dcm", "CT"), ("US1_UNCR.dcm", "US RGB")))
-    store = sample.ensure_sample_store(tmp_path / "s", slices=4, size=64)
+    store = sample.ensure_sample_store(tmp_path / "s", slices=4, size=64, slide=False)
     cat = store.catalogue
     assert cat.get_setting(sample.SAMPLE_SETTING)
     assert cat.counts()["instances"] == 6
     phantom = cat.query_studies(PatientID="MV-0001")
     assert len(phantom) == 1 and phantom[0]["NumberOfStudyRelatedInstances"] == 4
     store.close()
-    again = sample.ensure_sample_store(tmp_path / "s", slices=4, size=64)
+    again = sample.ensure_sample_store(tmp_path / "s", slices=4, size=64, slide=False)
     assert again.catalogue.counts()["instances"] == 6
     for st in again.catalogue.query_studies():
         again.delete_study(st["StudyInstanceUID"])
     assert again.catalogue.counts()["studies"] == 0
     again.close()
-    third = sample.ensure_sample_store(tmp_path / "s", slices=4, size=64)
+    third = sample.ensure_sample_store(tmp_path / "s", slices=4, size=64, slide=False)
     assert third.catalogue.counts()["studies"] == 0      # not re-added after deletion
     assert third.fsck().clean
     third.close()
+
+
+def test_sample_slide_is_added_once_and_served(tmp_path):
+    """First run also brings the real sample slide (H&E, Aperio SVS), once; it is served
+    through the bundled server's slide routes like any slide."""
+    from pathology.provider import RemoteSlide
+    from pathology.store import SlideStore
+    from server_stub.embedded import EmbeddedServer
+
+    store = Store(tmp_path / "s")
+    row = sample.ensure_sample_slide(store)
+    assert row is not None and row["patient_id"] == sample.SAMPLE_SLIDE_PATIENT[0]
+    assert (row["width"], row["height"]) == (2220, 2967) and row["qc_status"] == "pass"
+    assert store.catalogue.get_setting(sample.SAMPLE_SLIDE_SETTING) == row["slide_uid"]
+    assert sample.ensure_sample_slide(store) is None                # not twice
+    with SlideStore.for_image_store(store.root) as slides:
+        assert len(slides.catalogue.slides()) == 1
+    store.close()
+    other = Store(tmp_path / "t")
+    assert sample.ensure_sample_slide(other, path=tmp_path / "gone.svs") is None
+    assert other.catalogue.get_setting(sample.SAMPLE_SLIDE_SETTING) is None
+    other.close()
+    with EmbeddedServer(str(tmp_path / "s")) as srv:
+        s = Session(srv.url)
+        listed = s.get_json("/api/slides")
+        assert [r["slide_uid"] for r in listed] == [row["slide_uid"]]
+        rs = RemoteSlide(s, row["slide_uid"])
+        top = len(rs.levels) - 1
+        tile = rs.tile(top, 0)
+        assert tile.shape[2] == 3 and tile.mean() < 235                # tissue, not glass

@@ -106,6 +106,18 @@ def main(argv=None) -> int:
                   f"{m['psnr_generator']:>14.2f}{m['psnr_gain_db']:>+9.2f}"
                   f"{m['psnr_gain_ensemble_db']:>+15.2f}{m['ssim_bicubic']:>10.4f}"
                   f"{m['ssim_generator']:>10.4f}{m['tiles_beating_bicubic']:>4}/{len(q['tiles'])}")
+        rows = [r for q in qs.values() for r in q["tiles"]]
+        pooled = {k: sum(r[k] for r in rows) / len(rows) for k in
+                  ("psnr_bicubic", "psnr_generator", "psnr_ensemble", "ssim_bicubic",
+                   "ssim_generator")}
+        wins = sum(r["psnr_generator"] > r["psnr_bicubic"] for r in rows)
+        report[f"x{s}"]["pooled"] = dict(pooled, tiles=len(rows), wins=wins)
+        print(f"  {'all (pooled)':<14}{len(rows):>6}{pooled['psnr_bicubic']:>12.2f}"
+              f"{pooled['psnr_generator']:>14.2f}"
+              f"{pooled['psnr_generator'] - pooled['psnr_bicubic']:>+9.2f}"
+              f"{pooled['psnr_ensemble'] - pooled['psnr_bicubic']:>+15.2f}"
+              f"{pooled['ssim_bicubic']:>10.4f}{pooled['ssim_generator']:>10.4f}"
+              f"{wins:>4}/{len(rows)}")
         for d in sp:
             print(f"  {d['output']}x{d['output']} output tiles, {d['threads']} thread(s): "
                   f"{d['tiles_per_s']:.2f} tiles/s ({d['median_s'] * 1000:.0f} ms per tile)")

@@ -147,7 +147,8 @@ class Generator:
         """uint8 or float (H, W, 3) → uint8 (s*H, s*W, 3). ``cancel`` is polled between
         layers; if it returns True, :class:`SRCancelled` is raised. ``ensemble`` averages
         the eight flips/rotations of the input (8× the time, a little more accurate:
-        used by the headless render, not by the interactive viewer)."""
+        offered by the headless render, ``--sr-ensemble``; the interactive viewer does
+        not use it)."""
         if ensemble:
             x = np.asarray(rgb)
             acc = None

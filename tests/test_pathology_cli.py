@@ -44,6 +44,14 @@ def test_ingest_list_render_with_store_anywhere(tmp_path, plain_slide, capsys):
                  "--region", "0,0,32,32", "--sr", "2", "--out", str(sr)]) == 0
     im = Image.open(sr)
     assert im.size == (64, 64) and "super-resolution x2" in im.text["MedView-Generated"]
+    ens = tmp_path / "sr_ensemble.png"
+    assert main(["render", "--store", str(store), "--slide", "1", "--level", "1",
+                 "--region", "0,0,32,32", "--sr", "2", "--sr-ensemble", "--out", str(ens)]) == 0
+    im2 = Image.open(ens)
+    assert im2.size == (64, 64) and "self-ensemble" in im2.text["MedView-Generated"]
+    assert not np.array_equal(np.asarray(im2), np.asarray(im))       # a different estimate
+    assert main(["render", "--store", str(store), "--slide", "1", "--sr-ensemble",
+                 "--out", str(ens)]) == 2                            # needs --sr
 
 
 def test_bad_input_gets_a_clear_error_and_keeps_the_store(tmp_path, plain_slide, capsys):

@@ -4,7 +4,8 @@
 * ``--slide``: slide UID or catalogue number; ``--level``: pyramid level (0 = full
   resolution, each next level halves it); ``--region x,y,w,h`` in pixels of that level
   (default: the whole level).
-* Data come from the slide store of ``--store`` (default: the desktop app's store), or
+* Data come from the slide store of ``--store`` (default: the desktop app's store, made
+  with its samples — the sample slide included — on first use, as the app does), or
   from an image server with ``--server URL`` through the packet protocol (only the tiles
   of the region, and of edge tiles only the precincts needed, are fetched).
 * ``--sr 2|4`` super-resolves the region (output ``s·w × s·h``) with the shipped
@@ -190,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
             from .store import SlideStore
 
             root = Path(args.store) if args.store else default_store()
+            if not args.store:
+                # the desktop app's store, with its samples (the sample slide included),
+                # made on first use as `medview render --series` does
+                from server_stub.sample import ensure_sample_store
+
+                ensure_sample_store(root, log=lambda m: print(m, file=sys.stderr)).close()
             if not (root / "slides" / "slides.sqlite").exists():
                 print(f"medview render: no slide store at {root / 'slides'}", file=sys.stderr)
                 return 1

@@ -71,6 +71,10 @@ def test_bad_input_gets_a_clear_error_and_keeps_the_store(tmp_path, plain_slide,
     assert main(["--store", str(store), "render", "--slide", "1", "--level", "9", "--out",
                  str(tmp_path / "x.png")]) == 1
     assert "out of range" in capsys.readouterr().err
+    # a store named explicitly is never created by a render (only the default one is)
+    assert main(["--store", str(tmp_path / "nowhere"), "render", "--slide", "1", "--out",
+                 str(tmp_path / "x.png")]) == 1
+    assert "no slide store" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
     # what was stored before the failures is all still there
     assert main(["list", "--store", str(store)]) == 0
     rows = capsys.readouterr().out.strip().splitlines()

@@ -44,6 +44,21 @@ def session_of(env, *rules: Rule, **rule) -> tuple[str, Session, Wire]:
     return name, s, Wire(s)
 
 
+def pane_of(qtbot, env, size: tuple[int, int] | None = None, **rule):
+    """(slide pane of slide ``a`` for a new user with ``rule``, its RemoteSlide, the
+    wire, the user name)."""
+    from viewer.slideview import open_slide_window
+
+    name, s, wire = session_of(env, **rule)
+    rs = RemoteSlide(s, env["a"]["slide_uid"])
+    pane = open_slide_window(rs)
+    qtbot.addWidget(pane)
+    if size:
+        pane.resize(*size)
+    pane.show()
+    return pane, rs, wire, name
+
+
 def audit(env, name: str) -> list[dict]:
     """The user's packet requests as the server audited them (streams are audited when
     they end: wait for them)."""
@@ -157,15 +172,8 @@ def test_rights_changed_mid_session_are_learnt_and_kept(env):
 
 # --------------------------------------------------------------------------- viewer
 def test_pane_explains_limits_and_keeps_working(qtbot, env):
-    from viewer.slideview import open_slide_window
-
-    a = env["a"]
-    name, s, wire = session_of(env, max_layers=2, max_reduce_min=1)
-    rs = RemoteSlide(s, a["slide_uid"])
-    pane = open_slide_window(rs)
-    qtbot.addWidget(pane)
-    pane.resize(800, 600)
-    pane.show()
+    pane, rs, wire, name = pane_of(qtbot, env, (800, 600), max_layers=2, max_reduce_min=1)
+    s = rs.session
     v = pane.view
     text = pane.rights_banner.text()
     assert pane.rights_banner.isVisible()
@@ -184,7 +192,8 @@ def test_pane_explains_limits_and_keeps_working(qtbot, env):
                                 for t in vis), timeout=TIMEOUT)
     t = vis[0]
     tx, ty, tw, th = rs.levels[1].tile_rect(t)
-    assert np.array_equal(v.cache.get((1, t)).pixels, reference(env, a, 1, tx, ty, tw, th, 2))
+    assert np.array_equal(v.cache.get((1, t)).pixels,
+                          reference(env, env["a"], 1, tx, ty, tw, th, 2))
     v.grab()                                            # paints, banner included
     # panning keeps working within the rights
     v.vp.pan_screen(-200, 0)
@@ -292,15 +301,8 @@ def test_render_beyond_rights_exits_1_with_the_reason(env, tmp_path, capsys):
 
 
 def test_super_resolution_only_when_asked_and_from_the_allowed_level(qtbot, env):
-    from viewer.slideview import open_slide_window
-
-    a = env["a"]
-    name, s, wire = session_of(env, max_reduce_min=1)
-    rs = RemoteSlide(s, a["slide_uid"])
-    pane = open_slide_window(rs)
-    qtbot.addWidget(pane)
-    pane.resize(360, 300)
-    pane.show()
+    pane, rs, wire, name = pane_of(qtbot, env, (360, 300), max_reduce_min=1)
+    s = rs.session
     v = pane.view
     v.zoom_to(1.0, (180, 150), animate=False)
     assert v.mode == "high" and v.sr_active() is None and v.enlarged() == pytest.approx(2.0)

@@ -326,8 +326,9 @@ def ensure_sample_slide(store: Store, *, log: Callable[[str], None] | None = Non
                         path: Path = SAMPLE_SLIDE) -> dict | None:
     """Ingest the sample slide into ``store``'s slide store once (recorded in the
     catalogue's settings, so a slide the user deletes is not added again). Returns the
-    slide's catalogue row, or None when it was added before or the file is not there
-    (an installation without the resources folder: logged, nothing recorded)."""
+    slide's catalogue row, or None when it was added before, the file is not there (an
+    installation without the resources folder) or cannot be ingested (logged, nothing
+    recorded: the next start tries again; the app starts either way)."""
     cat = store.catalogue
     if cat.get_setting(SAMPLE_SLIDE_SETTING) is not None:
         return None
@@ -340,9 +341,14 @@ def ensure_sample_slide(store: Store, *, log: Callable[[str], None] | None = Non
     patient_id, patient_name, accession = SAMPLE_SLIDE_PATIENT
     if log:
         log("Adding the sample slide (real H&E scan, CMU-1-Small-Region)…")
-    with SlideStore.for_image_store(store.root) as slides:
-        row = slides.ingest(path, patient_id=patient_id, patient_name=patient_name,
-                            accession=accession, stain="H&E",
-                            label="Sample: skin, H&E (CMU-1-Small-Region, CC0)")
+    try:
+        with SlideStore.for_image_store(store.root) as slides:
+            row = slides.ingest(path, patient_id=patient_id, patient_name=patient_name,
+                                accession=accession, stain="H&E",
+                                label="Sample: skin, H&E (CMU-1-Small-Region, CC0)")
+    except Exception as e:  # noqa: BLE001 - a sample must never keep the app from starting
+        if log:
+            log(f"could not add the sample slide ({path}): {e}")
+        return None
     cat.set_setting(SAMPLE_SLIDE_SETTING, row["slide_uid"])
     return row

@@ -526,7 +526,12 @@ def test_sample_slide_is_added_once_and_served(tmp_path):
         assert len(slides.catalogue.slides()) == 1
     store.close()
     other = Store(tmp_path / "t")
-    assert sample.ensure_sample_slide(other, path=tmp_path / "gone.svs") is None
+    said: list[str] = []
+    assert sample.ensure_sample_slide(other, path=tmp_path / "gone.svs", log=said.append) is None
+    broken = tmp_path / "broken.svs"                     # a damaged copy: the first 64 kB
+    broken.write_bytes(sample.SAMPLE_SLIDE.read_bytes()[:65536])
+    assert sample.ensure_sample_slide(other, path=broken, log=said.append) is None
+    assert "not found" in said[0] and said[-1].startswith("could not add the sample slide")
     assert other.catalogue.get_setting(sample.SAMPLE_SLIDE_SETTING) is None
     other.close()
     with EmbeddedServer(str(tmp_path / "s")) as srv:

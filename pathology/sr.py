@@ -18,8 +18,8 @@ replicated row/column for the stride-2 encoder and the output is cropped back to
 (:mod:`pathology.srqueue`). The bicubic base (Keys, a = -0.5, edge pixels replicated)
 is the same function the benchmark uses as its baseline.
 
-Weights live in ``resources/pathology/sr_x2.npz`` and ``sr_x4.npz`` (float16, a few
-hundred kB each) with a JSON ``meta`` entry (architecture, training data, held-out
+Weights live in ``resources/pathology/sr_x2.npz`` and ``sr_x4.npz`` (float16, about
+1 MB each) with a JSON ``meta`` entry (architecture, training data, held-out
 scores). They are read from disk only: nothing is ever fetched from a network.
 """
 from __future__ import annotations

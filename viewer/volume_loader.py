@@ -210,6 +210,11 @@ class VolumeLoader:
             im = series.images[self.comps[0]]
             plan = interleaved_plan(self.comps, int(im["numres"]), max(int(im["Rows"]), int(im["Columns"])))
         self.plan = list(plan)
+        self._init_run_state(decode_threads, on_progress)
+
+    def _init_run_state(self, decode_threads: int, on_progress) -> None:
+        """What every loader holds while it runs (also set by :class:`SlabVolumeLoader`,
+        which has no series of its own at first)."""
         self.decode_threads = max(1, decode_threads)
         self.on_progress = on_progress
         self.token = CancelToken()
@@ -385,13 +390,7 @@ class SlabVolumeLoader(VolumeLoader):
         self.slots: dict[int, int] = {}
         self.comps: list[int] = []
         self.plan: list[LoadStage] = []
-        self.decode_threads = max(1, decode_threads)
-        self.on_progress = on_progress
-        self.token = CancelToken()
-        self.received = 0
-        self._last_update: VolumeUpdate | None = None
-        self._transfer = None
-        self._lock = threading.Lock()
+        self._init_run_state(decode_threads, on_progress)
         self._factory = factory
         self.slab_series = slab_series
         self.thin_slots: list[int] = []

@@ -3,7 +3,7 @@ histology, and its speed on the CPU.
 
     .venv/bin/python bench/sr.py [--repeat 5] [--out bench/out/sr.json]
 
-Quality: the held-out tiles of :mod:`pathology.srdata`, never used in training, from
+Quality: the held-out tiles of :mod:`imaging.srdata`, never used in training, from
 two real slides: ``ihc`` (four 128×128 tiles of scikit-image's IHC image, columns
 384-511) and ``he`` (twelve tissue-rich 128×128 tiles of the bottom rows of the
 CMU-1-Small-Region Aperio H&E slide). Each tile is reduced by s×s block mean (8-bit) and
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def quality(scale: int, which: str) -> dict:
     import numpy as np
 
-    from pathology import sr, srdata
+    from imaging import sr, srdata
 
     g = sr.load_generator(scale)
     rows = []
@@ -62,7 +62,7 @@ def speed(scale: int, threads: int, repeat: int, out: int = 512) -> dict:
     """Run in a child process so that the BLAS thread count really applies."""
     code = f"""
 import time, json, numpy as np
-from pathology import sr
+from imaging import sr
 g = sr.load_generator({scale})
 n = {out} // {scale} + 16
 x = np.random.default_rng(0).integers(0, 256, (n, n, 3), dtype=np.uint8)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "sr.json"))
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from pathology import srdata
+    from imaging import srdata
 
     report = {}
     for s in (2, 4):

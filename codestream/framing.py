@@ -65,7 +65,7 @@ class PacketStreamReader:
     chunks of any size; get ``(CONTROL, dict)`` for control records and ``(DATA, [JPP
     messages])`` for each data record (end-of-response messages dropped). Used by the
     series transfer (:mod:`client.series`) and the slide provider
-    (:mod:`pathology.provider`) alike."""
+    (:mod:`client.slides`) alike."""
 
     def __init__(self) -> None:
         from .jpp import EorMessage, JppParser

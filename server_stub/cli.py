@@ -56,13 +56,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def _cmd_fsck(args: argparse.Namespace) -> int:
+    from .fsck import fsck
     from .store import Store
 
     if not Path(args.store).is_dir():
         print(f"error: no store at {args.store}", file=sys.stderr)
         return 2
     with Store(args.store) as store:
-        report = store.fsck(repair=args.repair)
+        report = fsck(store, repair=args.repair)
     print(report.format())
     return 0 if report.clean else 1
 

@@ -336,7 +336,7 @@ def ensure_sample_slide(store: Store, *, log: Callable[[str], None] | None = Non
         if log:
             log(f"sample slide not found ({path}); no sample slide added")
         return None
-    from pathology.store import SlideStore
+    from server_stub.slide_store import SlideStore
 
     patient_id, patient_name, accession = SAMPLE_SLIDE_PATIENT
     if log:

@@ -2,7 +2,7 @@
 
 A pyramid level of a slide is a JPIP *target* whose components are its tiles: level
 ``L`` of slide ``S`` has ``cols × rows`` components, component ``row * cols + col`` being
-the tile's codestream (:mod:`pathology.pyramid`). A region request (``roff``/``rsiz`` in
+the tile's codestream (:mod:`imaging.pyramid`). A region request (``roff``/``rsiz`` in
 pixels *of that level*) is planned tile by tile: only the tiles the region touches are
 sent, and of a tile the region only partly covers only the precincts that influence the
 covered part (the same planner as series, :func:`server_stub.packets.plan`, per tile). The
@@ -59,9 +59,9 @@ import json
 import logging
 import threading
 
-from pathology.catalogue import CatalogueError
-from pathology.pyramid import PyramidError
-from pathology.store import SlideStore, slide_summary
+from server_stub.slide_catalogue import CatalogueError
+from imaging.pyramid import PyramidError
+from server_stub.slide_store import SlideStore, slide_summary
 
 from . import rights as _rights
 from .packets import Plan, RequestError, parse_request, plan, refuse, resolve_version, stream
@@ -105,7 +105,7 @@ class SlideService:
             if self._store is None:
                 self._store = SlideStore.for_image_store(self.root)
                 if self._schedule:
-                    from pathology.tiers import IdleScheduler, SlideTiers
+                    from server_stub.slide_tiers import IdleScheduler, SlideTiers
 
                     self.scheduler = IdleScheduler(SlideTiers(self._store)).start()
             return self._store

@@ -17,7 +17,7 @@ Crash safety rests on two rules:
    and records its SHA-256 and size.
 
 So a crash leaves at worst an *orphan* (a file no row refers to, or a temporary file),
-never a row without its file. :meth:`Store.fsck` finds both orphans and rows whose files
+never a row without its file. :func:`server_stub.fsck.fsck` finds both orphans and rows whose files
 are missing or damaged; ``repair`` deletes orphans only (a row with a damaged file needs
 a human, or a re-ingest of the original).
 
@@ -31,16 +31,18 @@ import hashlib
 import os
 import re
 import threading
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from imaging.files import TMP_MARK, fsync_dir, sha256_file, write_file_atomic  # noqa: F401 (re-exported)
+
 from .catalogue import Catalogue
+
+_fsync_dir = fsync_dir   # the name the server's modules use
 
 CATALOGUE_NAME = "catalogue.sqlite"
 ORIGINALS_DIR = "originals"
 J2K_DIR = "j2k"
-TMP_MARK = ".tmp-"
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -63,34 +65,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
-    """(SHA-256 hex, size) of a file, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename/creation in ``path`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def safe_component(uid: str) -> str:
     """A UID as a file-name component: itself if it is a well-formed UID, else a hash."""
     uid = (uid or "").strip()
@@ -101,7 +75,7 @@ def safe_component(uid: str) -> str:
 
 @dataclass
 class FsckReport:
-    """What :meth:`Store.fsck` found.
+    """What :func:`server_stub.fsck.fsck` found.
 
     ``orphans``: files (relpaths) that no catalogue row refers to, temporary files
     included. ``missing`` / ``damaged``: (relpath, SOP Instance UID, problem) for rows whose
@@ -137,26 +111,6 @@ class FsckReport:
         lines.append(f"{len(self.missing)} missing, {len(self.damaged)} damaged, "
                      f"{len(self.orphans)} orphans ({len(self.removed)} removed)")
         return "\n".join(lines)
-
-
-def write_file_atomic(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` atomically and durably: a temp file in the same
-    folder (named with TMP_MARK, so fsck recognises leftovers), fsync, rename, fsync of
-    the folder. A crash leaves the old file or the new one, never a mix."""
-    tmp = target.with_name(f".{target.name}{TMP_MARK}{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(target.parent)
 
 
 class Store:
@@ -315,44 +269,6 @@ class Store:
             for dirpath, _dirs, files in os.walk(base):
                 for name in files:
                     yield (Path(dirpath) / name).relative_to(self.root).as_posix()
-
-    def fsck(self, repair: bool = False) -> FsckReport:
-        """Check every catalogued file and list orphans; ``repair`` deletes orphans only.
-
-        Files moved to the archive (:mod:`server_stub.tiers`) are checked there, and
-        orphans in the archive are listed (as ``archive:<key>``) and repaired too.
-
-        Run it while nothing ingests into the store: a file written by an ingest that has
-        not committed yet looks like an orphan.
-        """
-        report = FsckReport()
-        refs = self.catalogue.file_refs()
-        # tiered storage: archived files are checked in the archive (server_stub.tiers)
-        from .tiers import tier_fsck
-        refs = tier_fsck(self, refs, report, repair)
-        referenced = set()
-        for rel, sha, size, sop in refs:
-            referenced.add(rel)
-            report.checked += 1
-            problem = self.check_file(rel, sha, size)
-            if problem is None:
-                continue
-            if problem == "file is missing":
-                report.missing.append((rel, sop, problem))
-            else:
-                report.damaged.append((rel, sop, problem))
-        hot_orphans = sorted(rel for rel in self.iter_files() if rel not in referenced)
-        report.orphans.extend(hot_orphans)
-        if repair:
-            for rel in hot_orphans:
-                try:
-                    self.abspath(rel).unlink()
-                    report.removed.append(rel)
-                except FileNotFoundError:
-                    report.removed.append(rel)
-                except OSError:
-                    pass
-        return report
 
     def delete_study(self, study_uid: str) -> int:
         """Remove a study from the catalogue, then its files; returns files removed."""

@@ -742,7 +742,7 @@ class Tiers:
 
 
 def tier_fsck(store: Store, refs, report: FsckReport, repair: bool):
-    """The :meth:`Store.fsck` hook: a no-op for a store that never migrated."""
+    """The :func:`server_stub.fsck.fsck` hook: a no-op for a store that never migrated."""
     db = Db(store.root / "catalogue.sqlite")
     try:
         if not db.table_exists("frame_tier"):

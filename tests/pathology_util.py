@@ -31,7 +31,7 @@ def write_dicom_wsi(folder: Path, img: np.ndarray, *, tile: int = 256, levels: i
     from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit,
                              generate_uid)
 
-    from pathology.tilesource import block_mean
+    from imaging.tilesource import block_mean
 
     sparse = organisation == "TILED_SPARSE"
     if (missing or shuffle_seed is not None) and not sparse:
@@ -199,7 +199,7 @@ def write_dicom_wsi(folder: Path, img: np.ndarray, *, tile: int = 256, levels: i
 
 
 def new_store(root: Path):
-    from pathology.store import SlideStore
+    from server_stub.slide_store import SlideStore
     from server_stub.store import Store
 
     Store(root).close()

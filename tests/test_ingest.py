@@ -26,6 +26,7 @@ from server_stub.catalogue import Catalogue
 from server_stub.cli import main as cli_main
 from server_stub.ingest import CONFLICT_REASON, NOT_DICOM, NOT_IMAGE, ingest_paths
 from server_stub.store import Store, StoreIntegrityError
+from server_stub.fsck import fsck
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,7 +233,7 @@ def test_mixed_folder(tmp_path):
     assert progress[-1] == (10, 10)
     counts = store.catalogue.counts()
     assert counts["instances"] == 3 and counts["frames"] == 12
-    assert store.fsck().clean
+    assert fsck(store).clean
     store.close()
 
 
@@ -286,7 +287,7 @@ def test_same_sop_uid_different_bytes_is_skipped(tmp_path):
                            _testfile("emri_small.dcm")], store2)
     assert len(report.imported) == 1 and len(report.duplicates) == 1
     assert [s.reason for s in report.skipped] == [CONFLICT_REASON]
-    assert store2.fsck().clean
+    assert fsck(store2).clean
     store.close()
     store2.close()
 
@@ -313,7 +314,7 @@ def test_crash_between_files_and_catalogue(tmp_path, monkeypatch):
         ingest_paths(files, store)
     monkeypatch.setattr(Catalogue, "add_instance", real_add)
 
-    report = store.fsck()
+    report = fsck(store)
     assert report.consistent                 # every row has its files, checksums match
     assert report.orphans                    # the crashed instance left orphans only
     assert store.catalogue.counts()["instances"] == 2
@@ -321,7 +322,7 @@ def test_crash_between_files_and_catalogue(tmp_path, monkeypatch):
     again = ingest_paths(files, store)
     assert len(again.imported) == 2 and len(again.duplicates) == 2
     assert store.catalogue.counts()["instances"] == 4
-    assert store.fsck().clean                # the orphans were rewritten and adopted
+    assert fsck(store).clean                # the orphans were rewritten and adopted
     store.close()
 
 
@@ -348,7 +349,7 @@ def test_sigkill_during_cli_ingest(tmp_path, ingest_phantom_dir):
     store = Store(store_dir)
     n = store.catalogue.counts()["instances"]
     assert 6 <= n < 64
-    report = store.fsck()
+    report = fsck(store)
     assert report.consistent, report.format()
     for im in store.catalogue.series_images(store.catalogue.query_series()[0]
                                             ["SeriesInstanceUID"]):
@@ -359,10 +360,10 @@ def test_sigkill_during_cli_ingest(tmp_path, ingest_phantom_dir):
     assert len(again.imported) + len(again.duplicates) == 64
     assert len(again.duplicates) == n
     assert store.catalogue.counts()["instances"] == 64
-    final = store.fsck(repair=True)          # at most temp-file orphans remain
+    final = fsck(store, repair=True)          # at most temp-file orphans remain
     assert final.consistent and final.clean
     assert all(".tmp-" in o for o in final.orphans), final.orphans
-    assert store.fsck().orphans == []
+    assert fsck(store).orphans == []
     store.close()
 
 
@@ -380,12 +381,12 @@ def test_truncated_codestream_detected(tmp_path):
     with pytest.raises(StoreIntegrityError, match="size is"):
         store.read_verified(im["codestream_relpath"], im["codestream_sha256"],
                             im["codestream_size"])
-    fsck = store.fsck()
-    assert [d[0] for d in fsck.damaged] == [im["codestream_relpath"]]
+    fsck_report = fsck(store)
+    assert [d[0] for d in fsck_report.damaged] == [im["codestream_relpath"]]
     path.unlink()
     with pytest.raises(StoreIntegrityError, match="missing"):
         store.read_verified(im["codestream_relpath"], im["codestream_sha256"])
-    assert [m[0] for m in store.fsck().missing] == [im["codestream_relpath"]]
+    assert [m[0] for m in fsck(store).missing] == [im["codestream_relpath"]]
     assert cli_main(["fsck", "--store", str(tmp_path / "store")]) == 1
     store.close()
 
@@ -408,8 +409,8 @@ def test_store_basics(tmp_path):
     assert digest == hashlib.sha256(b"123").hexdigest()
     assert store.read_verified("j2k/a/b.bin", digest) == b"123"
     assert not [p for p in store.iter_files() if ".tmp-" in p]
-    fsck = store.fsck(repair=True)
-    assert sorted(fsck.removed) == sorted([rel, "j2k/a/b.bin"])
+    fsck_report = fsck(store, repair=True)
+    assert sorted(fsck_report.removed) == sorted([rel, "j2k/a/b.bin"])
     store.close()
 
 
@@ -505,15 +506,15 @@ def test_ensure_sample_store_is_idempotent(tmp_path, monkeypatch):
     again.close()
     third = sample.ensure_sample_store(tmp_path / "s", slices=4, size=64, slide=False)
     assert third.catalogue.counts()["studies"] == 0      # not re-added after deletion
-    assert third.fsck().clean
+    assert fsck(third).clean
     third.close()
 
 
 def test_sample_slide_is_added_once_and_served(tmp_path):
     """First run also brings the real sample slide (H&E, Aperio SVS), once; it is served
     through the bundled server's slide routes like any slide."""
-    from pathology.provider import RemoteSlide
-    from pathology.store import SlideStore
+    from client.slides import RemoteSlide
+    from server_stub.slide_store import SlideStore
     from server_stub.embedded import EmbeddedServer
 
     store = Store(tmp_path / "s")

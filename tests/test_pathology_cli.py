@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pathology.cli import main
-from pathology.srdata import ihc_image
+from commands.slide_cli import main
+from imaging.srdata import ihc_image
 
 
 @pytest.fixture()

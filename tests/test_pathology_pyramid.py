@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathology.pyramid import StoredSlide, plan_levels
-from pathology.sample import make_ihc_slide
-from pathology.tilesource import (ArraySource, DicomWsiSource, SlideFormatError, TiffSource,
+from imaging.pyramid import StoredSlide, plan_levels
+from imaging.slide_sample import make_ihc_slide
+from imaging.tilesource import (ArraySource, DicomWsiSource, SlideFormatError, TiffSource,
                                   block_mean, open_slide)
 
 from pathology_util import new_store, write_dicom_wsi
@@ -138,7 +138,7 @@ def test_unknown_input_names_every_reader(tmp_path):
 def test_catalogue_referential_integrity(stored):
     import sqlite3
 
-    from pathology.catalogue import CatalogueError
+    from server_stub.slide_catalogue import CatalogueError
 
     st, row = stored
     cat = st.catalogue

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from pathology.qc import QCThresholds, check_slide
-from pathology.sample import make_ihc_slide, variants
-from pathology.tilesource import ArraySource
+from imaging.qc import QCThresholds, check_slide
+from imaging.slide_sample import make_ihc_slide, variants
+from imaging.tilesource import ArraySource
 
 from pathology_util import new_store
 

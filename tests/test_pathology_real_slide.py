@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathology.qc import (QCThresholds, check_slide, choose_reference, colour_measures,
+from imaging.qc import (QCThresholds, check_slide, choose_reference, colour_measures,
                           load_reference, tissue_mask)
-from pathology.sample import variants
-from pathology.tilesource import (ArraySource, DicomWsiSource, OpenSlideSource, SlideFormatError,
+from imaging.slide_sample import variants
+from imaging.tilesource import (ArraySource, DicomWsiSource, OpenSlideSource, SlideFormatError,
                                   TiffSource, block_mean, open_slide)
 
 from pathology_util import new_store, write_dicom_wsi

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathology.sample import make_ihc_slide
-from pathology.tilesource import ArraySource
+from imaging.slide_sample import make_ihc_slide
+from imaging.tilesource import ArraySource
 
 from pathology_util import new_store
 
@@ -48,7 +48,7 @@ def test_listing_and_description(slide_server):
 
 
 def test_region_fetch_sends_only_the_tiles_needed(slide_server):
-    from pathology.provider import RemoteSlide
+    from client.slides import RemoteSlide
 
     srv, row, img, _a = slide_server
     s = _session(srv)
@@ -83,7 +83,7 @@ def test_region_fetch_sends_only_the_tiles_needed(slide_server):
 
 
 def test_whole_level_remote_is_lossless_and_never_resent(slide_server):
-    from pathology.provider import RemoteSlide
+    from client.slides import RemoteSlide
 
     srv, row, img, assoc = slide_server
     s = _session(srv)

@@ -1,4 +1,4 @@
-"""The slide client within the user's rights (SPEC P7): :class:`pathology.provider.
+"""The slide client within the user's rights (SPEC P7): :class:`client.slides.
 RemoteSlide` never asks beyond them (checked on the wire — every request recorded — and
 in the server's audit: no 403 in normal use), learns rights that change mid-session and
 asks again within them; the slide pane says what is limited in plain words and keeps
@@ -15,7 +15,7 @@ from test_rights_slides import PASSWORD, env, stored, user_with  # noqa: F401 - 
 
 from client.rights import RightsLimited
 from client.session import Session
-from pathology.provider import NOT_PERMITTED, LocalSlide, NotPermitted, RemoteSlide
+from client.slides import NOT_PERMITTED, LocalSlide, NotPermitted, RemoteSlide
 from server_stub.rights import Rule
 
 TIMEOUT = 20000

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from pathology import sr
-from pathology.srqueue import BACKGROUND, NEAR, VIEW, SRQueue, SRTileService
+from imaging import sr
+from client.srqueue import BACKGROUND, NEAR, VIEW, SRQueue, SRTileService
 
 
 @pytest.fixture()
@@ -43,7 +43,7 @@ def test_generator_loads_offline_and_keeps_any_size(offline, scale):
 def test_generator_beats_bicubic_on_held_out_tissue(scale, which):
     """Real tissue never seen in training (two slides, two stains): the generator's mean
     PSNR is above bicubic's and it wins on most tiles (bench/sr.py reports the margins)."""
-    from pathology.srdata import heldout_tiles, psnr
+    from imaging.srdata import heldout_tiles, psnr
 
     g = sr.load_generator(scale)
     gains = []
@@ -148,8 +148,8 @@ def test_queued_job_is_raised_not_duplicated_and_retargeted():
 
 
 def test_sr_tiles_are_generated_marked_and_cached(tmp_path):
-    from pathology.sample import make_ihc_slide
-    from pathology.srqueue import SRTileCache, read_png_with_text
+    from imaging.slide_sample import make_ihc_slide
+    from client.srqueue import SRTileCache, read_png_with_text
 
     img = make_ihc_slide(300, 200, seed=5)[0]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathology.sample import make_ihc_slide
-from pathology.tiers import IdleScheduler, SlideTiers, TierMoveError
-from pathology.tilesource import ArraySource
+from imaging.slide_sample import make_ihc_slide
+from server_stub.slide_tiers import IdleScheduler, SlideTiers, TierMoveError
+from imaging.tilesource import ArraySource
 
 from pathology_util import new_store, today_minus
 
@@ -67,7 +67,7 @@ def test_killed_mid_move_loses_nothing(tmp_path, slide_img, point):
     row = _ingest(st, slide_img)
     before = _digest(st.slide_dir(row))
     st.close()
-    code = ("import sys; from pathology.store import SlideStore; from pathology.tiers import "
+    code = ("import sys; from server_stub.slide_store import SlideStore; from server_stub.slide_tiers import "
             "SlideTiers; st = SlideStore(sys.argv[1]); SlideTiers(st).move(sys.argv[2], 'long')")
     env = dict(os.environ, MEDVIEW_FAULTS=f"{point}=1")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "slides"), row["slide_uid"]],
@@ -157,7 +157,7 @@ def test_policy_and_idle_scheduler(tmp_path, slide_img):
 
 
 def test_temp_tier_is_marked_and_purged_at_discharge(tmp_path, slide_img):
-    from pathology.srqueue import GeneratedTile, SRTileCache, read_png_with_text
+    from client.srqueue import GeneratedTile, SRTileCache, read_png_with_text
 
     st = new_store(tmp_path)
     row = _ingest(st, slide_img)
@@ -186,8 +186,8 @@ def test_temp_tier_is_marked_and_purged_at_discharge(tmp_path, slide_img):
 
 
 def test_gather_and_distribute(tmp_path, slide_img):
-    from pathology.organise import distribute, gather_patient
-    from pathology.provider import LocalSlide
+    from server_stub.slide_organise import distribute, gather_patient
+    from client.slides import LocalSlide
 
     st = new_store(tmp_path / "store")
     a = _ingest(st, slide_img, "P1", "A1")

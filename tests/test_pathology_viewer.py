@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pathology.pyramid import plan_levels
-from pathology.sample import make_ihc_slide
-from pathology.tilesource import ArraySource
-from pathology.viewport import CachedTile, TileCache, Viewport
+from imaging.pyramid import plan_levels
+from imaging.slide_sample import make_ihc_slide
+from imaging.tilesource import ArraySource
+from imaging.viewport import CachedTile, TileCache, Viewport
 
 from pathology_util import new_store
 
@@ -76,7 +76,7 @@ def _wait(qtbot, cond, timeout=20000):
 
 
 def test_pane_loads_coarse_first_then_full(qtbot, slide_store):
-    from pathology.provider import LocalSlide
+    from client.slides import LocalSlide
     from viewer.slideview import open_slide_window
 
     _root, st, high, _low, img = slide_store
@@ -111,7 +111,7 @@ def test_pane_loads_coarse_first_then_full(qtbot, slide_store):
 
 
 def test_low_resolution_mode_super_resolves_and_marks(qtbot, slide_store):
-    from pathology.provider import LocalSlide
+    from client.slides import LocalSlide
     from viewer.slideview import SR_COLOUR, open_slide_window
 
     _root, st, _high, low, _img = slide_store
@@ -142,7 +142,7 @@ def test_low_resolution_mode_super_resolves_and_marks(qtbot, slide_store):
 def test_render_command(tmp_path, slide_store):
     from PIL import Image
 
-    from pathology.render import main
+    from commands.slide_render import main
 
     root, _st, high, low, img = slide_store
     out = tmp_path / "r.png"
@@ -160,7 +160,7 @@ def test_render_command(tmp_path, slide_store):
     assert tuple(px[0, 60]) == (230, 0, 200)          # the magenta frame
     assert main(["--store", str(root), "--slide", "nope", "--out", str(out2)]) == 1
     # the hook medview uses: only "render --slide" is taken, options before it passed on
-    from pathology.render import dispatch_slide_render
+    from commands.slide_render import dispatch_slide_render
 
     assert dispatch_slide_render(["render", "--series", "1.2", "--view", "axial"]) is None
     assert dispatch_slide_render(["fetch", "--slide"]) is None

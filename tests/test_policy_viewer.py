@@ -18,7 +18,7 @@ from viewer.measure import MeasureKind, Measurement  # noqa: E402
 from viewer.model import ImageMeta  # noqa: E402
 from viewer.policy_panel import (DiagnosisPanel, PolicyController, VersionSelector,  # noqa: E402
                                  measurement_annotation)
-from viewer.policy_text import (explain_login_error, explain_recall, explain_rights,  # noqa: E402
+from client.policy_text import (explain_login_error, explain_recall, explain_rights,  # noqa: E402
                                 explain_rights_error, image_ranges_1based)
 from tests.policyutil import copy_store, series_uid, study_uid  # noqa: E402
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from server_stub.fsck import fsck
 
 from codestream import slabs
 
@@ -170,7 +171,7 @@ def test_cached_pyramid_is_reused_and_checked(slab_server, tmp_path):
     fp = built.layout["pyramid"]["fingerprint"]
     assert cat._load(uid, fp) is not None                       # the manifest on disk is valid
     assert cat._load(uid, "0" * 64) is None                     # another source: rebuild
-    assert srv.store.fsck().consistent                          # the cache is not catalogued
+    assert fsck(srv.store).consistent                          # the cache is not catalogued
 
 
 def test_mpr_window_loads_thick_to_thin(slab_server, qtbot):

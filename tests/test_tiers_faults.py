@@ -18,6 +18,7 @@ from server_stub.policy import load_policy
 from server_stub.store import Store
 from server_stub.tiers import Tiers
 from server_stub.versions import VersionTable
+from server_stub.fsck import fsck
 from tests.policyutil import copy_store, series_uid
 from tests.test_server_process import _free_port, _serve
 
@@ -70,7 +71,7 @@ def resume_and_check(store, reference, leftover: str | None = None) -> None:
     """fsck right after the crash (the catalogue points at good data; ``leftover``: the
     suffix of the one unreferenced file the interrupted step leaves), resume, check."""
     with Store(store) as st:
-        rep = st.fsck()
+        rep = fsck(st)
         assert rep.consistent, rep.format()         # the catalogue points at good data
         if leftover is not None:
             assert len(rep.orphans) == 1 and rep.orphans[0].endswith(leftover), rep.format()
@@ -79,10 +80,10 @@ def resume_and_check(store, reference, leftover: str | None = None) -> None:
         tiers.close()
         vt.close()
         assert report.ok, report.errors
-        final = st.fsck(repair=True)                # a kill inside a write: a temp file
+        final = fsck(st, repair=True)                # a kill inside a write: a temp file
         assert final.consistent and all(o.rsplit("/", 1)[-1].startswith(".") for o in
                                         set(final.orphans)), final.format()
-        assert st.fsck().clean
+        assert fsck(st).clean
         tiers, vt = tiers_of(st)
         s = tiers.summary()
         tiers.close()
@@ -90,7 +91,7 @@ def resume_and_check(store, reference, leftover: str | None = None) -> None:
         assert s["frames"]["archived"]["count"] == 12 and s["originals"]["archived"]["count"] == 12
     assert_nothing_lost(store, reference)
     with Store(store) as st:
-        assert st.fsck().clean
+        assert fsck(st).clean
 
 
 @pytest.mark.parametrize("fault, leftover", [
@@ -147,7 +148,7 @@ def test_kill_during_recall(ct_store, reference, tmp_path, fault, leftover):
         if proc.poll() is None:
             proc.kill()
     with Store(store) as st:
-        rep = st.fsck()
+        rep = fsck(st)
         assert rep.consistent, rep.format()
         assert len(rep.orphans) == 1 and rep.orphans[0].endswith(leftover), rep.format()
     proc, url = _serve(store, port)

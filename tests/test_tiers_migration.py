@@ -19,6 +19,7 @@ from server_stub.policy import load_policy
 from server_stub.store import Store
 from server_stub.tiers import ArchiveError, S3Archive, Tiers
 from server_stub.versions import VersionTable
+from server_stub.fsck import fsck
 from tests.policyutil import copy_store, series_uid, study_uid
 
 
@@ -58,7 +59,7 @@ def test_migrate_keeps_lossy_layers_hot(ct_store, reference, tmp_path, capsys):
     assert len(list((arch / "originals").rglob("*.dcm"))) == 12
     assert not list((store / "originals").rglob("*.dcm"))
     with Store(store) as st:
-        rep = st.fsck()
+        rep = fsck(st)
         assert rep.clean and rep.checked == 12 * 2 + 12 + 12, rep.format()   # idx+head, tails, originals
         tiers, vt = tiers_of(st)
         summary = tiers.summary()
@@ -126,7 +127,7 @@ def test_lossy_from_hot_lossless_recalled(ct_store, reference, tmp_path):
             shutil.move(away, arch)
         srv.stop()
     with Store(store) as st:
-        assert st.fsck().clean
+        assert fsck(st).clean
         tiers, vt = tiers_of(st)
         assert tiers.summary()["frames"]["recalled"]["count"] == 12
         assert tiers.summary()["originals"]["recalled"]["count"] == 1
@@ -136,7 +137,7 @@ def test_lossy_from_hot_lossless_recalled(ct_store, reference, tmp_path):
         assert rep.bytes_archived == 0
         tiers.close()
         vt.close()
-        assert st.fsck().clean
+        assert fsck(st).clean
 
 
 def test_min_status_and_age(ct_store, tmp_path):
@@ -157,7 +158,7 @@ def test_min_status_and_age(ct_store, tmp_path):
         # a damaged archive object is found by fsck
         tail = next((store / "archive").rglob("*.tail"))
         tail.write_bytes(tail.read_bytes()[:-1] + b"\x00")
-        rep = st.fsck()
+        rep = fsck(st)
         assert [d[0] for d in rep.damaged] == ["archive:" + tail.relative_to(store / "archive").as_posix()]
 
 
@@ -248,4 +249,4 @@ def test_migration_job_inside_the_server(ct_store, tmp_path):
         assert job.last_report.ok and job.last_report.frames_archived == 12
         tiers.close()
         vt.close()
-        assert st.fsck().clean
+        assert fsck(st).clean

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from server_stub.fsck import fsck
 from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl
 from PySide6.QtGui import QDropEvent, QImage
 from PySide6.QtTest import QTest
@@ -391,7 +392,7 @@ def test_import_folder_lists_errors_imports_good_files_and_loses_nothing(qtbot, 
         with Store(store) as st:
             counts = {s["SeriesInstanceUID"]: s["NumberOfImages"] for s in st.catalogue.query_series()}
             assert counts[report.imported[0].series_instance_uid] == 4 and 12 in counts.values()
-            assert st.fsck().consistent
+            assert fsck(st).consistent
         assert all(p.read_bytes() == data for p, data in inputs.items())
     finally:
         w.close()
@@ -419,7 +420,7 @@ def test_cancelled_import_keeps_what_was_imported_complete(tmp_path, ct_store):
         assert outcome.cancelled and outcome.total == 10 and outcome.processed == 4
         assert len(outcome.report.imported) == 4 and seen[-1] == (4, 10)
         with Store(store) as st:
-            assert st.fsck().consistent
+            assert fsck(st).consistent
             sops = {i["SOPInstanceUID"] for i in st.catalogue.query_instances(
                 SeriesInstanceUID=outcome.series[0])}
         assert sops == {f.sop_instance_uid for f in outcome.report.imported}
@@ -613,8 +614,8 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
     arriving through the packet protocol."""
     import shutil
 
-    from pathology.sample import make_ihc_slide
-    from pathology.tilesource import ArraySource
+    from imaging.slide_sample import make_ihc_slide
+    from imaging.tilesource import ArraySource
     from server_stub.embedded import EmbeddedServer
     from pathology_util import new_store
 

@@ -9,7 +9,7 @@
                    oblique|mip|vr [--angles A,B] [--slab MM] [--position X,Y,Z] [--window C,W]
                    --out file.png [--out-npy plane.npy]          (see viewer/render_cmd.py)
     medview render --slide ID --level L [--region x,y,w,h] [--sr 2|4] --out file.png
-                                                                  (see pathology/render.py)
+                                                                  (see commands/slide_render.py)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from pathology.render import region_arg
+from commands.slide_render import region_arg
 
 
 def default_data_dir() -> Path:
@@ -114,7 +114,7 @@ def cmd_fetch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pathology.render import dispatch_slide_render
+    from commands.slide_render import dispatch_slide_render
 
     code = dispatch_slide_render(sys.argv[1:] if argv is None else argv)   # render --slide
     if code is not None:

@@ -300,7 +300,7 @@ class MainWindow(QMainWindow):
 
     def open_slide(self, slide_uid: str) -> Task | None:
         """Open a slide in its own window; its description is fetched off the UI thread."""
-        from pathology.provider import RemoteSlide
+        from client.slides import RemoteSlide
 
         session = self.backend.session
         if session is None:
@@ -324,7 +324,7 @@ class MainWindow(QMainWindow):
 
         def failed(e) -> None:
             if getattr(e, "status", None) == 403:
-                from .policy_text import explain_slide_rights_error
+                from client.policy_text import explain_slide_rights_error
 
                 text = explain_slide_rights_error(e)
             else:

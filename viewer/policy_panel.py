@@ -8,7 +8,7 @@ The widgets only build and wire themselves: they show what they are given
 :class:`client.policy.PolicyClient`, off the UI thread with the ``runner`` it is given),
 follows the open series (:class:`client.series.SeriesData`: its rights, versions,
 diagnosis record, and its ``limited`` / ``recalling`` events) and turns rights errors
-into words (:mod:`viewer.policy_text`).
+into words (:mod:`client.policy_text`).
 
 Wiring into the main window: see ``docs/POLICY.md`` ("Viewer").
 """
@@ -23,7 +23,7 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QListWidget, QLis
                                QPlainTextEdit, QPushButton, QSpinBox, QTabWidget, QVBoxLayout,
                                QWidget)
 
-from .policy_text import (explain_recall, explain_rights, explain_rights_error, status_label,
+from client.policy_text import (explain_recall, explain_rights, explain_rights_error, status_label,
                           version_label)
 
 log = logging.getLogger("medview.policy")

@@ -1,12 +1,12 @@
 """Whole-slide viewer pane (W6): smooth pan and zoom, tiles coarse first, prefetch,
 scale bar in µm, overview navigator, label and macro, super-resolution marked.
 
-Widgets only build and wire; the logic lives in :mod:`pathology` (no Qt):
-:class:`~pathology.viewport.Viewport` (which level, which tiles, what to prefetch),
-:class:`~pathology.viewport.TileCache` (one budget; on-screen and overview tiles are never
-evicted), a provider (:class:`~pathology.provider.LocalSlide` or
-:class:`~pathology.provider.RemoteSlide`), and for super-resolution
-:class:`~pathology.srqueue.SRTileService` on a :class:`~pathology.srqueue.SRQueue`.
+Widgets only build and wire; the logic lives in :mod:`imaging`, :mod:`client.slides` and :mod:`client.srqueue` (no Qt):
+:class:`~imaging.viewport.Viewport` (which level, which tiles, what to prefetch),
+:class:`~imaging.viewport.TileCache` (one budget; on-screen and overview tiles are never
+evicted), a provider (:class:`~client.slides.LocalSlide` or
+:class:`~client.slides.RemoteSlide`), and for super-resolution
+:class:`~client.srqueue.SRTileService` on a :class:`~client.srqueue.SRQueue`.
 
 Loading (:class:`SlideTileLoader`): the visible tiles are asked for first at quality layer
 1 (a small fraction of the bytes; INTERACTION priority), then at all layers (lossless),
@@ -26,9 +26,9 @@ Modes:
   neighbours. Every generated tile is drawn with a magenta hatched frame and an
   "SR ×n" badge, and a banner says that generated detail is on screen.
 
-Rights (SPEC P7): a :class:`~pathology.provider.RemoteSlide` never asks beyond the user's
+Rights (SPEC P7): a :class:`~client.slides.RemoteSlide` never asks beyond the user's
 rights; the pane says what they limit in plain words (a banner, and :attr:`SlidePane.notice`
-for the main window's status bar; :func:`viewer.policy_text.explain_slide_rights`). Zoom
+for the main window's status bar; :func:`client.policy_text.explain_slide_rights`). Zoom
 never goes to a level finer than the rights allow: the finest allowed level is drawn
 enlarged, with an "ENLARGED" banner — it is not super-resolved unless the user chooses the
 super-resolution mode (then it is generated from that level, marked as always). Under a
@@ -56,10 +56,10 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QHBoxLayout, QLabel, QPushBut
 
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool  # noqa: F401
 from client.rights import RightsLimited
-from pathology.srqueue import NEAR, VIEW, SRQueue, SRTileService
-from pathology.viewport import CachedTile, TileCache, Viewport
+from client.srqueue import NEAR, VIEW, SRQueue, SRTileService
+from imaging.viewport import CachedTile, TileCache, Viewport
 
-from .policy_text import explain_slide_rights, explain_slide_rights_error
+from client.policy_text import explain_slide_rights, explain_slide_rights_error
 from .workers import Task, dispatcher
 
 log = logging.getLogger("medview.slideview")
@@ -738,7 +738,7 @@ class SlidePane(QWidget):
 
     def show_associated(self, name: str) -> None:
         """Fetch the label / macro on a worker; show it, or say it is not permitted."""
-        from pathology.provider import NotPermitted
+        from client.slides import NotPermitted
 
         if self.assoc_state.get(name) == "not permitted":
             self.notice.emit(self.assoc_buttons[name].toolTip())

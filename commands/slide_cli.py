@@ -1,4 +1,4 @@
-"""``medview-slide`` (also ``python -m pathology.cli``): slide ingest, QC, tiers,
+"""``medview-slide`` (also ``python -m commands.slide_cli``): slide ingest, QC, tiers,
 organise and distribute.
 
     ingest PATH... --patient ID --accession ACC [--patient-name N] [--status S]
@@ -31,11 +31,11 @@ import logging
 import sys
 from pathlib import Path
 
-from .render import default_store
+from commands.slide_render import default_store
 
 
 def _store(args):
-    from .store import SlideStore
+    from server_stub.slide_store import SlideStore
 
     return SlideStore.for_image_store(Path(args.store) if args.store else default_store())
 
@@ -48,7 +48,7 @@ def _row_line(r: dict) -> str:
 
 
 def cmd_ingest(args) -> int:
-    from .qc import QCThresholds
+    from imaging.qc import QCThresholds
 
     th = QCThresholds.load(Path(args.thresholds)) if args.thresholds else None
     flagged = False
@@ -84,7 +84,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_qc(args) -> int:
-    from .qc import QCThresholds, make_reference
+    from imaging.qc import QCThresholds, make_reference
 
     with _store(args) as st:
         if args.reference:
@@ -110,7 +110,7 @@ def cmd_patient(args) -> int:
     with _store(args) as st:
         st.catalogue.set_patient_status(args.patient_id, args.status)
         if args.status == "discharged":
-            from .tiers import SlideTiers
+            from server_stub.slide_tiers import SlideTiers
 
             n = SlideTiers(st).purge_temp(args.patient_id)
             print(f"patient {args.patient_id} discharged; {n} generated tiles purged")
@@ -120,7 +120,7 @@ def cmd_patient(args) -> int:
 
 
 def cmd_tiers(args) -> int:
-    from .tiers import SlideTiers
+    from server_stub.slide_tiers import SlideTiers
 
     with _store(args) as st:
         t = SlideTiers(st)
@@ -145,7 +145,7 @@ def cmd_tiers(args) -> int:
 
 
 def cmd_gather(args) -> int:
-    from .organise import gather_patient
+    from server_stub.slide_organise import gather_patient
 
     with _store(args) as st:
         idx = gather_patient(st, args.patient_id, args.out)
@@ -169,7 +169,7 @@ def cmd_assign(args) -> int:
 
 
 def cmd_distribute(args) -> int:
-    from .organise import distribute
+    from server_stub.slide_organise import distribute
 
     with _store(args) as st:
         for d in distribute(st, args.station):
@@ -186,7 +186,7 @@ def cmd_fsck(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .sample import ihc_slide_source
+    from imaging.slide_sample import ihc_slide_source
 
     with _store(args) as st:
         row = st.ingest(ihc_slide_source(args.width, args.height), patient_id=args.patient,
@@ -291,16 +291,16 @@ def main(argv: list[str] | None = None) -> int:
         pre.add_argument("--store")
         known, extra = pre.parse_known_args(head)
         if not extra:
-            from .render import main as render_main
+            from commands.slide_render import main as render_main
 
             return render_main((["--store", known.store] if known.store else []) + rest)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .catalogue import CatalogueError
-    from .pyramid import PyramidError
-    from .tilesource import SlideFormatError
-    from .tiers import TierMoveError
+    from server_stub.slide_catalogue import CatalogueError
+    from imaging.pyramid import PyramidError
+    from imaging.tilesource import SlideFormatError
+    from server_stub.slide_tiers import TierMoveError
 
     try:
         return args.fn(args)

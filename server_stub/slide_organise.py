@@ -8,7 +8,7 @@
 
 :func:`distribute` pre-loads the cases assigned to reading stations (``station`` and
 ``assignment`` tables) into each station's cache folder, ahead of time, so the reading
-station opens them locally (:meth:`pathology.provider.LocalSlide.from_folder`). Every copy
+station opens them locally (:meth:`client.slides.LocalSlide.from_folder`). Every copy
 is verified (SHA-256 of every file against the manifest) before it is renamed into place;
 a station cache that already holds a verified copy is left alone. An assignment is marked
 distributed only when all its slides are in place.
@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .pyramid import StoredSlide, write_atomic
-from .store import SlideStore, slide_summary
-from .tiers import copy_verified
+from imaging.pyramid import StoredSlide, write_atomic
+from server_stub.slide_store import SlideStore, slide_summary
+from server_stub.slide_tiers import copy_verified
 
 
 def _place(store: SlideStore, row: dict, dest: Path) -> str:

@@ -66,8 +66,8 @@ def mark_generated(rgb: np.ndarray, scale: int, *, banner: bool = True,
 
 
 def save_png(path: str | Path, rgb: np.ndarray, text: dict[str, str]) -> None:
-    from .pyramid import write_atomic
-    from .srqueue import png_with_text
+    from imaging.pyramid import write_atomic
+    from client.srqueue import png_with_text
 
     write_atomic(Path(path).resolve(), png_with_text(rgb, text))
 
@@ -84,7 +84,7 @@ def render_region(provider, level: int, region: tuple[int, int, int, int] | None
             "MedView-QC": str(provider.info.get("qc_status") or "unchecked")}
     if not sr:
         return provider.read_level(level, x, y, w, h, layers=layers), text
-    from .sr import load_generator
+    from imaging.sr import load_generator
 
     gen = load_generator(sr)
     margin = 8
@@ -163,7 +163,7 @@ def _slide_words(provider) -> dict:
 
 def _rights_words(provider) -> str:
     """The user's rights on the slide in plain words ("" when unlimited)."""
-    from viewer.policy_text import explain_slide_rights
+    from client.policy_text import explain_slide_rights
 
     if not provider.limited:
         return ""
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from client.session import ServerError
 
-    from .catalogue import CatalogueError
-    from .provider import LocalSlide, RemoteSlide
+    from server_stub.slide_catalogue import CatalogueError
+    from client.slides import LocalSlide, RemoteSlide
 
     session = store = provider = None
     try:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             session = Session(args.server, args.user, args.password)
             provider = RemoteSlide(session, args.slide)
         else:
-            from .store import SlideStore
+            from server_stub.slide_store import SlideStore
 
             root = Path(args.store) if args.store else default_store()
             if not args.store:
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ServerError as e:
         if e.status == 403:             # refused (the rights changed, or no access at all)
-            from viewer.policy_text import explain_slide_rights_error
+            from client.policy_text import explain_slide_rights_error
 
             print(f"medview render: beyond your rights: {e.message}.", file=sys.stderr)
             print(explain_slide_rights_error(e, **_slide_words(provider)),

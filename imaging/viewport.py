@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .pyramid import LevelGeometry
+from imaging.pyramid import LevelGeometry
 
 MIN_SCALE_MARGIN = 0.5      # zoom out to half the fitted size at most
 FIT_MARGIN = 0.95

@@ -1,6 +1,6 @@
 """Super-resolution generator: a small fully convolutional network, run in numpy.
 
-Architecture (identical in :mod:`pathology.train_sr`, which trains it with PyTorch)::
+Architecture (identical in :mod:`imaging.train_sr`, which trains it with PyTorch)::
 
     x (H, W, 3) in [0, 1], minus 0.5
     encoder   e1 = relu(conv3x3(3 -> C))                       H   x W
@@ -15,7 +15,7 @@ Every layer is a convolution, so any input size works: an odd side is padded by 
 replicated row/column for the stride-2 encoder and the output is cropped back to exactly
 ``(s*H, s*W)``. Inference is im2col + one matrix product per layer (BLAS, float32); a
 ``cancel`` callable is polled between layers so that a job can be pre-empted promptly
-(:mod:`pathology.srqueue`). The bicubic base (Keys, a = -0.5, edge pixels replicated)
+(:mod:`client.srqueue`). The bicubic base (Keys, a = -0.5, edge pixels replicated)
 is the same function the benchmark uses as its baseline.
 
 Weights live in ``resources/pathology/sr_x2.npz`` and ``sr_x4.npz`` (float16, about
@@ -204,7 +204,7 @@ def load_generator(scale: int, root: Path | str | None = None) -> Generator:
         return _CACHE[key]
     if not path.is_file():
         raise GeneratorError(f"generator weights not found: {path} (train them with "
-                             f"`python -m pathology.train_sr --scale {scale}`)")
+                             f"`python -m imaging.train_sr --scale {scale}`)")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode("utf-8")) if "meta" in z else {}

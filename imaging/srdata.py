@@ -14,7 +14,7 @@ Two real slides, both shipped with the project (no download, ever):
 The held-out tiles are never used for training nor for choosing a checkpoint;
 :mod:`bench.sr` and the training report score them.
 
-Low-resolution inputs are made by averaging s×s blocks (:func:`pathology.sr.area_downscale`),
+Low-resolution inputs are made by averaging s×s blocks (:func:`imaging.sr.area_downscale`),
 which is also how the slide pyramid makes its coarser levels, so the generator learns the
 degradation it meets in a low-resolution slide stored by this project.
 """

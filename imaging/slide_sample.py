@@ -3,15 +3,15 @@
 :func:`make_ihc_slide` lays the real immunohistochemistry image (mirrored so that it
 tiles without seams) into an irregular tissue section on off-white glass, and adds a
 label and a macro image, as a scanner would. Tests use it, and so does
-``python -m pathology.cli demo``. :func:`variants` derives the QC test cases: blurred,
+``python -m commands.slide_cli demo``. :func:`variants` derives the QC test cases: blurred,
 colour-shifted, folded, with an air bubble.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .srdata import ihc_image
-from .tilesource import ArraySource
+from imaging.srdata import ihc_image
+from imaging.tilesource import ArraySource
 
 GLASS = 242
 

@@ -1,12 +1,12 @@
 """Train the super-resolution generator (PyTorch, CPU) and export numpy weights.
 
-    python -m pathology.train_sr --scale 4 [--iters 6000] [--out resources/pathology]
+    python -m imaging.train_sr --scale 4 [--iters 6000] [--out resources/pathology]
 
 Needs PyTorch (the optional ``train`` extra; on these machines ``pip install
 torch==2.13.0`` takes the local CPU wheel). The viewer and the server never import
-torch: they run the exported weights with :mod:`pathology.sr` (numpy).
+torch: they run the exported weights with :mod:`imaging.sr` (numpy).
 
-Data (:mod:`pathology.srdata`): patches (at least 30 % tissue) of the training parts of
+Data (:mod:`imaging.srdata`): patches (at least 30 % tissue) of the training parts of
 two real slides shipped with the project — scikit-image's IHC image (columns 0-383) and
 the CMU-1-Small-Region Aperio H&E slide (rows 0-2047) — sampled with equal weight, each
 at three scales (1, 3/4, 1/2, anti-aliased) with the eight flips/rotations and a mild
@@ -19,8 +19,8 @@ are written into the weights' ``meta``.
 Shipped weights (``resources/pathology``), reproducible with (the exact command is also
 in each file's ``meta``; CPU thread scheduling makes runs differ in the last digits)::
 
-    python -m pathology.train_sr --scale 2 --iters 4000 --mix 0.8 0.15 0.05
-    python -m pathology.train_sr --scale 4 --iters 10000 --channels 32 64 --blocks 6 --patch 24
+    python -m imaging.train_sr --scale 2 --iters 4000 --mix 0.8 0.15 0.05
+    python -m imaging.train_sr --scale 4 --iters 10000 --channels 32 64 --blocks 6 --patch 24
 
 History of the ×4 generator (held-out PSNR gain over bicubic, IHC 4 tiles / H&E 12 tiles):
 trained on the IHC image alone, 24/48 channels and 3 blocks: +0.83 / +0.32 dB (a larger
@@ -30,7 +30,7 @@ model over-fitted those 384×512 pixels); with the H&E slide added, 32/64 channe
 held-out tiles themselves, so the shipped scores carry a little selection bias. ``--aug strong`` was worse on held-out tiles. ×2: IHC alone
 +1.42 / +0.73 dB; with the H&E slide +1.30 / +1.51 dB.
 
-The exported file holds the parameters under the names :class:`pathology.sr.Generator`
+The exported file holds the parameters under the names :class:`imaging.sr.Generator`
 expects, plus ``meta`` (JSON: architecture, data, iterations, held-out PSNR/SSIM of the
 generator and of bicubic). The script checks that numpy and torch agree before saving.
 """
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import sr as srmod
+import imaging.sr as srmod
 from . import srdata
 
 
@@ -162,7 +162,7 @@ def _batch(rng, sets, scale, lr_patch, n, mix=(0.6, 0.25, 0.15), aug="basic",
 
 def evaluate(gen: srmod.Generator) -> dict:
     """Held-out PSNR/SSIM of the generator and of bicubic (border = scale), per set of
-    :mod:`pathology.srdata` (``ihc``, ``he``)."""
+    :mod:`imaging.srdata` (``ihc``, ``he``)."""
     s = gen.scale
     out = {}
     for which in srdata.SETS:
@@ -259,7 +259,7 @@ def train(scale: int, iters: int, out_dir: Path, seed: int = 0, threads: int = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pathology.train_sr", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m imaging.train_sr", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=int, choices=(2, 4), action="append",
                    help="2 and/or 4 (default both)")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print("train_sr needs PyTorch: pip install torch==2.13.0 (the CPU wheel)", file=sys.stderr)
         return 2
     for s in a.scale or [2, 4]:
-        cmd = ("python -m pathology.train_sr " + " ".join(argv if argv is not None else sys.argv[1:]))
+        cmd = ("python -m imaging.train_sr " + " ".join(argv if argv is not None else sys.argv[1:]))
         train(s, a.iters, Path(a.out), a.seed, a.threads, tuple(a.channels), a.blocks, a.patch,
               tuple(a.mix), a.aug, cmd, sets=tuple(a.sets),
               set_mix=tuple(a.set_mix) if a.set_mix else None)

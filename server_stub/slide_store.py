@@ -3,10 +3,10 @@
 Layout (``root`` is ``<image store>/slides`` for the bundled server)::
 
     root/
-      slides.sqlite             the catalogue (pathology.catalogue)
+      slides.sqlite             the catalogue (server_stub.slide_catalogue)
       tiers.json                optional: tier folders and ages (TierConfig)
-      qc.json                   optional: QC thresholds (pathology.qc.QCThresholds)
-      recent/<slide_uid>/       pyramid folders (pathology.pyramid), one tier each
+      qc.json                   optional: QC thresholds (imaging.qc.QCThresholds)
+      recent/<slide_uid>/       pyramid folders (imaging.pyramid), one tier each
       mid/<slide_uid>/
       long/<slide_uid>/
       temp/<slide_uid>/         generated (super-resolved) tiles, purged at discharge
@@ -18,7 +18,7 @@ where. The catalogue records the tier and the folder name; the absolute path is
 Ingest: the pyramid is written to a staging folder in its tier and renamed into place,
 QC runs on the stored pyramid, then the slide row is committed (with its QC result, so a
 flagged slide is visible at once). A crash before the commit leaves an orphan folder
-that ``python -m pathology.cli fsck --repair`` removes; never a row without its data.
+that ``python -m commands.slide_cli fsck --repair`` removes; never a row without its data.
 """
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .catalogue import TIERS, CatalogueError, SlideCatalogue, age_days, now_iso
-from .pyramid import DEFAULT_TILE, MANIFEST, StoredSlide, build_pyramid
-from .qc import QCThresholds, check_slide
-from .tilesource import TileSource, open_slide
+from server_stub.slide_catalogue import TIERS, CatalogueError, SlideCatalogue, age_days, now_iso
+from imaging.pyramid import DEFAULT_TILE, MANIFEST, StoredSlide
+from server_stub.slide_pyramid import build_pyramid
+from imaging.qc import QCThresholds, check_slide
+from imaging.tilesource import TileSource, open_slide
 
 log = logging.getLogger("medview.pathology")
 

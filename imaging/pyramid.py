@@ -1,6 +1,6 @@
 """A slide stored as a pyramid of JPEG 2000 tiles, and the ingest that builds it.
 
-Layout of one stored slide (a folder in a tier, see :mod:`pathology.tiers`)::
+Layout of one stored slide (a folder in a tier, see :mod:`server_stub.slide_tiers`)::
 
     <slide_uid>/
       manifest.json          geometry, the tile table of every level, checksums
@@ -10,7 +10,7 @@ Layout of one stored slide (a folder in a tier, see :mod:`pathology.tiers`)::
 Level ``k`` is the slide reduced by ``2**k``: level 0 halved ``k`` times (2×2 block mean,
 rounded; the last row / column of an odd size is the mean of what it covers, never blended
 with the white beyond the slide), so for a single-level source every level is bit for bit
-:func:`~pathology.tilesource.block_mean` of level 0 — whether read from the source or
+:func:`~imaging.tilesource.block_mean` of level 0 — whether read from the source or
 reduced from the previous output level; a source level used instead is halved the same
 way. Each level is cut into ``tile_size`` tiles
 (edge tiles are smaller: a level reassembles to exactly its size). Every tile is one
@@ -32,28 +32,20 @@ slide size.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 import threading
-import time
-import uuid
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from codestream.encode import encode_frame, openjpeg_decode
+from codestream.encode import openjpeg_decode
 from codestream.index import PacketIndex
-from server_stub.store import _fsync_dir, sha256_file, write_file_atomic
+from imaging.files import fsync_dir, sha256_file, write_atomic  # noqa: F401 (re-exported)
 
-from .tilesource import BACKGROUND, TileSource, block_mean
+from imaging.tilesource import BACKGROUND
 
 log = logging.getLogger("medview.pathology")
 
@@ -65,16 +57,6 @@ DEFAULT_TILE = 512
 class PyramidError(RuntimeError):
     """A stored pyramid is missing, incomplete or damaged (with the reason)."""
 
-
-fsync_dir = _fsync_dir
-
-
-def write_atomic(path: Path, data: bytes) -> str:
-    """Write ``data`` durably under ``path`` (temp file, fsync, rename: the store's own
-    :func:`server_stub.store.write_file_atomic`); returns its SHA-256 hex."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------- geometry
@@ -263,147 +245,3 @@ def verify_folder(path: Path, manifest: dict) -> list[str]:
     return problems
 
 
-# --------------------------------------------------------------------------- ingest
-@dataclass
-class IngestResult:
-    slide_uid: str
-    path: Path
-    manifest: dict
-    seconds: float
-    tiles: int
-    bytes: int
-
-
-def _png_bytes(rgb: np.ndarray) -> bytes:
-    import imageio.v3 as iio
-
-    return iio.imwrite("<bytes>", rgb, extension=".png")
-
-
-class _Canvas:
-    """A reduced copy of one output level, on disk (np.memmap), built tile by tile."""
-
-    def __init__(self, tmpdir: Path, width: int, height: int) -> None:
-        self.path = tmpdir / f"canvas-{uuid.uuid4().hex}.u8"
-        self.arr = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint8,
-                                             shape=(height, width, 3))
-        self.arr[:] = BACKGROUND
-
-    def put(self, x: int, y: int, rgb: np.ndarray) -> None:
-        r = block_mean(rgb, 2)
-        self.arr[y // 2:y // 2 + r.shape[0], x // 2:x // 2 + r.shape[1]] = r
-
-    def read(self, x, y, w, h) -> np.ndarray:
-        out = np.full((h, w, 3), BACKGROUND, np.uint8)
-        sub = self.arr[y:y + h, x:x + w]
-        out[:sub.shape[0], :sub.shape[1]] = sub
-        return out
-
-    def close(self) -> None:
-        del self.arr
-        self.path.unlink(missing_ok=True)
-
-
-def build_pyramid(source: TileSource, dest_root: Path, *, slide_uid: str | None = None,
-                  tile_size: int = DEFAULT_TILE, workers: int = 2, extra: dict | None = None,
-                  progress: Callable[[int, int], None] | None = None,
-                  cancelled: Callable[[], bool] = lambda: False) -> IngestResult:
-    """Encode ``source`` into ``dest_root/<slide_uid>/`` (staged, then renamed)."""
-    if tile_size < 64 or tile_size % 2:
-        raise ValueError("tile_size must be an even number of at least 64 pixels")
-    t0 = time.monotonic()
-    uid = slide_uid or uuid.uuid4().hex
-    dest_root = Path(dest_root)
-    dest_root.mkdir(parents=True, exist_ok=True)
-    final = dest_root / uid
-    if final.exists():
-        raise PyramidError(f"a slide folder {final} exists already")
-    staging = dest_root / f".staging-{uid}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    tmp = Path(tempfile.mkdtemp(prefix="canvas-", dir=staging))
-    levels = plan_levels(source.width, source.height, tile_size)
-    total = sum(g.count for g in levels)
-    done = 0
-    # where each output level is read from: the source, or the previous level's canvas
-    from_canvas = []
-    for g in levels:
-        lvl = source.best_level_for_downsample(g.downsample)
-        from_canvas.append(g.level > 0 and g.downsample / source.levels[lvl].downsample > 4)
-    canvases: dict[int, _Canvas] = {}
-    man_levels = []
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="slide-encode")
-    try:
-        for g in levels:
-            nxt = g.level + 1
-            if nxt < len(levels) and from_canvas[nxt]:
-                canvases[nxt] = _Canvas(tmp, levels[nxt].width, levels[nxt].height)
-            src_canvas = canvases.get(g.level)
-
-            def read(t: int, g=g, src_canvas=src_canvas) -> np.ndarray:
-                x, y, w, h = g.tile_rect(t)
-                if src_canvas is not None:
-                    return src_canvas.read(x, y, w, h)
-                return source.read_scaled(g.downsample, x, y, w, h)
-
-            def encode(t: int, read=read):
-                px = read(t)
-                return px, encode_frame(px, signed=False, bits_stored=8).codestream
-
-            fname = f"level-{g.level}.j2kp"
-            tiles = []
-            h = hashlib.sha256()
-            off = 0
-            with open(staging / fname, "xb") as f:
-                for row in range(g.rows):
-                    if cancelled():
-                        raise PyramidError("ingest cancelled")
-                    idx = list(range(row * g.cols, (row + 1) * g.cols))
-                    for t, (px, cs) in zip(idx, pool.map(encode, idx)):
-                        f.write(cs)
-                        h.update(cs)
-                        tiles.append([off, len(cs), zlib.crc32(cs)])
-                        off += len(cs)
-                        if nxt in canvases:
-                            x, y, _w, _h = g.tile_rect(t)
-                            canvases[nxt].put(x, y, px)
-                        done += 1
-                        if progress:
-                            progress(done, total)
-                f.flush()
-                os.fsync(f.fileno())
-            if src_canvas is not None:
-                src_canvas.close()
-                del canvases[g.level]
-            man_levels.append({"level": g.level, "width": g.width, "height": g.height,
-                               "downsample": g.downsample, "cols": g.cols, "rows": g.rows,
-                               "file": fname, "sha256": h.hexdigest(), "size": off,
-                               "tiles": tiles})
-    finally:
-        pool.shutdown(wait=True)
-        for c in canvases.values():
-            c.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    assoc = {}
-    for name, img in sorted(source.associated.items()):
-        data = _png_bytes(img)
-        fname = f"assoc-{name}.png"
-        sha = write_atomic(staging / fname, data)
-        assoc[name] = {"file": fname, "sha256": sha, "size": len(data),
-                       "width": int(img.shape[1]), "height": int(img.shape[0])}
-    manifest = {"format": FORMAT, "slide_uid": uid, "width": source.width,
-                "height": source.height, "tile_size": tile_size,
-                "mpp": list(source.mpp) if source.mpp else None,
-                "objective_power": source.objective_power,
-                "codestream": {"layers": 4, "ratios": [50, 20, 8, 1], "precinct": 128,
-                               "wavelet": "5/3 reversible", "components": 3},
-                "levels": man_levels, "associated": assoc,
-                "source": {"reader": source.name, "path": source.source_path,
-                           "levels": [[lv.width, lv.height, lv.downsample] for lv in source.levels],
-                           "acquired_at": source.acquired_at},
-                **(extra or {})}
-    write_atomic(staging / MANIFEST, json.dumps(manifest, separators=(",", ":")).encode())
-    fsync_dir(staging)
-    os.rename(staging, final)
-    fsync_dir(dest_root)
-    nbytes = sum(lv["size"] for lv in man_levels) + sum(a["size"] for a in assoc.values())
-    return IngestResult(uid, final, manifest, time.monotonic() - t0, total, nbytes)

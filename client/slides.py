@@ -3,7 +3,7 @@
 Both providers give the same small interface (no Qt):
 
 ``info``                      the slide description (as ``GET /api/slides/{slide}``)
-``levels``                    :class:`~pathology.pyramid.LevelGeometry` list
+``levels``                    :class:`~imaging.pyramid.LevelGeometry` list
 ``tile(level, t, layers=0)``  RGB pixels of one tile (``layers`` 0 = all: lossless)
 ``fetch(level, tiles, layers)``  make sure the tiles hold ``layers`` layers (remote: one
                               packet request for all of them; local: nothing to do)
@@ -48,8 +48,8 @@ from codestream import framing
 from codestream.databins import BinSet, rebuild_codestream
 from codestream.encode import openjpeg_decode
 
-from .pyramid import LevelGeometry, StoredSlide
-from .tilesource import BACKGROUND
+from imaging.pyramid import LevelGeometry, StoredSlide
+from imaging.tilesource import BACKGROUND
 
 log = logging.getLogger("medview.slides")
 

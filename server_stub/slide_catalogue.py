@@ -24,7 +24,7 @@ Tables
                    assignment's station or exam).
 
 Every write is one transaction; a slide row is inserted only after its pyramid folder is
-complete and durable (see :mod:`pathology.store`).
+complete and durable (see :mod:`server_stub.slide_store`).
 """
 from __future__ import annotations
 

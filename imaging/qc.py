@@ -44,7 +44,7 @@ bubbles
     grey for the simulated bubble, 83 % for the closest lumen.)
 
 Measured on the project's test slide (the real IHC image laid on glass,
-:func:`pathology.sample.make_ihc_slide`, 1600×1200 at 0.5 µm/px; tests/test_pathology_qc.py)
+:func:`imaging.slide_sample.make_ihc_slide`, 1600×1200 at 0.5 µm/px; tests/test_pathology_qc.py)
 and on the real Aperio H&E slide (2220×2967 at 0.499 µm/px;
 tests/test_pathology_real_slide.py), stain not named (nearest reference):
 
@@ -88,7 +88,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sr import RESOURCES
+from imaging.sr import RESOURCES
 
 REFERENCE = RESOURCES / "qc_reference.json"
 # the shipped colour references by stain: IHC from scikit-image's real IHC image; H&E
@@ -197,11 +197,11 @@ def stain_key(stain: str | None) -> str | None:
 def _builtin_reference(key: str) -> dict:
     """A shipped reference made again from its real image (when the JSON is missing)."""
     if key == "ihc":
-        from .srdata import ihc_image
+        from imaging.srdata import ihc_image
 
         return make_reference(ihc_image(), "skimage immunohistochemistry (IHC)")
     if key == "he":
-        from .tilesource import TiffSource
+        from imaging.tilesource import TiffSource
 
         with TiffSource(HE_SAMPLE) as src:      # the overview QC sees: level 0 reduced 4×
             ov = src.read_scaled(4, 0, 0, -(-src.width // 4), -(-src.height // 4))
@@ -373,8 +373,8 @@ def _overview_level(levels, max_side: int = 1024) -> int:
 def check_slide(slide, *, thresholds: QCThresholds | None = None,
                 reference: dict | None = None, stain: str | None = None,
                 max_tiles: int = 64) -> dict:
-    """QC of a :class:`~pathology.pyramid.StoredSlide` or a
-    :class:`~pathology.tilesource.TileSource`; returns the measures and ``flags``.
+    """QC of a :class:`~imaging.pyramid.StoredSlide` or a
+    :class:`~imaging.tilesource.TileSource`; returns the measures and ``flags``.
 
     The colour reference: ``reference`` when given, else the shipped one for ``stain``,
     else the shipped one nearest the tissue's colours (:func:`choose_reference`). The

@@ -6,7 +6,7 @@
 already queued is *raised* to the better priority, never duplicated. When a ``VIEW`` (or
 ``NEAR``) job arrives and every worker is busy with less urgent work, the least urgent
 running job is *pre-empted*: its ``cancel()`` turns true, the generator stops between two
-layers (:class:`~pathology.sr.SRCancelled`) and the job goes back to the queue, first in
+layers (:class:`~imaging.sr.SRCancelled`) and the job goes back to the queue, first in
 its class, to be redone later — nothing is lost, only postponed. :meth:`SRQueue.retarget`
 re-ranks everything when the view moves.
 
@@ -34,9 +34,9 @@ from typing import Callable
 
 import numpy as np
 
-from .sr import SRCancelled, load_generator
+from imaging.sr import SRCancelled, load_generator
 
-log = logging.getLogger("medview.pathology.sr")
+log = logging.getLogger("medview.imaging.sr")
 
 VIEW, NEAR, BACKGROUND = 0, 1, 2
 PRIORITY_NAMES = {VIEW: "view", NEAR: "near", BACKGROUND: "background"}
@@ -282,7 +282,7 @@ class SRTileCache:
         return GeneratedTile(px, scale, key)
 
     def put(self, tile: GeneratedTile) -> None:
-        from .pyramid import write_atomic
+        from imaging.files import write_atomic
 
         data = png_with_text(tile.pixels, {
             "MedView-Generated": GENERATED_TEXT.format(scale=tile.scale),

@@ -1,6 +1,6 @@
 """Slide tiers (W3): recent / mid / long, the temporary tier, and the idle-time mover.
 
-Policy (:meth:`pathology.store.TierConfig.tier_for`): a slide of a patient in hospital
+Policy (:meth:`server_stub.slide_store.TierConfig.tier_for`): a slide of a patient in hospital
 stays in ``recent``; otherwise by age of acquisition, ``recent`` up to ``recent_days``,
 ``mid`` up to ``mid_days``, then ``long``. Generated tiles (super-resolution) live in
 ``temp`` and are purged when the patient is discharged.
@@ -42,11 +42,11 @@ from typing import Callable
 
 from server_stub import faults
 
-from .catalogue import TIERS
-from .pyramid import MANIFEST, StoredSlide, fsync_dir, verify_folder
-from .store import SlideStore
+from server_stub.slide_catalogue import TIERS
+from imaging.pyramid import MANIFEST, StoredSlide, fsync_dir, verify_folder
+from server_stub.slide_store import SlideStore
 
-log = logging.getLogger("medview.pathology.tiers")
+log = logging.getLogger("medview.server_stub.slide_tiers")
 
 
 class TierMoveError(RuntimeError):

@@ -1,0 +1,68 @@
+"""Durable files: atomic writes (temp file, fsync, rename, fsync of the folder) and
+checksums. The one implementation used by the server's store, the slide store, the
+client's caches and the tools; pure standard library, so every layer may use it."""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+TMP_MARK = ".tmp-"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> tuple[str, int]:
+    """(SHA-256 hex, size) of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename/creation in ``path`` durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically and durably: a temp file in the same
+    folder (named with TMP_MARK, so fsck recognises leftovers), fsync, rename, fsync of
+    the folder. A crash leaves the old file or the new one, never a mix."""
+    tmp = target.with_name(f".{target.name}{TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    fsync_dir(target.parent)
+
+
+
+def write_atomic(path: Path, data: bytes) -> str:
+    """:func:`write_file_atomic`, creating the folder first; returns the SHA-256 hex."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(path, data)
+    return hashlib.sha256(data).hexdigest()

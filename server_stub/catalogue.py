@@ -429,8 +429,13 @@ class Catalogue:
             if row is None:
                 return []
             self._execute("DELETE FROM study WHERE pk = ?", [row[0]])
+            # a patient goes with their last study, unless pathology exams (the slide
+            # tables of this database, server_stub.slide_catalogue) still refer to them
+            keep_for_exams = (" AND NOT EXISTS (SELECT 1 FROM exam WHERE patient_pk = ?)"
+                              if self.db.table_exists("exam") else "")
             self._execute("DELETE FROM patient WHERE pk = ? AND NOT EXISTS "
-                          "(SELECT 1 FROM study WHERE patient_pk = ?)", [row[1], row[1]])
+                          "(SELECT 1 FROM study WHERE patient_pk = ?)" + keep_for_exams,
+                          [row[1]] * (3 if keep_for_exams else 2))
         return files
 
     def _study_files(self, study_uid: str) -> list[str]:

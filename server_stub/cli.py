@@ -68,6 +68,31 @@ def _cmd_fsck(args: argparse.Namespace) -> int:
     return 0 if report.clean else 1
 
 
+def _cmd_upgrade(args: argparse.Namespace) -> int:
+    """Bring a store made by an earlier version up to date: the catalogue's schema, and the
+    separate slide catalogue (``slides/slides.sqlite``) moved into the one catalogue."""
+    from .slide_catalogue import CatalogueError as SlideCatalogueError
+    from .slide_catalogue import upgrade_slide_catalogue
+    from .store import CATALOGUE_NAME, Store
+
+    root = Path(args.store)
+    if not (root / CATALOGUE_NAME).is_file():
+        print(f"error: no store at {root} (no {CATALOGUE_NAME})", file=sys.stderr)
+        return 2
+    Store(root).close()                              # the catalogue's own schema migrations
+    try:
+        moved = upgrade_slide_catalogue(root / "slides", root / CATALOGUE_NAME)
+    except SlideCatalogueError as e:
+        print(f"error: {e}; nothing was changed", file=sys.stderr)
+        return 1
+    if moved is None:
+        print(f"{root}: up to date")
+    else:
+        print(f"{root}: slide catalogue moved into {CATALOGUE_NAME}: "
+              + ", ".join(f"{n} {t}" for t, n in moved.items()))
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .sample import SAMPLE_SETTING, ensure_sample_store
 
@@ -325,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, type=Path, help="store directory")
     p.add_argument("--repair", action="store_true", help="delete orphan files")
     p.set_defaults(func=_cmd_fsck)
+
+    p = sub.add_parser("upgrade", help="bring a store made by an earlier version up to date")
+    p.add_argument("--store", required=True)
+    p.set_defaults(func=_cmd_upgrade)
 
     p = sub.add_parser("sample", help="create a store with sample data (first run only)")
     p.add_argument("--store", required=True, type=Path, help="store directory")

@@ -1,13 +1,15 @@
-"""The slide catalogue: patient → pathology exam → slide, with referential integrity (W4).
+"""The slide tables of the one catalogue: pathology exam → slide, under the same patients
+as radiology (W4).
 
-Its own SQLite file (``<slides root>/slides.sqlite``; WAL, ``foreign_keys=ON``,
-``synchronous=FULL``), apart from the DICOM catalogue, so that pathology can move and
-grow without touching radiology's schema.
+They live in the store's ``catalogue.sqlite`` beside the DICOM tables (one database, one
+access layer: :class:`server_stub.dbutil.Db`); WAL, ``foreign_keys=ON``.
 
 Tables
 ------
-``patient``        patient_id (unique), name, status ``inpatient`` / ``outpatient`` /
-                   ``discharged``, discharged_at.
+``patient``        the catalogue's own patient table (PatientID, PatientName, ...), to
+                   which the slide module adds ``status`` (``inpatient`` / ``outpatient``
+                   / ``discharged``) and ``discharged_at``. A pathology patient is the
+                   radiology patient with the same PatientID (and name, when given).
 ``exam``           one pathology exam (accession) of a patient; ``patient_pk`` REFERENCES
                    patient ON DELETE RESTRICT.
 ``slide``          one slide of an exam: ``state`` ``low`` / ``high`` (scanned at low
@@ -25,28 +27,29 @@ Tables
 
 Every write is one transaction; a slide row is inserted only after its pyramid folder is
 complete and durable (see :mod:`server_stub.slide_store`).
+
+Stores made before the one catalogue kept these tables (and a patient table of their own)
+in ``slides/slides.sqlite``: :func:`upgrade_slide_catalogue` (``medview-server upgrade``,
+also run when such a store is opened) moves every row into the catalogue in one
+transaction, checks the counts, and keeps the old file as ``slides.sqlite.migrated``.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from server_stub.catalogue import Catalogue
 from server_stub.dbutil import Db
+from imaging.files import fsync_dir
 
 TIERS = ("recent", "mid", "long")
 STATES = ("low", "high")
 PATIENT_STATUS = ("inpatient", "outpatient", "discharged")
 
 _DDL = [
-    "CREATE TABLE IF NOT EXISTS patient ("
-    " pk INTEGER PRIMARY KEY,"
-    " patient_id TEXT NOT NULL UNIQUE,"
-    " name TEXT,"
-    " status TEXT NOT NULL DEFAULT 'outpatient'"
-    "   CHECK (status IN ('inpatient', 'outpatient', 'discharged')),"
-    " discharged_at TEXT)",
     "CREATE TABLE IF NOT EXISTS exam ("
     " pk INTEGER PRIMARY KEY,"
     " patient_pk INTEGER NOT NULL REFERENCES patient(pk) ON DELETE RESTRICT,"
@@ -115,40 +118,87 @@ def _rows(cur) -> list[dict]:
     return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
+# the columns the slide module adds to the catalogue's patient table
+_PATIENT_COLUMNS = (
+    ("status", "TEXT NOT NULL DEFAULT 'outpatient'"
+               " CHECK (status IN ('inpatient', 'outpatient', 'discharged'))"),
+    ("discharged_at", "TEXT"),
+)
+# the patient as the slide module sees it (the catalogue's columns under their old names)
+_PATIENT_SELECT = ("SELECT pk, PatientID AS patient_id, NULLIF(PatientName, '') AS name,"
+                   " status, discharged_at FROM patient")
+
+
+def _add_patient_columns(db: Db) -> None:
+    with db.transaction():
+        have = {r[1] for r in db.all("PRAGMA table_info(patient)")}   # SQLite-specific
+        for name, decl in _PATIENT_COLUMNS:
+            if name not in have:
+                db.execute(f"ALTER TABLE patient ADD COLUMN {name} {decl}")
+
+
 class SlideCatalogue:
+    """The slide tables of the catalogue database at ``path`` (``catalogue.sqlite``)."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        Catalogue(self.path).close()           # the catalogue's own schema (patients) first
         self.db = Db(self.path, _DDL)
+        _add_patient_columns(self.db)
 
     def close(self) -> None:
         self.db.close()
 
     # ------------------------------------------------------------------ patients/exams
+    def _patient_pk(self, patient_id: str, name: str | None, create: bool) -> int | None:
+        """The catalogue patient with this ID (and name, when given). Several radiology
+        patients may share an ID under different names (the catalogue keeps them apart);
+        without a name that is ambiguous and refused rather than guessed."""
+        rows = self.db.all("SELECT pk, PatientName FROM patient WHERE PatientID = ?",
+                           [patient_id])
+        if name:
+            same = [r for r in rows if r[1] == name]
+            if same:
+                return same[0][0]
+            unnamed = [r for r in rows if not r[1]]
+            if unnamed:
+                self.db.execute("UPDATE patient SET PatientName = ? WHERE pk = ?",
+                                [name, unnamed[0][0]])
+                return unnamed[0][0]
+            if rows and not create:
+                return None
+        elif len(rows) == 1:
+            return rows[0][0]
+        elif len(rows) > 1:
+            raise CatalogueError(
+                f"several patients have the ID {patient_id!r} under different names "
+                f"({', '.join(repr(r[1]) for r in rows)}): give the patient's name")
+        if not create:
+            return None
+        return self.db.execute(
+            "INSERT INTO patient(PatientID, PatientName, status) VALUES (?,?,?)",
+            [patient_id, name or "", "outpatient"]).lastrowid
+
     def ensure_patient(self, patient_id: str, name: str | None = None,
                        status: str | None = None) -> int:
         if not patient_id:
             raise CatalogueError("a patient ID is required")
+        if status is not None and status not in PATIENT_STATUS:
+            raise CatalogueError(f"patient status must be one of {', '.join(PATIENT_STATUS)}")
         with self.db.transaction():
-            row = self.db.one("SELECT pk FROM patient WHERE patient_id = ?", [patient_id])
-            if row:
-                if name:
-                    self.db.execute("UPDATE patient SET name = ? WHERE pk = ?", [name, row[0]])
-                if status:
-                    self.set_patient_status(patient_id, status)
-                return row[0]
-            if status and status not in PATIENT_STATUS:
-                raise CatalogueError(f"patient status must be one of {', '.join(PATIENT_STATUS)}")
-            cur = self.db.execute("INSERT INTO patient(patient_id, name, status) VALUES (?,?,?)",
-                                  [patient_id, name, status or "outpatient"])
-            return cur.lastrowid
+            pk = self._patient_pk(patient_id, name, create=True)
+            if status is not None:
+                self.set_patient_status(patient_id, status)
+            return pk
 
     def set_patient_status(self, patient_id: str, status: str) -> None:
+        """A patient's status is the person's: every catalogue row with the ID gets it."""
         if status not in PATIENT_STATUS:
             raise CatalogueError(f"patient status must be one of {', '.join(PATIENT_STATUS)}")
         with self.db.transaction():
             cur = self.db.execute(
-                "UPDATE patient SET status = ?, discharged_at = ? WHERE patient_id = ?",
+                "UPDATE patient SET status = ?, discharged_at = ? WHERE PatientID = ?",
                 [status, now_iso() if status == "discharged" else None, patient_id])
             if cur.rowcount == 0:
                 raise CatalogueError(f"unknown patient {patient_id!r}")
@@ -169,19 +219,26 @@ class SlideCatalogue:
                 [ppk, accession, exam_date, description]).lastrowid
 
     def patient(self, patient_id: str) -> dict | None:
-        r = _rows(self.db.execute("SELECT * FROM patient WHERE patient_id = ?", [patient_id]))
+        r = _rows(self.db.execute(_PATIENT_SELECT + " WHERE PatientID = ? ORDER BY pk",
+                                  [patient_id]))
         return r[0] if r else None
 
     def patients(self) -> list[dict]:
-        return _rows(self.db.execute("SELECT * FROM patient ORDER BY patient_id"))
+        """The patients that have pathology exams (radiology-only patients are the DICOM
+        catalogue's business)."""
+        return _rows(self.db.execute(
+            _PATIENT_SELECT + " WHERE pk IN (SELECT patient_pk FROM exam) ORDER BY PatientID"))
 
     def delete_patient(self, patient_id: str) -> None:
-        """Refused while the patient has exams (ON DELETE RESTRICT)."""
+        """Refused while the patient has exams (ON DELETE RESTRICT) or studies."""
         import sqlite3
 
         try:
             with self.db.transaction():
-                self.db.execute("DELETE FROM patient WHERE patient_id = ?", [patient_id])
+                if self.db.one("SELECT 1 FROM study st JOIN patient p ON p.pk = st.patient_pk"
+                               " WHERE p.PatientID = ?", [patient_id]):
+                    raise CatalogueError(f"patient {patient_id} still has radiology studies")
+                self.db.execute("DELETE FROM patient WHERE PatientID = ?", [patient_id])
         except sqlite3.IntegrityError as e:
             raise CatalogueError(f"patient {patient_id} still has exams: {e}") from e
 
@@ -213,7 +270,8 @@ class SlideCatalogue:
             raise CatalogueError(f"cannot catalogue slide {slide_uid}: {e}") from e
 
     _SLIDE_COLS = ("s.*, e.accession, e.exam_date, e.description AS exam_description,"
-                   " p.patient_id, p.name AS patient_name, p.status AS patient_status")
+                   " p.PatientID AS patient_id, NULLIF(p.PatientName, '') AS patient_name,"
+                   " p.status AS patient_status")
     _SLIDE_FROM = ("slide s JOIN exam e ON e.pk = s.exam_pk JOIN patient p ON p.pk = e.patient_pk")
 
     def _decode(self, rows: list[dict]) -> list[dict]:
@@ -231,7 +289,7 @@ class SlideCatalogue:
     def slides(self, *, patient_id: str | None = None, accession: str | None = None,
                tier: str | None = None, flagged: bool | None = None) -> list[dict]:
         where, params = [], []
-        for col, v in (("p.patient_id", patient_id), ("e.accession", accession), ("s.tier", tier)):
+        for col, v in (("p.PatientID", patient_id), ("e.accession", accession), ("s.tier", tier)):
             if v is not None:
                 where.append(f"{col} = ?")
                 params.append(v)
@@ -359,3 +417,126 @@ def age_days(iso: str | None, now: float | None = None) -> float | None:
     if t.tzinfo is None:
         t = t.replace(tzinfo=timezone.utc)
     return ((now or time.time()) - t.timestamp()) / 86400.0
+
+
+# --------------------------------------------------------------------------- upgrade
+LEGACY_FILE = "slides.sqlite"
+# the patient table of the separate slide catalogue (stores made before the one catalogue)
+LEGACY_PATIENT_DDL = (
+    "CREATE TABLE IF NOT EXISTS patient ("
+    " pk INTEGER PRIMARY KEY,"
+    " patient_id TEXT NOT NULL UNIQUE,"
+    " name TEXT,"
+    " status TEXT NOT NULL DEFAULT 'outpatient'"
+    "   CHECK (status IN ('inpatient', 'outpatient', 'discharged')),"
+    " discharged_at TEXT)")
+LEGACY_DDL = [LEGACY_PATIENT_DDL] + _DDL
+
+
+def upgrade_slide_catalogue(slides_root: str | Path, catalogue_path: str | Path) -> dict | None:
+    """Move the separate slide catalogue ``slides_root/slides.sqlite`` into the catalogue
+    database: one transaction, every row (patients joined to the catalogue's patients by
+    PatientID and name), counts checked, then the old file is kept beside as
+    ``slides.sqlite.migrated``. Idempotent: rows already moved (same slide UID and manifest
+    checksum) are not copied twice; a slide UID present with another manifest is refused.
+    Returns the counts moved, or None when there is nothing to upgrade."""
+    import sqlite3
+
+    legacy = Path(slides_root) / LEGACY_FILE
+    if not legacy.is_file():
+        return None
+    src = sqlite3.connect(str(legacy), timeout=30.0)
+    try:
+        src.row_factory = sqlite3.Row
+        tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+        def rows(table: str) -> list[dict]:
+            if table not in tables:
+                return []
+            return [dict(r) for r in src.execute(f"SELECT * FROM {table} ORDER BY rowid")]
+
+        old = {t: rows(t) for t in ("patient", "exam", "slide", "tier_move", "temp_tile",
+                                    "station", "assignment")}
+    finally:
+        src.close()                      # the last connection: SQLite checkpoints its WAL
+    cat = SlideCatalogue(catalogue_path)
+    db = cat.db
+    moved = {t: 0 for t in old}
+    try:
+        with db.transaction():
+            patient_pk, exam_pk, slide_pk, station_pk = {}, {}, {}, {}
+            for p in old["patient"]:
+                pk = cat._patient_pk(p["patient_id"], p["name"], create=True)
+                db.execute("UPDATE patient SET status = ?, discharged_at = ? WHERE pk = ?",
+                           [p["status"], p["discharged_at"], pk])
+                patient_pk[p["pk"]] = pk
+                moved["patient"] += 1
+            for e in old["exam"]:
+                have = db.one("SELECT pk, patient_pk FROM exam WHERE accession = ?",
+                              [e["accession"]])
+                if have is not None:
+                    if have[1] != patient_pk[e["patient_pk"]]:
+                        raise CatalogueError(f"upgrade: exam {e['accession']} exists for "
+                                             "another patient in the catalogue")
+                    exam_pk[e["pk"]] = have[0]
+                    continue
+                exam_pk[e["pk"]] = db.execute(
+                    "INSERT INTO exam(patient_pk, accession, exam_date, description)"
+                    " VALUES (?,?,?,?)", [patient_pk[e["patient_pk"]], e["accession"],
+                                          e["exam_date"], e["description"]]).lastrowid
+                moved["exam"] += 1
+            cols = [c for c in (old["slide"][0].keys() if old["slide"] else ())
+                    if c not in ("pk", "exam_pk")]
+            fresh = set()
+            for s in old["slide"]:
+                have = db.one("SELECT pk, manifest_sha256 FROM slide WHERE slide_uid = ?",
+                              [s["slide_uid"]])
+                if have is not None:
+                    if have[1] != s["manifest_sha256"]:
+                        raise CatalogueError(f"upgrade: slide {s['slide_uid']} is catalogued "
+                                             "already with another manifest")
+                    slide_pk[s["pk"]] = have[0]
+                    continue
+                slide_pk[s["pk"]] = db.execute(
+                    f"INSERT INTO slide(exam_pk, {', '.join(cols)}) VALUES "
+                    f"({', '.join('?' * (len(cols) + 1))})",
+                    [exam_pk[s["exam_pk"]]] + [s[c] for c in cols]).lastrowid
+                fresh.add(s["pk"])
+                moved["slide"] += 1
+            for m in old["tier_move"]:
+                if m["slide_pk"] in fresh:
+                    db.execute("INSERT INTO tier_move(slide_pk, from_tier, to_tier, state,"
+                               " started_at, finished_at, detail) VALUES (?,?,?,?,?,?,?)",
+                               [slide_pk[m["slide_pk"]], m["from_tier"], m["to_tier"],
+                                m["state"], m["started_at"], m["finished_at"], m["detail"]])
+                    moved["tier_move"] += 1
+            for t in old["temp_tile"]:
+                cur = db.execute("INSERT OR IGNORE INTO temp_tile(slide_pk, key, path, sha256,"
+                                 " size, created_at) VALUES (?,?,?,?,?,?)",
+                                 [slide_pk[t["slide_pk"]], t["key"], t["path"], t["sha256"],
+                                  t["size"], t["created_at"]])
+                moved["temp_tile"] += cur.rowcount
+            for st in old["station"]:
+                have = db.one("SELECT pk FROM station WHERE name = ?", [st["name"]])
+                station_pk[st["pk"]] = have[0] if have else db.execute(
+                    "INSERT INTO station(name, cache_dir) VALUES (?,?)",
+                    [st["name"], st["cache_dir"]]).lastrowid
+                moved["station"] += have is None
+            for a in old["assignment"]:
+                cur = db.execute("INSERT OR IGNORE INTO assignment(station_pk, exam_pk,"
+                                 " assigned_at, distributed_at) VALUES (?,?,?,?)",
+                                 [station_pk[a["station_pk"]], exam_pk[a["exam_pk"]],
+                                  a["assigned_at"], a["distributed_at"]])
+                moved["assignment"] += cur.rowcount
+            # nothing lost: every old slide and exam is reachable in the catalogue
+            for s in old["slide"]:
+                if db.one("SELECT 1 FROM slide WHERE slide_uid = ?", [s["slide_uid"]]) is None:
+                    raise CatalogueError(f"upgrade: slide {s['slide_uid']} did not arrive")
+    finally:
+        cat.close()
+    done = legacy.with_name(LEGACY_FILE + ".migrated")
+    os.replace(legacy, done)
+    for suffix in ("-wal", "-shm"):
+        Path(str(legacy) + suffix).unlink(missing_ok=True)
+    fsync_dir(legacy.parent)
+    return moved

@@ -1,9 +1,9 @@
 """The slide store: tier folders, the slide catalogue, ingest with QC.
 
-Layout (``root`` is ``<image store>/slides`` for the bundled server)::
+Layout (``root`` is ``<image store>/slides``; the slide tables are in the store's
+``catalogue.sqlite``, :mod:`server_stub.slide_catalogue`)::
 
     root/
-      slides.sqlite             the catalogue (server_stub.slide_catalogue)
       tiers.json                optional: tier folders and ages (TierConfig)
       qc.json                   optional: QC thresholds (imaging.qc.QCThresholds)
       recent/<slide_uid>/       pyramid folders (imaging.pyramid), one tier each
@@ -29,11 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from server_stub.slide_catalogue import TIERS, CatalogueError, SlideCatalogue, age_days, now_iso
 from imaging.pyramid import DEFAULT_TILE, MANIFEST, StoredSlide
-from server_stub.slide_pyramid import build_pyramid
 from imaging.qc import QCThresholds, check_slide
 from imaging.tilesource import TileSource, open_slide
+
+from .slide_catalogue import (TIERS, CatalogueError, SlideCatalogue, age_days, now_iso,
+                              upgrade_slide_catalogue)
+from .slide_pyramid import build_pyramid
+from .store import CATALOGUE_NAME
 
 log = logging.getLogger("medview.pathology")
 
@@ -91,10 +94,15 @@ class TierConfig:
 class SlideStore:
     """A slides root: catalogue + tiers + ingest. Thread-safe for reads."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, catalogue: str | Path | None = None) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.catalogue = SlideCatalogue(self.root / "slides.sqlite")
+        # the one catalogue: the image store's database (``root`` is ``<store>/slides``)
+        self.catalogue_path = Path(catalogue or self.root.parent / CATALOGUE_NAME)
+        moved = upgrade_slide_catalogue(self.root, self.catalogue_path)
+        if moved is not None:
+            log.warning("slide catalogue moved into %s: %s", self.catalogue_path, moved)
+        self.catalogue = SlideCatalogue(self.catalogue_path)
         self.config = TierConfig.load(self.root)
         self._opened: dict[tuple[str, str], StoredSlide] = {}
         self.activity: Callable[[], None] = lambda: None   # set by the idle scheduler

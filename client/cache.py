@@ -1,10 +1,21 @@
 """Persistent packet cache on disk.
 
 Holds the JPIP data-bins each image has received (main header, tile header, and the
-received prefix of every precinct data-bin), compressed, exactly as they came. It is a
-SQLite database (WAL) so that a crash never leaves half-written entries; every entry
-carries a CRC-32 that is checked on read. A damaged entry is dropped (and then fetched
-again from the server); a damaged database file is moved aside and a new one started.
+received prefix of every precinct data-bin), exactly as they came. It is a SQLite
+database (WAL) so that a crash never leaves half-written entries.
+
+Every entry carries a CRC-32 over its key (server namespace, image, data-bin class, bin
+id) and its data, checked on read against the key asked for: damaged data, and valid
+data that ended up under another key (another image, another bin), is dropped and then
+fetched again from the server, never served.
+
+The cache is an optimisation and never stops a transfer: any SQLite error (a damaged
+file, "database disk image is malformed", an unreadable page, a failed write) is handled
+like a damaged database: the file is moved aside (``NAME.damaged-TIME``), a fresh one is
+opened and the operation answers as an empty cache would. Only a database locked by
+another process is not damage: that read or write is skipped. If no fresh file can be
+opened (read-only or full disk), the cache carries on in memory for this run.
+
 Size is bounded: least recently used images are evicted first.
 
 Namespaces separate servers: the same SOP Instance UID on two servers may have been
@@ -19,11 +30,17 @@ import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from codestream.databins import BinSet
 from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER
 
 log = logging.getLogger("medview.cache")
+
+T = TypeVar("T")
+
+# version 2: the checksum covers the key as well as the data (version 1: data only)
+_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bins (
@@ -31,6 +48,20 @@ CREATE TABLE IF NOT EXISTS bins (
     data BLOB NOT NULL, crc INTEGER NOT NULL, size INTEGER NOT NULL, used REAL NOT NULL,
     PRIMARY KEY (ns, image, cls, bin))
 """
+
+_BUSY = {5, 6}      # SQLITE_BUSY, SQLITE_LOCKED: another process holds the file
+
+
+def entry_checksum(ns: str, image: str, cls: int, bin_id: int, data: bytes) -> int:
+    """CRC-32 of the key and the data: data moved to another key does not match."""
+    key = f"{ns}\x00{image}\x00{cls}\x00{bin_id}\x00".encode("utf-8", "surrogateescape")
+    return zlib.crc32(data, zlib.crc32(key))
+
+
+def _text(b: bytes) -> str:
+    # a damaged TEXT value must not raise while reading: it decodes to something that
+    # matches no key and no checksum
+    return b.decode("utf-8", "surrogateescape")
 
 
 class PacketCache:
@@ -40,85 +71,154 @@ class PacketCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self.dropped = 0          # damaged entries dropped since start
+        self.recovered = 0        # times the database was found damaged and replaced
+        self.in_memory = False    # no usable file: caching for this run only
         self._con = self._open()
 
     # ------------------------------------------------------------------ setup
     def _open(self) -> sqlite3.Connection:
         try:
-            con = self._connect()
+            con = self._connect(self.path)
             con.execute("SELECT count(*) FROM bins").fetchone()
             return con
-        except sqlite3.DatabaseError as e:
-            aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
-            log.warning("packet cache %s is damaged (%s); moved to %s, starting empty",
-                        self.path, e, aside)
+        except sqlite3.Error as e:
+            if _busy(e):
+                log.warning("packet cache %s is locked by another process (%s); "
+                            "caching in memory for this run", self.path, e)
+                return self._memory()
+            return self._replace(e)
+
+    def _connect(self, path: Path | str) -> sqlite3.Connection:
+        con = sqlite3.connect(path, timeout=30, check_same_thread=False,
+                              isolation_level=None)
+        try:
+            con.text_factory = _text
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            con.execute(_SCHEMA)
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version != _VERSION:
+                # entries of another format cannot be checked: start this file afresh
+                con.execute("DELETE FROM bins")
+                con.execute(f"PRAGMA user_version = {_VERSION}")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _memory(self) -> sqlite3.Connection:
+        self.in_memory = True
+        return self._connect(":memory:")
+
+    def _replace(self, err: Exception) -> sqlite3.Connection:
+        """Move the damaged file aside and open a fresh one (in memory if that fails)."""
+        self.recovered += 1
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.time_ns()}")
+        log.warning("packet cache %s is damaged (%s); moved to %s, starting empty",
+                    self.path, err, aside)
+        try:
             for suffix in ("", "-wal", "-shm"):
                 p = Path(str(self.path) + suffix)
                 if p.exists():
                     os.replace(p, str(aside) + suffix)
-            return self._connect()
+            con = self._connect(self.path)
+            con.execute("SELECT count(*) FROM bins").fetchone()
+            return con
+        except (OSError, sqlite3.Error) as e:
+            log.warning("packet cache: cannot start a fresh file at %s (%s); "
+                        "caching in memory for this run", self.path, e)
+            return self._memory()
 
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=30, check_same_thread=False,
-                              isolation_level=None)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")
-        con.execute(_SCHEMA)
-        return con
+    def _guard(self, what: str, fn: Callable[[sqlite3.Connection], T], default: T,
+               retry: bool = False) -> T:
+        """Run ``fn`` on the connection; any SQLite error replaces the database and
+        answers ``default`` (what an empty cache would answer), or with ``retry`` runs
+        ``fn`` once more on the fresh database (a write is then not lost)."""
+        with self._lock:
+            try:
+                return fn(self._con)
+            except sqlite3.Error as e:
+                try:
+                    if self._con.in_transaction:
+                        self._con.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if _busy(e):
+                    log.warning("packet cache %s: %s skipped (%s)", self.path, what, e)
+                    return default
+                try:
+                    self._con.close()
+                except sqlite3.Error:
+                    pass
+                if self.in_memory:
+                    self._con = self._memory()
+                else:
+                    self._con = self._replace(e)
+                if retry:
+                    return self._guard(what, fn, default)
+                return default
 
     def close(self) -> None:
         with self._lock:
-            self._con.close()
+            try:
+                self._con.close()
+            except sqlite3.Error as e:
+                log.warning("packet cache %s: close failed (%s)", self.path, e)
 
     # ------------------------------------------------------------------ read
     def load(self, ns: str, image: str) -> BinSet:
         """The bins held for one image; damaged entries are dropped, never raised."""
+        rows = self._guard("read", lambda con: self._load_rows(con, ns, image), [])
         bs = BinSet()
-        with self._lock:
-            try:
-                rows = self._con.execute(
-                    "SELECT cls, bin, data, crc FROM bins WHERE ns = ? AND image = ?",
-                    (ns, image)).fetchall()
-            except sqlite3.DatabaseError as e:
-                log.warning("packet cache read failed (%s); treating as empty", e)
-                return bs
-            bad = [(c, b) for c, b, d, crc in rows if zlib.crc32(d) != crc]
-            if bad:
-                self.dropped += len(bad)
-                log.warning("packet cache: %d damaged entr%s for %s dropped", len(bad),
-                            "y" if len(bad) == 1 else "ies", image)
-                self._con.executemany(
-                    "DELETE FROM bins WHERE ns = ? AND image = ? AND cls = ? AND bin = ?",
-                    [(ns, image, c, b) for c, b in bad])
-            for c, b, d, crc in rows:
-                if (c, b) in bad:
-                    continue
-                if c == MAIN_HEADER:
-                    bs.main_header = bytes(d)
-                elif c == TILE_HEADER:
-                    bs.tile_header = bytes(d)
-                elif c == PRECINCT:
-                    bs.precincts[b] = bytes(d)
-            if rows:
-                self._con.execute("UPDATE bins SET used = ? WHERE ns = ? AND image = ?",
-                                  (time.time(), ns, image))
+        for c, b, d in rows:
+            if c == MAIN_HEADER:
+                bs.main_header = d
+            elif c == TILE_HEADER:
+                bs.tile_header = d
+            elif c == PRECINCT:
+                bs.precincts[b] = d
         if (bs.main_header is None) != (bs.tile_header is None) or (
                 bs.main_header is None and bs.precincts):
             # packets without their headers cannot be used: start this image afresh
-            self.forget(ns, image)
+            if rows:
+                self.forget(ns, image)
             return BinSet()
         try:
-            bs.index  # parse headers now: damaged headers mean start afresh
+            bs.index  # parse headers now: unusable headers mean start afresh
         except ValueError as e:
             log.warning("packet cache: headers of %s unusable (%s); dropped", image, e)
             self.forget(ns, image)
             return BinSet()
         return bs
 
+    def _load_rows(self, con: sqlite3.Connection, ns: str, image: str
+                   ) -> list[tuple[int, int, bytes]]:
+        rows = con.execute(
+            "SELECT rowid, cls, bin, data, crc FROM bins WHERE ns = ? AND image = ?",
+            (ns, image)).fetchall()
+        good, bad, seen = [], [], set()
+        for rowid, c, b, d, crc in rows:
+            ok = (type(c) is int and type(b) is int and type(crc) is int
+                  and isinstance(d, bytes) and (c, b) not in seen
+                  and entry_checksum(ns, image, c, b, d) == crc)
+            if ok:
+                seen.add((c, b))
+                good.append((c, b, bytes(d)))
+            else:
+                bad.append(rowid)
+        if bad:
+            self.dropped += len(bad)
+            log.warning("packet cache: %d damaged entr%s for %s dropped", len(bad),
+                        "y" if len(bad) == 1 else "ies", image)
+            con.executemany("DELETE FROM bins WHERE rowid = ?", [(r,) for r in bad])
+        if good:
+            con.execute("UPDATE bins SET used = ? WHERE ns = ? AND image = ?",
+                        (time.time(), ns, image))
+        return good
+
     def images(self, ns: str) -> list[str]:
-        with self._lock:
-            return [r[0] for r in self._con.execute(
-                "SELECT DISTINCT image FROM bins WHERE ns = ?", (ns,))]
+        return self._guard("list", lambda con: [r[0] for r in con.execute(
+            "SELECT DISTINCT image FROM bins WHERE ns = ?", (ns,))], [])
 
     # ------------------------------------------------------------------ write
     def put(self, ns: str, image: str, bins: dict[tuple[int, int], bytes]) -> None:
@@ -126,56 +226,60 @@ class PacketCache:
         if not bins:
             return
         now = time.time()
-        rows = [(ns, image, c, b, d, zlib.crc32(d), len(d), now) for (c, b), d in bins.items()]
-        with self._lock:
-            try:
-                self._con.execute("BEGIN IMMEDIATE")
-                self._con.executemany(
-                    "INSERT INTO bins(ns, image, cls, bin, data, crc, size, used) "
-                    "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(ns, image, cls, bin) DO UPDATE SET "
-                    "data = excluded.data, crc = excluded.crc, size = excluded.size, "
-                    "used = excluded.used", rows)
-                self._con.execute("COMMIT")
-            except sqlite3.DatabaseError as e:
-                try:
-                    self._con.execute("ROLLBACK")
-                except sqlite3.DatabaseError:
-                    pass
-                log.warning("packet cache write failed (%s); continuing without caching", e)
+        rows = [(ns, image, c, b, d, entry_checksum(ns, image, c, b, d), len(d), now)
+                for (c, b), d in bins.items()]
+
+        def write(con: sqlite3.Connection) -> None:
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany(
+                "INSERT INTO bins(ns, image, cls, bin, data, crc, size, used) "
+                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(ns, image, cls, bin) DO UPDATE SET "
+                "data = excluded.data, crc = excluded.crc, size = excluded.size, "
+                "used = excluded.used", rows)
+            con.execute("COMMIT")
+
+        self._guard("write", write, None, retry=True)
 
     def forget(self, ns: str, image: str) -> None:
-        with self._lock:
-            self._con.execute("DELETE FROM bins WHERE ns = ? AND image = ?", (ns, image))
+        self._guard("forget", lambda con: con.execute(
+            "DELETE FROM bins WHERE ns = ? AND image = ?", (ns, image)) and None, None)
 
     def clear(self) -> None:
-        with self._lock:
-            self._con.execute("DELETE FROM bins")
-            self._con.execute("VACUUM")
+        def run(con: sqlite3.Connection) -> None:
+            con.execute("DELETE FROM bins")
+            con.execute("VACUUM")
+        self._guard("clear", run, None)
 
     # ------------------------------------------------------------------ size
     def usage(self) -> tuple[int, int]:
         """(bytes held, images held)."""
-        with self._lock:
-            n, s = self._con.execute(
-                "SELECT count(DISTINCT ns || '|' || image), coalesce(sum(size), 0) FROM bins").fetchone()
-        return int(s), int(n)
+        def run(con: sqlite3.Connection) -> tuple[int, int]:
+            n, s = con.execute("SELECT count(DISTINCT ns || '|' || image), "
+                               "coalesce(sum(size), 0) FROM bins").fetchone()
+            return int(s), int(n)
+        return self._guard("usage", run, (0, 0))
 
     def evict(self, keep: set[tuple[str, str]] = frozenset()) -> int:
         """Drop least recently used images until under max_bytes; returns bytes freed.
         Images in ``keep`` (on screen, being fetched) are never evicted."""
-        freed = 0
         with self._lock:
             total, _ = self.usage()
             if total <= self.max_bytes:
                 return 0
-            rows = self._con.execute(
+            rows = self._guard("evict", lambda con: con.execute(
                 "SELECT ns, image, sum(size), max(used) FROM bins GROUP BY ns, image "
-                "ORDER BY max(used)").fetchall()
+                "ORDER BY max(used)").fetchall(), [])
+            freed = 0
             for ns, image, size, _ in rows:
                 if total - freed <= self.max_bytes:
                     break
                 if (ns, image) in keep:
                     continue
                 self.forget(ns, image)
-                freed += size
+                freed += size if type(size) is int else 0
         return freed
+
+
+def _busy(e: Exception) -> bool:
+    return ((getattr(e, "sqlite_errorcode", None) or 0) & 0xFF) in _BUSY or (
+        isinstance(e, sqlite3.OperationalError) and "locked" in str(e))

@@ -11,6 +11,7 @@ from imaging.tilesource import ArraySource
 from imaging.viewport import CachedTile, TileCache, Viewport
 
 from pathology_util import new_store
+from waits import WAIT_MS, WAIT_S
 
 
 # --------------------------------------------------------------------------- logic
@@ -71,8 +72,10 @@ def slide_store(tmp_path_factory):
     st.close()
 
 
-def _wait(qtbot, cond, timeout=20000):
-    qtbot.waitUntil(cond, timeout=timeout)
+def _wait(qtbot, cond):
+    """Tiles arrive through the dispatcher's queued calls: wait for the condition, the
+    limit only bounds a hang (loaded machines are slow, never wrong)."""
+    qtbot.waitUntil(cond, timeout=WAIT_MS)
 
 
 def test_pane_loads_coarse_first_then_full(qtbot, slide_store):
@@ -110,6 +113,39 @@ def test_pane_loads_coarse_first_then_full(qtbot, slide_store):
     pane.close()
 
 
+def test_tiles_of_a_cancelled_prefetch_load_when_asked_again(slide_store):
+    """A prefetch cancelled while queued left its tiles "in flight" for ever: asked for
+    again (on screen now), they never loaded and the pane waited without end."""
+    import threading
+
+    from client.pool import INTERACTION, PREFETCH
+    from client.slides import LocalSlide
+    from viewer.slideview import SlideTileLoader
+
+    _root, st, high, _low, img = slide_store
+    prov = LocalSlide.from_store(st, high["pk"])
+    cache = TileCache(64 << 20)
+    loader = SlideTileLoader(prov, cache, lambda: None, workers=1)
+    try:
+        gate = threading.Event()
+        busy = loader.pool.submit(lambda tok: gate.wait(WAIT_S), INTERACTION)  # the worker
+        tiles = [0, 1, 2]
+        loader.want(0, tiles, PREFETCH)                 # queued behind it
+        loader.cancel_prefetch()                        # the view moved on
+        gate.set()
+        busy.future.result(WAIT_S)
+        loader.want(0, tiles, INTERACTION)              # back on screen
+        # one worker, priority order: this runs after the tiles' job
+        loader.pool.submit(lambda tok: None, PREFETCH).future.result(WAIT_S)
+        for t in tiles:
+            c = cache.get((0, t))
+            assert c is not None and c.complete, t
+            tx, ty, tw, th = prov.levels[0].tile_rect(t)
+            assert np.array_equal(c.pixels, img[ty:ty + th, tx:tx + tw])
+    finally:
+        loader.close()
+
+
 def test_low_resolution_mode_super_resolves_and_marks(qtbot, slide_store):
     from client.slides import LocalSlide
     from viewer.slideview import SR_COLOUR, open_slide_window
@@ -122,10 +158,11 @@ def test_low_resolution_mode_super_resolves_and_marks(qtbot, slide_store):
     pane.show()
     v = pane.view
     assert v.mode == "low"                          # stored low: SR mode by default
-    v.zoom_to(3.2, (300, 250), animate=False)
+    v.zoom_to(8.0, (300, 250), animate=False)      # few tiles to generate: a light test
     assert v.sr_active() == 4
     vis = v.sr_tiles_visible()
-    _wait(qtbot, lambda: all(("sr",) + k in v.cache for k in vis), timeout=60000)
+    assert 0 < len(vis) <= 16, len(vis)
+    _wait(qtbot, lambda: all(("sr",) + k in v.cache for k in vis))
     assert all(v.cache.get(("sr",) + k).generated for k in vis)
     img = v.grab().toImage()
     # the banner (under the status line) and the tile frames are magenta: marked

@@ -108,7 +108,7 @@ class SlideTileLoader:
     def _evicted(self, key) -> None:
         with self._lock:
             job = self._inflight.pop(key, None)
-        if job is not None:
+        if job is not None and hasattr(job, "cancel"):    # not a submit's marker
             job.cancel()
 
     def want(self, level: int, tiles: list[int], priority: int) -> None:
@@ -126,11 +126,28 @@ class SlideTileLoader:
         if not todo:
             return
         for chunk in [todo[i:i + 8] for i in range(0, len(todo), 8)]:
-            job = self.pool.submit(lambda tok, lv=level, ts=chunk, p=priority: self._load(lv, ts, p, tok),
-                                   priority, tag=("slide", level))
+            # in flight before the job can run (and finish: _load's clean-up comes after)
+            marker = object()
             with self._lock:
                 for t in chunk:
-                    self._inflight[(level, t)] = job
+                    self._inflight[(level, t)] = marker
+            job = self.pool.submit(
+                lambda tok, lv=level, ts=chunk, p=priority: self._load(lv, ts, p, tok),
+                priority, tag=("slide", level))
+            with self._lock:
+                for t in chunk:
+                    if self._inflight.get((level, t)) is marker:
+                        self._inflight[(level, t)] = job
+            # a job cancelled before it ran (prefetch cancelled, a tile evicted) never
+            # reaches _load's clean-up: its tiles must not stay "in flight" for ever
+            job.future.add_done_callback(
+                lambda f, lv=level, ts=chunk, j=job: f.cancelled() and self._settled(lv, ts, j))
+
+    def _settled(self, level: int, tiles: list[int], job) -> None:
+        with self._lock:
+            for t in tiles:
+                if self._inflight.get((level, t)) is job:
+                    del self._inflight[(level, t)]
 
     def _load(self, level: int, tiles: list[int], priority: int, token) -> None:
         full = self.provider.max_layers

@@ -65,8 +65,9 @@ class Dispatcher(QObject):
             self._scheduled = True
         try:
             self._wake.emit()
-        except RuntimeError:   # the application is gone
-            pass
+        except RuntimeError:   # the application is gone: nothing will drain
+            with self._lock:
+                self._scheduled = False
 
     def _drain(self) -> None:
         deadline = time.perf_counter() + self.budget_s
@@ -82,6 +83,11 @@ class Dispatcher(QObject):
                 pass
             except Exception:  # noqa: BLE001 - a slot bug must not stop the others
                 log.exception("UI callback failed")
+            except BaseException:
+                # (KeyboardInterrupt, a test's failure raised in a slot): the rest of
+                # the queue still drains later, never left scheduled-but-asleep for ever
+                QTimer.singleShot(0, self._drain)
+                raise
             if time.perf_counter() > deadline:
                 QTimer.singleShot(0, self._drain)   # still scheduled: more later
                 return

@@ -1,0 +1,28 @@
+"""Limits for the waits in tests.
+
+Waits follow events: a signal, a condition polled, a thread or process joined, a future's
+result. The limit only bounds a hang; it is never what a test measures, so it is generous
+(a loaded 2-core machine running the whole suite must never reach it).
+``MEDVIEW_TEST_WAIT_S`` overrides it (seconds).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+WAIT_S = float(os.environ.get("MEDVIEW_TEST_WAIT_S", "300"))
+WAIT_MS = int(WAIT_S * 1000)
+
+
+def wait_for(cond: Callable[[], object], timeout: float = WAIT_S, what: str = "condition",
+             interval: float = 0.01):
+    """Poll ``cond`` until it is true (returns its value); AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

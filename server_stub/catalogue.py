@@ -41,7 +41,7 @@ from typing import Any, Iterable, Sequence
 
 from .dbutil import Db
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Dialect-specific primary key column (PostgreSQL: "BIGINT GENERATED ALWAYS AS IDENTITY
 # PRIMARY KEY").
@@ -79,7 +79,7 @@ INSTANCE_COLS = (
     "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept",
     "RescaleType", "WindowCenter", "WindowWidth", "TransferSyntaxUID",
     "original_relpath", "original_sha256", "original_size",
-    "signed", "bits_stored", "ingested_at",
+    "signed", "bits_stored", "geometry_flags", "ingested_at",
 )
 FRAME_COLS = (
     "frame", "codestream_relpath", "codestream_sha256", "codestream_size",
@@ -88,6 +88,8 @@ FRAME_COLS = (
 )
 # Stored as JSON text, returned as lists.
 _JSON_COLS = {"ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"}
+# Stored as a JSON list of strings, returned as a list ([] when none).
+_JSON_TEXT_COLS = {"geometry_flags"}
 
 # Column name in SQL when it differs from the key we expose ("offset" and "signed" are
 # reserved words in PostgreSQL / awkward in SQL).
@@ -140,7 +142,8 @@ _DDL = [
         header_json TEXT NOT NULL,
         pixel_signed INTEGER NOT NULL,
         encoded_bits_stored INTEGER NOT NULL,
-        ingested_at TEXT NOT NULL)""",
+        ingested_at TEXT NOT NULL,
+        geometry_flags TEXT)""",
     f"""CREATE TABLE frame (
         pk {_PK},
         instance_pk INTEGER NOT NULL REFERENCES instance(pk) ON DELETE CASCADE,
@@ -158,6 +161,29 @@ _DDL = [
     "CREATE INDEX instance_series ON instance (series_pk)",
     "CREATE INDEX frame_instance ON frame (instance_pk)",
     "CREATE INDEX patient_name ON patient (PatientName)",
+]
+
+# Version 2: impossible values flagged per instance, and the quarantine of files whose
+# SOP Instance UID is already stored with other content (server_stub.quarantine).
+_QUARANTINE_DDL = [
+    f"""CREATE TABLE IF NOT EXISTS quarantine (
+        pk {_PK},
+        SOPInstanceUID TEXT NOT NULL,
+        stored_sop_instance_uid TEXT NOT NULL,
+        stored_sha256 TEXT,
+        relpath TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        differences TEXT,
+        source_path TEXT,
+        received_at TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'open',
+        resolved_at TEXT,
+        resolution TEXT,
+        new_sop_instance_uid TEXT)""",
+    "CREATE INDEX IF NOT EXISTS quarantine_stored ON quarantine (stored_sop_instance_uid)",
+    "CREATE INDEX IF NOT EXISTS quarantine_sha ON quarantine (sha256)",
 ]
 
 _DATE_RE = re.compile(r"^\d{8}$")
@@ -262,12 +288,16 @@ def _page(limit: int | None, offset: int) -> tuple[str, list[Any]]:
 
 
 def _decode(col: str, value: Any) -> Any:
+    if col in _JSON_TEXT_COLS:
+        return json.loads(value) if value else []
     if value is not None and col in _JSON_COLS:
         return json.loads(value)
     return value
 
 
 def _encode(col: str, value: Any) -> Any:
+    if col in _JSON_TEXT_COLS:
+        return json.dumps([str(v) for v in value]) if value else None
     if col in _JSON_COLS and value is not None:
         return json.dumps([float(v) for v in value])
     if col == "signed" and value is not None:
@@ -327,7 +357,7 @@ class Catalogue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._transaction():
             if not self._table_exists("schema_version"):
-                for stmt in _DDL:
+                for stmt in _DDL + _QUARANTINE_DDL:
                     self._execute(stmt)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)",
                               [SCHEMA_VERSION])
@@ -336,7 +366,12 @@ class Catalogue:
             if version > SCHEMA_VERSION:
                 raise CatalogueError(f"catalogue {self.path} has schema version {version}; "
                                      f"this program knows up to {SCHEMA_VERSION}")
-            # Future migrations go here: if version < 2: ...
+            if version < 2:         # a store made before the quarantine: add, keep all
+                self._execute("ALTER TABLE instance ADD COLUMN geometry_flags TEXT")
+                for stmt in _QUARANTINE_DDL:
+                    self._execute(stmt)
+                self._execute("UPDATE schema_version SET version = ?", [2])
+            # Future migrations go here: if version < 3: ...
 
     def _table_exists(self, name: str) -> bool:
         return self.db.table_exists(name)
@@ -495,7 +530,44 @@ class Catalogue:
                 "FROM frame f JOIN instance i ON f.instance_pk = i.pk"):
             out.append((r[0], r[1], r[2], r[6]))
             out.append((r[3], r[4], r[5], r[6]))
+        for r in self._all("SELECT relpath, sha256, size, pk FROM quarantine"):
+            out.append((r[0], r[1], r[2], f"quarantine #{r[3]}"))
         return out
+
+    def conflicted_instances(self, series_uid: str) -> set[str]:
+        """SOP Instance UIDs of the series with an open quarantine entry (another file
+        arrived with the same UID and other content)."""
+        rows = self._all(
+            "SELECT DISTINCT q.stored_sop_instance_uid FROM quarantine q "
+            "JOIN instance i ON i.SOPInstanceUID = q.stored_sop_instance_uid "
+            "JOIN series se ON i.series_pk = se.pk "
+            "WHERE se.SeriesInstanceUID = ? AND q.state = 'open'", [series_uid])
+        return {r[0] for r in rows}
+
+    def delete_instance(self, sop_uid: str) -> list[str]:
+        """Delete one instance (and its frames; the series, study and patient too when
+        nothing else is left in them); returns the relpaths of the files it referenced,
+        for the caller to delete *after* this commits."""
+        with self._transaction():
+            row = self._one("SELECT i.pk, i.original_relpath, se.pk, st.pk, st.patient_pk "
+                            "FROM instance i JOIN series se ON i.series_pk = se.pk "
+                            "JOIN study st ON se.study_pk = st.pk WHERE i.SOPInstanceUID = ?",
+                            [sop_uid])
+            if row is None:
+                return []
+            ipk, orig, se_pk, st_pk, p_pk = row
+            files = [orig]
+            for r in self._all("SELECT codestream_relpath, index_relpath FROM frame "
+                               "WHERE instance_pk = ?", [ipk]):
+                files += [r[0], r[1]]
+            self._execute("DELETE FROM instance WHERE pk = ?", [ipk])
+            self._execute("DELETE FROM series WHERE pk = ? AND NOT EXISTS "
+                          "(SELECT 1 FROM instance WHERE series_pk = ?)", [se_pk, se_pk])
+            self._execute("DELETE FROM study WHERE pk = ? AND NOT EXISTS "
+                          "(SELECT 1 FROM series WHERE study_pk = ?)", [st_pk, st_pk])
+            self._execute("DELETE FROM patient WHERE pk = ? AND NOT EXISTS "
+                          "(SELECT 1 FROM study WHERE patient_pk = ?)", [p_pk, p_pk])
+        return files
 
     # ------------------------------------------------------------------ QIDO-style queries
 
@@ -649,8 +721,10 @@ class Catalogue:
             images.append(inst)
         images.sort(key=lambda d: (d["InstanceNumber"] is None, d["InstanceNumber"] or 0,
                                    d["SOPInstanceUID"], d["frame"]))
+        conflicted = self.conflicted_instances(series_uid) if images else set()
         for n, d in enumerate(images):
             d["index"] = n
+            d["conflict"] = d["SOPInstanceUID"] in conflicted
         return [{k: d[k] for k in SERIES_IMAGE_KEYS} for d in images]
 
 
@@ -665,7 +739,7 @@ _IMAGE_INSTANCE_COLS = (
     "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
     "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
     "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept",
-    "RescaleType", "WindowCenter", "WindowWidth", "signed", "bits_stored",
+    "RescaleType", "WindowCenter", "WindowWidth", "signed", "bits_stored", "geometry_flags",
 )
 _IMAGE_FRAME_COLS = (
     "frame", "codestream_relpath", "codestream_sha256", "codestream_size", "index_relpath",
@@ -684,4 +758,5 @@ SERIES_IMAGE_KEYS = (
     "signed", "bits_stored", "offset", "numres", "nlayers",
     "codestream_relpath", "codestream_sha256", "codestream_size",
     "index_relpath", "index_sha256", "index_size",
+    "geometry_flags", "conflict",
 )

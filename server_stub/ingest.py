@@ -3,30 +3,56 @@
 What happens to one file
 ------------------------
 1. **Recognise**: a file is DICOM if bytes 128..131 are ``DICM`` (the Part 10 preamble
-   magic), whatever its name. Everything else is skipped with a reason.
+   magic), whatever its name, or if it has no preamble but starts with a plausible group
+   0002 / 0008 element and pydicom reads it with ``force=True`` (old ACR-NEMA style files
+   such as pydicom-data's ``OT-PAL-8-face.dcm``; the transfer syntax is the one pydicom
+   detects). Everything else is skipped with a reason.
 2. **Deduplicate**: the SHA-256 of the whole file is looked up in the catalogue; a file
-   already stored is a no-op. A different file with an already stored SOP Instance UID is
-   skipped ("SOP Instance UID already stored with different content").
-3. **Decode** every frame with pydicom (its JPEG, JPEG-LS, JPEG 2000, RLE and deflate
+   already stored is a no-op.
+3. **Check the header** (nothing decoded yet; :func:`check_header`): the UIDs that key
+   the store (study, series, SOP instance, SOP class, frame of reference) are digits and
+   dots, at most 64 characters, after stripping one trailing padding byte (a site flag,
+   ``accept_nonstandard_uids``, lets other printable UIDs in); Rows, Columns,
+   NumberOfFrames, SamplesPerPixel and BitsAllocated are sane and within the site limits
+   (:class:`IngestLimits`: frames, pixels per frame, decoded bytes per instance: the
+   decompression-bomb guard); native pixel data is exactly Rows x Columns x frames x
+   samples x bits long (one padding byte allowed), encapsulated pixel data has a basic or
+   extended offset table of one entry per frame and at least one fragment per frame.
+   Anything else is refused with the reason; it is never reinterpreted.
+4. **Flag impossible values** (:func:`value_flags`): NaN / infinite / zero / negative
+   spacing or thickness, non-finite position, an orientation that is not two orthonormal
+   vectors, a rescale slope of 0 or NaN, a window width <= 0. The instance is stored (the
+   original is kept bit for bit) with its flags in ``instance.geometry_flags``; the
+   catalogue gets no value for the bad geometry and window attributes (the viewer
+   refuses mm measurements and MPR on a flagged instance).
+5. **Conflict**: a file whose SOP Instance UID is already stored with other content is
+   neither stored over the other nor dropped: it goes to the quarantine
+   (:mod:`server_stub.quarantine`) bit for bit with the reason, the stored instance it
+   conflicts with and what differs; the audit log records it; ``medview-server
+   quarantine`` resolves it.
+6. **Decode** every frame with pydicom (its JPEG, JPEG-LS, JPEG 2000, RLE and deflate
    plugins; native little/big endian). Colour is normalised to what the codestream holds:
    YBR_FULL / YBR_FULL_422 (and the JPEG 2000 YBR_RCT / YBR_ICT that the decoder
    converts) become RGB, PALETTE COLOR is expanded through its lookup table to 8-bit RGB,
    MONOCHROME1 stays MONOCHROME1 (the viewer inverts). 32-bit integer data is accepted
    only when its values fit in 16 bits; float pixel data is refused.
-4. **Encode** every frame with :func:`codestream.encode.encode_frame` and, with
+7. **Encode** every frame with :func:`codestream.encode.encode_frame` and, with
    ``verify=True`` (default), decode it again with :func:`codestream.encode.decode_full`
    and compare bit for bit with the decoded DICOM pixels.
-5. **Store**: codestreams and packet indexes are written atomically, then the original
+8. **Store**: codestreams and packet indexes are written atomically, then the original
    file (content addressed, bit for bit), and only then the catalogue rows of the
    instance and all its frames, in one transaction. A crash at any point leaves at worst
    orphan files; the next ingest of the same file completes.
 
-Concurrency: steps 1-4 (CPU-bound: decoding and encoding; OpenJPEG and the pydicom
-plugins release the GIL) run in a small thread pool, files in flight bounded; step 5 runs
-on the calling thread only, in input order, so the catalogue has a single writer.
+Concurrency: steps 1-7 (CPU-bound: decoding and encoding; OpenJPEG and the pydicom
+plugins release the GIL) run in a small thread pool, files in flight bounded; step 8 and
+the quarantine writes run on the calling thread only, in input order, so the catalogue
+has a single writer (and the conflict check is repeated there, so two files of one
+batch with the same UID are caught too).
 
 No exception escapes for a bad file: every file ends up in exactly one of
-``IngestReport.imported``, ``.duplicates`` or ``.skipped`` (with a reason and a kind).
+``IngestReport.imported``, ``.duplicates``, ``.quarantined`` or ``.skipped`` (with a
+reason and a kind).
 
 The instance row's pixel description (SamplesPerPixel, PhotometricInterpretation,
 BitsAllocated, BitsStored, PixelRepresentation) describes the pixels *as encoded* in the
@@ -36,9 +62,11 @@ the stored header JSON and in the original file.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import io
 import json
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +83,10 @@ NOT_IMAGE = "not-image"
 UNSUPPORTED = "unsupported"
 ERROR = "error"
 CONFLICT = "conflict"
+REFUSED = "refused"          # the header contradicts itself or a site limit
 BENIGN_KINDS = frozenset({NOT_DICOM, NOT_IMAGE})
 
-CONFLICT_REASON = "SOP Instance UID already stored with different content"
+from .quarantine import CONFLICT_REASON  # noqa: E402  (one wording everywhere)
 
 #: Elements larger than this (bytes) go into the header JSON as a BulkDataURI.
 BULK_DATA_THRESHOLD = 64 * 1024
@@ -77,6 +106,20 @@ class ImportedFile:
     study_instance_uid: str
     frames: int
     sha256: str
+    flags: list[str] = field(default_factory=list)   # impossible values (value_flags)
+
+
+@dataclass
+class QuarantinedFile:
+    """A file whose SOP Instance UID is already stored with other content: kept in the
+    quarantine (entry ``quarantine_id``), not stored as an instance."""
+
+    path: Path
+    sop_instance_uid: str
+    sha256: str
+    reason: str
+    quarantine_id: int
+    stored_sha256: str | None = None
 
 
 @dataclass
@@ -104,6 +147,19 @@ class IngestReport:
     imported: list[ImportedFile] = field(default_factory=list)
     duplicates: list[DuplicateFile] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
+    quarantined: list[QuarantinedFile] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> list[ImportedFile]:
+        """Imported files stored with impossible values flagged."""
+        return [f for f in self.imported if f.flags]
+
+    def merge(self, other: "IngestReport") -> None:
+        """Add another report's files (e.g. one batch of a larger import)."""
+        self.imported += other.imported
+        self.duplicates += other.duplicates
+        self.skipped += other.skipped
+        self.quarantined += other.quarantined
 
     @property
     def errors(self) -> list[SkippedFile]:
@@ -122,8 +178,14 @@ class IngestReport:
         return None
 
     def summary(self) -> str:
-        return (f"{len(self.imported)} imported, {len(self.duplicates)} duplicates, "
+        text = (f"{len(self.imported)} imported, {len(self.duplicates)} duplicates, "
                 f"{len(self.skipped)} skipped ({len(self.errors)} errors)")
+        if self.quarantined:
+            text += (f", {len(self.quarantined)} quarantined (same SOP Instance UID as a "
+                     "stored instance, other content: see `medview-server quarantine list`)")
+        if self.flagged:
+            text += f", {len(self.flagged)} stored with impossible values flagged"
+        return text
 
 
 class _Skip(Exception):
@@ -151,13 +213,14 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
 
 
 def is_dicom_file(path: str | Path) -> bool:
-    """True if the file has the DICOM Part 10 preamble magic (``DICM`` at byte 128)."""
+    """True if the file has the DICOM Part 10 preamble magic (``DICM`` at byte 128) or,
+    without a preamble, starts like a dataset (see :func:`read_candidate`)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return (len(head) == 132 and head[128:132] == b"DICM") or _plausible_dataset_start(head)
 
 
 # --------------------------------------------------------------------------- attribute helpers
@@ -343,6 +406,362 @@ def instance_attributes(ds) -> dict[str, Any]:
     return a
 
 
+# --------------------------------------------------------------------------- site limits
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Site limits checked from the header before anything is decoded.
+
+    The defaults pass real CT and MR series, US cine loops (thousands of frames),
+    mammography (about 4k x 5k) and tiled whole-slide images (up to a million tiles);
+    a site lowers them in the ``[ingest]`` table of ``STORE/policy.toml``::
+
+        [ingest]
+        max_frames = 1000000
+        max_pixels_per_frame = 268435456      # 16384 x 16384
+        max_decoded_bytes = 68719476736       # 64 GiB per instance
+        accept_nonstandard_uids = false
+    """
+
+    max_frames: int = 1_000_000
+    max_pixels_per_frame: int = 1 << 28
+    max_decoded_bytes: int = 1 << 36
+    accept_nonstandard_uids: bool = False
+
+    @classmethod
+    def for_store(cls, root: str | Path, **override: Any) -> "IngestLimits":
+        """The limits of a store: defaults, then ``STORE/policy.toml`` [ingest], then
+        ``override`` (values that are None are ignored). Raises ValueError on a bad
+        value."""
+        import tomllib
+
+        values: dict[str, Any] = {}
+        path = Path(root) / "policy.toml"
+        if path.is_file():
+            try:
+                with open(path, "rb") as f:
+                    values.update((tomllib.load(f).get("ingest") or {}))
+            except (OSError, tomllib.TOMLDecodeError) as e:
+                raise ValueError(f"{path}: {e}") from None
+        values.update({k: v for k, v in override.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"[ingest] unknown key(s): {', '.join(sorted(unknown))}")
+        for k, v in values.items():
+            if k == "accept_nonstandard_uids":
+                if not isinstance(v, bool):
+                    raise ValueError(f"[ingest] {k} must be true or false")
+            elif not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"[ingest] {k} must be a positive integer, got {v!r}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- recognition
+
+def _plausible_dataset_start(head: bytes) -> bool:
+    """A file without the Part 10 preamble that starts like a dataset: the first element
+    is in group 0002 (file meta) or 0008 (identification), with an explicit VR or an
+    implicit length that fits."""
+    if len(head) < 8:
+        return False
+    group, elem = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
+    if group not in (0x0002, 0x0008) or elem > 0x1FFF:
+        return False
+    vr = head[4:6]
+    if vr.isalpha() and vr.isupper():
+        return True
+    return int.from_bytes(head[4:8], "little") < (1 << 16)
+
+
+def _read_preambleless(data: bytes):
+    """pydicom's reading of a file without preamble, with the transfer syntax it
+    detected written into the file meta (so the pixel decoders know it)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    if len(ds) == 0:
+        raise _Skip("not DICOM: no preamble and no data element could be read", NOT_DICOM)
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        if implicit is None:
+            raise _Skip("not DICOM: no preamble and no recognisable encoding", NOT_DICOM)
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        elem = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
+        if elem is not None and getattr(elem, "length", 0) == 0xFFFFFFFF:
+            raise _Skip("encapsulated pixel data without a file meta header naming its "
+                        "transfer syntax", REFUSED)
+    return ds
+
+
+# --------------------------------------------------------------------------- header checks
+
+_UID_CHECKED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+                "FrameOfReferenceUID")
+_UID_STRICT_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_LAX_BAD = re.compile(r"[\x00-\x20\x7f/\\?#%]")
+
+
+def _raw_text(ds, keyword: str) -> str | None:
+    """An element's value as the file holds it (before pydicom strips padding)."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    try:
+        elem = ds.get_item(tag)
+    except Exception:  # noqa: BLE001
+        return None
+    v = getattr(elem, "value", None)
+    if v is None:
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).decode("latin-1")
+    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+        return "\\".join(str(x) for x in v)
+    return str(v)
+
+
+def uid_problem(raw: str, *, lax: bool = False) -> str | None:
+    """Why a UID (as stored, with at most one trailing NUL or space of padding) is not
+    acceptable, or None. ``lax`` accepts any printable UID up to 64 characters that is
+    safe in a URL path segment."""
+    uid = raw[:-1] if raw[-1:] in ("\x00", " ") else raw
+    if not uid:
+        return "is empty"
+    if len(uid) > 64:
+        return f"is {len(uid)} characters long (at most 64)"
+    if lax:
+        if _UID_LAX_BAD.search(uid):
+            return f"holds a control character, a space or one of / \\ ? # % ({uid!r})"
+        return None
+    if not _UID_STRICT_RE.match(uid):
+        bad = sorted({c for c in uid if c not in "0123456789."})
+        if bad:
+            return (f"holds characters other than digits and dots "
+                    f"({', '.join(repr(c) for c in bad)}): {uid!r}")
+        return f"is not dot-separated numbers: {uid!r}"
+    return None
+
+
+def _check_uids(ds, limits: IngestLimits) -> None:
+    for kw in _UID_CHECKED:
+        raw = _raw_text(ds, kw)
+        if raw is None or (raw == "" and kw == "FrameOfReferenceUID"):
+            continue
+        problem = uid_problem(raw, lax=limits.accept_nonstandard_uids)
+        if problem:
+            raise _Skip(f"invalid {kw}: {problem} (a site may accept such UIDs with "
+                        "[ingest] accept_nonstandard_uids)", REFUSED)
+
+
+def _header_int(ds, keyword: str, default: int | None = None) -> int:
+    """A required integer attribute of the pixel description, or a refusal."""
+    raw = _get(ds, keyword)
+    if raw is None or raw == "":
+        if default is not None:
+            return default
+        raise _Skip(f"pixel description incomplete: no {keyword}", REFUSED)
+    try:
+        v = _first(raw)
+        f = float(v)
+        if not np.isfinite(f) or f != int(f):
+            raise ValueError
+        return int(f)
+    except (TypeError, ValueError, OverflowError, IndexError):
+        raise _Skip(f"{keyword} is not an integer: {raw!r}", REFUSED) from None
+
+
+def check_header(ds, limits: IngestLimits) -> dict[str, int]:
+    """Refuse (``_Skip``) a header whose pixel description contradicts its pixel data or
+    exceeds the site limits; nothing is decoded. Returns rows, columns, frames, samples,
+    bits_allocated."""
+    rows = _header_int(ds, "Rows")
+    cols = _header_int(ds, "Columns")
+    spp = _header_int(ds, "SamplesPerPixel", 1)
+    ba = _header_int(ds, "BitsAllocated")
+    nf_raw = _get(ds, "NumberOfFrames")
+    frames = 1 if nf_raw is None or str(nf_raw).strip() == "" else _header_int(
+        ds, "NumberOfFrames")
+    for kw, v in (("Rows", rows), ("Columns", cols), ("NumberOfFrames", frames),
+                  ("SamplesPerPixel", spp)):
+        if v < 1:
+            raise _Skip(f"{kw} is {v}: an image needs at least 1", REFUSED)
+    if spp not in (1, 3):
+        raise _Skip(f"SamplesPerPixel {spp} not supported", UNSUPPORTED)
+    if ba != 1 and (ba % 8 or ba > 64):
+        raise _Skip(f"BitsAllocated {ba} is not 1 or a multiple of 8 up to 64", REFUSED)
+    bs = _get(ds, "BitsStored")
+    if bs not in (None, "") and _header_int(ds, "BitsStored") > ba:
+        raise _Skip(f"BitsStored {bs} is more than BitsAllocated {ba}", REFUSED)
+
+    pixels = rows * cols
+    sample_bytes = max(1, ba // 8)
+    decoded = pixels * spp * sample_bytes * frames
+    if frames > limits.max_frames:
+        raise _Skip(f"too many frames: NumberOfFrames {frames} exceeds the site limit "
+                    f"max_frames = {limits.max_frames} (not decoded)", REFUSED)
+    if pixels > limits.max_pixels_per_frame:
+        raise _Skip(f"frames too large: {rows} x {cols} = {pixels} pixels exceeds the site "
+                    f"limit max_pixels_per_frame = {limits.max_pixels_per_frame} "
+                    "(not decoded)", REFUSED)
+    if decoded > limits.max_decoded_bytes:
+        raise _Skip(f"too much pixel data: {decoded} decoded bytes exceeds the site limit "
+                    f"max_decoded_bytes = {limits.max_decoded_bytes} (not decoded)", REFUSED)
+
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    elem = ds.get_item(0x7FE00010)
+    value = getattr(elem, "value", None)
+    undefined = getattr(elem, "length", None) == 0xFFFFFFFF
+    encapsulated = bool(ts is not None and getattr(ts, "is_encapsulated", False))
+    if value is None:
+        raise _Skip("Pixel Data element is empty", REFUSED)
+    what = (f"Rows {rows} x Columns {cols} x {frames} frame{'s' if frames != 1 else ''} x "
+            f"{spp} sample{'s' if spp != 1 else ''} x {ba} bits")
+    if not encapsulated:
+        if undefined:
+            raise _Skip("encapsulated (undefined length) Pixel Data under the native "
+                        f"transfer syntax {ts}", REFUSED)
+        from pydicom.pixels.utils import get_expected_length
+
+        try:
+            expected = int(get_expected_length(ds, "bytes"))
+        except Exception as e:  # noqa: BLE001
+            raise _Skip(f"cannot size the pixel data: {type(e).__name__}: {e}",
+                        REFUSED) from None
+        have = len(value)
+        if have != expected and not (expected % 2 == 1 and have == expected + 1):
+            raise _Skip(f"geometry does not match the pixel data: {what} = {expected} "
+                        f"bytes, Pixel Data holds {have} bytes (refused, not "
+                        "reinterpreted)", REFUSED)
+    else:
+        from pydicom.encaps import parse_basic_offsets, parse_fragments
+
+        if not (isinstance(value, (bytes, bytearray)) and value[:4] == b"\xfe\xff\x00\xe0"):
+            raise _Skip(f"transfer syntax {ts.name} needs encapsulated Pixel Data; the "
+                        "element is not (refused, not reinterpreted)", REFUSED)
+        try:
+            buf = io.BytesIO(value)
+            bot = parse_basic_offsets(buf)
+            nfrag, _offsets = parse_fragments(buf)
+        except Exception as e:  # noqa: BLE001
+            raise _Skip(f"encapsulated Pixel Data is damaged: {type(e).__name__}: {e}",
+                        REFUSED) from None
+        eot = _get(ds, "ExtendedOffsetTable")
+        if eot:
+            if len(eot) // 8 != frames:
+                raise _Skip(f"geometry does not match the pixel data: {what}, the extended "
+                            f"offset table lists {len(eot) // 8} frames", REFUSED)
+        elif bot and len(bot) != frames:
+            raise _Skip(f"geometry does not match the pixel data: {what}, the basic offset "
+                        f"table lists {len(bot)} frames", REFUSED)
+        if nfrag < frames:
+            raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
+                        f"Pixel Data holds {nfrag} fragment{'s' if nfrag != 1 else ''}",
+                        REFUSED)
+    return {"rows": rows, "columns": cols, "frames": frames, "samples": spp,
+            "bits_allocated": ba}
+
+
+# --------------------------------------------------------------------------- impossible values
+
+_GEOMETRY_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "SliceThickness",
+                      "SpacingBetweenSlices", "ImagePositionPatient",
+                      "ImageOrientationPatient")
+
+
+def _raw_floats(v: Any) -> list[float] | None:
+    """Every value as a float (NaN and infinities kept), [] when unreadable, None when
+    absent."""
+    if v is None or v == "":
+        return None
+    seq = list(v) if (isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue") \
+        else [v]
+    try:
+        return [float(x) for x in seq]
+    except (TypeError, ValueError, OverflowError):
+        return []
+
+
+def value_flags(ds) -> list[str]:
+    """Impossible values of the header, one sentence each (empty when all is well). The
+    geometry ones start with the attribute keyword (see :data:`_GEOMETRY_KEYWORDS`)."""
+    flags: list[str] = []
+    items = [("", ds)]
+    shared = _get(ds, "SharedFunctionalGroupsSequence")
+    if shared:
+        items.append(("shared functional groups: ", shared[0]))
+    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
+    if per_frame:
+        items.append(("frame 1: ", per_frame[0]))
+
+    def values(item, keyword, seq_keyword):
+        out = [_raw_floats(_get(item, keyword))]
+        if seq_keyword and item is not ds:
+            seq = _get(item, seq_keyword)
+            if seq:
+                out.append(_raw_floats(_get(seq[0], keyword)))
+        return [v for v in out if v is not None]
+
+    checks = (("PixelSpacing", "PixelMeasuresSequence", 2, "spacing"),
+              ("ImagerPixelSpacing", None, 2, "spacing"),
+              ("SliceThickness", "PixelMeasuresSequence", 1, "spacing"),
+              ("SpacingBetweenSlices", "PixelMeasuresSequence", 1, "spacing"),
+              ("ImagePositionPatient", "PlanePositionSequence", 3, "finite"),
+              ("ImageOrientationPatient", "PlaneOrientationSequence", 6, "orientation"),
+              ("RescaleSlope", "PixelValueTransformationSequence", 1, "slope"),
+              ("WindowWidth", "FrameVOILUTSequence", 1, "width"))
+    for where, item in items:
+        for kw, seq_kw, n, kind in checks:
+            for vals in values(item, kw, seq_kw):
+                text = "\\".join(f"{v:g}" for v in vals)
+                label = f"{kw}: {where}"
+                if not vals or (kind != "width" and kind != "slope" and len(vals) != n):
+                    flags.append(f"{label}unreadable or wrong count of values")
+                elif not all(np.isfinite(vals)):
+                    flags.append(f"{label}not a finite number ({text})")
+                elif kind == "spacing" and any(v <= 0 for v in vals):
+                    flags.append(f"{label}zero or negative ({text})")
+                elif kind == "slope" and vals[0] == 0:
+                    flags.append(f"{label}zero (every pixel would have the same value)")
+                elif kind == "width" and any(v <= 0 for v in vals):
+                    flags.append(f"{label}zero or negative window width ({text})")
+                elif kind == "orientation":
+                    r, c = np.asarray(vals[:3]), np.asarray(vals[3:6])
+                    nr, nc, dot = float(np.linalg.norm(r)), float(np.linalg.norm(c)), \
+                        float(abs(np.dot(r, c)))
+                    if abs(nr - 1) > 1e-3 or abs(nc - 1) > 1e-3 or dot > 1e-3:
+                        flags.append(f"{label}not orthonormal (|row| {nr:.4g}, |column| "
+                                     f"{nc:.4g}, row.column {dot:.4g})")
+    return list(dict.fromkeys(flags))
+
+
+def geometry_flagged(flags: Iterable[str]) -> bool:
+    """True when a flag concerns the geometry (not rescale or window)."""
+    return any(f.split(":", 1)[0] in _GEOMETRY_KEYWORDS for f in flags)
+
+
+def _clear_flagged(attrs: dict[str, Any], flags: list[str]) -> None:
+    """The catalogue holds no value for an attribute flagged as impossible (the original
+    file and the header JSON keep it); RescaleSlope 0 stays (0 is a number the viewer
+    shows with the warning, not a value to replace)."""
+    for f in flags:
+        kw = f.split(":", 1)[0]
+        if kw in ("ImagerPixelSpacing",):
+            kw = "PixelSpacing"
+        if kw == "WindowWidth":
+            attrs["WindowWidth"] = attrs["WindowCenter"] = None
+        elif kw in attrs and kw != "RescaleSlope":
+            attrs[kw] = None
+
+
 # --------------------------------------------------------------------------- pixels
 
 @dataclass
@@ -489,12 +908,26 @@ class _Prepared:
     sha256: str
     attrs: dict[str, Any]
     frames: list[_EncodedFrame]
+    flags: list[str] = field(default_factory=list)
 
 
-def _analyse(path: Path, store: Store, verify: bool) -> _Prepared | DuplicateFile | SkippedFile:
-    """Steps 1-4 for one file (runs in a worker thread; reads the catalogue only)."""
+@dataclass
+class _Conflict:
+    """A file for the quarantine: its SOP Instance UID is stored with other content."""
+
+    path: Path
+    data: bytes
+    sha256: str
+    sop_instance_uid: str
+
+
+_Result = _Prepared | _Conflict | DuplicateFile | SkippedFile
+
+
+def _analyse(path: Path, store: Store, verify: bool, limits: IngestLimits) -> _Result:
+    """Steps 1-7 for one file (runs in a worker thread; reads the catalogue only)."""
     try:
-        return _analyse_inner(path, store, verify)
+        return _analyse_inner(path, store, verify, limits)
     except _Skip as s:
         return SkippedFile(path, s.reason, s.kind)
     except MemoryError:
@@ -503,33 +936,42 @@ def _analyse(path: Path, store: Store, verify: bool) -> _Prepared | DuplicateFil
         return SkippedFile(path, f"unexpected error: {type(e).__name__}: {e}", ERROR)
 
 
-def _analyse_inner(path: Path, store: Store, verify: bool) -> _Prepared | DuplicateFile:
-    import pydicom
-    from pydicom.uid import UID
-
-    from codestream.encode import decode_full, encode_frame
-
+def read_candidate(path: Path) -> bytes:
+    """Step 1, the bytes: the whole file when it may be DICOM (Part 10 preamble, or a
+    plausible preamble-less dataset start); ``_Skip`` otherwise."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
-            if len(head) < 132:
-                raise _Skip("not DICOM: shorter than the 128-byte preamble and 'DICM' "
-                            "marker", NOT_DICOM)
-            if head[128:132] != b"DICM":
-                raise _Skip("not DICOM: no 'DICM' marker at byte 128", NOT_DICOM)
-            data = head + f.read()
+            if len(head) >= 132 and head[128:132] == b"DICM":
+                return head + f.read()
+            if not _plausible_dataset_start(head):
+                raise _Skip("not DICOM: no 'DICM' marker at byte 128 and no dataset start",
+                            NOT_DICOM)
+            return head + f.read()
     except OSError as e:
         raise _Skip(f"cannot read file: {e}", ERROR) from None
 
-    sha = sha256_hex(data)
-    cat = store.catalogue
-    if cat.has_original(sha):
-        return DuplicateFile(path, sha)
+
+def parse_dataset(data: bytes):
+    """Step 1, the dataset: pydicom's reading (``force`` only for preamble-less files)."""
+    import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        if len(data) >= 132 and data[128:132] == b"DICM":
+            return pydicom.dcmread(io.BytesIO(data))
+        return _read_preambleless(data)
+    except _Skip:
+        raise
     except Exception as e:  # noqa: BLE001
+        if data[128:132] != b"DICM":
+            raise _Skip(f"not DICOM: no preamble, and pydicom cannot read it "
+                        f"({type(e).__name__})", NOT_DICOM) from None
         raise _Skip(f"unreadable DICOM: {type(e).__name__}: {e}", ERROR) from None
+
+
+def _describe(ds) -> dict[str, Any]:
+    """Attributes of an image instance, or ``_Skip`` (truncated, not an image, no UIDs)."""
+    from pydicom.uid import UID
 
     truncated = _truncation(ds)
     if truncated:
@@ -537,7 +979,10 @@ def _analyse_inner(path: Path, store: Store, verify: bool) -> _Prepared | Duplic
     attrs = instance_attributes(ds)
     if not any(tag in ds for tag in _PIXEL_TAGS):
         sop_class = attrs["SOPClassUID"]
-        label = UID(sop_class).name if sop_class else "no SOP Class UID"
+        try:
+            label = UID(sop_class).name if sop_class else "no SOP Class UID"
+        except Exception:  # noqa: BLE001
+            label = str(sop_class)
         if ("Rows" in ds and "Columns" in ds) or label.endswith("Image Storage"):
             raise _Skip(f"truncated or damaged: an image ({label}) without a Pixel Data "
                         "element", ERROR)
@@ -547,20 +992,26 @@ def _analyse_inner(path: Path, store: Store, verify: bool) -> _Prepared | Duplic
     for key in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         if not attrs[key]:
             raise _Skip(f"missing {key}", ERROR)
-    existing = cat.find_instance(attrs["SOPInstanceUID"])
-    if existing is not None:
-        if existing["original_sha256"] == sha:
-            return DuplicateFile(path, sha, attrs["SOPInstanceUID"])
-        raise _Skip(CONFLICT_REASON, CONFLICT)
+    return attrs
 
+
+def _decode_frames(ds, shape: dict[str, int]) -> tuple[list[PreparedFrame],
+                                                       list[list[float] | None]]:
+    """Step 6: every frame decoded by pydicom, checked against the header's shape."""
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     ts_label = getattr(ts, "name", None) or str(ts)
-    attrs["TransferSyntaxUID"] = str(ts) if ts else None
-
+    want = (shape["rows"], shape["columns"])
     prepared: list[PreparedFrame] = []
     positions: list[list[float] | None] = []
     try:
         for i, (arr, meta) in enumerate(_iter_frames(ds)):
+            if tuple(arr.shape[:2]) != want:
+                raise _Skip(f"frame {i + 1} decodes to {arr.shape[0]} x {arr.shape[1]}, the "
+                            f"header says Rows {want[0]} x Columns {want[1]} (refused, not "
+                            "reinterpreted)", REFUSED)
+            if i >= shape["frames"]:
+                raise _Skip(f"the pixel data holds more than NumberOfFrames "
+                            f"{shape['frames']} frames", REFUSED)
             prepared.append(prepare_frame(arr, meta, ds))
             positions.append(_frame_position(ds, i))
     except _Skip:
@@ -568,8 +1019,16 @@ def _analyse_inner(path: Path, store: Store, verify: bool) -> _Prepared | Duplic
     except Exception as e:  # noqa: BLE001 - report pydicom's own words
         raise _Skip(f"cannot decode pixel data ({ts_label}): {type(e).__name__}: {e}",
                     ERROR) from None
-    if not prepared:
-        raise _Skip("pixel data holds no frame", ERROR)
+    if len(prepared) != shape["frames"]:
+        raise _Skip(f"the pixel data holds {len(prepared)} frames, NumberOfFrames says "
+                    f"{shape['frames']}", REFUSED)
+    return prepared, positions
+
+
+def _encode_frames(prepared: list[PreparedFrame], positions: list[list[float] | None],
+                   verify: bool) -> list[_EncodedFrame]:
+    """Step 7: one layered codestream per frame, checked bit for bit when ``verify``."""
+    from codestream.encode import decode_full, encode_frame
 
     encoded: list[_EncodedFrame] = []
     for n, (pf, pos) in enumerate(zip(prepared, positions), start=1):
@@ -594,6 +1053,39 @@ def _analyse_inner(path: Path, store: Store, verify: bool) -> _Prepared | Duplic
             codestream=ef.codestream, index_json=ef.index.to_json().encode("utf-8"),
             offset=int(ef.offset), numres=int(ef.index.numres), nlayers=int(ef.index.nlayers),
             position=pos))
+    return encoded
+
+
+def _analyse_inner(path: Path, store: Store, verify: bool,
+                   limits: IngestLimits) -> _Result:
+    data = read_candidate(path)                                    # 1. recognise
+    return prepare(data, path, store, verify, limits)
+
+
+def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestLimits, *,
+            check_conflict: bool = True) -> _Result:
+    """Steps 1-7 on a file's bytes; raises ``_Skip`` with the reason for a refusal.
+    ``check_conflict`` False prepares a quarantined file for its resolution."""
+    sha = sha256_hex(data)
+    cat = store.catalogue
+    if cat.has_original(sha):                                      # 2. deduplicate
+        return DuplicateFile(path, sha)
+    ds = parse_dataset(data)
+    attrs = _describe(ds)
+    _check_uids(ds, limits)                                        # 3. header checks
+    shape = check_header(ds, limits)
+    flags = value_flags(ds)                                        # 4. impossible values
+    sop = attrs["SOPInstanceUID"]
+    existing = cat.find_instance(sop) if check_conflict else None  # 5. conflict
+    if existing is not None:
+        if existing["original_sha256"] == sha:
+            return DuplicateFile(path, sha, sop)
+        return _Conflict(path, data, sha, sop)
+
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    attrs["TransferSyntaxUID"] = str(ts) if ts else None
+    prepared, positions = _decode_frames(ds, shape)                # 6. decode
+    encoded = _encode_frames(prepared, positions, verify)          # 7. encode (+ verify)
 
     first = prepared[0]
     attrs.update({
@@ -609,14 +1101,18 @@ def _analyse_inner(path: Path, store: Store, verify: bool) -> _Prepared | Duplic
         "PixelRepresentation": 1 if first.signed else 0,
         "signed": first.signed,
         "bits_stored": max(p.bits_stored for p in prepared),
+        "geometry_flags": flags,
     })
+    _clear_flagged(attrs, flags)
     del prepared
     attrs["header_json"] = _header_json(ds)
-    return _Prepared(path, data, sha, attrs, encoded)
+    return _Prepared(path, data, sha, attrs, encoded, flags)
 
 
-def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | SkippedFile:
-    """Step 5 (calling thread only): files first, then the rows in one transaction."""
+def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | SkippedFile | _Conflict:
+    """Step 8 (calling thread only): files first, then the rows in one transaction. A
+    conflict found only now (the other file came earlier in the same batch, or from
+    another process) is handed back for the quarantine."""
     cat = store.catalogue
     a = p.attrs
     sop = a["SOPInstanceUID"]
@@ -626,7 +1122,7 @@ def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | Skippe
     if existing is not None:
         if existing["original_sha256"] == p.sha256:
             return DuplicateFile(p.path, p.sha256, sop)
-        return SkippedFile(p.path, CONFLICT_REASON, CONFLICT)
+        return _Conflict(p.path, p.data, p.sha256, sop)
     try:
         frames = []
         for n, ef in enumerate(p.frames, start=1):
@@ -647,62 +1143,137 @@ def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | Skippe
     except DuplicateInstanceError as e:        # another process got there first
         if e.original_sha256 == p.sha256:
             return DuplicateFile(p.path, p.sha256, sop)
-        return SkippedFile(p.path, CONFLICT_REASON, CONFLICT)
+        return _Conflict(p.path, p.data, p.sha256, sop)
     except OSError as e:
         return SkippedFile(p.path, f"cannot write to the store: {e}", ERROR)
     return ImportedFile(p.path, sop, a["SeriesInstanceUID"], a["StudyInstanceUID"],
-                        len(frames), p.sha256)
+                        len(frames), p.sha256, list(p.flags))
+
+
+def _quarantine(c: _Conflict, store: Store, audit: "AuditFn") -> QuarantinedFile | SkippedFile:
+    """Keep a conflicting file in the quarantine (calling thread only) and audit it."""
+    from . import quarantine as q
+
+    try:
+        entry = q.add(store, c.data, c.sop_instance_uid, source_path=str(c.path))
+    except Exception as e:  # noqa: BLE001 - never lose it silently: say so
+        return SkippedFile(c.path, f"{CONFLICT_REASON}, and it could not be kept in the "
+                                   f"quarantine: {type(e).__name__}: {e}", CONFLICT)
+    reason = entry.reason
+    audit("ingest", c.sop_instance_uid, "quarantined",
+          {"path": str(c.path), "quarantine_id": entry.id, "sha256": entry.sha256,
+           "stored_sha256": entry.stored_sha256, "reason": reason,
+           "differences": entry.differences})
+    return QuarantinedFile(c.path, c.sop_instance_uid, entry.sha256, reason, entry.id,
+                           entry.stored_sha256)
+
+
+AuditFn = Callable[[str, str | None, str, dict], None]
+
+
+def store_auditor(store: Store, user: str | None = None) -> tuple[AuditFn, Callable[[], None]]:
+    """(audit function, close) writing to the store's audit log (server_stub.auth), the
+    Authority opened on first use."""
+    import getpass
+
+    holder: list[Any] = []
+    who = user or _os_user(getpass)
+
+    def audit(action: str, resource: str | None, outcome: str, detail: dict) -> None:
+        from .auth import Authority
+
+        if not holder:
+            holder.append(Authority(str(store.root / "catalogue.sqlite")))
+        holder[0].audit(user=who, action=action, resource=resource, outcome=outcome,
+                        detail=detail)
+
+    def close() -> None:
+        for a in holder:
+            a.close()
+        holder.clear()
+
+    return audit, close
+
+
+def _os_user(getpass) -> str:
+    try:
+        return f"os:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no user name in this environment
+        return "os:?"
 
 
 # --------------------------------------------------------------------------- entry point
 
 def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = None,
                  progress: ProgressFn | None = None, *, verify: bool = True,
-                 workers: int = 2) -> IngestReport:
+                 workers: int = 2, limits: IngestLimits | None = None,
+                 audit: AuditFn | None = None, user: str | None = None) -> IngestReport:
     """Ingest files and folders (recursively) into ``store``.
 
     ``log(message)`` is called once per file with the outcome; ``progress(done, total)``
     after each file. ``verify`` decodes every new codestream and compares it bit for bit
     with the source pixels. ``workers`` threads decode and encode; catalogue writes stay
-    on the calling thread. Never raises for a bad input file.
+    on the calling thread. ``limits`` defaults to the store's (:meth:`IngestLimits.
+    for_store`). Quarantined files are audited through ``audit(action, resource,
+    outcome, detail)``, by default into the store's audit log as ``user`` (default the
+    operating-system user). Never raises for a bad input file.
     """
     files = list(iter_files(paths))
     total = len(files)
     report = IngestReport()
     emit = log or (lambda _msg: None)
+    if limits is None:
+        limits = IngestLimits.for_store(store.root)
+    close_audit: Callable[[], None] = lambda: None
+    if audit is None:
+        audit, close_audit = store_auditor(store, user)
 
-    def record(result: ImportedFile | DuplicateFile | SkippedFile) -> None:
+    def done() -> int:
+        return (len(report.imported) + len(report.duplicates) + len(report.skipped)
+                + len(report.quarantined))
+
+    def record(result: ImportedFile | DuplicateFile | SkippedFile | QuarantinedFile) -> None:
         if isinstance(result, ImportedFile):
             report.imported.append(result)
+            flags = f"; FLAGGED: {'; '.join(result.flags)}" if result.flags else ""
             emit(f"imported  {result.path} ({result.frames} frame"
-                 f"{'s' if result.frames != 1 else ''}, SOP {result.sop_instance_uid})")
+                 f"{'s' if result.frames != 1 else ''}, SOP {result.sop_instance_uid}"
+                 f"{flags})")
         elif isinstance(result, DuplicateFile):
             report.duplicates.append(result)
             emit(f"duplicate {result.path} (already stored)")
+        elif isinstance(result, QuarantinedFile):
+            report.quarantined.append(result)
+            emit(f"quarantined {result.path}: {result.reason} (entry "
+                 f"{result.quarantine_id})")
         else:
             report.skipped.append(result)
             emit(f"skipped   {result.path}: {result.reason}")
         if progress is not None:
-            progress(len(report.imported) + len(report.duplicates) + len(report.skipped),
-                     total)
+            progress(done(), total)
 
-    def finish(result: _Prepared | DuplicateFile | SkippedFile) -> None:
+    def finish(result: _Result) -> None:
         if isinstance(result, _Prepared):
             try:
                 result = _commit(result, store)
             except Exception as e:  # noqa: BLE001 - e.g. catalogue locked for too long
                 result = SkippedFile(result.path,
                                      f"cannot store: {type(e).__name__}: {e}", ERROR)
+        if isinstance(result, _Conflict):
+            result = _quarantine(result, store, audit)
         record(result)
 
     workers = max(1, int(workers))
     window = 2 * workers
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-        pending: collections.deque[Future] = collections.deque()
-        for path in files:
-            pending.append(pool.submit(_analyse, path, store, verify))
-            while len(pending) >= window:
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+            pending: collections.deque[Future] = collections.deque()
+            for path in files:
+                pending.append(pool.submit(_analyse, path, store, verify, limits))
+                while len(pending) >= window:
+                    finish(pending.popleft().result())
+            while pending:
                 finish(pending.popleft().result())
-        while pending:
-            finish(pending.popleft().result())
+    finally:
+        close_audit()
     return report

@@ -113,7 +113,7 @@ def _uids(rows, key="StudyInstanceUID"):
 
 def test_schema_and_pragmas(tmp_path):
     cat = Catalogue(tmp_path / "c.sqlite")
-    assert cat.schema_version == 1
+    assert cat.schema_version == 2
     conn = sqlite3.connect(tmp_path / "c.sqlite")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -380,3 +380,33 @@ def test_rows_from_a_real_ingest(tmp_path):
     assert ect_imgs[0]["ImageOrientationPatient"] == [-1, 0, 0, 0, 1, 0]
     assert ect_imgs[0]["RescaleIntercept"] == -1024.0
     store.close()
+
+
+def test_version_1_catalogue_migrates_and_keeps_its_rows(tmp_path):
+    """A store made before the quarantine (schema 1) opens: the flags column and the
+    quarantine table are added, the rows stay."""
+    from server_stub import catalogue as catmod
+
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    for stmt in catmod._DDL:
+        conn.execute(stmt.replace(",\n        geometry_flags TEXT)", ")"))
+    conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(instance)")}
+    assert "geometry_flags" not in cols
+    conn.commit()
+    conn.close()
+    cat = Catalogue(path)
+    assert cat.schema_version == 2
+    cat.add_instance(_instance(_patient("P9", "Old^Store"), _study("9.1", "20200101"),
+                               _series("9.1.1", "CT"), "9.1.1.1"), _frames("9.1.1.1"))
+    assert cat.delete_instance("9.1.1.1") == ["originals/xx/" + _sha("9.1.1.1") + ".dcm",
+                                              "j2k/s/9.1.1.1.1.j2k", "j2k/s/9.1.1.1.1.idx.json"]
+    assert cat.counts() == {"patients": 0, "studies": 0, "series": 0, "instances": 0,
+                            "frames": 0}
+    cat.add_instance(_instance(_patient("P9", "Old^Store"), _study("9.1", "20200101"),
+                               _series("9.1.1", "CT"), "9.1.1.1"), _frames("9.1.1.1"))
+    rows = cat.series_images("9.1.1")
+    assert rows and rows[0]["geometry_flags"] == [] and rows[0]["conflict"] is False
+    cat.close()
+    assert Catalogue(path).schema_version == 2

@@ -276,17 +276,19 @@ def test_reingest_is_noop(tmp_path):
     store.close()
 
 
-def test_same_sop_uid_different_bytes_is_skipped(tmp_path):
+def test_same_sop_uid_different_bytes_is_quarantined(tmp_path):
     store = Store(tmp_path / "store")
     assert len(ingest_paths([_testfile("MR_small.dcm")], store).imported) == 1
     report = ingest_paths([_testfile("MR_small_RLE.dcm")], store)
-    assert [s.reason for s in report.skipped] == [CONFLICT_REASON]
-    # Two conflicting files in the same batch: the first wins.
+    assert not report.skipped and not report.imported
+    assert [q.reason.split(":")[0] for q in report.quarantined] == [CONFLICT_REASON]
+    # Two conflicting files in the same batch: the first is stored, the second kept aside.
     store2 = Store(tmp_path / "store2")
     report = ingest_paths([_testfile("emri_small.dcm"), _testfile("emri_small_RLE.dcm"),
                            _testfile("emri_small.dcm")], store2)
     assert len(report.imported) == 1 and len(report.duplicates) == 1
-    assert [s.reason for s in report.skipped] == [CONFLICT_REASON]
+    assert len(report.quarantined) == 1 and not report.skipped
+    assert "transfer syntax differs" in report.quarantined[0].reason
     assert fsck(store2).clean
     store.close()
     store2.close()

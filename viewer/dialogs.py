@@ -271,9 +271,12 @@ class ImportResultDialog(QDialog):
             rows.append((str(s.path), "error" if s.is_error else "skipped", s.reason))
         for d in report.duplicates:
             rows.append((str(d.path), "already stored", "identical file already in the store"))
+        for q in getattr(report, "quarantined", ()):
+            rows.append((str(q.path), "quarantined", q.reason))
         for f in report.imported:
-            rows.append((str(f.path), "imported",
-                         f"{f.frames} frame{'s' if f.frames != 1 else ''}, SOP {f.sop_instance_uid}"))
+            rows.append((str(f.path), "imported (flagged)" if f.flags else "imported",
+                         f"{f.frames} frame{'s' if f.frames != 1 else ''}, SOP {f.sop_instance_uid}"
+                         + (f"; impossible values: {'; '.join(f.flags)}" if f.flags else "")))
         self._rows = rows
         head = report.summary()
         if outcome.cancelled:

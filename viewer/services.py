@@ -165,9 +165,7 @@ class Backend:
                 break
             part = ingest_paths(files[start:start + batch], self.server.store, log=log_fn,
                                 progress=lambda d, t, s=start: progress(s + d, len(files)))
-            report.imported += part.imported
-            report.duplicates += part.duplicates
-            report.skipped += part.skipped
+            report.merge(part)
         for f in report.imported:
             if f.study_instance_uid not in outcome.studies:
                 outcome.studies.append(f.study_instance_uid)

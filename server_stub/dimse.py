@@ -27,6 +27,7 @@ The directory of peers lives in the catalogue database's ``settings`` table
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -611,9 +612,16 @@ class DimseServer:
             ok = accepted.get(str(ds.SOPClassUID), set())
             if ts not in ok and not _native(ts):
                 if ExplicitVRLittleEndian in ok or ImplicitVRLittleEndian in ok:
-                    ds.decompress()
-                    if ExplicitVRLittleEndian not in ok:
-                        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+                    ds.decompress(generate_instance_uid=False)   # same instance
+                    target = (ExplicitVRLittleEndian if ExplicitVRLittleEndian in ok
+                              else ImplicitVRLittleEndian)
+                    # serialise once in the target syntax and read back, so that every
+                    # nested item is encoded the way the context says
+                    buf = io.BytesIO()
+                    ds.file_meta.TransferSyntaxUID = target
+                    ds.save_as(buf, implicit_vr=target == ImplicitVRLittleEndian,
+                               little_endian=True, enforce_file_format=True)
+                    ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))
         return ds
 
     @staticmethod

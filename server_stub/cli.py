@@ -6,6 +6,14 @@ Sub-commands::
     medview-server fsck --store DIR [--repair]
     medview-server sample --store DIR
     medview-server serve --store DIR [--host H] [--port P] [--policy FILE]
+            [--dicom-port N [--ae-title MEDVIEW] [--dicom-host 127.0.0.1]]
+    medview-server ae add TITLE --host H --port P --store DIR | ae list | ae remove TITLE
+            | ae allow-any on|off
+    medview-server pacs add NAME --host H --port P --ae TITLE --store DIR | pacs list
+            | pacs remove NAME | pacs echo NAME
+    medview-server pacs query NAME [--patient ID] [--date RANGE] [--modality M] --store DIR
+    medview-server pacs retrieve NAME --study UID [--via move|get] [--listen-port N] --store DIR
+    medview-server export --study UID [--series UID] --out DIR|file.zip [--dicomdir] --store DIR
     medview-server user add NAME --store DIR [--group G]... [--password-stdin]
     medview-server user remove|passwd NAME --store DIR [--password-stdin]
     medview-server user groups NAME [GROUP...] --store DIR
@@ -112,9 +120,202 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving patient data on {args.host}; the local user is refused "
               "from other machines, give real users passwords (issue: rights)", flush=True)
-    run(str(args.store), host=args.host, port=args.port, log_level=args.log_level,
-        policy_path=str(args.policy) if args.policy else None)
+    dimse = _start_dimse(args)
+    try:
+        run(str(args.store), host=args.host, port=args.port, log_level=args.log_level,
+            policy_path=str(args.policy) if args.policy else None)
+    finally:
+        if dimse is not None:
+            dimse.stop()
     return 0
+
+
+# --------------------------------------------------------------------------- DICOM network
+def _start_dimse(args: argparse.Namespace):
+    """The DICOM SCP next to the HTTP server when ``--dicom-port`` is given."""
+    if args.dicom_port is None:
+        return None
+    from .dimse import DimseServer
+    from .store import Store
+
+    if args.dicom_host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: DICOM listener on {args.dicom_host}; only the AE titles of "
+              "'medview-server ae list' may associate unless 'ae allow-any on'", flush=True)
+    store = Store(args.store)
+    return DimseServer(store, ae_title=args.ae_title, host=args.dicom_host,
+                       port=args.dicom_port).start()
+
+
+def _peers(args: argparse.Namespace):
+    from .dimse import Peers
+    from .store import Store
+
+    if not Path(args.store).is_dir():
+        raise UsageError(f"no store at {args.store}")
+    store = Store(args.store)
+    return store, Peers(store.catalogue)
+
+
+def _cmd_ae(args: argparse.Namespace) -> int:
+    store, peers = _peers(args)
+    try:
+        if args.action == "list":
+            dests = peers.destinations()
+            for p in dests.values():
+                print(f"{p.name:<16} {p.host}:{p.port}")
+            print(f"calling AE titles: {'any' if peers.allow_any else 'known peers only'}")
+            return 0
+        if args.action == "allow-any":
+            if args.name not in ("on", "off"):
+                raise UsageError("ae allow-any takes on or off")
+            peers.allow_any = args.name == "on"
+            print(f"calling AE titles: {'any' if peers.allow_any else 'known peers only'}")
+            return 0
+        if not args.name:
+            raise UsageError(f"ae {args.action} needs an AE title")
+        if args.action == "add":
+            if not args.host or not args.port:
+                raise UsageError("ae add needs --host and --port")
+            try:
+                p = peers.add_destination(args.name, args.host, args.port)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            print(f"AE {p.name} at {p.host}:{p.port} added (C-MOVE destination, may call us)")
+            return 0
+        if not peers.remove_destination(args.name):
+            print(f"error: no AE {args.name}", file=sys.stderr)
+            return 1
+        print(f"AE {args.name} removed")
+        return 0
+    finally:
+        store.close()
+
+
+def _cmd_pacs(args: argparse.Namespace) -> int:
+    from .dimse import DimseError, Pacs
+
+    store, peers = _peers(args)
+    try:
+        if args.action == "list":
+            for p in peers.pacs().values():
+                print(f"{p.name:<16} {p.ae_title:<16} {p.host}:{p.port}")
+            return 0
+        if not args.name:
+            raise UsageError(f"pacs {args.action} needs a name")
+        if args.action == "add":
+            if not (args.host and args.port and args.ae):
+                raise UsageError("pacs add needs --host, --port and --ae")
+            try:
+                p = peers.add_pacs(args.name, args.host, args.port, args.ae)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            print(f"PACS {p.name}: {p.ae_title} at {p.host}:{p.port}")
+            return 0
+        if args.action == "remove":
+            if not peers.remove_pacs(args.name):
+                print(f"error: no PACS {args.name}", file=sys.stderr)
+                return 1
+            print(f"PACS {args.name} removed")
+            return 0
+        try:
+            pacs = Pacs(peers.get_pacs(args.name), ae_title=args.ae_title)
+        except KeyError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 1
+        try:
+            if args.action == "echo":
+                pacs.echo()
+                print(f"{args.name}: C-ECHO ok")
+            elif args.action == "query":
+                rows = pacs.find_studies(args.patient, args.date, args.modality)
+                for r in rows:
+                    mods = r.get("ModalitiesInStudy") or ""
+                    mods = "\\".join(mods) if isinstance(mods, list) else str(mods)
+                    print(f"{r.get('StudyInstanceUID', '')}  {r.get('StudyDate') or '-':<8}  "
+                          f"{str(r.get('PatientID') or ''):<12} "
+                          f"{str(r.get('PatientName') or ''):<24} {mods:<8} "
+                          f"{r.get('NumberOfStudyRelatedInstances') or ''} "
+                          f"{r.get('StudyDescription') or ''}".rstrip())
+                print(f"{len(rows)} studies")
+            elif args.action == "retrieve":
+                if not args.study:
+                    raise UsageError("pacs retrieve needs --study UID")
+
+                def progress(done: int, total: int) -> None:
+                    if not args.quiet:
+                        print(f"\r{done}/{total} instances", end="", flush=True)
+
+                counts = pacs.retrieve(args.study, store, via=args.via,
+                                       listen_port=args.listen_port, progress=progress)
+                if not args.quiet:
+                    print()
+                for e in counts["errors"]:
+                    print(f"error: {e}", file=sys.stderr)
+                print(f"{counts['completed']} received, {counts['failed']} failed; "
+                      f"{counts['imported']} imported, {counts['duplicates']} duplicates, "
+                      f"{counts['skipped']} skipped")
+                return 0 if not counts["failed"] and not counts["skipped"] else 1
+        except DimseError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        store.close()
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_study
+    from .store import Store
+
+    if not Path(args.store).is_dir():
+        raise UsageError(f"no store at {args.store}")
+    with Store(args.store) as store:
+        try:
+            report = export_study(store, args.study, args.out, series=args.series,
+                                  dicomdir=args.dicomdir)
+        except ExportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print(report.summary())
+    return 0
+
+
+def _add_dimse_parsers(sub) -> None:
+    p = sub.add_parser("ae", help="DICOM peers that may call us and receive C-MOVE")
+    p.add_argument("action", choices=("add", "remove", "list", "allow-any"))
+    p.add_argument("name", nargs="?", help="the peer's AE title (allow-any: on or off)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.set_defaults(func=_cmd_ae)
+
+    p = sub.add_parser("pacs", help="query and retrieve from a remote PACS (DICOM SCU)")
+    p.add_argument("action", choices=("add", "remove", "list", "echo", "query", "retrieve"))
+    p.add_argument("name", nargs="?", help="local name of the PACS")
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--ae", help="add: the PACS's AE title")
+    p.add_argument("--ae-title", default="MEDVIEW", help="our AE title (default MEDVIEW)")
+    p.add_argument("--patient", help="query: Patient ID (wildcards * and ?)")
+    p.add_argument("--date", help="query: study date YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    p.add_argument("--modality", help="query: modality in study, e.g. CT")
+    p.add_argument("--study", help="retrieve: Study Instance UID")
+    p.add_argument("--via", choices=("get", "move"), default="get",
+                   help="retrieve: C-GET (one association, default) or C-MOVE to our title")
+    p.add_argument("--listen-port", type=int,
+                   help="retrieve --via move: port of our temporary storage SCP")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=_cmd_pacs)
+
+    p = sub.add_parser("export", help="write a study's original files (optionally a DICOMDIR)")
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--study", required=True, help="Study Instance UID")
+    p.add_argument("--series", help="only this Series Instance UID")
+    p.add_argument("--out", required=True, type=Path, help="an empty folder, or FILE.zip")
+    p.add_argument("--dicomdir", action="store_true", help="write a DICOM File-set with a "
+                   "DICOMDIR")
+    p.set_defaults(func=_cmd_export)
 
 
 # --------------------------------------------------------------------------- users
@@ -368,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--policy", type=Path, help="site policy file (TOML) over the defaults "
                    "and STORE/policy.toml")
+    p.add_argument("--dicom-port", type=int, help="also run the DICOM SCP (C-ECHO, C-STORE, "
+                   "C-FIND, C-MOVE, C-GET) on this port")
+    p.add_argument("--ae-title", default="MEDVIEW", help="our AE title (default MEDVIEW)")
+    p.add_argument("--dicom-host", default="127.0.0.1",
+                   help="address of the DICOM listener (default 127.0.0.1)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("user", help="users, groups and rights")
@@ -426,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="one Series Instance UID")
     p.add_argument("--policy", type=Path, help="site policy file (TOML)")
     p.set_defaults(func=_cmd_versions)
+    _add_dimse_parsers(sub)
     return parser
 
 

@@ -1,0 +1,319 @@
+"""DICOM networking against real peers: dcmtk's command-line tools and pynetdicom.
+
+The project's SCP (server_stub/dimse.py) runs in this process on a free loopback port;
+dcmtk tools run as subprocesses with the store's AE directory filled by the command line
+(``medview-server ae add``). Waits follow events (a port accepting, a process ending).
+"""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from server_stub import sample
+from server_stub.cli import main as cli_main
+from server_stub.dimse import (DimseServer, Pacs, Peers, match_value, wait_for_port)
+from server_stub.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Real files in several transfer syntaxes (distinct SOP Instance UIDs).
+REAL_FILES = ["CT_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm",
+              "SC_rgb_rle.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm", "image_dfl.dcm",
+              "SC_rgb_jpeg_dcmtk.dcm"]
+TOOL_TIMEOUT = 120
+
+
+def ensure_peers(*packages: str) -> None:
+    r = subprocess.run(["bash", str(REPO / "scripts/apt-ensure.sh"), *packages],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot install {packages}: {r.stderr}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(*cmd: str, ok: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                       timeout=TOOL_TIMEOUT, cwd=cwd)
+    if ok:
+        assert r.returncode == 0, f"{cmd[0]} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def wait_until(cond, timeout: float = 60.0) -> bool:
+    """Poll ``cond`` until it holds (the SCP audits after answering the peer)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture(scope="module")
+def real_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("real")
+    for name in REAL_FILES:
+        p = sample.find_test_file(name)
+        if p is None:
+            pytest.skip(f"pydicom test file {name} not installed")
+        shutil.copy(p, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def scp(tmp_path_factory):
+    """An empty store with the SCP on a free port; TESTER may call, DEST is a C-MOVE
+    destination (a dcmtk storescp started by the test that needs it)."""
+    ensure_peers("dcmtk")
+    root = tmp_path_factory.mktemp("dimse")
+    store_dir = root / "store"
+    Store(store_dir).close()
+    dest_port = free_port()
+    assert cli_main(["ae", "add", "TESTER", "--host", "127.0.0.1", "--port", "104",
+                     "--store", str(store_dir)]) == 0
+    assert cli_main(["ae", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest_port),
+                     "--store", str(store_dir)]) == 0
+    store = Store(store_dir)
+    srv = DimseServer(store, port=0, ae_title="MEDVIEW").start()
+    wait_for_port("127.0.0.1", srv.port)
+    srv.dest_port = dest_port
+    srv.root = root
+    yield srv
+    srv.stop()
+    store.close()
+
+
+def storescu_config(folder: Path, out: Path) -> list[str]:
+    """A storescu profile proposing, for each file, its SOP class with its own transfer
+    syntax (storescu otherwise proposes uncompressed syntaxes only)."""
+    pairs = sorted({(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID))
+                    for d in (pydicom.dcmread(p, stop_before_pixels=True)
+                              for p in folder.iterdir())})
+    tss = sorted({ts for _, ts in pairs})
+    lines = ["[[TransferSyntaxes]]"]
+    for n, ts in enumerate(tss):
+        lines += [f"[TS{n}]", f"TransferSyntax1 = {ts}"]
+    lines += ["[[PresentationContexts]]", "[Files]"]
+    for n, (sop, ts) in enumerate(pairs, 1):
+        lines.append(f"PresentationContext{n} = {sop}\\TS{tss.index(ts)}")
+    lines += ["[[Profiles]]", "[Files]", "PresentationContexts = Files"]
+    out.write_text("\n".join(lines) + "\n")
+    return ["--config-file", str(out), "Files"]
+
+
+def _scu(scp, *args, files: tuple[str, ...] = ()):
+    return ["-aet", "TESTER", "-aec", "MEDVIEW", *args, "127.0.0.1", str(scp.port), *files]
+
+
+def test_matching_rules():
+    assert match_value("PatientName", "PN", "doe*", "DOE^JOHN")
+    assert not match_value("PatientName", "PN", "smith*", "DOE^JOHN")
+    assert match_value("PatientID", "LO", "A?C", "ABC")
+    assert not match_value("PatientID", "LO", "abc", "ABC")          # LO: case-sensitive
+    assert match_value("StudyDate", "DA", "20200101-20201231", "20200615")
+    assert not match_value("StudyDate", "DA", "20200101-20201231", "20210101")
+    assert match_value("StudyDate", "DA", "-20200101", "19991231")
+    assert match_value("StudyDate", "DA", "20200101-", "20240101")
+    assert match_value("StudyTime", "TM", "1000-1200", "113000.5")
+    assert not match_value("StudyTime", "TM", "1000-1200", "123000")
+    assert match_value("StudyInstanceUID", "UI", "1.2\\1.3", "1.3")
+    assert not match_value("StudyInstanceUID", "UI", "1.2\\1.3", "1.30")
+    assert match_value("ModalitiesInStudy", "CS", "MR", ["CT", "MR"])
+    assert match_value("Modality", "CS", "", None)                     # universal
+
+
+def test_echo_and_calling_ae_check(scp):
+    run("echoscu", *_scu(scp))
+    r = run("echoscu", "-aet", "STRANGER", "-aec", "MEDVIEW", "127.0.0.1", str(scp.port),
+            ok=False)
+    assert r.returncode != 0 and "Rejected" in (r.stdout + r.stderr)
+    assert wait_until(lambda: any(
+        r["user"] == "STRANGER" and r["outcome"] == "denied"
+        for r in scp.auth.audit_rows(action="dimse-associate")))
+    assert any(r["user"] == "TESTER" and r["outcome"] == "ok"
+               for r in scp.auth.audit_rows(action="dimse-associate"))
+    assert scp.auth.audit_rows(action="dimse-echo", user="TESTER")
+
+
+def test_storescu_folder_goes_through_ingest(scp, real_dir):
+    r = run("storescu", *_scu(scp, *storescu_config(real_dir, scp.root / "storescu.cfg"),
+                                        "+sd", files=(str(real_dir),)), ok=False)
+    cat = scp.store.catalogue
+    for name in REAL_FILES:
+        src = pydicom.dcmread(real_dir / name)
+        inst = cat.find_instance(str(src.SOPInstanceUID))
+        assert inst is not None, f"{name} not stored:\n{r.stdout}\n{r.stderr}"
+        got = pydicom.dcmread(scp.store.abspath(inst["original_relpath"]))
+        # what arrived is what was sent: same transfer syntax and pixel data element
+        assert got.file_meta.TransferSyntaxUID == src.file_meta.TransferSyntaxUID, name
+        assert got[0x7FE00010].value == src[0x7FE00010].value, name
+    assert r.returncode == 0, r.stderr
+    rows = scp.auth.audit_rows(action="dimse-store")
+    assert sum(1 for x in rows if x["outcome"] == "ok") >= len(REAL_FILES)
+
+
+def _find(scp, tmp_path, model: str, *keys: str) -> list[pydicom.Dataset]:
+    out = tmp_path / f"find{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    args = [model, "-X", "-od", str(out)]
+    for k in keys:
+        args += ["-k", k]
+    run("findscu", *_scu(scp, *args))
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_findscu_levels_and_matching(scp, real_dir, tmp_path):
+    if scp.store.catalogue.find_instance(str(pydicom.dcmread(real_dir / "CT_small.dcm")
+                                             .SOPInstanceUID)) is None:
+        run("storescu", *_scu(scp, *storescu_config(real_dir, scp.root / "storescu.cfg"),
+                                        "+sd", files=(str(real_dir),)), ok=False)
+    ct = pydicom.dcmread(real_dir / "CT_small.dcm")
+    cat = scp.store.catalogue
+    n_studies = len(cat.query_studies())
+
+    rsp = _find(scp, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "StudyInstanceUID",
+                "PatientName", "StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedInstances")
+    assert len(rsp) == n_studies
+    assert {str(d.StudyInstanceUID) for d in rsp} == {
+        s["StudyInstanceUID"] for s in cat.query_studies()}
+
+    # wildcard on the patient name (PN: case-insensitive here), returned filled in
+    rsp = _find(scp, tmp_path, "-S", "QueryRetrieveLevel=STUDY",
+                f"PatientName={str(ct.PatientName)[:3].lower()}*", "StudyInstanceUID")
+    assert str(ct.StudyInstanceUID) in {str(d.StudyInstanceUID) for d in rsp}
+    # date range around the CT's study date, and one that excludes it
+    d = str(ct.StudyDate)
+    rsp = _find(scp, tmp_path, "-S", "QueryRetrieveLevel=STUDY", f"StudyDate={d}-{d}",
+                "StudyInstanceUID")
+    assert str(ct.StudyInstanceUID) in {str(x.StudyInstanceUID) for x in rsp}
+    rsp = _find(scp, tmp_path, "-S", "QueryRetrieveLevel=STUDY", "StudyDate=-19000101",
+                "StudyInstanceUID")
+    assert rsp == []
+    # UID list matching
+    uids = [s["StudyInstanceUID"] for s in cat.query_studies()][:2]
+    rsp = _find(scp, tmp_path, "-S", "QueryRetrieveLevel=STUDY",
+                "StudyInstanceUID=" + "\\".join(uids))
+    assert sorted(str(x.StudyInstanceUID) for x in rsp) == sorted(uids)
+    # patient root, PATIENT level
+    rsp = _find(scp, tmp_path, "-P", "QueryRetrieveLevel=PATIENT", f"PatientID={ct.PatientID}",
+                "PatientName", "NumberOfPatientRelatedStudies")
+    assert len(rsp) == 1 and str(rsp[0].PatientName) == str(ct.PatientName)
+    assert int(rsp[0].NumberOfPatientRelatedStudies) >= 1
+    # SERIES and IMAGE levels under the CT's study
+    rsp = _find(scp, tmp_path, "-S", "QueryRetrieveLevel=SERIES",
+                f"StudyInstanceUID={ct.StudyInstanceUID}", "SeriesInstanceUID", "Modality")
+    assert [str(x.SeriesInstanceUID) for x in rsp] == [str(ct.SeriesInstanceUID)]
+    assert rsp[0].Modality == "CT"
+    rsp = _find(scp, tmp_path, "-S", "QueryRetrieveLevel=IMAGE",
+                f"StudyInstanceUID={ct.StudyInstanceUID}",
+                f"SeriesInstanceUID={ct.SeriesInstanceUID}", "SOPInstanceUID", "InstanceNumber")
+    assert [str(x.SOPInstanceUID) for x in rsp] == [str(ct.SOPInstanceUID)]
+    # Study Root has no PATIENT level: a failure status, not a crash
+    r = run("findscu", *_scu(scp, "-S", "-k", "QueryRetrieveLevel=PATIENT", "-k",
+                             "PatientID"), ok=False)
+    assert "Pending" not in r.stdout + r.stderr
+
+
+def test_movescu_to_storescp_and_getscu(scp, real_dir, tmp_path):
+    if scp.store.catalogue.find_instance(str(pydicom.dcmread(real_dir / "JPEG2000.dcm")
+                                             .SOPInstanceUID)) is None:
+        run("storescu", *_scu(scp, *storescu_config(real_dir, scp.root / "storescu.cfg"),
+                                        "+sd", files=(str(real_dir),)), ok=False)
+    j2k = pydicom.dcmread(real_dir / "JPEG2000.dcm")
+    study = str(j2k.StudyInstanceUID)
+    expected = {i["SOPInstanceUID"] for i in scp.store.catalogue.query_instances(
+        StudyInstanceUID=study)}
+    rx = tmp_path / "rx"
+    rx.mkdir()
+    dest = subprocess.Popen(["storescp", "-aet", "DEST", "+xa", "-od", str(rx),
+                             str(scp.dest_port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", scp.dest_port)
+        run("movescu", *_scu(scp, "-S", "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
+                         "-k", f"StudyInstanceUID={study}"))
+        # an unknown destination is refused with the standard status
+        r = run("movescu", *_scu(scp, "-S", "-aem", "NOWHERE", "-k",
+                                 "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"),
+                ok=False)
+        assert "MoveDestinationUnknown" in r.stdout + r.stderr or "a801" in (
+            r.stdout + r.stderr).lower()
+    finally:
+        dest.terminate()
+        dest.wait(timeout=30)
+    got = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in rx.iterdir()}
+    assert set(got) == expected
+    for sop, p in got.items():
+        inst = scp.store.catalogue.find_instance(sop)
+        orig = pydicom.dcmread(scp.store.abspath(inst["original_relpath"]))
+        back = pydicom.dcmread(p)
+        # storescp +xa accepted the stored (JPEG 2000) syntax: the same pixel data bytes
+        assert back.file_meta.TransferSyntaxUID == orig.file_meta.TransferSyntaxUID
+        assert back[0x7FE00010].value == orig[0x7FE00010].value
+
+    # C-GET: getscu proposes uncompressed syntaxes only, so the server decompresses
+    out = tmp_path / "get"
+    out.mkdir()
+    run("getscu", *_scu(scp, "-S", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                        "-k", f"StudyInstanceUID={study}"))
+    files = list(out.iterdir())
+    assert {str(pydicom.dcmread(p).SOPInstanceUID) for p in files} == expected
+    for p in files:
+        back = pydicom.dcmread(p)
+        inst = scp.store.catalogue.find_instance(str(back.SOPInstanceUID))
+        orig = pydicom.dcmread(scp.store.abspath(inst["original_relpath"]))
+        assert np.array_equal(back.pixel_array, orig.pixel_array)
+    assert wait_until(lambda: {"dimse-move", "dimse-get", "dimse-find", "dimse-store"} <= {
+        r["action"] for r in scp.auth.audit_rows(user="TESTER")})
+    assert any(r["outcome"] == "denied" for r in scp.auth.audit_rows(action="dimse-move"))
+
+
+def test_pynetdicom_scu_query_and_retrieve(scp, real_dir, tmp_path):
+    """The project's own SCU (``pacs``) against the project's SCP, by C-GET and C-MOVE."""
+    if scp.store.catalogue.find_instance(str(pydicom.dcmread(real_dir / "CT_small.dcm")
+                                             .SOPInstanceUID)) is None:
+        run("storescu", *_scu(scp, *storescu_config(real_dir, scp.root / "storescu.cfg"),
+                                        "+sd", files=(str(real_dir),)), ok=False)
+    ct = pydicom.dcmread(real_dir / "CT_small.dcm")
+    local = tmp_path / "local"
+    assert cli_main(["pacs", "add", "self", "--host", "127.0.0.1", "--port", str(scp.port),
+                     "--ae", "MEDVIEW", "--store", str(local)]) == 2    # no store yet
+    Store(local).close()
+    assert cli_main(["pacs", "add", "self", "--host", "127.0.0.1", "--port", str(scp.port),
+                     "--ae", "MEDVIEW", "--store", str(local)]) == 0
+    with Store(local) as st:
+        peer = Peers(st.catalogue).get_pacs("self")
+    pacs = Pacs(peer, ae_title="TESTER")
+    pacs.echo()
+    rows = pacs.find_studies(patient=str(ct.PatientID))
+    assert [r["StudyInstanceUID"] for r in rows] == [str(ct.StudyInstanceUID)]
+    assert cli_main(["pacs", "retrieve", "self", "--study", str(ct.StudyInstanceUID),
+                     "--ae-title", "TESTER", "--via", "get", "--quiet",
+                     "--store", str(local)]) == 0
+    with Store(local) as st:
+        assert st.catalogue.find_instance(str(ct.SOPInstanceUID)) is not None
+
+    # C-MOVE: the SCP moves to our own title; a temporary SCP of ours receives
+    local2 = tmp_path / "local2"
+    port = free_port()
+    with Store(local2) as st:
+        Peers(st.catalogue).add_pacs("self", "127.0.0.1", scp.port, "MEDVIEW")
+        scp.peers.add_destination("MOVEME", "127.0.0.1", port)
+        seen = []
+        counts = Pacs(Peers(st.catalogue).get_pacs("self"), ae_title="MOVEME").retrieve(
+            str(ct.StudyInstanceUID), st, via="move", listen_port=port,
+            progress=lambda d, t: seen.append((d, t)))
+        assert counts["completed"] == 1 and counts["imported"] == 1, counts
+        assert st.catalogue.find_instance(str(ct.SOPInstanceUID)) is not None
+    scp.peers.remove_destination("MOVEME")

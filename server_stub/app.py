@@ -311,7 +311,10 @@ def create_app(store: Store, authority: Authority | None = None, *,
                     request.state.json = None
                     if request.state.body and not request.headers.get(
                             "content-type", "").startswith(("multipart/", "application/dicom")):
-                        request.state.json = parse_json(request.state.body)
+                        try:
+                            request.state.json = parse_json(request.state.body)
+                        except InputError as e:        # "POST body must be JSON (...)"
+                            raise InputError(f"{request.method} {e}", e.field, e.status) from None
                     request.state.session, request.state.grant = session, grant
                     response = await run_in_threadpool(fn, request)
                     if not request.state.audit_deferred:
@@ -490,15 +493,21 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     @guarded("metadata")
     def series_images(request: Request):
-        """Per-image facts of a series: only the images the user's grant allows."""
+        """Per-image facts of a series: only of the images the user's grant allows; an
+        image beyond the grant keeps its place in the list (its index is its packet
+        component number) as ``{"index", "key", "allowed": false}`` and nothing else (the key is not
+        the image's own, which names its SOP Instance UID)."""
         uid = request.state.target.series
         info = request.state.target.series_row
         allowed = request.state.grant.images
-        rows = [r for r in srv.catalogue.series_images(uid)
-                if allowed is None or r["index"] in allowed]
+        rows = srv.catalogue.series_images(uid)
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:
+            if allowed is not None and r["index"] not in allowed:
+                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
+                               "allowed": False})      # (its real key names its SOP UID)
+                continue
             ix = srcs[r["index"]].index
             d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
             d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,

@@ -149,6 +149,9 @@ def routes(srv, guarded) -> list[Route]:
     def set_status(request: Request):
         study = _study(request)
         body = _json(request)
+        comment = body.get("comment")
+        if comment is not None and not isinstance(comment, str):
+            raise InputError("comment must be text", "body.comment")
         prev, new = srv.diagnosis.set_status(study, body.get("status"),
                                              request.state.session.user, body.get("comment"))
         request.state.audit["status"] = [prev, new]

@@ -430,7 +430,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
         data = (st.path / a["file"]).read_bytes()
         return Response(data, media_type="image/png")
 
-    @guard("fetch", query=(Param("level", "int", "pyramid level", hi=64),)
+    @guard("fetch", query=(Param("level", "int", "pyramid level", lo=None),)
            + tuple(Param(k) for k in sorted(KNOWN_FIELDS)), body={"type": "object"})
     def packets(request):
         svc.touch()

@@ -97,7 +97,7 @@ def resolve(srv, path: dict, query=None) -> Target:
         if series is None:
             series = query.get("target") or None
         elif query.get("target") != series:
-            raise NotFound("target must be the series of the path (or left out)", "target")
+            raise BadParam("target must be the series of the path (or left out)", "target")
     if study is not None:
         if cat.get_study(study) is None:
             raise NotFound(f"unknown study {study}", "study")
@@ -105,8 +105,9 @@ def resolve(srv, path: dict, query=None) -> Target:
     if series is not None:
         row = cat.get_series(series)
         if row is None or (study is not None and row.get("StudyInstanceUID") != study):
-            where = f" in study {study}" if study is not None else ""
-            raise NotFound(f"no series {series}{where}", "series" if "series" in path else "target")
+            where = f"no series {series} in study {study}" if study is not None \
+                else f"unknown series {series}"
+            raise NotFound(where, "series" if "series" in path else "target")
         t.series, t.series_row = series, row
         t.study = row.get("StudyInstanceUID")
     sop = path.get("sop")
@@ -150,5 +151,5 @@ def resolve(srv, path: dict, query=None) -> Target:
             raise NotFound(str(e), "slide") from None
         t.slide, t.scopes = scopes[0], scopes
         if query is not None and query.get("target") not in (None, path["slide"], scopes[0]):
-            raise NotFound("target must be the slide of the path (or left out)", "target")
+            raise BadParam("target must be the slide of the path (or left out)", "target")
     return t

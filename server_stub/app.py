@@ -52,6 +52,9 @@ from codestream.index import CodestreamError, PacketIndex
 
 from . import policy_routes
 from .auth import AuthError, Authority
+from .inputs import InputError, Param, check_query, parse_json, read_body
+from .targets import BadParam, NotFound
+from .targets import resolve as resolve_target
 from .catalogue import QueryError
 from .diagnosis import DiagnosisError, DiagnosisRecords
 from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
@@ -243,56 +246,80 @@ def create_app(store: Store, authority: Authority | None = None, *,
     the server, every ``[storage] schedule_hours`` of the site policy."""
     srv = Server(store, authority, policy=policy)
 
-    def guarded(action: str, scopes=None):
+    def guarded(action: str, scopes=None, *, query: tuple = (), body: dict | None = None):
         """Authorise, then run the (blocking) handler on the thread pool, never on the
-        event loop; map every known failure to a JSON error with its HTTP status; write
-        the request to the audit log (a handler may add details to
-        ``request.state.audit``, or take the writing over with ``audit_deferred``).
+        event loop; map every failure to a JSON error with its HTTP status (anything
+        unexpected: a 500 without details); write the request to the audit log, whatever
+        its outcome (a handler may add details to ``request.state.audit``, or take the
+        writing over with ``audit_deferred``).
 
-        The target is the series of the path (or the JPIP ``target``) or the study of
-        the path; a route about something else (a slide) gives ``scopes``:
-        ``scopes(request)`` → its rights scopes, finest first (the first one names the
-        resource in the audit log), called once the session is known to be valid."""
+        Before the handler runs: the body is read within its size limit, the declared
+        ``query`` parameters (:class:`~server_stub.inputs.Param`) are checked, and once
+        the session is valid every object the path names (study, series, instance,
+        frame, item, slide, or the JPIP ``target``) is resolved against its parent
+        (:func:`server_stub.targets.resolve`: 404 if a part is not inside its parent) and
+        the grant is decided on the object actually served. The resolved
+        :class:`~server_stub.targets.Target` is ``request.state.target``; handlers serve
+        exactly that. ``scopes(request)`` (rights scopes, finest first) is for a route
+        about something the resolver does not know. ``body`` is the JSON schema of the
+        request body (for the OpenAPI document)."""
         def deco(fn):
             async def endpoint(request: Request):
                 peer = request.client.host if request.client else None
-                resource = (request.path_params.get("series")
-                            or request.query_params.get("target"))
-                study = request.path_params.get("study")
                 request.state.audit = {}
                 request.state.audit_deferred = False
+                request.state.target = None
                 who: dict = {"user": None, "session": None}
                 resolved: list = []
 
-                def scope_list():
-                    resolved[:] = [x for x in scopes(request) if x]
-                    return resolved
-
-                if scopes is not None:
-                    resource = None
+                def fallback_resource():
+                    p = request.path_params
+                    return (p.get("slide") or p.get("series") or request.query_params.get("target")
+                            or p.get("study"))
 
                 async def audit(outcome: str, status: int, message: str | None = None):
-                    query = {k: v for k, v in request.query_params.items() if k != "cid"}
+                    t = request.state.target
+                    query_ = {k: v for k, v in request.query_params.items() if k != "cid"}
                     detail = {"method": request.method, "path": request.url.path,
-                              **({"query": query} if query else {}),
+                              **({"query": query_} if query_ else {}),
+                              **({"served": t.served()} if t is not None else {}),
                               **request.state.audit, **({"error": message} if message else {})}
-                    await run_in_threadpool(
-                        srv.auth.audit, user=who["user"], session=who["session"], peer=peer,
-                        action=action, resource=(resolved[0] if resolved else None)
-                        or resource or study, outcome=outcome,
-                        status=status, detail=detail)
+                    resource = (t.resource if t is not None else None) or \
+                        (resolved[0] if resolved else None) or fallback_resource()
+                    try:
+                        await run_in_threadpool(
+                            srv.auth.audit, user=who["user"], session=who["session"], peer=peer,
+                            action=action, resource=resource, outcome=outcome, status=status,
+                            detail=detail)
+                    except Exception:  # noqa: BLE001 - the answer still goes out
+                        log.exception("audit failed for %s %s", request.method, request.url.path)
+
+                def target():
+                    t = resolve_target(srv, request.path_params, request.query_params)
+                    if scopes is not None and t.scopes is None:
+                        t.scopes = resolved[:] = [x for x in scopes(request) if x]
+                    request.state.target = t
+                    return t
 
                 try:
-                    request.state.body = (await request.body()
+                    request.state.body = (await read_body(request)
                                           if request.method in ("POST", "PUT") else b"")
                     session, grant = await run_in_threadpool(
-                        srv.auth.authorize, _sid(request), action, resource, study=study,
-                        scopes=scope_list if scopes is not None else None)
+                        srv.auth.authorize, _sid(request), action, target=target)
                     who.update(user=session.user, session=session.serial)
+                    check_query(query, request.query_params)
+                    request.state.json = None
+                    if request.state.body and not request.headers.get(
+                            "content-type", "").startswith(("multipart/", "application/dicom")):
+                        try:
+                            request.state.json = parse_json(request.state.body)
+                        except InputError as e:        # "POST body must be JSON (...)"
+                            raise InputError(f"{request.method} {e}", e.field, e.status) from None
                     request.state.session, request.state.grant = session, grant
                     response = await run_in_threadpool(fn, request)
                     if not request.state.audit_deferred:
-                        await audit("ok" if response.status_code < 400 else "error",
+                        await audit("ok" if response.status_code < 400 else
+                                    "denied" if response.status_code in (401, 403) else "error",
                                     response.status_code)
                     return response
                 except AuthError as e:
@@ -300,6 +327,13 @@ def create_app(store: Store, authority: Authority | None = None, *,
                         who.update(user=e.session.user, session=e.session.serial)
                     await audit("denied", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
+                except (InputError, BadParam, NotFound) as e:
+                    session = getattr(e, "session", None)
+                    if session is not None:
+                        who.update(user=session.user, session=session.serial)
+                    await audit("not-found" if e.status == 404 else "error", e.status, str(e))
+                    return error(e.status, str(e), field=e.field)
+                    return error(e.status, str(e), field=e.field)
                 except (RequestError, DiagnosisError) as e:
                     await audit("denied" if e.status == 403 else "error", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
@@ -310,22 +344,36 @@ def create_app(store: Store, authority: Authority | None = None, *,
                     log.error("store problem: %s", e)
                     await audit("error", 500, str(e))
                     return error(500, f"stored data is damaged or missing: {e}")
+                except Exception as e:  # noqa: BLE001 - never a traceback to the client
+                    log.exception("unhandled error in %s %s", request.method, request.url.path)
+                    await audit("error", 500, f"unhandled {type(e).__name__}")
+                    return error(500, "internal server error (logged and audited)")
+            endpoint.medview = {"action": action, "query": tuple(query), "body": body}
+            endpoint.__doc__ = fn.__doc__
+            endpoint.__name__ = fn.__name__
             return endpoint
         return deco
 
     async def login(request: Request):
-        try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise ValueError
-        except ValueError:
-            return error(400, 'login body must be JSON: {"username": ..., "password": ...}')
-        name = body.get("username")
-        if not isinstance(name, str) or not name:
-            return error(400, "username is required")
         peer = request.client.host if request.client else None
         try:
-            s = await run_in_threadpool(srv.auth.login, name, body.get("password"), peer)
+            body = parse_json(await read_body(request, 64 << 10), object_only=True)
+        except InputError as e:
+            await run_in_threadpool(srv.auth.audit, user=None, action="login", resource=None,
+                                    outcome="error", status=e.status, peer=peer,
+                                    detail={"error": str(e)})
+            return error(e.status, 'login body must be JSON: {"username": ..., "password": ...}'
+                         f" ({e})", field=e.field)
+        name = body.get("username")
+        if not isinstance(name, str) or not name or len(name) > 256 or "\x00" in name:
+            return error(400, "username is required (a string of at most 256 characters)",
+                         field="username")
+        password = body.get("password")
+        if password is not None and (not isinstance(password, str) or len(password) > 1024):
+            return error(400, "password must be a string of at most 1024 characters",
+                         field="password")
+        try:
+            s = await run_in_threadpool(srv.auth.login, name, password, peer)
         except AuthError as e:
             await run_in_threadpool(srv.auth.audit, user=name, action="login", resource=None,
                                     outcome="denied", status=e.status, peer=peer,
@@ -335,13 +383,20 @@ def create_app(store: Store, authority: Authority | None = None, *,
                                 resource=None, outcome="ok", status=200, peer=peer)
         return JSONResponse({"session": s.id, "user": s.user})
 
+    login.medview = {"action": None, "public": True, "body_required": True, "body": {
+        "type": "object", "required": ["username"],
+        "properties": {"username": {"type": "string"}, "password": {"type": "string"}}}}
+
     @guarded("logout")
     def logout(request: Request):
         srv.auth.logout(request.state.session.id)
         return JSONResponse({"ok": True})
 
     async def health(request: Request):
+        """Whether the server runs, and its version."""
         return JSONResponse({"status": "ok", "version": VERSION})
+
+    health.medview = {"action": None, "public": True}
 
     def qido(rows: list[dict], request: Request) -> Response:
         rows = [{k: v for k, v in r.items() if k not in _PRIVATE_KEYS} for r in rows]
@@ -364,14 +419,18 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     QIDO_STUDY = ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy",
                   "StudyInstanceUID", "AccessionNumber")
+    page_params = (Param("limit", "int", "at most this many results"),
+                   Param("offset", "int", "skip this many results"),
+                   Param("format", "str", "json: keyword-keyed JSON instead of DICOM JSON"))
 
-    @guarded("browse")
+    @guarded("browse", query=page_params + tuple(Param(k) for k in QIDO_STUDY))
     def studies(request: Request):
         q = request.query_params
         args = {k: q[k] for k in QIDO_STUDY if k in q}
         return qido(srv.catalogue.query_studies(**args, **_page(q)), request)
 
-    @guarded("browse")
+    @guarded("browse", query=page_params + tuple(
+        Param(k) for k in ("Modality", "SeriesInstanceUID", "StudyInstanceUID")))
     def series(request: Request):
         q = request.query_params
         args = {k: q[k] for k in ("Modality", "SeriesInstanceUID") if k in q}
@@ -380,7 +439,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
             args["StudyInstanceUID"] = study
         return qido(srv.catalogue.query_series(**args), request)
 
-    @guarded("browse")
+    @guarded("browse", query=page_params)
     def instances(request: Request):
         rows = srv.catalogue.query_instances(StudyInstanceUID=request.path_params["study"],
                                              SeriesInstanceUID=request.path_params["series"])
@@ -388,7 +447,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     @guarded("metadata")
     def metadata(request: Request):
-        h = srv.catalogue.instance_header(request.path_params["sop"])
+        h = srv.catalogue.instance_header(request.state.target.sop)
         if h is None:
             return error(404, "unknown SOP Instance UID")
         return JSONResponse([h], media_type="application/dicom+json")
@@ -434,14 +493,21 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     @guarded("metadata")
     def series_images(request: Request):
-        uid = request.path_params["series"]
-        info = srv.catalogue.get_series(uid)
-        if info is None:
-            return error(404, f"unknown series {uid}")
+        """Per-image facts of a series: only of the images the user's grant allows; an
+        image beyond the grant keeps its place in the list (its index is its packet
+        component number) as ``{"index", "key", "allowed": false}`` and nothing else (the key is not
+        the image's own, which names its SOP Instance UID)."""
+        uid = request.state.target.series
+        info = request.state.target.series_row
+        allowed = request.state.grant.images
         rows = srv.catalogue.series_images(uid)
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:
+            if allowed is not None and r["index"] not in allowed:
+                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
+                               "allowed": False})      # (its real key names its SOP UID)
+                continue
             ix = srcs[r["index"]].index
             d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
             d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
@@ -453,7 +519,20 @@ def create_app(store: Store, authority: Authority | None = None, *,
                                             request.state.grant, policy_routes.peer_of(request))
         return json_response(request, {"series": info, "images": images, **extra})
 
-    @guarded("fetch")
+    jpip_params = (
+        Param("target", "str", "Series Instance UID", required=True),
+        Param("comps", "str", "image ranges, e.g. 0-9,12"),
+        Param("layers", "int", "quality layers", lo=1),
+        Param("reduce", "int", "resolution reduction", hi=64),
+        Param("fsiz", "str", "display size w,h"), Param("roff", "str", "region offset x,y"),
+        Param("rsiz", "str", "region size w,h"),
+        Param("order", "str", enum=("quality", "resolution", "image")),
+        Param("framing", "str", enum=("mv", "jpp")), Param("len", "int", "byte budget"),
+        Param("cid", "str", "session id (instead of the Authorization header)"),
+        Param("type", "str"), Param("version", "str", "version name or auto"),
+        Param("quality", "int", "0-100", hi=100), Param("purpose", "str"))
+
+    @guarded("fetch", query=jpip_params, body={"type": "object"})
     def jpip(request: Request):
         q = dict(request.query_params)
         req = parse_request(q)
@@ -521,6 +600,21 @@ def create_app(store: Store, authority: Authority | None = None, *,
     async def not_found(request, exc):
         return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))
 
+    async def unhandled(request, exc):
+        """Anything a route did not handle (guarded routes handle their own): a JSON 500
+        without details, and an audit row."""
+        log.error("unhandled error in %s %s", request.method, request.url.path,
+                  exc_info=(type(exc), exc, exc.__traceback__))
+        try:
+            await run_in_threadpool(
+                srv.auth.audit, user=None, action="request", resource=None, outcome="error",
+                status=500, peer=request.client.host if request.client else None,
+                detail={"method": request.method, "path": request.url.path,
+                        "error": f"unhandled {type(exc).__name__}"})
+        except Exception:  # noqa: BLE001
+            log.exception("audit of an unhandled error failed")
+        return error(500, "internal server error (logged and audited)")
+
     scheduler = MigrationScheduler(srv.tiers) if schedule else None
 
     @contextlib.asynccontextmanager
@@ -539,7 +633,11 @@ def create_app(store: Store, authority: Authority | None = None, *,
     from .slides import register_routes as register_slide_routes
     register_slide_routes(routes, srv, guarded)    # whole-slide pyramids (issue 6)
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
+    from .openapi import openapi_route
+    routes.append(openapi_route(VERSION))    # /api/openapi.json, from this table
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
+                                                       Exception: unhandled},
                     lifespan=lifespan)
     app.state.server = srv
     return app

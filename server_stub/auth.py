@@ -405,26 +405,50 @@ class Authority:
 
     def authorize(self, sid: str | None, action: str, resource: str | None = None, *,
                   study: str | None = None,
-                  scopes: "Iterable[str | None] | Callable[[], Iterable[str | None]] | None" = None
+                  scopes: "Iterable[str | None] | Callable[[], Iterable[str | None]] | None" = None,
+                  target: "Callable[[], Any] | Any | None" = None
                   ) -> tuple[Session, Grant]:
         """The single authorisation point: every API request calls this with what it
         wants to do (``browse``, ``metadata``, ``fetch``, ``retrieve``, ``diagnose``;
         ``logout`` and ``session`` need only a valid session) and on what (a series UID as
         ``resource``, or a ``study``; or, for targets that are not DICOM series such as
         slides, their ``scopes`` finest first — a callable is called only once the session
-        is known to be valid, so that looking the target up never answers a stranger)."""
+        is known to be valid, so that looking the target up never answers a stranger).
+
+        ``target`` (a :class:`~server_stub.targets.Target`, or a callable giving it once
+        the session is valid) is the object the request will actually serve, every path
+        element resolved against its parent: the grant is the one on that object (its
+        series, its study, or a slide's scopes), and when it is a part of a series (an
+        instance, a frame) its images must all be among the images the grant allows."""
         s = self.session(sid)
         if action in ("logout", "session"):       # about the session itself, no data
             return s, Grant()
         if not self.user_exists(s.user):
             self.logout(s.id)
             raise AuthError("this user no longer exists: log in again", 401)
+        if callable(target):
+            try:
+                target = target()
+            except Exception as e:            # a 404/400 of the path: say who asked
+                e.session = s
+                raise
+        if target is not None:
+            if target.scopes is not None:
+                scopes = target.scopes
+            elif target.series is not None or target.study is not None:
+                resource, study, scopes = target.series, target.study, None
         if callable(scopes):
             scopes = scopes()
         grant = self.grant_for(s.user, resource, study, scopes=scopes)
         if grant.actions is not None and action not in grant.actions:
             raise AuthError(f"your account may not {ACTION_WORDS.get(action, action)}", 403,
                             session=s, denied=["action"], allowed_actions=sorted(grant.actions))
+        images = getattr(target, "images", None)
+        if images is not None and grant.images is not None and not set(images) <= grant.images:
+            raise AuthError(f"beyond your rights: image(s) {format_ranges(set(images) - grant.images)} "
+                            f"of this series are not among those you may see", 403, session=s,
+                            denied=["images"],
+                            allowed_images=format_ranges(grant.images))
         return s, grant
 
     # ----------------------------------------------------------------- audit

@@ -31,13 +31,12 @@ Writes need the ``diagnose`` action; reads need ``metadata``.
 """
 from __future__ import annotations
 
-import json
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .diagnosis import STATUS_FOR_KIND, DiagnosisError
+from .inputs import InputError, Param, parse_json
 from .packets import RequestError
 from .policy import AutoInputs
 
@@ -45,12 +44,13 @@ CONTEXT_KEYS = {"link_bps": float, "memory_mb": float, "cpus": int, "place": str
 
 
 def _json(request: Request) -> dict:
-    try:
-        body = json.loads(request.state.body or b"{}")
-    except ValueError:
-        raise RequestError("the body must be JSON") from None
+    """The request's JSON object body (parsed once, within the limits, by the guard:
+    :func:`server_stub.inputs.parse_json`); an empty body is ``{}``."""
+    body = getattr(request.state, "json", None)
+    if body is None:
+        body = parse_json(request.state.body or b"{}")
     if not isinstance(body, dict):
-        raise RequestError("the body must be a JSON object")
+        raise InputError("the body must be a JSON object", "body")
     return body
 
 
@@ -92,6 +92,7 @@ def series_policy(srv, uid: str, session, grant, peer) -> dict:
 
 def routes(srv, guarded) -> list[Route]:
     pol = srv.policy.get
+    obj = {"type": "object"}            # a JSON object body (OpenAPI)
 
     @guarded("session")
     def me(request: Request):
@@ -102,7 +103,9 @@ def routes(srv, guarded) -> list[Route]:
                              "actions": sorted(g.actions) if g.actions is not None else None,
                              "context": s.context})
 
-    @guarded("session")
+    @guarded("session", body={"type": "object", "properties": {
+        "link_bps": {"type": "number"}, "memory_mb": {"type": "number"},
+        "cpus": {"type": "integer"}, "place": {"type": "string"}}})
     def context(request: Request):
         body = _json(request)
         ctx = {}
@@ -129,10 +132,8 @@ def routes(srv, guarded) -> list[Route]:
             srv, uid, request.state.session, request.state.grant, peer_of(request))})
 
     def _study(request: Request) -> str:
-        study = request.path_params["study"]
-        if srv.catalogue.get_study(study) is None:
-            raise DiagnosisError(f"unknown study {study}", 404)
-        return study
+        """The study of the path, as the guard resolved it (404 there if unknown)."""
+        return request.state.target.study
 
     @guarded("metadata")
     def diagnosis(request: Request):
@@ -144,10 +145,13 @@ def routes(srv, guarded) -> list[Route]:
         rec["allowed_versions"] = pol().allowed_versions(rec["status"])
         return JSONResponse(rec)
 
-    @guarded("diagnose")
+    @guarded("diagnose", body=obj)
     def set_status(request: Request):
         study = _study(request)
         body = _json(request)
+        comment = body.get("comment")
+        if comment is not None and not isinstance(comment, str):
+            raise InputError("comment must be text", "body.comment")
         prev, new = srv.diagnosis.set_status(study, body.get("status"),
                                              request.state.session.user, body.get("comment"))
         request.state.audit["status"] = [prev, new]
@@ -173,16 +177,13 @@ def routes(srv, guarded) -> list[Route]:
                                  "(image = '<SOP Instance UID>/<frame>')")
 
     def _item_of(study: str, kind: str, request: Request) -> dict:
-        try:
-            item = srv.diagnosis.get(int(request.path_params["item"]))
-        except ValueError:
-            raise DiagnosisError("item ids are integers") from None
-        if item["study"] != study or item["kind"] != kind:
+        item = request.state.target.item_row       # an item of this study (the guard)
+        if item["kind"] != kind:
             raise DiagnosisError(f"no {kind} {request.path_params['item']} in this study", 404)
         return item
 
     def _collection(kind: str):
-        @guarded("diagnose")
+        @guarded("diagnose", body=obj)
         def create(request: Request):
             study = _study(request)
             body = _json(request)
@@ -194,7 +195,8 @@ def routes(srv, guarded) -> list[Route]:
             _advance(study, kind, user, request)
             return JSONResponse(item, status_code=201)
 
-        @guarded("diagnose")
+        @guarded("diagnose", body=obj, query=(Param("base_rev", "int", "revision the "
+                                                     "change is based on (DELETE)"),))
         def change(request: Request):
             study = _study(request)
             item = _item_of(study, kind, request)
@@ -214,7 +216,7 @@ def routes(srv, guarded) -> list[Route]:
     notes_create, notes_change = _collection("note")
     ann_create, ann_change = _collection("annotation")
 
-    @guarded("diagnose")
+    @guarded("diagnose", body=obj)
     def report(request: Request):
         study = _study(request)
         body = _json(request)
@@ -238,13 +240,7 @@ def routes(srv, guarded) -> list[Route]:
 
     @guarded("metadata")
     def history(request: Request):
-        study = _study(request)
-        try:
-            item = srv.diagnosis.get(int(request.path_params["item"]))
-        except ValueError:
-            raise DiagnosisError("item ids are integers") from None
-        if item["study"] != study:
-            raise DiagnosisError("no such item in this study", 404)
+        item = request.state.target.item_row       # an item of the path's study (the guard)
         return JSONResponse({"item": item, "revisions": srv.diagnosis.history(item["id"])})
 
     return [

@@ -227,6 +227,38 @@ class SlabCatalogue:
         return load
 
 
+# --------------------------------------------------------------------------- rights
+def allowed_bands(layout: dict, images: set[int] | None) -> set[int] | None:
+    """The band images (slab components) a grant limited to series ``images`` may see:
+    those whose slab holds only allowed images (a slab mixes every thin slice of its
+    span); None = all of them."""
+    if images is None:
+        return None
+    order = layout["pyramid"]["order"]
+    return {im["index"] for im in layout["images"]
+            if all(order[t] in images for t in range(*im["span"]))}
+
+
+def slab_grant(grant, layout: dict):
+    """The grant on the slab target: the series grant with its image ranges translated
+    into the band images it allows (:func:`allowed_bands`)."""
+    if grant is None or getattr(grant, "images", None) is None:
+        return grant
+    import dataclasses
+
+    return dataclasses.replace(grant, images=allowed_bands(layout, grant.images))
+
+
+def visible_layout(layout: dict, images: set[int] | None) -> dict:
+    """The layout as a user limited to series ``images`` sees it: only the band images
+    they may fetch."""
+    bands = allowed_bands(layout, images)
+    if bands is None:
+        return layout
+    return {**layout, "images": [im for im in layout["images"] if im["index"] in bands],
+            "rights": {"allowed_bands": sorted(bands)}}
+
+
 # --------------------------------------------------------------------------- HTTP
 def register_routes(routes: list, srv, guarded) -> SlabCatalogue:
     """Add the slab routes to a Starlette route list; ``create_app`` calls this with its
@@ -243,9 +275,15 @@ def register_routes(routes: list, srv, guarded) -> SlabCatalogue:
 
     @guard("metadata")
     def layout(request):
-        return JSONResponse(slabs.get(request.path_params["series"]).layout)
+        """The slab pyramid: only the band images the user's grant allows."""
+        built = slabs.get(request.state.target.series)
+        return JSONResponse(visible_layout(built.layout, request.state.grant.images))
 
-    @guard("fetch")
+    from .inputs import Param
+    from .packets import KNOWN_FIELDS
+
+    @guard("fetch", query=tuple(Param(k) for k in sorted(KNOWN_FIELDS)),
+           body={"type": "object"})
     def packets(request):
         uid = request.path_params["series"]
         q = dict(request.query_params)
@@ -257,10 +295,8 @@ def register_routes(routes: list, srv, guarded) -> SlabCatalogue:
         model = session.model_for(f"{uid}#slabs")
         if request.method == "POST":
             declare_from_body(request.state.body, model)
-        grant = getattr(request.state, "grant", None)
-        if grant is not None and getattr(grant, "images", None) is not None:
-            raise RequestError("your rights limit which images of this series you may fetch, and "
-                               "every slab mixes several images: ask for the plain series", status=403)
+        # image ranges in slab terms: only bands whose slab holds allowed images only
+        grant = slab_grant(getattr(request.state, "grant", None), built.layout)
         table = getattr(srv, "versions", None)         # image versions (V1-V3), when served
         versions = table.get(uid) if table is not None and hasattr(table, "get") else None
         p = plan(req, built.sources, model, grant, versions)

@@ -367,7 +367,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
                        policy=policy.get if policy is not None else None)
     srv.slides = svc
 
-    def guard(action: str, scoped: bool = True):
+    def guard(action: str, scoped: bool = True, **kw):
         """The server's guard — on the slide of the path (its scopes) unless ``scoped``
         is False — with slide-store failures mapped to JSON errors."""
         def deco(fn):
@@ -381,11 +381,17 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
                     log.error("slide store problem: %s", e)
                     raise RequestError(f"stored slide data is damaged or missing: {e}",
                                        status=500) from None
-            scopes = (lambda request: svc.scopes(request.path_params["slide"])) if scoped else None
-            return guarded(action, scopes=scopes)(mapped)
+            # the slide of the path is resolved (and its scopes decided on) by the
+            # guard itself (server_stub.targets.resolve)
+            mapped.__doc__ = fn.__doc__
+            return guarded(action, **kw)(mapped)
         return deco
 
-    @guard("browse", scoped=False)
+    from .inputs import Param
+    from .packets import KNOWN_FIELDS
+
+    @guard("browse", scoped=False, query=(
+        Param("patient_id"), Param("accession"), Param("tier"), Param("flagged", "bool")))
     def listing(request):
         q = request.query_params
         flagged = q.get("flagged")
@@ -424,7 +430,8 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
         data = (st.path / a["file"]).read_bytes()
         return Response(data, media_type="image/png")
 
-    @guard("fetch")
+    @guard("fetch", query=(Param("level", "int", "pyramid level", lo=None),)
+           + tuple(Param(k) for k in sorted(KNOWN_FIELDS)), body={"type": "object"})
     def packets(request):
         svc.touch()
         ref = request.path_params["slide"]

@@ -204,8 +204,8 @@ def test_mpr_window_loads_thick_to_thin(slab_server, qtbot):
 
 
 def test_user_rights_apply_to_the_slab_route(slab_server):
-    """P7 on the slab target: the layer limit holds, and per-image rights refuse slabs
-    (each slab mixes several images)."""
+    """P7 on the slab target: the layer limit holds, and per-image rights allow only the
+    slabs made of allowed images (a slab mixes every image of its span)."""
     from client.session import ServerError, Session
     from server_stub.rights import Rule
 
@@ -227,8 +227,18 @@ def test_user_rights_apply_to_the_slab_route(slab_server):
         s.logout()
     s = Session(srv.url, "slabs-some-images", "a long password")
     try:
-        with pytest.raises(ServerError, match="plain series") as err:
+        # the thickest slab mixes every image: refused; a band of allowed images only
+        # is sent (server_stub.slabs.slab_grant)
+        with pytest.raises(ServerError, match="not among those you may load") as err:
             s.request("GET", f"/jpip/slabs/{uid}", params={"comps": "0"})
         assert err.value.status == 403
+        lay = s.request("GET", f"/api/series/{uid}/slabs").json()
+        order = lay["pyramid"]["order"]
+        for im in lay["images"]:
+            assert {order[t] for t in range(*im["span"])} <= {0, 1, 2}
+        if lay["images"]:
+            comp = lay["images"][0]["index"]
+            assert s.request("GET", f"/jpip/slabs/{uid}",
+                             params={"comps": str(comp), "layers": 1}).status_code == 200
     finally:
         s.logout()

@@ -50,8 +50,8 @@ from starlette.routing import Route
 
 from codestream.index import CodestreamError, PacketIndex
 
-from . import policy_routes
-from .auth import AuthError, Authority
+from . import peers, policy_routes
+from .auth import AuthError, Authority, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
 from .targets import resolve as resolve_target
@@ -59,6 +59,7 @@ from .catalogue import QueryError
 from .diagnosis import DiagnosisError, DiagnosisRecords
 from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
 from .policy import PolicyError, PolicySource
+from .dbutil import StorageFull, read_only_reason
 from .store import Store, StoreError
 from .tiers import MigrationScheduler, Tiers
 from .versions import VersionTable
@@ -241,10 +242,19 @@ def _sid(request: Request) -> str | None:
 
 
 def create_app(store: Store, authority: Authority | None = None, *,
-               policy: PolicySource | None = None, schedule: bool = False) -> Starlette:
+               policy: PolicySource | None = None, schedule: bool = False,
+               allow_local: bool = False, trusted_proxies=(),
+               proxy_header: str = "x-forwarded-for") -> Starlette:
     """The application. ``schedule`` starts the migration job (tiered storage) inside
-    the server, every ``[storage] schedule_hours`` of the site policy."""
+    the server, every ``[storage] schedule_hours`` of the site policy. ``allow_local``
+    lets the password-less ``local`` user log in from loopback (the desktop's bundled
+    server); ``trusted_proxies`` (CIDR blocks) are the proxies whose ``proxy_header``
+    names the client (:mod:`server_stub.peers`). A store whose disk is full is served
+    read-only (:meth:`Store.open_for_serving`)."""
+    store.open_for_serving()
     srv = Server(store, authority, policy=policy)
+    if allow_local:
+        srv.auth.allow_local = True
 
     def guarded(action: str, scopes=None, *, query: tuple = (), body: dict | None = None):
         """Authorise, then run the (blocking) handler on the thread pool, never on the
@@ -265,7 +275,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         request body (for the OpenAPI document)."""
         def deco(fn):
             async def endpoint(request: Request):
-                peer = request.client.host if request.client else None
+                peer = peers.peer_of(request)
                 request.state.audit = {}
                 request.state.audit_deferred = False
                 request.state.target = None
@@ -333,13 +343,17 @@ def create_app(store: Store, authority: Authority | None = None, *,
                         who.update(user=session.user, session=session.serial)
                     await audit("not-found" if e.status == 404 else "error", e.status, str(e))
                     return error(e.status, str(e), field=e.field)
-                    return error(e.status, str(e), field=e.field)
                 except (RequestError, DiagnosisError) as e:
                     await audit("denied" if e.status == 403 else "error", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
                 except QueryError as e:
                     await audit("error", 400, str(e))
                     return error(400, str(e))
+                except StorageFull as e:
+                    log.error("write refused: %s", e)
+                    await audit("error", 507, str(e))
+                    return error(507, f"{e}: reading goes on; storing anything needs free "
+                                      f"space on the store's disk", read_only=True)
                 except (StoreError, CodestreamError, PolicyError) as e:
                     log.error("store problem: %s", e)
                     await audit("error", 500, str(e))
@@ -355,7 +369,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
         return deco
 
     async def login(request: Request):
-        peer = request.client.host if request.client else None
+        peer = peers.peer_of(request)
+        direct = (request.client is not None and is_loopback(request.client.host)
+                  and not peers.has_forwarding(request.headers))
         try:
             body = parse_json(await read_body(request, 64 << 10), object_only=True)
         except InputError as e:
@@ -373,12 +389,16 @@ def create_app(store: Store, authority: Authority | None = None, *,
             return error(400, "password must be a string of at most 1024 characters",
                          field="password")
         try:
-            s = await run_in_threadpool(srv.auth.login, name, password, peer)
+            s = await run_in_threadpool(srv.auth.login, name, password, peer,
+                                        direct_loopback=direct)
         except AuthError as e:
             await run_in_threadpool(srv.auth.audit, user=name, action="login", resource=None,
                                     outcome="denied", status=e.status, peer=peer,
                                     detail={"error": str(e)})
-            return error(e.status, str(e), **e.extra)
+            headers = ({"Retry-After": str(e.extra["retry_after"])}
+                       if "retry_after" in e.extra else None)
+            return JSONResponse({"error": str(e), "status": e.status, **e.extra},
+                                status_code=e.status, headers=headers)
         await run_in_threadpool(srv.auth.audit, user=s.user, session=s.serial, action="login",
                                 resource=None, outcome="ok", status=200, peer=peer)
         return JSONResponse({"session": s.id, "user": s.user})
@@ -393,8 +413,19 @@ def create_app(store: Store, authority: Authority | None = None, *,
         return JSONResponse({"ok": True})
 
     async def health(request: Request):
-        """Whether the server runs, and its version."""
-        return JSONResponse({"status": "ok", "version": VERSION})
+        """``ok``, or ``degraded`` with why: the store is read-only (its disk was full at
+        start), or audit rows wait in memory because writes fail."""
+        audit = srv.auth.health()
+        read_only = read_only_reason(srv.auth.db.path)
+        problems = []
+        if read_only:
+            problems.append(f"read-only: {read_only}")
+        if audit["failing"] or audit["dropped"]:
+            problems.append(f"audit rows held in memory: {audit['pending']}, not written: "
+                            f"{audit['dropped']} ({audit['failing'] or 'writes work again'})")
+        return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
+                             "read_only": read_only is not None, "problems": problems,
+                             "audit": audit})
 
     health.medview = {"action": None, "public": True}
 
@@ -561,7 +592,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
                   "images": len(p.images), "bytes_announced": p.request_bytes,
                   "recall": p.recall}
         who = dict(user=session.user, session=session.serial,
-                   peer=request.client.host if request.client else None)
+                   peer=peers.peer_of(request))
         return StreamingResponse(_audited(stream(p, model, stats=detail), detail, who,
                                           req.target), media_type=media, headers=headers)
 
@@ -608,14 +639,15 @@ def create_app(store: Store, authority: Authority | None = None, *,
         try:
             await run_in_threadpool(
                 srv.auth.audit, user=None, action="request", resource=None, outcome="error",
-                status=500, peer=request.client.host if request.client else None,
+                status=500, peer=peers.peer_of(request),
                 detail={"method": request.method, "path": request.url.path,
                         "error": f"unhandled {type(exc).__name__}"})
         except Exception:  # noqa: BLE001
             log.exception("audit of an unhandled error failed")
         return error(500, "internal server error (logged and audited)")
 
-    scheduler = MigrationScheduler(srv.tiers) if schedule else None
+    scheduler = (MigrationScheduler(srv.tiers) if schedule and store.read_only is None
+                 else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -636,20 +668,35 @@ def create_app(store: Store, authority: Authority | None = None, *,
     from .openapi import openapi_route
     routes.append(openapi_route(VERSION))    # /api/openapi.json, from this table
 
+    async def storage_full(request, exc):
+        log.error("write refused: %s", exc)
+        return error(507, f"{exc}: reading goes on; storing anything needs free space "
+                          f"on the store's disk", read_only=True)
+
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
+                                                       StorageFull: storage_full,
                                                        Exception: unhandled},
                     lifespan=lifespan)
     app.state.server = srv
+    app.state.trusted_proxies = peers.parse_networks(trusted_proxies)
+    app.state.proxy_header = proxy_header.lower()
     return app
 
 
 def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info",
-        policy_path: str | None = None) -> None:
-    """Serve until interrupted (blocking), with the scheduled migration job."""
+        policy_path: str | None = None, *, allow_local: bool = False, trusted_proxies=(),
+        proxy_header: str = "x-forwarded-for") -> None:
+    """Serve until interrupted (blocking), with the scheduled migration job. uvicorn's
+    own proxy-header handling is off: :mod:`server_stub.peers` decides who the client
+    is, from ``trusted_proxies`` only."""
     import uvicorn
 
     store = Store(store_dir)
-    app = create_app(store, policy=PolicySource(store.root, policy_path), schedule=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)
-    log.warning("medview-server %s serving %s on http://%s:%d", VERSION, store_dir, host, port)
+    app = create_app(store, policy=PolicySource(store.root, policy_path), schedule=True,
+                     allow_local=allow_local, trusted_proxies=trusted_proxies,
+                     proxy_header=proxy_header)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            proxy_headers=False)
+    log.warning("medview-server %s serving %s on http://%s:%d%s", VERSION, store_dir, host,
+                port, f" READ-ONLY ({store.read_only})" if store.read_only else "")
     uvicorn.Server(config).run()

@@ -2,22 +2,29 @@
 every request passes through.
 
 Users live in the catalogue database (table ``users``), passwords as salted scrypt
-hashes. The embedded desktop mode uses the built-in user ``local``, which logs in
-without a password only from a loopback address (as PostgreSQL's ``trust`` for local
-connections); from anywhere else it is refused.
+hashes. The built-in user ``local`` logs in without a password, and only where the
+desktop app runs its own bundled server (:mod:`server_stub.embedded`; ``medview-server
+serve`` only with ``--allow-local``): ``allow_local`` must be on, and the request must
+come straight from a loopback address — the real TCP peer, with no forwarding header —
+as PostgreSQL's ``trust`` for local connections.
 
 * Groups: table ``groups`` and ``user_groups``.
 * Rights rules: table ``rights`` (see :mod:`server_stub.rights` for what a rule holds, its
   scopes — series, study, patient, slide, exam, ``*`` — and how rules combine).
 * Sessions: in memory; they end on logout, after ``idle_s`` without a request, after
   ``max_age_s`` in any case, and when their user is removed.
-* Failed log-ins are rate-limited per user name and per client address: after
-  ``max_failures`` failures within ``failure_window_s`` seconds, further attempts are
-  refused (HTTP 429, with ``retry_after``) until the window has passed, even with the
-  right password.
+* Failed log-ins (see :class:`LoginThrottle`) are throttled per user name (from every
+  address) and per client address, with delays that double after each further failure
+  (HTTP 429 with ``retry_after``). A user name in its delay is refused even with the
+  right password. An address in its delay (many failures, whatever the names) gets no
+  further try for any name that failed from it; but another user's correct password
+  from the same address still logs in (a reading room, a NAT, the desktop's ``local``
+  user share addresses), and ``local`` is never throttled (it has no secret to guess).
 * Audit: table ``audit``, one row per request (who, from where, what, on which
   resource, the outcome, and for packet requests what was actually sent);
-  ``medview-server audit`` reads it.
+  ``medview-server audit`` reads it. Rows are written off the request path by
+  :class:`AuditWriter` (a bounded queue, group commit; see docs/ARCHITECTURE.md for what
+  a crash can lose).
 
 :meth:`Authority.authorize` is the single decision point: it checks the session and the
 action and returns the user's :class:`~server_stub.rights.Grant` on the series or study
@@ -30,12 +37,14 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import os
 import secrets
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -44,8 +53,10 @@ from .packets import CacheModel
 from .rights import (ACTION_WORDS, ACTIONS, EXAM_PREFIX, PATIENT_PREFIX, Grant, Rule, decide,
                      format_ranges, parse_ranges)
 
-__all__ = ["LOCAL_USER", "AuthError", "Authority", "Grant", "Session", "hash_password",
-           "verify_password", "is_loopback"]
+__all__ = ["LOCAL_USER", "AuthError", "Authority", "AuditWriter", "Grant", "LoginThrottle",
+           "Session", "hash_password", "verify_password", "is_loopback"]
+
+log = logging.getLogger("medview.server")
 
 LOCAL_USER = "local"
 SESSION_IDLE_S = 12 * 3600
@@ -137,6 +148,222 @@ def _subject_ok(subject: str) -> None:
         raise ValueError(f"bad user or group name {subject!r}")
 
 
+class LoginThrottle:
+    """Failed log-ins, per user name, per address, and per (name, address).
+
+    A key is free for its first ``free`` failures; each further failure sets a delay of
+    ``base_delay_s`` doubled per failure (capped at ``max_delay_s``) from that failure. A
+    key's failures are forgotten ``window_s`` after its last one, and a user name's on a
+    successful log-in. Memory is bounded (``max_keys``: the stalest keys go first).
+    """
+
+    def __init__(self, clock: Callable[[], float], *, user_free: int = 5,
+                 address_free: int = 10, window_s: float = 900.0, base_delay_s: float = 1.0,
+                 max_delay_s: float = 900.0, max_keys: int = 100_000) -> None:
+        self.clock = clock
+        self.user_free, self.address_free = user_free, address_free
+        self.window_s, self.base_delay_s, self.max_delay_s = window_s, base_delay_s, max_delay_s
+        self.max_keys = max_keys
+        self.records: dict[tuple, list[float]] = {}     # key -> [failures, last, until]
+
+    def _free(self, key: tuple) -> int:
+        return self.address_free if key[0] == "addr" else self.user_free
+
+    def _get(self, key: tuple, now: float) -> list[float] | None:
+        rec = self.records.get(key)
+        if rec is not None and now - rec[1] >= max(self.window_s, rec[2] - rec[1]):
+            del self.records[key]
+            return None
+        return rec
+
+    def wait(self, key: tuple, now: float) -> float:
+        """Seconds until ``key`` may try again (0: now)."""
+        rec = self._get(key, now)
+        return max(0.0, rec[2] - now) if rec is not None else 0.0
+
+    def failed_recently(self, key: tuple, now: float) -> bool:
+        return self._get(key, now) is not None
+
+    def fail(self, key: tuple, now: float) -> None:
+        rec = self._get(key, now) or [0, now, now]
+        rec[0] += 1
+        rec[1] = now
+        over = rec[0] - self._free(key)
+        if over >= 0:
+            rec[2] = now + min(self.max_delay_s, self.base_delay_s * 2 ** min(over, 40))
+        self.records[key] = rec
+        if len(self.records) > self.max_keys:
+            self._prune(now)
+
+    def forget(self, key: tuple) -> None:
+        self.records.pop(key, None)
+
+    def _prune(self, now: float) -> None:
+        for key in list(self.records):
+            self._get(key, now)
+        if len(self.records) > self.max_keys:
+            for key, _rec in sorted(self.records.items(), key=lambda kv: kv[1][1])[
+                    :len(self.records) - self.max_keys * 9 // 10]:
+                del self.records[key]
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+class AuditWriter:
+    """The audit log's writer: rows go into a bounded queue and a writer thread commits
+    them in batches, one transaction per batch (group commit: while one batch commits,
+    the next one gathers), so a request never waits for the disk.
+
+    * ``batch`` is the crash bound: at most that many rows are queued or being committed
+      at any time while the database takes writes (a request that would exceed it waits
+      for room), so a crash (``kill -9``, power cut) loses at most ``batch`` rows.
+    * When writes fail (a full disk: :class:`StorageFull`; any database error), rows stay
+      in memory — up to ``buffer`` rows — and the writer retries with a growing pause;
+      they are written, oldest first, as soon as the database takes writes again.
+      While rows are held this way a crash loses them too; :meth:`stats` (shown by
+      ``/api/health``) counts them.
+    * Rows beyond ``buffer`` are not written; they are counted (``dropped``), logged, and
+      once writes work again a row ``audit-gap`` records how many were lost and when.
+    * :meth:`close` writes everything still queued (shutdown), then stops the thread.
+    """
+
+    def __init__(self, db: Db, *, batch: int = 256, buffer: int = 100_000,
+                 retry_s: tuple[float, float] = (0.05, 5.0)) -> None:
+        self.db = db
+        self.batch, self.buffer = batch, buffer
+        self.retry_s = retry_s
+        self._rows: deque[tuple] = deque()
+        self._cond = threading.Condition()
+        self._writing = 0                  # rows taken by the writer, not yet committed
+        self._closing = False
+        self.failing: str | None = None    # the last write error while writes fail
+        self.failed_writes = 0             # batches that failed
+        self.written = 0
+        self.dropped = 0
+        self._gap: list[float] | None = None      # [first, last, count] of dropped rows
+        self._thread = threading.Thread(target=self._run, name="medview-audit", daemon=True)
+        self._thread.start()
+
+    def put(self, row: tuple) -> None:
+        """Queue one row (``at`` first); waits only while the database is healthy and
+        ``batch`` rows are already on their way (the crash bound)."""
+        with self._cond:
+            if self._closing and not self._thread.is_alive():
+                self._drop(row)
+                return
+            while (self.failing is None and not self._closing
+                   and len(self._rows) + self._writing >= self.batch):
+                self._cond.wait(1.0)
+            if len(self._rows) >= self.buffer:
+                self._drop(row)
+                return
+            self._rows.append(row)
+            self._cond.notify_all()
+
+    def _drop(self, row: tuple) -> None:
+        self.dropped += 1
+        at = row[0]
+        if self._gap is None:
+            self._gap = [at, at, 0]
+        self._gap[0], self._gap[1] = min(self._gap[0], at), max(self._gap[1], at)
+        self._gap[2] += 1
+        if self.dropped == 1 or self.dropped % 1000 == 0:
+            log.error("audit buffer full (%d rows held): %d audit rows not written",
+                      self.buffer, self.dropped)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"pending": len(self._rows) + self._writing, "written": self.written,
+                    "failing": self.failing, "failed_writes": self.failed_writes,
+                    "dropped": self.dropped, "batch": self.batch, "buffer": self.buffer}
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every row queued so far is written (False: not within ``timeout``,
+        e.g. while the disk is full)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._cond.notify_all()
+            while self._rows or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self._rows:
+            log.error("%d audit rows could not be written before shutdown (%s)",
+                      len(self._rows), self.failing)
+
+    def _run(self) -> None:
+        pause = self.retry_s[0]
+        closing_failures = 0
+        while True:
+            with self._cond:
+                while not self._rows and not self._closing:
+                    self._cond.wait()
+                if not self._rows and self._closing:
+                    return
+                n = min(len(self._rows), self.batch)
+                rows = [self._rows[i] for i in range(n)]
+                self._writing = n
+                gap = tuple(self._gap) if self._gap else None
+            try:
+                self._write(rows, gap)
+            except Exception as e:  # noqa: BLE001 - any failure: keep the rows, retry
+                with self._cond:
+                    self._writing = 0
+                    self.failed_writes += 1
+                    first = self.failing is None
+                    self.failing = f"{type(e).__name__}: {e}"
+                    self._cond.notify_all()
+                if first:
+                    log.error("audit rows cannot be written (%s); holding them in memory "
+                              "and retrying", e)
+                if self._closing:
+                    closing_failures += 1
+                    if self.db.closed or closing_failures > 3:
+                        return               # shutting down: do not retry for ever
+                with self._cond:
+                    self._cond.wait(pause)
+                pause = min(pause * 2, self.retry_s[1])
+                continue
+            with self._cond:
+                for _ in range(n):
+                    self._rows.popleft()
+                self._writing = 0
+                self.written += n
+                if gap is not None and self._gap is not None:
+                    self._gap[2] -= gap[2]         # drops while this batch was written stay
+                    self._gap[0] = gap[1]
+                    if self._gap[2] <= 0:
+                        self._gap = None
+                if self.failing is not None:
+                    log.warning("audit writes work again; %d held rows written", n)
+                self.failing = None
+                self._cond.notify_all()
+            pause = self.retry_s[0]
+
+    _INSERT = ("INSERT INTO audit(at, user, session, peer, action, resource, outcome,"
+               " http_status, detail) VALUES (?,?,?,?,?,?,?,?,?)")
+
+    def _write(self, rows: list[tuple], gap: tuple | None) -> None:
+        with self.db.transaction():
+            for row in rows:
+                self.db.execute(self._INSERT, row)
+            if gap is not None:
+                self.db.execute(self._INSERT, (
+                    gap[1], None, None, None, "audit-gap", None, "error", None,
+                    json.dumps({"dropped": gap[2], "first": gap[0], "last": gap[1],
+                                "error": "audit rows lost: the buffer was full while "
+                                         "writes failed"})))
+
+
 class Authority:
     """Users, groups, rights, sessions and audit, over the catalogue database.
 
@@ -147,22 +374,40 @@ class Authority:
     def __init__(self, db_path: str, *, status_of: Callable[[str], int] | None = None,
                  policy: Callable[[], Any] | None = None, clock: Callable[[], float] = time.time,
                  idle_s: float = SESSION_IDLE_S, max_age_s: float = SESSION_MAX_S,
-                 max_failures: int = 5, failure_window_s: float = 300.0) -> None:
+                 max_failures: int = 5, failure_window_s: float = 900.0,
+                 address_failures: int | None = None, allow_local: bool = False,
+                 audit_batch: int = 256, audit_buffer: int = 100_000) -> None:
         self._db_path = db_path
         self.db = Db(db_path, _DDL)
         self.status_of = status_of
         self.policy = policy
         self.clock = clock
         self.idle_s, self.max_age_s = idle_s, max_age_s
-        self.max_failures, self.failure_window_s = max_failures, failure_window_s
+        self.allow_local = allow_local
+        self.throttle = LoginThrottle(
+            clock, user_free=max_failures, window_s=failure_window_s,
+            address_free=address_failures if address_failures is not None else 2 * max_failures)
+        self._failures = self.throttle.records       # cleared by tests and admins
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
-        self._failures: dict[tuple[str, str], list[float]] = {}
-        with self.db.transaction():
-            self.db.execute("INSERT OR IGNORE INTO users(name, password_hash, created) "
-                            "VALUES (?,?,?)", (LOCAL_USER, None, time.time()))
+        if not self.db.read_only:
+            with self.db.transaction():
+                self.db.execute("INSERT OR IGNORE INTO users(name, password_hash, created) "
+                                "VALUES (?,?,?)", (LOCAL_USER, None, time.time()))
+        self.audit_writer = AuditWriter(self.db, batch=audit_batch, buffer=audit_buffer)
+
+    @property
+    def max_failures(self) -> int:
+        """Failed log-ins a user name has before its delays start."""
+        return self.throttle.user_free
+
+    @max_failures.setter
+    def max_failures(self, n: int) -> None:
+        self.throttle.user_free = n
 
     def close(self) -> None:
+        """Write the queued audit rows, then close the database."""
+        self.audit_writer.close()
         self.db.close()
 
     # ----------------------------------------------------------------- users and groups
@@ -291,42 +536,69 @@ class Authority:
         return out
 
     # ----------------------------------------------------------------- log-in
-    def _recent_failures(self, key: tuple[str, str], now: float) -> list[float]:
-        recent = [t for t in self._failures.get(key, []) if now - t < self.failure_window_s]
-        if recent:
-            self._failures[key] = recent
-        else:
-            self._failures.pop(key, None)
-        return recent
-
-    def login(self, name: str, password: str | None, peer: str | None) -> Session:
+    def login(self, name: str, password: str | None, peer: str | None, *,
+              direct_loopback: bool | None = None) -> Session:
+        """A new session for ``name``, or :class:`AuthError` (401 wrong, 429 throttled,
+        with ``retry_after``). ``peer`` is the client address (:mod:`server_stub.peers`);
+        ``direct_loopback`` whether the TCP peer itself is loopback with no forwarding
+        header — the only way ``local`` logs in (default: ``peer`` is loopback)."""
         now = self.clock()
-        keys = [("user", name), ("peer", peer or "?")]
+        th = self.throttle
+        addr = peer or "?"
+        if direct_loopback is None:
+            direct_loopback = is_loopback(peer)
+        if name == LOCAL_USER:
+            return self._login_local(addr, now, direct_loopback)
+        user_key, addr_key, pair_key = ("user", name), ("addr", addr), ("pair", name, addr)
         with self._lock:
-            for key in keys:
-                recent = self._recent_failures(key, now)
-                if len(recent) >= self.max_failures:
-                    wait = math.ceil(recent[-self.max_failures] + self.failure_window_s - now)
-                    who = "this user" if key[0] == "user" else "this address"
-                    raise AuthError(f"too many failed log-ins for {who}: try again in "
-                                    f"{max(wait, 1)} s", 429, retry_after=max(wait, 1))
+            wait = th.wait(user_key, now)
+            if wait == 0 and th.wait(addr_key, now) > 0 and th.failed_recently(pair_key, now):
+                wait = th.wait(addr_key, now)
+            if wait > 0:
+                who = "this user" if th.wait(user_key, now) > 0 else "this user from this address"
+                raise self._too_many(who, wait)
         row = self.db.one("SELECT password_hash FROM users WHERE name = ?", (name,))
-        ok = False
-        if row is None:                 # as slow as a wrong password: names stay secret
-            verify_password(password or "", self._dummy_hash())
-        elif row[0] is None:
-            ok = name == LOCAL_USER and is_loopback(peer)
+        if row is None or row[0] is None:   # unknown (as slow as a wrong password: names
+            verify_password(password or "", self._dummy_hash())       # stay secret)
+            ok = False
         else:
             ok = verify_password(password or "", row[0])
         with self._lock:
-            if not ok:
-                for key in keys:
-                    self._failures.setdefault(key, []).append(now)
-                raise AuthError("unknown user or wrong password", 401)
-            self._failures.pop(("user", name), None)
-            s = Session(secrets.token_urlsafe(24), name, now, now, peer=peer)
-            self._sessions[s.id] = s
-        return s
+            if ok:
+                th.forget(user_key)
+                th.forget(pair_key)
+                s = Session(secrets.token_urlsafe(24), name, now, now, peer=peer)
+                self._sessions[s.id] = s
+                return s
+            for key in (user_key, addr_key, pair_key):
+                th.fail(key, now)
+            wait = th.wait(user_key, now)
+        extra = {"retry_after": max(1, math.ceil(wait))} if wait > 0 else {}
+        raise AuthError("unknown user or wrong password", 401, **extra)
+
+    def _login_local(self, addr: str, now: float, direct_loopback: bool) -> Session:
+        """``local`` has no password: nothing to guess, so nothing to throttle — it is
+        refused outright unless this server allows it and the peer is this machine."""
+        if not self.allow_local:
+            why = ("the password-less local user exists only in the desktop app's own "
+                   "server (medview-server serve --allow-local enables it)")
+        elif not direct_loopback:
+            why = ("the password-less local user logs in only from this machine, straight "
+                   "to the server (not through a proxy)")
+        else:
+            with self._lock:
+                s = Session(secrets.token_urlsafe(24), LOCAL_USER, now, now, peer=addr)
+                self._sessions[s.id] = s
+            return s
+        with self._lock:
+            self.throttle.fail(("addr", addr), now)
+        raise AuthError(f"unknown user or wrong password: {why}", 401)
+
+    @staticmethod
+    def _too_many(who: str, wait: float) -> AuthError:
+        secs = max(1, math.ceil(wait))
+        return AuthError(f"too many failed log-ins for {who}: try again in {secs} s",
+                         429, retry_after=secs)
 
     _dummy: str | None = None
 
@@ -455,18 +727,21 @@ class Authority:
     def audit(self, *, user: str | None, action: str, resource: str | None, outcome: str,
               status: int | None = None, detail: dict | None = None, session: str | None = None,
               peer: str | None = None) -> None:
-        """Append one row to the audit log (who, what, when, from where, outcome)."""
-        with self.db.transaction():
-            self.db.execute(
-                "INSERT INTO audit(at, user, session, peer, action, resource, outcome,"
-                " http_status, detail) VALUES (?,?,?,?,?,?,?,?,?)",
-                (self.clock(), user, session, peer, action, resource, outcome, status,
-                 json.dumps(detail, separators=(",", ":"), default=str) if detail else None))
+        """Append one row to the audit log (who, what, when, from where, outcome): queued
+        for the writer thread (:class:`AuditWriter`), which commits it within a batch."""
+        self.audit_writer.put(
+            (self.clock(), user, session, peer, action, resource, outcome, status,
+             json.dumps(detail, separators=(",", ":"), default=str) if detail else None))
+
+    def health(self) -> dict:
+        """The audit writer's state, for ``/api/health``."""
+        return self.audit_writer.stats()
 
     def audit_rows(self, *, user: str | None = None, action: str | None = None,
                    resource: str | None = None, since: float | None = None,
                    until: float | None = None, limit: int | None = 200) -> list[dict]:
-        """Audit rows, newest first."""
+        """Audit rows, newest first (rows still queued are written first)."""
+        self.audit_writer.flush()
         where, params = [], []
         for col, v in (("user", user), ("action", action)):
             if v is not None:

@@ -14,6 +14,8 @@ Sub-commands::
     medview-server pacs query NAME [--patient ID] [--date RANGE] [--modality M] --store DIR
     medview-server pacs retrieve NAME --study UID [--via move|get] [--listen-port N] --store DIR
     medview-server export --study UID [--series UID] --out DIR|file.zip [--dicomdir] --store DIR
+            [--trusted-proxy CIDR]... [--proxy-header x-forwarded-for|forwarded]
+            [--allow-local]
     medview-server user add NAME --store DIR [--group G]... [--password-stdin]
     medview-server user remove|passwd NAME --store DIR [--password-stdin]
     medview-server user groups NAME [GROUP...] --store DIR
@@ -116,14 +118,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import run
 
+    from .peers import parse_networks
+
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        trusted = parse_networks(args.trusted_proxy or ())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving patient data on {args.host}; the local user is refused "
-              "from other machines, give real users passwords (issue: rights)", flush=True)
+        print(f"warning: serving patient data on {args.host}; give every user a password",
+              flush=True)
+    if args.allow_local:
+        print("warning: --allow-local: the password-less user 'local' can log in from "
+              "this machine (loopback, not through a proxy)", flush=True)
     dimse = _start_dimse(args)
     try:
         run(str(args.store), host=args.host, port=args.port, log_level=args.log_level,
-            policy_path=str(args.policy) if args.policy else None)
+            policy_path=str(args.policy) if args.policy else None,
+            allow_local=args.allow_local, trusted_proxies=trusted,
+            proxy_header=args.proxy_header)
     finally:
         if dimse is not None:
             dimse.stop()
@@ -574,6 +587,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ae-title", default="MEDVIEW", help="our AE title (default MEDVIEW)")
     p.add_argument("--dicom-host", default="127.0.0.1",
                    help="address of the DICOM listener (default 127.0.0.1)")
+    p.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                   help="a reverse proxy whose forwarding header names the client (repeat; "
+                        "default none: the client is the TCP peer, headers are ignored)")
+    p.add_argument("--proxy-header", default="x-forwarded-for",
+                   choices=("x-forwarded-for", "forwarded"),
+                   help="the header the trusted proxies set (default X-Forwarded-For)")
+    p.add_argument("--allow-local", action="store_true",
+                   help="let the password-less user 'local' log in from loopback (off: "
+                        "only the desktop app's bundled server has it)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("user", help="users, groups and rights")

@@ -12,6 +12,11 @@ to it).
 PostgreSQL in place of SQLite: the dialect-specific parts are here and marked — the
 connection set-up (:meth:`Db._connect`), ``BEGIN IMMEDIATE``, the table-exists probe and
 the ``?`` parameter style (:meth:`Db.execute` is the one place SQL reaches the driver).
+
+A full disk: a write that fails for lack of space raises :class:`StorageFull` (HTTP 507).
+A database file put in read-only mode (:func:`set_read_only`, when the server starts on
+a full disk) is opened read-only, creates no tables, and every write transaction raises
+:class:`StorageFull` at once; reads go on.
 """
 from __future__ import annotations
 
@@ -26,6 +31,42 @@ class DbClosedError(RuntimeError):
     """The database was closed (e.g. the server is shutting down)."""
 
 
+class StorageFull(Exception):
+    """A write failed, or was refused, because the store's disk is full (HTTP 507)."""
+
+    status = 507
+
+
+_DISK_WORDS = ("database or disk is full", "disk i/o error", "attempt to write a readonly")
+_read_only: dict[str, str] = {}            # resolved path -> why
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an SQLite or OS error means "no space left" (or an I/O error on write)."""
+    import errno
+
+    if isinstance(exc, StorageFull):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        w in str(exc).lower() for w in _DISK_WORDS)
+
+
+def set_read_only(path: str | Path, reason: str | None) -> None:
+    """Open ``path`` read-only from now on (``reason`` None: read-write again, for Dbs
+    opened later)."""
+    key = str(Path(path).resolve())
+    if reason is None:
+        _read_only.pop(key, None)
+    else:
+        _read_only[key] = reason
+
+
+def read_only_reason(path: str | Path) -> str | None:
+    return _read_only.get(str(Path(path).resolve()))
+
+
 class Db:
     """Thread-safe access to one SQLite file (one connection per thread)."""
 
@@ -38,14 +79,37 @@ class Db:
         self._conns_lock = threading.Lock()
         self._closed = False
         self._closed_error = closed_error
-        if ddl:
+        self.read_only = read_only_reason(self.path)
+        if ddl and not self.read_only:
             with self.transaction():
                 for stmt in ddl:
                     self.execute(stmt)
 
     @staticmethod
+    def _connect_read_only(path: str) -> sqlite3.Connection:
+        """Read-only, on a full disk: ``mode=ro`` needs the ``-shm`` file (which a full
+        disk may not let SQLite create); ``immutable`` needs none but does not see the
+        write-ahead log, so it is used only when the log is empty (every commit is in
+        the main file: the state after a clean shutdown)."""
+        uri = Path(path).resolve().as_uri()
+        try:
+            conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            wal = Path(f"{path}-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                raise
+        conn = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=False)
+        return conn
+
+    @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
         """Open a connection for the calling thread (SQLite-specific set-up)."""
+        if read_only_reason(path):
+            return Db._connect_read_only(path)
         conn = sqlite3.connect(path, timeout=30.0, isolation_level=None,
                                check_same_thread=False)
         conn.execute("PRAGMA foreign_keys = ON")
@@ -90,20 +154,40 @@ class Db:
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction (nested use joins the outer one)."""
+        if self.read_only:
+            # reads inside a "transaction" (e.g. a schema check) work; a write fails
+            try:
+                yield
+            except sqlite3.OperationalError as e:
+                if is_disk_full(e):
+                    raise StorageFull(f"the store's disk is full; the server is read-only "
+                                      f"({self.read_only})") from e
+                raise
+            return
+        from . import faults
+
         with self._lock:
             conn = self._conn()
             if conn.in_transaction:
                 yield
                 return
-            # IMMEDIATE takes the write lock now (SQLite); PostgreSQL: plain BEGIN
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                faults.check_disk("db")
+                # IMMEDIATE takes the write lock now (SQLite); PostgreSQL: plain BEGIN
+                conn.execute("BEGIN IMMEDIATE")
+            except (sqlite3.OperationalError, OSError) as e:
+                if is_disk_full(e):
+                    raise StorageFull(f"the store's disk is full: {e}") from e
+                raise
             try:
                 yield
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            else:
                 conn.execute("COMMIT")
+            except BaseException as e:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(e, (sqlite3.OperationalError, OSError)) and is_disk_full(e):
+                    raise StorageFull(f"the store's disk is full: {e}") from e
+                raise
 
     def table_exists(self, name: str) -> bool:
         """Dialect-specific (PostgreSQL: information_schema.tables)."""

@@ -1,7 +1,8 @@
 """Run the HTTP server inside this process, on a background thread.
 
 Used by the desktop app (bundled server on a free loopback port) and by tests. The
-socket is bound before the thread starts, so the port is known at once.
+socket is bound before the thread starts, so the port is known at once. This is the one
+server where the password-less ``local`` user exists (from loopback only).
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ class EmbeddedServer:
     def __init__(self, store_dir: str, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning") -> None:
         self.store = Store(store_dir)
-        self.app = create_app(self.store)
+        self.app = create_app(self.store, allow_local=True)    # the desktop's own server
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
         config = uvicorn.Config(self.app, log_level=log_level, access_log=False,
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, proxy_headers=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="medview-server", daemon=True)
 

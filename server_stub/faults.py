@@ -9,9 +9,16 @@ power cut or ``kill -9`` would stop it (no cleanup, no flush, no atexit).
 Points: ``migrate.tail-copied``, ``migrate.head-written``, ``migrate.committed``,
 ``migrate.original-copied``, ``migrate.original-committed``, ``recall.written``,
 ``recall.committed``, ``recall.original-written``.
+
+A full disk, too: with ``disk-full`` in ``MEDVIEW_FAULTS`` (or after
+:func:`set_disk_full`), every database write transaction and every store file write
+fails with ``ENOSPC`` (:func:`check_disk`, called at those two write points) and
+:func:`free_bytes` reports no free space — what a full file system does, without needing
+one. The tests also use a real small file system where ``mount`` is allowed.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -41,3 +48,33 @@ def point(name: str) -> None:
         hit = _counts[name] == want
     if hit:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_disk_full: bool | None = None            # None: as MEDVIEW_FAULTS says
+
+
+def set_disk_full(full: bool | None) -> None:
+    """Simulate a full disk in this process (None: back to ``MEDVIEW_FAULTS``)."""
+    global _disk_full
+    _disk_full = full
+
+
+def disk_full() -> bool:
+    if _disk_full is not None:
+        return _disk_full
+    return "MEDVIEW_FAULTS" in os.environ and "disk-full" in _plan()
+
+
+def check_disk(where: str) -> None:
+    """Raise ``OSError(ENOSPC)`` at a write point while a full disk is simulated."""
+    if disk_full():
+        raise OSError(errno.ENOSPC, f"No space left on device (simulated at {where})")
+
+
+def free_bytes(path) -> int:
+    """Free bytes for unprivileged writers on the file system of ``path`` (0 while a
+    full disk is simulated)."""
+    if disk_full():
+        return 0
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

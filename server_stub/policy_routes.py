@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .diagnosis import STATUS_FOR_KIND, DiagnosisError
+from . import peers
 from .inputs import InputError, Param, parse_json
 from .packets import RequestError
 from .policy import AutoInputs
@@ -55,7 +56,8 @@ def _json(request: Request) -> dict:
 
 
 def peer_of(request: Request) -> str | None:
-    return request.client.host if request.client else None
+    """The client address (forwarding headers believed from trusted proxies only)."""
+    return peers.peer_of(request)
 
 
 def auto_choice(srv, session, grant, versions, peer):

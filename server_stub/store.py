@@ -24,19 +24,32 @@ a human, or a re-ingest of the original).
 Paths handed around (and stored in the catalogue) are *relative* POSIX paths; use
 :meth:`Store.abspath` to reach the file. UIDs are used as path components only when they
 look like UIDs (digits and dots); anything else is hashed, so no UID can escape the store.
+
+A full disk: a server started on a store whose disk has less than ``MIN_FREE_BYTES``
+free, or whose catalogue cannot be opened for writing for lack of space, serves it
+read-only (:meth:`Store.open_for_serving`): the catalogue is opened read-only, and every
+write — a file, a catalogue row — raises :class:`~server_stub.dbutil.StorageFull`
+(HTTP 507) instead of failing half-way. Restart the server once space is freed.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from imaging.files import TMP_MARK, fsync_dir, sha256_file, write_file_atomic  # noqa: F401 (re-exported)
+from imaging.files import TMP_MARK, fsync_dir, sha256_file  # noqa: F401 (re-exported)
+from imaging.files import write_file_atomic as _write_file_atomic
 
+from . import faults
 from .catalogue import Catalogue
+from .dbutil import StorageFull, is_disk_full, set_read_only
+
+MIN_FREE_BYTES = 16 << 20        # below this much free space a server starts read-only
 
 _fsync_dir = fsync_dir   # the name the server's modules use
 
@@ -113,6 +126,18 @@ class FsckReport:
         return "\n".join(lines)
 
 
+def write_file_atomic(target: Path, data: bytes) -> None:
+    """:func:`imaging.files.write_file_atomic` for the store: the disk-full fault point
+    first, and a full disk reported as :class:`~server_stub.dbutil.StorageFull` (507)."""
+    try:
+        faults.check_disk("file")
+        _write_file_atomic(target, data)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"the store's disk is full: cannot write {target.name}") from e
+        raise
+
+
 class Store:
     """A store directory: originals, codestreams, packet indexes and the catalogue."""
 
@@ -122,6 +147,7 @@ class Store:
             self._ensure_dir(d)
         self._catalogue: Catalogue | None = None
         self._cat_lock = threading.Lock()
+        self.read_only: str | None = None        # why, when the store is read-only
 
     # ------------------------------------------------------------------ basics
 
@@ -138,6 +164,41 @@ class Store:
             if self._catalogue is not None:
                 self._catalogue.close()
                 self._catalogue = None
+        if self.read_only is not None:       # a later Store on this path decides anew
+            set_read_only(self.root / CATALOGUE_NAME, None)
+
+    def free_bytes(self) -> int:
+        """Free space on the store's file system (for unprivileged writers)."""
+        return faults.free_bytes(self.root)
+
+    def open_for_serving(self, min_free: int = MIN_FREE_BYTES) -> str | None:
+        """Open the catalogue for a server: read-write, or read-only when the disk is
+        full (less than ``min_free`` bytes free, or the catalogue cannot be opened for
+        writing for lack of space). Returns why the store is read-only, or None."""
+        if self.read_only is not None:
+            return self.read_only
+        free = self.free_bytes()
+        reason = None
+        if free < min_free:
+            reason = (f"the store's disk is full ({free // 1024} kB free, "
+                      f"{min_free >> 20} MB needed to write)")
+        else:
+            try:
+                self.catalogue
+            except (sqlite3.Error, OSError, StorageFull) as e:
+                if not is_disk_full(e):
+                    raise
+                reason = f"the store's disk is full (the catalogue cannot be written: {e})"
+        if reason is not None:
+            self.set_read_only(reason)
+        return reason
+
+    def set_read_only(self, reason: str) -> None:
+        """From now on: the catalogue read-only, every write refused (StorageFull)."""
+        self.read_only = None
+        self.close()
+        self.read_only = reason
+        set_read_only(self.root / CATALOGUE_NAME, reason)
 
     def __enter__(self) -> "Store":
         return self
@@ -182,6 +243,8 @@ class Store:
     def atomic_write(self, path: str | Path, data: bytes) -> str:
         """Write ``data`` to ``path`` (store-relative or absolute inside the store)
         atomically and durably; returns its SHA-256 hex digest."""
+        if self.read_only is not None:
+            raise StorageFull(f"the server is read-only: {self.read_only}")
         target = self._resolve(path)
         self._ensure_dir(target.parent)
         write_file_atomic(target, data)

@@ -105,8 +105,9 @@ def resolve(srv, path: dict, query=None) -> Target:
     if series is not None:
         row = cat.get_series(series)
         if row is None or (study is not None and row.get("StudyInstanceUID") != study):
-            where = f"no series {series} in study {study}" if study is not None \
-                else f"unknown series {series}"
+            where = (f"no series {series} in study {study}" if study is not None
+                     else f"unknown series {series}" if "series" in path
+                     else f"unknown target {series!r}: no such series")
             raise NotFound(where, "series" if "series" in path else "target")
         t.series, t.series_row = series, row
         t.study = row.get("StudyInstanceUID")

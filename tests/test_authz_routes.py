@@ -14,8 +14,8 @@ import pytest
 import requests
 from starlette.routing import Route
 
-from pathology.sample import make_ihc_slide
-from pathology.tilesource import ArraySource
+from imaging.slide_sample import make_ihc_slide
+from imaging.tilesource import ArraySource
 from server_stub.embedded import EmbeddedServer
 from server_stub.rights import Rule
 

@@ -154,6 +154,16 @@ def test_measurement_to_annotation():
 @pytest.fixture(scope="module")
 def vsrv(ct_store, tmp_path_factory):
     store = copy_store(ct_store, tmp_path_factory.mktemp("viewer") / "store")
+    # the shared store may carry reading history from other tests (notes, status): these
+    # tests start from an unread study
+    import sqlite3
+    con = sqlite3.connect(store / "catalogue.sqlite")
+    with con:
+        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+        for table in ("diag_revision", "diag_item", "study_status_history", "study_status"):
+            if table in have:
+                con.execute(f"DELETE FROM {table}")
+    con.close()
     srv = EmbeddedServer(str(store)).start()
     srv.study, srv.series, srv.store_dir = study_uid(store), series_uid(store), store
     yield srv

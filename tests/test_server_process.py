@@ -26,7 +26,7 @@ def _free_port() -> int:
 def _serve(store, port):
     proc = subprocess.Popen(
         [sys.executable, "-m", "server_stub.cli", "serve", "--store", str(store), "--port",
-         str(port), "--log-level", "warning"],
+         str(port), "--log-level", "warning", "--allow-local"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

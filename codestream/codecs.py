@@ -29,9 +29,9 @@ keep every 2**reduce-th pixel; :attr:`Codec.native_reduce` says which is which.
 
 Pixel conventions follow DICOM: ``pixels`` are (rows, cols) or (rows, cols, 3) arrays,
 ``signed`` is PixelRepresentation 1, ``bits_stored`` BitsStored. JPEG 2000 and HTJ2K keep
-signed samples as signed components. JPEG-LS has no signed samples: the two's complement
-pattern of ``bits_stored`` bits is encoded as unsigned, and :meth:`Codec.decode` with
-``signed=True`` extends the sign again (what pydicom and dcmtk do). JPEG XL and JPEG take
+signed samples as signed components. JPEG-LS has no signed samples: the 8 or 16-bit two's
+complement pattern is encoded as unsigned samples of that precision P, and
+:meth:`Codec.decode` with ``signed=True`` extends the sign at P again (what pydicom does). JPEG XL and JPEG take
 unsigned samples only. :meth:`Codec.supports` says, before encoding, why an image cannot be
 encoded by a backend; :meth:`Codec.encode` raises :class:`CodecError` with that reason.
 
@@ -251,6 +251,12 @@ def _sign_extend(arr: np.ndarray, bits: int) -> np.ndarray:
     return a.astype(np.int8 if bits <= 8 and arr.dtype.itemsize == 1 else np.int16)
 
 
+def _jls_precision(data: bytes) -> int | None:
+    """P of a JPEG-LS codestream's SOF55 segment (None if not found)."""
+    i = data.find(b"\xff\xf7")
+    return data[i + 4] if 0 <= i and i + 4 < len(data) else None
+
+
 class JpegLSCodec(Codec):
     library = "CharLS"
     _ic_flag = "JPEGLS"
@@ -267,11 +273,17 @@ class JpegLSCodec(Codec):
         return why
 
     def _prepare(self, arr, signed, bits):
-        if signed or arr.dtype.kind == "i":
-            # two's complement pattern of `bits` bits, as unsigned samples
-            u = arr.view(np.uint8 if arr.dtype.itemsize == 1 else np.uint16)
-            return (u & np.array((1 << bits) - 1, dtype=u.dtype)).astype(u.dtype)
+        if arr.dtype.kind == "i":
+            # the two's complement pattern as unsigned samples of the codestream's
+            # precision P (CharLS writes P = 8 or 16 from the dtype); decoders extend the
+            # sign at P, as pydicom does
+            return arr.view(np.uint8 if arr.dtype.itemsize == 1 else np.uint16)
         return arr
+
+    def decode(self, data, reduce=0, *, signed=None, bits_stored=None):
+        # the sign is extended at the codestream's precision P (what pydicom does)
+        return super().decode(data, reduce, signed=signed,
+                              bits_stored=_jls_precision(bytes(data)) or bits_stored)
 
     def _restore(self, arr, signed, bits):
         if signed:

@@ -74,15 +74,21 @@ def test_every_lossless_backend_saw_each_kind():
             assert c.supports(frames[0], signed=signed, bits_stored=bits) == "", (c.label, n)
 
 
-def test_jpegls_signed_is_twos_complement_of_bits_stored():
-    """JPEG-LS stores signed samples as the unsigned pattern of BitsStored bits (what
-    pydicom and dcmtk expect); decoding without signed=True shows that pattern."""
+def test_jpegls_signed_is_twos_complement_at_the_precision():
+    """JPEG-LS stores signed samples as the unsigned 16-bit two's complement pattern with
+    P = 16 in its header (pydicom extends the sign at P); decoding without signed=True
+    shows that pattern."""
     c = codecs.get(codecs.JPEGLS_LOSSLESS)
     a = np.array([[-2048, -1, 0, 2047]] * 4, np.int16)
     data = c.encode(a, signed=True, bits_stored=12)
+    assert codecs._jls_precision(data) == 16
     raw = c.decode(data)
-    assert raw.dtype == np.uint16 and raw[0].tolist() == [2048, 4095, 0, 2047]
+    assert raw.dtype == np.uint16 and raw[0].tolist() == [63488, 65535, 0, 2047]
     assert np.array_equal(c.decode(data, signed=True, bits_stored=12), a)
+    b = np.array([[-128, -1, 0, 127]] * 4, np.int8)
+    data = c.encode(b, signed=True, bits_stored=8)
+    assert codecs._jls_precision(data) == 8
+    assert np.array_equal(c.decode(data, signed=True, bits_stored=8), b)
 
 
 @pytest.mark.parametrize("codec", LOSSLESS, ids=lambda c: c.transfer_syntax)

@@ -341,7 +341,11 @@ def create_app(store: Store, authority: Authority | None = None, *,
         return JSONResponse({"ok": True})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "version": VERSION})
+        from .policy_copies import conversion_health    # failed final copies: degraded
+
+        conv = await run_in_threadpool(conversion_health, srv.catalogue)
+        return JSONResponse({"status": "degraded" if conv["failed"] else "ok",
+                             "version": VERSION, "conversion": conv})
 
     def qido(rows: list[dict], request: Request) -> Response:
         rows = [{k: v for k, v in r.items() if k not in _PRIVATE_KEYS} for r in rows]

@@ -56,6 +56,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
                 print(msg, flush=True)
 
         report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify)
+        from .policy_copies import after_ingest     # final copies, if [codec] on_ingest
+
+        after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
     print(report.summary(), flush=True)
     return 0 if report.ok else 1
 

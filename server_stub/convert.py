@@ -412,62 +412,89 @@ def choose_codec(ds, opts: Options) -> tuple[codecs.Codec | None, str]:
 
 
 # --------------------------------------------------------------------------- one file
-def convert_file(src: str | Path, dst: str | Path, opts: Options) -> FileResult:
-    """Convert one file to ``dst`` (see the module doc). Never raises for a bad file: the
-    result says what happened."""
+def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResult, bytes | None]:
+    """Convert one DICOM file given as bytes: (result, verified output bytes or None).
+    Writes nothing; never raises for bad input (the result says what happened)."""
+    import warnings
+    from io import BytesIO
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    t0 = time.perf_counter()
+    res = FileResult(name, bytes_before=len(data))
+    out: bytes | None = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # pydicom warns about damage it then survives
+            try:
+                ds = pydicom.dcmread(BytesIO(data))
+            except (InvalidDicomError, EOFError) as e:
+                raise ConvertError(f"not a DICOM file: {e}") from None
+            except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
+                raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
+            if "PixelData" not in ds:
+                raise ConvertError("no pixel data (not an image, or cut inside its pixel data)")
+            res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
+            codec, reason = choose_codec(ds, opts)
+            res.reason = reason
+            if codec is None:                            # stays as it arrived: a byte copy
+                out = data
+                res.codec, res.transfer_syntax = "keep", str(ds.file_meta.TransferSyntaxUID)
+                res.status, res.verification = "kept", "byte copy"
+                res.sop_instance_uid = res.source_sop_instance_uid
+            else:
+                res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+                conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason)
+                enc = dataset_bytes(conv.dataset)
+                v = verify_bytes(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
+                res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
+                if not v.ok:
+                    raise ConvertError(f"verification failed: {v.text}")
+                out = enc
+                res.status = "converted"
+                res.sop_instance_uid = str(conv.dataset.SOPInstanceUID)
+        res.bytes_after = len(out)
+        res.sha256 = hashlib.sha256(out).hexdigest()
+        res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
+    except ConvertError as e:
+        res.status, res.error, out = "failed", str(e), None
+    except Exception as e:  # noqa: BLE001 - one file never stops the batch
+        res.status, res.error, out = "failed", f"{type(e).__name__}: {e}", None
+    res.seconds = round(time.perf_counter() - t0, 4)
+    return res, out
+
+
+def convert_file(src: str | Path, dst: str | Path, opts: Options) -> FileResult:
+    """Convert one file to ``dst`` (see the module doc). Never raises for a bad file: the
+    result says what happened."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     res = FileResult(str(src), str(dst))
     try:
         if src.resolve() == dst.resolve():
             raise ConvertError("the output would overwrite the input")
+        res.bytes_before = src.stat().st_size
         if dst.exists():
             done = _done_before(dst)
             if done is not None:
                 res.status, res.transfer_syntax, res.bytes_after = "skipped", done[0], done[1]
                 res.sop_instance_uid = done[2]
-                res.bytes_before = src.stat().st_size
+                res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
                 res.verification = "output exists (verified when written)"
                 return res
-        res.bytes_before = src.stat().st_size
-        try:
-            ds = pydicom.dcmread(src)
-        except (InvalidDicomError, EOFError) as e:
-            raise ConvertError(f"not a DICOM file: {e}") from None
-        except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
-            raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
-        if "PixelData" not in ds:
-            raise ConvertError("no pixel data (not an image)")
-        res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
-        codec, reason = choose_codec(ds, opts)
-        res.reason = reason
-        if codec is None:                            # stays as it arrived: a byte copy
-            data = src.read_bytes()
-            res.codec, res.transfer_syntax = "keep", str(ds.file_meta.TransferSyntaxUID)
-            _atomic_write_bytes(dst, data)
-            res.status, res.verification = "kept", "byte copy"
-            res.sop_instance_uid = res.source_sop_instance_uid
-        else:
-            res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
-            conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason)
-            data = dataset_bytes(conv.dataset)
-            v = verify_bytes(data, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
-            res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
-            if not v.ok:
-                raise ConvertError(f"verification failed: {v.text}")
-            _atomic_write_bytes(dst, data)
-            res.status = "converted"
-            res.sop_instance_uid = str(conv.dataset.SOPInstanceUID)
-        res.bytes_after = len(data)
-        res.sha256 = hashlib.sha256(data).hexdigest()
-        res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
-    except ConvertError as e:
+        data = src.read_bytes()
+    except (ConvertError, OSError) as e:
         res.status, res.error = "failed", str(e)
-    except Exception as e:  # noqa: BLE001 - one file never stops the batch
-        res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+        res.seconds = round(time.perf_counter() - t0, 4)
+        return res
+    res, out = convert_bytes(data, opts, str(src))
+    res.output = str(dst)
+    if out is not None:
+        try:
+            _atomic_write_bytes(dst, out)
+        except OSError as e:
+            res.status, res.error = "failed", f"cannot write the output: {e}"
     res.seconds = round(time.perf_counter() - t0, 4)
     return res
 

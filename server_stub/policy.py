@@ -219,6 +219,7 @@ class CodecPolicy:
     colour: str = "jxl"
     keep_jpeg_baseline: bool = True
     overrides: tuple[tuple[str, str, dict], ...] = ()    # (modality, body_part, settings)
+    on_ingest: bool = False          # make the final copy right after each ingest
 
     def settings_for(self, modality: str | None, body_part: str | None) -> dict:
         out = {k: getattr(self, k) for k in _CODEC_KEYS}
@@ -253,7 +254,7 @@ def _parse_codec(raw: dict, fail) -> CodecPolicy:
     def check(d: dict, where: str) -> dict:
         out = {}
         for k, v in d.items():
-            if k in ("modality", "body_part", "overrides"):
+            if k in ("modality", "body_part", "overrides") or (k == "on_ingest" and where == "[codec]"):
                 continue
             if k not in _CODEC_KEYS:
                 raise fail(f"{where}: unknown key {k!r} (known: {', '.join(sorted(_CODEC_KEYS))})")
@@ -277,7 +278,10 @@ def _parse_codec(raw: dict, fail) -> CodecPolicy:
         if not d:
             raise fail(f"[[codec.overrides]] row {i + 1} changes nothing")
         overrides.append((str(r.get("modality", "*")), str(r.get("body_part", "*")), d))
-    return CodecPolicy(**base, overrides=tuple(overrides))
+    on_ingest = c.get("on_ingest", False)
+    if not isinstance(on_ingest, bool):
+        raise fail("[codec]: on_ingest must be true or false")
+    return CodecPolicy(**base, overrides=tuple(overrides), on_ingest=on_ingest)
 
 
 # --------------------------------------------------------------------------- the policy

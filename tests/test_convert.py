@@ -436,3 +436,144 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path), "--out", str(tmp_path / "o"), "--lossy", "1"]) == 2
     assert cli_main(["convert", "--summary"]) == 2
     capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- in the store
+def _small_store(tmp_path):
+    from server_stub.ingest import ingest_paths
+    from server_stub.store import Store
+
+    d = tmp_path / "in"
+    d.mkdir()
+    _synthetic(d / "mr.dcm", rows=24, cols=20, frames=2, signed=False)
+    shutil.copy(_testfile("US1_UNCR.dcm"), d / "rgb.dcm")
+    shutil.copy(_testfile("SC_rgb_jpeg_dcmtk.dcm"), d / "jpeg.dcm")
+    store = Store(tmp_path / "store")
+    rep = ingest_paths([d], store, workers=1)
+    assert len(rep.imported) == 3, rep.summary()
+    return store, {f.path.name: f.sop_instance_uid for f in rep.imported}
+
+
+def test_store_final_copies(tmp_path, capsys):
+    from server_stub.policy_copies import PolicyCopies, conversion_health, convert_store
+
+    store, sops = _small_store(tmp_path)
+    try:
+        rep = convert_store(store, workers=2)          # the process pool path
+        assert rep.ok and rep.count("converted") == 2 and rep.count("kept") == 1, rep.summary()
+        pc = PolicyCopies(store)
+        rows = {r["sop"]: r for r in pc.rows()}
+        pc.close()
+        mr, rgb, jpg = (rows[sops[n]] for n in ("mr.dcm", "rgb.dcm", "jpeg.dcm"))
+        assert (mr["codec"], mr["transfer_syntax"], mr["verified"]) == \
+            ("jpegls", codecs.JPEGLS_LOSSLESS, "bit-exact")
+        assert (rgb["codec"], rgb["transfer_syntax"]) == ("jxl", codecs.JPEGXL_LOSSLESS)
+        assert jpg["codec"] == "keep" and jpg["verified"] == "byte copy"
+        inst = store.catalogue.find_instance(sops["jpeg.dcm"])
+        assert jpg["relpath"] == inst["original_relpath"]          # no second copy
+        for r in (mr, rgb):
+            assert r["relpath"].startswith("final/") and r["relpath"].endswith(f".{r['codec']}.dcm")
+            assert store.check_file(r["relpath"], r["sha256"], r["size"]) is None
+            # the copy decodes bit-exact to the original's pixels
+            orig = pydicom.dcmread(store.abspath(store.catalogue.find_instance(r["sop"])
+                                                 ["original_relpath"]))
+            copy = pydicom.dcmread(store.abspath(r["relpath"]))
+            c = codecs.get(r["transfer_syntax"])
+            from pydicom.encaps import generate_frames
+            frames = list(generate_frames(copy.PixelData,
+                                          number_of_frames=int(copy.get("NumberOfFrames", 1))))
+            ref = orig.pixel_array
+            ref = list(ref) if len(frames) > 1 else [ref]
+            for f, want in zip(frames, ref):
+                assert np.array_equal(c.decode(f), want)
+            assert copy.SOPInstanceUID == r["sop"]
+        assert conversion_health(store.catalogue) == {"copies": 3, "failed": 0}
+        again = convert_store(store)
+        assert again.count("skipped") == 3
+        # a damaged copy is found by the summary and made again by the next run
+        p = store.abspath(mr["relpath"])
+        p.write_bytes(p.read_bytes()[:-10])
+        assert cli_main(["convert", "--summary", "--store", str(store.root)]) == 0
+        out = capsys.readouterr().out
+        assert "3 instances: 3 with a verified final copy, 0 failed" in out
+        assert "DAMAGED" in out and "jpegls" in out and "jxl" in out
+        third = convert_store(store)
+        assert third.count("converted") == 1 and third.count("skipped") == 2
+    finally:
+        store.close()
+
+
+def test_store_failed_copy_is_an_alarm(tmp_path, capsys):
+    """A real failure (the site asks JPEG XL for signed samples, which it cannot hold) is
+    recorded, audited, counted by /api/health as degraded and shown by --summary."""
+    from server_stub.auth import Authority
+    from server_stub.policy_copies import conversion_health
+
+    store, sops = _small_store(tmp_path)
+    d = tmp_path / "neg"
+    d.mkdir()
+    _synthetic(d / "neg.dcm", rows=16, cols=16, frames=1, signed=True)
+    from server_stub.ingest import ingest_paths
+    neg = ingest_paths([d], store, workers=1).imported[0].sop_instance_uid
+    (store.root / "policy.toml").write_text('[codec]\nsmall_grayscale = "jxl"\n')
+    root = str(store.root)
+    store.close()
+    rc = cli_main(["convert", "--store", root, "--policy", "--quiet"])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "1 failed" in out
+    from server_stub.store import Store
+    store = Store(root)
+    try:
+        assert conversion_health(store.catalogue)["failed"] == 1
+        auth = Authority(str(store.root / "catalogue.sqlite"))
+        rows = auth.audit_rows(action="convert")
+        assert any(r["outcome"] == "failed" and r["resource"] == neg
+                   and "signed" in r["detail"]["error"] for r in rows)
+        auth.close()
+    finally:
+        store.close()
+    import requests
+
+    from server_stub.embedded import EmbeddedServer
+    with EmbeddedServer(root) as srv:
+        h = requests.get(f"{srv.url}/api/health", timeout=30).json()
+    assert h["status"] == "degraded" and h["conversion"]["failed"] == 1
+    assert cli_main(["convert", "--summary", "--store", root]) == 0
+    out = capsys.readouterr().out
+    assert f"FAILED {neg} (jxl)" in out and "1 failed" in out
+    # the site fixes its policy: the next run converts it and the server is healthy again
+    (Path(root) / "policy.toml").write_text('[codec]\nsmall_grayscale = "htj2k"\n')
+    assert cli_main(["convert", "--store", root, "--policy", "--quiet"]) == 0
+    store = Store(root)
+    try:
+        assert conversion_health(store.catalogue) == {"copies": 4, "failed": 0}
+    finally:
+        store.close()
+
+
+def test_ingest_makes_final_copies_when_the_policy_says_so(tmp_path, capsys):
+    from server_stub.policy_copies import PolicyCopies
+    from server_stub.store import Store
+
+    root = tmp_path / "store"
+    Store(root).close()
+    d = tmp_path / "in"
+    d.mkdir()
+    _synthetic(d / "a.dcm", rows=16, cols=16, frames=1)
+    assert cli_main(["ingest", str(d), "--store", str(root), "--quiet"]) == 0
+    store = Store(root)
+    pc = PolicyCopies(store)
+    assert pc.rows() == []                   # on_ingest is off by default
+    pc.close()
+    store.close()
+    (root / "policy.toml").write_text("[codec]\non_ingest = true\n")
+    _synthetic(d / "b.dcm", rows=16, cols=16, frames=1)
+    assert cli_main(["ingest", str(d), "--store", str(root)]) == 0
+    assert "final copies: 1 files: 1 converted" in capsys.readouterr().out
+    store = Store(root)
+    pc = PolicyCopies(store)
+    rows = pc.rows()
+    assert len(rows) == 1 and rows[0]["verified"] == "bit-exact" and rows[0]["codec"] == "jpegls"
+    pc.close()
+    store.close()

@@ -202,8 +202,9 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
 
 
 def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
-                   reason: str = "") -> Converted:
-    """The dataset re-encoded with ``codec`` (a deep copy; ``ds`` is not changed)."""
+                   reason: str = "", copy_first: bool = True) -> Converted:
+    """The dataset re-encoded with ``codec``: a deep copy, or ``ds`` itself changed in
+    place when ``copy_first`` is False (the converter's own freshly read dataset)."""
     from pydicom.encaps import encapsulate
     from pydicom.uid import UID
 
@@ -222,18 +223,25 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
                                         ratio=None if codec.lossless else ratio))
         except codecs.CodecError as e:
             raise ConvertError(str(e)) from None
-    out = copy.deepcopy(ds)
+    big_endian = getattr(ds, "original_encoding", (None, True))[1] is False
+    if copy_first:
+        out = copy.deepcopy(ds)
+    else:
+        out = ds
+        ds = _Original(ds)          # what the lossy record needs of the input
     _drop_group_length(out)
-    if getattr(ds, "original_encoding", (None, True))[1] is False:
+    if big_endian:
         _to_little_endian(out)
     in_ts = str(ds.file_meta.TransferSyntaxUID)
+    in_pi = str(ds.get("PhotometricInterpretation", ""))
+    in_spp = int(ds.get("SamplesPerPixel", 1) or 1)
     out.file_meta.TransferSyntaxUID = UID(codec.transfer_syntax)
     out.PixelData = encapsulate(encoded, has_bot=True)
     out["PixelData"].VR = "OB"
     out["PixelData"].is_undefined_length = True
-    if out_pi != str(ds.get("PhotometricInterpretation", "")):
+    if out_pi != in_pi:
         out.PhotometricInterpretation = out_pi
-    if int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+    if in_spp == 3:
         out.PlanarConfiguration = 0
     if in_ts in LOSSY_INPUT_TS and out.get("LossyImageCompression") != "01":
         out.LossyImageCompression = "01"
@@ -241,6 +249,28 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
         raw = sum(f.nbytes for f in frames)
         _mark_lossy(out, ds, codec, raw / max(1, sum(len(e) for e in encoded)))
     return Converted(out, codec, frames, signed, bits, reason)
+
+
+class _Original:
+    """The input attributes the lossy record reads, captured before ``ds`` is changed."""
+
+    _KEYS = ("SOPClassUID", "SOPInstanceUID", "LossyImageCompressionRatio",
+             "LossyImageCompressionMethod", "ImageType", "DerivationDescription",
+             "DerivationCodeSequence", "SourceImageSequence", "PhotometricInterpretation",
+             "SamplesPerPixel")
+
+    def __init__(self, ds) -> None:
+        self._v = {k: copy.deepcopy(ds.get(k)) for k in self._KEYS}
+        self.file_meta = copy.deepcopy(ds.file_meta)
+
+    def get(self, key, default=None):
+        v = self._v.get(key)
+        return default if v is None else v
+
+    def __getattr__(self, key):
+        if key.startswith("_") or key not in self._v:
+            raise AttributeError(key)
+        return self._v[key]
 
 
 def _drop_group_length(ds) -> None:
@@ -445,7 +475,8 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
                 res.sop_instance_uid = res.source_sop_instance_uid
             else:
                 res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
-                conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason)
+                conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
+                                      copy_first=False)
                 enc = dataset_bytes(conv.dataset)
                 v = verify_bytes(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
                 res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
@@ -465,7 +496,8 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
     return res, out
 
 
-def convert_file(src: str | Path, dst: str | Path, opts: Options) -> FileResult:
+def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
+                 sync_dir: bool = True) -> FileResult:
     """Convert one file to ``dst`` (see the module doc). Never raises for a bad file: the
     result says what happened."""
     t0 = time.perf_counter()
@@ -492,7 +524,7 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options) -> FileResult:
     res.output = str(dst)
     if out is not None:
         try:
-            _atomic_write_bytes(dst, out)
+            _atomic_write_bytes(dst, out, sync_dir=sync_dir)
         except OSError as e:
             res.status, res.error = "failed", f"cannot write the output: {e}"
     res.seconds = round(time.perf_counter() - t0, 4)
@@ -510,7 +542,10 @@ def _done_before(dst: Path) -> tuple[str, int, str] | None:
         return None
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+    """Temp file beside ``path``, fsync, rename. The content is durable before the name
+    appears, so an output that exists is complete; ``sync_dir`` also makes the name
+    durable at once (the batch does that once per folder, :func:`_sync_dirs`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -523,14 +558,22 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
+    if sync_dir:
+        _sync_dirs([path.parent])
+
+
+def _sync_dirs(dirs: Iterable[Path]) -> None:
+    for d in set(map(Path, dirs)):
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            continue
         try:
             os.fsync(fd)
+        except OSError:
+            pass
         finally:
             os.close(fd)
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------- many files
@@ -577,7 +620,7 @@ def _is_under(p: Path, root: Path) -> bool:
 
 
 def _worker(args: tuple[str, str, Options]) -> FileResult:
-    return convert_file(*args)
+    return convert_file(*args, sync_dir=False)
 
 
 def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Options, *,
@@ -602,7 +645,7 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
 
     if workers <= 1 or total <= 1:
         for s, d in pairs:
-            note(convert_file(s, d, opts))
+            note(convert_file(s, d, opts, sync_dir=False))
     else:
         import multiprocessing as mp
 
@@ -614,6 +657,7 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
                     note(fut.result())
                 except Exception as e:  # noqa: BLE001 - a worker died: that file failed
                     note(FileResult(str(futs[fut]), status="failed", error=f"worker: {e}"))
+    _sync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
     order = {str(s): i for i, (s, _d) in enumerate(pairs)}
     report.results.sort(key=lambda r: order.get(r.file, -1))
     report.seconds = time.perf_counter() - t0

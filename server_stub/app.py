@@ -414,18 +414,24 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     async def health(request: Request):
         """``ok``, or ``degraded`` with why: the store is read-only (its disk was full at
-        start), or audit rows wait in memory because writes fail."""
+        start), audit rows wait in memory because writes fail, or final copies failed their
+        verification (an alarm: :mod:`server_stub.policy_copies`)."""
+        from .policy_copies import conversion_health
+
         audit = srv.auth.health()
         read_only = read_only_reason(srv.auth.db.path)
+        conv = await run_in_threadpool(conversion_health, srv.catalogue)
         problems = []
         if read_only:
             problems.append(f"read-only: {read_only}")
         if audit["failing"] or audit["dropped"]:
             problems.append(f"audit rows held in memory: {audit['pending']}, not written: "
                             f"{audit['dropped']} ({audit['failing'] or 'writes work again'})")
+        if conv["failed"]:
+            problems.append(f"final copies that failed verification: {conv['failed']}")
         return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
                              "read_only": read_only is not None, "problems": problems,
-                             "audit": audit})
+                             "audit": audit, "conversion": conv})
 
     health.medview = {"action": None, "public": True}
 

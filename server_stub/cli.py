@@ -29,11 +29,16 @@ Sub-commands::
     medview-server audit --store DIR [--user U] [--action A] [--resource UID]
             [--since YYYY-MM-DD] [--until YYYY-MM-DD] [--limit N] [--json]
     medview-server versions --store DIR [--series UID]
+    medview-server convert PATH... --out DIR [--to policy|jpegls|htj2k|jxl|j2k]
+            [--lossy RATIO] [--min-psnr DB] [--max-error E] [--workers N] [--report FILE]
+    medview-server convert --store DIR --policy [--workers N]
+    medview-server convert --store DIR --summary
 
 Exit codes: 0 success; 1 when ``ingest`` skipped a DICOM image it could not take (any
 skip other than "not DICOM" / "not an image"), when ``fsck`` found rows with missing or
 damaged files (or orphans it did not remove), when ``migrate`` met errors, or when a
-``user`` command names an unknown user; 2 on usage errors (argparse).
+``user`` command names an unknown user, or when ``convert`` failed a file (the others
+are converted); 2 on usage errors (argparse).
 
 Each sub-command registers itself with ``set_defaults(func=...)``; a new one only needs
 its own ``add_parser`` block in :func:`build_parser`.
@@ -61,6 +66,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
                 print(msg, flush=True)
 
         report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify)
+        from .policy_copies import after_ingest     # final copies, if [codec] on_ingest
+
+        after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
     print(report.summary(), flush=True)
     return 0 if report.ok else 1
 
@@ -544,6 +552,89 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- convert (H4)
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """``convert PATH... --out DIR``: the batch converter; ``convert --store DIR --policy``:
+    the store's final copies; ``convert --summary --store DIR``: their state."""
+    from . import convert
+
+    if args.store is not None:
+        if args.paths or args.out:
+            raise UsageError("--store works on the store's own instances: no PATH or --out")
+        if not Path(args.store).is_dir():
+            raise UsageError(f"no store at {args.store}")
+        from . import policy_copies
+
+        if args.summary:
+            print(policy_copies.summary_text(args.store, policy_file=args.policy_file))
+            return 0
+        if not args.policy:
+            raise UsageError("with --store, say --policy (make the policy copies) or --summary")
+        rep = policy_copies.convert_store(
+            args.store, policy_file=args.policy_file, workers=args.workers,
+            progress=None if args.quiet else convert.progress_printer())
+        if args.report:
+            for p in convert.write_report(rep, args.report):
+                print(f"report: {p}")
+        print(rep.summary(), flush=True)
+        return 0 if rep.ok else 1
+    if args.summary or args.policy:
+        raise UsageError("--summary and --policy go with --store DIR")
+    if not args.paths or args.out is None:
+        raise UsageError("convert PATH... --out DIR (or --store DIR --policy)")
+    if args.lossy is not None and args.lossy <= 1:
+        raise UsageError(f"--lossy is a compression ratio above 1, got {args.lossy}")
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    codec_policy = None
+    if args.to == "policy":
+        from .policy import PolicyError, load_policy
+
+        try:
+            codec_policy = load_policy(None, args.policy_file).codec
+        except PolicyError as e:
+            raise UsageError(str(e)) from None
+    opts = convert.Options(to=args.to, lossy_ratio=args.lossy, min_psnr=args.min_psnr,
+                           max_error=args.max_error, codec_policy=codec_policy)
+    rep = convert.convert_paths(args.paths, args.out, opts, workers=args.workers,
+                                progress=None if args.quiet else convert.progress_printer())
+    report = args.report if args.report else Path(args.out) / "convert-report.json"
+    for p in convert.write_report(rep, report):
+        print(f"report: {p}")
+    print(rep.summary(), flush=True)
+    return 0 if rep.ok else 1
+
+
+def _add_convert_parser(sub) -> None:
+    from .convert import DEFAULT_MIN_PSNR, TARGETS
+
+    p = sub.add_parser("convert", help="re-encode DICOM files (JPEG-LS, HTJ2K, JPEG XL, "
+                       "J2K), keeping every attribute and verifying each output")
+    p.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                   help="DICOM files or folders (searched recursively)")
+    p.add_argument("--out", type=Path, help="output folder (inputs are never overwritten)")
+    p.add_argument("--to", choices=TARGETS, default="policy",
+                   help="codec; 'policy' (default) follows the site policy's [codec] table")
+    p.add_argument("--lossy", type=float, metavar="RATIO",
+                   help="lossy at about this compression ratio (new SOP Instance UID, "
+                        "LossyImageCompression recorded); default lossless")
+    p.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR,
+                   help=f"lossy: refuse outputs below this PSNR in dB (default {DEFAULT_MIN_PSNR:g})")
+    p.add_argument("--max-error", type=float, help="lossy: refuse outputs with a larger "
+                   "maximum pixel error")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--report", type=Path, help="report file; written as FILE.json and "
+                   "FILE.csv (default OUT/convert-report.json/.csv)")
+    p.add_argument("--store", type=Path, help="work on a store instead of files")
+    p.add_argument("--policy", action="store_true",
+                   help="with --store: make each instance's policy copy (final copy)")
+    p.add_argument("--summary", action="store_true",
+                   help="with --store: show the store's conversion state")
+    p.add_argument("--policy-file", type=Path, help="site policy file (TOML) over the defaults")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medview-server",
@@ -655,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", type=Path, help="site policy file (TOML)")
     p.set_defaults(func=_cmd_versions)
     _add_dimse_parsers(sub)
+    _add_convert_parser(sub)
     return parser
 
 

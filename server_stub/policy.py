@@ -194,6 +194,96 @@ def image_facts(index, bits_allocated: int | None) -> ImageFacts:
     return ImageFacts(raw, tuple(hdr + index.bytes_at(q, top) for q in range(1, index.nlayers + 1)))
 
 
+# --------------------------------------------------------------------------- codec (H1)
+CODEC_NAMES = ("jpegls", "htj2k", "jxl", "j2k")     # lossless final-copy codecs
+_CODEC_KEYS = {"size_threshold", "small_grayscale", "large_grayscale", "colour",
+               "keep_jpeg_baseline"}
+JPEG_BASELINE_TS = "1.2.840.10008.1.2.4.50"
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """The final-copy codec of one image: a codec name, or "keep" (stays as it arrived)."""
+
+    codec: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CodecPolicy:
+    """The [codec] table: which lossless codec an image's final copy gets."""
+
+    size_threshold: int = 1000
+    small_grayscale: str = "jpegls"
+    large_grayscale: str = "htj2k"
+    colour: str = "jxl"
+    keep_jpeg_baseline: bool = True
+    overrides: tuple[tuple[str, str, dict], ...] = ()    # (modality, body_part, settings)
+    on_ingest: bool = False          # make the final copy right after each ingest
+
+    def settings_for(self, modality: str | None, body_part: str | None) -> dict:
+        out = {k: getattr(self, k) for k in _CODEC_KEYS}
+        rows = [(sum(v != "*" for v in (m, b)), i, d)
+                for i, (m, b, d) in enumerate(self.overrides)
+                if fnmatch.fnmatchcase((modality or "").upper(), m.upper())
+                and fnmatch.fnmatchcase((body_part or "").upper(), b.upper())]
+        for _spec, _i, d in sorted(rows, key=lambda r: (r[0], r[1])):
+            out.update(d)
+        return out
+
+    def choose(self, *, rows: int, cols: int, samples: int, modality: str | None = None,
+               body_part: str | None = None, transfer_syntax: str | None = None) -> CodecChoice:
+        """The codec the table gives an image (pure function of the table and the facts)."""
+        s = self.settings_for(modality, body_part)
+        where = f" ({modality or '?'}/{body_part or '?'})" if s != self.settings_for(None, None) else ""
+        if s["keep_jpeg_baseline"] and transfer_syntax == JPEG_BASELINE_TS:
+            return CodecChoice("keep", "arrived as JPEG baseline: stays JPEG" + where)
+        if samples > 1:
+            return CodecChoice(s["colour"], "colour" + where)
+        t = int(s["size_threshold"])
+        if rows < t and cols < t:
+            return CodecChoice(s["small_grayscale"], f"grayscale, both sides < {t} px" + where)
+        return CodecChoice(s["large_grayscale"], f"grayscale, a side >= {t} px" + where)
+
+
+def _parse_codec(raw: dict, fail) -> CodecPolicy:
+    c = raw.get("codec") or {}
+    if not isinstance(c, dict):
+        raise fail("[codec] must be a table")
+
+    def check(d: dict, where: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            if k in ("modality", "body_part", "overrides") or (k == "on_ingest" and where == "[codec]"):
+                continue
+            if k not in _CODEC_KEYS:
+                raise fail(f"{where}: unknown key {k!r} (known: {', '.join(sorted(_CODEC_KEYS))})")
+            if k == "size_threshold":
+                if not isinstance(v, int) or v < 1:
+                    raise fail(f"{where}: size_threshold must be a positive integer, got {v!r}")
+            elif k == "keep_jpeg_baseline":
+                if not isinstance(v, bool):
+                    raise fail(f"{where}: keep_jpeg_baseline must be true or false")
+            elif v not in CODEC_NAMES:
+                raise fail(f"{where}: {k} = {v!r}; codecs are {', '.join(CODEC_NAMES)}")
+            out[k] = v
+        return out
+
+    base = check(c, "[codec]")
+    overrides = []
+    for i, r in enumerate(c.get("overrides", [])):
+        if not isinstance(r, dict):
+            raise fail(f"[[codec.overrides]] row {i + 1} must be a table")
+        d = check(r, f"[[codec.overrides]] row {i + 1}")
+        if not d:
+            raise fail(f"[[codec.overrides]] row {i + 1} changes nothing")
+        overrides.append((str(r.get("modality", "*")), str(r.get("body_part", "*")), d))
+    on_ingest = c.get("on_ingest", False)
+    if not isinstance(on_ingest, bool):
+        raise fail("[codec]: on_ingest must be true or false")
+    return CodecPolicy(**base, overrides=tuple(overrides), on_ingest=on_ingest)
+
+
 # --------------------------------------------------------------------------- the policy
 @dataclass
 class SitePolicy:
@@ -209,6 +299,7 @@ class SitePolicy:
     storage: StorageSettings
     sources: list[str] = field(default_factory=list)
     fingerprint: str = ""
+    codec: CodecPolicy = field(default_factory=CodecPolicy)
 
     # ---------------------------------------------------------------- lookups
     def version_names(self) -> list[str]:
@@ -455,7 +546,7 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
     fp = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return SitePolicy(versions, rows, quality, status_names, status_versions,
                       bool(st.get("auto_advance", True)), default, rules, networks, storage,
-                      list(sources or []), fp)
+                      list(sources or []), fp, _parse_codec(raw, fail))
 
 
 def load_policy(store_root: str | Path | None = None, path: str | Path | None = None) -> SitePolicy:

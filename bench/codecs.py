@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Issue 14 benchmark: the codec backends against the layered J2K transport, and the batch
+converter against the bare encoder.
+
+    .venv/bin/python bench/codecs.py [--quick] [--slices N] [--min-time S]
+
+1. Data: the synthetic 512x512 sample CT (``server_stub.sample.make_sample_ct``, unsigned
+   12-bit) and real images from pydicom-data: a signed CT (693_UNCR, 512x512), an MR
+   (MR2_UNCR, 1024x1024), a CR (RG3_UNCR, 1760x1760), an RGB ultrasound (US1_UNCR,
+   640x480) and an 8-bit image (vlut_04, 512x512).
+2. Per image set and backend (codestream/codecs.py): encode images/s, decode images/s at
+   full resolution and at reduce=2 (a quarter of each side; "native" when the codec has
+   resolution levels, else a full decode then subsampling), lossless bytes against the
+   layered J2K transport codestream the server stores for the same image
+   (``codestream.encode.encode_frame``), and the transport's own decode (glymur/OpenJPEG,
+   the client's path) for comparison. Every lossless round trip is checked bit-exact.
+3. The converter (``medview-server convert``, policy codec: JPEG-LS for the CT) on the
+   sample CT files, with 1 and 2 worker processes, against the bare encoder on the same
+   frames in one process. The converter also reads and writes DICOM, decodes the input
+   with pydicom and verifies every output by decoding it again.
+
+Prints tables; writes the numbers to ``bench/out/codecs.json``. Timings are the median
+of repeated runs, each at least ``--min-time`` seconds long; the load average is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+REAL = (("693_UNCR.dcm", "CT 512² int16 (14 bits)"),
+        ("MR2_UNCR.dcm", "MR 1024² uint16 (12 bits)"),
+        ("RG3_UNCR.dcm", "CR 1760² uint16 (10 bits)"),
+        ("US1_UNCR.dcm", "US 640x480 RGB 8-bit"),
+        ("vlut_04.dcm", "OT 512² uint8"))
+
+
+def rate(fn, n_items: int, min_time: float, reps: int = 3) -> float:
+    """Items per second: median of ``reps`` runs, each repeating ``fn`` for >= min_time."""
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        k = 0
+        while True:
+            fn()
+            k += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_time:
+                break
+        out.append(k * n_items / dt)
+    return statistics.median(out)
+
+
+def load_sets(tmp: Path, slices: int):
+    import pydicom
+
+    from server_stub import sample
+
+    ct_dir = tmp / "ct"
+    files = sample.make_sample_ct(ct_dir, slices=slices, size=512, seed=0)
+    frames = [pydicom.dcmread(f).pixel_array for f in files]
+    sets = [{"name": f"sample CT {slices}x512² (12 bits)", "frames": frames,
+             "signed": False, "bits": 12, "files": files}]
+    for name, label in REAL:
+        p = sample.find_test_file(name)
+        if p is None:
+            print(f"  ({name} not installed: skipped)")
+            continue
+        ds = pydicom.dcmread(p)
+        sets.append({"name": label, "frames": [ds.pixel_array],
+                     "signed": bool(ds.PixelRepresentation), "bits": int(ds.BitsStored)})
+    return sets
+
+
+def bench_set(s: dict, min_time: float) -> dict:
+    from codestream import codecs
+    from codestream.encode import decode_full, encode_frame
+
+    frames, signed, bits = s["frames"], s["signed"], s["bits"]
+    n = len(frames)
+    raw = sum(f.nbytes for f in frames)
+    res = {"set": s["name"], "images": n, "raw_bytes": raw, "backends": {}}
+    colour = frames[0].ndim == 3
+    # the transport: layered, precinct-indexed J2K (what the server stores and streams)
+    if not colour:
+        enc = [encode_frame(f, signed=signed, bits_stored=bits) for f in frames]
+        j2k_bytes = sum(len(e.codestream) for e in enc)
+        t_dec = rate(lambda: [decode_full(e.codestream, e.offset, signed, bits_stored=bits)
+                              for e in enc], n, min_time)
+        t_red = rate(lambda: [decode_full(e.codestream, e.offset, signed, reduce=2,
+                                          bits_stored=bits) for e in enc], n, min_time)
+        res["transport"] = {"bytes": j2k_bytes, "ratio": raw / j2k_bytes,
+                            "decode_per_s": t_dec, "decode_reduce2_per_s": t_red}
+    else:
+        j2k_bytes = None
+        res["transport"] = None          # the transport takes colour as RGB 8-bit too,
+        # but the ingest converts palettes etc.; the table compares grayscale only
+    for c in codecs.all_codecs():
+        if not c.lossless or c.transfer_syntax == codecs.HTJ2K_LOSSLESS:
+            continue
+        why = c.supports(frames[0], signed=signed, bits_stored=bits)
+        if why or not c.available:
+            res["backends"][c.label] = {"skipped": why or c.missing}
+            continue
+        data = [c.encode(f, signed=signed, bits_stored=bits) for f in frames]
+        for f, d in zip(frames, data):
+            assert np.array_equal(c.decode(d, signed=signed, bits_stored=bits), f), c.label
+        nbytes = sum(len(d) for d in data)
+        res["backends"][c.label] = {
+            "transfer_syntax": c.transfer_syntax, "library": c.version,
+            "bytes": nbytes, "ratio": raw / nbytes,
+            "vs_transport": (nbytes / j2k_bytes) if j2k_bytes else None,
+            "encode_per_s": rate(lambda: [c.encode(f, signed=signed, bits_stored=bits)
+                                          for f in frames], n, min_time),
+            "decode_per_s": rate(lambda: [c.decode(d, signed=signed, bits_stored=bits)
+                                          for d in data], n, min_time),
+            "decode_reduce2_per_s": rate(lambda: [c.decode(d, 2, signed=signed,
+                                                           bits_stored=bits)
+                                                  for d in data], n, min_time),
+            "reduce": "native" if c.native_reduce else "full decode + subsample",
+        }
+    return res
+
+
+def bench_converter(files: list[Path], tmp: Path, min_time: float) -> dict:
+    import pydicom
+
+    from codestream import codecs
+    from server_stub.convert import Options, convert_paths
+    from server_stub.policy import load_policy
+
+    pol = load_policy().codec
+    frames = [pydicom.dcmread(f).pixel_array for f in files]
+    c = codecs.by_name("jpegls")
+    n = len(files)
+    bare = rate(lambda: [c.encode(f, bits_stored=12) for f in frames], n, min_time)
+    out = {"images": n, "codec": c.label, "bare_encode_per_s": bare}
+    for workers in (1, 2):
+        runs = []
+        for r in range(3):
+            dst = tmp / f"conv{workers}-{r}"
+            t0 = time.perf_counter()
+            rep = convert_paths(files, dst, Options(codec_policy=pol), workers=workers)
+            dt = time.perf_counter() - t0
+            assert rep.count("converted") == n, rep.summary()
+            runs.append(n / dt)
+            shutil.rmtree(dst)
+        out[f"converter_{workers}w_per_s"] = statistics.median(runs)
+        out[f"converter_{workers}w_vs_bare"] = statistics.median(runs) / bare
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="8 slices, short timings")
+    ap.add_argument("--min-time", type=float, default=0.5)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "codecs.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.slices, args.min_time = 8, 0.2
+    load0 = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="medview-bench-codecs-"))
+    try:
+        sets = load_sets(tmp, args.slices)
+        results = []
+        for s in sets:
+            print(f"\n== {s['name']}: {len(s['frames'])} images")
+            r = bench_set(s, args.min_time)
+            results.append(r)
+            t = r["transport"]
+            print(f"{'codec':<22} {'bytes/J2K':>9} {'ratio':>6} {'enc/s':>8} {'dec/s':>8} "
+                  f"{'dec r2/s':>9}  reduce")
+            if t:
+                print(f"{'J2K transport (glymur)':<22} {1.0:>9.3f} {t['ratio']:>6.2f} {'':>8} "
+                      f"{t['decode_per_s']:>8.1f} {t['decode_reduce2_per_s']:>9.1f}  native")
+            for label, b in r["backends"].items():
+                if "skipped" in b:
+                    print(f"{label:<22} skipped: {b['skipped']}")
+                    continue
+                vs = f"{b['vs_transport']:.3f}" if b["vs_transport"] else "-"
+                print(f"{label:<22} {vs:>9} {b['ratio']:>6.2f} {b['encode_per_s']:>8.1f} "
+                      f"{b['decode_per_s']:>8.1f} {b['decode_reduce2_per_s']:>9.1f}  {b['reduce']}")
+        print("\n== converter vs bare encoder (sample CT, JPEG-LS, policy)")
+        conv = bench_converter(sets[0]["files"], tmp, args.min_time)
+        print(f"bare encoder (1 process)   {conv['bare_encode_per_s']:8.1f} images/s")
+        for w in (1, 2):
+            print(f"converter, {w} worker{'s' if w > 1 else ' '}      "
+                  f"{conv[f'converter_{w}w_per_s']:8.1f} images/s  "
+                  f"= {conv[f'converter_{w}w_vs_bare']:.2f}x the bare encoder (target >= 0.8x)")
+        load1 = os.getloadavg()[0]
+        if max(load0, load1) > 0.5:
+            print(f"\nwarning: load average {load0:.1f} before, {load1:.1f} after: "
+                  "timings are disturbed by other work")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"sets": results, "converter": conv,
+                                        "load": [load0, load1], "cpus": os.cpu_count()},
+                                       indent=1))
+        print(f"\nwritten: {args.out}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

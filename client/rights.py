@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from codestream.ranges import format_ranges, parse_ranges
+from codestream.rights_wire import limits_body, parse_limits
 
 from .session import ServerError
 
@@ -49,32 +50,12 @@ class Limits:
 
     @classmethod
     def from_body(cls, body: dict | None) -> "Limits":
-        body = body or {}
-        return cls(
-            max_layers=body.get("max_layers"),
-            max_reduce_min=body.get("max_reduce_min") or None,
-            regions=[tuple(int(v) for v in r) for r in body["allowed_regions"]]
-            if body.get("allowed_regions") is not None else None,
-            images=parse_ranges(body["allowed_images"])
-            if body.get("allowed_images") is not None else None,
-            versions=list(body["allowed_versions"]) if body.get("allowed_versions") is not None else None,
-            finest_level=int(body["finest_level"]) if body.get("finest_level") is not None else None)
+        return cls(**parse_limits(body))
 
     def to_body(self) -> dict:
-        d: dict = {}
-        if self.max_layers is not None:
-            d["max_layers"] = self.max_layers
-        if self.max_reduce_min:
-            d["max_reduce_min"] = self.max_reduce_min
-        if self.regions is not None:
-            d["allowed_regions"] = [list(r) for r in self.regions]
-        if self.images is not None:
-            d["allowed_images"] = format_ranges(self.images)
-        if self.versions is not None:
-            d["allowed_versions"] = list(self.versions)
-        if self.finest_level is not None:
-            d["finest_level"] = self.finest_level
-        return d
+        return limits_body(max_layers=self.max_layers, max_reduce_min=self.max_reduce_min,
+                           regions=self.regions, images=self.images, versions=self.versions,
+                           finest_level=self.finest_level)
 
     @property
     def limited(self) -> bool:

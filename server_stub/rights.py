@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from codestream.ranges import format_ranges, parse_ranges  # noqa: F401 (re-exported)
+from codestream.rights_wire import limits_body
 
 ACTIONS = ("browse", "metadata", "fetch", "retrieve", "diagnose")
 ACTION_WORDS = {
@@ -143,20 +144,10 @@ class Grant:
     def limits(self, versions=None, denied: Iterable[str] = ()) -> dict:
         """The body of a 403 (and the ``rights`` block of the series description): the
         maximum allowed for every limited kind of right."""
-        d: dict = {}
-        cap = self.layer_cap(versions)
-        if cap is not None:
-            d["max_layers"] = cap
-        if self.max_reduce_min:
-            d["max_reduce_min"] = self.max_reduce_min
-        if self.regions is not None:
-            d["allowed_regions"] = [list(r) for r in self.regions]
-        if self.images is not None:
-            d["allowed_images"] = format_ranges(self.images)
         names = versions.names() if versions is not None else (self.status_versions or self.versions or [])
-        allowed = self.allowed_versions(names) if names else None
-        if allowed is not None:
-            d["allowed_versions"] = allowed
+        d = limits_body(max_layers=self.layer_cap(versions), max_reduce_min=self.max_reduce_min,
+                        regions=self.regions, images=self.images,
+                        versions=self.allowed_versions(names) if names else None)
         if self.status is not None:
             d["diagnosis_status"] = self.status
         if denied:

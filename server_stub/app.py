@@ -231,6 +231,13 @@ class Server:
                 part.close()
 
 
+def storage_full_error(exc: Exception) -> JSONResponse:
+    """507 Insufficient Storage: a write refused for lack of space; reads go on."""
+    log.error("write refused: %s", exc)
+    return error(507, f"{exc}: reading goes on; storing anything needs free space on the "
+                      f"store's disk", read_only=True)
+
+
 def _sid(request: Request) -> str | None:
     h = request.headers.get("authorization", "")
     if h.lower().startswith("bearer "):
@@ -316,6 +323,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                 except QueryError as e:
                     await audit("error", 400, str(e))
                     return error(400, str(e))
+                except StorageFull as e:                 # a full disk: writes only
+                    await audit("error", 507, str(e))
+                    return storage_full_error(e)
                 except (StoreError, CodestreamError, PolicyError) as e:
                     log.error("store problem: %s", e)
                     await audit("error", 500, str(e))
@@ -572,9 +582,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
     register_slide_routes(routes, srv, guarded)    # whole-slide pyramids (issue 6)
 
     async def storage_full(request, exc):
-        log.error("write refused: %s", exc)
-        return error(507, f"{exc}: reading goes on; storing anything needs free space "
-                          f"on the store's disk", read_only=True)
+        return storage_full_error(exc)
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
                                                        StorageFull: storage_full},

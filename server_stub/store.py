@@ -207,17 +207,18 @@ class Store:
         """Free space on the store's file system (for unprivileged writers)."""
         return faults.free_bytes(self.root)
 
-    def open_for_serving(self, min_free: int = MIN_FREE_BYTES) -> str | None:
+    def open_for_serving(self, min_free: int | None = None) -> str | None:
         """Open the catalogue for a server: read-write, or read-only when the disk is
         full (less than ``min_free`` bytes free, or the catalogue cannot be opened for
         writing for lack of space). Returns why the store is read-only, or None."""
         if self.read_only is not None:
             return self.read_only
+        min_free = MIN_FREE_BYTES if min_free is None else min_free
         free = self.free_bytes()
         reason = None
         if free < min_free:
             reason = (f"the store's disk is full ({free // 1024} kB free, "
-                      f"{min_free >> 20} MB needed to write)")
+                      f"{min_free // 1024} kB needed to write)")
         else:
             try:
                 self.catalogue

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 __all__ = ["HEADERS", "parse_networks", "client_address", "peer_of", "has_forwarding"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-HEADERS = ("x-forwarded-for", "forwarded")
+HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
 _FOR_RE = re.compile(r'(?:^|;)\s*for\s*=\s*("([^"]*)"|[^;,\s]*)', re.IGNORECASE)
 
 

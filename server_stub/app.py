@@ -565,13 +565,29 @@ def create_app(store: Store, authority: Authority | None = None, *,
     scheduler = (MigrationScheduler(srv.tiers) if schedule and store.read_only is None
                  else None)
 
+    space_back = threading.Event()
+
+    def watch_space() -> None:
+        """Read-only on a full disk: back to read-write once there is room again."""
+        while not space_back.wait(2.0):
+            if store.try_leave_read_only():
+                log.warning("the store's disk has room again: read-write")
+                return
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if scheduler is not None:
             scheduler.start()
+        watcher = None
+        if store.read_only is not None:
+            watcher = threading.Thread(target=watch_space, name="medview-space", daemon=True)
+            watcher.start()
         try:
             yield
         finally:
+            space_back.set()
+            if watcher is not None:
+                watcher.join(10)
             if scheduler is not None:
                 scheduler.stop()
             srv.close()

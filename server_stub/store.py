@@ -29,7 +29,8 @@ A full disk: a server started on a store whose disk has less than ``MIN_FREE_BYT
 free, or whose catalogue cannot be opened for writing for lack of space, serves it
 read-only (:meth:`Store.open_for_serving`): the catalogue is opened read-only, and every
 write — a file, a catalogue row — raises :class:`~server_stub.dbutil.StorageFull`
-(HTTP 507) instead of failing half-way. Restart the server once space is freed.
+(HTTP 507) instead of failing half-way. The server checks the free space every few
+seconds and goes back to read-write once there is room (:meth:`try_leave_read_only`).
 """
 from __future__ import annotations
 
@@ -229,6 +230,17 @@ class Store:
         if reason is not None:
             self.set_read_only(reason)
         return reason
+
+    def try_leave_read_only(self, min_free: int | None = None) -> bool:
+        """Back to read-write when the disk has room again (True: it is read-write)."""
+        if self.read_only is None:
+            return True
+        min_free = MIN_FREE_BYTES if min_free is None else min_free
+        if self.free_bytes() < min_free:
+            return False
+        self.read_only = None
+        set_read_only(self.root / CATALOGUE_NAME, None)
+        return True
 
     def set_read_only(self, reason: str) -> None:
         """From now on: the catalogue read-only, every write refused (StorageFull)."""

@@ -144,6 +144,38 @@ def test_server_starts_read_only_on_a_full_disk(disk, small_store):
     disk.free()
 
 
+def wait_healthy(url: str) -> dict:
+    deadline = time.monotonic() + 120
+    health = requests.get(f"{url}/api/health", timeout=30).json()
+    while health["status"] != "ok" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        health = requests.get(f"{url}/api/health", timeout=30).json()
+    return health
+
+
+def test_a_read_only_server_becomes_read_write_when_space_returns(disk, small_store,
+                                                                  monkeypatch):
+    monkeypatch.setattr(store_mod, "MIN_FREE_BYTES", 64 << 10)
+    store = copy_store(small_store, disk.dir / "store")
+    before = audit_count(store)
+    disk.fill()
+    srv = EmbeddedServer(str(store)).start()
+    try:
+        h = local(srv.url)
+        assert reads(srv.url, h) == [200] * 4
+        assert write_status(srv.url, h).status_code == 507
+        assert requests.get(f"{srv.url}/api/health", timeout=30).json()["read_only"]
+        disk.free()
+        health = wait_healthy(srv.url)
+        assert health["status"] == "ok" and not health["read_only"]
+        assert write_status(srv.url, h).status_code == 200
+        assert reads(srv.url, h) == [200] * 4
+    finally:
+        srv.stop()
+    # login, 4 reads, QIDO + 507, QIDO + status, 4 reads: the read-only ones too
+    assert audit_count(store) - before == 1 + 4 + 2 + 2 + 4
+
+
 def test_reads_go_on_when_the_disk_fills_and_the_audit_catches_up(disk, small_store,
                                                                    monkeypatch):
     """Today every request, reads included, answers 500 once the disk is full, because
@@ -159,14 +191,15 @@ def test_reads_go_on_when_the_disk_fills_and_the_audit_catches_up(disk, small_st
         assert codes == [200] * 20
         r = write_status(srv.url, h)
         assert r.status_code == 507 and "disk is full" in r.json()["error"]
+        deadline = time.monotonic() + 60             # once the writer has tried
         health = requests.get(f"{srv.url}/api/health", timeout=30).json()
+        while health["status"] == "ok" and time.monotonic() < deadline:
+            time.sleep(0.02)
+            health = requests.get(f"{srv.url}/api/health", timeout=30).json()
         assert health["status"] == "degraded" and not health["read_only"]
         assert health["audit"]["pending"] >= 20 and health["audit"]["failing"]
         disk.free()                                       # space again: the rows go in
-        deadline = time.monotonic() + 120
-        while health["status"] != "ok" and time.monotonic() < deadline:
-            time.sleep(0.05)
-            health = requests.get(f"{srv.url}/api/health", timeout=30).json()
+        health = wait_healthy(srv.url)
         assert health["status"] == "ok" and health["audit"]["pending"] == 0
         assert write_status(srv.url, h).status_code == 200
     finally:

@@ -234,6 +234,13 @@ class Server:
                 part.close()
 
 
+def storage_full_error(exc: Exception) -> JSONResponse:
+    """507 Insufficient Storage: a write refused for lack of space; reads go on."""
+    log.error("write refused: %s", exc)
+    return error(507, f"{exc}: reading goes on; storing anything needs free space on the "
+                      f"store's disk", read_only=True)
+
+
 def _sid(request: Request) -> str | None:
     h = request.headers.get("authorization", "")
     if h.lower().startswith("bearer "):
@@ -349,11 +356,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                 except QueryError as e:
                     await audit("error", 400, str(e))
                     return error(400, str(e))
-                except StorageFull as e:
-                    log.error("write refused: %s", e)
+                except StorageFull as e:                 # a full disk: writes only
                     await audit("error", 507, str(e))
-                    return error(507, f"{e}: reading goes on; storing anything needs free "
-                                      f"space on the store's disk", read_only=True)
+                    return storage_full_error(e)
                 except (StoreError, CodestreamError, PolicyError) as e:
                     log.error("store problem: %s", e)
                     await audit("error", 500, str(e))
@@ -655,13 +660,29 @@ def create_app(store: Store, authority: Authority | None = None, *,
     scheduler = (MigrationScheduler(srv.tiers) if schedule and store.read_only is None
                  else None)
 
+    space_back = threading.Event()
+
+    def watch_space() -> None:
+        """Read-only on a full disk: back to read-write once there is room again."""
+        while not space_back.wait(2.0):
+            if store.try_leave_read_only():
+                log.warning("the store's disk has room again: read-write")
+                return
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         if scheduler is not None:
             scheduler.start()
+        watcher = None
+        if store.read_only is not None:
+            watcher = threading.Thread(target=watch_space, name="medview-space", daemon=True)
+            watcher.start()
         try:
             yield
         finally:
+            space_back.set()
+            if watcher is not None:
+                watcher.join(10)
             if scheduler is not None:
                 scheduler.stop()
             srv.close()
@@ -675,9 +696,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
     routes.append(openapi_route(VERSION))    # /api/openapi.json, from this table
 
     async def storage_full(request, exc):
-        log.error("write refused: %s", exc)
-        return error(507, f"{exc}: reading goes on; storing anything needs free space "
-                          f"on the store's disk", read_only=True)
+        return storage_full_error(exc)
 
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
                                                        StorageFull: storage_full,

@@ -229,13 +229,13 @@ class AuditWriter:
     """
 
     def __init__(self, db: Db, *, batch: int = 256, buffer: int = 100_000,
-                 retry_s: tuple[float, float] = (0.05, 5.0)) -> None:
+                 retry_s: tuple[float, float] = (0.05, 1.0)) -> None:
         self.db = db
         self.batch, self.buffer = batch, buffer
         self.retry_s = retry_s
-        self._rows: deque[tuple] = deque()
+        self._rows: deque[tuple] = deque()    # queued or being written, oldest first
         self._cond = threading.Condition()
-        self._writing = 0                  # rows taken by the writer, not yet committed
+        self._writing = 0                  # of those, rows in the transaction under way
         self._closing = False
         self.failing: str | None = None    # the last write error while writes fail
         self.failed_writes = 0             # batches that failed
@@ -253,7 +253,7 @@ class AuditWriter:
                 self._drop(row)
                 return
             while (self.failing is None and not self._closing
-                   and len(self._rows) + self._writing >= self.batch):
+                   and len(self._rows) >= self.batch):
                 self._cond.wait(1.0)
             if len(self._rows) >= self.buffer:
                 self._drop(row)
@@ -274,7 +274,7 @@ class AuditWriter:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"pending": len(self._rows) + self._writing, "written": self.written,
+            return {"pending": len(self._rows), "written": self.written,
                     "failing": self.failing, "failed_writes": self.failed_writes,
                     "dropped": self.dropped, "batch": self.batch, "buffer": self.buffer}
 
@@ -327,10 +327,13 @@ class AuditWriter:
                               "and retrying", e)
                 if self._closing:
                     closing_failures += 1
-                    if self.db.closed or closing_failures > 3:
+                    if self.db.closed or self.db.read_only or closing_failures > 3:
                         return               # shutting down: do not retry for ever
                 with self._cond:
-                    self._cond.wait(pause)
+                    if not self._closing:
+                        self._cond.wait(pause)
+                    else:
+                        self._cond.wait(min(pause, 0.2))
                 pause = min(pause * 2, self.retry_s[1])
                 continue
             with self._cond:

@@ -16,7 +16,8 @@ the ``?`` parameter style (:meth:`Db.execute` is the one place SQL reaches the d
 A full disk: a write that fails for lack of space raises :class:`StorageFull` (HTTP 507).
 A database file put in read-only mode (:func:`set_read_only`, when the server starts on
 a full disk) is opened read-only, creates no tables, and every write transaction raises
-:class:`StorageFull` at once; reads go on.
+:class:`StorageFull` at once; reads go on. Leaving read-only mode (space again) makes
+each thread reopen its connection read-write at its next use.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class StorageFull(Exception):
 
 _DISK_WORDS = ("database or disk is full", "disk i/o error", "attempt to write a readonly")
 _read_only: dict[str, str] = {}            # resolved path -> why
+_mode_changes: dict[str, int] = {}         # resolved path -> times its mode changed
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -58,9 +60,11 @@ def set_read_only(path: str | Path, reason: str | None) -> None:
     opened later)."""
     key = str(Path(path).resolve())
     if reason is None:
-        _read_only.pop(key, None)
+        if _read_only.pop(key, None) is None:
+            return
     else:
         _read_only[key] = reason
+    _mode_changes[key] = _mode_changes.get(key, 0) + 1
 
 
 def read_only_reason(path: str | Path) -> str | None:
@@ -79,7 +83,7 @@ class Db:
         self._conns_lock = threading.Lock()
         self._closed = False
         self._closed_error = closed_error
-        self.read_only = read_only_reason(self.path)
+        self._key = str(Path(self.path).resolve())
         if ddl and not self.read_only:
             with self.transaction():
                 for stmt in ddl:
@@ -118,13 +122,26 @@ class Db:
         conn.execute("PRAGMA busy_timeout = 30000")
         return conn
 
+    @property
+    def read_only(self) -> str | None:
+        """Why this database is read-only (a full disk), or None."""
+        return _read_only.get(self._key)
+
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise self._closed_error(f"database {self.path} is closed")
         conn = getattr(self._local, "conn", None)
+        mode = _mode_changes.get(self._key, 0)
+        if conn is not None and getattr(self._local, "mode", 0) != mode \
+                and not conn.in_transaction:
+            with self._conns_lock:           # read-only mode began or ended: reopen
+                self._conns = [(t, c) for t, c in self._conns if c is not conn]
+            _close_quietly(conn)
+            conn = None
         if conn is None:
             conn = self._connect(self.path)
             self._local.conn = conn
+            self._local.mode = mode
             with self._conns_lock:
                 # close the connections of threads that have ended (e.g. an ingest's pool)
                 alive = []

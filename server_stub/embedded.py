@@ -18,9 +18,12 @@ from .store import Store
 
 class EmbeddedServer:
     def __init__(self, store_dir: str, host: str = "127.0.0.1", port: int = 0,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", *, allow_local: bool = True,
+                 trusted_proxies=()) -> None:
         self.store = Store(store_dir)
-        self.app = create_app(self.store, allow_local=True)    # the desktop's own server
+        # the desktop's own server has the password-less local user (tests may say no)
+        self.app = create_app(self.store, allow_local=allow_local,
+                              trusted_proxies=trusted_proxies)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))

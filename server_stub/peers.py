@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 __all__ = ["HEADERS", "parse_networks", "client_address", "peer_of", "has_forwarding"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-HEADERS = ("x-forwarded-for", "forwarded")
+HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
 _FOR_RE = re.compile(r'(?:^|;)\s*for\s*=\s*("([^"]*)"|[^;,\s]*)', re.IGNORECASE)
 
 
@@ -34,8 +34,11 @@ def parse_networks(specs: Iterable[str]) -> tuple[Network, ...]:
     """CIDR blocks (or single addresses) → networks; a clear ValueError otherwise."""
     out = []
     for spec in specs:
+        if isinstance(spec, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            out.append(spec)
+            continue
         try:
-            out.append(ipaddress.ip_network(spec.strip(), strict=False))
+            out.append(ipaddress.ip_network(str(spec).strip(), strict=False))
         except ValueError:
             raise ValueError(f"--trusted-proxy wants an address or a CIDR block such as "
                              f"10.0.0.0/8, got {spec!r}") from None

@@ -66,6 +66,7 @@ from server_stub.slide_store import SlideStore, slide_summary
 from . import rights as _rights
 from .packets import Plan, RequestError, parse_request, plan, refuse, resolve_version, stream
 from .packets import ImageSource as PacketSource
+from .peers import peer_of
 
 log = logging.getLogger("medview.slides")
 
@@ -488,8 +489,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
         detail = {"query": {k: v for k, v in request.query_params.items() if k != "cid"},
                   "level": level, "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes}
-        who = dict(user=session.user, session=session.serial,
-                   peer=request.client.host if request.client else None)
+        who = dict(user=session.user, session=session.serial, peer=peer_of(request))
         body = srv.audited_stream(stream(p, model, stats=detail), detail, who, row["slide_uid"])
         return StreamingResponse(body, media_type=media, headers=headers)
 

@@ -29,7 +29,8 @@ A full disk: a server started on a store whose disk has less than ``MIN_FREE_BYT
 free, or whose catalogue cannot be opened for writing for lack of space, serves it
 read-only (:meth:`Store.open_for_serving`): the catalogue is opened read-only, and every
 write — a file, a catalogue row — raises :class:`~server_stub.dbutil.StorageFull`
-(HTTP 507) instead of failing half-way. Restart the server once space is freed.
+(HTTP 507) instead of failing half-way. The server checks the free space every few
+seconds and goes back to read-write once there is room (:meth:`try_leave_read_only`).
 """
 from __future__ import annotations
 
@@ -171,17 +172,18 @@ class Store:
         """Free space on the store's file system (for unprivileged writers)."""
         return faults.free_bytes(self.root)
 
-    def open_for_serving(self, min_free: int = MIN_FREE_BYTES) -> str | None:
+    def open_for_serving(self, min_free: int | None = None) -> str | None:
         """Open the catalogue for a server: read-write, or read-only when the disk is
         full (less than ``min_free`` bytes free, or the catalogue cannot be opened for
         writing for lack of space). Returns why the store is read-only, or None."""
         if self.read_only is not None:
             return self.read_only
+        min_free = MIN_FREE_BYTES if min_free is None else min_free
         free = self.free_bytes()
         reason = None
         if free < min_free:
             reason = (f"the store's disk is full ({free // 1024} kB free, "
-                      f"{min_free >> 20} MB needed to write)")
+                      f"{min_free // 1024} kB needed to write)")
         else:
             try:
                 self.catalogue
@@ -192,6 +194,17 @@ class Store:
         if reason is not None:
             self.set_read_only(reason)
         return reason
+
+    def try_leave_read_only(self, min_free: int | None = None) -> bool:
+        """Back to read-write when the disk has room again (True: it is read-write)."""
+        if self.read_only is None:
+            return True
+        min_free = MIN_FREE_BYTES if min_free is None else min_free
+        if self.free_bytes() < min_free:
+            return False
+        self.read_only = None
+        set_read_only(self.root / CATALOGUE_NAME, None)
+        return True
 
     def set_read_only(self, reason: str) -> None:
         """From now on: the catalogue read-only, every write refused (StorageFull)."""

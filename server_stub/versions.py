@@ -16,7 +16,7 @@ from typing import Callable
 
 from codestream.index import PacketIndex
 
-from .dbutil import Db
+from .dbutil import Db, StorageFull
 from .policy import SeriesVersions, SitePolicy, image_facts
 
 _DDL = [
@@ -59,7 +59,10 @@ class VersionTable:
         info = self.store.catalogue.get_series(series_uid) or {}
         facts = [image_facts(self._index_of(r), r.get("BitsAllocated")) for r in rows]
         sv = pol.series_versions(series_uid, info, facts)
-        self._record(sv, pol.fingerprint)
+        try:
+            self._record(sv, pol.fingerprint)
+        except StorageFull:              # a derived record: a full disk never stops a read
+            pass
         with self._lock:
             self._memo[series_uid] = (key, sv)
         return sv

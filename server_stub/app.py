@@ -61,7 +61,8 @@ from .packets import ImageSource, RequestError, declare_from_body, parse_request
 from .policy import PolicyError, PolicySource
 from .dbutil import StorageFull, read_only_reason
 from .store import Store, StoreError
-from .tiers import MigrationScheduler, Tiers
+from .jobs import JobScheduler, Leases, MigrationJob
+from .tiers import Tiers
 from .versions import VersionTable
 
 log = logging.getLogger("medview.server")
@@ -657,8 +658,13 @@ def create_app(store: Store, authority: Authority | None = None, *,
             log.exception("audit of an unhandled error failed")
         return error(500, "internal server error (logged and audited)")
 
-    scheduler = (MigrationScheduler(srv.tiers) if schedule and store.read_only is None
-                 else None)
+    # the background jobs (series and slide tiering), each under its lease in the
+    # catalogue database so that one process of several runs it
+    scheduler = None
+    if schedule and store.read_only is None:
+        scheduler = JobScheduler([MigrationJob(srv.tiers)],
+                                 leases=Leases(Path(store.root) / "catalogue.sqlite"))
+    srv.jobs = scheduler
 
     space_back = threading.Event()
 
@@ -690,7 +696,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
     from .slabs import register_routes as register_slab_routes
     register_slab_routes(routes, srv, guarded)     # thick-to-thin slab pyramids (issue 4)
     from .slides import register_routes as register_slide_routes
-    register_slide_routes(routes, srv, guarded)    # whole-slide pyramids (issue 6)
+    register_slide_routes(routes, srv, guarded,    # whole-slide pyramids (issue 6)
+                          jobs=scheduler)
 
     from .openapi import openapi_route
     routes.append(openapi_route(VERSION))    # /api/openapi.json, from this table

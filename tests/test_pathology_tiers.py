@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from imaging.slide_sample import make_ihc_slide
-from server_stub.slide_tiers import IdleScheduler, SlideTiers, TierMoveError
+from server_stub.jobs import JobScheduler, SlideTierJob
+from server_stub.slide_tiers import SlideTiers, TierMoveError
 from imaging.tilesource import ArraySource
 
 from pathology_util import new_store, today_minus
@@ -142,15 +143,16 @@ def test_policy_and_idle_scheduler(tmp_path, slide_img):
     tiers = SlideTiers(st)
     assert [(r["slide_uid"], t) for r, t in tiers.plan()] == [(inpatient["slide_uid"], "long")]
     now = [0.0]
-    sched = IdleScheduler(tiers, idle_seconds=60, clock=lambda: now[0])
-    assert sched.step() is None                     # somebody was just working
+    sched = JobScheduler([SlideTierJob(tiers, idle_seconds=60, clock=lambda: now[0])],
+                         clock=lambda: now[0])
+    assert sched.step() == {}                       # somebody was just working
     now[0] = 30.0
     st.open(young["pk"])                            # activity postpones the work
     now[0] = 80.0
-    assert sched.step() is None
+    assert sched.step() == {}
     now[0] = 200.0
-    rep = sched.step()
-    assert rep is not None and rep.moved == [(inpatient["slide_uid"], "recent", "long")]
+    rep = sched.step()["slide-tiers"]
+    assert rep.moved == [(inpatient["slide_uid"], "recent", "long")]
     assert st.slide(inpatient["pk"])["tier"] == "long"
     assert tiers.plan() == []
     st.close()

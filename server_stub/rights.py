@@ -49,13 +49,14 @@ from typing import Iterable
 
 from codestream.ranges import format_ranges, parse_ranges  # noqa: F401 (re-exported)
 
-ACTIONS = ("browse", "metadata", "fetch", "retrieve", "diagnose")
+ACTIONS = ("browse", "metadata", "fetch", "retrieve", "diagnose", "store")
 ACTION_WORDS = {
     "browse": "search the study list",
     "metadata": "read image information and diagnostic records",
     "fetch": "load images",
     "retrieve": "download original files",
     "diagnose": "change the diagnosis status, notes, annotations or report",
+    "store": "store new images (DICOMweb STOW-RS)",
 }
 
 

@@ -183,6 +183,9 @@ def register_frame_encoder(syntax: str, media: str,
 
 # --------------------------------------------------------------------------- the original
 
+_YBR_TO_RGB = frozenset({"YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
+
+
 class Original:
     """An original file, parsed once, with pydicom's decode of its frames."""
 
@@ -195,13 +198,9 @@ class Original:
         ds = self.ds
         self.frames = int(ds.get("NumberOfFrames") or 1) if "PixelData" in ds else 0
         pr = int(ds.get("PixelRepresentation") or 0)
-        pi = str(ds.get("PhotometricInterpretation", ""))
-        if self.encapsulated and pi.startswith("YBR") and pi not in ("YBR_FULL",):
-            pi = "RGB"           # pydicom's decode converts YBR_ICT/RCT/_422 to RGB
-        elif self.encapsulated and pi == "YBR_FULL" and self.syntax in (
-                "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
-                "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.90"):
-            pi = "RGB"
+        self.stored_photometric = str(ds.get("PhotometricInterpretation", ""))
+        # pydicom's decode (the reference) converts YCbCr to RGB
+        pi = "RGB" if self.stored_photometric in _YBR_TO_RGB else self.stored_photometric
         self.info = PixelInfo(int(ds.get("Rows") or 0), int(ds.get("Columns") or 0),
                               int(ds.get("SamplesPerPixel") or 1),
                               int(ds.get("BitsAllocated") or 8),
@@ -219,8 +218,10 @@ class Original:
         return pixel_array(self.ds, index=index)
 
     def native(self, index: int) -> bytes:
-        """Frame ``index`` in explicit VR little endian, bytes as the original holds them
-        when it is native little endian."""
+        """Frame ``index`` in explicit VR little endian: a native little endian original's
+        bytes as it holds them (its photometric interpretation and planar configuration,
+        as its metadata says); otherwise pydicom's decode (YCbCr of a compressed original
+        comes out as RGB, as pydicom gives it)."""
         i = self.info
         if self.syntax in (EXPLICIT_LE, IMPLICIT_LE, DEFLATED_LE) and i.bits_allocated % 8 == 0:
             size = i.rows * i.columns * i.samples * i.bits_allocated // 8
@@ -611,6 +612,7 @@ def routes(srv, guarded) -> list[Route]:
                                - {"StudyInstanceUID", "SeriesInstanceUID"}) or level == "instance"
             rows = srv.catalogue.qido(level, matches, limit=page.get("limit"),
                                       offset=page.get("offset", 0), header=want_header)
+            rows = browsable(request, level, rows)
             if plain:
                 return json_response(request, [{k: v for k, v in r.items() if k not in _PRIVATE}
                                                for r in rows])
@@ -618,6 +620,22 @@ def routes(srv, guarded) -> list[Route]:
             return json_response(request, [qido_result(level, r, include, base) for r in rows],
                                  media_type="application/dicom+json")
         return handler
+
+    def browsable(request: Request, level: str, rows: list[dict]) -> list[dict]:
+        """Only what the user may browse: a rule on a study or series that takes the
+        ``browse`` action away hides it from every listing (a page may then hold fewer
+        than ``limit`` rows)."""
+        user = request.state.session.user
+        seen: dict[str, bool] = {}
+
+        def ok(r: dict) -> bool:
+            key = r["StudyInstanceUID"] if level == "study" else r["SeriesInstanceUID"]
+            if key not in seen:
+                g = (srv.auth.grant_for(user, None, key) if level == "study"
+                     else srv.auth.grant_for(user, key))
+                seen[key] = g.actions is None or "browse" in g.actions
+            return seen[key]
+        return [r for r in rows if ok(r)]
 
     def qido_result(level: str, row: dict, include: set[str], base: str) -> dict:
         keys = list(STUDY_RETURN)
@@ -830,7 +848,7 @@ def routes(srv, guarded) -> list[Route]:
                         if syntax else None)
 
     # ----------------------------------------------------------------- frames
-    def frame_plan(request: Request, orig: Original):
+    def frame_plan(request: Request, orig: Original, stored=None):
         """(part media type, syntax, encode(frame index) -> bytes) for the Accept header."""
         problems = []
         for mr in parse_accept(request.headers.get("accept")):
@@ -846,7 +864,7 @@ def routes(srv, guarded) -> list[Route]:
                 ts = MEDIA_DEFAULT_SYNTAX.get(ptype)
                 if ts is None and ptype in ("*/*", "image/*", "application/*"):
                     ts = EXPLICIT_LE if ptype != "image/*" else "*"
-            plan = frame_syntax(orig, ptype, ts)
+            plan = frame_syntax(orig, ptype, ts, stored)
             if plan is not None:
                 return plan
             problems.append(f"type={ptype} transfer-syntax={ts}")
@@ -854,17 +872,21 @@ def routes(srv, guarded) -> list[Route]:
                             + ", ".join(f"{e.media} ({s})" for s, e in FRAME_ENCODERS.items())
                             + f", or * (as stored: {orig.syntax if orig.encapsulated else J2K_LOSSLESS})")
 
-    def frame_syntax(orig: Original, ptype: str, ts: str | None):
+    def frame_syntax(orig: Original, ptype: str, ts: str | None, stored=None):
         if ts is None:
             return None
+        if ts == "*" and not orig.encapsulated and stored is not None:
+            enc = FRAME_ENCODERS[J2K_LOSSLESS]
+            if _matches(ptype, enc.media):      # the stored codestream where it needs no
+                return enc.media, J2K_LOSSLESS, stored    # offset undone, else re-encoded
         if ts == "*" and orig.encapsulated:
             ts = orig.syntax
             media = SYNTAX_MEDIA.get(ts, "application/octet-stream")
             if _matches(ptype, media):
                 return media, ts, orig.fragments
             return None
-        if ts == "*":
-            ts = J2K_LOSSLESS
+        if ts == "*":       # a native original: JPEG 2000 lossless, or native if asked
+            ts = J2K_LOSSLESS if _matches(ptype, "image/jp2") else EXPLICIT_LE
         if ts == orig.syntax and orig.encapsulated:
             media = SYNTAX_MEDIA.get(ts, "application/octet-stream")
             return (media, ts, orig.fragments) if _matches(ptype, media) else None
@@ -884,7 +906,7 @@ def routes(srv, guarded) -> list[Route]:
         if LEGACY_CODESTREAM in accept:
             return stored_codestream(row, nums)
         orig = original(row)
-        media, ts, produce = frame_plan(request, orig)
+        media, ts, produce = frame_plan(request, orig, stored_or_encoded(row, orig))
         boundary = _boundary()
         base = base_url(request)
         url = (f"{base}/studies/{row['StudyInstanceUID']}/series/{row['SeriesInstanceUID']}"
@@ -897,6 +919,25 @@ def routes(srv, guarded) -> list[Route]:
         ctype = f'multipart/related; type="{media}"; boundary={boundary}'
         request.state.audit["transfer_syntax"] = ts
         return StreamingResponse(multipart_body(parts(), boundary), media_type=ctype)
+
+    def stored_or_encoded(row: dict, orig: Original):
+        """frame index → JPEG 2000 lossless of the original's values: the stored
+        codestream itself when it holds exactly those values with no offset (unsigned
+        greyscale), else encoded from pydicom's decode (signed values marked signed in
+        the SIZ marker, never shifted; palette indices, not colours)."""
+        rows = {r["frame"]: r for r in srv.catalogue.series_images(row["SeriesInstanceUID"])
+                if r["SOPInstanceUID"] == row["SOPInstanceUID"]}
+        plain = (orig.info.samples == 1 and not orig.info.signed
+                 and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
+        enc = FRAME_ENCODERS[J2K_LOSSLESS]
+
+        def produce(i: int) -> bytes:
+            r = rows.get(i + 1)
+            if plain and r is not None and r["offset"] == 0 and not r["signed"] \
+                    and r["SamplesPerPixel"] == 1:
+                return srv.tiers.read_codestream(r)
+            return enc.encode(orig.array(i), orig.info)
+        return produce
 
     def stored_codestream(row: dict, nums: list[int]) -> Response:
         if len(nums) != 1:

@@ -37,8 +37,11 @@ def _copy_with_new_uids(src: str, dst: Path, **changes) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """path -> role: the originals ingested into the store of this module."""
+    from server_stub.sample import make_sample_ct
+
     d = tmp_path_factory.mktemp("dwfiles")
     files = {
+        "ct": Path(make_sample_ct(d / "ct", slices=1, size=96, seed=5)[0]),   # unsigned
         "signed": Path(get_testdata_file("MR_small.dcm")),          # int16, native
         "palette": Path(get_testdata_file("examples_palette.dcm")),  # PALETTE COLOR, native
         "rgb": Path(get_testdata_file("SC_rgb.dcm")),                # RGB, native
@@ -290,6 +293,25 @@ def test_frames_in_transfer_syntaxes(dw, corpus, role):
     np.testing.assert_array_equal(imagecodecs.jpeg2k_decode(parts[0]), want[0])
 
 
+def test_frame_as_stored_is_the_stored_codestream(dw, corpus):
+    """Unsigned greyscale with no offset: "*" sends the stored codestream itself."""
+    st, se, sop = _uids(corpus["ct"])
+    store = dw.app.state.server.store
+    (row,) = [r for r in store.catalogue.series_images(se) if r["SOPInstanceUID"] == sop]
+    assert row["offset"] == 0
+    (part,) = dw.client.retrieve_instance_frames(st, se, sop, [1], media_types=(("image/jp2", "*"),))
+    assert part == store.abspath(row["codestream_relpath"]).read_bytes()
+    import imagecodecs
+
+    np.testing.assert_array_equal(imagecodecs.jpeg2k_decode(part), _ds(corpus["ct"]).pixel_array)
+    # the signed MR needs its offset undone: not the stored codestream, the values signed
+    st, se, sop = _uids(corpus["signed"])
+    (row,) = [r for r in store.catalogue.series_images(se) if r["SOPInstanceUID"] == sop]
+    assert row["offset"] != 0
+    (part,) = dw.client.retrieve_instance_frames(st, se, sop, [1], media_types=(("image/jp2", "*"),))
+    np.testing.assert_array_equal(imagecodecs.jpeg2k_decode(part), _ds(corpus["signed"]).pixel_array)
+
+
 def test_frames_negotiation(dw, corpus):
     st, se, sop = _uids(corpus["signed"])
     url = f"{dw.url}/dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/1"
@@ -458,3 +480,22 @@ def test_stow(corpus, tmp_path):
                           headers={"Authorization": f"Bearer {sid}",
                                    "Content-Type": "application/dicom"})
         assert r.status_code == 415
+
+
+def test_listings_hide_what_a_rule_takes_away(dw, corpus):
+    from server_stub.rights import Rule
+
+    auth = dw.app.state.server.auth
+    st_mr, se_mr, _ = _uids(corpus["signed"])
+    st_rgb, _, _ = _uids(corpus["rgb"])
+    auth.add_user("partial", "pw-partial")
+    auth.set_rule(Rule("partial", scope=st_mr, actions={"metadata"}))
+    sid = requests.post(f"{dw.url}/api/login",
+                        json={"username": "partial", "password": "pw-partial"}).json()["session"]
+    c = DICOMwebClient(url=f"{dw.url}/dicomweb", headers={"Authorization": f"Bearer {sid}"})
+    studies = {_v(r, "StudyInstanceUID") for r in c.search_for_studies()}
+    assert st_rgb in studies and st_mr not in studies
+    assert se_mr not in {_v(r, "SeriesInstanceUID") for r in c.search_for_series()}
+    r = requests.get(f"{dw.url}/dicomweb/studies/{st_mr}/series",
+                     headers={"Authorization": f"Bearer {sid}"})
+    assert r.status_code == 403

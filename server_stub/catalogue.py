@@ -802,6 +802,28 @@ def _glob_pattern(value: str) -> str:
     return "".join({"*": "*", "?": "?", "[": "[[]"}.get(ch, ch) for ch in value)
 
 
+def _plausible(v: str, vr: str) -> bool:
+    """Calendar and clock limits of a (partial) DA / TM / DT value."""
+    v = v.replace(":", "")
+    if vr == "DT":
+        v = re.sub(r"[+-]\d{4}$", "", v)
+        date, clock = v[:8], v[8:]
+    elif vr == "DA":
+        date, clock = v, ""
+    else:
+        date, clock = "", v
+    try:
+        if len(date) == 8:
+            datetime.strptime(date, "%Y%m%d")
+        elif len(date) >= 6 and not 1 <= int(date[4:6]) <= 12:
+            return False
+    except ValueError:
+        return False
+    whole = clock.split(".")[0]
+    limits = (23, 59, 60)
+    return all(int(whole[i:i + 2]) <= limits[i // 2] for i in range(0, len(whole) - 1, 2))
+
+
 def _time_bounds(value: str, regex: re.Pattern, what: str, key: str) -> tuple[str, str]:
     """A partial DICOM time / datetime → (lowest, highest) string it stands for, compared
     lexicographically with the stored value (colons of old ACR-NEMA times removed)."""
@@ -845,16 +867,19 @@ def qido_condition(key: QidoKey, value: str, ref: str) -> tuple[str, list[Any]] 
                        "DT": (_DT_RE, "datetime")}[vr]
         if vr == "DA":
             value = value.replace(".", "")      # old ACR-NEMA yyyy.mm.dd
-        if value.count("-") > 1 or (vr == "DT" and value.count("-") > 1):
-            raise QueryError(f"{name}={value}: a range has one '-'")
-        lo, sep, hi = value.partition("-") if "-" in value else (value, "", "")
-        if vr == "DT" and sep and re.search(r"[+-]\d{4}$", value):
-            raise QueryError(f"{name}={value}: time zone offsets in ranges are not supported")
+        if (vr == "DT" and _DT_RE.match(value)           # one datetime (maybe "-hhmm" zone)
+                and not re.fullmatch(r"\d{4,8}-\d{4}", value)):   # not a range of years
+            lo, sep, hi = value, "", ""
+        else:
+            if value.count("-") > 1:
+                raise QueryError(f"{name}={value}: a range has one '-' (time zone offsets "
+                                 "in datetime ranges are not supported)")
+            lo, sep, hi = value.partition("-") if "-" in value else (value, "", "")
         lo, hi = lo.strip(), hi.strip()
         if sep and not lo and not hi:
             raise QueryError(f"{name}={value}: a range needs at least one end")
         for v in (lo, hi):
-            if v and not regex.match(v.replace(":", "")):
+            if v and not (regex.match(v.replace(":", "")) and _plausible(v, vr)):
                 raise QueryError(f"{name}={value}: bad {what} {v!r} (DICOM {vr} format)")
         if vr == "DA":
             if not sep:

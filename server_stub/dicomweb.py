@@ -597,6 +597,10 @@ def routes(srv, guarded) -> list[Route]:
                     continue
                 else:
                     key = qido_key(k)
+                    g = request.state.grant
+                    if key.level is None and g.actions is not None and "metadata" not in g.actions:
+                        raise RequestError(f"{k}: matching on header attributes needs the "
+                                           "metadata right", status=403, denied=["action"])
                     if key.keyword in seen:
                         raise QueryError(f"{k}: the same attribute given twice")
                     seen.add(key.keyword)
@@ -614,7 +618,8 @@ def routes(srv, guarded) -> list[Route]:
                                       offset=page.get("offset", 0), header=want_header)
             rows = browsable(request, level, rows)
             if plain:
-                return json_response(request, [{k: v for k, v in r.items() if k not in _PRIVATE}
+                return json_response(request, [{k: v for k, v in r.items()
+                                                if k not in _PRIVATE and k != "_meta"}
                                                for r in rows])
             base = base_url(request)
             return json_response(request, [qido_result(level, r, include, base) for r in rows],
@@ -624,18 +629,27 @@ def routes(srv, guarded) -> list[Route]:
     def browsable(request: Request, level: str, rows: list[dict]) -> list[dict]:
         """Only what the user may browse: a rule on a study or series that takes the
         ``browse`` action away hides it from every listing (a page may then hold fewer
-        than ``limit`` rows)."""
+        than ``limit`` rows). Attributes beyond the default ones (``includefield``) come
+        from the stored header: only where the user also has the ``metadata`` action
+        (``_meta`` on the row)."""
         user = request.state.session.user
-        seen: dict[str, bool] = {}
+        seen: dict[str, tuple[bool, bool]] = {}
 
-        def ok(r: dict) -> bool:
+        def rights(r: dict) -> tuple[bool, bool]:
             key = r["StudyInstanceUID"] if level == "study" else r["SeriesInstanceUID"]
             if key not in seen:
                 g = (srv.auth.grant_for(user, None, key) if level == "study"
                      else srv.auth.grant_for(user, key))
-                seen[key] = g.actions is None or "browse" in g.actions
+                seen[key] = (g.actions is None or "browse" in g.actions,
+                             g.actions is None or "metadata" in g.actions)
             return seen[key]
-        return [r for r in rows if ok(r)]
+        out = []
+        for r in rows:
+            browse, meta = rights(r)
+            if browse:
+                r["_meta"] = meta
+                out.append(r)
+        return out
 
     def qido_result(level: str, row: dict, include: set[str], base: str) -> dict:
         keys = list(STUDY_RETURN)
@@ -644,6 +658,8 @@ def routes(srv, guarded) -> list[Route]:
         if level == "instance":
             keys += INSTANCE_RETURN
         header = row.get("header_json") or {}
+        if not row.get("_meta", True):       # no metadata right: the default keys only
+            include = {k for k in include if k in keys}
         plain = {k: row.get(k) for k in keys if k in row and k not in
                  (_FROM_HEADER if level == "instance" else ())}
         if level != "study":
@@ -979,39 +995,7 @@ def routes(srv, guarded) -> list[Route]:
 
     # ----------------------------------------------------------------- rendered
     def render_params(request: Request) -> dict:
-        q = request.query_params
-        out: dict = {}
-        if "window" in q:
-            parts = q["window"].split(",")
-            try:
-                c, w = float(parts[0]), float(parts[1])
-                fn = parts[2].strip().lower() if len(parts) > 2 else "linear"
-            except (ValueError, IndexError):
-                raise QueryError("window must be center,width[,linear|sigmoid]") from None
-            if not (math.isfinite(c) and math.isfinite(w)) or w <= 0 or fn not in (
-                    "linear", "sigmoid", "linear_exact"):
-                raise QueryError("window must be center,width[,function] with width > 0")
-            out["window"] = (c, w, fn)
-        if "viewport" in q:
-            try:
-                vals = [int(float(x)) for x in q["viewport"].split(",")]
-            except ValueError:
-                raise QueryError("viewport must be vw,vh") from None
-            if len(vals) not in (2, 6) or not (1 <= vals[0] <= 8192 and 1 <= vals[1] <= 8192):
-                raise QueryError("viewport must be vw,vh (1..8192 pixels)")
-            out["viewport"] = tuple(vals[:2])
-        if "quality" in q:
-            try:
-                out["quality"] = int(q["quality"])
-            except ValueError:
-                raise QueryError("quality must be an integer 1..100") from None
-            if not 1 <= out["quality"] <= 100:
-                raise QueryError("quality must be an integer 1..100")
-        for k in q:
-            if k not in ("window", "viewport", "quality", "cid", "annotation", "charset",
-                         "iccprofile"):
-                raise QueryError(f"{k}: not a rendering parameter (window, viewport, quality)")
-        return out
+        return rendering_parameters(request.query_params)
 
     def render_media(request: Request) -> str:
         for mr in parse_accept(request.headers.get("accept")):
@@ -1244,6 +1228,54 @@ def _element_bytes(elem) -> bytes:
 
 # --------------------------------------------------------------------------- rendering
 
+def rendering_parameters(q) -> dict:
+    """PS3.18 8.3.5.1 rendering parameters: ``window=center,width[,linear|linear_exact|
+    sigmoid]``, ``viewport=vw,vh[,sx,sy,sw,sh]`` (the source region, then scaled to fit
+    vw x vh keeping the aspect ratio), ``quality=1..100``; ``iccprofile=no``. Anything
+    else (``annotation`` included: nothing is burned in) is refused with 400."""
+    out: dict = {}
+    if "window" in q:
+        parts = q["window"].split(",")
+        try:
+            c, w = float(parts[0]), float(parts[1])
+            fn = parts[2].strip().lower() if len(parts) > 2 else "linear"
+        except (ValueError, IndexError):
+            raise QueryError("window must be center,width[,linear|linear_exact|sigmoid]") from None
+        if (len(parts) > 3 or not (math.isfinite(c) and math.isfinite(w)) or w <= 0
+                or fn not in ("linear", "sigmoid", "linear_exact")):
+            raise QueryError("window must be center,width[,linear|linear_exact|sigmoid] "
+                             "with a width > 0")
+        out["window"] = (c, w, fn)
+    if "viewport" in q:
+        try:
+            vals = [int(x) for x in q["viewport"].split(",")]
+        except ValueError:
+            raise QueryError("viewport must be vw,vh[,sx,sy,sw,sh] in whole pixels") from None
+        if len(vals) not in (2, 6) or not all(1 <= v <= 8192 for v in vals[:2]):
+            raise QueryError("viewport must be vw,vh[,sx,sy,sw,sh] with vw, vh in 1..8192")
+        if len(vals) == 6 and (min(vals[2:4]) < 0 or min(vals[4:]) <= 0
+                               or max(vals[2:]) > 1 << 20):
+            raise QueryError("viewport: the source region sx,sy,sw,sh must lie at x, y >= 0 "
+                             "with a positive size (flipping is not supported)")
+        out["viewport"] = tuple(vals[:2])
+        if len(vals) == 6:
+            out["region"] = tuple(vals[2:])
+    if "quality" in q:
+        try:
+            out["quality"] = int(q["quality"])
+        except ValueError:
+            raise QueryError("quality must be an integer 1..100") from None
+        if not 1 <= out["quality"] <= 100:
+            raise QueryError("quality must be an integer 1..100")
+    if "iccprofile" in q and q["iccprofile"] != "no":
+        raise QueryError("iccprofile: only 'no' is supported")
+    for k in q:
+        if k not in ("window", "viewport", "quality", "cid", "iccprofile"):
+            raise QueryError(f"{k}: not a supported rendering parameter (window, viewport, "
+                             "quality, iccprofile=no)")
+    return out
+
+
 def render_frame(orig: Original, index: int, params: dict, media: str) -> bytes:
     """A frame as a consumer image: palette through its lookup table, colour as is,
     greyscale through the modality LUT and the window (asked, else the header's first,
@@ -1288,6 +1320,13 @@ def render_frame(orig: Original, index: int, params: dict, media: str) -> bytes:
         if pi == "MONOCHROME1":
             img8 = 255 - img8
     img = Image.fromarray(img8)
+    region = params.get("region")
+    if region is not None:
+        sx, sy, sw, sh = region
+        if sx >= img.width or sy >= img.height:
+            raise QueryError(f"viewport: the source region starts outside the "
+                             f"{img.width}x{img.height} image")
+        img = img.crop((sx, sy, min(img.width, sx + sw), min(img.height, sy + sh)))
     vp = params.get("viewport")
     if vp is not None:
         scale = min(vp[0] / img.width, vp[1] / img.height)

@@ -127,6 +127,10 @@ def test_qido_every_supported_key(dw, corpus):
     assert studies(StudyDate="20040101-20041231") == {st_mr}
     assert st_mr not in studies(StudyDate="20100101-")
     assert studies(StudyDate="-20040826") == {st_mr, _uids(corpus["multiframe"])[0]}
+    assert st_mr in studies(StudyTime="18-19") and st_mr not in studies(StudyTime="-1849")
+    assert st_mr in studies(StudyTime="185059") and st_mr in studies(StudyTime="1850")
+    assert st_mr in studies(InstanceCreationTime="185434")       # TM from the header
+    assert st_mr in studies(InstanceCreationDate="20040801-20040831")
     assert studies(StudyInstanceUID=f"{st_mr}\\{st_rgb}") == {st_mr, st_rgb}
     assert studies(StudyInstanceUID=f"{st_mr},{st_rgb}") == {st_mr, st_rgb}
     assert studies(**{"0020000D": st_rgb}) == {st_rgb}
@@ -185,7 +189,8 @@ def test_qido_every_supported_key(dw, corpus):
 @pytest.mark.parametrize("query, name", [
     ("Nonsense=1", "Nonsense"), ("12345678=1", "12345678"),
     ("StudyInstanceUID=%5C", "StudyInstanceUID"), ("StudyInstanceUID=1.2.*", "StudyInstanceUID"),
-    ("StudyDate=2004", "StudyDate"), ("StudyDate=20040101-20050101-2006", "StudyDate"),
+    ("StudyDate=2004", "StudyDate"), ("StudyDate=20040231", "StudyDate"),
+    ("StudyTime=25", "StudyTime"), ("StudyTime=12*", "StudyTime"), ("Modality=CT%5C", "Modality"), ("StudyDate=20040101-20050101-2006", "StudyDate"),
     ("SeriesNumber=two", "SeriesNumber"), ("InstanceNumber=99999999999999999999", "InstanceNumber"),
     ("limit=99999999999999999999", "limit"), ("offset=-1", "offset"),
     ("PixelData=1", "PixelData"), ("ReferencedStudySequence=1", "ReferencedStudySequence"),
@@ -405,9 +410,15 @@ def test_rendered_and_thumbnails(dw, corpus):
     r = requests.get(f"{dw.url}/dicomweb/studies/{st}/series/{se}/instances/{sop}/rendered",
                      headers={**dw.h, "Accept": "image/gif"})
     assert r.status_code == 406
-    r = requests.get(f"{dw.url}/dicomweb/studies/{st}/series/{se}/instances/{sop}/rendered"
-                     "?window=1,0", headers=dw.h)
-    assert r.status_code == 400 and "window" in r.json()["error"]
+    for bad in ("window=1,0", "window=1,nan", "viewport=0,10", "viewport=1e999,2",
+                "quality=101", "annotation=patient", "viewport=10,10,-1,0,5,5"):
+        r = requests.get(f"{dw.url}/dicomweb/studies/{st}/series/{se}/instances/{sop}/rendered"
+                         f"?{bad}", headers=dw.h)
+        assert r.status_code == 400 and bad.split("=")[0] in r.json()["error"], bad
+    # viewport with a source region: that part of the image, scaled to fit
+    png = c.retrieve_instance_rendered(st, se, sop, media_types=("image/png",),
+                                       params={"viewport": "20,10,0,0,32,16"})
+    assert Image.open(io.BytesIO(png)).size == (20, 10)
 
 
 # ------------------------------------------------------------------------------ zip, STOW

@@ -789,13 +789,22 @@ def routes(srv, guarded) -> list[Route]:
         return transcode_instance(orig, syntax), syntax
 
     def multipart_instances(rows: list[dict], syntax: str | None) -> StreamingResponse:
+        """The instances as multipart/related parts. The first part is made before the
+        answer starts, so that a damaged or missing file (or a syntax that cannot hold
+        the pixels) is a clear error status; a later failure ends the body without its
+        closing boundary, which a client sees as an incomplete answer."""
         boundary = _boundary()
 
+        def part(r):
+            data, ts = instance_bytes(r, syntax)
+            return data, (f"application/dicom; transfer-syntax={ts}" if ts
+                          else "application/dicom"), {}
+        first = part(rows[0])
+
         def parts():
-            for r in rows:
-                data, ts = instance_bytes(r, syntax)
-                yield data, f"application/dicom; transfer-syntax={ts}" if ts else \
-                    "application/dicom", {}
+            yield first
+            for r in rows[1:]:
+                yield part(r)
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
         return StreamingResponse(multipart_body(parts(), boundary), media_type=ctype)
 
@@ -928,9 +937,11 @@ def routes(srv, guarded) -> list[Route]:
         url = (f"{base}/studies/{row['StudyInstanceUID']}/series/{row['SeriesInstanceUID']}"
                f"/instances/{row['SOPInstanceUID']}/frames")
 
+        first = produce(nums[0] - 1)       # errors before the answer starts
+
         def parts():
-            for n in nums:
-                yield produce(n - 1), f"{media}; transfer-syntax={ts}", {
+            for k, n in enumerate(nums):
+                yield first if k == 0 else produce(n - 1), f"{media}; transfer-syntax={ts}", {
                     "Content-Location": f"{url}/{n}"}
         ctype = f'multipart/related; type="{media}"; boundary={boundary}'
         request.state.audit["transfer_syntax"] = ts

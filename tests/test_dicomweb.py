@@ -248,10 +248,19 @@ def test_retrieve_instance_in_transfer_syntaxes(dw, corpus, role):
         assert ds.PixelRepresentation == ref.PixelRepresentation
         if role == "palette":
             assert ds.PhotometricInterpretation == "PALETTE COLOR"
-    r = requests.get(f"{dw.url}/dicomweb/studies/{st}/series/{se}/instances/{sop}", headers={
-        **dw.h, "Accept": 'multipart/related; type="application/dicom"; '
-                          "transfer-syntax=1.2.840.10008.1.2.4.50"})
+    url = f"{dw.url}/dicomweb/studies/{st}/series/{se}/instances/{sop}"
+    r = requests.get(url, headers={**dw.h, "Accept": 'multipart/related; type="application/dicom"; '
+                                                     "transfer-syntax=1.2.840.10008.1.2.4.50"})
     assert r.status_code == 406
+    # q-values: the first producible by preference
+    r = requests.get(url, headers={**dw.h, "Accept":
+                                   'multipart/related; type="application/dicom"; '
+                                   "transfer-syntax=1.2.840.10008.1.2.4.50, "
+                                   'multipart/related; type="application/dicom"; '
+                                   f"transfer-syntax={J2K}; q=0.9, "
+                                   'multipart/related; type="application/dicom"; '
+                                   f"transfer-syntax={ELE}; q=0.5"})
+    assert r.status_code == 200 and f"transfer-syntax={J2K}" in r.text[:300]
 
 
 def _decode_part(part: bytes, ts: str, ref: pydicom.Dataset) -> np.ndarray:
@@ -394,7 +403,17 @@ def test_rendered_and_thumbnails(dw, corpus):
     # palette: the colours of its lookup table
     pst, pse, psop = _uids(corpus["palette"])
     png = c.retrieve_instance_rendered(pst, pse, psop, media_types=("image/png",))
-    assert Image.open(io.BytesIO(png)).mode == "RGB"
+    from pydicom.pixels import apply_color_lut
+
+    pal = _ds(corpus["palette"])
+    lut = apply_color_lut(pal.pixel_array, pal)
+    want = (lut >> 8).astype(np.uint8) if lut.max() > 255 else lut.astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), want)
+    # RGB: its own samples
+    rst, rse, rsop = _uids(corpus["rgb"])
+    png = c.retrieve_instance_rendered(rst, rse, rsop, media_types=("image/png",))
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))),
+                                  _ds(corpus["rgb"]).pixel_array)
     # frames, series and study thumbnails and rendered
     mst, mse, msop = _uids(corpus["multiframe"])
     jpg = c.retrieve_instance_frames_rendered(mst, mse, msop, [3], media_types=("image/jpeg",))
@@ -510,3 +529,15 @@ def test_listings_hide_what_a_rule_takes_away(dw, corpus):
     r = requests.get(f"{dw.url}/dicomweb/studies/{st_mr}/series",
                      headers={"Authorization": f"Bearer {sid}"})
     assert r.status_code == 403
+    # browse without metadata: the default attributes, nothing more from the header
+    auth.add_user("lister", "pw-lister")
+    auth.set_rule(Rule("lister", actions={"browse"}))
+    lid = requests.post(f"{dw.url}/api/login",
+                        json={"username": "lister", "password": "pw-lister"}).json()["session"]
+    lc = DICOMwebClient(url=f"{dw.url}/dicomweb", headers={"Authorization": f"Bearer {lid}"})
+    (row,) = lc.search_for_instances(st_mr, se_mr, fields=["all"])
+    assert _v(row, "SOPInstanceUID") and _v(row, "Rows") == 64
+    assert _v(row, "Manufacturer") is None and _v(row, "RepetitionTime") is None
+    r = requests.get(f"{dw.url}/dicomweb/studies?Manufacturer=TOSHIBA*",
+                     headers={"Authorization": f"Bearer {lid}"})
+    assert r.status_code == 403 and "Manufacturer" in r.json()["error"]

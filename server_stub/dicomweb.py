@@ -1099,6 +1099,12 @@ def routes(srv, guarded) -> list[Route]:
         return rendered_response(request, row, 1, thumbnail=True)
 
     # ----------------------------------------------------------------- STOW-RS
+    def may_store(request: Request, study: str) -> bool:
+        """The ``store`` action on the study an instance goes into (a rule on that study
+        may take away what the grant on ``*`` allows)."""
+        g = srv.auth.grant_for(request.state.session.user, None, study)
+        return g.actions is None or "store" in g.actions
+
     @guarded("store")
     def stow(request: Request):
         from .ingest import ingest_paths
@@ -1121,6 +1127,10 @@ def routes(srv, guarded) -> list[Route]:
                 if target is not None and study is not None and study != target:
                     failed.append((sop_class, sop, 0xA900,
                                    f"part {n + 1}: study {study} is not {target}"))
+                    continue
+                if study is not None and study != target and not may_store(request, study):
+                    failed.append((sop_class, sop, 0x0124,
+                                   f"part {n + 1}: no right to store into study {study}"))
                     continue
                 p = Path(tmp) / f"part{n:05d}.dcm"
                 p.write_bytes(content)

@@ -506,6 +506,19 @@ def test_stow(corpus, tmp_path):
         r = requests.post(f"{srv.url}/dicomweb/studies", data=body,
                           headers={"Authorization": f"Bearer {rid}", "Content-Type": ct})
         assert r.status_code == 403
+        # a rule on one study takes storing into it away
+        auth.add_user("ingester", "pw-ingester")
+        auth.set_rule(Rule("ingester", scope=st_mr, actions={"browse"}))
+        iid = requests.post(f"{srv.url}/api/login",
+                            json={"username": "ingester", "password": "pw-ingester"}).json()["session"]
+        ic = DICOMwebClient(url=f"{srv.url}/dicomweb", headers={"Authorization": f"Bearer {iid}"})
+        mf = _ds(corpus["multiframe"])
+        ans = ic.store_instances([_ds(corpus["j2k_signed"]), mf])     # answered 202
+        assert [x.ReferencedSOPInstanceUID for x in ans.ReferencedSOPSequence] == [mf.SOPInstanceUID]
+        (f,) = ans.FailedSOPSequence
+        assert f.FailureReason == 0x0124
+        assert f.ReferencedSOPInstanceUID == _ds(corpus["j2k_signed"]).SOPInstanceUID
+        assert srv.store.catalogue.find_instance(f.ReferencedSOPInstanceUID) is None
         r = requests.post(f"{srv.url}/dicomweb/studies", data=b"x",
                           headers={"Authorization": f"Bearer {sid}",
                                    "Content-Type": "application/dicom"})

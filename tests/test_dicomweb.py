@@ -169,6 +169,16 @@ def test_qido_every_supported_key(dw, corpus):
         search_filters={"SOPInstanceUID": sop_pal})} == {sop_pal}
     assert {_v(r, "SOPInstanceUID") for r in c.search_for_instances(
         st_rgb, search_filters={"SeriesInstanceUID": se_rgb})} == {sop_rgb}
+    # tags at every level
+    assert {_v(r, "SeriesInstanceUID") for r in c.search_for_series(
+        search_filters={"00080060": "US"})} == {se_pal}
+    assert {_v(r, "SOPInstanceUID") for r in c.search_for_instances(
+        search_filters={"00080018": sop_rgb})} == {sop_rgb}
+    assert {_v(r, "SOPInstanceUID") for r in c.search_for_instances(
+        st_mr, search_filters={"00200013": mr.InstanceNumber, "00180080": "4000"})} == {
+        sop_mr, _uids(corpus["j2k_signed"])[2]}            # the copy has the same values
+    assert {_v(r, "SOPInstanceUID") for r in c.search_for_instances(
+        st_mr, search_filters={"00200013": mr.InstanceNumber, "0020000E": se_mr})} == {sop_mr}
     inst = c.search_for_instances(st_mr, se_mr)
     assert [_v(r, "SOPInstanceUID") for r in inst] == [sop_mr]
     assert _v(inst[0], "Rows") == 64 and _v(inst[0], "BitsAllocated") == 16

@@ -564,3 +564,28 @@ def test_listings_hide_what_a_rule_takes_away(dw, corpus):
     r = requests.get(f"{dw.url}/dicomweb/studies?Manufacturer=TOSHIBA*",
                      headers={"Authorization": f"Bearer {lid}"})
     assert r.status_code == 403 and "Manufacturer" in r.json()["error"]
+
+
+def test_matching_conditions_unit():
+    """The SQL conditions of the catalogue's QIDO engine for the value forms of PS3.4
+    C.2.2.2 (no server needed)."""
+    from server_stub.catalogue import QueryError, qido_condition, qido_key
+
+    def cond(k, v):
+        return qido_condition(qido_key(k), v, "x")
+
+    assert cond("PatientName", "") is None and cond("PatientID", "*") is None   # universal
+    assert cond("AcquisitionDateTime", "20040826120000-0500")[1] == [
+        "20040826120000", "20040826120000.999999"]                 # a zone, not a range
+    assert cond("AcquisitionDateTime", "2004-2005")[1] == [
+        "20040101000000", "20051231235959.999999"]                 # a range of years
+    assert cond("StudyTime", "10-12")[1] == ["100000", "125959.999999"]
+    assert cond("PatientID", "A?C*")[1] == ["A?C*"] and "GLOB" in cond("PatientID", "A?C*")[0]
+    assert cond("PatientID", "[x]*")[1] == ["[[]x]*"]               # literal [ stays literal
+    assert cond("Modality", "CT,MR")[1] == ["CT", "MR"]
+    for k, v in [("StudyInstanceUID", "\\"), ("StudyInstanceUID", "1.2,"), ("StudyDate", "2004-01-01"),
+                 ("AcquisitionDateTime", "2004-0500-2005"), ("SeriesNumber", "1.5"),
+                 ("RepetitionTime", "inf")]:
+        with pytest.raises(QueryError) as e:
+            cond(k, v)
+        assert k in str(e.value)

@@ -5,13 +5,10 @@ Routes
 ``POST /api/login``                      ``{"username", "password"}`` → ``{"session"}``
 ``POST /api/logout``
 ``GET  /api/health``
-``GET  /dicomweb/studies``               QIDO-RS: PatientName, PatientID, StudyDate,
-                                          ModalitiesInStudy, StudyInstanceUID, limit, offset
-``GET  /dicomweb/studies/{study}/series``  and ``GET /dicomweb/series``
-``GET  /dicomweb/studies/{study}/series/{series}/instances``
-``GET  /dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata``  (WADO-RS)
-``GET  /dicomweb/studies/{study}/series/{series}/instances/{sop}``   original DICOM file
-``GET  .../instances/{sop}/frames/{n}``  the frame's whole stored codestream (plain transfer)
+``/dicomweb/...``                       DICOMweb (PS3.18): QIDO-RS, WADO-RS (retrieve,
+                                          metadata, frames, bulk data, rendered,
+                                          thumbnail), STOW-RS: see
+                                          :mod:`server_stub.dicomweb`
 ``GET  /api/series/{series}/images``     per-image geometry, rescale, window, codestream
                                           facts: what a viewer needs to lay out a series
 ``GET|POST /jpip``                       packet requests (see :mod:`server_stub.packets`);
@@ -21,8 +18,7 @@ Routes
 Policy routes (versions, diagnosis status and records, session context): see
 :mod:`server_stub.policy_routes`.
 
-QIDO responses are DICOM JSON (PS3.18 F.2) unless ``format=json`` asks for plain
-keyword-keyed JSON. The session id travels as ``Authorization: Bearer <id>`` or as the
+The session id travels as ``Authorization: Bearer <id>`` or as the
 JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the series
 (path, or the JPIP ``target``) or study it is about — or, for slides, the slide's scopes
 (:mod:`server_stub.slides`); the grant it returns is enforced by the packet planner (for
@@ -41,7 +37,6 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -50,7 +45,7 @@ from starlette.routing import Route
 
 from codestream.index import CodestreamError, PacketIndex
 
-from . import peers, policy_routes
+from . import dicomweb, peers, policy_routes
 from .auth import AuthError, Authority, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
@@ -109,21 +104,6 @@ def json_response(request: Request, payload, media_type: str = "application/json
         body = gzip.compress(body, compresslevel=6, mtime=0)
         headers["Content-Encoding"] = "gzip"
     return Response(body, media_type=media_type, headers=headers)
-
-
-def to_dicom_json(row: dict) -> dict:
-    """Keyword-keyed dict → DICOM JSON model (tags as 8 hex digits with VR and Value)."""
-    out = {}
-    for k, v in row.items():
-        tag = tag_for_keyword(k)
-        if tag is None or v is None or v == "":
-            continue
-        vr = dictionary_VR(tag)
-        vals = v if isinstance(v, list) else [v]
-        if vr == "PN":
-            vals = [{"Alphabetic": str(x)} for x in vals]
-        out[f"{tag:08X}"] = {"vr": vr, "Value": vals}
-    return out
 
 
 class _LRU:
@@ -441,99 +421,6 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     health.medview = {"action": None, "public": True}
 
-    def qido(rows: list[dict], request: Request) -> Response:
-        rows = [{k: v for k, v in r.items() if k not in _PRIVATE_KEYS} for r in rows]
-        if request.query_params.get("format") == "json":
-            return json_response(request, rows)
-        return json_response(request, [to_dicom_json(r) for r in rows],
-                             media_type="application/dicom+json")
-
-    def _page(q) -> dict:
-        out = {}
-        for k in ("limit", "offset"):
-            if k in q:
-                try:
-                    out[k] = int(q[k])
-                    if out[k] < 0:
-                        raise ValueError
-                except ValueError:
-                    raise RequestError(f"{k} must be a non-negative integer") from None
-        return out
-
-    QIDO_STUDY = ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy",
-                  "StudyInstanceUID", "AccessionNumber")
-    page_params = (Param("limit", "int", "at most this many results"),
-                   Param("offset", "int", "skip this many results"),
-                   Param("format", "str", "json: keyword-keyed JSON instead of DICOM JSON"))
-
-    @guarded("browse", query=page_params + tuple(Param(k) for k in QIDO_STUDY))
-    def studies(request: Request):
-        q = request.query_params
-        args = {k: q[k] for k in QIDO_STUDY if k in q}
-        return qido(srv.catalogue.query_studies(**args, **_page(q)), request)
-
-    @guarded("browse", query=page_params + tuple(
-        Param(k) for k in ("Modality", "SeriesInstanceUID", "StudyInstanceUID")))
-    def series(request: Request):
-        q = request.query_params
-        args = {k: q[k] for k in ("Modality", "SeriesInstanceUID") if k in q}
-        study = request.path_params.get("study") or q.get("StudyInstanceUID")
-        if study:
-            args["StudyInstanceUID"] = study
-        return qido(srv.catalogue.query_series(**args), request)
-
-    @guarded("browse", query=page_params)
-    def instances(request: Request):
-        rows = srv.catalogue.query_instances(StudyInstanceUID=request.path_params["study"],
-                                             SeriesInstanceUID=request.path_params["series"])
-        return qido(rows, request)
-
-    @guarded("metadata")
-    def metadata(request: Request):
-        h = srv.catalogue.instance_header(request.state.target.sop)
-        if h is None:
-            return error(404, "unknown SOP Instance UID")
-        return JSONResponse([h], media_type="application/dicom+json")
-
-    @guarded("retrieve")
-    def instance(request: Request):
-        """WADO-RS retrieve of the original DICOM file, bit for bit."""
-        row = srv.catalogue.find_instance(request.path_params["sop"])
-        if row is None or row.get("SeriesInstanceUID") not in (None, request.path_params["series"]):
-            return error(404, "unknown SOP Instance UID in this series")
-        csns = [r["index"] for r in srv.catalogue.series_images(request.path_params["series"])
-                if r["SOPInstanceUID"] == row["SOPInstanceUID"]]
-        _whole_file_allowed(request, csns)
-        request.state.audit["sop"] = row["SOPInstanceUID"]
-        data = srv.tiers.read_original(row)
-        return Response(data, media_type="application/dicom")
-
-    @guarded("retrieve")
-    def frame(request: Request):
-        """The whole stored codestream of one frame (plain, non-progressive transfer)."""
-        sop = request.path_params["sop"]
-        try:
-            fno = int(request.path_params["frame"])
-        except ValueError:
-            return error(400, "frame must be an integer")
-        for r in srv.catalogue.series_images(request.path_params["series"]):
-            if r["SOPInstanceUID"] == sop and r["frame"] == fno:
-                _whole_file_allowed(request, [r["index"]])
-                request.state.audit["sop"] = sop
-                data = srv.tiers.read_codestream(r)
-                return Response(data, media_type="image/jp2k")
-        return error(404, "unknown instance or frame")
-
-    def _whole_file_allowed(request: Request, csns: list[int]) -> None:
-        """A whole file is everything: only for a grant without any limit."""
-        grant = request.state.grant
-        versions = srv.versions.get(request.path_params["series"])
-        if not all(grant.allows_whole(c, versions) for c in csns or [None]):
-            raise RequestError("beyond your rights: whole files (the original, the lossless "
-                               "codestream) need unlimited access to the image; ask for "
-                               "packets within your rights at /jpip", status=403,
-                               **grant.limits(versions, ["whole-file"]))
-
     @guarded("metadata")
     def series_images(request: Request):
         """Per-image facts of a series: only of the images the user's grant allows; an
@@ -628,17 +515,11 @@ def create_app(store: Store, authority: Authority | None = None, *,
         Route("/api/login", login, methods=["POST"]),
         Route("/api/logout", logout, methods=["POST"]),
         Route("/api/health", health),
-        Route("/dicomweb/studies", studies),
-        Route("/dicomweb/series", series),
-        Route("/dicomweb/studies/{study}/series", series),
-        Route("/dicomweb/studies/{study}/series/{series}/instances", instances),
-        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata", metadata),
-        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}", instance),
-        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/{frame}", frame),
         Route("/api/series/{series}/images", series_images),
         Route("/jpip", jpip, methods=["GET", "POST"]),
     ]
     routes += policy_routes.routes(srv, guarded)        # issue 5: versions, diagnosis
+    routes += dicomweb.routes(srv, guarded)             # PS3.18 QIDO / WADO / STOW-RS
 
     async def not_found(request, exc):
         return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))

@@ -713,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="RANGES", help="grant: allowed images, e.g. 0-9,12")
     p.add_argument("--versions", help="grant: allowed versions, e.g. V2,V3")
     p.add_argument("--actions", help="grant: allowed actions (browse, metadata, fetch, "
-                   "retrieve, diagnose)")
+                   "retrieve, diagnose, store)")
     p.add_argument("--revoke", action="store_true", help="grant: remove the rule instead")
     p.set_defaults(func=_cmd_user_checked)
 

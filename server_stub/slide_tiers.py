@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path

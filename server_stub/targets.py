@@ -64,6 +64,7 @@ class Target:
     series: str | None = None
     sop: str | None = None
     frame: int | None = None
+    frames: list[int] | None = None          # a frame list (several frames in one request)
     images: list[int] | None = None
     item: int | None = None
     slide: str | None = None
@@ -80,6 +81,7 @@ class Target:
     def served(self) -> dict:
         """What the audit row records as the object served."""
         d = {"study": self.study, "series": self.series, "sop": self.sop, "frame": self.frame,
+             "frames": self.frames if self.frames and len(self.frames) > 1 else None,
              "item": self.item, "slide": self.slide}
         return {k: v for k, v in d.items() if v is not None}
 
@@ -121,11 +123,18 @@ def resolve(srv, path: dict, query=None) -> Target:
         t.sop, t.image_rows = sop, rows
         t.images = [r["index"] for r in rows]
     if "frame" in path:
-        fno = parse_int(path["frame"], "frame", lo=1, hi=(1 << 31) - 1)
-        rows = [r for r in (t.image_rows or []) if r["frame"] == fno]
-        if not rows:
-            raise NotFound(f"instance {sop} has no frame {fno}", "frame")
-        t.frame, t.image_rows = fno, rows
+        # one frame number, or a frame list ("1,3,5": PS3.18 retrieve of several frames)
+        parts = str(path["frame"]).split(",")
+        if len(parts) > 100_000:
+            raise BadParam("too many frame numbers in one request", "frame")
+        fnos = [parse_int(f, "frame", lo=1, hi=(1 << 31) - 1) for f in parts]
+        by_frame = {r["frame"]: r for r in (t.image_rows or [])}
+        missing = [f for f in fnos if f not in by_frame]
+        if missing:
+            raise NotFound(f"instance {sop} has no frame {missing[0]}", "frame")
+        rows = [by_frame[f] for f in fnos]
+        t.frame = fnos[0] if len(fnos) == 1 else None
+        t.frames, t.image_rows = fnos, rows
         t.images = [r["index"] for r in rows]
     if "item" in path:
         item_id = parse_int(path["item"], "item", lo=1)

@@ -30,7 +30,7 @@ _names = itertools.count()
 #: path parameters that name an object (a foreign one goes there); any other path
 #: parameter must be listed in OTHER_PARAMS, so that a new kind fails here first
 UID_POSITIONS = ("study", "series", "sop", "frame", "item", "slide")
-OTHER_PARAMS = {"name"}                 # a slide's associated image: label, macro, ...
+OTHER_PARAMS = {"name", "tag"}          # a slide's associated image (label, macro...); a bulk data tag
 #: query parameters that name an object, for routes whose path names none (or besides)
 QUERY_POSITIONS = {"/jpip": ("target",), "/jpip/slabs/{series}": ("target",),
                    "/jpip/slides/{slide}": ("target",)}
@@ -125,7 +125,7 @@ def allowed_values(env, path: str) -> dict:
     """The allowed object at each position of a route (study A's)."""
     item = env["ann_a"] if "/annotations/" in path else env["note_a"]
     return {"study": env["study_a"], "series": env["series_a"], "sop": env["sop_a"],
-            "frame": "1", "item": str(item), "slide": env["slide_a"], "name": "label",
+            "frame": "1", "item": str(item), "slide": env["slide_a"], "name": "label", "tag": "7FE00010",
             "target": env["slide_a"] if "slide" in path else env["series_a"]}
 
 

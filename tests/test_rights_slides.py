@@ -7,7 +7,6 @@ a clear 4xx."""
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 import requests
@@ -21,6 +20,7 @@ from server_stub.rights import Rule, exam_scope, patient_scope
 
 from pathology_util import new_store
 from policyutil import copy_store, packets_sent, series_uid
+from waits import wait_for
 
 _names = itertools.count()
 PASSWORD = "a long password"
@@ -331,11 +331,13 @@ def test_patient_scope_hides_every_image_of_the_patient(env):
     assert got.status == 200
     # audited: the refusal, and the stream when it ended, with the bytes that left
     auth = env["srv"].app.state.server.auth
-    for _ in range(100):
-        rows = auth.audit_rows(user=name, action="fetch")
-        if any(r["outcome"] == "ok" for r in rows):
-            break
-        time.sleep(0.05)
+    rows: list[dict] = []
+
+    def streamed():
+        rows[:] = auth.audit_rows(user=name, action="fetch")
+        return any(r["outcome"] == "ok" for r in rows)
+
+    wait_for(streamed, what="the audit row of the stream")
     assert {(r["resource"], r["outcome"], r["http_status"]) for r in rows} >= {
         (a["slide_uid"], "denied", 403), (b["slide_uid"], "ok", 200)}
     (ok,) = [r for r in rows if r["outcome"] == "ok"]

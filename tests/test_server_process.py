@@ -15,6 +15,7 @@ import pytest
 from client import Callbacks, ConnectionFailed, PacketCache, SeriesData, Session, TransferError
 from codestream.encode import decode_full
 from server_stub.store import Store
+from waits import WAIT_S
 
 
 def _free_port() -> int:
@@ -29,7 +30,7 @@ def _serve(store, port):
          str(port), "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         try:
             Session(url)
@@ -73,7 +74,7 @@ def test_fetch_cli_writes_npy_and_json(ct_store, ct_series_uid, tmp_path):
                      str(tmp_path / "x"), "--no-cache"]) == 1
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(WAIT_S)
 
 
 def test_killed_server(ct_store, ct_series_uid, tmp_path):
@@ -120,4 +121,4 @@ def test_killed_server(ct_store, ct_series_uid, tmp_path):
                                               decode_full(cs, row["offset"], True))
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(WAIT_S)

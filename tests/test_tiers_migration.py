@@ -20,6 +20,7 @@ from server_stub.store import Store
 from server_stub.tiers import ArchiveError, S3Archive, Tiers
 from server_stub.versions import VersionTable
 from tests.policyutil import copy_store, series_uid, study_uid
+from waits import WAIT_S
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +242,7 @@ def test_migration_job_inside_the_server(ct_store, tmp_path):
         tiers = Tiers(st, versions=vt.get,
                       settings=lambda: StorageSettings(migrate_after_days=0, schedule_hours=1))
         job = MigrationScheduler(tiers, first_delay=0.01).start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + WAIT_S
         while job.last_report is None and time.monotonic() < deadline:
             time.sleep(0.02)
         job.stop()

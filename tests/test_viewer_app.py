@@ -18,8 +18,9 @@ from viewer.mainwindow import AppConfig, MainWindow
 from viewer.windowing import apply_window
 
 from netsim import slow_packet_streams
+from waits import WAIT_MS
 
-TIMEOUT = 20_000   # ms
+TIMEOUT = WAIT_MS   # bounds a hang only
 
 
 # --------------------------------------------------------------------------- helpers
@@ -363,7 +364,7 @@ def test_import_folder_lists_errors_imports_good_files_and_loses_nothing(qtbot, 
         mime.setUrls([QUrl.fromLocalFile(str(folder))])
         drop = QDropEvent(QPointF(20, 20), Qt.DropAction.CopyAction, mime,
                           Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
-        with qtbot.waitSignal(w.importFinished, timeout=60_000) as blocker:
+        with qtbot.waitSignal(w.importFinished, timeout=TIMEOUT) as blocker:
             w.dropEvent(drop)                      # a folder dropped on the window
         outcome = blocker.args[0]
         report = outcome.report

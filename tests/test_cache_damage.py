@@ -117,7 +117,7 @@ def test_fetch_recovers_from_any_cache_damage(server, ct_series_uid, filled, ref
         assert len(summary["images"]) == len(reference)
         for im, ref in zip(summary["images"], reference):
             px = np.load(out / im["file"])
-            assert px.dtype == ref.dtype and np.array_equal(px, ref), (trial, kind, im["index"])
+            assert px.dtype == ref.dtype and np.array_equal(px, ref), (trial, kind, im["image"])
         # the cache left behind is sound: opens clean, and a transfer on it is exact
         cache = PacketCache(path)
         sd = SeriesData(Session(server.url), cache, ct_series_uid)

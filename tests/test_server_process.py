@@ -55,6 +55,9 @@ def test_fetch_cli_writes_npy_and_json(ct_store, ct_series_uid, tmp_path):
         summary = json.loads((out / "images.json").read_text())
         assert len(summary["images"]) == 12
         first = summary["images"][0]
+        # numbered from 1, as the viewer and `snapshot --slice` count
+        assert first["file"] == "0001.npy" and first["image"] == 1 and first["codestream"] == 0
+        assert summary["images"][-1]["file"] == "0012.npy"
         assert first["layers"] == 2 and first["reduce"] == 1 and first["shape"] == [128, 128]
         arr = np.load(out / first["file"])
         with Store(ct_store) as st:

@@ -470,14 +470,16 @@ def test_import_is_disabled_against_a_remote_server(qtbot, win):
 
 # --------------------------------------------------------------------------- snapshot
 
-def test_snapshot_command_renders_the_slice(tmp_path, server, ct_store, ct_series_uid):
+def test_snapshot_command_renders_the_slice(tmp_path, server, ct_store, ct_series_uid, capsys):
     from viewer.cli import main
 
     def snap(name, *extra):
         out = tmp_path / name
-        rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", "6",
+        rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", "7",
                    "--size", "256,256", "--no-cache", "--out", str(out), *extra])
         assert rc == 0 and out.exists()
+        # 1-based, as the viewer shows it: --slice 7 is "Im: 7 / 12", the file CT0007.dcm
+        assert "slice 7 of 12" in capsys.readouterr().out
         return gray(QImage(str(out)))
 
     hu = dicom_hu(ct_store, 6)
@@ -503,10 +505,12 @@ def test_snapshot_command_renders_the_slice(tmp_path, server, ct_store, ct_serie
 def test_snapshot_command_reports_bad_arguments(tmp_path, server, ct_series_uid, capsys):
     from viewer.cli import main
 
-    rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", "40",
-               "--no-cache", "--out", str(tmp_path / "x.png")])
-    assert rc == 1 and "out of range" in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    for bad in ("40", "13", "0"):
+        rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", bad,
+                   "--no-cache", "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert rc == 1 and "out of range" in err and "(1-12)" in err, bad
+        assert not (tmp_path / "x.png").exists()
 
 
 # --------------------------------------------------------------------------- app shell

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("snapshot", help="render the stack view offscreen to a PNG")
     s.add_argument("--server", dest="snap_server")
     s.add_argument("--series", required=True)
-    s.add_argument("--slice", type=int, default=0)
+    s.add_argument("--slice", type=int, default=1,
+                   help="image number, 1-based as the viewer shows it (default 1)")
     s.add_argument("--layers", type=int)
     s.add_argument("--level", type=int)
     s.add_argument("--window", type=_window,

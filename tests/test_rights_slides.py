@@ -20,7 +20,7 @@ from server_stub.rights import Rule, exam_scope, patient_scope
 
 from pathology_util import new_store
 from policyutil import copy_store, packets_sent, series_uid
-from waits import wait_for
+from waits import WAIT_S, wait_for
 
 _names = itertools.count()
 PASSWORD = "a long password"
@@ -53,7 +53,7 @@ def env(ct_store, tmp_path_factory):
 
 def login(url: str, name: str = "local", password: str | None = None) -> str:
     r = requests.post(f"{url}/api/login", json={"username": name, "password": password},
-                      timeout=30)
+                      timeout=WAIT_S)
     assert r.status_code == 200, r.text
     return r.json()["session"]
 
@@ -82,7 +82,7 @@ def again(env, name: str) -> str:
 
 def get(env, sid: str, path: str, **params) -> requests.Response:
     return requests.get(env["url"] + path, params=params,
-                        headers={"Authorization": f"Bearer {sid}"}, timeout=60)
+                        headers={"Authorization": f"Bearer {sid}"}, timeout=WAIT_S)
 
 
 class Stream:
@@ -415,11 +415,11 @@ def test_malformed_slide_requests(env):
         r = get(env, local, path)
         assert r.status_code == 404 and r.json()["error"], path
     r = requests.post(f"{env['url']}/jpip/slides/{uid}", params={"level": 2}, data=b"{not json",
-                      headers={"Authorization": f"Bearer {local}"}, timeout=30)
+                      headers={"Authorization": f"Bearer {local}"}, timeout=WAIT_S)
     assert r.status_code == 400 and "POST body" in r.json()["error"]
     # no session: 401, whether the slide exists or not
     for path in (f"/jpip/slides/{uid}", "/jpip/slides/nope", "/api/slides/nope", "/api/slides"):
-        assert requests.get(env["url"] + path, timeout=30).status_code == 401, path
+        assert requests.get(env["url"] + path, timeout=WAIT_S).status_code == 401, path
 
 
 def test_cli_scopes(env, capsys):

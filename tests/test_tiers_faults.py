@@ -197,7 +197,7 @@ def test_recall_while_another_process_migrates(ct_store, reference, tmp_path):
             assert m.wait(WAIT_S) == 0, m.stdout.read().decode()
     finally:
         stop.set()
-        th.join(60)
+        th.join(WAIT_S)
         proc.terminate()
         proc.wait(WAIT_S)
     assert not errors, errors

@@ -574,7 +574,7 @@ def test_closing_stops_the_bundled_server_it_started(qtbot, tmp_path, ct_store):
         w.start()
     url = blocker.args[0]
     assert url.startswith("http://127.0.0.1:") and w.backend.own_server
-    assert requests.get(f"{url}/api/health", timeout=5).json()["status"] == "ok"
+    assert requests.get(f"{url}/api/health", timeout=WAIT_MS / 1000).json()["status"] == "ok"
     assert w.act_open_folder.isEnabled()                # the bundled store takes imports
     w.close()
     with pytest.raises(requests.ConnectionError):

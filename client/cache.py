@@ -16,6 +16,9 @@ opened and the operation answers as an empty cache would. Only a database locked
 another process is not damage: that read or write is skipped. If no fresh file can be
 opened (read-only or full disk), the cache carries on in memory for this run.
 
+A cache file written before the checksum covered the key (``user_version`` < 2) is
+emptied on opening: its entries cannot be checked (they are fetched again once).
+
 Size is bounded: least recently used images are evicted first.
 
 Namespaces separate servers: the same SOP Instance UID on two servers may have been

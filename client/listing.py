@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .session import Session
+from .session import ServerError, Session
 
 LEVELS = ("studies", "series", "instances")
 
@@ -88,8 +88,11 @@ def _series(session: Session, patient: str | None, study: str | None,
 
 
 def list_server(session: Session, level: str, *, patient: str | None = None,
-                study: str | None = None, series: str | None = None) -> list[dict]:
-    """Rows of ``level`` ("studies", "series", "instances") the server shows this user."""
+                study: str | None = None, series: str | None = None,
+                refused: list[str] | None = None) -> list[dict]:
+    """Rows of ``level`` ("studies", "series", "instances") the server shows this user.
+    A series whose images the user may browse but not list is left out of the instances
+    and said in ``refused``."""
     if level not in LEVELS:
         raise ValueError(f"list what? one of {', '.join(LEVELS)}, not {level!r}")
     if level == "studies":
@@ -100,7 +103,14 @@ def list_server(session: Session, level: str, *, patient: str | None = None,
     out = []
     for s in found:
         uid = s["SeriesInstanceUID"]
-        out += _instance_rows(uid, session.series_images(uid)["images"])
+        try:
+            images = session.series_images(uid)["images"]
+        except ServerError as e:
+            if e.status not in (403, 404) or refused is None:
+                raise
+            refused.append(f"series {uid}: {e.message}")
+            continue
+        out += _instance_rows(uid, images)
     return out
 
 

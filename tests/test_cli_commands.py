@@ -99,6 +99,17 @@ def test_client_list_equals_the_store_list(two_patients, capsys):
             assert c_lines == s_lines, case
             assert len(s_lines) > 1, case
         assert len(_client_list(capsys, srv.url, "instances")[1]) == 1 + 12 + 3
+        # the user's rights apply: browse without metadata lists series, not their images
+        from server_stub.rights import Rule
+
+        auth = srv.app.state.server.auth
+        auth.add_user("browser", "a long password")
+        auth.set_rule(Rule("browser", "*", actions={"browse"}))
+        who = ("--user", "browser", "--password", "a long password")
+        code, lines, err = _client_list(capsys, srv.url, "series", *who)
+        assert code == 0 and len(lines) == 3
+        code, lines, err = _client_list(capsys, srv.url, "instances", *who)
+        assert code == 0 and len(lines) == 1 and err.count("left out: series") == 2
     finally:
         srv.stop()
 

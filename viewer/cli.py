@@ -128,17 +128,17 @@ def cmd_list(args) -> int:
                 return 1
             url = server.url
         session = Session(url, args.user, args.password)
+        refused: list[str] = []
         rows = list_server(session, args.level, patient=args.patient, study=args.study,
-                           series=args.series)
+                           series=args.series, refused=refused)
+        for r in refused:
+            print(f"medview list: left out: {r}", file=sys.stderr)
     except ServerError as e:
         print(f"medview list: {e}", file=sys.stderr)
         return 1
     finally:
         if session is not None:
-            try:
-                session.logout()
-            except ServerError:
-                pass
+            session.logout()
         if server is not None:
             server.stop()
     for line in format_rows(rows, args.level, as_json=args.json):

@@ -163,3 +163,14 @@ def test_migrate_with_a_missing_archive_says_so_once(ct_store, tmp_path, capsys)
                    if not p.name.startswith("catalogue.sqlite"))
     assert after == [p for p in before if not p.name.startswith("catalogue.sqlite")]
     assert not missing.exists()
+
+
+def test_render_names_left_out_images_as_the_viewer_numbers_them(ct_store, ct_series_uid):
+    from server_stub.store import Store
+    from viewer.volume_loader import usable_images
+
+    with Store(ct_store) as st:
+        images = st.catalogue.series_images(ct_series_uid)
+    images[0] = dict(images[0], SamplesPerPixel=3)          # the first image: colour
+    keep, notes = usable_images(images)
+    assert keep == list(range(1, 12)) and notes == ["image 1: colour"]

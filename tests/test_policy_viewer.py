@@ -21,7 +21,7 @@ from viewer.policy_panel import (DiagnosisPanel, PolicyController, VersionSelect
 from viewer.policy_text import (explain_login_error, explain_recall, explain_rights,  # noqa: E402
                                 explain_rights_error, image_ranges_1based)
 from tests.policyutil import copy_store, series_uid, study_uid  # noqa: E402
-from waits import WAIT_MS
+from waits import WAIT_MS  # noqa: E402
 
 VERSIONS = [
     {"name": "V1", "purpose": "diagnosis", "lossless": True, "layers": None, "quality": 100,

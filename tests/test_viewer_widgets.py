@@ -21,7 +21,7 @@ from viewer.snapshot import render_view_to_image  # noqa: E402
 from viewer.stackview import MouseMode, StackView  # noqa: E402
 from viewer.transferstats import TransferRate, format_bytes  # noqa: E402
 from viewer.viewstate import ViewState, nice_scale_bar  # noqa: E402
-from waits import WAIT_MS
+from waits import WAIT_MS  # noqa: E402
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)

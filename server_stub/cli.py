@@ -33,6 +33,8 @@ Sub-commands::
             [--lossy RATIO] [--min-psnr DB] [--max-error E] [--workers N] [--report FILE]
     medview-server convert --store DIR --policy [--workers N]
     medview-server convert --store DIR --summary
+    medview-server list studies|series|instances --store DIR [--patient ID] [--study UID]
+            [--series UID] [--json]
 
 Exit codes: 0 success; 1 when ``ingest`` skipped a DICOM image it could not take (any
 skip other than "not DICOM" / "not an image"), when ``fsck`` found rows with missing or
@@ -128,6 +130,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .peers import parse_networks
 
+    problem = _port_problem(args.host, args.port)
+    if problem:
+        print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         trusted = parse_networks(args.trusted_proxy or ())
@@ -337,6 +343,32 @@ def _add_dimse_parsers(sub) -> None:
     p.add_argument("--dicomdir", action="store_true", help="write a DICOM File-set with a "
                    "DICOMDIR")
     p.set_defaults(func=_cmd_export)
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, no such address...), or None.
+
+    Checked before the server logs "serving" and opens the store; the same socket options
+    as the server's (SO_REUSEADDR), so a port in TIME_WAIT is free and a listening one is not."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"unknown host ({e.strerror})"
+    family, kind, proto, _name, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(1)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return (f"port {port} is already in use by another program (another "
+                    "medview-server?); stop it or choose another --port")
+        if e.errno == errno.EACCES:
+            return f"no permission to listen on port {port} (ports below 1024 need privileges)"
+        return e.strerror or str(e)
+    return None
 
 
 # --------------------------------------------------------------------------- users
@@ -479,6 +511,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                       + (", original" if c["original"] else ""))
             print(f"{len(todo)} instances would be migrated")
             return 0
+        problem = _archive_problem(tiers, args.archive)
+        if problem:
+            print(f"error: {problem}; nothing was migrated", file=sys.stderr)
+            return 1
         report = tiers.migrate(days=days, archive=args.archive, keep_hot=args.keep_hot,
                                min_status=args.min_status,
                                log_fn=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
@@ -490,6 +526,47 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         for part in (tiers, diag, versions):
             part.close()
         store.close()
+
+
+def _archive_problem(tiers, url: str | None) -> str | None:
+    """Why the archive cannot be used (not mounted, unreachable, no client), or None:
+    said once for the run, not once per instance."""
+    from .tiers import ArchiveError
+
+    try:
+        arch = tiers.archive(url)
+        next(iter(arch.keys()), None)          # lists (the start of) the archive
+    except (ArchiveError, OSError) as e:
+        return str(e)
+    return None
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .listing import format_rows, list_store
+    from .store import Store
+
+    if not (Path(args.store) / "catalogue.sqlite").is_file():
+        raise UsageError(f"no store at {args.store}")
+    with Store(args.store) as store:
+        rows = list_store(store.catalogue, args.level, patient=args.patient,
+                          study=args.study, series=args.series)
+    for line in format_rows(rows, args.level, as_json=args.json):
+        print(line)
+    return 0
+
+
+def _add_list_parser(sub) -> None:
+    from .listing import LEVELS
+
+    p = sub.add_parser("list", help="studies, series or instances and their UIDs (what "
+                       "medview fetch / snapshot / render need)")
+    p.add_argument("level", choices=LEVELS)
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--patient", help="only this Patient ID (* and ? wildcards)")
+    p.add_argument("--study", help="only this Study Instance UID")
+    p.add_argument("--series", help="only this Series Instance UID")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_cmd_list)
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
@@ -747,6 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_versions)
     _add_dimse_parsers(sub)
     _add_convert_parser(sub)
+
+    _add_list_parser(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from server_stub.slide_tiers import SlideTiers, TierMoveError
 from imaging.tilesource import ArraySource
 
 from pathology_util import new_store, today_minus
+from waits import WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +73,7 @@ def test_killed_mid_move_loses_nothing(tmp_path, slide_img, point):
             "SlideTiers; st = SlideStore(sys.argv[1]); SlideTiers(st).move(sys.argv[2], 'long')")
     env = dict(os.environ, MEDVIEW_FAULTS=f"{point}=1")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "slides"), row["slide_uid"]],
-                       cwd=REPO, env=env, capture_output=True, timeout=60)
+                       cwd=REPO, env=env, capture_output=True, timeout=WAIT_S)
     assert r.returncode == -9, r.stderr.decode()[-2000:]          # SIGKILL at the point
     st = new_store(tmp_path)
     cur = st.slide(row["pk"])

@@ -23,6 +23,7 @@ from server_stub.tiers import ArchiveError, S3Archive, Tiers
 from server_stub.versions import VersionTable
 from server_stub.fsck import fsck
 from tests.policyutil import copy_store, series_uid, study_uid
+from waits import WAIT_S
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_migration_job_inside_the_server(ct_store, tmp_path):
         done = threading.Event()
         sched.jobs[0].run = (lambda run: lambda stop: (r := run(stop), done.set())[0])(job.run)
         sched.start()
-        assert done.wait(60)
+        assert done.wait(WAIT_S)
         sched.stop()
         other.close()
         report = sched.last_report["migration"]

@@ -395,8 +395,10 @@ class SeriesSelection:
             raise MprRefused(self.refusal)
         return self
 
-    def report(self) -> str:
-        """Readable summary: kept, skipped (with reasons), recovered, missing, warnings."""
+    def report(self, refusal: bool = True) -> str:
+        """Readable summary: kept, skipped (with reasons), recovered, missing, warnings;
+        the refusal last (``refusal=False`` leaves it to the caller's error message).
+        A refused selection does not claim "missing: none": nothing was checked for."""
         ref = self.reference
         lines = []
         if ref is not None:
@@ -410,11 +412,11 @@ class SeriesSelection:
             lines.append(f"  {s.name}: {s.reason}")
         if self.missing:
             lines.append("missing instance number(s): " + format_ranges(self.missing, ', '))
-        else:
+        elif not self.refusal:
             lines.append("missing: none")
         for w in self.warnings:
             lines.append(f"warning: {w}")
-        if self.refusal:
+        if self.refusal and refusal:
             lines.append(f"refused: {self.refusal}")
         return "\n".join(lines)
 

@@ -88,16 +88,17 @@ def _floats(v, n):
 
 def usable_images(images: Sequence[dict]) -> tuple[list[int], list[str]]:
     """Indices of the series images that can form one volume (grey-level, placed, the
-    common orientation and size) and the reasons the others were left out."""
+    common orientation and size) and the reasons the others were left out (images numbered
+    from 1, as the viewer shows them)."""
     notes: list[str] = []
     cand = []
     for im in images:
         if (im.get("SamplesPerPixel") or 1) != 1:
-            notes.append(f"image {im['index']}: colour")
+            notes.append(f"image {im['index'] + 1}: colour")
             continue
         if not (_floats(im.get("ImagePositionPatient"), 3) and _floats(im.get("ImageOrientationPatient"), 6)
                 and _floats(im.get("PixelSpacing"), 2)):
-            notes.append(f"image {im['index']}: no position/orientation/spacing")
+            notes.append(f"image {im['index'] + 1}: no position/orientation/spacing")
             continue
         cand.append(im)
     if not cand:
@@ -113,7 +114,7 @@ def usable_images(images: Sequence[dict]) -> tuple[list[int], list[str]]:
         if key(im) == best:
             keep.append(im["index"])
         else:
-            notes.append(f"image {im['index']}: other orientation or size (localizer?)")
+            notes.append(f"image {im['index'] + 1}: other orientation or size (localizer?)")
     return keep, notes
 
 

@@ -666,8 +666,32 @@ def check_header(ds, limits: IngestLimits) -> dict[str, int]:
             raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
                         f"Pixel Data holds {nfrag} fragment{'s' if nfrag != 1 else ''}",
                         REFUSED)
+        starts = _frame_starts(value, _offsets, str(ts))
+        if starts is not None and starts != frames:
+            raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
+                        f"Pixel Data holds {starts} compressed frame"
+                        f"{'s' if starts != 1 else ''}", REFUSED)
     return {"rows": rows, "columns": cols, "frames": frames, "samples": spp,
             "bits_allocated": ba}
+
+
+_RLE = "1.2.840.10008.1.2.5"
+_J2K_PREFIX = "1.2.840.10008.1.2.4.9"        # JPEG 2000 (90-93) and HTJ2K (201-203: below)
+_JPEG_PREFIXES = ("1.2.840.10008.1.2.4.5", "1.2.840.10008.1.2.4.7", "1.2.840.10008.1.2.4.8")
+
+
+def _frame_starts(value: bytes, offsets: list[int], ts: str) -> int | None:
+    """How many compressed frames the fragments hold, counted by their start (an RLE
+    header per fragment; a JPEG / JPEG-LS SOI or JPEG 2000 SOC + SIZ opening a fragment),
+    or None for a transfer syntax whose frames this does not recognise."""
+    heads = [value[o + 8:o + 12] for o in offsets]
+    if ts == _RLE:
+        return len(heads)
+    if ts.startswith(_J2K_PREFIX) or ts.startswith("1.2.840.10008.1.2.4.20"):
+        return sum(1 for h in heads if h == b"\xff\x4f\xff\x51" or h == b"\x00\x00\x00\x0c")
+    if ts.startswith(_JPEG_PREFIXES):
+        return sum(1 for h in heads if h[:3] == b"\xff\xd8\xff")
+    return None
 
 
 # --------------------------------------------------------------------------- impossible values
@@ -1071,8 +1095,8 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
     if cat.has_original(sha):                                      # 2. deduplicate
         return DuplicateFile(path, sha)
     ds = parse_dataset(data)
+    _check_uids(ds, limits)            # 3. header checks (UIDs first: raw, before use)
     attrs = _describe(ds)
-    _check_uids(ds, limits)                                        # 3. header checks
     shape = check_header(ds, limits)
     flags = value_flags(ds)                                        # 4. impossible values
     sop = attrs["SOPInstanceUID"]

@@ -605,3 +605,49 @@ def test_nonstandard_uid_accepted_with_the_site_flag(tmp_path):
     assert code == 0
     with Store(tmp_path / "s") as store:
         assert store.catalogue.find_instance("1.2.abc.4") is not None
+
+
+def test_flags_and_conflict_reach_the_viewer_through_the_server(tmp_path):
+    """A series with impossible spacing and a quarantined twin, served over HTTP: the
+    rows carry geometry_flags and conflict, the overlay says so, measurements stay in
+    pixels, MPR is refused."""
+    from client.session import Session
+    from server_stub.embedded import EmbeddedServer
+    from viewer.measure import GEOMETRY_REFUSAL, Measurement, MeasureKind, measurement_label
+    from viewer.model import ImageMeta
+    from viewer.overlay import corner_lines
+    from viewer.volume_loader import geometry_refusal, usable_images
+
+    b = _testfile("CT_small.dcm").read_bytes()
+    flagged, _uid = _mutant(b, lambda ds: setattr(ds, "PixelSpacing", ["0", "0"]))
+    twin, _ = _mutant(flagged, lambda ds: setattr(ds, "PatientName", "X^Y"), fresh=False)
+    (tmp_path / "1.dcm").write_bytes(flagged)
+    (tmp_path / "2.dcm").write_bytes(twin)
+    sdir = tmp_path / "store"
+    with Store(sdir) as store:
+        report = ingest_paths([tmp_path], store)
+        assert len(report.imported) == 1 and len(report.quarantined) == 1
+        series_uid = report.imported[0].series_instance_uid
+    srv = EmbeddedServer(str(sdir)).start()
+    try:
+        images = Session(srv.url).series_images(series_uid)["images"]
+    finally:
+        srv.stop()
+    (row,) = images
+    assert row["conflict"] is True
+    assert row["geometry_flags"] and row["geometry_flags"][0].startswith("PixelSpacing")
+    meta = ImageMeta.from_dict(row)
+    assert meta.conflict and meta.geometry_flagged and meta.mm_spacing is None
+    lines = corner_lines(None, meta, None).top_left
+    assert any("UID CONFLICT" in ln for ln in lines)
+    assert any("IMPOSSIBLE VALUES" in ln and "PixelSpacing" in ln for ln in lines)
+    label = measurement_label(Measurement(MeasureKind.DISTANCE, (0, 0), (3, 4), 0), [], meta)
+    assert label == ["5.0 px", GEOMETRY_REFUSAL]
+    refusal = geometry_refusal(images)
+    assert refusal and "MPR refused" in refusal and "PixelSpacing" in refusal
+    assert usable_images(images)[0] == []
+    # an unflagged image: mm, no refusal
+    ok = dict(row, geometry_flags=[], conflict=False, PixelSpacing=[0.5, 0.5])
+    assert measurement_label(Measurement(MeasureKind.DISTANCE, (0, 0), (3, 4), 0), [],
+                             ImageMeta.from_dict(ok))[0].endswith("mm")
+    assert geometry_refusal([ok]) is None

@@ -671,6 +671,14 @@ def check_header(ds, limits: IngestLimits) -> dict[str, int]:
             raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
                         f"Pixel Data holds {starts} compressed frame"
                         f"{'s' if starts != 1 else ''}", REFUSED)
+        if str(ts) == _RLE:
+            _check_rle(value, _offsets, rows * cols, spp * sample_bytes, what)
+        for n, o in enumerate(_offsets, start=1):
+            size = _codestream_size(value, o)
+            if size is not None and size != (rows, cols):
+                raise _Skip(f"geometry does not match the pixel data: {what}, fragment {n} "
+                            f"holds a {size[0]} x {size[1]} codestream (refused before "
+                            "decoding)", REFUSED)
     return {"rows": rows, "columns": cols, "frames": frames, "samples": spp,
             "bits_allocated": ba}
 
@@ -691,6 +699,80 @@ def _frame_starts(value: bytes, offsets: list[int], ts: str) -> int | None:
         return sum(1 for h in heads if h == b"\xff\x4f\xff\x51" or h == b"\x00\x00\x00\x0c")
     if ts.startswith(_JPEG_PREFIXES):
         return sum(1 for h in heads if h[:3] == b"\xff\xd8\xff")
+    return None
+
+
+def _rle_segment_length(seg: bytes) -> int:
+    """Bytes a PackBits segment (DICOM RLE, PS3.5 G.3) decodes to, counted without
+    decoding."""
+    n, i, end = 0, 0, len(seg)
+    while i < end:
+        h = seg[i]
+        if h < 128:                  # literal run of h + 1 bytes
+            n += h + 1
+            i += h + 2
+        elif h > 128:                # replicate the next byte 257 - h times
+            n += 257 - h
+            i += 2
+        else:
+            i += 1
+    return n
+
+
+def _check_rle(value: bytes, offsets: list[int], plane: int, segments: int,
+               what: str) -> None:
+    """Every RLE frame has the header's number of segments, each decoding to Rows x
+    Columns bytes (one byte of padding allowed): checked before any decoding."""
+    for n, o in enumerate(offsets, start=1):
+        length = int.from_bytes(value[o + 4:o + 8], "little")
+        frame = value[o + 8:o + 8 + length]
+        if len(frame) < 64:
+            raise _Skip(f"RLE frame {n} has no complete header", REFUSED)
+        count = int.from_bytes(frame[0:4], "little")
+        starts = [int.from_bytes(frame[4 + 4 * k:8 + 4 * k], "little") for k in range(count)]
+        if count != segments or count > 15:
+            raise _Skip(f"geometry does not match the pixel data: {what}, RLE frame {n} "
+                        f"holds {count} segments, {segments} expected", REFUSED)
+        bounds = starts + [len(frame)]
+        for k in range(count):
+            if not 64 <= bounds[k] <= bounds[k + 1] <= len(frame):
+                raise _Skip(f"RLE frame {n}: segment {k + 1} offsets are damaged", REFUSED)
+            got = _rle_segment_length(frame[bounds[k]:bounds[k + 1]])
+            if got not in (plane, plane + 1):
+                raise _Skip(f"geometry does not match the pixel data: {what}, RLE frame {n} "
+                            f"segment {k + 1} decodes to {got} bytes, not {plane} (refused "
+                            "before decoding)", REFUSED)
+
+
+def _codestream_size(value: bytes, offset: int) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG / JPEG-LS (SOFn) or JPEG 2000 (SIZ) codestream opening the
+    fragment at ``offset`` declares, read from its first markers; None when the fragment
+    does not start a codestream this recognises."""
+    length = int.from_bytes(value[offset + 4:offset + 8], "little")
+    data = value[offset + 8:offset + 8 + min(length, 1 << 16)]
+    if data[:4] == b"\xff\x4f\xff\x51" and len(data) >= 24:
+        x, y = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
+        xo, yo = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        return (y - yo, x - xo)
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:                 # fill byte
+            i += 1
+            continue
+        seg = int.from_bytes(data[i + 2:i + 4], "big")
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:
+            if i + 9 > len(data):
+                return None
+            return (int.from_bytes(data[i + 5:i + 7], "big"),
+                    int.from_bytes(data[i + 7:i + 9], "big"))
+        if marker == 0xDA:                 # scan before any frame header
+            return None
+        i += 2 + seg
     return None
 
 
@@ -910,6 +992,11 @@ def _iter_frames(ds) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
             "Unable to decode the pixel data as a (0002,0010) 'Transfer Syntax UID' "
             f"value of '{getattr(tsyntax, 'name', tsyntax)}' is not supported") from None
     opts = as_pixel_options(ds)
+    if str(tsyntax) == _RLE and "pydicom" in decoder.available_plugins:
+        # pydicom's own RLE decoder refuses segments of the wrong length; the fallback
+        # plugin (pylibjpeg-rle) quietly returns them cut to the header's Rows x Columns,
+        # or panics: one strict decoder, never a second opinion.
+        opts["decoding_plugin"] = "pydicom"
     yield from decoder.iter_array(ds, validate=True, raw=False, **opts)
 
 
@@ -958,6 +1045,13 @@ def _analyse(path: Path, store: Store, verify: bool, limits: IngestLimits) -> _R
         return SkippedFile(path, "out of memory while decoding", ERROR)
     except Exception as e:  # noqa: BLE001 - a bad file must never stop an ingest
         return SkippedFile(path, f"unexpected error: {type(e).__name__}: {e}", ERROR)
+    except BaseException as e:
+        # A decoder written in Rust panics with pyo3's PanicException, a BaseException
+        # (e.g. the RLE decoder on Rows smaller than its segments): the file is bad, the
+        # ingest goes on. Interrupts and exits still stop it.
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        return SkippedFile(path, f"decoder failure: {type(e).__name__}: {e}", ERROR)
 
 
 def read_candidate(path: Path) -> bytes:

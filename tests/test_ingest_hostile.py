@@ -227,6 +227,9 @@ def build_corpus() -> list[Case]:
             "max_pixels_per_frame", header=True)
         add(f"enc_{n}_frames0", b, setattrs(NumberOfFrames=0), "refused",
             "NumberOfFrames is 0", header=True)
+        ds0 = pydicom.dcmread(io.BytesIO(b))
+        add(f"enc_{n}_half", b, setattrs(Rows=int(ds0.Rows) // 2, Columns=int(ds0.Columns) // 2),
+            "refused", "(refused before decoding)", header=True)
     # Impossible values: stored, original kept, flagged.
     flag_bases = ["CT_small.dcm", "MR_small.dcm", "emri_small_RLE.dcm"]
     for n in flag_bases:

@@ -484,6 +484,8 @@ def _read_preambleless(data: bytes):
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if len(ds) == 0:
         raise _Skip("not DICOM: no preamble and no data element could be read", NOT_DICOM)
+    if 0x00080018 not in ds:
+        raise _Skip("not DICOM: no preamble and no SOP Instance UID", NOT_DICOM)
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         meta = ds.file_meta = FileMetaDataset()

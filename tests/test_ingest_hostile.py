@@ -654,3 +654,22 @@ def test_flags_and_conflict_reach_the_viewer_through_the_server(tmp_path):
     assert measurement_label(Measurement(MeasureKind.DISTANCE, (0, 0), (3, 4), 0), [],
                              ImageMeta.from_dict(ok))[0].endswith("mm")
     assert geometry_refusal([ok]) is None
+
+
+def test_fsck_checks_quarantined_files(tmp_path):
+    sdir, genuine, twin, sop = _conflicted_store(tmp_path)
+    with Store(sdir) as store:
+        (e,) = quarantine.entries(store)
+        assert store.fsck().clean
+        p = store.abspath(e.relpath)
+        data = bytearray(p.read_bytes())
+        data[200] ^= 0xFF
+        p.write_bytes(bytes(data))
+        report = store.fsck()
+        assert [d[0] for d in report.damaged] == [e.relpath]
+        from server_stub.store import StoreIntegrityError
+        with pytest.raises(StoreIntegrityError):       # a damaged copy is never imported
+            quarantine.resolve(store, e.id, "replace")
+        # nothing changed: the stored instance is still the genuine one
+        assert store.catalogue.find_instance(sop)["original_sha256"] == \
+            ingest_mod.sha256_hex(genuine)

@@ -272,7 +272,10 @@ def resolve(store: Store, entry_id: int, action: str, *, audit: AuditFn | None =
     if e.state != "open":
         raise QuarantineError(f"entry {entry_id} is already resolved ({e.state}: "
                               f"{e.resolution})")
-    data = store.read_verified(e.relpath, e.sha256, e.size)
+    try:
+        data = store.read_verified(e.relpath, e.sha256, e.size)
+    except StoreError as ex:
+        raise QuarantineError(f"the quarantined file is damaged or missing: {ex}") from None
     if action == "keep":
         msg = f"kept the stored instance {e.stored_sop_instance_uid}; the quarantined file " \
               f"stays in {e.relpath}"

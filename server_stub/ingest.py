@@ -807,8 +807,8 @@ def value_flags(ds) -> list[str]:
     if shared:
         items.append(("shared functional groups: ", shared[0]))
     per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
-    if per_frame:
-        items.append(("frame 1: ", per_frame[0]))
+    for i, item in enumerate(per_frame or ()):
+        items.append((f"frame {i + 1}: ", item))
 
     def values(item, keyword, seq_keyword):
         out = [_raw_floats(_get(item, keyword))]
@@ -848,7 +848,10 @@ def value_flags(ds) -> list[str]:
                     if abs(nr - 1) > 1e-3 or abs(nc - 1) > 1e-3 or dot > 1e-3:
                         flags.append(f"{label}not orthonormal (|row| {nr:.4g}, |column| "
                                      f"{nc:.4g}, row.column {dot:.4g})")
-    return list(dict.fromkeys(flags))
+    flags = list(dict.fromkeys(flags))
+    if len(flags) > 12:                 # e.g. every frame of an enhanced multi-frame
+        flags = flags[:12] + [f"{flags[12].split(':', 1)[0]}: and {len(flags) - 12} more"]
+    return flags
 
 
 def geometry_flagged(flags: Iterable[str]) -> bool:

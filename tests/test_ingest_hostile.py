@@ -672,3 +672,27 @@ def test_fsck_checks_quarantined_files(tmp_path):
         # nothing changed: the stored instance is still the genuine one
         assert store.catalogue.find_instance(sop)["original_sha256"] == \
             ingest_mod.sha256_hex(genuine)
+
+
+def test_enhanced_multiframe_flags_a_bad_frame_position(tmp_path):
+    """An impossible per-frame position in an enhanced multi-frame (frame 3 of 10)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    b = _testfile("emri_small.dcm").read_bytes()
+
+    def per_frame(ds):
+        items = []
+        for k in range(int(ds.NumberOfFrames)):
+            pos = Dataset()
+            pos.ImagePositionPatient = ["0", "0", "nan" if k == 2 else str(k)]
+            item = Dataset()
+            item.PlanePositionSequence = Sequence([pos])
+            items.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(items)
+    data, uid = _mutant(b, per_frame)
+    (tmp_path / "e.dcm").write_bytes(data)
+    with Store(tmp_path / "s") as store:
+        (imp,) = ingest_paths([tmp_path / "e.dcm"], store).imported
+        assert imp.flags == ["ImagePositionPatient: frame 3: not a finite number (0\\0\\nan)"]
+        assert _pixels_equal(store, uid, data)

@@ -1400,3 +1400,9 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
     finally:
         close_audit()
     return report
+
+
+# Public names of the pipeline's parts (server_stub.quarantine resolves entries with them).
+Refusal = _Skip
+Prepared = _Prepared
+commit_prepared = _commit

@@ -1075,10 +1075,87 @@ def read_candidate(path: Path) -> bytes:
         raise _Skip(f"cannot read file: {e}", ERROR) from None
 
 
-def parse_dataset(data: bytes):
-    """Step 1, the dataset: pydicom's reading (``force`` only for preamble-less files)."""
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_PIXEL_TAG_BYTES = b"\xe0\x7f\x10\x00"
+
+
+def _meta_end(data: bytes) -> tuple[int, str | None]:
+    """(offset where the dataset starts, transfer syntax) of a Part 10 file, read from
+    its file meta group; (132, None) when the group cannot be read."""
+    from pydicom.filereader import read_dataset
+
+    if data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+        return 132, None
+    end = 144 + int.from_bytes(data[140:144], "little")
+    try:
+        meta = read_dataset(io.BytesIO(data[132:end]), False, True)
+        ts = meta.get("TransferSyntaxUID")
+    except Exception:  # noqa: BLE001 - pydicom will say what is wrong
+        return 132, None
+    return end, (str(ts).strip("\x00 ") if ts else None)
+
+
+def _inflate_budget(head: bytes, limits: IngestLimits) -> int | None:
+    """Bytes a deflated dataset may inflate to, from its own header (Rows x Columns x
+    frames x samples x bits, capped by the site limit) plus 16 MiB for the other
+    elements; None while ``head`` does not reach the Pixel Data element yet."""
+    from pydicom.filereader import read_dataset
+
+    at = head.find(_PIXEL_TAG_BYTES)
+    if at < 0:
+        return None
+    try:
+        ds = read_dataset(io.BytesIO(head[:at]), False, True)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        spp, ba = int(ds.get("SamplesPerPixel") or 1), int(ds.BitsAllocated)
+        native = (rows * cols * frames * spp * ba + 7) // 8
+    except Exception:  # noqa: BLE001 - no usable pixel description: the site limit only
+        native = limits.max_decoded_bytes
+    return at + min(max(native, 0), limits.max_decoded_bytes) + (16 << 20)
+
+
+def _check_deflated(data: bytes, limits: IngestLimits) -> None:
+    """A deflated dataset is inflated (and counted, not kept) before pydicom inflates it
+    whole: refused when it inflates to more than its own header accounts for (a deflate
+    bomb would otherwise fill the memory before any check)."""
+    import zlib
+
+    start, ts = _meta_end(data)
+    if ts != _DEFLATED:
+        return
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    inp: bytes | memoryview = memoryview(data)[start:]
+    head = bytearray()
+    total = 0
+    budget: int | None = None
+    while True:
+        try:
+            out = d.decompress(inp, 1 << 20)
+        except zlib.error as e:
+            raise _Skip(f"deflated dataset is damaged: {e}", ERROR) from None
+        inp = d.unconsumed_tail
+        total += len(out)
+        if budget is None:
+            head += out
+            budget = _inflate_budget(bytes(head), limits)
+            if budget is None and len(head) > (64 << 20):
+                budget = len(head) + limits.max_decoded_bytes
+        if budget is not None and total > budget:
+            raise _Skip(f"decompression bomb: the deflated dataset inflates to more than "
+                        f"{budget} bytes, more than its header describes (refused before "
+                        "decoding)", REFUSED)
+        if d.eof or (not out and not inp):
+            return
+
+
+def parse_dataset(data: bytes, limits: IngestLimits | None = None):
+    """Step 1, the dataset: pydicom's reading (``force`` only for preamble-less files);
+    a deflated dataset is first checked against ``limits`` (see _check_deflated)."""
     import pydicom
 
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        _check_deflated(data, limits or IngestLimits())
     try:
         if len(data) >= 132 and data[128:132] == b"DICM":
             return pydicom.dcmread(io.BytesIO(data))
@@ -1193,7 +1270,7 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
     cat = store.catalogue
     if cat.has_original(sha):                                      # 2. deduplicate
         return DuplicateFile(path, sha)
-    ds = parse_dataset(data)
+    ds = parse_dataset(data, limits)
     _check_uids(ds, limits)            # 3. header checks (UIDs first: raw, before use)
     attrs = _describe(ds)
     shape = check_header(ds, limits)

@@ -695,3 +695,29 @@ def test_enhanced_multiframe_flags_a_bad_frame_position(tmp_path):
         (imp,) = ingest_paths([tmp_path / "e.dcm"], store).imported
         assert imp.flags == ["ImagePositionPatient: frame 3: not a finite number (0\\0\\nan)"]
         assert _pixels_equal(store, uid, data)
+
+
+def test_deflate_bomb_refused_before_inflating_it_whole(tmp_path, monkeypatch):
+    """A deflated dataset whose trailing element inflates to 64 MiB of zeros (a ~64 kB
+    file): refused from its own header before pydicom inflates it; the genuine deflated
+    file of pydicom-data is stored."""
+    import zlib
+
+    src = _testfile("image_dfl.dcm").read_bytes()
+    end, ts = ingest_mod._meta_end(src)
+    assert ts == ingest_mod._DEFLATED
+    inflated = zlib.decompress(src[end:], -zlib.MAX_WBITS)
+    pad = b"\xfc\xff\xfc\xffOB\x00\x00" + (64 << 20).to_bytes(4, "little") + bytes(64 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = src[:end] + c.compress(inflated + pad) + c.flush()
+    assert len(bomb) < 200_000
+    (tmp_path / "bomb.dcm").write_bytes(bomb)
+    called = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: called.append(1) or real(*a, **k))
+    with Store(tmp_path / "s") as store:
+        report = ingest_paths([tmp_path / "bomb.dcm", _testfile("image_dfl.dcm")], store)
+    assert len(report.imported) == 1
+    (s,) = report.skipped
+    assert "decompression bomb" in s.reason and "before decoding" in s.reason
+    assert len(called) == 1           # pydicom read the genuine file only

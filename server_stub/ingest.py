@@ -17,8 +17,11 @@ What happens to one file
    (:class:`IngestLimits`: frames, pixels per frame, decoded bytes per instance: the
    decompression-bomb guard); native pixel data is exactly Rows x Columns x frames x
    samples x bits long (one padding byte allowed), encapsulated pixel data has a basic or
-   extended offset table of one entry per frame and at least one fragment per frame.
-   Anything else is refused with the reason; it is never reinterpreted.
+   extended offset table of one entry per frame, one codestream start per frame whose
+   JPEG SOF / JPEG 2000 SIZ size is the header's, RLE segments that decode (counted, not
+   decoded) to Rows x Columns bytes; a deflated dataset inflates to no more than its
+   header accounts for (counted before pydicom inflates it). Anything else is refused
+   with the reason; it is never reinterpreted.
 4. **Flag impossible values** (:func:`value_flags`): NaN / infinite / zero / negative
    spacing or thickness, non-finite position, an orientation that is not two orthonormal
    vectors, a rescale slope of 0 or NaN, a window width <= 0. The instance is stored (the

@@ -89,7 +89,8 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
             for e in rows:
                 print(f"{e.id:>5}  {e.state:<8} {e.received_at}  SOP {e.sop_instance_uid}  "
                       f"{'; '.join(e.differences) or e.reason}")
-            print(f"{len(rows)} {'entries' if args.all else 'open entries'}")
+            noun = "entry" if len(rows) == 1 else "entries"
+            print(f"{len(rows)} {noun if args.all else 'open ' + noun}")
             return 0
         if args.id is None:
             raise UsageError(f"quarantine {args.action} needs an entry number")

@@ -492,7 +492,7 @@ def test_quarantine_list_show_keep(tmp_path, capsys):
     sdir, genuine, twin, sop = _conflicted_store(tmp_path)
     assert cli_main(["quarantine", "list", "--store", str(sdir)]) == 0
     out = capsys.readouterr().out
-    assert "1 open entries" in out and sop in out
+    assert "1 open entry" in out and sop in out
     assert cli_main(["quarantine", "show", "1", "--store", str(sdir), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["state"] == "open" and shown["stored_sop_instance_uid"] == sop

@@ -2,7 +2,10 @@
 
 Sub-commands::
 
-    medview-server ingest PATH... --store DIR [--no-verify] [--quiet]
+    medview-server ingest PATH... --store DIR [--no-verify] [--quiet] [--max-frames N]
+            [--max-pixels-per-frame N] [--max-decoded-bytes N] [--accept-nonstandard-uids]
+    medview-server quarantine list|show|resolve [ID] --store DIR [--all] [--json]
+            [--keep | --replace | --new-uid]
     medview-server fsck --store DIR [--repair]
     medview-server sample --store DIR
     medview-server serve --store DIR [--host H] [--port P] [--policy FILE]
@@ -37,7 +40,9 @@ Sub-commands::
             [--series UID] [--json]
 
 Exit codes: 0 success; 1 when ``ingest`` skipped a DICOM image it could not take (any
-skip other than "not DICOM" / "not an image"), when ``fsck`` found rows with missing or
+skip other than "not DICOM" / "not an image"; 3 when it skipped none but quarantined a
+file whose SOP Instance UID is stored with other content), when ``quarantine resolve``
+could not resolve, when ``fsck`` found rows with missing or
 damaged files (or orphans it did not remove), when ``migrate`` met errors, or when a
 ``user`` command names an unknown user, or when ``convert`` failed a file (the others
 are converted); 2 on usage errors (argparse).
@@ -54,7 +59,7 @@ from typing import Sequence
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import ingest_paths
+    from .ingest import IngestLimits, ingest_paths
     from .store import Store
 
     missing = [p for p in args.paths if not Path(p).exists()]
@@ -62,17 +67,87 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"error: no such file or folder: {', '.join(map(str, missing))}",
               file=sys.stderr)
         return 2
+    try:
+        limits = IngestLimits.for_store(
+            args.store, max_frames=args.max_frames,
+            max_pixels_per_frame=args.max_pixels_per_frame,
+            max_decoded_bytes=args.max_decoded_bytes,
+            accept_nonstandard_uids=True if args.accept_nonstandard_uids else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     with Store(args.store) as store:
         def log(msg: str) -> None:
             if not args.quiet:
                 print(msg, flush=True)
 
-        report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify)
+        report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify,
+                              limits=limits)
         from .policy_copies import after_ingest     # final copies, if [codec] on_ingest
 
         after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
     print(report.summary(), flush=True)
-    return 0 if report.ok else 1
+    if not report.ok:
+        return 1
+    return 3 if report.quarantined else 0
+
+
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    import json
+
+    from . import quarantine as q
+    from .store import Store
+
+    if not Path(args.store).is_dir():
+        raise UsageError(f"no store at {args.store}")
+    with Store(args.store) as store:
+        if args.action == "list":
+            rows = q.entries(store, None if args.all else "open")
+            if args.json:
+                for e in rows:
+                    print(json.dumps(e.to_json(), separators=(",", ":")))
+                return 0
+            for e in rows:
+                print(f"{e.id:>5}  {e.state:<8} {e.received_at}  SOP {e.sop_instance_uid}  "
+                      f"{'; '.join(e.differences) or e.reason}")
+            noun = "entry" if len(rows) == 1 else "entries"
+            print(f"{len(rows)} {noun if args.all else 'open ' + noun}")
+            return 0
+        if args.id is None:
+            raise UsageError(f"quarantine {args.action} needs an entry number")
+        if args.action == "show":
+            e = q.get(store, args.id)
+            if e is None:
+                print(f"error: no quarantine entry {args.id}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(e.to_json(), indent=1))
+                return 0
+            for k, v in e.to_json().items():
+                if v not in (None, "", []):
+                    print(f"{k:<24} {'; '.join(v) if isinstance(v, list) else v}")
+            return 0
+        action = args.keep and "keep" or args.replace and "replace" or args.new_uid and "new-uid"
+        if not action:
+            raise UsageError("quarantine resolve needs --keep, --replace or --new-uid")
+        try:
+            print(q.resolve(store, args.id, action, audit=_cli_auditor(store)))
+        except q.QuarantineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cli_auditor(store):
+    from .ingest import store_auditor
+
+    fn, close = store_auditor(store)
+
+    def audit(*a):
+        try:
+            fn(*a)
+        finally:
+            close()
+    return audit
 
 
 def _cmd_fsck(args: argparse.Namespace) -> int:
@@ -726,7 +801,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the bit-exact decode check after encoding")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--max-frames", type=int, help="refuse instances with more frames "
+                   "(default: STORE/policy.toml [ingest], else 1000000)")
+    p.add_argument("--max-pixels-per-frame", type=int, help="refuse larger frames "
+                   "(default: [ingest], else 268435456)")
+    p.add_argument("--max-decoded-bytes", type=int, help="refuse instances that decode to "
+                   "more bytes (default: [ingest], else 64 GiB)")
+    p.add_argument("--accept-nonstandard-uids", action="store_true",
+                   help="accept UIDs with characters other than digits and dots, or "
+                        "longer than 64 (printable, URL-safe ones only)")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("quarantine", help="files whose SOP Instance UID is stored with "
+                       "other content: list, show, resolve")
+    p.add_argument("action", choices=("list", "show", "resolve"))
+    p.add_argument("id", nargs="?", type=int, help="entry number (show, resolve)")
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--all", action="store_true", help="list: resolved entries too")
+    p.add_argument("--json", action="store_true", help="list, show: JSON")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--keep", action="store_true",
+                     help="resolve: keep the stored instance (the quarantined file stays)")
+    how.add_argument("--replace", action="store_true",
+                     help="resolve: replace the stored instance by the quarantined file "
+                          "(the stored original is kept in the quarantine)")
+    how.add_argument("--new-uid", action="store_true",
+                     help="resolve: import the quarantined file as a new instance under a "
+                          "fresh SOP Instance UID that records the original one")
+    p.set_defaults(func=_cmd_quarantine)
 
     p = sub.add_parser("fsck", help="check every stored file against the catalogue")
     p.add_argument("--store", required=True, type=Path, help="store directory")

@@ -455,3 +455,22 @@ def test_orthanc_moves_from_us_and_unknown_destination(scp, orthanc, real_dir):
     found = orthanc.rest("POST", "/tools/find", json={
         "Level": "Instance", "Query": {"SOPInstanceUID": str(ct.SOPInstanceUID)}})
     assert len(found) == 1
+
+
+def test_bundled_server_dicom_listener(tmp_path):
+    """The desktop's embedded server switches its DICOM listener on and off."""
+    from server_stub.embedded import EmbeddedServer
+    ensure_peers("dcmtk")
+    Store(tmp_path / "s").close()
+    srv = EmbeddedServer(str(tmp_path / "s")).start()
+    try:
+        Peers(srv.store.catalogue).add_destination("TESTER", "127.0.0.1", 104)
+        port = free_port()
+        srv.set_dicom(port, "DESKTOP")
+        wait_for_port("127.0.0.1", port)
+        run("echoscu", "-aet", "TESTER", "-aec", "DESKTOP", "127.0.0.1", str(port))
+        srv.set_dicom(0)
+        r = run("echoscu", "-aet", "TESTER", "-aec", "DESKTOP", "127.0.0.1", str(port), ok=False)
+        assert r.returncode != 0
+    finally:
+        srv.stop()

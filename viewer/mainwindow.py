@@ -525,8 +525,11 @@ class MainWindow(QMainWindow):
         store = Path(store_dir) if store_dir else default_data_dir() / "store"
         self._busy(True, f"Preparing the local store {store} (the sample study is created on "
                          f"first run and takes about 20 s)…")
+        dicom = (self.settings.dicom_port(), self.settings.dicom_ae_title())
         task = Task(lambda ctx: self.backend.start_bundled(store, ctx.message,
-                                                           sample=self.config.sample),
+                                                           sample=self.config.sample,
+                                                           dicom_port=dicom[0],
+                                                           ae_title=dicom[1]),
                     name="bundled-server", parent=self)
         task.message.connect(lambda m: self.statusBar().showMessage(m))
         task.finished.connect(self._on_connected)
@@ -1113,6 +1116,14 @@ class MainWindow(QMainWindow):
             if self.loader is not None:
                 self.loader.set_prefetch(self.settings.prefetch())
             self.rebuild_presets()
+            if backend.server is not None and backend.own_server:
+                port, title = self.settings.dicom_port(), self.settings.dicom_ae_title()
+                t = Task(lambda _ctx: backend.set_dicom(port, title), name="dicom", parent=self)
+                t.finished.connect(lambda _r: self.statusBar().showMessage(
+                    f"DICOM listener {title} on port {port}" if port else "DICOM listener off"))
+                t.failed.connect(lambda e: self.statusBar().showMessage(
+                    f"DICOM listener not started: {e}"))
+                t.start()
 
         dlg.accepted.connect(accepted)
         dlg.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose, True)

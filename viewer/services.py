@@ -90,7 +90,8 @@ class Backend:
         return self.cache
 
     def start_bundled(self, store_dir: str | Path, log_fn: Callable[[str], None] = lambda m: None,
-                      *, sample: bool = True, sample_slices: int = 64, sample_size: int = 512) -> str:
+                      *, sample: bool = True, sample_slices: int = 64, sample_size: int = 512,
+                      dicom_port: int = 0, ae_title: str = "MEDVIEW") -> str:
         """Create the sample study on first run, start the bundled server on a free
         loopback port and log in as the local user. Returns the server URL."""
         from server_stub.embedded import EmbeddedServer
@@ -107,8 +108,21 @@ class Backend:
         log_fn("Starting the bundled image server…")
         server = EmbeddedServer(str(store_dir)).start()
         self.adopt_server(server, own=True)
+        if dicom_port:
+            try:
+                self.set_dicom(dicom_port, ae_title)
+            except (OSError, ValueError) as e:     # port taken: the viewer works without it
+                log_fn(f"DICOM listener not started on port {dicom_port}: {e}")
         self.login(server.url, DEFAULT_USER, None)
         return server.url
+
+    def set_dicom(self, port: int, ae_title: str = "MEDVIEW") -> None:
+        """Start, move or stop (port 0) the bundled server's DICOM listener (a worker
+        calls this: it binds a socket)."""
+        if self.server is None or not self.own_server:
+            raise RuntimeError("the DICOM listener belongs to the bundled server, and this "
+                               "window is connected to another server")
+        self.server.set_dicom(port, ae_title)
 
     def adopt_server(self, server, *, own: bool = False) -> None:
         """Use an already running :class:`~server_stub.embedded.EmbeddedServer` (its

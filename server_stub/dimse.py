@@ -723,10 +723,10 @@ def _find_requestor(ae, host: str, port: int):
 # --------------------------------------------------------------------------- SCU
 
 def _study_find_identifier(patient: str | None, date: str | None, modality: str | None,
-                           study_uid: str | None = None) -> Dataset:
+                           study_uid: str | None = None, name: str | None = None) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
-    ds.PatientName = ""
+    ds.PatientName = name or ""
     ds.PatientID = patient or ""
     ds.PatientBirthDate = ""
     ds.StudyInstanceUID = study_uid or ""
@@ -777,8 +777,11 @@ class Pacs:
             a.release()
 
     def find_studies(self, patient: str | None = None, date: str | None = None,
-                     modality: str | None = None, study_uid: str | None = None) -> list[dict]:
-        """Study-level C-FIND (Study Root); one dict per study, keyed by keyword."""
+                     modality: str | None = None, study_uid: str | None = None,
+                     name: str | None = None) -> list[dict]:
+        """Study-level C-FIND (Study Root); one dict per study, keyed by keyword.
+        ``patient`` is the Patient ID, ``name`` the Patient's Name (both may hold ``*``
+        and ``?``), ``date`` a date or range ``YYYYMMDD-YYYYMMDD``."""
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as Find
         ae = self._ae()
         ae.add_requested_context(Find)
@@ -786,12 +789,11 @@ class Pacs:
         out = []
         try:
             for st, ident in a.send_c_find(
-                    _study_find_identifier(patient, date, modality, study_uid), Find):
+                    _study_find_identifier(patient, date, modality, study_uid, name), Find):
                 if not st:
                     raise DimseError("C-FIND: the peer did not answer")
                 if st.Status in (0xFF00, 0xFF01) and ident is not None:
-                    out.append({e.keyword: (e.value if e.VM <= 1 else list(e.value))
-                                for e in ident if e.keyword})
+                    out.append({e.keyword: _plain(e) for e in ident if e.keyword})
                 elif st.Status != 0:
                     raise DimseError(f"C-FIND failed: {_status_text(st)}")
         finally:
@@ -901,6 +903,20 @@ class Pacs:
             if via == "move":
                 server.shutdown()
         return counts
+
+
+def _plain(elem) -> Any:
+    """A C-FIND answer's value as plain Python: str (PN, UI, text), int, list of them."""
+    v = elem.value
+    if v is None or v == "":
+        return None
+    if elem.VM > 1:
+        return [str(x) if not isinstance(x, (int, float)) else x for x in v]
+    if elem.VR in ("IS", "US", "UL", "SS", "SL"):
+        return int(v)
+    if elem.VR == "CS" and elem.keyword == "ModalitiesInStudy":
+        return [str(v)]
+    return str(v)
 
 
 def _common_storage_classes() -> list[str]:

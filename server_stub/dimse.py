@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 log = logging.getLogger("medview.dimse")
 

@@ -474,3 +474,46 @@ def test_bundled_server_dicom_listener(tmp_path):
         assert r.returncode != 0
     finally:
         srv.stop()
+
+
+def test_cli_peers_query_and_association_limit(scp, real_dir, tmp_path, capsys):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ct = pydicom.dcmread(real_dir / "CT_small.dcm")
+    if scp.store.catalogue.find_instance(str(ct.SOPInstanceUID)) is None:
+        run("storescu", *_scu(scp, *storescu_config(real_dir, scp.root / "storescu.cfg"),
+                              "+sd", files=(str(real_dir),)), ok=False)
+    local = tmp_path / "local"
+    Store(local).close()
+    st = str(local)
+    assert cli_main(["ae", "add", "BAD\\TITLE", "--host", "h", "--port", "1", "--store", st]) == 2
+    assert cli_main(["ae", "add", "ONE", "--host", "127.0.0.1", "--port", "1", "--store", st]) == 0
+    assert cli_main(["ae", "allow-any", "on", "--store", st]) == 0
+    capsys.readouterr()
+    assert cli_main(["ae", "list", "--store", st]) == 0
+    out = capsys.readouterr().out
+    assert "ONE" in out and "any" in out
+    assert cli_main(["ae", "remove", "ONE", "--store", st]) == 0
+    assert cli_main(["ae", "remove", "ONE", "--store", st]) == 1
+    assert cli_main(["pacs", "add", "self", "--host", "127.0.0.1", "--port", str(scp.port),
+                     "--ae", "MEDVIEW", "--store", st]) == 0
+    capsys.readouterr()
+    assert cli_main(["pacs", "query", "self", "--ae-title", "TESTER", "--patient",
+                     str(ct.PatientID), "--modality", "CT", "--store", st]) == 0
+    out = capsys.readouterr().out
+    assert str(ct.StudyInstanceUID) in out and out.strip().endswith("1 studies")
+    assert cli_main(["pacs", "echo", "nope", "--store", st]) == 1
+
+    # association limit: with the limit reached, the next association is rejected
+    limited = DimseServer(scp.store, port=0, max_associations=1).start()
+    try:
+        ae = AE(ae_title="TESTER")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", limited.port, ae_title="MEDVIEW")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", limited.port, ae_title="MEDVIEW")
+        assert not second.is_established
+        first.release()
+    finally:
+        limited.stop()

@@ -13,7 +13,8 @@ Request fields (JPIP names where JPIP has one):
 ``layers``   Number of quality layers (1..max). Default: all.
 ``fsiz``     ``w,h``: smallest resolution at least this large (JPIP round-up).
 ``reduce``   Resolution levels to discard (0 = full). ``fsiz`` wins if both are given.
-``roff``/``rsiz``  Region ``x,y`` / ``w,h`` in full-resolution pixels.
+``roff``/``rsiz``  Region ``x,y`` / ``w,h`` in full-resolution pixels; in a JPP-stream
+             request with ``fsiz``, in the frame of ``fsiz`` (JPIP C.4.3).
 ``order``    ``quality`` (every image at layer 1, then layer 2 ...), ``resolution``, or
              ``image`` (image by image).
 ``framing``  ``mv`` (records: JPP data + control messages, default) or ``jpp`` (bare
@@ -64,6 +65,7 @@ order), and ``recalled`` once the data is back.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -615,6 +617,15 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
                 f"comps out of range: the series has {len(series)} images (0-{len(series) - 1})",
                 status=416, max_comp=len(series) - 1)
         images = [series[c] for c in req.comps]
+    if req.region is not None and req.fsiz is not None and req.framing == "jpp" and images:
+        # JPIP C.4.3: roff/rsiz are in the frame of the requested fsiz; map them to the
+        # full-resolution pixels used below (the series' images share one size)
+        ix0 = images[0].index
+        sx, sy = ix0.width / req.fsiz[0], ix0.height / req.fsiz[1]
+        x, y, w, h = req.region
+        x0, y0 = int(x * sx), int(y * sy)
+        req.region = (x0, y0, max(1, math.ceil((x + w) * sx) - x0),
+                      max(1, math.ceil((y + h) * sy) - y0))
     res: dict[int, int] = {}
     layers: dict[int, int] = {}
     for im in images:

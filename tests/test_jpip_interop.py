@@ -157,6 +157,14 @@ def test_model_need_fsiz_and_context(server, ct_series_uid):
     assert top_res(fsiz="200,200") == full_res - 1                 # round-down (default)
     assert top_res(fsiz="200,200,round-up") == full_res
     assert top_res(fsiz="140,140,closest") == full_res - 1
+    # roff/rsiz in the fsiz frame: in a 512x512 frame (the 256x256 image is the largest
+    # resolution that fits) the 128x128 corner is the image's 64x64 corner
+    a = _jpp(s, **base, fsiz="512,512", roff="0,0", rsiz="128,128")
+    b = _jpp(s, **base, fsiz="512,512")
+    full = s.request("GET", "/jpip", params={"target": ct_series_uid, "framing": "jpp",
+                                              "stream": "0", "roff": "0,0",
+                                              "rsiz": "64,64"}).content
+    assert a == full and len(a) < len(b)
     for bad in ({"fsiz": "10,10,sideways"}, {"type": "jpt-stream"}, {"stream": "0",
                                                                       "comps": "1"},
                 {"context": "jpxl<x>"}, {"model": "Q5"}):

@@ -517,3 +517,33 @@ def test_cli_peers_query_and_association_limit(scp, real_dir, tmp_path, capsys):
         first.release()
     finally:
         limited.stop()
+
+
+def test_pynetdicom_c_store_htj2k(scp, tmp_path):
+    """An HTJ2K lossless instance (1.2.840.10008.1.2.4.201) sent by pynetdicom goes
+    through the ingest bit-exactly."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(sample.make_sample_ct(tmp_path / "ct", slices=1, size=64, seed=5)[0])
+    arr = ds.pixel_array
+    ds.PixelData = encapsulate([imagecodecs.htj2k_encode(arr)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+    path = tmp_path / "ht.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="TESTER")
+    ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.4.201")
+    a = ae.associate("127.0.0.1", scp.port, ae_title="MEDVIEW")
+    assert a.is_established
+    try:
+        st = a.send_c_store(ds)
+    finally:
+        a.release()
+    assert st.Status == 0
+    inst = scp.store.catalogue.find_instance(str(ds.SOPInstanceUID))
+    assert inst["TransferSyntaxUID"] == "1.2.840.10008.1.2.4.201"
+    back = pydicom.dcmread(scp.store.abspath(inst["original_relpath"]))
+    assert np.array_equal(back.pixel_array, arr)

@@ -494,6 +494,10 @@ class DimseServer:
                                             evt_handlers=self._handlers)
         self.port = self._server.server_address[1]
         log.warning("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        if self.peers.allowed_callers() == []:
+            log.warning("no calling AE title may associate yet: add peers with "
+                        "'medview-server ae add TITLE --host H --port P', or allow any "
+                        "with 'medview-server ae allow-any on'")
         return self
 
     def stop(self) -> None:

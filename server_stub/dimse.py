@@ -462,6 +462,9 @@ class DimseServer:
             str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
             str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
         }
+        pnd_log = logging.getLogger("pynetdicom")
+        if pnd_log.level == logging.NOTSET:      # its INFO lines are per PDU: keep them out
+            pnd_log.setLevel(logging.WARNING)
         ae = _make_ae_class()(ae_title=self.ae_title)
         ae.allowed_fn = self.peers.allowed_callers
         ae.maximum_associations = max_associations

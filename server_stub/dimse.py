@@ -450,6 +450,8 @@ class DimseServer:
         self.store = store
         self.peers = Peers(store.catalogue)
         self.query = QueryEngine(store.catalogue)
+        from .tiers import Tiers
+        self.tiers = Tiers(store)             # originals, recalled from the archive if needed
         self._own_auth = authority is None
         self.auth = authority or Authority(str(Path(store.root) / "catalogue.sqlite"))
         self.verify = verify
@@ -507,6 +509,7 @@ class DimseServer:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.tiers.close()
         if self._own_auth:
             self.auth.close()
 
@@ -610,8 +613,7 @@ class DimseServer:
     def _dataset(self, inst: dict, accepted: dict[str, set[str]] | None) -> Dataset:
         """The original file's data set; decompressed when the peer took only native."""
         import pydicom
-        path = self.store.abspath(inst["original_relpath"])
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(io.BytesIO(self.tiers.read_original(inst)))   # verified
         for elem in list(ds.group_dataset(0x0000)):     # command group never travels
             del ds[elem.tag]
         if accepted is not None:

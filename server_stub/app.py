@@ -52,7 +52,8 @@ from .targets import BadParam, NotFound
 from .targets import resolve as resolve_target
 from .catalogue import QueryError
 from .diagnosis import DiagnosisError, DiagnosisRecords
-from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
+from .packets import (ImageSource, RequestError, declare_from_body, parse_request, plan,
+                      resolve_model, stream)
 from .policy import PolicyError, PolicySource
 from .dbutil import StorageFull, read_only_reason
 from .store import Store, StoreError
@@ -226,7 +227,9 @@ def _sid(request: Request) -> str | None:
     h = request.headers.get("authorization", "")
     if h.lower().startswith("bearer "):
         return h[7:].strip()
-    return request.query_params.get("cid")
+    cid = request.query_params.get("cid")
+    # a JPIP channel id is "<session id>.<channel>" (server_stub.packets.resolve_model)
+    return cid.split(".", 1)[0] if cid else None
 
 
 def create_app(store: Store, authority: Authority | None = None, *,
@@ -277,7 +280,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
                 async def audit(outcome: str, status: int, message: str | None = None):
                     t = request.state.target
-                    query_ = {k: v for k, v in request.query_params.items() if k != "cid"}
+                    query_ = {k: v for k, v in request.query_params.items()
+                              if k not in ("cid", "cclose")}
                     detail = {"method": request.method, "path": request.url.path,
                               **({"query": query_} if query_ else {}),
                               **({"served": t.served()} if t is not None else {}),
@@ -470,7 +474,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         sources = srv.sources(req.target)
         if not sources:
             raise RequestError(f"unknown target {req.target!r}: no such series", status=404)
-        model = session.model_for(req.target)
+        model, jpip_headers, in_channel = resolve_model(req, session, sources)
         if request.method == "POST":
             declare_from_body(request.state.body, model)
         versions = srv.versions.get(req.target)
@@ -485,8 +489,11 @@ def create_app(store: Store, authority: Authority | None = None, *,
         media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
         headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
                    "X-Bytes-Total": str(p.total_bytes)}
+        if req.framing == "jpp":        # JPIP: a channel only when one was asked for
+            headers.pop("JPIP-cnew")
+        headers.update(jpip_headers)
         request.state.audit_deferred = True
-        detail = {"query": {k: v for k, v in q.items() if k != "cid"},
+        detail = {"query": {k: v for k, v in q.items() if k not in ("cid", "cclose")},
                   "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes,
                   "recall": p.recall}

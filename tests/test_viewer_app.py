@@ -532,8 +532,11 @@ def test_settings_shortcuts_about_and_preferences(qtbot, tmp_path, server, ct_se
         assert not prefs.cache_use.text().startswith("0 B")
         qtbot.waitUntil(lambda: w.backend.cache_usage()[1] == 12, timeout=TIMEOUT)
         prefs.cache_limit.setValue(512)
+        prefs.dicom_port.setValue(11113)
+        prefs.dicom_ae.setText("MYVIEW")
         prefs.accept()
         assert w.settings.cache_limit_mb() == 512
+        assert (w.settings.dicom_port(), w.settings.dicom_ae_title()) == (11113, "MYVIEW")
         w.backend.clear_cache()
         assert w.backend.cache_usage() == (0, 0)
     finally:

@@ -364,14 +364,17 @@ def create_app(store: Store, authority: Authority | None = None, *,
                                     detail={"error": str(e)})
             return error(e.status, 'login body must be JSON: {"username": ..., "password": ...}'
                          f" ({e})", field=e.field)
-        name = body.get("username")
+        name, password = body.get("username"), body.get("password")
+        bad = None
         if not isinstance(name, str) or not name or len(name) > 256 or "\x00" in name:
-            return error(400, "username is required (a string of at most 256 characters)",
-                         field="username")
-        password = body.get("password")
-        if password is not None and (not isinstance(password, str) or len(password) > 1024):
-            return error(400, "password must be a string of at most 1024 characters",
-                         field="password")
+            bad = ("username", "username is required (a string of at most 256 characters)")
+        elif password is not None and (not isinstance(password, str) or len(password) > 1024):
+            bad = ("password", "password must be a string of at most 1024 characters")
+        if bad is not None:
+            await run_in_threadpool(srv.auth.audit, user=None, action="login", resource=None,
+                                    outcome="error", status=400, peer=peer,
+                                    detail={"error": bad[1]})
+            return error(400, bad[1], field=bad[0])
         try:
             s = await run_in_threadpool(srv.auth.login, name, password, peer)
         except AuthError as e:
@@ -598,7 +601,16 @@ def create_app(store: Store, authority: Authority | None = None, *,
     routes += policy_routes.routes(srv, guarded)        # issue 5: versions, diagnosis
 
     async def not_found(request, exc):
-        return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))
+        """No such route (404) or method (405): answered in JSON, and audited."""
+        status = getattr(exc, "status_code", 404)
+        try:
+            await run_in_threadpool(
+                srv.auth.audit, user=None, action="request", resource=None, outcome="error",
+                status=status, peer=request.client.host if request.client else None,
+                detail={"method": request.method, "path": request.url.path})
+        except Exception:  # noqa: BLE001 - the answer still goes out
+            log.exception("audit of a %d failed", status)
+        return error(status, getattr(exc, "detail", "not found"))
 
     async def unhandled(request, exc):
         """Anything a route did not handle (guarded routes handle their own): a JSON 500

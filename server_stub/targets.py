@@ -13,6 +13,7 @@ The :class:`Target` goes into ``request.state.target``; handlers serve exactly t
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 INT64_MAX = (1 << 63) - 1
@@ -44,7 +45,7 @@ class BadParam(Exception):
 def parse_int(value: str, name: str, *, lo: int = 0, hi: int = INT64_MAX) -> int:
     """A decimal integer parameter within [lo, hi] (64-bit at most), else 400 naming it."""
     s = str(value).strip()
-    if not s or len(s) > 20 or not s.lstrip("+-").isdigit():
+    if not re.fullmatch(r"[+-]?[0-9]{1,20}", s):         # ASCII digits only
         raise BadParam(f"{name} must be an integer from {lo} to {hi}, got {value!r}", name)
     v = int(s)
     if not lo <= v <= hi:

@@ -23,13 +23,16 @@ Policy routes (versions, diagnosis status and records, session context): see
 
 QIDO responses are DICOM JSON (PS3.18 F.2) unless ``format=json`` asks for plain
 keyword-keyed JSON. The session id travels as ``Authorization: Bearer <id>`` or as the
-JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the series
-(path, or the JPIP ``target``) or study it is about — or, for slides, the slide's scopes
-(:mod:`server_stub.slides`); the grant it returns is enforced by the packet planner (for
-slides by the same check in slide terms), and by the whole-file routes (original DICOM,
-whole codestream, a slide's label/macro), which need an unlimited grant. Every request is
-written to the audit log (packet requests when their stream ends, with what was actually
-sent).
+JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the object
+it is about — every path element (and the JPIP ``target``) resolved against its parent by
+:func:`server_stub.targets.resolve` (404 outside it), a slide by its scopes — so the grant
+is the one on the object actually served; it is enforced by the packet planner (for
+slides by the same check in slide terms), by the image ranges for an instance or frame,
+and by the whole-file routes (original DICOM, whole codestream, a slide's label/macro),
+which need an unlimited grant. Inputs are checked by :mod:`server_stub.inputs` (400
+naming the field, never 500). Every request is written to the audit log, whatever its
+outcome (packet requests when their stream ends, with what was actually sent).
+``GET /api/openapi.json`` describes the API (:mod:`server_stub.openapi`).
 """
 from __future__ import annotations
 
@@ -560,6 +563,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
                    "X-Bytes-Total": str(p.total_bytes)}
         request.state.audit_deferred = True
         detail = {"query": {k: v for k, v in q.items() if k != "cid"},
+                  "served": request.state.target.served(),
                   "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes,
                   "recall": p.recall}

@@ -134,7 +134,7 @@ class Param:
             lo = INT64_MIN if self.lo is None else self.lo
             hi = INT64_MAX if self.hi is None else self.hi
             if not _INT.fullmatch(s) or not lo <= int(s) <= hi:
-                raise InputError(f"{self.name} must be an integer from {lo} to {hi}, "
+                raise InputError(f"{self.name}: integers from {lo} to {hi} only, "
                                  f"got {value!r}", self.name)
             return int(s)
         if self.kind == "number":

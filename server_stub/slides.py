@@ -486,7 +486,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
         # audited when the stream ends, with what actually left (as series packets)
         request.state.audit_deferred = True
         detail = {"query": {k: v for k, v in request.query_params.items() if k != "cid"},
-                  "level": level, "version": p.version["name"] if p.version else None,
+                  "served": request.state.target.served(), "level": level, "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes}
         who = dict(user=session.user, session=session.serial,
                    peer=request.client.host if request.client else None)

@@ -106,9 +106,11 @@ def resolve(srv, path: dict, query=None) -> Target:
     if series is not None:
         row = cat.get_series(series)
         if row is None or (study is not None and row.get("StudyInstanceUID") != study):
+            if "series" not in path:
+                raise NotFound(f"unknown target {series!r}: no such series", "target")
             where = f"no series {series} in study {study}" if study is not None \
                 else f"unknown series {series}"
-            raise NotFound(where, "series" if "series" in path else "target")
+            raise NotFound(where, "series")
         t.series, t.series_row = series, row
         t.study = row.get("StudyInstanceUID")
     sop = path.get("sop")

@@ -377,6 +377,7 @@ def test_damaged_codestream_in_store(tmp_path, ct_store, ct_series_uid):
     shutil.copytree(ct_store, root)
     with Store(root) as st:
         row = st.catalogue.series_images(ct_series_uid)[4]
+        study = st.catalogue.get_series(ct_series_uid)["StudyInstanceUID"]
         p = st.abspath(row["codestream_relpath"])
     p.write_bytes(p.read_bytes()[:5000])
     with EmbeddedServer(str(root)) as srv:
@@ -388,6 +389,6 @@ def test_damaged_codestream_in_store(tmp_path, ct_store, ct_series_uid):
         sd2.transfer(comps=[5, 6]).run()
         assert sd2.levels(5) == (4, 2)
         with pytest.raises(ServerError) as e:
-            s.request("GET", f"/dicomweb/studies/x/series/{ct_series_uid}/instances/"
+            s.request("GET", f"/dicomweb/studies/{study}/series/{ct_series_uid}/instances/"
                       f"{row['SOPInstanceUID']}/frames/1")
         assert e.value.status == 500 and "damaged" in e.value.message

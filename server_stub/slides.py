@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import threading
 
@@ -452,7 +451,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
             # request, so the declaration is merged per tile key; CacheModel.declare (used
             # by declare_from_body for series) would forget every other tile of the slide.
             try:
-                body = json.loads(request.state.body or b"{}")
+                body = getattr(request.state, "json", None) or {}   # parsed by the guard
                 declared = body.get("model") if isinstance(body, dict) else None
                 if declared is not None:
                     if not isinstance(declared, dict):

@@ -221,8 +221,6 @@ def test_foreign_uid_at_every_position(env, capsys):
                     if "/jpip" in path:
                         query.update(layers="1", reduce="2", roff="0,0", rsiz="64,64",
                                      version="V3")
-                    if path.endswith("/associated/{name}"):
-                        pass
                     item = vals.get("item")
                     body = body_for(env, path, method, item)
                     if method == "DELETE":
@@ -316,3 +314,19 @@ def test_unhandled_error_is_json_500_and_audited(env, monkeypatch):
     assert row["outcome"] == "error" and row["http_status"] == 500
     assert row["detail"]["error"] == "unhandled ZeroDivisionError"
     assert json.dumps(row)          # plain data
+
+
+def test_unhandled_error_outside_the_guard_is_json_500_and_audited(env, monkeypatch):
+    auth = env["server"].auth
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(auth, "login", broken)
+    r = requests.post(f"{env['url']}/api/login", json={"username": "x", "password": "y"},
+                      timeout=60)
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal server error (logged and audited)", "status": 500}
+    row = auth.audit_rows(action="request", limit=1)[0]
+    assert row["http_status"] == 500 and row["detail"]["path"] == "/api/login"
+    assert row["detail"]["error"] == "unhandled ZeroDivisionError"

@@ -54,7 +54,7 @@ from starlette.routing import Route
 from codestream.index import CodestreamError, PacketIndex
 
 from . import policy_routes
-from .auth import AuthError, Authority
+from .auth import AuthError, Authority, Session
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
 from .targets import resolve as resolve_target
@@ -336,8 +336,10 @@ def create_app(store: Store, authority: Authority | None = None, *,
                         who.update(user=session.user, session=session.serial)
                     await audit("not-found" if e.status == 404 else "error", e.status, str(e))
                     return error(e.status, str(e), field=e.field)
-                    return error(e.status, str(e), field=e.field)
                 except (RequestError, DiagnosisError) as e:
+                    session = getattr(e, "session", None)      # (raised resolving the path)
+                    if session is not None and who["user"] is None:
+                        who.update(user=session.user, session=session.serial)
                     await audit("denied" if e.status == 403 else "error", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
                 except QueryError as e:
@@ -349,6 +351,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                     return error(500, f"stored data is damaged or missing: {e}")
                 except Exception as e:  # noqa: BLE001 - never a traceback to the client
                     log.exception("unhandled error in %s %s", request.method, request.url.path)
+                    session = getattr(e, "session", None)
+                    if isinstance(session, Session) and who["user"] is None:
+                        who.update(user=session.user, session=session.serial)
                     await audit("error", 500, f"unhandled {type(e).__name__}")
                     return error(500, "internal server error (logged and audited)")
             endpoint.medview = {"action": action, "query": tuple(query), "body": body}

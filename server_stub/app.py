@@ -56,7 +56,7 @@ from codestream.index import CodestreamError, PacketIndex
 from . import policy_routes
 from .auth import AuthError, Authority, Session
 from .inputs import InputError, Param, check_query, parse_json, read_body
-from .targets import BadParam, NotFound
+from .targets import BadParam, NotFound, listing, visible_instances
 from .targets import resolve as resolve_target
 from .catalogue import QueryError
 from .diagnosis import DiagnosisError, DiagnosisRecords
@@ -438,7 +438,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
     def studies(request: Request):
         q = request.query_params
         args = {k: q[k] for k in QIDO_STUDY if k in q}
-        return qido(srv.catalogue.query_studies(**args, **_page(q)), request)
+        return qido(listing(srv, request.state.session, srv.catalogue.query_studies, args,
+                            _page(q)), request)
 
     @guarded("browse", query=page_params + tuple(
         Param(k) for k in ("Modality", "SeriesInstanceUID", "StudyInstanceUID")))
@@ -448,13 +449,15 @@ def create_app(store: Store, authority: Authority | None = None, *,
         study = request.path_params.get("study") or q.get("StudyInstanceUID")
         if study:
             args["StudyInstanceUID"] = study
-        return qido(srv.catalogue.query_series(**args), request)
+        return qido(listing(srv, request.state.session, srv.catalogue.query_series, args, {}),
+                    request)
 
     @guarded("browse", query=page_params)
     def instances(request: Request):
         rows = srv.catalogue.query_instances(StudyInstanceUID=request.path_params["study"],
                                              SeriesInstanceUID=request.path_params["series"])
-        return qido(rows, request)
+        return qido(visible_instances(srv, request.state.grant, request.state.target.series,
+                                      rows), request)
 
     @guarded("metadata")
     def metadata(request: Request):

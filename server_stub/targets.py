@@ -156,3 +156,46 @@ def resolve(srv, path: dict, query=None) -> Target:
         if query is not None and query.get("target") not in (None, path["slide"], scopes[0]):
             raise BadParam("target must be the slide of the path (or left out)", "target")
     return t
+
+
+# --------------------------------------------------------------------------- listings
+def _may_hide(srv, user: str, action: str) -> bool:
+    """Whether any rule of the user (or their groups) can take ``action`` away."""
+    subjects = [user] + [f"@{g}" for g in srv.auth.groups_of(user)]
+    return any(r.actions is not None and action not in r.actions
+               for r in srv.auth.rules(subjects))
+
+
+def visible_rows(srv, user: str, rows: list[dict], action: str = "browse") -> list[dict]:
+    """The rows of a listing (studies, series: keyword dicts with the UIDs and PatientID)
+    that the user's rules let them ``action``: the grant of each row on its series, its
+    study, its patient — the same decision as for a request on it."""
+    from .rights import patient_scope
+
+    grants = srv.auth.grants_for(user, [
+        [r.get("SeriesInstanceUID"), r.get("StudyInstanceUID"), patient_scope(r.get("PatientID"))]
+        for r in rows])
+    return [r for r, g in zip(rows, grants) if g.actions is None or action in g.actions]
+
+
+def listing(srv, session, query, args: dict, page: dict, action: str = "browse") -> list[dict]:
+    """A QIDO listing (``query``: a catalogue query function) with only what the user may
+    see, paged after filtering (``page``: limit/offset) so that a page is never short
+    because of rows the user does not see."""
+    if not _may_hide(srv, session.user, action):
+        return query(**args, **page)
+    rows = visible_rows(srv, session.user, query(**args), action)
+    start = page.get("offset", 0)
+    stop = start + page["limit"] if page.get("limit") is not None else None
+    return rows[start:stop]
+
+
+def visible_instances(srv, grant, series: str, rows: list[dict]) -> list[dict]:
+    """Instance rows of one series with only the instances whose images are all within
+    the grant's image ranges (as :meth:`Authority.authorize` decides on an instance)."""
+    if grant.images is None:
+        return rows
+    images: dict[str, set[int]] = {}
+    for r in srv.catalogue.series_images(series):
+        images.setdefault(r["SOPInstanceUID"], set()).add(r["index"])
+    return [r for r in rows if images.get(r["SOPInstanceUID"], {-1}) <= grant.images]

@@ -258,6 +258,11 @@ def test_image_list_and_slab_layout_only_allowed_images(env):
     assert r.status_code == 200
     images = r.json()["images"]
     assert [im["index"] for im in images] == list(range(12))       # places kept
+    r = requests.get(f"{env['url']}/dicomweb/studies/{env['study_a']}/series/"
+                     f"{env['series_a']}/instances", headers=h, timeout=60)
+    assert r.status_code == 200
+    listed = {row["00080018"]["Value"][0] for row in r.json()}
+    assert listed == {im["SOPInstanceUID"] for im in images[:4]}
     assert [im["index"] for im in images if "SOPInstanceUID" in im] == [0, 1, 2, 3]
     for im in images[4:]:                  # beyond the grant: its place, nothing of it
         assert im == {"index": im["index"], "key": im["key"], "allowed": False}
@@ -330,3 +335,23 @@ def test_unhandled_error_outside_the_guard_is_json_500_and_audited(env, monkeypa
     row = auth.audit_rows(action="request", limit=1)[0]
     assert row["http_status"] == 500 and row["detail"]["path"] == "/api/login"
     assert row["detail"]["error"] == "unhandled ZeroDivisionError"
+
+
+def test_listings_hide_what_the_rules_hide(env):
+    """A rule without actions on a patient hides that patient's studies, series and
+    instances from every listing (the study list carries names and IDs)."""
+    auth = env["server"].auth
+    name = f"zlist{next(_names)}"
+    auth.add_user(name, PASSWORD)
+    auth.set_rule(Rule(name, f"patient:{FOREIGN_ID}", actions=set()))
+    sid = requests.post(f"{env['url']}/api/login", json={"username": name, "password": PASSWORD},
+                        timeout=30).json()["session"]
+    h = {"Authorization": f"Bearer {sid}"}
+    for path in ("/dicomweb/studies", "/dicomweb/series", "/dicomweb/studies?format=json",
+                 "/dicomweb/studies?limit=1",             # paged after hiding: never short
+                 f"/dicomweb/series?StudyInstanceUID={env['study_b']}"):
+        r = requests.get(env["url"] + path, headers=h, timeout=60)
+        assert r.status_code == 200, (path, r.text)
+        assert FOREIGN_ID not in r.text and env["study_b"] not in r.text, path
+        if "StudyInstanceUID=" not in path:
+            assert env["study_a"] in r.text, path

@@ -509,8 +509,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
     def series_images(request: Request):
         """Per-image facts of a series: only of the images the user's grant allows; an
         image beyond the grant keeps its place in the list (its index is its packet
-        component number) as ``{"index", "key", "allowed": false}`` and nothing else (the key is not
-        the image's own, which names its SOP Instance UID)."""
+        component number) with ``"allowed": false`` and only the shape a viewer lays out
+        (Rows, Columns, numres, nlayers, ncomp; 0 bytes), under a key that is not the
+        image's own (which names its SOP Instance UID)."""
         uid = request.state.target.series
         info = request.state.target.series_row
         allowed = request.state.grant.images
@@ -518,11 +519,17 @@ def create_app(store: Store, authority: Authority | None = None, *,
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:
-            if allowed is not None and r["index"] not in allowed:
-                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
-                               "allowed": False})      # (its real key names its SOP UID)
-                continue
             ix = srcs[r["index"]].index
+            if allowed is not None and r["index"] not in allowed:
+                # its place and the shape a viewer lays out (size, resolutions, layers),
+                # nothing of the image: no UID (its own key names its SOP Instance UID),
+                # no geometry, no values; 0 bytes, as nothing of it will be sent
+                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
+                               "allowed": False, "Rows": r["Rows"], "Columns": r["Columns"],
+                               "numres": ix.numres, "nlayers": ix.nlayers, "ncomp": ix.ncomp,
+                               "total_bytes": 0, "layer_bytes": [0] * ix.nlayers,
+                               "hot_layers": None})
+                continue
             d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
             d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
                      total_bytes=ix.total_bytes, key=srcs[r["index"]].key,

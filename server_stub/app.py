@@ -18,14 +18,17 @@ Routes
 Policy routes (versions, diagnosis status and records, session context): see
 :mod:`server_stub.policy_routes`.
 
-The session id travels as ``Authorization: Bearer <id>`` or as the
-JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the series
-(path, or the JPIP ``target``) or study it is about — or, for slides, the slide's scopes
-(:mod:`server_stub.slides`); the grant it returns is enforced by the packet planner (for
-slides by the same check in slide terms), and by the whole-file routes (original DICOM,
-whole codestream, a slide's label/macro), which need an unlimited grant. Every request is
-written to the audit log (packet requests when their stream ends, with what was actually
-sent).
+DICOMweb: :mod:`server_stub.dicomweb`. The session id travels as ``Authorization: Bearer <id>`` or as the
+JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the object
+it is about — every path element (and the JPIP ``target``) resolved against its parent by
+:func:`server_stub.targets.resolve` (404 outside it), a slide by its scopes — so the grant
+is the one on the object actually served; it is enforced by the packet planner (for
+slides by the same check in slide terms), by the image ranges for an instance or frame,
+and by the whole-file routes (original DICOM, whole codestream, a slide's label/macro),
+which need an unlimited grant. Inputs are checked by :mod:`server_stub.inputs` (400
+naming the field, never 500). Every request is written to the audit log, whatever its
+outcome (packet requests when their stream ends, with what was actually sent).
+``GET /api/openapi.json`` describes the API (:mod:`server_stub.openapi`).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ from starlette.routing import Route
 from codestream.index import CodestreamError, PacketIndex
 
 from . import dicomweb, peers, policy_routes
-from .auth import AuthError, Authority, is_loopback
+from .auth import AuthError, Authority, Session, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
 from .targets import resolve as resolve_target
@@ -336,6 +339,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                     await audit("not-found" if e.status == 404 else "error", e.status, str(e))
                     return error(e.status, str(e), field=e.field)
                 except (RequestError, DiagnosisError) as e:
+                    session = getattr(e, "session", None)      # (raised resolving the path)
+                    if session is not None and who["user"] is None:
+                        who.update(user=session.user, session=session.serial)
                     await audit("denied" if e.status == 403 else "error", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
                 except QueryError as e:
@@ -350,6 +356,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                     return error(500, f"stored data is damaged or missing: {e}")
                 except Exception as e:  # noqa: BLE001 - never a traceback to the client
                     log.exception("unhandled error in %s %s", request.method, request.url.path)
+                    session = getattr(e, "session", None)
+                    if isinstance(session, Session) and who["user"] is None:
+                        who.update(user=session.user, session=session.serial)
                     await audit("error", 500, f"unhandled {type(e).__name__}")
                     return error(500, "internal server error (logged and audited)")
             endpoint.medview = {"action": action, "query": tuple(query), "body": body}
@@ -370,14 +379,17 @@ def create_app(store: Store, authority: Authority | None = None, *,
                                     detail={"error": str(e)})
             return error(e.status, 'login body must be JSON: {"username": ..., "password": ...}'
                          f" ({e})", field=e.field)
-        name = body.get("username")
+        name, password = body.get("username"), body.get("password")
+        bad = None
         if not isinstance(name, str) or not name or len(name) > 256 or "\x00" in name:
-            return error(400, "username is required (a string of at most 256 characters)",
-                         field="username")
-        password = body.get("password")
-        if password is not None and (not isinstance(password, str) or len(password) > 1024):
-            return error(400, "password must be a string of at most 1024 characters",
-                         field="password")
+            bad = ("username", "username is required (a string of at most 256 characters)")
+        elif password is not None and (not isinstance(password, str) or len(password) > 1024):
+            bad = ("password", "password must be a string of at most 1024 characters")
+        if bad is not None:
+            await run_in_threadpool(srv.auth.audit, user=None, action="login", resource=None,
+                                    outcome="error", status=400, peer=peer,
+                                    detail={"error": bad[1]})
+            return error(400, bad[1], field=bad[0])
         try:
             s = await run_in_threadpool(srv.auth.login, name, password, peer,
                                         direct_loopback=direct)
@@ -429,8 +441,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
     def series_images(request: Request):
         """Per-image facts of a series: only of the images the user's grant allows; an
         image beyond the grant keeps its place in the list (its index is its packet
-        component number) as ``{"index", "key", "allowed": false}`` and nothing else (the key is not
-        the image's own, which names its SOP Instance UID)."""
+        component number) with ``"allowed": false`` and only the shape a viewer lays out
+        (Rows, Columns, numres, nlayers, ncomp; 0 bytes), under a key that is not the
+        image's own (which names its SOP Instance UID)."""
         uid = request.state.target.series
         info = request.state.target.series_row
         allowed = request.state.grant.images
@@ -438,11 +451,17 @@ def create_app(store: Store, authority: Authority | None = None, *,
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:
-            if allowed is not None and r["index"] not in allowed:
-                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
-                               "allowed": False})      # (its real key names its SOP UID)
-                continue
             ix = srcs[r["index"]].index
+            if allowed is not None and r["index"] not in allowed:
+                # its place and the shape a viewer lays out (size, resolutions, layers),
+                # nothing of the image: no UID (its own key names its SOP Instance UID),
+                # no geometry, no values; 0 bytes, as nothing of it will be sent
+                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
+                               "allowed": False, "Rows": r["Rows"], "Columns": r["Columns"],
+                               "numres": ix.numres, "nlayers": ix.nlayers, "ncomp": ix.ncomp,
+                               "total_bytes": 0, "layer_bytes": [0] * ix.nlayers,
+                               "hot_layers": None})
+                continue
             d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
             d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
                      total_bytes=ix.total_bytes, key=srcs[r["index"]].key,
@@ -529,7 +548,16 @@ def create_app(store: Store, authority: Authority | None = None, *,
     routes += dicomweb.routes(srv, guarded)             # PS3.18 QIDO / WADO / STOW-RS
 
     async def not_found(request, exc):
-        return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))
+        """No such route (404) or method (405): answered in JSON, and audited."""
+        status = getattr(exc, "status_code", 404)
+        try:
+            await run_in_threadpool(
+                srv.auth.audit, user=None, action="request", resource=None, outcome="error",
+                status=status, peer=request.client.host if request.client else None,
+                detail={"method": request.method, "path": request.url.path})
+        except Exception:  # noqa: BLE001 - the answer still goes out
+            log.exception("audit of a %d failed", status)
+        return error(status, getattr(exc, "detail", "not found"))
 
     async def unhandled(request, exc):
         """Anything a route did not handle (guarded routes handle their own): a JSON 500

@@ -67,6 +67,13 @@ from starlette.routing import Route
 
 from .catalogue import QueryError, qido_key
 from .packets import RequestError
+from .inputs import Param
+from .targets import may_hide, visible_instances, visible_rows
+
+#: the paging parameters of QIDO-RS, checked (64-bit range, 400 naming the field) by the
+#: one authorisation point before the handler runs
+PAGE = (Param("limit", "int", "at most this many results"),
+        Param("offset", "int", "skip this many results"))
 
 log = logging.getLogger("medview.dicomweb")
 
@@ -614,9 +621,17 @@ def routes(srv, guarded) -> list[Route]:
                 matches.append(("SeriesInstanceUID", request.path_params["series"]))
             want_header = bool(include - set(STUDY_RETURN) - set(SERIES_RETURN)
                                - {"StudyInstanceUID", "SeriesInstanceUID"}) or level == "instance"
-            rows = srv.catalogue.qido(level, matches, limit=page.get("limit"),
-                                      offset=page.get("offset", 0), header=want_header)
+            # rules that hide rows: filter first, then page, so a page is never short
+            hide = may_hide(srv, request.state.session.user, "browse") or level == "instance"
+            rows = srv.catalogue.qido(level, matches,
+                                      limit=None if hide else page.get("limit"),
+                                      offset=0 if hide else page.get("offset", 0),
+                                      header=want_header)
             rows = browsable(request, level, rows)
+            if hide:
+                start = page.get("offset", 0)
+                rows = rows[start:start + page["limit"] if page.get("limit") is not None
+                            else None]
             if plain:
                 return json_response(request, [{k: v for k, v in r.items()
                                                 if k not in _PRIVATE and k != "_meta"}
@@ -627,29 +642,26 @@ def routes(srv, guarded) -> list[Route]:
         return handler
 
     def browsable(request: Request, level: str, rows: list[dict]) -> list[dict]:
-        """Only what the user may browse: a rule on a study or series that takes the
-        ``browse`` action away hides it from every listing (a page may then hold fewer
-        than ``limit`` rows). Attributes beyond the default ones (``includefield``) come
-        from the stored header: only where the user also has the ``metadata`` action
-        (``_meta`` on the row)."""
+        """Only what the user may browse, decided as for a request on the row (its series,
+        study and patient: :func:`server_stub.targets.visible_rows`); instances only when
+        all their images are within the grant's image ranges. Attributes beyond the
+        default ones (``includefield``) come from the stored header: only where the user
+        also has the ``metadata`` action (``_meta`` on the row)."""
         user = request.state.session.user
-        seen: dict[str, tuple[bool, bool]] = {}
-
-        def rights(r: dict) -> tuple[bool, bool]:
-            key = r["StudyInstanceUID"] if level == "study" else r["SeriesInstanceUID"]
-            if key not in seen:
-                g = (srv.auth.grant_for(user, None, key) if level == "study"
-                     else srv.auth.grant_for(user, key))
-                seen[key] = (g.actions is None or "browse" in g.actions,
-                             g.actions is None or "metadata" in g.actions)
-            return seen[key]
-        out = []
+        rows = visible_rows(srv, user, rows, "browse")
+        meta = {id(r) for r in visible_rows(srv, user, rows, "metadata")}
         for r in rows:
-            browse, meta = rights(r)
-            if browse:
-                r["_meta"] = meta
-                out.append(r)
-        return out
+            r["_meta"] = id(r) in meta
+        if level == "instance":
+            by_series: dict[str, list[dict]] = {}
+            for r in rows:
+                by_series.setdefault(r["SeriesInstanceUID"], []).append(r)
+            keep = set()
+            for se, rs in by_series.items():
+                grant = srv.auth.grant_for(user, se)
+                keep |= {id(r) for r in visible_instances(srv, grant, se, rs)}
+            rows = [r for r in rows if id(r) in keep]
+        return rows
 
     def qido_result(level: str, row: dict, include: set[str], base: str) -> dict:
         keys = list(STUDY_RETURN)
@@ -1183,22 +1195,22 @@ def routes(srv, guarded) -> list[Route]:
     SE = S + "/series/{series}"
     I = SE + "/instances/{sop}"
     return [
-        Route(PREFIX + "/studies", guarded("browse")(qido("study")), methods=["GET"]),
+        Route(PREFIX + "/studies", guarded("browse", query=PAGE)(qido("study")), methods=["GET"]),
         Route(PREFIX + "/studies", stow, methods=["POST"]),
-        Route(PREFIX + "/series", guarded("browse")(qido("series"))),
-        Route(PREFIX + "/instances", guarded("browse")(qido("instance"))),
+        Route(PREFIX + "/series", guarded("browse", query=PAGE)(qido("series"))),
+        Route(PREFIX + "/instances", guarded("browse", query=PAGE)(qido("instance"))),
         Route(S, retrieve_study, methods=["GET"]),
         Route(S, stow, methods=["POST"]),
         Route(S + "/metadata", study_metadata),
         Route(S + "/rendered", study_rendered),
         Route(S + "/thumbnail", study_thumbnail),
-        Route(S + "/series", guarded("browse")(qido("series"))),
-        Route(S + "/instances", guarded("browse")(qido("instance"))),
+        Route(S + "/series", guarded("browse", query=PAGE)(qido("series"))),
+        Route(S + "/instances", guarded("browse", query=PAGE)(qido("instance"))),
         Route(SE, retrieve_series),
         Route(SE + "/metadata", series_metadata),
         Route(SE + "/rendered", series_rendered),
         Route(SE + "/thumbnail", series_thumbnail),
-        Route(SE + "/instances", guarded("browse")(qido("instance"))),
+        Route(SE + "/instances", guarded("browse", query=PAGE)(qido("instance"))),
         Route(I, retrieve_instance),
         Route(I + "/metadata", instance_metadata),
         Route(I + "/rendered", instance_rendered),

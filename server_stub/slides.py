@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import threading
 
@@ -451,7 +450,7 @@ def register_routes(routes: list, srv, guarded=None, *, jobs=None) -> SlideServi
             # request, so the declaration is merged per tile key; CacheModel.declare (used
             # by declare_from_body for series) would forget every other tile of the slide.
             try:
-                body = json.loads(request.state.body or b"{}")
+                body = getattr(request.state, "json", None) or {}   # parsed by the guard
                 declared = body.get("model") if isinstance(body, dict) else None
                 if declared is not None:
                     if not isinstance(declared, dict):
@@ -485,7 +484,7 @@ def register_routes(routes: list, srv, guarded=None, *, jobs=None) -> SlideServi
         # audited when the stream ends, with what actually left (as series packets)
         request.state.audit_deferred = True
         detail = {"query": {k: v for k, v in request.query_params.items() if k != "cid"},
-                  "level": level, "version": p.version["name"] if p.version else None,
+                  "served": request.state.target.served(), "level": level, "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes}
         who = dict(user=session.user, session=session.serial, peer=peer_of(request))
         body = srv.audited_stream(stream(p, model, stats=detail), detail, who, row["slide_uid"])

@@ -13,6 +13,7 @@ The :class:`Target` goes into ``request.state.target``; handlers serve exactly t
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 INT64_MAX = (1 << 63) - 1
@@ -44,7 +45,7 @@ class BadParam(Exception):
 def parse_int(value: str, name: str, *, lo: int = 0, hi: int = INT64_MAX) -> int:
     """A decimal integer parameter within [lo, hi] (64-bit at most), else 400 naming it."""
     s = str(value).strip()
-    if not s or len(s) > 20 or not s.lstrip("+-").isdigit():
+    if not re.fullmatch(r"[+-]?[0-9]{1,20}", s):         # ASCII digits only
         raise BadParam(f"{name} must be an integer from {lo} to {hi}, got {value!r}", name)
     v = int(s)
     if not lo <= v <= hi:
@@ -107,10 +108,11 @@ def resolve(srv, path: dict, query=None) -> Target:
     if series is not None:
         row = cat.get_series(series)
         if row is None or (study is not None and row.get("StudyInstanceUID") != study):
-            where = (f"no series {series} in study {study}" if study is not None
-                     else f"unknown series {series}" if "series" in path
-                     else f"unknown target {series!r}: no such series")
-            raise NotFound(where, "series" if "series" in path else "target")
+            if "series" not in path:
+                raise NotFound(f"unknown target {series!r}: no such series", "target")
+            where = f"no series {series} in study {study}" if study is not None \
+                else f"unknown series {series}"
+            raise NotFound(where, "series")
         t.series, t.series_row = series, row
         t.study = row.get("StudyInstanceUID")
     sop = path.get("sop")
@@ -163,3 +165,34 @@ def resolve(srv, path: dict, query=None) -> Target:
         if query is not None and query.get("target") not in (None, path["slide"], scopes[0]):
             raise BadParam("target must be the slide of the path (or left out)", "target")
     return t
+
+
+# --------------------------------------------------------------------------- listings
+def may_hide(srv, user: str, action: str) -> bool:
+    """Whether any rule of the user (or their groups) can take ``action`` away."""
+    subjects = [user] + [f"@{g}" for g in srv.auth.groups_of(user)]
+    return any(r.actions is not None and action not in r.actions
+               for r in srv.auth.rules(subjects))
+
+
+def visible_rows(srv, user: str, rows: list[dict], action: str = "browse") -> list[dict]:
+    """The rows of a listing (studies, series: keyword dicts with the UIDs and PatientID)
+    that the user's rules let them ``action``: the grant of each row on its series, its
+    study, its patient — the same decision as for a request on it."""
+    from .rights import patient_scope
+
+    grants = srv.auth.grants_for(user, [
+        [r.get("SeriesInstanceUID"), r.get("StudyInstanceUID"), patient_scope(r.get("PatientID"))]
+        for r in rows])
+    return [r for r, g in zip(rows, grants) if g.actions is None or action in g.actions]
+
+
+def visible_instances(srv, grant, series: str, rows: list[dict]) -> list[dict]:
+    """Instance rows of one series with only the instances whose images are all within
+    the grant's image ranges (as :meth:`Authority.authorize` decides on an instance)."""
+    if grant.images is None:
+        return rows
+    images: dict[str, set[int]] = {}
+    for r in srv.catalogue.series_images(series):
+        images.setdefault(r["SOPInstanceUID"], set()).add(r["index"])
+    return [r for r in rows if images.get(r["SOPInstanceUID"], {-1}) <= grant.images]

@@ -509,7 +509,7 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
         res.bytes_before = src.stat().st_size
         if dst.exists():
             done = _done_before(dst)
-            if done is not None:
+            if done is not None and done[0] == _expected_ts(src, opts):
                 res.status, res.transfer_syntax, res.bytes_after = "skipped", done[0], done[1]
                 res.sop_instance_uid = done[2]
                 res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
@@ -529,6 +529,19 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
             res.status, res.error = "failed", f"cannot write the output: {e}"
     res.seconds = round(time.perf_counter() - t0, 4)
     return res
+
+
+def _expected_ts(src: Path, opts: Options) -> str | None:
+    """The transfer syntax this run would give ``src`` (None if its header is unreadable):
+    an output in another syntax (an earlier run with another --to or policy) is redone."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        codec, _ = choose_codec(ds, opts)
+    except Exception:  # noqa: BLE001 - the conversion itself reports the problem
+        return None
+    return str(ds.file_meta.TransferSyntaxUID) if codec is None else codec.transfer_syntax
 
 
 def _done_before(dst: Path) -> tuple[str, int, str] | None:

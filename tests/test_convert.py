@@ -357,6 +357,12 @@ def test_rerun_skips_what_is_done(tmp_path):
     by = {Path(r.file).name: r.status for r in third.results}
     assert by == {"a.dcm": "converted", "b.dcm": "skipped", "c.dcm": "converted"}
     _same_attributes(d / "sub" / "c.dcm", out / "sub" / "c.dcm")
+    # another codec asked for: the outputs in the old syntax are redone, not skipped
+    fourth = convert_paths([d], out, Options(to="htj2k"))
+    assert fourth.count("converted") == 3
+    assert all(pydicom.dcmread(p).file_meta.TransferSyntaxUID == codecs.HTJ2K_LOSSLESS_RPCL
+               for p in out.rglob("*.dcm"))
+    assert convert_paths([d], out, Options(to="htj2k")).count("skipped") == 3
 
 
 def test_output_never_overwrites_input(tmp_path):

@@ -134,7 +134,9 @@ def bench_set(s: dict, min_time: float) -> dict:
     return res
 
 
-def bench_converter(files: list[Path], tmp: Path, min_time: float) -> dict:
+def bench_converter(files: list[Path], tmp: Path, min_time: float, rounds: int = 3) -> dict:
+    """Converter vs bare encoder, measured in alternation (bare, 1 worker, 2 workers, ...)
+    so that a change of machine load hits all three alike; medians of ``rounds``."""
     import pydicom
 
     from codestream import codecs
@@ -145,20 +147,24 @@ def bench_converter(files: list[Path], tmp: Path, min_time: float) -> dict:
     frames = [pydicom.dcmread(f).pixel_array for f in files]
     c = codecs.by_name("jpegls")
     n = len(files)
-    bare = rate(lambda: [c.encode(f, bits_stored=12) for f in frames], n, min_time)
-    out = {"images": n, "codec": c.label, "bare_encode_per_s": bare}
-    for workers in (1, 2):
-        runs = []
-        for r in range(3):
+    got: dict[str, list[float]] = {"bare": [], "1": [], "2": []}
+    for r in range(rounds):
+        got["bare"].append(rate(lambda: [c.encode(f, bits_stored=12) for f in frames], n,
+                                min_time, reps=1))
+        for workers in (1, 2):
             dst = tmp / f"conv{workers}-{r}"
             t0 = time.perf_counter()
             rep = convert_paths(files, dst, Options(codec_policy=pol), workers=workers)
             dt = time.perf_counter() - t0
             assert rep.count("converted") == n, rep.summary()
-            runs.append(n / dt)
+            got[str(workers)].append(n / dt)
             shutil.rmtree(dst)
-        out[f"converter_{workers}w_per_s"] = statistics.median(runs)
-        out[f"converter_{workers}w_vs_bare"] = statistics.median(runs) / bare
+    bare = statistics.median(got["bare"])
+    out = {"images": n, "codec": c.label, "bare_encode_per_s": bare, "runs": got}
+    for workers in (1, 2):
+        v = statistics.median(got[str(workers)])
+        out[f"converter_{workers}w_per_s"] = v
+        out[f"converter_{workers}w_vs_bare"] = v / bare
     return out
 
 
@@ -167,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--slices", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="8 slices, short timings")
     ap.add_argument("--min-time", type=float, default=0.5)
+    ap.add_argument("--converter-only", action="store_true",
+                    help="only the converter against the bare encoder")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "codecs.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -176,7 +184,7 @@ def main(argv=None) -> int:
     try:
         sets = load_sets(tmp, args.slices)
         results = []
-        for s in sets:
+        for s in ([] if args.converter_only else sets):
             print(f"\n== {s['name']}: {len(s['frames'])} images")
             r = bench_set(s, args.min_time)
             results.append(r)

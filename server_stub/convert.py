@@ -183,7 +183,11 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
         raise ConvertError("pixel data without Rows/Columns (damaged image module)")
     if ba not in (8, 16):
         raise ConvertError(f"BitsAllocated {ba}: only 8 and 16-bit images are converted")
-    if spp == 3 and pi.startswith("YBR") and ts not in LOSSY_INPUT_TS:
+    # YBR_RCT/ICT name the JPEG 2000 colour transform, which the decoder undoes (RCT
+    # exactly): the samples come out RGB. YBR_FULL(_422) stored losslessly would need
+    # pydicom's rounded YBR -> RGB conversion.
+    if spp == 3 and pi in ("YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420") \
+            and ts not in LOSSY_INPUT_TS:
         raise ConvertError(f"{pi} samples stored losslessly: turning them into RGB would not "
                            "be lossless, so the image is not converted")
     if spp not in (1, 3):
@@ -230,6 +234,7 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
         out = ds
         ds = _Original(ds)          # what the lossy record needs of the input
     _drop_group_length(out)
+    _resolve(out)
     for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):   # the input's frames
         if kw in out:
             del out[kw]
@@ -274,6 +279,16 @@ class _Original:
         if key.startswith("_") or key not in self._v:
             raise AttributeError(key)
         return self._v[key]
+
+
+def _resolve(ds) -> None:
+    """Turn every raw element into a DataElement with its VR (pydicom converts on access
+    and keeps the result): a dataset read as implicit VR (some files say explicit and are
+    not) is then written as explicit VR correctly."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _resolve(item)
 
 
 def _drop_group_length(ds) -> None:

@@ -38,7 +38,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -49,6 +48,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from codestream import codecs
+from imaging.files import fsync_dirs, is_temp_name, write_atomic
 
 TARGETS = ("policy", "jpegls", "htj2k", "jxl", "j2k")
 DEFAULT_MIN_PSNR = 40.0                 # dB: lossy outputs below this are refused
@@ -60,7 +60,6 @@ LOSSY_INPUT_TS = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.1
                   "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.112",
                   "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102",
                   "1.2.840.10008.1.2.4.103"}
-TMP_SUFFIX = ".medview-tmp"
 
 
 class ConvertError(Exception):
@@ -144,7 +143,7 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     base = p.with_suffix("") if p.suffix.lower() in (".json", ".csv") else p
     jpath, cpath = base.with_suffix(".json"), base.with_suffix(".csv")
     jpath.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(jpath, json.dumps(report.to_json(), indent=1).encode())
+    write_atomic(jpath, json.dumps(report.to_json(), indent=1).encode())
     rows = []
     for r in report.results:
         d = r.to_json()
@@ -154,7 +153,7 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    _atomic_write_bytes(cpath, buf.getvalue().encode())
+    write_atomic(cpath, buf.getvalue().encode())
     return jpath, cpath
 
 
@@ -546,7 +545,7 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
     res.output = str(dst)
     if out is not None:
         try:
-            _atomic_write_bytes(dst, out, sync_dir=sync_dir)
+            write_atomic(dst, out, sync_dir=sync_dir)
         except OSError as e:
             res.status, res.error = "failed", f"cannot write the output: {e}"
     res.seconds = round(time.perf_counter() - t0, 4)
@@ -577,40 +576,6 @@ def _done_before(dst: Path) -> tuple[str, int, str] | None:
         return None
 
 
-def _atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Temp file beside ``path``, fsync, rename. The content is durable before the name
-    appears, so an output that exists is complete; ``sync_dir`` also makes the name
-    durable at once (the batch does that once per folder, :func:`_sync_dirs`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    if sync_dir:
-        _sync_dirs([path.parent])
-
-
-def _sync_dirs(dirs: Iterable[Path]) -> None:
-    for d in set(map(Path, dirs)):
-        try:
-            fd = os.open(d, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 # --------------------------------------------------------------------------- many files
 def plan(paths: Iterable[str | Path], out_dir: str | Path) -> tuple[list[tuple[Path, Path]], list[FileResult]]:
     """(input, output) pairs for files and folders (searched recursively; outputs keep the
@@ -627,7 +592,7 @@ def plan(paths: Iterable[str | Path], out_dir: str | Path) -> tuple[list[tuple[P
             nested_out = out_res != p.resolve() and _is_under(out_res, p.resolve())
             items = []
             for f in files:
-                if (nested_out and _is_under(f.resolve(), out_res)) or f.name.endswith(TMP_SUFFIX):
+                if (nested_out and _is_under(f.resolve(), out_res)) or is_temp_name(f.name):
                     continue
                 items.append((f, out_dir / f.relative_to(p)))
         elif p.is_file():
@@ -701,7 +666,7 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
                     note(fut.result())
                 except Exception as e:  # noqa: BLE001 - a worker died: that file failed
                     note(FileResult(str(futs[fut]), status="failed", error=f"worker: {e}"))
-    _sync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
+    fsync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
     order = {str(s): i for i, (s, _d) in enumerate(pairs)}
     report.results.sort(key=lambda r: order.get(r.file, -1))
     report.seconds = time.perf_counter() - t0

@@ -77,6 +77,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from imaging.dicom import (attr, first, get, group_value, has_preamble, int_value,  # noqa: F401
+                           nums, num, plausible_dataset_start, text)
+
 from .catalogue import DuplicateInstanceError
 from .store import Store, sha256_hex
 
@@ -215,107 +218,12 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p
 
 
-def is_dicom_file(path: str | Path) -> bool:
-    """True if the file has the DICOM Part 10 preamble magic (``DICM`` at byte 128) or,
-    without a preamble, starts like a dataset (see :func:`read_candidate`)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return (len(head) == 132 and head[128:132] == b"DICM") or _plausible_dataset_start(head)
-
-
 # --------------------------------------------------------------------------- attribute helpers
+# (imaging.dicom: the one set of DICOM header helpers, shared with the viewer)
+_first, _num, _int, _nums, _text, _get = first, num, int_value, nums, text, get
+_fg, _attr = group_value, attr
+_plausible_dataset_start = plausible_dataset_start
 
-def _first(v: Any) -> Any:
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
-        return v[0] if len(v) else None
-    return v
-
-
-def _num(v: Any) -> float | None:
-    try:
-        v = _first(v)
-        if v is None or v == "":
-            return None
-        f = float(v)
-        return f if np.isfinite(f) else None
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _int(v: Any) -> int | None:
-    f = _num(v)
-    try:
-        return None if f is None else int(round(f))
-    except (OverflowError, ValueError):
-        return None
-
-
-def _nums(v: Any, n: int | None = None) -> list[float] | None:
-    if v is None or v == "":
-        return None
-    try:
-        seq = list(v) if not isinstance(v, (str, bytes)) else [v]
-        out = [float(x) for x in seq]
-    except (TypeError, ValueError):
-        return None
-    if n is not None and len(out) != n:
-        return None
-    return out if all(np.isfinite(out)) else None
-
-
-def _text(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bytes):
-        v = v.decode("latin-1", "replace")
-    if not isinstance(v, str) and (isinstance(v, (list, tuple))
-                                   or type(v).__name__ == "MultiValue"):
-        v = "\\".join(str(x) for x in v)
-    s = str(v).strip().strip("\x00").strip()
-    return s or None
-
-
-def _get(ds, keyword: str) -> Any:
-    """Attribute value or None, never raising on malformed values."""
-    try:
-        elem = ds.get(keyword)
-    except Exception:  # noqa: BLE001 - malformed value in a foreign file
-        return None
-    if elem is None:
-        return None
-    return getattr(elem, "value", elem)
-
-
-def _fg(ds, frame_index: int | None, seq_keyword: str, keyword: str) -> Any:
-    """Value from an enhanced multi-frame functional group: the frame's own group first
-    (when ``frame_index`` is given), else the shared one."""
-    groups = []
-    if frame_index is not None:
-        per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
-        if per_frame and frame_index < len(per_frame):
-            groups.append(per_frame[frame_index])
-    shared = _get(ds, "SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for item in groups:
-        seq = _get(item, seq_keyword)
-        if seq:
-            v = _get(seq[0], keyword)
-            if v is not None and v != "":
-                return v
-    return None
-
-
-def _attr(ds, keyword: str, seq_keyword: str | None) -> Any:
-    v = _get(ds, keyword)
-    if (v is None or v == "") and seq_keyword:
-        v = _fg(ds, 0, seq_keyword, keyword)
-    return v
 
 
 def _frame_position(ds, frame_index: int) -> list[float] | None:
@@ -461,21 +369,6 @@ class IngestLimits:
 
 
 # --------------------------------------------------------------------------- recognition
-
-def _plausible_dataset_start(head: bytes) -> bool:
-    """A file without the Part 10 preamble that starts like a dataset: the first element
-    is in group 0002 (file meta) or 0008 (identification), with an explicit VR or an
-    implicit length that fits."""
-    if len(head) < 8:
-        return False
-    group, elem = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
-    if group not in (0x0002, 0x0008) or elem > 0x1FFF:
-        return False
-    vr = head[4:6]
-    if vr.isalpha() and vr.isupper():
-        return True
-    return int.from_bytes(head[4:8], "little") < (1 << 16)
-
 
 def _read_preambleless(data: bytes):
     """pydicom's reading of a file without preamble, with the transfer syntax it
@@ -1068,7 +961,7 @@ def read_candidate(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
             head = f.read(132)
-            if len(head) >= 132 and head[128:132] == b"DICM":
+            if has_preamble(head):
                 return head + f.read()
             if not _plausible_dataset_start(head):
                 raise _Skip("not DICOM: no 'DICM' marker at byte 128 and no dataset start",
@@ -1157,16 +1050,16 @@ def parse_dataset(data: bytes, limits: IngestLimits | None = None):
     a deflated dataset is first checked against ``limits`` (see _check_deflated)."""
     import pydicom
 
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if has_preamble(data):
         _check_deflated(data, limits or IngestLimits())
     try:
-        if len(data) >= 132 and data[128:132] == b"DICM":
+        if has_preamble(data):
             return pydicom.dcmread(io.BytesIO(data))
         return _read_preambleless(data)
     except _Skip:
         raise
     except Exception as e:  # noqa: BLE001
-        if data[128:132] != b"DICM":
+        if not has_preamble(data):
             raise _Skip(f"not DICOM: no preamble, and pydicom cannot read it "
                         f"({type(e).__name__})", NOT_DICOM) from None
         raise _Skip(f"unreadable DICOM: {type(e).__name__}: {e}", ERROR) from None

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from imaging.dicom import has_preamble
+
 from .catalogue import utc_now
 from .store import Store, StoreError, sha256_hex
 
@@ -354,7 +356,7 @@ def _new_uid(store: Store, e: Entry, data: bytes, verify: bool) -> tuple[str, st
     items = list(seq) if seq else []
     ds.SourceImageSequence = Sequence(items + [ref])
     buf = io.BytesIO()
-    preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    preamble = has_preamble(data)
     ds.save_as(buf, enforce_file_format=preamble)
     imported = _import_bytes(store, buf.getvalue(), e.relpath, verify=verify)
     return new_uid, (f"imported as a new instance {new_uid} (original SOP Instance UID "

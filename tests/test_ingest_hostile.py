@@ -29,6 +29,7 @@ from server_stub.ingest import (CONFLICT_REASON, NOT_DICOM, IngestLimits, ingest
                                 uid_problem)
 from server_stub.store import Store
 from server_stub.fsck import fsck
+from imaging.dicom import is_dicom_file
 
 
 def _testfile(name: str) -> Path:
@@ -587,7 +588,7 @@ def test_preambleless_file_is_ingested(tmp_path):
     """pydicom-data's OT-PAL-8-face.dcm has no preamble (issue 11)."""
     src = _testfile("OT-PAL-8-face.dcm")
     assert src.read_bytes()[128:132] != b"DICM"
-    assert ingest_mod.is_dicom_file(src)
+    assert is_dicom_file(src)
     with Store(tmp_path / "s") as store:
         report = ingest_paths([src], store)
         (imp,) = report.imported

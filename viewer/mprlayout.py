@@ -200,6 +200,12 @@ class MprLayout(QWidget):
         self.maximised = None if which == "2x2" else which
         for name, w in self.panes.items():
             w.setVisible(self.maximised is None or name == self.maximised)
+        # the rows and columns of hidden panes keep their stretch in a QGridLayout: give the
+        # whole grid to the maximised pane, whichever cell it sits in
+        cell = None if self.maximised is None else PANE_ORDER.index(self.maximised)
+        for k in range(2):
+            self.grid.setRowStretch(k, 1 if cell is None or cell // 2 == k else 0)
+            self.grid.setColumnStretch(k, 1 if cell is None or cell % 2 == k else 0)
         self.layoutChanged.emit(which)
 
     def layout_name(self) -> str:

@@ -272,7 +272,12 @@ class VrScene:
 
     # ------------------------------------------------------------------ data
     def refresh(self) -> None:
-        """The voxels changed in place (a progressive update): render them next time."""
+        """The voxels changed in place (a progressive update): render them next time.
+
+        The scalar array itself is marked modified: VTK caches an array's value range
+        until then, and the CPU ray caster maps voxels to its tables through that range
+        (a range cached while the volume was still empty renders everything black)."""
+        self.image.GetPointData().GetScalars().Modified()
         self.image.Modified()
         if self.preset.relative:
             self.set_preset(self.preset.name)
@@ -319,6 +324,21 @@ class VrScene:
         self.window = (float(center), max(float(width), 1.0))
         if self.preset.blend == "mip":
             self.set_preset(self.preset)
+
+    def value_range_text(self) -> str:
+        """In words: from which value the preset shows anything, and the volume's highest
+        value (why a frame can stay black)."""
+        unit = "HU" if self.volume.modality.upper() == "CT" else ""
+        step = max(1, self.volume.data.size // 200_000)
+        top = float(self.volume.to_modality(self.volume.data.reshape(-1)[::step]).max())
+        if self.preset.relative:
+            return f"relative to the data; highest value {top:.0f} {unit}".rstrip()
+        start = self.preset.opacity[0][0]
+        for v, a in self.preset.opacity:
+            if a > 0:
+                break
+            start = v
+        return f"from {start:.0f} {unit} up; this volume reaches {top:.0f} {unit}".replace("  ", " ").strip()
 
     def _robust_range(self) -> tuple[float, float]:
         data = self.volume.data

@@ -19,7 +19,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
-                               QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
+                               QApplication, QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QProgressDialog, QPushButton, QToolButton,
                                QScrollArea, QVBoxLayout, QWidget)
 
@@ -360,7 +360,8 @@ class MainWindow(QMainWindow):
                              "Log in to another image server")
         self.act_prefs = A("&Preferences…", self.show_preferences, QKeySequence.StandardKey.Preferences,
                            "Cache size, background loading, window presets")
-        self.act_quit = A("&Quit", self.close, QKeySequence.StandardKey.Quit, "Quit MedView")
+        self.act_quit = A("&Quit", self.quit_app, QKeySequence.StandardKey.Quit,
+                          "Close every window, stop transfers and the bundled server, and exit")
 
         self.tool_group = QActionGroup(self)
         self.tool_group.setExclusive(True)
@@ -1142,11 +1143,28 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(message)
 
     # ================================================================== closing
+    def quit_app(self) -> None:
+        """File → Quit: close every window (MPR, slides), cancel transfers and workers,
+        stop the bundled server and leave the event loop (exit code 0)."""
+        self.close()
+        app = QApplication.instance()
+        if app is not None:
+            app.quit()
+
+    def other_windows(self) -> list[QWidget]:
+        """The MPR and slide windows this window opened that are still open."""
+        return [w for w in getattr(self, "_mpr_windows", []) + getattr(self, "_slide_windows", [])
+                if w is not None and w.isVisible()]
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
-        """Stop what this window started: transfers, pool, bundled server."""
+        """Stop what this window started: the MPR and slide windows, transfers, pool,
+        bundled server. The main window closing ends the application."""
         self._closing = True
         self.settings.set_layout(self.saveGeometry(), self.saveState())
         self.settings.sync()
+        for w in self.other_windows():
+            w.close()                        # each cancels its own loader / tile fetches
+        self._mpr_windows, self._slide_windows = [], []
         self._close_loader()
         self.thumbs.cancel_all()
         self.backend.close()

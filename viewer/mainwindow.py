@@ -205,7 +205,8 @@ class MainWindow(QMainWindow):
         self.reading_dock = dock
         self.policy = PolicyController(self.diagnosis_panel, self.version_selector,
                                        runner=self._policy_runner, parent=self)
-        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid))
+        # another version of the shown series: same slice, zoom, pan and window
+        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid, keep_view=True))
         self.policy.notice.connect(lambda m: self.statusBar().showMessage(m, 6000))
         self.policy.failed.connect(lambda m: self.statusBar().showMessage(m, 8000))
         self.policy.recallingChanged.connect(
@@ -638,11 +639,16 @@ class MainWindow(QMainWindow):
             self.thumbs.request(self.backend.pool, self.backend.registry, uid)
 
     # ================================================================== series
-    def open_series(self, uid: str) -> SeriesLoader | None:
+    def open_series(self, uid: str, keep_view: bool = False) -> SeriesLoader | None:
         """Show series ``uid``: the old series' transfers are cancelled and nothing of it
-        is shown any more; the new one loads progressively."""
+        is shown any more; the new one loads progressively. ``keep_view`` (the same series
+        reopened, e.g. in another version): keep the slice, zoom, pan and window."""
         if self.backend.registry is None:
             return None
+        keep = None
+        if keep_view and uid == self.series_uid and self.series_info is not None:
+            keep = (self._shown, self.stack.snapshot())
+        self._keep_view = keep
         self._close_loader()
         self._focus_timer.stop()
         self.series_uid = uid
@@ -659,7 +665,7 @@ class MainWindow(QMainWindow):
         self.bytes_bar.set_bytes(0, 0, 0)
         self.res_label.setText("–")
         self.loader = SeriesLoader(self.backend.registry, uid, self.backend.pool, self.bridge,
-                                   focus=0, viewport=self._viewport(),
+                                   focus=keep[0] if keep else 0, viewport=self._viewport(),
                                    prefetch=self.settings.prefetch())
         self.loader.set_cine_consistent(self.cine_bar.consistent_box.isChecked())
         self.loader.start()
@@ -701,6 +707,9 @@ class MainWindow(QMainWindow):
         series = SeriesInfo.from_dict(info, images)
         self.series_info = series
         self.stack.set_series(series)
+        keep, self._keep_view = getattr(self, "_keep_view", None), None
+        if keep is not None:
+            self.stack.restore(keep[1])
         self._statuses = list(statuses)
         self._shown = loader.focus
         self.strip.set_count(len(images))

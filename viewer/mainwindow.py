@@ -19,7 +19,7 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
-                               QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
+                               QApplication, QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QProgressDialog, QPushButton, QToolButton,
                                QScrollArea, QVBoxLayout, QWidget)
 
@@ -205,7 +205,8 @@ class MainWindow(QMainWindow):
         self.reading_dock = dock
         self.policy = PolicyController(self.diagnosis_panel, self.version_selector,
                                        runner=self._policy_runner, parent=self)
-        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid))
+        # another version of the shown series: same slice, zoom, pan and window
+        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid, keep_view=True))
         self.policy.notice.connect(lambda m: self.statusBar().showMessage(m, 6000))
         self.policy.failed.connect(lambda m: self.statusBar().showMessage(m, 8000))
         self.policy.recallingChanged.connect(
@@ -363,7 +364,8 @@ class MainWindow(QMainWindow):
                             "to a folder")
         self.act_prefs = A("&Preferences…", self.show_preferences, QKeySequence.StandardKey.Preferences,
                            "Cache size, background loading, window presets")
-        self.act_quit = A("&Quit", self.close, QKeySequence.StandardKey.Quit, "Quit MedView")
+        self.act_quit = A("&Quit", self.quit_app, QKeySequence.StandardKey.Quit,
+                          "Close every window, stop transfers and the bundled server, and exit")
 
         self.tool_group = QActionGroup(self)
         self.tool_group.setExclusive(True)
@@ -728,11 +730,16 @@ class MainWindow(QMainWindow):
             self.thumbs.request(self.backend.pool, self.backend.registry, uid)
 
     # ================================================================== series
-    def open_series(self, uid: str) -> SeriesLoader | None:
+    def open_series(self, uid: str, keep_view: bool = False) -> SeriesLoader | None:
         """Show series ``uid``: the old series' transfers are cancelled and nothing of it
-        is shown any more; the new one loads progressively."""
+        is shown any more; the new one loads progressively. ``keep_view`` (the same series
+        reopened, e.g. in another version): keep the slice, zoom, pan and window."""
         if self.backend.registry is None:
             return None
+        keep = None
+        if keep_view and uid == self.series_uid and self.series_info is not None:
+            keep = (self._shown, self.stack.snapshot())
+        self._keep_view = keep
         self._close_loader()
         self._focus_timer.stop()
         self.series_uid = uid
@@ -749,7 +756,7 @@ class MainWindow(QMainWindow):
         self.bytes_bar.set_bytes(0, 0, 0)
         self.res_label.setText("–")
         self.loader = SeriesLoader(self.backend.registry, uid, self.backend.pool, self.bridge,
-                                   focus=0, viewport=self._viewport(),
+                                   focus=keep[0] if keep else 0, viewport=self._viewport(),
                                    prefetch=self.settings.prefetch())
         self.loader.set_cine_consistent(self.cine_bar.consistent_box.isChecked())
         self.loader.start()
@@ -791,6 +798,9 @@ class MainWindow(QMainWindow):
         series = SeriesInfo.from_dict(info, images)
         self.series_info = series
         self.stack.set_series(series)
+        keep, self._keep_view = getattr(self, "_keep_view", None), None
+        if keep is not None:
+            self.stack.restore(keep[1])
         self._statuses = list(statuses)
         self._shown = loader.focus
         self.strip.set_count(len(images))
@@ -1241,11 +1251,28 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(message)
 
     # ================================================================== closing
+    def quit_app(self) -> None:
+        """File → Quit: close every window (MPR, slides), cancel transfers and workers,
+        stop the bundled server and leave the event loop (exit code 0)."""
+        self.close()
+        app = QApplication.instance()
+        if app is not None:
+            app.quit()
+
+    def other_windows(self) -> list[QWidget]:
+        """The MPR and slide windows this window opened that are still open."""
+        return [w for w in getattr(self, "_mpr_windows", []) + getattr(self, "_slide_windows", [])
+                if w is not None and w.isVisible()]
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
-        """Stop what this window started: transfers, pool, bundled server."""
+        """Stop what this window started: the MPR and slide windows, transfers, pool,
+        bundled server. The main window closing ends the application."""
         self._closing = True
         self.settings.set_layout(self.saveGeometry(), self.saveState())
         self.settings.sync()
+        for w in self.other_windows():
+            w.close()                        # each cancels its own loader / tile fetches
+        self._mpr_windows, self._slide_windows = [], []
         self._close_loader()
         self.thumbs.cancel_all()
         self.backend.close()

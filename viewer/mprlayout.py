@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
                                QMainWindow, QMessageBox, QPushButton, QProgressBar, QVBoxLayout, QWidget)
@@ -35,6 +36,7 @@ from .mpr import PLANES, MprState
 from .mprview import SLAB_NAMES, MprView, ResliceScheduler, Tool
 from .volume import Volume
 from .vr import PRESETS as VR_PRESETS
+from .windowing import header_window, initial_window
 from .vrview import VrView
 
 log = logging.getLogger("medview.mprlayout")
@@ -107,13 +109,16 @@ class MprLayout(QWidget):
         super().__init__(parent)
         self.volume = volume
         self.state = MprState(volume)
-        if window is not None:
-            self.state.window = (float(window[0]), float(window[1]))
-        elif volume.modality.upper() == "CT":
-            self.state.window = (40.0, 400.0)
+        # the header's window when usable, else decided from the voxels once they arrive
+        head = header_window(*window) if window is not None else None
+        if head is not None:
+            self.state.window = head
+        self._window_decided = head is not None
+        self._deciding_window = False
         self.scheduler = None if sync else ResliceScheduler(self)
         self.views: dict[str, MprView] = {
             name: MprView(self.state, name, self.scheduler, self, sync=sync) for name in PLANES}
+        self.decide_window()                     # a volume that already holds voxels
         self.vr = VrView(volume, self) if vr else None
         self.panes: dict[str, QWidget] = dict(self.views)
         if self.vr is not None:
@@ -200,6 +205,12 @@ class MprLayout(QWidget):
         self.maximised = None if which == "2x2" else which
         for name, w in self.panes.items():
             w.setVisible(self.maximised is None or name == self.maximised)
+        # the rows and columns of hidden panes keep their stretch in a QGridLayout: give the
+        # whole grid to the maximised pane, whichever cell it sits in
+        cell = None if self.maximised is None else PANE_ORDER.index(self.maximised)
+        for k in range(2):
+            self.grid.setRowStretch(k, 1 if cell is None or cell // 2 == k else 0)
+            self.grid.setColumnStretch(k, 1 if cell is None or cell % 2 == k else 0)
         self.layoutChanged.emit(which)
 
     def layout_name(self) -> str:
@@ -233,7 +244,8 @@ class MprLayout(QWidget):
 
     def set_vr_preset(self, name: str) -> None:
         if self.vr is not None:
-            self.vr.set_preset(name, self.state.window)
+            # a MIP preset chooses its own window from the projection until the user drags one
+            self.vr.set_preset(name, None)
 
     def _update_clip(self) -> None:
         if self.vr is None:
@@ -250,9 +262,33 @@ class MprLayout(QWidget):
         if self.vr is not None:
             self.vr.reset_camera()
 
+    def decide_window(self) -> bool:
+        """Without a usable header window: the percentile window of the voxels that have
+        arrived (:func:`viewer.windowing.initial_window`), chosen once. True when decided."""
+        if self._window_decided:
+            return True
+        vol = self.volume
+        have = vol.own_slots() if hasattr(vol, "own_slots") else np.arange(vol.shape[0])
+        if len(have) == 0:
+            return False
+        step = max(1, len(have) // 16)
+        sample = vol.to_modality(vol.data[np.asarray(have)[::step]])
+        chosen = initial_window(None, None, sample)
+        if chosen is None:
+            return False
+        self._window_decided = True
+        self._deciding_window = True
+        try:
+            self.state.set_window(*chosen)
+        finally:
+            self._deciding_window = False
+        return True
+
     def _on_state(self, kind: str) -> None:
         if self.vr is None:
             return
+        if kind == "window" and self._deciding_window:
+            return                      # the initial window is not a user's choice for the MIP
         if kind == "window" and self.state.window:
             self.vr.set_window(*self.state.window)
         elif kind in ("center", "planes", "reset") and self.clip_box.isChecked():
@@ -263,6 +299,7 @@ class MprLayout(QWidget):
     # ------------------------------------------------------------------ progressive data
     def volume_changed(self, text: str = "") -> None:
         """New voxel data (a consistent level): every pane redraws."""
+        self.decide_window()
         self.state.volume_changed()
         if text:
             self.status.setText(text)
@@ -403,9 +440,7 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     info = series.info
     title = f"MPR — {info.get('PatientName', '')} — {info.get('SeriesDescription') or series_uid}"
     first = series.images[keep[0]]
-    window = None
-    if first.get("WindowCenter") is not None and first.get("WindowWidth"):
-        window = (float(first["WindowCenter"]), float(first["WindowWidth"]))
+    window = header_window(first.get("WindowCenter"), first.get("WindowWidth"))
     return open_volume(loader.volume, title=title, parent=parent, window=window,
                        runner=LoadRunner(loader), sync=sync, vr=vr, show=show)
 
@@ -436,7 +471,8 @@ def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, syn
     loader = FolderVolumeLoader(sel)
     ref = sel.kept[0]
     win = open_volume(loader.volume, title=f"MPR — {ref.patient_name} — {ref.series_description or ref.series_uid}",
-                      parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader))
+                      parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader),
+                      window=ref.window)
     if sel.warnings:
         win.mpr.status.setToolTip("\n".join(sel.warnings))
         win.mpr.status.setText("; ".join(sel.warnings)[:120])

@@ -258,13 +258,14 @@ class MprView(QWidget):
         self.rendered.emit(self.name)
 
     def window(self) -> tuple[float, float]:
+        """The shared window; until one is chosen (no usable header, voxels still on
+        their way), the percentile window of this plane (:func:`windowing.initial_window`),
+        kept once the plane has data with a spread."""
         if self.state.window is None:
-            v = self._values
-            if v is not None and np.isfinite(v).any():
-                c, w = windowing.histogram_window(v[np.isfinite(v)])
-            else:
-                c, w = 40.0, 400.0
-            self.state.window = (c, w)
+            chosen = windowing.initial_window(None, None, self._values)
+            if chosen is None:
+                return (40.0, 400.0) if self.state.volume.modality.upper() == "CT" else (0.0, 1.0)
+            self.state.window = chosen
         return self.state.window
 
     def _qimage(self) -> QImage | None:

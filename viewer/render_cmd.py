@@ -87,7 +87,7 @@ def _volume_from_folder(args):
     print(sel.report(refusal=False))       # the refusal is the error message below
     if sel.refusal:
         raise RenderError(sel.refusal)
-    return sel.build_volume(), None
+    return sel.build_volume(), sel.kept[0].window
 
 
 def _volume_from_series(args):
@@ -181,15 +181,17 @@ def render_plane(volume, view: str, *, angles=None, slab: float = 0.0, mode: str
     return reslice(volume, plane, slab=slab, mode=mode, max_samples=2048), plane, mode, slab
 
 
-def _default_window(volume, values, window):
-    if window is not None:
-        return tuple(float(x) for x in window)
-    if volume.modality.upper() == "CT":
-        return (40.0, 400.0)
-    from .windowing import histogram_window
+def _default_window(volume, values, explicit, header, projection: bool = False):
+    """``--window`` as given; else :func:`viewer.windowing.initial_window`: the header's
+    window when usable, or the percentile window of the rendered values (a MIP always
+    gets its own window from the projection)."""
+    from .windowing import initial_window
 
-    finite = values[np.isfinite(values)]
-    return histogram_window(finite) if finite.size else (0.0, 1.0)
+    if explicit is not None:
+        return tuple(float(x) for x in explicit)
+    header = header or (None, None)
+    return initial_window(header[0], header[1], values, projection=projection) or (
+        (40.0, 400.0) if volume.modality.upper() == "CT" else (0.0, 1.0))
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -228,8 +230,7 @@ def cmd_render(args) -> int:
         if args.view == "vr":
             from .vr import projection_rotation, render_volume
 
-            window = args.window or dicom_window or (
-                (40.0, 400.0) if volume.modality.upper() == "CT" else None)     # used by MIP presets
+            window = args.window            # MIP presets choose their own from the projection
             rgb = render_volume(volume, size=args.size, rotation=projection_rotation(*(args.angles or (0, 0))),
                                 window=window)
             _save_png(out, rgb)
@@ -239,7 +240,8 @@ def cmd_render(args) -> int:
             values, plane, mode, slab = render_plane(volume, args.view, angles=args.angles, slab=args.slab,
                                                      mode=args.mode, position=args.position,
                                                      spacing=args.spacing)
-            window = _default_window(volume, values, args.window or dicom_window)
+            window = _default_window(volume, values, args.window, dicom_window,
+                                     projection=mode == "mip" and slab > 0)
             _save_png(out, display_uint8(values, *window))
             labels = plane.labels()
             sidecar.update(plane.to_json())

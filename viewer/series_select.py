@@ -41,6 +41,7 @@ from codestream.ranges import format_ranges
 from imaging import dicom
 
 from .volume import SliceGeometry, Volume, VolumeError, build_geometry, volume_for_slices
+from .windowing import header_window
 
 log = logging.getLogger("medview.series_select")
 
@@ -154,6 +155,7 @@ class Candidate:
     signed: bool
     thickness: float | None
     data: bytes | None = None               # file content (catalogue candidates)
+    window: tuple[float, float] | None = None   # usable WindowCenter/WindowWidth, else None
 
     @property
     def name(self) -> str:
@@ -245,7 +247,10 @@ def _candidates_from_dataset(ds, path: Path | None, source: str, data: bytes | N
         thickness = _float(attr("SpacingBetweenSlices", "PixelMeasuresSequence")) or \
             _float(attr("SliceThickness", "PixelMeasuresSequence"))
         ps = attr("PixelSpacing", "PixelMeasuresSequence", 2)
+        window = header_window(attr("WindowCenter", "FrameVOILUTSequence"),
+                               attr("WindowWidth", "FrameVOILUTSequence"))
         out.append(Candidate(
+            window=window,
             frame=fr, position=attr("ImagePositionPatient", "PlanePositionSequence", 3),
             orientation=attr("ImageOrientationPatient", "PlaneOrientationSequence", 6),
             pixel_spacing=(ps[0], ps[1]) if ps else None,

@@ -384,6 +384,19 @@ class StackView(QWidget):
         self._view.flip_vertical()
         self._view_changed()
 
+    def restore(self, snap: ViewSnapshot) -> None:
+        """Take over a :meth:`snapshot` (window, invert, zoom, pan, rotation/flip), e.g.
+        after the same series was reopened in another version."""
+        if snap.center is not None and snap.width is not None:
+            self._window = (float(snap.center), max(float(snap.width), windowing.MIN_WIDTH))
+        self._invert = bool(snap.invert)
+        v = self._view
+        v.matrix = snap.matrix
+        v.zoom = float(snap.zoom)
+        v.pan_x, v.pan_y = (float(snap.pan[0]), float(snap.pan[1]))
+        v.fit_mode = bool(snap.fit)
+        self._view_changed()
+
     def reset_view(self) -> None:
         """No rotation/flip/invert, fitted, default window."""
         self._invert = False

@@ -62,6 +62,7 @@ from .policy import PolicyError, PolicySource
 from .dbutil import StorageFull, read_only_reason
 from .store import Store, StoreError
 from .tiers import MigrationScheduler, Tiers
+from .series_facts import SeriesFacts
 from .versions import VersionTable
 
 log = logging.getLogger("medview.server")
@@ -169,7 +170,9 @@ class Server:
             self.auth.policy = self.policy.get
         self._indexes = _LRU(64 << 20)
         self._bytes = _LRU(cache_bytes)
-        self.versions = VersionTable(store, self.policy.get, index_of=self._index)
+        self.facts = SeriesFacts(self.catalogue)       # per series, kept per generation
+        self.versions = VersionTable(store, self.policy.get, index_of=self._index,
+                                     facts=self.facts)
         self.tiers = Tiers(store, versions=self.versions.get, status_of=self.diagnosis.status,
                            settings=lambda: self.policy.get().storage)
 
@@ -214,7 +217,11 @@ class Server:
                                     lambda: self.tiers.recall_frame(row, frame_pk))
 
     def sources(self, series_uid: str) -> list[ImageSource]:
-        rows = self.catalogue.series_images(series_uid)
+        """The packet sources of a series, built once per generation (shared: read-only)."""
+        return self.facts.kept(series_uid, "sources", lambda: self._sources(series_uid))
+
+    def _sources(self, series_uid: str) -> list[ImageSource]:
+        rows = self.facts.images(series_uid)
         states = self.tiers.frame_states(series_uid) if rows else {}
         out = []
         for r in rows:
@@ -500,8 +507,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
         row = srv.catalogue.find_instance(request.path_params["sop"])
         if row is None or row.get("SeriesInstanceUID") not in (None, request.path_params["series"]):
             return error(404, "unknown SOP Instance UID in this series")
-        csns = [r["index"] for r in srv.catalogue.series_images(request.path_params["series"])
-                if r["SOPInstanceUID"] == row["SOPInstanceUID"]]
+        csns = [r["index"] for r in srv.facts.images_of(request.path_params["series"],
+                                                        row["SOPInstanceUID"])]
         _whole_file_allowed(request, csns)
         request.state.audit["sop"] = row["SOPInstanceUID"]
         data = srv.tiers.read_original(row)
@@ -515,7 +522,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
             fno = int(request.path_params["frame"])
         except ValueError:
             return error(400, "frame must be an integer")
-        for r in srv.catalogue.series_images(request.path_params["series"]):
+        for r in srv.facts.images_of(request.path_params["series"], sop, fno):
             if r["SOPInstanceUID"] == sop and r["frame"] == fno:
                 _whole_file_allowed(request, [r["index"]])
                 request.state.audit["sop"] = sop
@@ -542,7 +549,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         uid = request.state.target.series
         info = request.state.target.series_row
         allowed = request.state.grant.images
-        rows = srv.catalogue.series_images(uid)
+        rows = srv.facts.images(uid)
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:

@@ -44,6 +44,7 @@ from pathlib import Path
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -51,6 +52,7 @@ from starlette.routing import Route
 from codestream.index import CodestreamError, PacketIndex
 
 from . import peers, policy_routes
+from .admission import Admission, Gates, Limits
 from .auth import AuthError, Authority, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
@@ -258,15 +260,18 @@ def _sid(request: Request) -> str | None:
 def create_app(store: Store, authority: Authority | None = None, *,
                policy: PolicySource | None = None, schedule: bool = False,
                allow_local: bool = False, trusted_proxies=(),
-               proxy_header: str = "x-forwarded-for") -> Starlette:
+               proxy_header: str = "x-forwarded-for",
+               admission: Limits | None = None) -> Starlette:
     """The application. ``schedule`` starts the migration job (tiered storage) inside
     the server, every ``[storage] schedule_hours`` of the site policy. ``allow_local``
     lets the password-less ``local`` user log in from loopback (the desktop's bundled
     server); ``trusted_proxies`` (CIDR blocks) are the proxies whose ``proxy_header``
     names the client (:mod:`server_stub.peers`). A store whose disk is full is served
-    read-only (:meth:`Store.open_for_serving`)."""
+    read-only (:meth:`Store.open_for_serving`). ``admission``: the limits of
+    :mod:`server_stub.admission` (503 + Retry-After beyond them)."""
     store.open_for_serving()
     srv = Server(store, authority, policy=policy)
+    gates = Gates(admission)        # 503 + Retry-After beyond them (server_stub.admission)
     if allow_local:
         srv.auth.allow_local = True
 
@@ -443,7 +448,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
             problems.append(f"final copies that failed verification: {conv['failed']}")
         return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
                              "read_only": read_only is not None, "problems": problems,
-                             "audit": audit, "conversion": conv})
+                             "audit": audit, "conversion": conv,
+                             "admission": gates.stats()})
 
     health.medview = {"action": None, "public": True}
 
@@ -708,8 +714,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
                                                        StorageFull: storage_full,
                                                        Exception: unhandled},
-                    lifespan=lifespan)
+                    middleware=[Middleware(Admission, gates=gates)], lifespan=lifespan)
     app.state.server = srv
+    app.state.admission = gates
     app.state.trusted_proxies = peers.parse_networks(trusted_proxies)
     app.state.proxy_header = proxy_header.lower()
     return app

@@ -457,7 +457,9 @@ def run_plain(side: ServerSide, link: int, data: dict, sess_id: str, kind: str) 
         u = f"{base}/{im['sop']}"
         if kind == "j2k":
             u += f"/frames/{im['frame']}"
-        resp = http.get(u, headers=hdr, timeout=60)
+        # the stored codestream as kept (not a PS3.18 frame): the project's own media type
+        resp = http.get(u, headers={**hdr, "Accept": "application/x-medview-codestream"}
+                        if kind == "j2k" else hdr, timeout=60)
         resp.raise_for_status()
         want = im["codestream_size"] if kind == "j2k" else im["original_size"]
         if len(resp.content) != want:

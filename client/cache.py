@@ -12,9 +12,13 @@ fetched again from the server, never served.
 The cache is an optimisation and never stops a transfer: any SQLite error (a damaged
 file, "database disk image is malformed", an unreadable page, a failed write) is handled
 like a damaged database: the file is moved aside (``NAME.damaged-TIME``), a fresh one is
-opened and the operation answers as an empty cache would. Only a database locked by
-another process is not damage: that read or write is skipped. If no fresh file can be
+opened and the operation answers as an empty cache would. Not damage, and the file is
+kept: a database locked by another process, and a use after :meth:`close` (a transfer
+ending late); that read or write is skipped. If no fresh file can be
 opened (read-only or full disk), the cache carries on in memory for this run.
+
+A cache file written before the checksum covered the key (``user_version`` < 2) is
+emptied on opening: its entries cannot be checked (they are fetched again once).
 
 Size is bounded: least recently used images are evicted first.
 
@@ -73,6 +77,7 @@ class PacketCache:
         self.dropped = 0          # damaged entries dropped since start
         self.recovered = 0        # times the database was found damaged and replaced
         self.in_memory = False    # no usable file: caching for this run only
+        self._closed = False
         self._con = self._open()
 
     # ------------------------------------------------------------------ setup
@@ -135,8 +140,14 @@ class PacketCache:
         answers ``default`` (what an empty cache would answer), or with ``retry`` runs
         ``fn`` once more on the fresh database (a write is then not lost)."""
         with self._lock:
+            if self._closed:          # a late write after close (a transfer ending)
+                return default
             try:
                 return fn(self._con)
+            except (sqlite3.ProgrammingError, sqlite3.InterfaceError) as e:
+                # misuse of the connection, not damage of the file: keep the file
+                log.warning("packet cache %s: %s skipped (%s)", self.path, what, e)
+                return default
             except sqlite3.Error as e:
                 try:
                     if self._con.in_transaction:
@@ -160,6 +171,7 @@ class PacketCache:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             try:
                 self._con.close()
             except sqlite3.Error as e:

@@ -2,7 +2,10 @@
 
 Used by ``medview fetch``. Writes ``NNNN.npy`` per image (stored pixel values: the
 codestream offset undone, before rescale) and ``images.json`` saying, per image, its SOP
-Instance UID, frame, layers and resolution received, and bytes.
+Instance UID, frame, layers and resolution received, and bytes. Images are numbered from
+1 in series order, as the viewer shows them ("Im: N / total") and as ``medview snapshot
+--slice N`` takes them: ``0001.npy`` is image 1 (``"image": 1``; ``"codestream"`` is the
+0-based JPIP codestream number of the protocol).
 """
 from __future__ import annotations
 
@@ -46,10 +49,11 @@ def fetch_series(session: Session, series_uid: str, out_dir: str | Path, *,
             x, y, w, h = region
             area = (x, y, min(w, im["Columns"] - x), min(h, im["Rows"] - y))
         d = sd.decode(csn, reduce=red, layers=want_layers, area=area)
-        name = f"{csn:04d}.npy"
+        name = f"{csn + 1:04d}.npy"
         np.save(out / name, d.pixels)
         images.append({
-            "file": name, "index": csn, "SOPInstanceUID": im["SOPInstanceUID"],
+            "file": name, "image": csn + 1, "codestream": csn,
+            "SOPInstanceUID": im["SOPInstanceUID"],
             "frame": im["frame"], "layers": d.layers, "max_layers": im["nlayers"],
             "reduce": d.reduce, "resolution": d.res, "shape": list(d.pixels.shape),
             "dtype": str(d.pixels.dtype), "region": list(area) if area else None,

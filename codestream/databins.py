@@ -16,8 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from .index import (EOC, PLM, PLT, SOD, SOT, TLM, CodestreamError, PacketIndex,
-                    iter_marker_segments)
+from .index import (COC, COD, EOC, PLM, PLT, SIZ, SOD, SOT, TLM, CodestreamError,
+                    PacketIndex, iter_marker_segments)
 from .jpp import MAIN_HEADER, PRECINCT, TILE_HEADER
 
 
@@ -37,6 +37,64 @@ def split_databins(cs: bytes, index: PacketIndex) -> Databins:
         bins[l] = bytes(mv[off:off + ln])
     return Databins(bytes(mv[:index.main_header_end]),
                     bytes(mv[index.tile_header[0]:index.tile_header[1]]), prec)
+
+
+def openjpeg_tile_header(tile_header: bytes, index: PacketIndex) -> bytes:
+    """The tile-header data-bin as OpenJPEG's JPIP tools read it: the SOT marker
+    segment's parameters (Lsot, Isot, Psot, TPsot, TNsot, without the 0xFF90 marker code
+    that the tool writes itself), the tile-part header marker segments, then the SOD
+    marker. ISO/IEC 15444-9 A.3.3 leaves SOT and SOD out (:func:`split_databins`)."""
+    sot = index.tile_header[0] - 12
+    psot = index.body[1] - sot
+    return struct.pack(">HHIBB", 10, 0, psot, 0, 1) + tile_header + struct.pack(">H", SOD)
+
+
+def reduced_main_header(main_header: bytes, discard: int) -> bytes:
+    """The main header of the same codestream with its ``discard`` finest resolution
+    levels removed: SIZ sizes and offsets divided by 2**discard (rounded up), COD/COC
+    decomposition levels lowered and their precinct sizes cut to the levels kept. The
+    packets of the kept levels are unchanged, so this header with them decodes exactly
+    as the full codestream at that reduction (what OpenJPEG's JPIP transcoder does to
+    the headers when resolutions are missing, done before it so that it does not pad
+    the dropped levels in every layer)."""
+    if discard <= 0:
+        return main_header
+    out = bytearray(main_header[:2])                   # SOC
+    ncomp = 0
+    d = 1 << discard
+    for marker, pos, seglen in iter_marker_segments(main_header, 2, len(main_header)):
+        seg = bytearray(main_header[pos:pos + seglen])
+        if marker == SIZ:
+            vals = struct.unpack_from(">8I", seg, 6)
+            struct.pack_into(">8I", seg, 6, *(-(-v // d) for v in vals))
+            (ncomp,) = struct.unpack_from(">H", seg, 38)
+        elif marker in (COD, COC):
+            # COD: Scod at 4, SGcod 5..8, NL at 9; COC: Ccoc (1 or 2 bytes), Scoc, NL
+            if marker == COD:
+                scod, nl_at = seg[4], 9
+            else:
+                c_len = 2 if ncomp >= 257 else 1
+                scod, nl_at = seg[4 + c_len], 5 + c_len
+            nl = seg[nl_at]
+            if discard > nl:
+                raise CodestreamError(f"cannot discard {discard} of {nl} levels")
+            seg[nl_at] = nl - discard
+            if scod & 1:                                # precinct sizes, one per level
+                first = nl_at + 5
+                seg = seg[:first + nl - discard + 1]
+                struct.pack_into(">H", seg, 2, len(seg) - 2)
+        elif marker in (TLM, PLM):
+            continue                                    # stale once levels are gone
+        out += seg
+    return bytes(out)
+
+
+def standard_tile_header(data: bytes) -> bytes:
+    """The standard tile-header data-bin from either layout (OpenJPEG's starts with the
+    SOT parameters, Lsot = 10, and ends with SOD; a standard one starts with a marker)."""
+    if len(data) >= 12 and data[:2] == b"\x00\x0a" and data[-2:] == b"\xff\x93":
+        return data[10:-2]
+    return data
 
 
 def _strip(segment_bytes: bytes, drop: tuple[int, ...], start: int = 0) -> bytes:
@@ -76,7 +134,7 @@ class BinSet:
             if msg.cls == MAIN_HEADER:
                 self.main_header = msg.data
             else:
-                self.tile_header = msg.data
+                self.tile_header = standard_tile_header(msg.data)
             self._index = None
             return len(msg.data), (msg.cls, 0), msg.data
         if msg.cls != PRECINCT:

@@ -39,7 +39,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_atomic(target: Path, data: bytes) -> None:
+def write_file_atomic(target: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Write ``data`` to ``target`` atomically and durably: a temp file in the same
     folder (named with TMP_MARK, so fsck recognises leftovers), fsync, rename, fsync of
     the folder. A crash leaves the old file or the new one, never a mix."""
@@ -56,13 +56,25 @@ def write_file_atomic(target: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(target.parent)
+    if sync_dir:                # a batch may make its names durable once per folder
+        fsync_dir(target.parent)
 
 
 
-def write_atomic(path: Path, data: bytes) -> str:
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> str:
     """:func:`write_file_atomic`, creating the folder first; returns the SHA-256 hex."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, data)
+    write_file_atomic(path, data, sync_dir=sync_dir)
     return hashlib.sha256(data).hexdigest()
+
+
+def fsync_dirs(dirs) -> None:
+    """:func:`fsync_dir` of each folder once (the names written by a batch)."""
+    for d in set(map(Path, dirs)):
+        fsync_dir(d)
+
+
+def is_temp_name(name: str) -> bool:
+    """A temporary file left by :func:`write_file_atomic` (an interrupted write)."""
+    return name.startswith(".") and TMP_MARK in name

@@ -5,13 +5,10 @@ Routes
 ``POST /api/login``                      ``{"username", "password"}`` → ``{"session"}``
 ``POST /api/logout``
 ``GET  /api/health``
-``GET  /dicomweb/studies``               QIDO-RS: PatientName, PatientID, StudyDate,
-                                          ModalitiesInStudy, StudyInstanceUID, limit, offset
-``GET  /dicomweb/studies/{study}/series``  and ``GET /dicomweb/series``
-``GET  /dicomweb/studies/{study}/series/{series}/instances``
-``GET  /dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata``  (WADO-RS)
-``GET  /dicomweb/studies/{study}/series/{series}/instances/{sop}``   original DICOM file
-``GET  .../instances/{sop}/frames/{n}``  the frame's whole stored codestream (plain transfer)
+``/dicomweb/...``                       DICOMweb (PS3.18): QIDO-RS, WADO-RS (retrieve,
+                                          metadata, frames, bulk data, rendered,
+                                          thumbnail), STOW-RS: see
+                                          :mod:`server_stub.dicomweb`
 ``GET  /api/series/{series}/images``     per-image geometry, rescale, window, codestream
                                           facts: what a viewer needs to lay out a series
 ``GET|POST /jpip``                       packet requests (see :mod:`server_stub.packets`);
@@ -21,15 +18,17 @@ Routes
 Policy routes (versions, diagnosis status and records, session context): see
 :mod:`server_stub.policy_routes`.
 
-QIDO responses are DICOM JSON (PS3.18 F.2) unless ``format=json`` asks for plain
-keyword-keyed JSON. The session id travels as ``Authorization: Bearer <id>`` or as the
-JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the series
-(path, or the JPIP ``target``) or study it is about — or, for slides, the slide's scopes
-(:mod:`server_stub.slides`); the grant it returns is enforced by the packet planner (for
-slides by the same check in slide terms), and by the whole-file routes (original DICOM,
-whole codestream, a slide's label/macro), which need an unlimited grant. Every request is
-written to the audit log (packet requests when their stream ends, with what was actually
-sent).
+DICOMweb: :mod:`server_stub.dicomweb`. The session id travels as ``Authorization: Bearer <id>`` or as the
+JPIP ``cid`` field. Every route calls :meth:`Authority.authorize` first, with the object
+it is about — every path element (and the JPIP ``target``) resolved against its parent by
+:func:`server_stub.targets.resolve` (404 outside it), a slide by its scopes — so the grant
+is the one on the object actually served; it is enforced by the packet planner (for
+slides by the same check in slide terms), by the image ranges for an instance or frame,
+and by the whole-file routes (original DICOM, whole codestream, a slide's label/macro),
+which need an unlimited grant. Inputs are checked by :mod:`server_stub.inputs` (400
+naming the field, never 500). Every request is written to the audit log, whatever its
+outcome (packet requests when their stream ends, with what was actually sent).
+``GET /api/openapi.json`` describes the API (:mod:`server_stub.openapi`).
 """
 from __future__ import annotations
 
@@ -41,7 +40,6 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
@@ -51,20 +49,22 @@ from starlette.routing import Route
 
 from codestream.index import CodestreamError, PacketIndex
 
-from . import peers, policy_routes
+from . import dicomweb, peers, policy_routes
 from .admission import Admission, Gates, Limits
-from .auth import AuthError, Authority, is_loopback
+from .auth import AuthError, Authority, Session, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
 from .targets import resolve as resolve_target
 from .catalogue import QueryError
 from .diagnosis import DiagnosisError, DiagnosisRecords
-from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
+from .packets import (ImageSource, RequestError, declare_from_body, parse_request, plan,
+                      resolve_model, stream)
 from .policy import PolicyError, PolicySource
 from .dbutil import StorageFull, read_only_reason
 from .store import Store, StoreError
-from .tiers import MigrationScheduler, Tiers
+from .jobs import JobScheduler, Leases, MigrationJob
 from .series_facts import SeriesFacts
+from .tiers import Tiers
 from .versions import VersionTable
 
 log = logging.getLogger("medview.server")
@@ -111,21 +111,6 @@ def json_response(request: Request, payload, media_type: str = "application/json
         body = gzip.compress(body, compresslevel=6, mtime=0)
         headers["Content-Encoding"] = "gzip"
     return Response(body, media_type=media_type, headers=headers)
-
-
-def to_dicom_json(row: dict) -> dict:
-    """Keyword-keyed dict → DICOM JSON model (tags as 8 hex digits with VR and Value)."""
-    out = {}
-    for k, v in row.items():
-        tag = tag_for_keyword(k)
-        if tag is None or v is None or v == "":
-            continue
-        vr = dictionary_VR(tag)
-        vals = v if isinstance(v, list) else [v]
-        if vr == "PN":
-            vals = [{"Alphabetic": str(x)} for x in vals]
-        out[f"{tag:08X}"] = {"vr": vr, "Value": vals}
-    return out
 
 
 class _LRU:
@@ -254,7 +239,9 @@ def _sid(request: Request) -> str | None:
     h = request.headers.get("authorization", "")
     if h.lower().startswith("bearer "):
         return h[7:].strip()
-    return request.query_params.get("cid")
+    cid = request.query_params.get("cid")
+    # a JPIP channel id is "<session id>.<channel>" (server_stub.packets.resolve_model)
+    return cid.split(".", 1)[0] if cid else None
 
 
 def create_app(store: Store, authority: Authority | None = None, *,
@@ -308,7 +295,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
                 async def audit(outcome: str, status: int, message: str | None = None):
                     t = request.state.target
-                    query_ = {k: v for k, v in request.query_params.items() if k != "cid"}
+                    query_ = {k: v for k, v in request.query_params.items()
+                              if k not in ("cid", "cclose")}
                     detail = {"method": request.method, "path": request.url.path,
                               **({"query": query_} if query_ else {}),
                               **({"served": t.served()} if t is not None else {}),
@@ -363,6 +351,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                     await audit("not-found" if e.status == 404 else "error", e.status, str(e))
                     return error(e.status, str(e), field=e.field)
                 except (RequestError, DiagnosisError) as e:
+                    session = getattr(e, "session", None)      # (raised resolving the path)
+                    if session is not None and who["user"] is None:
+                        who.update(user=session.user, session=session.serial)
                     await audit("denied" if e.status == 403 else "error", e.status, str(e))
                     return error(e.status, str(e), **e.extra)
                 except QueryError as e:
@@ -377,6 +368,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                     return error(500, f"stored data is damaged or missing: {e}")
                 except Exception as e:  # noqa: BLE001 - never a traceback to the client
                     log.exception("unhandled error in %s %s", request.method, request.url.path)
+                    session = getattr(e, "session", None)
+                    if isinstance(session, Session) and who["user"] is None:
+                        who.update(user=session.user, session=session.serial)
                     await audit("error", 500, f"unhandled {type(e).__name__}")
                     return error(500, "internal server error (logged and audited)")
             endpoint.medview = {"action": action, "query": tuple(query), "body": body}
@@ -397,14 +391,17 @@ def create_app(store: Store, authority: Authority | None = None, *,
                                     detail={"error": str(e)})
             return error(e.status, 'login body must be JSON: {"username": ..., "password": ...}'
                          f" ({e})", field=e.field)
-        name = body.get("username")
+        name, password = body.get("username"), body.get("password")
+        bad = None
         if not isinstance(name, str) or not name or len(name) > 256 or "\x00" in name:
-            return error(400, "username is required (a string of at most 256 characters)",
-                         field="username")
-        password = body.get("password")
-        if password is not None and (not isinstance(password, str) or len(password) > 1024):
-            return error(400, "password must be a string of at most 1024 characters",
-                         field="password")
+            bad = ("username", "username is required (a string of at most 256 characters)")
+        elif password is not None and (not isinstance(password, str) or len(password) > 1024):
+            bad = ("password", "password must be a string of at most 1024 characters")
+        if bad is not None:
+            await run_in_threadpool(srv.auth.audit, user=None, action="login", resource=None,
+                                    outcome="error", status=400, peer=peer,
+                                    detail={"error": bad[1]})
+            return error(400, bad[1], field=bad[0])
         try:
             s = await run_in_threadpool(srv.auth.login, name, password, peer,
                                         direct_loopback=direct)
@@ -453,105 +450,13 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
     health.medview = {"action": None, "public": True}
 
-    def qido(rows: list[dict], request: Request) -> Response:
-        rows = [{k: v for k, v in r.items() if k not in _PRIVATE_KEYS} for r in rows]
-        if request.query_params.get("format") == "json":
-            return json_response(request, rows)
-        return json_response(request, [to_dicom_json(r) for r in rows],
-                             media_type="application/dicom+json")
-
-    def _page(q) -> dict:
-        out = {}
-        for k in ("limit", "offset"):
-            if k in q:
-                try:
-                    out[k] = int(q[k])
-                    if out[k] < 0:
-                        raise ValueError
-                except ValueError:
-                    raise RequestError(f"{k} must be a non-negative integer") from None
-        return out
-
-    QIDO_STUDY = ("PatientName", "PatientID", "StudyDate", "ModalitiesInStudy",
-                  "StudyInstanceUID", "AccessionNumber")
-    page_params = (Param("limit", "int", "at most this many results"),
-                   Param("offset", "int", "skip this many results"),
-                   Param("format", "str", "json: keyword-keyed JSON instead of DICOM JSON"))
-
-    @guarded("browse", query=page_params + tuple(Param(k) for k in QIDO_STUDY))
-    def studies(request: Request):
-        q = request.query_params
-        args = {k: q[k] for k in QIDO_STUDY if k in q}
-        return qido(srv.catalogue.query_studies(**args, **_page(q)), request)
-
-    @guarded("browse", query=page_params + tuple(
-        Param(k) for k in ("Modality", "SeriesInstanceUID", "StudyInstanceUID")))
-    def series(request: Request):
-        q = request.query_params
-        args = {k: q[k] for k in ("Modality", "SeriesInstanceUID") if k in q}
-        study = request.path_params.get("study") or q.get("StudyInstanceUID")
-        if study:
-            args["StudyInstanceUID"] = study
-        return qido(srv.catalogue.query_series(**args), request)
-
-    @guarded("browse", query=page_params)
-    def instances(request: Request):
-        rows = srv.catalogue.query_instances(StudyInstanceUID=request.path_params["study"],
-                                             SeriesInstanceUID=request.path_params["series"])
-        return qido(rows, request)
-
-    @guarded("metadata")
-    def metadata(request: Request):
-        h = srv.catalogue.instance_header(request.state.target.sop)
-        if h is None:
-            return error(404, "unknown SOP Instance UID")
-        return JSONResponse([h], media_type="application/dicom+json")
-
-    @guarded("retrieve")
-    def instance(request: Request):
-        """WADO-RS retrieve of the original DICOM file, bit for bit."""
-        row = srv.catalogue.find_instance(request.path_params["sop"])
-        if row is None or row.get("SeriesInstanceUID") not in (None, request.path_params["series"]):
-            return error(404, "unknown SOP Instance UID in this series")
-        csns = [r["index"] for r in srv.facts.images_of(request.path_params["series"],
-                                                        row["SOPInstanceUID"])]
-        _whole_file_allowed(request, csns)
-        request.state.audit["sop"] = row["SOPInstanceUID"]
-        data = srv.tiers.read_original(row)
-        return Response(data, media_type="application/dicom")
-
-    @guarded("retrieve")
-    def frame(request: Request):
-        """The whole stored codestream of one frame (plain, non-progressive transfer)."""
-        sop = request.path_params["sop"]
-        try:
-            fno = int(request.path_params["frame"])
-        except ValueError:
-            return error(400, "frame must be an integer")
-        for r in srv.facts.images_of(request.path_params["series"], sop, fno):
-            if r["SOPInstanceUID"] == sop and r["frame"] == fno:
-                _whole_file_allowed(request, [r["index"]])
-                request.state.audit["sop"] = sop
-                data = srv.tiers.read_codestream(r)
-                return Response(data, media_type="image/jp2k")
-        return error(404, "unknown instance or frame")
-
-    def _whole_file_allowed(request: Request, csns: list[int]) -> None:
-        """A whole file is everything: only for a grant without any limit."""
-        grant = request.state.grant
-        versions = srv.versions.get(request.path_params["series"])
-        if not all(grant.allows_whole(c, versions) for c in csns or [None]):
-            raise RequestError("beyond your rights: whole files (the original, the lossless "
-                               "codestream) need unlimited access to the image; ask for "
-                               "packets within your rights at /jpip", status=403,
-                               **grant.limits(versions, ["whole-file"]))
-
     @guarded("metadata")
     def series_images(request: Request):
         """Per-image facts of a series: only of the images the user's grant allows; an
         image beyond the grant keeps its place in the list (its index is its packet
-        component number) as ``{"index", "key", "allowed": false}`` and nothing else (the key is not
-        the image's own, which names its SOP Instance UID)."""
+        component number) with ``"allowed": false`` and only the shape a viewer lays out
+        (Rows, Columns, numres, nlayers, ncomp; 0 bytes), under a key that is not the
+        image's own (which names its SOP Instance UID)."""
         uid = request.state.target.series
         info = request.state.target.series_row
         allowed = request.state.grant.images
@@ -559,11 +464,17 @@ def create_app(store: Store, authority: Authority | None = None, *,
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:
-            if allowed is not None and r["index"] not in allowed:
-                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
-                               "allowed": False})      # (its real key names its SOP UID)
-                continue
             ix = srcs[r["index"]].index
+            if allowed is not None and r["index"] not in allowed:
+                # its place and the shape a viewer lays out (size, resolutions, layers),
+                # nothing of the image: no UID (its own key names its SOP Instance UID),
+                # no geometry, no values; 0 bytes, as nothing of it will be sent
+                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
+                               "allowed": False, "Rows": r["Rows"], "Columns": r["Columns"],
+                               "numres": ix.numres, "nlayers": ix.nlayers, "ncomp": ix.ncomp,
+                               "total_bytes": 0, "layer_bytes": [0] * ix.nlayers,
+                               "hot_layers": None})
+                continue
             d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
             d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
                      total_bytes=ix.total_bytes, key=srcs[r["index"]].key,
@@ -595,7 +506,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         sources = srv.sources(req.target)
         if not sources:
             raise RequestError(f"unknown target {req.target!r}: no such series", status=404)
-        model = session.model_for(req.target)
+        model, jpip_headers, in_channel = resolve_model(req, session, sources)
         if request.method == "POST":
             declare_from_body(request.state.body, model)
         versions = srv.versions.get(req.target)
@@ -610,8 +521,11 @@ def create_app(store: Store, authority: Authority | None = None, *,
         media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
         headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
                    "X-Bytes-Total": str(p.total_bytes)}
+        if req.framing == "jpp":        # JPIP: a channel only when one was asked for
+            headers.pop("JPIP-cnew")
+        headers.update(jpip_headers)
         request.state.audit_deferred = True
-        detail = {"query": {k: v for k, v in q.items() if k != "cid"},
+        detail = {"query": {k: v for k, v in q.items() if k not in ("cid", "cclose")},
                   "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes,
                   "recall": p.recall}
@@ -640,20 +554,23 @@ def create_app(store: Store, authority: Authority | None = None, *,
         Route("/api/login", login, methods=["POST"]),
         Route("/api/logout", logout, methods=["POST"]),
         Route("/api/health", health),
-        Route("/dicomweb/studies", studies),
-        Route("/dicomweb/series", series),
-        Route("/dicomweb/studies/{study}/series", series),
-        Route("/dicomweb/studies/{study}/series/{series}/instances", instances),
-        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}/metadata", metadata),
-        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}", instance),
-        Route("/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/{frame}", frame),
         Route("/api/series/{series}/images", series_images),
         Route("/jpip", jpip, methods=["GET", "POST"]),
     ]
     routes += policy_routes.routes(srv, guarded)        # issue 5: versions, diagnosis
+    routes += dicomweb.routes(srv, guarded)             # PS3.18 QIDO / WADO / STOW-RS
 
     async def not_found(request, exc):
-        return error(getattr(exc, "status_code", 404), getattr(exc, "detail", "not found"))
+        """No such route (404) or method (405): answered in JSON, and audited."""
+        status = getattr(exc, "status_code", 404)
+        try:
+            await run_in_threadpool(
+                srv.auth.audit, user=None, action="request", resource=None, outcome="error",
+                status=status, peer=request.client.host if request.client else None,
+                detail={"method": request.method, "path": request.url.path})
+        except Exception:  # noqa: BLE001 - the answer still goes out
+            log.exception("audit of a %d failed", status)
+        return error(status, getattr(exc, "detail", "not found"))
 
     async def unhandled(request, exc):
         """Anything a route did not handle (guarded routes handle their own): a JSON 500
@@ -670,8 +587,13 @@ def create_app(store: Store, authority: Authority | None = None, *,
             log.exception("audit of an unhandled error failed")
         return error(500, "internal server error (logged and audited)")
 
-    scheduler = (MigrationScheduler(srv.tiers) if schedule and store.read_only is None
-                 else None)
+    # the background jobs (series and slide tiering), each under its lease in the
+    # catalogue database so that one process of several runs it
+    scheduler = None
+    if schedule and store.read_only is None:
+        scheduler = JobScheduler([MigrationJob(srv.tiers)],
+                                 leases=Leases(Path(store.root) / "catalogue.sqlite"))
+    srv.jobs = scheduler
 
     space_back = threading.Event()
 
@@ -703,7 +625,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
     from .slabs import register_routes as register_slab_routes
     register_slab_routes(routes, srv, guarded)     # thick-to-thin slab pyramids (issue 4)
     from .slides import register_routes as register_slide_routes
-    register_slide_routes(routes, srv, guarded)    # whole-slide pyramids (issue 6)
+    register_slide_routes(routes, srv, guarded,    # whole-slide pyramids (issue 6)
+                          jobs=scheduler)
 
     from .openapi import openapi_route
     routes.append(openapi_route(VERSION))    # /api/openapi.json, from this table

@@ -33,8 +33,10 @@ layer turns into QIDO-RS / JSON responses.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -752,6 +754,19 @@ class Catalogue:
                f"i.SOPInstanceUID{page}")
         return [_row(cols, r) for r in self._all(sql, w.params + pparams)]
 
+    def qido(self, level: str, matches: Sequence[tuple[str, str]] = (), *,
+             limit: int | None = None, offset: int = 0,
+             header: bool = False) -> list[dict[str, Any]]:
+        """QIDO-RS search at ``level`` (``study``, ``series``, ``instance``): ``matches``
+        is a list of (keyword or tag, DICOM matching value), all of which must match
+        (PS3.4 C.2.2.2: single value, wildcards, UID lists, date / time ranges, lists,
+        universal matching; see :func:`qido_condition`). Rows carry the catalogued
+        attributes of the level and its parents (plus counts at study and series level,
+        ModalitiesInStudy at study level) and, with ``header``, ``header_json``: the
+        stored DICOM JSON header of the instance (of the first instance of the series /
+        study at those levels). Raises QueryError naming a key it cannot match."""
+        return _qido_search(self, level, matches, limit=limit, offset=offset, header=header)
+
     # ------------------------------------------------------------------ images of a series
 
     def series_images(self, series_uid: str) -> list[dict[str, Any]]:
@@ -821,3 +836,360 @@ SERIES_IMAGE_KEYS = (
     "index_relpath", "index_sha256", "index_size",
     "geometry_flags", "conflict",
 )
+
+
+# --------------------------------------------------------------------------- QIDO-RS matching
+# PS3.18 §8.3.4 / PS3.4 C.2.2.2: every matching key is resolved here to one condition in
+# SQL with parameters, or refused with QueryError naming it (never silently ignored).
+#
+# A key is either a catalogued column (below) or any other top-level, non-binary,
+# non-sequence attribute of the stored header (``instance.header_json``, DICOM JSON),
+# matched over the header's values with SQLite's JSON1 ``json_each`` (dialect-specific:
+# PostgreSQL would use ``jsonb_array_elements``). A key below the query level (an
+# instance attribute in a study query) or from the header matches when *some* instance
+# of the study / series matches every such key (one EXISTS for all of them).
+
+QIDO_LEVELS = ("study", "series", "instance")
+
+# keyword -> (level, table alias, column, VR). Level "study" includes the patient.
+_QIDO_COLUMNS: dict[str, tuple[str, str, str, str]] = {
+    "PatientID": ("study", "p", "PatientID", "LO"),
+    "PatientName": ("study", "p", "PatientName", "PN"),
+    "PatientBirthDate": ("study", "p", "PatientBirthDate", "DA"),
+    "PatientSex": ("study", "p", "PatientSex", "CS"),
+    "StudyInstanceUID": ("study", "st", "StudyInstanceUID", "UI"),
+    "StudyDate": ("study", "st", "StudyDate", "DA"),
+    "StudyTime": ("study", "st", "StudyTime", "TM"),
+    "StudyDescription": ("study", "st", "StudyDescription", "LO"),
+    "AccessionNumber": ("study", "st", "AccessionNumber", "SH"),
+    "StudyID": ("study", "st", "StudyID", "SH"),
+    "ReferringPhysicianName": ("study", "st", "ReferringPhysicianName", "PN"),
+    "SeriesInstanceUID": ("series", "se", "SeriesInstanceUID", "UI"),
+    "SeriesNumber": ("series", "se", "SeriesNumber", "IS"),
+    "SeriesDescription": ("series", "se", "SeriesDescription", "LO"),
+    "Modality": ("series", "se", "Modality", "CS"),
+    "BodyPartExamined": ("series", "se", "BodyPartExamined", "CS"),
+    "SeriesDate": ("series", "se", "SeriesDate", "DA"),
+    "SeriesTime": ("series", "se", "SeriesTime", "TM"),
+    "FrameOfReferenceUID": ("series", "se", "FrameOfReferenceUID", "UI"),
+    "SOPInstanceUID": ("instance", "i", "SOPInstanceUID", "UI"),
+    "SOPClassUID": ("instance", "i", "SOPClassUID", "UI"),
+    "InstanceNumber": ("instance", "i", "InstanceNumber", "IS"),
+}
+#: Attributes computed by the server: returned, never matched (PS3.18 Table 6.7.1-2).
+QIDO_RETURN_ONLY = frozenset({
+    "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances", "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances", "RetrieveURL",
+    "InstanceAvailability", "TimezoneOffsetFromUTC",
+})
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ", "AT", "UV", "SV"})
+_NUMBER_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "FL", "FD"})
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DT_RE = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+_INT64 = 1 << 63
+
+
+@dataclass(frozen=True)
+class QidoKey:
+    """A matching key resolved: its keyword, tag, VR and where it lives."""
+
+    keyword: str
+    tag: int
+    vr: str
+    level: str | None          # level of a catalogued column, None = from the header
+    alias: str | None = None
+    column: str | None = None
+
+
+def qido_key(name: str) -> QidoKey:
+    """Resolve a QIDO attribute name — a keyword (``PatientID``) or a tag as eight hex
+    digits (``00100020``) — or raise QueryError naming it."""
+    from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+
+    raw = name.strip()
+    tag = None
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", raw):
+        tag = int(raw, 16)
+        keyword = keyword_for_tag(tag) or ""
+    elif re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", raw):
+        keyword = raw
+        tag = tag_for_keyword(raw)
+    else:
+        raise QueryError(f"{name}: not an attribute keyword or tag (sequence paths such as "
+                         "00400275.00401001 are not supported)")
+    if keyword == "ModalitiesInStudy":
+        return QidoKey("ModalitiesInStudy", 0x00080061, "CS", "study")
+    if keyword in _QIDO_COLUMNS:
+        level, alias, column, vr = _QIDO_COLUMNS[keyword]
+        return QidoKey(keyword, tag, vr, level, alias, column)
+    if tag is None or not keyword:
+        raise QueryError(f"{name}: unknown attribute (not in the DICOM dictionary)")
+    vr = dictionary_VR(tag)
+    if (tag >> 16) in (0x0000, 0x0002, 0x7FE0) or (tag >> 16) & 1:
+        raise QueryError(f"{name} ({keyword}): not a matching key (group {tag >> 16:04X})")
+    return QidoKey(keyword, tag, vr, None)
+
+
+def _split_list(value: str, commas: bool) -> list[str]:
+    parts = re.split(r"[\\,]" if commas else r"\\", value)
+    return [p.strip() for p in parts]
+
+
+def _glob_pattern(value: str) -> str:
+    """DICOM wildcards to an SQLite GLOB pattern (case-sensitive; dialect-specific:
+    PostgreSQL's LIKE is case-sensitive and would take :func:`_like_pattern`)."""
+    return "".join({"*": "*", "?": "?", "[": "[[]"}.get(ch, ch) for ch in value)
+
+
+def _plausible(v: str, vr: str) -> bool:
+    """Calendar and clock limits of a (partial) DA / TM / DT value."""
+    v = v.replace(":", "")
+    if vr == "DT":
+        v = re.sub(r"[+-]\d{4}$", "", v)
+        date, clock = v[:8], v[8:]
+    elif vr == "DA":
+        date, clock = v, ""
+    else:
+        date, clock = "", v
+    try:
+        if len(date) == 8:
+            datetime.strptime(date, "%Y%m%d")
+        elif len(date) >= 6 and not 1 <= int(date[4:6]) <= 12:
+            return False
+    except ValueError:
+        return False
+    whole = clock.split(".")[0]
+    limits = (23, 59, 60)
+    return all(int(whole[i:i + 2]) <= limits[i // 2] for i in range(0, len(whole) - 1, 2))
+
+
+def _time_bounds(value: str, regex: re.Pattern, what: str, key: str) -> tuple[str, str]:
+    """A partial DICOM time / datetime → (lowest, highest) string it stands for, compared
+    lexicographically with the stored value (colons of old ACR-NEMA times removed)."""
+    v = value.replace(":", "")
+    if not regex.match(v):
+        raise QueryError(f"{key}={value}: bad {what}")
+    if what == "datetime":
+        v = re.sub(r"[+-]\d{4}$", "", v)
+    whole, _, frac = v.partition(".")
+    top, bottom = ("235959", "000000") if what == "time" else ("99991231235959",
+                                                                "00000101000000")
+    lo = whole + bottom[len(whole):] + ("." + frac if frac else "")
+    hi = whole + top[len(whole):] + "." + (frac + "999999")[:6]
+    return lo, hi
+
+
+def qido_condition(key: QidoKey, value: str, ref: str) -> tuple[str, list[Any]] | None:
+    """The SQL condition (on the SQL expression ``ref``) for one key and its value, or
+    None for universal matching (empty value, or ``*``). Raises QueryError with the key."""
+    name = key.keyword
+    value = value.strip()
+    if value == "" or (value == "*" and key.vr not in ("UI",)):
+        return None
+    vr = key.vr
+    if vr in _BINARY_VRS:
+        raise QueryError(f"{name}: attributes of VR {vr} cannot be matched")
+    if vr == "UI":
+        uids = _split_list(value, commas=True)
+        for u in uids:
+            if not u:
+                raise QueryError(f"{name}={value}: a UID list with an empty item matches no "
+                                 "valid UID (PS3.4 C.2.2.2.2)")
+            if not _UID_RE.match(u) or len(u) > 64:
+                raise QueryError(f"{name}={value}: {u!r} is not a UID (digits and dots, at "
+                                 "most 64; wildcards are not allowed for UIDs)")
+        return f"{ref} IN ({', '.join('?' * len(uids))})", uids
+    if vr in ("DA", "TM", "DT"):
+        if "*" in value or "?" in value:
+            raise QueryError(f"{name}={value}: wildcards are not allowed for dates and times")
+        regex, what = {"DA": (_DATE_RE, "date"), "TM": (_TIME_RE, "time"),
+                       "DT": (_DT_RE, "datetime")}[vr]
+        if vr == "DA":
+            value = value.replace(".", "")      # old ACR-NEMA yyyy.mm.dd
+        if (vr == "DT" and _DT_RE.match(value)           # one datetime (maybe "-hhmm" zone)
+                and not re.fullmatch(r"\d{4,8}-\d{4}", value)):   # not a range of years
+            lo, sep, hi = value, "", ""
+        else:
+            if value.count("-") > 1:
+                raise QueryError(f"{name}={value}: a range has one '-' (time zone offsets "
+                                 "in datetime ranges are not supported)")
+            lo, sep, hi = value.partition("-") if "-" in value else (value, "", "")
+        lo, hi = lo.strip(), hi.strip()
+        if sep and not lo and not hi:
+            raise QueryError(f"{name}={value}: a range needs at least one end")
+        for v in (lo, hi):
+            if v and not (regex.match(v.replace(":", "")) and _plausible(v, vr)):
+                raise QueryError(f"{name}={value}: bad {what} {v!r} (DICOM {vr} format)")
+        if vr == "DA":
+            if not sep:
+                return f"{ref} = ?", [lo]
+            parts, params = [], []
+            if lo:
+                parts.append(f"{ref} >= ?")
+                params.append(lo)
+            if hi:
+                parts.append(f"{ref} <= ?")
+                params.append(hi)
+            return " AND ".join(parts), params
+        parts, params = [], []
+        if lo:
+            parts.append(f"REPLACE({ref}, ':', '') >= ?")
+            params.append(_time_bounds(lo, regex, what, name)[0])
+        if hi or not sep:
+            parts.append(f"REPLACE({ref}, ':', '') <= ?")
+            params.append(_time_bounds(hi if sep else lo, regex, what, name)[1])
+        return " AND ".join(parts), params
+    if vr in _NUMBER_VRS:
+        nums = []
+        for item in _split_list(value, commas=False):
+            try:
+                n = int(item) if vr in ("IS", "US", "SS", "UL", "SL") else float(item)
+            except ValueError:
+                raise QueryError(f"{name}={value}: {item!r} is not a number") from None
+            if isinstance(n, int) and not -_INT64 <= n < _INT64:
+                raise QueryError(f"{name}={value}: {item} is out of range")
+            if isinstance(n, float) and not math.isfinite(n):
+                raise QueryError(f"{name}={value}: {item} is not a finite number")
+            nums.append(n)
+        return f"{ref} IN ({', '.join('?' * len(nums))})", nums
+    # text: PN case-insensitive (PS3.4 C.2.2.2.1 allows it; fuzzymatching is accepted and
+    # changes nothing more), every other VR case-sensitive; * and ? wildcards; a
+    # backslash separates a list of values (any may match); CS lists may use commas.
+    items = _split_list(value, commas=(vr == "CS"))
+    if any(i == "" for i in items) and len(items) > 1:
+        raise QueryError(f"{name}={value}: a list of values with an empty item")
+    parts, params = [], []
+    for item in items:
+        wild = "*" in item or "?" in item
+        if vr == "PN":
+            if wild:
+                parts.append(f"UPPER({ref}) LIKE UPPER(?) ESCAPE '\\'")
+                params.append(_like_pattern(item))
+            else:
+                parts.append(f"UPPER({ref}) = UPPER(?)")
+                params.append(item)
+        elif wild:
+            parts.append(f"{ref} GLOB ?")
+            params.append(_glob_pattern(item))
+        else:
+            parts.append(f"{ref} = ?")
+            params.append(item)
+    return "(" + " OR ".join(parts) + ")", params
+
+
+_QIDO_ROW_COLS = {
+    "study": PATIENT_COLS + STUDY_COLS,
+    "series": SERIES_COLS + PATIENT_COLS + STUDY_COLS,
+    "instance": INSTANCE_COLS + SERIES_COLS + PATIENT_COLS + STUDY_COLS,
+}
+
+
+def _qido_select(level: str) -> tuple[list[str], list[str]]:
+    """(keys, SQL expressions) of one result row of ``level``."""
+    keys, exprs = [], []
+    for c in _QIDO_ROW_COLS[level]:
+        alias = ("p" if c in PATIENT_COLS else "st" if c in STUDY_COLS
+                 else "se" if c in SERIES_COLS else "i")
+        if c in keys:
+            continue
+        keys.append(c)
+        exprs.append(f"{alias}.{_sqlname(c)}")
+    if level == "study":
+        keys += ["NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+        exprs += ["(SELECT COUNT(*) FROM series s1 WHERE s1.study_pk = st.pk)",
+                  "(SELECT COUNT(*) FROM series s2 JOIN instance i2 ON i2.series_pk = s2.pk "
+                  "WHERE s2.study_pk = st.pk)"]
+    elif level == "series":
+        keys += ["NumberOfSeriesRelatedInstances", "NumberOfImages"]
+        exprs += ["(SELECT COUNT(*) FROM instance i1 WHERE i1.series_pk = se.pk)",
+                  "(SELECT COUNT(*) FROM instance i2 JOIN frame f2 ON f2.instance_pk = i2.pk "
+                  "WHERE i2.series_pk = se.pk)"]
+    return keys, exprs
+
+
+def _qido_search(cat: "Catalogue", level: str, matches: Sequence[tuple[str, str]], *,
+                 limit: int | None, offset: int, header: bool) -> list[dict[str, Any]]:
+    if level not in QIDO_LEVELS:
+        raise QueryError(f"unknown query level {level!r}")
+    depth = QIDO_LEVELS.index(level)
+    direct = _Where()
+    deep: list[tuple[str, list[Any]]] = []      # conditions on some instance below
+    sub_series = "xs" if level == "study" else "se"
+    sub_inst = "i" if level == "instance" else "xi"
+    for name, value in matches:
+        key = qido_key(name)
+        if key.keyword in QIDO_RETURN_ONLY:
+            raise QueryError(f"{name}: computed by the server, it can be returned "
+                             "(includefield) but not matched")
+        if key.keyword == "ModalitiesInStudy":
+            if depth > 0:
+                raise QueryError(f"{name}: a study query key (use Modality at this level)")
+            cond = qido_condition(QidoKey("Modality", 0x00080060, "CS", "series"), value,
+                                  "ms.Modality")
+            if cond is not None:
+                direct.add("EXISTS (SELECT 1 FROM series ms WHERE ms.study_pk = st.pk AND "
+                           f"{cond[0]})", *cond[1])
+            continue
+        if key.level is not None and QIDO_LEVELS.index(key.level) <= depth:
+            cond = qido_condition(key, value, f"{key.alias}.{key.column}")
+            if cond is not None:
+                direct.add(cond[0], *cond[1])
+            continue
+        if key.level is not None:          # a catalogued key below the query level
+            alias = sub_series if key.alias == "se" else sub_inst
+            cond = qido_condition(key, value, f"{alias}.{key.column}")
+        else:                              # from the stored header
+            cond = qido_condition(key, value, "CASE WHEN hv.type = 'object' "
+                                  "THEN json_extract(hv.value, '$.Alphabetic') "
+                                  "ELSE hv.value END")
+            if cond is not None:
+                cond = (f"EXISTS (SELECT 1 FROM json_each({sub_inst}.header_json, ?) hv "
+                        f"WHERE {cond[0]})", [f'$."{key.tag:08X}".Value', *cond[1]])
+        if cond is None:
+            continue
+        if level == "instance":
+            direct.add(cond[0], *cond[1])
+        else:
+            deep.append(cond)
+    if deep:
+        conds = " AND ".join(c for c, _ in deep)
+        params = [p for _, ps in deep for p in ps]
+        if level == "study":
+            direct.add("EXISTS (SELECT 1 FROM series xs JOIN instance xi ON xi.series_pk = "
+                       f"xs.pk WHERE xs.study_pk = st.pk AND {conds})", *params)
+        else:
+            direct.add(f"EXISTS (SELECT 1 FROM instance xi WHERE xi.series_pk = se.pk AND "
+                       f"{conds})", *params)
+    keys, exprs = _qido_select(level)
+    if header:
+        keys.append("header_json")
+        exprs.append("i.header_json" if level == "instance" else
+                     "(SELECT hi.header_json FROM instance hi WHERE hi.series_pk = se.pk "
+                     "ORDER BY hi.pk LIMIT 1)" if level == "series" else
+                     "(SELECT hi.header_json FROM series hs JOIN instance hi ON hi.series_pk"
+                     " = hs.pk WHERE hs.study_pk = st.pk ORDER BY hi.pk LIMIT 1)")
+    order = [("CASE WHEN st.StudyDate IS NULL THEN 1 ELSE 0 END, st.StudyDate DESC, "
+              "st.StudyTime DESC, st.StudyInstanceUID"),
+             ("st.StudyInstanceUID, CASE WHEN se.SeriesNumber IS NULL THEN 1 ELSE 0 END, "
+              "se.SeriesNumber, se.SeriesInstanceUID"),
+             ("st.StudyInstanceUID, se.SeriesInstanceUID, CASE WHEN i.InstanceNumber IS "
+              "NULL THEN 1 ELSE 0 END, i.InstanceNumber, i.SOPInstanceUID")][depth]
+    frm = {0: "study st JOIN patient p ON st.patient_pk = p.pk",
+           1: "series se JOIN study st ON se.study_pk = st.pk "
+              "JOIN patient p ON st.patient_pk = p.pk",
+           2: "instance i JOIN series se ON i.series_pk = se.pk "
+              "JOIN study st ON se.study_pk = st.pk JOIN patient p ON st.patient_pk = p.pk"}[depth]
+    page, pparams = _page(limit, offset)
+    sql = f"SELECT st.pk, {', '.join(exprs)} FROM {frm}{direct.sql()} ORDER BY {order}{page}"
+    out = []
+    for r in cat._all(sql, direct.params + pparams):
+        d = _row(keys, r[1:])
+        if level == "study":
+            d["ModalitiesInStudy"] = cat._modalities(r[0])
+        if header:
+            d["header_json"] = json.loads(d["header_json"]) if d["header_json"] else {}
+        out.append(d)
+    return out
+

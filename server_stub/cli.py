@@ -2,7 +2,10 @@
 
 Sub-commands::
 
-    medview-server ingest PATH... --store DIR [--no-verify] [--quiet]
+    medview-server ingest PATH... --store DIR [--no-verify] [--quiet] [--max-frames N]
+            [--max-pixels-per-frame N] [--max-decoded-bytes N] [--accept-nonstandard-uids]
+    medview-server quarantine list|show|resolve [ID] --store DIR [--all] [--json]
+            [--keep | --replace | --new-uid]
     medview-server fsck --store DIR [--repair]
     medview-server sample --store DIR
     medview-server serve --store DIR [--host H] [--port P] [--policy FILE]
@@ -33,9 +36,13 @@ Sub-commands::
             [--lossy RATIO] [--min-psnr DB] [--max-error E] [--workers N] [--report FILE]
     medview-server convert --store DIR --policy [--workers N]
     medview-server convert --store DIR --summary
+    medview-server list studies|series|instances --store DIR [--patient ID] [--study UID]
+            [--series UID] [--json]
 
 Exit codes: 0 success; 1 when ``ingest`` skipped a DICOM image it could not take (any
-skip other than "not DICOM" / "not an image"), when ``fsck`` found rows with missing or
+skip other than "not DICOM" / "not an image"; 3 when it skipped none but quarantined a
+file whose SOP Instance UID is stored with other content), when ``quarantine resolve``
+could not resolve, when ``fsck`` found rows with missing or
 damaged files (or orphans it did not remove), when ``migrate`` met errors, or when a
 ``user`` command names an unknown user, or when ``convert`` failed a file (the others
 are converted); 2 on usage errors (argparse).
@@ -52,7 +59,7 @@ from typing import Sequence
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from .ingest import ingest_paths
+    from .ingest import IngestLimits, ingest_paths
     from .store import Store
 
     missing = [p for p in args.paths if not Path(p).exists()]
@@ -60,17 +67,87 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         print(f"error: no such file or folder: {', '.join(map(str, missing))}",
               file=sys.stderr)
         return 2
+    try:
+        limits = IngestLimits.for_store(
+            args.store, max_frames=args.max_frames,
+            max_pixels_per_frame=args.max_pixels_per_frame,
+            max_decoded_bytes=args.max_decoded_bytes,
+            accept_nonstandard_uids=True if args.accept_nonstandard_uids else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     with Store(args.store) as store:
         def log(msg: str) -> None:
             if not args.quiet:
                 print(msg, flush=True)
 
-        report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify)
+        report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify,
+                              limits=limits)
         from .policy_copies import after_ingest     # final copies, if [codec] on_ingest
 
         after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
     print(report.summary(), flush=True)
-    return 0 if report.ok else 1
+    if not report.ok:
+        return 1
+    return 3 if report.quarantined else 0
+
+
+def _cmd_quarantine(args: argparse.Namespace) -> int:
+    import json
+
+    from . import quarantine as q
+    from .store import Store
+
+    if not Path(args.store).is_dir():
+        raise UsageError(f"no store at {args.store}")
+    with Store(args.store) as store:
+        if args.action == "list":
+            rows = q.entries(store, None if args.all else "open")
+            if args.json:
+                for e in rows:
+                    print(json.dumps(e.to_json(), separators=(",", ":")))
+                return 0
+            for e in rows:
+                print(f"{e.id:>5}  {e.state:<8} {e.received_at}  SOP {e.sop_instance_uid}  "
+                      f"{'; '.join(e.differences) or e.reason}")
+            noun = "entry" if len(rows) == 1 else "entries"
+            print(f"{len(rows)} {noun if args.all else 'open ' + noun}")
+            return 0
+        if args.id is None:
+            raise UsageError(f"quarantine {args.action} needs an entry number")
+        if args.action == "show":
+            e = q.get(store, args.id)
+            if e is None:
+                print(f"error: no quarantine entry {args.id}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(e.to_json(), indent=1))
+                return 0
+            for k, v in e.to_json().items():
+                if v not in (None, "", []):
+                    print(f"{k:<24} {'; '.join(v) if isinstance(v, list) else v}")
+            return 0
+        action = args.keep and "keep" or args.replace and "replace" or args.new_uid and "new-uid"
+        if not action:
+            raise UsageError("quarantine resolve needs --keep, --replace or --new-uid")
+        try:
+            print(q.resolve(store, args.id, action, audit=_cli_auditor(store)))
+        except q.QuarantineError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _cli_auditor(store):
+    from .ingest import store_auditor
+
+    fn, close = store_auditor(store)
+
+    def audit(*a):
+        try:
+            fn(*a)
+        finally:
+            close()
+    return audit
 
 
 def _cmd_fsck(args: argparse.Namespace) -> int:
@@ -128,6 +205,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .peers import parse_networks
 
+    problem = _port_problem(args.host, args.port)
+    if problem:
+        print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         trusted = parse_networks(args.trusted_proxy or ())
@@ -337,6 +418,32 @@ def _add_dimse_parsers(sub) -> None:
     p.add_argument("--dicomdir", action="store_true", help="write a DICOM File-set with a "
                    "DICOMDIR")
     p.set_defaults(func=_cmd_export)
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, no such address...), or None.
+
+    Checked before the server logs "serving" and opens the store; the same socket options
+    as the server's (SO_REUSEADDR), so a port in TIME_WAIT is free and a listening one is not."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"unknown host ({e.strerror})"
+    family, kind, proto, _name, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(1)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return (f"port {port} is already in use by another program (another "
+                    "medview-server?); stop it or choose another --port")
+        if e.errno == errno.EACCES:
+            return f"no permission to listen on port {port} (ports below 1024 need privileges)"
+        return e.strerror or str(e)
+    return None
 
 
 # --------------------------------------------------------------------------- users
@@ -479,6 +586,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                       + (", original" if c["original"] else ""))
             print(f"{len(todo)} instances would be migrated")
             return 0
+        problem = _archive_problem(tiers, args.archive)
+        if problem:
+            print(f"error: {problem}; nothing was migrated", file=sys.stderr)
+            return 1
         report = tiers.migrate(days=days, archive=args.archive, keep_hot=args.keep_hot,
                                min_status=args.min_status,
                                log_fn=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
@@ -490,6 +601,47 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         for part in (tiers, diag, versions):
             part.close()
         store.close()
+
+
+def _archive_problem(tiers, url: str | None) -> str | None:
+    """Why the archive cannot be used (not mounted, unreachable, no client), or None:
+    said once for the run, not once per instance."""
+    from .tiers import ArchiveError
+
+    try:
+        arch = tiers.archive(url)
+        next(iter(arch.keys()), None)          # lists (the start of) the archive
+    except (ArchiveError, OSError) as e:
+        return str(e)
+    return None
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .listing import format_rows, list_store
+    from .store import Store
+
+    if not (Path(args.store) / "catalogue.sqlite").is_file():
+        raise UsageError(f"no store at {args.store}")
+    with Store(args.store) as store:
+        rows = list_store(store.catalogue, args.level, patient=args.patient,
+                          study=args.study, series=args.series)
+    for line in format_rows(rows, args.level, as_json=args.json):
+        print(line)
+    return 0
+
+
+def _add_list_parser(sub) -> None:
+    from .listing import LEVELS
+
+    p = sub.add_parser("list", help="studies, series or instances and their UIDs (what "
+                       "medview fetch / snapshot / render need)")
+    p.add_argument("level", choices=LEVELS)
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--patient", help="only this Patient ID (* and ? wildcards)")
+    p.add_argument("--study", help="only this Study Instance UID")
+    p.add_argument("--series", help="only this Series Instance UID")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=_cmd_list)
 
 
 def _cmd_versions(args: argparse.Namespace) -> int:
@@ -649,7 +801,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the bit-exact decode check after encoding")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--max-frames", type=int, help="refuse instances with more frames "
+                   "(default: STORE/policy.toml [ingest], else 1000000)")
+    p.add_argument("--max-pixels-per-frame", type=int, help="refuse larger frames "
+                   "(default: [ingest], else 268435456)")
+    p.add_argument("--max-decoded-bytes", type=int, help="refuse instances that decode to "
+                   "more bytes (default: [ingest], else 64 GiB)")
+    p.add_argument("--accept-nonstandard-uids", action="store_true",
+                   help="accept UIDs with characters other than digits and dots, or "
+                        "longer than 64 (printable, URL-safe ones only)")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("quarantine", help="files whose SOP Instance UID is stored with "
+                       "other content: list, show, resolve")
+    p.add_argument("action", choices=("list", "show", "resolve"))
+    p.add_argument("id", nargs="?", type=int, help="entry number (show, resolve)")
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--all", action="store_true", help="list: resolved entries too")
+    p.add_argument("--json", action="store_true", help="list, show: JSON")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--keep", action="store_true",
+                     help="resolve: keep the stored instance (the quarantined file stays)")
+    how.add_argument("--replace", action="store_true",
+                     help="resolve: replace the stored instance by the quarantined file "
+                          "(the stored original is kept in the quarantine)")
+    how.add_argument("--new-uid", action="store_true",
+                     help="resolve: import the quarantined file as a new instance under a "
+                          "fresh SOP Instance UID that records the original one")
+    p.set_defaults(func=_cmd_quarantine)
 
     p = sub.add_parser("fsck", help="check every stored file against the catalogue")
     p.add_argument("--store", required=True, type=Path, help="store directory")
@@ -713,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", metavar="RANGES", help="grant: allowed images, e.g. 0-9,12")
     p.add_argument("--versions", help="grant: allowed versions, e.g. V2,V3")
     p.add_argument("--actions", help="grant: allowed actions (browse, metadata, fetch, "
-                   "retrieve, diagnose)")
+                   "retrieve, diagnose, store)")
     p.add_argument("--revoke", action="store_true", help="grant: remove the rule instead")
     p.set_defaults(func=_cmd_user_checked)
 
@@ -747,6 +926,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_versions)
     _add_dimse_parsers(sub)
     _add_convert_parser(sub)
+
+    _add_list_parser(sub)
     return parser
 
 

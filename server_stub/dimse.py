@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 log = logging.getLogger("medview.dimse")
 
@@ -450,6 +450,8 @@ class DimseServer:
         self.store = store
         self.peers = Peers(store.catalogue)
         self.query = QueryEngine(store.catalogue)
+        from .tiers import Tiers
+        self.tiers = Tiers(store)             # originals, recalled from the archive if needed
         self._own_auth = authority is None
         self.auth = authority or Authority(str(Path(store.root) / "catalogue.sqlite"))
         self.verify = verify
@@ -462,6 +464,9 @@ class DimseServer:
             str(StudyRootQueryRetrieveInformationModelMove): "STUDY",
             str(StudyRootQueryRetrieveInformationModelGet): "STUDY",
         }
+        pnd_log = logging.getLogger("pynetdicom")
+        if pnd_log.level == logging.NOTSET:      # its INFO lines are per PDU: keep them out
+            pnd_log.setLevel(logging.WARNING)
         ae = _make_ae_class()(ae_title=self.ae_title)
         ae.allowed_fn = self.peers.allowed_callers
         ae.maximum_associations = max_associations
@@ -494,12 +499,17 @@ class DimseServer:
                                             evt_handlers=self._handlers)
         self.port = self._server.server_address[1]
         log.warning("DICOM SCP %s listening on %s:%d", self.ae_title, self.host, self.port)
+        if self.peers.allowed_callers() == []:
+            log.warning("no calling AE title may associate yet: add peers with "
+                        "'medview-server ae add TITLE --host H --port P', or allow any "
+                        "with 'medview-server ae allow-any on'")
         return self
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.tiers.close()
         if self._own_auth:
             self.auth.close()
 
@@ -603,8 +613,7 @@ class DimseServer:
     def _dataset(self, inst: dict, accepted: dict[str, set[str]] | None) -> Dataset:
         """The original file's data set; decompressed when the peer took only native."""
         import pydicom
-        path = self.store.abspath(inst["original_relpath"])
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(io.BytesIO(self.tiers.read_original(inst)))   # verified
         for elem in list(ds.group_dataset(0x0000)):     # command group never travels
             del ds[elem.tag]
         if accepted is not None:
@@ -723,10 +732,10 @@ def _find_requestor(ae, host: str, port: int):
 # --------------------------------------------------------------------------- SCU
 
 def _study_find_identifier(patient: str | None, date: str | None, modality: str | None,
-                           study_uid: str | None = None) -> Dataset:
+                           study_uid: str | None = None, name: str | None = None) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
-    ds.PatientName = ""
+    ds.PatientName = name or ""
     ds.PatientID = patient or ""
     ds.PatientBirthDate = ""
     ds.StudyInstanceUID = study_uid or ""
@@ -777,8 +786,11 @@ class Pacs:
             a.release()
 
     def find_studies(self, patient: str | None = None, date: str | None = None,
-                     modality: str | None = None, study_uid: str | None = None) -> list[dict]:
-        """Study-level C-FIND (Study Root); one dict per study, keyed by keyword."""
+                     modality: str | None = None, study_uid: str | None = None,
+                     name: str | None = None) -> list[dict]:
+        """Study-level C-FIND (Study Root); one dict per study, keyed by keyword.
+        ``patient`` is the Patient ID, ``name`` the Patient's Name (both may hold ``*``
+        and ``?``), ``date`` a date or range ``YYYYMMDD-YYYYMMDD``."""
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as Find
         ae = self._ae()
         ae.add_requested_context(Find)
@@ -786,12 +798,11 @@ class Pacs:
         out = []
         try:
             for st, ident in a.send_c_find(
-                    _study_find_identifier(patient, date, modality, study_uid), Find):
+                    _study_find_identifier(patient, date, modality, study_uid, name), Find):
                 if not st:
                     raise DimseError("C-FIND: the peer did not answer")
                 if st.Status in (0xFF00, 0xFF01) and ident is not None:
-                    out.append({e.keyword: (e.value if e.VM <= 1 else list(e.value))
-                                for e in ident if e.keyword})
+                    out.append({e.keyword: _plain(e) for e in ident if e.keyword})
                 elif st.Status != 0:
                     raise DimseError(f"C-FIND failed: {_status_text(st)}")
         finally:
@@ -901,6 +912,20 @@ class Pacs:
             if via == "move":
                 server.shutdown()
         return counts
+
+
+def _plain(elem) -> Any:
+    """A C-FIND answer's value as plain Python: str (PN, UI, text), int, list of them."""
+    v = elem.value
+    if v is None or v == "":
+        return None
+    if elem.VM > 1:
+        return [str(x) if not isinstance(x, (int, float)) else x for x in v]
+    if elem.VR in ("IS", "US", "UL", "SS", "SL"):
+        return int(v)
+    if elem.VR == "CS" and elem.keyword == "ModalitiesInStudy":
+        return [str(v)]
+    return str(v)
 
 
 def _common_storage_classes() -> list[str]:

@@ -53,7 +53,24 @@ class EmbeddedServer:
             time.sleep(0.02)
         return self
 
+    dicom = None                      # a server_stub.dimse.DimseServer while enabled
+
+    def set_dicom(self, port: int, ae_title: str = "MEDVIEW", host: str = "127.0.0.1") -> None:
+        """Run the DICOM SCP on ``port`` (0: stop it) next to the HTTP server."""
+        from .dimse import DimseServer
+
+        if self.dicom is not None:
+            if (port and self.dicom.port == port and self.dicom.ae_title == ae_title):
+                return
+            self.dicom.stop()
+            self.dicom = None
+        if port:
+            self.dicom = DimseServer(self.store, ae_title=ae_title, host=host, port=port).start()
+
     def stop(self) -> None:
+        if self.dicom is not None:
+            self.dicom.stop()
+            self.dicom = None
         self._server.should_exit = True
         self._thread.join(timeout=10)
         self._sock.close()

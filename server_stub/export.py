@@ -10,14 +10,14 @@
   each one is then replaced by the original bytes (the DICOMDIR records reference files
   by File ID only, never by offset, so the directory stays valid).
 
-Every written file is checked against the original's SHA-256 recorded in the catalogue.
+Every written file is checked against the original's SHA-256 recorded in the catalogue;
+originals that tiered storage moved to the archive are recalled first.
 A ``.zip`` output is built in a temporary directory next to it and renamed into place
 once complete.
 """
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from typing import Callable
 from .store import Store, safe_component, sha256_file
 
 ProgressFn = Callable[[int, int], None]
+ReadFn = Callable[[dict], bytes]
 
 
 class ExportError(Exception):
@@ -56,36 +57,52 @@ def _instances(store: Store, study: str, series: str | None) -> list[dict]:
     return rows
 
 
-def _copy_checked(store: Store, row: dict, dst: Path) -> int:
-    src = store.abspath(row["original_relpath"])
+def _reader(store: Store) -> ReadFn:
+    """The originals as the server reads them: verified, recalled from the archive when
+    tiered storage moved them there."""
+    from .tiers import Tiers
+    tiers = Tiers(store)
+    return tiers.read_original
+
+
+def _copy_checked(read: ReadFn, row: dict, dst: Path) -> int:
+    try:
+        data = read(row)                      # checked against the recorded SHA-256
+    except Exception as e:  # noqa: BLE001 - named, with the instance, for the user
+        raise ExportError(f"cannot read the original of {row['SOPInstanceUID']}: {e}; "
+                          "run 'medview-server fsck'") from None
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    dst.write_bytes(data)
     sha, size = sha256_file(dst)
     if sha != row["original_sha256"]:
-        raise ExportError(f"the stored original of {row['SOPInstanceUID']} is damaged "
-                          f"(checksum differs); run 'medview-server fsck'")
+        raise ExportError(f"writing {dst} failed: its checksum differs from the original's")
     return size
 
 
-def _write_tree(store: Store, rows: list[dict], root: Path, dicomdir: bool,
+def _write_tree(read: ReadFn, rows: list[dict], root: Path, dicomdir: bool,
                 progress: ProgressFn | None, report: ExportReport) -> None:
     total = len(rows)
     if not dicomdir:
         for n, r in enumerate(rows, 1):
             dst = root / safe_component(r["SeriesInstanceUID"]) / \
                 f"{safe_component(r['SOPInstanceUID'])}.dcm"
-            report.bytes += _copy_checked(store, r, dst)
+            report.bytes += _copy_checked(read, r, dst)
             report.files.append(dst)
             if progress:
                 progress(n, total)
         return
+    import io
+
     import pydicom
     from pydicom.fileset import FileSet
 
     fs = FileSet()
     by_sop = {}
     for r in rows:
-        ds = pydicom.dcmread(store.abspath(r["original_relpath"]))
+        try:
+            ds = pydicom.dcmread(io.BytesIO(read(r)))
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"cannot read the original of {r['SOPInstanceUID']}: {e}") from None
         for elem in list(ds.group_dataset(0x0000)):     # pydicom refuses to write these
             del ds[elem.tag]
         fs.add(ds)
@@ -93,7 +110,7 @@ def _write_tree(store: Store, rows: list[dict], root: Path, dicomdir: bool,
     fs.write(root)
     for n, inst in enumerate(fs, 1):
         dst = Path(inst.path)
-        report.bytes += _copy_checked(store, by_sop[inst.SOPInstanceUID], dst)
+        report.bytes += _copy_checked(read, by_sop[inst.SOPInstanceUID], dst)
         report.files.append(dst)
         if progress:
             progress(n, total)
@@ -101,11 +118,14 @@ def _write_tree(store: Store, rows: list[dict], root: Path, dicomdir: bool,
 
 
 def export_study(store: Store, study: str, out: str | Path, *, series: str | None = None,
-                 dicomdir: bool = False, progress: ProgressFn | None = None) -> ExportReport:
+                 dicomdir: bool = False, progress: ProgressFn | None = None,
+                 read: ReadFn | None = None) -> ExportReport:
     """Write the original files of ``study`` (or of one ``series``) to ``out`` (a directory,
-    or a path ending in ``.zip``)."""
+    or a path ending in ``.zip``). ``read(instance_row) -> bytes`` gives an original
+    (default: the store's, recalled from the archive if needed)."""
     out = Path(out)
     rows = _instances(store, study, series)
+    read = read or _reader(store)
     report = ExportReport(out)
     if out.suffix.lower() == ".zip":
         if out.exists():
@@ -114,7 +134,7 @@ def export_study(store: Store, study: str, out: str | Path, *, series: str | Non
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
             tree = Path(tmp) / "tree"
             tree.mkdir()
-            _write_tree(store, rows, tree, dicomdir, progress, report)
+            _write_tree(read, rows, tree, dicomdir, progress, report)
             part = Path(tmp) / "out.zip"
             with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
                 for p in sorted(tree.rglob("*")):
@@ -127,5 +147,5 @@ def export_study(store: Store, study: str, out: str | Path, *, series: str | Non
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} is not empty; export into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_tree(store, rows, out, dicomdir, progress, report)
+    _write_tree(read, rows, out, dicomdir, progress, report)
     return report

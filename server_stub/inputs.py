@@ -22,6 +22,7 @@ MAX_BODY_BYTES = 16 << 20      # a cache declaration of a large series is a few 
 MAX_JSON_DEPTH = 32
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 _BRACKET = re.compile(r"[\[\]{}]")
+_INT = re.compile(r"[+-]?[0-9]{1,20}")          # ASCII digits only ("²".isdigit() is True)
 
 
 class InputError(Exception):
@@ -132,9 +133,8 @@ class Param:
             s = value.strip()
             lo = INT64_MIN if self.lo is None else self.lo
             hi = INT64_MAX if self.hi is None else self.hi
-            if not s or len(s) > 20 or not s.lstrip("+-").isdigit() \
-                    or not lo <= int(s) <= hi:
-                raise InputError(f"{self.name} must be an integer from {lo} to {hi}, "
+            if not _INT.fullmatch(s) or not lo <= int(s) <= hi:
+                raise InputError(f"{self.name}: integers from {lo} to {hi} only, "
                                  f"got {value!r}", self.name)
             return int(s)
         if self.kind == "number":

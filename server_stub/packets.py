@@ -13,13 +13,38 @@ Request fields (JPIP names where JPIP has one):
 ``layers``   Number of quality layers (1..max). Default: all.
 ``fsiz``     ``w,h``: smallest resolution at least this large (JPIP round-up).
 ``reduce``   Resolution levels to discard (0 = full). ``fsiz`` wins if both are given.
-``roff``/``rsiz``  Region ``x,y`` / ``w,h`` in full-resolution pixels.
+``roff``/``rsiz``  Region ``x,y`` / ``w,h`` in full-resolution pixels; in a JPP-stream
+             request with ``fsiz``, in the frame of ``fsiz`` (JPIP C.4.3).
 ``order``    ``quality`` (every image at layer 1, then layer 2 ...), ``resolution``, or
              ``image`` (image by image).
 ``framing``  ``mv`` (records: JPP data + control messages, default) or ``jpp`` (bare
              JPP-stream for standard JPIP tooling).
 ``len``      Byte limit for the response (JPIP ``len``); the response stops at a packet
              boundary and ends with EOR "byte limit".
+``type``     ``jpp-stream`` (JPIP): the bare JPP-stream, as ``framing=jpp``.
+``stream``   JPIP codestream selection: ``0-9,12`` or ``0-63:4`` (every 4th); the images
+             of the series are its codestreams. Instead of ``comps``.
+``context``  JPIP codestream context: ``jpxl<ranges>`` (each image is its own compositing
+             layer) or ``mj2t<1>`` (the series as one track = every image).
+``cnew``     ``http``: open a channel; the answer names it in ``JPIP-cnew: cid=...``.
+``cid``      The channel whose cache model this request extends (the login session id is
+             accepted too: the session's own model, as for the framed protocol).
+``cclose``   Channel ids (or ``*``) to close once this request is planned.
+``tid``      Target id: ``0`` asks for it; the answer carries ``JPIP-tid`` (the Series
+             Instance UID). A different id than the target's means the client's cache
+             belongs to another target: the request is served as stateless.
+``model``    JPIP cache model of the client (C.9): ``Hm``, ``H*``/``Ht``, ``P<id>``,
+             ``P<id>:L<layers>`` or ``P<id>:<bytes>``, ``-`` to remove, ``[ranges]`` to
+             name the codestreams of the descriptors that follow.
+``need``     JPIP ``need``: only these data-bins (same descriptors as ``model``).
+``compat``   ``openjpeg``: the tile-header data-bin laid out as OpenJPEG's JPIP tools
+             read it (see docs/ARCHITECTURE.md), for ``opj_jpip_transcode``.
+
+Cache models: the framed protocol (``framing=mv``) keeps the login session's model per
+target (the project's client declares it once and relies on it). A JPP-stream request
+(``framing=jpp`` / ``type=jpp-stream``) without a channel is *stateless* (JPIP B.1): it
+sends everything asked minus what ``model`` declares; ``cnew``/``cid`` give it a channel
+with its own model.
 ``version``  ``V1``/``V2``/``V3`` (names from the site policy) or ``auto``: the quality
              layers of that version of the series (SPEC V3); with ``layers`` too, the
              smaller wins.
@@ -40,12 +65,13 @@ order), and ``recalled`` once the data is back.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from codestream import framing
-from codestream.databins import split_databins
+from codestream.databins import openjpeg_tile_header, reduced_main_header, split_databins
 from codestream.index import PacketIndex
 from codestream.ranges import parse_ranges as _parse_ranges
 from codestream.jpp import (EOR_BYTE_LIMIT, EOR_WINDOW_DONE, MAIN_HEADER, PRECINCT,
@@ -96,6 +122,14 @@ class PacketRequest:
     version: str | None = None                            # a version name or "auto"
     quality: int | None = None                            # 0-100
     purpose: str | None = None
+    fsiz_round: str = "round-down"                        # JPIP default
+    cnew: bool = False
+    cid: str | None = None
+    cclose: list[str] = field(default_factory=list)
+    tid: str | None = None
+    model: str | None = None                              # JPIP model field (C.9)
+    need: str | None = None
+    compat: str | None = None                             # "openjpeg"
 
 
 def _ints(value: str, name: str, n: int) -> tuple[int, ...]:
@@ -122,7 +156,46 @@ def parse_ranges(value: str, name: str = "comps") -> list[int]:
 
 
 KNOWN_FIELDS = {"target", "comps", "layers", "fsiz", "reduce", "roff", "rsiz", "order",
-                "framing", "len", "cid", "type", "version", "quality", "purpose"}
+                "framing", "len", "cid", "type", "version", "quality", "purpose",
+                "cnew", "cclose", "tid", "stream", "context", "model", "need", "compat"}
+FSIZ_ROUNDING = ("round-down", "round-up", "closest")
+
+
+def _stream_ranges(value: str, name: str) -> list[int]:
+    """JPIP codestream ranges: ``a-b`` / ``a`` / ``a-b:step``, comma separated."""
+    out: set[int] = set()
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        rng, _, step = part.partition(":")
+        try:
+            st = int(step) if step else 1
+            lo, _, hi = rng.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise RequestError(f"{name} must be ranges like 0-9,12 or 0-63:4, "
+                               f"got {value!r}") from None
+        if st < 1 or a < 0 or b < a:
+            raise RequestError(f"{name}: bad range {part!r}")
+        out.update(range(a, b + 1, st))
+    if not out:
+        raise RequestError(f"{name} must name at least one codestream")
+    return sorted(out)
+
+
+def _context_streams(value: str) -> list[int] | None:
+    """``jpxl<ranges>`` -> those images; ``mj2t<1>`` -> every image (None)."""
+    v = value.strip()
+    if v.startswith("jpxl<") and v.endswith(">"):
+        return _stream_ranges(v[5:-1], "context")
+    if v.startswith("mj2t<") and v.endswith(">"):
+        track = v[5:-1].split("+")[0]
+        if track.strip() != "1":
+            raise RequestError(f"context: a series is one track (mj2t<1>), got {value!r}",
+                               status=416)
+        return None
+    raise RequestError(f"context must be jpxl<ranges> or mj2t<1>, got {value!r}")
 
 
 def parse_request(q: dict[str, str]) -> PacketRequest:
@@ -139,10 +212,46 @@ def parse_request(q: dict[str, str]) -> PacketRequest:
         (req.layers,) = _ints(q["layers"], "layers", 1)
         if req.layers < 1:
             raise RequestError("layers must be at least 1")
-    if "fsiz" in q:
-        req.fsiz = _ints(q["fsiz"].split(",round")[0], "fsiz", 2)  # "w,h[,round-up]"
+    if "fsiz" in q:                                    # "w,h[,round-down|round-up|closest]"
+        parts = q["fsiz"].split(",")
+        if len(parts) == 3:
+            req.fsiz_round = parts[2].strip()
+            if req.fsiz_round not in FSIZ_ROUNDING:
+                raise RequestError(f"fsiz rounding must be one of {', '.join(FSIZ_ROUNDING)}")
+            parts = parts[:2]
+        req.fsiz = _ints(",".join(parts), "fsiz", 2)
         if 0 in req.fsiz:
             raise RequestError("fsiz must be positive")
+    if sum(k in q for k in ("comps", "stream", "context")) > 1:
+        raise RequestError("select images with one of comps, stream or context")
+    if "stream" in q:
+        req.comps = _stream_ranges(q["stream"], "stream")
+    if "context" in q:
+        req.comps = _context_streams(q["context"])
+    if "type" in q:
+        types = [t.strip().split(";")[0] for t in q["type"].split(",")]
+        if "jpp-stream" not in types:
+            raise RequestError("type: this server sends jpp-stream only", status=415)
+        if "framing" not in q:
+            q = {**q, "framing": "jpp"}
+    if "cnew" in q:
+        if q["cnew"].strip() not in ("http", "http-tcp"):
+            raise RequestError("cnew: this server offers the http transport only")
+        req.cnew = True
+    if q.get("cid"):
+        req.cid = q["cid"].strip()
+    if "cclose" in q:
+        req.cclose = [c.strip() for c in q["cclose"].split(",") if c.strip()]
+    if "tid" in q:
+        req.tid = q["tid"].strip()
+    if "model" in q:
+        req.model = q["model"]
+    if "need" in q:
+        req.need = q["need"]
+    if "compat" in q:
+        if q["compat"] != "openjpeg":
+            raise RequestError("compat: only openjpeg is known")
+        req.compat = "openjpeg"
     if "reduce" in q:
         (req.reduce,) = _ints(q["reduce"], "reduce", 1)
     if ("roff" in q) != ("rsiz" in q):
@@ -219,6 +328,179 @@ class CacheModel:
                     m[b] = n
 
 
+# --------------------------------------------------------------------------- JPIP state
+CHANNEL_KEY = "jpip-channel:"        # session.model key prefix of a channel's model
+MAX_CHANNELS = 16                    # per session; the oldest is dropped beyond
+
+
+def _split_model_items(spec: str) -> list[str]:
+    """Split a JPIP model/need value at commas outside ``[...]``."""
+    items, depth, cur = [], 0, []
+    for ch in spec:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur))
+    return [i.strip() for i in items if i.strip()]
+
+
+def parse_bin_descriptors(spec: str, n_images: int, name: str = "model"):
+    """JPIP bin descriptors (C.9.2) -> [(images, subtract, kind, bin id | None, limit)],
+    ``kind`` "H" (main + tile header: ``Hm``, ``H0``, ``H*``) or "P" (a precinct,
+    ``*`` = all), ``limit`` None (whole bin), ("L", layers) or ("B", bytes).
+    Metadata and tile descriptors are accepted and ignored (no such bins here)."""
+    out = []
+    images: list[int] = list(range(n_images))
+    for item in _split_model_items(spec):
+        if item.startswith("["):
+            close = item.find("]")
+            if close < 0:
+                raise RequestError(f"{name}: unbalanced [ in {item!r}")
+            images = [i for i in _stream_ranges(item[1:close], name) if i < n_images]
+            item = item[close + 1:].strip()
+            if not item:
+                continue
+        sub = item.startswith("-")
+        item = item.lstrip("-")
+        body, _, qual = item.partition(":")
+        limit = None
+        if qual:
+            try:
+                limit = ("L", int(qual[1:])) if qual[:1] == "L" else ("B", int(qual))
+            except ValueError:
+                raise RequestError(f"{name}: bad qualifier in {item!r}") from None
+        if not body:
+            raise RequestError(f"{name}: empty descriptor")
+        kind, ident = body[0], body[1:]
+        if kind == "H" and ident in ("m", "*") or kind == "H" and ident.isdigit():
+            if ident.isdigit() and int(ident) != 0:
+                continue                     # one tile: tile 0 only
+            out.append((images, sub, "H", None, None))
+        elif kind == "P":
+            if ident == "*":
+                out.append((images, sub, "P", None, limit))
+            else:
+                try:
+                    out.append((images, sub, "P", int(ident), limit))
+                except ValueError:
+                    raise RequestError(f"{name}: bad precinct id in {item!r}") from None
+        elif kind in "TM":
+            continue
+        else:
+            raise RequestError(f"{name}: unknown data-bin descriptor {item!r}")
+    return out
+
+
+def _layers_within(lengths: list[int], nbytes: int) -> int:
+    n, acc = 0, 0
+    for ln in lengths:
+        if acc + ln > nbytes:
+            break
+        acc += ln
+        n += 1
+    return n
+
+
+def apply_model_spec(model: CacheModel, spec: str, series: list["ImageSource"]) -> None:
+    """Add (or, with ``-``, remove) what a JPIP ``model`` field says the client holds."""
+    for images, sub, kind, bin_id, limit in parse_bin_descriptors(spec, len(series)):
+        for i in images:
+            im = series[i]
+            lengths = im.index.packet_lengths_by_bin()
+            with model._lock:
+                m = model._images.setdefault(im.key, {"h": False, "b": {}})
+                if kind == "H":
+                    m["h"] = not sub
+                    continue
+                for b in (lengths if bin_id is None else [bin_id]):
+                    if b not in lengths:
+                        raise RequestError(f"model: no precinct data-bin {b} in image {i}")
+                    n = len(lengths[b])
+                    if limit is not None:
+                        n = limit[1] if limit[0] == "L" else _layers_within(lengths[b], limit[1])
+                        n = min(n, len(lengths[b]))
+                    if sub:
+                        m["b"][b] = min(m["b"].get(b, 0), len(lengths[b]) - n) if limit \
+                            else 0
+                    elif n > m["b"].get(b, 0):
+                        m["b"][b] = n
+
+
+def need_model(spec: str, series: list["ImageSource"], base: CacheModel) -> CacheModel:
+    """JPIP ``need``: a model holding every data-bin except the ones named, so that only
+    those are sent (minus what ``base`` says the client holds). A bin is needed whole:
+    byte and layer qualifiers of ``need`` are not honoured (the request's ``layers`` is)."""
+    full = {im.key: {"h": True, "b": {b: len(l) for b, l in
+                                        im.index.packet_lengths_by_bin().items()}}
+            for im in series}
+    for images, sub, kind, bin_id, _limit in parse_bin_descriptors(spec, len(series), "need"):
+        if sub:
+            continue
+        for i in images:
+            im = series[i]
+            have_h, have_b = base.snapshot(im.key)
+            if kind == "H":
+                full[im.key]["h"] = have_h
+                continue
+            bins = full[im.key]["b"]
+            for b in (list(bins) if bin_id is None else [bin_id]):
+                if b not in bins:
+                    raise RequestError(f"need: no precinct data-bin {b} in image {i}")
+                bins[b] = have_b.get(b, 0)
+    out = CacheModel()
+    out.declare(full)
+    return out
+
+
+def resolve_model(req: PacketRequest, session, series: list["ImageSource"]
+                  ) -> tuple[CacheModel, dict[str, str], bool]:
+    """The cache model a request is planned against, the JPIP response headers, and
+    whether the request runs in a channel (or the session's own model).
+
+    See the module docstring: framed requests use the session's model; JPP-stream
+    requests are stateless unless they name or open a channel."""
+    import secrets
+
+    headers = {"JPIP-tid": req.target}
+    stateful = True
+    if req.cid and req.cid != session.id:
+        model = session.model.get(CHANNEL_KEY + req.cid)
+        if model is None:
+            raise RequestError(f"cid: no channel {req.cid!r} in this session (closed, or "
+                               "never opened with cnew)", status=404)
+    elif req.cid:
+        model = session.model_for(req.target)
+    elif req.cnew:
+        channels = [k for k in session.model if k.startswith(CHANNEL_KEY)]
+        for k in channels[: max(0, len(channels) - MAX_CHANNELS + 1)]:
+            session.model.pop(k, None)
+        cid = f"{session.id}.{secrets.token_hex(6)}"
+        model = session.model[CHANNEL_KEY + cid] = CacheModel()
+        headers["JPIP-cnew"] = f"cid={cid},path=/jpip,transport=http"
+    elif req.framing == "mv":
+        model = session.model_for(req.target)
+    else:
+        model, stateful = CacheModel(), False
+    if req.tid not in (None, "", "0", req.target):
+        model, stateful = CacheModel(), False        # the client's cache is another target's
+    elif req.model:                  # stateless: what the client holds; a channel: added
+        apply_model_spec(model, req.model, series)
+    if req.need:
+        model = need_model(req.need, series, model)
+        stateful = False                           # the channel is not advanced by a need
+    for c in req.cclose:
+        for k in [k for k in session.model if k.startswith(CHANNEL_KEY)
+                  and (c == "*" or k == CHANNEL_KEY + c)]:
+            session.model.pop(k, None)
+    return model, headers, stateful
+
+
 def declare_from_body(body: bytes, model: CacheModel) -> None:
     """Apply a client's cache declaration sent as a request body:
     ``{"model": {"<key>": {"h": 0|1, "b": {"<bin id>": layers}}}}`` (JPIP's model field)."""
@@ -278,6 +560,20 @@ class Plan:
         }
 
 
+def res_for_fsiz(ix: PacketIndex, fx: int, fy: int, rounding: str = "round-down") -> int:
+    """The resolution JPIP's ``fsiz`` asks for (C.4.2): ``round-down`` the largest whose
+    size fits in fx x fy (the smallest if none does), ``round-up`` the smallest at least
+    that large (the full size if none is), ``closest`` the one nearest in area."""
+    sizes = [ix.res_size(r) for r in range(ix.numres)]
+    if rounding == "round-up":
+        return next((r for r, (w, h) in enumerate(sizes) if w >= fx and h >= fy),
+                    ix.numres - 1)
+    if rounding == "closest":
+        return min(range(ix.numres), key=lambda r: (abs(sizes[r][0] * sizes[r][1] - fx * fy), r))
+    fits = [r for r, (w, h) in enumerate(sizes) if w <= fx and h <= fy]
+    return fits[-1] if fits else 0
+
+
 def header_bytes(ix: PacketIndex) -> int:
     return ix.main_header_end + (ix.tile_header[1] - ix.tile_header[0])
 
@@ -321,6 +617,15 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
                 f"comps out of range: the series has {len(series)} images (0-{len(series) - 1})",
                 status=416, max_comp=len(series) - 1)
         images = [series[c] for c in req.comps]
+    if req.region is not None and req.fsiz is not None and req.framing == "jpp" and images:
+        # JPIP C.4.3: roff/rsiz are in the frame of the requested fsiz; map them to the
+        # full-resolution pixels used below (the series' images share one size)
+        ix0 = images[0].index
+        sx, sy = ix0.width / req.fsiz[0], ix0.height / req.fsiz[1]
+        x, y, w, h = req.region
+        x0, y0 = int(x * sx), int(y * sy)
+        req.region = (x0, y0, max(1, math.ceil((x + w) * sx) - x0),
+                      max(1, math.ceil((y + h) * sy) - y0))
     res: dict[int, int] = {}
     layers: dict[int, int] = {}
     for im in images:
@@ -330,7 +635,7 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
                                status=416, max_layers=ix.nlayers)
         layers[im.csn] = req.layers or ix.nlayers
         if req.fsiz is not None:
-            res[im.csn] = ix.res_for_size(*req.fsiz)
+            res[im.csn] = res_for_fsiz(ix, *req.fsiz, req.fsiz_round)
         elif req.reduce is not None:
             if req.reduce >= ix.numres:
                 raise RequestError(f"reduce={req.reduce} but the images have {ix.numres} "
@@ -524,8 +829,12 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
                 db = databins_from_head(data, im.index, im.hot_layers)
             bins_cache[inc.csn] = db
         if inc.headers:
-            out += w.message(JppMessage(MAIN_HEADER, inc.csn, 0, 0, db.main_header, True))
-            out += w.message(JppMessage(TILE_HEADER, inc.csn, 0, 0, db.tile_header, True))
+            th, mh = db.tile_header, db.main_header
+            if p.request.compat == "openjpeg":
+                th = openjpeg_tile_header(th, im.index)
+                mh = reduced_main_header(mh, im.index.numres - 1 - p.res[inc.csn])
+            out += w.message(JppMessage(MAIN_HEADER, inc.csn, 0, 0, mh, True))
+            out += w.message(JppMessage(TILE_HEADER, inc.csn, 0, 0, th, True))
             pending_model.append((im.key, None))
         got: dict[int, int] = {}
         ix = im.index

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from imaging.dicom import has_preamble
+
 from .catalogue import utc_now
 from .store import Store, StoreError, sha256_hex
 
@@ -247,13 +249,13 @@ def _import_bytes(store: Store, data: bytes, label: str, *, verify: bool,
     try:
         res = ingest.prepare(data, Path(label), store, verify, limits,
                              check_conflict=check_conflict)
-    except ingest._Skip as s:           # noqa: SLF001 - the pipeline's refusal
+    except ingest.Refusal as s:
         raise QuarantineError(f"the file cannot be imported: {s.reason}") from None
     if isinstance(res, ingest.DuplicateFile):
         raise QuarantineError("an identical file is already stored")
-    if not isinstance(res, ingest._Prepared):    # noqa: SLF001
+    if not isinstance(res, ingest.Prepared):
         raise QuarantineError("its SOP Instance UID is stored with other content")
-    out = ingest._commit(res, store)              # noqa: SLF001
+    out = ingest.commit_prepared(res, store)
     if not isinstance(out, ingest.ImportedFile):
         raise QuarantineError(f"the file could not be stored: "
                               f"{getattr(out, 'reason', type(out).__name__)}")
@@ -272,7 +274,10 @@ def resolve(store: Store, entry_id: int, action: str, *, audit: AuditFn | None =
     if e.state != "open":
         raise QuarantineError(f"entry {entry_id} is already resolved ({e.state}: "
                               f"{e.resolution})")
-    data = store.read_verified(e.relpath, e.sha256, e.size)
+    try:
+        data = store.read_verified(e.relpath, e.sha256, e.size)
+    except StoreError as ex:
+        raise QuarantineError(f"the quarantined file is damaged or missing: {ex}") from None
     if action == "keep":
         msg = f"kept the stored instance {e.stored_sop_instance_uid}; the quarantined file " \
               f"stays in {e.relpath}"
@@ -298,7 +303,7 @@ def _replace(store: Store, e: Entry, data: bytes, verify: bool) -> str:
         probe = ingest.prepare(data, Path(e.relpath), store, verify,
                                ingest.IngestLimits.for_store(store.root),
                                check_conflict=False)
-    except ingest._Skip as s:           # noqa: SLF001
+    except ingest.Refusal as s:
         raise QuarantineError(f"the quarantined file cannot be imported: {s.reason}; the "
                               "stored instance is unchanged") from None
     if isinstance(probe, ingest.DuplicateFile):
@@ -324,7 +329,7 @@ def _replace(store: Store, e: Entry, data: bytes, verify: bool) -> str:
             except FileNotFoundError:
                 pass
         kept = f"; the former original is kept as entry {old_entry.id} ({rel})"
-    out = ingest._commit(probe, store)             # noqa: SLF001
+    out = ingest.commit_prepared(probe, store)
     if not isinstance(out, ingest.ImportedFile):
         raise QuarantineError(f"the file could not be stored: "
                               f"{getattr(out, 'reason', type(out).__name__)}; run the "
@@ -351,7 +356,7 @@ def _new_uid(store: Store, e: Entry, data: bytes, verify: bool) -> tuple[str, st
     items = list(seq) if seq else []
     ds.SourceImageSequence = Sequence(items + [ref])
     buf = io.BytesIO()
-    preamble = len(data) >= 132 and data[128:132] == b"DICM"
+    preamble = has_preamble(data)
     ds.save_as(buf, enforce_file_format=preamble)
     imported = _import_bytes(store, buf.getvalue(), e.relpath, verify=verify)
     return new_uid, (f"imported as a new instance {new_uid} (original SOP Instance UID "

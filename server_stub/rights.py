@@ -22,7 +22,8 @@ and every slide of that patient). It may set any of: ``max_layers`` (quality lay
 ``max_reduce_min`` (the smallest resolution reduction: 1 = at most half resolution),
 ``regions`` (rectangles x, y, w, h in full-resolution pixels; a request must lie in one of
 them), ``images`` (image indices of the series), ``versions`` (names) and ``actions``
-(``browse``, ``metadata``, ``fetch``, ``retrieve``, ``diagnose``). Unset = no limit.
+(``browse``, ``metadata``, ``fetch``, ``retrieve``, ``diagnose``, ``store``: DICOMweb
+STOW-RS). Unset = no limit.
 
 For a request on series S of study T of patient P the rules of the user and of the user's
 groups are ranked: scope S before scope T before ``patient:P`` before ``*`` (a slide: its
@@ -50,13 +51,14 @@ from typing import Iterable
 from codestream.ranges import format_ranges, parse_ranges  # noqa: F401 (re-exported)
 from codestream.rights_wire import limits_body
 
-ACTIONS = ("browse", "metadata", "fetch", "retrieve", "diagnose")
+ACTIONS = ("browse", "metadata", "fetch", "retrieve", "diagnose", "store")
 ACTION_WORDS = {
     "browse": "search the study list",
     "metadata": "read image information and diagnostic records",
     "fetch": "load images",
     "retrieve": "download original files",
     "diagnose": "change the diagnosis status, notes, annotations or report",
+    "store": "store new images (DICOMweb STOW-RS)",
 }
 
 

@@ -22,10 +22,9 @@ once the destination is verified. Fault points for crash tests (``MEDVIEW_FAULTS
 :mod:`server_stub.faults`): ``slide-move.copied``, ``slide-move.renamed``,
 ``slide-move.committed``; in-process tests may set :attr:`SlideTiers.fault` instead.
 
-:class:`IdleScheduler` runs :meth:`SlideTiers.run_once` on a background thread, one slide
-at a time, only after ``idle_seconds`` without slide activity (the server calls
-:meth:`IdleScheduler.touch` on every slide request), and stops between two moves as soon
-as someone is working again.
+:class:`server_stub.jobs.SlideTierJob` runs :meth:`SlideTiers.run_once` in the server's
+one job scheduler, one slide at a time, only after ``idle_seconds`` without slide
+activity, and stops between two moves as soon as someone is working again.
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ import logging
 import os
 import shutil
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,56 +239,3 @@ class SlideTiers:
                 log.error("slide %s not moved: %s", row["slide_uid"], e)
                 rep.failed.append((row["slide_uid"], str(e)))
         return rep
-
-
-class IdleScheduler:
-    """Run tier work on a daemon thread while nobody is using the slides."""
-
-    def __init__(self, tiers: SlideTiers, *, idle_seconds: float | None = None,
-                 poll: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.tiers = tiers
-        self.idle_seconds = (tiers.store.config.idle_seconds if idle_seconds is None
-                             else idle_seconds)
-        self.poll = poll
-        self.clock = clock
-        self._last = clock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.runs = 0
-        self.last_report: TierReport | None = None
-        tiers.store.activity = self.touch
-
-    def touch(self) -> None:
-        """Someone is working: postpone tier work."""
-        self._last = self.clock()
-
-    def idle(self) -> bool:
-        return self.clock() - self._last >= self.idle_seconds
-
-    def step(self) -> TierReport | None:
-        """One check: if idle, one move (and recovery/purge); else nothing."""
-        if not self.idle():
-            return None
-        rep = self.tiers.run_once(max_moves=1, should_stop=lambda: not self.idle())
-        self.runs += 1
-        self.last_report = rep
-        return rep
-
-    def start(self) -> "IdleScheduler":
-        self._thread = threading.Thread(target=self._run, name="slide-tiers", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.poll):
-            try:
-                rep = self.step()
-                if rep is not None and not rep.moved and not rep.failed:
-                    self._stop.wait(max(self.poll, self.idle_seconds))
-            except Exception:  # noqa: BLE001 - keep the scheduler alive, log the cause
-                log.exception("tier scheduler step failed")

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import threading
 
@@ -89,15 +88,14 @@ class SlideService:
     ``slides/`` folder), the packet sources of its levels, and the versions of its
     slides (``policy``: the site policy, as ``Server.policy.get``)."""
 
-    def __init__(self, store_root, *, schedule: bool = False, policy=None) -> None:
+    def __init__(self, store_root, *, jobs=None, policy=None) -> None:
         self.root = store_root
         self._store: SlideStore | None = None
         self._lock = threading.Lock()
-        self._schedule = schedule
+        self._jobs = jobs
         self._policy = policy
         self._versions: dict[str, tuple[str, object]] = {}
-        self.scheduler = None
-        if schedule:
+        if jobs is not None:
             _ = self.store
 
     @property
@@ -105,15 +103,14 @@ class SlideService:
         with self._lock:
             if self._store is None:
                 self._store = SlideStore.for_image_store(self.root)
-                if self._schedule:
-                    from server_stub.slide_tiers import IdleScheduler, SlideTiers
+                if self._jobs is not None:
+                    from .jobs import SlideTierJob
+                    from .slide_tiers import SlideTiers
 
-                    self.scheduler = IdleScheduler(SlideTiers(self._store)).start()
+                    self._jobs.add(SlideTierJob(SlideTiers(self._store)))
             return self._store
 
     def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.stop()
         if self._store is not None:
             self._store.close()
 
@@ -346,14 +343,14 @@ def slide_plan(req, st, level: int, model, grant=None, versions=None) -> Plan:
 
 
 # --------------------------------------------------------------------------- HTTP
-def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) -> SlideService:
+def register_routes(routes: list, srv, guarded=None, *, jobs=None) -> SlideService:
     """Add the slide routes to a Starlette route list.
 
     ``create_app`` calls ``register_routes(routes, srv, guarded)`` with its
     authorise-and-run decorator, so every slide request passes the one authorisation
     point (and the audit log); on a built app, ``register_routes(app.router.routes,
-    app.state.server)`` returns the routes' service. ``schedule`` starts the idle-time
-    tier scheduler (a daemon thread)."""
+    app.state.server)`` returns the routes' service. ``jobs`` (the server's
+    :class:`~server_stub.jobs.JobScheduler`) gets the idle-time slide tier job."""
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
@@ -364,7 +361,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
         raise TypeError("the slide routes need the app's authorisation decorator "
                         "(server_stub.app.create_app registers them)")
     policy = getattr(srv, "policy", None)
-    svc = SlideService(srv.store.root, schedule=schedule,
+    svc = SlideService(srv.store.root, jobs=jobs,
                        policy=policy.get if policy is not None else None)
     srv.slides = svc
 
@@ -453,7 +450,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
             # request, so the declaration is merged per tile key; CacheModel.declare (used
             # by declare_from_body for series) would forget every other tile of the slide.
             try:
-                body = json.loads(request.state.body or b"{}")
+                body = getattr(request.state, "json", None) or {}   # parsed by the guard
                 declared = body.get("model") if isinstance(body, dict) else None
                 if declared is not None:
                     if not isinstance(declared, dict):
@@ -487,7 +484,7 @@ def register_routes(routes: list, srv, guarded=None, *, schedule: bool = False) 
         # audited when the stream ends, with what actually left (as series packets)
         request.state.audit_deferred = True
         detail = {"query": {k: v for k, v in request.query_params.items() if k != "cid"},
-                  "level": level, "version": p.version["name"] if p.version else None,
+                  "served": request.state.target.served(), "level": level, "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes}
         who = dict(user=session.user, session=session.serial, peer=peer_of(request))
         body = srv.audited_stream(stream(p, model, stats=detail), detail, who, row["slide_uid"])

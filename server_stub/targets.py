@@ -13,6 +13,7 @@ The :class:`Target` goes into ``request.state.target``; handlers serve exactly t
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 INT64_MAX = (1 << 63) - 1
@@ -44,7 +45,7 @@ class BadParam(Exception):
 def parse_int(value: str, name: str, *, lo: int = 0, hi: int = INT64_MAX) -> int:
     """A decimal integer parameter within [lo, hi] (64-bit at most), else 400 naming it."""
     s = str(value).strip()
-    if not s or len(s) > 20 or not s.lstrip("+-").isdigit():
+    if not re.fullmatch(r"[+-]?[0-9]{1,20}", s):         # ASCII digits only
         raise BadParam(f"{name} must be an integer from {lo} to {hi}, got {value!r}", name)
     v = int(s)
     if not lo <= v <= hi:
@@ -64,6 +65,7 @@ class Target:
     series: str | None = None
     sop: str | None = None
     frame: int | None = None
+    frames: list[int] | None = None          # a frame list (several frames in one request)
     images: list[int] | None = None
     item: int | None = None
     slide: str | None = None
@@ -80,6 +82,7 @@ class Target:
     def served(self) -> dict:
         """What the audit row records as the object served."""
         d = {"study": self.study, "series": self.series, "sop": self.sop, "frame": self.frame,
+             "frames": self.frames if self.frames and len(self.frames) > 1 else None,
              "item": self.item, "slide": self.slide}
         return {k: v for k, v in d.items() if v is not None}
 
@@ -106,10 +109,11 @@ def resolve(srv, path: dict, query=None) -> Target:
     if series is not None:
         row = facts.series_row(series) if facts is not None else cat.get_series(series)
         if row is None or (study is not None and row.get("StudyInstanceUID") != study):
-            where = (f"no series {series} in study {study}" if study is not None
-                     else f"unknown series {series}" if "series" in path
-                     else f"unknown target {series!r}: no such series")
-            raise NotFound(where, "series" if "series" in path else "target")
+            if "series" not in path:
+                raise NotFound(f"unknown target {series!r}: no such series", "target")
+            where = f"no series {series} in study {study}" if study is not None \
+                else f"unknown series {series}"
+            raise NotFound(where, "series")
         t.series, t.series_row = series, row
         t.study = row.get("StudyInstanceUID")
     sop = path.get("sop")
@@ -123,11 +127,18 @@ def resolve(srv, path: dict, query=None) -> Target:
         t.sop, t.image_rows = sop, rows
         t.images = [r["index"] for r in rows]
     if "frame" in path:
-        fno = parse_int(path["frame"], "frame", lo=1, hi=(1 << 31) - 1)
-        rows = [r for r in (t.image_rows or []) if r["frame"] == fno]
-        if not rows:
-            raise NotFound(f"instance {sop} has no frame {fno}", "frame")
-        t.frame, t.image_rows = fno, rows
+        # one frame number, or a frame list ("1,3,5": PS3.18 retrieve of several frames)
+        parts = str(path["frame"]).split(",")
+        if len(parts) > 100_000:
+            raise BadParam("too many frame numbers in one request", "frame")
+        fnos = [parse_int(f, "frame", lo=1, hi=(1 << 31) - 1) for f in parts]
+        by_frame = {r["frame"]: r for r in (t.image_rows or [])}
+        missing = [f for f in fnos if f not in by_frame]
+        if missing:
+            raise NotFound(f"instance {sop} has no frame {missing[0]}", "frame")
+        rows = [by_frame[f] for f in fnos]
+        t.frame = fnos[0] if len(fnos) == 1 else None
+        t.frames, t.image_rows = fnos, rows
         t.images = [r["index"] for r in rows]
     if "item" in path:
         item_id = parse_int(path["item"], "item", lo=1)
@@ -156,3 +167,34 @@ def resolve(srv, path: dict, query=None) -> Target:
         if query is not None and query.get("target") not in (None, path["slide"], scopes[0]):
             raise BadParam("target must be the slide of the path (or left out)", "target")
     return t
+
+
+# --------------------------------------------------------------------------- listings
+def may_hide(srv, user: str, action: str) -> bool:
+    """Whether any rule of the user (or their groups) can take ``action`` away."""
+    subjects = [user] + [f"@{g}" for g in srv.auth.groups_of(user)]
+    return any(r.actions is not None and action not in r.actions
+               for r in srv.auth.rules(subjects))
+
+
+def visible_rows(srv, user: str, rows: list[dict], action: str = "browse") -> list[dict]:
+    """The rows of a listing (studies, series: keyword dicts with the UIDs and PatientID)
+    that the user's rules let them ``action``: the grant of each row on its series, its
+    study, its patient — the same decision as for a request on it."""
+    from .rights import patient_scope
+
+    grants = srv.auth.grants_for(user, [
+        [r.get("SeriesInstanceUID"), r.get("StudyInstanceUID"), patient_scope(r.get("PatientID"))]
+        for r in rows])
+    return [r for r, g in zip(rows, grants) if g.actions is None or action in g.actions]
+
+
+def visible_instances(srv, grant, series: str, rows: list[dict]) -> list[dict]:
+    """Instance rows of one series with only the instances whose images are all within
+    the grant's image ranges (as :meth:`Authority.authorize` decides on an instance)."""
+    if grant.images is None:
+        return rows
+    images: dict[str, set[int]] = {}
+    for r in srv.catalogue.series_images(series):
+        images.setdefault(r["SOPInstanceUID"], set()).add(r["index"])
+    return [r for r in rows if images.get(r["SOPInstanceUID"], {-1}) <= grant.images]

@@ -769,38 +769,3 @@ def tier_fsck(store: Store, refs, report: FsckReport, repair: bool):
         return tiers.fsck(refs, report, repair)
     finally:
         tiers.close()
-
-
-# --------------------------------------------------------------------------- scheduling
-class MigrationScheduler:
-    """The migration job inside the server: every ``schedule_hours`` (0 = off), first run
-    ``first_delay`` seconds after start."""
-
-    def __init__(self, tiers: Tiers, first_delay: float = 60.0) -> None:
-        self.tiers = tiers
-        self.first_delay = first_delay
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="medview-migration", daemon=True)
-        self.last_report: MigrationReport | None = None
-
-    def start(self) -> "MigrationScheduler":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        delay = self.first_delay
-        while not self._stop.wait(delay):
-            hours = self.tiers.settings().schedule_hours if self.tiers.settings else 0
-            if hours <= 0:
-                delay = 3600
-                continue
-            try:
-                self.last_report = self.tiers.migrate(should_stop=self._stop.is_set)
-                log.warning("scheduled migration: %s", self.last_report.summary())
-            except Exception:  # noqa: BLE001 - the job must survive and try again later
-                log.exception("scheduled migration failed")
-            delay = hours * 3600

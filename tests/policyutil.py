@@ -13,6 +13,7 @@ from codestream import framing
 from codestream.index import PacketIndex
 from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppParser
 from server_stub.store import Store
+from waits import WAIT_S
 
 
 def copy_store(src: Path, dst: Path) -> Path:
@@ -60,7 +61,7 @@ class Response:
 def fetch(url: str, sid: str, **params) -> Response:
     """One raw packet request (GET /jpip), read to the end."""
     r = requests.get(f"{url}/jpip", params=params, headers={"Authorization": f"Bearer {sid}"},
-                     timeout=60)
+                     timeout=WAIT_S)
     body = r.content
     if r.status_code != 200:
         return Response(r.status_code, r.json(), [], [], len(body))

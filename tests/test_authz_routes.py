@@ -30,7 +30,7 @@ _names = itertools.count()
 #: path parameters that name an object (a foreign one goes there); any other path
 #: parameter must be listed in OTHER_PARAMS, so that a new kind fails here first
 UID_POSITIONS = ("study", "series", "sop", "frame", "item", "slide")
-OTHER_PARAMS = {"name"}                 # a slide's associated image: label, macro, ...
+OTHER_PARAMS = {"name", "tag"}          # a slide's associated image (label, macro...); a bulk data tag
 #: query parameters that name an object, for routes whose path names none (or besides)
 QUERY_POSITIONS = {"/jpip": ("target",), "/jpip/slabs/{series}": ("target",),
                    "/jpip/slides/{slide}": ("target",)}
@@ -125,7 +125,7 @@ def allowed_values(env, path: str) -> dict:
     """The allowed object at each position of a route (study A's)."""
     item = env["ann_a"] if "/annotations/" in path else env["note_a"]
     return {"study": env["study_a"], "series": env["series_a"], "sop": env["sop_a"],
-            "frame": "1", "item": str(item), "slide": env["slide_a"], "name": "label",
+            "frame": "1", "item": str(item), "slide": env["slide_a"], "name": "label", "tag": "7FE00010",
             "target": env["slide_a"] if "slide" in path else env["series_a"]}
 
 
@@ -221,8 +221,6 @@ def test_foreign_uid_at_every_position(env, capsys):
                     if "/jpip" in path:
                         query.update(layers="1", reduce="2", roff="0,0", rsiz="64,64",
                                      version="V3")
-                    if path.endswith("/associated/{name}"):
-                        pass
                     item = vals.get("item")
                     body = body_for(env, path, method, item)
                     if method == "DELETE":
@@ -260,9 +258,17 @@ def test_image_list_and_slab_layout_only_allowed_images(env):
     assert r.status_code == 200
     images = r.json()["images"]
     assert [im["index"] for im in images] == list(range(12))       # places kept
+    r = requests.get(f"{env['url']}/dicomweb/studies/{env['study_a']}/series/"
+                     f"{env['series_a']}/instances", headers=h, timeout=60)
+    assert r.status_code == 200
+    listed = {row["00080018"]["Value"][0] for row in r.json()}
+    assert listed == {im["SOPInstanceUID"] for im in images[:4]}
     assert [im["index"] for im in images if "SOPInstanceUID" in im] == [0, 1, 2, 3]
-    for im in images[4:]:                  # beyond the grant: its place, nothing of it
-        assert im == {"index": im["index"], "key": im["key"], "allowed": False}
+    shape = {"index", "key", "allowed", "Rows", "Columns", "numres", "nlayers", "ncomp",
+             "total_bytes", "layer_bytes", "hot_layers"}
+    for im in images[4:]:           # beyond the grant: its place and shape, nothing of it
+        assert set(im) == shape and im["allowed"] is False and im["total_bytes"] == 0
+        assert "/" not in im["key"].split("#", 1)[1].replace("beyond-rights/", "")
     r = requests.get(f"{env['url']}/api/series/{env['series_a']}/slabs", headers=h, timeout=120)
     assert r.status_code == 200
     lay = r.json()
@@ -316,3 +322,39 @@ def test_unhandled_error_is_json_500_and_audited(env, monkeypatch):
     assert row["outcome"] == "error" and row["http_status"] == 500
     assert row["detail"]["error"] == "unhandled ZeroDivisionError"
     assert json.dumps(row)          # plain data
+
+
+def test_unhandled_error_outside_the_guard_is_json_500_and_audited(env, monkeypatch):
+    auth = env["server"].auth
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(auth, "login", broken)
+    r = requests.post(f"{env['url']}/api/login", json={"username": "x", "password": "y"},
+                      timeout=60)
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal server error (logged and audited)", "status": 500}
+    row = auth.audit_rows(action="request", limit=1)[0]
+    assert row["http_status"] == 500 and row["detail"]["path"] == "/api/login"
+    assert row["detail"]["error"] == "unhandled ZeroDivisionError"
+
+
+def test_listings_hide_what_the_rules_hide(env):
+    """A rule without actions on a patient hides that patient's studies, series and
+    instances from every listing (the study list carries names and IDs)."""
+    auth = env["server"].auth
+    name = f"zlist{next(_names)}"
+    auth.add_user(name, PASSWORD)
+    auth.set_rule(Rule(name, f"patient:{FOREIGN_ID}", actions=set()))
+    sid = requests.post(f"{env['url']}/api/login", json={"username": name, "password": PASSWORD},
+                        timeout=30).json()["session"]
+    h = {"Authorization": f"Bearer {sid}"}
+    for path in ("/dicomweb/studies", "/dicomweb/series", "/dicomweb/studies?format=json",
+                 "/dicomweb/studies?limit=1",             # paged after hiding: never short
+                 f"/dicomweb/series?StudyInstanceUID={env['study_b']}"):
+        r = requests.get(env["url"] + path, headers=h, timeout=60)
+        assert r.status_code == 200, (path, r.text)
+        assert FOREIGN_ID not in r.text and env["study_b"] not in r.text, path
+        if "StudyInstanceUID=" not in path:
+            assert env["study_a"] in r.text, path

@@ -117,7 +117,7 @@ def test_fetch_recovers_from_any_cache_damage(server, ct_series_uid, filled, ref
         assert len(summary["images"]) == len(reference)
         for im, ref in zip(summary["images"], reference):
             px = np.load(out / im["file"])
-            assert px.dtype == ref.dtype and np.array_equal(px, ref), (trial, kind, im["index"])
+            assert px.dtype == ref.dtype and np.array_equal(px, ref), (trial, kind, im["image"])
         # the cache left behind is sound: opens clean, and a transfer on it is exact
         cache = PacketCache(path)
         sd = SeriesData(Session(server.url), cache, ct_series_uid)
@@ -201,3 +201,17 @@ def test_old_format_entries_are_not_trusted(tmp_path):
     cache = PacketCache(path)
     assert cache.usage() == (0, 0)
     cache.close()
+
+
+def test_a_write_after_close_keeps_the_file(tmp_path):
+    """A transfer that ends after the cache was closed must not cost the user the cache."""
+    path = tmp_path / "p.sqlite"
+    cache = PacketCache(path)
+    cache.put("ns", "img", {(0, 1): b"abc"})
+    cache.close()
+    cache.put("ns", "img", {(0, 2): b"def"})
+    assert cache.load("ns", "img").precincts == {} and cache.usage() == (0, 0)
+    assert cache.recovered == 0 and not list(tmp_path.glob("p.sqlite.damaged-*"))
+    again = PacketCache(path)
+    assert again.usage() == (3, 1)
+    again.close()

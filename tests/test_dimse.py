@@ -317,3 +317,238 @@ def test_pynetdicom_scu_query_and_retrieve(scp, real_dir, tmp_path):
         assert counts["completed"] == 1 and counts["imported"] == 1, counts
         assert st.catalogue.find_instance(str(ct.SOPInstanceUID)) is not None
     scp.peers.remove_destination("MOVEME")
+
+
+# --------------------------------------------------------------------------- Orthanc
+class Orthanc:
+    """A throwaway Orthanc (Debian's binary, our own config): HTTP on loopback with
+    RemoteAccessAllowed false. Orthanc 1.10 has no setting for the DICOM listener's
+    address (it binds every interface), so only the AE titles configured here, from
+    127.0.0.1, may use it (DicomAlwaysAllow* false, DicomCheckModalityHost true)."""
+
+    def __init__(self, root: Path, modalities: dict[str, tuple[str, int]]):
+        import json
+        self.root = root
+        self.http_port, self.dicom_port = free_port(), free_port()
+        cfg = {
+            "Name": "medview-test", "StorageDirectory": str(root / "db"),
+            "IndexDirectory": str(root / "db"), "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomServerEnabled": True, "DicomAet": "ORTHANC", "DicomPort": self.dicom_port,
+            "DicomCheckCalledAet": True, "DicomCheckModalityHost": True,
+            "DicomAlwaysAllowEcho": False, "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowFind": False, "DicomAlwaysAllowGet": False,
+            "DicomAlwaysAllowMove": False, "Plugins": [], "HttpCompressionEnabled": False,
+            "DicomModalities": {name: [ae, "127.0.0.1", port]
+                                for name, (ae, port) in modalities.items()},
+            "LogExportedResources": False, "StorageCompression": False,
+        }
+        (root / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")],
+                                     stdout=(root / "orthanc.log").open("wb"),
+                                     stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        wait_until(self._up, timeout=120)
+        assert self._up(), (root / "orthanc.log").read_text()[-2000:]
+        wait_for_port("127.0.0.1", self.dicom_port)
+
+    def _up(self) -> bool:
+        import requests
+        if self.proc.poll() is not None:
+            return False
+        try:
+            return requests.get(self.url + "/system", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def rest(self, method: str, path: str, **kw):
+        import requests
+        r = requests.request(method, self.url + path, timeout=120, **kw)
+        assert r.ok, f"{method} {path}: {r.status_code} {r.text[:500]}"
+        return r.json() if r.content else None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def orthanc(scp, tmp_path_factory):
+    ensure_peers("orthanc")
+    root = tmp_path_factory.mktemp("orthanc")
+    move_port = free_port()
+    o = Orthanc(root, {"medview": ("MEDVIEW", scp.port), "tester": ("TESTER", 104),
+                       "mvget": ("MVGET", 104), "mvmove": ("MVMOVE", move_port)})
+    o.move_port = move_port
+    # a study that only Orthanc holds
+    files = sample.make_sample_ct(root / "ct", slices=3, size=64, seed=11)
+    for f in files:
+        o.rest("POST", "/instances", data=Path(f).read_bytes())
+    o.files = files
+    scp.peers.add_destination("ORTHANC", "127.0.0.1", o.dicom_port)
+    yield o
+    o.stop()
+    scp.peers.remove_destination("ORTHANC")
+
+
+def test_orthanc_sends_a_study_by_c_store(scp, orthanc):
+    study = str(pydicom.dcmread(orthanc.files[0]).StudyInstanceUID)
+    (oid,) = [s for s in orthanc.rest("GET", "/studies")
+              if orthanc.rest("GET", f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"]
+              == study]
+    job = orthanc.rest("POST", "/modalities/medview/store", json={"Resources": [oid],
+                                                                  "Synchronous": True})
+    assert job is not None
+    got = scp.store.catalogue.query_instances(StudyInstanceUID=study)
+    assert len(got) == len(orthanc.files)
+    for f in orthanc.files:
+        src = pydicom.dcmread(f)
+        inst = scp.store.catalogue.find_instance(str(src.SOPInstanceUID))
+        back = pydicom.dcmread(scp.store.abspath(inst["original_relpath"]))
+        assert np.array_equal(back.pixel_array, src.pixel_array)
+    assert any(r["outcome"] == "ok" for r in scp.auth.audit_rows(user="ORTHANC",
+                                                                   action="dimse-store"))
+    # Orthanc queries us (C-FIND) through its REST API
+    answers = orthanc.rest("POST", "/modalities/medview/query", json={
+        "Level": "Study", "Query": {"StudyInstanceUID": study}})
+    assert answers["ID"]
+
+
+@pytest.mark.parametrize("via", ["get", "move"])
+def test_project_retrieves_from_orthanc(scp, orthanc, tmp_path, via):
+    study = str(pydicom.dcmread(orthanc.files[0]).StudyInstanceUID)
+    local = tmp_path / "store"
+    with Store(local) as st:
+        peers = Peers(st.catalogue)
+        peers.add_pacs("orthanc", "127.0.0.1", orthanc.dicom_port, "ORTHANC")
+        title = "MVGET" if via == "get" else "MVMOVE"
+        pacs = Pacs(peers.get_pacs("orthanc"), ae_title=title)
+        pacs.echo()
+        rows = pacs.find_studies(patient=str(pydicom.dcmread(orthanc.files[0]).PatientID))
+        assert study in {r["StudyInstanceUID"] for r in rows}
+        seen = []
+        if via == "get":
+            counts = pacs.retrieve(study, st, via=via, progress=lambda d, t: seen.append((d, t)))
+            assert counts["completed"] == len(orthanc.files) and counts["failed"] == 0, counts
+            assert counts["imported"] == len(orthanc.files)
+        else:                                   # the command line, with its own listener
+            assert cli_main(["pacs", "retrieve", "orthanc", "--study", study, "--via", "move",
+                             "--listen-port", str(orthanc.move_port), "--ae-title", "MVMOVE",
+                             "--quiet", "--store", str(local)]) == 0
+        for f in orthanc.files:
+            src = pydicom.dcmread(f)
+            inst = st.catalogue.find_instance(str(src.SOPInstanceUID))
+            assert inst is not None
+            back = pydicom.dcmread(st.abspath(inst["original_relpath"]))
+            assert np.array_equal(back.pixel_array, src.pixel_array)
+        if via == "get":
+            assert seen and seen[-1][0] == len(orthanc.files)
+
+
+def test_orthanc_moves_from_us_and_unknown_destination(scp, orthanc, real_dir):
+    """Orthanc as the C-MOVE destination of our SCP (movescu asks us to move to it)."""
+    ct = pydicom.dcmread(real_dir / "CT_small.dcm")
+    if scp.store.catalogue.find_instance(str(ct.SOPInstanceUID)) is None:
+        run("storescu", *_scu(scp, *storescu_config(real_dir, scp.root / "storescu.cfg"),
+                              "+sd", files=(str(real_dir),)), ok=False)
+    run("movescu", *_scu(scp, "-S", "-aem", "ORTHANC", "-k", "QueryRetrieveLevel=STUDY",
+                         "-k", f"StudyInstanceUID={ct.StudyInstanceUID}"))
+    found = orthanc.rest("POST", "/tools/find", json={
+        "Level": "Instance", "Query": {"SOPInstanceUID": str(ct.SOPInstanceUID)}})
+    assert len(found) == 1
+
+
+def test_bundled_server_dicom_listener(tmp_path):
+    """The desktop's embedded server switches its DICOM listener on and off."""
+    from server_stub.embedded import EmbeddedServer
+    ensure_peers("dcmtk")
+    Store(tmp_path / "s").close()
+    srv = EmbeddedServer(str(tmp_path / "s")).start()
+    try:
+        Peers(srv.store.catalogue).add_destination("TESTER", "127.0.0.1", 104)
+        port = free_port()
+        srv.set_dicom(port, "DESKTOP")
+        wait_for_port("127.0.0.1", port)
+        run("echoscu", "-aet", "TESTER", "-aec", "DESKTOP", "127.0.0.1", str(port))
+        srv.set_dicom(0)
+        r = run("echoscu", "-aet", "TESTER", "-aec", "DESKTOP", "127.0.0.1", str(port), ok=False)
+        assert r.returncode != 0
+    finally:
+        srv.stop()
+
+
+def test_cli_peers_query_and_association_limit(scp, real_dir, tmp_path, capsys):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ct = pydicom.dcmread(real_dir / "CT_small.dcm")
+    if scp.store.catalogue.find_instance(str(ct.SOPInstanceUID)) is None:
+        run("storescu", *_scu(scp, *storescu_config(real_dir, scp.root / "storescu.cfg"),
+                              "+sd", files=(str(real_dir),)), ok=False)
+    local = tmp_path / "local"
+    Store(local).close()
+    st = str(local)
+    assert cli_main(["ae", "add", "BAD\\TITLE", "--host", "h", "--port", "1", "--store", st]) == 2
+    assert cli_main(["ae", "add", "ONE", "--host", "127.0.0.1", "--port", "1", "--store", st]) == 0
+    assert cli_main(["ae", "allow-any", "on", "--store", st]) == 0
+    capsys.readouterr()
+    assert cli_main(["ae", "list", "--store", st]) == 0
+    out = capsys.readouterr().out
+    assert "ONE" in out and "any" in out
+    assert cli_main(["ae", "remove", "ONE", "--store", st]) == 0
+    assert cli_main(["ae", "remove", "ONE", "--store", st]) == 1
+    assert cli_main(["pacs", "add", "self", "--host", "127.0.0.1", "--port", str(scp.port),
+                     "--ae", "MEDVIEW", "--store", st]) == 0
+    capsys.readouterr()
+    assert cli_main(["pacs", "query", "self", "--ae-title", "TESTER", "--patient",
+                     str(ct.PatientID), "--modality", "CT", "--store", st]) == 0
+    out = capsys.readouterr().out
+    assert str(ct.StudyInstanceUID) in out and out.strip().endswith("1 studies")
+    assert cli_main(["pacs", "echo", "nope", "--store", st]) == 1
+
+    # association limit: with the limit reached, the next association is rejected
+    limited = DimseServer(scp.store, port=0, max_associations=1).start()
+    try:
+        ae = AE(ae_title="TESTER")
+        ae.add_requested_context(Verification)
+        first = ae.associate("127.0.0.1", limited.port, ae_title="MEDVIEW")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", limited.port, ae_title="MEDVIEW")
+        assert not second.is_established
+        first.release()
+    finally:
+        limited.stop()
+
+
+def test_pynetdicom_c_store_htj2k(scp, tmp_path):
+    """An HTJ2K lossless instance (1.2.840.10008.1.2.4.201) sent by pynetdicom goes
+    through the ingest bit-exactly."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pynetdicom import AE
+
+    ds = pydicom.dcmread(sample.make_sample_ct(tmp_path / "ct", slices=1, size=64, seed=5)[0])
+    arr = ds.pixel_array
+    ds.PixelData = encapsulate([imagecodecs.htj2k_encode(arr)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"
+    path = tmp_path / "ht.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title="TESTER")
+    ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.4.201")
+    a = ae.associate("127.0.0.1", scp.port, ae_title="MEDVIEW")
+    assert a.is_established
+    try:
+        st = a.send_c_store(ds)
+    finally:
+        a.release()
+    assert st.Status == 0
+    inst = scp.store.catalogue.find_instance(str(ds.SOPInstanceUID))
+    assert inst["TransferSyntaxUID"] == "1.2.840.10008.1.2.4.201"
+    back = pydicom.dcmread(scp.store.abspath(inst["original_relpath"]))
+    assert np.array_equal(back.pixel_array, arr)

@@ -97,3 +97,35 @@ def test_export_series_to_zip(store_dir, tmp_path):
     assert got == sorted(sha(p) for p in srcs[:4])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export-")]
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_export_names_a_damaged_original(tmp_path, capsys):
+    files = sample.make_sample_ct(tmp_path / "ct", slices=2, size=32, seed=4)
+    with Store(tmp_path / "store") as st:
+        ingest_paths(files, st)
+        inst = st.catalogue.query_instances()[0]
+        p = st.abspath(inst["original_relpath"])
+        p.write_bytes(p.read_bytes()[:-10] + b"0123456789")        # same size, new bytes
+    study = _study_of(files[0])
+    z = tmp_path / "out.zip"
+    assert cli_main(["export", "--store", str(tmp_path / "store"), "--study", study,
+                     "--out", str(z)]) == 1
+    err = capsys.readouterr().err
+    assert inst["SOPInstanceUID"] in err and "fsck" in err
+    assert not z.exists()                                         # no partial archive
+
+
+def test_export_recalls_archived_originals(tmp_path):
+    files = sample.make_sample_ct(tmp_path / "ct", slices=2, size=32, seed=9)
+    store = tmp_path / "store"
+    with Store(store) as st:
+        ingest_paths(files, st)
+    (tmp_path / "archive").mkdir()
+    assert cli_main(["migrate", "--store", str(store), "--days", "0", "--archive",
+                     str(tmp_path / "archive"), "--min-status", "0", "--quiet"]) == 0
+    assert not list((store / "originals").rglob("*.dcm"))          # all in the archive
+    out = tmp_path / "out"
+    assert cli_main(["export", "--store", str(store), "--study", _study_of(files[0]),
+                     "--out", str(out), "--dicomdir"]) == 0
+    got = sorted(sha(p) for p in out.rglob("*") if p.is_file() and p.name != "DICOMDIR")
+    assert got == sorted(sha(p) for p in files)

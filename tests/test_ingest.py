@@ -27,6 +27,7 @@ from server_stub.cli import main as cli_main
 from server_stub.ingest import CONFLICT_REASON, NOT_DICOM, NOT_IMAGE, ingest_paths
 from server_stub.store import Store, StoreIntegrityError
 from server_stub.fsck import fsck
+from waits import WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -335,7 +336,7 @@ def test_sigkill_during_cli_ingest(tmp_path, ingest_phantom_dir):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
     imported = 0
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + WAIT_S
     try:
         while imported < 6 and time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -344,7 +345,7 @@ def test_sigkill_during_cli_ingest(tmp_path, ingest_phantom_dir):
             imported += line.startswith("imported")
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=WAIT_S)
         proc.stdout.close()
     assert imported >= 6, "the ingest finished or failed before it could be killed"
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from viewer.loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, DecodedStor
 from viewer.model import DecodedImage
 
 from netsim import slow_packet_streams
+from waits import WAIT_S, wait_for
 
 
 def state(n=12, levels=None, **kw) -> PlanState:
@@ -134,12 +134,8 @@ def pool():
     p.shutdown()
 
 
-def _wait(cond, timeout=15.0):
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out")
-        time.sleep(0.01)
+def _wait(cond):
+    wait_for(cond)
 
 
 def test_loader_runs_the_plan_and_respects_the_viewport(server, ct_series_uid, pool):
@@ -150,7 +146,7 @@ def test_loader_runs_the_plan_and_respects_the_viewport(server, ct_series_uid, p
     loader = SeriesLoader(SeriesRegistry(session, None), ct_series_uid, pool, rec,
                           focus=6, viewport=(128, 128))
     loader.start()
-    assert rec.idle.wait(20)
+    assert rec.idle.wait(WAIT_S)
     kinds = [k for k, _c, st in rec.events if st == "complete"]
     assert kinds[:3] == [PREVIEW, FOCUS, NEAR] and BACKGROUND in kinds
     sd = loader.sd
@@ -180,7 +176,7 @@ def test_loader_focus_change_cancels_background(server, ct_series_uid, pool, mon
     loader.start()
     _wait(lambda: (loader.running_stage() or Stage(PREVIEW, None, 1, 0)).kind == BACKGROUND)
     loader.set_focus(9)                      # the user scrolled away: latest request wins
-    assert rec.idle.wait(30)
+    assert rec.idle.wait(WAIT_S)
     with rec.lock:
         events = list(rec.events)
     cancelled = [(k, c) for k, c, st in events if st == "cancelled"]

@@ -142,6 +142,9 @@ def test_oblique_needs_angles_and_refusal_below_threshold(folder, tmp_path, caps
         shutil.copy(p, few / p.name)
     code, out, err = _run(capsys, "--folder", few, "--view", "axial", "--out", tmp_path / "x.png")
     assert code == 1 and "at least 10 images" in err and "kept 5" in out
+    # the refusal is said once, and nothing before it claims "missing: none"
+    assert "missing" not in out and "refused" not in out
+    assert err.count("at least 10 images") == 1
     assert not (tmp_path / "x.png").exists()
 
 

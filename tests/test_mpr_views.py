@@ -14,6 +14,7 @@ from PySide6.QtCore import QPoint, QPointF, Qt  # noqa: E402
 from viewer.mprlayout import MprLayout, open_folder, open_series  # noqa: E402
 from viewer.mprview import MprView, ResliceScheduler, Tool  # noqa: E402
 from viewer.volume import SliceGeometry, Volume, volume_for_slices  # noqa: E402
+from waits import WAIT_MS, WAIT_S  # noqa: E402
 
 CENTER = np.array([2.0, -3.0, 1.0])
 RADIUS = 12.0
@@ -214,11 +215,11 @@ def test_scheduler_latest_request_wins(qtbot):
     got = []
     import threading
     gate = threading.Event()
-    sched.submit("a", lambda: gate.wait(2) or "first", got.append)      # running
+    sched.submit("a", lambda: gate.wait(WAIT_S) or "first", got.append)      # running
     sched.submit("a", lambda: "second", got.append)                        # superseded
     sched.submit("a", lambda: "third", got.append)
     gate.set()
-    qtbot.waitUntil(lambda: "third" in got, timeout=3000)
+    qtbot.waitUntil(lambda: "third" in got, timeout=WAIT_MS)
     assert "second" not in got
     sched.shutdown()
 
@@ -236,7 +237,7 @@ def test_progressive_volume_redraws_at_each_level(qtbot, server, ct_series_uid):
         renders = []
         lay.views["coronal"].rendered.connect(renders.append)
         events = win.load_events
-        qtbot.waitUntil(lambda: bool(events) and events[-1].final, timeout=30000)
+        qtbot.waitUntil(lambda: bool(events) and events[-1].final, timeout=WAIT_MS)
         assert len(events) >= 3 and len(renders) >= 2
         assert "complete" in lay.status.text()
         assert len(lay.volume.filled_slots()) == 0
@@ -253,7 +254,7 @@ def test_open_folder_refuses_below_the_threshold(tmp_path, qtbot):
         open_folder(tmp_path, show=False, show_errors=False)
     win = open_folder(tmp_path, threshold=3, show=False, sync=True, vr=False, show_errors=False)
     qtbot.addWidget(win)
-    win.runner._thread.join(10)
-    qtbot.waitUntil(lambda: "complete" in win.mpr.status.text(), timeout=5000)
+    win.runner._thread.join(WAIT_S)
+    qtbot.waitUntil(lambda: "complete" in win.mpr.status.text(), timeout=WAIT_MS)
     assert len(win.mpr.volume.own_slots()) == 4
     win.close()

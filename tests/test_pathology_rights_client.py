@@ -7,7 +7,6 @@ the rights exits 1 with the reason."""
 # ruff: noqa: F811 - the env fixture of test_rights_slides is shared by import
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from client.rights import RightsLimited
 from client.session import Session
 from client.slides import NOT_PERMITTED, LocalSlide, NotPermitted, RemoteSlide
 from server_stub.rights import Rule
+from waits import WAIT_MS, wait_for
 
-TIMEOUT = 20000
+TIMEOUT = WAIT_MS
 
 
 class Wire:
@@ -64,11 +64,12 @@ def audit(env, name: str) -> list[dict]:
     they end: wait for them)."""
     auth = env["srv"].app.state.server.auth
     rows: list[dict] = []
-    for _ in range(100):
-        rows = auth.audit_rows(user=name, action="fetch")
-        if all(r["outcome"] != "pending" for r in rows):
-            break
-        time.sleep(0.05)
+
+    def settled():
+        rows[:] = auth.audit_rows(user=name, action="fetch")
+        return all(r["outcome"] != "pending" for r in rows)
+
+    wait_for(settled, what="the audit rows of the streams")
     return rows
 
 
@@ -310,7 +311,7 @@ def test_super_resolution_only_when_asked_and_from_the_allowed_level(qtbot, env)
     assert v.sr_active() == 2 and v.enlarged() is None
     vis = v.sr_tiles_visible()
     assert v.sr.width == rs.levels[1].width              # generated from level 1
-    qtbot.waitUntil(lambda: any(("sr",) + k in v.cache for k in vis), timeout=60000)
+    qtbot.waitUntil(lambda: any(("sr",) + k in v.cache for k in vis), timeout=WAIT_MS)
     assert all(c.generated for k in vis if (c := v.cache.get(("sr",) + k)) is not None)
     assert all(p["level"] >= 1 for p in wire.packets())
     assert {r["outcome"] for r in audit(env, name)} == {"ok"}

@@ -12,6 +12,7 @@ import pytest
 
 from imaging import sr
 from client.srqueue import BACKGROUND, NEAR, VIEW, SRQueue, SRTileService
+from waits import WAIT_S
 
 
 @pytest.fixture()
@@ -109,11 +110,11 @@ def test_view_jobs_preempt_background_work():
         started = threading.Event()
         bg = [q.submit(("bg", 0), _busy(order, "bg0", started), BACKGROUND)]
         bg += [q.submit(("bg", i), _busy(order, f"bg{i}"), BACKGROUND) for i in range(1, 4)]
-        assert started.wait(5)
+        assert started.wait(WAIT_S)
         view = q.submit(("view", 0), _busy(order, "view", steps=5), VIEW)
-        assert view.future.result(timeout=10) == "view"
+        assert view.future.result(timeout=WAIT_S) == "view"
         for j in bg:
-            assert j.future.result(timeout=20).startswith("bg")
+            assert j.future.result(timeout=WAIT_S).startswith("bg")
         done = [n for k, n in order if k == "done"]
         # the view job finished first; the pre-empted job was redone, nothing was lost
         assert done[0] == "view" and sorted(done[1:]) == ["bg0", "bg1", "bg2", "bg3"]
@@ -130,7 +131,7 @@ def test_queued_job_is_raised_not_duplicated_and_retargeted():
         gate = threading.Event()
 
         def blocker(should_stop):
-            gate.wait(5)
+            gate.wait(WAIT_S)
             return "blocker"
 
         q.submit("blocker", blocker, VIEW)
@@ -141,7 +142,7 @@ def test_queued_job_is_raised_not_duplicated_and_retargeted():
         q.retarget(view={"b"}, near=set())          # the pathologist looks at b now
         gate.set()
         for j in (a, b, c):
-            j.future.result(timeout=10)
+            j.future.result(timeout=WAIT_S)
         assert [n for k, n in order if k == "start"] == ["b", "a", "c"]
     finally:
         q.shutdown()
@@ -164,7 +165,7 @@ def test_sr_tiles_are_generated_marked_and_cached(tmp_path):
     svc = SRTileService(read, width=300, height=200, tile=128, cache=cache)
     try:
         assert svc.grid(4) == (10, 7)
-        t = svc.request(4, 1, 1, VIEW).future.result(timeout=30)
+        t = svc.request(4, 1, 1, VIEW).future.result(timeout=WAIT_S)
         assert t.generated and t.pixels.shape == (128, 128, 3) and t.label.startswith("SR x4")
         files = list((tmp_path / "s1").iterdir())
         assert len(files) == 1

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from imaging.slide_sample import make_ihc_slide
-from server_stub.slide_tiers import IdleScheduler, SlideTiers, TierMoveError
+from server_stub.jobs import JobScheduler, SlideTierJob
+from server_stub.slide_tiers import SlideTiers, TierMoveError
 from imaging.tilesource import ArraySource
 
 from pathology_util import new_store, today_minus
+from waits import WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +73,7 @@ def test_killed_mid_move_loses_nothing(tmp_path, slide_img, point):
             "SlideTiers; st = SlideStore(sys.argv[1]); SlideTiers(st).move(sys.argv[2], 'long')")
     env = dict(os.environ, MEDVIEW_FAULTS=f"{point}=1")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "slides"), row["slide_uid"]],
-                       cwd=REPO, env=env, capture_output=True, timeout=60)
+                       cwd=REPO, env=env, capture_output=True, timeout=WAIT_S)
     assert r.returncode == -9, r.stderr.decode()[-2000:]          # SIGKILL at the point
     st = new_store(tmp_path)
     cur = st.slide(row["pk"])
@@ -142,15 +144,16 @@ def test_policy_and_idle_scheduler(tmp_path, slide_img):
     tiers = SlideTiers(st)
     assert [(r["slide_uid"], t) for r, t in tiers.plan()] == [(inpatient["slide_uid"], "long")]
     now = [0.0]
-    sched = IdleScheduler(tiers, idle_seconds=60, clock=lambda: now[0])
-    assert sched.step() is None                     # somebody was just working
+    sched = JobScheduler([SlideTierJob(tiers, idle_seconds=60, clock=lambda: now[0])],
+                         clock=lambda: now[0])
+    assert sched.step() == {}                       # somebody was just working
     now[0] = 30.0
     st.open(young["pk"])                            # activity postpones the work
     now[0] = 80.0
-    assert sched.step() is None
+    assert sched.step() == {}
     now[0] = 200.0
-    rep = sched.step()
-    assert rep is not None and rep.moved == [(inpatient["slide_uid"], "recent", "long")]
+    rep = sched.step()["slide-tiers"]
+    assert rep.moved == [(inpatient["slide_uid"], "recent", "long")]
     assert st.slide(inpatient["pk"])["tier"] == "long"
     assert tiers.plan() == []
     st.close()

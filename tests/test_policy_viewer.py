@@ -21,6 +21,7 @@ from viewer.policy_panel import (DiagnosisPanel, PolicyController, VersionSelect
 from client.policy_text import (explain_login_error, explain_recall, explain_rights,  # noqa: E402
                                 explain_rights_error, image_ranges_1based)
 from tests.policyutil import copy_store, series_uid, study_uid  # noqa: E402
+from waits import WAIT_MS  # noqa: E402
 
 VERSIONS = [
     {"name": "V1", "purpose": "diagnosis", "lossless": True, "layers": None, "quality": 100,
@@ -69,15 +70,15 @@ def test_version_selector(qtbot):
     assert texts[:2] == ["Best allowed", "Automatic (now V2)"]
     assert texts[3].startswith("V2 – reference, about 1:20 (reaches 1:20.3)")
     assert not sel.combo.model().item(4).isEnabled()             # V3 may not be sent now
-    with qtbot.waitSignal(sel.selectionChanged) as sig:
+    with qtbot.waitSignal(sel.selectionChanged, timeout=WAIT_MS) as sig:
         sel.combo.setCurrentIndex(texts.index("For comparison"))
     assert sig.args == [{"purpose": "comparison"}]
     assert "may not be sent now" in sel.detail.text()
-    with qtbot.waitSignal(sel.selectionChanged) as sig:
+    with qtbot.waitSignal(sel.selectionChanged, timeout=WAIT_MS) as sig:
         sel.combo.setCurrentIndex(texts.index("At least a quality of…"))
     assert sig.args == [{"quality": 70}] and sel.quality.isVisibleTo(sel)
     assert sel.resolved()["name"] == "V1"
-    with qtbot.waitSignal(sel.selectionChanged) as sig:
+    with qtbot.waitSignal(sel.selectionChanged, timeout=WAIT_MS) as sig:
         sel.quality.setValue(40)
     assert sig.args == [{"quality": 40}] and sel.resolved()["name"] == "V2"
     sel.set_series(VERSIONS, None, {"version": "auto"})          # restoring emits nothing
@@ -105,28 +106,28 @@ def test_diagnosis_panel(qtbot):
     assert p.notes.count() == 1 and "first line" in p.notes.item(0).text()
     assert "lesion – 12.5 mm" in p.annotations.item(0).text()
     assert p.report.toPlainText() == "Findings: none." and "revision 4 by bob" in p.report_info.text()
-    with qtbot.waitSignal(p.statusChangeRequested) as sig:
+    with qtbot.waitSignal(p.statusChangeRequested, timeout=WAIT_MS) as sig:
         p.status.setCurrentIndex(4)
     assert sig.args == [5]
     p.note_edit.setPlainText("a new note")
-    with qtbot.waitSignal(p.noteAddRequested) as sig:
+    with qtbot.waitSignal(p.noteAddRequested, timeout=WAIT_MS) as sig:
         p.note_save.click()
     assert sig.args == ["a new note"]
-    with qtbot.waitSignal(p.historyRequested) as hist:
+    with qtbot.waitSignal(p.historyRequested, timeout=WAIT_MS) as hist:
         p.notes.setCurrentRow(0)
     assert hist.args == [7] and p.note_edit.toPlainText() == "first line\nsecond"
     p.note_edit.setPlainText("edited")
-    with qtbot.waitSignal(p.noteSaveRequested) as sig:
+    with qtbot.waitSignal(p.noteSaveRequested, timeout=WAIT_MS) as sig:
         p.note_save.click()
     assert sig.args == [7, "edited", 2]
-    with qtbot.waitSignal(p.noteDeleteRequested) as sig:
+    with qtbot.waitSignal(p.noteDeleteRequested, timeout=WAIT_MS) as sig:
         p.note_delete.click()
     assert sig.args == [7, 2]
     p.report.setPlainText("Findings: nodule.")
-    with qtbot.waitSignal(p.reportSaveRequested) as sig:
+    with qtbot.waitSignal(p.reportSaveRequested, timeout=WAIT_MS) as sig:
         p.report_save.click()
     assert sig.args == ["Findings: nodule.", 4]
-    with qtbot.waitSignal(p.annotationActivated) as sig:
+    with qtbot.waitSignal(p.annotationActivated, timeout=WAIT_MS) as sig:
         p.annotations.itemDoubleClicked.emit(p.annotations.item(0))
     assert sig.args[0]["id"] == 9
     p.set_history({"kind": "note", "id": 7}, [
@@ -184,11 +185,11 @@ def test_controller_round_trip(qtbot, vsrv):
     assert panel.banner.text() == ("Versions that may be sent while the study is 1 – unread: "
                                    "V1 – diagnosis, original quality (lossless).")
     # status through the panel reaches the server, and the record comes back
-    with qtbot.waitSignal(ctl.recordChanged) as sig:
+    with qtbot.waitSignal(ctl.recordChanged, timeout=WAIT_MS) as sig:
         panel.status.setCurrentIndex(1)
     assert sig.args[0]["status"] == 2 and PolicyClient(s).diagnosis(vsrv.study)["status"] == 2
     panel.note_edit.setPlainText("compare with prior")
-    with qtbot.waitSignal(ctl.recordChanged) as sig:
+    with qtbot.waitSignal(ctl.recordChanged, timeout=WAIT_MS) as sig:
         panel.note_save.click()
     assert [n["text"] for n in sig.args[0]["notes"]] == ["compare with prior"]
     assert panel.notes.count() == 1
@@ -197,7 +198,7 @@ def test_controller_round_trip(qtbot, vsrv):
     PolicyClient(Session(vsrv.url)).edit_note(vsrv.study, note["id"], "theirs", note["rev"])
     panel.notes.setCurrentRow(0)
     panel.note_edit.setPlainText("mine")
-    with qtbot.waitSignal(ctl.failed) as sig:
+    with qtbot.waitSignal(ctl.failed, timeout=WAIT_MS) as sig:
         panel.note_save.click()
     assert "changed this meanwhile" in sig.args[0]
     assert panel.notes.item(0).data(0x0100)["text"] == "theirs"
@@ -205,11 +206,11 @@ def test_controller_round_trip(qtbot, vsrv):
     meta = ImageMeta.from_dict(sd.images[2])
     ctl.set_measurement_source(lambda: measurement_annotation(
         Measurement(MeasureKind.DISTANCE, (10, 10), (50, 40), 2), meta, sd.uid))
-    with qtbot.waitSignal(ctl.recordChanged) as sig:
+    with qtbot.waitSignal(ctl.recordChanged, timeout=WAIT_MS) as sig:
         panel.ann_add.click()
     assert sig.args[0]["annotations"][0]["image"] == sd.images[2]["key"]
     # the selector asks the window to reload the series with the chosen version
-    with qtbot.waitSignal(ctl.selectionChanged) as sig:
+    with qtbot.waitSignal(ctl.selectionChanged, timeout=WAIT_MS) as sig:
         sel.combo.setCurrentIndex(sel.combo.findText("For reference"))
     assert sig.args == [sd.uid, {"purpose": "reference"}] and sd.selection == {"purpose": "reference"}
     ctl.report_context(link_bps=3e6, place="home")
@@ -233,12 +234,12 @@ def test_controller_explains_limits(qtbot, vsrv):
     assert "quality level 3 of 4" in panel.banner.text()
     # writing is refused: the panel says so in words and stops offering it
     panel.note_edit.setPlainText("x")
-    with qtbot.waitSignal(ctl.failed) as sig:
+    with qtbot.waitSignal(ctl.failed, timeout=WAIT_MS) as sig:
         panel.note_save.click()
     assert "not allowed" in sig.args[0] and not panel.note_save.isEnabled()
     # the rights shrink while the series is open: the transfer learns, the panel explains
     auth.set_rule(Rule("ref1", "*", actions={"browse", "metadata", "fetch"}, max_layers=1))
-    with qtbot.waitSignal(ctl.notice) as sig:
+    with qtbot.waitSignal(ctl.notice, timeout=WAIT_MS) as sig:
         sd.transfer(comps=[0], layers=2).run()
     assert "higher than your account may load" in sig.args[0]
     assert "comparison quality (V3" in panel.banner.text()

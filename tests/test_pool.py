@@ -7,21 +7,23 @@ import time
 import pytest
 
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool
+from waits import WAIT_S
 
 
 def test_priority_order_and_cancel_queued():
     pool = WorkerPool(workers=1)
     gate = threading.Event()
     order = []
-    pool.submit(lambda tok: gate.wait(5), INTERACTION)         # occupies the worker
-    time.sleep(0.05)
+    started = threading.Event()
+    pool.submit(lambda tok: (started.set(), gate.wait(WAIT_S)), INTERACTION)   # the worker
+    assert started.wait(WAIT_S)
     jobs = [pool.submit(lambda tok, n=n: order.append(n), p, tag=n)
             for n, p in (("pre", PREFETCH), ("vis", VISIBLE), ("now", INTERACTION),
                          ("stale", INTERACTION))]
     assert pool.cancel_where(lambda j: j.tag == "stale") == 1
     gate.set()
     for j in jobs[:3]:
-        j.future.result(5)
+        j.future.result(WAIT_S)
     assert order == ["now", "vis", "pre"]
     assert jobs[3].future.cancelled()
     pool.shutdown()
@@ -38,15 +40,15 @@ def test_running_job_sees_cancel_token_and_errors_propagate():
         return "stopped"
 
     job = pool.submit(long, VISIBLE, tag="long")
-    started.wait(5)
+    assert started.wait(WAIT_S)
     pool.cancel_where(lambda j: j.tag == "long")
-    assert job.future.result(5) == "stopped"
+    assert job.future.result(WAIT_S) == "stopped"
 
     def boom(tok):
         raise ValueError("bad")
 
     with pytest.raises(ValueError):
-        pool.submit(boom).future.result(5)
+        pool.submit(boom).future.result(WAIT_S)
     pool.shutdown()
 
 
@@ -54,11 +56,12 @@ def test_prefetch_cap_leaves_room_for_interaction():
     pool = WorkerPool(workers=2, caps={INTERACTION: 2, VISIBLE: 1, PREFETCH: 1})
     gate = threading.Event()
     running = []
+    first = threading.Event()
     for _ in range(3):
-        pool.submit(lambda tok: (running.append(1), gate.wait(5)), PREFETCH)
-    time.sleep(0.1)
-    assert len(running) == 1                      # capped
+        pool.submit(lambda tok: (running.append(1), first.set(), gate.wait(WAIT_S)), PREFETCH)
+    assert first.wait(WAIT_S)
     done = pool.submit(lambda tok: "ok", INTERACTION)
-    assert done.future.result(5) == "ok"          # a free worker was kept for it
+    assert done.future.result(WAIT_S) == "ok"     # a free worker was kept for it
+    assert len(running) == 1                      # and no second prefetch took it: capped
     gate.set()
     pool.shutdown()

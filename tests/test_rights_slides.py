@@ -7,7 +7,6 @@ a clear 4xx."""
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 import requests
@@ -21,6 +20,7 @@ from server_stub.rights import Rule, exam_scope, patient_scope
 
 from pathology_util import new_store
 from policyutil import copy_store, packets_sent, series_uid
+from waits import WAIT_S, wait_for
 
 _names = itertools.count()
 PASSWORD = "a long password"
@@ -53,7 +53,7 @@ def env(ct_store, tmp_path_factory):
 
 def login(url: str, name: str = "local", password: str | None = None) -> str:
     r = requests.post(f"{url}/api/login", json={"username": name, "password": password},
-                      timeout=30)
+                      timeout=WAIT_S)
     assert r.status_code == 200, r.text
     return r.json()["session"]
 
@@ -82,7 +82,7 @@ def again(env, name: str) -> str:
 
 def get(env, sid: str, path: str, **params) -> requests.Response:
     return requests.get(env["url"] + path, params=params,
-                        headers={"Authorization": f"Bearer {sid}"}, timeout=60)
+                        headers={"Authorization": f"Bearer {sid}"}, timeout=WAIT_S)
 
 
 class Stream:
@@ -331,11 +331,13 @@ def test_patient_scope_hides_every_image_of_the_patient(env):
     assert got.status == 200
     # audited: the refusal, and the stream when it ended, with the bytes that left
     auth = env["srv"].app.state.server.auth
-    for _ in range(100):
-        rows = auth.audit_rows(user=name, action="fetch")
-        if any(r["outcome"] == "ok" for r in rows):
-            break
-        time.sleep(0.05)
+    rows: list[dict] = []
+
+    def streamed():
+        rows[:] = auth.audit_rows(user=name, action="fetch")
+        return any(r["outcome"] == "ok" for r in rows)
+
+    wait_for(streamed, what="the audit row of the stream")
     assert {(r["resource"], r["outcome"], r["http_status"]) for r in rows} >= {
         (a["slide_uid"], "denied", 403), (b["slide_uid"], "ok", 200)}
     (ok,) = [r for r in rows if r["outcome"] == "ok"]
@@ -413,11 +415,11 @@ def test_malformed_slide_requests(env):
         r = get(env, local, path)
         assert r.status_code == 404 and r.json()["error"], path
     r = requests.post(f"{env['url']}/jpip/slides/{uid}", params={"level": 2}, data=b"{not json",
-                      headers={"Authorization": f"Bearer {local}"}, timeout=30)
+                      headers={"Authorization": f"Bearer {local}"}, timeout=WAIT_S)
     assert r.status_code == 400 and "POST body" in r.json()["error"]
     # no session: 401, whether the slide exists or not
     for path in (f"/jpip/slides/{uid}", "/jpip/slides/nope", "/api/slides/nope", "/api/slides"):
-        assert requests.get(env["url"] + path, timeout=30).status_code == 401, path
+        assert requests.get(env["url"] + path, timeout=WAIT_S).status_code == 401, path
 
 
 def test_cli_scopes(env, capsys):

@@ -14,6 +14,7 @@ from server_stub.cli import main as cli
 from server_stub.embedded import EmbeddedServer
 from server_stub.store import Store
 from tests.policyutil import copy_store, fetch, series_uid
+from waits import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +147,8 @@ def test_http_login_limits_and_audit(ustore, monkeypatch, capsys):
         s.series()
         requests.get(f"{srv.url}/dicomweb/studies", headers={"Authorization": "Bearer forged"})
         # the audit row of a stream is written when the stream ends: wait for it
-        import time
-        for _ in range(50):
-            rows = auth.audit_rows(user="hank", action="fetch")
-            if rows:
-                break
-            time.sleep(0.05)
+        rows = wait_for(lambda: auth.audit_rows(user="hank", action="fetch"),
+                        what="the audit row of the stream")
     finally:
         srv.stop()
     (row,) = rows

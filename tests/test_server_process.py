@@ -15,6 +15,7 @@ import pytest
 from client import Callbacks, ConnectionFailed, PacketCache, SeriesData, Session, TransferError
 from codestream.encode import decode_full
 from server_stub.store import Store
+from waits import WAIT_S
 
 
 def _free_port() -> int:
@@ -29,7 +30,7 @@ def _serve(store, port):
          str(port), "--log-level", "warning", "--allow-local"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         try:
             Session(url)
@@ -54,6 +55,9 @@ def test_fetch_cli_writes_npy_and_json(ct_store, ct_series_uid, tmp_path):
         summary = json.loads((out / "images.json").read_text())
         assert len(summary["images"]) == 12
         first = summary["images"][0]
+        # numbered from 1, as the viewer and `snapshot --slice` count
+        assert first["file"] == "0001.npy" and first["image"] == 1 and first["codestream"] == 0
+        assert summary["images"][-1]["file"] == "0012.npy"
         assert first["layers"] == 2 and first["reduce"] == 1 and first["shape"] == [128, 128]
         arr = np.load(out / first["file"])
         with Store(ct_store) as st:
@@ -73,7 +77,7 @@ def test_fetch_cli_writes_npy_and_json(ct_store, ct_series_uid, tmp_path):
                      str(tmp_path / "x"), "--no-cache"]) == 1
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(WAIT_S)
 
 
 def test_killed_server(ct_store, ct_series_uid, tmp_path):
@@ -120,4 +124,4 @@ def test_killed_server(ct_store, ct_series_uid, tmp_path):
                                               decode_full(cs, row["offset"], True))
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(WAIT_S)

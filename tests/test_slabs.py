@@ -7,6 +7,7 @@ import pytest
 from server_stub.fsck import fsck
 
 from codestream import slabs
+from waits import WAIT_MS
 
 
 # ---------------------------------------------------------------------------- transform
@@ -190,7 +191,7 @@ def test_mpr_window_loads_thick_to_thin(slab_server, qtbot):
         qtbot.addWidget(win)
         win.resize(500, 400)
         win.show()
-        qtbot.waitUntil(lambda: bool(win.load_events) and win.load_events[-1].final, timeout=30000)
+        qtbot.waitUntil(lambda: bool(win.load_events) and win.load_events[-1].final, timeout=WAIT_MS)
         levels = [e.stage.level for e in win.load_events]
         assert levels[0] > 0 and levels[-1] == 0
         vol = win.mpr.volume

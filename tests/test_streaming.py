@@ -388,7 +388,9 @@ def test_damaged_codestream_in_store(tmp_path, ct_store, ct_series_uid):
         sd2 = SeriesData(Session(srv.url), None, ct_series_uid)
         sd2.transfer(comps=[5, 6]).run()
         assert sd2.levels(5) == (4, 2)
-        with pytest.raises(ServerError) as e:
+        (study,) = {r["StudyInstanceUID"] for r in s.series(SeriesInstanceUID=ct_series_uid)}
+        with pytest.raises(ServerError) as e:       # the stored codestream, as it is kept
             s.request("GET", f"/dicomweb/studies/{study}/series/{ct_series_uid}/instances/"
-                      f"{row['SOPInstanceUID']}/frames/1")
+                      f"{row['SOPInstanceUID']}/frames/1",
+                      headers={"Accept": "application/x-medview-codestream"})
         assert e.value.status == 500 and "damaged" in e.value.message

@@ -21,6 +21,7 @@ from server_stub.versions import VersionTable
 from server_stub.fsck import fsck
 from tests.policyutil import copy_store, series_uid
 from tests.test_server_process import _free_port, _serve
+from waits import WAIT_S
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def resume_and_check(store, reference, leftover: str | None = None) -> None:
 def test_kill_during_migration(ct_store, reference, tmp_path, fault, leftover):
     store = copy_store(ct_store, tmp_path / "store")
     proc = migrate_process(store, fault)
-    proc.wait(60)
+    proc.wait(WAIT_S)
     assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()
     resume_and_check(store, reference, leftover)
 
@@ -111,7 +112,7 @@ def test_kill_during_migration(ct_store, reference, tmp_path, fault, leftover):
 def test_kill_at_a_random_moment_of_migration(ct_store, reference, tmp_path):
     store = copy_store(ct_store, tmp_path / "store")
     proc = migrate_process(store)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + WAIT_S
     tails = store / "archive" / "j2k" / reference["uid"]
     while time.monotonic() < deadline and proc.poll() is None:
         if tails.is_dir() and len(list(tails.iterdir())) >= 4:
@@ -119,7 +120,7 @@ def test_kill_at_a_random_moment_of_migration(ct_store, reference, tmp_path):
         time.sleep(0.002)
     assert proc.poll() is None, "the migration ended before the kill"
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(30)
+    proc.wait(WAIT_S)
     resume_and_check(store, reference)
 
 
@@ -131,7 +132,7 @@ def test_kill_during_recall(ct_store, reference, tmp_path, fault, leftover):
     restarted server recalls again and delivers everything bit-exact."""
     store = copy_store(ct_store, tmp_path / "store")
     proc = migrate_process(store)
-    assert proc.wait(60) == 0
+    assert proc.wait(WAIT_S) == 0
     port = _free_port()
     os.environ["MEDVIEW_FAULTS"] = fault
     try:
@@ -142,7 +143,7 @@ def test_kill_during_recall(ct_store, reference, tmp_path, fault, leftover):
         sd = SeriesData(Session(url), None, reference["uid"])
         with pytest.raises(TransferError):
             sd.transfer().run()
-        proc.wait(10)
+        proc.wait(WAIT_S)
         assert proc.returncode == -signal.SIGKILL
     finally:
         if proc.poll() is None:
@@ -160,7 +161,7 @@ def test_kill_during_recall(ct_store, reference, tmp_path, fault, leftover):
             np.testing.assert_array_equal(sd.decode(c).pixels, reference["pixels"][c])
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(WAIT_S)
     resume_and_check(store, reference)
 
 
@@ -170,7 +171,7 @@ def test_recall_while_another_process_migrates(ct_store, reference, tmp_path):
     import threading
 
     store = copy_store(ct_store, tmp_path / "store")
-    assert migrate_process(store).wait(60) == 0
+    assert migrate_process(store).wait(WAIT_S) == 0
     port = _free_port()
     proc, url = _serve(store, port)
     stop = threading.Event()
@@ -194,12 +195,12 @@ def test_recall_while_another_process_migrates(ct_store, reference, tmp_path):
     try:
         for _ in range(4):
             m = migrate_process(store)
-            assert m.wait(60) == 0, m.stdout.read().decode()
+            assert m.wait(WAIT_S) == 0, m.stdout.read().decode()
     finally:
         stop.set()
-        th.join(60)
+        th.join(WAIT_S)
         proc.terminate()
-        proc.wait(10)
+        proc.wait(WAIT_S)
     assert not errors, errors
     assert fetched[0] >= 1
     resume_and_check(store, reference)

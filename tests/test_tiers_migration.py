@@ -3,6 +3,8 @@ the lossy layers stay hot and are served without the archive, a request that nee
 recalls transparently (the client sees "recalling"), nothing is ever lost."""
 from __future__ import annotations
 
+import threading
+
 import io
 import os
 import shutil
@@ -21,6 +23,7 @@ from server_stub.tiers import ArchiveError, S3Archive, Tiers
 from server_stub.versions import VersionTable
 from server_stub.fsck import fsck
 from tests.policyutil import copy_store, series_uid, study_uid
+from waits import WAIT_S
 
 
 @pytest.fixture(scope="module")
@@ -231,22 +234,32 @@ def test_s3_compatible_archive(ct_store, reference, tmp_path):
 
 
 def test_migration_job_inside_the_server(ct_store, tmp_path):
-    """`medview-server serve` runs the migration on a schedule (here: at once)."""
-    import time
+    """`medview-server serve` runs the migration on a schedule (here: at once), under the
+    job's lease: of two servers sharing the store, one runs it."""
+    from server_stub.jobs import JobScheduler, Leases, MigrationJob
     from server_stub.policy import StorageSettings
-    from server_stub.tiers import MigrationScheduler
 
     store = copy_store(ct_store, tmp_path / "store")
     with Store(store) as st:
         vt = VersionTable(st, load_policy)
-        tiers = Tiers(st, versions=vt.get,
-                      settings=lambda: StorageSettings(migrate_after_days=0, schedule_hours=1))
-        job = MigrationScheduler(tiers, first_delay=0.01).start()
-        deadline = time.monotonic() + 30
-        while job.last_report is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        job.stop()
-        assert job.last_report.ok and job.last_report.frames_archived == 12
+        settings = lambda: StorageSettings(migrate_after_days=0, schedule_hours=1)  # noqa: E731
+        tiers = Tiers(st, versions=vt.get, settings=settings)
+        other = Leases(store / "catalogue.sqlite", holder="replica-2")
+        assert other.acquire("migration")          # another replica is migrating now
+        job = MigrationJob(tiers, first_delay=0)
+        sched = JobScheduler([job], leases=Leases(store / "catalogue.sqlite"))
+        assert sched.step() == {}                  # skipped: it runs elsewhere
+        assert job.wait(job.clock()) > 3000        # and this one tries next period
+        other.release("migration")
+        job._next = job.clock()                    # due again
+        done = threading.Event()
+        sched.jobs[0].run = (lambda run: lambda stop: (r := run(stop), done.set())[0])(job.run)
+        sched.start()
+        assert done.wait(WAIT_S)
+        sched.stop()
+        other.close()
+        report = sched.last_report["migration"]
+        assert report.ok and report.frames_archived == 12
         tiers.close()
         vt.close()
         assert fsck(st).clean

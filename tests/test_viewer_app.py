@@ -19,8 +19,9 @@ from viewer.mainwindow import AppConfig, MainWindow
 from viewer.windowing import apply_window
 
 from netsim import slow_packet_streams
+from waits import WAIT_MS
 
-TIMEOUT = 20_000   # ms
+TIMEOUT = WAIT_MS   # bounds a hang only
 
 
 # --------------------------------------------------------------------------- helpers
@@ -364,7 +365,7 @@ def test_import_folder_lists_errors_imports_good_files_and_loses_nothing(qtbot, 
         mime.setUrls([QUrl.fromLocalFile(str(folder))])
         drop = QDropEvent(QPointF(20, 20), Qt.DropAction.CopyAction, mime,
                           Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
-        with qtbot.waitSignal(w.importFinished, timeout=60_000) as blocker:
+        with qtbot.waitSignal(w.importFinished, timeout=TIMEOUT) as blocker:
             w.dropEvent(drop)                      # a folder dropped on the window
         outcome = blocker.args[0]
         report = outcome.report
@@ -470,14 +471,16 @@ def test_import_is_disabled_against_a_remote_server(qtbot, win):
 
 # --------------------------------------------------------------------------- snapshot
 
-def test_snapshot_command_renders_the_slice(tmp_path, server, ct_store, ct_series_uid):
+def test_snapshot_command_renders_the_slice(tmp_path, server, ct_store, ct_series_uid, capsys):
     from viewer.cli import main
 
     def snap(name, *extra):
         out = tmp_path / name
-        rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", "6",
+        rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", "7",
                    "--size", "256,256", "--no-cache", "--out", str(out), *extra])
         assert rc == 0 and out.exists()
+        # 1-based, as the viewer shows it: --slice 7 is "Im: 7 / 12", the file CT0007.dcm
+        assert "slice 7 of 12" in capsys.readouterr().out
         return gray(QImage(str(out)))
 
     hu = dicom_hu(ct_store, 6)
@@ -503,10 +506,12 @@ def test_snapshot_command_renders_the_slice(tmp_path, server, ct_store, ct_serie
 def test_snapshot_command_reports_bad_arguments(tmp_path, server, ct_series_uid, capsys):
     from viewer.cli import main
 
-    rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", "40",
-               "--no-cache", "--out", str(tmp_path / "x.png")])
-    assert rc == 1 and "out of range" in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    for bad in ("40", "13", "0"):
+        rc = main(["snapshot", "--server", server.url, "--series", ct_series_uid, "--slice", bad,
+                   "--no-cache", "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert rc == 1 and "out of range" in err and "(1-12)" in err, bad
+        assert not (tmp_path / "x.png").exists()
 
 
 # --------------------------------------------------------------------------- app shell
@@ -527,8 +532,11 @@ def test_settings_shortcuts_about_and_preferences(qtbot, tmp_path, server, ct_se
         assert not prefs.cache_use.text().startswith("0 B")
         qtbot.waitUntil(lambda: w.backend.cache_usage()[1] == 12, timeout=TIMEOUT)
         prefs.cache_limit.setValue(512)
+        prefs.dicom_port.setValue(11113)
+        prefs.dicom_ae.setText("MYVIEW")
         prefs.accept()
         assert w.settings.cache_limit_mb() == 512
+        assert (w.settings.dicom_port(), w.settings.dicom_ae_title()) == (11113, "MYVIEW")
         w.backend.clear_cache()
         assert w.backend.cache_usage() == (0, 0)
     finally:
@@ -570,7 +578,7 @@ def test_closing_stops_the_bundled_server_it_started(qtbot, tmp_path, ct_store):
         w.start()
     url = blocker.args[0]
     assert url.startswith("http://127.0.0.1:") and w.backend.own_server
-    assert requests.get(f"{url}/api/health", timeout=5).json()["status"] == "ok"
+    assert requests.get(f"{url}/api/health", timeout=WAIT_MS / 1000).json()["status"] == "ok"
     assert w.act_open_folder.isEnabled()                # the bundled store takes imports
     w.close()
     with pytest.raises(requests.ConnectionError):

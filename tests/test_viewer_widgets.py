@@ -21,6 +21,7 @@ from viewer.snapshot import render_view_to_image  # noqa: E402
 from viewer.stackview import MouseMode, StackView  # noqa: E402
 from viewer.transferstats import TransferRate, format_bytes  # noqa: E402
 from viewer.viewstate import ViewState, nice_scale_bar  # noqa: E402
+from waits import WAIT_MS  # noqa: E402
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -378,18 +379,18 @@ def test_wheel_and_keys_request_slices(view, qtbot):
                             Qt.ScrollPhase.NoScrollPhase, False)
         QApplication.sendEvent(view, event)
 
-    with qtbot.waitSignal(view.sliceRequested, timeout=1000) as blocker:
+    with qtbot.waitSignal(view.sliceRequested, timeout=WAIT_MS) as blocker:
         wheel(-120)
     assert blocker.args == [1]
-    with qtbot.waitSignal(view.sliceRequested, timeout=1000) as blocker:
+    with qtbot.waitSignal(view.sliceRequested, timeout=WAIT_MS) as blocker:
         wheel(-120)  # continues from the requested slice, not the displayed one
     assert blocker.args == [2]
     with qtbot.assertNotEmitted(view.sliceRequested):
         wheel(-120)  # already at the last slice
-    with qtbot.waitSignal(view.sliceRequested, timeout=1000) as blocker:
+    with qtbot.waitSignal(view.sliceRequested, timeout=WAIT_MS) as blocker:
         qtbot.keyClick(view, Qt.Key.Key_Home)
     assert blocker.args == [0]
-    with qtbot.waitSignal(view.sliceRequested, timeout=1000) as blocker:
+    with qtbot.waitSignal(view.sliceRequested, timeout=WAIT_MS) as blocker:
         qtbot.keyClick(view, Qt.Key.Key_End)
     assert blocker.args == [2]
 
@@ -399,7 +400,7 @@ def test_region_mode_emits_full_resolution_rectangle(view, qtbot):
     meta = view.series().images[0]
     view.set_image(DecodedImage(0, square_image()[::4, ::4].copy(), 1, 4, 2), meta)
     view.set_mouse_mode(MouseMode.REGION)
-    with qtbot.waitSignal(view.regionRequested, timeout=1000) as blocker:
+    with qtbot.waitSignal(view.regionRequested, timeout=WAIT_MS) as blocker:
         qtbot.mousePress(view, Qt.MouseButton.LeftButton, pos=QPoint(20, 20))
         qtbot.mouseMove(view, QPoint(40, 30))
         qtbot.mouseRelease(view, Qt.MouseButton.LeftButton, pos=QPoint(60, 40))
@@ -425,7 +426,7 @@ def test_distance_and_roi_tools(view, qtbot):
 def test_window_level_drag_and_zoom_drag(view, qtbot):
     view.set_image(DecodedImage(0, square_image(), 4, 4, 0), view.series().images[0])
     c, w = view.window()
-    with qtbot.waitSignal(view.viewStateChanged, timeout=1000):
+    with qtbot.waitSignal(view.viewStateChanged, timeout=WAIT_MS):
         qtbot.mousePress(view, Qt.MouseButton.LeftButton, pos=QPoint(10, 10))
         qtbot.mouseMove(view, QPoint(30, 10))
         qtbot.mouseRelease(view, Qt.MouseButton.LeftButton, pos=QPoint(30, 10))
@@ -467,7 +468,7 @@ def test_cursor_value_in_hu(view, qtbot):
 
 
 def test_displayed_size_changed_on_resize(view, qtbot):
-    with qtbot.waitSignal(view.displayedSizeChanged, timeout=1000) as blocker:
+    with qtbot.waitSignal(view.displayedSizeChanged, timeout=WAIT_MS) as blocker:
         view.resize(300, 200)
         view.show()
     assert blocker.args == [300, 200]
@@ -501,7 +502,7 @@ def test_series_strip_levels_current_and_click(qtbot):
     strip.set_current(2)
     shot = strip.grab().toImage()
     assert shot.pixelColor(5, 6) != shot.pixelColor(35, 6)  # level 4 vs nothing
-    with qtbot.waitSignal(strip.sliceClicked, timeout=1000) as blocker:
+    with qtbot.waitSignal(strip.sliceClicked, timeout=WAIT_MS) as blocker:
         qtbot.mouseClick(strip, Qt.MouseButton.LeftButton, pos=QPoint(73, 6))
     assert blocker.args == [7]
     strip.set_level(3, 2)
@@ -534,9 +535,9 @@ def test_cine_bar_plays_and_honours_consistent_mode(qtbot):
     bar.set_sources(lambda i, level: (i, level), lambda: [2, 1, 3])
     bar.set_consistent(True)
     bar.set_mode("bounce")
-    with qtbot.waitSignal(bar.playingChanged, timeout=1000):
+    with qtbot.waitSignal(bar.playingChanged, timeout=WAIT_MS):
         bar.play()
-    qtbot.waitUntil(lambda: len(frames) >= 4, timeout=2000)
+    qtbot.waitUntil(lambda: len(frames) >= 4, timeout=WAIT_MS)
     bar.pause()
     assert not bar.is_playing()
     assert [f[0] for f in frames[:4]] == [1, 2, 1, 0]

@@ -1,5 +1,6 @@
 """Study browser: patient / study / series tree with search, filters, image counts and
-series thumbnails that arrive progressively.
+series thumbnails that arrive progressively; and, as a second source, a remote PACS
+(its studies listed by C-FIND, one retrieved into the local store on request).
 
 The widget does no network work: it says which queries it wants
 (:attr:`StudyBrowser.queryRequested`) and which thumbnails (:attr:`thumbnailsWanted`),
@@ -22,7 +23,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDateEdit, QHBoxLayout, QHe
 from .overlay import format_date, format_person_name
 from .stackview import numpy_to_qimage
 
-__all__ = ["MODALITIES", "study_queries", "PatientGroup", "group_studies", "series_label",
+__all__ = ["MODALITIES", "study_queries", "remote_queries", "PatientGroup", "group_studies", "series_label",
            "StudyBrowser"]
 
 MODALITIES = ("CT", "MR", "CR", "DX", "US", "XA", "MG", "PT", "NM", "RF", "OT", "SC")
@@ -49,6 +50,22 @@ def study_queries(text: str = "", modality: str | None = None, date_from: str | 
         return [base]
     pattern = text if ("*" in text or "?" in text) else f"*{text}*"
     return [dict(base, PatientName=pattern), dict(base, PatientID=pattern)]
+
+
+def remote_queries(text: str = "", modality: str | None = None, date_from: str | None = None,
+                   date_to: str | None = None) -> list[dict]:
+    """C-FIND study queries (keyword arguments of ``Pacs.find_studies``) for the
+    browser's filters: the text matches the patient's name *or* ID, as for QIDO."""
+    base: dict = {}
+    if modality:
+        base["modality"] = modality
+    if date_from or date_to:
+        base["date"] = f"{date_from or ''}-{date_to or ''}"
+    text = text.strip()
+    if not text:
+        return [base]
+    pattern = text if ("*" in text or "?" in text) else f"*{text}*"
+    return [dict(base, name=pattern), dict(base, patient=pattern)]
 
 
 @dataclass
@@ -99,6 +116,11 @@ class StudyBrowser(QWidget):
     """The filters changed: run these QIDO queries and call :meth:`set_results`."""
     thumbnailsWanted = Signal(list)
     """Series UIDs now listed whose thumbnails are wanted."""
+    remoteQueryRequested = Signal(str, list)
+    """The source is a remote PACS: run these C-FIND queries on it (its name) and call
+    :meth:`set_remote_results`."""
+    retrieveRequested = Signal(str, str)
+    """Retrieve this study (PACS name, Study Instance UID) into the local store."""
 
     COLUMNS = ("Patient / study / series", "Images", "Date", "Mod.")
 
@@ -137,6 +159,19 @@ class StudyBrowser(QWidget):
         self.refresh_button = QPushButton("Refresh", self)
         self.refresh_button.clicked.connect(self.refresh)
 
+        self.source = QComboBox(self)
+        self.source.addItem("This server", None)
+        self.source.setToolTip("Where the studies come from: the image server, or a remote "
+                               "PACS (medview-server pacs add)")
+        self.source.setVisible(False)
+        self.source.currentIndexChanged.connect(lambda _i: self._on_source_changed())
+        self.retrieve_button = QPushButton("Retrieve", self)
+        self.retrieve_button.setToolTip("Copy the selected study from the PACS into the "
+                                        "local store")
+        self.retrieve_button.setVisible(False)
+        self.retrieve_button.setEnabled(False)
+        self.retrieve_button.clicked.connect(self._on_retrieve)
+
         self.tree = QTreeWidget(self)
         self.tree.setColumnCount(len(self.COLUMNS))
         self.tree.setHeaderLabels(list(self.COLUMNS))
@@ -151,9 +186,13 @@ class StudyBrowser(QWidget):
         header.setMinimumSectionSize(36)
         self.tree.setMinimumWidth(360)
         self.tree.itemActivated.connect(self._on_activated)
+        self.tree.currentItemChanged.connect(lambda _c, _p: self._update_retrieve())
 
         self.status = QLabel("", self)
 
+        row0 = QHBoxLayout()
+        row0.addWidget(self.source, 1)
+        row0.addWidget(self.retrieve_button)
         row1 = QHBoxLayout()
         row1.addWidget(self.search, 1)
         row1.addWidget(self.modality)
@@ -166,6 +205,7 @@ class StudyBrowser(QWidget):
         row2.addWidget(self.refresh_button)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(row0)
         layout.addLayout(row1)
         layout.addLayout(row2)
         layout.addWidget(self.tree, 1)
@@ -190,10 +230,84 @@ class StudyBrowser(QWidget):
         return study_queries(self.search.text(), self.modality.currentData(), date_from, date_to)
 
     def refresh(self) -> None:
-        """Ask for the studies matching the filters."""
+        """Ask for the studies matching the filters (of the server or the PACS)."""
         self._debounce.stop()
-        self.status.setText("Searching…")
-        self.queryRequested.emit(self.queries())
+        pacs = self.remote_source()
+        self.status.setText(f"Searching {pacs}…" if pacs else "Searching…")
+        if pacs:
+            date_from = date_to = None
+            if self.date_filter.isChecked():
+                date_from = self.date_from.date().toString("yyyyMMdd")
+                date_to = self.date_to.date().toString("yyyyMMdd")
+            self.remoteQueryRequested.emit(pacs, remote_queries(
+                self.search.text(), self.modality.currentData(), date_from, date_to))
+        else:
+            self.queryRequested.emit(self.queries())
+
+    # ------------------------------------------------------------------ sources
+    def set_pacs_sources(self, names: Sequence[str]) -> None:
+        """The remote PACS that may be browsed (the selector shows only when there is
+        one)."""
+        current = self.remote_source()
+        self.source.blockSignals(True)
+        while self.source.count() > 1:
+            self.source.removeItem(1)
+        for n in names:
+            self.source.addItem(f"Remote PACS: {n}", n)
+        idx = self.source.findData(current) if current in names else 0
+        self.source.setCurrentIndex(max(idx, 0))
+        self.source.blockSignals(False)
+        self.source.setVisible(bool(names))
+        if current and current not in names:
+            self._on_source_changed()
+
+    def remote_source(self) -> str | None:
+        """The PACS being browsed, or None for the image server."""
+        return self.source.currentData()
+
+    def _on_source_changed(self) -> None:
+        remote = self.remote_source() is not None
+        self.retrieve_button.setVisible(remote)
+        self.tree.clear()
+        self._series_items.clear()
+        self._update_retrieve()
+        self.refresh()
+
+    def selected_remote_study(self) -> str | None:
+        item = self.tree.currentItem()
+        data = item.data(0, _ROLE) if item is not None else None
+        return data[1] if data and data[0] == "remote-study" else None
+
+    def _update_retrieve(self) -> None:
+        self.retrieve_button.setEnabled(self.selected_remote_study() is not None)
+
+    def _on_retrieve(self) -> None:
+        uid, pacs = self.selected_remote_study(), self.remote_source()
+        if uid and pacs:
+            self.retrieveRequested.emit(pacs, uid)
+
+    def set_remote_results(self, studies: list[dict]) -> None:
+        """Show the PACS's studies (C-FIND rows: patient and study keys)."""
+        self.tree.clear()
+        self._series_items.clear()
+        for group in group_studies(studies):
+            p_item = QTreeWidgetItem([group.label, "", "", ""])
+            p_item.setData(0, _ROLE, ("patient", group.patient_id))
+            for st in group.studies:
+                mods = st.get("ModalitiesInStudy") or []
+                mods = ", ".join(mods) if isinstance(mods, list) else str(mods)
+                n = st.get("NumberOfStudyRelatedInstances")
+                item = QTreeWidgetItem([study_label(st), "" if n is None else str(n),
+                                        format_date(st.get("StudyDate") or ""), mods])
+                item.setData(0, _ROLE, ("remote-study", st["StudyInstanceUID"]))
+                item.setToolTip(0, f"Study {st['StudyInstanceUID']} on the PACS\n"
+                                   "Select it and press Retrieve")
+                p_item.addChild(item)
+            self.tree.addTopLevelItem(p_item)
+        self.tree.expandAll()
+        self._update_retrieve()
+        self.status.setText(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} on "
+                            f"{self.remote_source() or 'the PACS'}")
 
     # ------------------------------------------------------------------ results
     def set_results(self, studies: list[dict], series_by_study: dict[str, list[dict]]) -> None:
@@ -275,6 +389,17 @@ class StudyBrowser(QWidget):
         item = self.tree.currentItem()
         data = item.data(0, _ROLE) if item is not None else None
         return data[1] if data and data[0] == "series" else None
+
+    def selected_study(self) -> str | None:
+        """The Study Instance UID of the selected study, or of the selected series' study
+        (image server source only)."""
+        item = self.tree.currentItem()
+        while item is not None:
+            data = item.data(0, _ROLE)
+            if data and data[0] == "study":
+                return data[1]
+            item = item.parent()
+        return None
 
     def select_series(self, uid: str) -> bool:
         item = self._series_items.get(uid)

@@ -10,6 +10,10 @@
                    --out file.png [--out-npy plane.npy]          (see viewer/render_cmd.py)
     medview render --slide ID --level L [--region x,y,w,h] [--sr 2|4] --out file.png
                                                                   (see commands/slide_render.py)
+    medview list [--server URL] studies|series|instances [--patient ID] [--study UID]
+                 [--series UID] [--json]      the UIDs the commands above need
+
+Images are numbered from 1 in series order everywhere, as the viewer shows them.
 """
 from __future__ import annotations
 
@@ -73,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("snapshot", help="render the stack view offscreen to a PNG")
     s.add_argument("--server", dest="snap_server")
     s.add_argument("--series", required=True)
-    s.add_argument("--slice", type=int, default=0)
+    s.add_argument("--slice", type=int, default=1,
+                   help="image number, 1-based as the viewer shows it (default 1)")
     s.add_argument("--layers", type=int)
     s.add_argument("--level", type=int)
     s.add_argument("--window", type=_window,
@@ -86,7 +91,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .render_cmd import add_parser as add_render_parser
     add_render_parser(sub, _credentials)
+    _add_list_parser(sub)
     return p
+
+
+def _add_list_parser(sub) -> None:
+    from client.listing import LEVELS
+
+    ls = sub.add_parser("list", help="list studies, series or instances and their UIDs")
+    ls.add_argument("level", choices=LEVELS)
+    ls.add_argument("--server", dest="list_server",
+                    help="image server URL (default: the bundled server on --store)")
+    ls.add_argument("--patient", help="only this Patient ID (* and ? wildcards)")
+    ls.add_argument("--study", help="only this Study Instance UID")
+    ls.add_argument("--series", help="only this Series Instance UID")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.add_argument("--user", default=os.environ.get("MEDVIEW_USER", "local"),
+                    help="user name (default: the local user)")
+    ls.add_argument("--password", default=os.environ.get("MEDVIEW_PASSWORD"))
+
+
+def cmd_list(args) -> int:
+    """Print the rows through the client session (the user's rights apply)."""
+    from client.listing import format_rows, list_server
+    from client.session import ServerError, Session
+
+    server = session = None
+    try:
+        url = args.list_server or args.server
+        if not url:
+            from .snapshot_cmd import SnapshotError, _start_bundled
+            try:
+                server = _start_bundled(args.store)
+            except SnapshotError as e:
+                print(f"medview list: {e}", file=sys.stderr)
+                return 1
+            url = server.url
+        session = Session(url, args.user, args.password)
+        refused: list[str] = []
+        rows = list_server(session, args.level, patient=args.patient, study=args.study,
+                           series=args.series, refused=refused)
+        for r in refused:
+            print(f"medview list: left out: {r}", file=sys.stderr)
+    except ServerError as e:
+        print(f"medview list: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if session is not None:
+            session.logout()
+        if server is not None:
+            server.stop()
+    for line in format_rows(rows, args.level, as_json=args.json):
+        print(line)
+    return 0
 
 
 def _cache(args):
@@ -124,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command == "fetch":
         return cmd_fetch(args)
+    if args.command == "list":
+        return cmd_list(args)
     if args.command == "snapshot":
         from .snapshot_cmd import cmd_snapshot
         return cmd_snapshot(args)

@@ -105,6 +105,20 @@ class AppSettings:
     def set_prefetch(self, on: bool) -> None:
         self.q.setValue("loading/prefetch", "true" if on else "false")
 
+    # DICOM listener of the bundled server (0 = off)
+    def dicom_port(self) -> int:
+        try:
+            return max(0, min(65535, int(self.q.value("dicom/port", 0))))
+        except (TypeError, ValueError):
+            return 0
+
+    def dicom_ae_title(self) -> str:
+        return str(self.q.value("dicom/ae_title", "MEDVIEW") or "MEDVIEW")
+
+    def set_dicom(self, port: int, ae_title: str) -> None:
+        self.q.setValue("dicom/port", int(port))
+        self.q.setValue("dicom/ae_title", ae_title.strip() or "MEDVIEW")
+
     def sync(self) -> None:
         self.q.sync()
 
@@ -169,6 +183,15 @@ class PreferencesDialog(QDialog):
         self.clear_button.clicked.connect(self.clearCacheRequested)
         self.prefetch = QCheckBox("Fetch the rest of a series in the background", self)
         self.prefetch.setChecked(settings.prefetch())
+        self.dicom_port = QSpinBox(self)
+        self.dicom_port.setRange(0, 65535)
+        self.dicom_port.setSpecialValueText("off")
+        self.dicom_port.setValue(settings.dicom_port())
+        self.dicom_port.setToolTip("The bundled server also receives and answers DICOM "
+                                   "(C-STORE, C-FIND, C-MOVE, C-GET) on this port, on this "
+                                   "machine only (127.0.0.1)")
+        self.dicom_ae = QLineEdit(settings.dicom_ae_title(), self)
+        self.dicom_ae.setMaxLength(16)
 
         self.presets = QListWidget(self)
         for p in settings.presets():
@@ -188,6 +211,8 @@ class PreferencesDialog(QDialog):
         form.addRow("In use", use_row)
         form.addRow("Size limit", self.cache_limit)
         form.addRow("", self.prefetch)
+        form.addRow("DICOM port (bundled server)", self.dicom_port)
+        form.addRow("DICOM AE title", self.dicom_ae)
         preset_buttons = QHBoxLayout()
         preset_buttons.addWidget(remove)
         preset_buttons.addWidget(restore)
@@ -226,6 +251,7 @@ class PreferencesDialog(QDialog):
         self.settings.set_cache_limit_mb(self.cache_limit.value())
         self.settings.set_prefetch(self.prefetch.isChecked())
         self.settings.set_presets(self.chosen_presets())
+        self.settings.set_dicom(self.dicom_port.value(), self.dicom_ae.text())
 
 
 class ShortcutsDialog(QDialog):

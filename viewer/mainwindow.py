@@ -360,6 +360,9 @@ class MainWindow(QMainWindow):
                                   "Import DICOM files into the local store")
         self.act_connect = A("&Connect to server…", self.ask_login, None,
                              "Log in to another image server")
+        self.act_export = A("&Export study…", self.choose_export, "Ctrl+E",
+                            "Write the selected study's original DICOM files and a DICOMDIR "
+                            "to a folder")
         self.act_prefs = A("&Preferences…", self.show_preferences, QKeySequence.StandardKey.Preferences,
                            "Cache size, background loading, window presets")
         self.act_quit = A("&Quit", self.close, QKeySequence.StandardKey.Quit, "Quit MedView")
@@ -422,7 +425,7 @@ class MainWindow(QMainWindow):
         bar = self.menuBar()
         m = bar.addMenu("&File")
         for a in (self.act_open_folder, self.act_import_files, self.act_open_slide, None,
-                  self.act_connect, None,
+                  self.act_export, None, self.act_connect, None,
                   self.act_prefs, None, self.act_quit):
             m.addSeparator() if a is None else m.addAction(a)
         m = bar.addMenu("&View")
@@ -486,6 +489,8 @@ class MainWindow(QMainWindow):
         self.browser.queryRequested.connect(self._run_query)
         self.browser.thumbnailsWanted.connect(self._want_thumbnails)
         self.browser.seriesActivated.connect(self.open_series)
+        self.browser.remoteQueryRequested.connect(self._run_remote_query)
+        self.browser.retrieveRequested.connect(self.retrieve_study)
         self.stack.sliceRequested.connect(self._on_slice_requested)
         self.stack.regionRequested.connect(self._on_region_requested)
         self.stack.displayedSizeChanged.connect(lambda _w, _h: self._reduce_timer.start())
@@ -527,8 +532,11 @@ class MainWindow(QMainWindow):
         store = Path(store_dir) if store_dir else default_data_dir() / "store"
         self._busy(True, f"Preparing the local store {store} (the sample study is created on "
                          f"first run and takes about 20 s)…")
+        dicom = (self.settings.dicom_port(), self.settings.dicom_ae_title())
         task = Task(lambda ctx: self.backend.start_bundled(store, ctx.message,
-                                                           sample=self.config.sample),
+                                                           sample=self.config.sample,
+                                                           dicom_port=dicom[0],
+                                                           ae_title=dicom[1]),
                     name="bundled-server", parent=self)
         task.message.connect(lambda m: self.statusBar().showMessage(m))
         task.finished.connect(self._on_connected)
@@ -583,6 +591,7 @@ class MainWindow(QMainWindow):
         from client.policy import PolicyClient
         self.policy.set_client(PolicyClient(s))
         self.browser.refresh()
+        self._refresh_pacs_sources()
         self.connected.emit(url)
 
     def _show_server_busy(self, pause: float, attempt: int) -> None:
@@ -605,7 +614,7 @@ class MainWindow(QMainWindow):
 
     def _set_connected_ui(self, on: bool) -> None:
         can_import = on and self.backend.can_import
-        for a in (self.act_open_folder, self.act_import_files):
+        for a in (self.act_open_folder, self.act_import_files, self.act_export):
             a.setEnabled(can_import)
             a.setToolTip(a.statusTip() if can_import else
                          "Import goes into the bundled server's store; connected to a "
@@ -637,6 +646,88 @@ class MainWindow(QMainWindow):
         task.finished.connect(done)
         task.failed.connect(failed)
         task.start()
+
+    # ================================================================== remote PACS
+    def _refresh_pacs_sources(self) -> None:
+        backend = self.backend
+        t = Task(lambda _ctx: backend.pacs_names(), name="pacs-names", pool=backend.pool,
+                 parent=self)
+        t.finished.connect(self.browser.set_pacs_sources)
+        t.start()
+
+    def _run_remote_query(self, pacs: str, queries: list[dict]) -> None:
+        self._query_seq += 1
+        seq = self._query_seq
+        backend, title = self.backend, self.settings.dicom_ae_title()
+        task = Task(lambda _ctx: backend.pacs_studies(pacs, queries, title), name="pacs-query",
+                    pool=backend.pool, priority=VISIBLE, parent=self)
+        task.finished.connect(lambda rows: seq == self._query_seq
+                              and self.browser.set_remote_results(rows))
+        task.failed.connect(lambda e: seq == self._query_seq
+                            and self.browser.set_error(f"{pacs}: {e}"))
+        task.start()
+
+    def retrieve_study(self, pacs: str, study_uid: str) -> Task:
+        """C-GET a study from the PACS into the local store, progress in the status bar
+        with a cancel button; then it is listed (and opened) from the image server."""
+        backend, title = self.backend, self.settings.dicom_ae_title()
+        bar = self.statusBar()
+        cancel = QPushButton("Cancel retrieve", self)
+        bar.addPermanentWidget(cancel)
+        task = Task(lambda ctx: backend.pacs_retrieve(pacs, study_uid, ae_title=title,
+                                                      progress=ctx.progress,
+                                                      cancelled=lambda: ctx.cancelled),
+                    name="pacs-retrieve", parent=self)
+        self.retrieve_task = task
+
+        def on_cancel() -> None:
+            task.cancel()
+            cancel.setEnabled(False)
+            bar.showMessage(f"Cancelling the retrieve from {pacs}…")
+
+        def finish(counts) -> None:
+            bar.removeWidget(cancel)
+            cancel.deleteLater()
+            bar.showMessage(f"Retrieved from {pacs}: {counts['completed']} received, "
+                            f"{counts['imported']} new, {counts['failed']} failed"
+                            + (" (cancelled)" if task.cancelled else ""), 10000)
+            self.browser.source.setCurrentIndex(0)        # back to the server's studies
+            if counts["imported"] or counts["duplicates"]:
+                self.open_study(study_uid)
+
+        def fail(error) -> None:
+            bar.removeWidget(cancel)
+            cancel.deleteLater()
+            bar.showMessage(f"Retrieve from {pacs} failed: {error}", 15000)
+
+        cancel.clicked.connect(on_cancel)
+        task.progress.connect(lambda d, t: bar.showMessage(
+            f"Retrieving from {pacs}: {d} of {t} instances"))
+        task.finished.connect(finish)
+        task.failed.connect(fail)
+        bar.showMessage(f"Retrieving study {study_uid} from {pacs}…")
+        return task.start()
+
+    # ================================================================== export
+    def choose_export(self) -> None:
+        study = self.browser.selected_study()
+        if study is None:
+            QMessageBox.information(self, "Export", "Select a study (or one of its series) "
+                                    "in the study browser first.")
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Export the study into an empty folder")
+        if folder:
+            self.export_study(study, folder)
+
+    def export_study(self, study_uid: str, out: str | Path) -> Task:
+        """Original files and a DICOMDIR into ``out``, off the UI thread."""
+        backend, bar = self.backend, self.statusBar()
+        task = Task(lambda ctx: backend.export_study(study_uid, out, progress=ctx.progress),
+                    name="export", parent=self)
+        task.progress.connect(lambda d, t: bar.showMessage(f"Exporting: {d} of {t} files"))
+        task.finished.connect(lambda rep: bar.showMessage(rep.summary(), 10000))
+        task.failed.connect(lambda e: QMessageBox.critical(self, "Export failed", str(e)))
+        return task.start()
 
     def _want_thumbnails(self, uids: list[str]) -> None:
         if self.backend.registry is None:
@@ -1121,6 +1212,14 @@ class MainWindow(QMainWindow):
             if self.loader is not None:
                 self.loader.set_prefetch(self.settings.prefetch())
             self.rebuild_presets()
+            if backend.server is not None and backend.own_server:
+                port, title = self.settings.dicom_port(), self.settings.dicom_ae_title()
+                t = Task(lambda _ctx: backend.set_dicom(port, title), name="dicom", parent=self)
+                t.finished.connect(lambda _r: self.statusBar().showMessage(
+                    f"DICOM listener {title} on port {port}" if port else "DICOM listener off"))
+                t.failed.connect(lambda e: self.statusBar().showMessage(
+                    f"DICOM listener not started: {e}"))
+                t.start()
 
         dlg.accepted.connect(accepted)
         dlg.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose, True)

@@ -188,8 +188,8 @@ def roi_stats(
     hu = values.astype(np.float64) * meta.rescale_slope + meta.rescale_intercept
     width, height = abs(p1[0] - p0[0]), abs(p1[1] - p0[1])
     area = width * height * (math.pi / 4.0 if kind is MeasureKind.ELLIPSE else 1.0)
-    if meta.pixel_spacing:
-        area *= meta.pixel_spacing[0] * meta.pixel_spacing[1]
+    if meta.mm_spacing:
+        area *= meta.mm_spacing[0] * meta.mm_spacing[1]
         area_unit = "mm²"
     else:
         area_unit = "px²"
@@ -228,9 +228,15 @@ def best_source(
 def measurement_label(
     m: Measurement, sources: Sequence[DecodedImage], meta: ImageMeta, modality: str | None = None
 ) -> list[str]:
-    """Text lines for a measurement, computed from the best data available."""
+    """Text lines for a measurement, computed from the best data available. On an image
+    whose geometry the server flagged as impossible, lengths and areas stay in pixels and
+    a line says why (no mm from nonsense spacing)."""
+    refused = [GEOMETRY_REFUSAL] if meta.geometry_flagged else []
     if m.kind is MeasureKind.DISTANCE:
-        return [str(distance(m.p0, m.p1, meta.pixel_spacing))]
+        return [str(distance(m.p0, m.p1, meta.mm_spacing))] + refused
     source = best_source(sources, meta, m.p0, m.p1)
     stats = roi_stats(source, meta, m.kind, m.p0, m.p1, modality) if source is not None else None
-    return stats.lines() if stats else []
+    return (stats.lines() + refused) if stats else []
+
+
+GEOMETRY_REFUSAL = "no mm: geometry flagged as impossible"

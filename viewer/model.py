@@ -54,6 +54,11 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+#: Attribute keywords whose flags (see server_stub.ingest.value_flags) concern geometry.
+GEOMETRY_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "SliceThickness",
+                     "SpacingBetweenSlices", "ImagePositionPatient", "ImageOrientationPatient")
+
+
 @dataclass
 class ImageMeta:
     """Metadata of one image (slice or frame) of a series, as the server lists it."""
@@ -76,6 +81,11 @@ class ImageMeta:
     window_width: float | None = None
     instance_number: int | None = None
     modality: str | None = None  # optional; usually taken from the series
+    # Impossible header values the server flagged at ingest ("PixelSpacing: zero or
+    # negative (0\\0)", ...); geometry ones forbid mm measurements and MPR.
+    geometry_flags: tuple[str, ...] = ()
+    # Another file with this SOP Instance UID and other content waits in the quarantine.
+    conflict: bool = False
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ImageMeta:
@@ -108,7 +118,20 @@ class ImageMeta:
             window_width=_float_or_none(d.get("WindowWidth")),
             instance_number=_int_or_none(d.get("InstanceNumber")),
             modality=_text(d.get("Modality")) or None,
+            geometry_flags=tuple(str(f) for f in (d.get("geometry_flags") or ())),
+            conflict=bool(d.get("conflict")),
         )
+
+    @property
+    def geometry_flagged(self) -> bool:
+        """True when the geometry (spacing, thickness, position, orientation) is
+        impossible: no measurement in mm, no MPR."""
+        return any(f.split(":", 1)[0] in GEOMETRY_KEYWORDS for f in self.geometry_flags)
+
+    @property
+    def mm_spacing(self) -> tuple[float, float] | None:
+        """PixelSpacing when it may be used for measurements in mm, else None."""
+        return None if self.geometry_flagged else self.pixel_spacing
 
     @property
     def is_color(self) -> bool:

@@ -376,11 +376,14 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     from client.series import SeriesData
 
     from .volume import VolumeError
-    from .volume_loader import SlabVolumeLoader, VolumeLoader, usable_images
+    from .volume_loader import SlabVolumeLoader, VolumeLoader, geometry_refusal, usable_images
 
     if series is None:
         series = SeriesData(session, cache, series_uid)
         series.declare_needed = True
+    flagged = geometry_refusal(series.images)
+    if flagged:
+        _refuse(parent, flagged, show_errors)
     keep, _notes = usable_images(series.images)
     refusal = mpr_threshold_check(len(keep), threshold)
     if refusal:

@@ -106,6 +106,12 @@ def corner_lines(
             corners.top_right.append(f"Thk: {meta.slice_thickness:g} mm")
         if window is not None and not meta.is_color:
             corners.bottom_left.append(window_label(*window))
+        if meta.conflict:
+            corners.top_left.append("⚠ UID CONFLICT: another file with this SOP Instance "
+                                    "UID is in quarantine")
+        if meta.geometry_flags:
+            corners.top_left.append("⚠ IMPOSSIBLE VALUES: " + "; ".join(meta.geometry_flags[:2])
+                                    + (" …" if len(meta.geometry_flags) > 2 else ""))
     if zoom is not None:
         corners.bottom_left.append(f"Zoom: {zoom:.2f}")
     if decoded is not None:

@@ -402,15 +402,15 @@ def measurement_annotation(m, meta, series_uid: str, label: str | None = None) -
     body: dict = {"series": series_uid, "image": f"{meta.sop_instance_uid}/{meta.frame}",
                   "points": [list(m.p0), list(m.p1)]}
     if m.kind is MeasureKind.DISTANCE:
-        d = distance(m.p0, m.p1, meta.pixel_spacing)
+        d = distance(m.p0, m.p1, meta.mm_spacing)
         body.update(shape="line", measurement={"kind": "distance", "value": d.length, "unit": d.unit},
                     label=label or str(d))
     else:
         w, h = abs(m.p1[0] - m.p0[0]), abs(m.p1[1] - m.p0[1])
         area = w * h * (3.141592653589793 / 4 if m.kind is MeasureKind.ELLIPSE else 1.0)
         unit = "px²"
-        if meta.pixel_spacing:
-            area *= meta.pixel_spacing[0] * meta.pixel_spacing[1]
+        if meta.mm_spacing:
+            area *= meta.mm_spacing[0] * meta.mm_spacing[1]
             unit = "mm²"
         body.update(shape="ellipse" if m.kind is MeasureKind.ELLIPSE else "rect",
                     measurement={"kind": "area", "value": area, "unit": unit},

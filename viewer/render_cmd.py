@@ -84,7 +84,7 @@ def _volume_from_folder(args):
     from .series_select import select_series
 
     sel = select_series(args.folder, threshold=args.threshold)
-    print(sel.report())
+    print(sel.report(refusal=False))       # the refusal is the error message below
     if sel.refusal:
         raise RenderError(sel.refusal)
     return sel.build_volume(), None

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from codestream.ranges import format_ranges
+from imaging import dicom
 
 from .volume import SliceGeometry, Volume, VolumeError, build_geometry, volume_for_slices
 
@@ -74,25 +75,16 @@ class MprRefused(Exception):
 # --------------------------------------------------------------------------- candidates
 def has_dicom_preamble(path: str | Path) -> bool:
     """True when the file has the DICOM Part 10 magic ``DICM`` at byte 128."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return dicom.has_preamble(dicom.read_head(path))
 
 
 def looks_like_dicom(path: str | Path) -> bool:
-    """A ``.dcm`` suffix (any case) or the preamble magic (M1)."""
-    return Path(path).suffix.lower() == ".dcm" or has_dicom_preamble(path)
+    """A ``.dcm`` suffix (any case), the preamble magic, or (without a preamble) a
+    plausible dataset start (M1; the one check of :mod:`imaging.dicom`, as ingest)."""
+    return Path(path).suffix.lower() == ".dcm" or dicom.is_dicom_file(path)
 
 
-def _get(ds, keyword: str, default: Any = None) -> Any:
-    try:
-        v = ds.get(keyword, default)
-    except Exception:  # noqa: BLE001 - a malformed value in a foreign file
-        return default
-    return getattr(v, "value", v) if v is not None else default
+_get = dicom.get            # attribute values of foreign files, never raising
 
 
 def _floats(v: Any, n: int) -> tuple[float, ...] | None:
@@ -127,22 +119,7 @@ def _text(v: Any) -> str:
     return str(v).strip()
 
 
-def _group_value(ds, frame: int | None, seq: str, keyword: str) -> Any:
-    """Value from an enhanced multi-frame functional group (the frame's own first)."""
-    items = []
-    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
-    if frame is not None and per_frame and frame < len(per_frame):
-        items.append(per_frame[frame])
-    shared = _get(ds, "SharedFunctionalGroupsSequence")
-    if shared:
-        items.append(shared[0])
-    for item in items:
-        s = _get(item, seq)
-        if s:
-            v = _get(s[0], keyword)
-            if v is not None and v != "":
-                return v
-    return None
+_group_value = dicom.group_value    # enhanced multi-frame functional groups
 
 
 @dataclass
@@ -395,8 +372,10 @@ class SeriesSelection:
             raise MprRefused(self.refusal)
         return self
 
-    def report(self) -> str:
-        """Readable summary: kept, skipped (with reasons), recovered, missing, warnings."""
+    def report(self, refusal: bool = True) -> str:
+        """Readable summary: kept, skipped (with reasons), recovered, missing, warnings;
+        the refusal last (``refusal=False`` leaves it to the caller's error message).
+        A refused selection does not claim "missing: none": nothing was checked for."""
         ref = self.reference
         lines = []
         if ref is not None:
@@ -410,11 +389,11 @@ class SeriesSelection:
             lines.append(f"  {s.name}: {s.reason}")
         if self.missing:
             lines.append("missing instance number(s): " + format_ranges(self.missing, ', '))
-        else:
+        elif not self.refusal:
             lines.append("missing: none")
         for w in self.warnings:
             lines.append(f"warning: {w}")
-        if self.refusal:
+        if self.refusal and refusal:
             lines.append(f"refused: {self.refusal}")
         return "\n".join(lines)
 

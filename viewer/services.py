@@ -90,7 +90,8 @@ class Backend:
         return self.cache
 
     def start_bundled(self, store_dir: str | Path, log_fn: Callable[[str], None] = lambda m: None,
-                      *, sample: bool = True, sample_slices: int = 64, sample_size: int = 512) -> str:
+                      *, sample: bool = True, sample_slices: int = 64, sample_size: int = 512,
+                      dicom_port: int = 0, ae_title: str = "MEDVIEW") -> str:
         """Create the sample study on first run, start the bundled server on a free
         loopback port and log in as the local user. Returns the server URL."""
         from server_stub.embedded import EmbeddedServer
@@ -107,8 +108,21 @@ class Backend:
         log_fn("Starting the bundled image server…")
         server = EmbeddedServer(str(store_dir)).start()
         self.adopt_server(server, own=True)
+        if dicom_port:
+            try:
+                self.set_dicom(dicom_port, ae_title)
+            except (OSError, ValueError) as e:     # port taken: the viewer works without it
+                log_fn(f"DICOM listener not started on port {dicom_port}: {e}")
         self.login(server.url, DEFAULT_USER, None)
         return server.url
+
+    def set_dicom(self, port: int, ae_title: str = "MEDVIEW") -> None:
+        """Start, move or stop (port 0) the bundled server's DICOM listener (a worker
+        calls this: it binds a socket)."""
+        if self.server is None or not self.own_server:
+            raise RuntimeError("the DICOM listener belongs to the bundled server, and this "
+                               "window is connected to another server")
+        self.server.set_dicom(port, ae_title)
 
     def adopt_server(self, server, *, own: bool = False) -> None:
         """Use an already running :class:`~server_stub.embedded.EmbeddedServer` (its
@@ -139,6 +153,54 @@ class Backend:
 
     def series_of(self, study_uids: list[str]) -> dict[str, list[dict]]:
         return {uid: self.session.series(uid) for uid in study_uids}
+
+    # ------------------------------------------------------------------ remote PACS, export
+    def _own_store(self):
+        if not self.can_import or self.server is None:
+            raise RuntimeError("remote PACS and export use the bundled server's store; this "
+                               "window is connected to another server")
+        return self.server.store
+
+    def pacs_names(self) -> list[str]:
+        """The PACS configured in the bundled store (``medview-server pacs add``); none
+        when connected to another server (file I/O: call from a worker)."""
+        if not self.can_import or self.server is None:
+            return []
+        from server_stub.dimse import Peers
+        return sorted(Peers(self.server.store.catalogue).pacs())
+
+    def _pacs(self, name: str, ae_title: str):
+        from server_stub.dimse import Pacs, Peers
+        return Pacs(Peers(self._own_store().catalogue).get_pacs(name), ae_title=ae_title)
+
+    def pacs_studies(self, name: str, queries: list[dict], ae_title: str = "MEDVIEW") -> list[dict]:
+        """Studies of a PACS matching any of the C-FIND queries (network: a worker)."""
+        pacs = self._pacs(name, ae_title)
+        seen: dict[str, dict] = {}
+        for q in queries or [{}]:
+            for row in pacs.find_studies(**q):
+                if row.get("StudyInstanceUID"):
+                    seen.setdefault(row["StudyInstanceUID"], row)
+        return sorted(seen.values(), key=lambda r: (r.get("StudyDate") or "", r.get("StudyTime") or ""),
+                      reverse=True)
+
+    def pacs_retrieve(self, name: str, study_uid: str, *, ae_title: str = "MEDVIEW",
+                      progress: Callable[[int, int], None] | None = None,
+                      cancelled: Callable[[], bool] = lambda: False) -> dict:
+        """C-GET a study from a PACS into the bundled store through the common ingest
+        (network and CPU: a worker). Cancelling sends C-CANCEL; what arrived stays."""
+        class _Flag:
+            def is_set(self) -> bool:
+                return cancelled()
+        return self._pacs(name, ae_title).retrieve(study_uid, self._own_store(), via="get",
+                                                   progress=progress, cancel=_Flag())
+
+    def export_study(self, study_uid: str, out: str | Path, *, dicomdir: bool = True,
+                     progress: Callable[[int, int], None] | None = None):
+        """The study's original files (and a DICOMDIR) into a folder or a .zip (a worker)."""
+        from server_stub.export import export_study
+        return export_study(self._own_store(), study_uid, out, dicomdir=dicomdir,
+                            progress=progress)
 
     # ------------------------------------------------------------------ import
     def import_paths(self, paths: list[str | Path], *,

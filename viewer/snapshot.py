@@ -55,7 +55,7 @@ def render_view_to_image(
         view.resize(*size)
         view.set_series(series_info)
         if not view.set_image(decoded, meta):
-            raise ValueError(f"image {meta.index} ({meta.sop_instance_uid}) is not part of the series")
+            raise ValueError(f"image {meta.index + 1} ({meta.sop_instance_uid}) is not part of the series")
         for patch in patches:
             view.set_image(patch, meta)
         if window is not None:

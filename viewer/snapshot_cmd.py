@@ -3,7 +3,8 @@
     medview snapshot [--server URL] --series UID --slice N [--layers Q] [--level R]
                      [--window C,W] [--size W,H] [--no-overlays] --out file.png
 
-Only that slice is fetched, at ``--layers`` quality layers (default all) and resolution
+``--slice N`` counts from 1, as the viewer shows it ("Im: N / total"): the first image
+of the series is ``--slice 1``. Only that slice is fetched, at ``--layers`` quality layers (default all) and resolution
 reduction ``--level`` (0 = full resolution; default: what a ``--size`` view needs, V4).
 Without ``--server`` the bundled server is started on ``--store`` (or on the default
 store, where the sample study is created on first run). The picture is drawn by the
@@ -86,11 +87,12 @@ def _start_bundled(store: str | None):
     return EmbeddedServer(str(path)).start()
 
 
-def snapshot(session, cache, series_uid: str, index: int, *, out: Path,
+def snapshot(session, cache, series_uid: str, number: int, *, out: Path,
              layers: int | None = None, level: int | None = None,
              window: tuple[float, float] | None = None, size: tuple[int, int] = (512, 512),
              overlays: bool = True) -> str:
-    """Fetch one slice and write the rendered view to ``out``; returns a summary line."""
+    """Fetch slice ``number`` (1-based, as the viewer shows it) and write the rendered
+    view to ``out``; returns a summary line."""
     from client.series import SeriesData
 
     from .loader import reduce_for_fit
@@ -98,9 +100,10 @@ def snapshot(session, cache, series_uid: str, index: int, *, out: Path,
     from .snapshot import render_view_to_image
 
     sd = SeriesData(session, cache, series_uid)
-    if not 0 <= index < len(sd):
-        raise SnapshotError(f"--slice {index} is out of range: the series has {len(sd)} "
-                            f"images (0-{len(sd) - 1})")
+    if not 1 <= number <= len(sd):
+        raise SnapshotError(f"--slice {number} is out of range: the series has {len(sd)} "
+                            f"images (1-{len(sd)})")
+    index = number - 1
     im = sd.images[index]
     numres, nlayers = im["numres"], im["nlayers"]
     if layers is not None and not 1 <= layers <= nlayers:
@@ -121,6 +124,6 @@ def snapshot(session, cache, series_uid: str, index: int, *, out: Path,
     out.parent.mkdir(parents=True, exist_ok=True)
     if not image.save(str(out), "PNG"):
         raise SnapshotError(f"cannot write {out}")
-    return (f"{out}: slice {index} of {len(sd)}, {decoded.width}×{decoded.height} "
+    return (f"{out}: slice {number} of {len(sd)}, {decoded.width}×{decoded.height} "
             f"(reduce {decoded.reduce}), {decoded.layers}/{nlayers} layers, "
             f"{transfer.received} bytes received, rendered at {size[0]}×{size[1]}")

@@ -633,7 +633,7 @@ class StackView(QWidget):
 
     def _paint_scale_bar(self, painter: QPainter, bottom_gap: float) -> None:
         meta = self._meta
-        if meta is None or not meta.pixel_spacing:
+        if meta is None or not meta.mm_spacing:
             return
         px_per_mm = self._view.screen_pixels_per_mm(*meta.pixel_spacing)
         bar = nice_scale_bar(px_per_mm, self.width() / 4.0)

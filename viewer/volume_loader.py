@@ -86,18 +86,43 @@ def _floats(v, n):
     return out if len(out) >= n else None
 
 
+def _geometry_flags(im: dict) -> list[str]:
+    from .model import GEOMETRY_KEYWORDS
+
+    return [f for f in (im.get("geometry_flags") or ())
+            if str(f).split(":", 1)[0] in GEOMETRY_KEYWORDS]
+
+
+def geometry_refusal(images: Sequence[dict]) -> str | None:
+    """Why MPR is refused for a series whose geometry the server flagged as impossible
+    at ingest (NaN or non-positive spacing, non-orthonormal orientation, ...), or None."""
+    bad = [(im, _geometry_flags(im)) for im in images]
+    bad = [(im, f) for im, f in bad if f]
+    if not bad:
+        return None
+    im, flags = bad[0]
+    return (f"MPR refused: the geometry of {len(bad)} of {len(images)} images is impossible "
+            f"(image {im['index'] + 1}: {'; '.join(flags)}). Reformatting it would draw "
+            "nonsense; the original files are kept unchanged in the store.")
+
+
 def usable_images(images: Sequence[dict]) -> tuple[list[int], list[str]]:
     """Indices of the series images that can form one volume (grey-level, placed, the
-    common orientation and size) and the reasons the others were left out."""
+    common orientation and size, geometry not flagged as impossible) and the reasons the
+    others were left out (images numbered from 1, as the viewer shows them)."""
     notes: list[str] = []
     cand = []
     for im in images:
         if (im.get("SamplesPerPixel") or 1) != 1:
-            notes.append(f"image {im['index']}: colour")
+            notes.append(f"image {im['index'] + 1}: colour")
+            continue
+        if _geometry_flags(im):
+            notes.append(f"image {im['index']}: impossible geometry "
+                         f"({'; '.join(_geometry_flags(im))})")
             continue
         if not (_floats(im.get("ImagePositionPatient"), 3) and _floats(im.get("ImageOrientationPatient"), 6)
                 and _floats(im.get("PixelSpacing"), 2)):
-            notes.append(f"image {im['index']}: no position/orientation/spacing")
+            notes.append(f"image {im['index'] + 1}: no position/orientation/spacing")
             continue
         cand.append(im)
     if not cand:
@@ -113,7 +138,7 @@ def usable_images(images: Sequence[dict]) -> tuple[list[int], list[str]]:
         if key(im) == best:
             keep.append(im["index"])
         else:
-            notes.append(f"image {im['index']}: other orientation or size (localizer?)")
+            notes.append(f"image {im['index'] + 1}: other orientation or size (localizer?)")
     return keep, notes
 
 

@@ -118,7 +118,8 @@ class TaskContext:
 
     @property
     def cancelled(self) -> bool:
-        return self.token.cancelled
+        """Cancelled through the task, or through its pool job (``WorkerPool.cancel_where``)."""
+        return self._task.cancelled
 
     def progress(self, done: int, total: int) -> None:
         self._task._emit(self._task.progress, int(done), int(total))
@@ -154,6 +155,7 @@ class Task(QObject):
         self.pool = pool
         self.priority = priority
         self.token = CancelToken()
+        self._job = None                # the pool job, when the task runs in the pool
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -165,18 +167,32 @@ class Task(QObject):
         with Task._live_lock:
             Task._live.add(self)
         if self.pool is not None:
-            self.pool.submit(lambda token: self._run(), self.priority, tag=self)
+            self._job = self.pool.submit(lambda token: self._run(), self.priority, tag=self)
+            # cancelled while still queued (by the task or by WorkerPool.cancel_where):
+            # the function never runs, and the task still ends, with CancelledError
+            self._job.future.add_done_callback(self._job_done)
         else:
             threading.Thread(target=self._run, name=f"medview-{self.name}", daemon=True).start()
         return self
 
     def cancel(self) -> None:
-        """Ask the function to stop (it polls ``ctx.cancelled``)."""
+        """Ask the function to stop (it polls ``ctx.cancelled``); a task still queued in
+        the pool never starts."""
         self.token.cancel()
+        if self._job is not None:
+            self._job.cancel()
 
     @property
     def cancelled(self) -> bool:
-        return self.token.cancelled
+        return self.token.cancelled or (self._job is not None and self._job.token.cancelled)
+
+    def _job_done(self, future) -> None:
+        if future.cancelled():
+            from concurrent.futures import CancelledError
+
+            self.token.cancel()
+            self.error = CancelledError(f"{self.name} cancelled before it started")
+            self._emit(self.failed, self.error)
 
     def _run(self) -> None:
         ctx = TaskContext(self)

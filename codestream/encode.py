@@ -126,9 +126,25 @@ class DecodeError(RuntimeError):
 
 def openjpeg_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
                     area: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Decode through glymur/OpenJPEG: the first ``layers`` layers (0 = all), at
-    ``reduce``, restricted to ``area`` = (x, y, w, h) in full-resolution pixels.
-    glymur reads files only, so the bytes go through a temp file in memory (/dev/shm)."""
+    """Decode through OpenJPEG: the first ``layers`` layers (0 = all), at ``reduce``,
+    restricted to ``area`` = (x, y, w, h) in full-resolution pixels. From memory
+    (:mod:`codestream.opj_memory`: the library glymur binds, the same parameters, no
+    temp file, no Python header parse); through glymur and a temp file in /dev/shm only
+    where that cannot load."""
+    if _memory_decode is not None:
+        box = None if area is None else (area[1], area[0], area[1] + area[3],
+                                         area[0] + area[2])
+        try:
+            return _memory_decode(codestream, layers=layers if layers > 0 else 0,
+                                  reduce=reduce, area=box)
+        except (OSError, RuntimeError, ValueError, IndexError) as e:
+            raise DecodeError(f"OpenJPEG could not decode the image: {e}") from e
+    return _glymur_file_decode(codestream, layers=layers, reduce=reduce, area=area)
+
+
+def _glymur_file_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
+                        area: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The former path: glymur reads files only, so the bytes go through a temp file."""
     import glymur
 
     fd, path = tempfile.mkstemp(suffix=".j2k", dir=_TMPDIR)
@@ -148,6 +164,12 @@ def openjpeg_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
         raise DecodeError(f"OpenJPEG could not decode the image: {e}") from e
     finally:
         os.unlink(path)
+
+
+try:
+    from .opj_memory import decode as _memory_decode
+except (ImportError, AttributeError, OSError):       # pragma: no cover - old libopenjp2
+    _memory_decode = None
 
 
 def decode_full(codestream: bytes, offset: int, signed: bool, *, layers: int = 0, reduce: int = 0,

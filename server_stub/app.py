@@ -42,6 +42,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -49,6 +50,7 @@ from starlette.routing import Route
 from codestream.index import CodestreamError, PacketIndex
 
 from . import dicomweb, peers, policy_routes
+from .admission import Admission, Gates, Limits
 from .auth import AuthError, Authority, Session, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
@@ -61,6 +63,7 @@ from .policy import PolicyError, PolicySource
 from .dbutil import StorageFull, read_only_reason
 from .store import Store, StoreError
 from .jobs import JobScheduler, Leases, MigrationJob
+from .series_facts import SeriesFacts
 from .tiers import Tiers
 from .versions import VersionTable
 
@@ -154,7 +157,9 @@ class Server:
             self.auth.policy = self.policy.get
         self._indexes = _LRU(64 << 20)
         self._bytes = _LRU(cache_bytes)
-        self.versions = VersionTable(store, self.policy.get, index_of=self._index)
+        self.facts = SeriesFacts(self.catalogue)       # per series, kept per generation
+        self.versions = VersionTable(store, self.policy.get, index_of=self._index,
+                                     facts=self.facts)
         self.tiers = Tiers(store, versions=self.versions.get, status_of=self.diagnosis.status,
                            settings=lambda: self.policy.get().storage)
 
@@ -199,7 +204,11 @@ class Server:
                                     lambda: self.tiers.recall_frame(row, frame_pk))
 
     def sources(self, series_uid: str) -> list[ImageSource]:
-        rows = self.catalogue.series_images(series_uid)
+        """The packet sources of a series, built once per generation (shared: read-only)."""
+        return self.facts.kept(series_uid, "sources", lambda: self._sources(series_uid))
+
+    def _sources(self, series_uid: str) -> list[ImageSource]:
+        rows = self.facts.images(series_uid)
         states = self.tiers.frame_states(series_uid) if rows else {}
         out = []
         for r in rows:
@@ -238,15 +247,18 @@ def _sid(request: Request) -> str | None:
 def create_app(store: Store, authority: Authority | None = None, *,
                policy: PolicySource | None = None, schedule: bool = False,
                allow_local: bool = False, trusted_proxies=(),
-               proxy_header: str = "x-forwarded-for") -> Starlette:
+               proxy_header: str = "x-forwarded-for",
+               admission: Limits | None = None) -> Starlette:
     """The application. ``schedule`` starts the migration job (tiered storage) inside
     the server, every ``[storage] schedule_hours`` of the site policy. ``allow_local``
     lets the password-less ``local`` user log in from loopback (the desktop's bundled
     server); ``trusted_proxies`` (CIDR blocks) are the proxies whose ``proxy_header``
     names the client (:mod:`server_stub.peers`). A store whose disk is full is served
-    read-only (:meth:`Store.open_for_serving`)."""
+    read-only (:meth:`Store.open_for_serving`). ``admission``: the limits of
+    :mod:`server_stub.admission` (503 + Retry-After beyond them)."""
     store.open_for_serving()
     srv = Server(store, authority, policy=policy)
+    gates = Gates(admission)        # 503 + Retry-After beyond them (server_stub.admission)
     if allow_local:
         srv.auth.allow_local = True
 
@@ -433,7 +445,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
             problems.append(f"final copies that failed verification: {conv['failed']}")
         return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
                              "read_only": read_only is not None, "problems": problems,
-                             "audit": audit, "conversion": conv})
+                             "audit": audit, "conversion": conv,
+                             "admission": gates.stats()})
 
     health.medview = {"action": None, "public": True}
 
@@ -447,7 +460,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         uid = request.state.target.series
         info = request.state.target.series_row
         allowed = request.state.grant.images
-        rows = srv.catalogue.series_images(uid)
+        rows = srv.facts.images(uid)
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:
@@ -624,8 +637,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
                                                        StorageFull: storage_full,
                                                        Exception: unhandled},
-                    lifespan=lifespan)
+                    middleware=[Middleware(Admission, gates=gates)], lifespan=lifespan)
     app.state.server = srv
+    app.state.admission = gates
     app.state.trusted_proxies = peers.parse_networks(trusted_proxies)
     app.state.proxy_header = proxy_header.lower()
     return app

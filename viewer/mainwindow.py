@@ -88,6 +88,7 @@ class MainWindow(QMainWindow):
 
     connected = Signal(str)
     connectionFailed = Signal(str)
+    serverBusy = Signal(float, int)     # a 503 + Retry-After: pause (s), attempt (any thread)
     seriesOpened = Signal(str)
     slideOpened = Signal(object)        # the slide window (viewer.slideview.SlidePane)
     imageDisplayed = Signal(object)
@@ -212,6 +213,7 @@ class MainWindow(QMainWindow):
         self.policy.recallingChanged.connect(
             lambda on, m: self.statusBar().showMessage(m or ("Recalling from the archive…" if on else ""), 0 if on else 4000))
         self.policy.set_measurement_source(self._current_measurement_annotation)
+        self.serverBusy.connect(self._show_server_busy)      # queued: emitted by workers
 
     def _policy_runner(self, fn, done, failed) -> None:
         """Run a policy call (a server round trip) off the UI thread."""
@@ -586,12 +588,18 @@ class MainWindow(QMainWindow):
         where = "bundled server" if self.backend.own_server else url
         self.server_label.setText(f"{s.username} @ {where}")
         self.statusBar().showMessage(f"Connected to {url} as {s.username}", 5000)
+        s.on_busy = self.serverBusy.emit          # client.session retries, we say so
         self._set_connected_ui(True)
         from client.policy import PolicyClient
         self.policy.set_client(PolicyClient(s))
         self.browser.refresh()
         self._refresh_pacs_sources()
         self.connected.emit(url)
+
+    def _show_server_busy(self, pause: float, attempt: int) -> None:
+        self.statusBar().showMessage(
+            f"Server busy, retrying in {pause:.0f} s (attempt {attempt})…",
+            int(pause * 1000) + 2000)
 
     def _on_connect_failed(self, error: BaseException, interactive: bool, url: str = "",
                            user: str = "") -> None:

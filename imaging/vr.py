@@ -1,6 +1,6 @@
 """Volume rendering with VTK, without Qt: presets, scene, offscreen rendering.
 
-:class:`VrScene` shows a :class:`~viewer.volume.Volume` (bound to its voxel array without
+:class:`VrScene` shows a :class:`~imaging.volume.Volume` (bound to its voxel array without
 a copy; ``refresh()`` after the voxels changed) in patient space: the image carries the
 voxel spacing and a user matrix the grid's directions and origin, so oblique and tilted
 acquisitions render in their true shape. The camera starts with the anterior view (the

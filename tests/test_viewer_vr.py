@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 from PySide6.QtCore import QPoint, Qt  # noqa: E402
 
 from viewer.mprlayout import MprLayout  # noqa: E402
-from viewer.vr import VrScene, VrUnavailable, offscreen_window  # noqa: E402
+from imaging.vr import VrScene, VrUnavailable, offscreen_window  # noqa: E402
 from viewer.vrview import VrView, frame_is_blank  # noqa: E402
-from viewer.volume import SliceGeometry, volume_for_slices  # noqa: E402
+from imaging.volume import SliceGeometry, volume_for_slices  # noqa: E402
 
 from vr_data import ingest_folder, make_ball_ct  # noqa: E402
 

@@ -12,15 +12,18 @@ from PySide6.QtCore import QPoint, QPointF, Qt  # noqa: E402
 from PySide6.QtGui import QImage, QWheelEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from viewer import cine, measure, orientation, windowing  # noqa: E402
+from client import cine  # noqa: E402
+from imaging import measure
+from imaging import orientation
+from imaging import windowing
 from viewer.cinebar import CineBar  # noqa: E402
-from viewer.model import DecodedImage, ImageMeta, SeriesInfo  # noqa: E402
-from viewer.overlay import format_person_name  # noqa: E402
+from imaging.model import DecodedImage, ImageMeta, SeriesInfo  # noqa: E402
+from imaging.overlay import format_person_name  # noqa: E402
 from viewer.progress import BytesBar, LevelBar, SeriesStrip, TransferLabel  # noqa: E402
 from viewer.snapshot import render_view_to_image  # noqa: E402
 from viewer.stackview import MouseMode, StackView  # noqa: E402
-from viewer.transferstats import TransferRate, format_bytes  # noqa: E402
-from viewer.viewstate import ViewState, nice_scale_bar  # noqa: E402
+from client.transferstats import TransferRate, format_bytes  # noqa: E402
+from imaging.viewstate import ViewState, nice_scale_bar  # noqa: E402
 from waits import WAIT_MS  # noqa: E402
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

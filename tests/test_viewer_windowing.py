@@ -1,4 +1,4 @@
-"""One rule for the initial window (viewer.windowing.initial_window) and its use in the
+"""One rule for the initial window (imaging.windowing.initial_window) and its use in the
 2D viewer, the MPR from a folder, the VR MIP preset and ``medview render --view mip``."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from viewer import windowing  # noqa: E402
-from viewer.windowing import header_window, initial_window  # noqa: E402
+from imaging import windowing  # noqa: E402
+from imaging.windowing import header_window, initial_window  # noqa: E402
 
 
 def test_header_window_when_usable():
@@ -39,7 +39,7 @@ def test_initial_window_rule():
 
 
 def test_2d_default_window_uses_the_rule():
-    from viewer.model import ImageMeta
+    from imaging.model import ImageMeta
 
     meta = ImageMeta(index=0, sop_instance_uid="1.2", frame=0, rows=10, columns=100, samples_per_pixel=1,
                      photometric="MONOCHROME2", pixel_spacing=None, image_position=None,

@@ -28,7 +28,7 @@ def tune_runtime() -> None:
 
 def config_from_args(args):
     """The window's :class:`~viewer.mainwindow.AppConfig` from ``medview`` arguments."""
-    from .cli import default_cache_path, default_data_dir
+    from client.appdirs import default_cache_path, default_data_dir
     from .mainwindow import AppConfig
 
     return AppConfig(

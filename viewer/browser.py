@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDateEdit, QHBoxLayout, QHe
                                QLabel, QLineEdit, QPushButton, QTreeWidget, QTreeWidgetItem,
                                QVBoxLayout, QWidget)
 
-from .overlay import format_date, format_person_name
+from imaging.overlay import format_date, format_person_name
 from .stackview import numpy_to_qimage
 
 __all__ = ["MODALITIES", "study_queries", "remote_queries", "PatientGroup", "group_studies", "series_label",

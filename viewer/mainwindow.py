@@ -1,7 +1,7 @@
 """The desktop app's main window: study browser, progressive stack view, progress panel,
 cine, tools, local import, settings.
 
-The window only orchestrates. Loading logic is :class:`viewer.loader.SeriesLoader`, the
+The window only orchestrates. Loading logic is :class:`client.series_loader.SeriesLoader`, the
 connection and import are :class:`viewer.services.Backend`, and everything that waits
 on the network, reads files or decodes runs in the worker pool or a
 :class:`viewer.workers.Task`; results come back as queued signals. Signals from a loader
@@ -25,15 +25,15 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QH
 
 from client.pool import INTERACTION, VISIBLE
 
-from . import windowing
+from imaging import windowing
 from .browser import StudyBrowser
 from .cinebar import CineBar
 from .dialogs import (AppSettings, ImportResultDialog, LoginDialog, PreferencesDialog,
                       ShortcutsDialog, about_text)
-from .loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
+from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
                      SeriesStatus, Stage, reduce_for_fit)
-from .model import DecodedImage, SeriesInfo
-from .overlay import format_person_name
+from imaging.model import DecodedImage, SeriesInfo
+from imaging.overlay import format_person_name
 from .policy_panel import DiagnosisPanel, PolicyController, VersionSelector, measurement_annotation
 from .progress import BytesBar, LevelBar, SeriesStrip, TransferLabel
 from .services import Backend, ImportOutcome
@@ -252,7 +252,7 @@ class MainWindow(QMainWindow):
         """Pick a folder; its DICOM files are scanned and the series selected in a worker
         (M1–M3), then the MPR window opens on the UI thread."""
         from .mprlayout import open_selection
-        from .series_select import ServerCatalogue, select_series
+        from imaging.series_select import ServerCatalogue, select_series
 
         folder = QFileDialog.getExistingDirectory(self, "Folder with a DICOM series")
         if not folder:
@@ -529,7 +529,7 @@ class MainWindow(QMainWindow):
     def start_bundled(self, store_dir: Path | None) -> Task:
         """Start the bundled server on ``store_dir`` (sample study on first run), off the
         UI thread, then log in as the local user."""
-        from .cli import default_data_dir
+        from client.appdirs import default_data_dir
 
         store = Path(store_dir) if store_dir else default_data_dir() / "store"
         self._busy(True, f"Preparing the local store {store} (the sample study is created on "

@@ -10,11 +10,11 @@ cut at the crosshair, and resets the planes.
 Opening (one call each; they return the :class:`MprWindow`, a top-level window):
 
 * :func:`open_series` — a server series, loaded progressively by a
-  :class:`~viewer.volume_loader.VolumeLoader` (interleaved, H2) or, with
-  ``thick_to_thin=True``, by a :class:`~viewer.volume_loader.SlabVolumeLoader` (P10). The
+  :class:`~client.volume_loader.VolumeLoader` (interleaved, H2) or, with
+  ``thick_to_thin=True``, by a :class:`~client.volume_loader.SlabVolumeLoader` (P10). The
   panes redraw at each consistent level the server recommends (P9/P11).
 * :func:`open_folder` — an image file or folder on disk: the series selection of
-  :mod:`viewer.series_select` (M1–M3), a refusal shown as a message box.
+  :mod:`imaging.series_select` (M1–M3), a refusal shown as a message box.
 
 The loader runs on a plain thread as a generator; each yield is handed to the UI thread
 through a queued signal, and closing the window cancels it.
@@ -31,12 +31,12 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
                                QMainWindow, QMessageBox, QPushButton, QProgressBar, QVBoxLayout, QWidget)
 
-from . import windowing
-from .mpr import PLANES, MprState
+from imaging import windowing
+from imaging.mpr import PLANES, MprState
 from .mprview import SLAB_NAMES, MprView, ResliceScheduler, Tool
-from .volume import Volume
-from .vr import PRESETS as VR_PRESETS
-from .windowing import header_window, initial_window
+from imaging.volume import Volume
+from imaging.vr import PRESETS as VR_PRESETS
+from imaging.windowing import header_window, initial_window
 from .vrview import VrView
 
 log = logging.getLogger("medview.mprlayout")
@@ -264,7 +264,7 @@ class MprLayout(QWidget):
 
     def decide_window(self) -> bool:
         """Without a usable header window: the percentile window of the voxels that have
-        arrived (:func:`viewer.windowing.initial_window`), chosen once. True when decided."""
+        arrived (:func:`imaging.windowing.initial_window`), chosen once. True when decided."""
         if self._window_decided:
             return True
         vol = self.volume
@@ -412,8 +412,8 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     """
     from client.series import SeriesData
 
-    from .volume import VolumeError
-    from .volume_loader import SlabVolumeLoader, VolumeLoader, geometry_refusal, usable_images
+    from imaging.volume import VolumeError
+    from client.volume_loader import SlabVolumeLoader, VolumeLoader, geometry_refusal, usable_images
 
     if series is None:
         series = SeriesData(session, cache, series_uid)
@@ -451,7 +451,7 @@ def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=No
     """Open the series of an image file (or the main series of a folder) in MPR.
     The folder scan reads files: from a UI, run :func:`series_select.select_series` in a
     worker and hand its result to :func:`open_selection` instead."""
-    from .series_select import select_series
+    from imaging.series_select import select_series
 
     sel = select_series(path, threshold=threshold, catalogue=catalogue)
     return open_selection(sel, parent=parent, show=show, sync=sync, vr=vr,
@@ -466,7 +466,7 @@ def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, syn
         report(sel.report())
     if sel.refusal:
         _refuse(parent, sel.refusal, show_errors)
-    from .volume_loader import FolderVolumeLoader
+    from client.volume_loader import FolderVolumeLoader
 
     loader = FolderVolumeLoader(sel)
     ref = sel.kept[0]

@@ -1,7 +1,7 @@
 """MprView: one MPR pane (axial, coronal or sagittal, any angle) of a shared MprState.
 
 The widget holds no geometry of its own beyond its zoom and pan: the plane, the
-crosshair centre, the slab and the window live in :class:`~viewer.mpr.MprState`, which
+crosshair centre, the slab and the window live in :class:`~imaging.mpr.MprState`, which
 every pane subscribes to (and unsubscribes from in ``closeEvent``). Reslicing runs on a
 :class:`ResliceScheduler` — one worker thread, the latest request per pane wins, results
 come back to the UI thread through a queued signal — or synchronously (``sync=True``,
@@ -26,8 +26,8 @@ from PySide6.QtCore import QObject, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from . import windowing
-from .mpr import MprState, PlaneGeometry, display_uint8, plane_labels
+from imaging import windowing
+from imaging.mpr import MprState, PlaneGeometry, display_uint8, plane_labels
 
 __all__ = ["ResliceScheduler", "MprView", "Tool", "PLANE_COLORS", "SLAB_NAMES", "Measurement3D"]
 

@@ -16,7 +16,7 @@ from client.cache import PacketCache
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool
 from client.session import DEFAULT_USER, Session
 
-from .loader import SeriesRegistry
+from client.series_loader import SeriesRegistry
 
 log = logging.getLogger("medview.services")
 

@@ -1,12 +1,12 @@
 """VrView: the volume rendering pane (VTK inside Qt).
 
-Two ways to show the :class:`~viewer.vr.VrScene`, chosen when the widget is made:
+Two ways to show the :class:`~imaging.vr.VrScene`, chosen when the widget is made:
 
 * **native** — a ``QVTKRenderWindowInteractor`` (VTK draws into the widget's own window,
   trackball camera: left rotate, middle pan, right/wheel zoom). Used on a desktop Qt
   platform (xcb, windows, cocoa).
 * **image** — VTK renders into an offscreen window (EGL or OSMesa, see
-  :func:`viewer.vr.offscreen_backend`) and the widget paints the picture; the mouse drives
+  :func:`imaging.vr.offscreen_backend`) and the widget paints the picture; the mouse drives
   the camera through the same scene methods. Used on the ``offscreen``/``minimal``
   platforms (tests, headless), on Wayland, or with ``MEDVIEW_VR_BACKEND=image``.
 
@@ -32,8 +32,8 @@ from PySide6.QtCore import QPointF, QRectF, Qt, QTimer, Signal
 from PySide6.QtGui import QColor, QGuiApplication, QImage, QPainter
 from PySide6.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
 
-from .vr import VrScene, VrUnavailable, offscreen_window
-from .volume import Volume
+from imaging.vr import VrScene, VrUnavailable, offscreen_window
+from imaging.volume import Volume
 
 log = logging.getLogger("medview.vrview")
 

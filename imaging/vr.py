@@ -1,6 +1,6 @@
 """Volume rendering with VTK, without Qt: presets, scene, offscreen rendering.
 
-:class:`VrScene` shows a :class:`~viewer.volume.Volume` (bound to its voxel array without
+:class:`VrScene` shows a :class:`~imaging.volume.Volume` (bound to its voxel array without
 a copy; ``refresh()`` after the voxels changed) in patient space: the image carries the
 voxel spacing and a user matrix the grid's directions and origin, so oblique and tilted
 acquisitions render in their true shape. The camera starts with the anterior view (the
@@ -331,7 +331,7 @@ class VrScene:
             self.set_preset(self.preset)
 
     def projection_window(self) -> tuple[float, float] | None:
-        """The MIP's own window: :func:`viewer.windowing.initial_window` of the maximum
+        """The MIP's own window: :func:`imaging.windowing.initial_window` of the maximum
         projection of the volume along the viewing direction of the anterior view."""
         from .windowing import initial_window
 

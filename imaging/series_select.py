@@ -22,7 +22,7 @@ SPEC M1–M3. Starting from the image on screen (a file) or from a folder:
 
 :func:`select_series` returns a :class:`SeriesSelection` (kept, skipped, recovered,
 missing, warnings, refusal); :meth:`SeriesSelection.build_volume` reads the pixels into a
-:class:`~viewer.volume.Volume`.
+:class:`~imaging.volume.Volume`.
 """
 from __future__ import annotations
 
@@ -419,7 +419,7 @@ class SeriesSelection:
 
     def build_volume(self, *, progress: Callable[[int, int], None] | None = None) -> Volume:
         """A :class:`Volume` of the kept images, pixels read (see also
-        :class:`viewer.volume_loader.FolderVolumeLoader` for the interleaved way)."""
+        :class:`client.volume_loader.FolderVolumeLoader` for the interleaved way)."""
         vol, slots = self.empty_volume()
         datasets: dict[object, Any] = {}
         with vol.batch("loaded"):

@@ -53,7 +53,7 @@ from client.series import (Callbacks, Cancelled, ImageProgress, SeriesData, Tran
                            TransferProgress)
 from client.session import ServerError, Session
 
-from .model import DecodedImage
+from imaging.model import DecodedImage
 
 log = logging.getLogger("medview.loader")
 
@@ -185,7 +185,7 @@ def supersedes(first: Stage | None, running: Stage) -> bool:
 def reduce_for_fit(columns: int, rows: int, view_w: int, view_h: int, numres: int) -> int:
     """Resolution reduction an image needs when fitted into a ``view_w x view_h`` viewport
     (device pixels): the coarsest level that still gives every device pixel its own
-    sample (as :meth:`viewer.viewstate.ViewState.useful_reduce` in fit mode)."""
+    sample (as :meth:`imaging.viewstate.ViewState.useful_reduce` in fit mode)."""
     if columns <= 0 or rows <= 0 or view_w <= 0 or view_h <= 0:
         return 0
     zoom = min(view_w / columns, view_h / rows)
@@ -652,7 +652,7 @@ class SeriesLoader:
             return self._common_level()
 
     def cine_levels(self) -> list[tuple[int, int] | None]:
-        """For :class:`viewer.cine.CineController`: the level every frame is decoded at
+        """For :class:`client.cine.CineController`: the level every frame is decoded at
         (None for all until a complete set is ready)."""
         with self._lock:
             n = len(self._levels)
@@ -661,7 +661,7 @@ class SeriesLoader:
             return [self._cine.level] * n
 
     def cine_frame(self, index: int, level: tuple[int, int] | None) -> DecodedImage | None:
-        """For :class:`viewer.cine.CineController`: image ``index`` at ``level`` (None: the
+        """For :class:`client.cine.CineController`: image ``index`` at ``level`` (None: the
         best available, decoding ahead as playback goes)."""
         if level is None:
             return self.peek(index, (index + 1, index + 2))
@@ -1060,8 +1060,8 @@ def fetch_thumbnail(registry: SeriesRegistry, uid: str, token: CancelToken, on_i
     """Series thumbnail, progressively: the middle image at ``size`` px, first layer, then
     every layer. ``on_image(uid, uint8 array)`` is called after each step (grayscale
     windowed with the image's default window, or RGB). Blocking: run it in the pool."""
-    from .model import ImageMeta
-    from .windowing import default_window, render_display
+    from imaging.model import ImageMeta
+    from imaging.windowing import default_window, render_display
 
     sd = registry.get(uid)
     if not len(sd) or token.cancelled:

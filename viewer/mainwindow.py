@@ -240,13 +240,27 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Open a series first", 4000)
             return None
         sd = self.loader.sd if self.loader is not None and self.loader.uid == self.series_uid else None
-        try:
-            win = open_series(self.backend.session, self.series_uid, cache=self.backend.cache,
-                              series=sd, parent=self, thick_to_thin=thick_to_thin)
-        except RuntimeError:
-            return None          # the refusal (too few images, no volume) was shown
-        self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
-        return win
+        uid, backend = self.series_uid, self.backend
+
+        def show(series):
+            try:
+                win = open_series(backend.session, uid, cache=backend.cache, series=series,
+                                  parent=self, thick_to_thin=thick_to_thin,
+                                  memory=backend.memory)
+            except RuntimeError:
+                return None      # the refusal (too few images, no volume) was shown
+            self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
+            return win
+
+        if sd is not None:
+            return show(sd)
+        # the series description is a request: made in the pool, never on the UI thread
+        task = Task(lambda _ctx: backend.registry.get(uid), name="mpr-series",
+                    pool=backend.pool, priority=INTERACTION, parent=self)
+        task.finished.connect(show)
+        task.failed.connect(lambda e: self.statusBar().showMessage(f"Cannot open MPR: {e}", 8000))
+        self.statusBar().showMessage("Opening MPR…")
+        return task.start()
 
     def open_mpr_folder(self) -> None:
         """Pick a folder; its DICOM files are scanned and the series selected in a worker
@@ -263,7 +277,7 @@ class MainWindow(QMainWindow):
 
         def selected(sel) -> None:
             try:
-                win = open_selection(sel, parent=self,
+                win = open_selection(sel, parent=self, memory=self.backend.memory,
                                      report=lambda m: self.statusBar().showMessage(
                                          (m.splitlines() or [""])[0], 8000))
             except RuntimeError:
@@ -314,7 +328,8 @@ class MainWindow(QMainWindow):
         def opened(provider) -> None:
             from .slideview import open_slide_window
 
-            pane = open_slide_window(provider)
+            pane = open_slide_window(provider, cache_bytes=self.backend.memory,
+                                     pool=self.backend.pool)
             # the pane's rights banner and news (label refused, rights changed) also go
             # to the status bar, in plain words
             pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
@@ -765,7 +780,8 @@ class MainWindow(QMainWindow):
         self.res_label.setText("–")
         self.loader = SeriesLoader(self.backend.registry, uid, self.backend.pool, self.bridge,
                                    focus=keep[0] if keep else 0, viewport=self._viewport(),
-                                   prefetch=self.settings.prefetch())
+                                   prefetch=self.settings.prefetch(),
+                                   decoded_budget=self.backend.memory)
         self.loader.set_cine_consistent(self.cine_bar.consistent_box.isChecked())
         self.loader.start()
         self.browser.select_series(uid)

@@ -340,11 +340,19 @@ class MprWindow(QMainWindow):
     closed = Signal()
 
     def __init__(self, layout: MprLayout, title: str, runner: LoadRunner | None = None,
-                 parent: QWidget | None = None) -> None:
+                 parent: QWidget | None = None, memory=None) -> None:
         super().__init__(parent)
         self.setWindowTitle(title)
         self.mpr = layout
         self.runner = runner
+        # the volume counts against the app's one memory budget while the window is open
+        # (pinned: an open volume is never evicted; series images and tiles make room)
+        self._memory = memory
+        self._hold = None
+        if memory is not None:
+            self._hold = memory.register(self)
+            memory.pin(self._hold, ["volume"])
+            memory.charge(self._hold, "volume", volume_nbytes(layout.volume))
         self.load_events: list = []           # every LoadEvent shown, in order
         self.setCentralWidget(layout)
         self.resize(1200, 900)
@@ -360,10 +368,16 @@ class MprWindow(QMainWindow):
     def _failed(self, message: str) -> None:
         self.mpr.status.setText(f"loading failed: {message}")
 
+    def drop(self, key) -> None:
+        """Never called for the pinned volume (the budget's holder protocol)."""
+
     def closeEvent(self, event) -> None:  # noqa: N802
         if self.runner is not None:
             self.runner.cancel()
         self.mpr.close_layout()
+        if self._hold is not None:
+            self._memory.unregister(self._hold)
+            self._hold = None
         self.closed.emit()
         super().closeEvent(event)
 
@@ -383,12 +397,20 @@ def _refuse(parent: QWidget | None, message: str, show: bool) -> None:
     raise RuntimeError(message)
 
 
+def volume_nbytes(volume: Volume) -> int:
+    """What a volume holds in memory (its voxels and per-slice bookkeeping)."""
+    return int(sum(getattr(getattr(volume, name, None), "nbytes", 0)
+                   for name in ("data", "own")))
+
+
 def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = None,
                 window: tuple[float, float] | None = None, runner: LoadRunner | None = None,
-                sync: bool = False, vr: bool = True, show: bool = True) -> MprWindow:
-    """An :class:`MprWindow` on a volume already in memory (filled or being filled)."""
+                sync: bool = False, vr: bool = True, show: bool = True,
+                memory=None) -> MprWindow:
+    """An :class:`MprWindow` on a volume already in memory (filled or being filled);
+    ``memory``: the app's :class:`~imaging.memory.MemoryBudget` the volume counts in."""
     layout = MprLayout(volume, sync=sync, window=window, vr=vr)
-    win = MprWindow(layout, title, runner, parent)
+    win = MprWindow(layout, title, runner, parent, memory=memory)
     if show:
         win.show()
     if runner is not None:
@@ -398,7 +420,8 @@ def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = 
 
 def open_series(session, series_uid: str, *, cache=None, series=None, parent: QWidget | None = None,
                 thick_to_thin: bool = False, threshold: int = 10, show: bool = True,
-                sync: bool = False, vr: bool = True, show_errors: bool = True) -> MprWindow:
+                sync: bool = False, vr: bool = True, show_errors: bool = True,
+                memory=None) -> MprWindow:
     """Open a server series in MPR, loaded progressively (see the module docstring).
 
     ``series``: the :class:`~client.series.SeriesData` the app already holds for this
@@ -442,7 +465,7 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     first = series.images[keep[0]]
     window = header_window(first.get("WindowCenter"), first.get("WindowWidth"))
     return open_volume(loader.volume, title=title, parent=parent, window=window,
-                       runner=LoadRunner(loader), sync=sync, vr=vr, show=show)
+                       runner=LoadRunner(loader), sync=sync, vr=vr, show=show, memory=memory)
 
 
 def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=None,
@@ -460,7 +483,7 @@ def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=No
 
 def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, sync: bool = False,
                    vr: bool = True, show_errors: bool = True,
-                   report: Callable[[str], None] | None = None) -> MprWindow:
+                   report: Callable[[str], None] | None = None, memory=None) -> MprWindow:
     """Open a finished series selection in MPR (refused with a message when too small)."""
     if report:
         report(sel.report())
@@ -472,7 +495,7 @@ def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, syn
     ref = sel.kept[0]
     win = open_volume(loader.volume, title=f"MPR — {ref.patient_name} — {ref.series_description or ref.series_uid}",
                       parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader),
-                      window=ref.window)
+                      window=ref.window, memory=memory)
     if sel.warnings:
         win.mpr.status.setToolTip("\n".join(sel.warnings))
         win.mpr.status.setText("; ".join(sel.warnings)[:120])

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+import shiboken6
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
                                QApplication, QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QProgressDialog, QPushButton, QToolButton,
@@ -1100,8 +1101,9 @@ class MainWindow(QMainWindow):
 
         def refresh_usage() -> None:
             t = Task(lambda _ctx: backend.cache_usage(), name="cache-usage", pool=backend.pool, parent=self)
-            t.finished.connect(lambda u: dlg.set_usage(*u))
-            t.failed.connect(lambda e: dlg.cache_use.setText(f"unknown ({e})"))
+            # the dialog may be closed (and deleted) before the figure arrives
+            t.finished.connect(lambda u: shiboken6.isValid(dlg) and dlg.set_usage(*u))
+            t.failed.connect(lambda e: shiboken6.isValid(dlg) and dlg.cache_use.setText(f"unknown ({e})"))
             t.start()
 
         def clear() -> None:

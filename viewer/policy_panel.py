@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QListWidget, QLis
                                QWidget)
 
 from .policy_text import (explain_recall, explain_rights, explain_rights_error, status_label,
-                          version_label)
+                          version_label, explain_shown_version)
 
 log = logging.getLogger("medview.policy")
 
@@ -146,14 +146,19 @@ class VersionSelector(QWidget):
         ok = [v for v in vs if v.get("quality", 0) >= sel["quality"]]
         return min(ok, key=lambda v: v["quality"]) if ok else vs[0]
 
+    def set_status(self, status: int | None, names: dict | None = None) -> None:
+        """The study's diagnosis status (the sentence names it when it limits versions)."""
+        self._status, self._status_names = status, names
+        self._show_detail()
+
     def _show_detail(self) -> None:
-        v = self.resolved()
-        if v is None:
-            self.detail.setText("")
-            return
-        size = f"{v['bytes'] / 2 ** 20:.1f} MB" if v.get("bytes") else ""
-        allowed = "" if v.get("allowed", True) else " – may not be sent now"
-        self.detail.setText(f"{version_label(v)}; {size} for the series{allowed}")
+        """One sentence: which version is shown and why (policy_text.explain_shown_version)."""
+        text = explain_shown_version(self.selection(), self._versions, self._auto,
+                                     getattr(self, "_status", None), getattr(self, "_status_names", None))
+        v = self.resolved() or next((x for x in self._versions if x.get("allowed", True)), None)
+        if text and v is not None and v.get("bytes") and v.get("allowed", True):
+            text += f" ({v['bytes'] / 2 ** 20:.1f} MB for the series)"
+        self.detail.setText(text)
 
     def _changed(self, *_args) -> None:
         self.quality.setVisible("quality" in (self.combo.currentData() or {}))
@@ -479,6 +484,8 @@ class PolicyController(QObject):
         sd.listeners.append(self._listener)
         self.study = sd.info.get("StudyInstanceUID") or (sd.diagnosis or {}).get("study")
         if self.selector is not None:
+            rec = sd.diagnosis or {}
+            self.selector._status, self.selector._status_names = rec.get("status"), rec.get("status_names")
             self.selector.set_series(sd.versions, sd.auto, sd.selection)
         self.panel.set_record(sd.diagnosis)
         self.panel.set_editable(True)

@@ -90,12 +90,11 @@ def test_prefetch_off_stops_the_background_transfer_now(qtbot, tmp_path, server,
     try:
         connect(qtbot, win, server.url)
         wait_thumbnail_done(qtbot, win, ct_series_uid)
-        slow_packet_streams(monkeypatch, piece=2048, delay=0.01)
+        slow_packet_streams(monkeypatch, piece=1024, delay=0.02)   # ~50 kB/s
         stages = []
         win.bridge.stageChanged.connect(lambda _l, stage, st, _m: stages.append((stage.kind, st)))
         win.open_series(ct_series_uid)
-        qtbot.waitUntil(lambda: win.loader.running_stage() is not None
-                        and win.loader.running_stage().kind == BACKGROUND, timeout=TIMEOUT)
+        qtbot.waitUntil(lambda: (BACKGROUND, "started") in stages, timeout=TIMEOUT)
         dlg = win.show_preferences()
         dlg.prefetch.setChecked(False)
         n_started = sum(1 for k, st in stages if k == BACKGROUND and st == "started")

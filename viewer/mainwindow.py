@@ -34,7 +34,6 @@ from .dialogs import (AppSettings, ImportResultDialog, LoginDialog, PreferencesD
 from .loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
                      SeriesStatus, Stage, reduce_for_fit)
 from .model import DecodedImage, SeriesInfo
-from .overlay import format_person_name
 from .policy_panel import DiagnosisPanel, PolicyController, VersionSelector, measurement_annotation
 from .progress import BytesBar, LevelBar, SeriesStrip, TransferLabel
 from .services import Backend, ImportOutcome
@@ -162,6 +161,10 @@ class MainWindow(QMainWindow):
         grid.addWidget(self.cancel_button, 1, 4)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(2, 1)
+        # the texts beside the bars wrap rather than squeeze the bars below their text
+        for label in (self.res_label, self.transfer_label):
+            label.setWordWrap(True)
+            label.setMinimumWidth(label.fontMetrics().horizontalAdvance("Shown 0000×0000 ·"))
         cine_row = QHBoxLayout()
         cine_row.addWidget(QLabel("Cine", panel))
         cine_row.addWidget(self.cine_bar, 1)
@@ -195,10 +198,14 @@ class MainWindow(QMainWindow):
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.version_selector)
         lay.addWidget(self.diagnosis_panel, 1)
-        scroll = QScrollArea(self)           # the panel never forces the window's size
+        scroll = QScrollArea(self)           # the panel never forces the window's height
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setWidget(box)
+        # never sideways: the dock is as wide as the panel's widest row (tabs, buttons)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setMinimumWidth(box.minimumSizeHint().width()
+                               + scroll.verticalScrollBar().sizeHint().width() + 4)
         dock = QDockWidget("Reading", self)
         dock.setObjectName("reading")
         dock.setWidget(scroll)
@@ -723,9 +730,10 @@ class MainWindow(QMainWindow):
         self._update_bars()
         if loader.sd is not None:
             self.policy.open_series(loader.sd)
-        desc = info.get("SeriesDescription") or info.get("SeriesInstanceUID", "")
-        patient = format_person_name(info.get("PatientName") or "")
-        self.setWindowTitle(f"MedView — {patient} — {desc}" if patient else f"MedView — {desc}")
+        from .titles import series_name, window_title
+
+        desc = series_name(info)
+        self.setWindowTitle(window_title("MedView", info))
         self.statusBar().showMessage(f"Series {desc}: {len(images)} images", 4000)
         self.seriesOpened.emit(loader.uid)
 

@@ -241,7 +241,7 @@ class SeriesStatus:
     held: int                   # bytes held for the whole series
     requested: int              # held + still to come in the running transfer
     total: int                  # every codestream of the series
-    elapsed: float              # seconds since the loader started
+    elapsed: float              # seconds spent transferring (idle time not counted)
     stage: str | None           # kind of the running stage, None when idle
     images_done: int
     count: int
@@ -388,6 +388,7 @@ class _Running:
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
+        self.started = time.monotonic()      # for the active transfer time
         self.token: CancelToken | None = None
         self.transfer = None
         self.cancelled = False
@@ -463,6 +464,7 @@ class SeriesLoader:
         self._patches: dict[int, list[DecodedImage]] = {}
         self._cine = _Cine()
         self._t0 = time.monotonic()
+        self._active_s = 0.0                 # seconds spent in finished network stages
 
     # ------------------------------------------------------------------ public API
     def start(self) -> None:
@@ -565,9 +567,14 @@ class SeriesLoader:
             self._check_cine()
 
     def set_prefetch(self, on: bool) -> None:
-        """Fetch the rest of the series in the background (H5 prefetch) or not."""
+        """Fetch the rest of the series in the background (H5 prefetch) or not. Turned
+        off, a background stage already running stops now (what it received is kept)."""
         with self._lock:
             self._prefetch = bool(on)
+            running = self._net
+            if not on and running is not None and running.stage.kind == BACKGROUND \
+                    and not running.cancelled:
+                running.cancel()
         self._replan()
 
     def request_region(self, index: int, region: tuple[int, int, int, int]) -> None:
@@ -825,6 +832,8 @@ class SeriesLoader:
         held = {i: sd.held_bytes(i) for i in comps}
         levels = {i: sd.levels(i) for i in comps}
         with self._lock:
+            if self._net is running:
+                self._active_s += time.monotonic() - running.started
             self._net = None
             for i in comps:
                 self._held[i] = held[i]
@@ -913,7 +922,8 @@ class SeriesLoader:
         total = self._total_bytes
         done = sum(1 for i, (q, r) in enumerate(self._levels)
                    if r >= self._target_res(i) and q >= self.sd.images[i]["nlayers"])
-        return SeriesStatus(held, held + outstanding, total, time.monotonic() - self._t0,
+        active = self._active_s + (time.monotonic() - run.started if run is not None else 0.0)
+        return SeriesStatus(held, held + outstanding, total, active,
                             run.stage.kind if run is not None else None, done, len(self._levels))
 
     # ---- decoding -------------------------------------------------------------------

@@ -97,18 +97,22 @@ class VrUnavailable(RuntimeError):
 
 
 _probe_lock = threading.Lock()
-_backend: str | None = None
+_backends: dict[bool, str] = {}
 _failures: list[str] = []
 
 
-def _candidates() -> list[str]:
+def _candidates(headless: bool = False) -> list[str]:
+    """Window classes to try; ``headless`` puts EGL and OSMesa before the display's own
+    (X/GLX) window — for a pane whose desktop context was found unable to render."""
     forced = os.environ.get("VTK_DEFAULT_OPENGL_WINDOW")
     out = [forced] if forced else []
-    if os.environ.get("DISPLAY") and "vtkXOpenGLRenderWindow" not in out:
+    if os.environ.get("DISPLAY") and "vtkXOpenGLRenderWindow" not in out and not headless:
         out.append("vtkXOpenGLRenderWindow")
     for name in ("vtkEGLRenderWindow", "vtkOSOpenGLRenderWindow"):
         if name not in out:
             out.append(name)
+    if headless and os.environ.get("DISPLAY") and "vtkXOpenGLRenderWindow" not in out:
+        out.append("vtkXOpenGLRenderWindow")
     return out
 
 
@@ -146,15 +150,15 @@ def _works(name: str) -> str | None:
     return None
 
 
-def offscreen_backend() -> str:
-    """The render window class used offscreen (probed once per process)."""
-    global _backend
+def offscreen_backend(headless: bool = False) -> str:
+    """The render window class used offscreen (probed once per process; ``headless``:
+    EGL/OSMesa preferred over the display's window, see :func:`_candidates`)."""
     with _probe_lock:
-        if _backend is None:
-            for name in _candidates():
+        if headless not in _backends:
+            for name in _candidates(headless):
                 problem = _works(name)
                 if problem is None:
-                    _backend = name
+                    _backends[headless] = name
                     break
                 _failures.append(f"{name}: {problem}")
                 log.info("offscreen OpenGL %s unusable: %s", name, problem)
@@ -162,12 +166,12 @@ def offscreen_backend() -> str:
                 raise VrUnavailable("no offscreen OpenGL for volume rendering: tried "
                                     + "; ".join(_failures)
                                     + " (install libEGL or libOSMesa, or run with a display)")
-        return _backend
+        return _backends[headless]
 
 
-def offscreen_window(size: tuple[int, int]):
+def offscreen_window(size: tuple[int, int], headless: bool = False):
     """A new offscreen vtkRenderWindow of ``size`` (w, h)."""
-    rw = _make_window(offscreen_backend())
+    rw = _make_window(offscreen_backend(headless))
     rw.SetOffScreenRendering(1)
     rw.SetSize(int(size[0]), int(size[1]))
     return rw

@@ -133,7 +133,7 @@ def test_diagnosis_panel(qtbot):
     p.set_history({"kind": "note", "id": 7}, [
         {"rev": 1, "action": "create", "author": "ann", "at": 1.7e9, "text": "x"},
         {"rev": 2, "action": "edit", "author": "ann", "at": 1.7e9, "text": "y"}])
-    assert p.history.count() == 3 and p.tabs.currentWidget() is p.history
+    assert p.history.count() == 3 and p.tabs.currentWidget() is p.history_tab
     p.set_editable(False)
     assert not p.note_save.isEnabled() and not p.report_save.isEnabled()
     p.show_message("hello", warning=True)

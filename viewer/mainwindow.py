@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+import shiboken6
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
                                QApplication, QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QProgressDialog, QPushButton, QToolButton,
@@ -33,7 +34,6 @@ from .dialogs import (AppSettings, ImportResultDialog, LoginDialog, PreferencesD
 from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
                      SeriesStatus, Stage, reduce_for_fit)
 from imaging.model import DecodedImage, SeriesInfo
-from imaging.overlay import format_person_name
 from .policy_panel import DiagnosisPanel, PolicyController, VersionSelector, measurement_annotation
 from .progress import BytesBar, LevelBar, SeriesStrip, TransferLabel
 from .services import Backend, ImportOutcome
@@ -162,6 +162,10 @@ class MainWindow(QMainWindow):
         grid.addWidget(self.cancel_button, 1, 4)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(2, 1)
+        # the texts beside the bars wrap rather than squeeze the bars below their text
+        for label in (self.res_label, self.transfer_label):
+            label.setWordWrap(True)
+            label.setMinimumWidth(label.fontMetrics().horizontalAdvance("Shown 0000×0000 ·"))
         cine_row = QHBoxLayout()
         cine_row.addWidget(QLabel("Cine", panel))
         cine_row.addWidget(self.cine_bar, 1)
@@ -195,10 +199,14 @@ class MainWindow(QMainWindow):
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.version_selector)
         lay.addWidget(self.diagnosis_panel, 1)
-        scroll = QScrollArea(self)           # the panel never forces the window's size
+        scroll = QScrollArea(self)           # the panel never forces the window's height
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setWidget(box)
+        # never sideways: the dock is as wide as the panel's widest row (tabs, buttons)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setMinimumWidth(box.minimumSizeHint().width()
+                               + scroll.verticalScrollBar().sizeHint().width() + 4)
         dock = QDockWidget("Reading", self)
         dock.setObjectName("reading")
         dock.setWidget(scroll)
@@ -837,9 +845,10 @@ class MainWindow(QMainWindow):
         self._update_bars()
         if loader.sd is not None:
             self.policy.open_series(loader.sd)
-        desc = info.get("SeriesDescription") or info.get("SeriesInstanceUID", "")
-        patient = format_person_name(info.get("PatientName") or "")
-        self.setWindowTitle(f"MedView — {patient} — {desc}" if patient else f"MedView — {desc}")
+        from .titles import series_name, window_title
+
+        desc = series_name(info)
+        self.setWindowTitle(window_title("MedView", info))
         self.statusBar().showMessage(f"Series {desc}: {len(images)} images", 4000)
         self.seriesOpened.emit(loader.uid)
 
@@ -1215,8 +1224,9 @@ class MainWindow(QMainWindow):
 
         def refresh_usage() -> None:
             t = Task(lambda _ctx: backend.cache_usage(), name="cache-usage", pool=backend.pool, parent=self)
-            t.finished.connect(lambda u: dlg.set_usage(*u))
-            t.failed.connect(lambda e: dlg.cache_use.setText(f"unknown ({e})"))
+            # the dialog may be closed (and deleted) before the figure arrives
+            t.finished.connect(lambda u: shiboken6.isValid(dlg) and dlg.set_usage(*u))
+            t.failed.connect(lambda e: shiboken6.isValid(dlg) and dlg.cache_use.setText(f"unknown ({e})"))
             t.start()
 
         def clear() -> None:

@@ -37,6 +37,7 @@ from .mprview import SLAB_NAMES, MprView, ResliceScheduler, Tool
 from imaging.volume import Volume
 from imaging.vr import PRESETS as VR_PRESETS
 from imaging.windowing import header_window, initial_window
+from .titles import window_title
 from .vrview import VrView
 
 log = logging.getLogger("medview.mprlayout")
@@ -461,7 +462,7 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     except VolumeError as e:
         _refuse(parent, f"This series cannot be shown in MPR: {e}", show_errors)
     info = series.info
-    title = f"MPR — {info.get('PatientName', '')} — {info.get('SeriesDescription') or series_uid}"
+    title = window_title("MPR", dict(info, SeriesInstanceUID=series_uid))
     first = series.images[keep[0]]
     window = header_window(first.get("WindowCenter"), first.get("WindowWidth"))
     return open_volume(loader.volume, title=title, parent=parent, window=window,
@@ -493,7 +494,10 @@ def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, syn
 
     loader = FolderVolumeLoader(sel)
     ref = sel.kept[0]
-    win = open_volume(loader.volume, title=f"MPR — {ref.patient_name} — {ref.series_description or ref.series_uid}",
+    win = open_volume(loader.volume, title=window_title("MPR", {
+                          "PatientName": ref.patient_name, "SeriesDescription": ref.series_description,
+                          "Modality": ref.modality, "SeriesNumber": ref.series_number,
+                          "SeriesInstanceUID": ref.series_uid}),
                       parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader),
                       window=ref.window, memory=memory)
     if sel.warnings:

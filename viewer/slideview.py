@@ -320,6 +320,24 @@ class SlideView(QWidget):
         k = self.vp.scale * self._sr_downsample()
         return k if k > 1.0 + 1e-6 else None
 
+    def beyond_scan(self) -> float | None:
+        """High-resolution mode zoomed past the scan's native magnification (level 0
+        drawn enlarged, nothing generated): screen pixels per scanned pixel, else None.
+        (A rights limit is :meth:`enlarged`; super-resolution is :meth:`sr_active`.)"""
+        if self.mode != "high" or self.finest:
+            return None
+        k = self.vp.scale
+        return k if k > 1.0 + 1e-6 else None
+
+    def beyond_scan_text(self) -> str:
+        """The banner for :meth:`beyond_scan` ("" when not zoomed past the scan)."""
+        k = self.beyond_scan()
+        if not k:
+            return ""
+        mpp = self.provider.info.get("mpp")
+        native = f" (scan {10.0 / mpp:.1f}×)" if mpp else ""
+        return f"enlarged ×{k:.1f} beyond scan{native}: enlarged pixels, no finer detail was scanned"
+
     def sr_active(self) -> int | None:
         if self.mode != "low":
             return None
@@ -521,6 +539,12 @@ class SlideView(QWidget):
             flags = ", ".join((info.get("qc") or {}).get("flags") or [])
             text = f"QC FLAGGED: {flags}"
             p.fillRect(QRectF(8, y, 8 + 7 * len(text), 18), QColor(255, 170, 0, 230))
+            p.setPen(QColor(0, 0, 0))
+            p.drawText(QPointF(12, y + 13), text)
+            y += 22
+        text = self.beyond_scan_text()
+        if text:
+            p.fillRect(QRectF(8, y, 8 + 7 * len(text), 18), LIMIT_COLOUR)
             p.setPen(QColor(0, 0, 0))
             p.drawText(QPointF(12, y + 13), text)
             y += 22

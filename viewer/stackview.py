@@ -588,12 +588,26 @@ class StackView(QWidget):
                 painter.drawRect(rect)
         painter.restore()
 
+    def measurement_label_rect(self, m) -> QRectF:
+        """Where a measurement's text goes (widget coordinates): right of the shape, or
+        left of it when that would leave the view, always inside the view."""
+        metrics = QFontMetricsF(self._overlay_font)
+        lines = self.measurement_text(m)
+        w = max((metrics.horizontalAdvance(t) for t in lines), default=0.0) + 1
+        h = metrics.lineSpacing() * len(lines) + 1
+        a, b = self.image_to_widget(*m.p0), self.image_to_widget(*m.p1)
+        x = max(a.x(), b.x()) + 6
+        if x + w > self.width():
+            x = min(a.x(), b.x()) - 6 - w              # the other side of the shape
+        x = min(max(x, 2.0), max(self.width() - w - 2, 2.0))
+        y = min(max(min(a.y(), b.y()), 2.0), max(self.height() - h - 2, 2.0))
+        return QRectF(x, y, w, h)
+
     def _paint_measurements(self, painter: QPainter) -> None:
         for m in self.measurements():
             self._paint_shape(painter, m.kind, m.p0, m.p1, _MEASURE)
-            a, b = self.image_to_widget(*m.p0), self.image_to_widget(*m.p1)
-            anchor = QPointF(max(a.x(), b.x()) + 6, min(a.y(), b.y()))
-            self._draw_lines(painter, anchor, self.measurement_text(m), _MEASURE)
+            box = self.measurement_label_rect(m)
+            self._draw_lines(painter, box.topLeft(), self.measurement_text(m), _MEASURE)
         if self._pending_region is not None:
             x, y, w, h = self._pending_region
             self._paint_shape(painter, MeasureKind.RECT, (x, y), (x + w, y + h), _REGION, dashed=True)

@@ -282,7 +282,8 @@ class VrView(QWidget):
                     return
                 self.scene = VrScene(volume, self._native.GetRenderWindow())
             else:
-                self.scene = VrScene(volume, offscreen_window(self._size()))
+                # after a failed desktop context: EGL/OSMesa before the display's GLX
+                self.scene = VrScene(volume, offscreen_window(self._size(), headless=bool(self.fallback_reason)))
             self.set_message("")
         except (VrUnavailable, RuntimeError) as e:
             self.scene = None
@@ -388,7 +389,7 @@ class VrView(QWidget):
         if not frame_is_blank(_read_back(self._native.GetRenderWindow())):
             return False
         try:
-            probe = VrScene(self.scene.volume, offscreen_window(self._size()),
+            probe = VrScene(self.scene.volume, offscreen_window(self._size(), headless=True),
                             mapper=self.scene.mapper_kind)
         except (VrUnavailable, RuntimeError):
             return False                         # nothing better to fall back to

@@ -127,12 +127,12 @@ class FsckReport:
         return "\n".join(lines)
 
 
-def write_file_atomic(target: Path, data: bytes) -> None:
+def write_file_atomic(target: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """:func:`imaging.files.write_file_atomic` for the store: the disk-full fault point
     first, and a full disk reported as :class:`~server_stub.dbutil.StorageFull` (507)."""
     try:
         faults.check_disk("file")
-        _write_file_atomic(target, data)
+        _write_file_atomic(target, data, sync_dir=sync_dir)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFull(f"the store's disk is full: cannot write {target.name}") from e
@@ -253,14 +253,20 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
-    def atomic_write(self, path: str | Path, data: bytes) -> str:
+    def atomic_write(self, path: str | Path, data: bytes, *,
+                     synced_dirs: set | None = None) -> str:
         """Write ``data`` to ``path`` (store-relative or absolute inside the store)
-        atomically and durably; returns its SHA-256 hex digest."""
+        atomically and durably; returns its SHA-256 hex digest. With ``synced_dirs``
+        (a batch) the folder is added to that set instead of being fsynced now: the
+        caller fsyncs each once (:func:`imaging.files.fsync_dirs`) before anything
+        refers to the file."""
         if self.read_only is not None:
             raise StorageFull(f"the server is read-only: {self.read_only}")
         target = self._resolve(path)
         self._ensure_dir(target.parent)
-        write_file_atomic(target, data)
+        write_file_atomic(target, data, sync_dir=synced_dirs is None)
+        if synced_dirs is not None:
+            synced_dirs.add(target.parent)
         return sha256_hex(data)
 
     @staticmethod
@@ -269,7 +275,7 @@ class Store:
             raise StoreError(f"not a SHA-256 hex digest: {sha256!r}")
         return f"{ORIGINALS_DIR}/{sha256[:2]}/{sha256}.dcm"
 
-    def put_original(self, data: bytes) -> tuple[str, str]:
+    def put_original(self, data: bytes, *, synced_dirs: set | None = None) -> tuple[str, str]:
         """Store an original DICOM file, content addressed; returns (relpath, sha256).
 
         A no-op when the file is present with the right content; a damaged copy is
@@ -285,7 +291,7 @@ class Store:
                 have, size = "", -1
             if have == sha and size == len(data):
                 return rel, sha
-        self.atomic_write(rel, data)
+        self.atomic_write(rel, data, synced_dirs=synced_dirs)
         return rel, sha
 
     @staticmethod

@@ -64,7 +64,8 @@ def test_damaged_codestream_is_a_decode_error():
 
 @pytest.mark.parametrize("shape,dtype", [((150, 131), np.uint16), ((64, 64), np.uint8),
                                          ((40, 90, 3), np.uint8), ((20, 33), np.uint16),
-                                         ((7, 300), np.uint16)])
+                                         ((7, 300), np.uint16),
+                                         ((1100, 1000), np.uint16)])   # > the 1 MB buffer
 def test_encode_from_memory_is_byte_identical_to_glymur_file(shape, dtype):
     rng = np.random.default_rng(sum(shape))
     samples = rng.integers(0, np.iinfo(dtype).max, shape).astype(dtype)

@@ -33,8 +33,6 @@ outcome (packet requests when their stream ends, with what was actually sent).
 from __future__ import annotations
 
 import contextlib
-import gzip
-import json
 import logging
 import threading
 from collections import OrderedDict
@@ -44,13 +42,14 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from codestream.index import CodestreamError, PacketIndex
 
 from . import dicomweb, peers, policy_routes
 from .admission import Admission, Gates, Limits
+from .responses import GZIP_MIN_BYTES, accepts_gzip, error, json_response  # noqa: F401
 from .auth import AuthError, Authority, Session, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
@@ -72,45 +71,6 @@ log = logging.getLogger("medview.server")
 VERSION = "0.1.0"
 _PRIVATE_KEYS = {"codestream_relpath", "codestream_sha256", "index_relpath", "index_sha256",
                  "original_relpath", "original_sha256"}
-
-
-def error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
-
-
-GZIP_MIN_BYTES = 1024
-
-
-def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header allows gzip (``gzip`` or ``*`` with q > 0)."""
-    for part in accept_encoding.split(","):
-        name, _, params = part.partition(";")
-        if name.strip().lower() not in ("gzip", "x-gzip", "*"):
-            continue
-        q = 1.0
-        for p in params.split(";"):
-            k, _, v = p.strip().partition("=")
-            if k.strip().lower() == "q":
-                try:
-                    q = float(v)
-                except ValueError:
-                    q = 0.0
-        return q > 0
-    return False
-
-
-def json_response(request: Request, payload, media_type: str = "application/json") -> Response:
-    """A JSON answer, gzip-compressed (``Content-Encoding: gzip``) when the client accepts
-    it and the body is worth compressing: series metadata is about 1 kB per image and
-    shrinks about eight times, which matters when it is part of the first preview.
-    Packet streams are never compressed (JPEG 2000 data does not shrink)."""
-    body = json.dumps(payload, ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":")).encode("utf-8")
-    headers = {"Vary": "Accept-Encoding"}
-    if len(body) >= GZIP_MIN_BYTES and accepts_gzip(request.headers.get("accept-encoding", "")):
-        body = gzip.compress(body, compresslevel=6, mtime=0)
-        headers["Content-Encoding"] = "gzip"
-    return Response(body, media_type=media_type, headers=headers)
 
 
 class _LRU:

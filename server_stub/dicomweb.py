@@ -481,7 +481,7 @@ def _keyword_tag(keyword: str) -> str | None:
 
 def routes(srv, guarded) -> list[Route]:
     """The DICOMweb routes, each wrapped by ``guarded`` (see :mod:`server_stub.app`)."""
-    from .app import json_response
+    from .responses import json_response
 
     def base_url(request: Request) -> str:
         """Where this server is, for RetrieveURL and BulkDataURI. Some clients

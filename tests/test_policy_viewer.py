@@ -14,8 +14,8 @@ from client.session import ServerError  # noqa: E402
 from server_stub.embedded import EmbeddedServer  # noqa: E402
 from server_stub.rights import Rule  # noqa: E402
 from server_stub.store import Store  # noqa: E402
-from viewer.measure import MeasureKind, Measurement  # noqa: E402
-from viewer.model import ImageMeta  # noqa: E402
+from imaging.measure import MeasureKind, Measurement  # noqa: E402
+from imaging.model import ImageMeta  # noqa: E402
 from viewer.policy_panel import (DiagnosisPanel, PolicyController, VersionSelector,  # noqa: E402
                                  measurement_annotation)
 from client.policy_text import (explain_login_error, explain_recall, explain_rights,  # noqa: E402

@@ -14,9 +14,9 @@ from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl
 from PySide6.QtGui import QDropEvent, QImage
 from PySide6.QtTest import QTest
 
-from viewer.loader import BACKGROUND, NEAR
+from client.series_loader import BACKGROUND, NEAR
 from viewer.mainwindow import AppConfig, MainWindow
-from viewer.windowing import apply_window
+from imaging.windowing import apply_window
 
 from netsim import slow_packet_streams
 from waits import WAIT_MS

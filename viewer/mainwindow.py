@@ -1,7 +1,7 @@
 """The desktop app's main window: study browser, progressive stack view, progress panel,
 cine, tools, local import, settings.
 
-The window only orchestrates. Loading logic is :class:`viewer.loader.SeriesLoader`, the
+The window only orchestrates. Loading logic is :class:`client.series_loader.SeriesLoader`, the
 connection and import are :class:`viewer.services.Backend`, and everything that waits
 on the network, reads files or decodes runs in the worker pool or a
 :class:`viewer.workers.Task`; results come back as queued signals. Signals from a loader
@@ -19,21 +19,21 @@ from pathlib import Path
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
-                               QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
+                               QApplication, QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QProgressDialog, QPushButton, QToolButton,
                                QScrollArea, QVBoxLayout, QWidget)
 
 from client.pool import INTERACTION, VISIBLE
 
-from . import windowing
+from imaging import windowing
 from .browser import StudyBrowser
 from .cinebar import CineBar
 from .dialogs import (AppSettings, ImportResultDialog, LoginDialog, PreferencesDialog,
                       ShortcutsDialog, about_text)
-from .loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
+from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
                      SeriesStatus, Stage, reduce_for_fit)
-from .model import DecodedImage, SeriesInfo
-from .overlay import format_person_name
+from imaging.model import DecodedImage, SeriesInfo
+from imaging.overlay import format_person_name
 from .policy_panel import DiagnosisPanel, PolicyController, VersionSelector, measurement_annotation
 from .progress import BytesBar, LevelBar, SeriesStrip, TransferLabel
 from .services import Backend, ImportOutcome
@@ -206,7 +206,8 @@ class MainWindow(QMainWindow):
         self.reading_dock = dock
         self.policy = PolicyController(self.diagnosis_panel, self.version_selector,
                                        runner=self._policy_runner, parent=self)
-        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid))
+        # another version of the shown series: same slice, zoom, pan and window
+        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid, keep_view=True))
         self.policy.notice.connect(lambda m: self.statusBar().showMessage(m, 6000))
         self.policy.failed.connect(lambda m: self.statusBar().showMessage(m, 8000))
         self.policy.recallingChanged.connect(
@@ -239,19 +240,33 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Open a series first", 4000)
             return None
         sd = self.loader.sd if self.loader is not None and self.loader.uid == self.series_uid else None
-        try:
-            win = open_series(self.backend.session, self.series_uid, cache=self.backend.cache,
-                              series=sd, parent=self, thick_to_thin=thick_to_thin)
-        except RuntimeError:
-            return None          # the refusal (too few images, no volume) was shown
-        self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
-        return win
+        uid, backend = self.series_uid, self.backend
+
+        def show(series):
+            try:
+                win = open_series(backend.session, uid, cache=backend.cache, series=series,
+                                  parent=self, thick_to_thin=thick_to_thin,
+                                  memory=backend.memory)
+            except RuntimeError:
+                return None      # the refusal (too few images, no volume) was shown
+            self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
+            return win
+
+        if sd is not None:
+            return show(sd)
+        # the series description is a request: made in the pool, never on the UI thread
+        task = Task(lambda _ctx: backend.registry.get(uid), name="mpr-series",
+                    pool=backend.pool, priority=INTERACTION, parent=self)
+        task.finished.connect(show)
+        task.failed.connect(lambda e: self.statusBar().showMessage(f"Cannot open MPR: {e}", 8000))
+        self.statusBar().showMessage("Opening MPR…")
+        return task.start()
 
     def open_mpr_folder(self) -> None:
         """Pick a folder; its DICOM files are scanned and the series selected in a worker
         (M1–M3), then the MPR window opens on the UI thread."""
         from .mprlayout import open_selection
-        from .series_select import ServerCatalogue, select_series
+        from imaging.series_select import ServerCatalogue, select_series
 
         folder = QFileDialog.getExistingDirectory(self, "Folder with a DICOM series")
         if not folder:
@@ -262,7 +277,7 @@ class MainWindow(QMainWindow):
 
         def selected(sel) -> None:
             try:
-                win = open_selection(sel, parent=self,
+                win = open_selection(sel, parent=self, memory=self.backend.memory,
                                      report=lambda m: self.statusBar().showMessage(
                                          (m.splitlines() or [""])[0], 8000))
             except RuntimeError:
@@ -313,7 +328,8 @@ class MainWindow(QMainWindow):
         def opened(provider) -> None:
             from .slideview import open_slide_window
 
-            pane = open_slide_window(provider)
+            pane = open_slide_window(provider, cache_bytes=self.backend.memory,
+                                     pool=self.backend.pool)
             # the pane's rights banner and news (label refused, rights changed) also go
             # to the status bar, in plain words
             pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
@@ -365,7 +381,8 @@ class MainWindow(QMainWindow):
                             "to a folder")
         self.act_prefs = A("&Preferences…", self.show_preferences, QKeySequence.StandardKey.Preferences,
                            "Cache size, background loading, window presets")
-        self.act_quit = A("&Quit", self.close, QKeySequence.StandardKey.Quit, "Quit MedView")
+        self.act_quit = A("&Quit", self.quit_app, QKeySequence.StandardKey.Quit,
+                          "Close every window, stop transfers and the bundled server, and exit")
 
         self.tool_group = QActionGroup(self)
         self.tool_group.setExclusive(True)
@@ -527,7 +544,7 @@ class MainWindow(QMainWindow):
     def start_bundled(self, store_dir: Path | None) -> Task:
         """Start the bundled server on ``store_dir`` (sample study on first run), off the
         UI thread, then log in as the local user."""
-        from .cli import default_data_dir
+        from client.appdirs import default_data_dir
 
         store = Path(store_dir) if store_dir else default_data_dir() / "store"
         self._busy(True, f"Preparing the local store {store} (the sample study is created on "
@@ -736,11 +753,16 @@ class MainWindow(QMainWindow):
             self.thumbs.request(self.backend.pool, self.backend.registry, uid)
 
     # ================================================================== series
-    def open_series(self, uid: str) -> SeriesLoader | None:
+    def open_series(self, uid: str, keep_view: bool = False) -> SeriesLoader | None:
         """Show series ``uid``: the old series' transfers are cancelled and nothing of it
-        is shown any more; the new one loads progressively."""
+        is shown any more; the new one loads progressively. ``keep_view`` (the same series
+        reopened, e.g. in another version): keep the slice, zoom, pan and window."""
         if self.backend.registry is None:
             return None
+        keep = None
+        if keep_view and uid == self.series_uid and self.series_info is not None:
+            keep = (self._shown, self.stack.snapshot())
+        self._keep_view = keep
         self._close_loader()
         self._focus_timer.stop()
         self.series_uid = uid
@@ -757,8 +779,9 @@ class MainWindow(QMainWindow):
         self.bytes_bar.set_bytes(0, 0, 0)
         self.res_label.setText("–")
         self.loader = SeriesLoader(self.backend.registry, uid, self.backend.pool, self.bridge,
-                                   focus=0, viewport=self._viewport(),
-                                   prefetch=self.settings.prefetch())
+                                   focus=keep[0] if keep else 0, viewport=self._viewport(),
+                                   prefetch=self.settings.prefetch(),
+                                   decoded_budget=self.backend.memory)
         self.loader.set_cine_consistent(self.cine_bar.consistent_box.isChecked())
         self.loader.start()
         self.browser.select_series(uid)
@@ -799,6 +822,9 @@ class MainWindow(QMainWindow):
         series = SeriesInfo.from_dict(info, images)
         self.series_info = series
         self.stack.set_series(series)
+        keep, self._keep_view = getattr(self, "_keep_view", None), None
+        if keep is not None:
+            self.stack.restore(keep[1])
         self._statuses = list(statuses)
         self._shown = loader.focus
         self.strip.set_count(len(images))
@@ -1249,11 +1275,28 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(message)
 
     # ================================================================== closing
+    def quit_app(self) -> None:
+        """File → Quit: close every window (MPR, slides), cancel transfers and workers,
+        stop the bundled server and leave the event loop (exit code 0)."""
+        self.close()
+        app = QApplication.instance()
+        if app is not None:
+            app.quit()
+
+    def other_windows(self) -> list[QWidget]:
+        """The MPR and slide windows this window opened that are still open."""
+        return [w for w in getattr(self, "_mpr_windows", []) + getattr(self, "_slide_windows", [])
+                if w is not None and w.isVisible()]
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
-        """Stop what this window started: transfers, pool, bundled server."""
+        """Stop what this window started: the MPR and slide windows, transfers, pool,
+        bundled server. The main window closing ends the application."""
         self._closing = True
         self.settings.set_layout(self.saveGeometry(), self.saveState())
         self.settings.sync()
+        for w in self.other_windows():
+            w.close()                        # each cancels its own loader / tile fetches
+        self._mpr_windows, self._slide_windows = [], []
         self._close_loader()
         self.thumbs.cancel_all()
         self.backend.close()

@@ -396,8 +396,8 @@ class DiagnosisPanel(QWidget):
 # --------------------------------------------------------------------------- annotations
 def measurement_annotation(m, meta, series_uid: str, label: str | None = None) -> dict:
     """An annotation body (see :mod:`server_stub.diagnosis`) for a viewer measurement
-    (:class:`viewer.measure.Measurement` on image ``meta``: a :class:`viewer.model.ImageMeta`)."""
-    from .measure import MeasureKind, distance
+    (:class:`imaging.measure.Measurement` on image ``meta``: a :class:`imaging.model.ImageMeta`)."""
+    from imaging.measure import MeasureKind, distance
 
     body: dict = {"series": series_uid, "image": f"{meta.sop_instance_uid}/{meta.frame}",
                   "points": [list(m.p0), list(m.p1)]}

@@ -1,7 +1,7 @@
 """Progress widgets (SPEC P12): quality-level bar, byte bar, per-slice strip, rate label.
 
 They only display what they are told; the numbers come from the client library's
-transfer callbacks. Formatting lives in :mod:`viewer.transferstats`.
+transfer callbacks. Formatting lives in :mod:`client.transferstats`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QMouseEvent, QPainter, QPaintEvent, QPen, QPolygonF
 from PySide6.QtWidgets import QLabel, QSizePolicy, QWidget
 
-from .transferstats import TransferRate, TransferSnapshot, format_bytes, level_fraction
+from client.transferstats import TransferRate, TransferSnapshot, format_bytes, level_fraction
 
 __all__ = ["ThreeToneBar", "LevelBar", "BytesBar", "SeriesStrip", "TransferLabel", "level_color"]
 

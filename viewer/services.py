@@ -15,8 +15,9 @@ from typing import Callable
 from client.cache import PacketCache
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool
 from client.session import DEFAULT_USER, Session
+from imaging.memory import MemoryBudget
 
-from .loader import SeriesRegistry
+from client.series_loader import SeriesRegistry
 
 log = logging.getLogger("medview.services")
 
@@ -49,16 +50,30 @@ class ImportOutcome:
         return len(r.imported) + len(r.duplicates) + len(r.skipped)
 
 
+def default_memory_budget() -> int:
+    """A quarter of the physical memory (512 MB at least, 8 GB at most)."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 4 << 30
+    return int(min(max(total // 4, 512 << 20), 8 << 30))
+
+
 class Backend:
     """The app's connection: server (bundled or remote), session, cache, pool."""
 
     def __init__(self, cache_path: str | Path | None = None, cache_limit: int = 2 << 30,
-                 workers: int = POOL_WORKERS) -> None:
+                 workers: int = POOL_WORKERS, memory_budget: int | None = None) -> None:
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache_limit = cache_limit
         caps = dict(POOL_CAPS)
         caps[INTERACTION] = workers
+        # one worker pool and one memory budget for the whole app: series images, slide
+        # tiles and volumes (a quarter of the machine's memory by default, 512 MB at least)
         self.pool = WorkerPool(workers, caps)
+        self.memory = MemoryBudget(memory_budget or default_memory_budget())
         self.cache: PacketCache | None = None
         self.session: Session | None = None
         self.registry: SeriesRegistry | None = None

@@ -57,6 +57,7 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QHBoxLayout, QLabel, QPushBut
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool  # noqa: F401
 from client.rights import RightsLimited
 from client.srqueue import NEAR, VIEW, SRQueue, SRTileService
+from imaging.memory import MemoryBudget
 from imaging.viewport import CachedTile, TileCache, Viewport
 
 from client.policy_text import explain_slide_rights, explain_slide_rights_error
@@ -94,12 +95,16 @@ class SlideTileLoader:
     ``notify()`` is called (on a worker thread) whenever a tile arrived; the view turns
     it into a repaint on the UI thread."""
 
-    def __init__(self, provider, cache: TileCache, notify, workers: int = 3) -> None:
+    def __init__(self, provider, cache: TileCache, notify, workers: int = 3,
+                 pool: WorkerPool | None = None) -> None:
         self.provider = provider
         self.cache = cache
         self.notify = notify
-        self.pool = WorkerPool(workers, caps={INTERACTION: workers, VISIBLE: workers,
-                                              PREFETCH: max(1, workers - 1)})
+        # the app's one worker pool when given (its class caps hold for slides too); a
+        # private one only for a pane made on its own (tests, a bare slide window)
+        self._own_pool = pool is None
+        self.pool = pool or WorkerPool(workers, caps={INTERACTION: workers, VISIBLE: workers,
+                                                      PREFETCH: max(1, workers - 1)})
         self._inflight: dict = {}
         self._lock = threading.Lock()
         self.requests = 0
@@ -133,7 +138,7 @@ class SlideTileLoader:
                     self._inflight[(level, t)] = marker
             job = self.pool.submit(
                 lambda tok, lv=level, ts=chunk, p=priority: self._load(lv, ts, p, tok),
-                priority, tag=("slide", level))
+                priority, tag=self)
             with self._lock:
                 for t in chunk:
                     if self._inflight.get((level, t)) is marker:
@@ -196,10 +201,16 @@ class SlideTileLoader:
         return c is not None and (c.complete or c.layers >= layers)
 
     def cancel_prefetch(self) -> None:
-        self.pool.cancel_where(lambda j: j.priority == PREFETCH)
+        self.pool.cancel_where(lambda j: j.priority == PREFETCH and self._mine(j))
+
+    def _mine(self, job) -> bool:
+        return self._own_pool or getattr(job, "tag", None) is self
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
+        if self._own_pool:
+            self.pool.shutdown(wait=False)
+        else:
+            self.pool.cancel_where(lambda j: j.tag is self)
 
 
 class SlideView(QWidget):
@@ -208,8 +219,8 @@ class SlideView(QWidget):
     viewChanged = Signal()
 
     def __init__(self, provider, parent: QWidget | None = None, *, mode: str | None = None,
-                 cache_bytes: int = 384 << 20, sr_queue: SRQueue | None = None,
-                 sr_cache=None) -> None:
+                 cache_bytes: "int | MemoryBudget" = 384 << 20, sr_queue: SRQueue | None = None,
+                 sr_cache=None, pool: WorkerPool | None = None) -> None:
         super().__init__(parent)
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setMouseTracking(True)
@@ -223,7 +234,8 @@ class SlideView(QWidget):
         self.vp.fit()
         self.cache = TileCache(cache_bytes)
         disp = dispatcher()
-        self.loader = SlideTileLoader(provider, self.cache, lambda: disp.post(self._arrived))
+        self.loader = SlideTileLoader(provider, self.cache, lambda: disp.post(self._arrived),
+                                      pool=pool)
         self._sr_queue = sr_queue or SRQueue(1)
         self._own_sr_queue = sr_queue is None
         self._sr_cache = sr_cache
@@ -292,6 +304,7 @@ class SlideView(QWidget):
     def close_view(self) -> None:
         self._anim.stop()
         self.loader.close()
+        self.cache.close()              # its tiles leave the one memory budget
         if self._own_sr_queue:
             self._sr_queue.shutdown()
 

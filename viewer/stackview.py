@@ -39,12 +39,12 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from . import windowing
-from .measure import Measurement, MeasureKind, measurement_label, value_at
-from .model import DecodedImage, ImageMeta, SeriesInfo
-from .orientation import EdgeLabels, Matrix2, edge_labels
-from .overlay import Corners, corner_lines
-from .viewstate import ViewState, nice_scale_bar
+from imaging import windowing
+from imaging.measure import Measurement, MeasureKind, measurement_label, value_at
+from imaging.model import DecodedImage, ImageMeta, SeriesInfo
+from imaging.orientation import EdgeLabels, Matrix2, edge_labels
+from imaging.overlay import Corners, corner_lines
+from imaging.viewstate import ViewState, nice_scale_bar
 
 __all__ = ["MouseMode", "ViewSnapshot", "StackView", "numpy_to_qimage"]
 
@@ -137,7 +137,7 @@ class StackView(QWidget):
     viewStateChanged = Signal(object)
     """A :class:`ViewSnapshot` after any window, zoom, pan, rotation or flip change."""
     measurementAdded = Signal(object)
-    """A :class:`viewer.measure.Measurement` the user just drew."""
+    """A :class:`imaging.measure.Measurement` the user just drew."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -324,7 +324,7 @@ class StackView(QWidget):
         return windowing.presets_for(self._series.modality if self._series else None)
 
     def apply_preset(self, name: str) -> None:
-        """Apply a named preset (see :data:`viewer.windowing.CT_PRESETS`)."""
+        """Apply a named preset (see :data:`imaging.windowing.CT_PRESETS`)."""
         preset = windowing.find_preset(name, self._series.modality if self._series else "CT")
         self.set_window(preset.center, preset.width)
 
@@ -382,6 +382,19 @@ class StackView(QWidget):
     def flip_vertical(self) -> None:
         self._sync_viewport()
         self._view.flip_vertical()
+        self._view_changed()
+
+    def restore(self, snap: ViewSnapshot) -> None:
+        """Take over a :meth:`snapshot` (window, invert, zoom, pan, rotation/flip), e.g.
+        after the same series was reopened in another version."""
+        if snap.center is not None and snap.width is not None:
+            self._window = (float(snap.center), max(float(snap.width), windowing.MIN_WIDTH))
+        self._invert = bool(snap.invert)
+        v = self._view
+        v.matrix = snap.matrix
+        v.zoom = float(snap.zoom)
+        v.pan_x, v.pan_y = (float(snap.pan[0]), float(snap.pan[1]))
+        v.fit_mode = bool(snap.fit)
         self._view_changed()
 
     def reset_view(self) -> None:

@@ -22,7 +22,7 @@ SPEC M1–M3. Starting from the image on screen (a file) or from a folder:
 
 :func:`select_series` returns a :class:`SeriesSelection` (kept, skipped, recovered,
 missing, warnings, refusal); :meth:`SeriesSelection.build_volume` reads the pixels into a
-:class:`~viewer.volume.Volume`.
+:class:`~imaging.volume.Volume`.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from codestream.ranges import format_ranges
 from imaging import dicom
 
 from .volume import SliceGeometry, Volume, VolumeError, build_geometry, volume_for_slices
+from .windowing import header_window
 
 log = logging.getLogger("medview.series_select")
 
@@ -154,6 +155,7 @@ class Candidate:
     signed: bool
     thickness: float | None
     data: bytes | None = None               # file content (catalogue candidates)
+    window: tuple[float, float] | None = None   # usable WindowCenter/WindowWidth, else None
 
     @property
     def name(self) -> str:
@@ -245,7 +247,10 @@ def _candidates_from_dataset(ds, path: Path | None, source: str, data: bytes | N
         thickness = _float(attr("SpacingBetweenSlices", "PixelMeasuresSequence")) or \
             _float(attr("SliceThickness", "PixelMeasuresSequence"))
         ps = attr("PixelSpacing", "PixelMeasuresSequence", 2)
+        window = header_window(attr("WindowCenter", "FrameVOILUTSequence"),
+                               attr("WindowWidth", "FrameVOILUTSequence"))
         out.append(Candidate(
+            window=window,
             frame=fr, position=attr("ImagePositionPatient", "PlanePositionSequence", 3),
             orientation=attr("ImageOrientationPatient", "PlaneOrientationSequence", 6),
             pixel_spacing=(ps[0], ps[1]) if ps else None,
@@ -414,7 +419,7 @@ class SeriesSelection:
 
     def build_volume(self, *, progress: Callable[[int, int], None] | None = None) -> Volume:
         """A :class:`Volume` of the kept images, pixels read (see also
-        :class:`viewer.volume_loader.FolderVolumeLoader` for the interleaved way)."""
+        :class:`client.volume_loader.FolderVolumeLoader` for the interleaved way)."""
         vol, slots = self.empty_volume()
         datasets: dict[object, Any] = {}
         with vol.batch("loaded"):

@@ -1386,7 +1386,7 @@ def _os_user(getpass) -> str:
 
 def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = None,
                  progress: ProgressFn | None = None, *, verify: bool = True,
-                 workers: int = 2, limits: IngestLimits | None = None,
+                 workers: int | None = None, limits: IngestLimits | None = None,
                  audit: AuditFn | None = None, user: str | None = None) -> IngestReport:
     """Ingest files and folders (recursively) into ``store``.
 
@@ -1470,7 +1470,9 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
             flush()                     # its stored twin may be in the batch
         settle(result)
 
-    workers = max(1, int(workers))
+    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
+    workers = max(1, int(workers)) if workers is not None else \
+        max(2, min(8, os.cpu_count() or 2))
     window = 2 * workers
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:

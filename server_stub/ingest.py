@@ -1218,17 +1218,18 @@ def _already(p: _Prepared, cat) -> DuplicateFile | _Conflict | None:
     return None
 
 
-def _write_files(p: _Prepared, store: Store, synced_dirs: set | None = None) -> list[dict]:
-    """The frame files and the original, each written atomically (temp file, fsync,
-    rename); their folders fsynced now, or added to ``synced_dirs`` for the batch to
-    fsync once before its transaction. Returns the frame rows; sets the original's."""
+def _write_files(p: _Prepared, store: Store, batch=None) -> list[dict]:
+    """The frame files and the original, each written atomically (temp file, rename)
+    and made durable now (fsync of the file and its folder), or, with ``batch`` (a
+    :class:`~server_stub.store.DurableBatch`), all at once before the batch's
+    transaction. Returns the frame rows; sets the original's."""
     a = p.attrs
     sop = a["SOPInstanceUID"]
     frames = []
     for n, ef in enumerate(p.frames, start=1):
         cs_rel, idx_rel = store.codestream_paths(a["SeriesInstanceUID"], sop, n)
-        cs_sha = store.atomic_write(cs_rel, ef.codestream, synced_dirs=synced_dirs)
-        idx_sha = store.atomic_write(idx_rel, ef.index_json, synced_dirs=synced_dirs)
+        cs_sha = store.atomic_write(cs_rel, ef.codestream, batch=batch)
+        idx_sha = store.atomic_write(idx_rel, ef.index_json, batch=batch)
         frames.append({
             "frame": n, "codestream_relpath": cs_rel, "codestream_sha256": cs_sha,
             "codestream_size": len(ef.codestream), "index_relpath": idx_rel,
@@ -1236,7 +1237,7 @@ def _write_files(p: _Prepared, store: Store, synced_dirs: set | None = None) -> 
             "offset": ef.offset, "numres": ef.numres, "nlayers": ef.nlayers,
             "ImagePositionPatient": ef.position,
         })
-    orig_rel, orig_sha = store.put_original(p.data, synced_dirs=synced_dirs)
+    orig_rel, orig_sha = store.put_original(p.data, batch=batch)
     a.update({"original_relpath": orig_rel, "original_sha256": orig_sha,
               "original_size": len(p.data)})
     return frames
@@ -1275,13 +1276,15 @@ COMMIT_BATCH_BYTES = 64 << 20
 
 
 def _commit_batch(batch: list[_Prepared], store: Store) -> list:
-    """Step 8 for several files (calling thread only): every file written atomically,
-    each folder fsynced once, then ONE transaction with every instance's rows — so a
-    row never names a file whose rename is not durable, and a crash before the commit
-    leaves only files no row names (orphans that fsck reports), never a row without its
-    file. Duplicates and SOP conflicts are found against the catalogue and inside the
-    batch. Should the transaction fail as a whole, each file is committed on its own."""
-    from imaging.files import fsync_dirs
+    """Step 8 for several files (calling thread only): every file written atomically
+    (temp file, rename), then all of them made durable at once (one ``syncfs`` of the
+    store's file system, or each file and folder fsynced where that is not available),
+    then ONE transaction with every instance's rows — so a row never names a file that
+    is not durable, and a crash before the commit leaves only files no row names
+    (orphans that fsck reports), never a row without its file. Duplicates and SOP
+    conflicts are found against the catalogue and inside the batch. Should the
+    transaction fail as a whole, each file is committed on its own."""
+    from .store import DurableBatch
 
     if len(batch) == 1:
         return [_commit(batch[0], store)]
@@ -1290,7 +1293,7 @@ def _commit_batch(batch: list[_Prepared], store: Store) -> list:
     todo: list[tuple[int, _Prepared, list[dict]]] = []
     shas: set[str] = set()
     sops: dict[str, str] = {}
-    synced: set = set()
+    durable = DurableBatch(store.root)
     for i, p in enumerate(batch):
         sop = p.attrs["SOPInstanceUID"]
         found = _already(p, cat)
@@ -1302,14 +1305,20 @@ def _commit_batch(batch: list[_Prepared], store: Store) -> list:
             out[i] = found
             continue
         try:
-            frames = _write_files(p, store, synced)
+            frames = _write_files(p, store, durable)
         except OSError as e:
             out[i] = SkippedFile(p.path, f"cannot write to the store: {e}", ERROR)
             continue
         shas.add(p.sha256)
         sops[sop] = p.sha256
         todo.append((i, p, frames))
-    fsync_dirs(synced)
+    try:
+        durable.make_durable()
+    except OSError as e:                    # nothing of the batch is stored
+        why = f"cannot write to the store: {e}"
+        for i, p, _frames in todo:
+            out[i] = SkippedFile(p.path, why, ERROR)
+        return out
     try:
         with cat._transaction():
             for i, p, frames in todo:

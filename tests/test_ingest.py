@@ -11,6 +11,7 @@ import hashlib
 import shutil
 import signal
 import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -599,3 +600,28 @@ def test_batch_finds_duplicates_and_conflicts_inside_itself(tmp_path):
     assert store.catalogue.counts()["instances"] == 3
     assert fsck(store).clean
     store.close()
+
+
+def test_batch_durability_without_syncfs(tmp_path, monkeypatch):
+    """Where syncfs is not available, a batch fsyncs each file and folder itself."""
+    from imaging import files as files_mod
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files_mod, "_syncfs", lambda root: False)
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    dicom = sample.make_sample_ct(tmp_path / "dicom", slices=3, size=32, seed=23)
+    store = Store(tmp_path / "store")
+    report = ingest_paths(dicom, store, verify=False)
+    assert len(report.imported) == 3
+    assert len(synced) >= 9                 # 3 files per instance, then their folders
+    assert fsck(store).clean
+    store.close()
+
+
+def test_syncfs_is_used_on_linux(tmp_path):
+    from imaging import files as files_mod
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("syncfs is Linux's")
+    assert files_mod._syncfs(tmp_path) is True

@@ -162,23 +162,26 @@ def timed(c: Client, method: str, path: str, body=None) -> tuple[float, int]:
 
 
 def idle(host, port, info: dict[int, dict], n: int) -> dict:
+    """Median / p99 per series size and kind; the sizes alternate request by request, so
+    a change of the machine's load affects them alike (the ratio is what counts)."""
     c = Client(host, port)
     c.login()
-    out = {}
-    for size, s in info.items():
-        for name, path in (("jpip", tiny_jpip(s["series"])), ("qido", qido(s["study"]))):
-            for _ in range(5):
-                timed(c, "GET", path)
-        row = {}
-        for name, path in (("jpip", tiny_jpip(s["series"])), ("qido", qido(s["study"]))):
-            ts = []
-            for _ in range(n):
-                dt, st = timed(c, "GET", path)
-                if st != 200:
-                    raise RuntimeError(f"{path}: HTTP {st}")
-                ts.append(dt)
-            row[name] = {"median_ms": 1e3 * statistics.median(ts), "p99_ms": 1e3 * pct(ts, 99)}
-        out[size] = row
+    paths = {(size, name): path for size, s in info.items()
+             for name, path in (("jpip", tiny_jpip(s["series"])), ("qido", qido(s["study"])))}
+    for path in paths.values():
+        for _ in range(5):
+            timed(c, "GET", path)
+    times: dict = {k: [] for k in paths}
+    for _ in range(n):
+        for k, path in paths.items():
+            dt, st = timed(c, "GET", path)
+            if st != 200:
+                raise RuntimeError(f"{path}: HTTP {st}")
+            times[k].append(dt)
+    out: dict = {}
+    for (size, name), ts in times.items():
+        out.setdefault(size, {})[name] = {"median_ms": 1e3 * statistics.median(ts),
+                                          "p99_ms": 1e3 * pct(ts, 99)}
     return out
 
 

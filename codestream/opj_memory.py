@@ -1,4 +1,7 @@
-"""OpenJPEG decode straight from bytes: a memory stream through ctypes, no temp file.
+"""OpenJPEG straight from and to memory: ctypes memory streams, no temp file.
+
+:func:`decode` (bytes to pixels) and :func:`encode` (pixels to a codestream, the
+parameters glymur sets for the same arguments, byte-identical to glymur writing a file).
 
 The same libopenjp2 and the same decoder parameters glymur uses (``cp_layer``,
 ``cp_reduce``, the decode area in full-resolution coordinates, the thread count of
@@ -29,6 +32,7 @@ _OFF_T = ctypes.c_int64
 _READ_FN = ctypes.CFUNCTYPE(_SIZE_T, ctypes.c_void_p, _SIZE_T, ctypes.c_void_p)
 _SKIP_FN = ctypes.CFUNCTYPE(_OFF_T, _OFF_T, ctypes.c_void_p)
 _SEEK_FN = ctypes.CFUNCTYPE(ctypes.c_int32, _OFF_T, ctypes.c_void_p)
+_WRITE_FN = ctypes.CFUNCTYPE(_SIZE_T, ctypes.c_void_p, _SIZE_T, ctypes.c_void_p)
 
 _stream_create = _LIB.opj_stream_create
 _stream_create.argtypes = [_SIZE_T, ctypes.c_int32]
@@ -42,6 +46,9 @@ _set_skip.restype = None
 _set_seek = _LIB.opj_stream_set_seek_function
 _set_seek.argtypes = [ctypes.c_void_p, _SEEK_FN]
 _set_seek.restype = None
+_set_write = _LIB.opj_stream_set_write_function
+_set_write.argtypes = [ctypes.c_void_p, _WRITE_FN]
+_set_write.restype = None
 _set_user_data = _LIB.opj_stream_set_user_data
 _set_user_data.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
 _set_user_data.restype = None
@@ -89,6 +96,40 @@ def _seek(pos, key):
 
 
 _READ_CB, _SKIP_CB, _SEEK_CB = _READ_FN(_read), _SKIP_FN(_skip), _SEEK_FN(_seek)
+
+# output streams: [bytearray, position], keyed like the input ones
+_outputs: dict[int, list] = {}
+
+
+def _write(src, n, key):
+    o = _outputs[key]
+    buf, pos = o
+    end = pos + n
+    if end > len(buf):
+        buf.extend(bytes(end - len(buf)))
+    buf[pos:end] = ctypes.string_at(src, n)
+    o[1] = end
+    return n
+
+
+def _out_skip(n, key):
+    o = _outputs[key]
+    if o[1] + n < 0:
+        return -1
+    o[1] += n
+    return n
+
+
+def _out_seek(pos, key):
+    if pos < 0:
+        return 0
+    _outputs[key][1] = pos
+    return 1
+
+
+_WRITE_CB, _OUT_SKIP_CB, _OUT_SEEK_CB = (_WRITE_FN(_write), _SKIP_FN(_out_skip),
+                                         _SEEK_FN(_out_seek))
+_LRCP = 0
 
 
 def _dtype(comp) -> type:
@@ -163,3 +204,90 @@ def decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
         if stream:
             _stream_destroy(stream)
         _streams.pop(key, None)
+
+
+def encode(samples: np.ndarray, *, ratios: list[int], numres: int, precinct: int,
+           codeblock: int, plt: bool = True, threads: int | None = None) -> bytes:
+    """Encode uint8/uint16 samples, (h, w) or (h, w, 3), reversibly (5/3), into a J2K
+    codestream in memory: layers at ``ratios`` (``cp_disto_alloc``), ``numres``
+    resolutions, square precincts of ``precinct`` at every level, ``codeblock``
+    code-blocks, LRCP order, PLT markers — the parameters glymur sets for
+    ``Jp2k(path, data, cratios, numres, psizes, cbsize, prog="LRCP", plt=True,
+    irreversible=False)``, so the bytes are the same as glymur's file."""
+    a = np.asarray(samples)
+    if a.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"samples must be uint8 or uint16, got {a.dtype}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    h, w, ncomp = a.shape
+    if 0 in a.shape:
+        raise ValueError(f"the image has invalid dimensions, {a.shape}")
+    gray = ncomp < 3
+    cp = opj2.set_default_encoder_parameters()
+    cp.codec_fmt = _CODEC_J2K
+    cp.irreversible = 0
+    cp.cblockw_init = codeblock
+    cp.cblockh_init = codeblock
+    cp.tcp_numlayers = len(ratios)
+    for j, r in enumerate(ratios):
+        cp.tcp_rates[j] = r
+    cp.cp_disto_alloc = 1
+    cp.numresolution = numres
+    cp.prog_order = _LRCP
+    for j in range(numres):
+        cp.prcw_init[j] = precinct
+        cp.prch_init[j] = precinct
+    cp.csty |= 0x01
+    cp.res_spec = numres
+    cp.tcp_mct = 0 if gray else 1
+    prec = 8 if a.dtype == np.uint8 else 16
+    parms = (opj2.ImageComptParmType * ncomp)()
+    for j in range(ncomp):
+        parms[j].dx, parms[j].dy = cp.subsampling_dx, cp.subsampling_dy
+        parms[j].w, parms[j].h = w, h
+        parms[j].x0, parms[j].y0 = cp.image_offset_x0, cp.image_offset_y0
+        parms[j].prec = parms[j].bpp = prec
+        parms[j].sgnd = 0
+    key = next(_keys)
+    _outputs[key] = [bytearray(), 0]
+    image = codec = stream = None
+    try:
+        image = opj2.image_create(parms, opj2.CLRSPC_GRAY if gray else opj2.CLRSPC_SRGB)
+        img = image.contents
+        img.x0, img.y0 = cp.image_offset_x0, cp.image_offset_y0
+        img.x1 = img.x0 + (w - 1) * cp.subsampling_dx + 1
+        img.y1 = img.y0 + (h - 1) * cp.subsampling_dy + 1
+        for k in range(ncomp):
+            band = np.ascontiguousarray(a[:, :, k], dtype=np.int32)
+            ctypes.memmove(img.comps[k].data, band.ctypes.data, band.nbytes)
+        codec = opj2.create_compress(_CODEC_J2K)
+        opj2.set_info_handler(codec, None)
+        opj2.set_warning_handler(codec, opj2._WARNING_CALLBACK)
+        opj2.set_error_handler(codec, opj2._ERROR_CALLBACK)
+        opj2.setup_encoder(codec, cp, image)
+        if plt:
+            opj2.encoder_set_extra_options(codec, plt=True)
+        stream = _stream_create(1 << 20, 0)
+        if not stream:
+            raise RuntimeError("OpenJPEG could not create a stream")
+        _set_write(stream, _WRITE_CB)
+        _set_skip(stream, _OUT_SKIP_CB)
+        _set_seek(stream, _OUT_SEEK_CB)
+        _set_user_data(stream, key, None)
+        opj2.codec_set_threads(codec, threads if threads is not None
+                               else get_option("lib.num_threads"))
+        vs = ctypes.c_void_p(stream)
+        opj2.start_compress(codec, image, vs)
+        opj2.encode(codec, vs)
+        opj2.end_compress(codec, vs)
+        _stream_destroy(stream)             # flushes what the stream still buffers
+        stream = None
+        return bytes(_outputs[key][0])
+    finally:
+        if stream:
+            _stream_destroy(stream)
+        if codec is not None:
+            opj2.destroy_codec(codec)
+        if image is not None:
+            opj2.image_destroy(image)
+        _outputs.pop(key, None)

@@ -3,10 +3,12 @@
 Requests are split in two classes, each with its own gate, so that streaming sessions
 never starve logins, QIDO or a tiny packet request:
 
-* **streams**: packet requests (``/jpip``, ``/jpip/slabs/...``, ``/jpip/slides/...``)
-  except small ones (at most :data:`SMALL_COMPS` images named in ``comps``, or a ``len``
-  budget of at most :data:`SMALL_LEN` bytes);
-* **small**: everything else (``/api/health`` is never gated).
+* **streams** (bulk transfers): packet requests (``/jpip``, ``/jpip/slabs/...``,
+  ``/jpip/slides/...``) except small ones (at most :data:`SMALL_COMPS` images named in
+  ``comps``, or a ``len`` budget of at most :data:`SMALL_LEN` bytes); DICOMweb retrieval
+  of studies, series, instances, frames and bulk data, and STOW-RS uploads;
+* **small**: everything else — logins, QIDO, metadata, thumbnails and rendered
+  instances or frames, the API (``/api/health`` is never gated).
 
 A gate lets ``limit`` requests run at once (a stream counts until its last byte is
 sent). Beyond that a request waits in line, first come first served, but only if the
@@ -128,8 +130,26 @@ class Gate:
                 "admitted": self.admitted, "refused": self.refused}
 
 
-def is_stream(path: str, query_string: bytes) -> bool:
-    """Whether a request is a packet stream (not a small packet request)."""
+_DICOMWEB_SMALL = {"studies", "series", "instances", "metadata", "thumbnail"}
+
+
+def _dicomweb_bulk(path: str, method: str) -> bool:
+    """A DICOMweb request that moves whole objects (retrieve, frames, bulk data, STOW)."""
+    if method in ("POST", "PUT"):
+        return True
+    parts = path.rstrip("/").split("/")
+    last = parts[-1]
+    if last in _DICOMWEB_SMALL:
+        return False
+    if last == "rendered":     # an instance's or a frame's is small; a series' is not
+        return "instances" not in parts
+    return True
+
+
+def is_stream(path: str, query_string: bytes, method: str = "GET") -> bool:
+    """Whether a request belongs to the streams (bulk) class."""
+    if path.startswith("/dicomweb/"):
+        return _dicomweb_bulk(path, method.upper())
     if not (path == "/jpip" or path.startswith("/jpip/")):
         return False
     q = parse_qs(query_string.decode("latin-1"), keep_blank_values=True)
@@ -173,8 +193,8 @@ class Admission:
         if scope["type"] != "http" or scope["path"] in EXEMPT:
             await self.app(scope, receive, send)
             return
-        gate = self.streams if is_stream(scope["path"], scope.get("query_string", b"")) \
-            else self.small
+        gate = self.streams if is_stream(scope["path"], scope.get("query_string", b""),
+                                         scope.get("method", "GET")) else self.small
         retry = await gate.enter()
         if retry is not None:
             await _busy(send, gate, retry)

@@ -1205,13 +1205,9 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
     return _Prepared(path, data, sha, attrs, encoded, flags)
 
 
-def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | SkippedFile | _Conflict:
-    """Step 8 (calling thread only): files first, then the rows in one transaction. A
-    conflict found only now (the other file came earlier in the same batch, or from
-    another process) is handed back for the quarantine."""
-    cat = store.catalogue
-    a = p.attrs
-    sop = a["SOPInstanceUID"]
+def _already(p: _Prepared, cat) -> DuplicateFile | _Conflict | None:
+    """The file, or another with its SOP Instance UID, is catalogued by now."""
+    sop = p.attrs["SOPInstanceUID"]
     if cat.has_original(p.sha256):
         return DuplicateFile(p.path, p.sha256, sop)
     existing = cat.find_instance(sop)
@@ -1219,31 +1215,128 @@ def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | Skippe
         if existing["original_sha256"] == p.sha256:
             return DuplicateFile(p.path, p.sha256, sop)
         return _Conflict(p.path, p.data, p.sha256, sop)
+    return None
+
+
+def _write_files(p: _Prepared, store: Store, batch=None) -> list[dict]:
+    """The frame files and the original, each written atomically (temp file, rename)
+    and made durable now (fsync of the file and its folder), or, with ``batch`` (a
+    :class:`~server_stub.store.DurableBatch`), all at once before the batch's
+    transaction. Returns the frame rows; sets the original's."""
+    a = p.attrs
+    sop = a["SOPInstanceUID"]
+    frames = []
+    for n, ef in enumerate(p.frames, start=1):
+        cs_rel, idx_rel = store.codestream_paths(a["SeriesInstanceUID"], sop, n)
+        cs_sha = store.atomic_write(cs_rel, ef.codestream, batch=batch)
+        idx_sha = store.atomic_write(idx_rel, ef.index_json, batch=batch)
+        frames.append({
+            "frame": n, "codestream_relpath": cs_rel, "codestream_sha256": cs_sha,
+            "codestream_size": len(ef.codestream), "index_relpath": idx_rel,
+            "index_sha256": idx_sha, "index_size": len(ef.index_json),
+            "offset": ef.offset, "numres": ef.numres, "nlayers": ef.nlayers,
+            "ImagePositionPatient": ef.position,
+        })
+    orig_rel, orig_sha = store.put_original(p.data, batch=batch)
+    a.update({"original_relpath": orig_rel, "original_sha256": orig_sha,
+              "original_size": len(p.data)})
+    return frames
+
+
+def _imported(p: _Prepared, frames: list[dict]) -> ImportedFile:
+    a = p.attrs
+    return ImportedFile(p.path, a["SOPInstanceUID"], a["SeriesInstanceUID"],
+                        a["StudyInstanceUID"], len(frames), p.sha256, list(p.flags))
+
+
+def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | SkippedFile | _Conflict:
+    """Step 8 (calling thread only): files first, then the rows in one transaction. A
+    conflict found only now (the other file came earlier in the same batch, or from
+    another process) is handed back for the quarantine."""
+    cat = store.catalogue
+    sop = p.attrs["SOPInstanceUID"]
+    found = _already(p, cat)
+    if found is not None:
+        return found
     try:
-        frames = []
-        for n, ef in enumerate(p.frames, start=1):
-            cs_rel, idx_rel = store.codestream_paths(a["SeriesInstanceUID"], sop, n)
-            cs_sha = store.atomic_write(cs_rel, ef.codestream)
-            idx_sha = store.atomic_write(idx_rel, ef.index_json)
-            frames.append({
-                "frame": n, "codestream_relpath": cs_rel, "codestream_sha256": cs_sha,
-                "codestream_size": len(ef.codestream), "index_relpath": idx_rel,
-                "index_sha256": idx_sha, "index_size": len(ef.index_json),
-                "offset": ef.offset, "numres": ef.numres, "nlayers": ef.nlayers,
-                "ImagePositionPatient": ef.position,
-            })
-        orig_rel, orig_sha = store.put_original(p.data)
-        a.update({"original_relpath": orig_rel, "original_sha256": orig_sha,
-                  "original_size": len(p.data)})
-        cat.add_instance(a, frames)
+        frames = _write_files(p, store)
+        cat.add_instance(p.attrs, frames)
     except DuplicateInstanceError as e:        # another process got there first
         if e.original_sha256 == p.sha256:
             return DuplicateFile(p.path, p.sha256, sop)
         return _Conflict(p.path, p.data, p.sha256, sop)
     except OSError as e:
         return SkippedFile(p.path, f"cannot write to the store: {e}", ERROR)
-    return ImportedFile(p.path, sop, a["SeriesInstanceUID"], a["StudyInstanceUID"],
-                        len(frames), p.sha256, list(p.flags))
+    return _imported(p, frames)
+
+
+#: Step 8 in batches: at most this many files, or this many bytes held, per commit.
+COMMIT_BATCH_FILES = 16
+COMMIT_BATCH_BYTES = 64 << 20
+
+
+def _commit_batch(batch: list[_Prepared], store: Store) -> list:
+    """Step 8 for several files (calling thread only): every file written atomically
+    (temp file, rename), then all of them made durable at once (one ``syncfs`` of the
+    store's file system, or each file and folder fsynced where that is not available),
+    then ONE transaction with every instance's rows — so a row never names a file that
+    is not durable, and a crash before the commit leaves only files no row names
+    (orphans that fsck reports), never a row without its file. Duplicates and SOP
+    conflicts are found against the catalogue and inside the batch. Should the
+    transaction fail as a whole, each file is committed on its own."""
+    from .store import DurableBatch
+
+    if len(batch) == 1:
+        return [_commit(batch[0], store)]
+    cat = store.catalogue
+    out: list = [None] * len(batch)
+    todo: list[tuple[int, _Prepared, list[dict]]] = []
+    shas: set[str] = set()
+    sops: dict[str, str] = {}
+    durable = DurableBatch(store.root)
+    for i, p in enumerate(batch):
+        sop = p.attrs["SOPInstanceUID"]
+        found = _already(p, cat)
+        if found is None and p.sha256 in shas:
+            found = DuplicateFile(p.path, p.sha256, sop)
+        elif found is None and sop in sops:             # same UID, other bytes: after
+            found = _Conflict(p.path, p.data, p.sha256, sop)    # the first is stored
+        if found is not None:
+            out[i] = found
+            continue
+        try:
+            frames = _write_files(p, store, durable)
+        except OSError as e:
+            out[i] = SkippedFile(p.path, f"cannot write to the store: {e}", ERROR)
+            continue
+        shas.add(p.sha256)
+        sops[sop] = p.sha256
+        todo.append((i, p, frames))
+    try:
+        durable.make_durable()
+    except OSError as e:                    # nothing of the batch is stored
+        why = f"cannot write to the store: {e}"
+        for i, p, _frames in todo:
+            out[i] = SkippedFile(p.path, why, ERROR)
+        return out
+    try:
+        with cat._transaction():
+            for i, p, frames in todo:
+                try:
+                    cat.add_instance(p.attrs, frames)    # joins the batch's transaction
+                except DuplicateInstanceError as e:      # another process, meanwhile
+                    out[i] = (DuplicateFile(p.path, p.sha256, e.sop_uid)
+                              if e.original_sha256 == p.sha256
+                              else _Conflict(p.path, p.data, p.sha256, e.sop_uid))
+                else:
+                    out[i] = _imported(p, frames)
+    except Exception:  # noqa: BLE001 - rolled back: one by one, each says what went wrong
+        for i, p, _frames in todo:
+            try:
+                out[i] = _commit(p, store)
+            except Exception as e:  # noqa: BLE001
+                out[i] = SkippedFile(p.path, f"cannot store: {type(e).__name__}: {e}", ERROR)
+    return out
 
 
 def _quarantine(c: _Conflict, store: Store, audit: "AuditFn") -> QuarantinedFile | SkippedFile:
@@ -1302,14 +1395,18 @@ def _os_user(getpass) -> str:
 
 def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = None,
                  progress: ProgressFn | None = None, *, verify: bool = True,
-                 workers: int = 2, limits: IngestLimits | None = None,
+                 workers: int | None = None, limits: IngestLimits | None = None,
                  audit: AuditFn | None = None, user: str | None = None) -> IngestReport:
     """Ingest files and folders (recursively) into ``store``.
 
     ``log(message)`` is called once per file with the outcome; ``progress(done, total)``
-    after each file. ``verify`` decodes every new codestream and compares it bit for bit
-    with the source pixels. ``workers`` threads decode and encode; catalogue writes stay
-    on the calling thread. ``limits`` defaults to the store's (:meth:`IngestLimits.
+    as files are settled (stored ones a batch at a time). ``verify`` decodes every new
+    codestream and compares it bit for bit with the source pixels. ``workers`` threads
+    decode and encode (OpenJPEG runs without the interpreter lock); store and catalogue
+    writes stay on the calling thread, in batches (:func:`_commit_batch`: at most
+    ``COMMIT_BATCH_FILES`` files or ``COMMIT_BATCH_BYTES``, one transaction and one fsync
+    per folder each; a crash loses at most the batch being committed, whose files stay
+    behind as orphans that fsck reports). ``limits`` defaults to the store's (:meth:`IngestLimits.
     for_store`). Quarantined files are audited through ``audit(action, resource,
     outcome, detail)``, by default into the store's audit log as ``user`` (default the
     operating-system user). Never raises for a bad input file.
@@ -1348,18 +1445,43 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
         if progress is not None:
             progress(done(), total)
 
-    def finish(result: _Result) -> None:
-        if isinstance(result, _Prepared):
-            try:
-                result = _commit(result, store)
-            except Exception as e:  # noqa: BLE001 - e.g. catalogue locked for too long
-                result = SkippedFile(result.path,
-                                     f"cannot store: {type(e).__name__}: {e}", ERROR)
+    batch: list[_Prepared] = []
+    held = [0]                                  # bytes held by the batch
+
+    def settle(result) -> None:
         if isinstance(result, _Conflict):
             result = _quarantine(result, store, audit)
         record(result)
 
-    workers = max(1, int(workers))
+    def flush() -> None:
+        items = batch[:]
+        batch.clear()
+        held[0] = 0
+        if not items:
+            return
+        try:
+            results = _commit_batch(items, store)
+        except Exception as e:  # noqa: BLE001 - e.g. catalogue locked for too long
+            results = [SkippedFile(p.path, f"cannot store: {type(e).__name__}: {e}", ERROR)
+                       for p in items]
+        for r in results:
+            settle(r)
+
+    def finish(result: _Result) -> None:
+        if isinstance(result, _Prepared):
+            batch.append(result)
+            held[0] += len(result.data) + sum(len(f.codestream) + len(f.index_json)
+                                              for f in result.frames)
+            if len(batch) >= COMMIT_BATCH_FILES or held[0] >= COMMIT_BATCH_BYTES:
+                flush()
+            return
+        if isinstance(result, _Conflict):
+            flush()                     # its stored twin may be in the batch
+        settle(result)
+
+    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
+    workers = max(1, int(workers)) if workers is not None else \
+        max(2, min(8, os.cpu_count() or 2))
     window = 2 * workers
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
@@ -1370,6 +1492,7 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
                     finish(pending.popleft().result())
             while pending:
                 finish(pending.popleft().result())
+            flush()
     finally:
         close_audit()
     return report

@@ -26,10 +26,12 @@ T = TypeVar("T")
 class SeriesFacts:
     """Values per (series, name), kept while the series' generation does not change."""
 
-    def __init__(self, catalogue, max_entries: int = 256) -> None:
+    def __init__(self, catalogue, max_entries: int = 256, max_items: int = 200_000) -> None:
         self.catalogue = catalogue
         self.max_entries = max_entries
-        self._memo: OrderedDict[tuple[str, str], tuple[int, Any]] = OrderedDict()
+        self.max_items = max_items      # images (list/dict entries) kept over all series
+        self._items = 0
+        self._memo: OrderedDict[tuple[str, str], tuple[int, Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.builds = 0                 # how many values were built (for tests, bench)
 
@@ -48,14 +50,20 @@ class SeriesFacts:
                 self._memo.move_to_end(key)
                 return hit[1]
         value = build()
+        size = len(value) if isinstance(value, (list, dict, tuple)) else 1
         with self._lock:
             self.builds += 1
             old = self._memo.get(key)
             if old is None or old[0] <= gen:
-                self._memo[key] = (gen, value)
+                if old is not None:
+                    self._items -= old[2]
+                self._memo[key] = (gen, value, size)
+                self._items += size
                 self._memo.move_to_end(key)
-            while len(self._memo) > self.max_entries:
-                self._memo.popitem(last=False)
+            while len(self._memo) > 1 and (len(self._memo) > self.max_entries
+                                           or self._items > self.max_items):
+                _, (_, _, n) = self._memo.popitem(last=False)
+                self._items -= n
         return value
 
     # ------------------------------------------------------------------ the usual facts

@@ -32,9 +32,29 @@ from tests.waits import wait_for
     ("/jpip/slabs/1.2", b"comps=1", False),
     ("/dicomweb/studies", b"", False),
     ("/api/login", b"", False),
+    ("/api/series/1.2/images", b"", False),
 ])
 def test_classes(path, query, stream):
     assert is_stream(path, query) is stream
+
+
+S = "/dicomweb/studies/1.2"
+SE = S + "/series/1.3"
+INST = SE + "/instances/1.4"
+
+
+@pytest.mark.parametrize("method,path,bulk", [
+    ("GET", "/dicomweb/studies", False), ("GET", "/dicomweb/series", False),
+    ("GET", SE + "/instances", False), ("GET", INST + "/metadata", False),
+    ("GET", S + "/metadata", False), ("GET", INST + "/thumbnail", False),
+    ("GET", INST + "/rendered", False), ("GET", INST + "/frames/1/rendered", False),
+    ("GET", SE + "/rendered", True), ("GET", S + "/rendered", True),
+    ("GET", S, True), ("GET", SE, True), ("GET", INST, True),
+    ("GET", INST + "/frames/1", True), ("GET", INST + "/bulk/7FE00010", True),
+    ("POST", "/dicomweb/studies", True), ("POST", S, True),
+])
+def test_dicomweb_classes(method, path, bulk):
+    assert is_stream(path, b"", method) is bulk
 
 
 def test_gate_admits_queues_hands_over_and_refuses():

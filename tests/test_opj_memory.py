@@ -60,3 +60,19 @@ def test_damaged_codestream_is_a_decode_error():
             openjpeg_decode(cs[:40])
         with pytest.raises(DecodeError):
             openjpeg_decode(b"not a codestream at all")
+
+
+@pytest.mark.parametrize("shape,dtype", [((150, 131), np.uint16), ((64, 64), np.uint8),
+                                         ((40, 90, 3), np.uint8), ((20, 33), np.uint16),
+                                         ((7, 300), np.uint16),
+                                         ((1100, 1000), np.uint16)])   # > the 1 MB buffer
+def test_encode_from_memory_is_byte_identical_to_glymur_file(shape, dtype):
+    rng = np.random.default_rng(sum(shape))
+    samples = rng.integers(0, np.iinfo(dtype).max, shape).astype(dtype)
+    ef = encode_frame(samples, signed=False, bits_stored=8 * np.dtype(dtype).itemsize)
+    h, w = shape[:2]
+    cb = enc.CODEBLOCK if min(w, h) >= enc.CODEBLOCK else 32
+    ref = enc._glymur_file_encode(samples, enc.LAYER_RATIOS, enc.numres_for(w, h),
+                                  max(enc.PRECINCT, 2 * enc.CODEBLOCK), cb)
+    assert enc._memory_encode is not None and ef.codestream == ref
+    assert np.array_equal(openjpeg_decode(ef.codestream), samples)

@@ -142,3 +142,17 @@ def test_embedded_server_sockets_say_tcp(ct_store):
         assert Session(srv.url).studies()
     finally:
         srv.stop()
+
+
+def test_kept_facts_are_bounded(tmp_path):
+    files = make_sample_ct(tmp_path / "dicom", slices=3, size=32, seed=13)
+    with Store(tmp_path / "store") as st:
+        ingest_paths(files, st, verify=False)
+        uid = st.catalogue.query_series()[0]["SeriesInstanceUID"]
+        facts = SeriesFacts(st.catalogue, max_items=4)
+        facts.images(uid)                                   # 3 items
+        facts.kept(uid, "other", lambda: [1, 2])            # 5 > 4: the oldest goes
+        assert facts.builds == 2
+        facts.images(uid)
+        assert facts.builds == 3
+        assert facts._items <= 4 or len(facts._memo) == 1

@@ -689,3 +689,18 @@ def test_open_folder_in_mpr_scans_off_the_ui_thread(qtbot, win, tmp_path, monkey
     qtbot.waitUntil(lambda: "complete" in mpr.mpr.status.text(), timeout=TIMEOUT)
     assert len(mpr.mpr.volume.own_slots()) == 12
     mpr.close()
+
+
+def test_a_busy_server_is_shown_in_the_status_bar(qtbot, win):
+    """The session's busy hook (a 503 + Retry-After being waited out, on a worker
+    thread) reaches the status bar through a queued signal."""
+    import threading
+
+    hook = win.backend.session.on_busy
+    assert hook is not None
+    t = threading.Thread(target=hook, args=(3.2, 2))
+    t.start()
+    t.join()
+    qtbot.waitUntil(lambda: "Server busy, retrying" in win.statusBar().currentMessage(),
+                    timeout=TIMEOUT)
+    assert "attempt 2" in win.statusBar().currentMessage()

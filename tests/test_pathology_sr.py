@@ -167,8 +167,9 @@ def test_sr_tiles_are_generated_marked_and_cached(tmp_path):
         assert svc.grid(4) == (10, 7)
         t = svc.request(4, 1, 1, VIEW).future.result(timeout=WAIT_S)
         assert t.generated and t.pixels.shape == (128, 128, 3) and t.label.startswith("SR x4")
-        files = list((tmp_path / "s1").iterdir())
-        assert len(files) == 1
+        files = [p for p in (tmp_path / "s1").iterdir() if p.suffix == ".png"]
+        assert len(files) == 1          # and its checksum beside it (no catalogue here)
+        assert (tmp_path / "s1" / (files[0].name + ".sha256")).is_file()
         _px, text = read_png_with_text(files[0].read_bytes())
         assert "generated, not scanned" in text["MedView-Generated"]
         # a fresh service finds it in the temporary tier, still flagged

@@ -279,7 +279,7 @@ class MainWindow(QMainWindow):
         if session is None:
             self.statusBar().showMessage("Not connected", 4000)
             return
-        task = Task(lambda _ctx: session.get_json("/api/slides"), name="slides",
+        task = Task(lambda _ctx: self.backend.list_slides(), name="slides",
                     pool=self.backend.pool, priority=INTERACTION, parent=self)
 
         def listed(rows: list[dict]) -> None:
@@ -305,13 +305,19 @@ class MainWindow(QMainWindow):
         session = self.backend.session
         if session is None:
             return None
-        task = Task(lambda _ctx: RemoteSlide(session, slide_uid), name="slide",
-                    pool=self.backend.pool, priority=INTERACTION, parent=self)
+        def load(_ctx):
+            provider = RemoteSlide(session, slide_uid)
+            # generated tiles: the temporary tier (bundled) or the client-side folder
+            return provider, self.backend.sr_cache_for(provider)
 
-        def opened(provider) -> None:
+        task = Task(load, name="slide", pool=self.backend.pool, priority=INTERACTION,
+                    parent=self)
+
+        def opened(loaded) -> None:
             from .slideview import open_slide_window
 
-            pane = open_slide_window(provider)
+            provider, sr_cache = loaded
+            pane = open_slide_window(provider, sr_cache=sr_cache)
             # the pane's rights banner and news (label refused, rights changed) also go
             # to the status bar, in plain words
             pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))

@@ -74,3 +74,136 @@ def test_gather_includes_the_radiology_originals_bit_for_bit(tmp_path, slide_img
     finally:
         st.close()
         images.close()
+
+
+# --------------------------------------------------------------------------- stations
+@pytest.fixture
+def station_server(tmp_path, slide_img):
+    """A server with two exams of P1 assigned to station ws-1 (A1 distributed, A2 not),
+    one of P2 assigned too, and one exam assigned to another station."""
+    from server_stub.embedded import EmbeddedServer
+    from server_stub.slide_organise import distribute
+
+    root = tmp_path / "store"
+    st = new_store(root)
+    rows = {acc: st.ingest(ArraySource(slide_img, mpp=0.5), patient_id=pid, accession=acc,
+                           tile_size=128, run_qc=False, label=f"slide {acc}")
+            for pid, acc in (("P1", "A1"), ("P1", "A2"), ("P2", "B1"), ("P3", "C1"))}
+    st.catalogue.add_station("ws-1", str(tmp_path / "ws1"))
+    st.catalogue.add_station("ws-2", str(tmp_path / "ws2"))
+    for acc in ("A1", "B1"):
+        st.catalogue.assign(acc, "ws-1")
+    st.catalogue.assign("C1", "ws-2")
+    distribute(st, "ws-1")
+    st.catalogue.assign("A2", "ws-1")              # assigned later: not distributed yet
+    st.close()
+    srv = EmbeddedServer(str(root)).start()
+    try:
+        yield srv, rows, tmp_path / "ws1"
+    finally:
+        srv.stop()
+
+
+def test_station_worklist_and_cache_first(station_server):
+    from client.session import ServerError, Session
+    from client.slides import LocalSlide, RemoteSlide
+    from client.stations import Station
+
+    srv, rows, ws1 = station_server
+    s = Session(srv.url, "local", None)
+    try:
+        station = Station(s, "ws-1")
+        exams = station.worklist()
+        assert [e["accession"] for e in exams] == ["A1", "B1", "A2"]
+        assert station.cache_dir == ws1                 # as configured on the server
+        by = {e["accession"]: e for e in exams}
+        assert by["A1"]["patient_id"] == "P1" and by["B1"]["patient_id"] == "P2"
+        assert [x["cached"] for x in by["A1"]["slides"]] == [True]
+        assert [x["cached"] for x in by["A2"]["slides"]] == [False]
+        # distributed: opened from the cache, the same pixels as the server's
+        got = station.open(by["A1"]["slides"][0])
+        assert got.source == "cache" and isinstance(got.provider, LocalSlide)
+        assert got.provider.info["patient_id"] == "P1"
+        remote = RemoteSlide(s, rows["A1"]["slide_uid"])
+        assert np.array_equal(got.provider.read_level(0, 0, 0, 256, 192),
+                              remote.read_level(0, 0, 0, 256, 192))
+        # not distributed yet: from the server, saying why
+        got = station.open(by["A2"]["slides"][0])
+        assert got.source == "server" and isinstance(got.provider, RemoteSlide)
+        assert "not distributed" in got.reason
+        # a cached copy that differs from the server's is not used
+        man = ws1 / rows["A1"]["slide_uid"] / "manifest.json"
+        man.write_bytes(man.read_bytes().replace(b"{", b"{ ", 1))
+        got = station.open(by["A1"]["slides"][0])
+        assert got.source == "server" and "differs" in got.reason
+        # a station's own folder overrides the server's word
+        assert Station(s, "ws-1", cache_dir=ws1 / "elsewhere").cached_copy(
+            by["B1"]["slides"][0])[0] is None
+        with pytest.raises(ServerError) as e:
+            Station(s, "nope").worklist()
+        assert e.value.status == 404
+    finally:
+        s.logout()
+
+
+def test_station_worklist_within_the_rights(station_server):
+    from client.session import Session
+    from client.stations import Station
+    from server_stub.rights import Rule
+
+    srv, rows, _ws1 = station_server
+    auth = srv.app.state.server.auth
+    auth.add_user("reader", "pw-reader-1")
+    auth.set_rule(Rule("reader", "patient:P2", actions=set()))        # P2 hidden
+    auth.set_rule(Rule("reader", "patient:P1", max_layers=2))         # P1 limited
+    s = Session(srv.url, "reader", "pw-reader-1")
+    try:
+        station = Station(s, "ws-1")
+        exams = station.worklist()
+        assert [e["accession"] for e in exams] == ["A1", "A2"]        # B1 left out
+        a1 = exams[0]["slides"][0]
+        assert a1["cached"] and a1["unlimited"] is False
+        got = station.open(a1)                      # in the cache, but the rights limit it
+        assert got.source == "server" and "limited" in got.reason
+        assert got.provider.max_layers == 2
+    finally:
+        s.logout()
+
+
+def test_viewer_as_station_opens_from_the_cache(qtbot, station_server, tmp_path):
+    from PySide6.QtCore import QSettings
+
+    from client.slides import LocalSlide
+    from viewer.mainwindow import AppConfig, MainWindow
+    from waits import WAIT_MS
+
+    srv, rows, ws1 = station_server
+    settings = QSettings(str(tmp_path / "medview.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(AppConfig(server_url=srv.url, station="ws-1"), settings)
+    qtbot.addWidget(win)
+    try:
+        with qtbot.waitSignal(win.connected, timeout=WAIT_MS):
+            win.connect_to(srv.url)
+        wl = win.worklist
+        qtbot.waitUntil(lambda: wl.table.rowCount() == 3, timeout=WAIT_MS)
+        assert [wl.table.item(r, 2).text() for r in range(3)] == ["A1", "B1", "A2"]
+        assert [wl.table.item(r, 6).text() for r in range(3)] == \
+            ["station cache", "station cache", "server"]
+        with qtbot.waitSignal(win.slideOpened, timeout=WAIT_MS) as sig:
+            wl.open_row(0)
+        pane = sig.args[0]
+        qtbot.addWidget(pane)
+        assert isinstance(pane.provider, LocalSlide)
+        assert pane.provider.info["slide_uid"] == rows["A1"]["slide_uid"]
+        pane.close()
+    finally:
+        win.close()
+
+
+def test_station_option_reaches_the_window():
+    from viewer.app import config_from_args
+    from viewer.cli import build_parser
+
+    args = build_parser().parse_args(["--station", "ws-1", "--station-cache", "/mnt/ws1"])
+    cfg = config_from_args(args)
+    assert cfg.station == "ws-1" and str(cfg.station_cache) == "/mnt/ws1"

@@ -81,6 +81,8 @@ class AppConfig:
     cache_path: Path | None = None        # None: no packet cache
     sample: bool = True
     workers: int = 8
+    station: str | None = None            # a reading station: its worklist opens (W7)
+    station_cache: Path | None = None     # its cache folder (default: the server's word)
 
 
 class MainWindow(QMainWindow):
@@ -314,19 +316,7 @@ class MainWindow(QMainWindow):
                     parent=self)
 
         def opened(loaded) -> None:
-            from .slideview import open_slide_window
-
-            provider, sr_cache = loaded
-            pane = open_slide_window(provider, sr_cache=sr_cache)
-            # the pane's rights banner and news (label refused, rights changed) also go
-            # to the status bar, in plain words
-            pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
-            pane.show()
-            if pane.rights_text:
-                self.statusBar().showMessage(pane.rights_text, 15000)
-            self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
-                                   if w.isVisible()] + [pane]
-            self.slideOpened.emit(pane)
+            self._show_slide(*loaded)
 
         def failed(e) -> None:
             if getattr(e, "status", None) == 403:
@@ -341,6 +331,41 @@ class MainWindow(QMainWindow):
         task.failed.connect(failed)
         task.start()
         return task
+
+    def _show_slide(self, provider, sr_cache=None):
+        """A slide window for an opened provider (UI thread)."""
+        from .slideview import open_slide_window
+
+        pane = open_slide_window(provider, sr_cache=sr_cache)
+        # the pane's rights banner and news (label refused, rights changed) also go
+        # to the status bar, in plain words
+        pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
+        pane.show()
+        if pane.rights_text:
+            self.statusBar().showMessage(pane.rights_text, 15000)
+        self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
+                               if w.isVisible()] + [pane]
+        self.slideOpened.emit(pane)
+        return pane
+
+    def show_station_worklist(self):
+        """The reading station's worklist (``medview --station NAME``), refreshed."""
+        from client.stations import Station
+
+        from .worklist import StationWorklistWindow
+
+        w = getattr(self, "worklist", None)
+        if w is None or w.station.session is not self.backend.session:
+            if w is not None:
+                w.close()
+            station = Station(self.backend.session, self.config.station,
+                              self.config.station_cache, packet_cache=self.backend.cache)
+            w = self.worklist = StationWorklistWindow(station, self.backend, self)
+            w.notice.connect(lambda text: self.statusBar().showMessage(text, 10000))
+            w.opened.connect(lambda got, sr: self._show_slide(got.provider, sr))
+        w.show()
+        w.refresh()
+        return w
 
     def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None,
                 tip: str = "", checkable: bool = False) -> QAction:
@@ -595,6 +620,8 @@ class MainWindow(QMainWindow):
         self.policy.set_client(PolicyClient(s))
         self.browser.refresh()
         self._refresh_pacs_sources()
+        if self.config.station:
+            self.show_station_worklist()
         self.connected.emit(url)
 
     def _on_connect_failed(self, error: BaseException, interactive: bool, url: str = "",

@@ -307,7 +307,9 @@ class SRTileCache:
         except OSError:
             return None
 
-    def get(self, key: tuple, scale: int) -> GeneratedTile | None:
+    def get(self, key: tuple, scale: int, generator: str | None = None) -> GeneratedTile | None:
+        """The cached tile of ``key``, or None (absent, altered, or — when ``generator``
+        is given — made by other weights than those now shipped)."""
         name = self.name(key)
         try:
             data = (self.dir / name).read_bytes()
@@ -321,15 +323,19 @@ class SRTileCache:
             return None
         if "MedView-Generated" not in text:
             return None
+        if generator and text.get("MedView-Generator") != generator:
+            return None                     # other weights: regenerated
         self.hits += 1
         return GeneratedTile(px, scale, key)
 
-    def put(self, tile: GeneratedTile) -> None:
+    def put(self, tile: GeneratedTile, generator: str | None = None) -> None:
         from imaging.files import write_atomic
 
-        data = png_with_text(tile.pixels, {
-            "MedView-Generated": GENERATED_TEXT.format(scale=tile.scale),
-            "Software": "MedView pathology super-resolution"})
+        text = {"MedView-Generated": GENERATED_TEXT.format(scale=tile.scale),
+                "Software": "MedView pathology super-resolution"}
+        if generator:
+            text["MedView-Generator"] = generator       # the weights' SHA-256 (16 digits)
+        data = png_with_text(tile.pixels, text)
         name = self.name(tile.key)
         with self._lock:
             sha = write_atomic(self.dir / name, data)
@@ -410,18 +416,18 @@ class SRTileService:
         hit = self.cached(scale, col, row)
         if hit is not None:
             return hit
+        gen = load_generator(scale)
         if self.cache is not None:
-            hit = self.cache.get(key, scale)
+            hit = self.cache.get(key, scale, gen.weights_id)
             if hit is not None:
                 return self._remember(hit)
         n = self.tile // scale
         m = self.margin
         src = self.read(col * n - m, row * n - m, n + 2 * m, n + 2 * m)
-        gen = load_generator(scale)
         px = gen.upscale(src, should_stop)[m * scale: (m + n) * scale, m * scale: (m + n) * scale]
         t = GeneratedTile(px, scale, key)
         if self.cache is not None:
-            self.cache.put(t)
+            self.cache.put(t, gen.weights_id)
         return self._remember(t)
 
     def request(self, scale: int, col: int, row: int, priority: int = VIEW) -> SRJob:

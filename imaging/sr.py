@@ -138,6 +138,8 @@ class Generator:
     #: "numpy" or "onnxruntime" (:mod:`imaging.sr_ort`: the same layers, faster kernels)
     backend: str = "numpy"
     _ort: object = field(default=None, repr=False)
+    #: SHA-256 (16 hex digits) of the weights file: which generator made a tile
+    weights_id: str = ""
 
     def use_backend(self, backend: str, threads: int | None = None) -> "Generator":
         """Run on ``backend`` ("numpy" or "onnxruntime"); returns self."""
@@ -240,6 +242,9 @@ def load_generator(scale: int, root: Path | str | None = None, *,
         raise GeneratorError(f"generator weights not found: {path} (train them with "
                              f"`python -m imaging.train_sr --scale {scale}`)")
     try:
+        import hashlib
+
+        weights_id = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode("utf-8")) if "meta" in z else {}
             params = {k: z[k].astype(np.float32) for k in z.files if k != "meta"}
@@ -252,7 +257,7 @@ def load_generator(scale: int, root: Path | str | None = None, *,
     if params["tail.w"].shape[0] != 3 * scale * scale:
         raise GeneratorError(f"{path} is not a ×{scale} generator "
                              f"(tail has {params['tail.w'].shape[0]} channels)")
-    g = Generator(scale, params, meta).use_backend(backend)
+    g = Generator(scale, params, meta, weights_id=weights_id).use_backend(backend)
     _CACHE[key] = g
     return g
 

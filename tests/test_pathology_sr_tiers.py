@@ -173,3 +173,36 @@ def test_pane_passes_the_cache_to_the_service(qtbot, tmp_path):
     finally:
         pane.close()
         st.close()
+
+
+def test_tiles_of_other_weights_are_made_again(tmp_path):
+    """A cached tile records the weights that made it (PNG text MedView-Generator): after
+    the generator changes, the old tile is not served but generated anew."""
+    from client.srqueue import GeneratedTile, SRTileCache
+    from imaging.sr import load_generator
+
+    img = make_ihc_slide(96, 96, seed=2)[0]
+    reads = []
+
+    def read(x, y, w, h):
+        reads.append((x, y))
+        out = np.full((h, w, 3), 255, np.uint8)
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(96, x + w), min(96, y + h)
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = img[y0:y1, x0:x1]
+        return out
+
+    cache = SRTileCache(tmp_path, slide_uid="s")
+    stale = GeneratedTile(np.zeros((64, 64, 3), np.uint8), 4, (4, 0, 0))
+    cache.put(stale, "0123456789abcdef")                 # made by other weights
+    wid = load_generator(4).weights_id
+    assert len(wid) == 16 and cache.get((4, 0, 0), 4, wid) is None
+    svc = SRTileService(read, width=96, height=96, tile=64, cache=cache)
+    try:
+        t = svc.compute(4, 0, 0)
+    finally:
+        svc.close()
+    assert reads and t.generated and t.pixels.any()
+    again = cache.get((4, 0, 0), 4, wid)
+    assert again is not None and np.array_equal(again.pixels, t.pixels)
+    _px, text = read_png_with_text((cache.dir / cache.name((4, 0, 0))).read_bytes())
+    assert text["MedView-Generator"] == wid

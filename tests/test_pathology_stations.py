@@ -196,6 +196,11 @@ def test_viewer_as_station_opens_from_the_cache(qtbot, station_server, tmp_path)
         assert isinstance(pane.provider, LocalSlide)
         assert pane.provider.info["slide_uid"] == rows["A1"]["slide_uid"]
         pane.close()
+        # closed, the worklist comes back from the File menu
+        assert win.act_station.isVisible()
+        wl.close()
+        win.act_station.trigger()
+        assert win.worklist is wl and wl.isVisible()
     finally:
         win.close()
 

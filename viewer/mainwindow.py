@@ -354,6 +354,11 @@ class MainWindow(QMainWindow):
 
         from .worklist import StationWorklistWindow
 
+        if self.backend.session is None or not self.config.station:
+            self.statusBar().showMessage("Not connected" if self.config.station else
+                                         "This window is not a reading station "
+                                         "(start medview --station NAME)", 6000)
+            return None
         w = getattr(self, "worklist", None)
         if w is None or w.station.session is not self.backend.session:
             if w is not None:
@@ -448,12 +453,16 @@ class MainWindow(QMainWindow):
                                 "Select a series from a folder of DICOM files and open it in MPR")
         self.act_open_slide = A("Open &slide…", self.choose_slide, "Ctrl+Shift+S",
                                 "Open a whole-slide image from the server (pathology)")
+        self.act_station = A("Station &worklist", self.show_station_worklist, None,
+                             "The exams assigned to this reading station (--station)")
+        self.act_station.setVisible(bool(self.config.station))
         self.preset_actions: list[QAction] = []
 
     def _build_menus_and_toolbars(self) -> None:
         bar = self.menuBar()
         m = bar.addMenu("&File")
-        for a in (self.act_open_folder, self.act_import_files, self.act_open_slide, None,
+        for a in (self.act_open_folder, self.act_import_files, self.act_open_slide,
+                  self.act_station, None,
                   self.act_export, None, self.act_connect, None,
                   self.act_prefs, None, self.act_quit):
             m.addSeparator() if a is None else m.addAction(a)

@@ -30,7 +30,9 @@ Where the tiles go (W3):
   ``.sha256`` sidecar written after it (a tile whose checksum does not match is
   regenerated). The client purges a slide's folder as soon as it learns from the server
   that the patient was discharged — when it lists slides or opens one
-  (:func:`purge_client_tiles`) — and generates nothing to disk for a discharged patient.
+  (:func:`purge_client_tiles`) — and generates nothing to disk for a discharged patient;
+  the folder is kept under a size limit, least recently used slides first
+  (:func:`prune_client_tiles`).
   Only slides the user may see without limits are cached there: a tile generated from
   a rights-limited view (grey outside the allowed region) is kept in memory only.
 """
@@ -41,6 +43,7 @@ import heapq
 import io
 import itertools
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -326,6 +329,11 @@ class SRTileCache:
         if generator and text.get("MedView-Generator") != generator:
             return None                     # other weights: regenerated
         self.hits += 1
+        if not self.catalogued:             # recency for prune_client_tiles
+            try:
+                os.utime(self.dir)
+            except OSError:
+                pass
         return GeneratedTile(px, scale, key)
 
     def put(self, tile: GeneratedTile, generator: str | None = None) -> None:
@@ -355,6 +363,29 @@ def client_tile_cache(root: str | Path, base_url: str, user: str | None,
                       slide_uid: str) -> SRTileCache:
     """The client-side cache of the generated tiles of one slide of a remote server."""
     return SRTileCache(Path(root) / client_namespace(base_url, user), slide_uid=slide_uid)
+
+
+def prune_client_tiles(root: str | Path, max_bytes: int, keep: set[Path] = frozenset()) -> int:
+    """Keep the client-side SR folder under ``max_bytes``: whole slide folders, least
+    recently used first (``keep``: folders in use), are deleted; returns bytes freed."""
+    import shutil
+
+    folders = []
+    for ns in Path(root).iterdir() if Path(root).is_dir() else []:
+        for d in ns.iterdir() if ns.is_dir() else []:
+            if d.is_dir():
+                size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+                folders.append((d.stat().st_mtime, size, d))
+    total = sum(f[1] for f in folders)
+    freed = 0
+    for _mtime, size, d in sorted(folders, key=lambda f: f[0]):
+        if total - freed <= max_bytes:
+            break
+        if d in keep:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        freed += size
+    return freed
 
 
 def purge_client_tiles(root: str | Path, base_url: str, user: str | None,

@@ -206,3 +206,22 @@ def test_tiles_of_other_weights_are_made_again(tmp_path):
     assert again is not None and np.array_equal(again.pixels, t.pixels)
     _px, text = read_png_with_text((cache.dir / cache.name((4, 0, 0))).read_bytes())
     assert text["MedView-Generator"] == wid
+
+
+def test_client_folder_is_kept_under_its_limit(tmp_path):
+    import os
+
+    from client.srqueue import client_tile_cache, prune_client_tiles
+    from client.srqueue import GeneratedTile
+
+    caches = [client_tile_cache(tmp_path, "http://srv", "u", f"1.2.{i}") for i in range(3)]
+    for i, c in enumerate(caches):
+        c.put(GeneratedTile(np.random.default_rng(i).integers(0, 256, (64, 64, 3), np.uint8),
+                            4, (4, 0, 0)))
+        os.utime(c.dir, (1000 + i, 1000 + i))        # 0 oldest, 2 newest
+    assert caches[0].get((4, 0, 0), 4) is not None   # used now: the most recent
+    size = sum(f.stat().st_size for f in caches[1].dir.iterdir())
+    freed = prune_client_tiles(tmp_path, 2 * size + 10, keep={caches[2].dir})
+    assert freed >= size and not caches[1].dir.exists()
+    assert caches[0].dir.exists() and caches[2].dir.exists()
+    assert prune_client_tiles(tmp_path, 0, keep={c.dir for c in caches}) == 0

@@ -59,6 +59,7 @@ class Backend:
         # cache unless given (no packet cache: kept in memory only)
         self.sr_dir = (Path(sr_dir) if sr_dir else
                        self.cache_path.parent / "sr" if self.cache_path else None)
+        self.sr_limit = 1 << 30          # bytes of generated tiles kept (client side)
         self.cache_limit = cache_limit
         caps = dict(POOL_CAPS)
         caps[INTERACTION] = workers
@@ -254,7 +255,8 @@ class Backend:
         discharge), or for a remote server the client-side folder
         (:func:`client.srqueue.client_tile_cache`). None — memory only — for a slide
         the user sees only within limits, of a discharged patient, or without a place."""
-        from client.srqueue import SRTileCache, client_tile_cache, purge_client_tiles
+        from client.srqueue import (SRTileCache, client_tile_cache, prune_client_tiles,
+                                    purge_client_tiles)
 
         info = provider.info
         uid = info.get("slide_uid")
@@ -273,9 +275,14 @@ class Backend:
             purge_client_tiles(self.sr_dir, self.session.base_url, self.session.username, [info])
             return None
         try:
-            return client_tile_cache(self.sr_dir, self.session.base_url, self.session.username, uid)
+            cache = client_tile_cache(self.sr_dir, self.session.base_url,
+                                      self.session.username, uid)
         except ValueError:
             return None
+        freed = prune_client_tiles(self.sr_dir, self.sr_limit, {cache.dir})
+        if freed:
+            log.info("%d bytes of generated tiles pruned from %s", freed, self.sr_dir)
+        return cache
 
     def list_slides(self) -> list[dict]:
         """The server's slides (network: a worker); the client-side generated tiles of

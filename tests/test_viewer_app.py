@@ -655,7 +655,7 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
                     accession="A9", tile_size=256, label="ihc test")
     st.close()
     with EmbeddedServer(str(root)) as srv:
-        w = make_window(qtbot, tmp_path)
+        w = make_window(qtbot, tmp_path, cache_path=tmp_path / "cache" / "packets.sqlite")
         try:
             connect(qtbot, w, srv.url)
             with qtbot.waitSignal(w.slideOpened, timeout=TIMEOUT) as sig:
@@ -668,6 +668,10 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
                                         for t in range(pane.provider.levels[ov].count)),
                             timeout=TIMEOUT)
             assert pane.provider.bytes_received > 0
+            # generated tiles of this (remote) server's slide go to the client-side folder
+            sr = pane.view.sr.cache
+            assert sr is not None and not sr.catalogued
+            assert sr.dir.is_relative_to(w.backend.sr_dir)
             pane.close()
         finally:
             w.close()

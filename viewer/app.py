@@ -38,6 +38,8 @@ def config_from_args(args):
         store_dir=Path(args.store) if getattr(args, "store", None) else default_data_dir() / "store",
         cache_path=None if getattr(args, "no_cache", False) else (
             Path(args.cache) if getattr(args, "cache", None) else default_cache_path()),
+        station=getattr(args, "station", None),
+        station_cache=Path(args.station_cache) if getattr(args, "station_cache", None) else None,
     )
 
 

@@ -2,6 +2,8 @@
 
     medview                         desktop app with the bundled server and sample study
     medview --server URL            desktop app against another server (login dialog)
+    medview --station NAME [--station-cache DIR]
+                                    a reading station: its worklist, slides from its cache
     medview fetch --server URL --series UID [--layers N] [--level R] [--region x,y,w,h] --out DIR
     medview snapshot [--server URL] --series UID --slice N [--layers Q] [--level R]
                      [--window C,W] [--size W,H] [--no-overlays] --out file.png
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="image server URL (default: start the bundled server)")
     p.add_argument("--store", help="store directory of the bundled server "
                    f"(default {default_data_dir() / 'store'})")
+    p.add_argument("--station", metavar="NAME",
+                   help="run as reading station NAME: its worklist opens, slides come from "
+                        "its pre-distributed cache first")
+    p.add_argument("--station-cache", metavar="DIR",
+                   help="the station's cache folder (default: as configured on the server)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command")
 

@@ -81,6 +81,8 @@ class AppConfig:
     cache_path: Path | None = None        # None: no packet cache
     sample: bool = True
     workers: int = 8
+    station: str | None = None            # a reading station: its worklist opens (W7)
+    station_cache: Path | None = None     # its cache folder (default: the server's word)
 
 
 class MainWindow(QMainWindow):
@@ -304,7 +306,7 @@ class MainWindow(QMainWindow):
         if session is None:
             self.statusBar().showMessage("Not connected", 4000)
             return
-        task = Task(lambda _ctx: session.get_json("/api/slides"), name="slides",
+        task = Task(lambda _ctx: self.backend.list_slides(), name="slides",
                     pool=self.backend.pool, priority=INTERACTION, parent=self)
 
         def listed(rows: list[dict]) -> None:
@@ -330,23 +332,16 @@ class MainWindow(QMainWindow):
         session = self.backend.session
         if session is None:
             return None
-        task = Task(lambda _ctx: RemoteSlide(session, slide_uid), name="slide",
-                    pool=self.backend.pool, priority=INTERACTION, parent=self)
+        def load(_ctx):
+            provider = RemoteSlide(session, slide_uid)
+            # generated tiles: the temporary tier (bundled) or the client-side folder
+            return provider, self.backend.sr_cache_for(provider)
 
-        def opened(provider) -> None:
-            from .slideview import open_slide_window
+        task = Task(load, name="slide", pool=self.backend.pool, priority=INTERACTION,
+                    parent=self)
 
-            pane = open_slide_window(provider, cache_bytes=self.backend.memory,
-                                     pool=self.backend.pool)
-            # the pane's rights banner and news (label refused, rights changed) also go
-            # to the status bar, in plain words
-            pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
-            pane.show()
-            if pane.rights_text:
-                self.statusBar().showMessage(pane.rights_text, 15000)
-            self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
-                                   if w.isVisible()] + [pane]
-            self.slideOpened.emit(pane)
+        def opened(loaded) -> None:
+            self._show_slide(*loaded)
 
         def failed(e) -> None:
             if getattr(e, "status", None) == 403:
@@ -361,6 +356,47 @@ class MainWindow(QMainWindow):
         task.failed.connect(failed)
         task.start()
         return task
+
+    def _show_slide(self, provider, sr_cache=None):
+        """A slide window for an opened provider (UI thread)."""
+        from .slideview import open_slide_window
+
+        pane = open_slide_window(provider, sr_cache=sr_cache, cache_bytes=self.backend.memory,
+                                 pool=self.backend.pool)
+        # the pane's rights banner and news (label refused, rights changed) also go
+        # to the status bar, in plain words
+        pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
+        pane.show()
+        if pane.rights_text:
+            self.statusBar().showMessage(pane.rights_text, 15000)
+        self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
+                               if w.isVisible()] + [pane]
+        self.slideOpened.emit(pane)
+        return pane
+
+    def show_station_worklist(self):
+        """The reading station's worklist (``medview --station NAME``), refreshed."""
+        from client.stations import Station
+
+        from .worklist import StationWorklistWindow
+
+        if self.backend.session is None or not self.config.station:
+            self.statusBar().showMessage("Not connected" if self.config.station else
+                                         "This window is not a reading station "
+                                         "(start medview --station NAME)", 6000)
+            return None
+        w = getattr(self, "worklist", None)
+        if w is None or w.station.session is not self.backend.session:
+            if w is not None:
+                w.close()
+            station = Station(self.backend.session, self.config.station,
+                              self.config.station_cache, packet_cache=self.backend.cache)
+            w = self.worklist = StationWorklistWindow(station, self.backend, self)
+            w.notice.connect(lambda text: self.statusBar().showMessage(text, 10000))
+            w.opened.connect(lambda got, sr: self._show_slide(got.provider, sr))
+        w.show()
+        w.refresh()
+        return w
 
     def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None,
                 tip: str = "", checkable: bool = False) -> QAction:
@@ -444,12 +480,16 @@ class MainWindow(QMainWindow):
                                 "Select a series from a folder of DICOM files and open it in MPR")
         self.act_open_slide = A("Open &slide…", self.choose_slide, "Ctrl+Shift+S",
                                 "Open a whole-slide image from the server (pathology)")
+        self.act_station = A("Station &worklist", self.show_station_worklist, None,
+                             "The exams assigned to this reading station (--station)")
+        self.act_station.setVisible(bool(self.config.station))
         self.preset_actions: list[QAction] = []
 
     def _build_menus_and_toolbars(self) -> None:
         bar = self.menuBar()
         m = bar.addMenu("&File")
-        for a in (self.act_open_folder, self.act_import_files, self.act_open_slide, None,
+        for a in (self.act_open_folder, self.act_import_files, self.act_open_slide,
+                  self.act_station, None,
                   self.act_export, None, self.act_connect, None,
                   self.act_prefs, None, self.act_quit):
             m.addSeparator() if a is None else m.addAction(a)
@@ -617,6 +657,8 @@ class MainWindow(QMainWindow):
         self.policy.set_client(PolicyClient(s))
         self.browser.refresh()
         self._refresh_pacs_sources()
+        if self.config.station:
+            self.show_station_worklist()
         self.connected.emit(url)
 
     def _show_server_busy(self, pause: float, attempt: int) -> None:

@@ -5,6 +5,8 @@ from typing import Any
 
 import requests
 
+from .link import LinkMeter
+
 DEFAULT_USER = "local"
 
 
@@ -48,6 +50,8 @@ class Session:
         self.http.mount("http://", adapter)
         self.http.mount("https://", adapter)
         self.id: str | None = None
+        self.link = LinkMeter()            # throughput and latency of our own transfers
+        self.http.hooks["response"].append(self.link.response_hook)
         self.login(password)
 
     # ------------------------------------------------------------------ plumbing

@@ -574,6 +574,7 @@ class PolicyController(QObject):
         def done(info: dict) -> None:
             if self.sd is sd and info.get("auto"):
                 sd.auto = info["auto"]
+                sd._notify("auto", sd.auto)         # the loader re-plans its fill
                 if self.selector is not None:
                     self.selector.set_series(sd.versions, sd.auto, sd.selection)
                 if sd.selection.get("version") == "auto":

@@ -1,0 +1,96 @@
+"""Prior studies (seed 001): which are relevant, the worklist prefetch that recalls them
+from the archive, the client's prior list and background fetch, and the comparison view."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from priorsutil import PRIOR_CT_DATE, make_priors_store
+from server_stub.priors import Exam, WorklistError, read_worklist, relevant_priors
+
+
+@pytest.fixture(scope="module")
+def pstore(tmp_path_factory):
+    return make_priors_store(tmp_path_factory.mktemp("priors"))
+
+
+def test_worklist_csv_and_json(tmp_path):
+    (tmp_path / "w.csv").write_text("PatientID,ScheduledDate,Modality\nP1,2024-01-15,ct\n"
+                                    "P2,20240116,MR\n")
+    assert read_worklist(tmp_path / "w.csv") == [Exam("P1", "20240115", "CT", None, 2),
+                                                 Exam("P2", "20240116", "MR", None, 3)]  # file lines
+    (tmp_path / "w.json").write_text(json.dumps({"exams": [
+        {"patient_id": "P1", "date": "2024-01-15", "modality": "CT", "body_part": "chest"}]}))
+    assert read_worklist(tmp_path / "w.json") == [Exam("P1", "20240115", "CT", "CHEST", 1)]
+    for text, msg in (("PatientID,Modality\nP1,CT\n", "row 2: missing date"),
+                      ("patient_id,date,modality\nP1,15.01.2024,CT\n", "is not YYYY-MM-DD"),
+                      ('[{"patient_id": "P1"}]', "exam 1: missing date, modality"),
+                      ("{not json", "not valid JSON"), ("", "no exams")):
+        (tmp_path / "bad").write_text(text)
+        with pytest.raises(WorklistError, match=msg):
+            read_worklist(tmp_path / "bad")
+
+
+def test_relevant_priors_order(pstore):
+    from server_stub.store import Store
+
+    cur = pstore["current"]
+    with Store(pstore["store"]) as st:
+        got = relevant_priors(st.catalogue, Exam(cur["patient"], cur["date"], "CT", "CHEST"))
+        # the earlier CT first although the MR study is more recent; never the current one
+        assert [p["StudyInstanceUID"] for p in got] == [pstore["prior"]["study"],
+                                                        pstore["other"]["study"]]
+        assert [p["same_modality"] for p in got] == [True, False]
+        # a date before every prior: none
+        assert relevant_priors(st.catalogue, Exam(cur["patient"], "20200101", "CT")) == []
+        # another patient (and a wildcard is not a patient): none
+        assert relevant_priors(st.catalogue, Exam("*", "20990101", "CT")) == []
+
+
+def test_prefetch_worklist_recalls_archived_priors(pstore, tmp_path, capsys):
+    from server_stub.cli import main
+    from server_stub.store import Store
+    from server_stub.tiers import Tiers
+    from policyutil import copy_store
+
+    store = copy_store(pstore["store"], tmp_path / "store")
+    assert main(["migrate", "--store", str(store), "--days", "0", "--min-status", "1",
+                 "--quiet"]) == 0
+    prior = pstore["prior"]["series"]
+
+    def states(uid):
+        with Store(store) as st:
+            t = Tiers(st)
+            try:
+                return sorted({tier.state for _pk, tier in t.frame_states(uid).values()})
+            finally:
+                t.close()
+    assert states(prior) == ["archived"]
+    cur = pstore["current"]
+    wl = tmp_path / "worklist.csv"
+    wl.write_text(f"patient_id,date,modality\n{cur['patient']},2024-01-15,CT\n"
+                  "NOBODY,2024-01-15,CT\n")
+    capsys.readouterr()
+    assert main(["prefetch", "--store", str(store), "--worklist", str(wl), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["exams"] == 2 and [p["study"] for p in out["priors"]] == [pstore["prior"]["study"]]
+    assert out["frames_recalled"] == 6 and out["errors"] == []
+    assert states(prior) == ["recalled"]
+    # the current study and the other modality stay in the archive
+    assert states(cur["series"]) == ["archived"] and states(pstore["other"]["series"]) == ["archived"]
+    # a second run: nothing left to recall
+    assert main(["prefetch", "--store", str(store), "--worklist", str(wl), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["frames_recalled"] == 0 and out["frames_hot"] == 6
+    # the recalled prior reads back bit for bit
+    with Store(store) as st:
+        t = Tiers(st)
+        import hashlib
+        for row in st.catalogue.series_images(prior):
+            assert hashlib.sha256(t.read_codestream(row)).hexdigest() == row["codestream_sha256"]
+        t.close()
+    # a broken worklist: exit 2, nothing done
+    (tmp_path / "bad.csv").write_text("patient_id,modality\nX,CT\n")
+    assert main(["prefetch", "--store", str(store), "--worklist", str(tmp_path / "bad.csv")]) == 2
+    assert "missing date" in capsys.readouterr().err

@@ -94,3 +94,94 @@ def test_prefetch_worklist_recalls_archived_priors(pstore, tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("patient_id,modality\nX,CT\n")
     assert main(["prefetch", "--store", str(store), "--worklist", str(tmp_path / "bad.csv")]) == 2
     assert "missing date" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- client side
+@pytest.fixture(scope="module")
+def psrv(pstore, tmp_path_factory):
+    """A server on a private copy of the store whose priors are in the archive."""
+    from policyutil import copy_store
+    from server_stub.cli import main
+    from server_stub.embedded import EmbeddedServer
+
+    store = copy_store(pstore["store"], tmp_path_factory.mktemp("psrv") / "store")
+    assert main(["migrate", "--store", str(store), "--days", "0", "--min-status", "1",
+                 "--quiet"]) == 0
+    srv = EmbeddedServer(str(store)).start()
+    srv.p = pstore
+    from client.policy import PolicyClient
+    from client.session import Session
+    pc = PolicyClient(Session(srv.url))
+    for name in ("prior", "other"):        # read studies: every version may be sent
+        pc.set_status(pstore[name]["study"], 2)
+    yield srv
+    srv.stop()
+
+
+def test_client_lists_priors_most_relevant_first(psrv):
+    from client.priors import find_priors
+    from client.series import SeriesData
+    from client.session import Session
+
+    s = Session(psrv.url)
+    cur = SeriesData(s, None, psrv.p["current"]["series"])
+    priors = find_priors(s, cur.info)
+    assert [p["StudyInstanceUID"] for p in priors] == [psrv.p["prior"]["study"],
+                                                      psrv.p["other"]["study"]]
+    assert priors[0]["compare"]["SeriesInstanceUID"] == psrv.p["prior"]["series"]
+    assert priors[0]["same_modality"] and not priors[1]["same_modality"]
+    assert priors[0]["StudyDate"] == PRIOR_CT_DATE
+
+
+def test_slice_sync_by_position_or_relative():
+    from client.priors import SliceSync
+
+    same = SliceSync([0.0, 1.0, 2.0, 3.0], [0.4, 2.6, 5.0], "1.2", "1.2")
+    assert same.by_position and [same.map(i) for i in range(4)] == [0, 0, 1, 1]
+    assert "patient position" in same.words
+    other = SliceSync([0.0, 1.0, 2.0, 3.0, 4.0], [10.0, 20.0, 30.0], "1.2", "1.3")
+    assert not other.by_position and [other.map(i) for i in range(5)] == [0, 0, 1, 2, 2]
+    assert "relative position" in other.words and "differ" in other.words
+    assert not SliceSync([0.0, None], [1.0, 2.0], "1", "1").by_position   # no positions
+
+
+def test_prior_fetcher_recalls_and_fetches_within_budget(psrv):
+    from client.priors import PriorFetcher, find_priors
+    from client.series import SeriesData
+    from client.session import Session
+
+    s = Session(psrv.url)
+    cur = SeriesData(s, None, psrv.p["current"]["series"])
+    priors = find_priors(s, cur.info)
+    heard = []
+    made = {}
+
+    def get(uid):
+        made[uid] = made.get(uid) or SeriesData(s, None, uid)
+        return made[uid]
+    f = PriorFetcher(get, budget_bytes=10 << 20, on_state=lambda st, state, d: heard.append((st, state)))
+    states = f.run(priors[:1])
+    prior = psrv.p["prior"]["study"]
+    seq = [state for st, state in heard if st == prior]
+    assert seq[0] == "waiting" and seq[-1] == "ready" and states[prior] == "ready"
+    # the comparison version's layers: the hot ones here (V2 stays hot), so no recall
+    sd = made[psrv.p["prior"]["series"]]
+    assert sd.selection == {"purpose": "comparison"}
+    need, layers = f.estimate(sd)
+    assert layers is not None and all(sd.levels(i)[0] == layers for i in range(len(sd)))
+    # asking for the lossless version needs the archive: "archived", then "recalling"
+    heard.clear()
+    f2 = PriorFetcher(get, budget_bytes=10 << 20, purpose="diagnosis",
+                      on_state=lambda st, state, d: heard.append((st, state)))
+    sd.select()
+    f2.run(priors[:1])
+    seq = [state for st, state in heard if st == prior]
+    assert seq[:3] == ["waiting", "archived", "fetching"] and "recalling" in seq
+    assert seq[-1] == "ready"
+    assert all(sd.levels(i)[0] == sd.images[i]["nlayers"] for i in range(len(sd)))
+    # a budget too small for a prior: skipped, nothing fetched
+    heard.clear()
+    f3 = PriorFetcher(lambda uid: SeriesData(s, None, uid), budget_bytes=100,
+                      on_state=lambda st, state, d: heard.append((st, state, d)))
+    assert f3.run(priors[1:])[psrv.p["other"]["study"]] == "skipped"
+    assert heard[-1][2]["reason"] == "memory budget"

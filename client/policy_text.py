@@ -8,13 +8,16 @@ These functions translate the rights block of a series description and the body 
 """
 from __future__ import annotations
 
+import re
+
 from typing import Any, Iterable, Mapping, Sequence
 
 from codestream.ranges import parse_ranges
 
 __all__ = ["explain_rights", "explain_rights_error", "explain_login_error", "explain_recall",
            "explain_slide_rights", "explain_slide_rights_error", "version_label",
-           "status_label", "image_ranges_1based", "explain_choice", "explain_link"]
+           "status_label", "image_ranges_1based", "explain_choice", "explain_link",
+           "prior_line"]
 
 _DENIED = {
     "images": "Some of the images you asked for are not available to your account.",
@@ -335,3 +338,30 @@ def explain_link(context: Mapping[str, Any] | None) -> str:
     if c.get("cpus"):
         parts.append(f"{c['cpus']} processors")
     return "Measured: " + ", ".join(parts) + "."
+
+
+_PRIOR_STATES = {
+    "waiting": "waiting",
+    "archived": "in the archive: being recalled",
+    "recalling": "recalling from archive…",
+    "fetching": "loading for comparison…",
+    "ready": "ready for comparison",
+    "failed": "could not be loaded",
+}
+
+
+def prior_line(prior: Mapping[str, Any], state: str | None = None,
+               detail: Mapping[str, Any] | None = None) -> str:
+    """One line of the prior-study list: date, modalities, description and its state."""
+    d = re.sub(r"\D", "", str(prior.get("StudyDate") or ""))
+    date = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else (d or "no date")
+    mods = prior.get("ModalitiesInStudy") or []
+    mods = mods if isinstance(mods, str) else "/".join(str(m) for m in mods)
+    desc = prior.get("StudyDescription") or ""
+    text = " · ".join(x for x in (date, mods, desc) if x)
+    if state == "skipped":
+        reason = (detail or {}).get("reason") or "not loaded"
+        return f"{text} — not loaded ahead ({reason}); opens on demand"
+    if state:
+        return f"{text} — {_PRIOR_STATES.get(state, state)}"
+    return text

@@ -185,3 +185,168 @@ def test_prior_fetcher_recalls_and_fetches_within_budget(psrv):
                       on_state=lambda st, state, d: heard.append((st, state, d)))
     assert f3.run(priors[1:])[psrv.p["other"]["study"]] == "skipped"
     assert heard[-1][2]["reason"] == "memory budget"
+
+
+# ---------------------------------------------------------------- viewer (offscreen)
+class Backend:
+    """What the window's backend offers the controller: session, registry, pool."""
+
+    def __init__(self, url):
+        from client.pool import WorkerPool
+        from client.session import Session
+        from viewer.loader import SeriesRegistry
+        from viewer.services import POOL_CAPS
+
+        self.session = Session(url)
+        self.registry = SeriesRegistry(self.session, None)
+        self.pool = WorkerPool(4, POOL_CAPS)
+
+    def close(self):
+        self.pool.shutdown()
+        self.session.logout()
+
+
+def task_runner(pool):
+    from viewer.workers import Task
+
+    def run(fn, done, failed):
+        t = Task(lambda _ctx: fn(), name="test", pool=pool)
+        t.finished.connect(done)
+        t.failed.connect(failed)
+        t.start()
+    return run
+
+
+def test_priors_panel_lists_states_and_asks_to_compare(qtbot):
+    from viewer.priors_panel import PriorsPanel
+
+    panel = PriorsPanel()
+    qtbot.addWidget(panel)
+    assert not panel.compare_1x2.isEnabled() and panel.title.text() == "Prior studies: none"
+    priors = [{"StudyInstanceUID": "1.1", "StudyDate": "20230110", "ModalitiesInStudy": ["CT"],
+               "StudyDescription": "CT CHEST", "compare": {"SeriesInstanceUID": "1.1.1"}},
+              {"StudyInstanceUID": "1.2", "StudyDate": "20220301", "ModalitiesInStudy": ["CT"],
+               "compare": {"SeriesInstanceUID": "1.2.1"}}]
+    panel.set_priors(priors)
+    assert panel.list.item(0).text() == "2023-01-10 · CT · CT CHEST"
+    panel.set_state("1.1", "recalling")
+    assert panel.list.item(0).text().endswith("— recalling from archive…")
+    panel.set_state("1.2", "skipped", {"reason": "memory budget"})
+    assert "not loaded ahead (memory budget)" in panel.list.item(1).text()
+    with qtbot.waitSignal(panel.compareRequested) as sig:
+        panel.compare_1x2.click()
+    assert [p["StudyInstanceUID"] for p in sig.args[0]] == ["1.1"] and sig.args[1] == "1x2"
+    with qtbot.waitSignal(panel.compareRequested) as sig:
+        panel.compare_2x2.click()
+    assert [p["StudyInstanceUID"] for p in sig.args[0]] == ["1.1", "1.2"] and sig.args[1] == "2x2"
+
+
+def test_controller_fetches_priors_after_preview_before_fill(qtbot, psrv):
+    from viewer.loader import BACKGROUND, PREVIEW, SeriesLoader
+    from viewer.priors_panel import PriorsController, PriorsPanel
+    from viewer.workers import LoaderBridge
+    from waits import WAIT_MS
+
+    be = Backend(psrv.url)
+    try:
+        panel = PriorsPanel()
+        qtbot.addWidget(panel)
+        ctl = PriorsController(panel, lambda: be, runner=task_runner(be.pool))
+        bridge = LoaderBridge()
+        events = []
+        bridge.stageChanged.connect(lambda _l, st, state, _m: events.append((st.kind, state)))
+        bridge.stageChanged.connect(ctl.on_stage)
+        ctl.stateChanged.connect(lambda s, st, _d: events.append(("prior:" + st, s)))
+        bridge.opened.connect(lambda loader, *_: ctl.open_series(loader))
+        loader = SeriesLoader(be.registry, psrv.p["current"]["series"], be.pool, bridge,
+                              viewport=(128, 128), chunk=2, neighbours=1)
+        loader.start()
+        prior = psrv.p["prior"]["study"]
+        qtbot.waitUntil(lambda: panel.state_of(prior) == "ready", timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: loader.state == "idle" and ("background", "complete") in events,
+                        timeout=WAIT_MS)
+        kinds = [e[0] for e in events]
+        # the preview, then the priors at the comparison version, then the fill
+        assert kinds.index(PREVIEW) < kinds.index("prior:fetching")
+        assert kinds.index("prior:ready") < kinds.index(BACKGROUND)
+        assert panel.list.count() == 2 and "ready for comparison" in panel.list.item(0).text()
+        sd = be.registry.peek(psrv.p["prior"]["series"])
+        assert sd.selection == {"purpose": "comparison"}
+        # the comparison window: current left, the prior right
+        view = ctl.compare(panel.priors[:1], "1x2")
+        qtbot.addWidget(view)
+        qtbot.waitUntil(lambda: all(p.info is not None for p in view.panes), timeout=WAIT_MS)
+        assert [p.uid for p in view.panes] == [psrv.p["current"]["series"], psrv.p["prior"]["series"]]
+        assert view.panes[1].title.text().startswith("Prior 1: 2023-01-10 · CT")
+        view.close()
+        ctl.close_series()
+        loader.close()
+    finally:
+        be.close()
+
+
+def _opened_view(qtbot, be, current, priors, layout="1x2"):
+    from viewer.compare import ComparisonView
+    from waits import WAIT_MS
+
+    view = ComparisonView(be.registry, be.pool, current, priors, layout)
+    qtbot.addWidget(view)
+    view.resize(900, 500)
+    view.show()
+    with qtbot.waitSignal(view.opened, timeout=WAIT_MS):
+        view.start()
+    for pane in view.panes:
+        qtbot.waitUntil(lambda pane=pane: pane.view.decoded() is not None, timeout=WAIT_MS)
+    return view
+
+
+def test_comparison_scrolls_together_and_keeps_measurements_apart(qtbot, psrv):
+    from viewer.measure import MeasureKind, Measurement
+    from viewer.policy_panel import measurement_annotation
+    from waits import WAIT_MS
+
+    be = Backend(psrv.url)
+    try:
+        cur, prior = psrv.p["current"]["series"], psrv.p["prior"]["series"]
+        view = _opened_view(qtbot, be, cur, [prior])
+        a, b = view.panes
+        # different frames of reference: relative position along the stack, said on screen
+        assert "relative position" in view.banner.text()
+        a.view.request_slice(7)                      # the last of 8 -> the last of 6
+        assert b.view.target_index() == 5
+        qtbot.waitUntil(lambda: b.view.current_index() == 5, timeout=WAIT_MS)
+        a.view.request_slice(3)
+        assert b.view.target_index() == view.map_slice(0, 1, 3) == 2
+        b.view.request_slice(0)                      # either pane leads
+        assert a.view.target_index() == 0
+        # scrolling on its own
+        view.sync_scroll.setChecked(False)
+        assert view.banner.text() == "Each pane scrolls on its own."
+        a.view.request_slice(4)
+        assert b.view.target_index() == 0
+        # window together (optional)
+        view.sync_window.setChecked(True)
+        a.view.set_window(300.0, 1500.0)
+        assert b.view.window() == (300.0, 1500.0)
+        view.sync_zoom.setChecked(True)
+        a.view.zoom_by(2.0)
+        assert b.view.view_state().zoom == pytest.approx(a.view.view_state().zoom)
+        # a measurement belongs to its own pane, series and study
+        m = Measurement(MeasureKind.DISTANCE, (1, 1), (20, 20), b.view.current_index())
+        b.view.add_measurement(m)
+        assert b.view.measurements() and not a.view.measurements()
+        ann = measurement_annotation(m, b.view.meta(), b.uid)
+        assert ann["series"] == prior and b.study == psrv.p["prior"]["study"] != a.study
+        view.close()
+        # the same frame of reference (the series against itself): by patient position
+        same = _opened_view(qtbot, be, cur, [cur])
+        assert "patient position" in same.banner.text()
+        same.panes[0].view.request_slice(5)
+        assert same.panes[1].view.target_index() == 5
+        same.close()
+        # 2x2: the current top left, then the priors
+        grid = _opened_view(qtbot, be, cur, [prior, psrv.p["other"]["series"]], "2x2")
+        assert len(grid.panes) == 3 and [p.role for p in grid.panes] == ["Current", "Prior 1", "Prior 2"]
+        grid.close()
+    finally:
+        be.close()

@@ -25,8 +25,8 @@ from .series import Callbacks, Cancelled, SeriesData
 
 log = logging.getLogger("medview.priors")
 
-__all__ = ["rank_key", "find_priors", "comparable_series", "SliceSync", "PriorFetcher",
-           "PRIOR_STATES"]
+__all__ = ["rank_key", "find_priors", "comparable_series", "next_series", "SliceSync",
+           "PriorFetcher", "PRIOR_STATES"]
 
 PRIOR_STATES = ("waiting", "archived", "recalling", "fetching", "ready", "skipped", "failed")
 
@@ -92,6 +92,27 @@ def find_priors(session, current: dict) -> list[dict]:
                               same_modality=key[0] < 2)))
     out.sort(key=lambda kv: kv[0])
     return [p for _k, p in out]
+
+
+def next_series(session, current: dict) -> str | None:
+    """The series hung after the current one (the study's series in Series Number order,
+    the order the viewer's browser shows them): the reader's likely next series."""
+    study = current.get("StudyInstanceUID")
+    if not study:
+        return None
+    rows = session.series(study)
+
+    def key(r: dict) -> tuple:
+        n = r.get("SeriesNumber")
+        return (n is None or n == "", int(n) if str(n or "").lstrip("-").isdigit() else 0,
+                r.get("SeriesInstanceUID") or "")
+    rows = sorted(rows, key=key)
+    uids = [r.get("SeriesInstanceUID") for r in rows]
+    this = current.get("SeriesInstanceUID")
+    if this not in uids:
+        return None
+    i = uids.index(this)
+    return uids[i + 1] if i + 1 < len(uids) else None
 
 
 class SliceSync:
@@ -165,6 +186,20 @@ class PriorFetcher:
             if hot is not None and hot < (layers or im.get("nlayers", 0)):
                 return True
         return False
+
+    def preview(self, series: str, token: CancelToken | None = None) -> bool:
+        """Fetch a series' preview (lowest resolution, first layer) if the budget allows:
+        the next series of the hanging order. True if fetched."""
+        sd = self.get_series(series)
+        if not sd.images:
+            return False
+        need = sum(im["total_bytes"] for im in sd.images) >> (2 * (sd.images[0]["numres"] - 1))
+        if self.spent + need > self.budget:
+            return False
+        self.spent += need
+        lowest = max(im["numres"] for im in sd.images) - 1
+        sd.transfer(layers=1, reduce=lowest).run(token)
+        return True
 
     def run(self, priors: Sequence[dict], token: CancelToken | None = None) -> dict[str, str]:
         """Fetch in order (most relevant first); returns the state per prior study."""

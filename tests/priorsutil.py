@@ -1,5 +1,6 @@
-"""Test helper: a store holding one patient's current CT study and earlier ones (an
-earlier CT and an earlier MR-labelled study of another body part), small and quick."""
+"""Test helper: a store holding one patient's current CT study (two series) and earlier
+ones (an earlier CT and an earlier MR-labelled study of another body part), small and
+quick."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,11 +34,15 @@ def make_priors_store(root: Path, slices: int = 8, prior_slices: int = 6, size: 
     other = make_sample_ct(root / "other", slices=4, size=size, seed=33)
     _retag(other, StudyDate=PRIOR_MR_DATE, Modality="MR", BodyPartExamined="HEAD",
            StudyDescription="MR HEAD")
+    # a second series of the current study, hung after it (Series Number 3)
+    study = pydicom.dcmread(current[0], stop_before_pixels=True).StudyInstanceUID
+    nxt = make_sample_ct(root / "next", slices=3, size=size, seed=34)
+    _retag(nxt, StudyInstanceUID=study, SeriesNumber=3, SeriesDescription="Axial next")
     store = Store(root / "store")
-    rep = ingest_paths([*current, *prior, *other], store)
-    assert len(rep.imported) == slices + prior_slices + 4, rep
+    rep = ingest_paths([*current, *prior, *other, *nxt], store)
+    assert len(rep.imported) == slices + prior_slices + 4 + 3, rep
     out = {}
-    for name, files in (("current", current), ("prior", prior), ("other", other)):
+    for name, files in (("current", current), ("prior", prior), ("other", other), ("next", nxt)):
         ds = pydicom.dcmread(files[0], stop_before_pixels=True)
         out[name] = {"study": ds.StudyInstanceUID, "series": ds.SeriesInstanceUID,
                      "date": ds.StudyDate, "patient": ds.PatientID}

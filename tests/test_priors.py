@@ -79,6 +79,7 @@ def test_prefetch_worklist_recalls_archived_priors(pstore, tmp_path, capsys):
     assert states(prior) == ["recalled"]
     # the current study and the other modality stay in the archive
     assert states(cur["series"]) == ["archived"] and states(pstore["other"]["series"]) == ["archived"]
+    assert states(pstore["next"]["series"]) == ["archived"]
     # a second run: nothing left to recall
     assert main(["prefetch", "--store", str(store), "--worklist", str(wl), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -272,6 +273,10 @@ def test_controller_fetches_priors_after_preview_before_fill(qtbot, psrv):
         assert panel.list.count() == 2 and "ready for comparison" in panel.list.item(0).text()
         sd = be.registry.peek(psrv.p["prior"]["series"])
         assert sd.selection == {"purpose": "comparison"}
+        # the next series of the hanging order got its preview, before the fill too
+        assert ctl.next_uid == psrv.p["next"]["series"] and ctl.next_fetched
+        nxt = be.registry.peek(ctl.next_uid)
+        assert all(nxt.levels(i)[1] >= 0 for i in range(len(nxt)))
         # the comparison window: current left, the prior right
         view = ctl.compare(panel.priors[:1], "1x2")
         qtbot.addWidget(view)

@@ -3,8 +3,9 @@ that finds the priors when a series opens, fetches them in the background at the
 comparison version and opens the comparison window.
 
 Order of the network work for a newly opened series: its preview (the loader), then the
-priors at the comparison version (:class:`client.priors.PriorFetcher`, one pool job),
-then the series' background fill (the controller holds the loader's prefetch meanwhile).
+priors at the comparison version (:class:`client.priors.PriorFetcher`, one pool job) and
+the preview of the study's next series (the hanging order: Series Number), then the
+series' background fill (the controller holds the loader's prefetch meanwhile).
 The priors' bytes come out of the same memory budget as the decoded images of the
 current series (``SeriesLoader`` decoded budget minus what the current series needs).
 
@@ -23,7 +24,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem
                                QVBoxLayout, QWidget)
 
 from client.policy_text import prior_line
-from client.priors import PriorFetcher, find_priors
+from client.priors import PriorFetcher, find_priors, next_series
 
 from .loader import PREVIEW
 
@@ -117,6 +118,8 @@ class PriorsController(QObject):
         self.loader = None
         self.priors: list[dict] = []
         self.fetcher: PriorFetcher | None = None
+        self.next_uid: str | None = None     # the next series of the hanging order
+        self.next_fetched = False
         self._fetch_started = False
         self._token = None
         self.views: list = []
@@ -136,12 +139,16 @@ class PriorsController(QObject):
         session = self.backend().session
         info = dict(sd.info)
 
-        def done(priors: list[dict]) -> None:
+        def find() -> tuple[list[dict], str | None]:
+            return find_priors(session, info), next_series(session, info)
+
+        def done(found) -> None:
             if self.loader is not loader:
                 return
+            priors, self.next_uid = found
             self.priors = [p for p in priors if p.get("compare")]
             self.panel.set_priors(self.priors)
-            if not self.priors:
+            if not self.priors and not self.next_uid:
                 self._release()
             elif self._preview_done():
                 self.fetch_ahead()
@@ -151,13 +158,14 @@ class PriorsController(QObject):
             if self.loader is loader:
                 self.panel.set_priors([])
                 self._release()
-        self._run(lambda: find_priors(session, info), done, failed)
+        self._run(find, done, failed)
 
     def close_series(self) -> None:
         if self._token is not None:
             self._token.cancel()
         self._token = None
         self.loader, self.priors, self.fetcher = None, [], None
+        self.next_uid: str | None = None
         self._fetch_started = False
         self.panel.set_priors([])
 
@@ -179,7 +187,8 @@ class PriorsController(QObject):
 
     def on_stage(self, loader, stage, state: str, _message: str = "") -> None:
         """The loader bridge's ``stageChanged``: the preview done starts the priors."""
-        if loader is self.loader and stage.kind == PREVIEW and state == "complete" and self.priors:
+        if (loader is self.loader and stage.kind == PREVIEW and state == "complete"
+                and (self.priors or self.next_uid)):
             self.fetch_ahead()
 
     def budget(self) -> int:
@@ -193,7 +202,8 @@ class PriorsController(QObject):
         return max(total - need, 0)
 
     def fetch_ahead(self) -> None:
-        """Fetch the first priors at the comparison version, then release the fill."""
+        """Fetch the first priors at the comparison version and the preview of the next
+        series of the hanging order (Series Number), then release the fill."""
         if self._fetch_started or self.loader is None:
             return
         self._fetch_started = True
@@ -206,11 +216,17 @@ class PriorsController(QObject):
                                     on_state=lambda s, st, d: self._state.emit(s, st, dict(d)))
         priors = self.priors[:PRIORS_AHEAD]
         fetcher = self.fetcher
+        nxt = self.next_uid
 
-        def done(_states) -> None:
+        def job() -> bool:
+            fetcher.run(priors, token)
+            return bool(nxt) and not token.cancelled and fetcher.preview(nxt, token)
+
+        def done(next_fetched) -> None:
             if self.loader is loader:
+                self.next_fetched = bool(next_fetched)
                 self._release()
-        self._run(lambda: fetcher.run(priors, token), done, lambda e: done(None))
+        self._run(job, done, lambda e: done(False))
 
     def _on_state(self, study: str, state: str, detail: dict) -> None:
         self.panel.set_state(study, state, detail)

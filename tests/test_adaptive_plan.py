@@ -198,3 +198,18 @@ def test_loader_predicts_in_the_scroll_direction(asrv, pool):
     assert loader.focus == 0                           # the plan's centre did not move
     loader.close()
     s.logout()
+
+
+def test_loader_idle_timer_resumes_the_fill_by_itself(asrv, pool):
+    s = Session(asrv.url)
+    PolicyClient(s).set_context(link_bps=2e6, memory_mb=8192, cpus=4)
+    rec = Idle()
+    loader = SeriesLoader(SeriesRegistry(s, None), asrv.series, pool, rec, focus=3,
+                          viewport=(256, 256), idle_s=0.5)
+    loader.start()
+    # the fill stops at V3, then the reader rests: the timer re-plans, every layer comes
+    wait_for(lambda: all(loader.sd.levels(i) == (4, 2) for i in range(len(loader.sd)))
+             if loader.sd is not None else False, what="the fill to go on after the rest")
+    assert loader.fill_layers() == 1            # still the link's version: the rest did it
+    loader.close()
+    s.logout()

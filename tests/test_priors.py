@@ -98,23 +98,36 @@ def test_prefetch_worklist_recalls_archived_priors(pstore, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- client side
-@pytest.fixture(scope="module")
-def psrv(pstore, tmp_path_factory):
-    """A server on a private copy of the store whose priors are in the archive."""
+def _archived_server(pstore, where):
+    """A server on a private copy of the store whose studies are in the archive."""
     from policyutil import copy_store
     from server_stub.cli import main
     from server_stub.embedded import EmbeddedServer
+    from client.policy import PolicyClient
+    from client.session import Session
 
-    store = copy_store(pstore["store"], tmp_path_factory.mktemp("psrv") / "store")
+    store = copy_store(pstore["store"], where / "store")
     assert main(["migrate", "--store", str(store), "--days", "0", "--min-status", "1",
                  "--quiet"]) == 0
     srv = EmbeddedServer(str(store)).start()
     srv.p = pstore
-    from client.policy import PolicyClient
-    from client.session import Session
     pc = PolicyClient(Session(srv.url))
     for name in ("prior", "other"):        # read studies: every version may be sent
         pc.set_status(pstore[name]["study"], 2)
+    return srv
+
+
+@pytest.fixture(scope="module")
+def psrv(pstore, tmp_path_factory):
+    srv = _archived_server(pstore, tmp_path_factory.mktemp("psrv"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def fresh_srv(pstore, tmp_path):
+    """As ``psrv``, with nothing recalled yet by other tests."""
+    srv = _archived_server(pstore, tmp_path)
     yield srv
     srv.stop()
 
@@ -278,8 +291,7 @@ def test_controller_fetches_priors_after_preview_before_fill(qtbot, psrv):
         nxt = be.registry.peek(ctl.next_uid)
         assert all(nxt.levels(i)[1] >= 0 for i in range(len(nxt)))
         # the comparison window: current left, the prior right
-        view = ctl.compare(panel.priors[:1], "1x2")
-        qtbot.addWidget(view)
+        view = ctl.compare(panel.priors[:1], "1x2")      # deletes itself when closed
         qtbot.waitUntil(lambda: all(p.info is not None for p in view.panes), timeout=WAIT_MS)
         assert [p.uid for p in view.panes] == [psrv.p["current"]["series"], psrv.p["prior"]["series"]]
         assert view.panes[1].title.text().startswith("Prior 1: 2023-01-10 · CT")
@@ -290,12 +302,14 @@ def test_controller_fetches_priors_after_preview_before_fill(qtbot, psrv):
         be.close()
 
 
-def _opened_view(qtbot, be, current, priors, layout="1x2"):
+def _opened_view(qtbot, be, current, priors, layout="1x2", before_start=None):
     from viewer.compare import ComparisonView
     from waits import WAIT_MS
 
     view = ComparisonView(be.registry, be.pool, current, priors, layout)
     qtbot.addWidget(view)
+    if before_start is not None:
+        before_start(view)
     view.resize(900, 500)
     view.show()
     with qtbot.waitSignal(view.opened, timeout=WAIT_MS):
@@ -305,16 +319,23 @@ def _opened_view(qtbot, be, current, priors, layout="1x2"):
     return view
 
 
-def test_comparison_scrolls_together_and_keeps_measurements_apart(qtbot, psrv):
+def test_comparison_scrolls_together_and_keeps_measurements_apart(qtbot, fresh_srv):
     from viewer.measure import MeasureKind, Measurement
     from viewer.policy_panel import measurement_annotation
     from waits import WAIT_MS
 
-    be = Backend(psrv.url)
+    be = Backend(fresh_srv.url)
     try:
-        cur, prior = psrv.p["current"]["series"], psrv.p["prior"]["series"]
-        view = _opened_view(qtbot, be, cur, [prior])
+        cur, prior = fresh_srv.p["current"]["series"], fresh_srv.p["prior"]["series"]
+        recalls = []
+        view = _opened_view(qtbot, be, cur, [prior], before_start=lambda v: v._recall.connect(
+            lambda pane, on: recalls.append((pane.role, on, pane.title.text()))))
         a, b = view.panes
+        # the prior's lossless layers are in the archive: its pane says so while recalling
+        qtbot.waitUntil(lambda: ("Prior 1", False) in [r[:2] for r in recalls], timeout=WAIT_MS)
+        mine = [r for r in recalls if r[0] == "Prior 1"]
+        assert mine[0][1] is True and mine[0][2].endswith("— recalling from archive…")
+        assert not b.recalling and "recalling" not in b.title.text()
         # different frames of reference: relative position along the stack, said on screen
         assert "relative position" in view.banner.text()
         a.view.request_slice(7)                      # the last of 8 -> the last of 6
@@ -341,7 +362,7 @@ def test_comparison_scrolls_together_and_keeps_measurements_apart(qtbot, psrv):
         b.view.add_measurement(m)
         assert b.view.measurements() and not a.view.measurements()
         ann = measurement_annotation(m, b.view.meta(), b.uid)
-        assert ann["series"] == prior and b.study == psrv.p["prior"]["study"] != a.study
+        assert ann["series"] == prior and b.study == fresh_srv.p["prior"]["study"] != a.study
         view.close()
         # the same frame of reference (the series against itself): by patient position
         same = _opened_view(qtbot, be, cur, [cur])
@@ -350,7 +371,7 @@ def test_comparison_scrolls_together_and_keeps_measurements_apart(qtbot, psrv):
         assert same.panes[1].view.target_index() == 5
         same.close()
         # 2x2: the current top left, then the priors
-        grid = _opened_view(qtbot, be, cur, [prior, psrv.p["other"]["series"]], "2x2")
+        grid = _opened_view(qtbot, be, cur, [prior, fresh_srv.p["other"]["series"]], "2x2")
         assert len(grid.panes) == 3 and [p.role for p in grid.panes] == ["Current", "Prior 1", "Prior 2"]
         grid.close()
     finally:

@@ -50,6 +50,9 @@ class ComparePane(QWidget):
         self.info: SeriesInfo | None = None
         self.raw_info: dict = {}
         self.shown = 0
+        self.heading = role
+        self.recalling = False
+        self.listener = None
 
     @property
     def study(self) -> str | None:
@@ -64,6 +67,7 @@ class ComparisonView(QWidget):
 
     opened = Signal()
     """Every pane has its series description (slices can be synchronised)."""
+    _recall = Signal(object, bool)          # pane, recalling (from transfer threads)
 
     def __init__(self, registry, pool, current: str, priors: list[str], layout: str = "1x2",
                  parent: QWidget | None = None) -> None:
@@ -104,6 +108,7 @@ class ComparisonView(QWidget):
             pane.view.sliceRequested.connect(lambda i, k=k: self._slice_requested(k, i))
             pane.view.viewStateChanged.connect(lambda snap, k=k: self._view_changed(k, snap))
         self.sync_scroll.toggled.connect(self._say_sync)
+        self._recall.connect(self._recalling, Qt.ConnectionType.QueuedConnection)
 
     # ------------------------------------------------------------------ life
     def start(self) -> "ComparisonView":
@@ -120,6 +125,9 @@ class ComparisonView(QWidget):
     def close_loaders(self) -> None:
         for pane in self.panes:
             if pane.loader is not None:
+                sd = pane.loader.sd
+                if sd is not None and pane.listener in sd.listeners:
+                    sd.listeners.remove(pane.listener)
                 pane.loader.close()
                 pane.loader = None
 
@@ -137,7 +145,12 @@ class ComparisonView(QWidget):
         date = _date(info.get("StudyDate") or "")
         what = " · ".join(x for x in (date, info.get("Modality"), info.get("StudyDescription")
                                       or info.get("SeriesDescription")) if x)
-        pane.title.setText(f"{pane.role}: {what}" if what else pane.role)
+        pane.heading = f"{pane.role}: {what}" if what else pane.role
+        pane.title.setText(pane.heading)
+        if loader.sd is not None:               # "recalling from archive" per pane
+            pane.listener = (lambda kind, _msg, pane=pane: kind in ("recalling", "recalled")
+                             and self._recall.emit(pane, kind == "recalling"))
+            loader.sd.listeners.append(pane.listener)
         pane.shown = loader.focus
         best = loader.best(pane.shown)
         if best is not None:
@@ -145,6 +158,10 @@ class ComparisonView(QWidget):
         if all(p.info is not None for p in self.panes):
             self._build_maps()
             self.opened.emit()
+
+    def _recalling(self, pane: ComparePane, on: bool) -> None:
+        pane.recalling = on
+        pane.title.setText(f"{pane.heading} — recalling from archive…" if on else pane.heading)
 
     def _on_decoded(self, loader, image: DecodedImage) -> None:
         pane = self.pane_of(loader)

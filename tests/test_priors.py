@@ -376,3 +376,32 @@ def test_comparison_scrolls_together_and_keeps_measurements_apart(qtbot, fresh_s
         grid.close()
     finally:
         be.close()
+
+
+def test_main_window_reading_dock_lists_priors_and_compares(qtbot, tmp_path, psrv):
+    from PySide6.QtCore import QSettings
+
+    from viewer.mainwindow import AppConfig, MainWindow
+    from waits import WAIT_MS
+
+    settings = QSettings(str(tmp_path / "medview.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(AppConfig(cache_path=None), settings)
+    win.resize(1100, 800)
+    win.show()
+    qtbot.waitExposed(win)
+    try:
+        with qtbot.waitSignal(win.connected, timeout=WAIT_MS):
+            win.connect_to(psrv.url)
+        win.open_series(psrv.p["current"]["series"])
+        panel = win.priors_panel
+        qtbot.waitUntil(lambda: panel.list.count() == 2, timeout=WAIT_MS)
+        qtbot.waitUntil(lambda: panel.state_of(psrv.p["prior"]["study"]) == "ready", timeout=WAIT_MS)
+        with qtbot.waitSignal(win.priors.comparisonOpened, timeout=WAIT_MS) as sig:
+            panel.compare_1x2.click()
+        view = sig.args[0]
+        qtbot.waitUntil(lambda: all(p.view.decoded() is not None for p in view.panes),
+                        timeout=WAIT_MS)
+        assert [p.uid for p in view.panes] == [psrv.p["current"]["series"], psrv.p["prior"]["series"]]
+        view.close()
+    finally:
+        win.close()

@@ -308,6 +308,13 @@ def explain_choice(version: Mapping[str, Any] | None, selection: Mapping[str, An
     desc = dict(by_name.get(name, {}), **(version or {})) if name else {}
     label = version_label(desc, short=True) if desc.get("name") else (name or "")
     if not sel:
+        link = by_name.get((auto or {}).get("version") or "")
+        if link and not link.get("lossless"):
+            # the adaptive plan (viewer.loader): the link's version first, the rest at rest
+            facts = (auto or {}).get("facts") or ""
+            return (f"Best allowed: on this link{f' ({facts})' if facts else ''} the images come "
+                    f"as {version_label(link, short=True)} first and in full quality once you "
+                    "pause.")
         if name:
             return f"Loading {label}: the best your rights allow."
         return "Loading the original quality: no version was chosen."

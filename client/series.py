@@ -16,7 +16,8 @@ them. :attr:`SeriesData.selection` asks for a version, a quality or a purpose on
 request. When archived layers are recalled, the transfer reports it (``recalling``).
 :attr:`SeriesData.listeners` hear ``("limited", body)``, ``("recalling", msg)`` and
 ``("recalled", msg)`` from any transfer of the series, and ``("version", v)`` with the
-version each transfer's announce names (for ``version=auto``: which one and why).
+version each transfer's announce names (for ``version=auto``: which one and why), and
+``("auto", choice)`` when the automatic choice changes.
 
 Neither imports Qt; the viewer wraps them in its own worker signals.
 """
@@ -450,10 +451,14 @@ class Transfer:
         if not v:
             return
         s = self.series
-        if "auto" in v:
-            s.auto = {"version": v.get("name"), "reasons": list(v.get("auto") or []),
-                      "why": v.get("why", ""), "facts": v.get("facts", "")}
         s._notify("version", dict(v))
+        if "auto" in v:
+            new = {"version": v.get("name"), "reasons": list(v.get("auto") or []),
+                   "why": v.get("why", ""), "facts": v.get("facts", "")}
+            changed = (s.auto or {}).get("version") != new["version"]
+            s.auto = new
+            if changed:
+                s._notify("auto", new)
 
     def _image_progress(self, csn: int, rx: dict, req: dict) -> None:
         if not self.cb.on_image:

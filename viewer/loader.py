@@ -853,7 +853,7 @@ class SeriesLoader:
         return int(v["layers"])
 
     def _sd_event(self, kind: str, _msg) -> None:          # any thread
-        if kind in ("auto", "version") and not self._closed:
+        if kind == "auto" and not self._closed:      # the automatic choice changed
             self._replan()
 
     def _max_ahead(self) -> int:

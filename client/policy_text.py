@@ -312,7 +312,7 @@ def explain_choice(version: Mapping[str, Any] | None, selection: Mapping[str, An
         if link and not link.get("lossless"):
             # the adaptive plan (viewer.loader): the link's version first, the rest at rest
             facts = (auto or {}).get("facts") or ""
-            return (f"Best allowed: on this link{f' ({facts})' if facts else ''} the images come "
+            return (f"Best allowed: {f'measured {facts}, so ' if facts else ''}the images come "
                     f"as {version_label(link, short=True)} first and in full quality once you "
                     "pause.")
         if name:

@@ -127,7 +127,7 @@ def test_choice_in_one_sentence():
                                               {"version": "V1", "why": ""}, versions)
     # no version chosen, a slow link: the adaptive plan in words
     assert explain_choice(None, {}, auto, versions) == (
-        "Best allowed: on this link (link 2.9 Mbit/s) the images come as V3 – reference, "
+        "Best allowed: measured link 2.9 Mbit/s, so the images come as V3 – reference, "
         "about 1:50 first and in full quality once you pause.")
     assert explain_choice(None, {}, {"version": "V1"}, versions) == \
         "Loading the original quality: no version was chosen."

@@ -36,7 +36,6 @@ import argparse
 import json
 import math
 import random
-import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -48,15 +48,23 @@ def test_meter_counts_active_time_only():
 def test_meter_counts_overlapping_streams_once():
     clock = Clock()
     m = LinkMeter(min_bytes=1, clock=clock)
-    a, b = m.timed(iter([b"a" * 500] * 3)), m.timed(iter([b"b" * 500] * 3))
-    # both streams wait at the same time: the union of their waits is the active time
-    m._enter()
-    m._enter()
-    clock.t += 0.01
-    m._leave(500)
-    m._leave(500)
+    # two streams wait at the same time: the union of their waits is the active time
+    def body_b():
+        yield b"b" * 500                  # arrives while stream a is waiting
+
+    ib = m.timed(body_b())
+
+    def body_a():
+        clock.t += 0.005
+        next(ib)                          # b's whole read happens inside a's wait
+        clock.t += 0.005
+        yield b"a" * 500
+
+    ia = m.timed(body_a())
+    assert next(ia) == b"a" * 500
     assert m.throughput_bps == pytest.approx(1000 * 8 / 0.01)
-    a.close(), b.close()
+    assert m.total_active_s == pytest.approx(0.01) and m.total_bytes == 1000
+    assert list(ia) == [] and list(ib) == []
 
 
 def test_meter_window_and_latency():

@@ -571,6 +571,11 @@ class SeriesLoader:
         return self._closed
 
     @property
+    def decoded_budget(self) -> int:
+        """Bytes of decoded images this loader keeps (the one memory budget)."""
+        return self._budget
+
+    @property
     def count(self) -> int:
         return len(self._levels)
 

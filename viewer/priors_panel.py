@@ -196,7 +196,7 @@ class PriorsController(QObject):
         ld = self.loader
         if ld is None or ld.sd is None:
             return 0
-        total = getattr(ld, "_budget", 512 << 20)
+        total = ld.decoded_budget
         ims = ld.sd.images
         need = sum((im["Columns"] * im["Rows"] * 4) >> (2 * (ld.reduce or 0)) for im in ims)
         return max(total - need, 0)

@@ -317,6 +317,20 @@ class FinalCopy:
         return self._frames[index]
 
 
+class _LazyOriginal:
+    """An :class:`Original` read and parsed only when first used: a frame served from the
+    final copy never reads the original."""
+
+    def __init__(self, load: Callable[[], Original]):
+        self._load = load
+        self._orig: Original | None = None
+
+    def __getattr__(self, name):
+        if self._orig is None:
+            self._orig = self._load()
+        return getattr(self._orig, name)
+
+
 def transcode_instance(orig: Original, syntax: str) -> bytes:
     """The original file in another transfer syntax (explicit VR little endian or an
     encapsulated syntax of :data:`FRAME_ENCODERS`); pixel values as pydicom decodes them,
@@ -890,12 +904,12 @@ def routes(srv, guarded) -> list[Route]:
                             f"transfer-syntax * or {', '.join(FRAME_ENCODERS)}")
 
     def instance_bytes(row: dict, syntax: str | None) -> tuple[bytes, str]:
-        data = srv.tiers.read_original(row)
         if syntax is None:
-            return data, row.get("TransferSyntaxUID") or ""
+            return srv.tiers.read_original(row), row.get("TransferSyntaxUID") or ""
         fc = final_copy(row)
         if fc is not None and fc.syntax == syntax:
             return fc.data, syntax                    # the final copy, bytes as stored
+        data = srv.tiers.read_original(row)
         orig = Original(data)
         if syntax == orig.syntax:
             return data, syntax
@@ -1060,7 +1074,7 @@ def routes(srv, guarded) -> list[Route]:
         accept = request.headers.get("accept", "")
         if LEGACY_CODESTREAM in accept:
             return stored_codestream(row, nums)
-        orig = original(row)
+        orig = _LazyOriginal(lambda: original(row))
         media, ts, produce, multi = frame_plan(request, orig, stored_or_encoded(row, orig),
                                                final_copy(row), single_ok=len(nums) == 1)
         boundary = _boundary()
@@ -1094,11 +1108,11 @@ def routes(srv, guarded) -> list[Route]:
         the SIZ marker, never shifted; palette indices, not colours)."""
         rows = {r["frame"]: r for r in srv.catalogue.series_images(row["SeriesInstanceUID"])
                 if r["SOPInstanceUID"] == row["SOPInstanceUID"]}
-        plain = (orig.info.samples == 1 and not orig.info.signed
-                 and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
         enc = FRAME_ENCODERS[J2K_LOSSLESS]
 
         def produce(i: int) -> bytes:
+            plain = (orig.info.samples == 1 and not orig.info.signed
+                     and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
             r = rows.get(i + 1)
             if plain and r is not None and r["offset"] == 0 and not r["signed"] \
                     and r["SamplesPerPixel"] == 1:

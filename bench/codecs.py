@@ -192,6 +192,72 @@ def bench_converter(files: list[Path], tmp: Path, min_time: float, rounds: int =
     return out
 
 
+# --------------------------------------------------------------------------- viewer
+def bench_viewer_volume(tmp: Path, slices: int) -> dict:
+    """The viewer's own route (viewer/volume_loader.py against the real server, in its
+    own process, with HTJ2K final copies in the store): a whole-volume load with the
+    interleaved plan (previews, then full quality), the full stage (a) through the rest
+    of the layered J2K and (b) through the HTJ2K copies (WADO-RS), and (c) as ``auto``
+    chooses from the link it measured on the previews; over unthrottled loopback and
+    bench/transfer.py's 100 and 10 Mbit/s links. All three volumes are checked equal."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from transfer import ServerSide
+
+    from client.series import SeriesData
+    from client.session import Session
+    from server_stub import sample
+    from server_stub.ingest import ingest_paths
+    from server_stub.policy_copies import convert_store
+    from server_stub.store import Store
+    from viewer.volume_loader import VolumeLoader, load_all
+
+    files = sample.make_sample_ct(tmp / "vv", slices=slices, size=512, seed=2)
+    root = tmp / "vvstore"
+    root.mkdir()
+    (root / "policy.toml").write_text("[codec]\nsize_threshold = 256\n")   # 512² -> HTJ2K
+    with Store(root) as st:
+        rep = ingest_paths(files, st, workers=2)
+        assert len(rep.imported) == slices, rep.summary()
+        conv = convert_store(st, workers=2)
+        assert conv.ok, conv.summary()
+        (series,) = st.catalogue.query_series()
+        uid = series["SeriesInstanceUID"]
+    links = (("100 Mbit/s", 100e6, 0.001), ("10 Mbit/s", 10e6, 0.005))
+    side = ServerSide(str(root), links)
+    out: dict = {"slices": slices, "links": {}}
+    try:
+        for name, url in [("loopback", side.server_url)] + [
+                (n, u) for (n, _b, _l), u in zip(links, side.proxy_urls)]:
+            row, ref = {}, None
+            for route in ("j2k", "htj2k", "auto"):
+                session = Session(url)
+                try:
+                    sd = SeriesData(session, None, uid)
+                    loader = VolumeLoader(sd, full_route=route)
+                    t0 = time.perf_counter()
+                    events = list(loader.run())
+                    dt = time.perf_counter() - t0
+                finally:
+                    session.logout()
+                assert events and events[-1].final
+                full = events[-1]
+                if ref is None:
+                    ref = loader.volume.data.copy()
+                else:
+                    assert np.array_equal(loader.volume.data, ref), f"{route} differs"
+                row[route] = {"seconds": dt, "bytes": loader.received}
+                if route == "auto":
+                    c = loader.full_choice
+                    row[route]["chose"] = c.route if c else "j2k"
+                    row[route]["measured_mbit_s"] = (c.link_bytes_s * 8 / 1e6
+                                                     if c and c.link_bytes_s else None)
+                del events, full
+            out["links"][name] = row
+    finally:
+        side.stop()
+    return out
+
+
 # --------------------------------------------------------------------------- volume
 def _static_server_child(conn, root: str, links) -> None:
     """Child process: a static HTTP/1.1 file server on loopback for ``root`` and one
@@ -300,12 +366,36 @@ def main(argv=None) -> int:
                     help="only the converter against the bare encoder")
     ap.add_argument("--volume", type=int, default=100, metavar="N",
                     help="slices of the end-to-end volume comparison (0 = skip; default 100)")
+    ap.add_argument("--viewer-volume", type=int, default=0, metavar="N",
+                    help="slices of the viewer-route comparison (viewer/volume_loader.py "
+                         "against the real server with HTJ2K copies; 0 = skip)")
+    ap.add_argument("--viewer-only", action="store_true",
+                    help="only the viewer-route comparison (--viewer-volume, default 48)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "codecs.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.slices, args.min_time = 8, 0.2
     load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="medview-bench-codecs-"))
+    if args.viewer_only:
+        try:
+            n = args.viewer_volume or 48
+            print(f"== the viewer's whole-volume load ({n} x 512², previews then full quality)")
+            vv = bench_viewer_volume(tmp, n)
+            print(f"{'link':<12} {'J2K layers':>11} {'HTJ2K copies':>13} {'auto':>8}  auto chose")
+            for name, row in vv["links"].items():
+                a = row["auto"]
+                print(f"{name:<12} {row['j2k']['seconds']:>10.2f}s {row['htj2k']['seconds']:>12.2f}s "
+                      f"{a['seconds']:>7.2f}s  {a['chose']} (measured "
+                      f"{a['measured_mbit_s'] or 0:.0f} Mbit/s)")
+            load1 = os.getloadavg()[0]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_name("codecs_viewer.json").write_text(json.dumps(
+                {"viewer_volume": vv, "loadavg": [load0, load1]}, indent=1))
+            print(f"load average {load0:.1f} before, {load1:.1f} after")
+            return 0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     try:
         sets = load_sets(tmp, args.slices)
         results = []

@@ -88,6 +88,10 @@ def test_auto_takes_htj2k_on_loopback_and_copies_are_used(ct_store, tmp_path):
         assert got.full_choice is not None and got.full_choice.route == "htj2k"
         assert len(calls) == len(ref.plan) - 1
         np.testing.assert_array_equal(got.volume.data, ref.volume.data)
+        # no rate given: one HTJ2K frame timed decides; whichever route, the same volume
+        probed, *_ = _load(srv.url, uid, "auto")
+        assert probed.full_choice is not None and probed.full_choice.link_bytes_s > 0
+        np.testing.assert_array_equal(probed.volume.data, ref.volume.data)
         # a slow link measured (10 Mbit/s): the layers
         slow, *_ = _load(srv.url, uid, "auto", link_bytes_s=10e6 / 8)
         assert slow.full_choice.route == "j2k"

@@ -12,8 +12,9 @@ decode is running are coalesced: the latest wins.
 The full-quality stage of a whole-volume load (H1, "HTJ2K where it wins") takes the
 sooner of two routes to the same lossless values: the rest of the layered J2K transport,
 or every frame's HTJ2K copy through WADO-RS (:mod:`client.frames`), decided by
-:func:`client.frames.choose_full_load` from the link rate measured on the earlier stages
-(or given) and what the cache already holds. The previews stay layered J2K. If the HTJ2K
+:func:`client.frames.choose_full_load` from the link rate (given, or measured by timing
+one whole HTJ2K frame, which the load then keeps — the previews' small packet transfers
+understate a fast link) and what the cache already holds. The previews stay layered J2K. If the HTJ2K
 route fails (rights, a syntax the server cannot make, the network) the stage runs
 through the transport as before.
 
@@ -267,6 +268,7 @@ class VolumeLoader:
         self._transfer = None
         self._lock = threading.Lock()
         self._link = [0, 0.0]                      # bytes, seconds of finished transfers
+        self._probe = None                         # (image, HTJ2K frame) fetched to time the link
 
     # ------------------------------------------------------------------ control
     def cancel(self) -> None:
@@ -318,10 +320,35 @@ class VolumeLoader:
             return False                       # WADO-RS sends only what is wholly granted
         if self.full_route == "htj2k":
             return True
-        link = self.link_bytes_s or self.measured_link()
+        link = self.link_bytes_s
+        if link is None:
+            # the previews' packet rate understates the link (small transfers, latency,
+            # the server's packet work): time one HTJ2K frame, which the load keeps
+            link = self._probe_link(comps)
+            if link is None:
+                return False                   # the copies cannot be had: the layers
         self.full_choice = choose_full_load(ims, [self.series.held_bytes(c) for c in comps], link)
         log.info("full-quality load: %s", self.full_choice.reason)
         return self.full_choice.route == "htj2k"
+
+    def _probe_link(self, comps: list[int]) -> float | None:
+        """Bytes/s of one whole HTJ2K frame fetched (its server time included), the
+        larger of that and the previews' rate; None if the frame cannot be had."""
+        from client.frames import fetch_frame
+
+        c = comps[len(comps) // 2]
+        im = self.series.images[c]
+        t0 = time.monotonic()
+        try:
+            data = fetch_frame(self.series.session, str(self.series.info.get("StudyInstanceUID") or ""),
+                               self.series.uid, im["SOPInstanceUID"], int(im.get("frame") or 1))
+        except Exception as e:  # noqa: BLE001 - rights, a syntax it cannot make, the network
+            log.info("no HTJ2K copies for this load (%s): the layers", e)
+            return None
+        dt = max(time.monotonic() - t0, 1e-6)
+        self._probe = (c, data)
+        self.received += len(data)
+        return max(len(data) / dt, self.measured_link() or 0.0)
 
     def _run_htj2k(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
         """Every frame's HTJ2K copy fetched whole and decoded (threads), applied in one
@@ -341,10 +368,15 @@ class VolumeLoader:
         base, got, t0 = self.received, 0, time.monotonic()
         decoded: dict[int, object] = {}
 
+        probe = getattr(self, "_probe", None)
+        self._probe = None
+
         def one(c):
             if self.cancelled:
                 return c, None, 0
             im = images[c]
+            if probe is not None and probe[0] == c:         # fetched to time the link
+                return c, decode_frame(probe[1], im), 0
             data = fetch_frame(self.series.session, study, self.series.uid,
                                im["SOPInstanceUID"], int(im.get("frame") or 1))
             return c, decode_frame(data, im), len(data)

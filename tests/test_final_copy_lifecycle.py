@@ -94,6 +94,35 @@ def test_copies_made_on_stow(tmp_path):
         srv.stop()
 
 
+def test_copies_made_on_c_store(tmp_path):
+    """DIMSE C-STORE (pynetdicom against the SCP) goes through the same ingest path."""
+    from pynetdicom import AE
+
+    from server_stub.cli import main as cli_main
+    from server_stub.dimse import DimseServer, wait_for_port
+
+    st = _store(tmp_path, True)
+    assert cli_main(["ae", "add", "TESTER", "--host", "127.0.0.1", "--port", "104",
+                     "--store", str(st.root)]) == 0
+    srv = DimseServer(st, port=0, ae_title="MEDVIEW").start()
+    try:
+        wait_for_port("127.0.0.1", srv.port)
+        ds = pydicom.dcmread(_copy(get_testdata_file("MR_small.dcm"), tmp_path / "mr.dcm"))
+        ae = AE(ae_title="TESTER")
+        ae.add_requested_context(ds.SOPClassUID, str(ds.file_meta.TransferSyntaxUID))
+        a = ae.associate("127.0.0.1", srv.port, ae_title="MEDVIEW")
+        assert a.is_established
+        try:
+            assert a.send_c_store(ds).Status == 0
+        finally:
+            a.release()
+        row = final_copy_row(st.catalogue.db, str(ds.SOPInstanceUID))
+        assert row is not None and row["verified"] == "bit-exact" and row["codec"] == "jpegls"
+    finally:
+        srv.stop()
+        st.close()
+
+
 def _two_studies(tmp_path) -> tuple[Store, dict[str, str]]:
     d = tmp_path / "in"
     d.mkdir()

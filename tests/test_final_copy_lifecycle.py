@@ -3,10 +3,8 @@ when ``[codec] on_ingest`` is on, moved by tiering and recalled, checked by fsck
 with their study."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 import requests

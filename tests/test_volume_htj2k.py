@@ -4,7 +4,6 @@ follows the measured link and what the cache holds; a failing route falls back."
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from client.frames import RATES, choose_full_load
 
@@ -96,6 +95,13 @@ def test_auto_takes_htj2k_on_loopback_and_copies_are_used(ct_store, tmp_path):
         slow, *_ = _load(srv.url, uid, "auto", link_bytes_s=10e6 / 8)
         assert slow.full_choice.route == "j2k"
         np.testing.assert_array_equal(slow.volume.data, ref.volume.data)
+        # the frames come from the copies alone: without the originals, the same volume
+        with Store(root) as st:
+            for r in st.catalogue.series_images(uid):
+                st.abspath(st.catalogue.find_instance(r["SOPInstanceUID"])["original_relpath"]).unlink()
+        alone, _ev, calls, _ = _load(srv.url, uid, "htj2k")
+        assert len(calls) == len(ref.plan) - 1          # no fallback to the layers
+        np.testing.assert_array_equal(alone.volume.data, ref.volume.data)
     finally:
         srv.stop()
 

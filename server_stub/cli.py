@@ -83,10 +83,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
                 print(msg, flush=True)
 
         report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify,
-                              limits=limits)
-        from .policy_copies import after_ingest     # final copies, if [codec] on_ingest
-
-        after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
+                              limits=limits)      # final copies too, if [codec] on_ingest
     print(report.summary(), flush=True)
     if not report.ok:
         return 1

@@ -66,6 +66,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .catalogue import QueryError, qido_key
+from .http_ranges import range_response
 from .packets import RequestError
 from .inputs import Param
 from .targets import may_hide, visible_instances, visible_rows
@@ -188,6 +189,37 @@ def register_frame_encoder(syntax: str, media: str,
     MEDIA_DEFAULT_SYNTAX.setdefault(media, syntax)
 
 
+def _codec_encoder(syntax: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
+    """An encoder through the codec interface (:mod:`codestream.codecs`): the values of
+    pydicom's decode, lossless; an image the codec cannot hold is 406 with the reason."""
+    from codestream import codecs
+
+    codec = codecs.get(syntax)
+
+    def encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+        if info.bits_allocated == 1:
+            raise NotAcceptable(f"{codec.label}: 1-bit images are sent natively only")
+        try:
+            return codec.encode(arr, signed=info.signed, bits_stored=info.bits_stored)
+        except (codecs.CodecError, codecs.CodecUnavailable) as e:
+            raise NotAcceptable(f"{codec.label}: {e}") from None
+    return encode
+
+
+def _register_codecs() -> None:
+    """JPEG-LS, HTJ2K (RPCL and any order) and JPEG XL lossless, where the library is
+    there (SPEC H1: the final copies' syntaxes, served from the copy when one exists)."""
+    from codestream import codecs
+
+    for ts in (codecs.JPEGLS_LOSSLESS, codecs.HTJ2K_LOSSLESS_RPCL, codecs.HTJ2K_LOSSLESS,
+               codecs.JPEGXL_LOSSLESS):
+        if codecs.get(ts).available:
+            register_frame_encoder(ts, SYNTAX_MEDIA[ts], _codec_encoder(ts))
+
+
+_register_codecs()
+
+
 # --------------------------------------------------------------------------- the original
 
 _YBR_TO_RGB = frozenset({"YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
@@ -247,6 +279,58 @@ class Original:
         raise RequestError(f"frame {index + 1} not found in the original", status=404)
 
 
+class FinalCopy:
+    """An instance's final copy (:mod:`server_stub.policy_copies`): its bytes as stored,
+    read when first needed, and its frames as stored. An RPCL HTJ2K copy (.4.202) is also
+    a valid HTJ2K lossless codestream (.4.201), so its frames serve both syntaxes."""
+
+    def __init__(self, syntax: str, load: Callable[[], bytes]):
+        self.syntax = syntax
+        self._load = load
+        self._data: bytes | None = None
+        self._frames: list[bytes] | None = None
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def frame_syntaxes(self) -> tuple[str, ...]:
+        if self.syntax == "1.2.840.10008.1.2.4.202":
+            return (self.syntax, "1.2.840.10008.1.2.4.201")
+        return (self.syntax,)
+
+    def fragments(self, index: int) -> bytes:
+        if self._frames is None:
+            import pydicom
+            from pydicom.encaps import generate_frames
+
+            from .convert import register_transfer_syntaxes
+
+            register_transfer_syntaxes()
+            ds = pydicom.dcmread(io.BytesIO(self.data))
+            n = int(ds.get("NumberOfFrames") or 1)
+            self._frames = list(generate_frames(ds.PixelData, number_of_frames=n))
+        if not 0 <= index < len(self._frames):
+            raise RequestError(f"frame {index + 1} not found in the final copy", status=404)
+        return self._frames[index]
+
+
+class _LazyOriginal:
+    """An :class:`Original` read and parsed only when first used: a frame served from the
+    final copy never reads the original."""
+
+    def __init__(self, load: Callable[[], Original]):
+        self._load = load
+        self._orig: Original | None = None
+
+    def __getattr__(self, name):
+        if self._orig is None:
+            self._orig = self._load()
+        return getattr(self._orig, name)
+
+
 def transcode_instance(orig: Original, syntax: str) -> bytes:
     """The original file in another transfer syntax (explicit VR little endian or an
     encapsulated syntax of :data:`FRAME_ENCODERS`); pixel values as pydicom decodes them,
@@ -279,6 +363,9 @@ def transcode_instance(orig: Original, syntax: str) -> bytes:
         if "ExtendedOffsetTable" in ds:
             del ds["ExtendedOffsetTable"]
     ds.file_meta.TransferSyntaxUID = UID(syntax)
+    from .convert import register_transfer_syntaxes
+
+    register_transfer_syntaxes()           # pydicom 3.0 does not know JPEG XL yet
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
     return out.getvalue()
@@ -364,6 +451,21 @@ def _matches(pattern: str, media: str) -> bool:
 
 def _boundary() -> str:
     return f"medview-{secrets.token_hex(12)}"
+
+
+def whole_multipart(parts: list[tuple[bytes, str, dict]]) -> tuple[bytes, str]:
+    """The multipart/related body in one piece, with a boundary that depends only on the
+    parts: the same representation every time, so byte ranges of it can be asked for
+    one after the other. Returns (body, boundary)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for content, ctype, headers in parts:
+        h.update(ctype.encode())
+        h.update(repr(sorted(headers.items())).encode())
+        h.update(hashlib.sha256(content).digest())
+    boundary = f"medview-{h.hexdigest()[:24]}"
+    return b"".join(multipart_body(parts, boundary)), boundary
 
 
 def multipart_body(parts: Iterable[tuple[bytes, str, dict]], boundary: str) -> Iterator[bytes]:
@@ -571,6 +673,16 @@ def routes(srv, guarded) -> list[Route]:
 
     def original(row: dict) -> Original:
         return Original(srv.tiers.read_original(row))
+
+    def final_copy(row: dict) -> FinalCopy | None:
+        """The instance's verified final copy (SPEC H1), read through the tiers (recalled
+        from the archive if it was moved); None when it has none or it is the original."""
+        from .policy_copies import final_copy_row
+
+        fc = final_copy_row(srv.catalogue.db, row["SOPInstanceUID"])
+        if fc is None or fc["codec"] == "keep" or not fc["transfer_syntax"]:
+            return None
+        return FinalCopy(fc["transfer_syntax"], lambda: srv.tiers.read_final(row, fc))
 
     # ----------------------------------------------------------------- QIDO-RS
     def qido(level: str):
@@ -792,25 +904,34 @@ def routes(srv, guarded) -> list[Route]:
                             f"transfer-syntax * or {', '.join(FRAME_ENCODERS)}")
 
     def instance_bytes(row: dict, syntax: str | None) -> tuple[bytes, str]:
-        data = srv.tiers.read_original(row)
         if syntax is None:
-            return data, row.get("TransferSyntaxUID") or ""
+            return srv.tiers.read_original(row), row.get("TransferSyntaxUID") or ""
+        fc = final_copy(row)
+        if fc is not None and fc.syntax == syntax:
+            return fc.data, syntax                    # the final copy, bytes as stored
+        data = srv.tiers.read_original(row)
         orig = Original(data)
         if syntax == orig.syntax:
             return data, syntax
         return transcode_instance(orig, syntax), syntax
 
-    def multipart_instances(rows: list[dict], syntax: str | None) -> StreamingResponse:
+    def multipart_instances(rows: list[dict], syntax: str | None,
+                            request: Request | None = None) -> Response:
         """The instances as multipart/related parts. The first part is made before the
         answer starts, so that a damaged or missing file (or a syntax that cannot hold
         the pixels) is a clear error status; a later failure ends the body without its
-        closing boundary, which a client sees as an incomplete answer."""
+        closing boundary, which a client sees as an incomplete answer. With a Range
+        header the body is made whole (a stable boundary) and the ranges sent."""
         boundary = _boundary()
 
         def part(r):
             data, ts = instance_bytes(r, syntax)
             return data, (f"application/dicom; transfer-syntax={ts}" if ts
                           else "application/dicom"), {}
+        if request is not None and request.headers.get("range"):
+            body, boundary = whole_multipart([part(r) for r in rows])
+            return range_response(request.headers, body, f'multipart/related; '
+                                  f'type="application/dicom"; boundary={boundary}')
         first = part(rows[0])
 
         def parts():
@@ -878,40 +999,51 @@ def routes(srv, guarded) -> list[Route]:
         need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
         multi, syntax = instance_choice(request, single_ok=True)
         if multi:
-            return multipart_instances([row], syntax)
+            return multipart_instances([row], syntax, request)
         data, ts = instance_bytes(row, syntax)
-        return Response(data, media_type="application/dicom",
-                        headers={"Content-Type": f"application/dicom; transfer-syntax={ts}"}
-                        if syntax else None)
+        return range_response(request.headers, data, f"application/dicom; transfer-syntax={ts}"
+                              if syntax else "application/dicom")
 
     # ----------------------------------------------------------------- frames
-    def frame_plan(request: Request, orig: Original, stored=None):
-        """(part media type, syntax, encode(frame index) -> bytes) for the Accept header."""
+    def frame_plan(request: Request, orig: Original, stored=None, final=None,
+                   single_ok: bool = False):
+        """(part media type, syntax, encode(frame index) -> bytes, multipart?) for the
+        Accept header. ``single_ok``: one frame, which may go as a single part when a
+        frame media type is asked for itself (``Accept: image/jphc``), as HTJ2K-aware web
+        viewers do with byte ranges."""
         problems = []
         for mr in parse_accept(request.headers.get("accept")):
+            multi = True
             if mr.media == "multipart/related":
                 ptype = mr.part_type or "*/*"
                 ts = mr.syntax
             elif mr.media in ("*/*", "application/*"):
                 ptype, ts = "application/octet-stream", EXPLICIT_LE
+            elif single_ok and mr.media in MEDIA_DEFAULT_SYNTAX:
+                ptype, ts, multi = mr.media, mr.syntax, False
             else:
-                problems.append(mr.media)
+                problems.append(mr.media if single_ok or mr.media not in MEDIA_DEFAULT_SYNTAX
+                                else f"{mr.media} (one frame per single-part answer)")
                 continue
             if ts is None:
                 ts = MEDIA_DEFAULT_SYNTAX.get(ptype)
                 if ts is None and ptype in ("*/*", "image/*", "application/*"):
                     ts = EXPLICIT_LE if ptype != "image/*" else "*"
-            plan = frame_syntax(orig, ptype, ts, stored)
+            plan = frame_syntax(orig, ptype, ts, stored, final)
             if plan is not None:
-                return plan
+                return (*plan, multi)
             problems.append(f"type={ptype} transfer-syntax={ts}")
         raise NotAcceptable("cannot produce frames as " + ", ".join(problems) + "; available: "
                             + ", ".join(f"{e.media} ({s})" for s, e in FRAME_ENCODERS.items())
                             + f", or * (as stored: {orig.syntax if orig.encapsulated else J2K_LOSSLESS})")
 
-    def frame_syntax(orig: Original, ptype: str, ts: str | None, stored=None):
+    def frame_syntax(orig: Original, ptype: str, ts: str | None, stored=None, final=None):
         if ts is None:
             return None
+        if final is not None and ts in final.frame_syntaxes() and ts in FRAME_ENCODERS:
+            media = FRAME_ENCODERS[ts].media
+            if _matches(ptype, media):                  # the final copy's frames as stored
+                return media, ts, final.fragments
         if ts == "*" and not orig.encapsulated and stored is not None:
             enc = FRAME_ENCODERS[J2K_LOSSLESS]
             if _matches(ptype, enc.media):      # the stored codestream where it needs no
@@ -942,21 +1074,31 @@ def routes(srv, guarded) -> list[Route]:
         accept = request.headers.get("accept", "")
         if LEGACY_CODESTREAM in accept:
             return stored_codestream(row, nums)
-        orig = original(row)
-        media, ts, produce = frame_plan(request, orig, stored_or_encoded(row, orig))
+        orig = _LazyOriginal(lambda: original(row))
+        media, ts, produce, multi = frame_plan(request, orig, stored_or_encoded(row, orig),
+                                               final_copy(row), single_ok=len(nums) == 1)
         boundary = _boundary()
         base = base_url(request)
         url = (f"{base}/studies/{row['StudyInstanceUID']}/series/{row['SeriesInstanceUID']}"
                f"/instances/{row['SOPInstanceUID']}/frames")
+        request.state.audit["transfer_syntax"] = ts
 
         first = produce(nums[0] - 1)       # errors before the answer starts
+        if not multi:                       # one frame, single part (byte ranges welcome)
+            return range_response(request.headers, first, f"{media}; transfer-syntax={ts}",
+                                  {"Content-Location": f"{url}/{nums[0]}"})
+        if request.headers.get("range"):
+            body, boundary = whole_multipart(
+                [(first if k == 0 else produce(n - 1), f"{media}; transfer-syntax={ts}",
+                  {"Content-Location": f"{url}/{n}"}) for k, n in enumerate(nums)])
+            return range_response(request.headers, body,
+                                  f'multipart/related; type="{media}"; boundary={boundary}')
 
         def parts():
             for k, n in enumerate(nums):
                 yield first if k == 0 else produce(n - 1), f"{media}; transfer-syntax={ts}", {
                     "Content-Location": f"{url}/{n}"}
         ctype = f'multipart/related; type="{media}"; boundary={boundary}'
-        request.state.audit["transfer_syntax"] = ts
         return StreamingResponse(multipart_body(parts(), boundary), media_type=ctype)
 
     def stored_or_encoded(row: dict, orig: Original):
@@ -966,11 +1108,11 @@ def routes(srv, guarded) -> list[Route]:
         the SIZ marker, never shifted; palette indices, not colours)."""
         rows = {r["frame"]: r for r in srv.facts.images(row["SeriesInstanceUID"])
                 if r["SOPInstanceUID"] == row["SOPInstanceUID"]}
-        plain = (orig.info.samples == 1 and not orig.info.signed
-                 and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
         enc = FRAME_ENCODERS[J2K_LOSSLESS]
 
         def produce(i: int) -> bytes:
+            plain = (orig.info.samples == 1 and not orig.info.signed
+                     and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
             r = rows.get(i + 1)
             if plain and r is not None and r["offset"] == 0 and not r["signed"] \
                     and r["SamplesPerPixel"] == 1:

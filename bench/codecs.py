@@ -209,7 +209,7 @@ def bench_viewer_volume(tmp: Path, slices: int) -> dict:
     from server_stub.ingest import ingest_paths
     from server_stub.policy_copies import convert_store
     from server_stub.store import Store
-    from viewer.volume_loader import VolumeLoader, load_all
+    from client.volume_loader import VolumeLoader, load_all
 
     files = sample.make_sample_ct(tmp / "vv", slices=slices, size=512, seed=2)
     root = tmp / "vvstore"

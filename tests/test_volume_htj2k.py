@@ -34,7 +34,7 @@ def test_choice_follows_link_and_cache():
 def _load(url, uid, route, **kw):
     from client.series import SeriesData
     from client.session import Session
-    from viewer.volume_loader import VolumeLoader, load_all
+    from client.volume_loader import VolumeLoader, load_all
 
     session = Session(url)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -50,3 +51,13 @@ def json_response(request: Request, payload, media_type: str = "application/json
 
 class _LRU:
     """A small thread-safe LRU with a byte budget."""
+
+
+log = logging.getLogger("medview.server")
+
+
+def storage_full_error(exc: Exception) -> JSONResponse:
+    """507 Insufficient Storage: a write refused for lack of space; reads go on."""
+    log.error("write refused: %s", exc)
+    return error(507, f"{exc}: reading goes on; storing anything needs free space on the "
+                      f"store's disk", read_only=True)

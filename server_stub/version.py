@@ -1,0 +1,2 @@
+"""The server's version (health, OpenAPI)."""
+VERSION = "0.1.0"

@@ -322,7 +322,8 @@ class Tiers:
     def __init__(self, store: Store, *, versions=None, status_of=None,
                  settings=None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.db = Db(store.root / "catalogue.sqlite", _DDL)
+        store.catalogue                   # its tables first (the foreign keys name them)
+        self.db = Db(store.database, component="tiers", migrations={1: _DDL})
         self.versions = versions
         self.status_of = status_of
         self.settings = settings          # () -> StorageSettings
@@ -743,7 +744,7 @@ class Tiers:
 
 def tier_fsck(store: Store, refs, report: FsckReport, repair: bool):
     """The :func:`server_stub.fsck.fsck` hook: a no-op for a store that never migrated."""
-    db = Db(store.root / "catalogue.sqlite")
+    db = Db(store.database)
     try:
         if not db.table_exists("frame_tier"):
             return refs

@@ -76,8 +76,8 @@ def database_of(store_root: str | Path) -> str:
 
 def note_database(store_root: str | Path, url: str) -> None:
     """Record in the store directory that its tables live in the PostgreSQL ``url``."""
-    if not is_postgres(url):
-        return
+    if not is_postgres(url) or os.environ.get(ENV, "").strip():
+        return                     # the environment names it every time: no note needed
     note = Path(store_root) / NOTE_NAME
     text = redact(url) + "\n"
     try:

@@ -5,24 +5,25 @@ Design
 * Four DICOM levels plus the frame (the *image* that is streamed):
   ``patient -> study -> series -> instance -> frame``, with foreign keys
   (``ON DELETE CASCADE``) so that referential integrity holds by construction.
-* SQLite in WAL mode (readers never block the single writer), ``foreign_keys=ON``,
-  and a ``schema_version`` table so later releases can migrate.
-* Written so that PostgreSQL could replace SQLite:
+* SQLite (WAL: readers never block the single writer) or PostgreSQL, through
+  :class:`server_stub.dbutil.Db`; versioned migrations (component ``catalogue``; the
+  ``schema_version`` table keeps the version too).
+* Portable SQL:
 
   - plain SQL only (``INSERT ... RETURNING``, ``LIMIT/OFFSET``, ``LIKE ... ESCAPE``,
     ``EXISTS`` and scalar sub-queries, all of which both dialects have);
-  - the dialect-specific bits are few and marked: the connection set-up, pragmas,
-    ``BEGIN IMMEDIATE``, the table-exists probe and the ``?`` parameter style live in
-    :class:`server_stub.dbutil.Db` (the one SQLite access layer of the server; psycopg
-    would need ``%s``), plus the primary-key column type (``_PK``) and ``LIMIT -1`` here;
+  - the dialect-specific bits live in :mod:`server_stub.dbutil` (connections,
+    transactions, the ``?`` parameter style, ``{PK}`` in DDL), plus here the QIDO match
+    on the stored header (:func:`_header_condition`) and case-sensitive wildcards
+    (GLOB / LIKE) in :func:`qido_condition`;
   - result rows are never read back by column name from the driver (PostgreSQL folds
     unquoted identifiers to lower case): every SELECT lists its columns from a Python
     tuple and rows are zipped with that tuple.
 
-* Thread safety (:class:`server_stub.dbutil.Db`): one connection per thread; all
-  writes go through one lock and one explicit transaction each, so the HTTP server's worker
-  threads can read while an ingest writes. ``busy_timeout`` covers a second process
-  (for example a command-line ingest while the server runs).
+* Thread safety (:class:`server_stub.dbutil.Db`): all writes go through one explicit
+  transaction each, serialised (SQLite: a lock and ``BEGIN IMMEDIATE``; PostgreSQL: an
+  advisory lock), so the HTTP server's worker threads can read while an ingest writes,
+  and a second process (a command-line ingest, another replica) can write too.
 * Multi-valued DICOM attributes (ImagePositionPatient, PixelSpacing, ...) are stored as
   JSON text and returned as lists. The full header is stored as DICOM JSON (PS3.18 F.2)
   without the pixel data.

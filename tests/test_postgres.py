@@ -1,6 +1,7 @@
 """Every table on both engines: a representative set of the store's database work run
-once on SQLite and once on PostgreSQL (a throwaway cluster started by the test set-up,
-one schema per test), so that the normal suite exercises both. The whole suite can run
+once on SQLite and once on PostgreSQL (the ``database`` fixture of conftest.py: a
+throwaway cluster started by the test set-up, one schema per test), so that the normal
+suite exercises both. The whole suite can run
 on PostgreSQL too: ``MEDVIEW_TEST_DATABASE=postgresql pytest ...``."""
 from __future__ import annotations
 
@@ -17,14 +18,6 @@ def ct_files(tmp_path_factory):
     from server_stub.sample import make_sample_ct
 
     return make_sample_ct(tmp_path_factory.mktemp("ct") / "dicom", slices=4, size=64, seed=5)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request):
-    """None (the store's SQLite file) or a PostgreSQL URL with a schema of its own."""
-    if request.param == "sqlite":
-        return None
-    return request.getfixturevalue("pg_cluster").fresh_url()
 
 
 @pytest.fixture()

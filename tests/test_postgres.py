@@ -254,9 +254,11 @@ def test_slides_quarantine_and_leases(store, tmp_path, ct_files):
             h.close()
 
 
-def test_upgrade_and_serve_with_the_database_option(tmp_path, pg_cluster, ct_files, capsys):
+def test_upgrade_and_serve_with_the_database_option(tmp_path, pg_cluster, ct_files, capsys,
+                                                    monkeypatch):
     """``--database`` on the command line reaches every component; the store notes that its
     tables are in PostgreSQL and is not silently opened on an empty SQLite file."""
+    monkeypatch.delenv("MEDVIEW_DATABASE", raising=False)     # only --database says it
     import requests
 
     from server_stub.auth import Authority

@@ -1085,9 +1085,11 @@ def _header_condition(key: QidoKey, value: str, inst: str,
         cond = qido_condition(key, value, ref, dialect)
         if cond is None:
             return None
+        # jsonb refuses the escape \u0000 (a NUL in a stored text value): read as U+FFFD
+        doc = f"replace({inst}.header_json, '\\u0000', '\\ufffd')::jsonb"
         return (f"EXISTS (SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof("
-                f"{inst}.header_json::jsonb -> ? -> 'Value') = 'array' THEN "
-                f"{inst}.header_json::jsonb -> ? -> 'Value' END) hv WHERE {cond[0]})",
+                f"{doc} -> ? -> 'Value') = 'array' THEN "
+                f"{doc} -> ? -> 'Value' END) hv WHERE {cond[0]})",
                 [path, path, *cond[1]])
     cond = qido_condition(key, value, "CASE WHEN hv.type = 'object' "
                           "THEN json_extract(hv.value, '$.Alphabetic') "

@@ -418,12 +418,13 @@ class Db:
         if self._closed:
             raise self._closed_error(f"database {redact(self.path)} is closed")
         q = _pg_sql(sql)
+        params = tuple(_no_nul(p) for p in params)
         conn = getattr(self._pg.local, "conn", None)
         try:
             if conn is not None:                 # inside this thread's transaction
-                return _fetch(conn.execute(q, tuple(params)))
+                return _fetch(conn.execute(q, params))
             with self._pg.pool.connection() as conn:
-                return _fetch(conn.execute(q, tuple(params)))
+                return _fetch(conn.execute(q, params))
         except Exception as e:
             mapped = map_error(e)
             if mapped is e:
@@ -611,6 +612,15 @@ class Db:
                 _close_quietly(c)
             self._conns.clear()
         self._local = threading.local()
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL: a NUL in a text parameter becomes U+FFFD (an audit
+    row of a request with ``%00`` in its path is written, a query for such a value matches
+    nothing stored, as on SQLite, instead of failing)."""
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
 
 
 def _fetch(cur) -> _Rows:

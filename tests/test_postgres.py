@@ -99,6 +99,7 @@ def test_catalogue_ingest_query_and_qido(store):
     (study,) = cat.query_studies(PatientName="*phantom*", StudyDate="20000101-")
     assert study["ModalitiesInStudy"] == ["CT"] and study["NumberOfStudyRelatedInstances"] == 4
     assert cat.query_studies(PatientName="nobody*") == []
+    assert cat.query_studies(PatientID="PHANTOM\x00") == []             # a NUL matches nothing
     (series,) = cat.query_series(StudyInstanceUID=study["StudyInstanceUID"])
     rows = cat.series_images(series["SeriesInstanceUID"])
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
@@ -107,6 +108,7 @@ def test_catalogue_ingest_query_and_qido(store):
     # QIDO on attributes of the stored header only (JSON1 / jsonb), text and numbers
     assert len(cat.qido("instance", [("Manufacturer", "medview*")])) == 4
     assert cat.qido("instance", [("Manufacturer", "MEDVIEW*")]) == []     # case-sensitive
+    assert cat.qido("instance", [("Manufacturer", "medview\x00")]) == []
     assert len(cat.qido("study", [("KVP", "120")])) == 1
     assert cat.qido("study", [("KVP", "121")]) == []
     assert len(cat.qido("series", [("PatientPosition", "HFS")], header=True)) == 1
@@ -131,8 +133,11 @@ def test_users_rights_and_audit(store):
         auth.audit(user="carol", action="fetch", resource="1.2.3", outcome="ok", status=200,
                    detail={"bytes": 10})
         auth.audit(user="dave", action="login", resource=None, outcome="denied", status=401)
-        (row,) = auth.audit_rows(user="carol")
-        assert row["action"] == "fetch" and row["detail"] == {"bytes": 10}
+        auth.audit(user="carol", action="fetch", resource="1.2.3\x00", outcome="not found",
+                   status=404)                       # a NUL from a request path is written
+        ok, nul = sorted(auth.audit_rows(user="carol"), key=lambda r: r["http_status"])
+        assert ok["action"] == "fetch" and ok["detail"] == {"bytes": 10}
+        assert nul["resource"][:5] == "1.2.3" and nul["http_status"] == 404
         assert [r["user"] for r in auth.audit_rows(resource="1.2.3")] == ["carol"]
         assert auth.remove_user("carol") and not auth.user_exists("carol")
     finally:

@@ -279,7 +279,11 @@ class SlideCatalogue:
 
     def slide(self, ref: str | int) -> dict | None:
         """A slide by UID or by its number (pk)."""
-        key = "s.pk" if isinstance(ref, int) or str(ref).isdigit() else "s.slide_uid"
+        key = "s.slide_uid"
+        if isinstance(ref, int) or str(ref).isdigit():
+            key, ref = "s.pk", int(ref)
+            if not 0 < ref < 1 << 63:        # no such key (and no 64-bit overflow)
+                return None
         rows = _rows(self.db.execute(f"SELECT {self._SLIDE_COLS} FROM {self._SLIDE_FROM} "
                                      f"WHERE {key} = ?", [ref]))
         return self._decode(rows)[0] if rows else None

@@ -38,6 +38,17 @@ def copy_store(src: Path, dst: Path) -> Path:
     return dst
 
 
+def copy_store_tree(src: Path, dst: Path) -> Path:
+    """A copy of a whole store directory with its database, whatever the engine (the
+    SQLite file is in the tree; a PostgreSQL schema is copied beside)."""
+    shutil.copytree(src, dst)
+    if is_postgres(database_of(src)):
+        from pgcluster import copy_schema
+
+        copy_schema(database_of(src), database_of(dst))
+    return dst
+
+
 def series_uid(store_dir: Path) -> str:
     with Store(store_dir) as st:
         (s,) = st.catalogue.query_series()

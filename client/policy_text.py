@@ -14,7 +14,7 @@ from codestream.ranges import parse_ranges
 
 __all__ = ["explain_rights", "explain_rights_error", "explain_login_error", "explain_recall",
            "explain_slide_rights", "explain_slide_rights_error", "version_label",
-           "status_label", "image_ranges_1based"]
+           "status_label", "image_ranges_1based", "explain_shown_version"]
 
 _DENIED = {
     "images": "Some of the images you asked for are not available to your account.",
@@ -62,6 +62,49 @@ def version_label(v: Mapping[str, Any], short: bool = False) -> str:
     if not short and v.get("quality") is not None:
         text += f", quality {v['quality']} %"
     return text
+
+
+def explain_shown_version(selection: Mapping[str, Any] | None, versions: Sequence[Mapping[str, Any]],
+                          auto: Mapping[str, Any] | None = None, status: int | None = None,
+                          status_names: Mapping[str, str] | None = None) -> str:
+    """One sentence for the Reading dock: which version is shown and why.
+
+    ``selection`` as the version selector emits it ({} best allowed, {"version": "auto"
+    | name}, {"purpose": p}, {"quality": q}); ``versions`` as the series description
+    lists them (best first, each with ``allowed``); ``auto`` the server's automatic
+    choice (version, reasons); ``status`` the study's diagnosis status."""
+    if not versions:
+        return ""
+    sel = dict(selection or {})
+    allowed = [v for v in versions if v.get("allowed", True)]
+    st = f" while the study is {status_label(status, status_names)}" if status else ""
+    if not allowed:
+        return f"No version of this series may be sent to you{st}."
+    by_name = {v["name"]: v for v in versions}
+    wanted, why = None, ""
+    if not sel:
+        wanted, why = allowed[0], f"the best version you may receive{st}"
+    elif sel.get("version") == "auto":
+        wanted = by_name.get((auto or {}).get("version")) or allowed[0]
+        reasons = [r for r in (auto or {}).get("reasons", []) if r]
+        why = "chosen automatically" + (f" because {reasons[0]}" if reasons else "")
+    elif "version" in sel:
+        wanted, why = by_name.get(sel["version"]), "as you chose"
+    elif "purpose" in sel:
+        wanted = next((v for v in versions if v.get("purpose") == sel["purpose"]), None)
+        why = f"the version for {sel['purpose']} you chose"
+    elif "quality" in sel:
+        ok = [v for v in versions if v.get("quality", 0) >= sel["quality"]]
+        wanted = min(ok, key=lambda v: v["quality"]) if ok else versions[0]
+        why = f"the smallest version of at least {sel['quality']} % quality"
+    if wanted is None:
+        wanted, why = allowed[0], f"the best version you may receive{st}"
+    if wanted.get("allowed", True):
+        return f"Shown: {version_label(wanted, short=True)} — {why}."
+    i = versions.index(wanted)
+    nearest = min(allowed, key=lambda v: (abs(versions.index(v) - i), versions.index(v)))
+    return (f"Shown: {version_label(nearest, short=True)} — the nearest allowed version, "
+            f"because {wanted['name']} may not be sent now{st}.")
 
 
 def status_label(status: int, names: Mapping[str, str] | None = None) -> str:

@@ -308,8 +308,11 @@ class HTJ2KCodec(Codec):
     def _encode(self, ic, arr, bits, q, **opts):
         kw = dict(rgb=False)          # no colour transform: RGB stays RGB
         if self.transfer_syntax == HTJ2K_LOSSLESS_RPCL:
-            # RPCL (OpenJPH's order), a TLM segment and a tile-part per resolution
-            kw.update(tlm=True, tilepart=1)
+            # PS3.5 A.4.x: RPCL (OpenJPH's order), TLM present, enough decompositions
+            # for the base resolution to be <= 64 px; also a tile-part per resolution
+            side = max(arr.shape[0], arr.shape[1])
+            levels = max(5, math.ceil(math.log2(max(1.0, side / 64))))
+            kw.update(tlm=True, tilepart=1, resolutions=levels)
         if self.lossless:
             return ic.htj2k_encode(arr, reversible=True, **kw)
         q = opts.get("qstep", q)

@@ -673,7 +673,9 @@ class Authority:
         if study and self.status_of is not None:
             grant.status = int(self.status_of(study))
             if self.policy is not None:
-                grant.status_versions = self.policy().allowed_versions(grant.status)
+                # whoever may diagnose also gets the policy's diagnosing versions
+                diagnosing = grant.actions is None or "diagnose" in grant.actions
+                grant.status_versions = self.policy().allowed_versions(grant.status, diagnosing)
         return grant
 
     def grants_for(self, user: str, targets: Iterable[Iterable[str | None]]) -> list[Grant]:

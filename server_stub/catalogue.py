@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .dbutil import Db, is_postgres
+from .dbutil import Db, OperationalError, is_postgres
 
 SCHEMA_VERSION = 2
 
@@ -185,6 +185,54 @@ _QUARANTINE_DDL = [
         new_sop_instance_uid TEXT)""",
     "CREATE INDEX IF NOT EXISTS quarantine_stored ON quarantine (stored_sop_instance_uid)",
     "CREATE INDEX IF NOT EXISTS quarantine_sha ON quarantine (sha256)",
+]
+
+# Per-series generation counter: every change to what a series serves (an image added or
+# deleted, an instance updated, a quarantine entry about one of its instances, a frame
+# migrated or recalled: server_stub.tiers adds its triggers) adds one, inside the writing
+# transaction, whichever process writes. Readers that keep series facts
+# (server_stub.series_facts) compare one primary-key row instead of re-reading the series.
+# Triggers, so that no writer (nor an older release of this program) can forget it.
+# Rows are never deleted (a series deleted and ingested again gets a higher generation).
+# (PostgreSQL: the same UPSERT in a trigger function, made by server_stub.dbutil.ddl_for.)
+GENERATION_TABLE = ("CREATE TABLE IF NOT EXISTS series_generation ("
+                    "series_uid TEXT PRIMARY KEY, generation INTEGER NOT NULL)")
+
+
+def generation_trigger(name: str, event: str, table: str, series_uid_select: str) -> str:
+    """A trigger adding one to the generation of the series ``series_uid_select`` (a
+    SELECT of one column, with a WHERE clause, that may use NEW / OLD) names."""
+    return (f"CREATE TRIGGER IF NOT EXISTS {name} {event} ON {table} BEGIN "
+            f"INSERT INTO series_generation (series_uid, generation) "
+            f"SELECT uid, 1 FROM ({series_uid_select}) AS g WHERE uid IS NOT NULL "
+            f"ON CONFLICT (series_uid) DO UPDATE SET generation = "
+            f"series_generation.generation + 1; END")
+
+
+_SERIES_OF_INSTANCE = ("SELECT se.SeriesInstanceUID AS uid FROM instance i JOIN series se "
+                       "ON i.series_pk = se.pk WHERE i.pk = {}")
+_SERIES_OF_SOP = ("SELECT se.SeriesInstanceUID AS uid FROM instance i JOIN series se "
+                  "ON i.series_pk = se.pk WHERE i.SOPInstanceUID = {}")
+_GENERATION_DDL = [
+    GENERATION_TABLE,
+    generation_trigger("gen_frame_insert", "AFTER INSERT", "frame",
+                       _SERIES_OF_INSTANCE.format("NEW.instance_pk")),
+    generation_trigger("gen_frame_update", "AFTER UPDATE", "frame",
+                       _SERIES_OF_INSTANCE.format("NEW.instance_pk")),
+    generation_trigger("gen_instance_update", "AFTER UPDATE", "instance",
+                       _SERIES_OF_INSTANCE.format("NEW.pk")),
+    # before: the series row still exists (an instance deleted with its series, by a
+    # study's cascade, is covered by the series trigger)
+    generation_trigger("gen_instance_delete", "BEFORE DELETE", "instance",
+                       _SERIES_OF_INSTANCE.format("OLD.pk")),
+    generation_trigger("gen_series_delete", "BEFORE DELETE", "series",
+                       "SELECT OLD.SeriesInstanceUID AS uid WHERE 1 = 1"),
+    generation_trigger("gen_series_update", "AFTER UPDATE", "series",
+                       "SELECT NEW.SeriesInstanceUID AS uid WHERE 1 = 1"),
+    generation_trigger("gen_quarantine_insert", "AFTER INSERT", "quarantine",
+                       _SERIES_OF_SOP.format("NEW.stored_sop_instance_uid")),
+    generation_trigger("gen_quarantine_update", "AFTER UPDATE", "quarantine",
+                       _SERIES_OF_SOP.format("NEW.stored_sop_instance_uid")),
 ]
 
 _DATE_RE = re.compile(r"^\d{8}$")
@@ -383,16 +431,32 @@ class Catalogue:
                 db.execute(stmt)
             db.execute("UPDATE schema_version SET version = ?", [2])
 
+        def v3(db: Db) -> None:     # the series generation counter and its triggers: an
+            for stmt in _GENERATION_DDL:     # addition (schema_version stays 2, so an
+                db.execute(stmt)             # older release still opens the store)
+
         try:
-            self.db.migrate("catalogue", {1: v1, 2: v2}, baseline=baseline)
+            self.db.migrate("catalogue", {1: v1, 2: v2, 3: v3}, baseline=baseline)
         except DatabaseError as e:
             if "schema version" in str(e):
                 raise CatalogueError(f"catalogue {self.path}: {e}") from e
             raise
-        # Future migrations: a step 3 here (and SCHEMA_VERSION = 3).
+        # Future migrations: a step 4 here (SCHEMA_VERSION = 3 when older releases must
+        # refuse the store).
 
     def _table_exists(self, name: str) -> bool:
         return self.db.table_exists(name)
+
+    def series_generation(self, series_uid: str) -> int | None:
+        """The series' generation (0 before its first change since the counter exists);
+        None when this database has no counter (a read-only store of an older release):
+        then nothing about the series may be kept."""
+        try:
+            row = self._one("SELECT generation FROM series_generation WHERE series_uid = ?",
+                            [series_uid])
+        except OperationalError:
+            return None
+        return 0 if row is None else row[0]
 
     @property
     def schema_version(self) -> int:

@@ -134,7 +134,9 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
         if not action:
             raise UsageError("quarantine resolve needs --keep, --replace or --new-uid")
         try:
-            print(q.resolve(store, args.id, action, audit=_cli_auditor(store)))
+            from .quarantine_admin import resolve
+
+            print(resolve(store, args.id, action, audit=_cli_auditor(store)))
         except q.QuarantineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -38,7 +38,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -49,6 +48,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from codestream import codecs
+from imaging.files import fsync_dirs, is_temp_name, write_atomic
 
 TARGETS = ("policy", "jpegls", "htj2k", "jxl", "j2k")
 DEFAULT_MIN_PSNR = 40.0                 # dB: lossy outputs below this are refused
@@ -60,7 +60,6 @@ LOSSY_INPUT_TS = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.1
                   "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.112",
                   "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102",
                   "1.2.840.10008.1.2.4.103"}
-TMP_SUFFIX = ".medview-tmp"
 
 
 class ConvertError(Exception):
@@ -144,7 +143,7 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     base = p.with_suffix("") if p.suffix.lower() in (".json", ".csv") else p
     jpath, cpath = base.with_suffix(".json"), base.with_suffix(".csv")
     jpath.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(jpath, json.dumps(report.to_json(), indent=1).encode())
+    write_atomic(jpath, json.dumps(report.to_json(), indent=1).encode())
     rows = []
     for r in report.results:
         d = r.to_json()
@@ -154,7 +153,7 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    _atomic_write_bytes(cpath, buf.getvalue().encode())
+    write_atomic(cpath, buf.getvalue().encode())
     return jpath, cpath
 
 
@@ -183,7 +182,11 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
         raise ConvertError("pixel data without Rows/Columns (damaged image module)")
     if ba not in (8, 16):
         raise ConvertError(f"BitsAllocated {ba}: only 8 and 16-bit images are converted")
-    if spp == 3 and pi.startswith("YBR") and ts not in LOSSY_INPUT_TS:
+    # YBR_RCT/ICT name the JPEG 2000 colour transform, which the decoder undoes (RCT
+    # exactly): the samples come out RGB. YBR_FULL(_422) stored losslessly would need
+    # pydicom's rounded YBR -> RGB conversion.
+    if spp == 3 and pi in ("YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420") \
+            and ts not in LOSSY_INPUT_TS:
         raise ConvertError(f"{pi} samples stored losslessly: turning them into RGB would not "
                            "be lossless, so the image is not converted")
     if spp not in (1, 3):
@@ -230,6 +233,10 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
         out = ds
         ds = _Original(ds)          # what the lossy record needs of the input
     _drop_group_length(out)
+    _resolve(out)
+    for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):   # the input's frames
+        if kw in out:
+            del out[kw]
     if big_endian:
         _to_little_endian(out)
     in_ts = str(ds.file_meta.TransferSyntaxUID)
@@ -271,6 +278,16 @@ class _Original:
         if key.startswith("_") or key not in self._v:
             raise AttributeError(key)
         return self._v[key]
+
+
+def _resolve(ds) -> None:
+    """Turn every raw element into a DataElement with its VR (pydicom converts on access
+    and keeps the result): a dataset read as implicit VR (some files say explicit and are
+    not) is then written as explicit VR correctly."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _resolve(item)
 
 
 def _drop_group_length(ds) -> None:
@@ -399,6 +416,10 @@ def verify_bytes(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MIN_
             return Verification(False, f"frame {i}: {e}")
         if got.shape != ref.shape:
             return Verification(False, f"frame {i}: decoded {got.shape}, expected {ref.shape}")
+        if got.dtype == ref.dtype and np.array_equal(got, ref):
+            count += ref.size                   # identical: no error to add up
+            lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
+            continue
         d = got.astype(np.float64) - ref.astype(np.float64)
         worst_err = max(worst_err, float(np.abs(d).max()))
         sq += float((d * d).sum())
@@ -509,7 +530,7 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
         res.bytes_before = src.stat().st_size
         if dst.exists():
             done = _done_before(dst)
-            if done is not None:
+            if done is not None and done[0] == _expected_ts(src, opts):
                 res.status, res.transfer_syntax, res.bytes_after = "skipped", done[0], done[1]
                 res.sop_instance_uid = done[2]
                 res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
@@ -524,11 +545,24 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
     res.output = str(dst)
     if out is not None:
         try:
-            _atomic_write_bytes(dst, out, sync_dir=sync_dir)
+            write_atomic(dst, out, sync_dir=sync_dir)
         except OSError as e:
             res.status, res.error = "failed", f"cannot write the output: {e}"
     res.seconds = round(time.perf_counter() - t0, 4)
     return res
+
+
+def _expected_ts(src: Path, opts: Options) -> str | None:
+    """The transfer syntax this run would give ``src`` (None if its header is unreadable):
+    an output in another syntax (an earlier run with another --to or policy) is redone."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        codec, _ = choose_codec(ds, opts)
+    except Exception:  # noqa: BLE001 - the conversion itself reports the problem
+        return None
+    return str(ds.file_meta.TransferSyntaxUID) if codec is None else codec.transfer_syntax
 
 
 def _done_before(dst: Path) -> tuple[str, int, str] | None:
@@ -540,40 +574,6 @@ def _done_before(dst: Path) -> tuple[str, int, str] | None:
         return str(ds.file_meta.TransferSyntaxUID), dst.stat().st_size, str(ds.get("SOPInstanceUID", ""))
     except Exception:  # noqa: BLE001 - not ours / damaged: converted again
         return None
-
-
-def _atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Temp file beside ``path``, fsync, rename. The content is durable before the name
-    appears, so an output that exists is complete; ``sync_dir`` also makes the name
-    durable at once (the batch does that once per folder, :func:`_sync_dirs`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    if sync_dir:
-        _sync_dirs([path.parent])
-
-
-def _sync_dirs(dirs: Iterable[Path]) -> None:
-    for d in set(map(Path, dirs)):
-        try:
-            fd = os.open(d, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------- many files
@@ -592,7 +592,7 @@ def plan(paths: Iterable[str | Path], out_dir: str | Path) -> tuple[list[tuple[P
             nested_out = out_res != p.resolve() and _is_under(out_res, p.resolve())
             items = []
             for f in files:
-                if (nested_out and _is_under(f.resolve(), out_res)) or f.name.endswith(TMP_SUFFIX):
+                if (nested_out and _is_under(f.resolve(), out_res)) or is_temp_name(f.name):
                     continue
                 items.append((f, out_dir / f.relative_to(p)))
         elif p.is_file():
@@ -617,6 +617,18 @@ def _is_under(p: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def pool_context():
+    """fork when this process runs one thread (workers start at once, nothing to import
+    again); else forkserver (forking a threaded process can inherit a held lock)."""
+    import multiprocessing as mp
+    import threading
+
+    methods = mp.get_all_start_methods()
+    if threading.active_count() == 1 and "fork" in methods:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def _worker(args: tuple[str, str, Options]) -> FileResult:
@@ -647,17 +659,14 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
         for s, d in pairs:
             note(convert_file(s, d, opts, sync_dir=False))
     else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
             futs = {pool.submit(_worker, (str(s), str(d), opts)): s for s, d in pairs}
             for fut in as_completed(futs):
                 try:
                     note(fut.result())
                 except Exception as e:  # noqa: BLE001 - a worker died: that file failed
                     note(FileResult(str(futs[fut]), status="failed", error=f"worker: {e}"))
-    _sync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
+    fsync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
     order = {str(s): i for i, (s, _d) in enumerate(pairs)}
     report.results.sort(key=lambda r: order.get(r.file, -1))
     report.seconds = time.perf_counter() - t0

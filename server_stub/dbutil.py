@@ -26,7 +26,9 @@ PostgreSQL ``?`` becomes ``%s``), DDL types (:func:`ddl_for`: ``{PK}`` is an
 auto-numbered key, INTEGER is 64-bit, REAL is double precision), the table-exists and
 column probes (:meth:`Db.table_exists`, :meth:`Db.columns`), :attr:`Db.dialect` for the
 few queries written twice (QIDO's match on the stored header: SQLite JSON1 ``json_each``,
-PostgreSQL ``jsonb_array_elements``), and the error mapping: every driver error leaves
+PostgreSQL ``jsonb_array_elements``), triggers (SQLite's one-statement
+``CREATE TRIGGER ... BEGIN ...; END`` becomes a PL/pgSQL trigger function), and the
+error mapping: every driver error leaves
 :meth:`Db.execute` as :class:`IntegrityError` (a constraint), :class:`OperationalError`
 or :class:`DatabaseError`, whatever the engine. Portable SQL everywhere else:
 ``INSERT ... ON CONFLICT (...) DO NOTHING / DO UPDATE``, ``RETURNING pk``.
@@ -193,6 +195,26 @@ def _pg_sql(sql: str) -> str:
             continue
         out.append("%%" if ch == "%" else ch)
     return "".join(out)
+
+
+_TRIGGER_RE = re.compile(r"CREATE TRIGGER IF NOT EXISTS (\w+) (BEFORE|AFTER) "
+                         r"(INSERT|UPDATE|DELETE) ON (\w+) BEGIN (.*?);\s*END\s*$", re.S)
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_trigger(stmt: str) -> tuple[str, ...]:
+    """SQLite's ``CREATE TRIGGER IF NOT EXISTS n WHEN EVENT ON t BEGIN body; END`` (one
+    statement in the body) as PostgreSQL: a trigger function running the same statement,
+    and ``CREATE OR REPLACE TRIGGER`` (row level, like SQLite's)."""
+    m = _TRIGGER_RE.match(stmt.strip())
+    if m is None:
+        raise ValueError(f"trigger not in the portable form: {stmt[:80]}")
+    name, when, event, table, body = m.groups()
+    ret = "OLD" if event == "DELETE" else "NEW"
+    return (f"CREATE OR REPLACE FUNCTION {name}_fn() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$medview$ BEGIN {body}; RETURN {ret}; END $medview$",
+            f"CREATE OR REPLACE TRIGGER {name} {when} {event} ON {table} FOR EACH ROW "
+            f"EXECUTE FUNCTION {name}_fn()")
 
 
 class _Rows:
@@ -417,6 +439,10 @@ class Db:
                 raise map_error(e) from e
         if self._closed:
             raise self._closed_error(f"database {redact(self.path)} is closed")
+        if sql.startswith("CREATE TRIGGER"):
+            for stmt in _pg_trigger(sql)[:-1]:
+                self.execute(stmt)
+            sql = _pg_trigger(sql)[-1]
         q = _pg_sql(sql)
         params = tuple(_no_nul(p) for p in params)
         conn = getattr(self._pg.local, "conn", None)

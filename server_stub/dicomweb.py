@@ -481,7 +481,7 @@ def _keyword_tag(keyword: str) -> str | None:
 
 def routes(srv, guarded) -> list[Route]:
     """The DICOMweb routes, each wrapped by ``guarded`` (see :mod:`server_stub.app`)."""
-    from .app import json_response
+    from .responses import json_response
 
     def base_url(request: Request) -> str:
         """Where this server is, for RetrieveURL and BulkDataURI. Some clients
@@ -513,7 +513,7 @@ def routes(srv, guarded) -> list[Route]:
         with an unlimited grant on every image concerned."""
         g = need_action(request, series, "retrieve")
         versions = srv.versions.get(series)
-        csns = [r["index"] for r in srv.catalogue.series_images(series)
+        csns = [r["index"] for r in srv.facts.images(series)
                 if sops is None or r["SOPInstanceUID"] in sops]
         if not all(g.allows_whole(c, versions) for c in csns or [None]):
             raise RequestError("beyond your rights: whole files and full-quality pixels "
@@ -964,7 +964,7 @@ def routes(srv, guarded) -> list[Route]:
         codestream itself when it holds exactly those values with no offset (unsigned
         greyscale), else encoded from pydicom's decode (signed values marked signed in
         the SIZ marker, never shifted; palette indices, not colours)."""
-        rows = {r["frame"]: r for r in srv.catalogue.series_images(row["SeriesInstanceUID"])
+        rows = {r["frame"]: r for r in srv.facts.images(row["SeriesInstanceUID"])
                 if r["SOPInstanceUID"] == row["SOPInstanceUID"]}
         plain = (orig.info.samples == 1 and not orig.info.signed
                  and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
@@ -981,7 +981,7 @@ def routes(srv, guarded) -> list[Route]:
     def stored_codestream(row: dict, nums: list[int]) -> Response:
         if len(nums) != 1:
             raise RequestError(f"{LEGACY_CODESTREAM}: one frame at a time")
-        for r in srv.catalogue.series_images(row["SeriesInstanceUID"]):
+        for r in srv.facts.images(row["SeriesInstanceUID"]):
             if r["SOPInstanceUID"] == row["SOPInstanceUID"] and r["frame"] == nums[0]:
                 return Response(srv.tiers.read_codestream(r), media_type=LEGACY_CODESTREAM,
                                 headers={"X-MedView-Offset": str(r["offset"]),

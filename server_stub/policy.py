@@ -300,6 +300,8 @@ class SitePolicy:
     sources: list[str] = field(default_factory=list)
     fingerprint: str = ""
     codec: CodecPolicy = field(default_factory=CodecPolicy)
+    diagnosing_versions: list[str] = field(default_factory=list)
+    """Versions a user who may diagnose receives at every status ([status] diagnosing_versions)."""
 
     # ---------------------------------------------------------------- lookups
     def version_names(self) -> list[str]:
@@ -308,9 +310,13 @@ class SitePolicy:
     def status_name(self, status: int) -> str:
         return self.status_names.get(int(status), str(status))
 
-    def allowed_versions(self, status: int) -> list[str]:
-        """Versions the status matrix lets the server send at this diagnosis status."""
-        return list(self.status_versions.get(int(status), self.version_names()))
+    def allowed_versions(self, status: int, diagnosing: bool = False) -> list[str]:
+        """Versions the status matrix lets the server send at this diagnosis status; with
+        ``diagnosing`` (the user may diagnose) also :attr:`diagnosing_versions`."""
+        row = set(self.status_versions.get(int(status), self.version_names()))
+        if diagnosing:
+            row |= set(self.diagnosing_versions)
+        return [n for n in self.version_names() if n in row]
 
     def ratios_for(self, modality: str | None, body_part: str | None,
                    exams: Iterable[str | None] = ()) -> dict[str, float]:
@@ -516,6 +522,9 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
         if bad:
             raise fail(f"[status.versions] {s}: unknown version(s) {', '.join(bad)}")
         status_versions[s] = list(v)
+    diagnosing = st.get("diagnosing_versions") or []
+    if not isinstance(diagnosing, list) or any(x not in names for x in diagnosing):
+        raise fail(f"[status] diagnosing_versions must list versions of {', '.join(names)}")
 
     auto = raw.get("auto") or {}
     default = str(auto.get("default", names[0]))
@@ -546,7 +555,8 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
     fp = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return SitePolicy(versions, rows, quality, status_names, status_versions,
                       bool(st.get("auto_advance", True)), default, rules, networks, storage,
-                      list(sources or []), fp, _parse_codec(raw, fail))
+                      list(sources or []), fp, _parse_codec(raw, fail),
+                      [str(x) for x in diagnosing])
 
 
 def load_policy(store_root: str | Path | None = None, path: str | Path | None = None) -> SitePolicy:

@@ -194,12 +194,11 @@ def convert_store(root: str | Path | Store, *, policy_file: str | Path | None = 
                 res, out = convert_bytes(data, opts, inst["SOPInstanceUID"])
                 finish(inst, res, out)
         else:
-            import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()
-                                 else "spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            from .convert import pool_context
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
                 window: list = []
                 for inst, _codec in todo:
                     try:

@@ -69,6 +69,7 @@ from codestream.index import PacketIndex
 from codestream.layersplit import join_layers, split_by_layers
 
 from . import faults
+from .catalogue import GENERATION_TABLE, generation_trigger
 from .dbutil import Db
 from .store import (FsckReport, Store, StoreError, StoreIntegrityError, _fsync_dir, write_file_atomic,
                     sha256_hex)
@@ -91,6 +92,20 @@ _DDL = [
     " state TEXT NOT NULL CHECK (state IN ('archived', 'recalled')),"
     " archive TEXT NOT NULL, archive_key TEXT NOT NULL,"
     " migrated_at REAL NOT NULL, recalled_at REAL)",
+]
+# a migration or a recall changes what a series serves: its generation goes up
+# (server_stub.catalogue; kept series facts are read again)
+_SERIES_OF_FRAME = ("SELECT se.SeriesInstanceUID AS uid FROM frame f JOIN instance i "
+                    "ON f.instance_pk = i.pk JOIN series se ON i.series_pk = se.pk "
+                    "WHERE f.pk = {}")
+_TRIGGERS = [                 # migration step 2 of the tiers' tables
+    GENERATION_TABLE,
+    generation_trigger("gen_frame_tier_insert", "AFTER INSERT", "frame_tier",
+                       _SERIES_OF_FRAME.format("NEW.frame_pk")),
+    generation_trigger("gen_frame_tier_update", "AFTER UPDATE", "frame_tier",
+                       _SERIES_OF_FRAME.format("NEW.frame_pk")),
+    generation_trigger("gen_frame_tier_delete", "BEFORE DELETE", "frame_tier",
+                       _SERIES_OF_FRAME.format("OLD.frame_pk")),
 ]
 
 
@@ -323,7 +338,7 @@ class Tiers:
                  settings=None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         store.catalogue                   # its tables first (the foreign keys name them)
-        self.db = Db(store.database, component="tiers", migrations={1: _DDL})
+        self.db = Db(store.database, component="tiers", migrations={1: _DDL, 2: _TRIGGERS})
         self.versions = versions
         self.status_of = status_of
         self.settings = settings          # () -> StorageSettings

@@ -357,6 +357,12 @@ def test_rerun_skips_what_is_done(tmp_path):
     by = {Path(r.file).name: r.status for r in third.results}
     assert by == {"a.dcm": "converted", "b.dcm": "skipped", "c.dcm": "converted"}
     _same_attributes(d / "sub" / "c.dcm", out / "sub" / "c.dcm")
+    # another codec asked for: the outputs in the old syntax are redone, not skipped
+    fourth = convert_paths([d], out, Options(to="htj2k"))
+    assert fourth.count("converted") == 3
+    assert all(pydicom.dcmread(p).file_meta.TransferSyntaxUID == codecs.HTJ2K_LOSSLESS_RPCL
+               for p in out.rglob("*.dcm"))
+    assert convert_paths([d], out, Options(to="htj2k")).count("skipped") == 3
 
 
 def test_output_never_overwrites_input(tmp_path):
@@ -577,3 +583,23 @@ def test_ingest_makes_final_copies_when_the_policy_says_so(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["verified"] == "bit-exact" and rows[0]["codec"] == "jpegls"
     pc.close()
     store.close()
+
+
+def test_ycc_rct_and_mislabelled_encoding(tmp_path):
+    """YBR_RCT (JPEG 2000's reversible colour transform, undone exactly by the decoder)
+    becomes RGB; a file whose data set is implicit VR under an explicit-VR syntax is
+    written correctly as explicit VR; YBR_FULL stored natively is refused."""
+    rct = _testfile("US1_J2KR.dcm")
+    r = convert_file(rct, tmp_path / "rct.dcm", Options(to="htj2k"))
+    assert r.status == "converted" and r.verification == "bit-exact", r.error
+    out = pydicom.dcmread(tmp_path / "rct.dcm")
+    assert out.PhotometricInterpretation == "RGB"
+    assert np.array_equal(out.pixel_array, pydicom.dcmread(rct).pixel_array)
+    _same_attributes(rct, tmp_path / "rct.dcm", {"PhotometricInterpretation", "PlanarConfiguration"})
+    odd = _testfile("SC_rgb_jpeg.dcm")
+    r = convert_file(odd, tmp_path / "odd.dcm", Options(to="htj2k"))
+    assert r.status == "converted", r.error
+    _same_attributes(odd, tmp_path / "odd.dcm",
+                     {"PhotometricInterpretation", "PlanarConfiguration", "LossyImageCompression"})
+    r = convert_file(_testfile("SC_ybr_full_uncompressed.dcm"), tmp_path / "ybr.dcm", Options())
+    assert r.status == "failed" and "would not be lossless" in r.error

@@ -196,7 +196,7 @@ def test_versions_tiers_migrate_and_recall(store, tmp_path):
 def test_slides_quarantine_and_leases(store, tmp_path, ct_files):
     import pydicom
 
-    from server_stub import quarantine
+    from server_stub import quarantine, quarantine_admin
     from server_stub.ingest import ingest_paths
     from server_stub.jobs import Leases
     from server_stub.slide_catalogue import CatalogueError, SlideCatalogue
@@ -233,7 +233,7 @@ def test_slides_quarantine_and_leases(store, tmp_path, ct_files):
     assert len(report.quarantined) == 1
     (entry,) = quarantine.entries(store, "open")
     assert entry.sop_instance_uid == ds.SOPInstanceUID
-    quarantine.resolve(store, entry.id, "keep")
+    quarantine_admin.resolve(store, entry.id, "keep")
     assert quarantine.entries(store, "open") == []
 
     # job leases: one holder at a time among racing replicas, taken over after expiry
@@ -279,8 +279,8 @@ def test_upgrade_and_serve_with_the_database_option(tmp_path, pg_cluster, ct_fil
     capsys.readouterr()
     assert main(["upgrade", "--store", str(root), "--database", url]) == 0
     out = capsys.readouterr().out
-    for part in ("auth 1", "catalogue 2", "diagnosis 1", "jobs 1", "policy_copies 1",
-                 "slides 2", "tiers 1", "versions 1"):
+    for part in ("auth 1", "catalogue 3", "diagnosis 1", "jobs 1", "policy_copies 1",
+                 "slides 2", "tiers 2", "versions 1"):
         assert part in out
     assert not (root / "catalogue.sqlite").exists()
     auth = Authority(database_of(root))

@@ -23,8 +23,8 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QListWidget, QLis
                                QPlainTextEdit, QPushButton, QSpinBox, QTabWidget, QVBoxLayout,
                                QWidget)
 
-from client.policy_text import (explain_recall, explain_rights, explain_rights_error, status_label,
-                          version_label)
+from client.policy_text import (explain_recall, explain_rights, explain_rights_error,
+                                explain_shown_version, status_label, version_label)
 
 log = logging.getLogger("medview.policy")
 
@@ -146,14 +146,19 @@ class VersionSelector(QWidget):
         ok = [v for v in vs if v.get("quality", 0) >= sel["quality"]]
         return min(ok, key=lambda v: v["quality"]) if ok else vs[0]
 
+    def set_status(self, status: int | None, names: dict | None = None) -> None:
+        """The study's diagnosis status (the sentence names it when it limits versions)."""
+        self._status, self._status_names = status, names
+        self._show_detail()
+
     def _show_detail(self) -> None:
-        v = self.resolved()
-        if v is None:
-            self.detail.setText("")
-            return
-        size = f"{v['bytes'] / 2 ** 20:.1f} MB" if v.get("bytes") else ""
-        allowed = "" if v.get("allowed", True) else " – may not be sent now"
-        self.detail.setText(f"{version_label(v)}; {size} for the series{allowed}")
+        """One sentence: which version is shown and why (policy_text.explain_shown_version)."""
+        text = explain_shown_version(self.selection(), self._versions, self._auto,
+                                     getattr(self, "_status", None), getattr(self, "_status_names", None))
+        v = self.resolved() or next((x for x in self._versions if x.get("allowed", True)), None)
+        if text and v is not None and v.get("bytes") and v.get("allowed", True):
+            text += f" ({v['bytes'] / 2 ** 20:.1f} MB for the series)"
+        self.detail.setText(text)
 
     def _changed(self, *_args) -> None:
         self.quality.setVisible("quality" in (self.combo.currentData() or {}))
@@ -184,6 +189,8 @@ class DiagnosisPanel(QWidget):
         self.status = QComboBox(self)
         self.status_info = QLabel(self)
         self.tabs = QTabWidget(self)
+        self.tabs.tabBar().setUsesScrollButtons(False)      # all four tabs always readable
+        self.tabs.tabBar().setExpanding(False)
         # notes
         self.notes = QListWidget(self)
         self.note_edit = QPlainTextEdit(self)
@@ -222,12 +229,30 @@ class DiagnosisPanel(QWidget):
         rb.addWidget(self.report_info, 1)
         rb.addWidget(self.report_save)
         rl.addLayout(rb)
-        # history
+        # long notes and annotation labels wrap in their lists (no sideways scrolling)
+        for lst in (self.notes, self.annotations):
+            lst.setWordWrap(True)
+            lst.setTextElideMode(Qt.TextElideMode.ElideNone)
+            lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # history: the study's timeline (status changes, report revisions) and the
+        # revisions of the selected note or annotation
+        self.timeline = QListWidget(self)
         self.history = QListWidget(self)
+        for lst in (self.timeline, self.history):
+            lst.setWordWrap(True)
+            lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        hist = QWidget(self)
+        hl = QVBoxLayout(hist)
+        hl.addWidget(QLabel("Study: status changes and report revisions", hist))
+        hl.addWidget(self.timeline, 1)
+        hl.addWidget(QLabel("Selected note or annotation", hist))
+        hl.addWidget(self.history, 1)
+        self._report_revisions: list[dict] = []
         self.tabs.addTab(notes, "Notes")
         self.tabs.addTab(anns, "Annotations")
         self.tabs.addTab(rep, "Report")
-        self.tabs.addTab(self.history, "History")
+        self.tabs.addTab(hist, "History")
+        self.history_tab = hist
         top = QHBoxLayout()
         top.addWidget(QLabel("Diagnosis status", self))
         top.addWidget(self.status, 1)
@@ -310,6 +335,10 @@ class DiagnosisPanel(QWidget):
                 it.setData(Qt.ItemDataRole.UserRole, a)
                 self.annotations.addItem(it)
             report = (rec or {}).get("report")
+            if not report or (self._report_revisions
+                              and self._report_revisions[-1].get("rev") != report.get("rev")):
+                self._report_revisions = []          # a newer revision: fetched again
+            self._fill_timeline()
             self.report.setPlainText(report.get("text", "") if report else "")
             self.report_info.setText(
                 f"revision {report['rev']} by {report.get('updated_by')}, "
@@ -317,6 +346,41 @@ class DiagnosisPanel(QWidget):
         finally:
             self._updating = False
         self._enable()
+
+    def set_report_history(self, revisions: list[dict]) -> None:
+        """The report's revisions (``GET .../items/{id}/history``) for the study timeline."""
+        self._report_revisions = list(revisions)
+        self._fill_timeline()
+
+    def _fill_timeline(self) -> None:
+        """Status changes (``status_history``, or the current status) and report
+        revisions, oldest first."""
+        rec = self.record or {}
+        names = rec.get("status_names") or {}
+        rows: list[tuple[float, str]] = []
+        changes = rec.get("status_history")
+        if changes:
+            for c in changes:
+                prev = f" (was {status_label(c['previous'], names)})" if c.get("previous") else ""
+                note = f": {c['comment']}" if c.get("comment") else ""
+                rows.append((c.get("changed_at") or 0.0,
+                             f"{_when(c.get('changed_at'))} status {status_label(c['status'], names)}"
+                             f"{prev} by {c.get('changed_by')}{note}"))
+        elif rec.get("changed_by"):
+            rows.append((rec.get("changed_at") or 0.0,
+                         f"{_when(rec.get('changed_at'))} status {status_label(rec.get('status', 1), names)} "
+                         f"by {rec.get('changed_by')}"))
+        revs = self._report_revisions
+        report = rec.get("report")
+        if not revs and report:
+            revs = [{"rev": report.get("rev"), "action": "saved", "author": report.get("updated_by"),
+                     "at": report.get("updated_at")}]
+        for r in revs:
+            rows.append((r.get("at") or 0.0, f"{_when(r.get('at'))} report revision {r.get('rev')} "
+                                              f"{r.get('action', '')} by {r.get('author')}"))
+        self.timeline.clear()
+        for _t, text in sorted(rows, key=lambda x: x[0]):
+            self.timeline.addItem(text)
 
     def set_history(self, item: dict, revisions: list[dict]) -> None:
         """Show every revision of an item (newest last) and switch to the History tab."""
@@ -326,7 +390,7 @@ class DiagnosisPanel(QWidget):
             text = r.get("text") or r.get("label") or r.get("shape") or ""
             self.history.addItem(f"  rev {r['rev']} {r['action']} by {r.get('author')}, "
                                  f"{_when(r.get('at'))}: {text.strip()[:80]}")
-        self.tabs.setCurrentWidget(self.history)
+        self.tabs.setCurrentWidget(self.history_tab)
 
     # ---------------------------------------------------------------- user actions
     @staticmethod
@@ -396,8 +460,8 @@ class DiagnosisPanel(QWidget):
 # --------------------------------------------------------------------------- annotations
 def measurement_annotation(m, meta, series_uid: str, label: str | None = None) -> dict:
     """An annotation body (see :mod:`server_stub.diagnosis`) for a viewer measurement
-    (:class:`viewer.measure.Measurement` on image ``meta``: a :class:`viewer.model.ImageMeta`)."""
-    from .measure import MeasureKind, distance
+    (:class:`imaging.measure.Measurement` on image ``meta``: a :class:`imaging.model.ImageMeta`)."""
+    from imaging.measure import MeasureKind, distance
 
     body: dict = {"series": series_uid, "image": f"{meta.sop_instance_uid}/{meta.frame}",
                   "points": [list(m.p0), list(m.p1)]}
@@ -479,6 +543,8 @@ class PolicyController(QObject):
         sd.listeners.append(self._listener)
         self.study = sd.info.get("StudyInstanceUID") or (sd.diagnosis or {}).get("study")
         if self.selector is not None:
+            rec = sd.diagnosis or {}
+            self.selector._status, self.selector._status_names = rec.get("status"), rec.get("status_names")
             self.selector.set_series(sd.versions, sd.auto, sd.selection)
         self.panel.set_record(sd.diagnosis)
         self.panel.set_editable(True)
@@ -487,6 +553,8 @@ class PolicyController(QObject):
         self.panel.show_message(rights)
         if rights:
             self.notice.emit(rights)
+        if self.client is not None and self.study is not None:
+            self.refresh()                  # the full record: status history for the timeline
 
     def close_series(self) -> None:
         if self.sd is not None:
@@ -554,7 +622,14 @@ class PolicyController(QObject):
             if self.sd is not None:
                 self.sd.diagnosis = rec
             self.panel.set_record(rec)
+            if self.selector is not None:
+                self.selector.set_status(rec.get("status"), rec.get("status_names"))
             self.recordChanged.emit(rec)
+            report = rec.get("report")
+            if report and self.client is not None:
+                client, study = self.client, self.study
+                self.runner(lambda: client.history(study, report["id"]),
+                            lambda h: self.panel.set_report_history(h["revisions"]), self._failed)
         self.runner(lambda: self.client.diagnosis(self.study), done, self._failed)
 
     def _call(self, fn, ok_text: str) -> None:

@@ -1,6 +1,6 @@
 """Progressive volume loading from the image server (H2, P9, P10, P11). No Qt.
 
-A loader fills a :class:`~viewer.volume.Volume` with the data of a series as it arrives.
+A loader fills a :class:`~imaging.volume.Volume` with the data of a series as it arrives.
 Its plan is data (STYLE 9): a list of :class:`LoadStage` — which images, at which
 resolution reduction and how many quality layers. Each stage is one packet transfer; the
 server sends a *recommendation* after every consistent set (every requested image at the
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from client.pool import CancelToken
 from client.series import Callbacks, Cancelled, SeriesData, TransferProgress
 
-from .volume import SliceGeometry, Volume, VolumeError, VolumeUpdate, quality_key, volume_for_slices
+from imaging.volume import SliceGeometry, Volume, VolumeError, VolumeUpdate, quality_key, volume_for_slices
 
 log = logging.getLogger("medview.volume_loader")
 
@@ -87,7 +87,7 @@ def _floats(v, n):
 
 
 def _geometry_flags(im: dict) -> list[str]:
-    from .model import GEOMETRY_KEYWORDS
+    from imaging.model import GEOMETRY_KEYWORDS
 
     return [f for f in (im.get("geometry_flags") or ())
             if str(f).split(":", 1)[0] in GEOMETRY_KEYWORDS]
@@ -476,7 +476,7 @@ class SlabVolumeLoader(VolumeLoader):
 
 
 class FolderVolumeLoader:
-    """Fills the volume of a :class:`~viewer.series_select.SeriesSelection` from the files
+    """Fills the volume of a :class:`~imaging.series_select.SeriesSelection` from the files
     on disk, interleaved too: every ``step``-th slice first (the rest interpolated), then
     the others. Same ``run()`` / ``cancel()`` contract as :class:`VolumeLoader`."""
 

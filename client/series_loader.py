@@ -42,18 +42,18 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from client.cache import PacketCache
 from client.pool import INTERACTION, PREFETCH, VISIBLE, CancelToken, WorkerPool
+from imaging.memory import MemoryBudget
 from client.series import (Callbacks, Cancelled, ImageProgress, SeriesData, TransferError,
                            TransferProgress)
 from client.session import ServerError, Session
 
-from .model import DecodedImage
+from imaging.model import DecodedImage
 
 log = logging.getLogger("medview.loader")
 
@@ -185,7 +185,7 @@ def supersedes(first: Stage | None, running: Stage) -> bool:
 def reduce_for_fit(columns: int, rows: int, view_w: int, view_h: int, numres: int) -> int:
     """Resolution reduction an image needs when fitted into a ``view_w x view_h`` viewport
     (device pixels): the coarsest level that still gives every device pixel its own
-    sample (as :meth:`viewer.viewstate.ViewState.useful_reduce` in fit mode)."""
+    sample (as :meth:`imaging.viewstate.ViewState.useful_reduce` in fit mode)."""
     if columns <= 0 or rows <= 0 or view_w <= 0 or view_h <= 0:
         return 0
     zoom = min(view_w / columns, view_h / rows)
@@ -241,7 +241,7 @@ class SeriesStatus:
     held: int                   # bytes held for the whole series
     requested: int              # held + still to come in the running transfer
     total: int                  # every codestream of the series
-    elapsed: float              # seconds since the loader started
+    elapsed: float              # seconds spent transferring (idle time not counted)
     stage: str | None           # kind of the running stage, None when idle
     images_done: int
     count: int
@@ -255,13 +255,19 @@ def _quality(img: DecodedImage, numres: int, target_res: int) -> tuple[int, int,
 
 
 class DecodedStore:
-    """Best decoded image per index, in one byte budget, least recently used evicted
-    first (never the ones in ``keep``). A result never replaces a better one."""
+    """Best decoded image per index, under the one memory budget (shared with volumes
+    and slide tiles, or a private one of ``budget`` bytes): least recently used evicted
+    first, never the ones in ``keep`` (on screen). A result never replaces a better one."""
 
-    def __init__(self, budget: int = 512 << 20) -> None:
-        self.budget = budget
-        self._items: OrderedDict[int, DecodedImage] = OrderedDict()
-        self._bytes = 0
+    def __init__(self, budget: "int | MemoryBudget" = 512 << 20) -> None:
+        self.memory = MemoryBudget.of(budget)
+        self._hid = self.memory.register(self)
+        self._items: dict[int, DecodedImage] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def budget(self) -> int:
+        return self.memory.budget
 
     def __len__(self) -> int:
         return len(self._items)
@@ -269,31 +275,36 @@ class DecodedStore:
     def get(self, index: int) -> DecodedImage | None:
         img = self._items.get(index)
         if img is not None:
-            self._items.move_to_end(index)
+            self.memory.touch(self._hid, index)
         return img
 
     def offer(self, img: DecodedImage, numres: int, target_res: int,
               keep: set[int] = frozenset()) -> bool:
         """Keep ``img`` unless the stored one is at least as good; True if kept."""
-        cur = self._items.get(img.index)
-        if cur is not None and _quality(cur, numres, target_res) >= _quality(img, numres, target_res):
-            return False
-        if cur is not None:
-            self._bytes -= cur.pixels.nbytes
-        self._items[img.index] = img
-        self._items.move_to_end(img.index)
-        self._bytes += img.pixels.nbytes
-        for index in list(self._items):
-            if self._bytes <= self.budget:
-                break
-            if index in keep or index == img.index:
-                continue
-            self._bytes -= self._items.pop(index).pixels.nbytes
+        with self._lock:
+            cur = self._items.get(img.index)
+            if cur is not None and _quality(cur, numres, target_res) >= _quality(img, numres, target_res):
+                return False
+            self._items[img.index] = img
+        self.memory.pin(self._hid, keep)          # on screen: never evicted
+        self.memory.charge(self._hid, img.index, img.pixels.nbytes)
         return True
 
+    def drop(self, index: int) -> None:
+        """Evicted by the budget."""
+        with self._lock:
+            self._items.pop(index, None)
+
     def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
+        with self._lock:
+            keys = list(self._items)
+            self._items.clear()
+        for k in keys:
+            self.memory.release(self._hid, k)
+
+    def close(self) -> None:
+        self.clear()
+        self.memory.unregister(self._hid)
 
 
 # --------------------------------------------------------------------------- registry
@@ -377,6 +388,7 @@ class _Running:
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
+        self.started = time.monotonic()      # for the active transfer time
         self.token: CancelToken | None = None
         self.transfer = None
         self.cancelled = False
@@ -418,7 +430,7 @@ class SeriesLoader:
                  listener: LoaderListener | None = None, *, focus: int = 0,
                  viewport: tuple[int, int] = (512, 512), reduce: int | None = None,
                  prefetch: bool = True, neighbours: int = 2, chunk: int = 8,
-                 decoded_budget: int = 512 << 20) -> None:
+                 decoded_budget: "int | MemoryBudget" = 512 << 20) -> None:
         self.registry = registry
         self.uid = uid
         self.pool = pool
@@ -452,6 +464,7 @@ class SeriesLoader:
         self._patches: dict[int, list[DecodedImage]] = {}
         self._cine = _Cine()
         self._t0 = time.monotonic()
+        self._active_s = 0.0                 # seconds spent in finished network stages
 
     # ------------------------------------------------------------------ public API
     def start(self) -> None:
@@ -471,8 +484,8 @@ class SeriesLoader:
         self.pool.cancel_where(lambda job: job.tag is self)   # queued jobs never start
         with self._lock:
             self._net = None
-            self._best.clear()
             self._cine = _Cine()
+        self._best.close()                   # its images leave the one memory budget
 
     @property
     def closed(self) -> bool:
@@ -554,9 +567,14 @@ class SeriesLoader:
             self._check_cine()
 
     def set_prefetch(self, on: bool) -> None:
-        """Fetch the rest of the series in the background (H5 prefetch) or not."""
+        """Fetch the rest of the series in the background (H5 prefetch) or not. Turned
+        off, a background stage already running stops now (what it received is kept)."""
         with self._lock:
             self._prefetch = bool(on)
+            running = self._net
+            if not on and running is not None and running.stage.kind == BACKGROUND \
+                    and not running.cancelled:
+                running.cancel()
         self._replan()
 
     def request_region(self, index: int, region: tuple[int, int, int, int]) -> None:
@@ -652,7 +670,7 @@ class SeriesLoader:
             return self._common_level()
 
     def cine_levels(self) -> list[tuple[int, int] | None]:
-        """For :class:`viewer.cine.CineController`: the level every frame is decoded at
+        """For :class:`client.cine.CineController`: the level every frame is decoded at
         (None for all until a complete set is ready)."""
         with self._lock:
             n = len(self._levels)
@@ -661,7 +679,7 @@ class SeriesLoader:
             return [self._cine.level] * n
 
     def cine_frame(self, index: int, level: tuple[int, int] | None) -> DecodedImage | None:
-        """For :class:`viewer.cine.CineController`: image ``index`` at ``level`` (None: the
+        """For :class:`client.cine.CineController`: image ``index`` at ``level`` (None: the
         best available, decoding ahead as playback goes)."""
         if level is None:
             return self.peek(index, (index + 1, index + 2))
@@ -814,6 +832,8 @@ class SeriesLoader:
         held = {i: sd.held_bytes(i) for i in comps}
         levels = {i: sd.levels(i) for i in comps}
         with self._lock:
+            if self._net is running:
+                self._active_s += time.monotonic() - running.started
             self._net = None
             for i in comps:
                 self._held[i] = held[i]
@@ -902,7 +922,8 @@ class SeriesLoader:
         total = self._total_bytes
         done = sum(1 for i, (q, r) in enumerate(self._levels)
                    if r >= self._target_res(i) and q >= self.sd.images[i]["nlayers"])
-        return SeriesStatus(held, held + outstanding, total, time.monotonic() - self._t0,
+        active = self._active_s + (time.monotonic() - run.started if run is not None else 0.0)
+        return SeriesStatus(held, held + outstanding, total, active,
                             run.stage.kind if run is not None else None, done, len(self._levels))
 
     # ---- decoding -------------------------------------------------------------------
@@ -1060,8 +1081,8 @@ def fetch_thumbnail(registry: SeriesRegistry, uid: str, token: CancelToken, on_i
     """Series thumbnail, progressively: the middle image at ``size`` px, first layer, then
     every layer. ``on_image(uid, uint8 array)`` is called after each step (grayscale
     windowed with the image's default window, or RGB). Blocking: run it in the pool."""
-    from .model import ImageMeta
-    from .windowing import default_window, render_display
+    from imaging.model import ImageMeta
+    from imaging.windowing import default_window, render_display
 
     sd = registry.get(uid)
     if not len(sd) or token.cancelled:

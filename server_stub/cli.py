@@ -174,7 +174,8 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     migrations (catalogue, users and audit, diagnosis, tiers, versions, slides, policy
     copies, job leases; in SQLite or PostgreSQL, see --database), and the separate slide
     catalogue (``slides/slides.sqlite``) moved into the one catalogue."""
-    from .database import store_exists, upgrade
+    from .database import store_exists
+    from .schema_upgrade import upgrade_all
     from .slide_catalogue import CatalogueError as SlideCatalogueError
     from .slide_catalogue import upgrade_slide_catalogue
     from .store import Store
@@ -184,7 +185,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
         print(f"error: no store at {root} (no catalogue)", file=sys.stderr)
         return 2
     with Store(root) as store:
-        versions = upgrade(store)
+        versions = upgrade_all(store)
         try:
             moved = upgrade_slide_catalogue(root / "slides", store.database)
         except SlideCatalogueError as e:

@@ -300,3 +300,29 @@ def test_upgrade_and_serve_with_the_database_option(tmp_path, pg_cluster, ct_fil
         database_of(root)
     assert main(["list", "studies", "--store", str(root), "--database", url]) == 0
     assert "PHANTOM" in capsys.readouterr().out.upper()
+
+
+def test_two_processes_ingest_the_same_files_at_once(tmp_path, database, ct_files):
+    """Two ``medview-server ingest`` processes writing the same series into one database:
+    writers are serialised (SQLite's lock; PostgreSQL's advisory lock), so each instance,
+    and its patient, study and series, is stored once and neither process fails."""
+    import os
+    import subprocess
+    import sys
+
+    from server_stub.store import Store
+    from waits import WAIT_S
+
+    root = tmp_path / "store"
+    Store(root, database=database).close()
+    cmd = [sys.executable, "-m", "server_stub.cli", "ingest", *map(str, ct_files),
+           "--store", str(root), "--quiet"] + (["--database", database] if database else [])
+    env = {k: v for k, v in os.environ.items() if k != "MEDVIEW_DATABASE"} \
+        if database else dict(os.environ)
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=WAIT_S) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    with Store(root, database=database) as st:
+        assert st.catalogue.counts() == {"patients": 1, "studies": 1, "series": 1,
+                                         "instances": 4, "frames": 4}

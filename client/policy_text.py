@@ -8,13 +8,16 @@ These functions translate the rights block of a series description and the body 
 """
 from __future__ import annotations
 
+import re
+
 from typing import Any, Iterable, Mapping, Sequence
 
 from codestream.ranges import parse_ranges
 
 __all__ = ["explain_rights", "explain_rights_error", "explain_login_error", "explain_recall",
            "explain_slide_rights", "explain_slide_rights_error", "version_label",
-           "status_label", "image_ranges_1based", "explain_shown_version"]
+           "status_label", "image_ranges_1based", "explain_shown_version", "explain_choice",
+           "explain_link", "prior_line"]
 
 _DENIED = {
     "images": "Some of the images you asked for are not available to your account.",
@@ -323,3 +326,92 @@ def explain_recall(msg: Mapping[str, Any] | None, recalling: bool = True) -> str
     what = f"{n} image{'s' if n != 1 else ''}" if n else "images"
     return (f"Fetching the original quality of {what} from the archive. Compressed "
             "versions are shown meanwhile; this can take a moment.")
+
+
+def _mbps(bps: float | None) -> str:
+    if bps is None:
+        return "not measured yet"
+    mbps = bps / 1e6
+    return f"{mbps:.1f} Mbit/s" if mbps < 100 else f"{mbps:.0f} Mbit/s"
+
+
+def explain_choice(version: Mapping[str, Any] | None, selection: Mapping[str, Any] | None,
+                   auto: Mapping[str, Any] | None = None,
+                   versions: Sequence[Mapping] | None = None) -> str:
+    """Which version is loaded and why, in one sentence, for the Reading dock (V8).
+
+    ``version`` is what the server said it sends (an announce's ``version``, or None),
+    ``selection`` the viewer's choice, ``auto`` the automatic choice with ``why`` and
+    ``facts`` (as the series description or an announce carries it)."""
+    sel = dict(selection or {})
+    by_name = {v["name"]: v for v in versions or []}
+    name = (version or {}).get("name")
+    if not name and sel.get("version") == "auto":
+        name = (auto or {}).get("version")
+    desc = dict(by_name.get(name, {}), **(version or {})) if name else {}
+    label = version_label(desc, short=True) if desc.get("name") else (name or "")
+    if not sel:
+        link = by_name.get((auto or {}).get("version") or "")
+        if link and not link.get("lossless"):
+            # the adaptive plan (client.series_loader): the link's version first, the rest at rest
+            facts = (auto or {}).get("facts") or ""
+            return (f"Best allowed: {f'measured {facts}, so ' if facts else ''}the images come "
+                    f"as {version_label(link, short=True)} first and in full quality once you "
+                    "pause.")
+        if name:
+            return f"Loading {label}: the best your rights allow."
+        return "Loading the original quality: no version was chosen."
+    if sel.get("version") == "auto":
+        if not name:
+            return "The version is chosen automatically when the images load."
+        why = (auto or {}).get("why") or ""
+        facts = (auto or {}).get("facts") or ""
+        if why:
+            because = why[0].lower() + why[1:]
+            return f"Automatic choice {label}, because {because} ({facts})."
+        return f"Automatic choice {label}: no rule applies, so the site's default is used."
+    if "version" in sel:
+        return f"Loading {label or sel['version']}, as you chose."
+    if "purpose" in sel:
+        return f"Loading {label or 'the version'} for {sel['purpose']}, as you chose."
+    return f"Loading {label or 'the version'}: the cheapest reaching quality {sel.get('quality')} %."
+
+
+def explain_link(context: Mapping[str, Any] | None) -> str:
+    """The measured link and computer as the server last heard them."""
+    c = dict(context or {})
+    parts = [f"link {_mbps(c.get('link_bps'))}"]
+    if c.get("latency_ms") is not None:
+        parts.append(f"latency {c['latency_ms']:.0f} ms")
+    if c.get("memory_mb") is not None:
+        parts.append(f"{c['memory_mb'] / 1024:.1f} GB free memory")
+    if c.get("cpus"):
+        parts.append(f"{c['cpus']} processors")
+    return "Measured: " + ", ".join(parts) + "."
+
+
+_PRIOR_STATES = {
+    "waiting": "waiting",
+    "archived": "in the archive: being recalled",
+    "recalling": "recalling from archive…",
+    "fetching": "loading for comparison…",
+    "ready": "ready for comparison",
+    "failed": "could not be loaded",
+}
+
+
+def prior_line(prior: Mapping[str, Any], state: str | None = None,
+               detail: Mapping[str, Any] | None = None) -> str:
+    """One line of the prior-study list: date, modalities, description and its state."""
+    d = re.sub(r"\D", "", str(prior.get("StudyDate") or ""))
+    date = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else (d or "no date")
+    mods = prior.get("ModalitiesInStudy") or []
+    mods = mods if isinstance(mods, str) else "/".join(str(m) for m in mods)
+    desc = prior.get("StudyDescription") or ""
+    text = " · ".join(x for x in (date, mods, desc) if x)
+    if state == "skipped":
+        reason = (detail or {}).get("reason") or "not loaded"
+        return f"{text} — not loaded ahead ({reason}); opens on demand"
+    if state:
+        return f"{text} — {_PRIOR_STATES.get(state, state)}"
+    return text

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import requests
 
+from .link import LinkMeter
+
 DEFAULT_USER = "local"
 
 
@@ -78,6 +80,8 @@ class Session:
         self.http.mount("http://", adapter)
         self.http.mount("https://", adapter)
         self.id: str | None = None
+        self.link = LinkMeter()            # throughput and latency of our own transfers
+        self.http.hooks["response"].append(self.link.response_hook)
         self.login(password)
 
     # ------------------------------------------------------------------ plumbing

@@ -477,6 +477,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         p = plan(req, sources, model, request.state.grant, versions)
         if auto is not None and p.version is not None:
             p.version["auto"] = auto.reasons
+            p.version["why"], p.version["facts"] = auto.why, auto.facts
         media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
         headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
                    "X-Bytes-Total": str(p.total_bytes)}

@@ -251,7 +251,12 @@ class AuditWriter:
         ``batch`` rows are already on their way (the crash bound)."""
         with self._cond:
             if self._closing and not self._thread.is_alive():
-                self._drop(row)
+                # a request that ended while the server shut down (a stream whose client
+                # went away): the audit database is closed, so the row goes to the log
+                # in full instead of being lost without a trace
+                self.dropped += 1
+                log.warning("audit row after the audit log closed (kept in this log "
+                            "only): %r", row)
                 return
             while (self.failing is None and not self._closing
                    and len(self._rows) >= self.batch):

@@ -565,6 +565,10 @@ class Catalogue:
         for r in rows:
             for p in r:
                 out[p] = None
+        for r in self._final_copies(
+                " AND i.series_pk IN (SELECT se.pk FROM series se JOIN study st"
+                " ON se.study_pk = st.pk WHERE st.StudyInstanceUID = ?)", [study_uid]):
+            out[r[0]] = None
         return list(out)
 
     # ------------------------------------------------------------------ lookups
@@ -614,7 +618,19 @@ class Catalogue:
             out.append((r[3], r[4], r[5], r[6]))
         for r in self._all("SELECT relpath, sha256, size, pk FROM quarantine"):
             out.append((r[0], r[1], r[2], f"quarantine #{r[3]}"))
+        out += self._final_copies("")
         return out
+
+    def _final_copies(self, where: str, params=()) -> list[tuple[str, str, int, str]]:
+        """Final copies (server_stub.policy_copies: table policy_copy, made on demand)
+        that are files of their own (not the original kept as it arrived)."""
+        if not self.db.table_exists("policy_copy"):
+            return []
+        return [tuple(r) for r in self._all(
+            "SELECT c.relpath, c.sha256, c.size, c.sop FROM policy_copy c"
+            " JOIN instance i ON c.instance_pk = i.pk"
+            " WHERE c.relpath IS NOT NULL AND c.relpath <> i.original_relpath" + where,
+            list(params))]
 
     def conflicted_instances(self, series_uid: str) -> set[str]:
         """SOP Instance UIDs of the series with an open quarantine entry (another file
@@ -642,6 +658,7 @@ class Catalogue:
             for r in self._all("SELECT codestream_relpath, index_relpath FROM frame "
                                "WHERE instance_pk = ?", [ipk]):
                 files += [r[0], r[1]]
+            files += [r[0] for r in self._final_copies(" AND i.pk = ?", [ipk])]
             self._execute("DELETE FROM instance WHERE pk = ?", [ipk])
             self._execute("DELETE FROM series WHERE pk = ? AND NOT EXISTS "
                           "(SELECT 1 FROM instance WHERE series_pk = ?)", [se_pk, se_pk])

@@ -1495,6 +1495,9 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
             flush()
     finally:
         close_audit()
+    from .policy_copies import after_ingest     # final copies, if [codec] on_ingest (H1)
+
+    after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
     return report
 
 

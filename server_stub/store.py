@@ -378,8 +378,9 @@ class Store:
     # ------------------------------------------------------------------ fsck
 
     def iter_files(self):
-        """Every file under originals/ and j2k/, as store-relative paths."""
-        for top in (ORIGINALS_DIR, J2K_DIR):
+        """Every file under originals/, j2k/ and final/ (the final copies), as
+        store-relative paths."""
+        for top in (ORIGINALS_DIR, J2K_DIR, "final"):
             base = self.root / top
             for dirpath, _dirs, files in os.walk(base):
                 for name in files:

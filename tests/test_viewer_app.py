@@ -173,7 +173,8 @@ def test_small_viewport_never_fetches_beyond_what_it_shows(qtbot, tmp_path, serv
         assert loader.reduce >= 1
         target = 2 - loader.reduce
         sd = loader.sd
-        assert all(sd.levels(i)[1] == target for i in range(len(sd)))
+        assert all(sd.levels(i)[1] == target for i in range(len(sd))), \
+            [sd.levels(i) for i in range(len(sd))]
         assert w.stack.decoded().reduce == loader.reduce
         # zooming in asks for more resolution (only for what is then needed)
         w.stack.one_to_one()

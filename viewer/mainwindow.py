@@ -35,6 +35,7 @@ from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, Imag
                      SeriesStatus, Stage, reduce_for_fit)
 from imaging.model import DecodedImage, SeriesInfo
 from .policy_panel import DiagnosisPanel, PolicyController, VersionSelector, measurement_annotation
+from .priors_panel import PriorsController, PriorsPanel
 from .progress import BytesBar, LevelBar, SeriesStrip, TransferLabel
 from .services import Backend, ImportOutcome
 from .stackview import MouseMode, StackView
@@ -200,6 +201,8 @@ class MainWindow(QMainWindow):
         lay = QVBoxLayout(box)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.version_selector)
+        self.priors_panel = PriorsPanel(self)         # prior studies (seed 001)
+        lay.addWidget(self.priors_panel)
         lay.addWidget(self.diagnosis_panel, 1)
         scroll = QScrollArea(self)           # the panel never forces the window's height
         scroll.setWidgetResizable(True)
@@ -224,6 +227,10 @@ class MainWindow(QMainWindow):
             lambda on, m: self.statusBar().showMessage(m or ("Recalling from the archive…" if on else ""), 0 if on else 4000))
         self.policy.set_measurement_source(self._current_measurement_annotation)
         self.serverBusy.connect(self._show_server_busy)      # queued: emitted by workers
+        self.priors = PriorsController(self.priors_panel, lambda: self.backend,
+                                       runner=self._policy_runner, parent=self)
+        self.priors.stateChanged.connect(lambda _s, st, _d: st == "recalling" and self.statusBar()
+                                         .showMessage("A prior study is recalling from archive…", 6000))
 
     def _policy_runner(self, fn, done, failed) -> None:
         """Run a policy call (a server round trip) off the UI thread."""
@@ -546,6 +553,7 @@ class MainWindow(QMainWindow):
         b.imageStatus.connect(self._on_image_status)
         b.seriesStatus.connect(self._on_series_status)
         b.stageChanged.connect(self._on_stage)
+        b.stageChanged.connect(self.priors.on_stage)
         b.decoded.connect(self._on_decoded)
         b.cineLevel.connect(self._on_cine_level)
         b.stateChanged.connect(self._on_loader_state)
@@ -855,6 +863,7 @@ class MainWindow(QMainWindow):
     def _close_loader(self) -> None:
         self.cine_bar.pause()
         self.policy.close_series()
+        self.priors.close_series()
         if self.loader is not None:
             self.loader.close()
             self.loader = None
@@ -887,6 +896,7 @@ class MainWindow(QMainWindow):
         self._update_bars()
         if loader.sd is not None:
             self.policy.open_series(loader.sd)
+            self.priors.open_series(loader)
         from .titles import series_name, window_title
 
         desc = series_name(info)

@@ -23,8 +23,10 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QListWidget, QLis
                                QPlainTextEdit, QPushButton, QSpinBox, QTabWidget, QVBoxLayout,
                                QWidget)
 
-from client.policy_text import (explain_recall, explain_rights, explain_rights_error,
-                                explain_shown_version, status_label, version_label)
+from client.link import ContextReporter
+from client.policy_text import (explain_choice, explain_link, explain_recall, explain_rights,
+                                explain_rights_error, explain_shown_version, status_label,
+                                version_label)
 
 log = logging.getLogger("medview.policy")
 
@@ -75,6 +77,9 @@ class VersionSelector(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
         layout.addWidget(self.detail)
+        self.why = QLabel(self)           # which version is loaded and why (one sentence)
+        self.why.setWordWrap(True)
+        layout.addWidget(self.why)
         self._versions: list[dict] = []
         self._auto: dict | None = None
         self._updating = False
@@ -113,6 +118,11 @@ class VersionSelector(QWidget):
         finally:
             self._updating = False
         self._show_detail()
+
+    def set_choice(self, sentence: str, detail: str = "") -> None:
+        """Say which version is loaded and why (``detail``: the measurements, tooltip)."""
+        self.why.setText(sentence)
+        self.why.setToolTip(detail)
 
     def _select(self, selection: dict) -> None:
         for i in range(self.combo.count()):
@@ -493,6 +503,8 @@ class PolicyController(QObject):
     """A sentence for the status bar (rights, recall, saved...)."""
     recallingChanged = Signal(bool, str)
     recordChanged = Signal(dict)
+    contextChanged = Signal(dict)
+    """The context (link, latency, memory, processors) the server accepted (V8)."""
     failed = Signal(str)
     _event = Signal(str, object)          # from transfer threads to this (UI) thread
 
@@ -505,6 +517,10 @@ class PolicyController(QObject):
         self.sd = None                     # client.series.SeriesData
         self.study: str | None = None
         self.measurement: Callable[[], dict | None] = lambda: None
+        self.reporter: ContextReporter | None = None   # link/memory/CPU to the server
+        self.context: dict = {}
+        self.place: str | None = None
+        self._version: dict | None = None  # the version the last transfer named
         self._event.connect(self._on_event, Qt.ConnectionType.QueuedConnection)
         p = panel
         p.statusChangeRequested.connect(lambda s: self._call(
@@ -528,8 +544,17 @@ class PolicyController(QObject):
     def set_client(self, client) -> None:
         """The :class:`client.policy.PolicyClient` of the current session (None: none)."""
         self.client = client
+        if self.reporter is not None:
+            self.reporter.close()
+            self.reporter = None
         if client is None:
             self.close_series()
+            return
+        meter = getattr(getattr(client, "session", None), "link", None)
+        if meter is not None:           # measured from our own transfers; sent at once
+            self.reporter = ContextReporter(client, meter, place=self.place,
+                                            on_report=lambda c: self._event.emit("context", c))
+            self.reporter.maybe_report()
 
     def set_measurement_source(self, fn: Callable[[], dict | None]) -> None:
         """``fn()`` returns the annotation body of the current measurement (see
@@ -542,10 +567,12 @@ class PolicyController(QObject):
         self.sd = sd
         sd.listeners.append(self._listener)
         self.study = sd.info.get("StudyInstanceUID") or (sd.diagnosis or {}).get("study")
+        self._version = None
         if self.selector is not None:
             rec = sd.diagnosis or {}
             self.selector._status, self.selector._status_names = rec.get("status"), rec.get("status_names")
             self.selector.set_series(sd.versions, sd.auto, sd.selection)
+        self._say_choice()
         self.panel.set_record(sd.diagnosis)
         self.panel.set_editable(True)
         rights = explain_rights(sd.rights, images=sd.images, versions=sd.versions,
@@ -562,11 +589,12 @@ class PolicyController(QObject):
                 self.sd.listeners.remove(self._listener)
             except ValueError:
                 pass
-        self.sd, self.study = None, None
+        self.sd, self.study, self._version = None, None, None
         self.panel.set_record(None)
         self.panel.show_message("")
         if self.selector is not None:
             self.selector.set_series(None, None)
+            self.selector.set_choice("")
 
     def explain(self, error) -> str:
         """A rights error (403 ServerError or body) in words, for this series."""
@@ -590,24 +618,65 @@ class PolicyController(QObject):
             self.panel.show_message(text)
             self.recallingChanged.emit(kind == "recalling", text)
             self.notice.emit(text)
+        elif kind == "version":
+            self._version = msg
+            self._say_choice()
+        elif kind == "context":
+            self._context(msg)
+
+    def _say_choice(self) -> None:
+        sd = self.sd
+        if self.selector is None or sd is None:
+            return
+        self.selector.set_choice(explain_choice(self._version, sd.selection, sd.auto, sd.versions),
+                                 explain_link(self.context))
+
+    def _context(self, ctx: dict) -> None:
+        """The server accepted a new context: the automatic choice may differ now."""
+        self.context = dict(ctx or {})
+        self.contextChanged.emit(self.context)
+        sd, client = self.sd, self.client
+        if sd is None or client is None or not sd.versions:
+            self._say_choice()
+            return
+
+        def done(info: dict) -> None:
+            if self.sd is sd and info.get("auto"):
+                sd.auto = info["auto"]
+                sd._notify("auto", sd.auto)         # the loader re-plans its fill
+                if self.selector is not None:
+                    self.selector.set_series(sd.versions, sd.auto, sd.selection)
+                if sd.selection.get("version") == "auto":
+                    self._version = None      # the next transfer says what it sends
+                self._say_choice()
+        self.runner(lambda: client.versions(sd.uid), done, self._failed)
 
     def _selected(self, selection: dict) -> None:
         if self.sd is None:
             return
         self.sd.select(**selection)
+        self._version = None
+        self._say_choice()
         self.selectionChanged.emit(self.sd.uid, selection)
 
     # ---------------------------------------------------------------- server calls
     def report_context(self, *, link_bps: float | None = None, place: str | None = None) -> None:
         """Tell the server what ``version=auto`` should weigh (V8): this computer's memory
         and processors, the measured link speed (bits/s) and the place of use."""
+        if place is not None:
+            self.place = place
+            if self.reporter is not None:
+                self.reporter.place = place
         if self.client is None:
             return
-        from client.policy import machine_context
+        from client.link import machine_facts
 
         client = self.client
-        self.runner(lambda: client.set_context(link_bps=link_bps, place=place, **machine_context()),
-                    lambda _ctx: None, self._failed)
+        if link_bps is None and self.reporter is not None:
+            self.runner(self.reporter.report, lambda _c: None, self._failed)   # on_report tells
+            return
+        self.runner(lambda: client.set_context(link_bps=link_bps, place=place, **machine_facts()),
+                    self._context, self._failed)
 
     def refresh(self) -> None:
         """Reload the diagnosis record of the current study."""

@@ -142,7 +142,9 @@ def _start_bundled(store: str | None):
 
     if store:
         path = Path(store)
-        if not (path / "catalogue.sqlite").exists():
+        from server_stub.database import store_exists
+
+        if not store_exists(path):
             raise RenderError(f"no image store at {path}")
     else:
         from server_stub.sample import ensure_sample_store

@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                 from server_stub.sample import ensure_sample_store
 
                 ensure_sample_store(root, log=lambda m: print(m, file=sys.stderr)).close()
-            if not (root / "catalogue.sqlite").exists() or not (root / "slides").is_dir():
+            from server_stub.database import store_exists
+
+            if not store_exists(root) or not (root / "slides").is_dir():
                 print(f"medview render: no slide store at {root / 'slides'}", file=sys.stderr)
                 return 1
             store = SlideStore.for_image_store(root)

@@ -36,7 +36,6 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -99,7 +98,7 @@ class Server:
                  cache_bytes: int = 256 << 20, policy: PolicySource | None = None) -> None:
         self.store = store
         self.catalogue = store.catalogue
-        db = str(Path(store.root) / "catalogue.sqlite")
+        db = store.database
         self.policy = policy or PolicySource(store.root)
         self.diagnosis = DiagnosisRecords(db)
         self.auth = authority or Authority(db)
@@ -239,7 +238,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
     scheduler = None
     if schedule and store.read_only is None:
         scheduler = JobScheduler([MigrationJob(srv.tiers)],
-                                 leases=Leases(Path(store.root) / "catalogue.sqlite"))
+                                 leases=Leases(store.database))
     srv.jobs = scheduler
 
     space_back = threading.Event()

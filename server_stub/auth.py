@@ -41,14 +41,13 @@ import logging
 import math
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .dbutil import Db
+from .dbutil import Db, OperationalError
 from .packets import CacheModel
 from .rights import (ACTION_WORDS, ACTIONS, EXAM_PREFIX, PATIENT_PREFIX, Grant, Rule, decide,
                      format_ranges, parse_ranges)
@@ -67,22 +66,24 @@ _DDL = [
     " name TEXT PRIMARY KEY, password_hash TEXT, created REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS groups (name TEXT PRIMARY KEY, created REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS user_groups ("
-    " user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,"
+    ' "user" TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,'
     " grp TEXT NOT NULL REFERENCES groups(name) ON DELETE CASCADE,"
-    " PRIMARY KEY (user, grp))",
+    ' PRIMARY KEY ("user", grp))',
     "CREATE TABLE IF NOT EXISTS rights ("
-    " id INTEGER PRIMARY KEY, subject TEXT NOT NULL, scope TEXT NOT NULL DEFAULT '*',"
+    " id {PK}, subject TEXT NOT NULL, scope TEXT NOT NULL DEFAULT '*',"
     " max_layers INTEGER, max_reduce_min INTEGER, regions TEXT, images TEXT,"
     " versions TEXT, actions TEXT, created REAL NOT NULL, UNIQUE (subject, scope))",
     "CREATE TABLE IF NOT EXISTS audit ("
-    " id INTEGER PRIMARY KEY, at REAL NOT NULL, user TEXT, session TEXT, peer TEXT,"
+    ' id {PK}, at REAL NOT NULL, "user" TEXT, session TEXT, peer TEXT,'
     " action TEXT NOT NULL, resource TEXT, outcome TEXT NOT NULL, http_status INTEGER,"
     " detail TEXT)",
     "CREATE INDEX IF NOT EXISTS audit_at ON audit (at)",
-    "CREATE INDEX IF NOT EXISTS audit_user ON audit (user, at)",
+    'CREATE INDEX IF NOT EXISTS audit_user ON audit ("user", at)',
 ]
 AUDIT_COLS = ("id", "at", "user", "session", "peer", "action", "resource", "outcome",
               "http_status", "detail")
+# "user" is a reserved word in PostgreSQL: quoted in SQL (both engines take the quotes)
+_AUDIT_SQL = tuple('"user"' if c == "user" else c for c in AUDIT_COLS)
 
 
 class AuthError(Exception):
@@ -357,7 +358,7 @@ class AuditWriter:
                 self._cond.notify_all()
             pause = self.retry_s[0]
 
-    _INSERT = ("INSERT INTO audit(at, user, session, peer, action, resource, outcome,"
+    _INSERT = ('INSERT INTO audit(at, "user", session, peer, action, resource, outcome,'
                " http_status, detail) VALUES (?,?,?,?,?,?,?,?,?)")
 
     def _write(self, rows: list[tuple], gap: tuple | None) -> None:
@@ -386,7 +387,7 @@ class Authority:
                  address_failures: int | None = None, allow_local: bool = False,
                  audit_batch: int = 256, audit_buffer: int = 100_000) -> None:
         self._db_path = db_path
-        self.db = Db(db_path, _DDL)
+        self.db = Db(db_path, component="auth", migrations={1: _DDL})
         self.status_of = status_of
         self.policy = policy
         self.clock = clock
@@ -400,8 +401,8 @@ class Authority:
         self._sessions: dict[str, Session] = {}
         if not self.db.read_only:
             with self.db.transaction():
-                self.db.execute("INSERT OR IGNORE INTO users(name, password_hash, created) "
-                                "VALUES (?,?,?)", (LOCAL_USER, None, time.time()))
+                self.db.execute("INSERT INTO users(name, password_hash, created) "
+                                "VALUES (?,?,?) ON CONFLICT DO NOTHING", (LOCAL_USER, None, time.time()))
         self.audit_writer = AuditWriter(self.db, batch=audit_batch, buffer=audit_buffer)
 
     @property
@@ -445,7 +446,7 @@ class Authority:
     def remove_user(self, name: str) -> bool:
         """Remove a user, their group memberships and rules; their sessions end."""
         with self.db.transaction():
-            self.db.execute("DELETE FROM user_groups WHERE user = ?", (name,))
+            self.db.execute('DELETE FROM user_groups WHERE "user" = ?', (name,))
             self.db.execute("DELETE FROM rights WHERE subject = ?", (name,))
             gone = self.db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
         with self._lock:
@@ -460,16 +461,18 @@ class Authority:
         with self.db.transaction():
             if self.db.one("SELECT 1 FROM users WHERE name = ?", (name,)) is None:
                 raise KeyError(f"no user {name!r}")
-            self.db.execute("DELETE FROM user_groups WHERE user = ?", (name,))
+            self.db.execute('DELETE FROM user_groups WHERE "user" = ?', (name,))
             for g in groups:
-                self.db.execute("INSERT OR IGNORE INTO groups(name, created) VALUES (?,?)",
+                self.db.execute("INSERT INTO groups(name, created) VALUES (?,?) "
+                                "ON CONFLICT DO NOTHING",
                                 (g, time.time()))
-                self.db.execute("INSERT OR IGNORE INTO user_groups(user, grp) VALUES (?,?)",
+                self.db.execute('INSERT INTO user_groups("user", grp) VALUES (?,?) '
+                                "ON CONFLICT DO NOTHING",
                                 (name, g))
 
     def groups_of(self, name: str) -> list[str]:
         return [r[0] for r in self.db.all(
-            "SELECT grp FROM user_groups WHERE user = ? ORDER BY grp", (name,))]
+            'SELECT grp FROM user_groups WHERE "user" = ? ORDER BY grp', (name,))]
 
     def users(self) -> list[dict]:
         out = []
@@ -500,7 +503,8 @@ class Authority:
                 raise ValueError(f"a region is x,y,w,h with w, h > 0: {r}")
         with self.db.transaction():
             if rule.subject.startswith("@"):
-                self.db.execute("INSERT OR IGNORE INTO groups(name, created) VALUES (?,?)",
+                self.db.execute("INSERT INTO groups(name, created) VALUES (?,?) "
+                                "ON CONFLICT DO NOTHING",
                                 (rule.subject[1:], time.time()))
             elif not self.user_exists(rule.subject):
                 raise KeyError(f"no user {rule.subject!r}")
@@ -652,7 +656,7 @@ class Authority:
                                   " ON st.patient_pk = p.pk WHERE st.StudyInstanceUID = ?",
                                   (study,))
                 return study, (row[0] if row else None)
-        except sqlite3.OperationalError:       # an authority without a catalogue
+        except OperationalError:               # an authority without a catalogue
             pass
         return study, None
 
@@ -753,7 +757,7 @@ class Authority:
         """Audit rows, newest first (rows still queued are written first)."""
         self.audit_writer.flush()
         where, params = [], []
-        for col, v in (("user", user), ("action", action)):
+        for col, v in (('"user"', user), ("action", action)):
             if v is not None:
                 where.append(f"{col} = ?")
                 params.append(v)
@@ -766,7 +770,7 @@ class Authority:
         if until is not None:
             where.append("at < ?")
             params.append(until)
-        sql = f"SELECT {', '.join(AUDIT_COLS)} FROM audit"
+        sql = f"SELECT {', '.join(_AUDIT_SQL)} FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY at DESC, id DESC"

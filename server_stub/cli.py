@@ -40,6 +40,10 @@ Sub-commands::
     medview-server list studies|series|instances --store DIR [--patient ID] [--study UID]
             [--series UID] [--json]
 
+Every sub-command with ``--store`` also takes ``--database postgresql://...``: the store's
+tables in PostgreSQL instead of the SQLite file ``STORE/catalogue.sqlite``
+(:func:`add_database_option`, :mod:`server_stub.database`).
+
 Exit codes: 0 success; 1 when ``ingest`` skipped a DICOM image it could not take (any
 skip other than "not DICOM" / "not an image"; 3 when it skipped none but quarantined a
 file whose SOP Instance UID is stored with other content), when ``quarantine resolve``
@@ -165,26 +169,32 @@ def _cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def _cmd_upgrade(args: argparse.Namespace) -> int:
-    """Bring a store made by an earlier version up to date: the catalogue's schema, and the
-    separate slide catalogue (``slides/slides.sqlite``) moved into the one catalogue."""
+    """Bring a store made by an earlier version up to date: every component's schema
+    migrations (catalogue, users and audit, diagnosis, tiers, versions, slides, policy
+    copies, job leases; in SQLite or PostgreSQL, see --database), and the separate slide
+    catalogue (``slides/slides.sqlite``) moved into the one catalogue."""
+    from .database import store_exists
+    from .schema_upgrade import upgrade_all
     from .slide_catalogue import CatalogueError as SlideCatalogueError
     from .slide_catalogue import upgrade_slide_catalogue
-    from .store import CATALOGUE_NAME, Store
+    from .store import Store
 
     root = Path(args.store)
-    if not (root / CATALOGUE_NAME).is_file():
-        print(f"error: no store at {root} (no {CATALOGUE_NAME})", file=sys.stderr)
+    if not root.is_dir() or not store_exists(root):
+        print(f"error: no store at {root} (no catalogue)", file=sys.stderr)
         return 2
-    Store(root).close()                              # the catalogue's own schema migrations
-    try:
-        moved = upgrade_slide_catalogue(root / "slides", root / CATALOGUE_NAME)
-    except SlideCatalogueError as e:
-        print(f"error: {e}; nothing was changed", file=sys.stderr)
-        return 1
+    with Store(root) as store:
+        versions = upgrade_all(store)
+        try:
+            moved = upgrade_slide_catalogue(root / "slides", store.database)
+        except SlideCatalogueError as e:
+            print(f"error: {e}; nothing was changed", file=sys.stderr)
+            return 1
+    print(f"{root}: schema " + ", ".join(f"{c} {v}" for c, v in versions.items()))
     if moved is None:
         print(f"{root}: up to date")
     else:
-        print(f"{root}: slide catalogue moved into {CATALOGUE_NAME}: "
+        print(f"{root}: slide catalogue moved into the catalogue database: "
               + ", ".join(f"{n} {t}" for t, n in moved.items()))
     return 0
 
@@ -454,8 +464,8 @@ def _authority(args: argparse.Namespace):
 
     if not Path(args.store).is_dir():
         raise UsageError(f"no store at {args.store}")
-    Store(args.store).close()          # creates the catalogue if needed
-    return Authority(str(Path(args.store) / "catalogue.sqlite"))
+    with Store(args.store) as store:   # creates the catalogue if needed
+        return Authority(store.database)
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -569,7 +579,7 @@ def _services(args: argparse.Namespace):
     store = Store(args.store)
     policy = PolicySource(store.root, getattr(args, "policy", None))
     versions = VersionTable(store, policy.get)
-    diag = DiagnosisRecords(store.root / "catalogue.sqlite")
+    diag = DiagnosisRecords(store.database)
     tiers = Tiers(store, versions=versions.get, status_of=diag.status,
                   settings=lambda: policy.get().storage)
     return store, policy, versions, diag, tiers
@@ -650,7 +660,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from .listing import format_rows, list_store
     from .store import Store
 
-    if not (Path(args.store) / "catalogue.sqlite").is_file():
+    from .database import store_exists
+
+    if not store_exists(args.store):
         raise UsageError(f"no store at {args.store}")
     with Store(args.store) as store:
         rows = list_store(store.catalogue, args.level, patient=args.patient,
@@ -987,10 +999,43 @@ class UsageError(Exception):
     """A command-line mistake the user can fix (printed, exit code 2)."""
 
 
+def add_database_option(parser: argparse.ArgumentParser) -> None:
+    """``--database URL`` on every sub-command that takes ``--store``: where the store's
+    tables live (default: ``STORE/catalogue.sqlite``, or the environment variable
+    MEDVIEW_DATABASE); see :mod:`server_stub.database`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for p in set(action.choices.values()):
+                add_database_option(p)
+    if any("--store" in a.option_strings for a in parser._actions) and \
+            not any("--database" in a.option_strings for a in parser._actions):
+        parser.add_argument(
+            "--database", metavar="URL",
+            help="the store's database: postgresql://USER@HOST/DB (default: the SQLite "
+                 "file STORE/catalogue.sqlite, or $MEDVIEW_DATABASE)")
+
+
+def _use_database(args: argparse.Namespace) -> None:
+    """The --database of the command line, for every Store of this process at --store."""
+    from .database import DatabaseConfigError, use_database
+
+    url = getattr(args, "database", None)
+    store = getattr(args, "store", None)
+    if url and store:
+        try:
+            use_database(store, url)
+        except DatabaseConfigError as e:
+            raise UsageError(str(e)) from None
+    elif url:
+        raise UsageError("--database needs --store")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    add_database_option(parser)
     args = parser.parse_args(argv)
     try:
+        _use_database(args)
         return int(args.func(args))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -43,11 +43,11 @@ _DDL = [
     " study_uid TEXT PRIMARY KEY, status INTEGER NOT NULL CHECK (status BETWEEN 1 AND 5),"
     " changed_by TEXT, changed_at REAL NOT NULL)",
     "CREATE TABLE IF NOT EXISTS study_status_history ("
-    " id INTEGER PRIMARY KEY, study_uid TEXT NOT NULL, status INTEGER NOT NULL,"
+    " id {PK}, study_uid TEXT NOT NULL, status INTEGER NOT NULL,"
     " previous INTEGER NOT NULL, changed_by TEXT, changed_at REAL NOT NULL, comment TEXT)",
     "CREATE INDEX IF NOT EXISTS study_status_history_study ON study_status_history (study_uid)",
     "CREATE TABLE IF NOT EXISTS diag_item ("
-    " id INTEGER PRIMARY KEY, study_uid TEXT NOT NULL,"
+    " id {PK}, study_uid TEXT NOT NULL,"
     " kind TEXT NOT NULL CHECK (kind IN ('note', 'annotation', 'report')),"
     " series_uid TEXT, image_key TEXT, rev INTEGER NOT NULL,"
     " deleted INTEGER NOT NULL DEFAULT 0, body TEXT NOT NULL,"
@@ -131,7 +131,7 @@ class DiagnosisRecords:
     """Status and diagnostic items of studies, in the catalogue database."""
 
     def __init__(self, db_path: str | Path, clock=time.time) -> None:
-        self.db = Db(db_path, _DDL)
+        self.db = Db(db_path, component="diagnosis", migrations={1: _DDL})
         self.clock = clock
 
     def close(self) -> None:
@@ -225,12 +225,12 @@ class DiagnosisRecords:
                 if row is not None:
                     raise DiagnosisError("the study already has a report: edit it", 409,
                                          id=row[0], rev=row[1])
-            cur = self.db.execute(
+            (item_id,) = self.db.one(
                 "INSERT INTO diag_item(study_uid, kind, series_uid, image_key, rev, body,"
-                " created_by, created_at, updated_by, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " created_by, created_at, updated_by, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " RETURNING id",
                 (study_uid, kind, body.get("series"), body.get("image"), 1,
                  json.dumps(body, separators=(",", ":")), user, now, user, now))
-            item_id = cur.lastrowid
             self._revise(item_id, 1, "create", body, user, now)
         return self.get(item_id)
 

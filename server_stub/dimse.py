@@ -453,7 +453,7 @@ class DimseServer:
         from .tiers import Tiers
         self.tiers = Tiers(store)             # originals, recalled from the archive if needed
         self._own_auth = authority is None
-        self.auth = authority or Authority(str(Path(store.root) / "catalogue.sqlite"))
+        self.auth = authority or Authority(store.database)
         self.verify = verify
         self.host, self.port, self.ae_title = host, int(port), check_ae_title(ae_title)
         self._models = {

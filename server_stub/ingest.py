@@ -1372,7 +1372,7 @@ def store_auditor(store: Store, user: str | None = None) -> tuple[AuditFn, Calla
         from .auth import Authority
 
         if not holder:
-            holder.append(Authority(str(store.root / "catalogue.sqlite")))
+            holder.append(Authority(store.database))
         holder[0].audit(user=who, action=action, resource=resource, outcome=outcome,
                         detail=detail)
 

@@ -45,7 +45,7 @@ class Leases:
 
     def __init__(self, db_path, *, holder: str | None = None, ttl: float = 600.0,
                  clock: Callable[[], float] = time.time) -> None:
-        self.db = Db(db_path, _DDL)
+        self.db = Db(db_path, component="jobs", migrations={1: _DDL})
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl = ttl
         self.clock = clock
@@ -54,8 +54,8 @@ class Leases:
         """Take (or renew) the lease ``name``: True if this holder has it now."""
         now = self.clock()
         with self.db.transaction():
-            self.db.execute("INSERT OR IGNORE INTO job_lease(name, holder, expires_at) "
-                            "VALUES (?, NULL, 0)", [name])
+            self.db.execute("INSERT INTO job_lease(name, holder, expires_at) "
+                            "VALUES (?, NULL, 0) ON CONFLICT DO NOTHING", [name])
             cur = self.db.execute(
                 "UPDATE job_lease SET holder = ?, expires_at = ?, taken_at = ? "
                 "WHERE name = ? AND (holder = ? OR holder IS NULL OR expires_at < ?)",

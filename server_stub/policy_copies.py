@@ -57,7 +57,8 @@ class PolicyCopies:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.db = Db(store.root / "catalogue.sqlite", _DDL)
+        store.catalogue                   # its tables first (the foreign keys name them)
+        self.db = Db(store.database, component="policy_copies", migrations={1: _DDL})
 
     def close(self) -> None:
         self.db.close()
@@ -82,9 +83,10 @@ class PolicyCopies:
         verified = ("byte copy" if res.status == "kept" else "bit-exact") if ok else "failed"
         with self.db.transaction():
             self.db.execute(
-                "INSERT OR REPLACE INTO policy_copy (instance_pk, sop, codec, transfer_syntax,"
+                "INSERT INTO policy_copy (instance_pk, sop, codec, transfer_syntax,"
                 " relpath, sha256, size, source_size, ratio, verified, detail, seconds, policy,"
-                " made_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " made_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (instance_pk) DO "
+                "UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in PolicyCopies._COLS[1:]),
                 (instance_pk, res.file, res.codec or "?", res.transfer_syntax or None,
                  relpath if ok else None, res.sha256 if ok else None,
                  res.bytes_after if ok else None, res.bytes_before, res.ratio if ok else None,
@@ -106,7 +108,8 @@ def conversion_health(catalogue) -> dict:
     db = catalogue.db
     if not db.table_exists("policy_copy"):
         return {"copies": 0, "failed": 0}
-    n, failed = db.one("SELECT COUNT(*), COALESCE(SUM(verified = 'failed'), 0) FROM policy_copy")
+    n, failed = db.one("SELECT COUNT(*), COALESCE(SUM(CASE WHEN verified = 'failed' "
+                       "THEN 1 ELSE 0 END), 0) FROM policy_copy")
     return {"copies": int(n), "failed": int(failed)}
 
 
@@ -239,7 +242,7 @@ def convert_store(root: str | Path | Store, *, policy_file: str | Path | None = 
 def _audit(store: Store, sop: str | None, outcome: str, detail: dict) -> None:
     from .auth import Authority
 
-    auth = Authority(str(store.root / "catalogue.sqlite"))
+    auth = Authority(store.database)
     try:
         auth.audit(user="local", action="convert", resource=sop, outcome=outcome, detail=detail)
     finally:

@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from server_stub.catalogue import Catalogue
-from server_stub.dbutil import Db
+from server_stub.dbutil import Db, IntegrityError, ddl_for, is_postgres
 from imaging.files import fsync_dir
 
 TIERS = ("recent", "mid", "long")
@@ -51,14 +51,14 @@ PATIENT_STATUS = ("inpatient", "outpatient", "discharged")
 
 _DDL = [
     "CREATE TABLE IF NOT EXISTS exam ("
-    " pk INTEGER PRIMARY KEY,"
+    " pk {PK},"
     " patient_pk INTEGER NOT NULL REFERENCES patient(pk) ON DELETE RESTRICT,"
     " accession TEXT NOT NULL UNIQUE,"
     " exam_date TEXT,"
     " description TEXT)",
     "CREATE INDEX IF NOT EXISTS exam_patient ON exam(patient_pk)",
     "CREATE TABLE IF NOT EXISTS slide ("
-    " pk INTEGER PRIMARY KEY,"
+    " pk {PK},"
     " slide_uid TEXT NOT NULL UNIQUE,"
     " exam_pk INTEGER NOT NULL REFERENCES exam(pk) ON DELETE RESTRICT,"
     " label TEXT,"
@@ -79,7 +79,7 @@ _DDL = [
     " qc TEXT)",
     "CREATE INDEX IF NOT EXISTS slide_exam ON slide(exam_pk)",
     "CREATE TABLE IF NOT EXISTS tier_move ("
-    " pk INTEGER PRIMARY KEY,"
+    " pk {PK},"
     " slide_pk INTEGER NOT NULL REFERENCES slide(pk) ON DELETE CASCADE,"
     " from_tier TEXT NOT NULL, to_tier TEXT NOT NULL,"
     " state TEXT NOT NULL CHECK (state IN ('copying', 'committed', 'done', 'failed')),"
@@ -93,7 +93,7 @@ _DDL = [
     " created_at TEXT NOT NULL,"
     " PRIMARY KEY (slide_pk, key))",
     "CREATE TABLE IF NOT EXISTS station ("
-    " pk INTEGER PRIMARY KEY,"
+    " pk {PK},"
     " name TEXT NOT NULL UNIQUE,"
     " cache_dir TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS assignment ("
@@ -131,7 +131,7 @@ _PATIENT_SELECT = ("SELECT pk, PatientID AS patient_id, NULLIF(PatientName, '') 
 
 def _add_patient_columns(db: Db) -> None:
     with db.transaction():
-        have = {r[1] for r in db.all("PRAGMA table_info(patient)")}   # SQLite-specific
+        have = set(db.columns("patient"))
         for name, decl in _PATIENT_COLUMNS:
             if name not in have:
                 db.execute(f"ALTER TABLE patient ADD COLUMN {name} {decl}")
@@ -141,11 +141,13 @@ class SlideCatalogue:
     """The slide tables of the catalogue database at ``path`` (``catalogue.sqlite``)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """``path``: the SQLite file or a PostgreSQL URL (server_stub.database)."""
+        self.path = path if is_postgres(path) else Path(path)
+        if not is_postgres(path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         Catalogue(self.path).close()           # the catalogue's own schema (patients) first
-        self.db = Db(self.path, _DDL)
-        _add_patient_columns(self.db)
+        self.db = Db(self.path, component="slides",
+                     migrations={1: _DDL, 2: _add_patient_columns})
 
     def close(self) -> None:
         self.db.close()
@@ -176,9 +178,9 @@ class SlideCatalogue:
                 f"({', '.join(repr(r[1]) for r in rows)}): give the patient's name")
         if not create:
             return None
-        return self.db.execute(
+        return self.db.insert(
             "INSERT INTO patient(PatientID, PatientName, status) VALUES (?,?,?)",
-            [patient_id, name or "", "outpatient"]).lastrowid
+            [patient_id, name or "", "outpatient"])
 
     def ensure_patient(self, patient_id: str, name: str | None = None,
                        status: str | None = None) -> int:
@@ -214,9 +216,9 @@ class SlideCatalogue:
                 if row[1] != ppk:
                     raise CatalogueError(f"exam {accession} belongs to another patient")
                 return row[0]
-            return self.db.execute(
+            return self.db.insert(
                 "INSERT INTO exam(patient_pk, accession, exam_date, description) VALUES (?,?,?,?)",
-                [ppk, accession, exam_date, description]).lastrowid
+                [ppk, accession, exam_date, description])
 
     def patient(self, patient_id: str) -> dict | None:
         r = _rows(self.db.execute(_PATIENT_SELECT + " WHERE PatientID = ? ORDER BY pk",
@@ -231,15 +233,13 @@ class SlideCatalogue:
 
     def delete_patient(self, patient_id: str) -> None:
         """Refused while the patient has exams (ON DELETE RESTRICT) or studies."""
-        import sqlite3
-
         try:
             with self.db.transaction():
                 if self.db.one("SELECT 1 FROM study st JOIN patient p ON p.pk = st.patient_pk"
                                " WHERE p.PatientID = ?", [patient_id]):
                     raise CatalogueError(f"patient {patient_id} still has radiology studies")
                 self.db.execute("DELETE FROM patient WHERE PatientID = ?", [patient_id])
-        except sqlite3.IntegrityError as e:
+        except IntegrityError as e:
             raise CatalogueError(f"patient {patient_id} still has exams: {e}") from e
 
     # ------------------------------------------------------------------ slides
@@ -253,11 +253,9 @@ class SlideCatalogue:
         if tier not in TIERS:
             raise CatalogueError(f"tier must be one of {', '.join(TIERS)}")
         qc_status = "unchecked" if qc is None else ("flagged" if qc.get("flags") else "pass")
-        import sqlite3
-
         try:
             with self.db.transaction():
-                return self.db.execute(
+                return self.db.insert(
                     "INSERT INTO slide(slide_uid, exam_pk, label, stain, state, tier, path,"
                     " acquired_at, ingested_at, width, height, levels, tile_size, mpp, bytes,"
                     " manifest_sha256, source, qc_status, qc)"
@@ -265,8 +263,8 @@ class SlideCatalogue:
                     [slide_uid, exam_pk, label, stain, state, tier, path, acquired_at,
                      now_iso(), width, height, levels, tile_size, mpp, nbytes,
                      manifest_sha256, source, qc_status,
-                     json.dumps(qc) if qc is not None else None]).lastrowid
-        except sqlite3.IntegrityError as e:
+                     json.dumps(qc) if qc is not None else None])
+        except IntegrityError as e:
             raise CatalogueError(f"cannot catalogue slide {slide_uid}: {e}") from e
 
     _SLIDE_COLS = ("s.*, e.accession, e.exam_date, e.description AS exam_description,"
@@ -281,7 +279,11 @@ class SlideCatalogue:
 
     def slide(self, ref: str | int) -> dict | None:
         """A slide by UID or by its number (pk)."""
-        key = "s.pk" if isinstance(ref, int) or str(ref).isdigit() else "s.slide_uid"
+        key = "s.slide_uid"
+        if isinstance(ref, int) or str(ref).isdigit():
+            key, ref = "s.pk", int(ref)
+            if not 0 < ref < 1 << 63:        # no such key (and no 64-bit overflow)
+                return None
         rows = _rows(self.db.execute(f"SELECT {self._SLIDE_COLS} FROM {self._SLIDE_FROM} "
                                      f"WHERE {key} = ?", [ref]))
         return self._decode(rows)[0] if rows else None
@@ -314,9 +316,9 @@ class SlideCatalogue:
     # ------------------------------------------------------------------ tier journal
     def begin_move(self, slide_pk: int, src: str, dst: str) -> int:
         with self.db.transaction():
-            return self.db.execute(
+            return self.db.insert(
                 "INSERT INTO tier_move(slide_pk, from_tier, to_tier, state, started_at)"
-                " VALUES (?,?,?,'copying',?)", [slide_pk, src, dst, now_iso()]).lastrowid
+                " VALUES (?,?,?,'copying',?)", [slide_pk, src, dst, now_iso()])
 
     def end_move(self, move_pk: int, state: str, detail: str | None = None) -> None:
         with self.db.transaction():
@@ -336,8 +338,10 @@ class SlideCatalogue:
     # ------------------------------------------------------------------ temp tier
     def add_temp_tile(self, slide_pk: int, key: str, path: str, sha256: str, size: int) -> None:
         with self.db.transaction():
-            self.db.execute("INSERT OR REPLACE INTO temp_tile(slide_pk, key, path, sha256, size,"
-                            " created_at) VALUES (?,?,?,?,?,?)",
+            self.db.execute("INSERT INTO temp_tile(slide_pk, key, path, sha256, size,"
+                            " created_at) VALUES (?,?,?,?,?,?) ON CONFLICT (slide_pk, key) DO"
+                            " UPDATE SET path = excluded.path, sha256 = excluded.sha256,"
+                            " size = excluded.size, created_at = excluded.created_at",
                             [slide_pk, key, path, sha256, size, now_iso()])
 
     def temp_tile(self, slide_pk: int, key: str) -> dict | None:
@@ -364,8 +368,8 @@ class SlideCatalogue:
             if row:
                 self.db.execute("UPDATE station SET cache_dir = ? WHERE pk = ?", [cache_dir, row[0]])
                 return row[0]
-            return self.db.execute("INSERT INTO station(name, cache_dir) VALUES (?,?)",
-                                   [name, cache_dir]).lastrowid
+            return self.db.insert("INSERT INTO station(name, cache_dir) VALUES (?,?)",
+                                   [name, cache_dir])
 
     def station(self, name: str) -> dict | None:
         r = _rows(self.db.execute("SELECT * FROM station WHERE name = ?", [name]))
@@ -382,8 +386,8 @@ class SlideCatalogue:
                 raise CatalogueError(f"unknown reading station {station!r}")
             if ex is None:
                 raise CatalogueError(f"unknown exam {accession!r}")
-            self.db.execute("INSERT OR IGNORE INTO assignment(station_pk, exam_pk, assigned_at)"
-                            " VALUES (?,?,?)", [st[0], ex[0], now_iso()])
+            self.db.execute("INSERT INTO assignment(station_pk, exam_pk, assigned_at)"
+                            " VALUES (?,?,?) ON CONFLICT DO NOTHING", [st[0], ex[0], now_iso()])
 
     def assignments(self, station: str | None = None, pending_only: bool = False) -> list[dict]:
         sql = ("SELECT st.name AS station, st.cache_dir, e.accession, e.pk AS exam_pk,"
@@ -397,7 +401,7 @@ class SlideCatalogue:
             where.append("a.distributed_at IS NULL")
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return _rows(self.db.execute(sql + " ORDER BY a.assigned_at, a.rowid", params))
+        return _rows(self.db.execute(sql + " ORDER BY a.assigned_at, a.exam_pk, a.station_pk", params))
 
     def mark_distributed(self, station: str, accession: str) -> None:
         with self.db.transaction():
@@ -424,13 +428,14 @@ LEGACY_FILE = "slides.sqlite"
 # the patient table of the separate slide catalogue (stores made before the one catalogue)
 LEGACY_PATIENT_DDL = (
     "CREATE TABLE IF NOT EXISTS patient ("
-    " pk INTEGER PRIMARY KEY,"
+    " pk {PK},"
     " patient_id TEXT NOT NULL UNIQUE,"
     " name TEXT,"
     " status TEXT NOT NULL DEFAULT 'outpatient'"
     "   CHECK (status IN ('inpatient', 'outpatient', 'discharged')),"
     " discharged_at TEXT)")
-LEGACY_DDL = [LEGACY_PATIENT_DDL] + _DDL
+# the separate SQLite slide catalogue of earlier versions (tests build one to upgrade)
+LEGACY_DDL = [ddl_for("sqlite", s) for s in [LEGACY_PATIENT_DDL] + _DDL]
 
 
 def upgrade_slide_catalogue(slides_root: str | Path, catalogue_path: str | Path) -> dict | None:
@@ -480,10 +485,10 @@ def upgrade_slide_catalogue(slides_root: str | Path, catalogue_path: str | Path)
                                              "another patient in the catalogue")
                     exam_pk[e["pk"]] = have[0]
                     continue
-                exam_pk[e["pk"]] = db.execute(
+                exam_pk[e["pk"]] = db.insert(
                     "INSERT INTO exam(patient_pk, accession, exam_date, description)"
                     " VALUES (?,?,?,?)", [patient_pk[e["patient_pk"]], e["accession"],
-                                          e["exam_date"], e["description"]]).lastrowid
+                                          e["exam_date"], e["description"]])
                 moved["exam"] += 1
             cols = [c for c in (old["slide"][0].keys() if old["slide"] else ())
                     if c not in ("pk", "exam_pk")]
@@ -497,10 +502,10 @@ def upgrade_slide_catalogue(slides_root: str | Path, catalogue_path: str | Path)
                                              "already with another manifest")
                     slide_pk[s["pk"]] = have[0]
                     continue
-                slide_pk[s["pk"]] = db.execute(
+                slide_pk[s["pk"]] = db.insert(
                     f"INSERT INTO slide(exam_pk, {', '.join(cols)}) VALUES "
                     f"({', '.join('?' * (len(cols) + 1))})",
-                    [exam_pk[s["exam_pk"]]] + [s[c] for c in cols]).lastrowid
+                    [exam_pk[s["exam_pk"]]] + [s[c] for c in cols])
                 fresh.add(s["pk"])
                 moved["slide"] += 1
             for m in old["tier_move"]:
@@ -511,20 +516,22 @@ def upgrade_slide_catalogue(slides_root: str | Path, catalogue_path: str | Path)
                                 m["state"], m["started_at"], m["finished_at"], m["detail"]])
                     moved["tier_move"] += 1
             for t in old["temp_tile"]:
-                cur = db.execute("INSERT OR IGNORE INTO temp_tile(slide_pk, key, path, sha256,"
-                                 " size, created_at) VALUES (?,?,?,?,?,?)",
+                cur = db.execute("INSERT INTO temp_tile(slide_pk, key, path, sha256,"
+                                 " size, created_at) VALUES (?,?,?,?,?,?)"
+                                 " ON CONFLICT DO NOTHING",
                                  [slide_pk[t["slide_pk"]], t["key"], t["path"], t["sha256"],
                                   t["size"], t["created_at"]])
                 moved["temp_tile"] += cur.rowcount
             for st in old["station"]:
                 have = db.one("SELECT pk FROM station WHERE name = ?", [st["name"]])
-                station_pk[st["pk"]] = have[0] if have else db.execute(
+                station_pk[st["pk"]] = have[0] if have else db.insert(
                     "INSERT INTO station(name, cache_dir) VALUES (?,?)",
-                    [st["name"], st["cache_dir"]]).lastrowid
+                    [st["name"], st["cache_dir"]])
                 moved["station"] += have is None
             for a in old["assignment"]:
-                cur = db.execute("INSERT OR IGNORE INTO assignment(station_pk, exam_pk,"
-                                 " assigned_at, distributed_at) VALUES (?,?,?,?)",
+                cur = db.execute("INSERT INTO assignment(station_pk, exam_pk,"
+                                 " assigned_at, distributed_at) VALUES (?,?,?,?)"
+                                 " ON CONFLICT DO NOTHING",
                                  [station_pk[a["station_pk"]], exam_pk[a["exam_pk"]],
                                   a["assigned_at"], a["distributed_at"]])
                 moved["assignment"] += cur.rowcount

@@ -36,7 +36,7 @@ from imaging.tilesource import TileSource, open_slide
 from .slide_catalogue import (TIERS, CatalogueError, SlideCatalogue, age_days, now_iso,
                               upgrade_slide_catalogue)
 from .slide_pyramid import build_pyramid
-from .store import CATALOGUE_NAME
+from .database import CATALOGUE_NAME, database_of  # noqa: F401
 
 log = logging.getLogger("medview.pathology")
 
@@ -98,7 +98,7 @@ class SlideStore:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         # the one catalogue: the image store's database (``root`` is ``<store>/slides``)
-        self.catalogue_path = Path(catalogue or self.root.parent / CATALOGUE_NAME)
+        self.catalogue_path = catalogue or database_of(self.root.parent)
         moved = upgrade_slide_catalogue(self.root, self.catalogue_path)
         if moved is not None:
             log.warning("slide catalogue moved into %s: %s", self.catalogue_path, moved)

@@ -38,7 +38,6 @@ import errno
 import hashlib
 import os
 import re
-import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -48,13 +47,13 @@ from imaging.files import write_file_atomic as _write_file_atomic
 
 from . import faults
 from .catalogue import Catalogue
-from .dbutil import StorageFull, is_disk_full, set_read_only
+from .database import CATALOGUE_NAME, database_of, note_database, use_database
+from .dbutil import DatabaseError, StorageFull, is_disk_full, set_read_only
 
 MIN_FREE_BYTES = 16 << 20        # below this much free space a server starts read-only
 
 _fsync_dir = fsync_dir   # the name the server's modules use
 
-CATALOGUE_NAME = "catalogue.sqlite"
 ORIGINALS_DIR = "originals"
 J2K_DIR = "j2k"
 
@@ -166,8 +165,10 @@ class DurableBatch:
 class Store:
     """A store directory: originals, codestreams, packet indexes and the catalogue."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, database: str | None = None):
         self.root = Path(root).resolve()
+        if database:
+            use_database(self.root, database)
         for d in (self.root, self.root / ORIGINALS_DIR, self.root / J2K_DIR):
             self._ensure_dir(d)
         self._catalogue: Catalogue | None = None
@@ -177,11 +178,19 @@ class Store:
     # ------------------------------------------------------------------ basics
 
     @property
+    def database(self) -> str:
+        """The store's database: the SQLite file path, or a PostgreSQL URL
+        (:func:`server_stub.database.database_of`); every table of the store is there."""
+        return database_of(self.root)
+
+    @property
     def catalogue(self) -> Catalogue:
         """The store's catalogue (opened on first use, shared by all threads)."""
         with self._cat_lock:
             if self._catalogue is None:
-                self._catalogue = Catalogue(self.root / CATALOGUE_NAME)
+                where = self.database
+                self._catalogue = Catalogue(where)
+                note_database(self.root, where)
             return self._catalogue
 
     def close(self) -> None:
@@ -190,7 +199,7 @@ class Store:
                 self._catalogue.close()
                 self._catalogue = None
         if self.read_only is not None:       # a later Store on this path decides anew
-            set_read_only(self.root / CATALOGUE_NAME, None)
+            set_read_only(self.database, None)
 
     def free_bytes(self) -> int:
         """Free space on the store's file system (for unprivileged writers)."""
@@ -211,7 +220,7 @@ class Store:
         else:
             try:
                 self.catalogue
-            except (sqlite3.Error, OSError, StorageFull) as e:
+            except (DatabaseError, OSError, StorageFull) as e:
                 if not is_disk_full(e):
                     raise
                 reason = f"the store's disk is full (the catalogue cannot be written: {e})"
@@ -227,7 +236,7 @@ class Store:
         if self.free_bytes() < min_free:
             return False
         self.read_only = None
-        set_read_only(self.root / CATALOGUE_NAME, None)
+        set_read_only(self.database, None)
         return True
 
     def set_read_only(self, reason: str) -> None:
@@ -235,7 +244,7 @@ class Store:
         self.read_only = None
         self.close()
         self.read_only = reason
-        set_read_only(self.root / CATALOGUE_NAME, reason)
+        set_read_only(self.database, reason)
 
     def __enter__(self) -> "Store":
         return self

@@ -94,8 +94,10 @@ _DDL = [
     " state TEXT NOT NULL CHECK (state IN ('archived', 'recalled')),"
     " archive TEXT NOT NULL, archive_key TEXT NOT NULL,"
     " migrated_at REAL NOT NULL, recalled_at REAL)",
-    # final copies (server_stub.policy_copies) move like originals; sha256 names the
-    # copy the row is about (a newer copy under another policy has no tier row yet)
+]
+# migration step 3: final copies (server_stub.policy_copies) move like originals; sha256
+# names the copy the row is about (a newer copy under another policy has no tier row yet)
+_FINAL_DDL = [
     "CREATE TABLE IF NOT EXISTS final_tier ("
     " instance_pk INTEGER PRIMARY KEY REFERENCES instance(pk) ON DELETE CASCADE,"
     " state TEXT NOT NULL CHECK (state IN ('archived', 'recalled')),"
@@ -107,7 +109,7 @@ _DDL = [
 _SERIES_OF_FRAME = ("SELECT se.SeriesInstanceUID AS uid FROM frame f JOIN instance i "
                     "ON f.instance_pk = i.pk JOIN series se ON i.series_pk = se.pk "
                     "WHERE f.pk = {}")
-_DDL += [
+_TRIGGERS = [                 # migration step 2 of the tiers' tables
     GENERATION_TABLE,
     generation_trigger("gen_frame_tier_insert", "AFTER INSERT", "frame_tier",
                        _SERIES_OF_FRAME.format("NEW.frame_pk")),
@@ -348,7 +350,10 @@ class Tiers:
     def __init__(self, store: Store, *, versions=None, status_of=None,
                  settings=None, clock: Callable[[], float] = time.time) -> None:
         self.store = store
-        self.db = Db(store.root / "catalogue.sqlite", _DDL)
+        store.catalogue                   # its tables first (the foreign keys name them)
+        # versioned: a table or column added later is a new step, never an edit of a step
+        self.db = Db(store.database, component="tiers",
+                     migrations={1: _DDL, 2: _TRIGGERS, 3: _FINAL_DDL})
         self.versions = versions
         self.status_of = status_of
         self.settings = settings          # () -> StorageSettings
@@ -898,7 +903,7 @@ class Tiers:
 
 def tier_fsck(store: Store, refs, report: FsckReport, repair: bool):
     """The :func:`server_stub.fsck.fsck` hook: a no-op for a store that never migrated."""
-    db = Db(store.root / "catalogue.sqlite")
+    db = Db(store.database)
     try:
         if not db.table_exists("frame_tier"):
             return refs

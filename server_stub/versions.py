@@ -38,7 +38,7 @@ class VersionTable:
         self.store = store
         self.facts = facts          # a SeriesFacts: the memo is checked by generation
         self.policy = policy
-        self.db = Db(store.root / "catalogue.sqlite", _DDL)
+        self.db = Db(store.database, component="versions", migrations={1: _DDL})
         self._index_of = index_of or self._read_index
         self._memo: dict[str, tuple[tuple, SeriesVersions]] = {}
         self._lock = threading.Lock()

@@ -12,6 +12,8 @@ import requests
 from codestream import framing
 from codestream.index import PacketIndex
 from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppParser
+from server_stub.database import database_of
+from server_stub.dbutil import is_postgres
 from server_stub.store import Store
 from waits import WAIT_S
 
@@ -22,12 +24,28 @@ def copy_store(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for d in ("originals", "j2k"):
         shutil.copytree(src / d, dst / d)
+    if is_postgres(database_of(src)):          # MEDVIEW_TEST_DATABASE=postgresql
+        from pgcluster import copy_schema
+
+        copy_schema(database_of(src), database_of(dst))
+        return dst
     s = sqlite3.connect(src / "catalogue.sqlite")
     d = sqlite3.connect(dst / "catalogue.sqlite")
     with d:
         s.backup(d)
     s.close()
     d.close()
+    return dst
+
+
+def copy_store_tree(src: Path, dst: Path) -> Path:
+    """A copy of a whole store directory with its database, whatever the engine (the
+    SQLite file is in the tree; a PostgreSQL schema is copied beside)."""
+    shutil.copytree(src, dst)
+    if is_postgres(database_of(src)):
+        from pgcluster import copy_schema
+
+        copy_schema(database_of(src), database_of(dst))
     return dst
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from server_stub.catalogue import (SERIES_IMAGE_KEYS, Catalogue, CatalogueError,
                                    DuplicateInstanceError, QueryError)
+from server_stub.dbutil import IntegrityError, ddl_for
 from server_stub.ingest import ingest_paths
 from server_stub.sample import find_test_file
 from server_stub.store import Store
@@ -277,7 +278,7 @@ def test_add_instance_is_one_transaction(ingest_catalogue):
     p = _patient("P9", "NEW^PATIENT")
     bad_frames = _frames("9.9.9.1", 2)
     bad_frames[1]["frame"] = 1                       # violates UNIQUE(instance, frame)
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         cat.add_instance(_instance(p, _study("9.9", "20200101"), _series("9.9.9", "CT"),
                                    "9.9.9.1", frames=2), bad_frames)
     assert cat.counts() == before                    # no patient, study, series or row left
@@ -390,7 +391,7 @@ def test_version_1_catalogue_migrates_and_keeps_its_rows(tmp_path):
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)
     for stmt in catmod._DDL:
-        conn.execute(stmt.replace(",\n        geometry_flags TEXT)", ")"))
+        conn.execute(ddl_for("sqlite", stmt))     # version 1: no geometry_flags yet
     conn.execute("INSERT INTO schema_version (version) VALUES (1)")
     cols = {r[1] for r in conn.execute("PRAGMA table_info(instance)")}
     assert "geometry_flags" not in cols

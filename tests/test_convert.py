@@ -533,7 +533,7 @@ def test_store_failed_copy_is_an_alarm(tmp_path, capsys):
     store = Store(root)
     try:
         assert conversion_health(store.catalogue)["failed"] == 1
-        auth = Authority(str(store.root / "catalogue.sqlite"))
+        auth = Authority(store.database)
         rows = auth.audit_rows(action="convert")
         assert any(r["outcome"] == "failed" and r["resource"] == neg
                    and "signed" in r["detail"]["error"] for r in rows)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+
+from server_stub.database import database_of
 from pydicom.uid import generate_uid
 
 from codestream.encode import decode_full
@@ -465,7 +467,7 @@ def test_conflict_quarantined_in_either_order(tmp_path, kind, order, capsys):
     assert [r["conflict"] for r in rows] == [True]
     # the audit log names it
     from server_stub.auth import Authority
-    auth = Authority(str(sdir / "catalogue.sqlite"))
+    auth = Authority(database_of(sdir))
     (row,) = auth.audit_rows(action="ingest")
     auth.close()
     assert row["outcome"] == "quarantined" and row["resource"] == sop
@@ -525,7 +527,7 @@ def test_quarantine_replace_keeps_the_former_original(tmp_path):
         assert not store.catalogue.series_images(inst["SeriesInstanceUID"])[0]["conflict"]
         assert fsck(store).clean
         from server_stub.auth import Authority
-        auth = Authority(str(sdir / "catalogue.sqlite"))
+        auth = Authority(database_of(sdir))
         assert [r["outcome"] for r in auth.audit_rows(action="quarantine-resolve")] == \
             ["replace"]
         auth.close()

@@ -136,20 +136,19 @@ def test_unknown_input_names_every_reader(tmp_path):
 
 
 def test_catalogue_referential_integrity(stored):
-    import sqlite3
-
+    from server_stub.dbutil import IntegrityError
     from server_stub.slide_catalogue import CatalogueError
 
     st, row = stored
     cat = st.catalogue
     with pytest.raises(CatalogueError, match="still has exams"):
         cat.delete_patient("P1")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         with cat.db.transaction():
             cat.db.execute("INSERT INTO slide(slide_uid, exam_pk, state, tier, path, ingested_at,"
                            " width, height, levels, tile_size, bytes, manifest_sha256)"
                            " VALUES ('x', 9999, 'low', 'recent', 'x', 'now', 1, 1, 1, 256, 1, 'x')")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityError):
         with cat.db.transaction():
             cat.db.execute("UPDATE slide SET state = 'medium' WHERE pk = ?", [row["pk"]])
     got = cat.slide(row["slide_uid"])

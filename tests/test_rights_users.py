@@ -6,6 +6,8 @@ import io
 import json
 
 import pytest
+
+from server_stub.database import database_of
 import requests
 
 from client import ServerError, Session
@@ -53,7 +55,7 @@ def test_user_commands(ustore, monkeypatch, capsys):
                          "--actions", "fly")
     assert rc == 2 and "unknown action" in err
     with Store(ustore):
-        auth = Authority(str(ustore / "catalogue.sqlite"))
+        auth = Authority(database_of(ustore))
         g = auth.grant_for("carol", "1.2.3")
         assert g.max_reduce_min == 1 and g.actions == {"fetch", "browse"}
         g = auth.grant_for("carol", "9.9")

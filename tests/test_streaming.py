@@ -369,12 +369,10 @@ def test_bad_model_declaration(server, ct_series_uid):
 
 def test_damaged_codestream_in_store(tmp_path, ct_store, ct_series_uid):
     """A truncated codestream file gives a clear error; the other images still flow."""
-    import shutil
-
     from server_stub.embedded import EmbeddedServer
+    from tests.policyutil import copy_store
 
-    root = tmp_path / "store"
-    shutil.copytree(ct_store, root)
+    root = copy_store(ct_store, tmp_path / "store")        # files and database, any engine
     with Store(root) as st:
         row = st.catalogue.series_images(ct_series_uid)[4]
         study = st.catalogue.get_series(ct_series_uid)["StudyInstanceUID"]

@@ -11,6 +11,8 @@ import shutil
 
 import numpy as np
 import pytest
+
+from server_stub.database import database_of
 import requests
 
 from client import Callbacks, SeriesData, Session, TransferError
@@ -244,10 +246,10 @@ def test_migration_job_inside_the_server(ct_store, tmp_path):
         vt = VersionTable(st, load_policy)
         settings = lambda: StorageSettings(migrate_after_days=0, schedule_hours=1)  # noqa: E731
         tiers = Tiers(st, versions=vt.get, settings=settings)
-        other = Leases(store / "catalogue.sqlite", holder="replica-2")
+        other = Leases(database_of(store), holder="replica-2")
         assert other.acquire("migration")          # another replica is migrating now
         job = MigrationJob(tiers, first_delay=0)
-        sched = JobScheduler([job], leases=Leases(store / "catalogue.sqlite"))
+        sched = JobScheduler([job], leases=Leases(database_of(store)))
         assert sched.step() == {}                  # skipped: it runs elsewhere
         assert job.wait(job.clock()) > 3000        # and this one tries next period
         other.release("migration")

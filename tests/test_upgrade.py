@@ -10,6 +10,9 @@ import sqlite3
 import numpy as np
 import pydicom
 import pytest
+
+from server_stub.database import database_of
+from server_stub.dbutil import Db
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -87,7 +90,7 @@ def test_upgrade_moves_every_row_under_the_radiology_patients(tmp_path, rgb, cap
     assert not (root / "slides" / "slides.sqlite").exists()
     assert (root / "slides" / "slides.sqlite.migrated").is_file()      # kept, not deleted
 
-    con = sqlite3.connect(root / "catalogue.sqlite")
+    con = Db(database_of(root))          # the store's database, either engine
     # the slide's patient is the radiology patient: one row for P1, its study and exam
     p1 = con.execute("SELECT pk, status FROM patient WHERE PatientID = 'P1'").fetchall()
     assert len(p1) == 1 and p1[0][1] == "inpatient"
@@ -133,9 +136,9 @@ def test_a_conflict_changes_nothing(tmp_path, rgb):
     legacy = root / "slides" / "slides.sqlite"
     before = legacy.read_bytes()
     with pytest.raises(CatalogueError, match="A1"):
-        upgrade_slide_catalogue(root / "slides", root / "catalogue.sqlite")
+        upgrade_slide_catalogue(root / "slides", database_of(root))
     assert legacy.read_bytes() == before
-    con = sqlite3.connect(root / "catalogue.sqlite")
+    con = Db(database_of(root))          # the store's database, either engine
     assert con.execute("SELECT COUNT(*) FROM slide").fetchone()[0] == 0
     assert con.execute("SELECT COUNT(*) FROM patient WHERE PatientID = 'P2'").fetchone()[0] == 0
     con.close()

@@ -19,6 +19,7 @@ from viewer.mainwindow import AppConfig, MainWindow
 from imaging.windowing import apply_window
 
 from netsim import slow_packet_streams
+from tests.policyutil import copy_store_tree
 from waits import WAIT_MS
 
 TIMEOUT = WAIT_MS   # bounds a hang only
@@ -91,7 +92,7 @@ def two_series_server(ct_store, tmp_path):
     from server_stub.store import Store
 
     root = tmp_path / "store2"
-    shutil.copytree(ct_store, root)
+    copy_store_tree(ct_store, root)
     files = make_sample_ct(tmp_path / "other", slices=6, size=128, seed=21)
     with Store(root) as st:
         assert len(ingest_paths(files, st).imported) == 6
@@ -343,7 +344,7 @@ def test_import_folder_lists_errors_imports_good_files_and_loses_nothing(qtbot, 
     from server_stub.store import Store
 
     store = tmp_path / "store"
-    shutil.copytree(ct_store, store)
+    copy_store_tree(ct_store, store)
     folder = tmp_path / "incoming"
     good = make_sample_ct(folder / "good", slices=4, size=64, seed=31)
     bad_src = make_sample_ct(tmp_path / "bad", slices=1, size=64, seed=32)[0]
@@ -410,7 +411,7 @@ def test_cancelled_import_keeps_what_was_imported_complete(tmp_path, ct_store):
     from viewer.services import Backend
 
     store = tmp_path / "store"
-    shutil.copytree(ct_store, store)
+    copy_store_tree(ct_store, store)
     files = make_sample_ct(tmp_path / "many", slices=10, size=32, seed=41)
     srv = EmbeddedServer(str(store)).start()
     backend = Backend(None)
@@ -573,7 +574,7 @@ def test_closing_stops_the_bundled_server_it_started(qtbot, tmp_path, ct_store):
     import requests
 
     store = tmp_path / "bundled"
-    shutil.copytree(ct_store, store)
+    copy_store_tree(ct_store, store)
     settings = QSettings(str(tmp_path / "b.ini"), QSettings.Format.IniFormat)
     w = MainWindow(AppConfig(store_dir=store, cache_path=None, sample=False), settings)
     w.show()

@@ -47,7 +47,7 @@ from imaging.files import write_file_atomic as _write_file_atomic
 
 from . import faults
 from .catalogue import Catalogue
-from .database import CATALOGUE_NAME, database_of, note_database, use_database
+from .database import CATALOGUE_NAME, database_of, note_database, use_database  # noqa: F401
 from .dbutil import DatabaseError, StorageFull, is_disk_full, set_read_only
 
 MIN_FREE_BYTES = 16 << 20        # below this much free space a server starts read-only

@@ -382,10 +382,10 @@ class Db:
             return Db._connect_read_only(path)
         conn = sqlite3.connect(path, timeout=30.0, isolation_level=None,
                                check_same_thread=False)
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _ensure_wal(conn)
+        conn.execute("PRAGMA synchronous = FULL")
         return conn
 
     @property
@@ -670,3 +670,24 @@ def _close_quietly(conn: sqlite3.Connection) -> None:
         conn.close()
     except sqlite3.Error:
         pass
+
+
+def _ensure_wal(conn: sqlite3.Connection, patience_s: float = 30.0) -> None:
+    """WAL mode, set once per database file. Switching the mode takes a lock that SQLite
+    does not wait for (no busy handler), so a connection opened while another process
+    writes could fail with "database is locked": the mode is only set when it is not WAL
+    already, and retried with a growing pause while another process holds the lock."""
+    import time
+
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline, pause = time.monotonic() + patience_s, 0.01
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)                      # another process's write: wait it out
+            pause = min(pause * 2, 0.5)

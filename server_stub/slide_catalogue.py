@@ -147,7 +147,9 @@ class SlideCatalogue:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         Catalogue(self.path).close()           # the catalogue's own schema (patients) first
         self.db = Db(self.path, component="slides",
-                     migrations={1: _DDL, 2: _add_patient_columns})
+                     migrations={1: _DDL, 2: _add_patient_columns,
+                                 # the order in which exams were assigned (portable: no rowid)
+                                 3: ["ALTER TABLE assignment ADD COLUMN seq INTEGER"]})
 
     def close(self) -> None:
         self.db.close()
@@ -386,8 +388,9 @@ class SlideCatalogue:
                 raise CatalogueError(f"unknown reading station {station!r}")
             if ex is None:
                 raise CatalogueError(f"unknown exam {accession!r}")
-            self.db.execute("INSERT INTO assignment(station_pk, exam_pk, assigned_at)"
-                            " VALUES (?,?,?) ON CONFLICT DO NOTHING", [st[0], ex[0], now_iso()])
+            self.db.execute("INSERT INTO assignment(station_pk, exam_pk, assigned_at, seq)"
+                            " VALUES (?,?,?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM assignment))"
+                            " ON CONFLICT DO NOTHING", [st[0], ex[0], now_iso()])
 
     def assignments(self, station: str | None = None, pending_only: bool = False) -> list[dict]:
         sql = ("SELECT st.name AS station, st.cache_dir, e.accession, e.pk AS exam_pk,"
@@ -401,7 +404,7 @@ class SlideCatalogue:
             where.append("a.distributed_at IS NULL")
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return _rows(self.db.execute(sql + " ORDER BY a.assigned_at, a.exam_pk, a.station_pk", params))
+        return _rows(self.db.execute(sql + " ORDER BY a.assigned_at, a.seq, a.exam_pk, a.station_pk", params))
 
     def mark_distributed(self, station: str, accession: str) -> None:
         with self.db.transaction():

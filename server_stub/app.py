@@ -46,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from codestream.databins import databins_from_ranges, split_databins
 from codestream.index import CodestreamError, PacketIndex
 
 from . import dicomweb, peers, policy_routes
@@ -59,7 +60,7 @@ from .packets import (ImageSource, RequestError, declare_from_body, parse_reques
                       resolve_model, stream)
 from .policy import PolicyError, PolicySource
 from .dbutil import StorageFull, read_only_reason
-from .store import Store, StoreError
+from .store import Store, StoreError, StoreIntegrityError
 from .jobs import JobScheduler, Leases, MigrationJob
 from .tiers import Tiers
 from .versions import VersionTable
@@ -182,6 +183,32 @@ class Server:
         return lambda: self._cached(row["codestream_sha256"],
                                     lambda: self.tiers.read_codestream(row))
 
+    def _part_loader(self, row: dict):
+        """For a remote object store: the packets a request needs as HTTP range reads at
+        the index's offsets, unless the whole codestream is at hand (memory, the local
+        read cache) or the request wants most of it (then one whole, checked read)."""
+        if not self.store.objects.remote:
+            return None
+
+        def load(layers: int, res: int):
+            ix = self._index(row)
+            sha = row["codestream_sha256"]
+            v = self._bytes.get(sha)
+            data = v[0] if v is not None else (
+                self.store.cache.get(sha) if self.store.cache is not None else None)
+            if data is None and 2 * ix.bytes_at(layers, res) < ix.total_bytes:
+                rel = row["codestream_relpath"]
+                try:
+                    return databins_from_ranges(
+                        ix, lambda a, b: self.store.read_range(rel, a, b), layers, res)
+                except StoreIntegrityError as e:
+                    if e.problem != "file is missing":     # migrated meanwhile: below
+                        raise
+            if data is None:
+                data = self._loader(row)()
+            return split_databins(data, ix)
+        return load
+
     def _head_loader(self, row: dict, tier):
         """The hot part of an archived codestream (the whole one if recalled meanwhile)."""
         def load() -> bytes:
@@ -209,7 +236,8 @@ class Server:
                 out.append(ImageSource(r["index"], key, self._index(r), self._head_loader(r, tier),
                                        hot_layers=tier.hot_layers, recall=self._recaller(r, pk)))
             else:
-                out.append(ImageSource(r["index"], key, self._index(r), self._loader(r)))
+                out.append(ImageSource(r["index"], key, self._index(r), self._loader(r),
+                                       load_part=self._part_loader(r)))
         return out
 
     def close(self) -> None:

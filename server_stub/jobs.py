@@ -36,7 +36,12 @@ _DDL = ["CREATE TABLE IF NOT EXISTS job_lease ("
         " name TEXT PRIMARY KEY,"
         " holder TEXT,"
         " expires_at REAL NOT NULL DEFAULT 0,"
-        " taken_at REAL)"]
+        " taken_at REAL)",
+        # the last finished run of each job, by any process: a periodic job that another
+        # replica has just run is not run again in the same period
+        "CREATE TABLE IF NOT EXISTS job_run ("
+        " name TEXT PRIMARY KEY, finished_at REAL NOT NULL, holder TEXT,"
+        " runs INTEGER NOT NULL DEFAULT 0)"]
 
 
 class Leases:
@@ -66,6 +71,20 @@ class Leases:
         with self.db.transaction():
             self.db.execute("UPDATE job_lease SET holder = NULL, expires_at = 0 "
                             "WHERE name = ? AND holder = ?", [name, self.holder])
+
+    def record_run(self, name: str) -> None:
+        """A run of ``name`` has finished (counted across the cluster)."""
+        with self.db.transaction():
+            self.db.execute("INSERT INTO job_run (name, finished_at, holder, runs) "
+                            "VALUES (?, ?, ?, 1) ON CONFLICT(name) DO UPDATE SET "
+                            "finished_at = excluded.finished_at, holder = excluded.holder, "
+                            "runs = job_run.runs + 1", [name, self.clock(), self.holder])
+
+    def last_run(self, name: str) -> tuple[float, str, int] | None:
+        """(finished at, by whom, runs so far) of the job's last run by any process."""
+        row = self.db.one("SELECT finished_at, holder, runs FROM job_run WHERE name = ?",
+                          [name])
+        return (row[0], row[1], row[2]) if row else None
 
     def holder_of(self, name: str) -> str | None:
         row = self.db.one("SELECT holder, expires_at FROM job_lease WHERE name = ?", [name])
@@ -116,6 +135,10 @@ class MigrationJob:
         """Another process holds the lease: try again at the next period."""
         hours = self.tiers.settings().schedule_hours if self.tiers.settings else 0
         self._next = self.clock() + max(hours, 0.01) * 3600
+
+    def period_s(self) -> float | None:
+        hours = self.tiers.settings().schedule_hours if self.tiers.settings else 0
+        return hours * 3600 if hours > 0 else None
 
 
 class SlideTierJob:
@@ -194,14 +217,27 @@ class JobScheduler:
                          self.leases.holder_of(job.name))
                 job.skipped()
                 continue
+            period = getattr(job, "period_s", None)
+            period = period() if period is not None else None
+            last = self.leases.last_run(job.name) if self.leases is not None and period else None
+            if last is not None and self.leases.clock() - last[0] < period:
+                log.info("job %s ran %.0f s ago (%s): not again this period", job.name,
+                         self.leases.clock() - last[0], last[1])
+                self.leases.release(job.name)
+                job.skipped()
+                continue
+            ok = False
             try:
                 report = job.run(self._should_stop_for(job.name))
+                ok = True
             except Exception:  # noqa: BLE001 - the job must survive and try again later
                 log.exception("background job %s failed", job.name)
                 job.skipped()
                 continue
             finally:
                 if self.leases is not None:
+                    if ok and period:            # recorded before the lease is given up
+                        self.leases.record_run(job.name)
                     self.leases.release(job.name)
             self.last_report[job.name] = report
             self.runs[job.name] = self.runs.get(job.name, 0) + 1

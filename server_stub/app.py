@@ -36,6 +36,7 @@ import contextlib
 import gzip
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -461,7 +462,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
             problems.append(f"final copies that failed verification: {conv['failed']}")
         return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
                              "read_only": read_only is not None, "problems": problems,
-                             "audit": audit, "conversion": conv})
+                             "audit": audit, "conversion": conv,
+                             "jobs": srv.jobs.stats() if srv.jobs is not None else None,
+                             "replica": srv.auth.replica})
 
     health.medview = {"action": None, "public": True}
 
@@ -606,7 +609,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
     # catalogue database so that one process of several runs it
     scheduler = None
     if schedule and store.read_only is None:
-        scheduler = JobScheduler([MigrationJob(srv.tiers)],
+        first = float(os.environ.get("MEDVIEW_JOB_FIRST_DELAY_S", "60"))
+        scheduler = JobScheduler([MigrationJob(srv.tiers, first_delay=first)],
                                  leases=Leases(Path(store.root) / "catalogue.sqlite"))
     srv.jobs = scheduler
 

@@ -190,6 +190,7 @@ class JobScheduler:
         self.clock = clock
         self.last_report: dict[str, object] = {}
         self.runs: dict[str, int] = {}
+        self.decided: dict[str, int] = {}     # due turns decided (run here, or not)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -212,6 +213,7 @@ class JobScheduler:
             wait = job.wait(self.clock())
             if wait is None or wait > 0:
                 continue
+            self.decided[job.name] = self.decided.get(job.name, 0) + 1
             if self.leases is not None and not self.leases.acquire(job.name):
                 log.info("job %s runs elsewhere (%s)", job.name,
                          self.leases.holder_of(job.name))
@@ -243,6 +245,12 @@ class JobScheduler:
             self.runs[job.name] = self.runs.get(job.name, 0) + 1
             out[job.name] = report
         return out
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per job: turns that came due in this process, and runs it made."""
+        names = [j.name for j in list(self.jobs)]
+        return {n: {"decided": self.decided.get(n, 0), "runs": self.runs.get(n, 0)}
+                for n in names}
 
     def _should_stop_for(self, name: str) -> Callable[[], bool]:
         def should_stop() -> bool:

@@ -121,10 +121,14 @@ up() {
   # 5. nginx
   sed -e "s|@PREFIX@|$DIR/nginx|g" -e "s|@LISTEN@|127.0.0.1:$PORT|g" \
       -e "s|@UPSTREAMS@|$upstreams|g" deploy/nginx.conf >"$DIR/nginx/nginx.conf"
+  # started as root, nginx's workers would run as "nobody", who cannot write request
+  # bodies into a private working directory: they run as the user who runs this script
+  local g=()
+  [ "$(id -u)" = 0 ] && g=(-g "user $(id -un);")
   if alive "$DIR/nginx/nginx.pid"; then
-    nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" -s reload
+    nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" "${g[@]}" -s reload
   else
-    nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf"
+    nginx -p "$DIR/nginx" -c "$DIR/nginx/nginx.conf" "${g[@]}"
   fi
   wait_for "nginx" health "$PORT"
   echo "http://127.0.0.1:$PORT"

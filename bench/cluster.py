@@ -315,8 +315,8 @@ def main() -> int:
         stored = False
         for n in replicas:
             env = cluster_env(work / "cluster", port, n)
-            sh("up", env)
             try:
+                sh("up", env)
                 url = f"http://127.0.0.1:{port}"
                 if not stored:
                     stow(url, files)

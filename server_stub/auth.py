@@ -496,6 +496,7 @@ class Authority:
         self._sessions: dict[str, Session] = {}
         self._mem_only: set[str] = set()             # made while the store was read-only
         self.replica = secrets.token_hex(8)          # this process, as a model owner
+        self._pruned = float("-inf")
         if not self.db.read_only:
             with self.db.transaction():
                 self.db.execute("INSERT OR IGNORE INTO users(name, password_hash, created) "
@@ -729,6 +730,10 @@ class Authority:
 
     def _new_session(self, s: Session) -> None:
         s.claim, s.model_owner = self._claim, self.replica
+        if s.created - self._pruned >= 60:       # ended sessions leave the table
+            self._pruned = s.created
+            self._write("DELETE FROM sessions WHERE last_used < ? OR created < ?",
+                        (s.created - self.idle_s, s.created - self.max_age_s))
         stored = self._write(
             "INSERT INTO sessions (id_sha256, user, created, last_used, peer, context,"
             " model_owner) VALUES (?,?,?,?,?,?,?)",

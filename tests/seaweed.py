@@ -112,7 +112,12 @@ def start(root: str | Path, limit_s: float = START_LIMIT_S) -> Seaweed:
         try:
             client.list_buckets()
             probe = "medview-probe"
-            client.create_bucket(Bucket=probe)
+            try:
+                client.create_bucket(Bucket=probe)
+            except Exception as e:  # noqa: BLE001 - a restart on the same data
+                code = getattr(e, "response", {}).get("Error", {}).get("Code")
+                if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
             client.put_object(Bucket=probe, Key="p", Body=b"p")   # a volume is ready
             client.delete_object(Bucket=probe, Key="p")
             return sw

@@ -88,9 +88,9 @@ _DDL = [
     "CREATE INDEX IF NOT EXISTS audit_at ON audit (at)",
     "CREATE INDEX IF NOT EXISTS audit_user ON audit (user, at)",
     "CREATE TABLE IF NOT EXISTS sessions ("
-    " id_sha256 TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL,"
+    " id_sha256 TEXT PRIMARY KEY, user_name TEXT NOT NULL, created REAL NOT NULL,"
     " last_used REAL NOT NULL, peer TEXT, context TEXT, model_owner TEXT)",
-    "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user)",
+    "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_name)",
     "CREATE TABLE IF NOT EXISTS login_failures ("
     " k TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at REAL NOT NULL,"
     " until_at REAL NOT NULL)",
@@ -735,7 +735,7 @@ class Authority:
             self._write("DELETE FROM sessions WHERE last_used < ? OR created < ?",
                         (s.created - self.idle_s, s.created - self.max_age_s))
         stored = self._write(
-            "INSERT INTO sessions (id_sha256, user, created, last_used, peer, context,"
+            "INSERT INTO sessions (id_sha256, user_name, created, last_used, peer, context,"
             " model_owner) VALUES (?,?,?,?,?,?,?)",
             (self._sid_key(s.id), s.user, s.created, s.last_used, s.peer, "{}", self.replica))
         with self._lock:
@@ -757,7 +757,7 @@ class Authority:
                     (self.replica, self._sid_key(s.id)))
 
     def _end_sessions_of(self, name: str) -> None:
-        self._write("DELETE FROM sessions WHERE user = ?", (name,))
+        self._write("DELETE FROM sessions WHERE user_name = ?", (name,))
         with self._lock:
             for sid in [k for k, s in self._sessions.items() if s.user == name]:
                 del self._sessions[sid]
@@ -782,7 +782,7 @@ class Authority:
             mem_only = sid in self._mem_only
         row = None
         if not mem_only:
-            row = self.db.one("SELECT user, created, last_used, peer, context, model_owner"
+            row = self.db.one("SELECT user_name, created, last_used, peer, context, model_owner"
                               " FROM sessions WHERE id_sha256 = ?", (self._sid_key(sid),))
         with self._lock:
             s = self._sessions.get(sid)

@@ -33,7 +33,10 @@ LIMIT_S="${MEDVIEW_CLUSTER_WAIT_S:-180}"
 
 log() { echo "[cluster] $*" >&2; }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() {   # alive PIDFILE: the process runs (a zombie, killed but not reaped, does not)
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null \
+    && ! grep -q '^State:.*zombie' "/proc/$(cat "$1")/status" 2>/dev/null
+}
 
 wait_for() {   # wait_for DESCRIPTION COMMAND... : poll until the command succeeds
   local what="$1"; shift

@@ -125,11 +125,11 @@ class LocalObjects:
             raise ObjectError(f"{self.url}: cannot read {key}: {e}") from None
 
     def size(self, key: str) -> int | None:
+        p = self.path(key)
         try:
-            st = self.path(key).stat()
+            return p.stat().st_size if p.is_file() else None
         except FileNotFoundError:
             return None
-        return st.st_size if not Path(self.path(key)).is_dir() else None
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()

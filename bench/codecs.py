@@ -14,7 +14,13 @@ converter against the bare encoder.
    layered J2K transport codestream the server stores for the same image
    (``codestream.encode.encode_frame``), and the transport's own decode (glymur/OpenJPEG,
    the client's path) for comparison. Every lossless round trip is checked bit-exact.
-3. The converter (``medview-server convert``, policy codec: JPEG-LS for the CT) on the
+3. A lossless volume end to end (``--volume N``, default 100 x 512²): fetch and decode
+   every slice, 4 threads, (a) the whole layered J2K codestream decoded by glymur (the
+   client's engine; after a preview only the remaining layers would travel, the decode
+   stays the same) against (b) the HTJ2K RPCL copy decoded by OpenJPH, from a static
+   HTTP server over unthrottled loopback and over bench/transfer.py's simulated
+   100 and 10 Mbit/s links; both checked bit-exact.
+4. The converter (``medview-server convert``, policy codec: JPEG-LS for the CT) on the
    sample CT files, with 1 and 2 worker processes, against the bare encoder on the same
    frames in one process. The converter also reads and writes DICOM, decodes the input
    with pydicom and verifies every output by decoding it again.
@@ -134,31 +140,227 @@ def bench_set(s: dict, min_time: float) -> dict:
     return res
 
 
-def bench_converter(files: list[Path], tmp: Path, min_time: float) -> dict:
+def bench_converter(files: list[Path], tmp: Path, min_time: float, rounds: int = 3) -> dict:
+    """Converter vs bare encoder, measured in alternation (bare, 1 worker, 2 workers, ...)
+    so that a change of machine load hits all three alike; medians of ``rounds``."""
     import pydicom
 
     from codestream import codecs
-    from server_stub.convert import Options, convert_paths
+    from server_stub.convert import Options, convert_file, convert_paths
     from server_stub.policy import load_policy
 
     pol = load_policy().codec
     frames = [pydicom.dcmread(f).pixel_array for f in files]
     c = codecs.by_name("jpegls")
     n = len(files)
-    bare = rate(lambda: [c.encode(f, bits_stored=12) for f in frames], n, min_time)
-    out = {"images": n, "codec": c.label, "bare_encode_per_s": bare}
-    for workers in (1, 2):
-        runs = []
-        for r in range(3):
+    got: dict[str, list[float]] = {"bare": [], "1": [], "2": []}
+    cpu: dict[str, list[float]] = {"bare": [], "converter": []}
+    for r in range(rounds):
+        got["bare"].append(rate(lambda: [c.encode(f, bits_stored=12) for f in frames], n,
+                                min_time, reps=1))
+        # CPU seconds per image (this process): what the shared machine's load does not
+        # change much, unlike the wall-clock rates
+        t0 = time.process_time()
+        for f in frames:
+            c.encode(f, bits_stored=12)
+        cpu["bare"].append((time.process_time() - t0) / n)
+        t0 = time.process_time()
+        for i, f in enumerate(files):
+            res = convert_file(f, tmp / f"cpu-{r}" / f"{i}.dcm", Options(codec_policy=pol),
+                               sync_dir=False)
+            assert res.status == "converted", res.error
+        cpu["converter"].append((time.process_time() - t0) / n)
+        shutil.rmtree(tmp / f"cpu-{r}")
+        for workers in (1, 2):
             dst = tmp / f"conv{workers}-{r}"
             t0 = time.perf_counter()
             rep = convert_paths(files, dst, Options(codec_policy=pol), workers=workers)
             dt = time.perf_counter() - t0
             assert rep.count("converted") == n, rep.summary()
-            runs.append(n / dt)
+            got[str(workers)].append(n / dt)
             shutil.rmtree(dst)
-        out[f"converter_{workers}w_per_s"] = statistics.median(runs)
-        out[f"converter_{workers}w_vs_bare"] = statistics.median(runs) / bare
+    bare = statistics.median(got["bare"])
+    out = {"images": n, "codec": c.label, "bare_encode_per_s": bare, "runs": got,
+           "bare_cpu_ms": 1000 * statistics.median(cpu["bare"]),
+           "converter_cpu_ms": 1000 * statistics.median(cpu["converter"])}
+    # both cores busy with converter workers against one bare encoder
+    out["two_core_bound_vs_bare"] = 2 * out["bare_cpu_ms"] / out["converter_cpu_ms"]
+    for workers in (1, 2):
+        v = statistics.median(got[str(workers)])
+        out[f"converter_{workers}w_per_s"] = v
+        out[f"converter_{workers}w_vs_bare"] = v / bare
+    return out
+
+
+# --------------------------------------------------------------------------- viewer
+def bench_viewer_volume(tmp: Path, slices: int) -> dict:
+    """The viewer's own route (viewer/volume_loader.py against the real server, in its
+    own process, with HTJ2K final copies in the store): a whole-volume load with the
+    interleaved plan (previews, then full quality), the full stage (a) through the rest
+    of the layered J2K and (b) through the HTJ2K copies (WADO-RS), and (c) as ``auto``
+    chooses from the link it measured on the previews; over unthrottled loopback and
+    bench/transfer.py's 100 and 10 Mbit/s links. All three volumes are checked equal."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from transfer import ServerSide
+
+    from client.series import SeriesData
+    from client.session import Session
+    from server_stub import sample
+    from server_stub.ingest import ingest_paths
+    from server_stub.policy_copies import convert_store
+    from server_stub.store import Store
+    from client.volume_loader import VolumeLoader, load_all
+
+    files = sample.make_sample_ct(tmp / "vv", slices=slices, size=512, seed=2)
+    root = tmp / "vvstore"
+    root.mkdir()
+    (root / "policy.toml").write_text("[codec]\nsize_threshold = 256\n")   # 512² -> HTJ2K
+    with Store(root) as st:
+        rep = ingest_paths(files, st, workers=2)
+        assert len(rep.imported) == slices, rep.summary()
+        conv = convert_store(st, workers=2)
+        assert conv.ok, conv.summary()
+        (series,) = st.catalogue.query_series()
+        uid = series["SeriesInstanceUID"]
+    links = (("100 Mbit/s", 100e6, 0.001), ("10 Mbit/s", 10e6, 0.005))
+    side = ServerSide(str(root), links)
+    out: dict = {"slices": slices, "links": {}}
+    try:
+        for name, url in [("loopback", side.server_url)] + [
+                (n, u) for (n, _b, _l), u in zip(links, side.proxy_urls)]:
+            row, ref = {}, None
+            for route in ("j2k", "htj2k", "auto"):
+                session = Session(url)
+                try:
+                    sd = SeriesData(session, None, uid)
+                    loader = VolumeLoader(sd, full_route=route)
+                    t0 = time.perf_counter()
+                    events, stamps = [], []
+                    for ev in loader.run():
+                        events.append(ev)
+                        stamps.append(time.perf_counter())
+                    dt = time.perf_counter() - t0
+                    # the full-quality stage: from the previews' last event to the end
+                    previews = [s for e, s in zip(events, stamps) if e.stage is not loader.plan[-1]]
+                    full_s = stamps[-1] - (previews[-1] if previews else t0)
+                finally:
+                    session.logout()
+                assert events and events[-1].final
+                full = events[-1]
+                if ref is None:
+                    ref = loader.volume.data.copy()
+                else:
+                    assert np.array_equal(loader.volume.data, ref), f"{route} differs"
+                row[route] = {"seconds": dt, "full_stage_seconds": full_s,
+                              "bytes": loader.received}
+                if route == "auto":
+                    c = loader.full_choice
+                    row[route]["chose"] = c.route if c else "j2k"
+                    row[route]["measured_mbit_s"] = (c.link_bytes_s * 8 / 1e6
+                                                     if c and c.link_bytes_s else None)
+                del events, full
+            out["links"][name] = row
+    finally:
+        side.stop()
+    return out
+
+
+# --------------------------------------------------------------------------- volume
+def _static_server_child(conn, root: str, links) -> None:
+    """Child process: a static HTTP/1.1 file server on loopback for ``root`` and one
+    throttling proxy (bench/transfer.py's link model) per link in front of it."""
+    import functools
+    import http.server
+    import threading
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from transfer import ThrottledProxy
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(Handler, directory=root))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    proxies = [ThrottledProxy(("127.0.0.1", port), bps, lat, 3600).start()
+               for _n, bps, lat in links]
+    conn.send({"direct": f"http://127.0.0.1:{port}", "links": [p.url for p in proxies]})
+    conn.recv()                       # "stop"
+    for p in proxies:
+        p.stop()
+    httpd.shutdown()
+
+
+def bench_volume(tmp: Path, slices: int, threads: int = 4) -> dict:
+    """A lossless volume end to end (transfer + decode, bit-exact): the whole layered J2K
+    codestreams (decoded by glymur, the client's engine) against the HTJ2K RPCL copies
+    (OpenJPH), over unthrottled loopback and simulated 100 and 10 Mbit/s links."""
+    import multiprocessing as mp
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pydicom
+    import requests
+
+    from codestream import codecs
+    from codestream.encode import decode_full, encode_frame
+    from server_stub import sample
+
+    files = sample.make_sample_ct(tmp / "vol", slices=slices, size=512, seed=1)
+    frames = [pydicom.dcmread(f).pixel_array for f in files]
+    web = tmp / "web"
+    (web / "j2k").mkdir(parents=True)
+    (web / "htj2k").mkdir()
+    ht = codecs.get(codecs.HTJ2K_LOSSLESS_RPCL)
+    offsets = []
+    size = {"j2k": 0, "htj2k": 0}
+    for i, f in enumerate(frames):
+        e = encode_frame(f, signed=False, bits_stored=12)
+        offsets.append(e.offset)
+        (web / "j2k" / f"{i}.j2k").write_bytes(e.codestream)
+        h = ht.encode(f, bits_stored=12)
+        (web / "htj2k" / f"{i}.j2c").write_bytes(h)
+        size["j2k"] += len(e.codestream)
+        size["htj2k"] += len(h)
+    links = (("100 Mbit/s", 100e6, 0.001), ("10 Mbit/s", 10e6, 0.005))
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_static_server_child, args=(child, str(web), links), daemon=True)
+    proc.start()
+    urls = parent.recv()
+    out = {"slices": slices, "bytes": size, "threads": threads, "links": {}}
+    try:
+        for name, base in [("loopback", urls["direct"])] + [
+                (n, u) for (n, _b, _l), u in zip(links, urls["links"])]:
+            row = {}
+            for kind in ("j2k", "htj2k"):
+                local = __import__("threading").local()
+
+                def one(i):
+                    if not hasattr(local, "s"):
+                        local.s = requests.Session()
+                    ext = "j2k" if kind == "j2k" else "j2c"
+                    r = local.s.get(f"{base}/{kind}/{i}.{ext}", timeout=600)
+                    r.raise_for_status()
+                    if kind == "j2k":
+                        return decode_full(r.content, offsets[i], False, bits_stored=12)
+                    return ht.decode(r.content)
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(threads) as pool:
+                    vol = list(pool.map(one, range(slices)))
+                dt = time.perf_counter() - t0
+                exact = all(np.array_equal(a.astype(np.int32), b.astype(np.int32))
+                            for a, b in zip(vol, frames))
+                row[kind] = {"seconds": dt, "bit_exact": exact}
+            row["htj2k_speedup"] = row["j2k"]["seconds"] / row["htj2k"]["seconds"]
+            out["links"][name] = row
+    finally:
+        parent.send("stop")
+        proc.join(20)
+        if proc.is_alive():
+            proc.kill()
     return out
 
 
@@ -167,16 +369,45 @@ def main(argv=None) -> int:
     ap.add_argument("--slices", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="8 slices, short timings")
     ap.add_argument("--min-time", type=float, default=0.5)
+    ap.add_argument("--converter-only", action="store_true",
+                    help="only the converter against the bare encoder")
+    ap.add_argument("--volume", type=int, default=100, metavar="N",
+                    help="slices of the end-to-end volume comparison (0 = skip; default 100)")
+    ap.add_argument("--viewer-volume", type=int, default=0, metavar="N",
+                    help="slices of the viewer-route comparison (viewer/volume_loader.py "
+                         "against the real server with HTJ2K copies; 0 = skip)")
+    ap.add_argument("--viewer-only", action="store_true",
+                    help="only the viewer-route comparison (--viewer-volume, default 48)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "codecs.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.slices, args.min_time = 8, 0.2
     load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="medview-bench-codecs-"))
+    if args.viewer_only:
+        try:
+            n = args.viewer_volume or 48
+            print(f"== the viewer's whole-volume load ({n} x 512², previews then full quality)")
+            vv = bench_viewer_volume(tmp, n)
+            print("whole load (full-quality stage) in seconds")
+            print(f"{'link':<12} {'J2K layers':>16} {'HTJ2K copies':>16} {'auto':>16}  auto chose")
+            for name, row in vv["links"].items():
+                a = row["auto"]
+                cell = lambda r: f"{r['seconds']:6.2f} ({r['full_stage_seconds']:5.2f})"  # noqa: E731
+                print(f"{name:<12} {cell(row['j2k']):>16} {cell(row['htj2k']):>16} {cell(a):>16}  "
+                      f"{a['chose']} (measured {a['measured_mbit_s'] or 0:.0f} Mbit/s)")
+            load1 = os.getloadavg()[0]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_name("codecs_viewer.json").write_text(json.dumps(
+                {"viewer_volume": vv, "loadavg": [load0, load1]}, indent=1))
+            print(f"load average {load0:.1f} before, {load1:.1f} after")
+            return 0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     try:
         sets = load_sets(tmp, args.slices)
         results = []
-        for s in sets:
+        for s in ([] if args.converter_only else sets):
             print(f"\n== {s['name']}: {len(s['frames'])} images")
             r = bench_set(s, args.min_time)
             results.append(r)
@@ -200,12 +431,28 @@ def main(argv=None) -> int:
             print(f"converter, {w} worker{'s' if w > 1 else ' '}      "
                   f"{conv[f'converter_{w}w_per_s']:8.1f} images/s  "
                   f"= {conv[f'converter_{w}w_vs_bare']:.2f}x the bare encoder (target >= 0.8x)")
+        print(f"CPU per image: bare encoder {conv['bare_cpu_ms']:.2f} ms, converter "
+              f"{conv['converter_cpu_ms']:.2f} ms (encode, verify by decoding, DICOM in and "
+              f"out); 2 workers on 2 free cores reach at most "
+              f"{conv['two_core_bound_vs_bare']:.2f}x the bare encoder")
+        vol = None
+        if args.volume and not args.converter_only:
+            n = 16 if args.quick else args.volume
+            print(f"\n== lossless volume end to end ({n} x 512², transfer + decode, 4 threads)")
+            vol = bench_volume(tmp, n)
+            b = vol["bytes"]
+            print(f"bytes: J2K transport {b['j2k']}, HTJ2K copies {b['htj2k']} "
+                  f"({b['htj2k'] / b['j2k']:.3f})")
+            for name, row in vol["links"].items():
+                print(f"{name:<11} J2K {row['j2k']['seconds']:6.2f} s   HTJ2K "
+                      f"{row['htj2k']['seconds']:6.2f} s   HTJ2K {row['htj2k_speedup']:.2f}x "
+                      f"sooner  (bit-exact: {row['j2k']['bit_exact']}, {row['htj2k']['bit_exact']})")
         load1 = os.getloadavg()[0]
         if max(load0, load1) > 0.5:
             print(f"\nwarning: load average {load0:.1f} before, {load1:.1f} after: "
                   "timings are disturbed by other work")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"sets": results, "converter": conv,
+        args.out.write_text(json.dumps({"sets": results, "converter": conv, "volume": vol,
                                         "load": [load0, load1], "cpus": os.cpu_count()},
                                        indent=1))
         print(f"\nwritten: {args.out}")

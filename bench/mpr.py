@@ -42,7 +42,7 @@ def build_volume(slices: int, size: int):
     import numpy as np
 
     from server_stub.sample import NOISE_SIGMA_HU, PIXEL_SPACING, phantom_slice_hu
-    from viewer.volume import SliceGeometry, volume_for_slices
+    from imaging.volume import SliceGeometry, volume_for_slices
 
     step = 1.0
     half = (size - 1) / 2 * PIXEL_SPACING
@@ -62,7 +62,7 @@ def build_volume(slices: int, size: int):
 
 
 def bench_reslice(vol, frames: int, threads: int, backend: str, slab: float = 0.0) -> float:
-    from viewer.mpr import MprState
+    from imaging.mpr import MprState
 
     state = MprState(vol)
     state.set_slab(slab, "mip" if slab else "avg")
@@ -79,7 +79,7 @@ def bench_reslice(vol, frames: int, threads: int, backend: str, slab: float = 0.
 
 
 def bench_vr(vol, size: int, frames: int) -> dict:
-    from viewer.vr import VrScene, offscreen_backend, offscreen_window
+    from imaging.vr import VrScene, offscreen_backend, offscreen_window
 
     scene = VrScene(vol, offscreen_window((size, size)))
     scene.set_preset("CT bone")
@@ -136,7 +136,7 @@ def main() -> int:
     ap.add_argument("--slabs", action="store_true")
     args = ap.parse_args()
 
-    from viewer import mpr
+    from imaging import mpr
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()

@@ -14,8 +14,11 @@ reported: the generator's self-ensemble (mean over the 8 flips/rotations of the 
 
 Speed: tiles per second — a 512×512 output tile (the pyramid's tile) and a 256×256 one
 (the viewer's SR tile), each from a (tile/s)² input plus the 8-pixel context margin on
-every side — with numpy/BLAS on 2 threads (the machine has 2 cores) and on 1 thread,
-median of ``--repeat`` runs after a warm-up.
+every side — with numpy/BLAS and, when installed, ONNX Runtime (:mod:`imaging.sr_ort`,
+the same layers and weights) on 2 threads (the machine has 2 cores) and on 1 thread,
+median (and best) of ``--repeat`` runs after a warm-up, the backends' runs alternating
+(on a shared machine both see the same load; the load average is printed). ``--speed-only --scales 4`` for the speed
+alone.
 """
 from __future__ import annotations
 
@@ -58,29 +61,39 @@ def quality(scale: int, which: str) -> dict:
             sr.weights_path(scale).stat().st_size, "meta": g.meta}
 
 
-def speed(scale: int, threads: int, repeat: int, out: int = 512) -> dict:
-    """Run in a child process so that the BLAS thread count really applies."""
+def speed(scale: int, threads: int, repeat: int, out: int = 512,
+          backends: tuple[str, ...] = ("numpy",)) -> list[dict]:
+    """Tiles per second of each backend, in a child process so that the BLAS (or ONNX
+    Runtime) thread count applies; the backends' runs alternate, so that on a shared
+    machine they see the same load."""
     code = f"""
 import time, json, numpy as np
 from imaging import sr
-g = sr.load_generator({scale})
+gs = [sr.load_generator({scale}, backend=b) for b in {list(backends)!r}]
 n = {out} // {scale} + 16
 x = np.random.default_rng(0).integers(0, 256, (n, n, 3), dtype=np.uint8)
-g.upscale(x)
-ts = []
+for g in gs:
+    g.upscale(x)
+ts = [[] for _ in gs]
 for _ in range({repeat}):
-    t = time.perf_counter(); g.upscale(x); ts.append(time.perf_counter() - t)
-ts.sort()
-print(json.dumps({{"median_s": ts[len(ts) // 2], "best_s": ts[0]}}))
+    for g, t in zip(gs, ts):
+        t0 = time.perf_counter(); g.upscale(x); t.append(time.perf_counter() - t0)
+out = []
+for t in ts:
+    t.sort()
+    out.append({{"median_s": t[len(t) // 2], "best_s": t[0]}})
+print(json.dumps(out))
 """
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
+               MKL_NUM_THREADS=str(threads), MEDVIEW_SR_THREADS=str(threads))
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                        text=True, check=True)
-    d = json.loads(r.stdout.strip().splitlines()[-1])
-    d.update(threads=threads, tiles_per_s=1.0 / d["median_s"], input=out // scale + 16,
-             output=out)
-    return d
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    for d, b in zip(rows, backends):
+        d.update(threads=threads, tiles_per_s=1.0 / d["median_s"],
+                 best_tiles_per_s=1.0 / d["best_s"], input=out // scale + 16, output=out,
+                 backend=b)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -88,14 +101,28 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "sr.json"))
+    p.add_argument("--speed-only", action="store_true", help="skip the quality scores")
+    p.add_argument("--scales", default="2,4")
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from imaging import srdata
+    from imaging.sr_ort import available
 
-    report = {}
-    for s in (2, 4):
+    backends = ["numpy"] + (["onnxruntime"] if available() else [])
+    report = {"loadavg_before": os.getloadavg()}
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    for s in (int(v) for v in a.scales.split(",")):
+        sp = [d for o in (512, 256) for t in (2, 1)
+              for d in speed(s, t, a.repeat, o, tuple(backends))]
+        if a.speed_only:
+            report[f"x{s}"] = {"speed": sp}
+            for d in sp:
+                print(f"x{s} {d['output']}x{d['output']} output tiles, {d['backend']}, "
+                      f"{d['threads']} thread(s): {d['tiles_per_s']:.2f} tiles/s "
+                      f"({d['median_s'] * 1000:.0f} ms per tile; best "
+                      f"{d['best_tiles_per_s']:.2f} tiles/s)")
+            continue
         qs = {w: quality(s, w) for w in srdata.SETS}
-        sp = [speed(s, t, a.repeat, o) for o in (512, 256) for t in (2, 1)]
         report[f"x{s}"] = {"quality": qs, "speed": sp}
         print(f"x{s} (weights {qs['ihc']['weights_bytes'] / 1e3:.0f} kB)")
         print(f"  {'held-out set':<14}{'tiles':>6}{'bicubic dB':>12}{'generator dB':>14}"
@@ -119,7 +146,8 @@ def main(argv=None) -> int:
               f"{pooled['ssim_bicubic']:>10.4f}{pooled['ssim_generator']:>10.4f}"
               f"{wins:>4}/{len(rows)}")
         for d in sp:
-            print(f"  {d['output']}x{d['output']} output tiles, {d['threads']} thread(s): "
+            print(f"  {d['output']}x{d['output']} output tiles, {d['backend']}, "
+                  f"{d['threads']} thread(s): "
                   f"{d['tiles_per_s']:.2f} tiles/s ({d['median_s'] * 1000:.0f} ms per tile)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2, default=float))

@@ -1,4 +1,4 @@
-"""Decode what has arrived: empty-packet rebuild, then OpenJPEG through glymur.
+"""Decode what has arrived: empty-packet rebuild, then OpenJPEG from memory.
 
 :func:`decode` is the client's one decode path. It rebuilds a codestream from the
 packets held (missing ones become empty packets), then asks OpenJPEG for the wanted

@@ -35,10 +35,13 @@ class PolicyClient:
         return self._send("GET", "/api/me")
 
     def set_context(self, *, link_bps: float | None = None, memory_mb: float | None = None,
-                    cpus: int | None = None, place: str | None = None) -> dict:
-        """Tell the server what ``version=auto`` should consider (V8)."""
+                    cpus: int | None = None, place: str | None = None,
+                    latency_ms: float | None = None) -> dict:
+        """Tell the server what ``version=auto`` should consider (V8); see
+        :class:`client.link.ContextReporter` for the measured figures."""
         body = {k: v for k, v in (("link_bps", link_bps), ("memory_mb", memory_mb),
-                                  ("cpus", cpus), ("place", place)) if v is not None}
+                                  ("cpus", cpus), ("place", place),
+                                  ("latency_ms", latency_ms)) if v is not None}
         return self._send("POST", "/api/session/context", body)["context"]
 
     # ---------------------------------------------------------------- versions

@@ -8,13 +8,16 @@ These functions translate the rights block of a series description and the body 
 """
 from __future__ import annotations
 
+import re
+
 from typing import Any, Iterable, Mapping, Sequence
 
 from codestream.ranges import parse_ranges
 
 __all__ = ["explain_rights", "explain_rights_error", "explain_login_error", "explain_recall",
            "explain_slide_rights", "explain_slide_rights_error", "version_label",
-           "status_label", "image_ranges_1based"]
+           "status_label", "image_ranges_1based", "explain_shown_version", "explain_choice",
+           "explain_link", "prior_line"]
 
 _DENIED = {
     "images": "Some of the images you asked for are not available to your account.",
@@ -62,6 +65,49 @@ def version_label(v: Mapping[str, Any], short: bool = False) -> str:
     if not short and v.get("quality") is not None:
         text += f", quality {v['quality']} %"
     return text
+
+
+def explain_shown_version(selection: Mapping[str, Any] | None, versions: Sequence[Mapping[str, Any]],
+                          auto: Mapping[str, Any] | None = None, status: int | None = None,
+                          status_names: Mapping[str, str] | None = None) -> str:
+    """One sentence for the Reading dock: which version is shown and why.
+
+    ``selection`` as the version selector emits it ({} best allowed, {"version": "auto"
+    | name}, {"purpose": p}, {"quality": q}); ``versions`` as the series description
+    lists them (best first, each with ``allowed``); ``auto`` the server's automatic
+    choice (version, reasons); ``status`` the study's diagnosis status."""
+    if not versions:
+        return ""
+    sel = dict(selection or {})
+    allowed = [v for v in versions if v.get("allowed", True)]
+    st = f" while the study is {status_label(status, status_names)}" if status else ""
+    if not allowed:
+        return f"No version of this series may be sent to you{st}."
+    by_name = {v["name"]: v for v in versions}
+    wanted, why = None, ""
+    if not sel:
+        wanted, why = allowed[0], f"the best version you may receive{st}"
+    elif sel.get("version") == "auto":
+        wanted = by_name.get((auto or {}).get("version")) or allowed[0]
+        reasons = [r for r in (auto or {}).get("reasons", []) if r]
+        why = "chosen automatically" + (f" because {reasons[0]}" if reasons else "")
+    elif "version" in sel:
+        wanted, why = by_name.get(sel["version"]), "as you chose"
+    elif "purpose" in sel:
+        wanted = next((v for v in versions if v.get("purpose") == sel["purpose"]), None)
+        why = f"the version for {sel['purpose']} you chose"
+    elif "quality" in sel:
+        ok = [v for v in versions if v.get("quality", 0) >= sel["quality"]]
+        wanted = min(ok, key=lambda v: v["quality"]) if ok else versions[0]
+        why = f"the smallest version of at least {sel['quality']} % quality"
+    if wanted is None:
+        wanted, why = allowed[0], f"the best version you may receive{st}"
+    if wanted.get("allowed", True):
+        return f"Shown: {version_label(wanted, short=True)} — {why}."
+    i = versions.index(wanted)
+    nearest = min(allowed, key=lambda v: (abs(versions.index(v) - i), versions.index(v)))
+    return (f"Shown: {version_label(nearest, short=True)} — the nearest allowed version, "
+            f"because {wanted['name']} may not be sent now{st}.")
 
 
 def status_label(status: int, names: Mapping[str, str] | None = None) -> str:
@@ -280,3 +326,92 @@ def explain_recall(msg: Mapping[str, Any] | None, recalling: bool = True) -> str
     what = f"{n} image{'s' if n != 1 else ''}" if n else "images"
     return (f"Fetching the original quality of {what} from the archive. Compressed "
             "versions are shown meanwhile; this can take a moment.")
+
+
+def _mbps(bps: float | None) -> str:
+    if bps is None:
+        return "not measured yet"
+    mbps = bps / 1e6
+    return f"{mbps:.1f} Mbit/s" if mbps < 100 else f"{mbps:.0f} Mbit/s"
+
+
+def explain_choice(version: Mapping[str, Any] | None, selection: Mapping[str, Any] | None,
+                   auto: Mapping[str, Any] | None = None,
+                   versions: Sequence[Mapping] | None = None) -> str:
+    """Which version is loaded and why, in one sentence, for the Reading dock (V8).
+
+    ``version`` is what the server said it sends (an announce's ``version``, or None),
+    ``selection`` the viewer's choice, ``auto`` the automatic choice with ``why`` and
+    ``facts`` (as the series description or an announce carries it)."""
+    sel = dict(selection or {})
+    by_name = {v["name"]: v for v in versions or []}
+    name = (version or {}).get("name")
+    if not name and sel.get("version") == "auto":
+        name = (auto or {}).get("version")
+    desc = dict(by_name.get(name, {}), **(version or {})) if name else {}
+    label = version_label(desc, short=True) if desc.get("name") else (name or "")
+    if not sel:
+        link = by_name.get((auto or {}).get("version") or "")
+        if link and not link.get("lossless"):
+            # the adaptive plan (client.series_loader): the link's version first, the rest at rest
+            facts = (auto or {}).get("facts") or ""
+            return (f"Best allowed: {f'measured {facts}, so ' if facts else ''}the images come "
+                    f"as {version_label(link, short=True)} first and in full quality once you "
+                    "pause.")
+        if name:
+            return f"Loading {label}: the best your rights allow."
+        return "Loading the original quality: no version was chosen."
+    if sel.get("version") == "auto":
+        if not name:
+            return "The version is chosen automatically when the images load."
+        why = (auto or {}).get("why") or ""
+        facts = (auto or {}).get("facts") or ""
+        if why:
+            because = why[0].lower() + why[1:]
+            return f"Automatic choice {label}, because {because} ({facts})."
+        return f"Automatic choice {label}: no rule applies, so the site's default is used."
+    if "version" in sel:
+        return f"Loading {label or sel['version']}, as you chose."
+    if "purpose" in sel:
+        return f"Loading {label or 'the version'} for {sel['purpose']}, as you chose."
+    return f"Loading {label or 'the version'}: the cheapest reaching quality {sel.get('quality')} %."
+
+
+def explain_link(context: Mapping[str, Any] | None) -> str:
+    """The measured link and computer as the server last heard them."""
+    c = dict(context or {})
+    parts = [f"link {_mbps(c.get('link_bps'))}"]
+    if c.get("latency_ms") is not None:
+        parts.append(f"latency {c['latency_ms']:.0f} ms")
+    if c.get("memory_mb") is not None:
+        parts.append(f"{c['memory_mb'] / 1024:.1f} GB free memory")
+    if c.get("cpus"):
+        parts.append(f"{c['cpus']} processors")
+    return "Measured: " + ", ".join(parts) + "."
+
+
+_PRIOR_STATES = {
+    "waiting": "waiting",
+    "archived": "in the archive: being recalled",
+    "recalling": "recalling from archive…",
+    "fetching": "loading for comparison…",
+    "ready": "ready for comparison",
+    "failed": "could not be loaded",
+}
+
+
+def prior_line(prior: Mapping[str, Any], state: str | None = None,
+               detail: Mapping[str, Any] | None = None) -> str:
+    """One line of the prior-study list: date, modalities, description and its state."""
+    d = re.sub(r"\D", "", str(prior.get("StudyDate") or ""))
+    date = f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else (d or "no date")
+    mods = prior.get("ModalitiesInStudy") or []
+    mods = mods if isinstance(mods, str) else "/".join(str(m) for m in mods)
+    desc = prior.get("StudyDescription") or ""
+    text = " · ".join(x for x in (date, mods, desc) if x)
+    if state == "skipped":
+        reason = (detail or {}).get("reason") or "not loaded"
+        return f"{text} — not loaded ahead ({reason}); opens on demand"
+    if state:
+        return f"{text} — {_PRIOR_STATES.get(state, state)}"
+    return text

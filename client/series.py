@@ -15,7 +15,9 @@ changed), the limits in its answer are learnt and the request is made once more 
 them. :attr:`SeriesData.selection` asks for a version, a quality or a purpose on every
 request. When archived layers are recalled, the transfer reports it (``recalling``).
 :attr:`SeriesData.listeners` hear ``("limited", body)``, ``("recalling", msg)`` and
-``("recalled", msg)`` from any transfer of the series.
+``("recalled", msg)`` from any transfer of the series, and ``("version", v)`` with the
+version each transfer's announce names (for ``version=auto``: which one and why), and
+``("auto", choice)`` when the automatic choice changes.
 
 Neither imports Qt; the viewer wraps them in its own worker signals.
 """
@@ -355,8 +357,12 @@ class Transfer:
         dirty: dict[int, dict] = {}
         per_image_rx: dict[int, int] = {}
         per_image_req: dict[int, int] = {}
+        chunks = resp.iter_content(chunk_size=32768)
+        meter = getattr(s.session, "link", None)
+        if meter is not None:
+            chunks = meter.timed(chunks)      # link throughput over active time (V8)
         try:
-            for chunk in resp.iter_content(chunk_size=32768):
+            for chunk in chunks:
                 if self.token.cancelled:
                     raise Cancelled()
                 for rtype, payload in reader.feed(chunk):
@@ -417,6 +423,7 @@ class Transfer:
             self.total = msg["total_bytes"]
             for csn, _l, _r, nbytes in msg["increments"]:
                 per_image_req[csn] = per_image_req.get(csn, 0) + nbytes
+            self._version(msg.get("version"))
             if self.cb.on_announce:
                 self.cb.on_announce(msg)
             if self.cb.on_progress:
@@ -437,6 +444,21 @@ class Transfer:
                 self.cb.on_recalling(msg)
         elif kind == "error":
             raise TransferError(msg.get("error", "server error during transfer"))
+
+    def _version(self, v: dict | None) -> None:
+        """The version the server sends (the automatic choice and why, when ``auto``):
+        kept as the series' ``auto`` and told to the listeners (``("version", v)``)."""
+        if not v:
+            return
+        s = self.series
+        s._notify("version", dict(v))
+        if "auto" in v:
+            new = {"version": v.get("name"), "reasons": list(v.get("auto") or []),
+                   "why": v.get("why", ""), "facts": v.get("facts", "")}
+            changed = (s.auto or {}).get("version") != new["version"]
+            s.auto = new
+            if changed:
+                s._notify("auto", new)
 
     def _image_progress(self, csn: int, rx: dict, req: dict) -> None:
         if not self.cb.on_image:

@@ -1,9 +1,13 @@
 """HTTP session with the image server: login, catalogue browsing, packet streams."""
 from __future__ import annotations
 
-from typing import Any
+import random
+import threading
+from typing import Any, Callable
 
 import requests
+
+from .link import LinkMeter
 
 DEFAULT_USER = "local"
 
@@ -34,20 +38,50 @@ def _raise_for(resp: requests.Response) -> None:
     raise ServerError(resp.status_code, msg, body)
 
 
+#: A busy server (503 with Retry-After): at most this many repeats of one request, and
+#: at most this long waiting for it in all, then the 503 is raised as a ServerError.
+BUSY_RETRIES = 6
+BUSY_MAX_WAIT_S = 60.0
+BUSY_MAX_PAUSE_S = 15.0
+
+
+def retry_after(resp: requests.Response) -> float | None:
+    """The pause a 503 asks for (``Retry-After`` in seconds), None if not a busy answer."""
+    if resp.status_code != 503:
+        return None
+    value = resp.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None                     # an HTTP date or nothing: not our server's busy
+
+
 class Session:
     """One logged-in session. Thread-safe for concurrent requests (requests.Session
-    pools connections per host)."""
+    pools connections per host).
+
+    A busy server (503 with ``Retry-After``, :mod:`server_stub.admission`) is asked again
+    after the pause it gives (plus a little jitter, at most ``BUSY_MAX_PAUSE_S``), up to
+    ``BUSY_RETRIES`` times and ``BUSY_MAX_WAIT_S`` in all; ``on_busy(pause, attempt)`` is
+    called (from the requesting thread) before each pause, so a viewer can say "server busy,
+    retrying"."""
 
     def __init__(self, base_url: str, username: str = DEFAULT_USER, password: str | None = None,
                  timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.username = username
         self.timeout = timeout
+        self.on_busy: Callable[[float, int], None] | None = None
+        self.busy_retries = BUSY_RETRIES
+        self.busy_max_wait = BUSY_MAX_WAIT_S
+        self._closing = threading.Event()
         self.http = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16)
         self.http.mount("http://", adapter)
         self.http.mount("https://", adapter)
         self.id: str | None = None
+        self.link = LinkMeter()            # throughput and latency of our own transfers
+        self.http.hooks["response"].append(self.link.response_hook)
         self.login(password)
 
     # ------------------------------------------------------------------ plumbing
@@ -59,10 +93,28 @@ class Session:
         headers = kw.pop("headers", {})
         if self.id:
             headers["Authorization"] = f"Bearer {self.id}"
-        try:
-            resp = self.http.request(method, self._url(path), headers=headers, **kw)
-        except requests.ConnectionError as e:
-            raise ConnectionFailed(self.base_url, e) from None
+        waited = 0.0
+        for attempt in range(1, self.busy_retries + 2):
+            try:
+                resp = self.http.request(method, self._url(path), headers=headers, **kw)
+            except requests.ConnectionError as e:
+                raise ConnectionFailed(self.base_url, e) from None
+            pause = retry_after(resp)
+            if pause is None or attempt > self.busy_retries or self._closing.is_set():
+                break
+            pause = min(BUSY_MAX_PAUSE_S, pause) * random.uniform(1.0, 1.25)
+            if waited + pause > self.busy_max_wait:
+                break
+            _ = resp.content                # (small) kept for the error if the wait ends
+            resp.close()
+            if self.on_busy is not None:
+                try:
+                    self.on_busy(pause, attempt)
+                except Exception:  # noqa: BLE001 - a display problem never stops a request
+                    pass
+            if self._closing.wait(pause):
+                break
+            waited += pause
         _raise_for(resp)
         return resp
 
@@ -71,11 +123,13 @@ class Session:
 
     # ------------------------------------------------------------------ API
     def login(self, password: str | None = None) -> None:
+        self._closing.clear()
         self.id = None
         body = {"username": self.username, "password": password}
         self.id = self.request("POST", "/api/login", json=body).json()["session"]
 
     def logout(self) -> None:
+        self._closing.set()             # no more waiting for a busy server
         if self.id:
             try:
                 self.request("POST", "/api/logout")

@@ -17,6 +17,24 @@ in the *temporary tier* as a PNG whose text chunks say ``MedView-Generated:
 super-resolution xN - not scanned detail``; a catalogue row (``temp_tile``) ties it to
 the slide so it is purged when the patient is discharged. Readers of the cache get the
 flag back: a generated tile can never pass for a scanned one.
+
+Where the tiles go (W3):
+
+* the bundled desktop (its own server on the same machine) gives the service an
+  :class:`SRTileCache` over the slide store's ``temp`` tier and catalogue
+  (``viewer.services.Backend.sr_cache_for``): the catalogue holds each tile's SHA-256,
+  the tier job purges them at discharge (``SlideTiers.purge_temp``);
+* against a remote server the client may not write into the server's store, so the
+  tiles go to a client-side folder (:func:`client_tile_cache`, by default
+  ``~/.cache/medview/sr/<server+user>/<slide>/``) in the same PNG format, each with a
+  ``.sha256`` sidecar written after it (a tile whose checksum does not match is
+  regenerated). The client purges a slide's folder as soon as it learns from the server
+  that the patient was discharged — when it lists slides or opens one
+  (:func:`purge_client_tiles`) — and generates nothing to disk for a discharged patient;
+  the folder is kept under a size limit, least recently used slides first
+  (:func:`prune_client_tiles`).
+  Only slides the user may see without limits are cached there: a tile generated from
+  a rights-limited view (grey outside the allowed region) is kept in memory only.
 """
 from __future__ import annotations
 
@@ -25,6 +43,8 @@ import heapq
 import io
 import itertools
 import logging
+import os
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import CancelledError, Future
@@ -249,49 +269,144 @@ def read_png_with_text(data: bytes) -> tuple[np.ndarray, dict[str, str]]:
     return np.asarray(im.convert("RGB")), dict(getattr(im, "text", {}) or {})
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def _safe_part(name: str, what: str) -> str:
+    """``name`` as one path component (a UID, a hash); refuses anything else."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} cannot name a cache folder")
+    return name
+
+
 class SRTileCache:
-    """Generated tiles on disk in the temporary tier (one folder per slide)."""
+    """Generated tiles on disk (one folder per slide): in the server's temporary tier with
+    a ``catalogue`` (its ``temp_tile`` rows hold the checksums), or in a client-side
+    folder without one (a ``<tile>.png.sha256`` sidecar holds the checksum)."""
 
     def __init__(self, root: Path, catalogue=None, slide_pk: int | None = None,
                  slide_uid: str = "slide") -> None:
-        self.dir = Path(root) / slide_uid
+        self.dir = Path(root) / _safe_part(slide_uid, "slide UID")
         self.cat = catalogue
         self.slide_pk = slide_pk
         self._lock = threading.Lock()
+        self.hits = 0
+        self.writes = 0
+
+    @property
+    def catalogued(self) -> bool:
+        return self.cat is not None and self.slide_pk is not None
 
     @staticmethod
     def name(key: tuple) -> str:
         return "sr-" + "-".join(str(k) for k in key) + ".png"
 
-    def get(self, key: tuple, scale: int) -> GeneratedTile | None:
-        p = self.dir / self.name(key)
+    def _expected_sha(self, name: str) -> str | None:
+        if self.catalogued:
+            row = self.cat.temp_tile(self.slide_pk, name)
+            return row["sha256"] if row is not None else None
         try:
-            data = p.read_bytes()
+            return (self.dir / (name + ".sha256")).read_text().strip()
         except OSError:
             return None
-        if self.cat is not None and self.slide_pk is not None:
-            row = self.cat.temp_tile(self.slide_pk, self.name(key))
-            if row is None or row["sha256"] != hashlib.sha256(data).hexdigest():
-                return None
+
+    def get(self, key: tuple, scale: int, generator: str | None = None) -> GeneratedTile | None:
+        """The cached tile of ``key``, or None (absent, altered, or — when ``generator``
+        is given — made by other weights than those now shipped)."""
+        name = self.name(key)
+        try:
+            data = (self.dir / name).read_bytes()
+        except OSError:
+            return None
+        if self._expected_sha(name) != hashlib.sha256(data).hexdigest():
+            return None                     # unrecorded or altered: regenerated
         try:
             px, text = read_png_with_text(data)
         except Exception:  # noqa: BLE001 - damaged cache entry: regenerate
             return None
         if "MedView-Generated" not in text:
             return None
+        if generator and text.get("MedView-Generator") != generator:
+            return None                     # other weights: regenerated
+        self.hits += 1
+        if not self.catalogued:             # recency for prune_client_tiles
+            try:
+                os.utime(self.dir)
+            except OSError:
+                pass
         return GeneratedTile(px, scale, key)
 
-    def put(self, tile: GeneratedTile) -> None:
+    def put(self, tile: GeneratedTile, generator: str | None = None) -> None:
         from imaging.files import write_atomic
 
-        data = png_with_text(tile.pixels, {
-            "MedView-Generated": GENERATED_TEXT.format(scale=tile.scale),
-            "Software": "MedView pathology super-resolution"})
+        text = {"MedView-Generated": GENERATED_TEXT.format(scale=tile.scale),
+                "Software": "MedView pathology super-resolution"}
+        if generator:
+            text["MedView-Generator"] = generator       # the weights' SHA-256 (16 digits)
+        data = png_with_text(tile.pixels, text)
         name = self.name(tile.key)
         with self._lock:
             sha = write_atomic(self.dir / name, data)
-            if self.cat is not None and self.slide_pk is not None:
+            if self.catalogued:
                 self.cat.add_temp_tile(self.slide_pk, name, str(self.dir / name), sha, len(data))
+            else:                           # the checksum last: a torn pair is a miss
+                write_atomic(self.dir / (name + ".sha256"), sha.encode())
+            self.writes += 1
+
+
+def client_namespace(base_url: str, user: str | None) -> str:
+    """The folder name of one server and user in the client-side SR cache."""
+    return hashlib.sha256(f"{base_url.rstrip('/')}\n{user or ''}".encode()).hexdigest()[:20]
+
+
+def client_tile_cache(root: str | Path, base_url: str, user: str | None,
+                      slide_uid: str) -> SRTileCache:
+    """The client-side cache of the generated tiles of one slide of a remote server."""
+    return SRTileCache(Path(root) / client_namespace(base_url, user), slide_uid=slide_uid)
+
+
+def prune_client_tiles(root: str | Path, max_bytes: int, keep: set[Path] = frozenset()) -> int:
+    """Keep the client-side SR folder under ``max_bytes``: whole slide folders, least
+    recently used first (``keep``: folders in use), are deleted; returns bytes freed."""
+    import shutil
+
+    folders = []
+    for ns in Path(root).iterdir() if Path(root).is_dir() else []:
+        for d in ns.iterdir() if ns.is_dir() else []:
+            if d.is_dir():
+                size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+                folders.append((d.stat().st_mtime, size, d))
+    total = sum(f[1] for f in folders)
+    freed = 0
+    for _mtime, size, d in sorted(folders, key=lambda f: f[0]):
+        if total - freed <= max_bytes:
+            break
+        if d in keep:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        freed += size
+    return freed
+
+
+def purge_client_tiles(root: str | Path, base_url: str, user: str | None,
+                       slides: list[dict]) -> int:
+    """Delete the client-side generated tiles of the slides (catalogue rows as the server
+    lists them) whose patient is discharged; returns the tiles deleted."""
+    import shutil
+
+    base = Path(root) / client_namespace(base_url, user)
+    n = 0
+    for row in slides:
+        if row.get("patient_status") != "discharged":
+            continue
+        try:
+            d = base / _safe_part(row.get("slide_uid"), "slide UID")
+        except ValueError:
+            continue
+        if d.is_dir():
+            n += sum(1 for p in d.iterdir() if p.suffix == ".png")
+            shutil.rmtree(d, ignore_errors=True)
+    return n
 
 
 class SRTileService:
@@ -332,18 +447,18 @@ class SRTileService:
         hit = self.cached(scale, col, row)
         if hit is not None:
             return hit
+        gen = load_generator(scale)
         if self.cache is not None:
-            hit = self.cache.get(key, scale)
+            hit = self.cache.get(key, scale, gen.weights_id)
             if hit is not None:
                 return self._remember(hit)
         n = self.tile // scale
         m = self.margin
         src = self.read(col * n - m, row * n - m, n + 2 * m, n + 2 * m)
-        gen = load_generator(scale)
         px = gen.upscale(src, should_stop)[m * scale: (m + n) * scale, m * scale: (m + n) * scale]
         t = GeneratedTile(px, scale, key)
         if self.cache is not None:
-            self.cache.put(t)
+            self.cache.put(t, gen.weights_id)
         return self._remember(t)
 
     def request(self, scale: int, col: int, row: int, priority: int = VIEW) -> SRJob:

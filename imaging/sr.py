@@ -25,6 +25,7 @@ scores). They are read from disk only: nothing is ever fetched from a network.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -134,6 +135,24 @@ class Generator:
     scale: int
     params: dict[str, np.ndarray]
     meta: dict = field(default_factory=dict)
+    #: "numpy" or "onnxruntime" (:mod:`imaging.sr_ort`: the same layers, faster kernels)
+    backend: str = "numpy"
+    _ort: object = field(default=None, repr=False)
+    #: SHA-256 (16 hex digits) of the weights file: which generator made a tile
+    weights_id: str = ""
+
+    def use_backend(self, backend: str, threads: int | None = None) -> "Generator":
+        """Run on ``backend`` ("numpy" or "onnxruntime"); returns self."""
+        if backend == "onnxruntime":
+            from imaging.sr_ort import OrtNetwork
+
+            self._ort = OrtNetwork(self.params, self.scale, self.n_res, threads)
+        elif backend != "numpy":
+            raise ValueError(f"unknown super-resolution backend {backend!r}")
+        else:
+            self._ort = None
+        self.backend = backend
+        return self
 
     @property
     def n_res(self) -> int:
@@ -172,6 +191,12 @@ class Generator:
         h, w = x.shape[:2]
         check = cancel or (lambda: False)
         xp = np.pad(x, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        s = self.scale
+        if self._ort is not None:
+            y = self._ort(xp, check)
+            if y is None:
+                raise SRCancelled()
+            return bicubic_upscale(xp, s)[: s * h, : s * w] + y[: s * h, : s * w]
         e1 = _relu(self._c("head", xp - 0.5))
         e2 = _relu(self._c("down", e1, stride=2))
         b = e2
@@ -187,25 +212,41 @@ class Generator:
         if check():
             raise SRCancelled()
         y = _pixel_shuffle(self._c("tail", d), self.scale)
-        s = self.scale
         return bicubic_upscale(xp, s)[: s * h, : s * w] + y[: s * h, : s * w]
 
 
-_CACHE: dict[tuple[int, str], Generator] = {}
+_CACHE: dict[tuple[int, str, str], Generator] = {}
 
 
-def load_generator(scale: int, root: Path | str | None = None) -> Generator:
-    """The ×``scale`` generator from ``resources/pathology`` (or ``root``), cached."""
+def default_backend() -> str:
+    """``MEDVIEW_SR_BACKEND`` ("numpy" / "onnxruntime"), else onnxruntime when it is
+    installed (faster: bench/sr.py), else numpy."""
+    want = os.environ.get("MEDVIEW_SR_BACKEND", "").strip().lower()
+    if want in ("numpy", "onnxruntime"):
+        return want
+    from imaging.sr_ort import available
+
+    return "onnxruntime" if available() else "numpy"
+
+
+def load_generator(scale: int, root: Path | str | None = None, *,
+                   backend: str | None = None) -> Generator:
+    """The ×``scale`` generator from ``resources/pathology`` (or ``root``), cached, on
+    ``backend`` (default :func:`default_backend`)."""
     if scale not in SCALES:
         raise GeneratorError(f"super-resolution is available at ×2 and ×4, not ×{scale}")
+    backend = backend or default_backend()
     path = weights_path(scale, Path(root) if root else None)
-    key = (scale, str(path))
+    key = (scale, str(path), backend)
     if key in _CACHE:
         return _CACHE[key]
     if not path.is_file():
         raise GeneratorError(f"generator weights not found: {path} (train them with "
                              f"`python -m imaging.train_sr --scale {scale}`)")
     try:
+        import hashlib
+
+        weights_id = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode("utf-8")) if "meta" in z else {}
             params = {k: z[k].astype(np.float32) for k in z.files if k != "meta"}
@@ -218,7 +259,7 @@ def load_generator(scale: int, root: Path | str | None = None) -> Generator:
     if params["tail.w"].shape[0] != 3 * scale * scale:
         raise GeneratorError(f"{path} is not a ×{scale} generator "
                              f"(tail has {params['tail.w'].shape[0]} channels)")
-    g = Generator(scale, params, meta)
+    g = Generator(scale, params, meta, weights_id=weights_id).use_backend(backend)
     _CACHE[key] = g
     return g
 

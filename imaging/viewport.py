@@ -22,6 +22,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from imaging.memory import MemoryBudget
+
 import numpy as np
 
 from imaging.pyramid import LevelGeometry
@@ -150,66 +152,77 @@ def _rank(t: CachedTile) -> tuple[int, int]:
 
 
 class TileCache:
-    """Decoded tiles under one byte budget; pinned keys are never evicted."""
+    """Decoded tiles under the one memory budget (:class:`imaging.memory.MemoryBudget`,
+    shared with series images and volumes, or a private one of ``budget`` bytes); pinned
+    keys (on screen, the overview) are never evicted."""
 
-    def __init__(self, budget: int = 512 << 20) -> None:
-        self.budget = budget
+    def __init__(self, budget: "int | MemoryBudget" = 512 << 20) -> None:
+        self.memory = MemoryBudget.of(budget)
+        self._hid = self.memory.register(self)
         self._d: OrderedDict = OrderedDict()
         self._size = 0
-        self._pinned: set = set()
         self._lock = threading.Lock()
         self.evicted = 0
         self.on_evict = None            # callable(key): cancel a load still running
 
+    @property
+    def budget(self) -> int:
+        return self.memory.budget
+
     def get(self, key) -> CachedTile | None:
         with self._lock:
             v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
+        if v is not None:
+            self.memory.touch(self._hid, key)
+        return v
 
     def put(self, key, tile: CachedTile) -> bool:
         """Store ``tile`` unless a better one is held; returns True if stored."""
         with self._lock:
             old = self._d.get(key)
             if old is not None and _rank(old) >= _rank(tile):
-                self._d.move_to_end(key)
-                return False
-            if old is not None:
-                self._size -= old.nbytes
-            self._d[key] = tile
-            self._d.move_to_end(key)
-            self._size += tile.nbytes
-            self._evict()
-            return True
+                keep = False
+            else:
+                keep = True
+                if old is not None:
+                    self._size -= old.nbytes
+                self._d[key] = tile
+                self._size += tile.nbytes
+        if not keep:
+            self.memory.touch(self._hid, key)
+            return False
+        self.memory.charge(self._hid, key, tile.nbytes)
+        return True
 
     def pin(self, keys) -> None:
         """Replace the pinned set (what is on screen + the overview)."""
-        with self._lock:
-            self._pinned = set(keys)
-            self._evict()
+        self.memory.pin(self._hid, keys)
 
-    def _evict(self) -> None:
-        victims = []
-        for key in list(self._d):
-            if self._size <= self.budget:
-                break
-            if key in self._pinned:
-                continue
-            t = self._d.pop(key)
+    def drop(self, key) -> None:
+        """Evicted by the budget: forget the tile, cancel its load if one still runs."""
+        with self._lock:
+            t = self._d.pop(key, None)
+            if t is None:
+                return
             self._size -= t.nbytes
             self.evicted += 1
-            victims.append(key)
         if self.on_evict:
-            for k in victims:
-                self.on_evict(k)
+            self.on_evict(key)
 
     def clear(self) -> None:
         """Forget every tile (e.g. the user's rights changed: what is shown is redone
         within them)."""
         with self._lock:
+            keys = list(self._d)
             self._d.clear()
             self._size = 0
+        for k in keys:
+            self.memory.release(self._hid, k)
+
+    def close(self) -> None:
+        """The pane is gone: its tiles leave the budget."""
+        self.clear()
+        self.memory.unregister(self._hid)
 
     @property
     def size(self) -> int:

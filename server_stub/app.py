@@ -33,8 +33,6 @@ outcome (packet requests when their stream ends, with what was actually sent).
 from __future__ import annotations
 
 import contextlib
-import gzip
-import json
 import logging
 import os
 import threading
@@ -43,14 +41,17 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from codestream.databins import databins_from_ranges, split_databins
 from codestream.index import CodestreamError, PacketIndex
 
 from . import dicomweb, peers, policy_routes
+from .admission import Admission, Gates, Limits
+from .responses import GZIP_MIN_BYTES, accepts_gzip, error, json_response  # noqa: F401
 from .auth import AuthError, Authority, Session, is_loopback
 from .inputs import InputError, Param, check_query, parse_json, read_body
 from .targets import BadParam, NotFound
@@ -63,6 +64,7 @@ from .policy import PolicyError, PolicySource
 from .dbutil import StorageFull, read_only_reason
 from .store import Store, StoreError, StoreIntegrityError
 from .jobs import JobScheduler, Leases, MigrationJob
+from .series_facts import SeriesFacts
 from .tiers import Tiers
 from .versions import VersionTable
 
@@ -71,45 +73,6 @@ log = logging.getLogger("medview.server")
 VERSION = "0.1.0"
 _PRIVATE_KEYS = {"codestream_relpath", "codestream_sha256", "index_relpath", "index_sha256",
                  "original_relpath", "original_sha256"}
-
-
-def error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status, **extra}, status_code=status)
-
-
-GZIP_MIN_BYTES = 1024
-
-
-def accepts_gzip(accept_encoding: str) -> bool:
-    """Whether an Accept-Encoding header allows gzip (``gzip`` or ``*`` with q > 0)."""
-    for part in accept_encoding.split(","):
-        name, _, params = part.partition(";")
-        if name.strip().lower() not in ("gzip", "x-gzip", "*"):
-            continue
-        q = 1.0
-        for p in params.split(";"):
-            k, _, v = p.strip().partition("=")
-            if k.strip().lower() == "q":
-                try:
-                    q = float(v)
-                except ValueError:
-                    q = 0.0
-        return q > 0
-    return False
-
-
-def json_response(request: Request, payload, media_type: str = "application/json") -> Response:
-    """A JSON answer, gzip-compressed (``Content-Encoding: gzip``) when the client accepts
-    it and the body is worth compressing: series metadata is about 1 kB per image and
-    shrinks about eight times, which matters when it is part of the first preview.
-    Packet streams are never compressed (JPEG 2000 data does not shrink)."""
-    body = json.dumps(payload, ensure_ascii=False, allow_nan=False,
-                      separators=(",", ":")).encode("utf-8")
-    headers = {"Vary": "Accept-Encoding"}
-    if len(body) >= GZIP_MIN_BYTES and accepts_gzip(request.headers.get("accept-encoding", "")):
-        body = gzip.compress(body, compresslevel=6, mtime=0)
-        headers["Content-Encoding"] = "gzip"
-    return Response(body, media_type=media_type, headers=headers)
 
 
 class _LRU:
@@ -156,7 +119,9 @@ class Server:
             self.auth.policy = self.policy.get
         self._indexes = _LRU(64 << 20)
         self._bytes = _LRU(cache_bytes)
-        self.versions = VersionTable(store, self.policy.get, index_of=self._index)
+        self.facts = SeriesFacts(self.catalogue)       # per series, kept per generation
+        self.versions = VersionTable(store, self.policy.get, index_of=self._index,
+                                     facts=self.facts)
         self.tiers = Tiers(store, versions=self.versions.get, status_of=self.diagnosis.status,
                            settings=lambda: self.policy.get().storage)
 
@@ -227,7 +192,11 @@ class Server:
                                     lambda: self.tiers.recall_frame(row, frame_pk))
 
     def sources(self, series_uid: str) -> list[ImageSource]:
-        rows = self.catalogue.series_images(series_uid)
+        """The packet sources of a series, built once per generation (shared: read-only)."""
+        return self.facts.kept(series_uid, "sources", lambda: self._sources(series_uid))
+
+    def _sources(self, series_uid: str) -> list[ImageSource]:
+        rows = self.facts.images(series_uid)
         states = self.tiers.frame_states(series_uid) if rows else {}
         out = []
         for r in rows:
@@ -267,15 +236,18 @@ def _sid(request: Request) -> str | None:
 def create_app(store: Store, authority: Authority | None = None, *,
                policy: PolicySource | None = None, schedule: bool = False,
                allow_local: bool = False, trusted_proxies=(),
-               proxy_header: str = "x-forwarded-for") -> Starlette:
+               proxy_header: str = "x-forwarded-for",
+               admission: Limits | None = None) -> Starlette:
     """The application. ``schedule`` starts the migration job (tiered storage) inside
     the server, every ``[storage] schedule_hours`` of the site policy. ``allow_local``
     lets the password-less ``local`` user log in from loopback (the desktop's bundled
     server); ``trusted_proxies`` (CIDR blocks) are the proxies whose ``proxy_header``
     names the client (:mod:`server_stub.peers`). A store whose disk is full is served
-    read-only (:meth:`Store.open_for_serving`)."""
+    read-only (:meth:`Store.open_for_serving`). ``admission``: the limits of
+    :mod:`server_stub.admission` (503 + Retry-After beyond them)."""
     store.open_for_serving()
     srv = Server(store, authority, policy=policy)
+    gates = Gates(admission)        # 503 + Retry-After beyond them (server_stub.admission)
     if allow_local:
         srv.auth.allow_local = True
 
@@ -463,6 +435,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
                              "read_only": read_only is not None, "problems": problems,
                              "audit": audit, "conversion": conv,
+                             "admission": gates.stats(),
                              "jobs": srv.jobs.stats() if srv.jobs is not None else None,
                              "replica": srv.auth.replica})
 
@@ -478,7 +451,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         uid = request.state.target.series
         info = request.state.target.series_row
         allowed = request.state.grant.images
-        rows = srv.catalogue.series_images(uid)
+        rows = srv.facts.images(uid)
         srcs = {s.csn: s for s in srv.sources(uid)}
         images = []
         for r in rows:
@@ -536,6 +509,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
         p = plan(req, sources, model, request.state.grant, versions)
         if auto is not None and p.version is not None:
             p.version["auto"] = auto.reasons
+            p.version["why"], p.version["facts"] = auto.why, auto.facts
         media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
         headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
                    "X-Bytes-Total": str(p.total_bytes)}
@@ -656,8 +630,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
                                                        StorageFull: storage_full,
                                                        Exception: unhandled},
-                    lifespan=lifespan)
+                    middleware=[Middleware(Admission, gates=gates)], lifespan=lifespan)
     app.state.server = srv
+    app.state.admission = gates
     app.state.trusted_proxies = peers.parse_networks(trusted_proxies)
     app.state.proxy_header = proxy_header.lower()
     return app

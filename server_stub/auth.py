@@ -349,7 +349,12 @@ class AuditWriter:
         ``batch`` rows are already on their way (the crash bound)."""
         with self._cond:
             if self._closing and not self._thread.is_alive():
-                self._drop(row)
+                # a request that ended while the server shut down (a stream whose client
+                # went away): the audit database is closed, so the row goes to the log
+                # in full instead of being lost without a trace
+                self.dropped += 1
+                log.warning("audit row after the audit log closed (kept in this log "
+                            "only): %r", row)
                 return
             while (self.failing is None and not self._closing
                    and len(self._rows) >= self.batch):
@@ -861,7 +866,9 @@ class Authority:
         if study and self.status_of is not None:
             grant.status = int(self.status_of(study))
             if self.policy is not None:
-                grant.status_versions = self.policy().allowed_versions(grant.status)
+                # whoever may diagnose also gets the policy's diagnosing versions
+                diagnosing = grant.actions is None or "diagnose" in grant.actions
+                grant.status_versions = self.policy().allowed_versions(grant.status, diagnosing)
         return grant
 
     def grants_for(self, user: str, targets: Iterable[Iterable[str | None]]) -> list[Grant]:

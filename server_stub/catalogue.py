@@ -188,6 +188,53 @@ _QUARANTINE_DDL = [
     "CREATE INDEX IF NOT EXISTS quarantine_sha ON quarantine (sha256)",
 ]
 
+# Per-series generation counter: every change to what a series serves (an image added or
+# deleted, an instance updated, a quarantine entry about one of its instances, a frame
+# migrated or recalled: server_stub.tiers adds its triggers) adds one, inside the writing
+# transaction, whichever process writes. Readers that keep series facts
+# (server_stub.series_facts) compare one primary-key row instead of re-reading the series.
+# Triggers, so that no writer (nor an older release of this program) can forget it.
+# Rows are never deleted (a series deleted and ingested again gets a higher generation).
+# (PostgreSQL: the same UPSERT, in trigger functions.)
+GENERATION_TABLE = ("CREATE TABLE IF NOT EXISTS series_generation ("
+                    "series_uid TEXT PRIMARY KEY, generation INTEGER NOT NULL)")
+
+
+def generation_trigger(name: str, event: str, table: str, series_uid_select: str) -> str:
+    """A trigger adding one to the generation of the series ``series_uid_select`` (a
+    SELECT of one column, with a WHERE clause, that may use NEW / OLD) names."""
+    return (f"CREATE TRIGGER IF NOT EXISTS {name} {event} ON {table} BEGIN "
+            f"INSERT INTO series_generation (series_uid, generation) "
+            f"SELECT uid, 1 FROM ({series_uid_select}) WHERE uid IS NOT NULL "
+            f"ON CONFLICT (series_uid) DO UPDATE SET generation = generation + 1; END")
+
+
+_SERIES_OF_INSTANCE = ("SELECT se.SeriesInstanceUID AS uid FROM instance i JOIN series se "
+                       "ON i.series_pk = se.pk WHERE i.pk = {}")
+_SERIES_OF_SOP = ("SELECT se.SeriesInstanceUID AS uid FROM instance i JOIN series se "
+                  "ON i.series_pk = se.pk WHERE i.SOPInstanceUID = {}")
+_GENERATION_DDL = [
+    GENERATION_TABLE,
+    generation_trigger("gen_frame_insert", "AFTER INSERT", "frame",
+                       _SERIES_OF_INSTANCE.format("NEW.instance_pk")),
+    generation_trigger("gen_frame_update", "AFTER UPDATE", "frame",
+                       _SERIES_OF_INSTANCE.format("NEW.instance_pk")),
+    generation_trigger("gen_instance_update", "AFTER UPDATE", "instance",
+                       _SERIES_OF_INSTANCE.format("NEW.pk")),
+    # before: the series row still exists (an instance deleted with its series, by a
+    # study's cascade, is covered by the series trigger)
+    generation_trigger("gen_instance_delete", "BEFORE DELETE", "instance",
+                       _SERIES_OF_INSTANCE.format("OLD.pk")),
+    generation_trigger("gen_series_delete", "BEFORE DELETE", "series",
+                       "SELECT OLD.SeriesInstanceUID AS uid WHERE 1"),
+    generation_trigger("gen_series_update", "AFTER UPDATE", "series",
+                       "SELECT NEW.SeriesInstanceUID AS uid WHERE 1"),
+    generation_trigger("gen_quarantine_insert", "AFTER INSERT", "quarantine",
+                       _SERIES_OF_SOP.format("NEW.stored_sop_instance_uid")),
+    generation_trigger("gen_quarantine_update", "AFTER UPDATE", "quarantine",
+                       _SERIES_OF_SOP.format("NEW.stored_sop_instance_uid")),
+]
+
 _DATE_RE = re.compile(r"^\d{8}$")
 
 
@@ -359,7 +406,7 @@ class Catalogue:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._transaction():
             if not self._table_exists("schema_version"):
-                for stmt in _DDL + _QUARANTINE_DDL:
+                for stmt in _DDL + _QUARANTINE_DDL + _GENERATION_DDL:
                     self._execute(stmt)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)",
                               [SCHEMA_VERSION])
@@ -374,9 +421,23 @@ class Catalogue:
                     self._execute(stmt)
                 self._execute("UPDATE schema_version SET version = ?", [2])
             # Future migrations go here: if version < 3: ...
+            if not self.db.read_only:          # an addition (no version change)
+                for stmt in _GENERATION_DDL:
+                    self._execute(stmt)
 
     def _table_exists(self, name: str) -> bool:
         return self.db.table_exists(name)
+
+    def series_generation(self, series_uid: str) -> int | None:
+        """The series' generation (0 before its first change since the counter exists);
+        None when this database has no counter (a read-only store of an older release):
+        then nothing about the series may be kept."""
+        try:
+            row = self._one("SELECT generation FROM series_generation WHERE series_uid = ?",
+                            [series_uid])
+        except sqlite3.OperationalError:
+            return None
+        return 0 if row is None else row[0]
 
     @property
     def schema_version(self) -> int:
@@ -485,6 +546,10 @@ class Catalogue:
         for r in rows:
             for p in r:
                 out[p] = None
+        for r in self._final_copies(
+                " AND i.series_pk IN (SELECT se.pk FROM series se JOIN study st"
+                " ON se.study_pk = st.pk WHERE st.StudyInstanceUID = ?)", [study_uid]):
+            out[r[0]] = None
         return list(out)
 
     # ------------------------------------------------------------------ lookups
@@ -534,7 +599,19 @@ class Catalogue:
             out.append((r[3], r[4], r[5], r[6]))
         for r in self._all("SELECT relpath, sha256, size, pk FROM quarantine"):
             out.append((r[0], r[1], r[2], f"quarantine #{r[3]}"))
+        out += self._final_copies("")
         return out
+
+    def _final_copies(self, where: str, params=()) -> list[tuple[str, str, int, str]]:
+        """Final copies (server_stub.policy_copies: table policy_copy, made on demand)
+        that are files of their own (not the original kept as it arrived)."""
+        if not self.db.table_exists("policy_copy"):
+            return []
+        return [tuple(r) for r in self._all(
+            "SELECT c.relpath, c.sha256, c.size, c.sop FROM policy_copy c"
+            " JOIN instance i ON c.instance_pk = i.pk"
+            " WHERE c.relpath IS NOT NULL AND c.relpath <> i.original_relpath" + where,
+            list(params))]
 
     def conflicted_instances(self, series_uid: str) -> set[str]:
         """SOP Instance UIDs of the series with an open quarantine entry (another file
@@ -562,6 +639,7 @@ class Catalogue:
             for r in self._all("SELECT codestream_relpath, index_relpath FROM frame "
                                "WHERE instance_pk = ?", [ipk]):
                 files += [r[0], r[1]]
+            files += [r[0] for r in self._final_copies(" AND i.pk = ?", [ipk])]
             self._execute("DELETE FROM instance WHERE pk = ?", [ipk])
             self._execute("DELETE FROM series WHERE pk = ? AND NOT EXISTS "
                           "(SELECT 1 FROM instance WHERE series_pk = ?)", [se_pk, se_pk])

@@ -32,6 +32,7 @@ Sub-commands::
     medview-server audit --store DIR [--user U] [--action A] [--resource UID]
             [--since YYYY-MM-DD] [--until YYYY-MM-DD] [--limit N] [--json]
     medview-server versions --store DIR [--series UID]
+    medview-server prefetch --store DIR --worklist FILE [--limit N] [--any-modality] [--json]
     medview-server convert PATH... --out DIR [--to policy|jpegls|htj2k|jxl|j2k]
             [--lossy RATIO] [--min-psnr DB] [--max-error E] [--workers N] [--report FILE]
     medview-server convert --store DIR --policy [--workers N]
@@ -53,6 +54,7 @@ its own ``add_parser`` block in :func:`build_parser`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -82,10 +84,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
                 print(msg, flush=True)
 
         report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify,
-                              limits=limits)
-        from .policy_copies import after_ingest     # final copies, if [codec] on_ingest
-
-        after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
+                              limits=limits)      # final copies too, if [codec] on_ingest
     print(report.summary(), flush=True)
     if not report.ok:
         return 1
@@ -131,7 +130,9 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
         if not action:
             raise UsageError("quarantine resolve needs --keep, --replace or --new-uid")
         try:
-            print(q.resolve(store, args.id, action, audit=_cli_auditor(store)))
+            from .quarantine_admin import resolve
+
+            print(resolve(store, args.id, action, audit=_cli_auditor(store)))
         except q.QuarantineError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -604,6 +605,35 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _cmd_prefetch(args: argparse.Namespace) -> int:
+    from .priors import WorklistError, prefetch, read_worklist
+
+    try:
+        exams = read_worklist(args.worklist)
+    except WorklistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    store, policy, versions, diag, tiers = _services(args)
+    try:
+        rep = prefetch(store.catalogue, tiers, versions.get, exams, limit=args.limit,
+                       other_modalities=args.any_modality,
+                       log=(lambda m: None) if args.quiet else (lambda m: print(m, flush=True)))
+        for e in rep.errors:
+            print(f"error: {e}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"exams": rep.exams, "priors": rep.priors,
+                              "frames_recalled": rep.frames_recalled,
+                              "frames_hot": rep.frames_hot,
+                              "bytes_recalled": rep.bytes_recalled, "errors": rep.errors}))
+        else:
+            print(rep.summary())
+        return 0 if rep.ok else 1
+    finally:
+        for part in (tiers, diag, versions):
+            part.close()
+        store.close()
+
+
 def _archive_problem(tiers, url: str | None) -> str | None:
     """Why the archive cannot be used (not mounted, unreachable, no client), or None:
     said once for the run, not once per instance."""
@@ -908,6 +938,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would move")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=_cmd_migrate)
+
+    p = sub.add_parser("prefetch", help="recall and prepare the relevant prior studies "
+                       "of a worklist's patients (CSV or JSON: patient_id, date, modality)")
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--worklist", required=True, type=Path, help="scheduled exams (CSV/JSON)")
+    p.add_argument("--limit", type=int, default=2, help="priors per exam (default 2)")
+    p.add_argument("--any-modality", action="store_true",
+                   help="also priors of another modality (after the same modality's)")
+    p.add_argument("--policy", type=Path, help="site policy file (TOML)")
+    p.add_argument("--json", action="store_true", help="the report as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.set_defaults(func=_cmd_prefetch)
 
     p = sub.add_parser("audit", help="who fetched what, and when")
     p.add_argument("--store", required=True, type=Path, help="store directory")

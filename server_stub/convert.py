@@ -21,11 +21,15 @@ through :func:`convert_file`:
    LossyImageCompressionMethod (appended to earlier values), ImageType DERIVED, a
    DerivationDescription, DerivationCodeSequence (DCM 113040 "Lossy Compression") and a
    SourceImageSequence item pointing at the original instance;
-5. the output is written to a temporary file beside its final name, read back and
-   decoded with our codec, and compared with pydicom's decode of the input: lossless must
-   be bit-exact; lossy reports PSNR and maximum error and is refused below ``min_psnr`` or
-   above ``max_error``. Only a verified output is renamed into place (atomic), so an
-   output that exists is a verified one — a rerun skips it. The input is never written.
+5. the output file is made in memory and proven before it is written
+   (:func:`verify_encoded`): every encoded frame is decoded with our codec and compared
+   with pydicom's decode of the input — lossless must be bit-exact; lossy reports PSNR
+   and maximum error and is refused below ``min_psnr`` or above ``max_error`` — and the
+   file's bytes are shown to hold exactly those frames (the encapsulated pixel data
+   after its element header) under the codec's transfer syntax, without parsing the
+   dataset again. It is then written once, to a temporary file beside its final name,
+   fsynced and renamed into place (atomic), so an output that exists is a verified one —
+   a rerun skips it. The input is read once and never written.
 
 The report (:class:`ConvertReport`) lists per file: file, output, status, codec, transfer
 syntax, bytes before and after, ratio, seconds, verification; ``write_report`` writes it
@@ -38,7 +42,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -49,6 +52,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from codestream import codecs
+from imaging.files import fsync_dirs, is_temp_name, write_atomic
 
 TARGETS = ("policy", "jpegls", "htj2k", "jxl", "j2k")
 DEFAULT_MIN_PSNR = 40.0                 # dB: lossy outputs below this are refused
@@ -60,7 +64,6 @@ LOSSY_INPUT_TS = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.1
                   "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.112",
                   "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102",
                   "1.2.840.10008.1.2.4.103"}
-TMP_SUFFIX = ".medview-tmp"
 
 
 class ConvertError(Exception):
@@ -144,7 +147,7 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     base = p.with_suffix("") if p.suffix.lower() in (".json", ".csv") else p
     jpath, cpath = base.with_suffix(".json"), base.with_suffix(".csv")
     jpath.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(jpath, json.dumps(report.to_json(), indent=1).encode())
+    write_atomic(jpath, json.dumps(report.to_json(), indent=1).encode())
     rows = []
     for r in report.results:
         d = r.to_json()
@@ -154,7 +157,7 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    _atomic_write_bytes(cpath, buf.getvalue().encode())
+    write_atomic(cpath, buf.getvalue().encode())
     return jpath, cpath
 
 
@@ -169,6 +172,7 @@ class Converted:
     signed: bool
     bits_stored: int
     reason: str
+    fragments: list[bytes] = field(default_factory=list)   # the encoded frames
 
 
 def read_pixels(ds) -> tuple[list[np.ndarray], str]:
@@ -183,7 +187,11 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
         raise ConvertError("pixel data without Rows/Columns (damaged image module)")
     if ba not in (8, 16):
         raise ConvertError(f"BitsAllocated {ba}: only 8 and 16-bit images are converted")
-    if spp == 3 and pi.startswith("YBR") and ts not in LOSSY_INPUT_TS:
+    # YBR_RCT/ICT name the JPEG 2000 colour transform, which the decoder undoes (RCT
+    # exactly): the samples come out RGB. YBR_FULL(_422) stored losslessly would need
+    # pydicom's rounded YBR -> RGB conversion.
+    if spp == 3 and pi in ("YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420") \
+            and ts not in LOSSY_INPUT_TS:
         raise ConvertError(f"{pi} samples stored losslessly: turning them into RGB would not "
                            "be lossless, so the image is not converted")
     if spp not in (1, 3):
@@ -202,7 +210,7 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
 
 
 def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
-                   reason: str = "", copy_first: bool = True) -> Converted:
+                   reason: str = "", copy_first: bool = True, resolve: bool = True) -> Converted:
     """The dataset re-encoded with ``codec``: a deep copy, or ``ds`` itself changed in
     place when ``copy_first`` is False (the converter's own freshly read dataset)."""
     from pydicom.encaps import encapsulate
@@ -228,8 +236,15 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
         out = copy.deepcopy(ds)
     else:
         out = ds
-        ds = _Original(ds)          # what the lossy record needs of the input
+        if not codec.lossless:
+            ds = _Original(ds)      # what the lossy record needs of the input (the
+                                    # attributes read below are read before any change)
     _drop_group_length(out)
+    if resolve:
+        _resolve(out)
+    for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):   # the input's frames
+        if kw in out:
+            del out[kw]
     if big_endian:
         _to_little_endian(out)
     in_ts = str(ds.file_meta.TransferSyntaxUID)
@@ -248,7 +263,7 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
     if not codec.lossless:
         raw = sum(f.nbytes for f in frames)
         _mark_lossy(out, ds, codec, raw / max(1, sum(len(e) for e in encoded)))
-    return Converted(out, codec, frames, signed, bits, reason)
+    return Converted(out, codec, frames, signed, bits, reason, encoded)
 
 
 class _Original:
@@ -271,6 +286,16 @@ class _Original:
         if key.startswith("_") or key not in self._v:
             raise AttributeError(key)
         return self._v[key]
+
+
+def _resolve(ds) -> None:
+    """Turn every raw element into a DataElement with its VR (pydicom converts on access
+    and keeps the result): a dataset read as implicit VR (some files say explicit and are
+    not) is then written as explicit VR correctly."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _resolve(item)
 
 
 def _drop_group_length(ds) -> None:
@@ -322,13 +347,20 @@ _NEW_TS = {   # transfer syntaxes newer than pydicom 3.0's UID dictionary
 }
 
 
+_registered = False
+
+
 def register_transfer_syntaxes() -> None:
     """Teach pydicom the JPEG XL transfer syntaxes (PS3.6 2024) so it writes and reads them
     as encapsulated explicit VR little endian."""
+    global _registered
+    if _registered:
+        return
     from pydicom._uid_dict import UID_dictionary
 
     for uid, (name, keyword) in _NEW_TS.items():
         UID_dictionary.setdefault(uid, (name, "Transfer Syntax", "", "", keyword))
+    _registered = True
 
 
 _SWAP_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
@@ -370,6 +402,52 @@ class Verification:
     max_error: float | None = None
 
 
+_PIXEL_HEADER = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"   # (7FE0,0010) OB, undefined
+_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"          # (FFFE,E0DD), length 0
+
+
+def verify_encoded(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MIN_PSNR,
+                   max_error: float | None = None) -> Verification:
+    """The proof of an output before it is written, without reading it back as DICOM:
+    every encoded frame decoded by the codec and compared with the reference
+    (:func:`compare_frames`), and the file bytes shown to carry exactly those frames —
+    the encapsulated pixel data after its element header, byte for byte — under the
+    codec's transfer syntax in the file meta information. Same result as
+    :func:`verify_bytes`, without a second parse of the whole dataset."""
+    pixel = conv.dataset["PixelData"].value + _SEQ_DELIMITER
+    at = data.rfind(_PIXEL_HEADER)
+    if at < 0 or data[at + len(_PIXEL_HEADER):at + len(_PIXEL_HEADER) + len(pixel)] != pixel:
+        return Verification(False, "the written pixel data are not the encoded frames")
+    if _meta_transfer_syntax(data) != conv.codec.transfer_syntax:
+        return Verification(False, "the written transfer syntax is not the codec's")
+    return compare_frames(conv.fragments, conv, min_psnr=min_psnr, max_error=max_error)
+
+
+def _meta_transfer_syntax(data: bytes) -> str | None:
+    """TransferSyntaxUID (0002,0010) of a DICOM file's meta information (explicit VR
+    little endian after the preamble and "DICM"), None if it is not there."""
+    import struct
+
+    if data[128:132] != b"DICM":
+        return None
+    i = 132
+    while i + 8 <= len(data):
+        group, elem = struct.unpack_from("<HH", data, i)
+        if group != 2:
+            return None
+        vr = data[i + 4:i + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            (n,) = struct.unpack_from("<I", data, i + 8)
+            head = 12
+        else:
+            (n,) = struct.unpack_from("<H", data, i + 6)
+            head = 8
+        if elem == 0x0010:
+            return data[i + head:i + head + n].rstrip(b"\0 ").decode("ascii", "replace")
+        i += head + n
+    return None
+
+
 def verify_bytes(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MIN_PSNR,
                  max_error: float | None = None) -> Verification:
     """Read ``data`` back as DICOM, decode every frame with our codec and compare with the
@@ -388,6 +466,13 @@ def verify_bytes(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MIN_
         frags = list(generate_frames(back.PixelData, number_of_frames=n))
     except Exception as e:  # noqa: BLE001
         return Verification(False, f"the output cannot be read back: {e}")
+    return compare_frames(frags, conv, min_psnr=min_psnr, max_error=max_error)
+
+
+def compare_frames(frags: list[bytes], conv: Converted, *, min_psnr: float = DEFAULT_MIN_PSNR,
+                   max_error: float | None = None) -> Verification:
+    """Decode each fragment with the codec and compare with the reference frames: bit-exact
+    for a lossless codec; PSNR and maximum error within the limits for a lossy one."""
     if len(frags) != len(conv.reference):
         return Verification(False, f"{len(frags)} frames written, {len(conv.reference)} expected")
     worst_err, sq, count = 0.0, 0.0, 0
@@ -399,6 +484,11 @@ def verify_bytes(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MIN_
             return Verification(False, f"frame {i}: {e}")
         if got.shape != ref.shape:
             return Verification(False, f"frame {i}: decoded {got.shape}, expected {ref.shape}")
+        if got.dtype == ref.dtype and np.array_equal(got, ref):
+            count += ref.size                   # identical: no error to add up
+            if not conv.codec.lossless:
+                lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
+            continue
         d = got.astype(np.float64) - ref.astype(np.float64)
         worst_err = max(worst_err, float(np.abs(d).max()))
         sq += float((d * d).sum())
@@ -475,10 +565,12 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
                 res.sop_instance_uid = res.source_sop_instance_uid
             else:
                 res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+                splice = _splice_plan(data, ds, codec)
                 conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
-                                      copy_first=False)
-                enc = dataset_bytes(conv.dataset)
-                v = verify_bytes(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
+                                      copy_first=False, resolve=splice is None)
+                enc = (dataset_bytes(conv.dataset) if splice is None
+                       else _spliced_bytes(data, conv, *splice))
+                v = verify_encoded(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
                 res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
                 if not v.ok:
                     raise ConvertError(f"verification failed: {v.text}")
@@ -496,6 +588,56 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
     return res, out
 
 
+def _splice_plan(data: bytes, ds, codec: codecs.Codec) -> tuple[int, int] | None:
+    """Where the input's dataset starts and its pixel data element begins, when a
+    lossless conversion changes nothing but the pixel data and the transfer syntax: then
+    the output is the input's own bytes for every other element (written once, not
+    re-encoded by pydicom: faster, and every attribute kept byte for byte). None when
+    anything else would change (implicit VR or big endian input, group lengths, offset
+    tables, a colour conversion, a lossy input, elements after the pixel data)."""
+    if not codec.lossless or getattr(ds, "original_encoding", None) != (False, True):
+        return None
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    start = 144 + int.from_bytes(data[140:144], "little")
+    if data[start:start + 2] == b"\x02\x00":
+        return None
+    tags = list(ds.keys())
+    if (not tags or tags[-1] != 0x7FE00010 or any(t.group == 0 for t in tags)
+            or 0x7FE00000 in ds):              # a pixel group length would go stale
+        return None
+    if "ExtendedOffsetTable" in ds or "ExtendedOffsetTableLengths" in ds:
+        return None
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    if spp == 3 and (pi != "RGB" or int(ds.get("PlanarConfiguration", 0) or 0) != 0):
+        return None
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if ts in LOSSY_INPUT_TS and ds.get("LossyImageCompression") != "01":
+        return None
+    tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
+    if tell is None or tell < start + 12:
+        return None
+    at = tell - 12
+    if data[at:at + 4] != b"\xe0\x7f\x10\x00" or data[at + 4:at + 6] not in (b"OB", b"OW"):
+        return None
+    return start, at
+
+
+def _spliced_bytes(data: bytes, conv: Converted, start: int, at: int) -> bytes:
+    """The output file: the input's preamble, the new file meta information, the input's
+    dataset bytes up to its pixel data, the encoded pixel data (see :func:`_splice_plan`)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    register_transfer_syntaxes()
+    meta = DicomBytesIO()
+    write_file_meta_info(meta, conv.dataset.file_meta, enforce_standard=True)
+    pixel = conv.dataset["PixelData"].value
+    return b"".join((data[:128], b"DICM", meta.getvalue(), data[start:at], _PIXEL_HEADER,
+                     pixel, _SEQ_DELIMITER))
+
+
 def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
                  sync_dir: bool = True) -> FileResult:
     """Convert one file to ``dst`` (see the module doc). Never raises for a bad file: the
@@ -509,7 +651,7 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
         res.bytes_before = src.stat().st_size
         if dst.exists():
             done = _done_before(dst)
-            if done is not None:
+            if done is not None and done[0] == _expected_ts(src, opts):
                 res.status, res.transfer_syntax, res.bytes_after = "skipped", done[0], done[1]
                 res.sop_instance_uid = done[2]
                 res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
@@ -524,11 +666,24 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
     res.output = str(dst)
     if out is not None:
         try:
-            _atomic_write_bytes(dst, out, sync_dir=sync_dir)
+            write_atomic(dst, out, sync_dir=sync_dir)
         except OSError as e:
             res.status, res.error = "failed", f"cannot write the output: {e}"
     res.seconds = round(time.perf_counter() - t0, 4)
     return res
+
+
+def _expected_ts(src: Path, opts: Options) -> str | None:
+    """The transfer syntax this run would give ``src`` (None if its header is unreadable):
+    an output in another syntax (an earlier run with another --to or policy) is redone."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        codec, _ = choose_codec(ds, opts)
+    except Exception:  # noqa: BLE001 - the conversion itself reports the problem
+        return None
+    return str(ds.file_meta.TransferSyntaxUID) if codec is None else codec.transfer_syntax
 
 
 def _done_before(dst: Path) -> tuple[str, int, str] | None:
@@ -540,40 +695,6 @@ def _done_before(dst: Path) -> tuple[str, int, str] | None:
         return str(ds.file_meta.TransferSyntaxUID), dst.stat().st_size, str(ds.get("SOPInstanceUID", ""))
     except Exception:  # noqa: BLE001 - not ours / damaged: converted again
         return None
-
-
-def _atomic_write_bytes(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
-    """Temp file beside ``path``, fsync, rename. The content is durable before the name
-    appears, so an output that exists is complete; ``sync_dir`` also makes the name
-    durable at once (the batch does that once per folder, :func:`_sync_dirs`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    if sync_dir:
-        _sync_dirs([path.parent])
-
-
-def _sync_dirs(dirs: Iterable[Path]) -> None:
-    for d in set(map(Path, dirs)):
-        try:
-            fd = os.open(d, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------- many files
@@ -592,7 +713,7 @@ def plan(paths: Iterable[str | Path], out_dir: str | Path) -> tuple[list[tuple[P
             nested_out = out_res != p.resolve() and _is_under(out_res, p.resolve())
             items = []
             for f in files:
-                if (nested_out and _is_under(f.resolve(), out_res)) or f.name.endswith(TMP_SUFFIX):
+                if (nested_out and _is_under(f.resolve(), out_res)) or is_temp_name(f.name):
                     continue
                 items.append((f, out_dir / f.relative_to(p)))
         elif p.is_file():
@@ -617,6 +738,18 @@ def _is_under(p: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def pool_context():
+    """fork when this process runs one thread (workers start at once, nothing to import
+    again); else forkserver (forking a threaded process can inherit a held lock)."""
+    import multiprocessing as mp
+    import threading
+
+    methods = mp.get_all_start_methods()
+    if threading.active_count() == 1 and "fork" in methods:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
 def _worker(args: tuple[str, str, Options]) -> FileResult:
@@ -647,17 +780,14 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
         for s, d in pairs:
             note(convert_file(s, d, opts, sync_dir=False))
     else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
             futs = {pool.submit(_worker, (str(s), str(d), opts)): s for s, d in pairs}
             for fut in as_completed(futs):
                 try:
                     note(fut.result())
                 except Exception as e:  # noqa: BLE001 - a worker died: that file failed
                     note(FileResult(str(futs[fut]), status="failed", error=f"worker: {e}"))
-    _sync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
+    fsync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
     order = {str(s): i for i, (s, _d) in enumerate(pairs)}
     report.results.sort(key=lambda r: order.get(r.file, -1))
     report.seconds = time.perf_counter() - t0

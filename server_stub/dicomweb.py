@@ -66,7 +66,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .catalogue import QueryError, qido_key
+from .http_ranges import range_response
 from .packets import RequestError
+from .responses import json_response
 from .inputs import Param
 from .targets import may_hide, visible_instances, visible_rows
 
@@ -188,6 +190,37 @@ def register_frame_encoder(syntax: str, media: str,
     MEDIA_DEFAULT_SYNTAX.setdefault(media, syntax)
 
 
+def _codec_encoder(syntax: str) -> Callable[[np.ndarray, PixelInfo], bytes]:
+    """An encoder through the codec interface (:mod:`codestream.codecs`): the values of
+    pydicom's decode, lossless; an image the codec cannot hold is 406 with the reason."""
+    from codestream import codecs
+
+    codec = codecs.get(syntax)
+
+    def encode(arr: np.ndarray, info: PixelInfo) -> bytes:
+        if info.bits_allocated == 1:
+            raise NotAcceptable(f"{codec.label}: 1-bit images are sent natively only")
+        try:
+            return codec.encode(arr, signed=info.signed, bits_stored=info.bits_stored)
+        except (codecs.CodecError, codecs.CodecUnavailable) as e:
+            raise NotAcceptable(f"{codec.label}: {e}") from None
+    return encode
+
+
+def _register_codecs() -> None:
+    """JPEG-LS, HTJ2K (RPCL and any order) and JPEG XL lossless, where the library is
+    there (SPEC H1: the final copies' syntaxes, served from the copy when one exists)."""
+    from codestream import codecs
+
+    for ts in (codecs.JPEGLS_LOSSLESS, codecs.HTJ2K_LOSSLESS_RPCL, codecs.HTJ2K_LOSSLESS,
+               codecs.JPEGXL_LOSSLESS):
+        if codecs.get(ts).available:
+            register_frame_encoder(ts, SYNTAX_MEDIA[ts], _codec_encoder(ts))
+
+
+_register_codecs()
+
+
 # --------------------------------------------------------------------------- the original
 
 _YBR_TO_RGB = frozenset({"YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
@@ -247,6 +280,58 @@ class Original:
         raise RequestError(f"frame {index + 1} not found in the original", status=404)
 
 
+class FinalCopy:
+    """An instance's final copy (:mod:`server_stub.policy_copies`): its bytes as stored,
+    read when first needed, and its frames as stored. An RPCL HTJ2K copy (.4.202) is also
+    a valid HTJ2K lossless codestream (.4.201), so its frames serve both syntaxes."""
+
+    def __init__(self, syntax: str, load: Callable[[], bytes]):
+        self.syntax = syntax
+        self._load = load
+        self._data: bytes | None = None
+        self._frames: list[bytes] | None = None
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = self._load()
+        return self._data
+
+    def frame_syntaxes(self) -> tuple[str, ...]:
+        if self.syntax == "1.2.840.10008.1.2.4.202":
+            return (self.syntax, "1.2.840.10008.1.2.4.201")
+        return (self.syntax,)
+
+    def fragments(self, index: int) -> bytes:
+        if self._frames is None:
+            import pydicom
+            from pydicom.encaps import generate_frames
+
+            from .convert import register_transfer_syntaxes
+
+            register_transfer_syntaxes()
+            ds = pydicom.dcmread(io.BytesIO(self.data))
+            n = int(ds.get("NumberOfFrames") or 1)
+            self._frames = list(generate_frames(ds.PixelData, number_of_frames=n))
+        if not 0 <= index < len(self._frames):
+            raise RequestError(f"frame {index + 1} not found in the final copy", status=404)
+        return self._frames[index]
+
+
+class _LazyOriginal:
+    """An :class:`Original` read and parsed only when first used: a frame served from the
+    final copy never reads the original."""
+
+    def __init__(self, load: Callable[[], Original]):
+        self._load = load
+        self._orig: Original | None = None
+
+    def __getattr__(self, name):
+        if self._orig is None:
+            self._orig = self._load()
+        return getattr(self._orig, name)
+
+
 def transcode_instance(orig: Original, syntax: str) -> bytes:
     """The original file in another transfer syntax (explicit VR little endian or an
     encapsulated syntax of :data:`FRAME_ENCODERS`); pixel values as pydicom decodes them,
@@ -279,6 +364,9 @@ def transcode_instance(orig: Original, syntax: str) -> bytes:
         if "ExtendedOffsetTable" in ds:
             del ds["ExtendedOffsetTable"]
     ds.file_meta.TransferSyntaxUID = UID(syntax)
+    from .convert import register_transfer_syntaxes
+
+    register_transfer_syntaxes()           # pydicom 3.0 does not know JPEG XL yet
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
     return out.getvalue()
@@ -364,6 +452,21 @@ def _matches(pattern: str, media: str) -> bool:
 
 def _boundary() -> str:
     return f"medview-{secrets.token_hex(12)}"
+
+
+def whole_multipart(parts: list[tuple[bytes, str, dict]]) -> tuple[bytes, str]:
+    """The multipart/related body in one piece, with a boundary that depends only on the
+    parts: the same representation every time, so byte ranges of it can be asked for
+    one after the other. Returns (body, boundary)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for content, ctype, headers in parts:
+        h.update(ctype.encode())
+        h.update(repr(sorted(headers.items())).encode())
+        h.update(hashlib.sha256(content).digest())
+    boundary = f"medview-{h.hexdigest()[:24]}"
+    return b"".join(multipart_body(parts, boundary)), boundary
 
 
 def multipart_body(parts: Iterable[tuple[bytes, str, dict]], boundary: str) -> Iterator[bytes]:
@@ -479,11 +582,17 @@ def _keyword_tag(keyword: str) -> str | None:
 
 # --------------------------------------------------------------------------- routes
 
-def routes(srv, guarded) -> list[Route]:
-    """The DICOMweb routes, each wrapped by ``guarded`` (see :mod:`server_stub.app`)."""
-    from .app import json_response
+class DicomWeb:
+    """The DICOMweb routes, each wrapped by ``guarded`` (see :mod:`server_stub.app`).
 
-    def base_url(request: Request) -> str:
+    One method per handler (wrapped by the authorisation point in
+    :meth:`routes`); built by :func:`routes`."""
+
+    def __init__(self, srv, guarded) -> None:
+        self.srv = srv
+        self.guarded = guarded
+
+    def base_url(self, request: Request) -> str:
         """Where this server is, for RetrieveURL and BulkDataURI. Some clients
         (dicomweb-client) send a Host header without the port; when that host is the
         address the server is bound to, the bound port is meant."""
@@ -495,25 +604,25 @@ def routes(srv, guarded) -> list[Route]:
         return base + PREFIX
 
     # ----------------------------------------------------------------- rights and lookups
-    def series_grant(request: Request, series: str):
+    def series_grant(self, request: Request, series: str):
         """The session user's grant on ``series`` (its own rules win over the study's)."""
         if series == request.path_params.get("series"):
             return request.state.grant
-        return srv.auth.grant_for(request.state.session.user, series)
+        return self.srv.auth.grant_for(request.state.session.user, series)
 
-    def need_action(request: Request, series: str, action: str):
-        g = series_grant(request, series)
+    def need_action(self, request: Request, series: str, action: str):
+        g = self.series_grant(request, series)
         if g.actions is not None and action not in g.actions:
             raise RequestError(f"beyond your rights: series {series} ({action})", status=403,
                                denied=["action"])
         return g
 
-    def need_whole(request: Request, series: str, sops: set[str] | None = None) -> None:
+    def need_whole(self, request: Request, series: str, sops: set[str] | None = None) -> None:
         """Full-quality pixels or originals of ``sops`` (None: all) of ``series``: only
         with an unlimited grant on every image concerned."""
-        g = need_action(request, series, "retrieve")
-        versions = srv.versions.get(series)
-        csns = [r["index"] for r in srv.catalogue.series_images(series)
+        g = self.need_action(request, series, "retrieve")
+        versions = self.srv.versions.get(series)
+        csns = [r["index"] for r in self.srv.facts.images(series)
                 if sops is None or r["SOPInstanceUID"] in sops]
         if not all(g.allows_whole(c, versions) for c in csns or [None]):
             raise RequestError("beyond your rights: whole files and full-quality pixels "
@@ -521,23 +630,23 @@ def routes(srv, guarded) -> list[Route]:
                                "your rights at /jpip", status=403,
                                **g.limits(versions, ["whole-file"]))
 
-    def path_study(request: Request) -> str:
+    def path_study(self, request: Request) -> str:
         study = request.path_params["study"]
-        if srv.catalogue.get_study(study) is None:
+        if self.srv.catalogue.get_study(study) is None:
             raise RequestError(f"unknown study {study}", status=404)
         return study
 
-    def path_series(request: Request) -> dict:
+    def path_series(self, request: Request) -> dict:
         study, series = request.path_params["study"], request.path_params["series"]
-        info = srv.catalogue.get_series(series)
+        info = self.srv.catalogue.get_series(series)
         if info is None or info["StudyInstanceUID"] != study:
             raise RequestError(f"unknown series {series} in study {study}", status=404)
         return info
 
-    def path_instance(request: Request) -> dict:
-        path_series(request)
+    def path_instance(self, request: Request) -> dict:
+        self.path_series(request)
         sop = request.path_params["sop"]
-        row = srv.catalogue.find_instance(sop)
+        row = self.srv.catalogue.find_instance(sop)
         if (row is None or row["SeriesInstanceUID"] != request.path_params["series"]
                 or row["StudyInstanceUID"] != request.path_params["study"]):
             raise RequestError(f"unknown instance {sop} in this series", status=404)
@@ -545,7 +654,7 @@ def routes(srv, guarded) -> list[Route]:
                                    series=row["SeriesInstanceUID"], sop=sop)
         return row
 
-    def path_frames(request: Request, row: dict) -> list[int]:
+    def path_frames(self, request: Request, row: dict) -> list[int]:
         text = request.path_params["frame"]
         try:
             nums = [int(x) for x in text.split(",")]
@@ -559,21 +668,31 @@ def routes(srv, guarded) -> list[Route]:
         request.state.audit["frames"] = text
         return nums
 
-    def instances_of(request: Request, study: str, series: str | None = None) -> list[dict]:
+    def instances_of(self, request: Request, study: str, series: str | None = None) -> list[dict]:
         """Every instance of a study / series (rights checked per series)."""
         matches = [("StudyInstanceUID", study)]
         if series:
             matches.append(("SeriesInstanceUID", series))
-        rows = srv.catalogue.qido("instance", matches)
+        rows = self.srv.catalogue.qido("instance", matches)
         if not rows:
             raise RequestError("no instance found", status=404)
         return rows
 
-    def original(row: dict) -> Original:
-        return Original(srv.tiers.read_original(row))
+    def original(self, row: dict) -> Original:
+        return Original(self.srv.tiers.read_original(row))
+
+    def final_copy(self, row: dict) -> FinalCopy | None:
+        """The instance's verified final copy (SPEC H1), read through the tiers (recalled
+        from the archive if it was moved); None when it has none or it is the original."""
+        from .policy_copies import final_copy_row
+
+        fc = final_copy_row(self.srv.catalogue.db, row["SOPInstanceUID"])
+        if fc is None or fc["codec"] == "keep" or not fc["transfer_syntax"]:
+            return None
+        return FinalCopy(fc["transfer_syntax"], lambda: self.srv.tiers.read_final(row, fc))
 
     # ----------------------------------------------------------------- QIDO-RS
-    def qido(level: str):
+    def qido(self, level: str):
         def handler(request: Request):
             matches, include, page, plain = [], set(), {}, False
             seen = set()
@@ -614,20 +733,20 @@ def routes(srv, guarded) -> list[Route]:
                     matches.append((k, v))
                     include.add(key.keyword)
             if "study" in request.path_params:
-                path_study(request)
+                self.path_study(request)
                 matches.append(("StudyInstanceUID", request.path_params["study"]))
             if "series" in request.path_params:
-                path_series(request)
+                self.path_series(request)
                 matches.append(("SeriesInstanceUID", request.path_params["series"]))
             want_header = bool(include - set(STUDY_RETURN) - set(SERIES_RETURN)
                                - {"StudyInstanceUID", "SeriesInstanceUID"}) or level == "instance"
             # rules that hide rows: filter first, then page, so a page is never short
-            hide = may_hide(srv, request.state.session.user, "browse") or level == "instance"
-            rows = srv.catalogue.qido(level, matches,
+            hide = may_hide(self.srv, request.state.session.user, "browse") or level == "instance"
+            rows = self.srv.catalogue.qido(level, matches,
                                       limit=None if hide else page.get("limit"),
                                       offset=0 if hide else page.get("offset", 0),
                                       header=want_header)
-            rows = browsable(request, level, rows)
+            rows = self.browsable(request, level, rows)
             if hide:
                 start = page.get("offset", 0)
                 rows = rows[start:start + page["limit"] if page.get("limit") is not None
@@ -636,20 +755,20 @@ def routes(srv, guarded) -> list[Route]:
                 return json_response(request, [{k: v for k, v in r.items()
                                                 if k not in _PRIVATE and k != "_meta"}
                                                for r in rows])
-            base = base_url(request)
-            return json_response(request, [qido_result(level, r, include, base) for r in rows],
+            base = self.base_url(request)
+            return json_response(request, [self.qido_result(level, r, include, base) for r in rows],
                                  media_type="application/dicom+json")
         return handler
 
-    def browsable(request: Request, level: str, rows: list[dict]) -> list[dict]:
+    def browsable(self, request: Request, level: str, rows: list[dict]) -> list[dict]:
         """Only what the user may browse, decided as for a request on the row (its series,
         study and patient: :func:`server_stub.targets.visible_rows`); instances only when
         all their images are within the grant's image ranges. Attributes beyond the
         default ones (``includefield``) come from the stored header: only where the user
         also has the ``metadata`` action (``_meta`` on the row)."""
         user = request.state.session.user
-        rows = visible_rows(srv, user, rows, "browse")
-        meta = {id(r) for r in visible_rows(srv, user, rows, "metadata")}
+        rows = visible_rows(self.srv, user, rows, "browse")
+        meta = {id(r) for r in visible_rows(self.srv, user, rows, "metadata")}
         for r in rows:
             r["_meta"] = id(r) in meta
         if level == "instance":
@@ -658,12 +777,12 @@ def routes(srv, guarded) -> list[Route]:
                 by_series.setdefault(r["SeriesInstanceUID"], []).append(r)
             keep = set()
             for se, rs in by_series.items():
-                grant = srv.auth.grant_for(user, se)
-                keep |= {id(r) for r in visible_instances(srv, grant, se, rs)}
+                grant = self.srv.auth.grant_for(user, se)
+                keep |= {id(r) for r in visible_instances(self.srv, grant, se, rs)}
             rows = [r for r in rows if id(r) in keep]
         return rows
 
-    def qido_result(level: str, row: dict, include: set[str], base: str) -> dict:
+    def qido_result(self, level: str, row: dict, include: set[str], base: str) -> dict:
         keys = list(STUDY_RETURN)
         if level in ("series", "instance"):
             keys += SERIES_RETURN
@@ -708,21 +827,21 @@ def routes(srv, guarded) -> list[Route]:
         return dict(sorted(out.items()))
 
     # ----------------------------------------------------------------- metadata
-    def metadata_of(request: Request, rows: list[dict]) -> list[dict]:
-        base = base_url(request)
+    def metadata_of(self, request: Request, rows: list[dict]) -> list[dict]:
+        base = self.base_url(request)
         out = []
         for r in rows:
-            h = srv.catalogue.instance_header(r["SOPInstanceUID"]) or {}
+            h = self.srv.catalogue.instance_header(r["SOPInstanceUID"]) or {}
             url = (f"{base}/studies/{r['StudyInstanceUID']}/series/{r['SeriesInstanceUID']}"
                    f"/instances/{r['SOPInstanceUID']}")
             for item in h.values():
-                _absolute_bulk(item, url)
+                self._absolute_bulk(item, url)
             h["7FE00010"] = {"vr": "OB" if (r.get("BitsAllocated") or 8) <= 8 else "OW",
                              "BulkDataURI": f"{url}/bulk/7FE00010"}
             out.append(dict(sorted(h.items())))
         return out
 
-    def _absolute_bulk(item, url: str) -> None:
+    def _absolute_bulk(self, item, url: str) -> None:
         if not isinstance(item, dict):
             return
         uri = item.get("BulkDataURI")
@@ -731,40 +850,37 @@ def routes(srv, guarded) -> list[Route]:
         for v in item.get("Value") or []:
             if isinstance(v, dict):
                 for sub in v.values():
-                    _absolute_bulk(sub, url)
+                    self._absolute_bulk(sub, url)
 
-    def json_only(request: Request) -> None:
+    def json_only(self, request: Request) -> None:
         for mr in parse_accept(request.headers.get("accept")):
             if any(_matches(mr.media, m) for m in ("application/dicom+json", "application/json")):
                 return
         raise NotAcceptable("metadata is available as application/dicom+json only")
 
-    @guarded("metadata")
-    def study_metadata(request: Request):
-        json_only(request)
-        rows = instances_of(request, path_study(request))
+    def study_metadata(self, request: Request):
+        self.json_only(request)
+        rows = self.instances_of(request, self.path_study(request))
         for s in {r["SeriesInstanceUID"] for r in rows}:
-            need_action(request, s, "metadata")
-        return json_response(request, metadata_of(request, rows),
+            self.need_action(request, s, "metadata")
+        return json_response(request, self.metadata_of(request, rows),
                              media_type="application/dicom+json")
 
-    @guarded("metadata")
-    def series_metadata(request: Request):
-        json_only(request)
-        path_series(request)
-        rows = instances_of(request, request.path_params["study"], request.path_params["series"])
-        return json_response(request, metadata_of(request, rows),
+    def series_metadata(self, request: Request):
+        self.json_only(request)
+        self.path_series(request)
+        rows = self.instances_of(request, request.path_params["study"], request.path_params["series"])
+        return json_response(request, self.metadata_of(request, rows),
                              media_type="application/dicom+json")
 
-    @guarded("metadata")
-    def instance_metadata(request: Request):
-        json_only(request)
-        row = path_instance(request)
-        return json_response(request, metadata_of(request, [row]),
+    def instance_metadata(self, request: Request):
+        self.json_only(request)
+        row = self.path_instance(request)
+        return json_response(request, self.metadata_of(request, [row]),
                              media_type="application/dicom+json")
 
     # ----------------------------------------------------------------- retrieve
-    def instance_choice(request: Request, *, single_ok: bool) -> tuple[bool, str | None]:
+    def instance_choice(self, request: Request, *, single_ok: bool) -> tuple[bool, str | None]:
         """(multipart?, transfer syntax; None = the original as stored) from the Accept
         header. ``single_ok``: one instance, which may go as a single part."""
         problems = []
@@ -791,26 +907,35 @@ def routes(srv, guarded) -> list[Route]:
                             + '; available: multipart/related; type="application/dicom" with '
                             f"transfer-syntax * or {', '.join(FRAME_ENCODERS)}")
 
-    def instance_bytes(row: dict, syntax: str | None) -> tuple[bytes, str]:
-        data = srv.tiers.read_original(row)
+    def instance_bytes(self, row: dict, syntax: str | None) -> tuple[bytes, str]:
         if syntax is None:
-            return data, row.get("TransferSyntaxUID") or ""
+            return self.srv.tiers.read_original(row), row.get("TransferSyntaxUID") or ""
+        fc = self.final_copy(row)
+        if fc is not None and fc.syntax == syntax:
+            return fc.data, syntax                    # the final copy, bytes as stored
+        data = self.srv.tiers.read_original(row)
         orig = Original(data)
         if syntax == orig.syntax:
             return data, syntax
         return transcode_instance(orig, syntax), syntax
 
-    def multipart_instances(rows: list[dict], syntax: str | None) -> StreamingResponse:
+    def multipart_instances(self, rows: list[dict], syntax: str | None,
+                            request: Request | None = None) -> Response:
         """The instances as multipart/related parts. The first part is made before the
         answer starts, so that a damaged or missing file (or a syntax that cannot hold
         the pixels) is a clear error status; a later failure ends the body without its
-        closing boundary, which a client sees as an incomplete answer."""
+        closing boundary, which a client sees as an incomplete answer. With a Range
+        header the body is made whole (a stable boundary) and the ranges sent."""
         boundary = _boundary()
 
         def part(r):
-            data, ts = instance_bytes(r, syntax)
+            data, ts = self.instance_bytes(r, syntax)
             return data, (f"application/dicom; transfer-syntax={ts}" if ts
                           else "application/dicom"), {}
+        if request is not None and request.headers.get("range"):
+            body, boundary = whole_multipart([part(r) for r in rows])
+            return range_response(request.headers, body, f'multipart/related; '
+                                  f'type="application/dicom"; boundary={boundary}')
         first = part(rows[0])
 
         def parts():
@@ -820,7 +945,7 @@ def routes(srv, guarded) -> list[Route]:
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
         return StreamingResponse(multipart_body(parts(), boundary), media_type=ctype)
 
-    def wants_zip(request: Request) -> bool:
+    def wants_zip(self, request: Request) -> bool:
         for mr in parse_accept(request.headers.get("accept")):
             if mr.media == "application/zip":
                 return True
@@ -828,7 +953,7 @@ def routes(srv, guarded) -> list[Route]:
                 return False
         return False
 
-    def zip_response(rows: list[dict], name: str) -> StreamingResponse:
+    def zip_response(self, rows: list[dict], name: str) -> StreamingResponse:
         """The originals in a zip (stored, not deflated: images hardly shrink), built in a
         temporary file and streamed."""
         tmp = tempfile.TemporaryFile()
@@ -836,7 +961,7 @@ def routes(srv, guarded) -> list[Route]:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
                 for r in rows:
                     z.writestr(f"{r['StudyInstanceUID']}/{r['SeriesInstanceUID']}/"
-                               f"{r['SOPInstanceUID']}.dcm", srv.tiers.read_original(r))
+                               f"{r['SOPInstanceUID']}.dcm", self.srv.tiers.read_original(r))
             tmp.seek(0)
         except BaseException:
             tmp.close()
@@ -849,69 +974,77 @@ def routes(srv, guarded) -> list[Route]:
         return StreamingResponse(body(), media_type="application/zip", headers={
             "Content-Disposition": f'attachment; filename="{name}.zip"'})
 
-    def retrieve_many(request: Request, rows: list[dict], name: str):
+    def retrieve_many(self, request: Request, rows: list[dict], name: str):
         by_series: dict[str, set[str]] = {}
         for r in rows:
             by_series.setdefault(r["SeriesInstanceUID"], set()).add(r["SOPInstanceUID"])
         for s, sops in by_series.items():
-            need_whole(request, s, sops)
+            self.need_whole(request, s, sops)
         request.state.audit["instances"] = len(rows)
-        if wants_zip(request):
-            return zip_response(rows, name)
-        _multi, syntax = instance_choice(request, single_ok=False)
-        return multipart_instances(rows, syntax)
+        if self.wants_zip(request):
+            return self.zip_response(rows, name)
+        _multi, syntax = self.instance_choice(request, single_ok=False)
+        return self.multipart_instances(rows, syntax)
 
-    @guarded("retrieve")
-    def retrieve_study(request: Request):
-        study = path_study(request)
-        return retrieve_many(request, instances_of(request, study), study)
+    def retrieve_study(self, request: Request):
+        study = self.path_study(request)
+        return self.retrieve_many(request, self.instances_of(request, study), study)
 
-    @guarded("retrieve")
-    def retrieve_series(request: Request):
-        path_series(request)
+    def retrieve_series(self, request: Request):
+        self.path_series(request)
         st, se = request.path_params["study"], request.path_params["series"]
-        return retrieve_many(request, instances_of(request, st, se), se)
+        return self.retrieve_many(request, self.instances_of(request, st, se), se)
 
-    @guarded("retrieve")
-    def retrieve_instance(request: Request):
-        row = path_instance(request)
-        need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
-        multi, syntax = instance_choice(request, single_ok=True)
+    def retrieve_instance(self, request: Request):
+        row = self.path_instance(request)
+        self.need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
+        multi, syntax = self.instance_choice(request, single_ok=True)
         if multi:
-            return multipart_instances([row], syntax)
-        data, ts = instance_bytes(row, syntax)
-        return Response(data, media_type="application/dicom",
-                        headers={"Content-Type": f"application/dicom; transfer-syntax={ts}"}
-                        if syntax else None)
+            return self.multipart_instances([row], syntax, request)
+        data, ts = self.instance_bytes(row, syntax)
+        return range_response(request.headers, data, f"application/dicom; transfer-syntax={ts}"
+                              if syntax else "application/dicom")
 
     # ----------------------------------------------------------------- frames
-    def frame_plan(request: Request, orig: Original, stored=None):
-        """(part media type, syntax, encode(frame index) -> bytes) for the Accept header."""
+    def frame_plan(self, request: Request, orig: Original, stored=None, final=None,
+                   single_ok: bool = False):
+        """(part media type, syntax, encode(frame index) -> bytes, multipart?) for the
+        Accept header. ``single_ok``: one frame, which may go as a single part when a
+        frame media type is asked for itself (``Accept: image/jphc``), as HTJ2K-aware web
+        viewers do with byte ranges."""
         problems = []
         for mr in parse_accept(request.headers.get("accept")):
+            multi = True
             if mr.media == "multipart/related":
                 ptype = mr.part_type or "*/*"
                 ts = mr.syntax
             elif mr.media in ("*/*", "application/*"):
                 ptype, ts = "application/octet-stream", EXPLICIT_LE
+            elif single_ok and mr.media in MEDIA_DEFAULT_SYNTAX:
+                ptype, ts, multi = mr.media, mr.syntax, False
             else:
-                problems.append(mr.media)
+                problems.append(mr.media if single_ok or mr.media not in MEDIA_DEFAULT_SYNTAX
+                                else f"{mr.media} (one frame per single-part answer)")
                 continue
             if ts is None:
                 ts = MEDIA_DEFAULT_SYNTAX.get(ptype)
                 if ts is None and ptype in ("*/*", "image/*", "application/*"):
                     ts = EXPLICIT_LE if ptype != "image/*" else "*"
-            plan = frame_syntax(orig, ptype, ts, stored)
+            plan = self.frame_syntax(orig, ptype, ts, stored, final)
             if plan is not None:
-                return plan
+                return (*plan, multi)
             problems.append(f"type={ptype} transfer-syntax={ts}")
         raise NotAcceptable("cannot produce frames as " + ", ".join(problems) + "; available: "
                             + ", ".join(f"{e.media} ({s})" for s, e in FRAME_ENCODERS.items())
                             + f", or * (as stored: {orig.syntax if orig.encapsulated else J2K_LOSSLESS})")
 
-    def frame_syntax(orig: Original, ptype: str, ts: str | None, stored=None):
+    def frame_syntax(self, orig: Original, ptype: str, ts: str | None, stored=None, final=None):
         if ts is None:
             return None
+        if final is not None and ts in final.frame_syntaxes() and ts in FRAME_ENCODERS:
+            media = FRAME_ENCODERS[ts].media
+            if _matches(ptype, media):                  # the final copy's frames as stored
+                return media, ts, final.fragments
         if ts == "*" and not orig.encapsulated and stored is not None:
             enc = FRAME_ENCODERS[J2K_LOSSLESS]
             if _matches(ptype, enc.media):      # the stored codestream where it needs no
@@ -934,70 +1067,78 @@ def routes(srv, guarded) -> list[Route]:
             return enc.media, ts, orig.native
         return enc.media, ts, lambda i: enc.encode(orig.array(i), orig.info)
 
-    @guarded("retrieve")
-    def frames(request: Request):
-        row = path_instance(request)
-        nums = path_frames(request, row)
-        need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
+    def frames(self, request: Request):
+        row = self.path_instance(request)
+        nums = self.path_frames(request, row)
+        self.need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
         accept = request.headers.get("accept", "")
         if LEGACY_CODESTREAM in accept:
-            return stored_codestream(row, nums)
-        orig = original(row)
-        media, ts, produce = frame_plan(request, orig, stored_or_encoded(row, orig))
+            return self.stored_codestream(row, nums)
+        orig = _LazyOriginal(lambda: self.original(row))
+        media, ts, produce, multi = self.frame_plan(request, orig, self.stored_or_encoded(row, orig),
+                                               self.final_copy(row), single_ok=len(nums) == 1)
         boundary = _boundary()
-        base = base_url(request)
+        base = self.base_url(request)
         url = (f"{base}/studies/{row['StudyInstanceUID']}/series/{row['SeriesInstanceUID']}"
                f"/instances/{row['SOPInstanceUID']}/frames")
+        request.state.audit["transfer_syntax"] = ts
 
         first = produce(nums[0] - 1)       # errors before the answer starts
+        if not multi:                       # one frame, single part (byte ranges welcome)
+            return range_response(request.headers, first, f"{media}; transfer-syntax={ts}",
+                                  {"Content-Location": f"{url}/{nums[0]}"})
+        if request.headers.get("range"):
+            body, boundary = whole_multipart(
+                [(first if k == 0 else produce(n - 1), f"{media}; transfer-syntax={ts}",
+                  {"Content-Location": f"{url}/{n}"}) for k, n in enumerate(nums)])
+            return range_response(request.headers, body,
+                                  f'multipart/related; type="{media}"; boundary={boundary}')
 
         def parts():
             for k, n in enumerate(nums):
                 yield first if k == 0 else produce(n - 1), f"{media}; transfer-syntax={ts}", {
                     "Content-Location": f"{url}/{n}"}
         ctype = f'multipart/related; type="{media}"; boundary={boundary}'
-        request.state.audit["transfer_syntax"] = ts
         return StreamingResponse(multipart_body(parts(), boundary), media_type=ctype)
 
-    def stored_or_encoded(row: dict, orig: Original):
+    def stored_or_encoded(self, row: dict, orig: Original):
         """frame index → JPEG 2000 lossless of the original's values: the stored
         codestream itself when it holds exactly those values with no offset (unsigned
         greyscale), else encoded from pydicom's decode (signed values marked signed in
         the SIZ marker, never shifted; palette indices, not colours)."""
-        rows = {r["frame"]: r for r in srv.catalogue.series_images(row["SeriesInstanceUID"])
+        rows = {r["frame"]: r for r in self.srv.facts.images(row["SeriesInstanceUID"])
                 if r["SOPInstanceUID"] == row["SOPInstanceUID"]}
-        plain = (orig.info.samples == 1 and not orig.info.signed
-                 and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
         enc = FRAME_ENCODERS[J2K_LOSSLESS]
 
         def produce(i: int) -> bytes:
+            plain = (orig.info.samples == 1 and not orig.info.signed
+                     and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
             r = rows.get(i + 1)
             if plain and r is not None and r["offset"] == 0 and not r["signed"] \
                     and r["SamplesPerPixel"] == 1:
-                return srv.tiers.read_codestream(r)
+                return self.srv.tiers.read_codestream(r)
             return enc.encode(orig.array(i), orig.info)
         return produce
 
-    def stored_codestream(row: dict, nums: list[int]) -> Response:
+    def stored_codestream(self, row: dict, nums: list[int]) -> Response:
         if len(nums) != 1:
             raise RequestError(f"{LEGACY_CODESTREAM}: one frame at a time")
-        for r in srv.catalogue.series_images(row["SeriesInstanceUID"]):
+        for r in self.srv.facts.images(row["SeriesInstanceUID"]):
             if r["SOPInstanceUID"] == row["SOPInstanceUID"] and r["frame"] == nums[0]:
-                return Response(srv.tiers.read_codestream(r), media_type=LEGACY_CODESTREAM,
+                return Response(self.srv.tiers.read_codestream(r), media_type=LEGACY_CODESTREAM,
                                 headers={"X-MedView-Offset": str(r["offset"]),
                                          "X-MedView-Signed": "1" if r["signed"] else "0"})
         raise RequestError("unknown frame", status=404)
 
     # ----------------------------------------------------------------- bulk data
-    @guarded("retrieve")
-    def bulkdata(request: Request):
-        row = path_instance(request)
-        need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
+    def bulkdata(self, request: Request):
+        row = self.path_instance(request)
+        self.need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
         try:
             tag = int(request.path_params["tag"], 16)
         except ValueError:
             raise RequestError("bulk data: the tag is eight hex digits") from None
-        orig = original(row)
+        orig = self.original(row)
         if tag == 0x7FE00010:
             content = b"".join(orig.native(i) for i in range(orig.frames))
         else:
@@ -1017,10 +1158,10 @@ def routes(srv, guarded) -> list[Route]:
         raise NotAcceptable('bulk data is multipart/related; type="application/octet-stream"')
 
     # ----------------------------------------------------------------- rendered
-    def render_params(request: Request) -> dict:
+    def render_params(self, request: Request) -> dict:
         return rendering_parameters(request.query_params)
 
-    def render_media(request: Request) -> str:
+    def render_media(self, request: Request) -> str:
         for mr in parse_accept(request.headers.get("accept")):
             media = (mr.part_type or "image/jpeg") if mr.media == "multipart/related" else mr.media
             for m in ("image/jpeg", "image/png"):
@@ -1028,97 +1169,88 @@ def routes(srv, guarded) -> list[Route]:
                     return m
         raise NotAcceptable("rendered images are image/jpeg or image/png")
 
-    def rendered_image(request: Request, row: dict, frame: int, params: dict, media: str) -> bytes:
-        orig = original(row)
+    def rendered_image(self, request: Request, row: dict, frame: int, params: dict, media: str) -> bytes:
+        orig = self.original(row)
         return render_frame(orig, frame - 1, params, media)
 
-    def rendered_response(request: Request, row: dict, frame: int, *,
+    def rendered_response(self, request: Request, row: dict, frame: int, *,
                           thumbnail: bool = False) -> Response:
-        params = render_params(request)
+        params = self.render_params(request)
         if thumbnail:
             params.setdefault("viewport", (128, 128))
-        media = render_media(request)
-        need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
-        return Response(rendered_image(request, row, frame, params, media), media_type=media)
+        media = self.render_media(request)
+        self.need_whole(request, row["SeriesInstanceUID"], {row["SOPInstanceUID"]})
+        return Response(self.rendered_image(request, row, frame, params, media), media_type=media)
 
-    def representative(request: Request, study: str, series: str | None) -> dict:
-        rows = instances_of(request, study, series)
+    def representative(self, request: Request, study: str, series: str | None) -> dict:
+        rows = self.instances_of(request, study, series)
         if series is None:
             first = rows[0]["SeriesInstanceUID"]
             rows = [r for r in rows if r["SeriesInstanceUID"] == first]
         return rows[len(rows) // 2]
 
-    def rendered_many(request: Request, rows: list[dict]) -> Response:
-        params = render_params(request)
-        media = render_media(request)
+    def rendered_many(self, request: Request, rows: list[dict]) -> Response:
+        params = self.render_params(request)
+        media = self.render_media(request)
         by_series: dict[str, set[str]] = {}
         for r in rows:
             by_series.setdefault(r["SeriesInstanceUID"], set()).add(r["SOPInstanceUID"])
         for s, sops in by_series.items():
-            need_whole(request, s, sops)
+            self.need_whole(request, s, sops)
         boundary = _boundary()
 
         def parts():
             for r in rows:
-                yield rendered_image(request, r, 1, params, media), media, {}
+                yield self.rendered_image(request, r, 1, params, media), media, {}
         return StreamingResponse(multipart_body(parts(), boundary),
                                  media_type=f'multipart/related; type="{media}"; '
                                             f"boundary={boundary}")
 
-    @guarded("fetch")
-    def instance_rendered(request: Request):
-        return rendered_response(request, path_instance(request), 1)
+    def instance_rendered(self, request: Request):
+        return self.rendered_response(request, self.path_instance(request), 1)
 
-    @guarded("fetch")
-    def instance_thumbnail(request: Request):
-        return rendered_response(request, path_instance(request), 1, thumbnail=True)
+    def instance_thumbnail(self, request: Request):
+        return self.rendered_response(request, self.path_instance(request), 1, thumbnail=True)
 
-    @guarded("fetch")
-    def frame_rendered(request: Request):
-        row = path_instance(request)
-        nums = path_frames(request, row)
+    def frame_rendered(self, request: Request):
+        row = self.path_instance(request)
+        nums = self.path_frames(request, row)
         if len(nums) != 1:
             raise QueryError("a rendered frame is one frame number")
-        return rendered_response(request, row, nums[0])
+        return self.rendered_response(request, row, nums[0])
 
-    @guarded("fetch")
-    def frame_thumbnail(request: Request):
-        row = path_instance(request)
-        nums = path_frames(request, row)
+    def frame_thumbnail(self, request: Request):
+        row = self.path_instance(request)
+        nums = self.path_frames(request, row)
         if len(nums) != 1:
             raise QueryError("a thumbnail is of one frame number")
-        return rendered_response(request, row, nums[0], thumbnail=True)
+        return self.rendered_response(request, row, nums[0], thumbnail=True)
 
-    @guarded("fetch")
-    def series_rendered(request: Request):
-        path_series(request)
-        return rendered_many(request, instances_of(request, request.path_params["study"],
+    def series_rendered(self, request: Request):
+        self.path_series(request)
+        return self.rendered_many(request, self.instances_of(request, request.path_params["study"],
                                                    request.path_params["series"]))
 
-    @guarded("fetch")
-    def study_rendered(request: Request):
-        return rendered_many(request, instances_of(request, path_study(request)))
+    def study_rendered(self, request: Request):
+        return self.rendered_many(request, self.instances_of(request, self.path_study(request)))
 
-    @guarded("fetch")
-    def series_thumbnail(request: Request):
-        path_series(request)
-        row = representative(request, request.path_params["study"], request.path_params["series"])
-        return rendered_response(request, row, 1, thumbnail=True)
+    def series_thumbnail(self, request: Request):
+        self.path_series(request)
+        row = self.representative(request, request.path_params["study"], request.path_params["series"])
+        return self.rendered_response(request, row, 1, thumbnail=True)
 
-    @guarded("fetch")
-    def study_thumbnail(request: Request):
-        row = representative(request, path_study(request), None)
-        return rendered_response(request, row, 1, thumbnail=True)
+    def study_thumbnail(self, request: Request):
+        row = self.representative(request, self.path_study(request), None)
+        return self.rendered_response(request, row, 1, thumbnail=True)
 
     # ----------------------------------------------------------------- STOW-RS
-    def may_store(request: Request, study: str) -> bool:
+    def may_store(self, request: Request, study: str) -> bool:
         """The ``store`` action on the study an instance goes into (a rule on that study
         may take away what the grant on ``*`` allows)."""
-        g = srv.auth.grant_for(request.state.session.user, None, study)
+        g = self.srv.auth.grant_for(request.state.session.user, None, study)
         return g.actions is None or "store" in g.actions
 
-    @guarded("store")
-    def stow(request: Request):
+    def stow(self, request: Request):
         from .ingest import ingest_paths
 
         target = request.path_params.get("study")
@@ -1126,7 +1258,7 @@ def routes(srv, guarded) -> list[Route]:
         if ptype is not None and ptype.lower() != "application/dicom":
             raise RequestError(f'type="{ptype}" is not supported: STOW-RS here takes '
                                '"application/dicom" parts', status=415)
-        base = base_url(request)
+        base = self.base_url(request)
         referenced, failed = [], []
         with tempfile.TemporaryDirectory(prefix="mv-stow-") as tmp:
             files: list[tuple[Path, str | None, str | None]] = []
@@ -1140,21 +1272,21 @@ def routes(srv, guarded) -> list[Route]:
                     failed.append((sop_class, sop, 0xA900,
                                    f"part {n + 1}: study {study} is not {target}"))
                     continue
-                if study is not None and study != target and not may_store(request, study):
+                if study is not None and study != target and not self.may_store(request, study):
                     failed.append((sop_class, sop, 0x0124,
                                    f"part {n + 1}: no right to store into study {study}"))
                     continue
                 p = Path(tmp) / f"part{n:05d}.dcm"
                 p.write_bytes(content)
                 files.append((p, sop_class, sop))
-            report = ingest_paths([f[0] for f in files], srv.store, workers=1) if files else None
+            report = ingest_paths([f[0] for f in files], self.srv.store, workers=1) if files else None
             known = {f[0]: f for f in files}
             if report is not None:
                 for imp in report.imported:
                     referenced.append((known[imp.path][1], imp.sop_instance_uid,
                                        imp.study_instance_uid, imp.series_instance_uid))
                 for dup in report.duplicates:
-                    row = srv.catalogue.find_instance(dup.sop_instance_uid or known[dup.path][2] or "")
+                    row = self.srv.catalogue.find_instance(dup.sop_instance_uid or known[dup.path][2] or "")
                     if row is not None:
                         referenced.append((row["SOPClassUID"], row["SOPInstanceUID"],
                                            row["StudyInstanceUID"], row["SeriesInstanceUID"]))
@@ -1190,36 +1322,42 @@ def routes(srv, guarded) -> list[Route]:
         status = 200 if not failed else (202 if referenced else 409)
         return JSONResponse(resp, status_code=status, media_type="application/dicom+json")
 
-    # ----------------------------------------------------------------- the table
-    S = PREFIX + "/studies/{study}"
-    SE = S + "/series/{series}"
-    I = SE + "/instances/{sop}"
-    return [
-        Route(PREFIX + "/studies", guarded("browse", query=PAGE)(qido("study")), methods=["GET"]),
-        Route(PREFIX + "/studies", stow, methods=["POST"]),
-        Route(PREFIX + "/series", guarded("browse", query=PAGE)(qido("series"))),
-        Route(PREFIX + "/instances", guarded("browse", query=PAGE)(qido("instance"))),
-        Route(S, retrieve_study, methods=["GET"]),
-        Route(S, stow, methods=["POST"]),
-        Route(S + "/metadata", study_metadata),
-        Route(S + "/rendered", study_rendered),
-        Route(S + "/thumbnail", study_thumbnail),
-        Route(S + "/series", guarded("browse", query=PAGE)(qido("series"))),
-        Route(S + "/instances", guarded("browse", query=PAGE)(qido("instance"))),
-        Route(SE, retrieve_series),
-        Route(SE + "/metadata", series_metadata),
-        Route(SE + "/rendered", series_rendered),
-        Route(SE + "/thumbnail", series_thumbnail),
-        Route(SE + "/instances", guarded("browse", query=PAGE)(qido("instance"))),
-        Route(I, retrieve_instance),
-        Route(I + "/metadata", instance_metadata),
-        Route(I + "/rendered", instance_rendered),
-        Route(I + "/thumbnail", instance_thumbnail),
-        Route(I + "/bulk/{tag}", bulkdata),
-        Route(I + "/frames/{frame}", frames),
-        Route(I + "/frames/{frame}/rendered", frame_rendered),
-        Route(I + "/frames/{frame}/thumbnail", frame_thumbnail),
-    ]
+    def routes(self) -> list[Route]:
+        """The route table, each handler wrapped by ``guarded``."""
+        S = PREFIX + "/studies/{study}"
+        SE = S + "/series/{series}"
+        I = SE + "/instances/{sop}"
+        return [
+            Route(PREFIX + "/studies", self.guarded("browse", query=PAGE)(self.qido("study")), methods=["GET"]),
+            Route(PREFIX + "/studies", self.guarded("store")(self.stow), methods=["POST"]),
+            Route(PREFIX + "/series", self.guarded("browse", query=PAGE)(self.qido("series"))),
+            Route(PREFIX + "/instances", self.guarded("browse", query=PAGE)(self.qido("instance"))),
+            Route(S, self.guarded("retrieve")(self.retrieve_study), methods=["GET"]),
+            Route(S, self.guarded("store")(self.stow), methods=["POST"]),
+            Route(S + "/metadata", self.guarded("metadata")(self.study_metadata)),
+            Route(S + "/rendered", self.guarded("fetch")(self.study_rendered)),
+            Route(S + "/thumbnail", self.guarded("fetch")(self.study_thumbnail)),
+            Route(S + "/series", self.guarded("browse", query=PAGE)(self.qido("series"))),
+            Route(S + "/instances", self.guarded("browse", query=PAGE)(self.qido("instance"))),
+            Route(SE, self.guarded("retrieve")(self.retrieve_series)),
+            Route(SE + "/metadata", self.guarded("metadata")(self.series_metadata)),
+            Route(SE + "/rendered", self.guarded("fetch")(self.series_rendered)),
+            Route(SE + "/thumbnail", self.guarded("fetch")(self.series_thumbnail)),
+            Route(SE + "/instances", self.guarded("browse", query=PAGE)(self.qido("instance"))),
+            Route(I, self.guarded("retrieve")(self.retrieve_instance)),
+            Route(I + "/metadata", self.guarded("metadata")(self.instance_metadata)),
+            Route(I + "/rendered", self.guarded("fetch")(self.instance_rendered)),
+            Route(I + "/thumbnail", self.guarded("fetch")(self.instance_thumbnail)),
+            Route(I + "/bulk/{tag}", self.guarded("retrieve")(self.bulkdata)),
+            Route(I + "/frames/{frame}", self.guarded("retrieve")(self.frames)),
+            Route(I + "/frames/{frame}/rendered", self.guarded("fetch")(self.frame_rendered)),
+            Route(I + "/frames/{frame}/thumbnail", self.guarded("fetch")(self.frame_thumbnail)),
+        ]
+
+
+def routes(srv, guarded) -> list[Route]:
+    """The DICOMweb routes, each wrapped by ``guarded`` (see :mod:`server_stub.app`)."""
+    return DicomWeb(srv, guarded).routes()
 
 
 # FailureReason (PS3.18 Table 10.5.3-... / PS3.4 Annex GG) for each ingest outcome kind

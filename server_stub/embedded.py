@@ -24,7 +24,11 @@ class EmbeddedServer:
         # the desktop's own server has the password-less local user (tests may say no)
         self.app = create_app(self.store, allow_local=allow_local,
                               trusted_proxies=trusted_proxies)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets
+        # whose proto says TCP, and accepted sockets inherit the listener's; with proto 0
+        # every response written in two parts (headers, body) waited for the client's
+        # delayed ACK: 40 ms per request on loopback (issue 15)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]

@@ -77,6 +77,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from imaging.dicom import (attr, first, get, group_value, has_preamble, int_value,  # noqa: F401
+                           nums, num, plausible_dataset_start, text)
+
 from .catalogue import DuplicateInstanceError
 from .store import Store, sha256_hex
 
@@ -215,107 +218,12 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p
 
 
-def is_dicom_file(path: str | Path) -> bool:
-    """True if the file has the DICOM Part 10 preamble magic (``DICM`` at byte 128) or,
-    without a preamble, starts like a dataset (see :func:`read_candidate`)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return (len(head) == 132 and head[128:132] == b"DICM") or _plausible_dataset_start(head)
-
-
 # --------------------------------------------------------------------------- attribute helpers
+# (imaging.dicom: the one set of DICOM header helpers, shared with the viewer)
+_first, _num, _int, _nums, _text, _get = first, num, int_value, nums, text, get
+_fg, _attr = group_value, attr
+_plausible_dataset_start = plausible_dataset_start
 
-def _first(v: Any) -> Any:
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
-        return v[0] if len(v) else None
-    return v
-
-
-def _num(v: Any) -> float | None:
-    try:
-        v = _first(v)
-        if v is None or v == "":
-            return None
-        f = float(v)
-        return f if np.isfinite(f) else None
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
-def _int(v: Any) -> int | None:
-    f = _num(v)
-    try:
-        return None if f is None else int(round(f))
-    except (OverflowError, ValueError):
-        return None
-
-
-def _nums(v: Any, n: int | None = None) -> list[float] | None:
-    if v is None or v == "":
-        return None
-    try:
-        seq = list(v) if not isinstance(v, (str, bytes)) else [v]
-        out = [float(x) for x in seq]
-    except (TypeError, ValueError):
-        return None
-    if n is not None and len(out) != n:
-        return None
-    return out if all(np.isfinite(out)) else None
-
-
-def _text(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bytes):
-        v = v.decode("latin-1", "replace")
-    if not isinstance(v, str) and (isinstance(v, (list, tuple))
-                                   or type(v).__name__ == "MultiValue"):
-        v = "\\".join(str(x) for x in v)
-    s = str(v).strip().strip("\x00").strip()
-    return s or None
-
-
-def _get(ds, keyword: str) -> Any:
-    """Attribute value or None, never raising on malformed values."""
-    try:
-        elem = ds.get(keyword)
-    except Exception:  # noqa: BLE001 - malformed value in a foreign file
-        return None
-    if elem is None:
-        return None
-    return getattr(elem, "value", elem)
-
-
-def _fg(ds, frame_index: int | None, seq_keyword: str, keyword: str) -> Any:
-    """Value from an enhanced multi-frame functional group: the frame's own group first
-    (when ``frame_index`` is given), else the shared one."""
-    groups = []
-    if frame_index is not None:
-        per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
-        if per_frame and frame_index < len(per_frame):
-            groups.append(per_frame[frame_index])
-    shared = _get(ds, "SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for item in groups:
-        seq = _get(item, seq_keyword)
-        if seq:
-            v = _get(seq[0], keyword)
-            if v is not None and v != "":
-                return v
-    return None
-
-
-def _attr(ds, keyword: str, seq_keyword: str | None) -> Any:
-    v = _get(ds, keyword)
-    if (v is None or v == "") and seq_keyword:
-        v = _fg(ds, 0, seq_keyword, keyword)
-    return v
 
 
 def _frame_position(ds, frame_index: int) -> list[float] | None:
@@ -461,21 +369,6 @@ class IngestLimits:
 
 
 # --------------------------------------------------------------------------- recognition
-
-def _plausible_dataset_start(head: bytes) -> bool:
-    """A file without the Part 10 preamble that starts like a dataset: the first element
-    is in group 0002 (file meta) or 0008 (identification), with an explicit VR or an
-    implicit length that fits."""
-    if len(head) < 8:
-        return False
-    group, elem = int.from_bytes(head[0:2], "little"), int.from_bytes(head[2:4], "little")
-    if group not in (0x0002, 0x0008) or elem > 0x1FFF:
-        return False
-    vr = head[4:6]
-    if vr.isalpha() and vr.isupper():
-        return True
-    return int.from_bytes(head[4:8], "little") < (1 << 16)
-
 
 def _read_preambleless(data: bytes):
     """pydicom's reading of a file without preamble, with the transfer syntax it
@@ -1068,7 +961,7 @@ def read_candidate(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
             head = f.read(132)
-            if len(head) >= 132 and head[128:132] == b"DICM":
+            if has_preamble(head):
                 return head + f.read()
             if not _plausible_dataset_start(head):
                 raise _Skip("not DICOM: no 'DICM' marker at byte 128 and no dataset start",
@@ -1157,16 +1050,16 @@ def parse_dataset(data: bytes, limits: IngestLimits | None = None):
     a deflated dataset is first checked against ``limits`` (see _check_deflated)."""
     import pydicom
 
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if has_preamble(data):
         _check_deflated(data, limits or IngestLimits())
     try:
-        if len(data) >= 132 and data[128:132] == b"DICM":
+        if has_preamble(data):
             return pydicom.dcmread(io.BytesIO(data))
         return _read_preambleless(data)
     except _Skip:
         raise
     except Exception as e:  # noqa: BLE001
-        if data[128:132] != b"DICM":
+        if not has_preamble(data):
             raise _Skip(f"not DICOM: no preamble, and pydicom cannot read it "
                         f"({type(e).__name__})", NOT_DICOM) from None
         raise _Skip(f"unreadable DICOM: {type(e).__name__}: {e}", ERROR) from None
@@ -1312,13 +1205,9 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
     return _Prepared(path, data, sha, attrs, encoded, flags)
 
 
-def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | SkippedFile | _Conflict:
-    """Step 8 (calling thread only): files first, then the rows in one transaction. A
-    conflict found only now (the other file came earlier in the same batch, or from
-    another process) is handed back for the quarantine."""
-    cat = store.catalogue
-    a = p.attrs
-    sop = a["SOPInstanceUID"]
+def _already(p: _Prepared, cat) -> DuplicateFile | _Conflict | None:
+    """The file, or another with its SOP Instance UID, is catalogued by now."""
+    sop = p.attrs["SOPInstanceUID"]
     if cat.has_original(p.sha256):
         return DuplicateFile(p.path, p.sha256, sop)
     existing = cat.find_instance(sop)
@@ -1326,31 +1215,128 @@ def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | Skippe
         if existing["original_sha256"] == p.sha256:
             return DuplicateFile(p.path, p.sha256, sop)
         return _Conflict(p.path, p.data, p.sha256, sop)
+    return None
+
+
+def _write_files(p: _Prepared, store: Store, batch=None) -> list[dict]:
+    """The frame files and the original, each written atomically (temp file, rename)
+    and made durable now (fsync of the file and its folder), or, with ``batch`` (a
+    :class:`~server_stub.store.DurableBatch`), all at once before the batch's
+    transaction. Returns the frame rows; sets the original's."""
+    a = p.attrs
+    sop = a["SOPInstanceUID"]
+    frames = []
+    for n, ef in enumerate(p.frames, start=1):
+        cs_rel, idx_rel = store.codestream_paths(a["SeriesInstanceUID"], sop, n)
+        cs_sha = store.atomic_write(cs_rel, ef.codestream, batch=batch)
+        idx_sha = store.atomic_write(idx_rel, ef.index_json, batch=batch)
+        frames.append({
+            "frame": n, "codestream_relpath": cs_rel, "codestream_sha256": cs_sha,
+            "codestream_size": len(ef.codestream), "index_relpath": idx_rel,
+            "index_sha256": idx_sha, "index_size": len(ef.index_json),
+            "offset": ef.offset, "numres": ef.numres, "nlayers": ef.nlayers,
+            "ImagePositionPatient": ef.position,
+        })
+    orig_rel, orig_sha = store.put_original(p.data, batch=batch)
+    a.update({"original_relpath": orig_rel, "original_sha256": orig_sha,
+              "original_size": len(p.data)})
+    return frames
+
+
+def _imported(p: _Prepared, frames: list[dict]) -> ImportedFile:
+    a = p.attrs
+    return ImportedFile(p.path, a["SOPInstanceUID"], a["SeriesInstanceUID"],
+                        a["StudyInstanceUID"], len(frames), p.sha256, list(p.flags))
+
+
+def _commit(p: _Prepared, store: Store) -> ImportedFile | DuplicateFile | SkippedFile | _Conflict:
+    """Step 8 (calling thread only): files first, then the rows in one transaction. A
+    conflict found only now (the other file came earlier in the same batch, or from
+    another process) is handed back for the quarantine."""
+    cat = store.catalogue
+    sop = p.attrs["SOPInstanceUID"]
+    found = _already(p, cat)
+    if found is not None:
+        return found
     try:
-        frames = []
-        for n, ef in enumerate(p.frames, start=1):
-            cs_rel, idx_rel = store.codestream_paths(a["SeriesInstanceUID"], sop, n)
-            cs_sha = store.atomic_write(cs_rel, ef.codestream)
-            idx_sha = store.atomic_write(idx_rel, ef.index_json)
-            frames.append({
-                "frame": n, "codestream_relpath": cs_rel, "codestream_sha256": cs_sha,
-                "codestream_size": len(ef.codestream), "index_relpath": idx_rel,
-                "index_sha256": idx_sha, "index_size": len(ef.index_json),
-                "offset": ef.offset, "numres": ef.numres, "nlayers": ef.nlayers,
-                "ImagePositionPatient": ef.position,
-            })
-        orig_rel, orig_sha = store.put_original(p.data)
-        a.update({"original_relpath": orig_rel, "original_sha256": orig_sha,
-                  "original_size": len(p.data)})
-        cat.add_instance(a, frames)
+        frames = _write_files(p, store)
+        cat.add_instance(p.attrs, frames)
     except DuplicateInstanceError as e:        # another process got there first
         if e.original_sha256 == p.sha256:
             return DuplicateFile(p.path, p.sha256, sop)
         return _Conflict(p.path, p.data, p.sha256, sop)
     except OSError as e:
         return SkippedFile(p.path, f"cannot write to the store: {e}", ERROR)
-    return ImportedFile(p.path, sop, a["SeriesInstanceUID"], a["StudyInstanceUID"],
-                        len(frames), p.sha256, list(p.flags))
+    return _imported(p, frames)
+
+
+#: Step 8 in batches: at most this many files, or this many bytes held, per commit.
+COMMIT_BATCH_FILES = 16
+COMMIT_BATCH_BYTES = 64 << 20
+
+
+def _commit_batch(batch: list[_Prepared], store: Store) -> list:
+    """Step 8 for several files (calling thread only): every file written atomically
+    (temp file, rename), then all of them made durable at once (one ``syncfs`` of the
+    store's file system, or each file and folder fsynced where that is not available),
+    then ONE transaction with every instance's rows — so a row never names a file that
+    is not durable, and a crash before the commit leaves only files no row names
+    (orphans that fsck reports), never a row without its file. Duplicates and SOP
+    conflicts are found against the catalogue and inside the batch. Should the
+    transaction fail as a whole, each file is committed on its own."""
+    from .store import DurableBatch
+
+    if len(batch) == 1:
+        return [_commit(batch[0], store)]
+    cat = store.catalogue
+    out: list = [None] * len(batch)
+    todo: list[tuple[int, _Prepared, list[dict]]] = []
+    shas: set[str] = set()
+    sops: dict[str, str] = {}
+    durable = DurableBatch(store.root)
+    for i, p in enumerate(batch):
+        sop = p.attrs["SOPInstanceUID"]
+        found = _already(p, cat)
+        if found is None and p.sha256 in shas:
+            found = DuplicateFile(p.path, p.sha256, sop)
+        elif found is None and sop in sops:             # same UID, other bytes: after
+            found = _Conflict(p.path, p.data, p.sha256, sop)    # the first is stored
+        if found is not None:
+            out[i] = found
+            continue
+        try:
+            frames = _write_files(p, store, durable)
+        except OSError as e:
+            out[i] = SkippedFile(p.path, f"cannot write to the store: {e}", ERROR)
+            continue
+        shas.add(p.sha256)
+        sops[sop] = p.sha256
+        todo.append((i, p, frames))
+    try:
+        durable.make_durable()
+    except OSError as e:                    # nothing of the batch is stored
+        why = f"cannot write to the store: {e}"
+        for i, p, _frames in todo:
+            out[i] = SkippedFile(p.path, why, ERROR)
+        return out
+    try:
+        with cat._transaction():
+            for i, p, frames in todo:
+                try:
+                    cat.add_instance(p.attrs, frames)    # joins the batch's transaction
+                except DuplicateInstanceError as e:      # another process, meanwhile
+                    out[i] = (DuplicateFile(p.path, p.sha256, e.sop_uid)
+                              if e.original_sha256 == p.sha256
+                              else _Conflict(p.path, p.data, p.sha256, e.sop_uid))
+                else:
+                    out[i] = _imported(p, frames)
+    except Exception:  # noqa: BLE001 - rolled back: one by one, each says what went wrong
+        for i, p, _frames in todo:
+            try:
+                out[i] = _commit(p, store)
+            except Exception as e:  # noqa: BLE001
+                out[i] = SkippedFile(p.path, f"cannot store: {type(e).__name__}: {e}", ERROR)
+    return out
 
 
 def _quarantine(c: _Conflict, store: Store, audit: "AuditFn") -> QuarantinedFile | SkippedFile:
@@ -1409,14 +1395,18 @@ def _os_user(getpass) -> str:
 
 def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = None,
                  progress: ProgressFn | None = None, *, verify: bool = True,
-                 workers: int = 2, limits: IngestLimits | None = None,
+                 workers: int | None = None, limits: IngestLimits | None = None,
                  audit: AuditFn | None = None, user: str | None = None) -> IngestReport:
     """Ingest files and folders (recursively) into ``store``.
 
     ``log(message)`` is called once per file with the outcome; ``progress(done, total)``
-    after each file. ``verify`` decodes every new codestream and compares it bit for bit
-    with the source pixels. ``workers`` threads decode and encode; catalogue writes stay
-    on the calling thread. ``limits`` defaults to the store's (:meth:`IngestLimits.
+    as files are settled (stored ones a batch at a time). ``verify`` decodes every new
+    codestream and compares it bit for bit with the source pixels. ``workers`` threads
+    decode and encode (OpenJPEG runs without the interpreter lock); store and catalogue
+    writes stay on the calling thread, in batches (:func:`_commit_batch`: at most
+    ``COMMIT_BATCH_FILES`` files or ``COMMIT_BATCH_BYTES``, one transaction and one fsync
+    per folder each; a crash loses at most the batch being committed, whose files stay
+    behind as orphans that fsck reports). ``limits`` defaults to the store's (:meth:`IngestLimits.
     for_store`). Quarantined files are audited through ``audit(action, resource,
     outcome, detail)``, by default into the store's audit log as ``user`` (default the
     operating-system user). Never raises for a bad input file.
@@ -1455,18 +1445,43 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
         if progress is not None:
             progress(done(), total)
 
-    def finish(result: _Result) -> None:
-        if isinstance(result, _Prepared):
-            try:
-                result = _commit(result, store)
-            except Exception as e:  # noqa: BLE001 - e.g. catalogue locked for too long
-                result = SkippedFile(result.path,
-                                     f"cannot store: {type(e).__name__}: {e}", ERROR)
+    batch: list[_Prepared] = []
+    held = [0]                                  # bytes held by the batch
+
+    def settle(result) -> None:
         if isinstance(result, _Conflict):
             result = _quarantine(result, store, audit)
         record(result)
 
-    workers = max(1, int(workers))
+    def flush() -> None:
+        items = batch[:]
+        batch.clear()
+        held[0] = 0
+        if not items:
+            return
+        try:
+            results = _commit_batch(items, store)
+        except Exception as e:  # noqa: BLE001 - e.g. catalogue locked for too long
+            results = [SkippedFile(p.path, f"cannot store: {type(e).__name__}: {e}", ERROR)
+                       for p in items]
+        for r in results:
+            settle(r)
+
+    def finish(result: _Result) -> None:
+        if isinstance(result, _Prepared):
+            batch.append(result)
+            held[0] += len(result.data) + sum(len(f.codestream) + len(f.index_json)
+                                              for f in result.frames)
+            if len(batch) >= COMMIT_BATCH_FILES or held[0] >= COMMIT_BATCH_BYTES:
+                flush()
+            return
+        if isinstance(result, _Conflict):
+            flush()                     # its stored twin may be in the batch
+        settle(result)
+
+    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
+    workers = max(1, int(workers)) if workers is not None else \
+        max(2, min(8, os.cpu_count() or 2))
     window = 2 * workers
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
@@ -1477,8 +1492,12 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
                     finish(pending.popleft().result())
             while pending:
                 finish(pending.popleft().result())
+            flush()
     finally:
         close_audit()
+    from .policy_copies import after_ingest     # final copies, if [codec] on_ingest (H1)
+
+    after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
     return report
 
 

@@ -36,7 +36,7 @@ DEFAULT_POLICY = RESOURCES / "policy.toml"
 SITE_POLICY_NAME = "policy.toml"
 STATUSES = (1, 2, 3, 4, 5)
 _AUTO_KEYS = {"status", "group", "place", "link_mbps_below", "link_mbps_at_least",
-              "memory_mb_below", "cpus_below"}
+              "memory_mb_below", "cpus_below", "latency_ms_above"}
 
 
 class PolicyError(ValueError):
@@ -97,6 +97,7 @@ class AutoInputs:
     link_bps: float | None = None
     memory_mb: float | None = None
     cpus: int | None = None
+    latency_ms: float | None = None
     groups: tuple[str, ...] = ()
     place: str | None = None
 
@@ -105,9 +106,12 @@ class AutoInputs:
 class AutoChoice:
     version: str
     reasons: list[str]
+    why: str = ""                 # the rule's own words ("" for the default)
+    facts: str = ""               # what was measured that made it hold
 
     def to_json(self) -> dict:
-        return {"version": self.version, "reasons": list(self.reasons)}
+        return {"version": self.version, "reasons": list(self.reasons), "why": self.why,
+                "facts": self.facts}
 
 
 # --------------------------------------------------------------------------- per series
@@ -300,6 +304,8 @@ class SitePolicy:
     sources: list[str] = field(default_factory=list)
     fingerprint: str = ""
     codec: CodecPolicy = field(default_factory=CodecPolicy)
+    diagnosing_versions: list[str] = field(default_factory=list)
+    """Versions a user who may diagnose receives at every status ([status] diagnosing_versions)."""
 
     # ---------------------------------------------------------------- lookups
     def version_names(self) -> list[str]:
@@ -308,9 +314,13 @@ class SitePolicy:
     def status_name(self, status: int) -> str:
         return self.status_names.get(int(status), str(status))
 
-    def allowed_versions(self, status: int) -> list[str]:
-        """Versions the status matrix lets the server send at this diagnosis status."""
-        return list(self.status_versions.get(int(status), self.version_names()))
+    def allowed_versions(self, status: int, diagnosing: bool = False) -> list[str]:
+        """Versions the status matrix lets the server send at this diagnosis status; with
+        ``diagnosing`` (the user may diagnose) also :attr:`diagnosing_versions`."""
+        row = set(self.status_versions.get(int(status), self.version_names()))
+        if diagnosing:
+            row |= set(self.diagnosing_versions)
+        return [n for n in self.version_names() if n in row]
 
     def ratios_for(self, modality: str | None, body_part: str | None,
                    exams: Iterable[str | None] = ()) -> dict[str, float]:
@@ -380,24 +390,26 @@ class SitePolicy:
         allowed_list = [n for n in names if allowed is None or n in set(allowed)]
         reasons: list[str] = []
         chosen = None
+        why = facts = ""
         for n, rule in enumerate(self.auto_rules, 1):
             ok, said = _rule_holds(rule.when, inputs)
             if ok:
                 chosen = rule.choose
+                why, facts = rule.why, said
                 reasons.append(f"rule {n} ({rule.why}; {said}) chooses {chosen}")
                 break
         if chosen is None:
             chosen = self.auto_default
             reasons.append(f"no rule applies: the default {chosen}")
         if not allowed_list:
-            return AutoChoice(chosen, reasons + ["no version is allowed"])
+            return AutoChoice(chosen, reasons + ["no version is allowed"], why, facts)
         if chosen not in allowed_list:
             i = names.index(chosen)
             best = min(allowed_list, key=lambda n: (abs(names.index(n) - i), names.index(n)))
             reasons.append(f"{chosen} may not be sent here (allowed: {', '.join(allowed_list)}); "
                            f"{best} is the nearest")
             chosen = best
-        return AutoChoice(chosen, reasons)
+        return AutoChoice(chosen, reasons, why, facts)
 
 
 def _rule_holds(when: dict[str, Any], x: AutoInputs) -> tuple[bool, str]:
@@ -419,6 +431,9 @@ def _rule_holds(when: dict[str, Any], x: AutoInputs) -> tuple[bool, str]:
         elif key == "memory_mb_below":
             ok = x.memory_mb is not None and x.memory_mb < want
             said.append(f"memory {x.memory_mb} MB")
+        elif key == "latency_ms_above":
+            ok = x.latency_ms is not None and x.latency_ms > want
+            said.append("latency unknown" if x.latency_ms is None else f"latency {x.latency_ms:.0f} ms")
         elif key == "cpus_below":
             ok = x.cpus is not None and x.cpus < want
             said.append(f"{x.cpus} processors")
@@ -516,6 +531,9 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
         if bad:
             raise fail(f"[status.versions] {s}: unknown version(s) {', '.join(bad)}")
         status_versions[s] = list(v)
+    diagnosing = st.get("diagnosing_versions") or []
+    if not isinstance(diagnosing, list) or any(x not in names for x in diagnosing):
+        raise fail(f"[status] diagnosing_versions must list versions of {', '.join(names)}")
 
     auto = raw.get("auto") or {}
     default = str(auto.get("default", names[0]))
@@ -546,7 +564,8 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
     fp = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return SitePolicy(versions, rows, quality, status_names, status_versions,
                       bool(st.get("auto_advance", True)), default, rules, networks, storage,
-                      list(sources or []), fp, _parse_codec(raw, fail))
+                      list(sources or []), fp, _parse_codec(raw, fail),
+                      [str(x) for x in diagnosing])
 
 
 def load_policy(store_root: str | Path | None = None, path: str | Path | None = None) -> SitePolicy:

@@ -17,8 +17,12 @@ outcome ``failed``), and ``/api/health`` reports ``degraded`` while any remains
 (:func:`conversion_health`). ``medview-server convert --summary --store DIR`` prints
 :func:`summary_text`.
 
-:func:`after_ingest` makes the copies of newly ingested instances (called by
-``medview-server ingest`` when the policy says ``[codec] on_ingest = true``).
+:func:`after_ingest` makes the copies of newly ingested instances when the policy says
+``[codec] on_ingest = true``; :func:`server_stub.ingest.ingest_paths`, the one ingest path,
+calls it, so the command line, the viewer's import, DIMSE C-STORE and STOW-RS all do.
+Final copies are store objects like the others: tiering moves them
+(:meth:`server_stub.tiers.Tiers.read_final`), fsck checks them (``Catalogue.file_refs``)
+and deleting a study deletes them.
 """
 from __future__ import annotations
 
@@ -87,6 +91,16 @@ class PolicyCopies:
                  verified, res.error or res.verification, res.seconds, policy, time.time()))
 
 
+def final_copy_row(db: Db, sop: str) -> dict | None:
+    """The verified final copy of an instance (a ``policy_copy`` row), None if it has
+    none (or its conversion failed)."""
+    if not db.table_exists("policy_copy"):
+        return None
+    r = db.one(f"SELECT {', '.join(PolicyCopies._COLS)} FROM policy_copy WHERE sop = ?"
+               " AND relpath IS NOT NULL AND verified IN ('bit-exact', 'byte copy')", (sop,))
+    return dict(zip(PolicyCopies._COLS, r)) if r else None
+
+
 def conversion_health(catalogue) -> dict:
     """For /api/health: failed final copies make the server 'degraded'."""
     db = catalogue.db
@@ -136,7 +150,7 @@ def convert_store(root: str | Path | Store, *, policy_file: str | Path | None = 
                 transfer_syntax=inst.get("TransferSyntaxUID"))
             have = copies.row(inst["SOPInstanceUID"])
             if (have and have["verified"] in OK_STATES and have["codec"] == choice.codec
-                    and store.check_file(have["relpath"], have["sha256"], have["size"]) is None):
+                    and (have["codec"] == "keep" or tiers.final_present(have))):
                 report.results.append(FileResult(
                     inst["SOPInstanceUID"], have["relpath"], "skipped", have["codec"],
                     have["transfer_syntax"], have["source_size"] or 0, have["size"] or 0,
@@ -191,12 +205,11 @@ def convert_store(root: str | Path | Store, *, policy_file: str | Path | None = 
                 res, out = convert_bytes(data, opts, inst["SOPInstanceUID"])
                 finish(inst, res, out)
         else:
-            import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods()
-                                 else "spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            from .convert import pool_context
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
                 window: list = []
                 for inst, _codec in todo:
                     try:
@@ -250,7 +263,14 @@ def after_ingest(store: Store, sops: Iterable[str], *, log_fn: Callable[[str], N
     except PolicyError as e:                 # a broken site policy never breaks ingest
         log.error("no final copies after ingest: %s", e)
         return None
-    rep = convert_store(store, sops=sops)
+    try:
+        rep = convert_store(store, sops=sops)
+    except Exception as e:  # noqa: BLE001 - the instances are stored; copies can be redone
+        log.exception("final copies after ingest failed")
+        if log_fn:
+            log_fn(f"final copies FAILED ({type(e).__name__}: {e}); "
+                   "run medview-server convert --store DIR --policy")
+        return None
     if log_fn:
         for r in rep.results:
             if r.status == "failed":
@@ -261,8 +281,11 @@ def after_ingest(store: Store, sops: Iterable[str], *, log_fn: Callable[[str], N
 
 def summary(root: str | Path) -> dict:
     """The store's conversion state: per codec and state, and what is missing."""
+    from .tiers import Tiers
+
     store = Store(root)
     copies = PolicyCopies(store)
+    tiers = Tiers(store)
     try:
         n_inst = store.catalogue.counts()["instances"]
         rows = copies.rows()
@@ -274,7 +297,7 @@ def summary(root: str | Path) -> dict:
             d["source_bytes"] += r["source_size"] or 0
             d["copy_bytes"] += r["size"] or 0
         damaged = [r["sop"] for r in rows if r["verified"] in OK_STATES and r["relpath"]
-                   and store.check_file(r["relpath"], r["sha256"], r["size"]) is not None]
+                   and r["codec"] != "keep" and not tiers.final_present(r)]
         return {
             "instances": n_inst,
             "with_copy": sum(r["verified"] in OK_STATES for r in rows),
@@ -286,6 +309,7 @@ def summary(root: str | Path) -> dict:
                          for k, v in sorted(by.items())],
         }
     finally:
+        tiers.close()
         copies.close()
         store.close()
 

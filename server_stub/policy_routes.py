@@ -6,8 +6,8 @@ goes through the same ``guarded`` decorator, hence :meth:`Authority.authorize` a
 audit log.
 
 ``GET    /api/me``                                   user, groups, rights on everything
-``POST   /api/session/context``                      ``{"link_bps", "memory_mb", "cpus",
-                                                      "place"}``: what the client reports
+``POST   /api/session/context``                      ``{"link_bps", "latency_ms",
+                                                      "memory_mb", "cpus", "place"}``: what the client reports
                                                       for ``version=auto`` (V8)
 ``GET    /api/series/{series}/versions``             versions (layers, target and actual
                                                       ratio, quality, purpose), which are
@@ -41,7 +41,8 @@ from .inputs import InputError, Param, parse_json
 from .packets import RequestError
 from .policy import AutoInputs
 
-CONTEXT_KEYS = {"link_bps": float, "memory_mb": float, "cpus": int, "place": str}
+CONTEXT_KEYS = {"link_bps": float, "memory_mb": float, "cpus": int, "place": str,
+                "latency_ms": float}
 
 
 def _json(request: Request) -> dict:
@@ -66,6 +67,7 @@ def auto_choice(srv, session, grant, versions, peer):
     ctx = session.context
     inputs = AutoInputs(status=grant.status, link_bps=ctx.get("link_bps"),
                         memory_mb=ctx.get("memory_mb"), cpus=ctx.get("cpus"),
+                        latency_ms=ctx.get("latency_ms"),
                         groups=tuple(srv.auth.groups_of(session.user)),
                         place=pol.place_for(peer, ctx.get("place")))
     return pol.choose_auto(inputs, grant.allowed_versions(versions.names()))
@@ -107,7 +109,8 @@ def routes(srv, guarded) -> list[Route]:
 
     @guarded("session", body={"type": "object", "properties": {
         "link_bps": {"type": "number"}, "memory_mb": {"type": "number"},
-        "cpus": {"type": "integer"}, "place": {"type": "string"}}})
+        "cpus": {"type": "integer"}, "place": {"type": "string"},
+        "latency_ms": {"type": "number"}}})
     def context(request: Request):
         body = _json(request)
         ctx = {}

@@ -397,7 +397,7 @@ class SlideCatalogue:
             where.append("a.distributed_at IS NULL")
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return _rows(self.db.execute(sql + " ORDER BY a.assigned_at", params))
+        return _rows(self.db.execute(sql + " ORDER BY a.assigned_at, a.rowid", params))
 
     def mark_distributed(self, station: str, accession: str) -> None:
         with self.db.transaction():

@@ -16,6 +16,8 @@ distributed only when all its slides are in place.
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
 from pathlib import Path
 
 from imaging.pyramid import StoredSlide, write_atomic
@@ -39,11 +41,51 @@ def _place(store: SlideStore, row: dict, dest: Path) -> str:
     return "copied"
 
 
-def gather_patient(store: SlideStore, patient_id: str, dest: str | Path) -> dict:
+def _gather_study(image_store, study_uid: str, dest: Path) -> dict:
+    """The original files of one study into ``dest`` (through a staging folder); a
+    folder already holding every original with its recorded checksum is left alone."""
+    from server_stub.export import export_study
+    from server_stub.store import sha256_file
+
+    rows = image_store.catalogue.query_instances(StudyInstanceUID=study_uid)
+    if dest.exists():
+        present = all((f := dest / _inst_path(r)).is_file()
+                      and sha256_file(f)[0] == r["original_sha256"] for r in rows)
+        n_files = sum(1 for p in dest.rglob("*") if p.is_file())
+        if present and n_files == len(rows):
+            return {"files": len(rows), "copy": "present"}
+        shutil.rmtree(dest)
+    staging = dest.parent / f".incoming-{dest.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        rep = export_study(image_store, study_uid, staging)      # checked file by file
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"files": len(rep.files), "bytes": rep.bytes, "copy": "copied"}
+
+
+def _inst_path(row: dict) -> Path:
+    from server_stub.store import safe_component
+
+    return Path(safe_component(row["SeriesInstanceUID"])) / \
+        f"{safe_component(row['SOPInstanceUID'])}.dcm"
+
+
+def gather_patient(store: SlideStore, patient_id: str, dest: str | Path, *,
+                   image_store=None) -> dict:
+    """Copy every slide and every radiology study of ``patient_id`` under
+    ``dest/<patient_id>``; returns the index (also written as ``index.json``).
+    ``image_store``: the radiology :class:`~server_stub.store.Store` (default: the one
+    the slide store belongs to)."""
+    from server_stub.store import Store, safe_component
+
     p = store.catalogue.patient(patient_id)
     if p is None:
         raise ValueError(f"unknown patient {patient_id!r}")
-    base = Path(dest) / patient_id
+    plain = patient_id not in (".", "..") and not any(c in patient_id for c in "/\\\0")
+    base = Path(dest) / (patient_id if plain else safe_component(patient_id))
     base.mkdir(parents=True, exist_ok=True)
     rows = store.catalogue.slides(patient_id=patient_id)
     done = []
@@ -51,7 +93,25 @@ def gather_patient(store: SlideStore, patient_id: str, dest: str | Path) -> dict
         what = _place(store, row, base / row["accession"] / row["slide_uid"])
         done.append({**slide_summary(row), "folder": f"{row['accession']}/{row['slide_uid']}",
                      "copy": what})
-    index = {"patient": {k: p[k] for k in ("patient_id", "name", "status")}, "slides": done}
+    own = image_store is None
+    images = image_store or Store(store.root.parent)
+    studies = []
+    try:
+        found = [s for s in images.catalogue.query_studies(PatientID=patient_id)
+                 if s.get("PatientID") == patient_id]          # exact: no wildcards
+        for st in sorted(found, key=lambda s: (s.get("StudyDate") or "", s["StudyInstanceUID"])):
+            uid = st["StudyInstanceUID"]
+            folder = f"radiology/{safe_component(uid)}"
+            got = _gather_study(images, uid, base / folder)
+            studies.append({"study_uid": uid, "date": st.get("StudyDate"),
+                            "description": st.get("StudyDescription"),
+                            "modalities": st.get("ModalitiesInStudy"),
+                            "accession": st.get("AccessionNumber"), "folder": folder, **got})
+    finally:
+        if own:
+            images.close()
+    index = {"patient": {k: p[k] for k in ("patient_id", "name", "status")}, "slides": done,
+             "studies": studies}
     write_atomic(base / "index.json", json.dumps(index, indent=2, default=str).encode())
     return index
 

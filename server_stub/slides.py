@@ -48,6 +48,12 @@ Routes (see :func:`register_routes`):
                                             ``version``/``quality``/``purpose``/``auto``);
                                             POST ``{"model": ...}`` declares the cache.
 
+``GET  /api/stations/{station}/worklist``   the exams assigned to a reading station
+                                            (``station`` / ``assignment`` tables), each
+                                            with the slides the user may browse, their
+                                            manifest SHA-256 and ``unlimited``; the
+                                            station's cache folder (W7)
+
 ``{slide}`` is the slide UID or its catalogue number. Every slide request counts as
 activity for the idle-time tier scheduler.
 """
@@ -490,7 +496,40 @@ def register_routes(routes: list, srv, guarded=None, *, jobs=None) -> SlideServi
         body = srv.audited_stream(stream(p, model, stats=detail), detail, who, row["slide_uid"])
         return StreamingResponse(body, media_type=media, headers=headers)
 
+    @guard("browse", scoped=False)
+    def station_worklist(request):
+        """The exams assigned to a reading station (W7), with the slides of each that the
+        user may browse (an exam with none is left out), their manifest checksum (to
+        check a pre-distributed copy) and whether the user's rights on them are
+        unlimited (a limited slide is read through the server, within them)."""
+        name = request.path_params["station"]
+        cat = svc.store.catalogue
+        station = cat.station(name)
+        if station is None:
+            raise RequestError(f"unknown reading station {name!r}", status=404)
+        exams = []
+        for a in cat.assignments(name):
+            rows = cat.slides(accession=a["accession"])
+            grants = srv.auth.grants_for(request.state.session.user,
+                                         [slide_scopes(r) for r in rows])
+            shown = [dict(slide_summary(r), manifest_sha256=r["manifest_sha256"],
+                          unlimited=bool(g.unlimited))
+                     for r, g in zip(rows, grants) if g.actions is None or "browse" in g.actions]
+            if not shown:
+                continue
+            first = shown[0]
+            exams.append({"accession": a["accession"], "assigned_at": a["assigned_at"],
+                          "distributed_at": a["distributed_at"],
+                          **{k: first.get(k) for k in ("patient_id", "patient_name",
+                                                       "patient_status", "exam_date",
+                                                       "exam_description")},
+                          "slides": shown})
+        request.state.audit["exams"] = len(exams)
+        return JSONResponse({"station": station["name"], "cache_dir": station["cache_dir"],
+                             "exams": exams})
+
     routes.append(Route("/api/slides", listing))
+    routes.append(Route("/api/stations/{station}/worklist", station_worklist))
     routes.append(Route("/api/slides/{slide}", describe))
     routes.append(Route("/api/slides/{slide}/associated/{name}", associated))
     routes.append(Route("/jpip/slides/{slide}", packets, methods=["GET", "POST"]))

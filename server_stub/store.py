@@ -132,16 +132,40 @@ class FsckReport:
         return "\n".join(lines)
 
 
-def write_file_atomic(target: Path, data: bytes) -> None:
+def write_file_atomic(target: Path, data: bytes, *, sync_dir: bool = True,
+                      sync_file: bool = True) -> None:
     """:func:`imaging.files.write_file_atomic` for the store: the disk-full fault point
     first, and a full disk reported as :class:`~server_stub.dbutil.StorageFull` (507)."""
     try:
         faults.check_disk("file")
-        _write_file_atomic(target, data)
+        _write_file_atomic(target, data, sync_dir=sync_dir, sync_file=sync_file)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StorageFull(f"the store's disk is full: cannot write {target.name}") from e
         raise
+
+
+@dataclass
+class DurableBatch:
+    """Files written by :meth:`Store.atomic_write` without their fsyncs, to be made
+    durable at once (one ``syncfs``, or each fsynced) before anything refers to them."""
+
+    root: Path
+    files: list = field(default_factory=list)
+    dirs: set = field(default_factory=set)
+
+    def make_durable(self) -> None:
+        from imaging.files import make_durable
+
+        if self.files:
+            try:
+                faults.check_disk("file")
+                make_durable(self.files, self.dirs, self.root)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StorageFull("the store's disk is full") from e
+                raise
+        self.files, self.dirs = [], set()
 
 
 class Store:
@@ -314,17 +338,24 @@ class Store:
         self.abspath(path)                   # refuses paths that leave the store
         return PurePosixPath(str(path).replace(os.sep, "/")).as_posix()
 
-    def atomic_write(self, path: str | Path, data: bytes) -> str:
+    def atomic_write(self, path: str | Path, data: bytes, *,
+                     batch: "DurableBatch | None" = None) -> str:
         """Write ``data`` to ``path`` (store-relative or absolute inside the store)
         atomically and durably — in the object store, checked there before this returns
-        — and return its SHA-256 hex digest."""
+        — and return its SHA-256 hex digest. With ``batch`` (local disk only) the fsyncs
+        are left to :meth:`DurableBatch.make_durable`, which the caller must call before
+        anything (a catalogue row) refers to the file; an object store's PUT is durable
+        by itself."""
         if self.read_only is not None:
             raise StorageFull(f"the server is read-only: {self.read_only}")
         sha = sha256_hex(data)
         if not self.objects.remote:
             target = self._resolve(path)
             self._ensure_dir(target.parent)
-            write_file_atomic(target, data)
+            write_file_atomic(target, data, sync_dir=batch is None, sync_file=batch is None)
+            if batch is not None:
+                batch.files.append(target)
+                batch.dirs.add(target.parent)
             return sha
         key = self.key(path)
         faults.point("objects.put")
@@ -342,7 +373,7 @@ class Store:
             raise StoreError(f"not a SHA-256 hex digest: {sha256!r}")
         return f"{ORIGINALS_DIR}/{sha256[:2]}/{sha256}.dcm"
 
-    def put_original(self, data: bytes) -> tuple[str, str]:
+    def put_original(self, data: bytes, *, batch: "DurableBatch | None" = None) -> tuple[str, str]:
         """Store an original DICOM file, content addressed; returns (relpath, sha256).
 
         A no-op when the file is present with the right content; a damaged copy is
@@ -352,7 +383,7 @@ class Store:
         rel = self.original_relpath(sha)
         if self.check_file(rel, sha, len(data)) is None:
             return rel, sha
-        self.atomic_write(rel, data)
+        self.atomic_write(rel, data, batch=batch)
         return rel, sha
 
     @staticmethod
@@ -466,8 +497,9 @@ class Store:
     # ------------------------------------------------------------------ fsck
 
     def iter_files(self):
-        """Every file under originals/ and j2k/, as store-relative paths."""
-        for top in (ORIGINALS_DIR, J2K_DIR):
+        """Every file under originals/, j2k/ and final/ (the final copies), as
+        store-relative paths."""
+        for top in (ORIGINALS_DIR, J2K_DIR, "final"):
             if not self.objects.remote:
                 base = self.root / top
                 for dirpath, _dirs, files in os.walk(base):

@@ -105,8 +105,9 @@ def resolve(srv, path: dict, query=None) -> Target:
         if cat.get_study(study) is None:
             raise NotFound(f"unknown study {study}", "study")
         t.study = study
+    facts = getattr(srv, "facts", None)        # kept per series generation (app.Server)
     if series is not None:
-        row = cat.get_series(series)
+        row = facts.series_row(series) if facts is not None else cat.get_series(series)
         if row is None or (study is not None and row.get("StudyInstanceUID") != study):
             if "series" not in path:
                 raise NotFound(f"unknown target {series!r}: no such series", "target")
@@ -119,7 +120,8 @@ def resolve(srv, path: dict, query=None) -> Target:
     if sop is not None:
         if t.series is None:
             raise NotFound("an instance needs its series", "sop")
-        rows = [r for r in cat.series_images(t.series) if r["SOPInstanceUID"] == sop]
+        rows = (facts.images_of(t.series, sop) if facts is not None else
+                [r for r in cat.series_images(t.series) if r["SOPInstanceUID"] == sop])
         if not rows:
             raise NotFound(f"no instance {sop} in series {t.series}", "sop")
         t.sop, t.image_rows = sop, rows

@@ -21,6 +21,8 @@ Two tables in the catalogue database say where everything is:
                    the head holds.
 ``original_tier``  one row per original DICOM file that has been migrated: ``archived``
                    (only in the archive) or ``recalled`` (in both).
+``final_tier``     the same for final copies (:mod:`server_stub.policy_copies`, SPEC H1),
+                   which move with the originals; the row names the copy by its SHA-256.
 
 No row: the file is only in the hot store, as ingested.
 
@@ -69,6 +71,7 @@ from codestream.index import PacketIndex
 from codestream.layersplit import join_layers, split_by_layers
 
 from . import faults
+from .catalogue import GENERATION_TABLE, generation_trigger
 from .dbutil import Db
 from .objects import LocalObjects, ObjectError, ObjectMissing, ObjectStore, S3Objects, open_objects
 from .store import (FsckReport, Store, StoreError, StoreIntegrityError, write_file_atomic,
@@ -92,6 +95,27 @@ _DDL = [
     " state TEXT NOT NULL CHECK (state IN ('archived', 'recalled')),"
     " archive TEXT NOT NULL, archive_key TEXT NOT NULL,"
     " migrated_at REAL NOT NULL, recalled_at REAL)",
+    # final copies (server_stub.policy_copies) move like originals; sha256 names the
+    # copy the row is about (a newer copy under another policy has no tier row yet)
+    "CREATE TABLE IF NOT EXISTS final_tier ("
+    " instance_pk INTEGER PRIMARY KEY REFERENCES instance(pk) ON DELETE CASCADE,"
+    " state TEXT NOT NULL CHECK (state IN ('archived', 'recalled')),"
+    " sha256 TEXT NOT NULL, archive TEXT NOT NULL, archive_key TEXT NOT NULL,"
+    " migrated_at REAL NOT NULL, recalled_at REAL)",
+]
+# a migration or a recall changes what a series serves: its generation goes up
+# (server_stub.catalogue; kept series facts are read again)
+_SERIES_OF_FRAME = ("SELECT se.SeriesInstanceUID AS uid FROM frame f JOIN instance i "
+                    "ON f.instance_pk = i.pk JOIN series se ON i.series_pk = se.pk "
+                    "WHERE f.pk = {}")
+_DDL += [
+    GENERATION_TABLE,
+    generation_trigger("gen_frame_tier_insert", "AFTER INSERT", "frame_tier",
+                       _SERIES_OF_FRAME.format("NEW.frame_pk")),
+    generation_trigger("gen_frame_tier_update", "AFTER UPDATE", "frame_tier",
+                       _SERIES_OF_FRAME.format("NEW.frame_pk")),
+    generation_trigger("gen_frame_tier_delete", "BEFORE DELETE", "frame_tier",
+                       _SERIES_OF_FRAME.format("OLD.frame_pk")),
 ]
 
 
@@ -214,6 +238,7 @@ _FT_COLS = ("frame_pk", "state", "hot_layers", "head_relpath", "head_sha256", "h
 class MigrationReport:
     frames_archived: int = 0
     originals_archived: int = 0
+    finals_archived: int = 0          # final copies (server_stub.policy_copies)
     bytes_archived: int = 0           # tails + originals written to the archive
     bytes_freed: int = 0              # hot bytes released
     finished: int = 0                 # pending deletions completed (an earlier crash)
@@ -225,8 +250,9 @@ class MigrationReport:
         return not self.errors
 
     def summary(self) -> str:
-        return (f"{self.frames_archived} codestreams and {self.originals_archived} originals "
-                f"archived, {self.bytes_archived} bytes to the archive, {self.bytes_freed} "
+        finals = f" and {self.finals_archived} final copies" if self.finals_archived else ""
+        return (f"{self.frames_archived} codestreams and {self.originals_archived} originals"
+                f"{finals} archived, {self.bytes_archived} bytes to the archive, {self.bytes_freed} "
                 f"bytes freed in the hot store, {self.finished} pending steps finished, "
                 f"{len(self.errors)} errors")
 
@@ -443,6 +469,9 @@ class Tiers:
                 "JOIN instance i ON t.instance_pk = i.pk WHERE t.state = 'archived'"):
             if self.store.exists(rel) and self._archive_of(url).exists(key):
                 done += self._delete_original_if_archived(ipk, rel)
+        for ipk, rel, sha, url, key in self._archived_finals():
+            if self.store.exists(rel) and self._archive_of(url).exists(key):
+                done += self._delete_final_if_archived(ipk, sha, rel)
         return done
 
     def candidates(self, days: float, min_status: int) -> list[dict]:
@@ -502,6 +531,7 @@ class Tiers:
                 log.error("migration: %s", msg)
                 report.errors.append(msg)
             log_fn(f"{inst['sop']}: done")
+        self._migrate_finals(days, min_status, arch, report, should_stop)
         return report
 
     def _keep_layers(self, series: str, keep_hot: str) -> int | None:
@@ -593,6 +623,123 @@ class Tiers:
                 report.originals_archived += 1
                 report.bytes_freed += len(data)
 
+    # ---------------------------------------------------------------- final copies
+    def _final_state(self, instance_pk: int, sha256: str) -> tuple[str | None, str, str]:
+        """(state or None, archive url, key) of the final copy with this SHA-256."""
+        row = self.db.one("SELECT state, archive, archive_key FROM final_tier "
+                          "WHERE instance_pk = ? AND sha256 = ?", (instance_pk, sha256))
+        return (row[0], row[1], row[2]) if row else (None, "", "")
+
+    def _archived_finals(self) -> list[tuple]:
+        if not self.db.table_exists("policy_copy"):
+            return []
+        return self.db.all(
+            "SELECT t.instance_pk, c.relpath, c.sha256, t.archive, t.archive_key"
+            " FROM final_tier t JOIN policy_copy c ON c.instance_pk = t.instance_pk"
+            " AND c.sha256 = t.sha256 WHERE t.state = 'archived'")
+
+    def _delete_final_if_archived(self, instance_pk: int, sha256: str, relpath: str) -> bool:
+        with self.db.transaction():
+            if self._final_state(instance_pk, sha256)[0] == "archived":
+                return self.store.delete_file(relpath)
+        return False
+
+    def final_present(self, copy: dict) -> bool:
+        """True if a final copy (``policy_copy`` row) is intact: hot with its checksum,
+        or archived (the archive copy was verified when it was made)."""
+        if self.store.check_file(copy["relpath"], copy["sha256"], copy["size"]) is None:
+            return True
+        return self._final_state(copy["instance_pk"], copy["sha256"])[0] == "archived"
+
+    def read_final(self, inst: dict, copy: dict) -> bytes:
+        """The final copy (``policy_copy`` row) of an instance (``find_instance`` row),
+        recalled from the archive if it was moved; a copy that is the original itself
+        (kept as it arrived) is read as the original."""
+        if copy["relpath"] == inst.get("original_relpath"):
+            return self.read_original(inst)
+        pk, sha = copy["instance_pk"], copy["sha256"]
+        state, url, key = self._final_state(pk, sha)
+        if state != "archived":
+            try:
+                return self.store.read_verified(copy["relpath"], sha, copy["size"])
+            except StoreIntegrityError as e:
+                state, url, key = self._final_state(pk, sha)
+                if e.problem != "file is missing" or state != "archived":
+                    raise
+        with self._lock(("final", pk)):
+            data = self._archive_of(url).get(key)
+            if sha256_hex(data) != sha:
+                raise ArchiveError(f"archive object {key} is damaged (checksum mismatch)")
+            with self.db.transaction():
+                if self._final_state(pk, sha)[0] == "archived":
+                    self.store.atomic_write(copy["relpath"], data)
+                    self.db.execute("UPDATE final_tier SET state = 'recalled', recalled_at = ?"
+                                    " WHERE instance_pk = ?", (self.clock(), pk))
+                    return data
+            return self.store.read_verified(copy["relpath"], sha, copy["size"])
+
+    def _migrate_finals(self, days: float, min_status: int, arch: Archive,
+                        report: MigrationReport, should_stop: Callable[[], bool]) -> None:
+        """Move the final copies old enough (the original's age) to the archive: copy,
+        read back, commit, delete (as for originals)."""
+        if not self.db.table_exists("policy_copy"):
+            return
+        now = self.clock()
+        cutoff_iso, cutoff = _iso_cutoff(now, days), now - days * 86400
+        rows = self.db.all(
+            "SELECT c.instance_pk, c.sop, c.relpath, c.sha256, c.size, st.StudyInstanceUID,"
+            " t.state, t.recalled_at, t.archive, t.archive_key"
+            " FROM policy_copy c JOIN instance i ON c.instance_pk = i.pk"
+            " JOIN series se ON i.series_pk = se.pk JOIN study st ON se.study_pk = st.pk"
+            " LEFT JOIN final_tier t ON t.instance_pk = c.instance_pk AND t.sha256 = c.sha256"
+            " WHERE c.relpath IS NOT NULL AND c.relpath <> i.original_relpath"
+            " AND c.verified IN ('bit-exact', 'byte copy') AND i.ingested_at <= ?"
+            " ORDER BY c.instance_pk", (cutoff_iso,))
+        status_cache: dict[str, int] = {}
+        for pk, sop, rel, sha, size, study, state, rec, url, key in rows:
+            if should_stop():
+                break
+            if state == "archived" or (state == "recalled" and (rec or 0) > cutoff):
+                continue
+            if self.status_of is not None and min_status > 1:
+                if study not in status_cache:
+                    status_cache[study] = int(self.status_of(study))
+                if status_cache[study] < min_status:
+                    continue
+            try:
+                with self._lock(("final", pk)):
+                    data = self.store.read_verified(rel, sha, size)
+                    if state == "recalled":
+                        a = self._archive_of(url)
+                        if sha256_hex(a.get(key)) != sha:
+                            raise ArchiveError(f"archive object {key} is damaged")
+                    else:
+                        key, a = rel, arch
+                        a.put(key, data)
+                        if sha256_hex(a.get(key)) != sha:
+                            raise ArchiveError(f"archive copy of {key} does not verify")
+                        report.bytes_archived += len(data)
+                    faults.point("migrate.final-copied")
+                    with self.db.transaction():
+                        if self._final_state(pk, sha)[0] != state:
+                            raise StoreError(f"{rel} changed tier meanwhile; left for the next run")
+                        self.db.execute(
+                            "INSERT INTO final_tier (instance_pk, state, sha256, archive,"
+                            " archive_key, migrated_at, recalled_at) VALUES (?,?,?,?,?,?,NULL)"
+                            " ON CONFLICT(instance_pk) DO UPDATE SET state = 'archived',"
+                            " sha256 = excluded.sha256, archive = excluded.archive,"
+                            " archive_key = excluded.archive_key,"
+                            " migrated_at = excluded.migrated_at, recalled_at = NULL",
+                            (pk, "archived", sha, a.url, key, self.clock()))
+                    faults.point("migrate.final-committed")
+                    self._delete_final_if_archived(pk, sha, rel)
+                    report.finals_archived += 1
+                    report.bytes_freed += len(data)
+            except (StoreError, OSError, ValueError) as e:
+                msg = f"final copy of {sop}: {e}"
+                log.error("migration: %s", msg)
+                report.errors.append(msg)
+
     # ---------------------------------------------------------------- summary
     def summary(self) -> dict:
         """Counts and bytes per tier state."""
@@ -629,6 +776,14 @@ class Tiers:
             if state == "archived":
                 archived_orig.add(rel)
             archive_refs.append((url, key, sha, size, sop))
+        if self.db.table_exists("policy_copy"):
+            for rel, sha, size, sop, state, url, key in self.db.all(
+                    "SELECT c.relpath, c.sha256, c.size, c.sop, t.state, t.archive,"
+                    " t.archive_key FROM final_tier t JOIN policy_copy c"
+                    " ON c.instance_pk = t.instance_pk AND c.sha256 = t.sha256"):
+                if state == "archived":
+                    archived_orig.add(rel)
+                archive_refs.append((url, key, sha, size, sop))
         out = []
         for rel, sha, size, sop in refs:
             if rel in archived_orig:

@@ -34,8 +34,9 @@ class VersionTable:
     """Versions per series, memoised and recorded."""
 
     def __init__(self, store, policy: Callable[[], SitePolicy],
-                 index_of: Callable[[dict], PacketIndex] | None = None) -> None:
+                 index_of: Callable[[dict], PacketIndex] | None = None, facts=None) -> None:
         self.store = store
+        self.facts = facts          # a SeriesFacts: the memo is checked by generation
         self.policy = policy
         self.db = Db(store.root / "catalogue.sqlite", _DDL)
         self._index_of = index_of or self._read_index
@@ -48,15 +49,28 @@ class VersionTable:
     def get(self, series_uid: str, rows: list[dict] | None = None) -> SeriesVersions | None:
         """The versions of a series (None if it has no images)."""
         pol = self.policy()
-        rows = rows if rows is not None else self.store.catalogue.series_images(series_uid)
-        if not rows:
-            return None
-        key = (pol.fingerprint, tuple(r["index_sha256"] for r in rows))
-        with self._lock:
-            hit = self._memo.get(series_uid)
-            if hit is not None and hit[0] == key:
-                return hit[1]
-        info = self.store.catalogue.get_series(series_uid) or {}
+        gen = self.facts.generation(series_uid) if self.facts is not None and rows is None \
+            else None
+        if gen is not None:         # one row read, whatever the series' length
+            key: tuple = (pol.fingerprint, "generation", gen)
+            with self._lock:
+                hit = self._memo.get(series_uid)
+                if hit is not None and hit[0] == key:
+                    return hit[1]
+            rows = self.facts.images(series_uid)
+            if not rows:
+                return None
+        else:
+            rows = rows if rows is not None else self.store.catalogue.series_images(series_uid)
+            if not rows:
+                return None
+            key = (pol.fingerprint, tuple(r["index_sha256"] for r in rows))
+            with self._lock:
+                hit = self._memo.get(series_uid)
+                if hit is not None and hit[0] == key:
+                    return hit[1]
+        info = (self.facts.series_row(series_uid) if self.facts is not None
+                else self.store.catalogue.get_series(series_uid)) or {}
         facts = [image_facts(self._index_of(r), r.get("BitsAllocated")) for r in rows]
         sv = pol.series_versions(series_uid, info, facts)
         try:

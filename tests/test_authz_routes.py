@@ -30,7 +30,9 @@ _names = itertools.count()
 #: path parameters that name an object (a foreign one goes there); any other path
 #: parameter must be listed in OTHER_PARAMS, so that a new kind fails here first
 UID_POSITIONS = ("study", "series", "sop", "frame", "item", "slide")
-OTHER_PARAMS = {"name", "tag"}          # a slide's associated image (label, macro...); a bulk data tag
+#: a slide's associated image (label, macro...); a bulk data tag; a reading station (its
+#: worklist is filtered slide by slide by the user's grants)
+OTHER_PARAMS = {"name", "tag", "station"}
 #: query parameters that name an object, for routes whose path names none (or besides)
 QUERY_POSITIONS = {"/jpip": ("target",), "/jpip/slabs/{series}": ("target",),
                    "/jpip/slides/{slide}": ("target",)}

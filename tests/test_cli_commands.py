@@ -167,7 +167,7 @@ def test_migrate_with_a_missing_archive_says_so_once(ct_store, tmp_path, capsys)
 
 def test_render_names_left_out_images_as_the_viewer_numbers_them(ct_store, ct_series_uid):
     from server_stub.store import Store
-    from viewer.volume_loader import usable_images
+    from client.volume_loader import usable_images
 
     with Store(ct_store) as st:
         images = st.catalogue.series_images(ct_series_uid)

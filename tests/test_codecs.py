@@ -120,6 +120,14 @@ def test_htj2k_rpcl_codestream_layout():
     levels = data[cod + 9]
     assert data.count(b"\xff\x90") == levels + 1        # a tile-part per resolution
     assert b"\xff\x50" in data[:cod]                    # CAP: an HTJ2K codestream
+    # the base resolution is at most 64 px on each side, also for a long thin image
+    for shape in ((256, 256), (70, 2100), (4100, 40)):
+        data = c.encode(np.ones(shape, np.uint16), bits_stored=12)
+        cod = data.find(b"\xff\x52")
+        levels = data[cod + 9]
+        assert max(math.ceil(n / 2 ** levels) for n in shape) <= 64, (shape, levels)
+        assert np.array_equal(c.decode(data), np.ones(shape, np.uint16))
+        assert c.decode(data, levels).shape == tuple(math.ceil(n / 2 ** levels) for n in shape)
 
 
 @pytest.mark.parametrize("ts, target", [(codecs.J2K, 20), (codecs.HTJ2K, 20),

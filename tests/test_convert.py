@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import io
 from pathlib import Path
 
 import numpy as np
@@ -357,6 +358,12 @@ def test_rerun_skips_what_is_done(tmp_path):
     by = {Path(r.file).name: r.status for r in third.results}
     assert by == {"a.dcm": "converted", "b.dcm": "skipped", "c.dcm": "converted"}
     _same_attributes(d / "sub" / "c.dcm", out / "sub" / "c.dcm")
+    # another codec asked for: the outputs in the old syntax are redone, not skipped
+    fourth = convert_paths([d], out, Options(to="htj2k"))
+    assert fourth.count("converted") == 3
+    assert all(pydicom.dcmread(p).file_meta.TransferSyntaxUID == codecs.HTJ2K_LOSSLESS_RPCL
+               for p in out.rglob("*.dcm"))
+    assert convert_paths([d], out, Options(to="htj2k")).count("skipped") == 3
 
 
 def test_output_never_overwrites_input(tmp_path):
@@ -577,3 +584,86 @@ def test_ingest_makes_final_copies_when_the_policy_says_so(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["verified"] == "bit-exact" and rows[0]["codec"] == "jpegls"
     pc.close()
     store.close()
+
+
+def test_ycc_rct_and_mislabelled_encoding(tmp_path):
+    """YBR_RCT (JPEG 2000's reversible colour transform, undone exactly by the decoder)
+    becomes RGB; a file whose data set is implicit VR under an explicit-VR syntax is
+    written correctly as explicit VR; YBR_FULL stored natively is refused."""
+    rct = _testfile("US1_J2KR.dcm")
+    r = convert_file(rct, tmp_path / "rct.dcm", Options(to="htj2k"))
+    assert r.status == "converted" and r.verification == "bit-exact", r.error
+    out = pydicom.dcmread(tmp_path / "rct.dcm")
+    assert out.PhotometricInterpretation == "RGB"
+    assert np.array_equal(out.pixel_array, pydicom.dcmread(rct).pixel_array)
+    _same_attributes(rct, tmp_path / "rct.dcm", {"PhotometricInterpretation", "PlanarConfiguration"})
+    odd = _testfile("SC_rgb_jpeg.dcm")
+    r = convert_file(odd, tmp_path / "odd.dcm", Options(to="htj2k"))
+    assert r.status == "converted", r.error
+    _same_attributes(odd, tmp_path / "odd.dcm",
+                     {"PhotometricInterpretation", "PlanarConfiguration", "LossyImageCompression"})
+    r = convert_file(_testfile("SC_ybr_full_uncompressed.dcm"), tmp_path / "ybr.dcm", Options())
+    assert r.status == "failed" and "would not be lossless" in r.error
+
+
+def test_the_in_memory_proof_catches_what_a_read_back_would():
+    """verify_encoded (no second parse of the output) refuses: a frame that does not
+    decode to the input's values, file bytes that do not carry the encoded frames, and
+    a file that names another transfer syntax; and agrees with verify_bytes."""
+    import copy as _copy
+    from io import BytesIO
+
+    from server_stub.convert import dataset_bytes, encode_dataset, verify_bytes, verify_encoded
+
+    ds = pydicom.dcmread(_testfile("MR_small.dcm"))
+    conv = encode_dataset(ds, codecs.by_name("jpegls"))
+    out = dataset_bytes(conv.dataset)
+    assert verify_encoded(out, conv).ok and verify_bytes(out, conv).ok
+    # the reference changed by one value: not bit-exact, found by both
+    bad = _copy.copy(conv)
+    bad.reference = [conv.reference[0].copy()]
+    bad.reference[0][3, 4] += 1
+    for v in (verify_encoded(out, bad), verify_bytes(out, bad)):
+        assert not v.ok and "NOT bit-exact" in v.text
+    # one byte of the written pixel data changed
+    i = out.rfind(conv.fragments[0][-200:])
+    flipped = out[:i + 10] + bytes([out[i + 10] ^ 0xFF]) + out[i + 11:]
+    v = verify_encoded(flipped, conv)
+    assert not v.ok and "pixel data" in v.text
+    # the file meta names another transfer syntax
+    other = _copy.deepcopy(conv.dataset)
+    other.file_meta.TransferSyntaxUID = codecs.HTJ2K_LOSSLESS
+    v = verify_encoded(dataset_bytes(other), conv)
+    assert not v.ok and "transfer syntax" in v.text
+    assert pydicom.dcmread(BytesIO(out)).SOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_lossless_output_keeps_the_input_bytes_of_every_other_element(tmp_path):
+    """Written once: the input's dataset bytes up to its pixel data go out verbatim
+    when only the pixel data and the transfer syntax change; a file where more changes
+    (a stale pixel group length, big endian) is written by pydicom instead. Both open
+    with every attribute and decode bit-exact."""
+    from server_stub.convert import _splice_plan, convert_bytes
+
+    src = _testfile("emri_small.dcm")              # 10 frames, explicit VR little endian
+    data = Path(src).read_bytes()
+    ds = pydicom.dcmread(src)
+    plan = _splice_plan(data, ds, codecs.by_name("jpegls"))
+    assert plan is not None
+    res, out = convert_bytes(data, Options(to="jpegls"))
+    assert res.status == "converted" and data[plan[0]:plan[1]] in out
+    back = pydicom.dcmread(io.BytesIO(out))
+    np.testing.assert_array_equal(back.pixel_array, ds.pixel_array)
+    assert back.NumberOfFrames == 10 and back.SOPInstanceUID == ds.SOPInstanceUID
+    # a (7FE0,0000) group length would go stale: the pydicom writer (693_UNCR has one)
+    src2 = _testfile("693_UNCR.dcm")
+    d2 = Path(src2).read_bytes()
+    ds2 = pydicom.dcmread(src2)
+    assert 0x7FE00000 in ds2
+    assert _splice_plan(d2, ds2, codecs.by_name("jpegls")) is None
+    res, out = convert_bytes(d2, Options(to="jpegls"))
+    assert res.status == "converted", res.error
+    np.testing.assert_array_equal(pydicom.dcmread(io.BytesIO(out)).pixel_array, ds2.pixel_array)
+    big = _testfile("MR_small_bigendian.dcm")
+    assert _splice_plan(Path(big).read_bytes(), pydicom.dcmread(big),
+                        codecs.by_name("jpegls")) is None

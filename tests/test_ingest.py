@@ -11,6 +11,7 @@ import hashlib
 import shutil
 import signal
 import subprocess
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 
 from client.session import Session
 from codestream.encode import decode_full
+from server_stub import ingest as ingest_module
 from server_stub import sample
 from server_stub.catalogue import Catalogue
 from server_stub.cli import main as cli_main
@@ -313,6 +315,9 @@ def test_crash_between_files_and_catalogue(tmp_path, monkeypatch):
         return real_add(self, instance, frames)
 
     monkeypatch.setattr(Catalogue, "add_instance", crashing_add)
+    # commits go in batches (one transaction each): two files a batch here, so the crash
+    # in the second batch loses that batch and keeps the first
+    monkeypatch.setattr(ingest_module, "COMMIT_BATCH_FILES", 2)
     with pytest.raises(_Crash):
         ingest_paths(files, store)
     monkeypatch.setattr(Catalogue, "add_instance", real_add)
@@ -546,3 +551,77 @@ def test_sample_slide_is_added_once_and_served(tmp_path):
         top = len(rs.levels) - 1
         tile = rs.tile(top, 0)
         assert tile.shape[2] == 3 and tile.mean() < 235                # tissue, not glass
+
+
+def test_a_whole_batch_is_lost_by_a_crash_and_nothing_else(tmp_path, monkeypatch):
+    """One transaction per batch: a crash during it leaves none of its rows, only its
+    files (orphans); the next ingest stores them all."""
+    files = sample.make_sample_ct(tmp_path / "dicom", slices=5, size=32, seed=21)
+    store = Store(tmp_path / "store")
+    real_add = Catalogue.add_instance
+    calls = {"n": 0}
+
+    def crashing_add(self, instance, frames):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Crash()
+        return real_add(self, instance, frames)
+
+    monkeypatch.setattr(Catalogue, "add_instance", crashing_add)
+    with pytest.raises(_Crash):
+        ingest_paths(files, store)
+    monkeypatch.setattr(Catalogue, "add_instance", real_add)
+    assert calls["n"] == 4 and store.catalogue.counts()["instances"] == 0
+    report = fsck(store)
+    assert report.consistent and report.orphans
+    again = ingest_paths(files, store)
+    assert len(again.imported) == 5 and store.catalogue.counts()["instances"] == 5
+    assert fsck(store).clean
+    store.close()
+
+
+def test_batch_finds_duplicates_and_conflicts_inside_itself(tmp_path):
+    """The same file twice, and another file with the same SOP Instance UID, in one
+    batch: one stored, one duplicate, one quarantined."""
+    import pydicom
+
+    files = sample.make_sample_ct(tmp_path / "dicom", slices=3, size=32, seed=22)
+    other = tmp_path / "other.dcm"
+    ds = pydicom.dcmread(files[0])
+    ds.SeriesDescription = "changed"
+    ds.save_as(other)
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "copy.dcm").write_bytes(files[0].read_bytes())
+    store = Store(tmp_path / "store")
+    report = ingest_paths([*files, twin / "copy.dcm", other], store, workers=1)
+    assert len(report.imported) == 3 and len(report.duplicates) == 1
+    assert len(report.quarantined) == 1 and not report.skipped
+    assert store.catalogue.counts()["instances"] == 3
+    assert fsck(store).clean
+    store.close()
+
+
+def test_batch_durability_without_syncfs(tmp_path, monkeypatch):
+    """Where syncfs is not available, a batch fsyncs each file and folder itself."""
+    from imaging import files as files_mod
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(files_mod, "_syncfs", lambda root: False)
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    dicom = sample.make_sample_ct(tmp_path / "dicom", slices=3, size=32, seed=23)
+    store = Store(tmp_path / "store")
+    report = ingest_paths(dicom, store, verify=False)
+    assert len(report.imported) == 3
+    assert len(synced) >= 9                 # 3 files per instance, then their folders
+    assert fsck(store).clean
+    store.close()
+
+
+def test_syncfs_is_used_on_linux(tmp_path):
+    from imaging import files as files_mod
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("syncfs is Linux's")
+    assert files_mod._syncfs(tmp_path) is True

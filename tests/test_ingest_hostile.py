@@ -22,13 +22,14 @@ from pydicom.uid import generate_uid
 
 from codestream.encode import decode_full
 from server_stub import ingest as ingest_mod
-from server_stub import quarantine
+from server_stub import quarantine, quarantine_admin
 from server_stub import sample
 from server_stub.cli import main as cli_main
 from server_stub.ingest import (CONFLICT_REASON, NOT_DICOM, IngestLimits, ingest_paths,
                                 uid_problem)
 from server_stub.store import Store
 from server_stub.fsck import fsck
+from imaging.dicom import is_dicom_file
 
 
 def _testfile(name: str) -> Path:
@@ -587,7 +588,7 @@ def test_preambleless_file_is_ingested(tmp_path):
     """pydicom-data's OT-PAL-8-face.dcm has no preamble (issue 11)."""
     src = _testfile("OT-PAL-8-face.dcm")
     assert src.read_bytes()[128:132] != b"DICM"
-    assert ingest_mod.is_dicom_file(src)
+    assert is_dicom_file(src)
     with Store(tmp_path / "s") as store:
         report = ingest_paths([src], store)
         (imp,) = report.imported
@@ -616,10 +617,10 @@ def test_flags_and_conflict_reach_the_viewer_through_the_server(tmp_path):
     pixels, MPR is refused."""
     from client.session import Session
     from server_stub.embedded import EmbeddedServer
-    from viewer.measure import GEOMETRY_REFUSAL, Measurement, MeasureKind, measurement_label
-    from viewer.model import ImageMeta
-    from viewer.overlay import corner_lines
-    from viewer.volume_loader import geometry_refusal, usable_images
+    from imaging.measure import GEOMETRY_REFUSAL, Measurement, MeasureKind, measurement_label
+    from imaging.model import ImageMeta
+    from imaging.overlay import corner_lines
+    from client.volume_loader import geometry_refusal, usable_images
 
     b = _testfile("CT_small.dcm").read_bytes()
     flagged, _uid = _mutant(b, lambda ds: setattr(ds, "PixelSpacing", ["0", "0"]))
@@ -668,7 +669,7 @@ def test_fsck_checks_quarantined_files(tmp_path):
         report = fsck(store)
         assert [d[0] for d in report.damaged] == [e.relpath]
         with pytest.raises(quarantine.QuarantineError, match="damaged"):
-            quarantine.resolve(store, e.id, "replace")     # a damaged copy is never imported
+            quarantine_admin.resolve(store, e.id, "replace")   # a damaged copy is never imported
         # nothing changed: the stored instance is still the genuine one
         assert store.catalogue.find_instance(sop)["original_sha256"] == \
             ingest_mod.sha256_hex(genuine)

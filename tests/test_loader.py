@@ -6,10 +6,10 @@ import threading
 import numpy as np
 import pytest
 
-from viewer.loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, DecodedStore,
+from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, DecodedStore,
                            LoaderListener, PlanState, SeriesLoader, SeriesRegistry, Stage,
                            plan_stages, reduce_for_fit, supersedes)
-from viewer.model import DecodedImage
+from imaging.model import DecodedImage
 
 from netsim import slow_packet_streams
 from waits import WAIT_S, wait_for

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from viewer import mpr
-from viewer.mpr import MprState, PlaneGeometry, fit_plane, plane_labels, reslice, rotation_matrix
-from viewer.volume import (SliceGeometry, Storage, Volume, VolumeError, build_geometry,
+from imaging import mpr
+from imaging.mpr import MprState, PlaneGeometry, fit_plane, plane_labels, reslice, rotation_matrix
+from imaging.volume import (SliceGeometry, Storage, Volume, VolumeError, build_geometry,
                            volume_for_slices)
 
 BACKENDS = [b for b in ("vtk", "scipy") if mpr.backend_available(b)]

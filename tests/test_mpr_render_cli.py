@@ -111,7 +111,7 @@ def test_oblique_slab_mip_and_vr(folder, tmp_path, capsys):
     row, col = _pixel_of(meta, CALC.center)
     assert plane[row, col] > 900
     # the plane normal is the axial normal turned by the angles
-    from viewer.mpr import angles_rotation
+    from imaging.mpr import angles_rotation
     np.testing.assert_allclose(meta["normal"], angles_rotation(25, 15) @ [0, 0, 1.0], atol=1e-9)
 
     code, _, err = _run(capsys, "--folder", folder, "--view", "mip", "--out", tmp_path / "mip.png",

@@ -13,7 +13,7 @@ from PySide6.QtCore import QPoint, QPointF, Qt  # noqa: E402
 
 from viewer.mprlayout import MprLayout, open_folder, open_series  # noqa: E402
 from viewer.mprview import MprView, ResliceScheduler, Tool  # noqa: E402
-from viewer.volume import SliceGeometry, Volume, volume_for_slices  # noqa: E402
+from imaging.volume import SliceGeometry, Volume, volume_for_slices  # noqa: E402
 from waits import WAIT_MS, WAIT_S  # noqa: E402
 
 CENTER = np.array([2.0, -3.0, 1.0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from viewer.volume import (NO_DATA, SliceGeometry, Storage, Volume, choose_storage, quality_key,
+from imaging.volume import (NO_DATA, SliceGeometry, Storage, Volume, choose_storage, quality_key,
                            volume_for_slices)
 
 IOP = (1, 0, 0, 0, 1, 0)
@@ -104,7 +104,7 @@ def test_interleaved_loading_from_the_server(server, ct_series_uid, ct_store):
     from client.session import Session
     from codestream.encode import decode_full
     from server_stub.store import Store
-    from viewer.volume_loader import VolumeLoader
+    from client.volume_loader import VolumeLoader
 
     session = Session(server.url)
     try:
@@ -145,7 +145,7 @@ def test_interleaved_loading_from_the_server(server, ct_series_uid, ct_store):
 def test_first_update_fills_from_neighbours(server, ct_series_uid):
     from client.series import SeriesData
     from client.session import Session
-    from viewer.volume_loader import LoadStage, VolumeLoader
+    from client.volume_loader import LoadStage, VolumeLoader
 
     session = Session(server.url)
     try:
@@ -176,7 +176,7 @@ def test_first_update_fills_from_neighbours(server, ct_series_uid):
 def test_cancel_stops_the_loader(server, ct_series_uid):
     from client.series import SeriesData
     from client.session import Session
-    from viewer.volume_loader import VolumeLoader
+    from client.volume_loader import VolumeLoader
 
     session = Session(server.url)
     try:

@@ -89,6 +89,39 @@ def test_inference_stops_between_layers():
         g.upscale(np.zeros((32, 32, 3), np.uint8), stop)
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_onnxruntime_path_equals_the_numpy_path(offline, scale):
+    """The faster path (imaging.sr_ort: the same layers and weights on ONNX Runtime)
+    gives the numpy path's result to float rounding, odd sizes included, offline, and
+    still stops between layers."""
+    from imaging.sr_ort import available
+    from imaging.srdata import heldout_tiles
+
+    assert available()                  # a dependency (pyproject): the default backend
+    assert sr.default_backend() == "onnxruntime"
+    gn = sr.load_generator(scale, backend="numpy")
+    go = sr.load_generator(scale, backend="onnxruntime")
+    assert go.backend == "onnxruntime" and gn is not go
+    tissue = heldout_tiles(which="he")[0]
+    for x in (tissue[:37, :53], tissue[:64, :64]):
+        a, b = gn.upscale(x), go.upscale(x)
+        assert a.shape == b.shape == (x.shape[0] * scale, x.shape[1] * scale, 3)
+        d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        assert d.max() <= 1 and (d > 0).mean() < 1e-3
+    calls = []
+    with pytest.raises(sr.SRCancelled):
+        go.upscale(np.zeros((32, 32, 3), np.uint8), lambda: calls.append(1) or len(calls) > 1)
+
+
+def test_backend_can_be_chosen(monkeypatch):
+    monkeypatch.setenv("MEDVIEW_SR_BACKEND", "numpy")
+    assert sr.default_backend() == "numpy"
+    assert sr.load_generator(4).backend == "numpy"
+    with pytest.raises(ValueError):
+        sr.load_generator(4, backend="numpy").use_backend("cuda")
+    sr.load_generator(4, backend="numpy").use_backend("numpy")
+
+
 def _busy(order, name, started=None, steps=60):
     def fn(should_stop):
         order.append(("start", name))
@@ -167,8 +200,9 @@ def test_sr_tiles_are_generated_marked_and_cached(tmp_path):
         assert svc.grid(4) == (10, 7)
         t = svc.request(4, 1, 1, VIEW).future.result(timeout=WAIT_S)
         assert t.generated and t.pixels.shape == (128, 128, 3) and t.label.startswith("SR x4")
-        files = list((tmp_path / "s1").iterdir())
-        assert len(files) == 1
+        files = [p for p in (tmp_path / "s1").iterdir() if p.suffix == ".png"]
+        assert len(files) == 1          # and its checksum beside it (no catalogue here)
+        assert (tmp_path / "s1" / (files[0].name + ".sha256")).is_file()
         _px, text = read_png_with_text(files[0].read_bytes())
         assert "generated, not scanned" in text["MedView-Generated"]
         # a fresh service finds it in the temporary tier, still flagged

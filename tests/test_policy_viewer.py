@@ -14,8 +14,8 @@ from client.session import ServerError  # noqa: E402
 from server_stub.embedded import EmbeddedServer  # noqa: E402
 from server_stub.rights import Rule  # noqa: E402
 from server_stub.store import Store  # noqa: E402
-from viewer.measure import MeasureKind, Measurement  # noqa: E402
-from viewer.model import ImageMeta  # noqa: E402
+from imaging.measure import MeasureKind, Measurement  # noqa: E402
+from imaging.model import ImageMeta  # noqa: E402
 from viewer.policy_panel import (DiagnosisPanel, PolicyController, VersionSelector,  # noqa: E402
                                  measurement_annotation)
 from client.policy_text import (explain_login_error, explain_recall, explain_rights,  # noqa: E402
@@ -133,7 +133,7 @@ def test_diagnosis_panel(qtbot):
     p.set_history({"kind": "note", "id": 7}, [
         {"rev": 1, "action": "create", "author": "ann", "at": 1.7e9, "text": "x"},
         {"rev": 2, "action": "edit", "author": "ann", "at": 1.7e9, "text": "y"}])
-    assert p.history.count() == 3 and p.tabs.currentWidget() is p.history
+    assert p.history.count() == 3 and p.tabs.currentWidget() is p.history_tab
     p.set_editable(False)
     assert not p.note_save.isEnabled() and not p.report_save.isEnabled()
     p.show_message("hello", warning=True)

@@ -178,20 +178,25 @@ def test_versions_by_rights(rsrv, rstore, uid, ixs):
 
 
 def test_status_matrix(rsrv, rstore, uid, ixs):
-    """At status 5 (report) the default matrix no longer sends V1: lossless is refused
-    for everyone, V2 goes out; at status 1 only V1 may be asked for by name."""
+    """At status 5 (report) the default matrix no longer sends V1 to those who may not
+    diagnose: lossless is refused, V2 goes out; whoever may diagnose (the local
+    radiologist) still gets V1 (an addendum is read lossless, [status]
+    diagnosing_versions); at status 1 only V1 may be asked for by name."""
     study = study_uid(rstore)
     local = Session(rsrv.url)
+    viewer = user_with(rsrv, actions={"browse", "metadata", "fetch"})      # may not diagnose
     diag = rsrv.app.state.server.diagnosis
     try:
         refused(fetch(rsrv.url, local.id, target=uid, version="V3"), "version")
         diag.set_status(study, 5, "test")
-        body = refused(fetch(rsrv.url, local.id, target=uid), "layers")
+        body = refused(fetch(rsrv.url, viewer.id, target=uid), "layers")
         assert body["allowed_versions"] == ["V2", "V3"] and body["diagnosis_status"] == 5
-        assert "status 5" in refused(fetch(rsrv.url, local.id, target=uid, version="V1"),
+        assert "status 5" in refused(fetch(rsrv.url, viewer.id, target=uid, version="V1"),
                                      "version")["error"]
-        check_within(fetch(rsrv.url, local.id, target=uid, version="V2", comps="4"), ixs,
+        check_within(fetch(rsrv.url, viewer.id, target=uid, version="V2", comps="4"), ixs,
                      expected(ixs, comps={4}, layers=2), comps={4})
+        check_within(fetch(rsrv.url, local.id, target=uid, version="V1", comps="4"), ixs,
+                     expected(ixs, comps={4}), comps={4})               # lossless for the radiologist
         r = requests.get(f"{rsrv.url}/dicomweb/studies/{study}/series/{uid}/instances/x/frames/1",
                          headers={"Authorization": f"Bearer {local.id}"})
         assert r.status_code in (403, 404)

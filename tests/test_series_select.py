@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from server_stub.sample import make_sample_ct
-from viewer.series_select import (MprRefused, ServerCatalogue, looks_like_dicom,
+from imaging.series_select import (MprRefused, ServerCatalogue, looks_like_dicom,
                                   read_candidates, select_series)
 
 
@@ -128,7 +128,7 @@ class _FakeCatalogue:
         self.asked = None
 
     def find(self, ref, numbers):
-        from viewer.series_select import _candidates_from_dataset
+        from imaging.series_select import _candidates_from_dataset
 
         self.asked = set(numbers)
         out = []

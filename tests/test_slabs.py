@@ -143,7 +143,7 @@ def test_thick_first_then_thin_bit_exact_nothing_twice(slab_server):
 def test_slab_volume_loader_goes_thick_to_thin(slab_server):
     srv, files = slab_server
     from client.slabs import SlabSeries
-    from viewer.volume_loader import SlabVolumeLoader
+    from client.volume_loader import SlabVolumeLoader
 
     s = _session(srv)
     try:

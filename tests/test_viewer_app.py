@@ -14,9 +14,9 @@ from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl
 from PySide6.QtGui import QDropEvent, QImage
 from PySide6.QtTest import QTest
 
-from viewer.loader import BACKGROUND, NEAR
+from client.series_loader import BACKGROUND, NEAR
 from viewer.mainwindow import AppConfig, MainWindow
-from viewer.windowing import apply_window
+from imaging.windowing import apply_window
 
 from netsim import slow_packet_streams
 from waits import WAIT_MS
@@ -172,7 +172,8 @@ def test_small_viewport_never_fetches_beyond_what_it_shows(qtbot, tmp_path, serv
         assert loader.reduce >= 1
         target = 2 - loader.reduce
         sd = loader.sd
-        assert all(sd.levels(i)[1] == target for i in range(len(sd)))
+        assert all(sd.levels(i)[1] == target for i in range(len(sd))), \
+            [sd.levels(i) for i in range(len(sd))]
         assert w.stack.decoded().reduce == loader.reduce
         # zooming in asks for more resolution (only for what is then needed)
         w.stack.one_to_one()
@@ -291,8 +292,10 @@ def test_value_under_the_cursor_is_hu(qtbot, win, ct_store, ct_series_uid):
     for x, y in ((100, 120), (30, 200), (128, 40)):
         pos = win.stack.image_to_widget(x + 0.5, y + 0.5)
         QTest.mouseMove(win.stack, QPoint(round(pos.x()), round(pos.y())))
+        # the move event may arrive in steps: wait for this very pixel
         qtbot.waitUntil(lambda: win.stack.cursor_value() is not None
-                        and int(win.stack.cursor_value()[0]) == x, timeout=TIMEOUT)
+                        and (int(win.stack.cursor_value()[0]),
+                             int(win.stack.cursor_value()[1])) == (x, y), timeout=TIMEOUT)
         cx, cy, value = win.stack.cursor_value()
         assert (int(cx), int(cy)) == (x, y)
         assert value.unit == "HU" and value.modality_value == pytest.approx(hu[y, x])
@@ -585,22 +588,41 @@ def test_closing_stops_the_bundled_server_it_started(qtbot, tmp_path, ct_store):
         requests.get(f"{url}/api/health", timeout=2)
 
 
-def test_reading_panel_follows_the_series_and_saves_notes(qtbot, win, server, ct_series_uid):
+@pytest.fixture()
+def private_server(ct_store, tmp_path):
+    """A server on a private copy of the CT store, for tests that write reading records
+    (notes, status): the shared store stays unread for every other test."""
+    from policyutil import copy_store
+    from server_stub.embedded import EmbeddedServer
+
+    srv = EmbeddedServer(str(copy_store(ct_store, tmp_path / "private" / "store"))).start()
+    yield srv
+    srv.stop()
+
+
+def test_reading_panel_follows_the_series_and_saves_notes(qtbot, tmp_path, private_server,
+                                                          ct_series_uid):
     """The Reading dock (issue 5) is wired: it follows the open series, and a note typed
     there reaches the server, off the UI thread."""
     from client.policy import PolicyClient
     from client.session import Session
 
-    open_and_wait_idle(qtbot, win, ct_series_uid)
-    assert win.policy.sd is win.loader.sd
-    qtbot.waitUntil(lambda: win.diagnosis_panel.record is not None, timeout=TIMEOUT)
-    study = win.loader.sd.info["StudyInstanceUID"]
-    win.diagnosis_panel.noteAddRequested.emit("nodule 4 mm, right upper lobe")
-    pc = PolicyClient(Session(server.url))
-    qtbot.waitUntil(lambda: any("nodule 4 mm" in n.get("text", "")
-                                for n in pc.diagnosis(study).get("notes", [])), timeout=TIMEOUT)
-    win._close_loader()
-    assert win.policy.sd is None
+    win = make_window(qtbot, tmp_path)
+    try:
+        connect(qtbot, win, private_server.url)
+        open_and_wait_idle(qtbot, win, ct_series_uid)
+        assert win.policy.sd is win.loader.sd
+        qtbot.waitUntil(lambda: win.diagnosis_panel.record is not None, timeout=TIMEOUT)
+        study = win.loader.sd.info["StudyInstanceUID"]
+        win.diagnosis_panel.noteAddRequested.emit("nodule 4 mm, right upper lobe")
+        pc = PolicyClient(Session(private_server.url))
+        qtbot.waitUntil(lambda: any("nodule 4 mm" in n.get("text", "")
+                                    for n in pc.diagnosis(study).get("notes", [])),
+                        timeout=TIMEOUT)
+        win._close_loader()
+        assert win.policy.sd is None
+    finally:
+        win.close()
 
 
 def test_open_in_mpr_from_the_main_window(qtbot, win, ct_series_uid):
@@ -634,7 +656,7 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
                     accession="A9", tile_size=256, label="ihc test")
     st.close()
     with EmbeddedServer(str(root)) as srv:
-        w = make_window(qtbot, tmp_path)
+        w = make_window(qtbot, tmp_path, cache_path=tmp_path / "cache" / "packets.sqlite")
         try:
             connect(qtbot, w, srv.url)
             with qtbot.waitSignal(w.slideOpened, timeout=TIMEOUT) as sig:
@@ -647,6 +669,10 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
                                         for t in range(pane.provider.levels[ov].count)),
                             timeout=TIMEOUT)
             assert pane.provider.bytes_received > 0
+            # generated tiles of this (remote) server's slide go to the client-side folder
+            sr = pane.view.sr.cache
+            assert sr is not None and not sr.catalogued
+            assert sr.dir.is_relative_to(w.backend.sr_dir)
             pane.close()
         finally:
             w.close()
@@ -668,3 +694,18 @@ def test_open_folder_in_mpr_scans_off_the_ui_thread(qtbot, win, tmp_path, monkey
     qtbot.waitUntil(lambda: "complete" in mpr.mpr.status.text(), timeout=TIMEOUT)
     assert len(mpr.mpr.volume.own_slots()) == 12
     mpr.close()
+
+
+def test_a_busy_server_is_shown_in_the_status_bar(qtbot, win):
+    """The session's busy hook (a 503 + Retry-After being waited out, on a worker
+    thread) reaches the status bar through a queued signal."""
+    import threading
+
+    hook = win.backend.session.on_busy
+    assert hook is not None
+    t = threading.Thread(target=hook, args=(3.2, 2))
+    t.start()
+    t.join()
+    qtbot.waitUntil(lambda: "Server busy, retrying" in win.statusBar().currentMessage(),
+                    timeout=TIMEOUT)
+    assert "attempt 2" in win.statusBar().currentMessage()

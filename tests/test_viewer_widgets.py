@@ -12,15 +12,18 @@ from PySide6.QtCore import QPoint, QPointF, Qt  # noqa: E402
 from PySide6.QtGui import QImage, QWheelEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
-from viewer import cine, measure, orientation, windowing  # noqa: E402
+from client import cine  # noqa: E402
+from imaging import measure
+from imaging import orientation
+from imaging import windowing
 from viewer.cinebar import CineBar  # noqa: E402
-from viewer.model import DecodedImage, ImageMeta, SeriesInfo  # noqa: E402
-from viewer.overlay import format_person_name  # noqa: E402
+from imaging.model import DecodedImage, ImageMeta, SeriesInfo  # noqa: E402
+from imaging.overlay import format_person_name  # noqa: E402
 from viewer.progress import BytesBar, LevelBar, SeriesStrip, TransferLabel  # noqa: E402
 from viewer.snapshot import render_view_to_image  # noqa: E402
 from viewer.stackview import MouseMode, StackView  # noqa: E402
-from viewer.transferstats import TransferRate, format_bytes  # noqa: E402
-from viewer.viewstate import ViewState, nice_scale_bar  # noqa: E402
+from client.transferstats import TransferRate, format_bytes  # noqa: E402
+from imaging.viewstate import ViewState, nice_scale_bar  # noqa: E402
 from waits import WAIT_MS  # noqa: E402
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -326,8 +329,9 @@ def test_stackview_rotate_and_flip_move_the_picture(view):
     view.flip_horizontal()  # screen (64 - x, y)
     shot = red(view.grab().toImage())
     assert shot[24, 24] == bright and shot[24, 40] == 102
-    view.reset_view()
-    assert red(view.grab().toImage())[24, 40] == bright
+    view.reset_view()                  # back to the image's initial window (windowing.initial_window)
+    c, w = windowing.default_window(meta, square_image(), "CT")
+    assert red(view.grab().toImage())[24, 40] == windowing.apply_window(np.array([200.0]), c, w)[0]
 
 
 def test_stackview_geometry_same_for_low_and_full_resolution(view):

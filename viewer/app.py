@@ -28,7 +28,7 @@ def tune_runtime() -> None:
 
 def config_from_args(args):
     """The window's :class:`~viewer.mainwindow.AppConfig` from ``medview`` arguments."""
-    from .cli import default_cache_path, default_data_dir
+    from client.appdirs import default_cache_path, default_data_dir
     from .mainwindow import AppConfig
 
     return AppConfig(
@@ -38,6 +38,8 @@ def config_from_args(args):
         store_dir=Path(args.store) if getattr(args, "store", None) else default_data_dir() / "store",
         cache_path=None if getattr(args, "no_cache", False) else (
             Path(args.cache) if getattr(args, "cache", None) else default_cache_path()),
+        station=getattr(args, "station", None),
+        station_cache=Path(args.station_cache) if getattr(args, "station_cache", None) else None,
     )
 
 
@@ -57,4 +59,34 @@ def run_gui(args) -> int:
     window = MainWindow(config_from_args(args))
     window.show()
     QTimer.singleShot(0, window.start)      # connect once the window is on screen
-    return app.exec()
+    code = app.exec()
+    _exit_watchdog(code)
+    return code
+
+
+EXIT_GRACE_S = 5.0
+
+
+def _exit_watchdog(code: int) -> None:
+    """After the event loop ended (Quit, last window closed): if a worker thread still
+    blocks the interpreter's exit (a network read that ignores cancelling) after
+    :data:`EXIT_GRACE_S`, name it in the log and end the process with ``code``."""
+    import logging
+    import os
+    import threading
+
+    def watch() -> None:
+        if done.wait(EXIT_GRACE_S):
+            return
+        busy = [t.name for t in threading.enumerate()
+                if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+        logging.getLogger("medview.app").warning("exiting although threads still run: %s",
+                                                 ", ".join(busy) or "none")
+        logging.shutdown()
+        os._exit(code)
+
+    done = threading.Event()
+    import atexit
+
+    atexit.register(done.set)           # runs only after the non-daemon threads were joined
+    threading.Thread(target=watch, name="medview-exit-watchdog", daemon=True).start()

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDateEdit, QHBoxLayout, QHe
                                QLabel, QLineEdit, QPushButton, QTreeWidget, QTreeWidgetItem,
                                QVBoxLayout, QWidget)
 
-from .overlay import format_date, format_person_name
+from imaging.overlay import format_date, format_person_name
 from .stackview import numpy_to_qimage
 
 __all__ = ["MODALITIES", "study_queries", "remote_queries", "PatientGroup", "group_studies", "series_label",
@@ -313,7 +313,7 @@ class StudyBrowser(QWidget):
     def set_results(self, studies: list[dict], series_by_study: dict[str, list[dict]]) -> None:
         """Show studies (rows of the QIDO study query) and their series."""
         modality = self.modality.currentData()
-        selected = self.selected_series()
+        selected = getattr(self, "_wanted_selection", None) or self.selected_series()
         self.tree.clear()
         self._series_items.clear()
         wanted: list[str] = []
@@ -402,6 +402,9 @@ class StudyBrowser(QWidget):
         return None
 
     def select_series(self, uid: str) -> bool:
+        """Highlight series ``uid``; one not listed yet (just imported, the list is being
+        refreshed) is highlighted as soon as it appears. False when not listed yet."""
+        self._wanted_selection = uid
         item = self._series_items.get(uid)
         if item is None:
             return False

@@ -1,6 +1,6 @@
 """CineBar: play/pause, frame rate, loop/bounce and consistent mode, driving a QTimer.
 
-The stepping logic is :class:`viewer.cine.CineController`; this widget builds the
+The stepping logic is :class:`client.cine.CineController`; this widget builds the
 controls and emits :attr:`CineBar.frameChanged` on every tick that yields a frame.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QHBoxLayout, QStyle, QToolButton, QWidget
 
-from .cine import CineController, CineMode
+from client.cine import CineController, CineMode
 
 __all__ = ["CineBar"]
 

@@ -2,6 +2,8 @@
 
     medview                         desktop app with the bundled server and sample study
     medview --server URL            desktop app against another server (login dialog)
+    medview --station NAME [--station-cache DIR]
+                                    a reading station: its worklist, slides from its cache
     medview fetch --server URL --series UID [--layers N] [--level R] [--region x,y,w,h] --out DIR
     medview snapshot [--server URL] --series UID --slice N [--layers Q] [--level R]
                      [--window C,W] [--size W,H] [--no-overlays] --out file.png
@@ -21,21 +23,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
+from client.appdirs import cache_for, default_cache_path, default_data_dir  # noqa: F401 (re-exported)
 from commands.slide_render import region_arg
-
-
-def default_data_dir() -> Path:
-    base = os.environ.get("MEDVIEW_HOME") or os.path.join(
-        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "medview")
-    return Path(base)
-
-
-def default_cache_path() -> Path:
-    base = os.environ.get("MEDVIEW_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "medview")
-    return Path(base) / "packets.sqlite"
 
 
 def _window(s: str) -> tuple[float, float]:
@@ -61,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", help="image server URL (default: start the bundled server)")
     p.add_argument("--store", help="store directory of the bundled server "
                    f"(default {default_data_dir() / 'store'})")
+    p.add_argument("--station", metavar="NAME",
+                   help="run as reading station NAME: its worklist opens, slides come from "
+                        "its pre-distributed cache first")
+    p.add_argument("--station-cache", metavar="DIR",
+                   help="the station's cache folder (default: as configured on the server)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command")
 
@@ -89,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     _credentials(s)
 
-    from .render_cmd import add_parser as add_render_parser
+    from commands.render import add_parser as add_render_parser
     add_render_parser(sub, _credentials)
     _add_list_parser(sub)
     return p
@@ -146,13 +141,6 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _cache(args):
-    if args.no_cache:
-        return None
-    from client.cache import PacketCache
-    return PacketCache(args.cache or default_cache_path())
-
-
 def cmd_fetch(args) -> int:
     from client.fetch import fetch_series
     from client.session import ServerError, Session
@@ -160,7 +148,7 @@ def cmd_fetch(args) -> int:
     try:
         session = Session(args.fetch_server, args.user, args.password)
         summary = fetch_series(session, args.series, args.out, layers=args.layers,
-                               level=args.level, region=args.region, cache=_cache(args),
+                               level=args.level, region=args.region, cache=cache_for(args),
                                order=args.order, log=lambda m: print(m, file=sys.stderr))
     except ServerError as e:
         print(f"medview fetch: {e}", file=sys.stderr)
@@ -187,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         from .snapshot_cmd import cmd_snapshot
         return cmd_snapshot(args)
     if args.command == "render":
-        from .render_cmd import cmd_render
+        from commands.render import cmd_render
         return cmd_render(args)
     from .app import run_gui
     return run_gui(args)

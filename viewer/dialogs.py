@@ -14,8 +14,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QDialog, QDialogBut
                                QListWidget, QListWidgetItem, QPushButton, QSpinBox,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from .transferstats import format_bytes
-from .windowing import CT_PRESETS, WindowPreset
+from client.transferstats import format_bytes
+from imaging.windowing import CT_PRESETS, WindowPreset
 
 __all__ = ["ORGANISATION", "APPLICATION", "AppSettings", "LoginDialog", "PreferencesDialog",
            "ShortcutsDialog", "ImportResultDialog", "app_version", "about_text"]

@@ -1,7 +1,7 @@
 """The desktop app's main window: study browser, progressive stack view, progress panel,
 cine, tools, local import, settings.
 
-The window only orchestrates. Loading logic is :class:`viewer.loader.SeriesLoader`, the
+The window only orchestrates. Loading logic is :class:`client.series_loader.SeriesLoader`, the
 connection and import are :class:`viewer.services.Backend`, and everything that waits
 on the network, reads files or decodes runs in the worker pool or a
 :class:`viewer.workers.Task`; results come back as queued signals. Signals from a loader
@@ -18,23 +18,24 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
+import shiboken6
 from PySide6.QtWidgets import (QDockWidget, QFileDialog, QFrame, QGridLayout, QHBoxLayout,
-                               QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
+                               QApplication, QInputDialog, QLabel, QMainWindow, QMenu, QMessageBox,
                                QProgressBar, QProgressDialog, QPushButton, QToolButton,
                                QScrollArea, QVBoxLayout, QWidget)
 
 from client.pool import INTERACTION, VISIBLE
 
-from . import windowing
+from imaging import windowing
 from .browser import StudyBrowser
 from .cinebar import CineBar
 from .dialogs import (AppSettings, ImportResultDialog, LoginDialog, PreferencesDialog,
                       ShortcutsDialog, about_text)
-from .loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
+from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, REGION, ImageStatus, SeriesLoader,
                      SeriesStatus, Stage, reduce_for_fit)
-from .model import DecodedImage, SeriesInfo
-from .overlay import format_person_name
+from imaging.model import DecodedImage, SeriesInfo
 from .policy_panel import DiagnosisPanel, PolicyController, VersionSelector, measurement_annotation
+from .priors_panel import PriorsController, PriorsPanel
 from .progress import BytesBar, LevelBar, SeriesStrip, TransferLabel
 from .services import Backend, ImportOutcome
 from .stackview import MouseMode, StackView
@@ -81,6 +82,8 @@ class AppConfig:
     cache_path: Path | None = None        # None: no packet cache
     sample: bool = True
     workers: int = 8
+    station: str | None = None            # a reading station: its worklist opens (W7)
+    station_cache: Path | None = None     # its cache folder (default: the server's word)
 
 
 class MainWindow(QMainWindow):
@@ -88,6 +91,7 @@ class MainWindow(QMainWindow):
 
     connected = Signal(str)
     connectionFailed = Signal(str)
+    serverBusy = Signal(float, int)     # a 503 + Retry-After: pause (s), attempt (any thread)
     seriesOpened = Signal(str)
     slideOpened = Signal(object)        # the slide window (viewer.slideview.SlidePane)
     imageDisplayed = Signal(object)
@@ -161,6 +165,10 @@ class MainWindow(QMainWindow):
         grid.addWidget(self.cancel_button, 1, 4)
         grid.setColumnStretch(1, 1)
         grid.setColumnStretch(2, 1)
+        # the texts beside the bars wrap rather than squeeze the bars below their text
+        for label in (self.res_label, self.transfer_label):
+            label.setWordWrap(True)
+            label.setMinimumWidth(label.fontMetrics().horizontalAdvance("Shown 0000×0000 ·"))
         cine_row = QHBoxLayout()
         cine_row.addWidget(QLabel("Cine", panel))
         cine_row.addWidget(self.cine_bar, 1)
@@ -193,11 +201,17 @@ class MainWindow(QMainWindow):
         lay = QVBoxLayout(box)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.version_selector)
+        self.priors_panel = PriorsPanel(self)         # prior studies (seed 001)
+        lay.addWidget(self.priors_panel)
         lay.addWidget(self.diagnosis_panel, 1)
-        scroll = QScrollArea(self)           # the panel never forces the window's size
+        scroll = QScrollArea(self)           # the panel never forces the window's height
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setWidget(box)
+        # never sideways: the dock is as wide as the panel's widest row (tabs, buttons)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setMinimumWidth(box.minimumSizeHint().width()
+                               + scroll.verticalScrollBar().sizeHint().width() + 4)
         dock = QDockWidget("Reading", self)
         dock.setObjectName("reading")
         dock.setWidget(scroll)
@@ -205,12 +219,18 @@ class MainWindow(QMainWindow):
         self.reading_dock = dock
         self.policy = PolicyController(self.diagnosis_panel, self.version_selector,
                                        runner=self._policy_runner, parent=self)
-        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid))
+        # another version of the shown series: same slice, zoom, pan and window
+        self.policy.selectionChanged.connect(lambda uid, _sel: self.open_series(uid, keep_view=True))
         self.policy.notice.connect(lambda m: self.statusBar().showMessage(m, 6000))
         self.policy.failed.connect(lambda m: self.statusBar().showMessage(m, 8000))
         self.policy.recallingChanged.connect(
             lambda on, m: self.statusBar().showMessage(m or ("Recalling from the archive…" if on else ""), 0 if on else 4000))
         self.policy.set_measurement_source(self._current_measurement_annotation)
+        self.serverBusy.connect(self._show_server_busy)      # queued: emitted by workers
+        self.priors = PriorsController(self.priors_panel, lambda: self.backend,
+                                       runner=self._policy_runner, parent=self)
+        self.priors.stateChanged.connect(lambda _s, st, _d: st == "recalling" and self.statusBar()
+                                         .showMessage("A prior study is recalling from archive…", 6000))
 
     def _policy_runner(self, fn, done, failed) -> None:
         """Run a policy call (a server round trip) off the UI thread."""
@@ -237,19 +257,33 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Open a series first", 4000)
             return None
         sd = self.loader.sd if self.loader is not None and self.loader.uid == self.series_uid else None
-        try:
-            win = open_series(self.backend.session, self.series_uid, cache=self.backend.cache,
-                              series=sd, parent=self, thick_to_thin=thick_to_thin)
-        except RuntimeError:
-            return None          # the refusal (too few images, no volume) was shown
-        self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
-        return win
+        uid, backend = self.series_uid, self.backend
+
+        def show(series):
+            try:
+                win = open_series(backend.session, uid, cache=backend.cache, series=series,
+                                  parent=self, thick_to_thin=thick_to_thin,
+                                  memory=backend.memory)
+            except RuntimeError:
+                return None      # the refusal (too few images, no volume) was shown
+            self._mpr_windows = [w for w in getattr(self, "_mpr_windows", []) if w.isVisible()] + [win]
+            return win
+
+        if sd is not None:
+            return show(sd)
+        # the series description is a request: made in the pool, never on the UI thread
+        task = Task(lambda _ctx: backend.registry.get(uid), name="mpr-series",
+                    pool=backend.pool, priority=INTERACTION, parent=self)
+        task.finished.connect(show)
+        task.failed.connect(lambda e: self.statusBar().showMessage(f"Cannot open MPR: {e}", 8000))
+        self.statusBar().showMessage("Opening MPR…")
+        return task.start()
 
     def open_mpr_folder(self) -> None:
         """Pick a folder; its DICOM files are scanned and the series selected in a worker
         (M1–M3), then the MPR window opens on the UI thread."""
         from .mprlayout import open_selection
-        from .series_select import ServerCatalogue, select_series
+        from imaging.series_select import ServerCatalogue, select_series
 
         folder = QFileDialog.getExistingDirectory(self, "Folder with a DICOM series")
         if not folder:
@@ -260,7 +294,7 @@ class MainWindow(QMainWindow):
 
         def selected(sel) -> None:
             try:
-                win = open_selection(sel, parent=self,
+                win = open_selection(sel, parent=self, memory=self.backend.memory,
                                      report=lambda m: self.statusBar().showMessage(
                                          (m.splitlines() or [""])[0], 8000))
             except RuntimeError:
@@ -279,7 +313,7 @@ class MainWindow(QMainWindow):
         if session is None:
             self.statusBar().showMessage("Not connected", 4000)
             return
-        task = Task(lambda _ctx: session.get_json("/api/slides"), name="slides",
+        task = Task(lambda _ctx: self.backend.list_slides(), name="slides",
                     pool=self.backend.pool, priority=INTERACTION, parent=self)
 
         def listed(rows: list[dict]) -> None:
@@ -305,22 +339,16 @@ class MainWindow(QMainWindow):
         session = self.backend.session
         if session is None:
             return None
-        task = Task(lambda _ctx: RemoteSlide(session, slide_uid), name="slide",
-                    pool=self.backend.pool, priority=INTERACTION, parent=self)
+        def load(_ctx):
+            provider = RemoteSlide(session, slide_uid)
+            # generated tiles: the temporary tier (bundled) or the client-side folder
+            return provider, self.backend.sr_cache_for(provider)
 
-        def opened(provider) -> None:
-            from .slideview import open_slide_window
+        task = Task(load, name="slide", pool=self.backend.pool, priority=INTERACTION,
+                    parent=self)
 
-            pane = open_slide_window(provider)
-            # the pane's rights banner and news (label refused, rights changed) also go
-            # to the status bar, in plain words
-            pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
-            pane.show()
-            if pane.rights_text:
-                self.statusBar().showMessage(pane.rights_text, 15000)
-            self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
-                                   if w.isVisible()] + [pane]
-            self.slideOpened.emit(pane)
+        def opened(loaded) -> None:
+            self._show_slide(*loaded)
 
         def failed(e) -> None:
             if getattr(e, "status", None) == 403:
@@ -335,6 +363,47 @@ class MainWindow(QMainWindow):
         task.failed.connect(failed)
         task.start()
         return task
+
+    def _show_slide(self, provider, sr_cache=None):
+        """A slide window for an opened provider (UI thread)."""
+        from .slideview import open_slide_window
+
+        pane = open_slide_window(provider, sr_cache=sr_cache, cache_bytes=self.backend.memory,
+                                 pool=self.backend.pool)
+        # the pane's rights banner and news (label refused, rights changed) also go
+        # to the status bar, in plain words
+        pane.notice.connect(lambda text: self.statusBar().showMessage(text, 15000))
+        pane.show()
+        if pane.rights_text:
+            self.statusBar().showMessage(pane.rights_text, 15000)
+        self._slide_windows = [w for w in getattr(self, "_slide_windows", [])
+                               if w.isVisible()] + [pane]
+        self.slideOpened.emit(pane)
+        return pane
+
+    def show_station_worklist(self):
+        """The reading station's worklist (``medview --station NAME``), refreshed."""
+        from client.stations import Station
+
+        from .worklist import StationWorklistWindow
+
+        if self.backend.session is None or not self.config.station:
+            self.statusBar().showMessage("Not connected" if self.config.station else
+                                         "This window is not a reading station "
+                                         "(start medview --station NAME)", 6000)
+            return None
+        w = getattr(self, "worklist", None)
+        if w is None or w.station.session is not self.backend.session:
+            if w is not None:
+                w.close()
+            station = Station(self.backend.session, self.config.station,
+                              self.config.station_cache, packet_cache=self.backend.cache)
+            w = self.worklist = StationWorklistWindow(station, self.backend, self)
+            w.notice.connect(lambda text: self.statusBar().showMessage(text, 10000))
+            w.opened.connect(lambda got, sr: self._show_slide(got.provider, sr))
+        w.show()
+        w.refresh()
+        return w
 
     def _action(self, text: str, slot, shortcut: str | QKeySequence | None = None,
                 tip: str = "", checkable: bool = False) -> QAction:
@@ -363,7 +432,8 @@ class MainWindow(QMainWindow):
                             "to a folder")
         self.act_prefs = A("&Preferences…", self.show_preferences, QKeySequence.StandardKey.Preferences,
                            "Cache size, background loading, window presets")
-        self.act_quit = A("&Quit", self.close, QKeySequence.StandardKey.Quit, "Quit MedView")
+        self.act_quit = A("&Quit", self.quit_app, QKeySequence.StandardKey.Quit,
+                          "Close every window, stop transfers and the bundled server, and exit")
 
         self.tool_group = QActionGroup(self)
         self.tool_group.setExclusive(True)
@@ -417,12 +487,16 @@ class MainWindow(QMainWindow):
                                 "Select a series from a folder of DICOM files and open it in MPR")
         self.act_open_slide = A("Open &slide…", self.choose_slide, "Ctrl+Shift+S",
                                 "Open a whole-slide image from the server (pathology)")
+        self.act_station = A("Station &worklist", self.show_station_worklist, None,
+                             "The exams assigned to this reading station (--station)")
+        self.act_station.setVisible(bool(self.config.station))
         self.preset_actions: list[QAction] = []
 
     def _build_menus_and_toolbars(self) -> None:
         bar = self.menuBar()
         m = bar.addMenu("&File")
-        for a in (self.act_open_folder, self.act_import_files, self.act_open_slide, None,
+        for a in (self.act_open_folder, self.act_import_files, self.act_open_slide,
+                  self.act_station, None,
                   self.act_export, None, self.act_connect, None,
                   self.act_prefs, None, self.act_quit):
             m.addSeparator() if a is None else m.addAction(a)
@@ -479,6 +553,7 @@ class MainWindow(QMainWindow):
         b.imageStatus.connect(self._on_image_status)
         b.seriesStatus.connect(self._on_series_status)
         b.stageChanged.connect(self._on_stage)
+        b.stageChanged.connect(self.priors.on_stage)
         b.decoded.connect(self._on_decoded)
         b.cineLevel.connect(self._on_cine_level)
         b.stateChanged.connect(self._on_loader_state)
@@ -525,7 +600,7 @@ class MainWindow(QMainWindow):
     def start_bundled(self, store_dir: Path | None) -> Task:
         """Start the bundled server on ``store_dir`` (sample study on first run), off the
         UI thread, then log in as the local user."""
-        from .cli import default_data_dir
+        from client.appdirs import default_data_dir
 
         store = Path(store_dir) if store_dir else default_data_dir() / "store"
         self._busy(True, f"Preparing the local store {store} (the sample study is created on "
@@ -584,12 +659,20 @@ class MainWindow(QMainWindow):
         where = "bundled server" if self.backend.own_server else url
         self.server_label.setText(f"{s.username} @ {where}")
         self.statusBar().showMessage(f"Connected to {url} as {s.username}", 5000)
+        s.on_busy = self.serverBusy.emit          # client.session retries, we say so
         self._set_connected_ui(True)
         from client.policy import PolicyClient
         self.policy.set_client(PolicyClient(s))
         self.browser.refresh()
         self._refresh_pacs_sources()
+        if self.config.station:
+            self.show_station_worklist()
         self.connected.emit(url)
+
+    def _show_server_busy(self, pause: float, attempt: int) -> None:
+        self.statusBar().showMessage(
+            f"Server busy, retrying in {pause:.0f} s (attempt {attempt})…",
+            int(pause * 1000) + 2000)
 
     def _on_connect_failed(self, error: BaseException, interactive: bool, url: str = "",
                            user: str = "") -> None:
@@ -728,11 +811,16 @@ class MainWindow(QMainWindow):
             self.thumbs.request(self.backend.pool, self.backend.registry, uid)
 
     # ================================================================== series
-    def open_series(self, uid: str) -> SeriesLoader | None:
+    def open_series(self, uid: str, keep_view: bool = False) -> SeriesLoader | None:
         """Show series ``uid``: the old series' transfers are cancelled and nothing of it
-        is shown any more; the new one loads progressively."""
+        is shown any more; the new one loads progressively. ``keep_view`` (the same series
+        reopened, e.g. in another version): keep the slice, zoom, pan and window."""
         if self.backend.registry is None:
             return None
+        keep = None
+        if keep_view and uid == self.series_uid and self.series_info is not None:
+            keep = (self._shown, self.stack.snapshot())
+        self._keep_view = keep
         self._close_loader()
         self._focus_timer.stop()
         self.series_uid = uid
@@ -749,8 +837,9 @@ class MainWindow(QMainWindow):
         self.bytes_bar.set_bytes(0, 0, 0)
         self.res_label.setText("–")
         self.loader = SeriesLoader(self.backend.registry, uid, self.backend.pool, self.bridge,
-                                   focus=0, viewport=self._viewport(),
-                                   prefetch=self.settings.prefetch())
+                                   focus=keep[0] if keep else 0, viewport=self._viewport(),
+                                   prefetch=self.settings.prefetch(),
+                                   decoded_budget=self.backend.memory)
         self.loader.set_cine_consistent(self.cine_bar.consistent_box.isChecked())
         self.loader.start()
         self.browser.select_series(uid)
@@ -774,6 +863,7 @@ class MainWindow(QMainWindow):
     def _close_loader(self) -> None:
         self.cine_bar.pause()
         self.policy.close_series()
+        self.priors.close_series()
         if self.loader is not None:
             self.loader.close()
             self.loader = None
@@ -791,6 +881,9 @@ class MainWindow(QMainWindow):
         series = SeriesInfo.from_dict(info, images)
         self.series_info = series
         self.stack.set_series(series)
+        keep, self._keep_view = getattr(self, "_keep_view", None), None
+        if keep is not None:
+            self.stack.restore(keep[1])
         self._statuses = list(statuses)
         self._shown = loader.focus
         self.strip.set_count(len(images))
@@ -803,9 +896,11 @@ class MainWindow(QMainWindow):
         self._update_bars()
         if loader.sd is not None:
             self.policy.open_series(loader.sd)
-        desc = info.get("SeriesDescription") or info.get("SeriesInstanceUID", "")
-        patient = format_person_name(info.get("PatientName") or "")
-        self.setWindowTitle(f"MedView — {patient} — {desc}" if patient else f"MedView — {desc}")
+            self.priors.open_series(loader)
+        from .titles import series_name, window_title
+
+        desc = series_name(info)
+        self.setWindowTitle(window_title("MedView", info))
         self.statusBar().showMessage(f"Series {desc}: {len(images)} images", 4000)
         self.seriesOpened.emit(loader.uid)
 
@@ -1181,8 +1276,9 @@ class MainWindow(QMainWindow):
 
         def refresh_usage() -> None:
             t = Task(lambda _ctx: backend.cache_usage(), name="cache-usage", pool=backend.pool, parent=self)
-            t.finished.connect(lambda u: dlg.set_usage(*u))
-            t.failed.connect(lambda e: dlg.cache_use.setText(f"unknown ({e})"))
+            # the dialog may be closed (and deleted) before the figure arrives
+            t.finished.connect(lambda u: shiboken6.isValid(dlg) and dlg.set_usage(*u))
+            t.failed.connect(lambda e: shiboken6.isValid(dlg) and dlg.cache_use.setText(f"unknown ({e})"))
             t.start()
 
         def clear() -> None:
@@ -1241,11 +1337,28 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(message)
 
     # ================================================================== closing
+    def quit_app(self) -> None:
+        """File → Quit: close every window (MPR, slides), cancel transfers and workers,
+        stop the bundled server and leave the event loop (exit code 0)."""
+        self.close()
+        app = QApplication.instance()
+        if app is not None:
+            app.quit()
+
+    def other_windows(self) -> list[QWidget]:
+        """The MPR and slide windows this window opened that are still open."""
+        return [w for w in getattr(self, "_mpr_windows", []) + getattr(self, "_slide_windows", [])
+                if w is not None and w.isVisible()]
+
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
-        """Stop what this window started: transfers, pool, bundled server."""
+        """Stop what this window started: the MPR and slide windows, transfers, pool,
+        bundled server. The main window closing ends the application."""
         self._closing = True
         self.settings.set_layout(self.saveGeometry(), self.saveState())
         self.settings.sync()
+        for w in self.other_windows():
+            w.close()                        # each cancels its own loader / tile fetches
+        self._mpr_windows, self._slide_windows = [], []
         self._close_loader()
         self.thumbs.cancel_all()
         self.backend.close()

@@ -10,11 +10,11 @@ cut at the crosshair, and resets the planes.
 Opening (one call each; they return the :class:`MprWindow`, a top-level window):
 
 * :func:`open_series` — a server series, loaded progressively by a
-  :class:`~viewer.volume_loader.VolumeLoader` (interleaved, H2) or, with
-  ``thick_to_thin=True``, by a :class:`~viewer.volume_loader.SlabVolumeLoader` (P10). The
+  :class:`~client.volume_loader.VolumeLoader` (interleaved, H2) or, with
+  ``thick_to_thin=True``, by a :class:`~client.volume_loader.SlabVolumeLoader` (P10). The
   panes redraw at each consistent level the server recommends (P9/P11).
 * :func:`open_folder` — an image file or folder on disk: the series selection of
-  :mod:`viewer.series_select` (M1–M3), a refusal shown as a message box.
+  :mod:`imaging.series_select` (M1–M3), a refusal shown as a message box.
 
 The loader runs on a plain thread as a generator; each yield is handed to the UI thread
 through a queued signal, and closing the window cancels it.
@@ -26,15 +26,18 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
                                QMainWindow, QMessageBox, QPushButton, QProgressBar, QVBoxLayout, QWidget)
 
-from . import windowing
-from .mpr import PLANES, MprState
+from imaging import windowing
+from imaging.mpr import PLANES, MprState
 from .mprview import SLAB_NAMES, MprView, ResliceScheduler, Tool
-from .volume import Volume
-from .vr import PRESETS as VR_PRESETS
+from imaging.volume import Volume
+from imaging.vr import PRESETS as VR_PRESETS
+from imaging.windowing import header_window, initial_window
+from .titles import window_title
 from .vrview import VrView
 
 log = logging.getLogger("medview.mprlayout")
@@ -107,13 +110,16 @@ class MprLayout(QWidget):
         super().__init__(parent)
         self.volume = volume
         self.state = MprState(volume)
-        if window is not None:
-            self.state.window = (float(window[0]), float(window[1]))
-        elif volume.modality.upper() == "CT":
-            self.state.window = (40.0, 400.0)
+        # the header's window when usable, else decided from the voxels once they arrive
+        head = header_window(*window) if window is not None else None
+        if head is not None:
+            self.state.window = head
+        self._window_decided = head is not None
+        self._deciding_window = False
         self.scheduler = None if sync else ResliceScheduler(self)
         self.views: dict[str, MprView] = {
             name: MprView(self.state, name, self.scheduler, self, sync=sync) for name in PLANES}
+        self.decide_window()                     # a volume that already holds voxels
         self.vr = VrView(volume, self) if vr else None
         self.panes: dict[str, QWidget] = dict(self.views)
         if self.vr is not None:
@@ -200,6 +206,12 @@ class MprLayout(QWidget):
         self.maximised = None if which == "2x2" else which
         for name, w in self.panes.items():
             w.setVisible(self.maximised is None or name == self.maximised)
+        # the rows and columns of hidden panes keep their stretch in a QGridLayout: give the
+        # whole grid to the maximised pane, whichever cell it sits in
+        cell = None if self.maximised is None else PANE_ORDER.index(self.maximised)
+        for k in range(2):
+            self.grid.setRowStretch(k, 1 if cell is None or cell // 2 == k else 0)
+            self.grid.setColumnStretch(k, 1 if cell is None or cell % 2 == k else 0)
         self.layoutChanged.emit(which)
 
     def layout_name(self) -> str:
@@ -233,7 +245,8 @@ class MprLayout(QWidget):
 
     def set_vr_preset(self, name: str) -> None:
         if self.vr is not None:
-            self.vr.set_preset(name, self.state.window)
+            # a MIP preset chooses its own window from the projection until the user drags one
+            self.vr.set_preset(name, None)
 
     def _update_clip(self) -> None:
         if self.vr is None:
@@ -250,9 +263,33 @@ class MprLayout(QWidget):
         if self.vr is not None:
             self.vr.reset_camera()
 
+    def decide_window(self) -> bool:
+        """Without a usable header window: the percentile window of the voxels that have
+        arrived (:func:`imaging.windowing.initial_window`), chosen once. True when decided."""
+        if self._window_decided:
+            return True
+        vol = self.volume
+        have = vol.own_slots() if hasattr(vol, "own_slots") else np.arange(vol.shape[0])
+        if len(have) == 0:
+            return False
+        step = max(1, len(have) // 16)
+        sample = vol.to_modality(vol.data[np.asarray(have)[::step]])
+        chosen = initial_window(None, None, sample)
+        if chosen is None:
+            return False
+        self._window_decided = True
+        self._deciding_window = True
+        try:
+            self.state.set_window(*chosen)
+        finally:
+            self._deciding_window = False
+        return True
+
     def _on_state(self, kind: str) -> None:
         if self.vr is None:
             return
+        if kind == "window" and self._deciding_window:
+            return                      # the initial window is not a user's choice for the MIP
         if kind == "window" and self.state.window:
             self.vr.set_window(*self.state.window)
         elif kind in ("center", "planes", "reset") and self.clip_box.isChecked():
@@ -263,6 +300,7 @@ class MprLayout(QWidget):
     # ------------------------------------------------------------------ progressive data
     def volume_changed(self, text: str = "") -> None:
         """New voxel data (a consistent level): every pane redraws."""
+        self.decide_window()
         self.state.volume_changed()
         if text:
             self.status.setText(text)
@@ -303,11 +341,19 @@ class MprWindow(QMainWindow):
     closed = Signal()
 
     def __init__(self, layout: MprLayout, title: str, runner: LoadRunner | None = None,
-                 parent: QWidget | None = None) -> None:
+                 parent: QWidget | None = None, memory=None) -> None:
         super().__init__(parent)
         self.setWindowTitle(title)
         self.mpr = layout
         self.runner = runner
+        # the volume counts against the app's one memory budget while the window is open
+        # (pinned: an open volume is never evicted; series images and tiles make room)
+        self._memory = memory
+        self._hold = None
+        if memory is not None:
+            self._hold = memory.register(self)
+            memory.pin(self._hold, ["volume"])
+            memory.charge(self._hold, "volume", volume_nbytes(layout.volume))
         self.load_events: list = []           # every LoadEvent shown, in order
         self.setCentralWidget(layout)
         self.resize(1200, 900)
@@ -323,10 +369,16 @@ class MprWindow(QMainWindow):
     def _failed(self, message: str) -> None:
         self.mpr.status.setText(f"loading failed: {message}")
 
+    def drop(self, key) -> None:
+        """Never called for the pinned volume (the budget's holder protocol)."""
+
     def closeEvent(self, event) -> None:  # noqa: N802
         if self.runner is not None:
             self.runner.cancel()
         self.mpr.close_layout()
+        if self._hold is not None:
+            self._memory.unregister(self._hold)
+            self._hold = None
         self.closed.emit()
         super().closeEvent(event)
 
@@ -346,12 +398,20 @@ def _refuse(parent: QWidget | None, message: str, show: bool) -> None:
     raise RuntimeError(message)
 
 
+def volume_nbytes(volume: Volume) -> int:
+    """What a volume holds in memory (its voxels and per-slice bookkeeping)."""
+    return int(sum(getattr(getattr(volume, name, None), "nbytes", 0)
+                   for name in ("data", "own")))
+
+
 def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = None,
                 window: tuple[float, float] | None = None, runner: LoadRunner | None = None,
-                sync: bool = False, vr: bool = True, show: bool = True) -> MprWindow:
-    """An :class:`MprWindow` on a volume already in memory (filled or being filled)."""
+                sync: bool = False, vr: bool = True, show: bool = True,
+                memory=None) -> MprWindow:
+    """An :class:`MprWindow` on a volume already in memory (filled or being filled);
+    ``memory``: the app's :class:`~imaging.memory.MemoryBudget` the volume counts in."""
     layout = MprLayout(volume, sync=sync, window=window, vr=vr)
-    win = MprWindow(layout, title, runner, parent)
+    win = MprWindow(layout, title, runner, parent, memory=memory)
     if show:
         win.show()
     if runner is not None:
@@ -361,7 +421,8 @@ def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = 
 
 def open_series(session, series_uid: str, *, cache=None, series=None, parent: QWidget | None = None,
                 thick_to_thin: bool = False, threshold: int = 10, show: bool = True,
-                sync: bool = False, vr: bool = True, show_errors: bool = True) -> MprWindow:
+                sync: bool = False, vr: bool = True, show_errors: bool = True,
+                memory=None) -> MprWindow:
     """Open a server series in MPR, loaded progressively (see the module docstring).
 
     ``series``: the :class:`~client.series.SeriesData` the app already holds for this
@@ -375,8 +436,8 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     """
     from client.series import SeriesData
 
-    from .volume import VolumeError
-    from .volume_loader import SlabVolumeLoader, VolumeLoader, geometry_refusal, usable_images
+    from imaging.volume import VolumeError
+    from client.volume_loader import SlabVolumeLoader, VolumeLoader, geometry_refusal, usable_images
 
     if series is None:
         series = SeriesData(session, cache, series_uid)
@@ -401,13 +462,11 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     except VolumeError as e:
         _refuse(parent, f"This series cannot be shown in MPR: {e}", show_errors)
     info = series.info
-    title = f"MPR — {info.get('PatientName', '')} — {info.get('SeriesDescription') or series_uid}"
+    title = window_title("MPR", dict(info, SeriesInstanceUID=series_uid))
     first = series.images[keep[0]]
-    window = None
-    if first.get("WindowCenter") is not None and first.get("WindowWidth"):
-        window = (float(first["WindowCenter"]), float(first["WindowWidth"]))
+    window = header_window(first.get("WindowCenter"), first.get("WindowWidth"))
     return open_volume(loader.volume, title=title, parent=parent, window=window,
-                       runner=LoadRunner(loader), sync=sync, vr=vr, show=show)
+                       runner=LoadRunner(loader), sync=sync, vr=vr, show=show, memory=memory)
 
 
 def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=None,
@@ -416,7 +475,7 @@ def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=No
     """Open the series of an image file (or the main series of a folder) in MPR.
     The folder scan reads files: from a UI, run :func:`series_select.select_series` in a
     worker and hand its result to :func:`open_selection` instead."""
-    from .series_select import select_series
+    from imaging.series_select import select_series
 
     sel = select_series(path, threshold=threshold, catalogue=catalogue)
     return open_selection(sel, parent=parent, show=show, sync=sync, vr=vr,
@@ -425,18 +484,22 @@ def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=No
 
 def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, sync: bool = False,
                    vr: bool = True, show_errors: bool = True,
-                   report: Callable[[str], None] | None = None) -> MprWindow:
+                   report: Callable[[str], None] | None = None, memory=None) -> MprWindow:
     """Open a finished series selection in MPR (refused with a message when too small)."""
     if report:
         report(sel.report())
     if sel.refusal:
         _refuse(parent, sel.refusal, show_errors)
-    from .volume_loader import FolderVolumeLoader
+    from client.volume_loader import FolderVolumeLoader
 
     loader = FolderVolumeLoader(sel)
     ref = sel.kept[0]
-    win = open_volume(loader.volume, title=f"MPR — {ref.patient_name} — {ref.series_description or ref.series_uid}",
-                      parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader))
+    win = open_volume(loader.volume, title=window_title("MPR", {
+                          "PatientName": ref.patient_name, "SeriesDescription": ref.series_description,
+                          "Modality": ref.modality, "SeriesNumber": ref.series_number,
+                          "SeriesInstanceUID": ref.series_uid}),
+                      parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader),
+                      window=ref.window, memory=memory)
     if sel.warnings:
         win.mpr.status.setToolTip("\n".join(sel.warnings))
         win.mpr.status.setText("; ".join(sel.warnings)[:120])

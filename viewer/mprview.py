@@ -1,7 +1,7 @@
 """MprView: one MPR pane (axial, coronal or sagittal, any angle) of a shared MprState.
 
 The widget holds no geometry of its own beyond its zoom and pan: the plane, the
-crosshair centre, the slab and the window live in :class:`~viewer.mpr.MprState`, which
+crosshair centre, the slab and the window live in :class:`~imaging.mpr.MprState`, which
 every pane subscribes to (and unsubscribes from in ``closeEvent``). Reslicing runs on a
 :class:`ResliceScheduler` — one worker thread, the latest request per pane wins, results
 come back to the UI thread through a queued signal — or synchronously (``sync=True``,
@@ -26,8 +26,8 @@ from PySide6.QtCore import QObject, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from . import windowing
-from .mpr import MprState, PlaneGeometry, display_uint8, plane_labels
+from imaging import windowing
+from imaging.mpr import MprState, PlaneGeometry, display_uint8, plane_labels
 
 __all__ = ["ResliceScheduler", "MprView", "Tool", "PLANE_COLORS", "SLAB_NAMES", "Measurement3D"]
 
@@ -258,13 +258,14 @@ class MprView(QWidget):
         self.rendered.emit(self.name)
 
     def window(self) -> tuple[float, float]:
+        """The shared window; until one is chosen (no usable header, voxels still on
+        their way), the percentile window of this plane (:func:`windowing.initial_window`),
+        kept once the plane has data with a spread."""
         if self.state.window is None:
-            v = self._values
-            if v is not None and np.isfinite(v).any():
-                c, w = windowing.histogram_window(v[np.isfinite(v)])
-            else:
-                c, w = 40.0, 400.0
-            self.state.window = (c, w)
+            chosen = windowing.initial_window(None, None, self._values)
+            if chosen is None:
+                return (40.0, 400.0) if self.state.volume.modality.upper() == "CT" else (0.0, 1.0)
+            self.state.window = chosen
         return self.state.window
 
     def _qimage(self) -> QImage | None:

@@ -23,8 +23,10 @@ from PySide6.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QListWidget, QLis
                                QPlainTextEdit, QPushButton, QSpinBox, QTabWidget, QVBoxLayout,
                                QWidget)
 
-from client.policy_text import (explain_recall, explain_rights, explain_rights_error, status_label,
-                          version_label)
+from client.link import ContextReporter
+from client.policy_text import (explain_choice, explain_link, explain_recall, explain_rights,
+                                explain_rights_error, explain_shown_version, status_label,
+                                version_label)
 
 log = logging.getLogger("medview.policy")
 
@@ -75,6 +77,9 @@ class VersionSelector(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
         layout.addWidget(self.detail)
+        self.why = QLabel(self)           # which version is loaded and why (one sentence)
+        self.why.setWordWrap(True)
+        layout.addWidget(self.why)
         self._versions: list[dict] = []
         self._auto: dict | None = None
         self._updating = False
@@ -114,6 +119,11 @@ class VersionSelector(QWidget):
             self._updating = False
         self._show_detail()
 
+    def set_choice(self, sentence: str, detail: str = "") -> None:
+        """Say which version is loaded and why (``detail``: the measurements, tooltip)."""
+        self.why.setText(sentence)
+        self.why.setToolTip(detail)
+
     def _select(self, selection: dict) -> None:
         for i in range(self.combo.count()):
             data = self.combo.itemData(i) or {}
@@ -146,14 +156,19 @@ class VersionSelector(QWidget):
         ok = [v for v in vs if v.get("quality", 0) >= sel["quality"]]
         return min(ok, key=lambda v: v["quality"]) if ok else vs[0]
 
+    def set_status(self, status: int | None, names: dict | None = None) -> None:
+        """The study's diagnosis status (the sentence names it when it limits versions)."""
+        self._status, self._status_names = status, names
+        self._show_detail()
+
     def _show_detail(self) -> None:
-        v = self.resolved()
-        if v is None:
-            self.detail.setText("")
-            return
-        size = f"{v['bytes'] / 2 ** 20:.1f} MB" if v.get("bytes") else ""
-        allowed = "" if v.get("allowed", True) else " – may not be sent now"
-        self.detail.setText(f"{version_label(v)}; {size} for the series{allowed}")
+        """One sentence: which version is shown and why (policy_text.explain_shown_version)."""
+        text = explain_shown_version(self.selection(), self._versions, self._auto,
+                                     getattr(self, "_status", None), getattr(self, "_status_names", None))
+        v = self.resolved() or next((x for x in self._versions if x.get("allowed", True)), None)
+        if text and v is not None and v.get("bytes") and v.get("allowed", True):
+            text += f" ({v['bytes'] / 2 ** 20:.1f} MB for the series)"
+        self.detail.setText(text)
 
     def _changed(self, *_args) -> None:
         self.quality.setVisible("quality" in (self.combo.currentData() or {}))
@@ -184,6 +199,8 @@ class DiagnosisPanel(QWidget):
         self.status = QComboBox(self)
         self.status_info = QLabel(self)
         self.tabs = QTabWidget(self)
+        self.tabs.tabBar().setUsesScrollButtons(False)      # all four tabs always readable
+        self.tabs.tabBar().setExpanding(False)
         # notes
         self.notes = QListWidget(self)
         self.note_edit = QPlainTextEdit(self)
@@ -222,12 +239,30 @@ class DiagnosisPanel(QWidget):
         rb.addWidget(self.report_info, 1)
         rb.addWidget(self.report_save)
         rl.addLayout(rb)
-        # history
+        # long notes and annotation labels wrap in their lists (no sideways scrolling)
+        for lst in (self.notes, self.annotations):
+            lst.setWordWrap(True)
+            lst.setTextElideMode(Qt.TextElideMode.ElideNone)
+            lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # history: the study's timeline (status changes, report revisions) and the
+        # revisions of the selected note or annotation
+        self.timeline = QListWidget(self)
         self.history = QListWidget(self)
+        for lst in (self.timeline, self.history):
+            lst.setWordWrap(True)
+            lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        hist = QWidget(self)
+        hl = QVBoxLayout(hist)
+        hl.addWidget(QLabel("Study: status changes and report revisions", hist))
+        hl.addWidget(self.timeline, 1)
+        hl.addWidget(QLabel("Selected note or annotation", hist))
+        hl.addWidget(self.history, 1)
+        self._report_revisions: list[dict] = []
         self.tabs.addTab(notes, "Notes")
         self.tabs.addTab(anns, "Annotations")
         self.tabs.addTab(rep, "Report")
-        self.tabs.addTab(self.history, "History")
+        self.tabs.addTab(hist, "History")
+        self.history_tab = hist
         top = QHBoxLayout()
         top.addWidget(QLabel("Diagnosis status", self))
         top.addWidget(self.status, 1)
@@ -310,6 +345,10 @@ class DiagnosisPanel(QWidget):
                 it.setData(Qt.ItemDataRole.UserRole, a)
                 self.annotations.addItem(it)
             report = (rec or {}).get("report")
+            if not report or (self._report_revisions
+                              and self._report_revisions[-1].get("rev") != report.get("rev")):
+                self._report_revisions = []          # a newer revision: fetched again
+            self._fill_timeline()
             self.report.setPlainText(report.get("text", "") if report else "")
             self.report_info.setText(
                 f"revision {report['rev']} by {report.get('updated_by')}, "
@@ -317,6 +356,41 @@ class DiagnosisPanel(QWidget):
         finally:
             self._updating = False
         self._enable()
+
+    def set_report_history(self, revisions: list[dict]) -> None:
+        """The report's revisions (``GET .../items/{id}/history``) for the study timeline."""
+        self._report_revisions = list(revisions)
+        self._fill_timeline()
+
+    def _fill_timeline(self) -> None:
+        """Status changes (``status_history``, or the current status) and report
+        revisions, oldest first."""
+        rec = self.record or {}
+        names = rec.get("status_names") or {}
+        rows: list[tuple[float, str]] = []
+        changes = rec.get("status_history")
+        if changes:
+            for c in changes:
+                prev = f" (was {status_label(c['previous'], names)})" if c.get("previous") else ""
+                note = f": {c['comment']}" if c.get("comment") else ""
+                rows.append((c.get("changed_at") or 0.0,
+                             f"{_when(c.get('changed_at'))} status {status_label(c['status'], names)}"
+                             f"{prev} by {c.get('changed_by')}{note}"))
+        elif rec.get("changed_by"):
+            rows.append((rec.get("changed_at") or 0.0,
+                         f"{_when(rec.get('changed_at'))} status {status_label(rec.get('status', 1), names)} "
+                         f"by {rec.get('changed_by')}"))
+        revs = self._report_revisions
+        report = rec.get("report")
+        if not revs and report:
+            revs = [{"rev": report.get("rev"), "action": "saved", "author": report.get("updated_by"),
+                     "at": report.get("updated_at")}]
+        for r in revs:
+            rows.append((r.get("at") or 0.0, f"{_when(r.get('at'))} report revision {r.get('rev')} "
+                                              f"{r.get('action', '')} by {r.get('author')}"))
+        self.timeline.clear()
+        for _t, text in sorted(rows, key=lambda x: x[0]):
+            self.timeline.addItem(text)
 
     def set_history(self, item: dict, revisions: list[dict]) -> None:
         """Show every revision of an item (newest last) and switch to the History tab."""
@@ -326,7 +400,7 @@ class DiagnosisPanel(QWidget):
             text = r.get("text") or r.get("label") or r.get("shape") or ""
             self.history.addItem(f"  rev {r['rev']} {r['action']} by {r.get('author')}, "
                                  f"{_when(r.get('at'))}: {text.strip()[:80]}")
-        self.tabs.setCurrentWidget(self.history)
+        self.tabs.setCurrentWidget(self.history_tab)
 
     # ---------------------------------------------------------------- user actions
     @staticmethod
@@ -396,8 +470,8 @@ class DiagnosisPanel(QWidget):
 # --------------------------------------------------------------------------- annotations
 def measurement_annotation(m, meta, series_uid: str, label: str | None = None) -> dict:
     """An annotation body (see :mod:`server_stub.diagnosis`) for a viewer measurement
-    (:class:`viewer.measure.Measurement` on image ``meta``: a :class:`viewer.model.ImageMeta`)."""
-    from .measure import MeasureKind, distance
+    (:class:`imaging.measure.Measurement` on image ``meta``: a :class:`imaging.model.ImageMeta`)."""
+    from imaging.measure import MeasureKind, distance
 
     body: dict = {"series": series_uid, "image": f"{meta.sop_instance_uid}/{meta.frame}",
                   "points": [list(m.p0), list(m.p1)]}
@@ -429,6 +503,8 @@ class PolicyController(QObject):
     """A sentence for the status bar (rights, recall, saved...)."""
     recallingChanged = Signal(bool, str)
     recordChanged = Signal(dict)
+    contextChanged = Signal(dict)
+    """The context (link, latency, memory, processors) the server accepted (V8)."""
     failed = Signal(str)
     _event = Signal(str, object)          # from transfer threads to this (UI) thread
 
@@ -441,6 +517,10 @@ class PolicyController(QObject):
         self.sd = None                     # client.series.SeriesData
         self.study: str | None = None
         self.measurement: Callable[[], dict | None] = lambda: None
+        self.reporter: ContextReporter | None = None   # link/memory/CPU to the server
+        self.context: dict = {}
+        self.place: str | None = None
+        self._version: dict | None = None  # the version the last transfer named
         self._event.connect(self._on_event, Qt.ConnectionType.QueuedConnection)
         p = panel
         p.statusChangeRequested.connect(lambda s: self._call(
@@ -464,8 +544,17 @@ class PolicyController(QObject):
     def set_client(self, client) -> None:
         """The :class:`client.policy.PolicyClient` of the current session (None: none)."""
         self.client = client
+        if self.reporter is not None:
+            self.reporter.close()
+            self.reporter = None
         if client is None:
             self.close_series()
+            return
+        meter = getattr(getattr(client, "session", None), "link", None)
+        if meter is not None:           # measured from our own transfers; sent at once
+            self.reporter = ContextReporter(client, meter, place=self.place,
+                                            on_report=lambda c: self._event.emit("context", c))
+            self.reporter.maybe_report()
 
     def set_measurement_source(self, fn: Callable[[], dict | None]) -> None:
         """``fn()`` returns the annotation body of the current measurement (see
@@ -478,8 +567,12 @@ class PolicyController(QObject):
         self.sd = sd
         sd.listeners.append(self._listener)
         self.study = sd.info.get("StudyInstanceUID") or (sd.diagnosis or {}).get("study")
+        self._version = None
         if self.selector is not None:
+            rec = sd.diagnosis or {}
+            self.selector._status, self.selector._status_names = rec.get("status"), rec.get("status_names")
             self.selector.set_series(sd.versions, sd.auto, sd.selection)
+        self._say_choice()
         self.panel.set_record(sd.diagnosis)
         self.panel.set_editable(True)
         rights = explain_rights(sd.rights, images=sd.images, versions=sd.versions,
@@ -487,6 +580,8 @@ class PolicyController(QObject):
         self.panel.show_message(rights)
         if rights:
             self.notice.emit(rights)
+        if self.client is not None and self.study is not None:
+            self.refresh()                  # the full record: status history for the timeline
 
     def close_series(self) -> None:
         if self.sd is not None:
@@ -494,11 +589,12 @@ class PolicyController(QObject):
                 self.sd.listeners.remove(self._listener)
             except ValueError:
                 pass
-        self.sd, self.study = None, None
+        self.sd, self.study, self._version = None, None, None
         self.panel.set_record(None)
         self.panel.show_message("")
         if self.selector is not None:
             self.selector.set_series(None, None)
+            self.selector.set_choice("")
 
     def explain(self, error) -> str:
         """A rights error (403 ServerError or body) in words, for this series."""
@@ -522,24 +618,65 @@ class PolicyController(QObject):
             self.panel.show_message(text)
             self.recallingChanged.emit(kind == "recalling", text)
             self.notice.emit(text)
+        elif kind == "version":
+            self._version = msg
+            self._say_choice()
+        elif kind == "context":
+            self._context(msg)
+
+    def _say_choice(self) -> None:
+        sd = self.sd
+        if self.selector is None or sd is None:
+            return
+        self.selector.set_choice(explain_choice(self._version, sd.selection, sd.auto, sd.versions),
+                                 explain_link(self.context))
+
+    def _context(self, ctx: dict) -> None:
+        """The server accepted a new context: the automatic choice may differ now."""
+        self.context = dict(ctx or {})
+        self.contextChanged.emit(self.context)
+        sd, client = self.sd, self.client
+        if sd is None or client is None or not sd.versions:
+            self._say_choice()
+            return
+
+        def done(info: dict) -> None:
+            if self.sd is sd and info.get("auto"):
+                sd.auto = info["auto"]
+                sd._notify("auto", sd.auto)         # the loader re-plans its fill
+                if self.selector is not None:
+                    self.selector.set_series(sd.versions, sd.auto, sd.selection)
+                if sd.selection.get("version") == "auto":
+                    self._version = None      # the next transfer says what it sends
+                self._say_choice()
+        self.runner(lambda: client.versions(sd.uid), done, self._failed)
 
     def _selected(self, selection: dict) -> None:
         if self.sd is None:
             return
         self.sd.select(**selection)
+        self._version = None
+        self._say_choice()
         self.selectionChanged.emit(self.sd.uid, selection)
 
     # ---------------------------------------------------------------- server calls
     def report_context(self, *, link_bps: float | None = None, place: str | None = None) -> None:
         """Tell the server what ``version=auto`` should weigh (V8): this computer's memory
         and processors, the measured link speed (bits/s) and the place of use."""
+        if place is not None:
+            self.place = place
+            if self.reporter is not None:
+                self.reporter.place = place
         if self.client is None:
             return
-        from client.policy import machine_context
+        from client.link import machine_facts
 
         client = self.client
-        self.runner(lambda: client.set_context(link_bps=link_bps, place=place, **machine_context()),
-                    lambda _ctx: None, self._failed)
+        if link_bps is None and self.reporter is not None:
+            self.runner(self.reporter.report, lambda _c: None, self._failed)   # on_report tells
+            return
+        self.runner(lambda: client.set_context(link_bps=link_bps, place=place, **machine_facts()),
+                    self._context, self._failed)
 
     def refresh(self) -> None:
         """Reload the diagnosis record of the current study."""
@@ -554,7 +691,14 @@ class PolicyController(QObject):
             if self.sd is not None:
                 self.sd.diagnosis = rec
             self.panel.set_record(rec)
+            if self.selector is not None:
+                self.selector.set_status(rec.get("status"), rec.get("status_names"))
             self.recordChanged.emit(rec)
+            report = rec.get("report")
+            if report and self.client is not None:
+                client, study = self.client, self.study
+                self.runner(lambda: client.history(study, report["id"]),
+                            lambda h: self.panel.set_report_history(h["revisions"]), self._failed)
         self.runner(lambda: self.client.diagnosis(self.study), done, self._failed)
 
     def _call(self, fn, ok_text: str) -> None:

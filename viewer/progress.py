@@ -1,7 +1,7 @@
 """Progress widgets (SPEC P12): quality-level bar, byte bar, per-slice strip, rate label.
 
 They only display what they are told; the numbers come from the client library's
-transfer callbacks. Formatting lives in :mod:`viewer.transferstats`.
+transfer callbacks. Formatting lives in :mod:`client.transferstats`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QMouseEvent, QPainter, QPaintEvent, QPen, QPolygonF
 from PySide6.QtWidgets import QLabel, QSizePolicy, QWidget
 
-from .transferstats import TransferRate, TransferSnapshot, format_bytes, level_fraction
+from client.transferstats import TransferRate, TransferSnapshot, format_bytes, level_fraction
 
 __all__ = ["ThreeToneBar", "LevelBar", "BytesBar", "SeriesStrip", "TransferLabel", "level_color"]
 
@@ -54,6 +54,22 @@ class ThreeToneBar(QWidget):
     def text(self) -> str:  # overridden
         return ""
 
+    def short_text(self) -> str:  # overridden: a shorter form for a narrow bar
+        return self.text()
+
+    def display_text(self) -> str:
+        """The text drawn: the full one when it fits, else the short one, else elided."""
+        fm = self.fontMetrics()
+        room = max(self.width() - 6, 0)
+        for t in (self.text(), self.short_text()):
+            if fm.horizontalAdvance(t) <= room:
+                return t
+        return fm.elidedText(self.short_text(), Qt.TextElideMode.ElideRight, room)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802
+        return QSize(self.fontMetrics().horizontalAdvance(self.short_text()) + 8,
+                     super().minimumSizeHint().height())
+
     def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802
         painter = QPainter(self)
         rect = QRectF(self.rect()).adjusted(0.5, 0.5, -0.5, -0.5)
@@ -64,7 +80,7 @@ class ThreeToneBar(QWidget):
         painter.setPen(QPen(_BORDER, 1.0))
         painter.drawRect(rect)
         painter.setPen(Qt.GlobalColor.white)
-        painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, self.text())
+        painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, self.display_text())
         painter.end()
 
 
@@ -81,6 +97,10 @@ class LevelBar(ThreeToneBar):
         reached, requested, maximum = self.levels()
         return f"Quality {reached} / {requested} (max {maximum})"
 
+    def short_text(self) -> str:
+        reached, requested, maximum = self.levels()
+        return f"Q {reached}/{requested}/{maximum}"
+
 
 class BytesBar(ThreeToneBar):
     """Bytes received / requested / total available."""
@@ -94,6 +114,10 @@ class BytesBar(ThreeToneBar):
     def text(self) -> str:
         received, requested, total = self.byte_counts()
         return f"{format_bytes(received)} / {format_bytes(requested)} (of {format_bytes(total)})"
+
+    def short_text(self) -> str:
+        received, requested, _total = self.byte_counts()
+        return f"{format_bytes(received)} / {format_bytes(requested)}"
 
 
 def level_color(level: int | None, maximum: int) -> QColor:

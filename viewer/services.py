@@ -15,8 +15,9 @@ from typing import Callable
 from client.cache import PacketCache
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool
 from client.session import DEFAULT_USER, Session
+from imaging.memory import MemoryBudget
 
-from .loader import SeriesRegistry
+from client.series_loader import SeriesRegistry
 
 log = logging.getLogger("medview.services")
 
@@ -49,16 +50,36 @@ class ImportOutcome:
         return len(r.imported) + len(r.duplicates) + len(r.skipped)
 
 
+def default_memory_budget() -> int:
+    """A quarter of the physical memory (512 MB at least, 8 GB at most)."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 4 << 30
+    return int(min(max(total // 4, 512 << 20), 8 << 30))
+
+
 class Backend:
     """The app's connection: server (bundled or remote), session, cache, pool."""
 
     def __init__(self, cache_path: str | Path | None = None, cache_limit: int = 2 << 30,
-                 workers: int = POOL_WORKERS) -> None:
+                 workers: int = POOL_WORKERS, memory_budget: int | None = None,
+                 sr_dir: str | Path | None = None) -> None:
         self.cache_path = Path(cache_path) if cache_path else None
+        # generated (super-resolved) tiles of a remote server's slides: beside the packet
+        # cache unless given (no packet cache: kept in memory only)
+        self.sr_dir = (Path(sr_dir) if sr_dir else
+                       self.cache_path.parent / "sr" if self.cache_path else None)
+        self.sr_limit = 1 << 30          # bytes of generated tiles kept (client side)
         self.cache_limit = cache_limit
         caps = dict(POOL_CAPS)
         caps[INTERACTION] = workers
+        # one worker pool and one memory budget for the whole app: series images, slide
+        # tiles and volumes (a quarter of the machine's memory by default, 512 MB at least)
         self.pool = WorkerPool(workers, caps)
+        self.memory = MemoryBudget(memory_budget or default_memory_budget())
         self.cache: PacketCache | None = None
         self.session: Session | None = None
         self.registry: SeriesRegistry | None = None
@@ -234,6 +255,63 @@ class Backend:
             if f.series_instance_uid not in outcome.series:
                 outcome.series.append(f.series_instance_uid)
         return outcome
+
+    # ------------------------------------------------------------------ slides (W3)
+    def _own_slide_store(self):
+        """The slide store of the bundled server, when this window is connected to it."""
+        if not self.can_import or self.server is None:
+            return None
+        srv = self.server.app.state.server
+        svc = getattr(srv, "slides", None)
+        return svc.store if svc is not None else None
+
+    def sr_cache_for(self, provider):
+        """Where the generated tiles of ``provider``'s slide go (disk and catalogue: call
+        from a worker): the bundled server's temporary tier (catalogued, purged at
+        discharge), or for a remote server the client-side folder
+        (:func:`client.srqueue.client_tile_cache`). None — memory only — for a slide
+        the user sees only within limits, of a discharged patient, or without a place."""
+        from client.srqueue import (SRTileCache, client_tile_cache, prune_client_tiles,
+                                    purge_client_tiles)
+
+        info = provider.info
+        uid = info.get("slide_uid")
+        if not uid or getattr(provider, "limited", None):
+            return None
+        store = self._own_slide_store()
+        if store is not None:
+            row = store.catalogue.slide(uid)
+            if row is None or row["patient_status"] == "discharged":
+                return None
+            return SRTileCache(store.config.tier_root("temp"), store.catalogue, row["pk"],
+                               row["slide_uid"])
+        if self.sr_dir is None or self.session is None:
+            return None
+        if info.get("patient_status") == "discharged":
+            purge_client_tiles(self.sr_dir, self.session.base_url, self.session.username, [info])
+            return None
+        try:
+            cache = client_tile_cache(self.sr_dir, self.session.base_url,
+                                      self.session.username, uid)
+        except ValueError:
+            return None
+        freed = prune_client_tiles(self.sr_dir, self.sr_limit, {cache.dir})
+        if freed:
+            log.info("%d bytes of generated tiles pruned from %s", freed, self.sr_dir)
+        return cache
+
+    def list_slides(self) -> list[dict]:
+        """The server's slides (network: a worker); the client-side generated tiles of
+        discharged patients' slides are purged on the way."""
+        from client.srqueue import purge_client_tiles
+
+        rows = self.session.get_json("/api/slides")
+        if self.sr_dir is not None and self._own_slide_store() is None:
+            n = purge_client_tiles(self.sr_dir, self.session.base_url, self.session.username, rows)
+            if n:
+                log.info("%d generated tiles of discharged patients purged from %s", n,
+                         self.sr_dir)
+        return rows
 
     # ------------------------------------------------------------------ cache
     def cache_usage(self) -> tuple[int, int]:

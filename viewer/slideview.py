@@ -57,6 +57,7 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QHBoxLayout, QLabel, QPushBut
 from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool  # noqa: F401
 from client.rights import RightsLimited
 from client.srqueue import NEAR, VIEW, SRQueue, SRTileService
+from imaging.memory import MemoryBudget
 from imaging.viewport import CachedTile, TileCache, Viewport
 
 from client.policy_text import explain_slide_rights, explain_slide_rights_error
@@ -94,12 +95,16 @@ class SlideTileLoader:
     ``notify()`` is called (on a worker thread) whenever a tile arrived; the view turns
     it into a repaint on the UI thread."""
 
-    def __init__(self, provider, cache: TileCache, notify, workers: int = 3) -> None:
+    def __init__(self, provider, cache: TileCache, notify, workers: int = 3,
+                 pool: WorkerPool | None = None) -> None:
         self.provider = provider
         self.cache = cache
         self.notify = notify
-        self.pool = WorkerPool(workers, caps={INTERACTION: workers, VISIBLE: workers,
-                                              PREFETCH: max(1, workers - 1)})
+        # the app's one worker pool when given (its class caps hold for slides too); a
+        # private one only for a pane made on its own (tests, a bare slide window)
+        self._own_pool = pool is None
+        self.pool = pool or WorkerPool(workers, caps={INTERACTION: workers, VISIBLE: workers,
+                                                      PREFETCH: max(1, workers - 1)})
         self._inflight: dict = {}
         self._lock = threading.Lock()
         self.requests = 0
@@ -133,7 +138,7 @@ class SlideTileLoader:
                     self._inflight[(level, t)] = marker
             job = self.pool.submit(
                 lambda tok, lv=level, ts=chunk, p=priority: self._load(lv, ts, p, tok),
-                priority, tag=("slide", level))
+                priority, tag=self)
             with self._lock:
                 for t in chunk:
                     if self._inflight.get((level, t)) is marker:
@@ -196,10 +201,16 @@ class SlideTileLoader:
         return c is not None and (c.complete or c.layers >= layers)
 
     def cancel_prefetch(self) -> None:
-        self.pool.cancel_where(lambda j: j.priority == PREFETCH)
+        self.pool.cancel_where(lambda j: j.priority == PREFETCH and self._mine(j))
+
+    def _mine(self, job) -> bool:
+        return self._own_pool or getattr(job, "tag", None) is self
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
+        if self._own_pool:
+            self.pool.shutdown(wait=False)
+        else:
+            self.pool.cancel_where(lambda j: j.tag is self)
 
 
 class SlideView(QWidget):
@@ -208,8 +219,8 @@ class SlideView(QWidget):
     viewChanged = Signal()
 
     def __init__(self, provider, parent: QWidget | None = None, *, mode: str | None = None,
-                 cache_bytes: int = 384 << 20, sr_queue: SRQueue | None = None,
-                 sr_cache=None) -> None:
+                 cache_bytes: "int | MemoryBudget" = 384 << 20, sr_queue: SRQueue | None = None,
+                 sr_cache=None, pool: WorkerPool | None = None) -> None:
         super().__init__(parent)
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.setMouseTracking(True)
@@ -223,7 +234,8 @@ class SlideView(QWidget):
         self.vp.fit()
         self.cache = TileCache(cache_bytes)
         disp = dispatcher()
-        self.loader = SlideTileLoader(provider, self.cache, lambda: disp.post(self._arrived))
+        self.loader = SlideTileLoader(provider, self.cache, lambda: disp.post(self._arrived),
+                                      pool=pool)
         self._sr_queue = sr_queue or SRQueue(1)
         self._own_sr_queue = sr_queue is None
         self._sr_cache = sr_cache
@@ -292,6 +304,7 @@ class SlideView(QWidget):
     def close_view(self) -> None:
         self._anim.stop()
         self.loader.close()
+        self.cache.close()              # its tiles leave the one memory budget
         if self._own_sr_queue:
             self._sr_queue.shutdown()
 
@@ -306,6 +319,24 @@ class SlideView(QWidget):
             return None
         k = self.vp.scale * self._sr_downsample()
         return k if k > 1.0 + 1e-6 else None
+
+    def beyond_scan(self) -> float | None:
+        """High-resolution mode zoomed past the scan's native magnification (level 0
+        drawn enlarged, nothing generated): screen pixels per scanned pixel, else None.
+        (A rights limit is :meth:`enlarged`; super-resolution is :meth:`sr_active`.)"""
+        if self.mode != "high" or self.finest:
+            return None
+        k = self.vp.scale
+        return k if k > 1.0 + 1e-6 else None
+
+    def beyond_scan_text(self) -> str:
+        """The banner for :meth:`beyond_scan` ("" when not zoomed past the scan)."""
+        k = self.beyond_scan()
+        if not k:
+            return ""
+        mpp = self.provider.info.get("mpp")
+        native = f" (scan {10.0 / mpp:.1f}×)" if mpp else ""
+        return f"enlarged ×{k:.1f} beyond scan{native}: enlarged pixels, no finer detail was scanned"
 
     def sr_active(self) -> int | None:
         if self.mode != "low":
@@ -508,6 +539,12 @@ class SlideView(QWidget):
             flags = ", ".join((info.get("qc") or {}).get("flags") or [])
             text = f"QC FLAGGED: {flags}"
             p.fillRect(QRectF(8, y, 8 + 7 * len(text), 18), QColor(255, 170, 0, 230))
+            p.setPen(QColor(0, 0, 0))
+            p.drawText(QPointF(12, y + 13), text)
+            y += 22
+        text = self.beyond_scan_text()
+        if text:
+            p.fillRect(QRectF(8, y, 8 + 7 * len(text), 18), LIMIT_COLOUR)
             p.setPen(QColor(0, 0, 0))
             p.drawText(QPointF(12, y + 13), text)
             y += 22

@@ -13,7 +13,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QApplication
 
-from .model import DecodedImage, ImageMeta, SeriesInfo
+from imaging.model import DecodedImage, ImageMeta, SeriesInfo
 from .stackview import StackView
 
 __all__ = ["ensure_application", "render_view_to_image"]

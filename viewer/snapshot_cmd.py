@@ -49,10 +49,10 @@ def cmd_snapshot(args) -> int:
             url = server.url
         from client.session import Session
 
-        from .cli import _cache
+        from client.appdirs import cache_for
 
         session = Session(url, args.user, args.password)
-        cache = _cache(args)
+        cache = cache_for(args)
         summary = snapshot(session, cache, args.series, args.slice, out=Path(args.out),
                            layers=args.layers, level=args.level, window=args.window,
                            size=size, overlays=not getattr(args, "no_overlays", False))
@@ -73,7 +73,7 @@ def cmd_snapshot(args) -> int:
 def _start_bundled(store: str | None):
     from server_stub.embedded import EmbeddedServer
 
-    from .cli import default_data_dir
+    from client.appdirs import default_data_dir
 
     if store:
         path = Path(store)
@@ -95,8 +95,8 @@ def snapshot(session, cache, series_uid: str, number: int, *, out: Path,
     view to ``out``; returns a summary line."""
     from client.series import SeriesData
 
-    from .loader import reduce_for_fit
-    from .model import DecodedImage, ImageMeta, SeriesInfo
+    from client.series_loader import reduce_for_fit
+    from imaging.model import DecodedImage, ImageMeta, SeriesInfo
     from .snapshot import render_view_to_image
 
     sd = SeriesData(session, cache, series_uid)

@@ -39,12 +39,12 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
-from . import windowing
-from .measure import Measurement, MeasureKind, measurement_label, value_at
-from .model import DecodedImage, ImageMeta, SeriesInfo
-from .orientation import EdgeLabels, Matrix2, edge_labels
-from .overlay import Corners, corner_lines
-from .viewstate import ViewState, nice_scale_bar
+from imaging import windowing
+from imaging.measure import Measurement, MeasureKind, measurement_label, value_at
+from imaging.model import DecodedImage, ImageMeta, SeriesInfo
+from imaging.orientation import EdgeLabels, Matrix2, edge_labels
+from imaging.overlay import Corners, corner_lines
+from imaging.viewstate import ViewState, nice_scale_bar
 
 __all__ = ["MouseMode", "ViewSnapshot", "StackView", "numpy_to_qimage"]
 
@@ -137,7 +137,7 @@ class StackView(QWidget):
     viewStateChanged = Signal(object)
     """A :class:`ViewSnapshot` after any window, zoom, pan, rotation or flip change."""
     measurementAdded = Signal(object)
-    """A :class:`viewer.measure.Measurement` the user just drew."""
+    """A :class:`imaging.measure.Measurement` the user just drew."""
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -324,7 +324,7 @@ class StackView(QWidget):
         return windowing.presets_for(self._series.modality if self._series else None)
 
     def apply_preset(self, name: str) -> None:
-        """Apply a named preset (see :data:`viewer.windowing.CT_PRESETS`)."""
+        """Apply a named preset (see :data:`imaging.windowing.CT_PRESETS`)."""
         preset = windowing.find_preset(name, self._series.modality if self._series else "CT")
         self.set_window(preset.center, preset.width)
 
@@ -382,6 +382,19 @@ class StackView(QWidget):
     def flip_vertical(self) -> None:
         self._sync_viewport()
         self._view.flip_vertical()
+        self._view_changed()
+
+    def restore(self, snap: ViewSnapshot) -> None:
+        """Take over a :meth:`snapshot` (window, invert, zoom, pan, rotation/flip), e.g.
+        after the same series was reopened in another version."""
+        if snap.center is not None and snap.width is not None:
+            self._window = (float(snap.center), max(float(snap.width), windowing.MIN_WIDTH))
+        self._invert = bool(snap.invert)
+        v = self._view
+        v.matrix = snap.matrix
+        v.zoom = float(snap.zoom)
+        v.pan_x, v.pan_y = (float(snap.pan[0]), float(snap.pan[1]))
+        v.fit_mode = bool(snap.fit)
         self._view_changed()
 
     def reset_view(self) -> None:
@@ -575,12 +588,26 @@ class StackView(QWidget):
                 painter.drawRect(rect)
         painter.restore()
 
+    def measurement_label_rect(self, m) -> QRectF:
+        """Where a measurement's text goes (widget coordinates): right of the shape, or
+        left of it when that would leave the view, always inside the view."""
+        metrics = QFontMetricsF(self._overlay_font)
+        lines = self.measurement_text(m)
+        w = max((metrics.horizontalAdvance(t) for t in lines), default=0.0) + 1
+        h = metrics.lineSpacing() * len(lines) + 1
+        a, b = self.image_to_widget(*m.p0), self.image_to_widget(*m.p1)
+        x = max(a.x(), b.x()) + 6
+        if x + w > self.width():
+            x = min(a.x(), b.x()) - 6 - w              # the other side of the shape
+        x = min(max(x, 2.0), max(self.width() - w - 2, 2.0))
+        y = min(max(min(a.y(), b.y()), 2.0), max(self.height() - h - 2, 2.0))
+        return QRectF(x, y, w, h)
+
     def _paint_measurements(self, painter: QPainter) -> None:
         for m in self.measurements():
             self._paint_shape(painter, m.kind, m.p0, m.p1, _MEASURE)
-            a, b = self.image_to_widget(*m.p0), self.image_to_widget(*m.p1)
-            anchor = QPointF(max(a.x(), b.x()) + 6, min(a.y(), b.y()))
-            self._draw_lines(painter, anchor, self.measurement_text(m), _MEASURE)
+            box = self.measurement_label_rect(m)
+            self._draw_lines(painter, box.topLeft(), self.measurement_text(m), _MEASURE)
         if self._pending_region is not None:
             x, y, w, h = self._pending_region
             self._paint_shape(painter, MeasureKind.RECT, (x, y), (x + w, y + h), _REGION, dashed=True)

@@ -3,7 +3,7 @@
 - :class:`Task` runs one blocking function (log in, query the catalogue, import files,
   create the sample study, read the cache size...) on a worker thread and reports
   ``finished`` / ``failed`` / ``progress`` / ``message`` as signals.
-- :class:`LoaderBridge` is a :class:`~viewer.loader.LoaderListener` whose every callback
+- :class:`LoaderBridge` is a :class:`~client.series_loader.LoaderListener` whose every callback
   (made on a worker thread) becomes a signal; the connections are queued, so the slots
   run on the UI thread, in the order the callbacks were made.
 - :class:`ThumbnailBridge` does the same for series thumbnails.
@@ -29,7 +29,7 @@ from PySide6.QtCore import QCoreApplication, QObject, Qt, QTimer, Signal
 
 from client.pool import VISIBLE, CancelToken, WorkerPool
 
-from .loader import ImageStatus, LoaderListener, SeriesStatus, Stage
+from client.series_loader import ImageStatus, LoaderListener, SeriesStatus, Stage
 
 log = logging.getLogger("medview.workers")
 
@@ -279,7 +279,7 @@ class ThumbnailBridge(QObject):
 
     def request(self, pool: WorkerPool, registry, uid: str, size: int = 64) -> None:
         """Fetch the thumbnail of series ``uid`` (once; again after :meth:`cancel_all`)."""
-        from .loader import fetch_thumbnail
+        from client.series_loader import fetch_thumbnail
 
         if uid in self._tokens:
             return

@@ -1,6 +1,6 @@
 """Progressive volume loading from the image server (H2, P9, P10, P11). No Qt.
 
-A loader fills a :class:`~viewer.volume.Volume` with the data of a series as it arrives.
+A loader fills a :class:`~imaging.volume.Volume` with the data of a series as it arrives.
 Its plan is data (STYLE 9): a list of :class:`LoadStage` — which images, at which
 resolution reduction and how many quality layers. Each stage is one packet transfer; the
 server sends a *recommendation* after every consistent set (every requested image at the
@@ -8,6 +8,15 @@ same layer and resolution). On each "render" recommendation the loader decodes t
 of that set and applies them to the volume in one batch, so a view redraws once per
 level and never shows slices at mixed levels (P9). Recommendations that arrive while a
 decode is running are coalesced: the latest wins.
+
+The full-quality stage of a whole-volume load (H1, "HTJ2K where it wins") takes the
+sooner of two routes to the same lossless values: the rest of the layered J2K transport,
+or every frame's HTJ2K copy through WADO-RS (:mod:`client.frames`), decided by
+:func:`client.frames.choose_full_load` from the link rate (given, or measured by timing
+one whole HTJ2K frame, which the load then keeps — the previews' small packet transfers
+understate a fast link) and what the cache already holds. The previews stay layered J2K. If the HTJ2K
+route fails (rights, a syntax the server cannot make, the network) the stage runs
+through the transport as before.
 
 Two plans:
 
@@ -27,6 +36,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +44,7 @@ from dataclasses import dataclass
 from client.pool import CancelToken
 from client.series import Callbacks, Cancelled, SeriesData, TransferProgress
 
-from .volume import SliceGeometry, Volume, VolumeError, VolumeUpdate, quality_key, volume_for_slices
+from imaging.volume import SliceGeometry, Volume, VolumeError, VolumeUpdate, quality_key, volume_for_slices
 
 log = logging.getLogger("medview.volume_loader")
 
@@ -87,7 +97,7 @@ def _floats(v, n):
 
 
 def _geometry_flags(im: dict) -> list[str]:
-    from .model import GEOMETRY_KEYWORDS
+    from imaging.model import GEOMETRY_KEYWORDS
 
     return [f for f in (im.get("geometry_flags") or ())
             if str(f).split(":", 1)[0] in GEOMETRY_KEYWORDS]
@@ -216,13 +226,18 @@ def slab_plan(levels: int, numres: int, slice_spacing: float, pixel_spacing: flo
 
 
 # --------------------------------------------------------------------------- loaders
+class _RouteFailed(Exception):
+    """The HTJ2K route could not be taken (nothing applied yet)."""
+
+
 class VolumeLoader:
     """Fills a volume from a :class:`~client.series.SeriesData` following a plan."""
 
     def __init__(self, series: SeriesData, volume: Volume | None = None,
                  slots: dict[int, int] | None = None, plan: Sequence[LoadStage] | None = None, *,
                  decode_threads: int = 2,
-                 on_progress: Callable[[TransferProgress], None] | None = None) -> None:
+                 on_progress: Callable[[TransferProgress], None] | None = None,
+                 full_route: str = "auto", link_bytes_s: float | None = None) -> None:
         self.series = series
         if volume is None:
             volume, slots = volume_for_series(series.images, modality=str(series.info.get("Modality") or ""),
@@ -236,6 +251,11 @@ class VolumeLoader:
             plan = interleaved_plan(self.comps, int(im["numres"]), max(int(im["Rows"]), int(im["Columns"])))
         self.plan = list(plan)
         self._init_run_state(decode_threads, on_progress)
+        if full_route not in ("auto", "j2k", "htj2k"):
+            raise ValueError(f"full_route must be auto, j2k or htj2k, got {full_route!r}")
+        self.full_route = full_route
+        self.link_bytes_s = link_bytes_s          # None: measured on the earlier stages
+        self.full_choice = None                   # client.frames.FullLoadChoice, once made
 
     def _init_run_state(self, decode_threads: int, on_progress) -> None:
         """What every loader holds while it runs (also set by :class:`SlabVolumeLoader`,
@@ -247,6 +267,8 @@ class VolumeLoader:
         self._last_update: VolumeUpdate | None = None
         self._transfer = None
         self._lock = threading.Lock()
+        self._link = [0, 0.0]                      # bytes, seconds of finished transfers
+        self._probe = None                         # (image, HTJ2K frame) fetched to time the link
 
     # ------------------------------------------------------------------ control
     def cancel(self) -> None:
@@ -270,15 +292,144 @@ class VolumeLoader:
             if self.cancelled:
                 return
             last_stage = n == len(self.plan) - 1
+            if self._htj2k_chosen(stage):
+                try:
+                    yield from self._run_htj2k(stage, last_stage)
+                    continue
+                except _RouteFailed as e:       # nothing applied: the transport instead
+                    log.warning("HTJ2K route failed (%s); loading through the J2K layers",
+                                e)
             yield from self._run_stage(stage, last_stage)
+
+    # ------------------------------------------------------------------ HTJ2K route
+    def measured_link(self) -> float | None:
+        """Bytes/s of this load's transfers so far (None below 64 KiB: not a measure)."""
+        n, secs = self._link
+        return n / secs if n >= 65536 and secs > 0 else None
+
+    def _htj2k_chosen(self, stage: LoadStage) -> bool:
+        from client.frames import choose_full_load
+
+        if (type(self) is not VolumeLoader or self.full_route == "j2k"
+                or stage.level or stage.reduce or stage.layers is not None):
+            return False                       # only whole-volume loads at full quality
+        comps = self.stage_comps(stage)
+        ims = [self.series.images[c] for c in comps]
+        if (self.series.limits.limited or self.series.selection
+                or any(im.get("allowed") is False for im in ims)):
+            return False                       # WADO-RS sends only what is wholly granted
+        if self.full_route == "htj2k":
+            return True
+        link = self.link_bytes_s
+        if link is None:
+            # the previews' packet rate understates the link (small transfers, latency,
+            # the server's packet work): time one HTJ2K frame, which the load keeps
+            link = self._probe_link(comps)
+            if link is None:
+                return False                   # the copies cannot be had: the layers
+        self.full_choice = choose_full_load(ims, [self.series.held_bytes(c) for c in comps], link)
+        log.info("full-quality load: %s", self.full_choice.reason)
+        return self.full_choice.route == "htj2k"
+
+    def _probe_link(self, comps: list[int]) -> float | None:
+        """Bytes/s of one whole HTJ2K frame fetched (its server time included), the
+        larger of that and the previews' rate; None if the frame cannot be had."""
+        from client.frames import fetch_frame
+
+        c = comps[len(comps) // 2]
+        im = self.series.images[c]
+        t0 = time.monotonic()
+        try:
+            data = fetch_frame(self.series.session, str(self.series.info.get("StudyInstanceUID") or ""),
+                               self.series.uid, im["SOPInstanceUID"], int(im.get("frame") or 1))
+        except Exception as e:  # noqa: BLE001 - rights, a syntax it cannot make, the network
+            log.info("no HTJ2K copies for this load (%s): the layers", e)
+            return None
+        dt = max(time.monotonic() - t0, 1e-6)
+        self._probe = (c, data)
+        self.received += len(data)
+        return max(len(data) / dt, self.measured_link() or 0.0)
+
+    def _run_htj2k(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
+        """Every frame's HTJ2K copy fetched whole and decoded (threads), applied in one
+        batch; progress as bytes arrive. Raises _RouteFailed before anything is applied."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        from client.frames import choose_full_load, decode_frame, fetch_frame
+
+        comps = self.stage_comps(stage)
+        images = self.series.images
+        study = str(self.series.info.get("StudyInstanceUID") or "")
+        top = max(int(images[c]["nlayers"]) for c in comps)
+        with self.volume.lock:
+            todo = [c for c in comps
+                    if self.volume.own[self.slots[c]] < quality_key(0, int(images[c]["nlayers"]))]
+        estimate = choose_full_load([images[c] for c in todo], [0] * len(todo), None).htj2k_bytes
+        base, got, t0 = self.received, 0, time.monotonic()
+        decoded: dict[int, object] = {}
+
+        probe = getattr(self, "_probe", None)
+        self._probe = None
+
+        def one(c):
+            if self.cancelled:
+                return c, None, 0
+            im = images[c]
+            if probe is not None and probe[0] == c:         # fetched to time the link
+                return c, decode_frame(probe[1], im), 0
+            data = fetch_frame(self.series.session, study, self.series.uid,
+                               im["SOPInstanceUID"], int(im.get("frame") or 1))
+            return c, decode_frame(data, im), len(data)
+
+        ex = ThreadPoolExecutor(max(2, 2 * self.decode_threads),
+                                thread_name_prefix="medview-volume-htj2k")
+        try:
+            pending = {ex.submit(one, c) for c in todo}
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                if self.cancelled:
+                    return
+                for fut in done:
+                    try:
+                        c, arr, n = fut.result()
+                    except Exception as e:  # noqa: BLE001 - 403/406/network: fall back
+                        raise _RouteFailed(f"{type(e).__name__}: {e}") from e
+                    decoded[c] = arr
+                    got += n
+                    self.received = base + got
+                    if self.on_progress:
+                        self.on_progress(TransferProgress(self.received, base + max(estimate, got),
+                                                          base + max(estimate, got),
+                                                          time.monotonic() - t0))
+        finally:
+            ex.shutdown(wait=not self.cancelled, cancel_futures=True)
+        if self.cancelled:
+            return
+        updates: list[VolumeUpdate] = []
+        self.volume.subscribe(updates.append)
+        try:
+            with self.volume.batch(f"{stage.name} (HTJ2K copies)"):
+                for c in todo:
+                    im = images[c]
+                    self.volume.set_slice(self.slots[c], decoded[c],
+                                          slope=float(im.get("RescaleSlope") or 1.0),
+                                          intercept=float(im.get("RescaleIntercept") or 0.0),
+                                          quality=quality_key(0, int(im["nlayers"]), 0))
+        finally:
+            self.volume.unsubscribe(updates.append)
+        if updates:
+            self._last_update = updates[-1]
+        yield LoadEvent(stage, top, 0, self._last_update, self.received, last_stage)
 
     def _run_stage(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
         comps = self.stage_comps(stage)
         q: queue.Queue = queue.Queue()
         base = self.received
+        link = [0, 0.0]
 
         def progress(p: TransferProgress) -> None:
             self.received = base + p.received
+            link[:] = [p.received, p.elapsed]
             if self.on_progress:
                 self.on_progress(TransferProgress(self.received, p.requested, p.total, p.elapsed))
 
@@ -342,6 +493,8 @@ class VolumeLoader:
                 transfer.cancel()
             with self._lock:
                 self._transfer = None
+            self._link[0] += link[0]               # the link rate, for the full stage
+            self._link[1] += link[1]
 
     def _decode(self, comps: list[int], layers: int, reduce: int) -> dict[int, object]:
         """Decode ``comps`` (in parallel; OpenJPEG releases the GIL)."""
@@ -476,7 +629,7 @@ class SlabVolumeLoader(VolumeLoader):
 
 
 class FolderVolumeLoader:
-    """Fills the volume of a :class:`~viewer.series_select.SeriesSelection` from the files
+    """Fills the volume of a :class:`~imaging.series_select.SeriesSelection` from the files
     on disk, interleaved too: every ``step``-th slice first (the rest interpolated), then
     the others. Same ``run()`` / ``cancel()`` contract as :class:`VolumeLoader`."""
 

@@ -19,6 +19,18 @@ user looks at, the resolution the viewport needs) into an ordered list of
 5. ``background`` the rest of the series, nearest to the shown image first, in chunks
                   (so that following the user never has to cancel a big transfer).
 
+Adaptation (H5, V8): when the viewer asked for no particular version, the shown slice,
+the prediction and the background fill stop at the layers of the version the server's
+automatic choice names for this client's measured link (``PlanState.fill_layers``, from
+``SeriesData.auto``); they go on to every layer when the link is faster (a new automatic
+choice: the series' ``auto`` event re-plans) or when the reader rests (``IDLE_S`` without
+scrolling; ``PlanState.idle``, a timer re-plans). Prediction: while the reader scrolls,
+``near`` becomes the slices ahead of the slice on screen in small requests, as deep as
+``neighbours + speed x lookahead_s`` (bounded by the decoded-image budget), then the one
+behind; a prediction is cancelled when the reader turns the other way, and kept when the
+reader reaches a slice it is bringing. ``bench/adaptive.py`` replays scroll traces over
+simulated links through these functions.
+
 :class:`SeriesLoader` runs that plan through the :class:`~client.pool.WorkerPool`, one
 network transfer at a time per series (the server's session model stays exact), and
 re-plans after every transfer and whenever the user moves: the latest request wins, a
@@ -42,18 +54,18 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
 from client.cache import PacketCache
 from client.pool import INTERACTION, PREFETCH, VISIBLE, CancelToken, WorkerPool
+from imaging.memory import MemoryBudget
 from client.series import (Callbacks, Cancelled, ImageProgress, SeriesData, TransferError,
                            TransferProgress)
 from client.session import ServerError, Session
 
-from .model import DecodedImage
+from imaging.model import DecodedImage
 
 log = logging.getLogger("medview.loader")
 
@@ -67,6 +79,9 @@ PREVIEW, REGION, FOCUS, NEAR, BACKGROUND = "preview", "region", "focus", "near",
 _RANK = {PREVIEW: 0, REGION: 1, FOCUS: 2, NEAR: 3, BACKGROUND: 4}
 _PRIORITY = {PREVIEW: INTERACTION, REGION: INTERACTION, FOCUS: INTERACTION, NEAR: VISIBLE,
              BACKGROUND: PREFETCH}
+IDLE_S = 4.0
+"""Seconds without scrolling after which the reader rests: the fill goes on beyond the
+link's version (H5)."""
 MAX_FAILURES = 3
 """Consecutive failed transfers after which a loader stops (and says why)."""
 
@@ -83,6 +98,7 @@ class Stage:
     reduce: int | None                          # resolution reduction; None = full
     region: tuple[int, int, int, int] | None = None
     order: str = "quality"
+    direction: int = 0                          # a prediction ahead (+1/-1) of the reader
 
     @property
     def priority(self) -> int:
@@ -116,20 +132,47 @@ class PlanState:
     prefetch: bool = True                       # background stages wanted
     neighbours: int = 2
     chunk: int = 8
+    # adaptation (H5, V8): on a slow link the fill stops at the link's version
+    fill_layers: int | None = None
+    """Layers of the version the policy names for the measured link (None: every layer):
+    the shown slice, the prediction and the background fill stop there..."""
+    idle: bool = False
+    """...unless the reader rests (then everything goes on to every layer)."""
+    # prediction (H5)
+    predict: bool = False
+    shown: int | None = None                    # the slice on screen (None: the focus)
+    direction: int = 0                          # the way the reader scrolls (-1, 0, +1)
+    speed: float = 0.0                          # slices per second
+    lookahead_s: float = 0.6                    # the prediction covers this much scrolling
+    max_ahead: int = 32                         # the memory budget, in images
+    near_chunk: int = 2                         # predicted slices per request
 
     @property
     def count(self) -> int:
         return len(self.levels)
 
+    @property
+    def cap(self) -> int | None:
+        """Layers the plan asks for now (None: every layer)."""
+        return None if self.idle else self.fill_layers
+
     def target_res(self, i: int) -> int:
         return max(0, self.numres[i] - 1 - self.reduce)
 
-    def at_target(self, i: int) -> bool:
-        """True when image ``i`` holds everything the viewport can use."""
+    def at_target(self, i: int, layers_cap: int | None = None) -> bool:
+        """True when image ``i`` holds everything the viewport can use (up to
+        ``layers_cap`` layers, when given)."""
         if self.settled.get(i, 1 << 30) <= self.reduce:
             return True
         layers, res = self.levels[i]
-        return res >= self.target_res(i) and layers >= self.nlayers[i]
+        want = self.nlayers[i] if layers_cap is None else min(layers_cap, self.nlayers[i])
+        return res >= self.target_res(i) and layers >= want
+
+    def depth(self) -> int:
+        """How many slices ahead the prediction reaches: grows with the scroll speed,
+        bounded by the memory budget."""
+        ahead = self.neighbours + math.ceil(max(self.speed, 0.0) * self.lookahead_s)
+        return max(1, min(ahead, self.max_ahead))
 
 
 def plan_stages(s: PlanState) -> list[Stage]:
@@ -148,19 +191,42 @@ def plan_stages(s: PlanState) -> list[Stage]:
         stages.append(Stage(REGION, (index,), None, 0, tuple(rect)))
     if not s.allow_focus:
         return stages
+    cap = s.cap
     focus = min(max(s.focus, 0), n - 1)
-    if not s.at_target(focus):
-        stages.append(Stage(FOCUS, (focus,), None, s.reduce))
-    near = tuple(i for d in range(1, s.neighbours + 1) for i in (focus - d, focus + d)
-                 if 0 <= i < n and not s.at_target(i))
-    if near:
-        stages.append(Stage(NEAR, tuple(sorted(near)), None, s.reduce))
+    if not s.at_target(focus, cap):
+        stages.append(Stage(FOCUS, (focus,), cap, s.reduce))
+    planned = {focus}
+    if s.predict and s.direction:
+        # the slices ahead of the reader, nearest first, in small requests (cheap to
+        # cancel when the reader turns away), then the one behind
+        shown = focus if s.shown is None else min(max(s.shown, 0), n - 1)
+        if shown != focus and not s.at_target(shown, cap):
+            stages.append(Stage(FOCUS, (shown,), cap, s.reduce))
+        planned.add(shown)
+        ahead = [shown + d * s.direction for d in range(1, s.depth() + 1)]
+        ahead = [i for i in ahead if 0 <= i < n and i not in planned]
+        planned.update(ahead)
+        ahead = [i for i in ahead if not s.at_target(i, cap)]
+        step = max(1, s.near_chunk)
+        for k in range(0, len(ahead), step):
+            stages.append(Stage(NEAR, tuple(sorted(ahead[k:k + step])), cap, s.reduce,
+                                direction=s.direction))
+        behind = shown - s.direction
+        if 0 <= behind < n and behind not in planned:
+            planned.add(behind)
+            if not s.at_target(behind, cap):
+                stages.append(Stage(NEAR, (behind,), cap, s.reduce))
+    else:
+        near = tuple(i for d in range(1, s.neighbours + 1) for i in (focus - d, focus + d)
+                     if 0 <= i < n and not s.at_target(i, cap))
+        planned.update(i for d in range(1, s.neighbours + 1) for i in (focus - d, focus + d))
+        if near:
+            stages.append(Stage(NEAR, tuple(sorted(near)), cap, s.reduce))
     if s.prefetch:
-        rest = sorted((i for i in range(n)
-                       if abs(i - focus) > s.neighbours and not s.at_target(i)),
+        rest = sorted((i for i in range(n) if i not in planned and not s.at_target(i, cap)),
                       key=lambda i: (abs(i - focus), i))
         for k in range(0, len(rest), max(1, s.chunk)):
-            stages.append(Stage(BACKGROUND, tuple(sorted(rest[k:k + s.chunk])), None, s.reduce))
+            stages.append(Stage(BACKGROUND, tuple(sorted(rest[k:k + s.chunk])), cap, s.reduce))
     return stages
 
 
@@ -172,6 +238,13 @@ def supersedes(first: Stage | None, running: Stage) -> bool:
     """
     if first is None or running.kind in (PREVIEW, REGION):
         return False
+    if running.direction and first.direction == -running.direction:
+        return True                  # the reader turned away from the prediction
+    if (running.direction and first.kind == FOCUS and first.comps
+            and running.includes(first.comps[0]) and running.reduce == first.reduce
+            and (running.layers is None or (first.layers is not None
+                                            and running.layers >= first.layers))):
+        return False                 # the prediction is bringing the shown slice already
     if _RANK[first.kind] < _RANK[running.kind]:
         return True
     if first.kind == running.kind == FOCUS and first.comps != running.comps:
@@ -185,7 +258,7 @@ def supersedes(first: Stage | None, running: Stage) -> bool:
 def reduce_for_fit(columns: int, rows: int, view_w: int, view_h: int, numres: int) -> int:
     """Resolution reduction an image needs when fitted into a ``view_w x view_h`` viewport
     (device pixels): the coarsest level that still gives every device pixel its own
-    sample (as :meth:`viewer.viewstate.ViewState.useful_reduce` in fit mode)."""
+    sample (as :meth:`imaging.viewstate.ViewState.useful_reduce` in fit mode)."""
     if columns <= 0 or rows <= 0 or view_w <= 0 or view_h <= 0:
         return 0
     zoom = min(view_w / columns, view_h / rows)
@@ -241,7 +314,7 @@ class SeriesStatus:
     held: int                   # bytes held for the whole series
     requested: int              # held + still to come in the running transfer
     total: int                  # every codestream of the series
-    elapsed: float              # seconds since the loader started
+    elapsed: float              # seconds spent transferring (idle time not counted)
     stage: str | None           # kind of the running stage, None when idle
     images_done: int
     count: int
@@ -255,13 +328,19 @@ def _quality(img: DecodedImage, numres: int, target_res: int) -> tuple[int, int,
 
 
 class DecodedStore:
-    """Best decoded image per index, in one byte budget, least recently used evicted
-    first (never the ones in ``keep``). A result never replaces a better one."""
+    """Best decoded image per index, under the one memory budget (shared with volumes
+    and slide tiles, or a private one of ``budget`` bytes): least recently used evicted
+    first, never the ones in ``keep`` (on screen). A result never replaces a better one."""
 
-    def __init__(self, budget: int = 512 << 20) -> None:
-        self.budget = budget
-        self._items: OrderedDict[int, DecodedImage] = OrderedDict()
-        self._bytes = 0
+    def __init__(self, budget: "int | MemoryBudget" = 512 << 20) -> None:
+        self.memory = MemoryBudget.of(budget)
+        self._hid = self.memory.register(self)
+        self._items: dict[int, DecodedImage] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def budget(self) -> int:
+        return self.memory.budget
 
     def __len__(self) -> int:
         return len(self._items)
@@ -269,31 +348,36 @@ class DecodedStore:
     def get(self, index: int) -> DecodedImage | None:
         img = self._items.get(index)
         if img is not None:
-            self._items.move_to_end(index)
+            self.memory.touch(self._hid, index)
         return img
 
     def offer(self, img: DecodedImage, numres: int, target_res: int,
               keep: set[int] = frozenset()) -> bool:
         """Keep ``img`` unless the stored one is at least as good; True if kept."""
-        cur = self._items.get(img.index)
-        if cur is not None and _quality(cur, numres, target_res) >= _quality(img, numres, target_res):
-            return False
-        if cur is not None:
-            self._bytes -= cur.pixels.nbytes
-        self._items[img.index] = img
-        self._items.move_to_end(img.index)
-        self._bytes += img.pixels.nbytes
-        for index in list(self._items):
-            if self._bytes <= self.budget:
-                break
-            if index in keep or index == img.index:
-                continue
-            self._bytes -= self._items.pop(index).pixels.nbytes
+        with self._lock:
+            cur = self._items.get(img.index)
+            if cur is not None and _quality(cur, numres, target_res) >= _quality(img, numres, target_res):
+                return False
+            self._items[img.index] = img
+        self.memory.pin(self._hid, keep)          # on screen: never evicted
+        self.memory.charge(self._hid, img.index, img.pixels.nbytes)
         return True
 
+    def drop(self, index: int) -> None:
+        """Evicted by the budget."""
+        with self._lock:
+            self._items.pop(index, None)
+
     def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
+        with self._lock:
+            keys = list(self._items)
+            self._items.clear()
+        for k in keys:
+            self.memory.release(self._hid, k)
+
+    def close(self) -> None:
+        self.clear()
+        self.memory.unregister(self._hid)
 
 
 # --------------------------------------------------------------------------- registry
@@ -377,6 +461,7 @@ class _Running:
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
+        self.started = time.monotonic()      # for the active transfer time
         self.token: CancelToken | None = None
         self.transfer = None
         self.cancelled = False
@@ -418,7 +503,9 @@ class SeriesLoader:
                  listener: LoaderListener | None = None, *, focus: int = 0,
                  viewport: tuple[int, int] = (512, 512), reduce: int | None = None,
                  prefetch: bool = True, neighbours: int = 2, chunk: int = 8,
-                 decoded_budget: int = 512 << 20) -> None:
+                 decoded_budget: "int | MemoryBudget" = 512 << 20, adaptive: bool = True,
+                 predict: bool = True, idle_s: float = IDLE_S,
+                 clock=time.monotonic) -> None:
         self.registry = registry
         self.uid = uid
         self.pool = pool
@@ -452,6 +539,16 @@ class SeriesLoader:
         self._patches: dict[int, list[DecodedImage]] = {}
         self._cine = _Cine()
         self._t0 = time.monotonic()
+        self._active_s = 0.0                 # seconds spent in finished network stages
+        # adaptation and prediction (H5)
+        self._adaptive = adaptive
+        self._predict = predict
+        self._idle_s = idle_s
+        self._clock = clock
+        self._budget = self._best.budget    # bytes of the one memory budget
+        self._speed = 0.0                 # slices per second
+        self._last_move = clock()
+        self._idle_timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------ public API
     def start(self) -> None:
@@ -466,17 +563,30 @@ class SeriesLoader:
                 return
             self._closed = True
             running = self._net
+            timer, self._idle_timer = self._idle_timer, None
+        if timer is not None:
+            timer.cancel()
+        if self.sd is not None:
+            try:
+                self.sd.listeners.remove(self._sd_event)
+            except ValueError:
+                pass
         if running is not None:
             running.cancel()
         self.pool.cancel_where(lambda job: job.tag is self)   # queued jobs never start
         with self._lock:
             self._net = None
-            self._best.clear()
             self._cine = _Cine()
+        self._best.close()                   # its images leave the one memory budget
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def decoded_budget(self) -> int:
+        """Bytes of decoded images this loader keeps (the one memory budget)."""
+        return self._budget
 
     @property
     def count(self) -> int:
@@ -523,10 +633,18 @@ class SeriesLoader:
                 self._focus = self._shown = index
                 return None, []
             index = min(max(int(index), 0), len(self._levels) - 1)
-            if index != self._shown:
+            moved = index != self._shown
+            if moved:
                 self._direction = 1 if index > self._shown else -1
+                now = self._clock()
+                dt, steps = now - self._last_move, abs(index - self._shown)
+                rate = steps / max(dt, 1e-3)
+                self._speed = rate if dt > 1.0 else 0.5 * self._speed + 0.5 * rate
+                self._last_move = now
             self._shown = index
             changed = fetch and index != self._focus
+            if moved and not fetch and self._predict:
+                changed = True            # the prediction follows the reader
             if fetch:
                 self._focus = index
             if changed and self._paused:
@@ -554,9 +672,14 @@ class SeriesLoader:
             self._check_cine()
 
     def set_prefetch(self, on: bool) -> None:
-        """Fetch the rest of the series in the background (H5 prefetch) or not."""
+        """Fetch the rest of the series in the background (H5 prefetch) or not. Turned
+        off, a background stage already running stops now (what it received is kept)."""
         with self._lock:
             self._prefetch = bool(on)
+            running = self._net
+            if not on and running is not None and running.stage.kind == BACKGROUND \
+                    and not running.cancelled:
+                running.cancel()
         self._replan()
 
     def request_region(self, index: int, region: tuple[int, int, int, int]) -> None:
@@ -652,7 +775,7 @@ class SeriesLoader:
             return self._common_level()
 
     def cine_levels(self) -> list[tuple[int, int] | None]:
-        """For :class:`viewer.cine.CineController`: the level every frame is decoded at
+        """For :class:`client.cine.CineController`: the level every frame is decoded at
         (None for all until a complete set is ready)."""
         with self._lock:
             n = len(self._levels)
@@ -661,7 +784,7 @@ class SeriesLoader:
             return [self._cine.level] * n
 
     def cine_frame(self, index: int, level: tuple[int, int] | None) -> DecodedImage | None:
-        """For :class:`viewer.cine.CineController`: image ``index`` at ``level`` (None: the
+        """For :class:`client.cine.CineController`: image ``index`` at ``level`` (None: the
         best available, decoding ahead as playback goes)."""
         if level is None:
             return self.peek(index, (index + 1, index + 2))
@@ -712,6 +835,7 @@ class SeriesLoader:
             if self._closed:
                 return
             self.sd = sd
+            sd.listeners.append(self._sd_event)
             self._levels = levels
             self._held = held
             self._requested_layers = [q for q, _ in levels]
@@ -729,15 +853,51 @@ class SeriesLoader:
             self._refresh_decodes(focus)
         self._pump()
 
+    def set_adaptive(self, adaptive: bool | None = None, predict: bool | None = None) -> None:
+        """Adapt the fill to the link's version (``adaptive``) and prefetch ahead of the
+        reader (``predict``); None leaves a setting as it is."""
+        with self._lock:
+            if adaptive is not None:
+                self._adaptive = bool(adaptive)
+            if predict is not None:
+                self._predict = bool(predict)
+        self._replan()
+
+    def fill_layers(self) -> int | None:
+        """Layers of the version the server's automatic choice names for this client's
+        measured link and computer (None: every layer). Only when the viewer asked for no
+        particular version: a chosen version caps every request at the server anyway."""
+        sd = self.sd
+        if not self._adaptive or sd is None or sd.selection or not sd.auto or not sd.versions:
+            return None
+        v = next((v for v in sd.versions if v.get("name") == sd.auto.get("version")), None)
+        if v is None or v.get("lossless") or v.get("layers") is None:
+            return None
+        return int(v["layers"])
+
+    def _sd_event(self, kind: str, _msg) -> None:          # any thread
+        if kind == "auto" and not self._closed:      # the automatic choice changed
+            self._replan()
+
+    def _max_ahead(self) -> int:
+        """Predicted slices the decoded-image budget holds (float32 at the reduce)."""
+        im = self.sd.images[0] if self.sd.images else {"Columns": 1, "Rows": 1}
+        per = max(1, (im["Columns"] * im["Rows"] * 4) >> (2 * (self._reduce or 0)))
+        return int(min(max(self._budget // (2 * per), self._neighbours), 64))
+
     def _plan_state(self) -> PlanState:
         sd = self.sd
+        now = self._clock()
+        quiet = now - self._last_move
         return PlanState(
             numres=[im["numres"] for im in sd.images], nlayers=[im["nlayers"] for im in sd.images],
             levels=self._levels, focus=self._focus, reduce=self._reduce or 0,
             preview_done=self._preview_done, settled=self._settled, region=self._region,
             allow_preview=not self._paused, allow_focus=self._allow_focus,
             prefetch=self._prefetch and not self._paused, neighbours=self._neighbours,
-            chunk=self._chunk)
+            chunk=self._chunk, fill_layers=self.fill_layers(), idle=quiet >= self._idle_s,
+            predict=self._predict, shown=self._shown, direction=self._direction,
+            speed=self._speed if quiet < 1.0 else 0.0, max_ahead=self._max_ahead())
 
     def _replan(self) -> None:
         """After a state change: cancel a superseded transfer, start the next stage."""
@@ -764,6 +924,15 @@ class SeriesLoader:
                 stages = plan_stages(self._plan_state())
                 stage = stages[0] if stages else None
                 state = "loading" if stage else ("paused" if self._paused else "idle")
+            if (stage is None and state == "idle" and self._idle_timer is None
+                    and self._adaptive):
+                # the fill stopped at the link's version: go on once the reader rests
+                ps = self._plan_state()
+                if ps.cap is not None and not ps.idle:
+                    wait = max(self._idle_s - (self._clock() - self._last_move), 0.0) + 0.05
+                    t = self._idle_timer = threading.Timer(wait, self._idle_reached)
+                    t.daemon = True
+                    t.start()
             if stage is not None:
                 running = self._net = _Running(stage)
                 for i in (stage.comps if stage.comps is not None else range(len(self._levels))):
@@ -776,6 +945,11 @@ class SeriesLoader:
                                  stage.priority, tag=self)
         if stage is None:
             self._notify("on_series_status", self.series_status())
+
+    def _idle_reached(self) -> None:
+        with self._lock:
+            self._idle_timer = None
+        self._replan()
 
     def _net_job(self, running: _Running, token: CancelToken) -> None:
         stage = running.stage
@@ -814,6 +988,8 @@ class SeriesLoader:
         held = {i: sd.held_bytes(i) for i in comps}
         levels = {i: sd.levels(i) for i in comps}
         with self._lock:
+            if self._net is running:
+                self._active_s += time.monotonic() - running.started
             self._net = None
             for i in comps:
                 self._held[i] = held[i]
@@ -902,7 +1078,8 @@ class SeriesLoader:
         total = self._total_bytes
         done = sum(1 for i, (q, r) in enumerate(self._levels)
                    if r >= self._target_res(i) and q >= self.sd.images[i]["nlayers"])
-        return SeriesStatus(held, held + outstanding, total, time.monotonic() - self._t0,
+        active = self._active_s + (time.monotonic() - run.started if run is not None else 0.0)
+        return SeriesStatus(held, held + outstanding, total, active,
                             run.stage.kind if run is not None else None, done, len(self._levels))
 
     # ---- decoding -------------------------------------------------------------------
@@ -1060,8 +1237,8 @@ def fetch_thumbnail(registry: SeriesRegistry, uid: str, token: CancelToken, on_i
     """Series thumbnail, progressively: the middle image at ``size`` px, first layer, then
     every layer. ``on_image(uid, uint8 array)`` is called after each step (grayscale
     windowed with the image's default window, or RGB). Blocking: run it in the pool."""
-    from .model import ImageMeta
-    from .windowing import default_window, render_display
+    from imaging.model import ImageMeta
+    from imaging.windowing import default_window, render_display
 
     sd = registry.get(uid)
     if not len(sd) or token.cancelled:

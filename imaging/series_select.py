@@ -22,7 +22,7 @@ SPEC M1–M3. Starting from the image on screen (a file) or from a folder:
 
 :func:`select_series` returns a :class:`SeriesSelection` (kept, skipped, recovered,
 missing, warnings, refusal); :meth:`SeriesSelection.build_volume` reads the pixels into a
-:class:`~viewer.volume.Volume`.
+:class:`~imaging.volume.Volume`.
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from codestream.ranges import format_ranges
+from imaging import dicom
 
 from .volume import SliceGeometry, Volume, VolumeError, build_geometry, volume_for_slices
+from .windowing import header_window
 
 log = logging.getLogger("medview.series_select")
 
@@ -74,25 +76,16 @@ class MprRefused(Exception):
 # --------------------------------------------------------------------------- candidates
 def has_dicom_preamble(path: str | Path) -> bool:
     """True when the file has the DICOM Part 10 magic ``DICM`` at byte 128."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return dicom.has_preamble(dicom.read_head(path))
 
 
 def looks_like_dicom(path: str | Path) -> bool:
-    """A ``.dcm`` suffix (any case) or the preamble magic (M1)."""
-    return Path(path).suffix.lower() == ".dcm" or has_dicom_preamble(path)
+    """A ``.dcm`` suffix (any case), the preamble magic, or (without a preamble) a
+    plausible dataset start (M1; the one check of :mod:`imaging.dicom`, as ingest)."""
+    return Path(path).suffix.lower() == ".dcm" or dicom.is_dicom_file(path)
 
 
-def _get(ds, keyword: str, default: Any = None) -> Any:
-    try:
-        v = ds.get(keyword, default)
-    except Exception:  # noqa: BLE001 - a malformed value in a foreign file
-        return default
-    return getattr(v, "value", v) if v is not None else default
+_get = dicom.get            # attribute values of foreign files, never raising
 
 
 def _floats(v: Any, n: int) -> tuple[float, ...] | None:
@@ -127,22 +120,7 @@ def _text(v: Any) -> str:
     return str(v).strip()
 
 
-def _group_value(ds, frame: int | None, seq: str, keyword: str) -> Any:
-    """Value from an enhanced multi-frame functional group (the frame's own first)."""
-    items = []
-    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
-    if frame is not None and per_frame and frame < len(per_frame):
-        items.append(per_frame[frame])
-    shared = _get(ds, "SharedFunctionalGroupsSequence")
-    if shared:
-        items.append(shared[0])
-    for item in items:
-        s = _get(item, seq)
-        if s:
-            v = _get(s[0], keyword)
-            if v is not None and v != "":
-                return v
-    return None
+_group_value = dicom.group_value    # enhanced multi-frame functional groups
 
 
 @dataclass
@@ -177,6 +155,7 @@ class Candidate:
     signed: bool
     thickness: float | None
     data: bytes | None = None               # file content (catalogue candidates)
+    window: tuple[float, float] | None = None   # usable WindowCenter/WindowWidth, else None
 
     @property
     def name(self) -> str:
@@ -268,7 +247,10 @@ def _candidates_from_dataset(ds, path: Path | None, source: str, data: bytes | N
         thickness = _float(attr("SpacingBetweenSlices", "PixelMeasuresSequence")) or \
             _float(attr("SliceThickness", "PixelMeasuresSequence"))
         ps = attr("PixelSpacing", "PixelMeasuresSequence", 2)
+        window = header_window(attr("WindowCenter", "FrameVOILUTSequence"),
+                               attr("WindowWidth", "FrameVOILUTSequence"))
         out.append(Candidate(
+            window=window,
             frame=fr, position=attr("ImagePositionPatient", "PlanePositionSequence", 3),
             orientation=attr("ImageOrientationPatient", "PlaneOrientationSequence", 6),
             pixel_spacing=(ps[0], ps[1]) if ps else None,
@@ -437,7 +419,7 @@ class SeriesSelection:
 
     def build_volume(self, *, progress: Callable[[int, int], None] | None = None) -> Volume:
         """A :class:`Volume` of the kept images, pixels read (see also
-        :class:`viewer.volume_loader.FolderVolumeLoader` for the interleaved way)."""
+        :class:`client.volume_loader.FolderVolumeLoader` for the interleaved way)."""
         vol, slots = self.empty_volume()
         datasets: dict[object, Any] = {}
         with vol.batch("loaded"):

@@ -81,21 +81,21 @@ def add_parser(sub, credentials) -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- volumes
 def _volume_from_folder(args):
-    from .series_select import select_series
+    from imaging.series_select import select_series
 
     sel = select_series(args.folder, threshold=args.threshold)
     print(sel.report(refusal=False))       # the refusal is the error message below
     if sel.refusal:
         raise RenderError(sel.refusal)
-    return sel.build_volume(), None
+    return sel.build_volume(), sel.kept[0].window
 
 
 def _volume_from_series(args):
     from client.series import SeriesData
     from client.session import Session
 
-    from .cli import _cache
-    from .volume_loader import SlabVolumeLoader, VolumeLoader, full_plan, load_all, usable_images
+    from client.appdirs import cache_for
+    from client.volume_loader import SlabVolumeLoader, VolumeLoader, full_plan, load_all, usable_images
 
     server = None
     url = args.render_server
@@ -105,7 +105,7 @@ def _volume_from_series(args):
             server = _start_bundled(getattr(args, "store", None))
             url = server.url
         session = Session(url, args.user, args.password)
-        cache = _cache(args)
+        cache = cache_for(args)
         series = SeriesData(session, cache, args.series)
         keep, notes = usable_images(series.images)
         for n in notes:
@@ -138,7 +138,7 @@ def _volume_from_series(args):
 def _start_bundled(store: str | None):
     from server_stub.embedded import EmbeddedServer
 
-    from .cli import default_data_dir
+    from client.appdirs import default_data_dir
 
     if store:
         path = Path(store)
@@ -156,8 +156,8 @@ def _start_bundled(store: str | None):
 def render_plane(volume, view: str, *, angles=None, slab: float = 0.0, mode: str | None = None,
                  position=None, spacing: float | None = None):
     """(values, plane, mode) for a plane view, mip included (see the module docstring)."""
-    from .mpr import BASE_AXES, angles_rotation, fit_plane, reslice
-    from .vr import projection_rotation
+    from imaging.mpr import BASE_AXES, angles_rotation, fit_plane, reslice
+    from imaging.vr import projection_rotation
 
     a, b = angles or (0.0, 0.0)
     geom = volume.geometry
@@ -181,36 +181,40 @@ def render_plane(volume, view: str, *, angles=None, slab: float = 0.0, mode: str
     return reslice(volume, plane, slab=slab, mode=mode, max_samples=2048), plane, mode, slab
 
 
-def _default_window(volume, values, window):
-    if window is not None:
-        return tuple(float(x) for x in window)
-    if volume.modality.upper() == "CT":
-        return (40.0, 400.0)
-    from .windowing import histogram_window
+def _default_window(volume, values, explicit, header, projection: bool = False):
+    """``--window`` as given; else :func:`imaging.windowing.initial_window`: the header's
+    window when usable, or the percentile window of the rendered values (a MIP always
+    gets its own window from the projection)."""
+    from imaging.windowing import initial_window
 
-    finite = values[np.isfinite(values)]
-    return histogram_window(finite) if finite.size else (0.0, 1.0)
+    if explicit is not None:
+        return tuple(float(x) for x in explicit)
+    header = header or (None, None)
+    return initial_window(header[0], header[1], values, projection=projection) or (
+        (40.0, 400.0) if volume.modality.upper() == "CT" else (0.0, 1.0))
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
-    from PySide6.QtGui import QImage
+    import io
+
+    from PIL import Image
+
+    from imaging.files import write_atomic
 
     a = np.ascontiguousarray(array)
-    h, w = a.shape[:2]
-    if a.ndim == 2:
-        img = QImage(a.data, w, h, w, QImage.Format.Format_Grayscale8)
-    else:
-        img = QImage(a.data, w, h, 3 * w, QImage.Format.Format_RGB888)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not img.save(str(path), "PNG"):
-        raise RenderError(f"cannot write {path}")
+    buf = io.BytesIO()
+    Image.fromarray(a, "L" if a.ndim == 2 else "RGB").save(buf, "PNG")
+    try:
+        write_atomic(path, buf.getvalue())
+    except OSError as e:
+        raise RenderError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_render(args) -> int:
     """Run the sub-command; returns the exit code."""
     from client.session import ServerError
 
-    from .mpr import display_uint8
+    from imaging.mpr import display_uint8
 
     try:
         if args.view == "oblique" and not args.angles:
@@ -226,10 +230,9 @@ def cmd_render(args) -> int:
                          "angles": list(args.angles or (0.0, 0.0)),
                          "volume": volume.geometry.to_json()}
         if args.view == "vr":
-            from .vr import projection_rotation, render_volume
+            from imaging.vr import projection_rotation, render_volume
 
-            window = args.window or dicom_window or (
-                (40.0, 400.0) if volume.modality.upper() == "CT" else None)     # used by MIP presets
+            window = args.window            # MIP presets choose their own from the projection
             rgb = render_volume(volume, size=args.size, rotation=projection_rotation(*(args.angles or (0, 0))),
                                 window=window)
             _save_png(out, rgb)
@@ -239,7 +242,8 @@ def cmd_render(args) -> int:
             values, plane, mode, slab = render_plane(volume, args.view, angles=args.angles, slab=args.slab,
                                                      mode=args.mode, position=args.position,
                                                      spacing=args.spacing)
-            window = _default_window(volume, values, args.window or dicom_window)
+            window = _default_window(volume, values, args.window, dicom_window,
+                                     projection=mode == "mip" and slab > 0)
             _save_png(out, display_uint8(values, *window))
             labels = plane.labels()
             sidecar.update(plane.to_json())
@@ -264,8 +268,8 @@ def cmd_render(args) -> int:
         print(f"medview render: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - e.g. a volume that cannot be built
-        from .volume import VolumeError
-        from .vr import VrUnavailable
+        from imaging.volume import VolumeError
+        from imaging.vr import VrUnavailable
 
         if isinstance(e, (VolumeError, VrUnavailable)):
             print(f"medview render: {e}", file=sys.stderr)

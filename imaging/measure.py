@@ -3,7 +3,7 @@
 No Qt. Points are full-res pixel coordinates (x = column, y = row, continuous: the centre
 of pixel (row 3, column 5) is (5.5, 3.5)). Whatever resolution is decoded, values are read
 from the array pixels that cover the full-res-equivalent region (see
-:meth:`viewer.model.DecodedImage.grid`). Lengths use PixelSpacing, which DICOM orders as
+:meth:`imaging.model.DecodedImage.grid`). Lengths use PixelSpacing, which DICOM orders as
 (row spacing, column spacing): a horizontal step is scaled by the *column* spacing.
 """
 

@@ -406,7 +406,7 @@ def reslice(volume: Volume, plane: PlaneGeometry, *, slab: float = 0.0, mode: st
 
 
 def display_uint8(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Windowed grey levels (the DICOM linear window, as :func:`viewer.windowing.apply_window`)
+    """Windowed grey levels (the DICOM linear window, as :func:`imaging.windowing.apply_window`)
     of a resliced plane; NaN (outside the volume) is black."""
     width = max(float(width), 1.0)
     lo = center - 0.5 - (width - 1.0) / 2.0

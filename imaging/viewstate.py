@@ -6,7 +6,7 @@ mapping is::
 
     screen = viewport_center + pan + zoom * M @ S @ (p - image_center)
 
-with ``M`` the orthogonal rotation/flip matrix (see :mod:`viewer.orientation`) and
+with ``M`` the orthogonal rotation/flip matrix (see :mod:`imaging.orientation`) and
 ``S = diag(1, aspect)`` the pixel aspect ratio (row spacing / column spacing), so one
 column-pixel is ``zoom`` screen pixels wide.
 """

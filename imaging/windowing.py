@@ -21,6 +21,8 @@ __all__ = [
     "render_display",
     "histogram_window",
     "default_window",
+    "initial_window",
+    "header_window",
     "presets_for",
     "find_preset",
     "drag_window",
@@ -146,6 +148,70 @@ def histogram_window(values: np.ndarray, low: float = 1.0, high: float = 99.0) -
     return float(p_low + p_high) / 2.0, width
 
 
+def header_window(center, width) -> tuple[float, float] | None:
+    """The (center, width) of a DICOM WindowCenter/WindowWidth pair when usable, else None.
+
+    Multi-valued attributes use their first value; a width of 1 or less (e.g. the
+    0/0 some scanners write) or a non-number is unusable."""
+    def first(v):
+        if v is None or isinstance(v, str) and not v.strip():
+            return None
+        if isinstance(v, (list, tuple)) or (hasattr(v, "__len__") and not isinstance(v, str)):
+            v = v[0] if len(v) else None
+        try:
+            f = float(v) if v is not None else None
+        except (TypeError, ValueError):
+            return None
+        return f if f is not None and np.isfinite(f) else None
+
+    c, w = first(center), first(width)
+    if c is None or w is None or w <= MIN_WIDTH:
+        return None
+    return c, w
+
+
+def initial_window(
+    center=None,
+    width=None,
+    values: np.ndarray | None = None,
+    *,
+    projection: bool = False,
+    low: float = 1.0,
+    high: float = 99.0,
+) -> tuple[float, float] | None:
+    """The one rule for the window a view opens with (2D, MPR, MIP, VR, snapshot, render).
+
+    The header's window (``center``/``width`` as in DICOM) when it is usable and overlaps
+    the data; otherwise the ``low``..``high`` percentile window of ``values`` (modality
+    values; NaNs ignored). A projection (MIP) is not what the header's window was chosen
+    for: with ``projection`` the window always comes from the projected ``values``.
+    Returns None when nothing can be decided yet (no usable header and no data with a
+    spread, e.g. a volume whose voxels have not arrived): ask again when they have.
+    """
+    head = None if projection else header_window(center, width)
+    arr = None
+    if values is not None:
+        arr = np.asarray(values, dtype=np.float64).ravel()
+        step = max(1, arr.size // 262_144)
+        arr = arr[::step]
+        arr = arr[np.isfinite(arr)]
+    if head is not None:
+        if arr is None or arr.size == 0:
+            return head
+        lo, hi = float(arr.min()), float(arr.max())
+        c, w = head
+        if c + w / 2 >= lo and c - w / 2 <= hi:
+            return head
+    if arr is None or arr.size == 0 or float(arr.max()) <= float(arr.min()):
+        return head
+    if projection:
+        # a projection's background (air, the empty corners) must not set the floor
+        floor = np.percentile(arr, 50.0)
+        arr = arr[arr >= floor]
+    c, w = histogram_window(arr, low, high)
+    return (c, w) if w > MIN_WIDTH else None
+
+
 def presets_for(modality: str | None) -> tuple[WindowPreset, ...]:
     """Fixed presets that make sense for a modality (CT only: other modalities use the
     DICOM window values or the histogram)."""
@@ -164,19 +230,20 @@ def find_preset(name: str, modality: str | None = "CT") -> WindowPreset:
 def default_window(
     meta: ImageMeta, stored: np.ndarray | None = None, modality: str | None = None
 ) -> tuple[float, float]:
-    """The window to open an image with: (center, width) in modality units.
-
-    The DICOM WindowCenter/WindowWidth when present; otherwise for CT the soft-tissue
-    preset; otherwise the 1-99 percentile window of the image's modality values.
-    """
-    if meta.window_center is not None and meta.window_width is not None and meta.window_width > 0:
-        return float(meta.window_center), max(float(meta.window_width), MIN_WIDTH)
+    """The window to open an image with: (center, width) in modality units, chosen by
+    :func:`initial_window` (the header's window when usable, else the percentile window
+    of the image's modality values); with neither (no pixels yet, a uniform image) CT
+    opens at the soft-tissue preset and other modalities at 128/256."""
+    values = None
+    if stored is not None and np.asarray(stored).size and np.asarray(stored).ndim == 2:
+        values = modality_values(stored, meta.rescale_slope, meta.rescale_intercept)
+    chosen = initial_window(meta.window_center, meta.window_width, values)
+    if chosen is not None:
+        return chosen
     if (modality or meta.modality or "").upper() == "CT":
         preset = find_preset("Soft tissue")
         return preset.center, preset.width
-    if stored is None or np.asarray(stored).size == 0:
-        return 128.0, 256.0
-    return histogram_window(modality_values(stored, meta.rescale_slope, meta.rescale_intercept))
+    return 128.0, 256.0
 
 
 def drag_window(

@@ -1,6 +1,6 @@
 """Volume rendering with VTK, without Qt: presets, scene, offscreen rendering.
 
-:class:`VrScene` shows a :class:`~viewer.volume.Volume` (bound to its voxel array without
+:class:`VrScene` shows a :class:`~imaging.volume.Volume` (bound to its voxel array without
 a copy; ``refresh()`` after the voxels changed) in patient space: the image carries the
 voxel spacing and a user matrix the grid's directions and origin, so oblique and tilted
 acquisitions render in their true shape. The camera starts with the anterior view (the
@@ -97,18 +97,22 @@ class VrUnavailable(RuntimeError):
 
 
 _probe_lock = threading.Lock()
-_backend: str | None = None
+_backends: dict[bool, str] = {}
 _failures: list[str] = []
 
 
-def _candidates() -> list[str]:
+def _candidates(headless: bool = False) -> list[str]:
+    """Window classes to try; ``headless`` puts EGL and OSMesa before the display's own
+    (X/GLX) window — for a pane whose desktop context was found unable to render."""
     forced = os.environ.get("VTK_DEFAULT_OPENGL_WINDOW")
     out = [forced] if forced else []
-    if os.environ.get("DISPLAY") and "vtkXOpenGLRenderWindow" not in out:
+    if os.environ.get("DISPLAY") and "vtkXOpenGLRenderWindow" not in out and not headless:
         out.append("vtkXOpenGLRenderWindow")
     for name in ("vtkEGLRenderWindow", "vtkOSOpenGLRenderWindow"):
         if name not in out:
             out.append(name)
+    if headless and os.environ.get("DISPLAY") and "vtkXOpenGLRenderWindow" not in out:
+        out.append("vtkXOpenGLRenderWindow")
     return out
 
 
@@ -146,15 +150,15 @@ def _works(name: str) -> str | None:
     return None
 
 
-def offscreen_backend() -> str:
-    """The render window class used offscreen (probed once per process)."""
-    global _backend
+def offscreen_backend(headless: bool = False) -> str:
+    """The render window class used offscreen (probed once per process; ``headless``:
+    EGL/OSMesa preferred over the display's window, see :func:`_candidates`)."""
     with _probe_lock:
-        if _backend is None:
-            for name in _candidates():
+        if headless not in _backends:
+            for name in _candidates(headless):
                 problem = _works(name)
                 if problem is None:
-                    _backend = name
+                    _backends[headless] = name
                     break
                 _failures.append(f"{name}: {problem}")
                 log.info("offscreen OpenGL %s unusable: %s", name, problem)
@@ -162,12 +166,12 @@ def offscreen_backend() -> str:
                 raise VrUnavailable("no offscreen OpenGL for volume rendering: tried "
                                     + "; ".join(_failures)
                                     + " (install libEGL or libOSMesa, or run with a display)")
-        return _backend
+        return _backends[headless]
 
 
-def offscreen_window(size: tuple[int, int]):
+def offscreen_window(size: tuple[int, int], headless: bool = False):
     """A new offscreen vtkRenderWindow of ``size`` (w, h)."""
-    rw = _make_window(offscreen_backend())
+    rw = _make_window(offscreen_backend(headless))
     rw.SetOffScreenRendering(1)
     rw.SetSize(int(size[0]), int(size[1]))
     return rw
@@ -259,6 +263,7 @@ class VrScene:
         self.renderer.AddVolume(self.actor)
         self.preset: VrPreset = PRESETS[0]
         self.window: tuple[float, float] | None = None
+        self.window_from_user = False        # set_window()/an explicit preset window
         base = float(min(g.spacing))
         self.still = _Quality(1.0, base)
         self.moving = _Quality(2.5, base * 3.0)
@@ -272,7 +277,12 @@ class VrScene:
 
     # ------------------------------------------------------------------ data
     def refresh(self) -> None:
-        """The voxels changed in place (a progressive update): render them next time."""
+        """The voxels changed in place (a progressive update): render them next time.
+
+        The scalar array itself is marked modified: VTK caches an array's value range
+        until then, and the CPU ray caster maps voxels to its tables through that range
+        (a range cached while the volume was still empty renders everything black)."""
+        self.image.GetPointData().GetScalars().Modified()
         self.image.Modified()
         if self.preset.relative:
             self.set_preset(self.preset.name)
@@ -287,7 +297,10 @@ class VrScene:
         self.preset = p
         if window is not None:
             self.window = window
+            self.window_from_user = True
         if p.relative:
+            if p.blend == "mip" and not self.window_from_user:
+                self.window = self.projection_window()
             if p.blend == "mip" and self.window is not None:
                 c, w = self.window
                 lo, hi = c - w / 2, c + w / 2
@@ -315,10 +328,36 @@ class VrScene:
             self.mapper.SetBlendModeToComposite()
 
     def set_window(self, center: float, width: float) -> None:
-        """The shared window (used by the MIP preset)."""
+        """The shared window (used by the MIP preset from now on)."""
         self.window = (float(center), max(float(width), 1.0))
+        self.window_from_user = True
         if self.preset.blend == "mip":
             self.set_preset(self.preset)
+
+    def projection_window(self) -> tuple[float, float] | None:
+        """The MIP's own window: :func:`imaging.windowing.initial_window` of the maximum
+        projection of the volume along the viewing direction of the anterior view."""
+        from .windowing import initial_window
+
+        data = self.volume.data
+        step = max(1, int(round((data.size / 2_000_000) ** (1 / 3))))
+        proj = data[::step, :, ::step].max(axis=1)          # (z, x): along the rows (A-P)
+        return initial_window(values=self.volume.to_modality(proj), projection=True)
+
+    def value_range_text(self) -> str:
+        """In words: from which value the preset shows anything, and the volume's highest
+        value (why a frame can stay black)."""
+        unit = "HU" if self.volume.modality.upper() == "CT" else ""
+        step = max(1, self.volume.data.size // 200_000)
+        top = float(self.volume.to_modality(self.volume.data.reshape(-1)[::step]).max())
+        if self.preset.relative:
+            return f"relative to the data; highest value {top:.0f} {unit}".rstrip()
+        start = self.preset.opacity[0][0]
+        for v, a in self.preset.opacity:
+            if a > 0:
+                break
+            start = v
+        return f"from {start:.0f} {unit} up; this volume reaches {top:.0f} {unit}".replace("  ", " ").strip()
 
     def _robust_range(self) -> tuple[float, float]:
         data = self.volume.data
@@ -454,7 +493,7 @@ def render_volume(volume: Volume, *, size: tuple[int, int] = (512, 512), preset_
         if preset_name:
             scene.set_preset(preset_name, window)
         elif window is not None:
-            scene.window = window
+            scene.set_window(*window)
         scene.set_crop(crop)
         scene.reset_camera(rotation)
         scene.set_interactive(interactive)

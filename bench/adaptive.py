@@ -1,0 +1,334 @@
+#!/usr/bin/env python
+"""Issue 17 benchmark (H5, V8): the adaptive progressive plan and prediction, replayed.
+
+    .venv/bin/python bench/adaptive.py [--seed 17] [--json bench/out/adaptive.json]
+
+Replays three recorded scroll traces, generated deterministically from ``--seed``
+(slow reading, fast skimming, jumping), over simulated links of 1, 10 and 100 Mbit/s
+(a token bucket at the link rate plus a round trip of ``--rtt-ms`` per request), through
+the loader's own plan (:func:`client.series_loader.plan_stages` and :func:`client.series_loader.supersedes`,
+the code the viewer runs) in four configurations:
+
+* ``fixed``    the plan as it was: every layer for the shown slice, its two neighbours and
+               the background fill; the plan follows the reader once scrolling settles
+               (200 ms, as the main window);
+* ``adapt``    the fill stops at the version the site policy names for the link
+               (V3 = 1 layer under 5 Mbit/s, V2 = 2 layers under 50 Mbit/s, else V1 =
+               lossless) and goes on after ``IDLE_S`` without scrolling;
+* ``predict``  prefetch ahead in the scroll direction, depth growing with scroll speed
+               (bounded by the memory budget), cancelled when the reader turns away;
+* ``both``     adaptation and prediction.
+
+Measured per run: *time until the shown slice is sharp* at every stop of the reader (a
+slice shown for at least 300 ms): from its arrival until it holds the display resolution
+at the layers of the link's version (the same criterion for every configuration); a stop
+the slice is left before it is sharp counts as "never" (shown as ``inf``); p50 and p95.
+*Wasted bytes*: bytes fetched (cancelled partial increments included) minus, per image,
+the bytes it held while it was on screen. Bytes per image are those of the synthetic
+512x512 CT of the sample store (V3 1:49.4, V2 1:20, 1:8, lossless 1:2.6; 4 resolutions).
+
+No network, no server: a discrete-time simulation (5 ms steps) of the link and of the
+loader's scheduling rules; what it measures is the plan.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.series_loader import (BACKGROUND, FOCUS, IDLE_S, PREVIEW, PlanState,  # noqa: E402
+                           plan_stages, supersedes)
+
+N = 300                                     # slices (1 mm chest CT)
+NUMRES, NLAYERS = 4, 4
+RAW = 512 * 512 * 2
+LAYER_BYTES = [RAW / 49.4, RAW / 20.0, RAW / 8.0, RAW / 2.6]    # cumulative, full res
+PREVIEW_BYTES = LAYER_BYTES[0] / 64 + 250                     # lowest res + headers
+SETTLE_S = 0.200                            # the window moves the plan after this
+STOP_S = 0.300                              # a dwell this long is a stop
+DT = 0.005
+LINKS = (1e6, 10e6, 100e6)
+
+
+def link_layers(bps: float) -> int | None:
+    """The version resources/policy.toml names for the link (read study)."""
+    if bps < 5e6:
+        return 1
+    if bps < 50e6:
+        return 2
+    return None
+
+
+# --------------------------------------------------------------------------- traces
+def trace_slow(rng: random.Random, dur: float = 60.0) -> list[tuple[float, int]]:
+    t, s, out = 0.0, 120, [(0.0, 120)]
+    while t < dur:
+        t += rng.uniform(1.5, 4.0)
+        s = min(max(s + (1 if rng.random() > 0.1 else -1), 0), N - 1)
+        out.append((t, s))
+    return out
+
+
+def trace_skim(rng: random.Random, dur: float = 60.0) -> list[tuple[float, int]]:
+    t, s, d, out = 0.0, 20, 1, [(0.0, 20)]
+    while t < dur:
+        speed = rng.uniform(10, 20)                  # slices per second
+        for _ in range(int(rng.uniform(1.0, 3.0) * speed)):
+            t += 1.0 / speed
+            if not 0 <= s + d < N:
+                d = -d
+            s += d
+            out.append((t, s))
+        t += rng.uniform(0.8, 2.5)                    # a look
+        if rng.random() < 0.3:
+            d = -d
+        s2 = min(max(s + d, 0), N - 1)
+        out.append((t, s2))
+        s = s2
+    return out
+
+
+def trace_jump(rng: random.Random, dur: float = 60.0) -> list[tuple[float, int]]:
+    t, out = 0.0, [(0.0, 150)]
+    while t < dur:
+        t += rng.uniform(1.0, 4.0)
+        s = rng.randrange(N)
+        out.append((t, s))
+        for _ in range(rng.randrange(0, 4)):
+            t += rng.uniform(0.2, 0.6)
+            s = min(max(s + rng.choice((-1, 1)), 0), N - 1)
+            out.append((t, s))
+    return out
+
+
+TRACES = {"slow reading": trace_slow, "fast skimming": trace_skim, "jumping": trace_jump}
+
+
+# --------------------------------------------------------------------------- simulation
+@dataclass
+class Running:
+    stage: object
+    items: list                     # [(image, layers after, res after, bytes)]
+    start: float
+    done_bytes: float = 0.0
+    k: int = 0
+    partial: float = 0.0
+
+
+@dataclass
+class Sim:
+    bps: float
+    adaptive: bool
+    predict: bool
+    rtt: float
+    trace: list
+    levels: list = field(default_factory=lambda: [(0, -1)] * N)
+    fetched: float = 0.0
+    shown_bytes: list = field(default_factory=lambda: [0.0] * N)
+    preview_done: bool = False
+    settled: dict = field(default_factory=dict)
+
+    def held(self, i: int) -> float:
+        q, r = self.levels[i]
+        if r < 0:
+            return 0.0
+        if r < NUMRES - 1:
+            return PREVIEW_BYTES
+        return LAYER_BYTES[q - 1] + 250
+
+    def state(self, now: float) -> PlanState:
+        quiet = now - self.last_move
+        return PlanState(
+            numres=[NUMRES] * N, nlayers=[NLAYERS] * N, levels=self.levels, focus=self.focus,
+            reduce=0, preview_done=self.preview_done, settled=self.settled,
+            fill_layers=link_layers(self.bps) if self.adaptive else None,
+            idle=quiet >= IDLE_S, predict=self.predict, shown=self.shown,
+            direction=self.direction, speed=self.speed if quiet < 1.0 else 0.0,
+            max_ahead=64)
+
+    def items(self, stage) -> list:
+        """The increments a stage brings, in quality order (what is held is not sent)."""
+        comps = stage.comps if stage.comps is not None else range(N)
+        out = []
+        if stage.kind == PREVIEW:
+            return [(i, 1, 0, PREVIEW_BYTES) for i in comps if self.levels[i][1] < 0]
+        top = stage.layers or NLAYERS
+        have = {i: self.held(i) for i in comps}
+        lv = {i: self.levels[i] for i in comps}
+        for layer in range(1, top + 1):
+            for i in comps:
+                q, r = lv[i]
+                if r >= NUMRES - 1 and q >= layer:
+                    continue
+                new = LAYER_BYTES[layer - 1] + 250
+                out.append((i, layer, NUMRES - 1, max(new - have[i], 0.0)))
+                have[i] = new
+                lv[i] = (layer, NUMRES - 1)
+        return out
+
+    def run(self) -> dict:
+        self.focus = self.shown = self.trace[0][1]
+        self.direction, self.speed, self.last_move = 0, 0.0, 0.0
+        settle_at = None
+        running: Running | None = None
+        events = list(self.trace)
+        k = 0
+        t = 0.0
+        end = self.trace[-1][0] + 2.0
+        arrivals = []                  # [shown_at, image, left_at, sharp_at]
+        want = link_layers(self.bps) or NLAYERS
+
+        def start(now):
+            nonlocal running
+            stages = plan_stages(self.state(now))
+            if stages:
+                st = stages[0]
+                running = Running(st, self.items(st), now)
+            else:
+                running = None
+
+        def replan(now):
+            nonlocal running
+            if running is not None:
+                stages = plan_stages(self.state(now))
+                if supersedes(stages[0] if stages else None, running.stage):
+                    self.fetched += running.partial        # a cancelled partial increment
+                    running = None
+            if running is None:
+                start(now)
+
+        start(0.0)
+        arrivals.append([0.0, self.shown, None, None])
+        while t < end:
+            t += DT
+            changed = False
+            while k < len(events) and events[k][0] <= t:
+                _, s = events[k]
+                if s != self.shown:
+                    dt, steps = t - self.last_move, abs(s - self.shown)
+                    rate = steps / max(dt, 1e-3)
+                    self.speed = rate if dt > 1.0 else 0.5 * self.speed + 0.5 * rate
+                    self.direction = 1 if s > self.shown else -1
+                    self.last_move = t
+                    arrivals[-1][2] = t
+                    arrivals.append([t, s, None, None])
+                    self.shown = s
+                    settle_at = t + SETTLE_S
+                    changed = self.predict
+                k += 1
+            if settle_at is not None and t >= settle_at:
+                settle_at = None
+                if self.focus != self.shown:
+                    self.focus = self.shown
+                    changed = True
+            if self.adaptive and abs(t - self.last_move - IDLE_S) < DT / 2:
+                changed = True                  # the reader rests: the fill goes on
+            if changed:
+                replan(t)
+            # the link
+            if running is not None and t >= running.start + self.rtt:
+                budget = self.bps / 8 * DT
+                while budget > 0 and running is not None:
+                    if running.k >= len(running.items):
+                        self.finish(running)
+                        running = None
+                        start(t)
+                        break
+                    i, q, r, nb = running.items[running.k]
+                    need = nb - running.partial
+                    if need <= budget:
+                        budget -= need
+                        self.fetched += nb
+                        running.partial = 0.0
+                        running.k += 1
+                        self.levels[i] = (q, r)
+                    else:
+                        running.partial += budget
+                        budget = 0
+            elif running is None:
+                start(t)
+            # what the reader sees
+            s = self.shown
+            self.shown_bytes[s] = max(self.shown_bytes[s], self.held(s))
+            a = arrivals[-1]
+            if a[3] is None and self.levels[s][1] >= NUMRES - 1 and self.levels[s][0] >= want:
+                a[3] = t
+        arrivals[-1][2] = end
+        times = []
+        for shown_at, _i, left, sharp in arrivals:
+            if left - shown_at < STOP_S:
+                continue
+            times.append(sharp - shown_at if sharp is not None else math.inf)
+        waste = self.fetched - sum(self.shown_bytes)
+        return {"stops": len(times), "p50": pct(times, 50), "p95": pct(times, 95),
+                "never": sum(1 for x in times if x == math.inf),
+                "fetched_MB": self.fetched / 1e6, "wasted_MB": waste / 1e6}
+
+    def finish(self, running: Running) -> None:
+        st = running.stage
+        if st.kind == PREVIEW:
+            self.preview_done = True
+        elif st.layers is None and st.kind != BACKGROUND or st.kind == FOCUS and st.layers is None:
+            for i in st.comps:
+                self.settled[i] = 0
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return math.nan
+    xs = sorted(xs)
+    k = max(0, min(len(xs) - 1, math.ceil(p / 100 * len(xs)) - 1))
+    return xs[k]
+
+
+CONFIGS = {"fixed": (False, False), "adapt": (True, False), "predict": (False, True),
+           "both": (True, True)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=17)
+    ap.add_argument("--rtt-ms", type=float, default=30.0)
+    ap.add_argument("--json", default=None, help="write the figures here too")
+    a = ap.parse_args(argv)
+    rows = []
+    for tname, make in TRACES.items():
+        trace = make(random.Random(f"{a.seed}/{tname}"))
+        for bps in LINKS:
+            for cname, (adaptive, predict) in CONFIGS.items():
+                r = Sim(bps, adaptive, predict, a.rtt_ms / 1000, trace).run()
+                rows.append({"trace": tname, "link_mbps": bps / 1e6, "plan": cname, **r})
+
+    def fmt(x: float) -> str:
+        return "never" if x == math.inf else f"{x:.2f}"
+    print(f"{'trace':14} {'link':>8} {'plan':8} {'stops':>5} {'p50 s':>6} {'p95 s':>6} "
+          f"{'never':>5} {'fetched MB':>10} {'wasted MB':>9}")
+    for r in rows:
+        print(f"{r['trace']:14} {r['link_mbps']:>5g} Mb {r['plan']:8} {r['stops']:>5} "
+              f"{fmt(r['p50']):>6} {fmt(r['p95']):>6} {r['never']:>5} {r['fetched_MB']:>10.1f} "
+              f"{r['wasted_MB']:>9.1f}")
+    skim10 = {r["plan"]: r for r in rows if r["trace"] == "fast skimming" and r["link_mbps"] == 10}
+    ok_p95 = skim10["both"]["p95"] <= 1.0
+    print(f"\ntarget: skimming on 10 Mbit/s with adaptation, p95 sharp <= 1 s: "
+          f"{fmt(skim10['both']['p95'])} s ({'met' if ok_p95 else 'NOT met'})")
+    for tname in TRACES:
+        for bps in LINKS:
+            sel = {r["plan"]: r for r in rows if r["trace"] == tname and r["link_mbps"] == bps / 1e6}
+            f, b = sel["fixed"]["wasted_MB"], sel["both"]["wasted_MB"]
+            ratio = b / f if f > 0 else 0.0
+            print(f"wasted bytes, {tname}, {bps / 1e6:g} Mbit/s: {f:.1f} MB fixed -> {b:.1f} MB "
+                  f"adaptive ({ratio:.0%}; target <= 50 %: {'met' if ratio <= 0.5 else 'NOT met'})")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

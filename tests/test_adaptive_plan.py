@@ -1,0 +1,215 @@
+"""The adaptive progressive plan and prediction (H5, V8): the fill stops at the version
+the policy names for the measured link and goes on when the link is faster or the reader
+rests; the slices ahead of the reader are prefetched, deeper the faster they scroll,
+within the memory budget, and given up when the reader turns away."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from client.policy import PolicyClient
+from client.session import Session
+from policyutil import copy_store, series_uid, study_uid
+from server_stub.embedded import EmbeddedServer
+from client.series_loader import (FOCUS, NEAR, LoaderListener, PlanState,
+                           SeriesLoader, SeriesRegistry, Stage, plan_stages, supersedes)
+from waits import WAIT_S, wait_for
+
+
+def state(n=40, levels=None, **kw) -> PlanState:
+    return PlanState(numres=[3] * n, nlayers=[4] * n,
+                     levels=levels if levels is not None else [(1, 0)] * n,
+                     preview_done=True, **kw)
+
+
+def test_fill_stops_at_the_links_version_and_goes_on_when_idle():
+    s = state(focus=10, fill_layers=2, chunk=8)
+    stages = plan_stages(s)
+    assert stages[0] == Stage(FOCUS, (10,), 2, 0)          # what the reader looks at first
+    assert {st.layers for st in stages} == {2}             # nothing beyond the link's version
+    assert sorted(i for st in stages for i in st.comps) == list(range(40))
+    # everything at V2: the fill stops
+    s.levels = [(2, 2)] * 40
+    assert plan_stages(s) == []
+    # the reader rests: the shown slice first, then the rest, to every layer
+    s.idle = True
+    stages = plan_stages(s)
+    assert stages[0] == Stage(FOCUS, (10,), None, 0) and {st.layers for st in stages} == {None}
+    # the link became fast (the policy names the lossless version): the same
+    s.idle, s.fill_layers = False, None
+    assert plan_stages(s)[0] == Stage(FOCUS, (10,), None, 0)
+
+
+def test_prediction_ahead_grows_with_speed_within_the_budget():
+    slow = plan_stages(state(focus=10, shown=10, predict=True, direction=1, speed=1.0))
+    near = [st for st in slow if st.kind == NEAR]
+    assert near[0].comps == (11, 12) and near[0].direction == 1
+    ahead = [i for st in near if st.direction == 1 for i in st.comps]
+    assert ahead == [11, 12, 13]                          # 2 + ceil(1 * 0.6)
+    assert near[-1] == Stage(NEAR, (9,), None, 0)         # the one behind, after
+    fast = plan_stages(state(focus=10, shown=10, predict=True, direction=1, speed=20.0))
+    ahead = [i for st in fast if st.kind == NEAR and st.direction == 1 for i in st.comps]
+    assert ahead == list(range(11, 25))                   # 2 + ceil(20 * 0.6) = 14
+    bounded = plan_stages(state(focus=10, shown=10, predict=True, direction=1, speed=20.0,
+                                max_ahead=5))
+    ahead = [i for st in bounded if st.kind == NEAR and st.direction == 1 for i in st.comps]
+    assert ahead == [11, 12, 13, 14, 15]                   # the memory budget
+    # scrolling backwards: ahead is downwards; the shown slice comes before all of it
+    levels = [(1, 0)] * 40
+    down = plan_stages(state(levels=levels, focus=30, shown=20, predict=True, direction=-1,
+                             speed=5.0))
+    assert down[0] == Stage(FOCUS, (30,), None, 0) and down[1] == Stage(FOCUS, (20,), None, 0)
+    assert down[2].comps == (18, 19) and down[2].direction == -1
+    # nothing repeats, everything is covered once
+    covered = [i for st in down for i in st.comps]
+    assert sorted(covered) == list(range(40))
+
+
+def test_prediction_is_given_up_when_the_reader_turns_away():
+    running = Stage(NEAR, (11, 12), 2, 0, direction=1)
+    assert supersedes(Stage(NEAR, (8, 9), 2, 0, direction=-1), running)
+    assert not supersedes(Stage(NEAR, (13, 14), 2, 0, direction=1), running)
+    # the reader reaches a slice the prediction is bringing: it goes on
+    assert not supersedes(Stage(FOCUS, (12,), 2, 0), running)
+    # ...but not if it brings less than the shown slice needs, or another slice
+    assert supersedes(Stage(FOCUS, (12,), None, 0), running)
+    assert supersedes(Stage(FOCUS, (20,), 2, 0), running)
+
+
+# ---------------------------------------------------------------- the loader, served
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.t
+
+    def advance(self, s: float) -> None:
+        with self.lock:
+            self.t += s
+
+
+class Idle(LoaderListener):
+    def __init__(self) -> None:
+        self.idle = threading.Event()
+
+    def on_state(self, loader, st):
+        (self.idle.set if st == "idle" else self.idle.clear)()
+
+
+@pytest.fixture(scope="module")
+def asrv(ct_store, tmp_path_factory):
+    store = copy_store(ct_store, tmp_path_factory.mktemp("adaptive") / "store")
+    con = sqlite3.connect(store / "catalogue.sqlite")
+    with con:
+        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+        for table in ("study_status_history", "study_status"):
+            if table in have:
+                con.execute(f"DELETE FROM {table}")
+    con.close()
+    srv = EmbeddedServer(str(store)).start()
+    srv.series = series_uid(store)
+    PolicyClient(Session(srv.url)).set_status(study_uid(store), 2)     # read: auto follows
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def pool():
+    from client.pool import WorkerPool
+    from viewer.services import POOL_CAPS
+
+    p = WorkerPool(4, POOL_CAPS)
+    yield p
+    p.shutdown()
+
+
+def _slow_loader(asrv, pool, clock):
+    s = Session(asrv.url)
+    PolicyClient(s).set_context(link_bps=2e6, memory_mb=8192, cpus=4)   # as measured
+    rec = Idle()
+    loader = SeriesLoader(SeriesRegistry(s, None), asrv.series, pool, rec, focus=3,
+                          viewport=(256, 256), idle_s=1e6, clock=clock)
+    loader.start()
+    assert rec.idle.wait(WAIT_S)
+    sd = loader.sd
+    assert sd.auto["version"] == "V3" and loader.fill_layers() == 1
+    # the fill stopped at V3 (one layer), every image at the display resolution
+    assert all(sd.levels(i) == (1, 2) for i in range(len(sd)))
+    return s, loader, rec
+
+
+def test_loader_fill_resumes_when_the_reader_rests(asrv, pool):
+    clock = Clock()
+    s, loader, rec = _slow_loader(asrv, pool, clock)
+    loader.set_focus(5)
+    rec.idle.clear()
+    clock.advance(2e6)                                 # no scrolling for longer than idle_s
+    loader.set_prefetch(True)                          # any re-plan (the idle timer's too)
+    wait_for(lambda: all(loader.sd.levels(i) == (4, 2) for i in range(len(loader.sd))),
+             what="the fill to go on to every layer")
+    loader.close()
+    s.logout()
+
+
+def test_loader_fill_resumes_when_the_link_is_faster(asrv, pool):
+    clock = Clock()
+    s, loader, rec = _slow_loader(asrv, pool, clock)
+    pc = PolicyClient(s)
+    pc.set_context(link_bps=2e8)                       # the reporter measured a fast link
+    sd = loader.sd
+    sd.auto = pc.versions(sd.uid)["auto"]
+    assert sd.auto["version"] == "V1"
+    sd._notify("auto", sd.auto)                        # as the policy controller does
+    wait_for(lambda: all(sd.levels(i) == (4, 2) for i in range(len(sd))),
+             what="the fill to go on to every layer")
+    loader.close()
+    s.logout()
+
+
+def test_loader_predicts_in_the_scroll_direction(asrv, pool):
+    clock = Clock()
+    s = Session(asrv.url)
+    rec = Idle()
+    loader = SeriesLoader(SeriesRegistry(s, None), asrv.series, pool, rec, focus=0,
+                          viewport=(256, 256), clock=clock, prefetch=False, idle_s=1e6)
+    loader.start()
+    assert rec.idle.wait(WAIT_S)                       # preview, slice 0 and its neighbours
+    sd = loader.sd
+    n = len(sd)
+    assert [i for i in range(n) if sd.levels(i)[1] == 2] == [0, 1, 2]
+    stages = []
+    rec.on_stage = lambda _l, stage, st, _m: stages.append((stage, st))
+    rec.idle.clear()
+    for i in range(1, 5):                              # 10 slices per second, the display only
+        clock.advance(0.1)
+        loader.set_focus(i, fetch=False)
+    assert rec.idle.wait(WAIT_S)
+    ahead = [i for st, outcome in stages if st.kind == NEAR and st.direction == 1
+             and outcome == "complete" for i in st.comps]
+    # first 2 + ceil(5 * 0.6) ahead of slice 1, then deeper as the speed grows
+    assert ahead[:2] == [3, 4] and {5, 6, 7, 8} <= set(ahead)
+    assert all(sd.levels(i)[1] == 2 for i in ahead)
+    assert all(sd.levels(i)[1] < 2 for i in range(max(ahead) + 1, n))   # no background
+    assert loader.focus == 0                           # the plan's centre did not move
+    loader.close()
+    s.logout()
+
+
+def test_loader_idle_timer_resumes_the_fill_by_itself(asrv, pool):
+    s = Session(asrv.url)
+    PolicyClient(s).set_context(link_bps=2e6, memory_mb=8192, cpus=4)
+    rec = Idle()
+    loader = SeriesLoader(SeriesRegistry(s, None), asrv.series, pool, rec, focus=3,
+                          viewport=(256, 256), idle_s=0.5)
+    loader.start()
+    # the fill stops at V3, then the reader rests: the timer re-plans, every layer comes
+    wait_for(lambda: all(loader.sd.levels(i) == (4, 2) for i in range(len(loader.sd)))
+             if loader.sd is not None else False, what="the fill to go on after the rest")
+    assert loader.fill_layers() == 1            # still the link's version: the rest did it
+    loader.close()
+    s.logout()

@@ -39,6 +39,48 @@ def split_databins(cs: bytes, index: PacketIndex) -> Databins:
                     bytes(mv[index.tile_header[0]:index.tile_header[1]]), prec)
 
 
+def read_spans(index: PacketIndex, layers: int, res: int, gap: int = 4096
+               ) -> list[tuple[int, int]]:
+    """The byte ranges ``[start, end)`` of a codestream that hold its headers and the
+    packets of the first ``layers`` layers up to resolution index ``res``: neighbouring
+    ranges closer than ``gap`` bytes are merged (one read instead of two)."""
+    wanted = [(0, index.tile_header[1])]
+    for _c, l, r, _p, off, ln in index.packets.tolist():
+        if l < layers and r <= res and ln:
+            wanted.append((off, off + ln))
+    wanted.sort()
+    spans: list[list[int]] = []
+    for a, b in wanted:
+        if spans and a - spans[-1][1] <= gap:
+            spans[-1][1] = max(spans[-1][1], b)
+        else:
+            spans.append([a, b])
+    return [(a, b) for a, b in spans]
+
+
+def databins_from_ranges(index: PacketIndex, read_range, layers: int, res: int,
+                         gap: int = 4096) -> Databins:
+    """The data-bins of the first ``layers`` layers up to resolution ``res``, read as
+    byte ranges (``read_range(start, end) -> bytes``, e.g. HTTP range reads of an object
+    store) at the index's packet offsets; other packets are ``None`` (never sent)."""
+    spans = read_spans(index, layers, res, gap)
+    chunks = [(a, read_range(a, b)) for a, b in spans]
+
+    def cut(off: int, ln: int) -> bytes:
+        for a, data in chunks:
+            if a <= off and off + ln <= a + len(data):
+                return data[off - a:off - a + ln]
+        raise CodestreamError(f"bytes {off}-{off + ln} were not read")
+
+    prec: dict[int, list] = {}
+    for c, l, r, p, off, ln in index.packets.tolist():
+        bins = prec.setdefault(index.databin_id(c, r, p), [None] * index.nlayers)
+        if l < layers and r <= res:
+            bins[l] = cut(off, ln) if ln else b""
+    th0, th1 = index.tile_header
+    return Databins(cut(0, index.main_header_end), cut(th0, th1 - th0), prec)
+
+
 def openjpeg_tile_header(tile_header: bytes, index: PacketIndex) -> bytes:
     """The tile-header data-bin as OpenJPEG's JPIP tools read it: the SOT marker
     segment's parameters (Lsot, Isot, Psot, TPsot, TNsot, without the 0xFF90 marker code

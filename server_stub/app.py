@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 
@@ -41,6 +42,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
+from codestream.databins import databins_from_ranges, split_databins
 from codestream.index import PacketIndex
 
 from . import dicomweb, packet_routes, peers, policy_routes, session_routes
@@ -53,7 +55,7 @@ from .diagnosis import DiagnosisRecords
 from .packets import (ImageSource)
 from .policy import PolicySource
 from .dbutil import StorageFull
-from .store import Store
+from .store import Store, StoreIntegrityError
 from .jobs import JobScheduler, Leases, MigrationJob
 from .series_facts import SeriesFacts
 from .tiers import Tiers
@@ -138,6 +140,32 @@ class Server:
         return lambda: self._cached(row["codestream_sha256"],
                                     lambda: self.tiers.read_codestream(row))
 
+    def _part_loader(self, row: dict):
+        """For a remote object store: the packets a request needs as HTTP range reads at
+        the index's offsets, unless the whole codestream is at hand (memory, the local
+        read cache) or the request wants most of it (then one whole, checked read)."""
+        if not self.store.objects.remote:
+            return None
+
+        def load(layers: int, res: int):
+            ix = self._index(row)
+            sha = row["codestream_sha256"]
+            v = self._bytes.get(sha)
+            data = v[0] if v is not None else (
+                self.store.cache.get(sha) if self.store.cache is not None else None)
+            if data is None and 2 * ix.bytes_at(layers, res) < ix.total_bytes:
+                rel = row["codestream_relpath"]
+                try:
+                    return databins_from_ranges(
+                        ix, lambda a, b: self.store.read_range(rel, a, b), layers, res)
+                except StoreIntegrityError as e:
+                    if e.problem != "file is missing":     # migrated meanwhile: below
+                        raise
+            if data is None:
+                data = self._loader(row)()
+            return split_databins(data, ix)
+        return load
+
     def _head_loader(self, row: dict, tier):
         """The hot part of an archived codestream (the whole one if recalled meanwhile)."""
         def load() -> bytes:
@@ -169,7 +197,8 @@ class Server:
                 out.append(ImageSource(r["index"], key, self._index(r), self._head_loader(r, tier),
                                        hot_layers=tier.hot_layers, recall=self._recaller(r, pk)))
             else:
-                out.append(ImageSource(r["index"], key, self._index(r), self._loader(r)))
+                out.append(ImageSource(r["index"], key, self._index(r), self._loader(r),
+                                       load_part=self._part_loader(r)))
         return out
 
     def close(self) -> None:
@@ -237,7 +266,8 @@ def create_app(store: Store, authority: Authority | None = None, *,
     # catalogue database so that one process of several runs it
     scheduler = None
     if schedule and store.read_only is None:
-        scheduler = JobScheduler([MigrationJob(srv.tiers)],
+        first = float(os.environ.get("MEDVIEW_JOB_FIRST_DELAY_S", "60"))
+        scheduler = JobScheduler([MigrationJob(srv.tiers, first_delay=first)],
                                  leases=Leases(store.database))
     srv.jobs = scheduler
 

@@ -11,8 +11,14 @@ as PostgreSQL's ``trust`` for local connections.
 * Groups: table ``groups`` and ``user_groups``.
 * Rights rules: table ``rights`` (see :mod:`server_stub.rights` for what a rule holds, its
   scopes — series, study, patient, slide, exam, ``*`` — and how rules combine).
-* Sessions: in memory; they end on logout, after ``idle_s`` without a request, after
-  ``max_age_s`` in any case, and when their user is removed.
+* Sessions: table ``sessions`` (the SHA-256 of the session id, never the id itself), so
+  that every replica of a cluster serves every session; they end on logout, after
+  ``idle_s`` without a request, after ``max_age_s`` in any case, and when their user is
+  removed. A session's JPIP cache model stays in the memory of the replica that streams
+  to it; the table records which replica that is (``model_owner``), and a replica that
+  finds another one has streamed to the session since forgets its own (stale) model —
+  the client declares what it holds whenever it reconnects (see docs/ARCHITECTURE.md).
+  On a read-only store (full disk), new sessions live in memory only.
 * Failed log-ins (see :class:`LoginThrottle`) are throttled per user name (from every
   address) and per client address, with delays that double after each further failure
   (HTTP 429 with ``retry_after``). A user name in its delay is refused even with the
@@ -20,6 +26,7 @@ as PostgreSQL's ``trust`` for local connections.
   further try for any name that failed from it; but another user's correct password
   from the same address still logs in (a reading room, a NAT, the desktop's ``local``
   user share addresses), and ``local`` is never throttled (it has no secret to guess).
+  The failure records are in table ``login_failures``, shared by the replicas.
 * Audit: table ``audit``, one row per request (who, from where, what, on which
   resource, the outcome, and for packet requests what was actually sent);
   ``medview-server audit`` reads it. Rows are written off the request path by
@@ -80,6 +87,18 @@ _DDL = [
     "CREATE INDEX IF NOT EXISTS audit_at ON audit (at)",
     'CREATE INDEX IF NOT EXISTS audit_user ON audit ("user", at)',
 ]
+# step 2: sessions and login throttling in the database, so that any replica serves any
+# request (a new table is a new migration step: stores past step 1 get it too)
+_DDL_2 = [
+    "CREATE TABLE IF NOT EXISTS sessions ("
+    " id_sha256 TEXT PRIMARY KEY, user_name TEXT NOT NULL, created REAL NOT NULL,"
+    " last_used REAL NOT NULL, peer TEXT, context TEXT, model_owner TEXT)",
+    "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_name)",
+    "CREATE TABLE IF NOT EXISTS login_failures ("
+    " k TEXT PRIMARY KEY, failures INTEGER NOT NULL, last_at REAL NOT NULL,"
+    " until_at REAL NOT NULL)",
+]
+SESSION_TOUCH_S = 30.0     # a session's last use is written at most this often
 AUDIT_COLS = ("id", "at", "user", "session", "peer", "action", "resource", "outcome",
               "http_status", "detail")
 # "user" is a reserved word in PostgreSQL: quoted in SQL (both engines take the quotes)
@@ -133,6 +152,14 @@ class Session:
     model: dict[str, CacheModel] = field(default_factory=dict)   # per target
     peer: str | None = None
     context: dict = field(default_factory=dict)   # what the client reports (V8)
+    claim: Callable[["Session"], None] | None = field(default=None, repr=False)
+    model_owner: str | None = field(default=None, repr=False)
+
+    def claim_model(self) -> None:
+        """Before the cache model is used: make this replica the model's owner, and
+        forget the model if another replica has streamed to the session since."""
+        if self.claim is not None:
+            self.claim(self)
 
     @property
     def serial(self) -> str:
@@ -160,12 +187,13 @@ class LoginThrottle:
 
     def __init__(self, clock: Callable[[], float], *, user_free: int = 5,
                  address_free: int = 10, window_s: float = 900.0, base_delay_s: float = 1.0,
-                 max_delay_s: float = 900.0, max_keys: int = 100_000) -> None:
+                 max_delay_s: float = 900.0, max_keys: int = 100_000, records=None) -> None:
         self.clock = clock
         self.user_free, self.address_free = user_free, address_free
         self.window_s, self.base_delay_s, self.max_delay_s = window_s, base_delay_s, max_delay_s
         self.max_keys = max_keys
-        self.records: dict[tuple, list[float]] = {}     # key -> [failures, last, until]
+        # key -> [failures, last, until]: a dict, or a DbFailures shared by the replicas
+        self.records = {} if records is None else records
 
     def _free(self, key: tuple) -> int:
         return self.address_free if key[0] == "addr" else self.user_free
@@ -209,6 +237,81 @@ class LoginThrottle:
 
     def clear(self) -> None:
         self.records.clear()
+
+
+class DbFailures:
+    """:class:`LoginThrottle`'s records in the database (table ``login_failures``), so
+    that every replica counts the same failures: a mapping ``key tuple -> [failures,
+    last, until]``. A store that cannot be written (full disk) keeps them in memory."""
+
+    def __init__(self, db: Db) -> None:
+        self.db = db
+        self._mem: dict[tuple, list[float]] = {}
+
+    @staticmethod
+    def _k(key: tuple) -> str:
+        return json.dumps(list(key), separators=(",", ":"))
+
+    def get(self, key: tuple, default=None):
+        if key in self._mem:
+            return self._mem[key]
+        row = self.db.one("SELECT failures, last_at, until_at FROM login_failures WHERE k = ?",
+                          (self._k(key),))
+        return [row[0], row[1], row[2]] if row else default
+
+    def __getitem__(self, key: tuple):
+        v = self.get(key)
+        if v is None:
+            raise KeyError(key)
+        return v
+
+    def __contains__(self, key: tuple) -> bool:
+        return self.get(key) is not None
+
+    def __setitem__(self, key: tuple, rec) -> None:
+        try:
+            with self.db.transaction():
+                self.db.execute(
+                    "INSERT INTO login_failures (k, failures, last_at, until_at) VALUES (?,?,?,?) "
+                    "ON CONFLICT(k) DO UPDATE SET failures = excluded.failures, "
+                    "last_at = excluded.last_at, until_at = excluded.until_at",
+                    (self._k(key), int(rec[0]), float(rec[1]), float(rec[2])))
+            self._mem.pop(key, None)
+        except Exception:  # noqa: BLE001 - a read-only store: remember them here
+            self._mem[key] = rec
+
+    def __delitem__(self, key: tuple) -> None:
+        if self.pop(key, None) is None:
+            raise KeyError(key)
+
+    def pop(self, key: tuple, default=None):
+        v = self.get(key)
+        self._mem.pop(key, None)
+        if v is not None:
+            try:
+                with self.db.transaction():
+                    self.db.execute("DELETE FROM login_failures WHERE k = ?", (self._k(key),))
+            except Exception:  # noqa: BLE001 - read-only: it expires by itself
+                pass
+        return default if v is None else v
+
+    def __len__(self) -> int:
+        return (self.db.one("SELECT COUNT(*) FROM login_failures") or (0,))[0] + len(self._mem)
+
+    def __iter__(self):
+        keys = [tuple(json.loads(k)) for (k,) in self.db.all("SELECT k FROM login_failures")]
+        return iter(keys + list(self._mem))
+
+    def items(self):
+        return [(k, self[k]) for k in list(self)]
+
+    def clear(self) -> None:
+        self._mem.clear()
+        try:
+            with self.db.transaction():
+                self.db.execute("DELETE FROM login_failures")
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class AuditWriter:
@@ -387,7 +490,7 @@ class Authority:
                  address_failures: int | None = None, allow_local: bool = False,
                  audit_batch: int = 256, audit_buffer: int = 100_000) -> None:
         self._db_path = db_path
-        self.db = Db(db_path, component="auth", migrations={1: _DDL})
+        self.db = Db(db_path, component="auth", migrations={1: _DDL, 2: _DDL_2})
         self.status_of = status_of
         self.policy = policy
         self.clock = clock
@@ -395,10 +498,15 @@ class Authority:
         self.allow_local = allow_local
         self.throttle = LoginThrottle(
             clock, user_free=max_failures, window_s=failure_window_s,
-            address_free=address_failures if address_failures is not None else 2 * max_failures)
+            address_free=address_failures if address_failures is not None else 2 * max_failures,
+            records=DbFailures(self.db))
         self._failures = self.throttle.records       # cleared by tests and admins
         self._lock = threading.Lock()
+        # sessions this process has seen (with their cache models); the table is the truth
         self._sessions: dict[str, Session] = {}
+        self._mem_only: set[str] = set()             # made while the store was read-only
+        self.replica = secrets.token_hex(8)          # this process, as a model owner
+        self._pruned = float("-inf")
         if not self.db.read_only:
             with self.db.transaction():
                 self.db.execute("INSERT INTO users(name, password_hash, created) "
@@ -449,9 +557,7 @@ class Authority:
             self.db.execute('DELETE FROM user_groups WHERE "user" = ?', (name,))
             self.db.execute("DELETE FROM rights WHERE subject = ?", (name,))
             gone = self.db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
-        with self._lock:
-            for sid in [k for k, s in self._sessions.items() if s.user == name]:
-                del self._sessions[sid]
+        self._end_sessions_of(name)
         return gone
 
     def set_groups(self, name: str, groups: Iterable[str]) -> None:
@@ -575,13 +681,14 @@ class Authority:
             ok = False
         else:
             ok = verify_password(password or "", row[0])
-        with self._lock:
-            if ok:
+        if ok:
+            with self._lock:
                 th.forget(user_key)
                 th.forget(pair_key)
-                s = Session(secrets.token_urlsafe(24), name, now, now, peer=peer)
-                self._sessions[s.id] = s
-                return s
+            s = Session(secrets.token_urlsafe(24), name, now, now, peer=peer)
+            self._new_session(s)
+            return s
+        with self._lock:
             for key in (user_key, addr_key, pair_key):
                 th.fail(key, now)
             wait = th.wait(user_key, now)
@@ -598,9 +705,8 @@ class Authority:
             why = ("the password-less local user logs in only from this machine, straight "
                    "to the server (not through a proxy)")
         else:
-            with self._lock:
-                s = Session(secrets.token_urlsafe(24), LOCAL_USER, now, now, peer=addr)
-                self._sessions[s.id] = s
+            s = Session(secrets.token_urlsafe(24), LOCAL_USER, now, now, peer=addr)
+            self._new_session(s)
             return s
         with self._lock:
             self.throttle.fail(("addr", addr), now)
@@ -620,20 +726,110 @@ class Authority:
             cls._dummy = hash_password(secrets.token_hex(8))
         return cls._dummy
 
+    # ----------------------------------------------------------------- sessions (shared)
+    @staticmethod
+    def _sid_key(sid: str) -> str:
+        return hashlib.sha256(sid.encode("utf-8", "surrogateescape")).hexdigest()
+
+    def _write(self, sql: str, params: tuple) -> bool:
+        """A small write to the sessions table; False when the store cannot be written."""
+        try:
+            with self.db.transaction():
+                self.db.execute(sql, params)
+            return True
+        except Exception as e:  # noqa: BLE001 - a read-only store, a full disk
+            log.warning("sessions: cannot write (%s); kept in this process only", e)
+            return False
+
+    def _new_session(self, s: Session) -> None:
+        s.claim, s.model_owner = self._claim, self.replica
+        if s.created - self._pruned >= 60:       # ended sessions leave the table
+            self._pruned = s.created
+            self._write("DELETE FROM sessions WHERE last_used < ? OR created < ?",
+                        (s.created - self.idle_s, s.created - self.max_age_s))
+        stored = self._write(
+            "INSERT INTO sessions (id_sha256, user_name, created, last_used, peer, context,"
+            " model_owner) VALUES (?,?,?,?,?,?,?)",
+            (self._sid_key(s.id), s.user, s.created, s.last_used, s.peer, "{}", self.replica))
+        with self._lock:
+            self._sessions[s.id] = s
+            if not stored:
+                self._mem_only.add(s.id)
+            if len(self._sessions) > 1000:       # forget idle ones (the table keeps them)
+                now = self.clock()
+                for k in [k for k, v in self._sessions.items()
+                          if now - v.last_used > 600 and k not in self._mem_only]:
+                    del self._sessions[k]
+
+    def _claim(self, s: Session) -> None:
+        if s.model_owner == self.replica or s.id in self._mem_only:
+            return
+        s.model.clear()                          # another replica streamed since
+        s.model_owner = self.replica
+        self._write("UPDATE sessions SET model_owner = ? WHERE id_sha256 = ?",
+                    (self.replica, self._sid_key(s.id)))
+
+    def _end_sessions_of(self, name: str) -> None:
+        self._write("DELETE FROM sessions WHERE user_name = ?", (name,))
+        with self._lock:
+            for sid in [k for k, s in self._sessions.items() if s.user == name]:
+                del self._sessions[sid]
+                self._mem_only.discard(sid)
+
+    def save_context(self, s: Session) -> None:
+        """Record what the client reported (``/api/session/context``) for every replica."""
+        self._write("UPDATE sessions SET context = ? WHERE id_sha256 = ?",
+                    (json.dumps(s.context), self._sid_key(s.id)))
+
     def logout(self, sid: str) -> None:
+        self._write("DELETE FROM sessions WHERE id_sha256 = ?", (self._sid_key(sid),))
         with self._lock:
             self._sessions.pop(sid, None)
+            self._mem_only.discard(sid)
 
     def session(self, sid: str | None) -> Session:
         if not sid:
             raise AuthError("a session is required: log in first (POST /api/login)", 401)
         now = self.clock()
         with self._lock:
+            mem_only = sid in self._mem_only
+        row = None
+        if not mem_only:
+            row = self.db.one("SELECT user_name, created, last_used, peer, context, model_owner"
+                              " FROM sessions WHERE id_sha256 = ?", (self._sid_key(sid),))
+        with self._lock:
             s = self._sessions.get(sid)
+            if row is None and not mem_only:
+                s = None                          # logged out, or ended, on any replica
+            elif row is not None:
+                user, created, last_used, peer, context, owner = row
+                if s is None or s.user != user:
+                    try:
+                        ctx = json.loads(context or "{}")
+                    except ValueError:
+                        ctx = {}
+                    s = Session(sid, user, created, last_used, peer=peer, context=ctx,
+                                claim=self._claim, model_owner=owner)
+                    self._sessions[sid] = s
+                else:
+                    s.last_used = max(s.last_used, last_used)
+                    if owner != self.replica:
+                        s.model_owner = owner
             if s is None or now - s.last_used > self.idle_s or now - s.created > self.max_age_s:
                 self._sessions.pop(sid, None)
-                raise AuthError("session unknown or expired: log in again", 401)
-            s.last_used = now
+                self._mem_only.discard(sid)
+                expired = s is not None
+                s = None
+            else:
+                touch = row is not None and now - row[2] >= SESSION_TOUCH_S
+                s.last_used = now
+        if s is None:
+            if expired:
+                self._write("DELETE FROM sessions WHERE id_sha256 = ?", (self._sid_key(sid),))
+            raise AuthError("session unknown or expired: log in again", 401)
+        if touch:
+            self._write("UPDATE sessions SET last_used = ? WHERE id_sha256 = ?",
+                        (now, self._sid_key(sid)))
         return s
 
     # ----------------------------------------------------------------- the hook

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -982,7 +983,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
 
     _add_list_parser(sub)
+    for name in ("ingest", "fsck", "serve", "sample", "migrate"):
+        _object_store_args(sub.choices[name])
     return parser
+
+
+def _object_store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objects", metavar="URL",
+                   help="keep the store's originals, codestreams and indexes in this object "
+                        "store (s3://bucket/prefix); recorded in STORE/objects.json on first "
+                        "use, so later commands need not repeat it. Credentials from "
+                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or boto3's usual chain)")
+    p.add_argument("--s3-endpoint", metavar="URL",
+                   help="endpoint of an S3-compatible server (default: MEDVIEW_S3_ENDPOINT, "
+                        "else the one recorded with the store, else AWS)")
+
+
+def _open_object_store(args: argparse.Namespace) -> None:
+    """``--objects`` / ``--s3-endpoint``: record the store's object store (every command
+    then opens ``Store(args.store)`` as usual and finds it)."""
+    endpoint = getattr(args, "s3_endpoint", None)
+    if endpoint:
+        os.environ["MEDVIEW_S3_ENDPOINT"] = endpoint
+    url = getattr(args, "objects", None)
+    if url:
+        from .store import Store, StoreError
+        try:
+            Store(args.store, url, endpoint=endpoint).close()
+        except StoreError as e:
+            raise UsageError(str(e)) from None
 
 
 def _cmd_user_checked(args: argparse.Namespace) -> int:
@@ -1036,6 +1065,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _use_database(args)
+        _open_object_store(args)
         return int(args.func(args))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,9 @@ power cut or ``kill -9`` would stop it (no cleanup, no flush, no atexit).
 
 Points: ``migrate.tail-copied``, ``migrate.head-written``, ``migrate.committed``,
 ``migrate.original-copied``, ``migrate.original-committed``, ``recall.written``,
-``recall.committed``, ``recall.original-written``.
+``recall.committed``, ``recall.original-written``, ``objects.put`` (before a store
+file goes to a remote object store), ``objects.put-sent`` (the S3 PUT done, not yet
+checked).
 
 A full disk, too: with ``disk-full`` in ``MEDVIEW_FAULTS`` (or after
 :func:`set_disk_full`), every database write transaction and every store file write

@@ -7,7 +7,7 @@ imports the tier engine to check itself).
 """
 from __future__ import annotations
 
-from .store import FsckReport, Store
+from .store import FsckReport, Store, StoreError
 from .tiers import tier_fsck
 
 
@@ -40,11 +40,9 @@ def fsck(store: Store, repair: bool = False) -> FsckReport:
     if repair:
         for rel in hot_orphans:
             try:
-                store.abspath(rel).unlink()
+                store.delete_file(rel)
                 report.removed.append(rel)
-            except FileNotFoundError:
-                report.removed.append(rel)
-            except OSError:
+            except (OSError, StoreError):
                 pass
     return report
 

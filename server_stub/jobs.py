@@ -37,6 +37,11 @@ _DDL = ["CREATE TABLE IF NOT EXISTS job_lease ("
         " holder TEXT,"
         " expires_at REAL NOT NULL DEFAULT 0,"
         " taken_at REAL)"]
+# step 2: the last finished run of each job, by any process: a periodic job that another
+# replica has just run is not run again in the same period
+_DDL_2 = ["CREATE TABLE IF NOT EXISTS job_run ("
+          " name TEXT PRIMARY KEY, finished_at REAL NOT NULL, holder TEXT,"
+          " runs INTEGER NOT NULL DEFAULT 0)"]
 
 
 class Leases:
@@ -45,7 +50,7 @@ class Leases:
 
     def __init__(self, db_path, *, holder: str | None = None, ttl: float = 600.0,
                  clock: Callable[[], float] = time.time) -> None:
-        self.db = Db(db_path, component="jobs", migrations={1: _DDL})
+        self.db = Db(db_path, component="jobs", migrations={1: _DDL, 2: _DDL_2})
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.ttl = ttl
         self.clock = clock
@@ -66,6 +71,20 @@ class Leases:
         with self.db.transaction():
             self.db.execute("UPDATE job_lease SET holder = NULL, expires_at = 0 "
                             "WHERE name = ? AND holder = ?", [name, self.holder])
+
+    def record_run(self, name: str) -> None:
+        """A run of ``name`` has finished (counted across the cluster)."""
+        with self.db.transaction():
+            self.db.execute("INSERT INTO job_run (name, finished_at, holder, runs) "
+                            "VALUES (?, ?, ?, 1) ON CONFLICT(name) DO UPDATE SET "
+                            "finished_at = excluded.finished_at, holder = excluded.holder, "
+                            "runs = job_run.runs + 1", [name, self.clock(), self.holder])
+
+    def last_run(self, name: str) -> tuple[float, str, int] | None:
+        """(finished at, by whom, runs so far) of the job's last run by any process."""
+        row = self.db.one("SELECT finished_at, holder, runs FROM job_run WHERE name = ?",
+                          [name])
+        return (row[0], row[1], row[2]) if row else None
 
     def holder_of(self, name: str) -> str | None:
         row = self.db.one("SELECT holder, expires_at FROM job_lease WHERE name = ?", [name])
@@ -117,6 +136,10 @@ class MigrationJob:
         hours = self.tiers.settings().schedule_hours if self.tiers.settings else 0
         self._next = self.clock() + max(hours, 0.01) * 3600
 
+    def period_s(self) -> float | None:
+        hours = self.tiers.settings().schedule_hours if self.tiers.settings else 0
+        return hours * 3600 if hours > 0 else None
+
 
 class SlideTierJob:
     """Slide tiering: one move at a time, only after ``idle_seconds`` without slide
@@ -167,6 +190,7 @@ class JobScheduler:
         self.clock = clock
         self.last_report: dict[str, object] = {}
         self.runs: dict[str, int] = {}
+        self.decided: dict[str, int] = {}     # due turns decided (run here, or not)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -189,24 +213,44 @@ class JobScheduler:
             wait = job.wait(self.clock())
             if wait is None or wait > 0:
                 continue
+            self.decided[job.name] = self.decided.get(job.name, 0) + 1
             if self.leases is not None and not self.leases.acquire(job.name):
                 log.info("job %s runs elsewhere (%s)", job.name,
                          self.leases.holder_of(job.name))
                 job.skipped()
                 continue
+            period = getattr(job, "period_s", None)
+            period = period() if period is not None else None
+            last = self.leases.last_run(job.name) if self.leases is not None and period else None
+            if last is not None and self.leases.clock() - last[0] < period:
+                log.info("job %s ran %.0f s ago (%s): not again this period", job.name,
+                         self.leases.clock() - last[0], last[1])
+                self.leases.release(job.name)
+                job.skipped()
+                continue
+            ok = False
             try:
                 report = job.run(self._should_stop_for(job.name))
+                ok = True
             except Exception:  # noqa: BLE001 - the job must survive and try again later
                 log.exception("background job %s failed", job.name)
                 job.skipped()
                 continue
             finally:
                 if self.leases is not None:
+                    if ok and period:            # recorded before the lease is given up
+                        self.leases.record_run(job.name)
                     self.leases.release(job.name)
             self.last_report[job.name] = report
             self.runs[job.name] = self.runs.get(job.name, 0) + 1
             out[job.name] = report
         return out
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per job: turns that came due in this process, and runs it made."""
+        names = [j.name for j in list(self.jobs)]
+        return {n: {"decided": self.decided.get(n, 0), "runs": self.runs.get(n, 0)}
+                for n in names}
 
     def _should_stop_for(self, name: str) -> Callable[[], bool]:
         def should_stop() -> bool:

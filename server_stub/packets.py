@@ -103,6 +103,9 @@ class ImageSource:
     load: Callable[[], bytes]      # returns the verified codestream bytes (or its head)
     hot_layers: int | None = None  # layers held in the hot store; None = all of them
     recall: Callable[[], bytes] | None = None   # the whole codestream, from the archive
+    # (layers, res) -> data-bins with at least those packets (range reads of a remote
+    # object store); None: ``load`` the whole codestream
+    load_part: Callable[[int, int], object] | None = None
 
     def needs_recall(self, layers: int) -> bool:
         return self.hot_layers is not None and layers > self.hot_layers
@@ -469,6 +472,9 @@ def resolve_model(req: PacketRequest, session, series: list["ImageSource"]
 
     headers = {"JPIP-tid": req.target}
     stateful = True
+    claim = getattr(session, "claim_model", None)
+    if claim is not None:          # a cluster: forget a model another replica made stale
+        claim()
     if req.cid and req.cid != session.id:
         model = session.model.get(CHANNEL_KEY + req.cid)
         if model is None:
@@ -821,12 +827,16 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
         if db is None:
             if len(bins_cache) > 8:
                 bins_cache.clear()
-            data = im.recall() if inc.csn in whole and im.recall is not None else im.load()
-            if im.hot_layers is None or len(data) == im.index.total_bytes:
-                db = split_databins(data, im.index)
-                whole.add(inc.csn)
+            if im.load_part is not None and im.hot_layers is None and inc.csn not in whole:
+                # the packets this plan sends of the image, as range reads
+                db = im.load_part(p.layers[inc.csn], p.res[inc.csn])
             else:
-                db = databins_from_head(data, im.index, im.hot_layers)
+                data = im.recall() if inc.csn in whole and im.recall is not None else im.load()
+                if im.hot_layers is None or len(data) == im.index.total_bytes:
+                    db = split_databins(data, im.index)
+                    whole.add(inc.csn)
+                else:
+                    db = databins_from_head(data, im.index, im.hot_layers)
             bins_cache[inc.csn] = db
         if inc.headers:
             th, mh = db.tile_header, db.main_header

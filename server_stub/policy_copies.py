@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 
 from .convert import ConvertReport, FileResult, Options, convert_bytes
 from .dbutil import Db
-from .store import Store, safe_component
+from .store import Store, StoreError, safe_component
 
 log = logging.getLogger("medview.convert")
 
@@ -183,8 +183,8 @@ def convert_store(root: str | Path | Store, *, policy_file: str | Path | None = 
             if (old and old["relpath"] and old["relpath"] != rel
                     and old["relpath"].startswith(FINAL_DIR + "/")):
                 try:
-                    store.abspath(old["relpath"]).unlink()
-                except OSError:
+                    store.delete_file(old["relpath"])
+                except (OSError, StoreError):
                     pass
             if res.status == "failed":
                 log.error("final copy of %s failed: %s", sop, res.error)

@@ -125,6 +125,7 @@ def routes(srv, guarded) -> list[Route]:
             except (TypeError, ValueError):
                 raise RequestError(f"{k} must be a {kind.__name__}") from None
         request.state.session.context.update(ctx)
+        srv.auth.save_context(request.state.session)      # for every replica
         request.state.audit["context"] = ctx
         return JSONResponse({"context": request.state.session.context})
 

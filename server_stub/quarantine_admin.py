@@ -110,10 +110,7 @@ def _replace(store: Store, e: Entry, data: bytes, verify: bool) -> str:
             source_path=stored["original_relpath"], state="replaced",
             resolution=f"the stored instance, replaced by the file of entry {e.id}")
         for relpath in cat.delete_instance(e.stored_sop_instance_uid):
-            try:
-                store.abspath(relpath).unlink()
-            except FileNotFoundError:
-                pass
+            store.delete_file(relpath)
         kept = f"; the former original is kept as entry {old_entry.id} ({rel})"
     out = ingest.commit_prepared(probe, store)
     if not isinstance(out, ingest.ImportedFile):

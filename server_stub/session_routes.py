@@ -88,7 +88,9 @@ def routes(srv, guarded) -> list[Route]:
         return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
                              "read_only": read_only is not None, "problems": problems,
                              "audit": audit, "conversion": conv,
-                             "admission": srv.gates.stats() if srv.gates is not None else None})
+                             "admission": srv.gates.stats() if srv.gates is not None else None,
+                             "jobs": srv.jobs.stats() if srv.jobs is not None else None,
+                             "replica": srv.auth.replica})
 
     health.medview = {"action": None, "public": True}
 

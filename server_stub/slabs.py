@@ -32,7 +32,6 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -41,7 +40,7 @@ from codestream.encode import EncodeError, decode_full, encode_frame
 from codestream.index import PacketIndex
 
 from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
-from .store import safe_component
+from .store import StoreError, safe_component
 
 log = logging.getLogger("medview.slabs")
 
@@ -199,10 +198,9 @@ class SlabCatalogue:
         }
 
     def _load(self, series_uid: str, fingerprint: str) -> SlabSeries | None:
-        path = self.store.abspath(f"{self._folder(series_uid)}/{MANIFEST}")
         try:
-            manifest = json.loads(Path(path).read_text())
-        except (OSError, ValueError):
+            manifest = json.loads(self.store.read_file(f"{self._folder(series_uid)}/{MANIFEST}"))
+        except (OSError, ValueError, StoreError):
             return None
         pyr = manifest.get("layout", {}).get("pyramid", {})
         if pyr.get("fingerprint") != fingerprint or pyr.get("format") != FORMAT:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import threading
@@ -49,6 +50,7 @@ from . import faults
 from .catalogue import Catalogue
 from .database import CATALOGUE_NAME, database_of, note_database, use_database  # noqa: F401
 from .dbutil import DatabaseError, StorageFull, is_disk_full, set_read_only
+from .objects import LocalObjects, ObjectError, ObjectMissing, ObjectStore, ReadCache, open_objects
 
 MIN_FREE_BYTES = 16 << 20        # below this much free space a server starts read-only
 
@@ -56,6 +58,9 @@ _fsync_dir = fsync_dir   # the name the server's modules use
 
 ORIGINALS_DIR = "originals"
 J2K_DIR = "j2k"
+OBJECTS_FILE = "objects.json"     # where the store's objects live, if not in STORE itself
+READ_CACHE_DIR = "cache/objects"  # the local read cache of a remote object store
+READ_CACHE_BYTES = 1 << 30
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -163,17 +168,66 @@ class DurableBatch:
 
 
 class Store:
-    """A store directory: originals, codestreams, packet indexes and the catalogue."""
+    """A store directory: the catalogue, and the originals, codestreams and packet
+    indexes — in the directory itself, or in an object store (:mod:`server_stub.objects`,
+    e.g. an S3 bucket) recorded in ``STORE/objects.json`` when the store is first opened
+    with ``objects``. Every file operation on the store's data goes through
+    :attr:`objects`; a remote object store is read through a local :class:`ReadCache`
+    (by SHA-256, checked on every use)."""
 
-    def __init__(self, root: str | Path, database: str | None = None):
+    def __init__(self, root: str | Path, objects: "ObjectStore | str | None" = None, *,
+                 endpoint: str | None = None, read_cache_bytes: int | None = None,
+                 database: str | None = None):
         self.root = Path(root).resolve()
+        self._ensure_dir(self.root)
         if database:
             use_database(self.root, database)
-        for d in (self.root, self.root / ORIGINALS_DIR, self.root / J2K_DIR):
-            self._ensure_dir(d)
+        self.objects: ObjectStore = self._open_objects(objects, endpoint)
+        if not self.objects.remote:
+            for d in (self.root / ORIGINALS_DIR, self.root / J2K_DIR):
+                self._ensure_dir(d)
+            self.cache: ReadCache | None = None
+        else:
+            budget = read_cache_bytes if read_cache_bytes is not None else int(
+                os.environ.get("MEDVIEW_READ_CACHE_BYTES", READ_CACHE_BYTES))
+            self.cache = ReadCache(self.root / READ_CACHE_DIR, budget) if budget > 0 else None
         self._catalogue: Catalogue | None = None
         self._cat_lock = threading.Lock()
         self.read_only: str | None = None        # why, when the store is read-only
+        self.range_reads = 0                     # range reads made (statistics)
+
+    def _open_objects(self, objects, endpoint: str | None) -> "ObjectStore":
+        """The object store: given, else the one recorded in ``objects.json``, else the
+        store directory. Recording it makes every later command (ingest, fsck, serve...)
+        use it without being told; a store never silently changes where its data is."""
+        rec_path = self.root / OBJECTS_FILE
+        recorded = None
+        if rec_path.is_file():
+            try:
+                recorded = json.loads(rec_path.read_text())
+            except ValueError as e:
+                raise StoreError(f"{rec_path} is not JSON: {e}") from None
+        if objects is None and recorded is None:
+            return LocalObjects(self.root, writer=write_file_atomic)
+        if objects is None:
+            url = recorded["url"]
+            endpoint = endpoint or os.environ.get("MEDVIEW_S3_ENDPOINT") or recorded.get("endpoint")
+            return open_objects(url, endpoint=endpoint)
+        store = objects if not isinstance(objects, str) else open_objects(objects, endpoint=endpoint)
+        if not store.remote and Path(store.url) == self.root:
+            return LocalObjects(self.root, writer=write_file_atomic)
+        if recorded is not None and recorded.get("url") != store.url:
+            raise StoreError(f"the store {self.root} keeps its data in {recorded.get('url')}, "
+                             f"not {store.url}")
+        if recorded is None:
+            ensure = getattr(store, "ensure_bucket", None)
+            if ensure is not None:
+                ensure()
+            ep = endpoint or getattr(getattr(getattr(store, "client", None), "meta", None),
+                                     "endpoint_url", None)
+            _write_file_atomic(rec_path, json.dumps({"url": store.url, "endpoint": ep},
+                                                    indent=1).encode())
+        return store
 
     # ------------------------------------------------------------------ basics
 
@@ -286,21 +340,42 @@ class Store:
 
     # ------------------------------------------------------------------ writing
 
+    def key(self, path: str | Path) -> str:
+        """The object key (store-relative POSIX path) of a path given either way."""
+        p = Path(path)
+        if p.is_absolute():
+            return self.relpath(p)
+        self.abspath(path)                   # refuses paths that leave the store
+        return PurePosixPath(str(path).replace(os.sep, "/")).as_posix()
+
     def atomic_write(self, path: str | Path, data: bytes, *,
                      batch: "DurableBatch | None" = None) -> str:
         """Write ``data`` to ``path`` (store-relative or absolute inside the store)
-        atomically and durably; returns its SHA-256 hex digest. With ``batch`` the
-        fsyncs are left to :meth:`DurableBatch.make_durable`, which the caller must
-        call before anything (a catalogue row) refers to the file."""
+        atomically and durably — in the object store, checked there before this returns
+        — and return its SHA-256 hex digest. With ``batch`` (local disk only) the fsyncs
+        are left to :meth:`DurableBatch.make_durable`, which the caller must call before
+        anything (a catalogue row) refers to the file; an object store's PUT is durable
+        by itself."""
         if self.read_only is not None:
             raise StorageFull(f"the server is read-only: {self.read_only}")
-        target = self._resolve(path)
-        self._ensure_dir(target.parent)
-        write_file_atomic(target, data, sync_dir=batch is None, sync_file=batch is None)
-        if batch is not None:
-            batch.files.append(target)
-            batch.dirs.add(target.parent)
-        return sha256_hex(data)
+        sha = sha256_hex(data)
+        if not self.objects.remote:
+            target = self._resolve(path)
+            self._ensure_dir(target.parent)
+            write_file_atomic(target, data, sync_dir=batch is None, sync_file=batch is None)
+            if batch is not None:
+                batch.files.append(target)
+                batch.dirs.add(target.parent)
+            return sha
+        key = self.key(path)
+        faults.point("objects.put")
+        try:
+            self.objects.put(key, data)
+        except ObjectError as e:
+            raise StoreError(f"cannot store {key}: {e}") from e
+        if self.cache is not None:
+            self.cache.put(sha, data)
+        return sha
 
     @staticmethod
     def original_relpath(sha256: str) -> str:
@@ -316,14 +391,8 @@ class Store:
         """
         sha = sha256_hex(data)
         rel = self.original_relpath(sha)
-        p = self.abspath(rel)
-        if p.is_file():
-            try:
-                have, size = sha256_file(p)
-            except OSError:
-                have, size = "", -1
-            if have == sha and size == len(data):
-                return rel, sha
+        if self.check_file(rel, sha, len(data)) is None:
+            return rel, sha
         self.atomic_write(rel, data, batch=batch)
         return rel, sha
 
@@ -337,15 +406,47 @@ class Store:
 
     # ------------------------------------------------------------------ reading
 
+    def read_file(self, relpath: str) -> bytes:
+        """A stored file's bytes, unchecked (for files that carry their own checks, such
+        as a manifest); :class:`FileNotFoundError` if absent, OSError if unreadable."""
+        if not self.objects.remote:
+            return self.abspath(relpath).read_bytes()
+        try:
+            return self.objects.get(self.key(relpath))
+        except ObjectMissing:
+            raise FileNotFoundError(relpath) from None
+        except ObjectError as e:
+            raise OSError(str(e)) from None
+
+    def read_range(self, relpath: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a stored file (an HTTP range read on S3). Not checked
+        against the file's SHA-256 (only whole reads can be): the object was checked when
+        it was written, and fsck checks it whole."""
+        self.range_reads += 1
+        try:
+            data = self.objects.get_range(self.key(relpath), start, end)
+        except ObjectMissing:
+            raise StoreIntegrityError(relpath, "file is missing") from None
+        except ObjectError as e:
+            raise StoreIntegrityError(relpath, f"cannot read file: {e}") from None
+        if len(data) != end - start:
+            raise StoreIntegrityError(relpath, f"range {start}-{end} is beyond the end of the file")
+        return data
+
     def read_verified(self, relpath: str, sha256: str, size: int | None = None) -> bytes:
         """Read a stored file and check it against its recorded SHA-256 (and size).
 
         Raises :class:`StoreIntegrityError` if it is missing, unreadable, or different.
         """
-        p = self.abspath(relpath)
+        if self.cache is not None:
+            data = self.cache.get(sha256, size)
+            if data is not None:
+                return data
         try:
-            data = p.read_bytes()
+            data = self.read_file(relpath)
         except FileNotFoundError:
+            raise StoreIntegrityError(relpath, "file is missing") from None
+        except IsADirectoryError:
             raise StoreIntegrityError(relpath, "file is missing") from None
         except OSError as e:
             raise StoreIntegrityError(relpath, f"cannot read file: {e}") from None
@@ -358,22 +459,50 @@ class Store:
             raise StoreIntegrityError(
                 relpath, f"SHA-256 mismatch: file has {have}, catalogue records {sha256} "
                          f"({len(data)} bytes; damaged or truncated)")
+        if self.cache is not None:
+            self.cache.put(sha256, data)
         return data
 
     def check_file(self, relpath: str, sha256: str, size: int | None = None) -> str | None:
-        """None if the file matches, else a description of the problem."""
-        p = self.abspath(relpath)
-        if not p.is_file():
-            return "file is missing"
-        try:
-            have, n = sha256_file(p)
-        except OSError as e:
-            return f"cannot read file: {e}"
+        """None if the file matches, else a description of the problem (the object store
+        is read, never the read cache)."""
+        if not self.objects.remote:
+            p = self.abspath(relpath)
+            if not p.is_file():
+                return "file is missing"
+            try:
+                have, n = sha256_file(p)
+            except OSError as e:
+                return f"cannot read file: {e}"
+        else:
+            try:
+                data = self.objects.get(self.key(relpath))
+            except ObjectMissing:
+                return "file is missing"
+            except ObjectError as e:
+                return f"cannot read file: {e}"
+            have, n = sha256_hex(data), len(data)
         if size is not None and n != size:
             return f"size is {n} bytes, catalogue records {size}"
         if have != sha256:
             return f"SHA-256 mismatch: file has {have}, catalogue records {sha256}"
         return None
+
+    def exists(self, relpath: str) -> bool:
+        """Whether a stored file is there (whatever its content)."""
+        if not self.objects.remote:
+            return self.abspath(relpath).is_file()
+        try:
+            return self.objects.exists(self.key(relpath))
+        except ObjectError as e:
+            raise StoreError(f"cannot reach {relpath}: {e}") from e
+
+    def delete_file(self, relpath: str) -> bool:
+        """Remove a stored file (durably); True if it was there."""
+        try:
+            return self.objects.delete(self.key(relpath))
+        except ObjectError as e:
+            raise StoreError(f"cannot delete {relpath}: {e}") from e
 
     # ------------------------------------------------------------------ fsck
 
@@ -381,18 +510,17 @@ class Store:
         """Every file under originals/, j2k/ and final/ (the final copies), as
         store-relative paths."""
         for top in (ORIGINALS_DIR, J2K_DIR, "final"):
-            base = self.root / top
-            for dirpath, _dirs, files in os.walk(base):
-                for name in files:
-                    yield (Path(dirpath) / name).relative_to(self.root).as_posix()
+            if not self.objects.remote:
+                base = self.root / top
+                for dirpath, _dirs, files in os.walk(base):
+                    for name in files:
+                        yield (Path(dirpath) / name).relative_to(self.root).as_posix()
+            else:
+                yield from self.objects.keys(top)
 
     def delete_study(self, study_uid: str) -> int:
         """Remove a study from the catalogue, then its files; returns files removed."""
         removed = 0
         for rel in self.catalogue.delete_study(study_uid):
-            try:
-                self.abspath(rel).unlink()
-                removed += 1
-            except FileNotFoundError:
-                pass
+            removed += bool(self.delete_file(rel))
         return removed

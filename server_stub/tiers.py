@@ -51,15 +51,15 @@ just made the only copy.
 
 Archives
 --------
-:class:`DirectoryArchive` (default: ``STORE/archive``) and :class:`S3Archive` (an
-S3-compatible object store, through a boto3-style client) implement the small
-:class:`Archive` interface. The URL of the archive is recorded in every tier row, so the
+:class:`ObjectArchive` implements the small :class:`Archive` interface over the same
+object stores as the hot store (:mod:`server_stub.objects`): a directory
+(:func:`DirectoryArchive`, default ``STORE/archive``) or an S3 bucket
+(:func:`S3Archive`, ``s3://bucket/prefix``). The URL of the archive is recorded in every tier row, so the
 data can always be found again whatever the current configuration says.
 """
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,7 +73,8 @@ from codestream.layersplit import join_layers, split_by_layers
 from . import faults
 from .catalogue import GENERATION_TABLE, generation_trigger
 from .dbutil import Db
-from .store import (FsckReport, Store, StoreError, StoreIntegrityError, _fsync_dir, write_file_atomic,
+from .objects import LocalObjects, ObjectError, ObjectMissing, ObjectStore, S3Objects, open_objects
+from .store import (FsckReport, Store, StoreError, StoreIntegrityError, write_file_atomic,
                     sha256_hex)
 
 log = logging.getLogger("medview.tiers")
@@ -144,123 +145,59 @@ def _check_key(key: str) -> PurePosixPath:
     return k
 
 
-class DirectoryArchive:
-    """An archive in a directory (another disk, a NAS mount...). Writes are atomic and
-    fsynced, like the hot store's.
+class ObjectArchive:
+    """An archive over an :class:`~server_stub.objects.ObjectStore` (the same module the
+    hot store uses): a directory (another disk, a NAS mount...) or an S3 bucket. Object
+    store failures become :class:`ArchiveError`."""
 
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+        self.url = objects.url
+
+    def _call(self, what: str, key: str, fn):
+        try:
+            return fn()
+        except ObjectMissing:
+            raise ArchiveError(f"archive object {key} is missing ({self.url})") from None
+        except ObjectError as e:
+            raise ArchiveError(f"archive {self.url}: cannot {what} {key}: {e}") from e
+
+    def put(self, key: str, data: bytes) -> None:
+        _check_key(key)
+        self._call("store", key, lambda: self.objects.put(key, data))
+
+    def get(self, key: str) -> bytes:
+        _check_key(key)
+        return self._call("read", key, lambda: self.objects.get(key))
+
+    def exists(self, key: str) -> bool:
+        _check_key(key)
+        return self._call("reach", key, lambda: self.objects.exists(key))
+
+    def delete(self, key: str) -> None:
+        _check_key(key)
+        self._call("delete", key, lambda: self.objects.delete(key))
+
+    def keys(self) -> Iterator[str]:
+        try:
+            yield from self.objects.keys()
+        except ObjectError as e:
+            raise ArchiveError(f"archive {self.url} cannot be listed: {e}") from e
+
+
+def DirectoryArchive(root: str | Path, create: bool = False) -> ObjectArchive:  # noqa: N802
+    """An archive in a directory. Writes are atomic and fsynced, like the hot store's.
     Only the default archive (``STORE/archive``) is created when missing; a configured
     directory must exist, so that an unmounted archive disk is an error, not an empty
     folder on the hot disk."""
-
-    def __init__(self, root: str | Path, create: bool = False) -> None:
-        self.root = Path(root).resolve()
-        self.create = create
-        self.url = str(self.root)
-
-    def _path(self, key: str) -> Path:
-        if not self.root.is_dir():
-            if not self.create:
-                raise ArchiveError(f"the archive directory {self.root} does not exist "
-                                   "(archive disk not mounted?)")
-            self.root.mkdir(parents=True, exist_ok=True)
-        return self.root.joinpath(*_check_key(key).parts)
-
-    def put(self, key: str, data: bytes) -> None:
-        p = self._path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(p, data)
-
-    def get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
-            raise ArchiveError(f"archive object {key} is missing ({self.url})") from None
-        except OSError as e:
-            raise ArchiveError(f"archive {self.url} cannot be read: {e}") from None
-
-    def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def delete(self, key: str) -> None:
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
-
-    def keys(self) -> Iterator[str]:
-        if not self.root.is_dir() and not self.create:
-            raise ArchiveError(f"the archive directory {self.root} does not exist")
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
-                yield (Path(dirpath) / name).relative_to(self.root).as_posix()
+    return ObjectArchive(LocalObjects(root, create=create, writer=write_file_atomic))
 
 
-class S3Archive:
-    """An archive in an S3-compatible object store.
-
-    ``client`` is a boto3-style S3 client: only ``put_object``, ``get_object``,
-    ``head_object``, ``delete_object`` and ``list_objects_v2`` are used, and a missing
-    object is recognised by the botocore ``ClientError`` shape
-    (``e.response["Error"]["Code"]`` in ``NoSuchKey``, ``404``, ``NotFound``). A PUT is
-    durable when S3 acknowledges it; the migration still reads every object back and
-    checks its SHA-256 before it deletes anything.
-    """
-
-    def __init__(self, client, bucket: str, prefix: str = "") -> None:
-        self.client, self.bucket = client, bucket
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-
-    @staticmethod
-    def _missing(e: Exception) -> bool:
-        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-        return code in ("NoSuchKey", "404", "NotFound")
-
-    def _key(self, key: str) -> str:
-        return self.prefix + _check_key(key).as_posix()
-
-    def put(self, key: str, data: bytes) -> None:
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        except Exception as e:  # noqa: BLE001 - any client failure is an archive failure
-            raise ArchiveError(f"archive {self.url}: cannot store {key}: {e}") from e
-
-    def get(self, key: str) -> bytes:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except Exception as e:  # noqa: BLE001
-            if self._missing(e):
-                raise ArchiveError(f"archive object {key} is missing ({self.url})") from None
-            raise ArchiveError(f"archive {self.url}: cannot read {key}: {e}") from e
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except Exception as e:  # noqa: BLE001
-            if self._missing(e):
-                return False
-            raise ArchiveError(f"archive {self.url}: cannot reach {key}: {e}") from e
-
-    def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as e:  # noqa: BLE001
-            if not self._missing(e):
-                raise ArchiveError(f"archive {self.url}: cannot delete {key}: {e}") from e
-
-    def keys(self) -> Iterator[str]:
-        token = None
-        while True:
-            kw = {"Bucket": self.bucket, "Prefix": self.prefix}
-            if token:
-                kw["ContinuationToken"] = token
-            page = self.client.list_objects_v2(**kw)
-            for obj in page.get("Contents", []):
-                yield obj["Key"][len(self.prefix):]
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
+def S3Archive(client, bucket: str, prefix: str = "") -> ObjectArchive:  # noqa: N802
+    """An archive in an S3-compatible object store (:class:`~server_stub.objects.S3Objects`:
+    Content-MD5 and SHA-256 metadata on every PUT, checked by a HEAD; the migration
+    still reads every object back and checks its SHA-256 before it deletes anything)."""
+    return ObjectArchive(S3Objects(client, bucket, prefix))
 
 
 def open_archive(url: str, store_root: str | Path) -> Archive:
@@ -271,14 +208,10 @@ def open_archive(url: str, store_root: str | Path) -> Archive:
     if Path(url).resolve() == (Path(store_root) / ARCHIVE_DIR).resolve():
         return DirectoryArchive(url, create=True)
     if url.startswith("s3://"):
-        bucket, _, prefix = url[5:].partition("/")
         try:
-            import boto3  # type: ignore[import-not-found]
-        except ImportError:
-            raise ArchiveError(f"the archive {url} is an S3 object store, which needs the "
-                               "boto3 package (not installed)") from None
-        client = boto3.client("s3", endpoint_url=os.environ.get("MEDVIEW_S3_ENDPOINT") or None)
-        return S3Archive(client, bucket, prefix)
+            return ObjectArchive(open_objects(url))
+        except ObjectError as e:
+            raise ArchiveError(f"the archive {url}: {e}") from None
     return DirectoryArchive(url)
 
 
@@ -328,15 +261,6 @@ class MigrationReport:
 
 def _iso_cutoff(now: float, days: float) -> str:
     return datetime.fromtimestamp(now - days * 86400, timezone.utc).isoformat(timespec="seconds")
-
-
-def _unlink(p: Path) -> bool:
-    try:
-        p.unlink()
-    except FileNotFoundError:
-        return False
-    _fsync_dir(p.parent)
-    return True
 
 
 class Tiers:
@@ -496,13 +420,13 @@ class Tiers:
         """Delete a hot file if the frame is (still) in ``state``."""
         with self.db.transaction():
             if self._state(frame_pk) == state:
-                return _unlink(self.store.abspath(relpath))
+                return self.store.delete_file(relpath)
         return False
 
     def _delete_original_if_archived(self, instance_pk: int, relpath: str) -> bool:
         with self.db.transaction():
             if self._original_state(instance_pk) == "archived":
-                return _unlink(self.store.abspath(relpath))
+                return self.store.delete_file(relpath)
         return False
 
     def read_original(self, inst: dict) -> bytes:
@@ -539,19 +463,19 @@ class Tiers:
             + " FROM frame_tier t JOIN frame f ON t.frame_pk = f.pk")
         for r in rows:
             full, t = r[0], FrameTier(*r[1:])
-            if t.state == "archived" and self.store.abspath(full).exists():
+            if t.state == "archived" and self.store.exists(full):
                 if (self.store.check_file(t.head_relpath, t.head_sha256, t.head_size) is None
                         and self._archive_of(t.archive).exists(t.tail_key)):
                     done += self._delete_if(t.frame_pk, "archived", full)
-            elif t.state == "recalled" and self.store.abspath(t.head_relpath).exists():
+            elif t.state == "recalled" and self.store.exists(t.head_relpath):
                 done += self._delete_if(t.frame_pk, "recalled", t.head_relpath)
         for ipk, rel, url, key in self.db.all(
                 "SELECT i.pk, i.original_relpath, t.archive, t.archive_key FROM original_tier t "
                 "JOIN instance i ON t.instance_pk = i.pk WHERE t.state = 'archived'"):
-            if self.store.abspath(rel).exists() and self._archive_of(url).exists(key):
+            if self.store.exists(rel) and self._archive_of(url).exists(key):
                 done += self._delete_original_if_archived(ipk, rel)
         for ipk, rel, sha, url, key in self._archived_finals():
-            if self.store.abspath(rel).exists() and self._archive_of(url).exists(key):
+            if self.store.exists(rel) and self._archive_of(url).exists(key):
                 done += self._delete_final_if_archived(ipk, sha, rel)
         return done
 
@@ -722,7 +646,7 @@ class Tiers:
     def _delete_final_if_archived(self, instance_pk: int, sha256: str, relpath: str) -> bool:
         with self.db.transaction():
             if self._final_state(instance_pk, sha256)[0] == "archived":
-                return _unlink(self.store.abspath(relpath))
+                return self.store.delete_file(relpath)
         return False
 
     def final_present(self, copy: dict) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-import io
 import os
 import shutil
 
@@ -21,7 +20,7 @@ from server_stub.cli import main as cli
 from server_stub.embedded import EmbeddedServer
 from server_stub.policy import load_policy
 from server_stub.store import Store
-from server_stub.tiers import ArchiveError, S3Archive, Tiers
+from server_stub.tiers import Tiers
 from server_stub.versions import VersionTable
 from server_stub.fsck import fsck
 from tests.policyutil import copy_store, series_uid, study_uid
@@ -165,74 +164,6 @@ def test_min_status_and_age(ct_store, tmp_path):
         tail.write_bytes(tail.read_bytes()[:-1] + b"\x00")
         rep = fsck(st)
         assert [d[0] for d in rep.damaged] == ["archive:" + tail.relative_to(store / "archive").as_posix()]
-
-
-class FakeS3:
-    """The five calls of a boto3 S3 client that S3Archive uses, over a dict, with the
-    botocore error shape (``e.response["Error"]["Code"]``) and paged listings. It tests
-    our use of that interface, not an S3 server."""
-
-    class ClientError(Exception):
-        def __init__(self, code: str) -> None:
-            super().__init__(code)
-            self.response = {"Error": {"Code": code}}
-
-    def __init__(self, page: int = 5) -> None:
-        self.objects: dict[tuple[str, str], bytes] = {}
-        self.page = page
-        self.calls = 0
-
-    def put_object(self, *, Bucket, Key, Body):
-        self.calls += 1
-        self.objects[(Bucket, Key)] = bytes(Body)
-
-    def get_object(self, *, Bucket, Key):
-        self.calls += 1
-        if (Bucket, Key) not in self.objects:
-            raise self.ClientError("NoSuchKey")
-        return {"Body": io.BytesIO(self.objects[(Bucket, Key)])}
-
-    def head_object(self, *, Bucket, Key):
-        if (Bucket, Key) not in self.objects:
-            raise self.ClientError("404")
-        return {"ContentLength": len(self.objects[(Bucket, Key)])}
-
-    def delete_object(self, *, Bucket, Key):
-        self.objects.pop((Bucket, Key), None)
-
-    def list_objects_v2(self, *, Bucket, Prefix, ContinuationToken=None):
-        keys = sorted(k for b, k in self.objects if b == Bucket and k.startswith(Prefix))
-        start = int(ContinuationToken or 0)
-        chunk = keys[start:start + self.page]
-        more = start + self.page < len(keys)
-        return {"Contents": [{"Key": k} for k in chunk], "IsTruncated": more,
-                **({"NextContinuationToken": str(start + self.page)} if more else {})}
-
-
-def test_s3_compatible_archive(ct_store, reference, tmp_path):
-    store = copy_store(ct_store, tmp_path / "store")
-    fake = FakeS3()
-    a = S3Archive(fake, "pacs", "medview/archive")
-    assert a.url == "s3://pacs/medview/archive/"[:-1]
-    with pytest.raises(ArchiveError, match="missing"):
-        a.get("nothing")
-    with Store(store) as st:
-        tiers, vt = tiers_of(st)
-        tiers._archives[a.url] = a                    # the client comes from configuration
-        rep = tiers.migrate(days=0, archive=a.url)
-        assert rep.ok and rep.frames_archived == 12 and rep.originals_archived == 12
-        assert len(fake.objects) == 24 and all(k.startswith("medview/archive/") for _, k in fake.objects)
-        assert sorted(a.keys()) == sorted(k[len("medview/archive/"):] for _, k in fake.objects)
-        from server_stub.store import FsckReport
-        report = FsckReport()
-        tiers.fsck(st.catalogue.file_refs(), report, repair=False)
-        assert report.consistent and not report.orphans and report.checked == 24
-        for row in st.catalogue.series_images(reference["uid"])[:3]:
-            assert tiers.read_codestream(row) == reference["cs"][row["index"]]
-        inst = st.catalogue.find_instance(row["SOPInstanceUID"])
-        assert tiers.read_original(inst) == reference["orig"][inst["SOPInstanceUID"]]
-        tiers.close()
-        vt.close()
 
 
 def test_migration_job_inside_the_server(ct_store, tmp_path):

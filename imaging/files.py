@@ -123,3 +123,18 @@ def make_durable(files, dirs, root: Path) -> None:
 def is_temp_name(name: str) -> bool:
     """A temporary file left by :func:`write_file_atomic` (an interrupted write)."""
     return name.startswith(".") and TMP_MARK in name
+
+
+def ensure_dir(d: Path) -> None:
+    """``d`` and its missing parents created, each new directory entry made durable."""
+    d = Path(d)
+    if d.is_dir():
+        return
+    missing = []
+    p = d
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    d.mkdir(parents=True, exist_ok=True)
+    for m in reversed(missing):
+        fsync_dir(m.parent)

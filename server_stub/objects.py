@@ -38,7 +38,7 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Protocol
 
-from imaging.files import TMP_MARK, fsync_dir, write_file_atomic
+from imaging.files import TMP_MARK, ensure_dir, fsync_dir, write_file_atomic
 
 from . import faults
 
@@ -154,17 +154,7 @@ class LocalObjects:
                 yield (Path(dirpath) / name).relative_to(self.root).as_posix()
 
 
-def _ensure_dir(d: Path) -> None:
-    if d.is_dir():
-        return
-    missing = []
-    p = d
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    d.mkdir(parents=True, exist_ok=True)
-    for m in reversed(missing):         # make each new directory entry durable
-        fsync_dir(m.parent)
+_ensure_dir = ensure_dir     # imaging.files: created with durable directory entries
 
 
 # --------------------------------------------------------------------------- S3

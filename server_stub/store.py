@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from imaging.files import TMP_MARK, fsync_dir, sha256_file  # noqa: F401 (re-exported)
+from imaging.files import ensure_dir
 from imaging.files import write_file_atomic as _write_file_atomic
 
 from . import faults
@@ -325,18 +326,7 @@ class Store:
             return p
         return self.abspath(path)
 
-    @staticmethod
-    def _ensure_dir(d: Path) -> None:
-        if d.is_dir():
-            return
-        missing = []
-        p = d
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        d.mkdir(parents=True, exist_ok=True)
-        for m in reversed(missing):     # make each new directory entry durable
-            _fsync_dir(m.parent)
+    _ensure_dir = staticmethod(ensure_dir)     # imaging.files: durable directory entries
 
     # ------------------------------------------------------------------ writing
 

@@ -603,16 +603,7 @@ class Tiers:
             with self._lock(("original", inst["pk"])):
                 data = self.store.read_verified(rel, sha, size)
                 pk, state, url, key = self.original_state(inst["sop"])
-                if state == "recalled":
-                    a = self._archive_of(url)
-                    if sha256_hex(a.get(key)) != sha:
-                        raise ArchiveError(f"archive object {key} is damaged")
-                else:
-                    key, a = rel, arch
-                    a.put(key, data)
-                    if sha256_hex(a.get(key)) != sha:
-                        raise ArchiveError(f"archive copy of {key} does not verify")
-                    report.bytes_archived += len(data)
+                a, key = self._archive_copy(data, rel, sha, state, url, key, arch, report)
                 faults.point("migrate.original-copied")
                 with self.db.transaction():
                     if self._original_state(pk) != state:
@@ -627,6 +618,22 @@ class Tiers:
                 self._delete_original_if_archived(pk, rel)
                 report.originals_archived += 1
                 report.bytes_freed += len(data)
+
+    def _archive_copy(self, data: bytes, rel: str, sha: str, state: str | None, url: str,
+                      key: str, arch: Archive, report) -> tuple[Archive, str]:
+        """The archive copy of a whole file (an original, a final copy), checked against its
+        SHA-256: a recalled file's copy is still in its archive (checked, not sent again);
+        else ``data`` goes to ``arch`` under the store-relative path and is read back."""
+        if state == "recalled":
+            a = self._archive_of(url)
+            if sha256_hex(a.get(key)) != sha:
+                raise ArchiveError(f"archive object {key} is damaged")
+            return a, key
+        arch.put(rel, data)
+        if sha256_hex(arch.get(rel)) != sha:
+            raise ArchiveError(f"archive copy of {rel} does not verify")
+        report.bytes_archived += len(data)
+        return arch, rel
 
     # ---------------------------------------------------------------- final copies
     def _final_state(self, instance_pk: int, sha256: str) -> tuple[str | None, str, str]:
@@ -714,16 +721,7 @@ class Tiers:
             try:
                 with self._lock(("final", pk)):
                     data = self.store.read_verified(rel, sha, size)
-                    if state == "recalled":
-                        a = self._archive_of(url)
-                        if sha256_hex(a.get(key)) != sha:
-                            raise ArchiveError(f"archive object {key} is damaged")
-                    else:
-                        key, a = rel, arch
-                        a.put(key, data)
-                        if sha256_hex(a.get(key)) != sha:
-                            raise ArchiveError(f"archive copy of {key} does not verify")
-                        report.bytes_archived += len(data)
+                    a, key = self._archive_copy(data, rel, sha, state, url, key, arch, report)
                     faults.point("migrate.final-copied")
                     with self.db.transaction():
                         if self._final_state(pk, sha)[0] != state:

@@ -219,7 +219,7 @@ def series_of(url: str) -> tuple[str, int]:
 
 # --------------------------------------------------------------------------- disk vs S3
 def serve(store: Path, port: int, env: dict) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "server_stub.cli", "serve", "--store", str(store),
+    p = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--store", str(store),
                           "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -236,10 +236,10 @@ def serve(store: Path, port: int, env: dict) -> subprocess.Popen:
 
 
 def add_user(store: Path, env: dict) -> None:
-    subprocess.run([sys.executable, "-m", "server_stub.cli", "user", "add", USER, "--store",
+    subprocess.run([sys.executable, "-m", "server.cli", "user", "add", USER, "--store",
                     str(store), "--password-stdin"], input=PASSWORD + "\n", text=True,
                    env=env, cwd=ROOT, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "server_stub.cli", "user", "grant", USER, "--store",
+    subprocess.run([sys.executable, "-m", "server.cli", "user", "grant", USER, "--store",
                     str(store)], env=env, cwd=ROOT, check=True, capture_output=True)
 
 
@@ -247,9 +247,9 @@ def store_costs(files: list[Path], work: Path, s3) -> dict:
     out = {}
     env = {**os.environ, **s3.env()}
     disk, remote = work / "disk-store", work / "s3-store"
-    subprocess.run([sys.executable, "-m", "server_stub.cli", "ingest", *map(str, files),
+    subprocess.run([sys.executable, "-m", "server.cli", "ingest", *map(str, files),
                     "--store", str(disk), "--quiet"], env=env, cwd=ROOT, check=True)
-    subprocess.run([sys.executable, "-m", "server_stub.cli", "ingest", *map(str, files),
+    subprocess.run([sys.executable, "-m", "server.cli", "ingest", *map(str, files),
                     "--store", str(remote), "--objects", "s3://medview-bench/store", "--quiet"],
                    env=env, cwd=ROOT, check=True)
     for st in (disk, remote):
@@ -308,7 +308,7 @@ def main() -> int:
     replicas = [int(x) for x in args.replicas.split(",") if int(x) > 0]   # 0: none
 
     import seaweed
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     results: dict = {"load_before": os.getloadavg(), "cpus": os.cpu_count(),
                      "series": {"slices": args.slices, "size": args.size}, "cluster": []}

@@ -4,7 +4,7 @@ converter against the bare encoder.
 
     .venv/bin/python bench/codecs.py [--quick] [--slices N] [--min-time S]
 
-1. Data: the synthetic 512x512 sample CT (``server_stub.sample.make_sample_ct``, unsigned
+1. Data: the synthetic 512x512 sample CT (``server.sample.make_sample_ct``, unsigned
    12-bit) and real images from pydicom-data: a signed CT (693_UNCR, 512x512), an MR
    (MR2_UNCR, 1024x1024), a CR (RG3_UNCR, 1760x1760), an RGB ultrasound (US1_UNCR,
    640x480) and an 8-bit image (vlut_04, 512x512).
@@ -72,7 +72,7 @@ def rate(fn, n_items: int, min_time: float, reps: int = 3) -> float:
 def load_sets(tmp: Path, slices: int):
     import pydicom
 
-    from server_stub import sample
+    from server import sample
 
     ct_dir = tmp / "ct"
     files = sample.make_sample_ct(ct_dir, slices=slices, size=512, seed=0)
@@ -146,8 +146,8 @@ def bench_converter(files: list[Path], tmp: Path, min_time: float, rounds: int =
     import pydicom
 
     from codestream import codecs
-    from server_stub.convert import Options, convert_file, convert_paths
-    from server_stub.policy import load_policy
+    from server.convert import Options, convert_file, convert_paths
+    from server.policy import load_policy
 
     pol = load_policy().codec
     frames = [pydicom.dcmread(f).pixel_array for f in files]
@@ -205,10 +205,10 @@ def bench_viewer_volume(tmp: Path, slices: int) -> dict:
 
     from client.series import SeriesData
     from client.session import Session
-    from server_stub import sample
-    from server_stub.ingest import ingest_paths
-    from server_stub.policy_copies import convert_store
-    from server_stub.store import Store
+    from server import sample
+    from server.ingest import ingest_paths
+    from server.policy_copies import convert_store
+    from server.store import Store
     from client.volume_loader import VolumeLoader, load_all
 
     files = sample.make_sample_ct(tmp / "vv", slices=slices, size=512, seed=2)
@@ -306,7 +306,7 @@ def bench_volume(tmp: Path, slices: int, threads: int = 4) -> dict:
 
     from codestream import codecs
     from codestream.encode import decode_full, encode_frame
-    from server_stub import sample
+    from server import sample
 
     files = sample.make_sample_ct(tmp / "vol", slices=slices, size=512, seed=1)
     frames = [pydicom.dcmread(f).pixel_array for f in files]

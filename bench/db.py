@@ -46,10 +46,10 @@ def free_port() -> int:
 
 
 def make_store(root: Path, files, database: str | None) -> str:
-    from server_stub.auth import Authority
-    from server_stub.ingest import ingest_paths
-    from server_stub.rights import Rule
-    from server_stub.store import Store
+    from server.auth import Authority
+    from server.ingest import ingest_paths
+    from server.rights import Rule
+    from server.store import Store
 
     with Store(root, database=database) as st:
         report = ingest_paths(files, st)
@@ -66,7 +66,7 @@ def serve(root: Path, database: str | None) -> tuple[subprocess.Popen, str]:
     import requests
 
     port = free_port()
-    cmd = [sys.executable, "-m", "server_stub.cli", "serve", "--store", str(root),
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--store", str(root),
            "--port", str(port), "--log-level", "warning"]
     if database:
         cmd += ["--database", database]
@@ -158,7 +158,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from pgcluster import PgCluster
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     load0 = os.getloadavg()[0]
     cluster = PgCluster().start()

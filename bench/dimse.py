@@ -73,7 +73,7 @@ def main() -> int:
     args = ap.parse_args()
 
     subprocess.run(["bash", str(REPO / "scripts/apt-ensure.sh"), "dcmtk", "orthanc"], check=True)
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dimse-"))
     procs: list[subprocess.Popen] = []
@@ -97,7 +97,7 @@ def main() -> int:
 
         # the project
         store = tmp / "store"
-        mv = [sys.executable, "-m", "server_stub.cli"]
+        mv = [sys.executable, "-m", "server.cli"]
         store.mkdir()
         for name, port in (("TESTER", 104), ("DEST", dest_port)):
             subprocess.run([*mv, "ae", "add", name, "--host", "127.0.0.1", "--port",

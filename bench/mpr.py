@@ -4,7 +4,7 @@
                                   [--vr-size 512] [--no-vr] [--slabs]
 
 Builds a CT-like volume in memory (the synthetic chest phantom of
-``server_stub.sample``, 64 distinct slices stretched over ``--slices``, noise added),
+``server.sample``, 64 distinct slices stretched over ``--slices``, noise added),
 then measures, all in this process:
 
 * **oblique reslice**: frames per second of a 512×512 double-oblique plane that turns a
@@ -41,7 +41,7 @@ TARGET_FPS = 20.0
 def build_volume(slices: int, size: int):
     import numpy as np
 
-    from server_stub.sample import NOISE_SIGMA_HU, PIXEL_SPACING, phantom_slice_hu
+    from server.sample import NOISE_SIGMA_HU, PIXEL_SPACING, phantom_slice_hu
     from imaging.volume import SliceGeometry, volume_for_slices
 
     step = 1.0
@@ -109,7 +109,7 @@ def bench_slabs() -> dict:
 
     from codestream import slabs
     from codestream.encode import encode_frame
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     with tempfile.TemporaryDirectory() as tmp:
         files = make_sample_ct(Path(tmp), slices=64, size=512, seed=5)

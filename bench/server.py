@@ -61,9 +61,9 @@ def pct(values: list[float], p: float) -> float:
 # =========================================================================== data
 def make_store(work: Path, sizes: tuple[int, ...], px: int) -> tuple[Path, dict[int, dict]]:
     """One store with one series per size (seeds differ); reused when already there."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     store_dir = work / "store"
     info_path = work / "series.json"
@@ -90,7 +90,7 @@ def make_store(work: Path, sizes: tuple[int, ...], px: int) -> tuple[Path, dict[
 # =========================================================================== server
 def server_child(conn, store_dir: str) -> None:
     sys.path.insert(0, str(ROOT))
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     srv = EmbeddedServer(store_dir).start()
     conn.send({"host": srv.host, "port": srv.port})
@@ -305,9 +305,9 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
     import pydicom
 
     from codestream.encode import LAYER_RATIOS, numres_for
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     src = work / "ingest-dicom"
     shutil.rmtree(src, ignore_errors=True)

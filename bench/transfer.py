@@ -6,7 +6,7 @@ preview cost and decode throughput, measured side by side in one run.
 
 What it does (see bench/README.md for the meaning of every number):
 
-1. Writes a synthetic 512x512 CT series (``server_stub.sample.make_sample_ct``) and
+1. Writes a synthetic 512x512 CT series (``server.sample.make_sample_ct``) and
    ingests it into a temporary store.
 2. Starts the embedded server in one child process and one throttling TCP proxy per
    simulated link in another (token bucket per direction, fixed one-way latency), so
@@ -212,7 +212,7 @@ def _serve_commands(conn, lifetime: float, handle) -> None:
 def server_child(conn, store_dir: str, lifetime: float) -> None:
     """Child process 1: the embedded server."""
     sys.path.insert(0, str(ROOT))
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     srv = EmbeddedServer(store_dir).start()
     conn.send({"host": srv.host, "port": srv.port, "url": srv.url})
@@ -301,9 +301,9 @@ def log(msg: str) -> None:
 
 def prepare_data(work: Path, slices: int) -> dict:
     from codestream.index import PacketIndex
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     t = time.monotonic()
     paths = make_sample_ct(work / "dicom", slices=slices, size=512, seed=0)

@@ -29,9 +29,9 @@ TARGET_P99_MS = 50.0
 
 def build_store(slices: int, size: int) -> Path:
     """The benchmark store (created on first use, then reused)."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     store = ROOT / "bench" / "out" / f"store-{slices}x{size}"
     if (store / "catalogue.sqlite").exists():
@@ -60,8 +60,8 @@ def run(slices: int, size: int, scroll: bool, timeout: float) -> int:
     from PySide6.QtCore import QSettings, Qt, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.store import Store
     from viewer.app import tune_runtime
     from viewer.mainwindow import AppConfig, MainWindow
 

@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--view", default="vr")
     args = ap.parse_args()
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="volmem-") as tmp:

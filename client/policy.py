@@ -1,7 +1,7 @@
 """Client calls of the server policy: versions, diagnosis status and records, the
 client context for the automatic version choice. No Qt; every call blocks (network).
 
-See :mod:`server_stub.policy_routes` for the routes and bodies.
+See :mod:`server.policy_routes` for the routes and bodies.
 """
 from __future__ import annotations
 

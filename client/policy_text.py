@@ -3,7 +3,7 @@
 The server speaks in quality layers, resolution reductions, image indices and version
 names; a radiologist thinks in "reference quality", "half resolution", "images 1 to 10".
 These functions translate the rights block of a series description and the body of a
-403 answer (see :mod:`server_stub.rights`), log-in failures, and the archive's
+403 answer (see :mod:`server.rights`), log-in failures, and the archive's
 "recalling" state.
 """
 from __future__ import annotations

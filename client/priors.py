@@ -2,7 +2,7 @@
 first, the series to compare with, slice correspondence between two series, and the
 background fetch of priors at the comparison version. No Qt; calls block (network).
 
-Relevance is the server's (:func:`server_stub.priors.rank_key`, repeated here because
+Relevance is the server's (:func:`server.priors.rank_key`, repeated here because
 client and server never import each other): the same modality and body part first, then
 the same modality, then the rest; newest first within each.
 

@@ -8,7 +8,7 @@ The server describes a user's rights on a series in the series description
 :class:`Limits` holds them and :meth:`Limits.clamp` turns any packet request into the
 largest request within them, so the client can "ask again within the maximum".
 :meth:`Limits.for_level` puts the limits on a slide into the terms of one pyramid level
-(as the server's :func:`server_stub.slides.slide_problems` applies them), so the same
+(as the server's :func:`server.slides.slide_problems` applies them), so the same
 :meth:`~Limits.clamp` serves the slide client (:class:`client.slides.RemoteSlide`).
 """
 from __future__ import annotations

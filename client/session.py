@@ -60,7 +60,7 @@ class Session:
     """One logged-in session. Thread-safe for concurrent requests (requests.Session
     pools connections per host).
 
-    A busy server (503 with ``Retry-After``, :mod:`server_stub.admission`) is asked again
+    A busy server (503 with ``Retry-After``, :mod:`server.admission`) is asked again
     after the pause it gives (plus a little jitter, at most ``BUSY_MAX_PAUSE_S``), up to
     ``BUSY_RETRIES`` times and ``BUSY_MAX_WAIT_S`` in all; ``on_busy(pause, attempt)`` is
     called (from the requesting thread) before each pause, so a viewer can say "server busy,

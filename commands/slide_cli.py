@@ -35,7 +35,7 @@ from commands.slide_render import default_store
 
 
 def _store(args):
-    from server_stub.slide_store import SlideStore
+    from server.slide_store import SlideStore
 
     return SlideStore.for_image_store(Path(args.store) if args.store else default_store())
 
@@ -110,7 +110,7 @@ def cmd_patient(args) -> int:
     with _store(args) as st:
         st.catalogue.set_patient_status(args.patient_id, args.status)
         if args.status == "discharged":
-            from server_stub.slide_tiers import SlideTiers
+            from server.slide_tiers import SlideTiers
 
             n = SlideTiers(st).purge_temp(args.patient_id)
             print(f"patient {args.patient_id} discharged; {n} generated tiles purged")
@@ -120,7 +120,7 @@ def cmd_patient(args) -> int:
 
 
 def cmd_tiers(args) -> int:
-    from server_stub.slide_tiers import SlideTiers
+    from server.slide_tiers import SlideTiers
 
     with _store(args) as st:
         t = SlideTiers(st)
@@ -145,7 +145,7 @@ def cmd_tiers(args) -> int:
 
 
 def cmd_gather(args) -> int:
-    from server_stub.slide_organise import gather_patient
+    from server.slide_organise import gather_patient
 
     with _store(args) as st:
         idx = gather_patient(st, args.patient_id, args.out)
@@ -170,7 +170,7 @@ def cmd_assign(args) -> int:
 
 
 def cmd_distribute(args) -> int:
-    from server_stub.slide_organise import distribute
+    from server.slide_organise import distribute
 
     with _store(args) as st:
         for d in distribute(st, args.station):
@@ -298,10 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from server_stub.slide_catalogue import CatalogueError
+    from server.slide_catalogue import CatalogueError
     from imaging.pyramid import PyramidError
     from imaging.tilesource import SlideFormatError
-    from server_stub.slide_tiers import TierMoveError
+    from server.slide_tiers import TierMoveError
 
     try:
         return args.fn(args)

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from client.session import ServerError
 
-    from server_stub.slide_catalogue import CatalogueError
+    from server.slide_catalogue import CatalogueError
     from client.slides import LocalSlide, RemoteSlide
 
     session = store = provider = None
@@ -188,16 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             session = Session(args.server, args.user, args.password)
             provider = RemoteSlide(session, args.slide)
         else:
-            from server_stub.slide_store import SlideStore
+            from server.slide_store import SlideStore
 
             root = Path(args.store) if args.store else default_store()
             if not args.store:
                 # the desktop app's store, with its samples (the sample slide included),
                 # made on first use as `medview render --series` does
-                from server_stub.sample import ensure_sample_store
+                from server.sample import ensure_sample_store
 
                 ensure_sample_store(root, log=lambda m: print(m, file=sys.stderr)).close()
-            from server_stub.database import store_exists
+            from server.database import store_exists
 
             if not store_exists(root) or not (root / "slides").is_dir():
                 print(f"medview render: no slide store at {root / 'slides'}", file=sys.stderr)

@@ -54,7 +54,7 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-#: Attribute keywords whose flags (see server_stub.ingest.value_flags) concern geometry.
+#: Attribute keywords whose flags (see server.ingest.value_flags) concern geometry.
 GEOMETRY_KEYWORDS = ("PixelSpacing", "ImagerPixelSpacing", "SliceThickness",
                      "SpacingBetweenSlices", "ImagePositionPatient", "ImageOrientationPatient")
 

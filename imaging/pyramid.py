@@ -1,6 +1,6 @@
 """A slide stored as a pyramid of JPEG 2000 tiles, and the ingest that builds it.
 
-Layout of one stored slide (a folder in a tier, see :mod:`server_stub.slide_tiers`)::
+Layout of one stored slide (a folder in a tier, see :mod:`server.slide_tiers`)::
 
     <slide_uid>/
       manifest.json          geometry, the tile table of every level, checksums
@@ -16,7 +16,7 @@ way. Each level is cut into ``tile_size`` tiles
 (edge tiles are smaller: a level reassembles to exactly its size). Every tile is one
 codestream written by :func:`codestream.encode.encode_frame`: RGB, reversible 5/3,
 quality layers at 1:50, 1:20, 1:8 and lossless, 128×128 precincts and PLT markers — so
-the packet engine (:mod:`server_stub.packets`) can send any tile, or only the precincts
+the packet engine (:mod:`server.packets`) can send any tile, or only the precincts
 of a tile that a region touches, layer by layer. Level ``k``, tile ``(col, row)`` is JPIP
 component ``row * cols + col`` of the *level target* ``<slide_uid>/<k>``.
 

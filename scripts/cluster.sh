@@ -59,7 +59,7 @@ s3_env() {
 
 db_args=()
 use_postgres() {
-  [ "${MEDVIEW_CLUSTER_POSTGRES:-1}" = 1 ] && "$PY" -m server_stub.cli serve --help 2>/dev/null | grep -q -- "--database"
+  [ "${MEDVIEW_CLUSTER_POSTGRES:-1}" = 1 ] && "$PY" -m server.cli serve --help 2>/dev/null | grep -q -- "--database"
 }
 
 start_postgres() {
@@ -100,12 +100,12 @@ up() {
   if use_postgres; then start_postgres; log "PostgreSQL: ${db_args[1]}"; else log "SQLite: $STORE/catalogue.sqlite (shared)"; fi
   # 3. the store (its objects in the bucket), a user
   if [ ! -f "$STORE/objects.json" ]; then
-    "$PY" -m server_stub.cli fsck --store "$STORE" --objects "s3://$BUCKET/store" "${db_args[@]}" >/dev/null
-    printf '%s\n' "$PASSWORD" | "$PY" -m server_stub.cli user add "$USER_NAME" --store "$STORE" \
+    "$PY" -m server.cli fsck --store "$STORE" --objects "s3://$BUCKET/store" "${db_args[@]}" >/dev/null
+    printf '%s\n' "$PASSWORD" | "$PY" -m server.cli user add "$USER_NAME" --store "$STORE" \
       --password-stdin "${db_args[@]}" >/dev/null
-    "$PY" -m server_stub.cli user grant "$USER_NAME" --store "$STORE" "${db_args[@]}" >/dev/null
+    "$PY" -m server.cli user grant "$USER_NAME" --store "$STORE" "${db_args[@]}" >/dev/null
     if [ "${MEDVIEW_CLUSTER_SAMPLE:-0}" = 1 ]; then
-      "$PY" -m server_stub.cli sample --store "$STORE" "${db_args[@]}"
+      "$PY" -m server.cli sample --store "$STORE" "${db_args[@]}"
     fi
   fi
   # 4. the replicas
@@ -114,7 +114,7 @@ up() {
     local p=$((PORT + i))
     upstreams+="server 127.0.0.1:$p max_fails=1 fail_timeout=2s; "
     if ! alive "$PIDS/replica$i.pid"; then
-      "$PY" -m server_stub.cli serve --store "$STORE" --port "$p" --host 127.0.0.1 \
+      "$PY" -m server.cli serve --store "$STORE" --port "$p" --host 127.0.0.1 \
         --trusted-proxy 127.0.0.1/32 --log-level warning "${db_args[@]}" \
         >>"$DIR/replica$i.log" 2>&1 &
       echo $! >"$PIDS/replica$i.pid"

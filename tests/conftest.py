@@ -59,9 +59,9 @@ def database(request):
 @pytest.fixture(scope="session")
 def ct_store(tmp_path_factory):
     """A store holding a 12-slice 256x256 synthetic CT series (ingested once)."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     root = tmp_path_factory.mktemp("ctstore")
     files = make_sample_ct(root / "dicom", slices=12, size=256, seed=3)
@@ -74,7 +74,7 @@ def ct_store(tmp_path_factory):
 
 @pytest.fixture()
 def server(ct_store):
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     srv = EmbeddedServer(str(ct_store)).start()
     yield srv
@@ -83,7 +83,7 @@ def server(ct_store):
 
 @pytest.fixture()
 def ct_series_uid(ct_store):
-    from server_stub.store import Store
+    from server.store import Store
 
     with Store(ct_store) as st:
         (series,) = [s for s in st.catalogue.query_series() if s["Modality"] == "CT"]

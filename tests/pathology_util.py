@@ -199,8 +199,8 @@ def write_dicom_wsi(folder: Path, img: np.ndarray, *, tile: int = 256, levels: i
 
 
 def new_store(root: Path):
-    from server_stub.slide_store import SlideStore
-    from server_stub.store import Store
+    from server.slide_store import SlideStore
+    from server.store import Store
 
     Store(root).close()
     return SlideStore.for_image_store(root)

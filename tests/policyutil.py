@@ -12,9 +12,9 @@ import requests
 from codestream import framing
 from codestream.index import PacketIndex
 from codestream.jpp import MAIN_HEADER, PRECINCT, TILE_HEADER, EorMessage, JppParser
-from server_stub.database import database_of
-from server_stub.dbutil import is_postgres
-from server_stub.store import Store
+from server.database import database_of
+from server.dbutil import is_postgres
+from server.store import Store
 from waits import WAIT_S
 
 

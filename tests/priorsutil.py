@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 
-CURRENT_DATE = "20240115"          # server_stub.sample.STUDY_DATE
+CURRENT_DATE = "20240115"          # server.sample.STUDY_DATE
 PRIOR_CT_DATE = "20230110"
 PRIOR_MR_DATE = "20230601"
 
@@ -24,9 +24,9 @@ def _retag(files, **attrs) -> None:
 
 def make_priors_store(root: Path, slices: int = 8, prior_slices: int = 6, size: int = 128) -> dict:
     """Ingest the three studies; returns their Study and Series Instance UIDs."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     current = make_sample_ct(root / "cur", slices=slices, size=size, seed=31)
     prior = make_sample_ct(root / "prior", slices=prior_slices, size=size, seed=32)

@@ -66,7 +66,7 @@ class Seaweed:
     secret_key: str = SECRET_KEY
 
     def client(self):
-        from server_stub.objects import s3_client
+        from server.objects import s3_client
         return s3_client(self.endpoint, access_key=self.access_key, secret_key=self.secret_key)
 
     def env(self) -> dict[str, str]:

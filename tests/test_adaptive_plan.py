@@ -12,7 +12,7 @@ import pytest
 from client.policy import PolicyClient
 from client.session import Session
 from policyutil import copy_store, series_uid, study_uid
-from server_stub.embedded import EmbeddedServer
+from server.embedded import EmbeddedServer
 from client.series_loader import (FOCUS, NEAR, LoaderListener, PlanState,
                            SeriesLoader, SeriesRegistry, Stage, plan_stages, supersedes)
 from waits import WAIT_S, wait_for

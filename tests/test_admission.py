@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from client.session import ServerError, Session
-from server_stub.admission import Admission, Gate, Gates, Limits, is_stream
+from server.admission import Admission, Gate, Gates, Limits, is_stream
 from tests.waits import wait_for
 
 

@@ -21,8 +21,8 @@ from hypothesis.errors import Unsatisfiable
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from server_stub.app import create_app
-from server_stub.store import Store
+from server.app import create_app
+from server.store import Store
 
 from policyutil import copy_store
 

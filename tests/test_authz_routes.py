@@ -16,8 +16,8 @@ from starlette.routing import Route
 
 from imaging.slide_sample import make_ihc_slide
 from imaging.tilesource import ArraySource
-from server_stub.embedded import EmbeddedServer
-from server_stub.rights import Rule
+from server.embedded import EmbeddedServer
+from server.rights import Rule
 
 from pathology_util import new_store
 from policyutil import copy_store
@@ -45,9 +45,9 @@ def env(ct_store, tmp_path_factory):
     and an annotation in each study."""
     import pydicom
 
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     tmp = tmp_path_factory.mktemp("authz")
     root = copy_store(ct_store, tmp / "store")

@@ -17,7 +17,7 @@ import pytest
 from client import PacketCache, SeriesData, Session
 from client.cache import entry_checksum
 from codestream.encode import decode_full
-from server_stub.store import Store
+from server.store import Store
 from viewer.cli import main as medview
 
 TRIALS = 20

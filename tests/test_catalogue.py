@@ -12,12 +12,12 @@ import threading
 
 import pytest
 
-from server_stub.catalogue import (SERIES_IMAGE_KEYS, Catalogue, CatalogueError,
+from server.catalogue import (SERIES_IMAGE_KEYS, Catalogue, CatalogueError,
                                    DuplicateInstanceError, QueryError)
-from server_stub.dbutil import IntegrityError, ddl_for
-from server_stub.ingest import ingest_paths
-from server_stub.sample import find_test_file
-from server_stub.store import Store
+from server.dbutil import IntegrityError, ddl_for
+from server.ingest import ingest_paths
+from server.sample import find_test_file
+from server.store import Store
 
 
 def _sha(*parts) -> str:
@@ -386,7 +386,7 @@ def test_rows_from_a_real_ingest(tmp_path):
 def test_version_1_catalogue_migrates_and_keeps_its_rows(tmp_path):
     """A store made before the quarantine (schema 1) opens: the flags column and the
     quarantine table are added, the rows stay."""
-    from server_stub import catalogue as catmod
+    from server import catalogue as catmod
 
     path = tmp_path / "old.sqlite"
     conn = sqlite3.connect(path)

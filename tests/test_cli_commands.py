@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def two_patients(ct_store, tmp_path_factory):
     """The CT store plus a 3-image series of a second patient."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     root = tmp_path_factory.mktemp("twopatients")
     store = copy_store(ct_store, root / "store")
@@ -37,7 +37,7 @@ def two_patients(ct_store, tmp_path_factory):
 
 
 def _server_list(capsys, store, *argv) -> tuple[int, list[str], str]:
-    from server_stub.cli import main
+    from server.cli import main
 
     code = main(["list", *argv, "--store", str(store)])
     out = capsys.readouterr()
@@ -53,7 +53,7 @@ def _client_list(capsys, url, *argv) -> tuple[int, list[str], str]:
 
 
 def test_list_prints_the_uids_the_commands_need(two_patients, ct_series_uid, capsys):
-    from server_stub.store import Store
+    from server.store import Store
 
     code, lines, _ = _server_list(capsys, two_patients, "studies")
     assert code == 0 and lines[0].split("\t")[:3] == ["StudyInstanceUID", "PatientID", "PatientName"]
@@ -82,7 +82,7 @@ def test_list_prints_the_uids_the_commands_need(two_patients, ct_series_uid, cap
 
 
 def test_client_list_equals_the_store_list(two_patients, capsys):
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     srv = EmbeddedServer(str(two_patients)).start()
     try:
@@ -100,7 +100,7 @@ def test_client_list_equals_the_store_list(two_patients, capsys):
             assert len(s_lines) > 1, case
         assert len(_client_list(capsys, srv.url, "instances")[1]) == 1 + 12 + 3
         # the user's rights apply: browse without metadata lists series, not their images
-        from server_stub.rights import Rule
+        from server.rights import Rule
 
         auth = srv.app.state.server.auth
         auth.add_user("browser", "a long password")
@@ -115,7 +115,7 @@ def test_client_list_equals_the_store_list(two_patients, capsys):
 
 
 def test_client_list_imports_no_qt(two_patients):
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     srv = EmbeddedServer(str(two_patients)).start()
     try:
@@ -137,7 +137,7 @@ def test_serve_on_a_busy_port_fails_first_with_a_clear_message(ct_store, tmp_pat
     busy.listen(1)
     port = busy.getsockname()[1]
     try:
-        p = subprocess.run([sys.executable, "-m", "server_stub.cli", "serve", "--store",
+        p = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--store",
                             str(ct_store), "--port", str(port)], cwd=REPO, capture_output=True,
                            text=True, timeout=WAIT_S)
     finally:
@@ -148,7 +148,7 @@ def test_serve_on_a_busy_port_fails_first_with_a_clear_message(ct_store, tmp_pat
 
 
 def test_migrate_with_a_missing_archive_says_so_once(ct_store, tmp_path, capsys):
-    from server_stub.cli import main
+    from server.cli import main
 
     store = copy_store(ct_store, tmp_path / "store")
     before = sorted(p.relative_to(store) for p in store.rglob("*") if p.is_file())
@@ -166,7 +166,7 @@ def test_migrate_with_a_missing_archive_says_so_once(ct_store, tmp_path, capsys)
 
 
 def test_render_names_left_out_images_as_the_viewer_numbers_them(ct_store, ct_series_uid):
-    from server_stub.store import Store
+    from server.store import Store
     from client.volume_loader import usable_images
 
     with Store(ct_store) as st:

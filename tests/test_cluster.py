@@ -100,7 +100,7 @@ def cluster(tmp_path_factory):
 def series(cluster, tmp_path_factory):
     """A CT series stored through replica 1 (DICOMweb STOW-RS), and its codestreams as
     stored (read from the store: the bucket)."""
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     files = make_sample_ct(tmp_path_factory.mktemp("ct"), slices=16, size=512, seed=11)
     sid = requests.post(f"{cluster.url}/api/login",
@@ -113,7 +113,7 @@ def series(cluster, tmp_path_factory):
                                "Content-Type": f'multipart/related; type="application/dicom"; '
                                                f'boundary={boundary}'})
     assert r.status_code == 200, r.text
-    from server_stub.store import Store
+    from server.store import Store
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     import seaweed
     os.environ.update(AWS_ACCESS_KEY_ID=seaweed.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=seaweed.SECRET_KEY)

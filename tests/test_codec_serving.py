@@ -47,7 +47,7 @@ def _copy(src, dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     d = tmp_path_factory.mktemp("csfiles")
     return {
@@ -69,10 +69,10 @@ def _uids(path):
 
 @pytest.fixture(scope="module")
 def dw(corpus, tmp_path_factory):
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.ingest import ingest_paths
-    from server_stub.policy_copies import PolicyCopies, convert_store
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.ingest import ingest_paths
+    from server.policy_copies import PolicyCopies, convert_store
+    from server.store import Store
 
     root = tmp_path_factory.mktemp("csstore")
     (root / "policy.toml").write_text(POLICY)
@@ -87,8 +87,8 @@ def dw(corpus, tmp_path_factory):
         # gives the same bytes otherwise)
         pc = PolicyCopies(st)
         for r in pc.rows():
-            from server_stub.convert import register_transfer_syntaxes
-            from server_stub.store import sha256_hex
+            from server.convert import register_transfer_syntaxes
+            from server.store import sha256_hex
 
             register_transfer_syntaxes()
             ds = pydicom.dcmread(st.abspath(r["relpath"]))
@@ -123,7 +123,7 @@ def _ref(path) -> np.ndarray:
 
 
 def _parts(r: requests.Response) -> list[tuple[dict, bytes]]:
-    from server_stub.dicomweb import parse_multipart
+    from server.dicomweb import parse_multipart
 
     return parse_multipart(r.content, r.headers["content-type"])[1]
 
@@ -182,7 +182,7 @@ def test_transcoded_in_every_codec(dw, corpus, role):
         assert _frame(dw, path, JXL).status_code == 406
         return
     ((h, body),) = _parts(r)
-    from server_stub.convert import register_transfer_syntaxes
+    from server.convert import register_transfer_syntaxes
 
     register_transfer_syntaxes()
     back = pydicom.dcmread(io.BytesIO(body))
@@ -206,7 +206,7 @@ def test_final_copy_served_as_stored(dw, corpus, role):
     ((h, body),) = _parts(r)
     assert body == stored and b"MARKED final copy" in body
     # the frame: the copy's fragment, exactly (an RPCL copy also serves .4.201)
-    from server_stub.convert import register_transfer_syntaxes
+    from server.convert import register_transfer_syntaxes
 
     register_transfer_syntaxes()
     frag = next(generate_frames(pydicom.dcmread(io.BytesIO(stored)).PixelData,
@@ -224,7 +224,7 @@ def test_range_preview_of_an_rpcl_frame(dw, corpus):
     """A viewer asks for the first bytes of an RPCL HTJ2K frame (single part, Range) and
     decodes them at a reduced resolution: the same pixels as the whole frame decoded at
     that reduction."""
-    from server_stub.http_ranges import parse_byteranges
+    from server.http_ranges import parse_byteranges
 
     path = corpus["big_copy"]
     ref = _ref(path)
@@ -271,7 +271,7 @@ def test_range_preview_of_an_rpcl_frame(dw, corpus):
 
 
 def test_range_on_instances_and_multipart(dw, corpus):
-    from server_stub.http_ranges import parse_byteranges
+    from server.http_ranges import parse_byteranges
 
     path = corpus["rgb"]
     url = _url(dw, path)
@@ -300,7 +300,7 @@ def test_range_on_instances_and_multipart(dw, corpus):
 
 
 def test_parse_range_unit():
-    from server_stub.http_ranges import parse_range
+    from server.http_ranges import parse_range
 
     assert parse_range(None, 100) is None
     assert parse_range("items=0-5", 100) is None                 # another unit: ignored

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from codestream import codecs
-from server_stub import sample
+from server import sample
 
 # real images: 8/16-bit, signed/unsigned, grayscale/palette/RGB, single and multi-frame
 REAL = [

@@ -1,5 +1,5 @@
 """The codec policy ([codec] in resources/policy.toml) and the batch converter
-(server_stub/convert.py, ``medview-server convert``): the policy chooses as its table says;
+(server/convert.py, ``medview-server convert``): the policy chooses as its table says;
 outputs keep every attribute, are bit-exact (lossless) or carry the lossy record, open in
 pydicom and dcmtk; damaged input is refused and reported while the rest goes on; a rerun
 skips what is done; inputs are never written."""
@@ -20,10 +20,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from codestream import codecs
-from server_stub import sample
-from server_stub.cli import main as cli_main
-from server_stub.convert import Options, convert_file, convert_paths
-from server_stub.policy import PolicyError, load_policy
+from server import sample
+from server.cli import main as cli_main
+from server.convert import Options, convert_file, convert_paths
+from server.policy import PolicyError, load_policy
 
 REPO = Path(__file__).resolve().parents[1]
 PIXEL_KEYS = {"PixelData"}
@@ -447,8 +447,8 @@ def test_cli_usage_errors(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- in the store
 def _small_store(tmp_path):
-    from server_stub.ingest import ingest_paths
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.store import Store
 
     d = tmp_path / "in"
     d.mkdir()
@@ -462,7 +462,7 @@ def _small_store(tmp_path):
 
 
 def test_store_final_copies(tmp_path, capsys):
-    from server_stub.policy_copies import PolicyCopies, conversion_health, convert_store
+    from server.policy_copies import PolicyCopies, conversion_health, convert_store
 
     store, sops = _small_store(tmp_path)
     try:
@@ -513,14 +513,14 @@ def test_store_final_copies(tmp_path, capsys):
 def test_store_failed_copy_is_an_alarm(tmp_path, capsys):
     """A real failure (the site asks JPEG XL for signed samples, which it cannot hold) is
     recorded, audited, counted by /api/health as degraded and shown by --summary."""
-    from server_stub.auth import Authority
-    from server_stub.policy_copies import conversion_health
+    from server.auth import Authority
+    from server.policy_copies import conversion_health
 
     store, sops = _small_store(tmp_path)
     d = tmp_path / "neg"
     d.mkdir()
     _synthetic(d / "neg.dcm", rows=16, cols=16, frames=1, signed=True)
-    from server_stub.ingest import ingest_paths
+    from server.ingest import ingest_paths
     neg = ingest_paths([d], store, workers=1).imported[0].sop_instance_uid
     (store.root / "policy.toml").write_text('[codec]\nsmall_grayscale = "jxl"\n')
     root = str(store.root)
@@ -529,7 +529,7 @@ def test_store_failed_copy_is_an_alarm(tmp_path, capsys):
     assert rc == 1
     out = capsys.readouterr().out
     assert "1 failed" in out
-    from server_stub.store import Store
+    from server.store import Store
     store = Store(root)
     try:
         assert conversion_health(store.catalogue)["failed"] == 1
@@ -542,7 +542,7 @@ def test_store_failed_copy_is_an_alarm(tmp_path, capsys):
         store.close()
     import requests
 
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
     with EmbeddedServer(root) as srv:
         h = requests.get(f"{srv.url}/api/health", timeout=30).json()
     assert h["status"] == "degraded" and h["conversion"]["failed"] == 1
@@ -560,8 +560,8 @@ def test_store_failed_copy_is_an_alarm(tmp_path, capsys):
 
 
 def test_ingest_makes_final_copies_when_the_policy_says_so(tmp_path, capsys):
-    from server_stub.policy_copies import PolicyCopies
-    from server_stub.store import Store
+    from server.policy_copies import PolicyCopies
+    from server.store import Store
 
     root = tmp_path / "store"
     Store(root).close()
@@ -613,7 +613,7 @@ def test_the_in_memory_proof_catches_what_a_read_back_would():
     import copy as _copy
     from io import BytesIO
 
-    from server_stub.convert import dataset_bytes, encode_dataset, verify_bytes, verify_encoded
+    from server.convert import dataset_bytes, encode_dataset, verify_bytes, verify_encoded
 
     ds = pydicom.dcmread(_testfile("MR_small.dcm"))
     conv = encode_dataset(ds, codecs.by_name("jpegls"))
@@ -643,7 +643,7 @@ def test_lossless_output_keeps_the_input_bytes_of_every_other_element(tmp_path):
     when only the pixel data and the transfer syntax change; a file where more changes
     (a stale pixel group length, big endian) is written by pydicom instead. Both open
     with every attribute and decode bit-exact."""
-    from server_stub.convert import _splice_plan, convert_bytes
+    from server.convert import _splice_plan, convert_bytes
 
     src = _testfile("emri_small.dcm")              # 10 frames, explicit VR little endian
     data = Path(src).read_bytes()

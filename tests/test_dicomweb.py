@@ -37,7 +37,7 @@ def _copy_with_new_uids(src: str, dst: Path, **changes) -> Path:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """path -> role: the originals ingested into the store of this module."""
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     d = tmp_path_factory.mktemp("dwfiles")
     files = {
@@ -57,9 +57,9 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dw(corpus, tmp_path_factory):
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.ingest import ingest_paths
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.ingest import ingest_paths
+    from server.store import Store
 
     root = tmp_path_factory.mktemp("dwstore")
     with Store(root) as st:
@@ -464,8 +464,8 @@ def test_study_as_zip(dw, corpus):
 
 
 def test_stow(corpus, tmp_path):
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.rights import Rule
+    from server.embedded import EmbeddedServer
+    from server.rights import Rule
 
     with EmbeddedServer(str(tmp_path / "store")) as srv:
         auth = srv.app.state.server.auth
@@ -536,7 +536,7 @@ def test_stow(corpus, tmp_path):
 
 
 def test_listings_hide_what_a_rule_takes_away(dw, corpus):
-    from server_stub.rights import Rule
+    from server.rights import Rule
 
     auth = dw.app.state.server.auth
     st_mr, se_mr, _ = _uids(corpus["signed"])
@@ -569,7 +569,7 @@ def test_listings_hide_what_a_rule_takes_away(dw, corpus):
 def test_matching_conditions_unit():
     """The SQL conditions of the catalogue's QIDO engine for the value forms of PS3.4
     C.2.2.2 (no server needed)."""
-    from server_stub.catalogue import QueryError, qido_condition, qido_key
+    from server.catalogue import QueryError, qido_condition, qido_key
 
     def cond(k, v):
         return qido_condition(qido_key(k), v, "x")

@@ -1,6 +1,6 @@
 """DICOM networking against real peers: dcmtk's command-line tools and pynetdicom.
 
-The project's SCP (server_stub/dimse.py) runs in this process on a free loopback port;
+The project's SCP (server/dimse.py) runs in this process on a free loopback port;
 dcmtk tools run as subprocesses with the store's AE directory filled by the command line
 (``medview-server ae add``). Waits follow events (a port accepting, a process ending).
 """
@@ -15,10 +15,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from server_stub import sample
-from server_stub.cli import main as cli_main
-from server_stub.dimse import (DimseServer, Pacs, Peers, match_value, wait_for_port)
-from server_stub.store import Store
+from server import sample
+from server.cli import main as cli_main
+from server.dimse import (DimseServer, Pacs, Peers, match_value, wait_for_port)
+from server.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -464,7 +464,7 @@ def test_orthanc_moves_from_us_and_unknown_destination(scp, orthanc, real_dir):
 
 def test_bundled_server_dicom_listener(tmp_path):
     """The desktop's embedded server switches its DICOM listener on and off."""
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
     ensure_peers("dcmtk")
     Store(tmp_path / "s").close()
     srv = EmbeddedServer(str(tmp_path / "s")).start()

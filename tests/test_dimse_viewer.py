@@ -11,10 +11,10 @@ import pydicom
 import pytest
 from PySide6.QtCore import QSettings, Qt
 
-from server_stub.dimse import DimseServer, Peers, wait_for_port
-from server_stub.embedded import EmbeddedServer
-from server_stub.sample import make_sample_ct
-from server_stub.store import Store
+from server.dimse import DimseServer, Peers, wait_for_port
+from server.embedded import EmbeddedServer
+from server.sample import make_sample_ct
+from server.store import Store
 from viewer.browser import remote_queries
 from viewer.mainwindow import AppConfig, MainWindow
 
@@ -33,7 +33,7 @@ def test_remote_queries():
 def pacs(tmp_path):
     """A remote PACS (the project's SCP on its own store) with one 3-slice CT study."""
     files = make_sample_ct(tmp_path / "ct", slices=3, size=64, seed=21)
-    from server_stub.ingest import ingest_paths
+    from server.ingest import ingest_paths
     store = Store(tmp_path / "pacs")
     assert len(ingest_paths(files, store).imported) == 3
     Peers(store.catalogue).add_destination("MEDVIEW", "127.0.0.1", 104)   # may call it

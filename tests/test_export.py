@@ -10,10 +10,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from server_stub import sample
-from server_stub.cli import main as cli_main
-from server_stub.ingest import ingest_paths
-from server_stub.store import Store
+from server import sample
+from server.cli import main as cli_main
+from server.ingest import ingest_paths
+from server.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,13 +11,13 @@ import requests
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from server_stub.fsck import fsck
-from server_stub.ingest import ingest_paths
-from server_stub.policy import load_policy
-from server_stub.policy_copies import PolicyCopies, convert_store, final_copy_row, summary
-from server_stub.store import Store
-from server_stub.tiers import Tiers
-from server_stub.versions import VersionTable
+from server.fsck import fsck
+from server.ingest import ingest_paths
+from server.policy import load_policy
+from server.policy_copies import PolicyCopies, convert_store, final_copy_row, summary
+from server.store import Store
+from server.tiers import Tiers
+from server.versions import VersionTable
 
 ON_INGEST = "[codec]\non_ingest = true\n"
 
@@ -74,7 +74,7 @@ def test_copies_made_by_the_one_ingest_path(tmp_path):
 def test_copies_made_on_stow(tmp_path):
     """STOW-RS goes through the same ingest path: the copy exists when it answers."""
     dicomweb_client = pytest.importorskip("dicomweb_client")
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     st = _store(tmp_path, True)
     st.close()
@@ -96,8 +96,8 @@ def test_copies_made_on_c_store(tmp_path):
     """DIMSE C-STORE (pynetdicom against the SCP) goes through the same ingest path."""
     from pynetdicom import AE
 
-    from server_stub.cli import main as cli_main
-    from server_stub.dimse import DimseServer, wait_for_port
+    from server.cli import main as cli_main
+    from server.dimse import DimseServer, wait_for_port
 
     st = _store(tmp_path, True)
     assert cli_main(["ae", "add", "TESTER", "--host", "127.0.0.1", "--port", "104",

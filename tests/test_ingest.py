@@ -22,13 +22,13 @@ import pytest
 
 from client.session import Session
 from codestream.encode import decode_full
-from server_stub import ingest as ingest_module
-from server_stub import sample
-from server_stub.catalogue import Catalogue
-from server_stub.cli import main as cli_main
-from server_stub.ingest import CONFLICT_REASON, NOT_DICOM, NOT_IMAGE, ingest_paths
-from server_stub.store import Store, StoreIntegrityError
-from server_stub.fsck import fsck
+from server import ingest as ingest_module
+from server import sample
+from server.catalogue import Catalogue
+from server.cli import main as cli_main
+from server.ingest import CONFLICT_REASON, NOT_DICOM, NOT_IMAGE, ingest_paths
+from server.store import Store, StoreIntegrityError
+from server.fsck import fsck
 from waits import WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,7 +336,7 @@ def test_crash_between_files_and_catalogue(tmp_path, monkeypatch):
 
 def test_sigkill_during_cli_ingest(tmp_path, ingest_phantom_dir):
     store_dir = tmp_path / "store"
-    cmd = [sys.executable, "-m", "server_stub.cli", "ingest", str(ingest_phantom_dir),
+    cmd = [sys.executable, "-m", "server.cli", "ingest", str(ingest_phantom_dir),
            "--store", str(store_dir)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
@@ -522,8 +522,8 @@ def test_sample_slide_is_added_once_and_served(tmp_path):
     """First run also brings the real sample slide (H&E, Aperio SVS), once; it is served
     through the bundled server's slide routes like any slide."""
     from client.slides import RemoteSlide
-    from server_stub.slide_store import SlideStore
-    from server_stub.embedded import EmbeddedServer
+    from server.slide_store import SlideStore
+    from server.embedded import EmbeddedServer
 
     store = Store(tmp_path / "s")
     row = sample.ensure_sample_slide(store)

@@ -19,18 +19,18 @@ import numpy as np
 import pydicom
 import pytest
 
-from server_stub.database import database_of
+from server.database import database_of
 from pydicom.uid import generate_uid
 
 from codestream.encode import decode_full
-from server_stub import ingest as ingest_mod
-from server_stub import quarantine, quarantine_admin
-from server_stub import sample
-from server_stub.cli import main as cli_main
-from server_stub.ingest import (CONFLICT_REASON, NOT_DICOM, IngestLimits, ingest_paths,
+from server import ingest as ingest_mod
+from server import quarantine, quarantine_admin
+from server import sample
+from server.cli import main as cli_main
+from server.ingest import (CONFLICT_REASON, NOT_DICOM, IngestLimits, ingest_paths,
                                 uid_problem)
-from server_stub.store import Store
-from server_stub.fsck import fsck
+from server.store import Store
+from server.fsck import fsck
 from imaging.dicom import is_dicom_file
 
 
@@ -466,7 +466,7 @@ def test_conflict_quarantined_in_either_order(tmp_path, kind, order, capsys):
     rows = store.catalogue.series_images(inst["SeriesInstanceUID"])
     assert [r["conflict"] for r in rows] == [True]
     # the audit log names it
-    from server_stub.auth import Authority
+    from server.auth import Authority
     auth = Authority(database_of(sdir))
     (row,) = auth.audit_rows(action="ingest")
     auth.close()
@@ -526,7 +526,7 @@ def test_quarantine_replace_keeps_the_former_original(tmp_path):
         assert former and store.abspath(former[0].relpath).read_bytes() == genuine
         assert not store.catalogue.series_images(inst["SeriesInstanceUID"])[0]["conflict"]
         assert fsck(store).clean
-        from server_stub.auth import Authority
+        from server.auth import Authority
         auth = Authority(database_of(sdir))
         assert [r["outcome"] for r in auth.audit_rows(action="quarantine-resolve")] == \
             ["replace"]
@@ -618,7 +618,7 @@ def test_flags_and_conflict_reach_the_viewer_through_the_server(tmp_path):
     rows carry geometry_flags and conflict, the overlay says so, measurements stay in
     pixels, MPR is refused."""
     from client.session import Session
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
     from imaging.measure import GEOMETRY_REFUSAL, Measurement, MeasureKind, measurement_label
     from imaging.model import ImageMeta
     from imaging.overlay import corner_lines

@@ -1,7 +1,7 @@
 """Job leases: one holder at a time, renewal by the holder, take-over after expiry."""
 from __future__ import annotations
 
-from server_stub.jobs import JobScheduler, Leases
+from server.jobs import JobScheduler, Leases
 
 
 class _Job:

@@ -15,7 +15,7 @@ import pytest
 from client.session import ServerError, Session
 from codestream.databins import BinSet, rebuild_codestream
 from codestream.jpp import EorMessage, JppMessage, parse_all
-from server_stub.store import Store
+from server.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,11 +4,11 @@ Layers, bottom up (docs/ARCHITECTURE.md):
 
 1. ``codestream``  JPEG 2000 core
 2. ``imaging``     pure compute: no Qt, no HTTP, no database
-3. ``server_stub`` the server  |  ``client`` the client library (siblings: neither imports
+3. ``server`` the server  |  ``client`` the client library (siblings: neither imports
                    the other; they share the lower two layers and the wire format)
 4. ``commands``    headless commands (no Qt)
 5. ``viewer``      the Qt desktop app; its bundled mode alone starts a server
-                   (``viewer`` may import ``server_stub`` for that)
+                   (``viewer`` may import ``server`` for that)
 
 A lower layer never imports an upper one, and no two modules import each other through
 any chain (no file cycles).
@@ -21,15 +21,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYER = {"codestream": 1, "imaging": 2, "server_stub": 3, "client": 3, "commands": 4,
+LAYER = {"codestream": 1, "imaging": 2, "server": 3, "client": 3, "commands": 4,
          "viewer": 5}
-SIBLINGS = {("server_stub", "client"), ("client", "server_stub")}
+SIBLINGS = {("server", "client"), ("client", "server")}
 # what each layer must never import, whatever its rank
 FORBIDDEN_THIRD_PARTY = {
     "codestream": ("PySide6", "vtk", "requests", "starlette", "uvicorn", "sqlite3"),
     "imaging": ("PySide6", "requests", "starlette", "uvicorn", "sqlite3"),   # VTK renders offscreen
     "client": ("PySide6", "starlette", "uvicorn"),
-    "server_stub": ("PySide6", "requests"),
+    "server": ("PySide6", "requests"),
     "commands": ("PySide6",),
 }
 
@@ -88,7 +88,7 @@ def test_no_upward_or_sibling_import():
         for mod, line in _imports(name, path):
             other = _top(mod)
             if other in LAYER and other != me:
-                if me == "viewer" and other == "server_stub":
+                if me == "viewer" and other == "server":
                     continue                      # the bundled mode
                 if (me, other) in SIBLINGS or LAYER[other] > LAYER[me]:
                     bad.append(f"{path.relative_to(ROOT)}:{line}: {me} imports {mod}")

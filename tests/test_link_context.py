@@ -14,7 +14,7 @@ from client.series import SeriesData
 from client.session import Session
 from netsim import slow_packet_streams
 from policyutil import copy_store, series_uid, study_uid
-from server_stub.embedded import EmbeddedServer
+from server.embedded import EmbeddedServer
 from waits import WAIT_MS, wait_for
 
 

@@ -13,9 +13,9 @@ import pytest
 import requests
 from starlette.datastructures import Headers
 
-from server_stub.auth import AuthError, Authority
-from server_stub.embedded import EmbeddedServer
-from server_stub.peers import client_address, parse_networks
+from server.auth import AuthError, Authority
+from server.embedded import EmbeddedServer
+from server.peers import client_address, parse_networks
 from tests.policyutil import copy_store
 from tests.test_server_process import _free_port
 
@@ -157,7 +157,7 @@ def test_local_user_only_from_a_direct_loopback_peer(lstore):
 def test_serve_refuses_local_unless_allowed(lstore):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server_stub.cli", "serve", "--store", str(lstore), "--port",
+        [sys.executable, "-m", "server.cli", "serve", "--store", str(lstore), "--port",
          str(port), "--log-level", "warning", "--trusted-proxy", "127.0.0.1/32"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -176,7 +176,7 @@ def test_serve_refuses_local_unless_allowed(lstore):
     finally:
         proc.terminate()
         proc.wait(30)
-    rc = subprocess.run([sys.executable, "-m", "server_stub.cli", "serve", "--store",
+    rc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--store",
                          str(lstore), "--trusted-proxy", "10.0.0.0/33"],
                         capture_output=True, text=True, timeout=60)
     assert rc.returncode == 2 and "trusted-proxy" in rc.stderr

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PySide6.QtGui import QImage
 
-from server_stub.sample import SAMPLE_SPHERES, make_sample_ct
+from server.sample import SAMPLE_SPHERES, make_sample_ct
 from viewer.cli import main
 
 CALC = next(s for s in SAMPLE_SPHERES if s.name == "calcification")       # 1000 HU, r 6 mm

@@ -247,7 +247,7 @@ def test_progressive_volume_redraws_at_each_level(qtbot, server, ct_series_uid):
 
 
 def test_open_folder_refuses_below_the_threshold(tmp_path, qtbot):
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     make_sample_ct(tmp_path, slices=4, size=32, seed=2)
     with pytest.raises(RuntimeError, match="at least 10"):

@@ -103,7 +103,7 @@ def test_interleaved_loading_from_the_server(server, ct_series_uid, ct_store):
     from client.series import SeriesData
     from client.session import Session
     from codestream.encode import decode_full
-    from server_stub.store import Store
+    from server.store import Store
     from client.volume_loader import VolumeLoader
 
     session = Session(server.url)

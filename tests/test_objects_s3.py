@@ -16,11 +16,11 @@ import pytest
 
 from client import SeriesData, Session
 from codestream.encode import decode_full
-from server_stub.cli import main as cli
-from server_stub.embedded import EmbeddedServer
-from server_stub.fsck import fsck
-from server_stub.objects import ObjectError, ObjectMissing, S3Objects
-from server_stub.store import Store
+from server.cli import main as cli
+from server.embedded import EmbeddedServer
+from server.fsck import fsck
+from server.objects import ObjectError, ObjectMissing, S3Objects
+from server.store import Store
 from waits import WAIT_S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def bucket() -> str:
 
 @pytest.fixture(scope="module")
 def dicom_files(tmp_path_factory):
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
     return make_sample_ct(tmp_path_factory.mktemp("dicom"), slices=6, size=128, seed=7)
 
 
@@ -83,7 +83,7 @@ def test_object_store_basics(s3):
         o.put("../escape", b"x")
     assert o.delete("j2k/1.2/3.1.j2k") and not o.exists("j2k/1.2/3.1.j2k")
     # wrong credentials are refused, not ignored
-    from server_stub.objects import s3_client
+    from server.objects import s3_client
     bad = S3Objects(s3_client(s3.endpoint, access_key="nobody", secret_key="wrong", attempts=1),
                     o.bucket, "pre/fix")
     with pytest.raises(ObjectError):
@@ -137,9 +137,9 @@ def test_ingest_serve_fsck_on_s3(s3, dicom_files, tmp_path):
 
 
 def test_tier_move_to_s3_archive(s3, dicom_files, tmp_path):
-    from server_stub.policy import load_policy
-    from server_stub.tiers import Tiers
-    from server_stub.versions import VersionTable
+    from server.policy import load_policy
+    from server.tiers import Tiers
+    from server.versions import VersionTable
 
     store = tmp_path / "store"
     hot, arch = bucket(), bucket()
@@ -173,7 +173,7 @@ def test_kill_9_during_upload_loses_nothing(s3, dicom_files, tmp_path, point):
     store = tmp_path / "store"
     Store(store, f"s3://{bucket()}/k", endpoint=s3.endpoint).close()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDVIEW_FAULTS": point}
-    proc = subprocess.run([sys.executable, "-m", "server_stub.cli", "ingest",
+    proc = subprocess.run([sys.executable, "-m", "server.cli", "ingest",
                            *map(str, dicom_files), "--store", str(store), "--quiet"],
                           env=env, cwd=ROOT, timeout=WAIT_S * 4)
     assert proc.returncode == -signal.SIGKILL

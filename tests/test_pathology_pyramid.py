@@ -136,8 +136,8 @@ def test_unknown_input_names_every_reader(tmp_path):
 
 
 def test_catalogue_referential_integrity(stored):
-    from server_stub.dbutil import IntegrityError
-    from server_stub.slide_catalogue import CatalogueError
+    from server.dbutil import IntegrityError
+    from server.slide_catalogue import CatalogueError
 
     st, row = stored
     cat = st.catalogue

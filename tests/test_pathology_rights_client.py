@@ -15,7 +15,7 @@ from test_rights_slides import PASSWORD, env, stored, user_with  # noqa: F401 - 
 from client.rights import RightsLimited
 from client.session import Session
 from client.slides import NOT_PERMITTED, LocalSlide, NotPermitted, RemoteSlide
-from server_stub.rights import Rule
+from server.rights import Rule
 from waits import WAIT_MS, wait_for
 
 TIMEOUT = WAIT_MS

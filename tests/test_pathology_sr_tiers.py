@@ -10,8 +10,8 @@ from client.slides import RemoteSlide
 from client.srqueue import SRTileService, read_png_with_text
 from imaging.slide_sample import make_ihc_slide
 from imaging.tilesource import ArraySource
-from server_stub.embedded import EmbeddedServer
-from server_stub.slide_tiers import SlideTiers
+from server.embedded import EmbeddedServer
+from server.slide_tiers import SlideTiers
 from viewer.services import Backend
 
 from pathology_util import new_store

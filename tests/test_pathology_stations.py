@@ -11,7 +11,7 @@ import pytest
 
 from imaging.slide_sample import make_ihc_slide
 from imaging.tilesource import ArraySource
-from server_stub.sample import PATIENT_ID, make_sample_ct
+from server.sample import PATIENT_ID, make_sample_ct
 
 from pathology_util import new_store
 
@@ -28,8 +28,8 @@ def slide_img():
 def _store_with_ct_and_slides(root: Path, tmp: Path, slide_img):
     """A store with one CT study and two slide exams of the sample patient, and a slide of
     another patient. Returns (slide store, image store, CT files, slide rows)."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.store import Store
 
     images = Store(root)
     ct = make_sample_ct(tmp / "ct", slices=4, size=32, seed=2)
@@ -45,7 +45,7 @@ def _store_with_ct_and_slides(root: Path, tmp: Path, slide_img):
 
 def test_gather_includes_the_radiology_originals_bit_for_bit(tmp_path, slide_img):
     from client.slides import LocalSlide
-    from server_stub.slide_organise import gather_patient
+    from server.slide_organise import gather_patient
 
     st, images, ct, rows = _store_with_ct_and_slides(tmp_path / "store", tmp_path, slide_img)
     try:
@@ -81,8 +81,8 @@ def test_gather_includes_the_radiology_originals_bit_for_bit(tmp_path, slide_img
 def station_server(tmp_path, slide_img):
     """A server with two exams of P1 assigned to station ws-1 (A1 distributed, A2 not),
     one of P2 assigned too, and one exam assigned to another station."""
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.slide_organise import distribute
+    from server.embedded import EmbeddedServer
+    from server.slide_organise import distribute
 
     root = tmp_path / "store"
     st = new_store(root)
@@ -149,7 +149,7 @@ def test_station_worklist_and_cache_first(station_server):
 def test_station_worklist_within_the_rights(station_server):
     from client.session import Session
     from client.stations import Station
-    from server_stub.rights import Rule
+    from server.rights import Rule
 
     srv, rows, _ws1 = station_server
     auth = srv.app.state.server.auth

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from imaging.slide_sample import make_ihc_slide
-from server_stub.jobs import JobScheduler, SlideTierJob
-from server_stub.slide_tiers import SlideTiers, TierMoveError
+from server.jobs import JobScheduler, SlideTierJob
+from server.slide_tiers import SlideTiers, TierMoveError
 from imaging.tilesource import ArraySource
 
 from pathology_util import new_store, today_minus
@@ -69,7 +69,7 @@ def test_killed_mid_move_loses_nothing(tmp_path, slide_img, point):
     row = _ingest(st, slide_img)
     before = _digest(st.slide_dir(row))
     st.close()
-    code = ("import sys; from server_stub.slide_store import SlideStore; from server_stub.slide_tiers import "
+    code = ("import sys; from server.slide_store import SlideStore; from server.slide_tiers import "
             "SlideTiers; st = SlideStore(sys.argv[1]); SlideTiers(st).move(sys.argv[2], 'long')")
     env = dict(os.environ, MEDVIEW_FAULTS=f"{point}=1")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "slides"), row["slide_uid"]],
@@ -189,7 +189,7 @@ def test_temp_tier_is_marked_and_purged_at_discharge(tmp_path, slide_img):
 
 
 def test_gather_and_distribute(tmp_path, slide_img):
-    from server_stub.slide_organise import distribute, gather_patient
+    from server.slide_organise import distribute, gather_patient
     from client.slides import LocalSlide
 
     st = new_store(tmp_path / "store")

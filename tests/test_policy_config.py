@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from server_stub.policy import (DEFAULT_POLICY, AutoInputs, ImageFacts, PolicyError,
+from server.policy import (DEFAULT_POLICY, AutoInputs, ImageFacts, PolicyError,
                                 PolicySource, SelectionError, load_policy)
-from server_stub.store import Store
-from server_stub.versions import VersionTable
+from server.store import Store
+from server.versions import VersionTable
 from tests.policyutil import copy_store, series_uid
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from client import SeriesData, ServerError, Session
 from client.policy import PolicyClient, machine_context
-from server_stub.embedded import EmbeddedServer
-from server_stub.rights import Rule
+from server.embedded import EmbeddedServer
+from server.rights import Rule
 from tests.policyutil import copy_store, fetch, series_uid, study_uid
 
 

@@ -9,21 +9,21 @@ import threading
 
 import pytest
 
-from server_stub.dbutil import (Db, IntegrityError, OperationalError, _pg_sql, ddl_for,
+from server.dbutil import (Db, IntegrityError, OperationalError, _pg_sql, ddl_for,
                                 is_postgres)
 
 
 @pytest.fixture(scope="module")
 def ct_files(tmp_path_factory):
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     return make_sample_ct(tmp_path_factory.mktemp("ct") / "dicom", slices=4, size=64, seed=5)
 
 
 @pytest.fixture()
 def store(tmp_path, database, ct_files):
-    from server_stub.ingest import ingest_paths
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.store import Store
 
     st = Store(tmp_path / "store", database=database)
     report = ingest_paths(ct_files, st)
@@ -119,8 +119,8 @@ def test_catalogue_ingest_query_and_qido(store):
 
 
 def test_users_rights_and_audit(store):
-    from server_stub.auth import Authority
-    from server_stub.rights import Rule
+    from server.auth import Authority
+    from server.rights import Rule
 
     auth = Authority(store.database)
     try:
@@ -145,7 +145,7 @@ def test_users_rights_and_audit(store):
 
 
 def test_diagnosis_records(store):
-    from server_stub.diagnosis import DiagnosisError, DiagnosisRecords
+    from server.diagnosis import DiagnosisError, DiagnosisRecords
 
     (study,) = store.catalogue.query_studies()
     uid = study["StudyInstanceUID"]
@@ -167,9 +167,9 @@ def test_diagnosis_records(store):
 
 
 def test_versions_tiers_migrate_and_recall(store, tmp_path):
-    from server_stub.policy import load_policy
-    from server_stub.tiers import Tiers
-    from server_stub.versions import VersionTable
+    from server.policy import load_policy
+    from server.tiers import Tiers
+    from server.versions import VersionTable
 
     (series,) = store.catalogue.query_series()
     uid = series["SeriesInstanceUID"]
@@ -196,10 +196,10 @@ def test_versions_tiers_migrate_and_recall(store, tmp_path):
 def test_slides_quarantine_and_leases(store, tmp_path, ct_files):
     import pydicom
 
-    from server_stub import quarantine, quarantine_admin
-    from server_stub.ingest import ingest_paths
-    from server_stub.jobs import Leases
-    from server_stub.slide_catalogue import CatalogueError, SlideCatalogue
+    from server import quarantine, quarantine_admin
+    from server.ingest import ingest_paths
+    from server.jobs import Leases
+    from server.slide_catalogue import CatalogueError, SlideCatalogue
 
     slides = SlideCatalogue(store.database)
     try:
@@ -266,11 +266,11 @@ def test_upgrade_and_serve_with_the_database_option(tmp_path, pg_cluster, ct_fil
     monkeypatch.delenv("MEDVIEW_DATABASE", raising=False)     # only --database says it
     import requests
 
-    from server_stub.auth import Authority
-    from server_stub.cli import main
-    from server_stub.rights import Rule
-    from server_stub.database import DatabaseConfigError, database_of, use_database
-    from server_stub.embedded import EmbeddedServer
+    from server.auth import Authority
+    from server.cli import main
+    from server.rights import Rule
+    from server.database import DatabaseConfigError, database_of, use_database
+    from server.embedded import EmbeddedServer
 
     url = pg_cluster.fresh_url()
     root = tmp_path / "store"
@@ -310,12 +310,12 @@ def test_two_processes_ingest_the_same_files_at_once(tmp_path, database, ct_file
     import subprocess
     import sys
 
-    from server_stub.store import Store
+    from server.store import Store
     from waits import WAIT_S
 
     root = tmp_path / "store"
     Store(root, database=database).close()
-    cmd = [sys.executable, "-m", "server_stub.cli", "ingest", *map(str, ct_files),
+    cmd = [sys.executable, "-m", "server.cli", "ingest", *map(str, ct_files),
            "--store", str(root), "--quiet"] + (["--database", database] if database else [])
     env = {k: v for k, v in os.environ.items() if k != "MEDVIEW_DATABASE"} \
         if database else dict(os.environ)

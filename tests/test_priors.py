@@ -7,7 +7,7 @@ import json
 import pytest
 
 from priorsutil import PRIOR_CT_DATE, make_priors_store
-from server_stub.priors import Exam, WorklistError, read_worklist, relevant_priors
+from server.priors import Exam, WorklistError, read_worklist, relevant_priors
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_worklist_csv_and_json(tmp_path):
 
 
 def test_relevant_priors_order(pstore):
-    from server_stub.store import Store
+    from server.store import Store
 
     cur = pstore["current"]
     with Store(pstore["store"]) as st:
@@ -49,9 +49,9 @@ def test_relevant_priors_order(pstore):
 
 
 def test_prefetch_worklist_recalls_archived_priors(pstore, tmp_path, capsys):
-    from server_stub.cli import main
-    from server_stub.store import Store
-    from server_stub.tiers import Tiers
+    from server.cli import main
+    from server.store import Store
+    from server.tiers import Tiers
     from policyutil import copy_store
 
     store = copy_store(pstore["store"], tmp_path / "store")
@@ -101,8 +101,8 @@ def test_prefetch_worklist_recalls_archived_priors(pstore, tmp_path, capsys):
 def _archived_server(pstore, where):
     """A server on a private copy of the store whose studies are in the archive."""
     from policyutil import copy_store
-    from server_stub.cli import main
-    from server_stub.embedded import EmbeddedServer
+    from server.cli import main
+    from server.embedded import EmbeddedServer
     from client.policy import PolicyClient
     from client.session import Session
 

@@ -7,9 +7,9 @@ import pytest
 import requests
 
 from client import SeriesData, Session
-from server_stub.auth import AuthError, Authority
-from server_stub.embedded import EmbeddedServer
-from server_stub.packets import CacheModel
+from server.auth import AuthError, Authority
+from server.embedded import EmbeddedServer
+from server.packets import CacheModel
 from tests.policyutil import copy_store
 
 
@@ -93,7 +93,7 @@ def test_two_servers_on_one_store(ct_store, ct_series_uid, tmp_path):
     """Log in through one server, read through the other; the client declares what it
     holds when it moves, and ends with the same pixels."""
     from codestream.encode import decode_full
-    from server_stub.store import Store
+    from server.store import Store
 
     store = copy_store(ct_store, tmp_path / "store")
     with Store(store) as st:

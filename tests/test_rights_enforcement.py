@@ -10,8 +10,8 @@ import pytest
 import requests
 
 from client import SeriesData, ServerError, Session
-from server_stub.embedded import EmbeddedServer
-from server_stub.rights import Grant, Rule, decide
+from server.embedded import EmbeddedServer
+from server.rights import Grant, Rule, decide
 from tests.policyutil import copy_store, fetch, indexes, packets_sent, series_uid, study_uid
 
 _names = itertools.count()

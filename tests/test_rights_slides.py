@@ -15,8 +15,8 @@ from codestream import framing
 from codestream.jpp import EorMessage, JppParser
 from imaging.slide_sample import make_ihc_slide
 from imaging.tilesource import ArraySource
-from server_stub.embedded import EmbeddedServer
-from server_stub.rights import Rule, exam_scope, patient_scope
+from server.embedded import EmbeddedServer
+from server.rights import Rule, exam_scope, patient_scope
 
 from pathology_util import new_store
 from policyutil import copy_store, packets_sent, series_uid
@@ -31,7 +31,7 @@ PASSWORD = "a long password"
 def env(ct_store, tmp_path_factory):
     """A server over a copy of the CT store plus two slides: A (640x512, levels 0-2) of
     the CT's own patient, B (300x280, a corner tile too small to be reduced) of P2."""
-    from server_stub.store import Store
+    from server.store import Store
 
     root = copy_store(ct_store, tmp_path_factory.mktemp("rslides") / "store")
     with Store(root) as st:
@@ -423,7 +423,7 @@ def test_malformed_slide_requests(env):
 
 
 def test_cli_scopes(env, capsys):
-    from server_stub.cli import main as cli
+    from server.cli import main as cli
 
     auth = env["srv"].app.state.server.auth
     auth.add_user("cliuser", PASSWORD)

@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from server_stub.database import database_of
+from server.database import database_of
 import requests
 
 from client import ServerError, Session
-from server_stub.auth import AuthError, Authority
-from server_stub.cli import main as cli
-from server_stub.embedded import EmbeddedServer
-from server_stub.store import Store
+from server.auth import AuthError, Authority
+from server.cli import main as cli
+from server.embedded import EmbeddedServer
+from server.store import Store
 from tests.policyutil import copy_store, fetch, series_uid
 from waits import wait_for
 

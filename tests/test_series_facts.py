@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from client import Session
-from server_stub import sample
-from server_stub.embedded import EmbeddedServer
-from server_stub.ingest import ingest_paths
-from server_stub.policy import load_policy
-from server_stub.sample import make_sample_ct
-from server_stub.series_facts import SeriesFacts
-from server_stub.store import Store
-from server_stub.tiers import Tiers
-from server_stub.versions import VersionTable
+from server import sample
+from server.embedded import EmbeddedServer
+from server.ingest import ingest_paths
+from server.policy import load_policy
+from server.sample import make_sample_ct
+from server.series_facts import SeriesFacts
+from server.store import Store
+from server.tiers import Tiers
+from server.versions import VersionTable
 from tests.policyutil import copy_store, series_uid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ def test_server_reads_a_series_once_and_again_after_another_process_ingests(ct_s
         assert len(calls) == n
         # another process ingests a 13th slice of the same series
         more = make_sample_ct(tmp_path / "more", slices=13, size=256, seed=3)[-1:]
-        run = subprocess.run([sys.executable, "-m", "server_stub.cli", "ingest", str(more[0]),
+        run = subprocess.run([sys.executable, "-m", "server.cli", "ingest", str(more[0]),
                               "--store", str(store), "--no-verify"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from server_stub.sample import make_sample_ct
+from server.sample import make_sample_ct
 from imaging.series_select import (MprRefused, ServerCatalogue, looks_like_dicom,
                                   read_candidates, select_series)
 

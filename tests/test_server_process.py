@@ -14,7 +14,7 @@ import pytest
 
 from client import Callbacks, ConnectionFailed, PacketCache, SeriesData, Session, TransferError
 from codestream.encode import decode_full
-from server_stub.store import Store
+from server.store import Store
 from waits import WAIT_S
 
 
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 def _serve(store, port):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server_stub.cli", "serve", "--store", str(store), "--port",
+        [sys.executable, "-m", "server.cli", "serve", "--store", str(store), "--port",
          str(port), "--log-level", "warning", "--allow-local"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

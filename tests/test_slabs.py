@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from server_stub.fsck import fsck
+from server.fsck import fsck
 
 from codestream import slabs
 from waits import WAIT_MS
@@ -56,10 +56,10 @@ def test_isotropic_reduce():
 # ---------------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def slab_server(tmp_path_factory):
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     root = tmp_path_factory.mktemp("slabs")
     files = make_sample_ct(root / "dicom", slices=24, size=256, seed=21)
@@ -208,7 +208,7 @@ def test_user_rights_apply_to_the_slab_route(slab_server):
     """P7 on the slab target: the layer limit holds, and per-image rights allow only the
     slabs made of allowed images (a slab mixes every image of its span)."""
     from client.session import ServerError, Session
-    from server_stub.rights import Rule
+    from server.rights import Rule
 
     srv, _ = slab_server
     auth = srv.app.state.server.auth
@@ -229,7 +229,7 @@ def test_user_rights_apply_to_the_slab_route(slab_server):
     s = Session(srv.url, "slabs-some-images", "a long password")
     try:
         # the thickest slab mixes every image: refused; a band of allowed images only
-        # is sent (server_stub.slabs.slab_grant)
+        # is sent (server.slabs.slab_grant)
         with pytest.raises(ServerError, match="not among those you may load") as err:
             s.request("GET", f"/jpip/slabs/{uid}", params={"comps": "0"})
         assert err.value.status == 403

@@ -2,7 +2,7 @@
 disk never stops reading, the audit writer never makes a request wait for the disk and
 loses nothing on a clean shutdown.
 
-Each scenario runs with the fault hook (:mod:`server_stub.faults`, always) and, where this
+Each scenario runs with the fault hook (:mod:`server.faults`, always) and, where this
 process may ``mount`` (root, CI containers with the capability), on a real small tmpfs
 filled to the last byte."""
 from __future__ import annotations
@@ -24,19 +24,19 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("MEDVIEW_DATABASE")),
                                 reason="the SQLite file on the store's disk")
 import requests
 
-from server_stub import faults, store as store_mod
-from server_stub.auth import _DDL, AuditWriter
-from server_stub.dbutil import Db, StorageFull
-from server_stub.embedded import EmbeddedServer
+from server import faults, store as store_mod
+from server.auth import _DDL, AuditWriter
+from server.dbutil import Db, StorageFull
+from server.embedded import EmbeddedServer
 from tests.policyutil import copy_store
 
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     """Three 64x64 CT slices: small enough for a 4 MB file system."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     root = tmp_path_factory.mktemp("small")
     files = make_sample_ct(root / "dicom", slices=3, size=64, seed=5)
@@ -287,7 +287,7 @@ def test_audit_writer_crash_bound_buffer_and_gap(tmp_path):
 
 
 def test_store_writes_refused_clearly_when_read_only(small_store, tmp_path):
-    from server_stub.store import Store
+    from server.store import Store
 
     store = copy_store(small_store, tmp_path / "store")
     faults.set_disk_full(True)

@@ -12,7 +12,7 @@ from client import (Callbacks, Cancelled, PacketCache, SeriesData, ServerError, 
 from codestream import framing
 from codestream.encode import decode_full
 from codestream.jpp import EorMessage, JppMessage, parse_all
-from server_stub.store import Store
+from server.store import Store
 
 
 def _reference(ct_store, series_uid, csn):
@@ -85,7 +85,7 @@ def test_metadata_is_gzipped_when_the_client_accepts_it(server, ct_series_uid):
     ("", False), ("identity", False), ("gzip;q=0", False), ("br, gzip;q=bad", False),
     ("xgzip", False)])
 def test_accept_encoding_parsing(header, ok):
-    from server_stub.app import accepts_gzip
+    from server.app import accepts_gzip
 
     assert accepts_gzip(header) is ok
 
@@ -369,7 +369,7 @@ def test_bad_model_declaration(server, ct_series_uid):
 
 def test_damaged_codestream_in_store(tmp_path, ct_store, ct_series_uid):
     """A truncated codestream file gives a clear error; the other images still flow."""
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
     from tests.policyutil import copy_store
 
     root = copy_store(ct_store, tmp_path / "store")        # files and database, any engine

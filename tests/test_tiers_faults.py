@@ -14,11 +14,11 @@ import pytest
 
 from client import SeriesData, Session, TransferError
 from codestream.encode import decode_full
-from server_stub.policy import load_policy
-from server_stub.store import Store
-from server_stub.tiers import Tiers
-from server_stub.versions import VersionTable
-from server_stub.fsck import fsck
+from server.policy import load_policy
+from server.store import Store
+from server.tiers import Tiers
+from server.versions import VersionTable
+from server.fsck import fsck
 from tests.policyutil import copy_store, series_uid
 from tests.test_server_process import _free_port, _serve
 from waits import WAIT_S
@@ -43,7 +43,7 @@ def migrate_process(store, fault: str | None = None) -> subprocess.Popen:
     env.pop("MEDVIEW_FAULTS", None)
     if fault:
         env["MEDVIEW_FAULTS"] = fault
-    return subprocess.Popen([sys.executable, "-m", "server_stub.cli", "migrate", "--store",
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "migrate", "--store",
                              str(store), "--days", "0", "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -11,18 +11,18 @@ import shutil
 import numpy as np
 import pytest
 
-from server_stub.database import database_of
+from server.database import database_of
 import requests
 
 from client import Callbacks, SeriesData, Session, TransferError
 from codestream.encode import decode_full
-from server_stub.cli import main as cli
-from server_stub.embedded import EmbeddedServer
-from server_stub.policy import load_policy
-from server_stub.store import Store
-from server_stub.tiers import Tiers
-from server_stub.versions import VersionTable
-from server_stub.fsck import fsck
+from server.cli import main as cli
+from server.embedded import EmbeddedServer
+from server.policy import load_policy
+from server.store import Store
+from server.tiers import Tiers
+from server.versions import VersionTable
+from server.fsck import fsck
 from tests.policyutil import copy_store, series_uid, study_uid
 from waits import WAIT_S
 
@@ -169,8 +169,8 @@ def test_min_status_and_age(ct_store, tmp_path):
 def test_migration_job_inside_the_server(ct_store, tmp_path):
     """`medview-server serve` runs the migration on a schedule (here: at once), under the
     job's lease: of two servers sharing the store, one runs it."""
-    from server_stub.jobs import JobScheduler, Leases, MigrationJob
-    from server_stub.policy import StorageSettings
+    from server.jobs import JobScheduler, Leases, MigrationJob
+    from server.policy import StorageSettings
 
     store = copy_store(ct_store, tmp_path / "store")
     with Store(store) as st:

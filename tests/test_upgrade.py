@@ -11,19 +11,19 @@ import numpy as np
 import pydicom
 import pytest
 
-from server_stub.database import database_of
-from server_stub.dbutil import Db
+from server.database import database_of
+from server.dbutil import Db
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from client.slides import LocalSlide
 from imaging.tilesource import ArraySource
-from server_stub.cli import main
-from server_stub.ingest import ingest_paths
-from server_stub.slide_catalogue import LEGACY_DDL, CatalogueError, upgrade_slide_catalogue
-from server_stub.slide_pyramid import build_pyramid
-from server_stub.slide_store import SlideStore
-from server_stub.store import Store
+from server.cli import main
+from server.ingest import ingest_paths
+from server.slide_catalogue import LEGACY_DDL, CatalogueError, upgrade_slide_catalogue
+from server.slide_pyramid import build_pyramid
+from server.slide_store import SlideStore
+from server.store import Store
 
 
 def _radiology(root, tmp_path, patient_id="P1", name="Doe^Jane"):

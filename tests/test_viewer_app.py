@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from server_stub.fsck import fsck
+from server.fsck import fsck
 from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl
 from PySide6.QtGui import QDropEvent, QImage
 from PySide6.QtTest import QTest
@@ -86,10 +86,10 @@ def win(qtbot, tmp_path, server):
 @pytest.fixture()
 def two_series_server(ct_store, tmp_path):
     """A copy of the CT store plus a second, small series (another study)."""
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.ingest import ingest_paths
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.ingest import ingest_paths
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     root = tmp_path / "store2"
     copy_store_tree(ct_store, root)
@@ -339,9 +339,9 @@ def test_region_at_full_resolution_fetches_only_the_region(qtbot, tmp_path, serv
 # --------------------------------------------------------------------------- import
 
 def test_import_folder_lists_errors_imports_good_files_and_loses_nothing(qtbot, tmp_path, ct_store):
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.sample import make_sample_ct
+    from server.store import Store
 
     store = tmp_path / "store"
     copy_store_tree(ct_store, store)
@@ -405,9 +405,9 @@ def test_import_folder_lists_errors_imports_good_files_and_loses_nothing(qtbot, 
 
 
 def test_cancelled_import_keeps_what_was_imported_complete(tmp_path, ct_store):
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.sample import make_sample_ct
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.sample import make_sample_ct
+    from server.store import Store
     from viewer.services import Backend
 
     store = tmp_path / "store"
@@ -594,7 +594,7 @@ def private_server(ct_store, tmp_path):
     """A server on a private copy of the CT store, for tests that write reading records
     (notes, status): the shared store stays unread for every other test."""
     from policyutil import copy_store
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     srv = EmbeddedServer(str(copy_store(ct_store, tmp_path / "private" / "store"))).start()
     yield srv
@@ -647,7 +647,7 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
 
     from imaging.slide_sample import make_ihc_slide
     from imaging.tilesource import ArraySource
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
     from pathology_util import new_store
 
     root = tmp_path / "store"
@@ -683,7 +683,7 @@ def test_open_slide_from_the_main_window(qtbot, tmp_path):
 def test_open_folder_in_mpr_scans_off_the_ui_thread(qtbot, win, tmp_path, monkeypatch):
     from PySide6.QtWidgets import QFileDialog
 
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     folder = tmp_path / "series"
     make_sample_ct(folder, slices=12, size=64, seed=5)

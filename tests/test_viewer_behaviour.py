@@ -27,7 +27,7 @@ NAMES = {"1": "unread", "5": "report"}
 
 
 def test_default_policy_gives_the_diagnosing_role_v1_at_every_status():
-    from server_stub.policy import load_policy
+    from server.policy import load_policy
 
     pol = load_policy()
     assert pol.diagnosing_versions == ["V1"]
@@ -54,8 +54,8 @@ def test_the_dock_says_in_one_sentence_which_version_is_shown_and_why():
 def test_reopening_a_reported_study_best_allowed_is_v1_for_the_radiologist(qtbot, tmp_path, ct_store):
     import shutil
 
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.store import Store
 
     store = tmp_path / "store"
     shutil.copytree(ct_store, store)

@@ -64,7 +64,7 @@ def own_server(ct_store, tmp_path):
     """A server on a copy of the CT store: the reports and notes written here stay here."""
     import shutil
 
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     shutil.copytree(ct_store, tmp_path / "own-store")
     srv = EmbeddedServer(str(tmp_path / "own-store")).start()
@@ -127,8 +127,8 @@ def test_titles_are_words():
 def test_history_lists_status_changes_and_report_revisions(qtbot, tmp_path, ct_store):
     import shutil
 
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.store import Store
 
     store = tmp_path / "store"
     shutil.copytree(ct_store, store)

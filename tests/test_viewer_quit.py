@@ -19,7 +19,7 @@ def test_quit_closes_every_window_and_the_process_exits_0(tmp_path):
     files = make_ball_ct(tmp_path / "dicom", slices=24, size=96)
     uid = ingest_folder(files, tmp_path / "store")
     from imaging.slide_sample import make_ihc_slide
-    from server_stub.slide_store import SlideStore
+    from server.slide_store import SlideStore
     from imaging.tilesource import ArraySource
 
     img, assoc = make_ihc_slide(640, 480, seed=3)

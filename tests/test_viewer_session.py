@@ -43,8 +43,8 @@ def test_switching_version_keeps_slice_zoom_pan_and_window(qtbot, tmp_path, serv
 
 
 def test_the_series_opened_after_an_import_is_highlighted(qtbot, tmp_path, ct_store, ct_series_uid):
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.sample import make_sample_ct
+    from server.embedded import EmbeddedServer
+    from server.sample import make_sample_ct
 
     store = tmp_path / "store"
     shutil.copytree(ct_store, store)

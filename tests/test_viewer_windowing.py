@@ -54,7 +54,7 @@ def _mr_folder(folder, slices=12, size=48):
     """An MR-like series whose WindowCenter/WindowWidth are 0 (as some scanners write)."""
     import pydicom
 
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     files = make_sample_ct(folder, slices=slices, size=size, seed=17)
     rng = np.random.default_rng(3)
@@ -110,7 +110,7 @@ def test_mpr_vr_mip_preset_has_its_own_window(qtbot):
 
 
 def test_render_mip_gets_a_window_of_the_projection(tmp_path, capsys):
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
     from viewer.cli import main
 
     make_sample_ct(tmp_path / "ct", slices=16, size=256, seed=9)             # header: 40/400

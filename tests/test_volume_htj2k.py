@@ -69,9 +69,9 @@ def test_htj2k_volume_equals_the_lossless_j2k_volume(server, ct_series_uid):
 def test_auto_takes_htj2k_on_loopback_and_copies_are_used(ct_store, tmp_path):
     """A store with HTJ2K final copies: auto measures the loopback link on the previews
     and takes the copies; the volume is the lossless one."""
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.policy_copies import convert_store
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.policy_copies import convert_store
+    from server.store import Store
     from tests.policyutil import copy_store, series_uid
 
     root = copy_store(ct_store, tmp_path / "store")
@@ -109,8 +109,8 @@ def test_auto_takes_htj2k_on_loopback_and_copies_are_used(ct_store, tmp_path):
 def test_a_failing_route_falls_back_to_the_layers(ct_store, tmp_path):
     """An original the server cannot read (so no frame can be made from it): the
     HTJ2K route fails before anything is applied, the transport loads the volume."""
-    from server_stub.embedded import EmbeddedServer
-    from server_stub.store import Store
+    from server.embedded import EmbeddedServer
+    from server.store import Store
     from tests.policyutil import copy_store, series_uid
 
     root = copy_store(ct_store, tmp_path / "store")

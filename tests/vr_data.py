@@ -12,7 +12,7 @@ def make_ball_ct(folder: Path, *, slices: int = 20, size: int = 64, seed: int = 
     cylinder (40 HU) in air; ``window`` sets WindowCenter/WindowWidth (as strings)."""
     import pydicom
 
-    from server_stub.sample import make_sample_ct
+    from server.sample import make_sample_ct
 
     files = make_sample_ct(folder, slices=slices, size=size, seed=seed)
     n = len(files)
@@ -33,8 +33,8 @@ def make_ball_ct(folder: Path, *, slices: int = 20, size: int = 64, seed: int = 
 
 def ingest_folder(files: list[Path], store_dir: Path) -> str:
     """Ingest ``files`` into a new store; returns the series UID."""
-    from server_stub.ingest import ingest_paths
-    from server_stub.store import Store
+    from server.ingest import ingest_paths
+    from server.store import Store
 
     with Store(store_dir) as st:
         report = ingest_paths(files, st)

@@ -43,7 +43,7 @@ def screen_pixels(widget) -> np.ndarray:
 def main() -> int:
     store, uid, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     app = QApplication(sys.argv[:1])
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
     from viewer.mainwindow import AppConfig, MainWindow
 
     result: dict = {"platform": app.platformName()}

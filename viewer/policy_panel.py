@@ -469,7 +469,7 @@ class DiagnosisPanel(QWidget):
 
 # --------------------------------------------------------------------------- annotations
 def measurement_annotation(m, meta, series_uid: str, label: str | None = None) -> dict:
-    """An annotation body (see :mod:`server_stub.diagnosis`) for a viewer measurement
+    """An annotation body (see :mod:`server.diagnosis`) for a viewer measurement
     (:class:`imaging.measure.Measurement` on image ``meta``: a :class:`imaging.model.ImageMeta`)."""
     from imaging.measure import MeasureKind, distance
 

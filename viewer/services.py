@@ -38,7 +38,7 @@ class ImportDisabled(RuntimeError):
 class ImportOutcome:
     """Result of :meth:`Backend.import_paths`: the ingest report and what it means."""
 
-    report: object                       # server_stub.ingest.IngestReport
+    report: object                       # server.ingest.IngestReport
     total: int                           # files found
     cancelled: bool = False
     studies: list[str] = field(default_factory=list)   # studies with imported files
@@ -115,9 +115,9 @@ class Backend:
                       dicom_port: int = 0, ae_title: str = "MEDVIEW") -> str:
         """Create the sample study on first run, start the bundled server on a free
         loopback port and log in as the local user. Returns the server URL."""
-        from server_stub.embedded import EmbeddedServer
-        from server_stub.sample import ensure_sample_store
-        from server_stub.store import Store
+        from server.embedded import EmbeddedServer
+        from server.sample import ensure_sample_store
+        from server.store import Store
 
         store_dir = Path(store_dir)
         if sample:
@@ -146,7 +146,7 @@ class Backend:
         self.server.set_dicom(port, ae_title)
 
     def adopt_server(self, server, *, own: bool = False) -> None:
-        """Use an already running :class:`~server_stub.embedded.EmbeddedServer` (its
+        """Use an already running :class:`~server.embedded.EmbeddedServer` (its
         store receives local imports); ``own``: stop it on :meth:`close`."""
         self.server = server
         self.own_server = own
@@ -187,11 +187,11 @@ class Backend:
         when connected to another server (file I/O: call from a worker)."""
         if not self.can_import or self.server is None:
             return []
-        from server_stub.dimse import Peers
+        from server.dimse import Peers
         return sorted(Peers(self.server.store.catalogue).pacs())
 
     def _pacs(self, name: str, ae_title: str):
-        from server_stub.dimse import Pacs, Peers
+        from server.dimse import Pacs, Peers
         return Pacs(Peers(self._own_store().catalogue).get_pacs(name), ae_title=ae_title)
 
     def pacs_studies(self, name: str, queries: list[dict], ae_title: str = "MEDVIEW") -> list[dict]:
@@ -219,7 +219,7 @@ class Backend:
     def export_study(self, study_uid: str, out: str | Path, *, dicomdir: bool = True,
                      progress: Callable[[int, int], None] | None = None):
         """The study's original files (and a DICOMDIR) into a folder or a .zip (a worker)."""
-        from server_stub.export import export_study
+        from server.export import export_study
         return export_study(self._own_store(), study_uid, out, dicomdir=dicomdir,
                             progress=progress)
 
@@ -236,7 +236,7 @@ class Backend:
             raise ImportDisabled(
                 f"Import adds files to the bundled server's store; you are connected to "
                 f"{self.url}, which has its own. Start medview without --server to import.")
-        from server_stub.ingest import IngestReport, ingest_paths, iter_files
+        from server.ingest import IngestReport, ingest_paths, iter_files
 
         files = list(iter_files(paths))
         report = IngestReport()

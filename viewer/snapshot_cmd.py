@@ -71,18 +71,18 @@ def cmd_snapshot(args) -> int:
 
 
 def _start_bundled(store: str | None):
-    from server_stub.embedded import EmbeddedServer
+    from server.embedded import EmbeddedServer
 
     from client.appdirs import default_data_dir
 
     if store:
         path = Path(store)
-        from server_stub.database import store_exists
+        from server.database import store_exists
 
         if not store_exists(path):
             raise SnapshotError(f"no image store at {path}")
     else:
-        from server_stub.sample import ensure_sample_store
+        from server.sample import ensure_sample_store
 
         path = default_data_dir() / "store"
         ensure_sample_store(path, log=lambda m: print(m, file=sys.stderr)).close()

@@ -1,0 +1,811 @@
+"""The batch converter (SPEC H4): DICOM in, DICOM out in another transfer syntax, every
+attribute kept, every output proven before it counts.
+
+``medview-server convert PATH... --out DIR [--to policy|jpegls|htj2k|jxl|j2k]
+[--lossy RATIO] [--workers N] [--report FILE]`` runs :func:`convert_paths`; one file goes
+through :func:`convert_file`:
+
+1. read the input with pydicom (a file that is not DICOM, has no pixels or cannot be
+   decoded is reported as failed; the other files go on);
+2. choose the codec: ``--to`` names it, or ``policy`` asks the site policy's [codec]
+   table (:class:`~server.policy.CodecPolicy`; an image that arrived as JPEG baseline
+   stays as it is and is copied byte for byte);
+3. encode each frame through :mod:`codestream.codecs` and encapsulate the frames
+   (``pydicom.encaps``, one fragment per frame, with a Basic Offset Table);
+4. the output dataset is the input dataset with only the pixel data and transfer syntax
+   changed: every other element, private tags and sequences included, is kept as it was;
+   lossless outputs keep the SOP Instance UID. Colour that pydicom converts from YBR to RGB
+   is stored as RGB (PhotometricInterpretation RGB, PlanarConfiguration 0). Lossy outputs
+   get a new SOP Instance UID and record the loss and the derivation as PS3.3 C.7.6.1.1.5
+   asks: LossyImageCompression "01", LossyImageCompressionRatio and
+   LossyImageCompressionMethod (appended to earlier values), ImageType DERIVED, a
+   DerivationDescription, DerivationCodeSequence (DCM 113040 "Lossy Compression") and a
+   SourceImageSequence item pointing at the original instance;
+5. the output file is made in memory and proven before it is written
+   (:func:`verify_encoded`): every encoded frame is decoded with our codec and compared
+   with pydicom's decode of the input — lossless must be bit-exact; lossy reports PSNR
+   and maximum error and is refused below ``min_psnr`` or above ``max_error`` — and the
+   file's bytes are shown to hold exactly those frames (the encapsulated pixel data
+   after its element header) under the codec's transfer syntax, without parsing the
+   dataset again. It is then written once, to a temporary file beside its final name,
+   fsynced and renamed into place (atomic), so an output that exists is a verified one —
+   a rerun skips it. The input is read once and never written.
+
+The report (:class:`ConvertReport`) lists per file: file, output, status, codec, transfer
+syntax, bytes before and after, ratio, seconds, verification; ``write_report`` writes it
+as JSON and CSV.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from codestream import codecs
+from imaging.files import fsync_dirs, is_temp_name, write_atomic
+
+TARGETS = ("policy", "jpegls", "htj2k", "jxl", "j2k")
+DEFAULT_MIN_PSNR = 40.0                 # dB: lossy outputs below this are refused
+LOSSY_METHOD = {                        # LossyImageCompressionMethod (PS3.3 C.7.6.1.1.5.1)
+    "jpegls": "ISO_14495_1", "j2k": "ISO_15444_1", "htj2k": "ISO_15444_15",
+    "jxl": "ISO_18181_1", "jpeg": "ISO_10918_1",
+}
+LOSSY_INPUT_TS = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+                  "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.112",
+                  "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.102",
+                  "1.2.840.10008.1.2.4.103"}
+
+
+class ConvertError(Exception):
+    """One file cannot be converted (the reason is reported; the batch goes on)."""
+
+
+@dataclass
+class Options:
+    to: str = "policy"                   # policy | jpegls | htj2k | jxl | j2k
+    lossy_ratio: float | None = None     # None = lossless
+    min_psnr: float = DEFAULT_MIN_PSNR
+    max_error: float | None = None
+    codec_policy: object | None = None   # a server.policy.CodecPolicy (policy mode)
+
+
+@dataclass
+class FileResult:
+    file: str
+    output: str = ""
+    status: str = "failed"               # converted | kept | skipped | failed
+    codec: str = ""
+    transfer_syntax: str = ""
+    bytes_before: int = 0
+    bytes_after: int = 0
+    ratio: float = 0.0
+    seconds: float = 0.0
+    verification: str = ""               # bit-exact | psnr ... | byte copy | reason it failed
+    psnr: float | None = None
+    max_error: float | None = None
+    sop_instance_uid: str = ""
+    source_sop_instance_uid: str = ""
+    sha256: str = ""
+    reason: str = ""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k in ("psnr", "max_error"):
+            if d[k] is not None and math.isinf(d[k]):
+                d[k] = "inf"
+        return d
+
+
+@dataclass
+class ConvertReport:
+    results: list[FileResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.results)
+
+    def summary(self) -> str:
+        before = sum(r.bytes_before for r in self.results if r.status in ("converted", "kept"))
+        after = sum(r.bytes_after for r in self.results if r.status in ("converted", "kept"))
+        ratio = f", {before} -> {after} bytes ({before / after:.2f}:1)" if after else ""
+        return (f"{len(self.results)} files: {self.count('converted')} converted, "
+                f"{self.count('kept')} kept as they were, {self.count('skipped')} done before, "
+                f"{self.count('failed')} failed{ratio} in {self.seconds:.1f} s")
+
+    def to_json(self) -> dict:
+        return {"summary": self.summary(), "seconds": round(self.seconds, 3),
+                "counts": {s: self.count(s) for s in ("converted", "kept", "skipped", "failed")},
+                "files": [r.to_json() for r in self.results]}
+
+
+CSV_FIELDS = ("file", "output", "status", "codec", "transfer_syntax", "bytes_before",
+              "bytes_after", "ratio", "seconds", "verification", "psnr", "max_error", "error")
+
+
+def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
+    """Write the report as JSON and CSV: ``path`` with .json and .csv suffixes."""
+    p = Path(path)
+    base = p.with_suffix("") if p.suffix.lower() in (".json", ".csv") else p
+    jpath, cpath = base.with_suffix(".json"), base.with_suffix(".csv")
+    jpath.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(jpath, json.dumps(report.to_json(), indent=1).encode())
+    rows = []
+    for r in report.results:
+        d = r.to_json()
+        rows.append({k: d[k] for k in CSV_FIELDS})
+    import io
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(cpath, buf.getvalue().encode())
+    return jpath, cpath
+
+
+# --------------------------------------------------------------------------- one dataset
+@dataclass
+class Converted:
+    """An encoded dataset, not yet written: what :func:`encode_dataset` returns."""
+
+    dataset: object                 # pydicom FileDataset ready to write
+    codec: codecs.Codec
+    reference: list[np.ndarray]     # pydicom's decode of the input, frame by frame
+    signed: bool
+    bits_stored: int
+    reason: str
+    fragments: list[bytes] = field(default_factory=list)   # the encoded frames
+
+
+def read_pixels(ds) -> tuple[list[np.ndarray], str]:
+    """pydicom's decode of a dataset's frames and the PhotometricInterpretation they are in."""
+    if "PixelData" not in ds:
+        raise ConvertError("no pixel data (not an image)")
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    ba = int(ds.get("BitsAllocated", 0) or 0)
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise ConvertError("pixel data without Rows/Columns (damaged image module)")
+    if ba not in (8, 16):
+        raise ConvertError(f"BitsAllocated {ba}: only 8 and 16-bit images are converted")
+    # YBR_RCT/ICT name the JPEG 2000 colour transform, which the decoder undoes (RCT
+    # exactly): the samples come out RGB. YBR_FULL(_422) stored losslessly would need
+    # pydicom's rounded YBR -> RGB conversion.
+    if spp == 3 and pi in ("YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420") \
+            and ts not in LOSSY_INPUT_TS:
+        raise ConvertError(f"{pi} samples stored losslessly: turning them into RGB would not "
+                           "be lossless, so the image is not converted")
+    if spp not in (1, 3):
+        raise ConvertError(f"SamplesPerPixel {spp} is not supported")
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - pydicom's reason, reported
+        raise ConvertError(f"pixel data cannot be decoded: {type(e).__name__}: {e}") from None
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)   # big-endian files
+    frames = [np.ascontiguousarray(f) for f in arr] if n > 1 else [np.ascontiguousarray(arr)]
+    if len(frames) != n:
+        raise ConvertError(f"NumberOfFrames {n} but {len(frames)} frames decoded")
+    out_pi = "RGB" if spp == 3 and pi.startswith("YBR") else pi
+    return frames, out_pi
+
+
+def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
+                   reason: str = "", copy_first: bool = True, resolve: bool = True) -> Converted:
+    """The dataset re-encoded with ``codec``: a deep copy, or ``ds`` itself changed in
+    place when ``copy_first`` is False (the converter's own freshly read dataset)."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    if not codec.available:
+        raise ConvertError(codec.missing)
+    frames, out_pi = read_pixels(ds)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    why = codec.supports(frames[0], signed=signed, bits_stored=bits)
+    if why:
+        raise ConvertError(why)
+    encoded = []
+    for f in frames:
+        try:
+            encoded.append(codec.encode(f, signed=signed, bits_stored=bits,
+                                        ratio=None if codec.lossless else ratio))
+        except codecs.CodecError as e:
+            raise ConvertError(str(e)) from None
+    big_endian = getattr(ds, "original_encoding", (None, True))[1] is False
+    if copy_first:
+        out = copy.deepcopy(ds)
+    else:
+        out = ds
+        if not codec.lossless:
+            ds = _Original(ds)      # what the lossy record needs of the input (the
+                                    # attributes read below are read before any change)
+    _drop_group_length(out)
+    if resolve:
+        _resolve(out)
+    for kw in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):   # the input's frames
+        if kw in out:
+            del out[kw]
+    if big_endian:
+        _to_little_endian(out)
+    in_ts = str(ds.file_meta.TransferSyntaxUID)
+    in_pi = str(ds.get("PhotometricInterpretation", ""))
+    in_spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    out.file_meta.TransferSyntaxUID = UID(codec.transfer_syntax)
+    out.PixelData = encapsulate(encoded, has_bot=True)
+    out["PixelData"].VR = "OB"
+    out["PixelData"].is_undefined_length = True
+    if out_pi != in_pi:
+        out.PhotometricInterpretation = out_pi
+    if in_spp == 3:
+        out.PlanarConfiguration = 0
+    if in_ts in LOSSY_INPUT_TS and out.get("LossyImageCompression") != "01":
+        out.LossyImageCompression = "01"
+    if not codec.lossless:
+        raw = sum(f.nbytes for f in frames)
+        _mark_lossy(out, ds, codec, raw / max(1, sum(len(e) for e in encoded)))
+    return Converted(out, codec, frames, signed, bits, reason, encoded)
+
+
+class _Original:
+    """The input attributes the lossy record reads, captured before ``ds`` is changed."""
+
+    _KEYS = ("SOPClassUID", "SOPInstanceUID", "LossyImageCompressionRatio",
+             "LossyImageCompressionMethod", "ImageType", "DerivationDescription",
+             "DerivationCodeSequence", "SourceImageSequence", "PhotometricInterpretation",
+             "SamplesPerPixel")
+
+    def __init__(self, ds) -> None:
+        self._v = {k: copy.deepcopy(ds.get(k)) for k in self._KEYS}
+        self.file_meta = copy.deepcopy(ds.file_meta)
+
+    def get(self, key, default=None):
+        v = self._v.get(key)
+        return default if v is None else v
+
+    def __getattr__(self, key):
+        if key.startswith("_") or key not in self._v:
+            raise AttributeError(key)
+        return self._v[key]
+
+
+def _resolve(ds) -> None:
+    """Turn every raw element into a DataElement with its VR (pydicom converts on access
+    and keeps the result): a dataset read as implicit VR (some files say explicit and are
+    not) is then written as explicit VR correctly."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _resolve(item)
+
+
+def _drop_group_length(ds) -> None:
+    """pydicom 3 refuses to write group-0000 elements (some real files carry them)."""
+    for tag in [t for t in ds.keys() if t.group == 0]:
+        del ds[tag]
+
+
+def _mark_lossy(out, src, codec: codecs.Codec, ratio: float) -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
+    new_uid = generate_uid()
+    out.SOPInstanceUID = new_uid
+    out.file_meta.MediaStorageSOPInstanceUID = new_uid
+    out.LossyImageCompression = "01"
+
+    def append(keyword: str, value: str) -> None:
+        old = src.get(keyword)
+        vals = [] if old is None or old == "" else (list(old) if not isinstance(old, str) and
+                                                    hasattr(old, "__iter__") else [old])
+        setattr(out, keyword, [str(v) for v in vals] + [value])
+    append("LossyImageCompressionRatio", f"{ratio:.2f}"[:16])
+    append("LossyImageCompressionMethod", LOSSY_METHOD.get(codec.name, codec.name))
+    it = list(src.get("ImageType", []) or [])
+    if it:
+        it[0] = "DERIVED"
+        out.ImageType = it
+    desc = f"Lossy compression {codec.label}, ratio {ratio:.1f}:1 (medview-server convert)"
+    old = str(src.get("DerivationDescription", "") or "")
+    out.DerivationDescription = (old + "; " + desc if old else desc)[:1024]
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "113040", "DCM", "Lossy Compression"
+    out.DerivationCodeSequence = [*(src.get("DerivationCodeSequence") or []), code]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = src.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "121320", "DCM"
+    purpose.CodeMeaning = "Uncompressed predecessor"
+    ref.PurposeOfReferenceCodeSequence = [purpose]
+    out.SourceImageSequence = [*(src.get("SourceImageSequence") or []), ref]
+
+
+_NEW_TS = {   # transfer syntaxes newer than pydicom 3.0's UID dictionary
+    codecs.JPEGXL_LOSSLESS: ("JPEG XL Lossless", "JPEGXLLossless"),
+    codecs.JPEGXL_RECOMPRESSION: ("JPEG XL JPEG Recompression", "JPEGXLJPEGRecompression"),
+    codecs.JPEGXL: ("JPEG XL", "JPEGXL"),
+}
+
+
+_registered = False
+
+
+def register_transfer_syntaxes() -> None:
+    """Teach pydicom the JPEG XL transfer syntaxes (PS3.6 2024) so it writes and reads them
+    as encapsulated explicit VR little endian."""
+    global _registered
+    if _registered:
+        return
+    from pydicom._uid_dict import UID_dictionary
+
+    for uid, (name, keyword) in _NEW_TS.items():
+        UID_dictionary.setdefault(uid, (name, "Transfer Syntax", "", "", keyword))
+    _registered = True
+
+
+_SWAP_VRS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+
+def _to_little_endian(ds) -> None:
+    """Swap the raw words of OW/OL/OF/OD/OV values of a dataset read as big endian (pydicom
+    keeps those as the file's bytes; numbers of other VRs are already parsed)."""
+    for elem in ds:
+        if elem.tag == 0x7FE00010:
+            continue
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _to_little_endian(item)
+        elif elem.VR in _SWAP_VRS and isinstance(elem.value, (bytes, bytearray)) and elem.value:
+            n = _SWAP_VRS[elem.VR]
+            dt = np.dtype(f">u{n}")
+            elem.value = np.frombuffer(elem.value, dt).astype(dt.newbyteorder("<")).tobytes()
+
+
+def dataset_bytes(ds) -> bytes:
+    """The DICOM file (preamble, meta, dataset) as bytes, explicit VR little endian
+    (what every encapsulated syntax uses)."""
+    from io import BytesIO
+
+    from pydicom.filewriter import dcmwrite
+
+    register_transfer_syntaxes()
+    buf = BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True, implicit_vr=False, little_endian=True)
+    return buf.getvalue()
+
+
+@dataclass
+class Verification:
+    ok: bool
+    text: str
+    psnr: float | None = None
+    max_error: float | None = None
+
+
+_PIXEL_HEADER = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"   # (7FE0,0010) OB, undefined
+_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"          # (FFFE,E0DD), length 0
+
+
+def verify_encoded(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MIN_PSNR,
+                   max_error: float | None = None) -> Verification:
+    """The proof of an output before it is written, without reading it back as DICOM:
+    every encoded frame decoded by the codec and compared with the reference
+    (:func:`compare_frames`), and the file bytes shown to carry exactly those frames —
+    the encapsulated pixel data after its element header, byte for byte — under the
+    codec's transfer syntax in the file meta information. Same result as
+    :func:`verify_bytes`, without a second parse of the whole dataset."""
+    pixel = conv.dataset["PixelData"].value + _SEQ_DELIMITER
+    at = data.rfind(_PIXEL_HEADER)
+    if at < 0 or data[at + len(_PIXEL_HEADER):at + len(_PIXEL_HEADER) + len(pixel)] != pixel:
+        return Verification(False, "the written pixel data are not the encoded frames")
+    if _meta_transfer_syntax(data) != conv.codec.transfer_syntax:
+        return Verification(False, "the written transfer syntax is not the codec's")
+    return compare_frames(conv.fragments, conv, min_psnr=min_psnr, max_error=max_error)
+
+
+def _meta_transfer_syntax(data: bytes) -> str | None:
+    """TransferSyntaxUID (0002,0010) of a DICOM file's meta information (explicit VR
+    little endian after the preamble and "DICM"), None if it is not there."""
+    import struct
+
+    if data[128:132] != b"DICM":
+        return None
+    i = 132
+    while i + 8 <= len(data):
+        group, elem = struct.unpack_from("<HH", data, i)
+        if group != 2:
+            return None
+        vr = data[i + 4:i + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            (n,) = struct.unpack_from("<I", data, i + 8)
+            head = 12
+        else:
+            (n,) = struct.unpack_from("<H", data, i + 6)
+            head = 8
+        if elem == 0x0010:
+            return data[i + head:i + head + n].rstrip(b"\0 ").decode("ascii", "replace")
+        i += head + n
+    return None
+
+
+def verify_bytes(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MIN_PSNR,
+                 max_error: float | None = None) -> Verification:
+    """Read ``data`` back as DICOM, decode every frame with our codec and compare with the
+    reference (pydicom's decode of the input)."""
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    register_transfer_syntaxes()
+    try:
+        back = pydicom.dcmread(BytesIO(data))
+        if str(back.file_meta.TransferSyntaxUID) != conv.codec.transfer_syntax:
+            return Verification(False, "the written transfer syntax is not the codec's")
+        n = int(back.get("NumberOfFrames", 1) or 1)
+        frags = list(generate_frames(back.PixelData, number_of_frames=n))
+    except Exception as e:  # noqa: BLE001
+        return Verification(False, f"the output cannot be read back: {e}")
+    return compare_frames(frags, conv, min_psnr=min_psnr, max_error=max_error)
+
+
+def compare_frames(frags: list[bytes], conv: Converted, *, min_psnr: float = DEFAULT_MIN_PSNR,
+                   max_error: float | None = None) -> Verification:
+    """Decode each fragment with the codec and compare with the reference frames: bit-exact
+    for a lossless codec; PSNR and maximum error within the limits for a lossy one."""
+    if len(frags) != len(conv.reference):
+        return Verification(False, f"{len(frags)} frames written, {len(conv.reference)} expected")
+    worst_err, sq, count = 0.0, 0.0, 0
+    lo, hi = math.inf, -math.inf
+    for i, (frag, ref) in enumerate(zip(frags, conv.reference)):
+        try:
+            got = conv.codec.decode(frag, signed=conv.signed, bits_stored=conv.bits_stored)
+        except codecs.CodecError as e:
+            return Verification(False, f"frame {i}: {e}")
+        if got.shape != ref.shape:
+            return Verification(False, f"frame {i}: decoded {got.shape}, expected {ref.shape}")
+        if got.dtype == ref.dtype and np.array_equal(got, ref):
+            count += ref.size                   # identical: no error to add up
+            if not conv.codec.lossless:
+                lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
+            continue
+        d = got.astype(np.float64) - ref.astype(np.float64)
+        worst_err = max(worst_err, float(np.abs(d).max()))
+        sq += float((d * d).sum())
+        count += d.size
+        lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
+    if conv.codec.lossless:
+        if worst_err:
+            return Verification(False, f"NOT bit-exact: max error {worst_err:g}", max_error=worst_err)
+        return Verification(True, "bit-exact", math.inf, 0.0)
+    mse = sq / max(1, count)
+    peak = max(1.0, hi - lo)
+    p = math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+    text = f"PSNR {p:.2f} dB, max error {worst_err:g}"
+    if p < min_psnr:
+        return Verification(False, f"{text}: below the limit of {min_psnr:g} dB", p, worst_err)
+    if max_error is not None and worst_err > max_error:
+        return Verification(False, f"{text}: max error above the limit of {max_error:g}", p, worst_err)
+    return Verification(True, text, p, worst_err)
+
+
+def choose_codec(ds, opts: Options) -> tuple[codecs.Codec | None, str]:
+    """The codec for ``ds`` (None = keep the file as it is) and why."""
+    if opts.to == "policy":
+        pol = opts.codec_policy
+        if pol is None:
+            from .policy import load_policy
+            pol = load_policy().codec
+        choice = pol.choose(rows=int(ds.get("Rows", 0) or 0), cols=int(ds.get("Columns", 0) or 0),
+                            samples=int(ds.get("SamplesPerPixel", 1) or 1),
+                            modality=ds.get("Modality"), body_part=ds.get("BodyPartExamined"),
+                            transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")))
+        if choice.codec == "keep":
+            return None, choice.reason
+        name, reason = choice.codec, f"policy: {choice.reason}"
+    elif opts.to in TARGETS:
+        name, reason = opts.to, f"--to {opts.to}"
+    else:
+        raise ConvertError(f"unknown target {opts.to!r} (one of {', '.join(TARGETS)})")
+    codec = codecs.by_name(name, lossless=opts.lossy_ratio is None)
+    return codec, reason
+
+
+# --------------------------------------------------------------------------- one file
+def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResult, bytes | None]:
+    """Convert one DICOM file given as bytes: (result, verified output bytes or None).
+    Writes nothing; never raises for bad input (the result says what happened)."""
+    import warnings
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    t0 = time.perf_counter()
+    res = FileResult(name, bytes_before=len(data))
+    out: bytes | None = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # pydicom warns about damage it then survives
+            try:
+                ds = pydicom.dcmread(BytesIO(data))
+            except (InvalidDicomError, EOFError) as e:
+                raise ConvertError(f"not a DICOM file: {e}") from None
+            except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
+                raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
+            if "PixelData" not in ds:
+                raise ConvertError("no pixel data (not an image, or cut inside its pixel data)")
+            res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
+            codec, reason = choose_codec(ds, opts)
+            res.reason = reason
+            if codec is None:                            # stays as it arrived: a byte copy
+                out = data
+                res.codec, res.transfer_syntax = "keep", str(ds.file_meta.TransferSyntaxUID)
+                res.status, res.verification = "kept", "byte copy"
+                res.sop_instance_uid = res.source_sop_instance_uid
+            else:
+                res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+                splice = _splice_plan(data, ds, codec)
+                conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
+                                      copy_first=False, resolve=splice is None)
+                enc = (dataset_bytes(conv.dataset) if splice is None
+                       else _spliced_bytes(data, conv, *splice))
+                v = verify_encoded(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
+                res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
+                if not v.ok:
+                    raise ConvertError(f"verification failed: {v.text}")
+                out = enc
+                res.status = "converted"
+                res.sop_instance_uid = str(conv.dataset.SOPInstanceUID)
+        res.bytes_after = len(out)
+        res.sha256 = hashlib.sha256(out).hexdigest()
+        res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
+    except ConvertError as e:
+        res.status, res.error, out = "failed", str(e), None
+    except Exception as e:  # noqa: BLE001 - one file never stops the batch
+        res.status, res.error, out = "failed", f"{type(e).__name__}: {e}", None
+    res.seconds = round(time.perf_counter() - t0, 4)
+    return res, out
+
+
+def _splice_plan(data: bytes, ds, codec: codecs.Codec) -> tuple[int, int] | None:
+    """Where the input's dataset starts and its pixel data element begins, when a
+    lossless conversion changes nothing but the pixel data and the transfer syntax: then
+    the output is the input's own bytes for every other element (written once, not
+    re-encoded by pydicom: faster, and every attribute kept byte for byte). None when
+    anything else would change (implicit VR or big endian input, group lengths, offset
+    tables, a colour conversion, a lossy input, elements after the pixel data)."""
+    if not codec.lossless or getattr(ds, "original_encoding", None) != (False, True):
+        return None
+    if data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    start = 144 + int.from_bytes(data[140:144], "little")
+    if data[start:start + 2] == b"\x02\x00":
+        return None
+    tags = list(ds.keys())
+    if (not tags or tags[-1] != 0x7FE00010 or any(t.group == 0 for t in tags)
+            or 0x7FE00000 in ds):              # a pixel group length would go stale
+        return None
+    if "ExtendedOffsetTable" in ds or "ExtendedOffsetTableLengths" in ds:
+        return None
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    if spp == 3 and (pi != "RGB" or int(ds.get("PlanarConfiguration", 0) or 0) != 0):
+        return None
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if ts in LOSSY_INPUT_TS and ds.get("LossyImageCompression") != "01":
+        return None
+    tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
+    if tell is None or tell < start + 12:
+        return None
+    at = tell - 12
+    if data[at:at + 4] != b"\xe0\x7f\x10\x00" or data[at + 4:at + 6] not in (b"OB", b"OW"):
+        return None
+    return start, at
+
+
+def _spliced_bytes(data: bytes, conv: Converted, start: int, at: int) -> bytes:
+    """The output file: the input's preamble, the new file meta information, the input's
+    dataset bytes up to its pixel data, the encoded pixel data (see :func:`_splice_plan`)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    register_transfer_syntaxes()
+    meta = DicomBytesIO()
+    write_file_meta_info(meta, conv.dataset.file_meta, enforce_standard=True)
+    pixel = conv.dataset["PixelData"].value
+    return b"".join((data[:128], b"DICM", meta.getvalue(), data[start:at], _PIXEL_HEADER,
+                     pixel, _SEQ_DELIMITER))
+
+
+def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
+                 sync_dir: bool = True) -> FileResult:
+    """Convert one file to ``dst`` (see the module doc). Never raises for a bad file: the
+    result says what happened."""
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    res = FileResult(str(src), str(dst))
+    try:
+        if src.resolve() == dst.resolve():
+            raise ConvertError("the output would overwrite the input")
+        res.bytes_before = src.stat().st_size
+        if dst.exists():
+            done = _done_before(dst)
+            if done is not None and done[0] == _expected_ts(src, opts):
+                res.status, res.transfer_syntax, res.bytes_after = "skipped", done[0], done[1]
+                res.sop_instance_uid = done[2]
+                res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
+                res.verification = "output exists (verified when written)"
+                return res
+        data = src.read_bytes()
+    except (ConvertError, OSError) as e:
+        res.status, res.error = "failed", str(e)
+        res.seconds = round(time.perf_counter() - t0, 4)
+        return res
+    res, out = convert_bytes(data, opts, str(src))
+    res.output = str(dst)
+    if out is not None:
+        try:
+            write_atomic(dst, out, sync_dir=sync_dir)
+        except OSError as e:
+            res.status, res.error = "failed", f"cannot write the output: {e}"
+    res.seconds = round(time.perf_counter() - t0, 4)
+    return res
+
+
+def _expected_ts(src: Path, opts: Options) -> str | None:
+    """The transfer syntax this run would give ``src`` (None if its header is unreadable):
+    an output in another syntax (an earlier run with another --to or policy) is redone."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        codec, _ = choose_codec(ds, opts)
+    except Exception:  # noqa: BLE001 - the conversion itself reports the problem
+        return None
+    return str(ds.file_meta.TransferSyntaxUID) if codec is None else codec.transfer_syntax
+
+
+def _done_before(dst: Path) -> tuple[str, int, str] | None:
+    """(transfer syntax, size, SOP UID) of an existing output, None if it is not DICOM."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(dst, stop_before_pixels=True)
+        return str(ds.file_meta.TransferSyntaxUID), dst.stat().st_size, str(ds.get("SOPInstanceUID", ""))
+    except Exception:  # noqa: BLE001 - not ours / damaged: converted again
+        return None
+
+
+# --------------------------------------------------------------------------- many files
+def plan(paths: Iterable[str | Path], out_dir: str | Path) -> tuple[list[tuple[Path, Path]], list[FileResult]]:
+    """(input, output) pairs for files and folders (searched recursively; outputs keep the
+    path below the folder given), and results for clashes and missing paths."""
+    out_dir = Path(out_dir)
+    pairs: list[tuple[Path, Path]] = []
+    bad: list[FileResult] = []
+    seen: dict[Path, Path] = {}
+    out_res = out_dir.resolve()
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            # an output folder inside the input folder holds our outputs: not inputs
+            nested_out = out_res != p.resolve() and _is_under(out_res, p.resolve())
+            items = []
+            for f in files:
+                if (nested_out and _is_under(f.resolve(), out_res)) or is_temp_name(f.name):
+                    continue
+                items.append((f, out_dir / f.relative_to(p)))
+        elif p.is_file():
+            items = [(p, out_dir / p.name)]
+        else:
+            bad.append(FileResult(str(p), status="failed", error="no such file or folder"))
+            continue
+        for f, o in items:
+            key = o.resolve()
+            if key in seen:
+                bad.append(FileResult(str(f), str(o), status="failed",
+                                      error=f"output name clash with {seen[key]}"))
+                continue
+            seen[key] = f
+            pairs.append((f, o))
+    return pairs, bad
+
+
+def _is_under(p: Path, root: Path) -> bool:
+    try:
+        p.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def pool_context():
+    """fork when this process runs one thread (workers start at once, nothing to import
+    again); else forkserver (forking a threaded process can inherit a held lock)."""
+    import multiprocessing as mp
+    import threading
+
+    methods = mp.get_all_start_methods()
+    if threading.active_count() == 1 and "fork" in methods:
+        return mp.get_context("fork")
+    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _worker(args: tuple[str, str, Options]) -> FileResult:
+    return convert_file(*args, sync_dir=False)
+
+
+def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Options, *,
+                  workers: int = 1, progress: Callable[[int, int, FileResult], None] | None = None
+                  ) -> ConvertReport:
+    """Convert files and folders into ``out_dir``, ``workers`` processes in parallel."""
+    t0 = time.perf_counter()
+    if opts.to == "policy" and opts.codec_policy is None:
+        from .policy import load_policy
+        opts.codec_policy = load_policy().codec
+    pairs, bad = plan(paths, out_dir)
+    report = ConvertReport(list(bad))
+    total = len(pairs)
+    done = 0
+
+    def note(r: FileResult) -> None:
+        nonlocal done
+        done += 1
+        report.results.append(r)
+        if progress:
+            progress(done, total, r)
+
+    if workers <= 1 or total <= 1:
+        for s, d in pairs:
+            note(convert_file(s, d, opts, sync_dir=False))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
+            futs = {pool.submit(_worker, (str(s), str(d), opts)): s for s, d in pairs}
+            for fut in as_completed(futs):
+                try:
+                    note(fut.result())
+                except Exception as e:  # noqa: BLE001 - a worker died: that file failed
+                    note(FileResult(str(futs[fut]), status="failed", error=f"worker: {e}"))
+    fsync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
+    order = {str(s): i for i, (s, _d) in enumerate(pairs)}
+    report.results.sort(key=lambda r: order.get(r.file, -1))
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def progress_printer(stream=None) -> Callable[[int, int, FileResult], None]:
+    """A progress line per file: [done/total] percent, file, what happened."""
+    def show(done: int, total: int, r: FileResult) -> None:
+        width = len(str(total))
+        if r.status == "failed":
+            what = f"FAILED: {r.error}"
+        elif r.status == "skipped":
+            what = "done before"
+        elif r.status == "kept":
+            what = f"kept ({r.reason})"
+        else:
+            what = f"{r.codec} {r.ratio:.2f}:1 {r.verification}"
+        print(f"[{done:>{width}}/{total}] {100 * done // max(1, total):3d}%  {r.file}: {what}",
+              file=stream or sys.stderr, flush=True)
+    return show

@@ -323,18 +323,53 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
 def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info",
         policy_path: str | None = None, *, allow_local: bool = False, trusted_proxies=(),
-        proxy_header: str = "x-forwarded-for") -> None:
+        proxy_header: str = "x-forwarded-for", workers: int = 1) -> None:
     """Serve until interrupted (blocking), with the scheduled migration job. uvicorn's
     own proxy-header handling is off: :mod:`server.peers` decides who the client
-    is, from ``trusted_proxies`` only."""
+    is, from ``trusted_proxies`` only.
+
+    ``workers`` > 1 runs that many server processes on the one port (uvicorn's workers;
+    the kernel spreads the connections): sessions, login throttling, series facts and
+    job leases live in the database, so any process serves any request, and Python's
+    interpreter lock stops being the ceiling. Each process builds its app from the same
+    settings (:func:`app_from_environment`)."""
+    import json
+
     import uvicorn
 
-    store = Store(store_dir)
-    app = create_app(store, policy=PolicySource(store.root, policy_path), schedule=True,
-                     allow_local=allow_local, trusted_proxies=trusted_proxies,
-                     proxy_header=proxy_header)
+    settings = {"store": str(store_dir), "policy": policy_path, "allow_local": allow_local,
+                "trusted_proxies": [str(n) for n in trusted_proxies],
+                "proxy_header": proxy_header}
+    if workers > 1:
+        os.environ[_SERVE_ENV] = json.dumps(settings)
+        log.warning("medview-server %s serving %s on http://%s:%d with %d worker processes",
+                    VERSION, store_dir, host, port, workers)
+        uvicorn.run("server.app:app_from_environment", factory=True, host=host, port=port,
+                    workers=workers, log_level=log_level, access_log=False,
+                    proxy_headers=False)
+        return
+    app = _app_from(settings)
+    store = app.state.server.store
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             proxy_headers=False)
     log.warning("medview-server %s serving %s on http://%s:%d%s", VERSION, store_dir, host,
                 port, f" READ-ONLY ({store.read_only})" if store.read_only else "")
     uvicorn.Server(config).run()
+
+
+_SERVE_ENV = "MEDVIEW_SERVE_SETTINGS"
+
+
+def _app_from(settings: dict) -> Starlette:
+    store = Store(settings["store"])
+    return create_app(store, policy=PolicySource(store.root, settings.get("policy")),
+                      schedule=True, allow_local=bool(settings.get("allow_local")),
+                      trusted_proxies=tuple(settings.get("trusted_proxies") or ()),
+                      proxy_header=settings.get("proxy_header") or "x-forwarded-for")
+
+
+def app_from_environment() -> Starlette:
+    """The app of one worker process of ``serve --workers N`` (settings from the parent)."""
+    import json
+
+    return _app_from(json.loads(os.environ[_SERVE_ENV]))

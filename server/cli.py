@@ -237,7 +237,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         run(str(args.store), host=args.host, port=args.port, log_level=args.log_level,
             policy_path=str(args.policy) if args.policy else None,
             allow_local=args.allow_local, trusted_proxies=trusted,
-            proxy_header=args.proxy_header)
+            proxy_header=args.proxy_header, workers=args.workers)
     finally:
         if dimse is not None:
             dimse.stop()
@@ -909,6 +909,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-local", action="store_true",
                    help="let the password-less user 'local' log in from loopback (off: "
                         "only the desktop app's bundled server has it)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes on the one port (sessions and caches are shared "
+                        "through the database; default 1)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("user", help="users, groups and rights")

@@ -140,9 +140,12 @@ def series(cluster, tmp_path_factory):
 def test_a_background_job_runs_once(cluster):
     """Both replicas schedule the migration job; one runs it, the other decides not to."""
     def decided():
+        # both decided their turn, and the one that took it has finished its run (on a
+        # busy machine the run may still be going when the other has already decided)
         h = [cluster.health(i)["jobs"]["migration"] for i in (1, 2)]
-        return h if all(x["decided"] >= 1 for x in h) else None
-    h = wait_for(decided, what="both replicas deciding the migration's first turn")
+        return h if all(x["decided"] >= 1 for x in h) and sum(x["runs"] for x in h) else None
+    h = wait_for(decided, what="both replicas deciding the migration's first turn and "
+                               "one of them finishing it")
     assert sorted(x["runs"] for x in h) == [0, 1], h
     db = sqlite3.connect(cluster.dir / "store" / "catalogue.sqlite")
     try:

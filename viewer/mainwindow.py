@@ -86,6 +86,16 @@ class AppConfig:
     station_cache: Path | None = None     # its cache folder (default: the server's word)
 
 
+def first_size(screen, wanted: tuple[int, int] = (1280, 860)) -> tuple[int, int]:
+    """The window's size on a first start: 1280×860, or what the screen has room for
+    (its available area less the window frame) on a smaller screen such as 1366×768."""
+    if screen is None:
+        return wanted
+    room = screen.availableGeometry()
+    return (min(wanted[0], max(640, room.width() - 16)),
+            min(wanted[1], max(480, room.height() - 48)))
+
+
 class MainWindow(QMainWindow):
     """Study browser + progressive stack view (see the module docstring)."""
 
@@ -133,7 +143,7 @@ class MainWindow(QMainWindow):
         if geometry is not None:
             self.restoreGeometry(geometry)
         else:
-            self.resize(1280, 860)
+            self.resize(*first_size(self.screen()))
         if state is not None:
             self.restoreState(state)
 

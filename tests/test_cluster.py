@@ -26,14 +26,14 @@ USER, PASSWORD = "medview", "cluster-test-password"
 
 
 def _free_base(n: int) -> int:
-    """A port p with p..p+n-1 free on loopback."""
-    for _ in range(200):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        p = s.getsockname()[1]
-        s.close()
-        if p + n > 55000:
-            continue
+    """A port p with p..p+n-1 free on loopback, below the kernel's ephemeral range: the
+    ports SeaweedFS takes come from that range, and its gRPC ports (each + 10000) land in
+    42768-65000, so a base from 20000-32000 never collides with them."""
+    import random
+
+    rng = random.Random()
+    for _ in range(500):
+        p = rng.randrange(20000, 32000 - n)
         ok = True
         for q in range(p, p + n):
             t = socket.socket()
@@ -45,7 +45,7 @@ def _free_base(n: int) -> int:
                 t.close()
         if ok:
             return p
-    raise RuntimeError("no free ports")
+    raise RuntimeError("no free loopback ports for the cluster")
 
 
 class Cluster:

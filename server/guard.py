@@ -15,8 +15,7 @@ from starlette.requests import Request
 from codestream.index import CodestreamError
 
 from . import peers
-from .responses import (GZIP_MIN_BYTES, accepts_gzip, error, json_response,  # noqa: F401
-                        storage_full_error)
+from .responses import error, storage_full_error
 from .auth import AuthError, Session
 from .inputs import InputError, check_query, parse_json, read_body
 from .targets import BadParam, NotFound

@@ -9,10 +9,8 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-
 from . import peers, policy_routes
-from .responses import (GZIP_MIN_BYTES, accepts_gzip, error, json_response,  # noqa: F401
-                        storage_full_error)
+from .responses import json_response
 from .inputs import Param
 from .packets import (RequestError, declare_from_body, parse_request, plan,
                       resolve_model, stream)

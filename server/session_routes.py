@@ -8,11 +8,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-
 from . import peers
 from .version import VERSION
-from .responses import (GZIP_MIN_BYTES, accepts_gzip, error, json_response,  # noqa: F401
-                        storage_full_error)
+from .responses import error
 from .auth import AuthError, is_loopback
 from .inputs import InputError, parse_json, read_body
 from .dbutil import read_only_reason

@@ -52,7 +52,7 @@ from .responses import (GZIP_MIN_BYTES, accepts_gzip, error, json_response,  # n
                         storage_full_error)
 from .auth import Authority
 from .diagnosis import DiagnosisRecords
-from .packets import (ImageSource)
+from .packets import ImageSource
 from .policy import PolicySource
 from .dbutil import StorageFull
 from .store import Store, StoreIntegrityError

@@ -390,12 +390,13 @@ class MediaRange:
         return self.params.get("transfer-syntax")
 
 
-def _split_params(text: str) -> list[str]:
+def _split_params(text: str, sep: str = ";") -> list[str]:
+    """``text`` split at ``sep`` outside double quotes (header lists and parameters)."""
     out, cur, quoted = [], "", False
     for ch in text:
         if ch == '"':
             quoted = not quoted
-        if ch == ";" and not quoted:
+        if ch == sep and not quoted:
             out.append(cur)
             cur = ""
         else:
@@ -409,17 +410,7 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     if not header or not header.strip():
         return [MediaRange("*/*")]
     out = []
-    parts, cur, quoted = [], "", False
-    for ch in header:
-        if ch == '"':
-            quoted = not quoted
-        if ch == "," and not quoted:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    for part in parts:
+    for part in _split_params(header, ","):
         if not part.strip():
             continue
         media, *params = _split_params(part)

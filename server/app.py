@@ -298,9 +298,9 @@ def create_app(store: Store, authority: Authority | None = None, *,
                 scheduler.stop()
             srv.close()
 
-    from .slabs import register_routes as register_slab_routes
+    from .slab_routes import register_routes as register_slab_routes
     register_slab_routes(routes, srv, guarded)     # thick-to-thin slab pyramids (issue 4)
-    from .slides import register_routes as register_slide_routes
+    from .slide_routes import register_routes as register_slide_routes
     register_slide_routes(routes, srv, guarded,    # whole-slide pyramids (issue 6)
                           jobs=scheduler)
 

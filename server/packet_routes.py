@@ -12,7 +12,7 @@ from starlette.routing import Route
 from . import peers, policy_routes
 from .responses import json_response
 from .inputs import Param
-from .packets import (RequestError, declare_from_body, parse_request, plan,
+from .packets import (Plan, RequestError, declare_from_body, parse_request, plan,
                       resolve_model, stream)
 
 log = logging.getLogger("medview.server")
@@ -20,6 +20,15 @@ log = logging.getLogger("medview.server")
 
 _PRIVATE_KEYS = {"codestream_relpath", "codestream_sha256", "index_relpath", "index_sha256",
                  "original_relpath", "original_sha256"}
+
+
+def stream_headers(p: Plan, session) -> tuple[str, dict[str, str]]:
+    """The media type and headers of a packet stream (series, slabs and slides alike):
+    the framed protocol or a bare JPP-stream, the session's channel, the bytes announced
+    and the target's total."""
+    media = "application/x-medview-jpp" if p.request.framing == "mv" else "image/jpp-stream"
+    return media, {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
+                   "X-Bytes-Total": str(p.total_bytes)}
 
 
 def routes(srv, guarded) -> list[Route]:
@@ -92,9 +101,7 @@ def routes(srv, guarded) -> list[Route]:
         if auto is not None and p.version is not None:
             p.version["auto"] = auto.reasons
             p.version["why"], p.version["facts"] = auto.why, auto.facts
-        media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
-        headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
-                   "X-Bytes-Total": str(p.total_bytes)}
+        media, headers = stream_headers(p, session)
         if req.framing == "jpp":        # JPIP: a channel only when one was asked for
             headers.pop("JPIP-cnew")
         headers.update(jpip_headers)

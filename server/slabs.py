@@ -10,15 +10,8 @@ details that make them thinner; nothing is sent twice, the total is close to the
 series (the details of neighbouring slices compress well), and the thin slices come back
 bit for bit.
 
-Routes (see :func:`register_routes`):
-
-``GET  /api/series/{series}/slabs``   the pyramid: ``{"series", "images", "pyramid"}``;
-                                       ``images`` are per-band image facts as
-                                       ``/api/series/{series}/images`` gives them,
-                                       ``pyramid`` the layout (levels, band of each
-                                       component, thin-slice order, byte totals).
-``GET|POST /jpip/slabs/{series}``     packet requests on the slab target, with the fields
-                                       of ``/jpip`` (``target`` may be left out).
+The routes (``/api/series/{series}/slabs``, ``/jpip/slabs/{series}``) are
+:mod:`server.slab_routes`.
 
 The pyramid is built on first use and kept under ``STORE/derived/slabs/<series>/``
 (written atomically, manifest last, each file checked by SHA-256 when read). The folder
@@ -39,12 +32,12 @@ from codestream import slabs as transform
 from codestream.encode import EncodeError, decode_full, encode_frame
 from codestream.index import PacketIndex
 
-from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
+from .packets import ImageSource, RequestError
 from .store import StoreError, safe_component
 
 log = logging.getLogger("medview.slabs")
 
-__all__ = ["SlabUnavailable", "SlabSeries", "SlabCatalogue", "register_routes", "DERIVED_DIR"]
+__all__ = ["SlabUnavailable", "SlabSeries", "SlabCatalogue", "DERIVED_DIR"]
 
 DERIVED_DIR = "derived/slabs"
 MANIFEST = "manifest.json"
@@ -255,54 +248,3 @@ def visible_layout(layout: dict, images: set[int] | None) -> dict:
         return layout
     return {**layout, "images": [im for im in layout["images"] if im["index"] in bands],
             "rights": {"allowed_bands": sorted(bands)}}
-
-
-# --------------------------------------------------------------------------- HTTP
-def register_routes(routes: list, srv, guarded) -> SlabCatalogue:
-    """Add the slab routes to a Starlette route list; ``create_app`` calls this with its
-    authorise-and-run decorator ``guarded``, so every slab request passes the one
-    authorisation point."""
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
-    if isinstance(getattr(srv, "slabs", None), SlabCatalogue):
-        return srv.slabs
-    slabs = SlabCatalogue(srv)
-    srv.slabs = slabs
-    guard = guarded
-
-    @guard("metadata")
-    def layout(request):
-        """The slab pyramid: only the band images the user's grant allows."""
-        built = slabs.get(request.state.target.series)
-        return JSONResponse(visible_layout(built.layout, request.state.grant.images))
-
-    from .inputs import Param
-    from .packets import KNOWN_FIELDS
-
-    @guard("fetch", query=tuple(Param(k) for k in sorted(KNOWN_FIELDS)),
-           body={"type": "object"})
-    def packets(request):
-        uid = request.path_params["series"]
-        q = dict(request.query_params)
-        if q.setdefault("target", uid) != uid:
-            raise RequestError("target must be the series of the path (or left out)")
-        req = parse_request(q)
-        built = slabs.get(uid)
-        session = request.state.session
-        model = session.model_for(f"{uid}#slabs")
-        if request.method == "POST":
-            declare_from_body(request.state.body, model)
-        # image ranges in slab terms: only bands whose slab holds allowed images only
-        grant = slab_grant(getattr(request.state, "grant", None), built.layout)
-        table = getattr(srv, "versions", None)         # image versions (V1-V3), when served
-        versions = table.get(uid) if table is not None and hasattr(table, "get") else None
-        p = plan(req, built.sources, model, grant, versions)
-        media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
-        headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
-                   "X-Bytes-Total": str(p.total_bytes)}
-        return StreamingResponse(stream(p, model), media_type=media, headers=headers)
-
-    routes.append(Route("/api/series/{series}/slabs", layout))
-    routes.append(Route("/jpip/slabs/{series}", packets, methods=["GET", "POST"]))
-    return slabs

@@ -41,7 +41,7 @@ from server.slide_store import slide_summary
 
 from . import policy_routes
 from .inputs import Param
-from .packet_routes import stream_headers
+from .packet_routes import audited_stream, stream_headers
 from .packets import KNOWN_FIELDS, CacheModel, RequestError, parse_request, stream
 from .peers import peer_of
 from .slides import SlideService, slide_limits, slide_plan, slide_scopes
@@ -211,7 +211,8 @@ class SlideRoutes:
                   "version": p.version["name"] if p.version else None,
                   "images": len(p.images), "bytes_announced": p.request_bytes}
         who = dict(user=session.user, session=session.serial, peer=peer_of(request))
-        body = self.srv.audited_stream(stream(p, model, stats=detail), detail, who, row["slide_uid"])
+        body = audited_stream(self.srv, stream(p, model, stats=detail), detail, who,
+                              row["slide_uid"])
         return StreamingResponse(body, media_type=media, headers=headers)
 
     def station_worklist(self, request: Request):

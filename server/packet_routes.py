@@ -137,7 +137,7 @@ class PacketRoutes:
         if request.method == "POST":
             declare_from_body(request.state.body, model)
         versions = srv.versions.get(req.target)
-        auto = self.auto_version(request, req, versions)
+        auto = policy_routes.auto_version(srv, request, req, versions)
         p = plan(req, sources, model, request.state.grant, versions)
         if auto is not None and p.version is not None:
             p.version["auto"] = auto.reasons
@@ -156,13 +156,3 @@ class PacketRoutes:
         return StreamingResponse(audited_stream(srv, stream(p, model, stats=detail), detail,
                                                 who, req.target),
                                  media_type=media, headers=headers)
-
-    def auto_version(self, request: Request, req, versions):
-        """``version=auto``: the server's choice for this session (V8), written into
-        ``req``; None when another version (or none) was asked for."""
-        if req.version != "auto":
-            return None
-        auto = policy_routes.auto_choice(self.srv, request.state.session, request.state.grant,
-                                         versions, policy_routes.peer_of(request))
-        req.version = auto.version
-        return auto

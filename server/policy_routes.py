@@ -73,6 +73,18 @@ def auto_choice(srv, session, grant, versions, peer):
     return pol.choose_auto(inputs, grant.allowed_versions(versions.names()))
 
 
+def auto_version(srv, request: Request, req, versions):
+    """``version=auto`` in a packet request: the server's choice for this session (V8),
+    written into ``req`` (a :class:`~server.packets.PacketRequest`) and returned; None
+    when another version (or none) was asked for."""
+    if req.version != "auto":
+        return None
+    auto = auto_choice(srv, request.state.session, request.state.grant, versions,
+                       peer_of(request))
+    req.version = auto.version
+    return auto
+
+
 def series_policy(srv, uid: str, session, grant, peer) -> dict:
     """What the viewer needs to know about a series besides its images: versions and
     which may be sent, the automatic choice, the user's rights, the diagnosis record."""

@@ -247,16 +247,11 @@ class SlideRoutes:
         return level, row, st, parse_request(q)
 
     def auto_version(self, request: Request, req, versions):
-        """``version=auto``: the server's choice for this session (V8), written into
-        ``req``; None when another version (or none) was asked for."""
-        if req.version != "auto":
-            return None
-        if versions is None:
+        """``version=auto`` (:func:`server.policy_routes.auto_version`); a slide without
+        versions (no site policy) has no automatic choice (404)."""
+        if req.version == "auto" and versions is None:
             raise RequestError("this slide has no versions (no site policy)", status=404)
-        auto = policy_routes.auto_choice(self.srv, request.state.session, request.state.grant,
-                                         versions, policy_routes.peer_of(request))
-        req.version = auto.version
-        return auto
+        return policy_routes.auto_version(self.srv, request, req, versions)
 
     def station_exam(self, request: Request, a: dict) -> dict | None:
         """One assigned exam of a worklist with the slides the user may browse (None if

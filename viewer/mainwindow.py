@@ -18,8 +18,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, Signal
 from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QKeySequence
-from PySide6.QtWidgets import (QApplication, QDockWidget, QMainWindow, QMenu, QMessageBox,
-                               QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QApplication, QDockWidget, QMainWindow, QMessageBox, QVBoxLayout, QWidget
 
 from client.series_loader import SeriesLoader
 from imaging.model import SeriesInfo
@@ -249,35 +248,19 @@ class MainWindow(QMainWindow):
             m.addSeparator() if a is None else m.addAction(a)
         m.addSeparator()
         m.addAction(self.browser_dock.toggleViewAction())
-        m = bar.addMenu("&3D")
-        for a in (self.act_mpr, self.act_mpr_slabs, self.act_mpr_folder):
-            m.addAction(a)
+        bar.addMenu("&3D").addActions([self.act_mpr, self.act_mpr_slabs, self.act_mpr_folder])
         self.window_menu = bar.addMenu("&Window")
-        self.window_menu.setObjectName("window_presets")
-        m = bar.addMenu("&Tools")
-        for a in self.tool_actions.values():
-            m.addAction(a)
-        m = bar.addMenu("&Help")
-        m.addAction(self.act_shortcuts)
-        m.addAction(self.act_about)
+        bar.addMenu("&Tools").addActions(list(self.tool_actions.values()))
+        bar.addMenu("&Help").addActions([self.act_shortcuts, self.act_about])
 
         tools = self.addToolBar("Tools")
         tools.setObjectName("tools")
-        for a in self.tool_actions.values():
-            tools.addAction(a)
+        tools.addActions(list(self.tool_actions.values()))
         view = self.addToolBar("View")
         view.setObjectName("view")
-        self.preset_button = QToolButton(self)
-        self.preset_button.setText("Presets")
-        self.preset_button.setToolTip("Window presets")
-        self.preset_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
-        self.preset_menu = QMenu(self)
-        self.preset_button.setMenu(self.preset_menu)
-        view.addWidget(self.preset_button)
-        for a in (self.act_invert, self.act_rot_left, self.act_rot_right, self.act_flip_h,
-                  self.act_flip_v, self.act_fit, self.act_one, self.act_reset_view):
-            view.addAction(a)
-        self.presets.rebuild()
+        view.addWidget(self.presets.attach(self.window_menu))
+        view.addActions([self.act_invert, self.act_rot_left, self.act_rot_right, self.act_flip_h,
+                         self.act_flip_v, self.act_fit, self.act_one, self.act_reset_view])
 
     def _wire(self) -> None:
         b, series, transfers, browser = self.bridge, self.series_ctl, self.transfers, self.browser

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import QObject
 from PySide6.QtGui import QAction, QKeySequence
-from PySide6.QtWidgets import QInputDialog
+from PySide6.QtWidgets import QInputDialog, QMenu, QToolButton
 
 from imaging import windowing
 
@@ -13,14 +13,29 @@ __all__ = ["PresetController"]
 
 
 class PresetController(QObject):
-    """Uses of the window: ``settings``, ``stack``, ``series_ctl``, ``window_menu``,
-    ``preset_menu``, ``act_default_window``, ``act_auto_window``, ``act_save_preset``
-    (the preset actions are the window's, so their shortcuts work everywhere)."""
+    """Uses of the window: ``settings``, ``stack``, ``series_ctl``, ``act_default_window``,
+    ``act_auto_window``, ``act_save_preset`` (the preset actions are the window's, so
+    their shortcuts work everywhere)."""
 
     def __init__(self, window) -> None:
         super().__init__(window)
         self.w = window
         self.actions: list[QAction] = []
+        self.window_menu: QMenu | None = None
+        self.button = QToolButton(window)
+        self.button.setText("Presets")
+        self.button.setToolTip("Window presets")
+        self.button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.button_menu = QMenu(window)
+        self.button.setMenu(self.button_menu)
+
+    def attach(self, window_menu: QMenu) -> QToolButton:
+        """Fill the window's Window menu and the presets button (returned, for a tool
+        bar) with the presets, now and whenever they change."""
+        self.window_menu = window_menu
+        window_menu.setObjectName("window_presets")
+        self.rebuild()
+        return self.button
 
     def rebuild(self) -> None:
         """Window menu and preset button from the saved presets."""
@@ -31,8 +46,9 @@ class PresetController(QObject):
             w.removeAction(a)
             a.deleteLater()
         self.actions = []
-        w.window_menu.clear()
-        w.preset_menu.clear()
+        menus = [m for m in (self.window_menu, self.button_menu) if m is not None]
+        for menu in menus:
+            menu.clear()
         for i, preset in enumerate(w.settings.presets()):
             act = QAction(f"{preset.name}  (L {preset.center:g} W {preset.width:g})", w)
             act.setData(preset)
@@ -42,7 +58,7 @@ class PresetController(QObject):
             act.triggered.connect(lambda _c=False, p=preset: self.apply_window(p.center, p.width))
             w.addAction(act)
             self.actions.append(act)
-        for menu in (w.window_menu, w.preset_menu):
+        for menu in menus:
             for act in self.actions:
                 menu.addAction(act)
             menu.addSeparator()

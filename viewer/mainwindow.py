@@ -12,7 +12,6 @@ queued signals.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,20 +26,18 @@ from .browser import StudyBrowser
 from .controllers.browse import BrowseController
 from .controllers.connection import ConnectionController
 from .controllers.files import FilesController
+from .controllers.preferences import show_preferences
 from .controllers.presets import PresetController
 from .controllers.reading import ReadingController, ReadingDock
 from .controllers.series import SeriesController
 from .controllers.slides import SlideController
 from .controllers.threed import ThreeDController
 from .controllers.transfers import TransferController
-from .controllers.preferences import show_preferences
 from .dialogs import AppSettings, PreferencesDialog, ShortcutsDialog, about_text
 from .progress import TransferPanel
 from .services import Backend
 from .stackview import VIEW_SHORTCUTS, MouseMode, StackView
 from .workers import LoaderBridge, Task
-
-log = logging.getLogger("medview.window")
 
 __all__ = ["AppConfig", "MainWindow", "VIEW_SHORTCUTS"]
 

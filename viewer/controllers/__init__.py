@@ -10,6 +10,7 @@ and the state that goes with it; the window builds the widgets and menus and wir
 - :mod:`.presets`     window presets (menu, histogram window, saving)
 - :mod:`.threed`      MPR and VR windows
 - :mod:`.slides`      slide windows and the reading station's worklist
+- :mod:`.preferences` the preferences dialog and what its settings change
 
 A controller is given the window and reaches its widgets and sibling controllers through
 it; it never imports :mod:`viewer.mainwindow`. Whatever waits on the network, reads files

@@ -152,7 +152,8 @@ class SlabCatalogue:
             try:
                 enc = encode_frame(img, signed=signed, bits_stored=bits)
             except EncodeError as e:
-                raise SlabUnavailable(f"band {kind} {slab_level}/{slab} cannot be encoded: {e}") from e
+                raise SlabUnavailable(f"band {kind} {slab_level}/{slab} cannot be encoded: "
+                                      f"{e}") from e
             rel = f"{folder}/{fingerprint[:16]}.{comp}.j2k"
             sha = self.store.atomic_write(rel, enc.codestream)
             files.append({"path": rel, "sha256": sha, "size": len(enc.codestream)})
@@ -161,7 +162,8 @@ class SlabCatalogue:
                                            facts))
         slab_counts, detail_counts = transform.counts(len(order), slab_levels)
         pyramid = {
-            "format": FORMAT, "fingerprint": fingerprint, "levels": slab_levels, "count": len(order),
+            "format": FORMAT, "fingerprint": fingerprint, "levels": slab_levels,
+            "count": len(order),
             "order": order, "bands": [[im["band"], im["level"], im["slab"]] for im in images],
             "slab_counts": slab_counts, "detail_counts": detail_counts,
             "total_bytes": sum(im["total_bytes"] for im in images),
@@ -180,7 +182,7 @@ class SlabCatalogue:
                     ix: PacketIndex, offset, signed, bits, facts) -> dict:
         """The facts of one band image (JSON: ``level`` is its slab level, ``slab`` the
         slab it holds or splits)."""
-        start, stop = transform.slab_span(n, slab_level, slab)   # the slab this band holds or splits
+        start, stop = transform.slab_span(n, slab_level, slab)   # the slab it holds or splits
         return {
             "index": comp, "key": f"{series_uid}#slabs/{fingerprint[:16]}/{comp}",
             "band": kind, "level": slab_level, "slab": slab, "span": [start, stop],

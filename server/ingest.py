@@ -1434,20 +1434,56 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
     operating-system user). Never raises for a bad input file.
     """
     files = list(iter_files(paths))
-    total = len(files)
-    report = IngestReport()
-    emit = log or (lambda _msg: None)
     if limits is None:
         limits = IngestLimits.for_store(store.root)
     close_audit: Callable[[], None] = lambda: None
     if audit is None:
         audit, close_audit = store_auditor(store, user)
+    run = _IngestRun(store, len(files), log or (lambda _msg: None), progress, audit)
+    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
+    workers = max(1, int(workers)) if workers is not None else \
+        max(2, min(8, os.cpu_count() or 2))
+    window = 2 * workers
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+            pending: collections.deque[Future] = collections.deque()
+            for path in files:
+                pending.append(pool.submit(_analyse, path, store, verify, limits))
+                while len(pending) >= window:
+                    run.finish(pending.popleft().result())
+            while pending:
+                run.finish(pending.popleft().result())
+            run.flush()
+    finally:
+        close_audit()
+    from .policy_copies import after_ingest     # final copies, if [codec] on_ingest (H1)
 
-    def done() -> int:
-        return (len(report.imported) + len(report.duplicates) + len(report.skipped)
-                + len(report.quarantined))
+    after_ingest(store, [f.sop_instance_uid for f in run.report.imported], log_fn=log)
+    return run.report
 
-    def record(result: ImportedFile | DuplicateFile | SkippedFile | QuarantinedFile) -> None:
+
+class _IngestRun:
+    """The calling thread's side of :func:`ingest_paths`: analysed files gathered into
+    commit batches, each outcome settled (a conflict quarantined), reported and logged."""
+
+    def __init__(self, store: Store, total: int, emit: LogFn, progress: ProgressFn | None,
+                 audit: AuditFn) -> None:
+        self.store = store
+        self.total = total
+        self.emit = emit
+        self.progress = progress
+        self.audit = audit
+        self.report = IngestReport()
+        self.batch: list[_Prepared] = []
+        self.held = 0                               # bytes held by the batch
+
+    def done(self) -> int:
+        r = self.report
+        return len(r.imported) + len(r.duplicates) + len(r.skipped) + len(r.quarantined)
+
+    def record(self, result: ImportedFile | DuplicateFile | SkippedFile | QuarantinedFile
+               ) -> None:
+        report, emit = self.report, self.emit
         if isinstance(result, ImportedFile):
             report.imported.append(result)
             flags = f"; FLAGGED: {'; '.join(result.flags)}" if result.flags else ""
@@ -1464,63 +1500,43 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
         else:
             report.skipped.append(result)
             emit(f"skipped   {result.path}: {result.reason}")
-        if progress is not None:
-            progress(done(), total)
+        if self.progress is not None:
+            self.progress(self.done(), self.total)
 
-    batch: list[_Prepared] = []
-    held = [0]                                  # bytes held by the batch
-
-    def settle(result) -> None:
+    def settle(self, result) -> None:
         if isinstance(result, _Conflict):
-            result = _quarantine(result, store, audit)
-        record(result)
+            result = _quarantine(result, self.store, self.audit)
+        self.record(result)
 
-    def flush() -> None:
-        items = batch[:]
-        batch.clear()
-        held[0] = 0
+    def flush(self) -> None:
+        """Commit the batch (:func:`_commit_batch`) and settle its files."""
+        items = self.batch[:]
+        self.batch.clear()
+        self.held = 0
         if not items:
             return
         try:
-            results = _commit_batch(items, store)
+            results = _commit_batch(items, self.store)
         except Exception as e:  # noqa: BLE001 - e.g. catalogue locked for too long
             results = [SkippedFile(p.path, f"cannot store: {type(e).__name__}: {e}", ERROR)
                        for p in items]
         for r in results:
-            settle(r)
+            self.settle(r)
 
-    def finish(result: _Result) -> None:
+    def finish(self, result: _Result) -> None:
+        """One analysed file: a prepared one joins the batch (committed when full);
+        anything else is settled now (a conflict after the batch, which may hold its
+        stored twin)."""
         if isinstance(result, _Prepared):
-            batch.append(result)
-            held[0] += len(result.data) + sum(len(f.codestream) + len(f.index_json)
-                                              for f in result.frames)
-            if len(batch) >= COMMIT_BATCH_FILES or held[0] >= COMMIT_BATCH_BYTES:
-                flush()
+            self.batch.append(result)
+            self.held += len(result.data) + sum(len(f.codestream) + len(f.index_json)
+                                                for f in result.frames)
+            if len(self.batch) >= COMMIT_BATCH_FILES or self.held >= COMMIT_BATCH_BYTES:
+                self.flush()
             return
         if isinstance(result, _Conflict):
-            flush()                     # its stored twin may be in the batch
-        settle(result)
-
-    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
-    workers = max(1, int(workers)) if workers is not None else \
-        max(2, min(8, os.cpu_count() or 2))
-    window = 2 * workers
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-            pending: collections.deque[Future] = collections.deque()
-            for path in files:
-                pending.append(pool.submit(_analyse, path, store, verify, limits))
-                while len(pending) >= window:
-                    finish(pending.popleft().result())
-            while pending:
-                finish(pending.popleft().result())
-            flush()
-    finally:
-        close_audit()
-    from .policy_copies import after_ingest     # final copies, if [codec] on_ingest (H1)
-
-    after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
-    return report
+            self.flush()                     # its stored twin may be in the batch
+        self.settle(result)
 
 
 # Public names of the pipeline's parts (server.quarantine resolves entries with them).

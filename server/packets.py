@@ -780,8 +780,8 @@ def build_increments(order: str, keys: list[tuple[int, int, int]], units: Units,
 def recall_needed(increments: list[Increment], images: list[ImageSource]) -> list[int]:
     """The images (csn) whose increments need layers that are in the archive only."""
     by_csn = {im.csn: im for im in images}
-    return sorted({inc.csn for inc in increments
-                   if by_csn[inc.csn].needs_recall(max((pk[3] + 1 for pk in inc.packets), default=0))})
+    return sorted({inc.csn for inc in increments if by_csn[inc.csn].needs_recall(
+        max((pk[3] + 1 for pk in inc.packets), default=0))})
 
 
 def enforce(grant: "_rights.Grant", req: PacketRequest, images: list[ImageSource],

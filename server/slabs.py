@@ -139,11 +139,11 @@ class SlabCatalogue:
             load = getattr(src, "recall", None) or src.load
             stack[t] = decode_full(load(), r["offset"], bool(r["signed"]),
                                    bits_stored=int(r["bits_stored"]))
-        levels = transform.default_levels(len(order))
-        pyr = transform.forward(stack, levels)
+        slab_levels = transform.default_levels(len(order))
+        pyr = transform.forward(stack, slab_levels)
         folder = self._folder(series_uid)
         images, files = [], []
-        for comp, (kind, level, i, img) in enumerate(pyr.bands()):
+        for comp, (kind, slab_level, slab, img) in enumerate(pyr.bands()):
             lo, hi = int(img.min()), int(img.max())
             signed = kind == "high" or facts["signed"] or lo < 0
             bits = min(16, facts["bits_stored"] + (1 if kind == "high" else 0))
@@ -152,15 +152,18 @@ class SlabCatalogue:
             try:
                 enc = encode_frame(img, signed=signed, bits_stored=bits)
             except EncodeError as e:
-                raise SlabUnavailable(f"band {kind} {level}/{i} cannot be encoded: {e}") from e
+                raise SlabUnavailable(f"band {kind} {slab_level}/{slab} cannot be encoded: "
+                                      f"{e}") from e
             rel = f"{folder}/{fingerprint[:16]}.{comp}.j2k"
             sha = self.store.atomic_write(rel, enc.codestream)
             files.append({"path": rel, "sha256": sha, "size": len(enc.codestream)})
-            images.append(self._image_dict(series_uid, fingerprint, comp, kind, level, i, len(order),
-                                           enc.index, enc.offset, signed, bits, facts))
-        slab_counts, detail_counts = transform.counts(len(order), levels)
+            images.append(self._image_dict(series_uid, fingerprint, comp, kind, slab_level, slab,
+                                           len(order), enc.index, enc.offset, signed, bits,
+                                           facts))
+        slab_counts, detail_counts = transform.counts(len(order), slab_levels)
         pyramid = {
-            "format": FORMAT, "fingerprint": fingerprint, "levels": levels, "count": len(order),
+            "format": FORMAT, "fingerprint": fingerprint, "levels": slab_levels,
+            "count": len(order),
             "order": order, "bands": [[im["band"], im["level"], im["slab"]] for im in images],
             "slab_counts": slab_counts, "detail_counts": detail_counts,
             "total_bytes": sum(im["total_bytes"] for im in images),
@@ -172,15 +175,17 @@ class SlabCatalogue:
         manifest = {"layout": layout, "files": files}
         self.store.atomic_write(f"{folder}/{MANIFEST}", json.dumps(manifest).encode())
         log.info("slab pyramid of %s: %d images, %d levels, %d bytes (series %d bytes)", series_uid,
-                 len(order), levels, pyramid["total_bytes"], pyramid["series_bytes"])
+                 len(order), slab_levels, pyramid["total_bytes"], pyramid["series_bytes"])
         return self._series(series_uid, manifest)
 
-    def _image_dict(self, series_uid, fingerprint, comp, kind, level, i, n, ix: PacketIndex,
-                    offset, signed, bits, facts) -> dict:
-        start, stop = transform.slab_span(n, level, i)   # the slab this band holds or splits
+    def _image_dict(self, series_uid, fingerprint, comp, kind, slab_level, slab, n,
+                    ix: PacketIndex, offset, signed, bits, facts) -> dict:
+        """The facts of one band image (JSON: ``level`` is its slab level, ``slab`` the
+        slab it holds or splits)."""
+        start, stop = transform.slab_span(n, slab_level, slab)   # the slab it holds or splits
         return {
             "index": comp, "key": f"{series_uid}#slabs/{fingerprint[:16]}/{comp}",
-            "band": kind, "level": level, "slab": i, "span": [start, stop],
+            "band": kind, "level": slab_level, "slab": slab, "span": [start, stop],
             "Rows": facts["rows"], "Columns": facts["columns"], "SamplesPerPixel": 1,
             "PhotometricInterpretation": "MONOCHROME2", "frame": 1,
             "RescaleSlope": facts["rescale"][0], "RescaleIntercept": facts["rescale"][1],

@@ -161,13 +161,12 @@ class SlideService:
         except PyramidError as e:
             raise RequestError(f"slide data unavailable: {e}", status=500) from None
 
-    def sources(self, ref: str, level: int, tiles: list[int]) -> tuple[dict, list[PacketSource]]:
-        row, st = self._open(ref)
-        out = []
-        for t in tiles:
-            out.append(PacketSource(t, f"{st.uid}/{level}/{t}", st.tile_index(level, t),
-                                    lambda lv=level, i=t: st.tile_bytes(lv, i)))
-        return row, out
+
+def tile_source(st, level: int, tile: int) -> PacketSource:
+    """Tile ``tile`` of pyramid level ``level`` of a stored slide as the packet planner
+    sees an image: component ``tile`` of the level's target."""
+    return PacketSource(tile, f"{st.uid}/{level}/{tile}", st.tile_index(level, tile),
+                        lambda: st.tile_bytes(level, tile))
 
 
 # --------------------------------------------------------------------------- rights
@@ -246,12 +245,46 @@ def slide_problems(grant, req, st, level: int, reduces: dict[int, int],
 
 
 def slide_plan(req, st, level: int, model, grant=None, versions=None) -> Plan:
-    """Plan a request on level ``level`` of the stored slide ``st``: the tiles of the
-    region (and of ``req.comps`` if given), each with its own local region. ``grant``
+    """Plan a request on pyramid level ``level`` of the stored slide ``st``: the tiles of
+    the region (and of ``req.comps`` if given), each with its own local region. ``grant``
     (from :meth:`~server.auth.Authority.authorize`) is enforced before anything is
     planned: a request beyond it raises the 403 of the series path; ``versions`` (see
-    :meth:`SlideService.versions`) resolves ``version``/``quality``/``purpose``."""
+    :meth:`SlideService.versions`) resolves ``version``/``quality``/``purpose``.
+
+    The steps: the tiles (:func:`level_tiles`), what each would get
+    (:func:`tile_targets`), the rights (:func:`slide_problems`), one plan per tile on
+    its local region (:func:`tile_region`), merged into one progression
+    (:func:`merge_tile_increments`)."""
     version = resolve_version(req, versions)
+    tiles = level_tiles(req, st, level)
+    reduces, layers = tile_targets(req, st, level, tiles)
+    if grant is not None:
+        problems, extra = slide_problems(grant, req, st, level, reduces, layers, versions)
+        refuse(grant, problems, versions, **extra)
+    g = st.levels[level]
+    images, res, lays, incs = [], {}, {}, []
+    total = sent = 0
+    for t in tiles:
+        src = tile_source(st, level, t)
+        sub = dataclasses.replace(req, comps=None, fsiz=None, version=None, quality=None,
+                                  purpose=None, reduce=reduces[t], layers=layers[t])
+        if req.region is not None:
+            sub.region = tile_region(req.region, g.tile_rect(t))
+        p = plan(sub, [src], model)
+        images.append(src)
+        res.update(p.res)
+        lays.update(p.layers)
+        incs.extend(p.increments)
+        total += p.total_bytes
+        sent += p.request_bytes
+    recs = merge_tile_increments(req.order, incs, res, lays)
+    return Plan(request=req, images=images, res=res, layers=lays, increments=incs,
+                total_bytes=total, request_bytes=sent, recommendations=recs, version=version)
+
+
+def level_tiles(req, st, level: int) -> list[int]:
+    """The tiles of pyramid level ``level`` a request names: those its region touches
+    (all without a region), of ``req.comps`` if given; 416 beyond the level."""
     if not 0 <= level < len(st.levels):
         raise RequestError(f"level {level} out of range: the slide has levels 0-{len(st.levels) - 1}",
                            status=416, max_level=len(st.levels) - 1)
@@ -272,39 +305,40 @@ def slide_plan(req, st, level: int, model, grant=None, versions=None) -> Plan:
                                f"(0-{g.count - 1})", status=416, max_comp=g.count - 1)
         wanted = set(req.comps)
         tiles = [t for t in tiles if t in wanted]
-    # what each tile would get: reduce clamped to the tile's resolutions, layers to its own
+    return tiles
+
+
+def tile_targets(req, st, level: int, tiles: list[int]
+                 ) -> tuple[dict[int, int], dict[int, int]]:
+    """What each tile would get: (reduce per tile, clamped to the tile's resolutions;
+    layers per tile, clamped to its own)."""
     reduces, layers = {}, {}
     for t in tiles:
         ix = st.tile_index(level, t)
         reduces[t] = min(req.reduce, ix.numres - 1) if req.reduce is not None else 0
         layers[t] = min(req.layers, ix.nlayers) if req.layers is not None else ix.nlayers
-    if grant is not None:
-        problems, extra = slide_problems(grant, req, st, level, reduces, layers, versions)
-        refuse(grant, problems, versions, **extra)
-    images, res, lays, incs = [], {}, {}, []
-    total = sent = 0
-    for t in tiles:
-        ix = st.tile_index(level, t)
-        src = PacketSource(t, f"{st.uid}/{level}/{t}", ix, lambda lv=level, i=t: st.tile_bytes(lv, i))
-        sub = dataclasses.replace(req, comps=None, fsiz=None, version=None, quality=None,
-                                  purpose=None, reduce=reduces[t], layers=layers[t])
-        if req.region is not None:
-            tx, ty, tw, th = g.tile_rect(t)
-            x, y, w, h = req.region
-            x0, y0 = max(x, tx), max(y, ty)
-            x1, y1 = min(x + w, tx + tw), min(y + h, ty + th)
-            sub.region = None if (x0, y0, x1, y1) == (tx, ty, tx + tw, ty + th) else (
-                x0 - tx, y0 - ty, x1 - x0, y1 - y0)
-        p = plan(sub, [src], model)
-        images.append(src)
-        res.update(p.res)
-        lays.update(p.layers)
-        incs.extend(p.increments)
-        total += p.total_bytes
-        sent += p.request_bytes
-    if req.order == "image":
+    return reduces, layers
+
+
+def tile_region(region, tile_rect) -> tuple[int, int, int, int] | None:
+    """The part of a level region inside a tile, in the tile's pixels; None when the
+    region covers the whole tile."""
+    tx, ty, tw, th = tile_rect
+    x, y, w, h = region
+    x0, y0 = max(x, tx), max(y, ty)
+    x1, y1 = min(x + w, tx + tw), min(y + h, ty + th)
+    return None if (x0, y0, x1, y1) == (tx, ty, tx + tw, ty + th) else (
+        x0 - tx, y0 - ty, x1 - x0, y1 - y0)
+
+
+def merge_tile_increments(order: str, incs: list, res: dict[int, int],
+                          lays: dict[int, int]) -> dict[int, dict]:
+    """Sort the tiles' increments (``incs``, in place) into one progression and return
+    its recommendations: in quality order, render after each layer of every tile; else
+    once at the end."""
+    if order == "image":
         incs.sort(key=lambda i: (i.csn, i.layer, i.res))
-    elif req.order == "resolution":
+    elif order == "resolution":
         incs.sort(key=lambda i: (i.res, i.layer, i.csn))
     else:
         incs.sort(key=lambda i: (i.layer, i.res, i.csn))
@@ -312,11 +346,10 @@ def slide_plan(req, st, level: int, model, grant=None, versions=None) -> Plan:
     maxres = max(res.values(), default=0)
     for n, inc in enumerate(incs):
         nxt = incs[n + 1] if n + 1 < len(incs) else None
-        if req.order == "quality" and (nxt is None or nxt.layer != inc.layer):
+        if order == "quality" and (nxt is None or nxt.layer != inc.layer):
             recs[n] = {"type": "recommend", "images": "all", "layers": inc.layer + 1,
                        "res": maxres, "action": "render"}
-        elif req.order != "quality" and nxt is None:
+        elif order != "quality" and nxt is None:
             recs[n] = {"type": "recommend", "images": "all", "layers": max(lays.values()),
                        "res": maxres, "action": "render"}
-    return Plan(request=req, images=images, res=res, layers=lays, increments=incs,
-                total_bytes=total, request_bytes=sent, recommendations=recs, version=version)
+    return recs

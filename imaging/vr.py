@@ -517,9 +517,11 @@ class VrScene:
         hi = max(hi, lo + 1.0)
         n = int(min(_TABLE_SIZE, hi - lo + 1)) if np.issubdtype(data.dtype, np.integer) else _TABLE_SIZE
         n = max(n, 2)
-        values = lo + np.arange(n) * (hi - lo) / (n - 1)
-        rgb = np.array([self.ctf.GetColor(float(v)) for v in values], np.float32)
-        opacity = np.array([self.otf.GetValue(float(v)) for v in values], np.float64)
+        rgb = np.empty(3 * n)
+        self.ctf.GetTable(lo, hi, n, rgb)
+        rgb = rgb.reshape(n, 3).astype(np.float32)
+        opacity = np.empty(n)
+        self.otf.GetTable(lo, hi, n, opacity)
         unit = float(self.prop.GetScalarOpacityUnitDistance()) or 1.0
         alpha = (1.0 - np.power(1.0 - np.clip(opacity, 0.0, 1.0), step / unit)).astype(np.float32)
         scale = (n - 1) / (hi - lo)

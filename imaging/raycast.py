@@ -24,6 +24,7 @@ Compiled by numba (cached on disk after the first run), in parallel over picture
 from __future__ import annotations
 
 import math
+import threading
 
 import numba as nb
 import numpy as np
@@ -31,6 +32,7 @@ import numpy as np
 __all__ = ["BLOCK", "block_ranges", "nonempty_blocks", "cast", "ShadeParams"]
 
 BLOCK = 8
+_lock = threading.Lock()        # numba's default thread pool runs one parallel call at a time
 
 
 @nb.njit(cache=True, parallel=True, nogil=True)
@@ -60,7 +62,8 @@ def block_ranges(vol: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.nd
     shape = tuple(-(-n // block) for n in vol.shape)
     lo = np.empty(shape, vol.dtype)
     hi = np.empty(shape, vol.dtype)
-    _block_minmax(vol, block, lo, hi)
+    with _lock:
+        _block_minmax(vol, block, lo, hi)
     return lo, hi
 
 
@@ -130,9 +133,9 @@ def _cast(vol, rgb, alpha, table_lo, table_scale, ndc_to_index, index_to_world, 
                 s = index_to_world[a, 0] * dx + index_to_world[a, 1] * dy + index_to_world[a, 2] * dz
                 lw += s * s
             lw = math.sqrt(lw)
-            out[j, i, 0] = 0.0
-            out[j, i, 1] = 0.0
-            out[j, i, 2] = 0.0
+            out[j, i, 0] = 0
+            out[j, i, 1] = 0
+            out[j, i, 2] = 0
             if lw <= 0.0:
                 continue
             sx = dx * (step_mm / lw)                  # index-space step of one sample
@@ -238,9 +241,9 @@ def _cast(vol, rgb, alpha, table_lo, table_scale, ndc_to_index, index_to_world, 
                     cr = rgb[k, 0] * alpha[k]
                     cg = rgb[k, 1] * alpha[k]
                     cb = rgb[k, 2] * alpha[k]
-            out[j, i, 0] = cr
-            out[j, i, 1] = cg
-            out[j, i, 2] = cb
+            out[j, i, 0] = min(int(cr * 255.0 + 0.5), 255)
+            out[j, i, 1] = min(int(cg * 255.0 + 0.5), 255)
+            out[j, i, 2] = min(int(cb * 255.0 + 0.5), 255)
 
 
 def cast(vol: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, table_lo: float, table_scale: float,
@@ -248,8 +251,8 @@ def cast(vol: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, table_lo: float, t
          box: tuple[np.ndarray, np.ndarray], plane: np.ndarray | None, step_mm: float,
          nonempty: np.ndarray, shade: ShadeParams, light: np.ndarray, mip: bool = False,
          out: np.ndarray | None = None) -> np.ndarray:
-    """Ray cast ``vol`` (z, y, x; read in place, never copied) into an (h, w, 3) float32
-    picture in [0, 1], top row first.
+    """Ray cast ``vol`` (z, y, x; read in place, never copied) into an (h, w, 3) uint8
+    picture, top row first.
 
     ``rgb`` (n, 3) and ``alpha`` (n,) are the colour and (sample-distance corrected)
     opacity tables over stored values ``table_lo + k / table_scale``; ``ndc_to_index``
@@ -258,17 +261,18 @@ def cast(vol: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, table_lo: float, t
     box rays stay in; ``plane`` (a, b, c, d) keeps a·x + b·y + c·z + d ≥ 0 in index space;
     ``light`` the unit direction towards the headlight in patient space."""
     w, h = int(size[0]), int(size[1])
-    if out is None or out.shape != (h, w, 3):
-        out = np.empty((h, w, 3), np.float32)
+    if out is None or out.shape != (h, w, 3) or out.dtype != np.uint8:
+        out = np.empty((h, w, 3), np.uint8)
     if min(vol.shape) < 2:
         raise ValueError("ray casting needs at least 2 voxels along each axis")
     normal_to_world = np.linalg.inv(index_to_world).T
     pl = np.zeros(4) if plane is None else np.asarray(plane, np.float64)
     if plane is None:
         pl[3] = 1.0
-    _cast(vol, np.ascontiguousarray(rgb, np.float32), np.ascontiguousarray(alpha, np.float32),
-          float(table_lo), float(table_scale), np.ascontiguousarray(ndc_to_index, np.float64),
-          np.ascontiguousarray(index_to_world, np.float64), np.ascontiguousarray(normal_to_world, np.float64),
-          np.asarray(box[0], np.float64), np.asarray(box[1], np.float64), pl, float(step_mm), 1e30,
-          nonempty, BLOCK, shade.values, np.asarray(light, np.float64), bool(mip), out)
+    with _lock:
+        _cast(vol, np.ascontiguousarray(rgb, np.float32), np.ascontiguousarray(alpha, np.float32),
+              float(table_lo), float(table_scale), np.ascontiguousarray(ndc_to_index, np.float64),
+              np.ascontiguousarray(index_to_world, np.float64), np.ascontiguousarray(normal_to_world, np.float64),
+              np.asarray(box[0], np.float64), np.asarray(box[1], np.float64), pl, float(step_mm), 1e30,
+              nonempty, BLOCK, shade.values, np.asarray(light, np.float64), bool(mip), out)
     return out

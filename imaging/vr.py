@@ -215,7 +215,7 @@ class _CasterState:
         self.ranges: tuple[np.ndarray, np.ndarray] | None = None   # per 8³ block min / max
         self.value_range: tuple[float, float] | None = None
         self.tables: tuple | None = None                 # (rgb, opacity, lo, scale, step, nonempty)
-        self.picture: np.ndarray | None = None           # float (h, w, 3), top row first
+        self.picture: np.ndarray | None = None           # uint8 (h, w, 3), top row first
         self.shown: np.ndarray | None = None             # uint8 (H, W, 3), bottom row first
         self.texture = None
         self.texture_image = None
@@ -542,7 +542,7 @@ class VrScene:
         self._show_picture(c.picture, (w, h))
 
     def cast_picture(self, size: tuple[int, int]) -> np.ndarray:
-        """The shaded picture of the current view at ``size`` (w, h) as float (h', w', 3),
+        """The shaded picture of the current view at ``size`` (w, h) as uint8 (h', w', 3),
         top row first; h', w' are smaller while interacting (the image sample distance)."""
         from . import raycast
 
@@ -574,7 +574,7 @@ class VrScene:
                                     self.prop.GetSpecular(), self.prop.GetSpecularPower())
         return raycast.cast(self.volume.data, rgb, alpha, lo, scale, ndc_to_index, g.matrix,
                             size=(cw, ch), box=box, plane=plane, step_mm=float(q.sample),
-                            nonempty=nonempty, shade=shade, light=-view)
+                            nonempty=nonempty, shade=shade, light=-view, out=self.caster.picture)
 
     def _show_picture(self, picture: np.ndarray, size: tuple[int, int]) -> None:
         from vtkmodules.util.numpy_support import numpy_to_vtk
@@ -583,11 +583,7 @@ class VrScene:
 
         c = self.caster
         w, h = size
-        ph, pw, _ = picture.shape
-        if (ph, pw) != (h, w):                           # interactive: coarser rays, enlarged
-            yi = np.minimum(((np.arange(h) + 0.5) * ph / h).astype(np.intp), ph - 1)
-            xi = np.minimum(((np.arange(w) + 0.5) * pw / w).astype(np.intp), pw - 1)
-            picture = picture[yi][:, xi]
+        picture = _enlarge(picture, size)
         if c.shown is None or c.shown.shape[:2] != (h, w):
             c.shown = np.empty((h, w, 3), np.uint8)
             c.texture_image = vtkImageData()
@@ -597,7 +593,7 @@ class VrScene:
             c.texture.SetInputData(c.texture_image)
             c.texture.InterpolateOff()
             self.renderer.SetBackgroundTexture(c.texture)
-        c.shown[...] = np.clip(picture[::-1] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        c.shown[...] = picture[::-1]
         c.texture_image.GetPointData().GetScalars().Modified()
         c.texture_image.Modified()
 
@@ -610,9 +606,11 @@ class VrScene:
         from vtkmodules.util.numpy_support import vtk_to_numpy
         from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
 
+        if self.caster is not None and self.caster.active:
+            # the cast picture is what the window's background would show: no OpenGL needed
+            w, h = self.render_window.GetSize()
+            return _enlarge(self.cast_picture((w, h)), (w, h)).copy()
         self.render_window.Render()
-        if self.caster is not None and self.caster.active and self.caster.shown is not None:
-            return self.caster.shown[::-1].copy()       # what the background shows, exactly
         grab = vtkWindowToImageFilter()
         grab.SetInput(self.render_window)
         grab.SetInputBufferTypeToRGB()
@@ -632,6 +630,18 @@ class VrScene:
             self.render_window.RemoveRenderer(self.renderer)
         except Exception:  # noqa: BLE001
             pass
+
+
+def _enlarge(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``picture`` (h', w', 3) at ``size`` (w, h): the coarse frames while interacting are
+    enlarged (nearest pixel), full-size ones returned as they are."""
+    w, h = size
+    ph, pw, _ = picture.shape
+    if (ph, pw) == (h, w):
+        return picture
+    yi = np.minimum(((np.arange(h) + 0.5) * ph / h).astype(np.intp), ph - 1)
+    xi = np.minimum(((np.arange(w) + 0.5) * pw / w).astype(np.intp), pw - 1)
+    return picture[yi][:, xi]
 
 
 def _np_matrix(m) -> np.ndarray:

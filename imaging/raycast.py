@@ -13,7 +13,8 @@ bounded by the picture, the lookup tables and a block summary of 1/512 of the vo
   opacity corrected for the sample distance (``1 - (1 - a) ** (step / unit)``); where the
   opacity is non-zero the gradient is the central difference of the trilinear field at
   ±1 voxel along each index axis, turned into patient space, and lit by a headlight
-  (two-sided: ambient + diffuse·|n·l| + specular·|n·l|^power, as VTK's volume shading).
+  (two-sided: ambient + diffuse·|n·l| + specular·|n·l|^power, as VTK's volume shading;
+  a zero gradient gets the ambient part only).
   Front-to-back compositing stops at 99 % opacity.
 * Empty space: the minimum and maximum of each 8³ block (with a one-voxel overlap) tell
   which blocks the opacity table leaves empty; rays jump over those.
@@ -220,7 +221,7 @@ def _cast(vol, rgb, alpha, table_lo, table_scale, ndc_to_index, index_to_world, 
                         if gn > 0.0:
                             ndl = abs(nxw * light[0] + nyw * light[1] + nzw * light[2]) / gn
                         else:
-                            ndl = 1.0
+                            ndl = 0.0            # no surface: ambient only, as VTK's zero normal
                         lit = shading[1] + shading[2] * ndl
                         spec = shading[3] * ndl ** shading[4] if shading[3] > 0.0 else 0.0
                         r = min(r * lit + spec, 1.0)

@@ -541,9 +541,10 @@ class VrScene:
         c.picture = self.cast_picture((w, h))
         self._show_picture(c.picture, (w, h))
 
-    def cast_picture(self, size: tuple[int, int]) -> np.ndarray:
-        """The shaded picture of the current view at ``size`` (w, h) as uint8 (h', w', 3),
-        top row first; h', w' are smaller while interacting (the image sample distance)."""
+    def cast_picture(self, size: tuple[int, int], *, shade: bool = True) -> np.ndarray:
+        """The shaded (``shade``) picture of the current view at ``size`` (w, h) as uint8
+        (h', w', 3), top row first; h', w' are smaller while interacting (the image sample
+        distance)."""
         from . import raycast
 
         q = self.moving if self.interactive else self.still
@@ -570,11 +571,23 @@ class VrScene:
             origin, normal = self.clip
             keep = -np.asarray(normal, float)           # keep n·(p - origin) >= 0
             plane = np.concatenate((g.matrix.T @ keep, [keep @ (np.asarray(g.origin) - origin)]))
-        shade = raycast.ShadeParams(True, self.prop.GetAmbient(), self.prop.GetDiffuse(),
-                                    self.prop.GetSpecular(), self.prop.GetSpecularPower())
+        light = self._light()
+        ambient = self.prop.GetAmbient() * float(np.mean(light.GetAmbientColor()))
+        intensity = float(light.GetIntensity())
+        lighting = raycast.ShadeParams(shade, ambient * intensity, self.prop.GetDiffuse() * intensity,
+                                    self.prop.GetSpecular() * intensity, self.prop.GetSpecularPower())
         return raycast.cast(self.volume.data, rgb, alpha, lo, scale, ndc_to_index, g.matrix,
                             size=(cw, ch), box=box, plane=plane, step_mm=float(q.sample),
-                            nonempty=nonempty, shade=shade, light=-view, out=self.caster.picture)
+                            nonempty=nonempty, shade=lighting, light=-view, out=self.caster.picture)
+
+    def _light(self):
+        """The renderer's first light, or the headlight VTK would make (its ambient colour
+        is black: VTK's volume shading then shows no ambient term, nor does the caster)."""
+        from vtkmodules.vtkRenderingCore import vtkLight
+
+        lights = self.renderer.GetLights()
+        lights.InitTraversal()
+        return lights.GetNextItem() or vtkLight()
 
     def _show_picture(self, picture: np.ndarray, size: tuple[int, int]) -> None:
         from vtkmodules.util.numpy_support import numpy_to_vtk

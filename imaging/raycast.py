@@ -30,7 +30,7 @@ import threading
 import numba as nb
 import numpy as np
 
-__all__ = ["BLOCK", "block_ranges", "nonempty_blocks", "cast", "ShadeParams"]
+__all__ = ["BLOCK", "block_ranges", "nonempty_blocks", "cast", "ShadeParams", "warm_up", "warm_up_async"]
 
 BLOCK = 8
 _lock = threading.Lock()        # numba's default thread pool runs one parallel call at a time
@@ -277,3 +277,29 @@ def cast(vol: np.ndarray, rgb: np.ndarray, alpha: np.ndarray, table_lo: float, t
               np.asarray(box[0], np.float64), np.asarray(box[1], np.float64), pl, float(step_mm), 1e30,
               nonempty, BLOCK, shade.values, np.asarray(light, np.float64), bool(mip), out)
     return out
+
+
+def warm_up(dtype) -> None:
+    """Compile the kernels for voxels of ``dtype`` (or load them from numba's disk cache)
+    on a tiny volume, so that the first real frame does not wait for the compiler."""
+    vol = np.zeros((4, 4, 4), dtype)
+    lo, hi = block_ranges(vol)
+    alpha = np.zeros(2, np.float32)
+    cast(vol, np.zeros((2, 3), np.float32), alpha, 0.0, 1.0, np.eye(4), np.eye(3), size=(2, 2),
+         box=(np.zeros(3), np.full(3, 3.0)), plane=None, step_mm=1.0,
+         nonempty=nonempty_blocks(lo, hi, alpha, 0.0, 1.0), shade=ShadeParams(True, 0, 1, 0, 10),
+         light=np.array([0.0, 1.0, 0.0]))
+
+
+_warming: dict[str, threading.Thread] = {}
+
+
+def warm_up_async(dtype) -> None:
+    """:func:`warm_up` in a background thread (once per dtype and process)."""
+    key = np.dtype(dtype).str
+    with _lock:
+        if key in _warming:
+            return
+        t = _warming[key] = threading.Thread(target=warm_up, args=(dtype,), name="raycast-warm-up",
+                                             daemon=True)
+    t.start()

@@ -296,6 +296,9 @@ class VrScene:
         self.renderer.AddVolume(self.actor)
         self.caster = _CasterState() if kind == "cpu" else None
         if self.caster is not None:
+            from .raycast import warm_up_async
+
+            warm_up_async(volume.data.dtype)          # the compiler runs while the UI builds
             self.renderer.AddObserver("StartEvent", self._cast_for_renderer)
         self.preset: VrPreset = PRESETS[0]
         self.window: tuple[float, float] | None = None

@@ -4,6 +4,7 @@ thing, in the same place and orientation, as VTK's own CPU ray caster."""
 from __future__ import annotations
 
 import os
+import threading
 import tracemalloc
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -73,7 +74,8 @@ def test_vr_and_mpr_read_the_one_volume_array(vol):
     real = raycast.cast
 
     def watching(data, *a, **k):
-        seen.append(data)
+        if threading.current_thread() is threading.main_thread():   # not the warm-up
+            seen.append(data)
         return real(data, *a, **k)
 
     raycast.cast = watching
@@ -224,3 +226,20 @@ def test_block_summary_is_conservative():
     opacity[900] = 0.5                           # only value 400 is visible
     ne = raycast.nonempty_blocks(lo, hi, opacity, -500.0, 1.0)
     assert np.array_equal(ne, (lo <= 400) & (hi >= 400))
+
+
+def test_warm_up_compiles_for_other_voxel_types():
+    raycast.warm_up(np.uint16)
+    data = np.zeros((6, 6, 6), np.uint16)
+    data[2:4, 2:4, 2:4] = 1000
+    lo, hi = raycast.block_ranges(data)
+    alpha = np.array([0.0, 1.0], np.float32)
+    nonempty = raycast.nonempty_blocks(lo, hi, alpha, 0.0, 1 / 1000)
+    # a parallel view straight down the z axis: NDC (x, y, z) → index (x, y, z) of the cube
+    ndc_to_index = np.diag([2.5, 2.5, -2.5, 1.0])
+    ndc_to_index[:3, 3] = 2.5
+    pic = raycast.cast(data, np.ones((2, 3), np.float32), alpha, 0.0, 1 / 1000, ndc_to_index, np.eye(3),
+                       size=(6, 6), box=(np.zeros(3), np.full(3, 5.0)), plane=None, step_mm=0.5,
+                       nonempty=nonempty, shade=raycast.ShadeParams(False, 0, 1, 0, 10),
+                       light=np.array([0.0, 0.0, 1.0]))
+    assert pic[2:4, 2:4].min() > 200 and pic[0].max() == 0 and pic[:, 0].max() == 0

@@ -11,10 +11,11 @@ bounded by the picture, the lookup tables and a block summary of 1/512 of the vo
   VTK itself would use.
 * Each sample: trilinear value → colour and opacity tables (post-classification);
   opacity corrected for the sample distance (``1 - (1 - a) ** (step / unit)``); where the
-  opacity is non-zero the gradient is the central difference of the trilinear field at
-  ±1 voxel along each index axis, turned into patient space, and lit by a headlight
-  (two-sided: ambient + diffuse·|n·l| + specular·|n·l|^power, as VTK's volume shading;
-  a zero gradient gets the ambient part only).
+  opacity is non-zero the 8 corner voxels get their central-difference gradients (6
+  reads each, turned into patient space), are lit by the headlight (two-sided: diffuse ·
+  |n·l| and specular · |n·l|^power; a zero gradient gets neither) and their light is
+  interpolated trilinearly, as VTK's CPU mapper does from its cached normals; colour ·
+  (ambient + diffuse) + specular.
   Front-to-back compositing stops at 99 % opacity.
 * Empty space: the minimum and maximum of each 8³ block (with a one-voxel overlap) tell
   which blocks the opacity table leaves empty; rays jump over those.
@@ -104,6 +105,53 @@ def _trilinear(vol, x, y, z):
     c0 = c00 * (1 - fy) + c01 * fy
     c1 = c10 * (1 - fy) + c11 * fy
     return c0 * (1 - fz) + c1 * fz
+
+
+@nb.njit(inline="always")
+def _voxel_light(vol, i, j, k, normal_to_world, light, shading):
+    """Diffuse and specular light at voxel (i, j, k) from its central-difference gradient
+    (one-sided at the border); a zero gradient gets none (ambient only)."""
+    nz, ny, nx = vol.shape
+    gx = 0.5 * (float(vol[k, j, min(i + 1, nx - 1)]) - float(vol[k, j, max(i - 1, 0)]))
+    gy = 0.5 * (float(vol[k, min(j + 1, ny - 1), i]) - float(vol[k, max(j - 1, 0), i]))
+    gz = 0.5 * (float(vol[min(k + 1, nz - 1), j, i]) - float(vol[max(k - 1, 0), j, i]))
+    wx = normal_to_world[0, 0] * gx + normal_to_world[0, 1] * gy + normal_to_world[0, 2] * gz
+    wy = normal_to_world[1, 0] * gx + normal_to_world[1, 1] * gy + normal_to_world[1, 2] * gz
+    wz = normal_to_world[2, 0] * gx + normal_to_world[2, 1] * gy + normal_to_world[2, 2] * gz
+    gn = math.sqrt(wx * wx + wy * wy + wz * wz)
+    if gn == 0.0:
+        return 0.0, 0.0
+    ndl = abs(wx * light[0] + wy * light[1] + wz * light[2]) / gn
+    spec = shading[3] * ndl ** shading[4] if shading[3] > 0.0 else 0.0
+    return shading[2] * ndl, spec
+
+
+@nb.njit(inline="always")
+def _corner_shading(vol, x, y, z, normal_to_world, light, shading):
+    """Light at a sample: that of its 8 corner voxels, trilinearly weighted (as VTK's CPU
+    mapper shades: lighting interpolated, not the normal)."""
+    nz, ny, nx = vol.shape
+    x = min(max(x, 0.0), nx - 1.0)
+    y = min(max(y, 0.0), ny - 1.0)
+    z = min(max(z, 0.0), nz - 1.0)
+    x0 = min(int(x), nx - 2)
+    y0 = min(int(y), ny - 2)
+    z0 = min(int(z), nz - 2)
+    fx = x - x0
+    fy = y - y0
+    fz = z - z0
+    diff = 0.0
+    spec = 0.0
+    for c in range(8):
+        dx = c & 1
+        dy = (c >> 1) & 1
+        dz = (c >> 2) & 1
+        w = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy) * (fz if dz else 1.0 - fz)
+        if w > 0.0:
+            d, s = _voxel_light(vol, x0 + dx, y0 + dy, z0 + dz, normal_to_world, light, shading)
+            diff += w * d
+            spec += w * s
+    return diff, spec
 
 
 @nb.njit(cache=True, parallel=True, nogil=True, fastmath=True)
@@ -211,19 +259,8 @@ def _cast(vol, rgb, alpha, table_lo, table_scale, ndc_to_index, index_to_world, 
                     g = rgb[k, 1]
                     b = rgb[k, 2]
                     if shading[0] > 0.0:
-                        gx = 0.5 * (_trilinear(vol, x + 1.0, y, z) - _trilinear(vol, x - 1.0, y, z))
-                        gy = 0.5 * (_trilinear(vol, x, y + 1.0, z) - _trilinear(vol, x, y - 1.0, z))
-                        gz = 0.5 * (_trilinear(vol, x, y, z + 1.0) - _trilinear(vol, x, y, z - 1.0))
-                        nxw = normal_to_world[0, 0] * gx + normal_to_world[0, 1] * gy + normal_to_world[0, 2] * gz
-                        nyw = normal_to_world[1, 0] * gx + normal_to_world[1, 1] * gy + normal_to_world[1, 2] * gz
-                        nzw = normal_to_world[2, 0] * gx + normal_to_world[2, 1] * gy + normal_to_world[2, 2] * gz
-                        gn = math.sqrt(nxw * nxw + nyw * nyw + nzw * nzw)
-                        if gn > 0.0:
-                            ndl = abs(nxw * light[0] + nyw * light[1] + nzw * light[2]) / gn
-                        else:
-                            ndl = 0.0            # no surface: ambient only, as VTK's zero normal
-                        lit = shading[1] + shading[2] * ndl
-                        spec = shading[3] * ndl ** shading[4] if shading[3] > 0.0 else 0.0
+                        diff, spec = _corner_shading(vol, x, y, z, normal_to_world, light, shading)
+                        lit = shading[1] + diff
                         r = min(r * lit + spec, 1.0)
                         g = min(g * lit + spec, 1.0)
                         b = min(b * lit + spec, 1.0)

@@ -144,10 +144,10 @@ def test_anterior_view_left_on_the_right_head_up_like_vtk(vol):
     r = _bone(ref)
     assert (r & m).sum() > 0.95 * r.sum()                       # all VTK shows ...
     assert (m & ~(ref.max(axis=2) > 15)).sum() < 0.05 * m.sum()  # ... and nothing it leaves black
-    # gradients taken at the sample (not interpolated from voxel normals) light sharp
-    # edges a little more; the same order of brightness
+    # the same lighting (VTK's normals are quantised: a few per cent either way)
     ratio = mine[m & r].astype(float).mean() / ref[m & r].astype(float).mean()
-    assert 0.8 < ratio < 1.6, ratio
+    assert 0.9 < ratio < 1.1, ratio
+    assert (m & r).sum() > 0.95 * (m | r).sum()
 
 
 def test_unshaded_cast_equals_vtk_unshaded(vol):

@@ -87,7 +87,9 @@ class ShadeParams:
 
 
 @nb.njit(inline="always")
-def _trilinear(vol, x, y, z):
+def _cell(vol, x, y, z):
+    """The trilinear cell of point (x, y, z) (clamped into the volume): its first corner
+    and the fractions along each axis."""
     nz, ny, nx = vol.shape
     x = min(max(x, 0.0), nx - 1.0)
     y = min(max(y, 0.0), ny - 1.0)
@@ -95,9 +97,12 @@ def _trilinear(vol, x, y, z):
     x0 = min(int(x), nx - 2)
     y0 = min(int(y), ny - 2)
     z0 = min(int(z), nz - 2)
-    fx = x - x0
-    fy = y - y0
-    fz = z - z0
+    return x0, y0, z0, x - x0, y - y0, z - z0
+
+
+@nb.njit(inline="always")
+def _trilinear(vol, x, y, z):
+    x0, y0, z0, fx, fy, fz = _cell(vol, x, y, z)
     c00 = vol[z0, y0, x0] * (1 - fx) + vol[z0, y0, x0 + 1] * fx
     c01 = vol[z0, y0 + 1, x0] * (1 - fx) + vol[z0, y0 + 1, x0 + 1] * fx
     c10 = vol[z0 + 1, y0, x0] * (1 - fx) + vol[z0 + 1, y0, x0 + 1] * fx
@@ -130,16 +135,7 @@ def _voxel_light(vol, i, j, k, normal_to_world, light, shading):
 def _corner_shading(vol, x, y, z, normal_to_world, light, shading):
     """Light at a sample: that of its 8 corner voxels, trilinearly weighted (as VTK's CPU
     mapper shades: lighting interpolated, not the normal)."""
-    nz, ny, nx = vol.shape
-    x = min(max(x, 0.0), nx - 1.0)
-    y = min(max(y, 0.0), ny - 1.0)
-    z = min(max(z, 0.0), nz - 1.0)
-    x0 = min(int(x), nx - 2)
-    y0 = min(int(y), ny - 2)
-    z0 = min(int(z), nz - 2)
-    fx = x - x0
-    fy = y - y0
-    fz = z - z0
+    x0, y0, z0, fx, fy, fz = _cell(vol, x, y, z)
     diff = 0.0
     spec = 0.0
     for c in range(8):

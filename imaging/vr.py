@@ -294,7 +294,8 @@ class VrScene:
         self.actor.SetProperty(self.prop)
         self.actor.SetUserMatrix(m)
         self.renderer.AddVolume(self.actor)
-        self.caster = _CasterState() if kind == "cpu" else None
+        # the caster needs 2 voxels along each axis (a lone slice stays with VTK's mapper)
+        self.caster = _CasterState() if kind == "cpu" and min(volume.shape) >= 2 else None
         if self.caster is not None:
             from .raycast import warm_up_async
 

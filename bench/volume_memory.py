@@ -1,18 +1,32 @@
-"""Peak memory of a whole volume in the viewer's code path (issue 15): ``medview render
---view vr --folder DIR`` on synthetic CT series of two sizes, each in its own process,
-against the raw volume bytes (slices × size² × 2 bytes).
+"""Peak memory of a whole volume in the viewer's code paths (issue 15), against the raw
+volume bytes (slices × size² × 2 bytes), on synthetic CT series of two sizes.
 
-    .venv/bin/python bench/volume_memory.py [--sizes 64,300] [--size 512] [--view vr]
+    .venv/bin/python bench/volume_memory.py [--sizes 64,300] [--size 512] [--cases all]
 
-Prints, per series: raw bytes, peak resident memory of the render process, the ratio,
-and the marginal cost (extra peak bytes per extra raw byte between the two series).
-Targets: peak ≤ 1.5 × raw at the larger series, marginal ≤ 1.5 bytes per raw byte.
+Each case runs in its own process (peak resident memory from ``wait4``), loading the
+folder as ``medview render --folder`` does (series selection, one volume array), then:
+
+* ``mpr``: an axial, a coronal and a double-oblique plane (``commands.render.render_plane``);
+* ``vr-unshaded``: the MIP preset (VTK's CPU mapper, no gradients);
+* ``vr-shaded``: the CT bone preset, ``MEDVIEW_VR_MAPPER=cpu`` (gradients where rays need
+  them, :mod:`imaging.raycast`);
+* ``vr-shaded-cached``: the same with ``cpu-cached`` (VTK's CPU mapper and its gradient
+  cache of 3 bytes per voxel: the path before issue 15);
+* ``mpr+vr`` (and ``mpr+vr-cached``): the three planes, then the shaded rendering, from the
+  same volume; the child checks that MPR's and VR's VTK images and the ray caster read the
+  volume's own array (``shared`` column).
+
+Prints, per case and series: raw bytes, peak resident memory, peak/raw, and per case the
+marginal cost (extra peak bytes per extra raw byte between the two series).
+Targets: marginal ≤ 1.5 bytes per raw byte (peak/raw ≤ 1.5 at the larger series is out of
+reach while the interpreter, Qt/VTK and the OpenGL context alone take ~0.3 GB).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import resource
+import threading
 import subprocess
 import sys
 import tempfile
@@ -21,43 +35,110 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+CASES = {                      # name: (what the child does, MEDVIEW_VR_MAPPER)
+    "mpr": ("mpr", None),
+    "vr-unshaded": ("mip", "cpu"),
+    "vr-shaded": ("vr", "cpu"),
+    "vr-shaded-cached": ("vr", "cpu-cached"),
+    "mpr+vr": ("mpr+vr", "cpu"),
+    "mpr+vr-cached": ("mpr+vr", "cpu-cached"),
+}
 
-def peak_rss_of(cmd: list[str]) -> int:
-    """Peak resident bytes of a child process (Linux: wait4's ru_maxrss in kB)."""
+
+def child(folder: str, what: str) -> int:
+    """One case in this process; prints a JSON line with what it checked."""
+    import numpy as np
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+
+    from commands.render import render_plane
+    from imaging import mpr as mpr_mod
+    from imaging import raycast
+    from imaging.series_select import select_series
+    from imaging.vr import VrScene, offscreen_window, projection_rotation
+
+    sel = select_series(folder, threshold=10)
+    vol = sel.build_volume()
+    shared = []
+    if "mpr" in what:
+        for view, angles in (("axial", None), ("coronal", None), ("oblique", (20.0, 15.0))):
+            render_plane(vol, view, angles=angles)
+        img = mpr_mod._vtk_reslicer(vol, 1).image           # the plane renderer's input
+        shared.append(bool(np.shares_memory(vtk_to_numpy(img.GetPointData().GetScalars()), vol.data)))
+    if "vr" in what or what == "mip":
+        seen = []
+        real_cast = raycast.cast
+
+        def watching(data, *a, **k):                       # which array the caster reads
+            if threading.current_thread() is threading.main_thread():   # not the warm-up
+                seen.append(data)
+            return real_cast(data, *a, **k)
+
+        raycast.cast = watching
+        scene = VrScene(vol, offscreen_window((512, 512)))
+        scene.set_preset("MIP" if what == "mip" else "CT bone")
+        scene.reset_camera(projection_rotation(0.0, 0.0))
+        scene.to_array()
+        shared.append(bool(np.shares_memory(vtk_to_numpy(scene.image.GetPointData().GetScalars()), vol.data)))
+        shared += [d is vol.data for d in seen]
+        scene.close()
+        scene.render_window.Finalize()
+    print(json.dumps({"shared": all(shared), "checks": len(shared)}))
+    return 0
+
+
+def run_case(folder: Path, case: str) -> tuple[int, dict]:
+    """(peak resident bytes, the child's report) of one case in a new process."""
+    what, mapper = CASES[case]
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss * 1024
+    env.pop("MEDVIEW_VR_MAPPER", None)
+    if mapper:
+        env["MEDVIEW_VR_MAPPER"] = mapper
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), what]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=ROOT)
+        _pid, status, usage = os.wait4(proc.pid, 0)      # its peak resident memory, in kB
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{case} failed: {err.read().decode()[-2000:]}")
+        return usage.ru_maxrss * 1024, json.loads(out.read().decode().strip().splitlines()[-1])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2], sys.argv[3])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="64,300")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--view", default="vr")
+    ap.add_argument("--cases", default="all", help=f"comma-separated, from {', '.join(CASES)}")
     args = ap.parse_args()
     from server.sample import make_sample_ct
 
-    rows = []
+    cases = list(CASES) if args.cases == "all" else args.cases.split(",")
+    sizes = [int(x) for x in args.sizes.split(",")]
+    rows: dict[str, list] = {c: [] for c in cases}
     with tempfile.TemporaryDirectory(prefix="volmem-") as tmp:
-        for n in (int(x) for x in args.sizes.split(",")):
+        for n in sizes:
             folder = Path(tmp) / f"ct{n}"
             make_sample_ct(folder, slices=n, size=args.size, seed=1)
-            out = Path(tmp) / f"out{n}.png"
-            cmd = [sys.executable, "-m", "viewer.cli", "render", "--folder", str(folder),
-                   "--view", args.view, "--out", str(out)]
-            peak = peak_rss_of(cmd)
             raw = n * args.size * args.size * 2
-            rows.append((n, raw, peak))
-    print(f"{'slices':>7} {'raw MB':>8} {'peak RSS MB':>12} {'peak/raw':>9}")
-    for n, raw, peak in rows:
-        print(f"{n:>7} {raw / 1e6:8.1f} {peak / 1e6:12.1f} {peak / raw:9.2f}")
-    if len(rows) >= 2:
-        (n0, r0, p0), (n1, r1, p1) = rows[0], rows[-1]
-        print(f"marginal: {(p1 - p0) / (r1 - r0):.2f} bytes of peak per extra raw byte "
-              f"({n0} -> {n1} slices)")
+            for case in cases:
+                peak, report = run_case(folder, case)
+                rows[case].append((n, raw, peak, report))
+    print(f"\nviewer volume memory, {args.size}² slices, peak resident memory per process")
+    print(f"{'case':<18} {'slices':>6} {'raw MB':>7} {'peak MB':>8} {'peak/raw':>8} {'shared':>6}"
+          f" {'B per extra raw B':>18}")
+    for case in cases:
+        r = rows[case]
+        marginal = ""
+        if len(r) >= 2:
+            (_n0, r0, p0, _), (_n1, r1, p1, _) = r[0], r[-1]
+            marginal = f"{(p1 - p0) / (r1 - r0):.2f}"
+        for k, (n, raw, peak, report) in enumerate(r):
+            print(f"{case if k == 0 else '':<18} {n:>6} {raw / 1e6:7.1f} {peak / 1e6:8.1f} {peak / raw:8.2f} "
+                  f"{'yes' if report['shared'] else 'NO':>6} {marginal if k == len(r) - 1 else '':>18}")
+    print("target: ≤ 1.5 bytes of peak per extra raw byte")
     return 0
 
 

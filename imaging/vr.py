@@ -11,11 +11,17 @@ tissue, CT angio, MIP (maximum intensity along each ray, windowed), MR default (
 to the data's value range). Cropping (a box in fractions of the volume) and one clip
 plane (in patient coordinates) cut the volume open.
 
-Speed: with a software OpenGL (llvmpipe, OSMesa...) the GPU ray caster is very slow, so
-the multithreaded CPU ray caster (``vtkFixedPointVolumeRayCastMapper``) is used there and
-the GPU one on real hardware (``MEDVIEW_VR_MAPPER=gpu|cpu`` overrides). While the user
-interacts, :meth:`VrScene.set_interactive` samples rays and pixels more coarsely; when
-still, at full quality.
+Speed and memory: with a software OpenGL (llvmpipe, OSMesa...) the GPU ray caster is very
+slow, so a CPU ray caster is used there (``cpu``) and the GPU one on real hardware
+(``MEDVIEW_VR_MAPPER=gpu|cpu|cpu-cached`` overrides). On the CPU, unshaded presets (MIP)
+go through VTK's multithreaded ``vtkFixedPointVolumeRayCastMapper``; shaded presets
+through :mod:`imaging.raycast`, which computes gradients where rays need them: VTK's
+mapper would cache 3 bytes of gradient per voxel (1.5× an int16 volume), ``cpu-cached``
+keeps that old path for comparison. Both read the volume's own voxel array (the one MPR
+reslices), never a copy. The caster's picture is shown as the renderer's background, so
+a VTK window (the native widget, offscreen) displays it like any other frame. While the
+user interacts, :meth:`VrScene.set_interactive` samples rays and pixels more coarsely;
+when still, at full quality.
 
 Offscreen (``medview render``, tests, the widget's image mode): :func:`offscreen_window`
 tries the platform's default window when a display is present, then EGL, then OSMesa,
@@ -35,7 +41,7 @@ from .volume import Volume
 
 log = logging.getLogger("medview.vr")
 
-__all__ = ["VrPreset", "PRESETS", "preset", "VrUnavailable", "offscreen_window",
+__all__ = ["VrPreset", "PRESETS", "MAPPERS", "preset", "VrUnavailable", "offscreen_window",
            "offscreen_backend", "VrScene", "projection_rotation"]
 
 
@@ -196,6 +202,33 @@ def is_software_gl(render_window) -> bool:
 
 
 # --------------------------------------------------------------------------- scene
+MAPPERS = ("gpu", "cpu", "cpu-cached")
+_TABLE_SIZE = 4096
+
+
+class _CasterState:
+    """What :mod:`imaging.raycast` keeps between frames: the block summary of the volume,
+    the lookup tables of the preset, the last picture and the texture showing it."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.ranges: tuple[np.ndarray, np.ndarray] | None = None   # per 8³ block min / max
+        self.value_range: tuple[float, float] | None = None
+        self.tables: tuple | None = None                 # (rgb, opacity, lo, scale, step, nonempty)
+        self.picture: np.ndarray | None = None           # uint8 (h, w, 3), top row first
+        self.shown: np.ndarray | None = None             # uint8 (H, W, 3), bottom row first
+        self.texture = None
+        self.texture_image = None
+
+    def volume_changed(self) -> None:
+        self.ranges = None
+        self.value_range = None
+        self.tables = None
+
+    def tables_changed(self) -> None:
+        self.tables = None
+
+
 @dataclass
 class _Quality:
     image_sample: float = 1.0
@@ -238,7 +271,7 @@ class VrScene:
         self.renderer.SetBackground(0.0, 0.0, 0.0)
         self.render_window.AddRenderer(self.renderer)
         kind = (mapper or os.environ.get("MEDVIEW_VR_MAPPER") or "").lower()
-        if kind not in ("gpu", "cpu"):
+        if kind not in MAPPERS:
             kind = "cpu" if is_software_gl(self.render_window) else "gpu"
         self.mapper_kind = kind
         if kind == "gpu":
@@ -248,7 +281,7 @@ class VrScene:
         self.mapper = Mapper()
         self.mapper.SetInputData(image)
         self.mapper.SetAutoAdjustSampleDistances(0)
-        if kind == "cpu":
+        if kind != "gpu":
             self.mapper.SetNumberOfThreads(max(1, os.cpu_count() or 1))
         self.ctf = vtkColorTransferFunction()
         self.otf = vtkPiecewiseFunction()
@@ -261,6 +294,13 @@ class VrScene:
         self.actor.SetProperty(self.prop)
         self.actor.SetUserMatrix(m)
         self.renderer.AddVolume(self.actor)
+        # the caster needs 2 voxels along each axis (a lone slice stays with VTK's mapper)
+        self.caster = _CasterState() if kind == "cpu" and min(volume.shape) >= 2 else None
+        if self.caster is not None:
+            from .raycast import warm_up_async
+
+            warm_up_async(volume.data.dtype)          # the compiler runs while the UI builds
+            self.renderer.AddObserver("StartEvent", self._cast_for_renderer)
         self.preset: VrPreset = PRESETS[0]
         self.window: tuple[float, float] | None = None
         self.window_from_user = False        # set_window()/an explicit preset window
@@ -269,6 +309,7 @@ class VrScene:
         self.moving = _Quality(2.5, base * 3.0)
         self.interactive = False
         self.crop: tuple[tuple[float, float], ...] | None = None
+        self.crop_index: tuple[np.ndarray, np.ndarray] | None = None
         self.clip: tuple[np.ndarray, np.ndarray] | None = None
         self._clip_plane = None
         self._apply_quality()
@@ -284,6 +325,8 @@ class VrScene:
         (a range cached while the volume was still empty renders everything black)."""
         self.image.GetPointData().GetScalars().Modified()
         self.image.Modified()
+        if self.caster is not None:
+            self.caster.volume_changed()
         if self.preset.relative:
             self.set_preset(self.preset.name)
 
@@ -315,13 +358,17 @@ class VrScene:
         self.otf.RemoveAllPoints()
         for v, a in p.opacity:
             self.otf.AddPoint(self._to_storage(to_value(v)), a)
-        if p.shade:
-            self.prop.ShadeOn()
-            self.prop.SetAmbient(p.ambient)
-            self.prop.SetDiffuse(p.diffuse)
-            self.prop.SetSpecular(p.specular)
-        else:
-            self.prop.ShadeOff()
+        self.prop.SetAmbient(p.ambient)
+        self.prop.SetDiffuse(p.diffuse)
+        self.prop.SetSpecular(p.specular)
+        casting = self.caster is not None and p.shade and p.blend != "mip"
+        # VTK's CPU mapper never shades in "cpu" mode (its gradient cache is the memory saved)
+        self.prop.SetShade(int(p.shade and not casting))
+        if self.caster is not None:
+            self.caster.active = casting
+            self.caster.tables_changed()
+            self.actor.SetVisibility(not casting)
+            self.renderer.SetTexturedBackground(casting)
         if p.blend == "mip":
             self.mapper.SetBlendModeToMaximumIntensity()
         else:
@@ -372,6 +419,7 @@ class VrScene:
         (index axes: columns, rows, slices); None shows everything."""
         if box is None:
             self.crop = None
+            self.crop_index = None
             self.mapper.CroppingOff()
             return
         nz, ny, nx = self.volume.shape
@@ -381,6 +429,7 @@ class VrScene:
             a, b = sorted((min(max(a, 0.0), 1.0), min(max(b, 0.0), 1.0)))
             planes += [a * (n - 1) * s, b * (n - 1) * s]
         self.crop = tuple((planes[i], planes[i + 1]) for i in (0, 2, 4))
+        self.crop_index = (np.array(planes[0::2]) / (sx, sy, sz), np.array(planes[1::2]) / (sx, sy, sz))
         self.mapper.SetCroppingRegionPlanes(*planes)
         self.mapper.SetCroppingRegionFlagsToSubVolume()
         self.mapper.CroppingOn()
@@ -413,9 +462,10 @@ class VrScene:
         cam.SetFocalPoint(*map(float, c))
         cam.SetPosition(*map(float, c - direction * 1000.0))
         cam.SetViewUp(*map(float, up))
-        self.renderer.ResetCamera()
+        bounds = self.actor.GetBounds()         # also when the actor is hidden (cast frames)
+        self.renderer.ResetCamera(bounds)
         cam.SetParallelProjection(False)
-        self.renderer.ResetCameraClippingRange()
+        self.renderer.ResetCameraClippingRange(bounds)
 
     def rotate(self, azimuth: float, elevation: float) -> None:
         cam = self.renderer.GetActiveCamera()
@@ -453,6 +503,117 @@ class VrScene:
         self.mapper.SetImageSampleDistance(q.image_sample)
         self.mapper.SetSampleDistance(q.sample)
 
+    # ------------------------------------------------------------------ cast frames
+    def _caster_tables(self, step: float):
+        """Colour / opacity tables over the volume's value range, corrected for ``step``,
+        and which blocks they leave empty (cached until the preset, window, voxels or
+        sample distance change)."""
+        from . import raycast
+
+        c = self.caster
+        data = self.volume.data
+        if c.ranges is None:
+            c.ranges = raycast.block_ranges(data)
+            c.value_range = (float(c.ranges[0].min()), float(c.ranges[1].max()))
+        if c.tables is not None and c.tables[4] == step:
+            return c.tables
+        lo, hi = c.value_range
+        hi = max(hi, lo + 1.0)
+        n = int(min(_TABLE_SIZE, hi - lo + 1)) if np.issubdtype(data.dtype, np.integer) else _TABLE_SIZE
+        n = max(n, 2)
+        rgb = np.empty(3 * n)
+        self.ctf.GetTable(lo, hi, n, rgb)
+        rgb = rgb.reshape(n, 3).astype(np.float32)
+        opacity = np.empty(n)
+        self.otf.GetTable(lo, hi, n, opacity)
+        unit = float(self.prop.GetScalarOpacityUnitDistance()) or 1.0
+        alpha = (1.0 - np.power(1.0 - np.clip(opacity, 0.0, 1.0), step / unit)).astype(np.float32)
+        scale = (n - 1) / (hi - lo)
+        nonempty = raycast.nonempty_blocks(c.ranges[0], c.ranges[1], alpha, lo, scale)
+        c.tables = (rgb, alpha, lo, scale, step, nonempty)
+        return c.tables
+
+    def _cast_for_renderer(self, _obj=None, _event=None) -> None:
+        """Renderer StartEvent: cast the picture for the current camera and viewport and
+        put it in the background texture."""
+        c = self.caster
+        if c is None or not c.active:
+            return
+        w, h = self.renderer.GetSize()
+        if w < 1 or h < 1:
+            return
+        c.picture = self.cast_picture((w, h))
+        self._show_picture(c.picture, (w, h))
+
+    def cast_picture(self, size: tuple[int, int], *, shade: bool = True) -> np.ndarray:
+        """The shaded (``shade``) picture of the current view at ``size`` (w, h) as uint8
+        (h', w', 3), top row first; h', w' are smaller while interacting (the image sample
+        distance)."""
+        from . import raycast
+
+        q = self.moving if self.interactive else self.still
+        w, h = int(size[0]), int(size[1])
+        cw, ch = max(1, int(round(w / q.image_sample))), max(1, int(round(h / q.image_sample)))
+        rgb, alpha, lo, scale, step, nonempty = self._caster_tables(float(q.sample))
+        g = self.volume.geometry
+        cam = self.renderer.GetActiveCamera()
+        pos = np.array(cam.GetPosition())
+        view = np.array(cam.GetFocalPoint()) - pos
+        view /= np.linalg.norm(view)
+        depth = (g.corners() - pos) @ view                  # the volume between near and far
+        far = max(float(depth.max()), 1e-3) * 1.01 + 1.0
+        near = max(float(depth.min()) * 0.99 - 1.0, far * 1e-4)
+        cam.SetClippingRange(near, far)
+        world_to_ndc = _np_matrix(cam.GetCompositeProjectionTransformMatrix(w / h, -1.0, 1.0))
+        ndc_to_index = np.linalg.inv(g.affine) @ np.linalg.inv(world_to_ndc)
+        nz, ny, nx = self.volume.shape
+        box = (np.zeros(3), np.array([nx - 1.0, ny - 1.0, nz - 1.0]))
+        if self.crop_index is not None:
+            box = (np.maximum(box[0], self.crop_index[0]), np.minimum(box[1], self.crop_index[1]))
+        plane = None
+        if self.clip is not None:
+            origin, normal = self.clip
+            keep = -np.asarray(normal, float)           # keep n·(p - origin) >= 0
+            plane = np.concatenate((g.matrix.T @ keep, [keep @ (np.asarray(g.origin) - origin)]))
+        light = self._light()
+        ambient = self.prop.GetAmbient() * float(np.mean(light.GetAmbientColor()))
+        intensity = float(light.GetIntensity())
+        lighting = raycast.ShadeParams(shade, ambient * intensity, self.prop.GetDiffuse() * intensity,
+                                    self.prop.GetSpecular() * intensity, self.prop.GetSpecularPower())
+        return raycast.cast(self.volume.data, rgb, alpha, lo, scale, ndc_to_index, g.matrix,
+                            size=(cw, ch), box=box, plane=plane, step_mm=float(q.sample),
+                            nonempty=nonempty, shade=lighting, light=-view, out=self.caster.picture)
+
+    def _light(self):
+        """The renderer's first light, or the headlight VTK would make (its ambient colour
+        is black: VTK's volume shading then shows no ambient term, nor does the caster)."""
+        from vtkmodules.vtkRenderingCore import vtkLight
+
+        lights = self.renderer.GetLights()
+        lights.InitTraversal()
+        return lights.GetNextItem() or vtkLight()
+
+    def _show_picture(self, picture: np.ndarray, size: tuple[int, int]) -> None:
+        from vtkmodules.util.numpy_support import numpy_to_vtk
+        from vtkmodules.vtkCommonDataModel import vtkImageData
+        from vtkmodules.vtkRenderingCore import vtkTexture
+
+        c = self.caster
+        w, h = size
+        picture = _enlarge(picture, size)
+        if c.shown is None or c.shown.shape[:2] != (h, w):
+            c.shown = np.empty((h, w, 3), np.uint8)
+            c.texture_image = vtkImageData()
+            c.texture_image.SetDimensions(w, h, 1)
+            c.texture_image.GetPointData().SetScalars(numpy_to_vtk(c.shown.reshape(-1, 3), deep=False))
+            c.texture = vtkTexture()
+            c.texture.SetInputData(c.texture_image)
+            c.texture.InterpolateOff()
+            self.renderer.SetBackgroundTexture(c.texture)
+        c.shown[...] = picture[::-1]
+        c.texture_image.GetPointData().GetScalars().Modified()
+        c.texture_image.Modified()
+
     # ------------------------------------------------------------------ output
     def render(self) -> None:
         self.render_window.Render()
@@ -462,6 +623,10 @@ class VrScene:
         from vtkmodules.util.numpy_support import vtk_to_numpy
         from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
 
+        if self.caster is not None and self.caster.active:
+            # the cast picture is what the window's background would show: no OpenGL needed
+            w, h = self.render_window.GetSize()
+            return _enlarge(self.cast_picture((w, h)), (w, h)).copy()
         self.render_window.Render()
         grab = vtkWindowToImageFilter()
         grab.SetInput(self.render_window)
@@ -482,6 +647,22 @@ class VrScene:
             self.render_window.RemoveRenderer(self.renderer)
         except Exception:  # noqa: BLE001
             pass
+
+
+def _enlarge(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``picture`` (h', w', 3) at ``size`` (w, h): the coarse frames while interacting are
+    enlarged (nearest pixel), full-size ones returned as they are."""
+    w, h = size
+    ph, pw, _ = picture.shape
+    if (ph, pw) == (h, w):
+        return picture
+    yi = np.minimum(((np.arange(h) + 0.5) * ph / h).astype(np.intp), ph - 1)
+    xi = np.minimum(((np.arange(w) + 0.5) * pw / w).astype(np.intp), pw - 1)
+    return picture[yi][:, xi]
+
+
+def _np_matrix(m) -> np.ndarray:
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
 def render_volume(volume: Volume, *, size: tuple[int, int] = (512, 512), preset_name: str | None = None,

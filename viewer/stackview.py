@@ -22,7 +22,7 @@ from PySide6.QtGui import QKeyEvent, QMouseEvent, QPainter, QPaintEvent, QResize
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from imaging import windowing
-from imaging.measure import Measurement, measurement_label, value_at
+from imaging.measure import Measurement, measurement_label, value_under
 from imaging.model import DecodedImage, ImageMeta, SeriesInfo
 from imaging.orientation import EdgeLabels, Matrix2, edge_labels
 from imaging.overlay import Corners, corner_lines
@@ -133,8 +133,7 @@ class StackView(QWidget):
         self._sync_viewport()
         self._view.set_image(meta.columns, meta.rows, aspect)
         if self._window is None and not meta.is_color and not decoded.is_region:
-            modality = self._series.modality if self._series else None
-            self._window = windowing.default_window(meta, decoded.pixels, modality)
+            self._window = windowing.default_window(meta, decoded.pixels, self._modality())
         self._painter.forget(keep=self.sources())
         self.update()
         return True
@@ -152,6 +151,9 @@ class StackView(QWidget):
         self._patches = []
         self._pending_region = None
         self.update()
+
+    def _modality(self) -> str | None:
+        return self._series.modality if self._series else None
 
     def sources(self) -> list[DecodedImage]:
         """What is drawn, bottom up: the base image, then the region patches of its slice."""
@@ -227,7 +229,7 @@ class StackView(QWidget):
 
     def presets(self) -> tuple[windowing.WindowPreset, ...]:
         """Fixed presets for the series modality (CT)."""
-        return windowing.presets_for(self._series.modality if self._series else None)
+        return windowing.presets_for(self._modality())
 
     def apply_preset(self, name: str) -> None:
         """Apply a named preset (see :data:`imaging.windowing.CT_PRESETS`)."""
@@ -239,8 +241,7 @@ class StackView(QWidget):
         if self._meta is None or self._base is None:
             self._window = None
             return
-        modality = self._series.modality if self._series else None
-        self.set_window(*windowing.default_window(self._meta, self._base.pixels, modality))
+        self.set_window(*windowing.default_window(self._meta, self._base.pixels, self._modality()))
 
     def set_invert(self, invert: bool) -> None:
         self._invert = bool(invert)
@@ -368,8 +369,7 @@ class StackView(QWidget):
         """The value lines drawn next to a measurement (mm, mm², mean/SD)."""
         if self._meta is None:
             return []
-        modality = self._series.modality if self._series else None
-        return measurement_label(measurement, self.sources(), self._meta, modality)
+        return measurement_label(measurement, self.sources(), self._meta, self._modality())
 
     def remove_last_measurement(self) -> None:
         items = self._measurements.get(self.current_index(), [])
@@ -410,12 +410,7 @@ class StackView(QWidget):
         if cursor is None or self._meta is None:
             return None
         x, y = cursor
-        modality = self._series.modality if self._series else None
-        for source in reversed(self.sources()):  # patches (finest) first
-            value = value_at(source, self._meta, x, y, modality)
-            if value is not None:
-                return (x, y, value)
-        return (x, y, None)
+        return (x, y, value_under(self.sources(), self._meta, x, y, self._modality()))
 
     def overlay_corners(self) -> Corners:
         """The corner texts for the current state."""

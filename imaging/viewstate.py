@@ -145,6 +145,13 @@ class ViewState:
         """Mirror top-bottom as seen on screen."""
         self._apply(FLIP_V)
 
+    def restore(self, matrix: Matrix2, zoom: float, pan: tuple[float, float], fit: bool) -> None:
+        """Take over saved geometry as it was (rotation/flip, zoom, pan, fit mode)."""
+        self.matrix = matrix
+        self.zoom = float(zoom)
+        self.pan_x, self.pan_y = (float(pan[0]), float(pan[1]))
+        self.fit_mode = bool(fit)
+
     def reset(self) -> None:
         """No rotation or flip, fitted."""
         self.matrix = IDENTITY

@@ -155,3 +155,20 @@ def test_view_keys(view, qtbot):
     qtbot.keyClick(view, Qt.Key.Key_0)
     snap = view.snapshot()
     assert not snap.invert and snap.matrix == (1, 0, 0, 1) and snap.fit
+
+
+def test_restore_takes_over_a_snapshot(view, qtbot):
+    view.set_window(300, 900)
+    view.set_invert(True)
+    view.rotate(1)
+    view.zoom_by(1.5, QPointF(20, 30))
+    snap = view.snapshot()
+    other = StackView()
+    qtbot.addWidget(other)
+    other.resize(128, 128)
+    other.set_series(view.series())
+    other.set_image(view.decoded(), view.meta())
+    other.set_overlays_visible(False)
+    other.restore(snap)
+    assert other.snapshot() == snap
+    assert other.grab().toImage() == view.grab().toImage()

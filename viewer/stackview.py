@@ -307,11 +307,7 @@ class StackView(QWidget):
         if snap.center is not None and snap.width is not None:
             self._window = (float(snap.center), max(float(snap.width), windowing.MIN_WIDTH))
         self._invert = bool(snap.invert)
-        v = self._view
-        v.matrix = snap.matrix
-        v.zoom = float(snap.zoom)
-        v.pan_x, v.pan_y = (float(snap.pan[0]), float(snap.pan[1]))
-        v.fit_mode = bool(snap.fit)
+        self._view.restore(snap.matrix, snap.zoom, snap.pan, snap.fit)
         self._view_changed()
 
     def reset_view(self) -> None:

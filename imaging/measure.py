@@ -28,6 +28,7 @@ __all__ = [
     "distance",
     "roi_stats",
     "value_at",
+    "value_under",
     "modality_unit",
     "measurement_label",
     "best_source",
@@ -135,6 +136,18 @@ def value_at(
     stored = float(sample)
     value = stored * meta.rescale_slope + meta.rescale_intercept
     return PixelValue(stored, value, modality_unit(meta, modality))
+
+
+def value_under(
+    sources: Sequence[DecodedImage], meta: ImageMeta, x_full: float, y_full: float, modality: str | None = None
+) -> PixelValue | None:
+    """Value under a full-res point from the last of ``sources`` (drawn bottom up: the
+    base image, then the finer region patches) that holds it; None when none does."""
+    for source in reversed(sources):
+        value = value_at(source, meta, x_full, y_full, modality)
+        if value is not None:
+            return value
+    return None
 
 
 def _shape_mask(grid: PixelGrid, shape: tuple[int, int], kind: MeasureKind, p0: Point, p1: Point):

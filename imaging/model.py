@@ -207,6 +207,16 @@ class SeriesInfo:
                 meta.modality = values["modality"]
         return cls(images=metas, **values)
 
+    def lists(self, meta: ImageMeta) -> bool:
+        """True when ``meta`` is the image this series lists at ``meta.index`` (same SOP
+        instance and frame); a series that lists no images takes any image."""
+        if not self.images:
+            return True
+        if not 0 <= meta.index < len(self.images):
+            return False
+        listed = self.images[meta.index]
+        return (listed.sop_instance_uid, listed.frame) == (meta.sop_instance_uid, meta.frame)
+
 
 @dataclass(frozen=True)
 class PixelGrid:

@@ -17,7 +17,7 @@ from .measure import PixelValue
 from .model import DecodedImage, ImageMeta, SeriesInfo
 from .windowing import window_label
 
-__all__ = ["Corners", "format_person_name", "format_date", "format_value", "corner_lines"]
+__all__ = ["Corners", "format_person_name", "format_date", "format_value", "corner_lines", "label_origin"]
 
 
 @dataclass
@@ -128,3 +128,20 @@ def corner_lines(
         if value is not None:
             corners.bottom_right.append(format_value(value))
     return corners
+
+
+def label_origin(
+    a: tuple[float, float], b: tuple[float, float], size: tuple[float, float], view: tuple[float, float],
+    gap: float = 6.0, margin: float = 2.0,
+) -> tuple[float, float]:
+    """Top-left corner (screen) of a ``size`` (w, h) text box labelling a shape that spans
+    screen points ``a``-``b`` in a ``view`` (width, height): ``gap`` right of the shape,
+    or left of it when that would leave the view; always ``margin`` inside the view."""
+    w, h = size
+    view_w, view_h = view
+    x = max(a[0], b[0]) + gap
+    if x + w > view_w:
+        x = min(a[0], b[0]) - gap - w              # the other side of the shape
+    x = min(max(x, margin), max(view_w - w - margin, margin))
+    y = min(max(min(a[1], b[1]), margin), max(view_h - h - margin, margin))
+    return (x, y)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .orientation import FLIP_H, FLIP_V, IDENTITY, Matrix2, compose, rotation_matrix
 
-__all__ = ["ViewState", "MIN_ZOOM", "MAX_ZOOM", "nice_scale_bar"]
+__all__ = ["ViewState", "MIN_ZOOM", "MAX_ZOOM", "nice_scale_bar", "region_between", "rect_covers"]
 
 MIN_ZOOM = 1e-3
 MAX_ZOOM = 128.0
@@ -145,6 +145,13 @@ class ViewState:
         """Mirror top-bottom as seen on screen."""
         self._apply(FLIP_V)
 
+    def restore(self, matrix: Matrix2, zoom: float, pan: tuple[float, float], fit: bool) -> None:
+        """Take over saved geometry as it was (rotation/flip, zoom, pan, fit mode)."""
+        self.matrix = matrix
+        self.zoom = float(zoom)
+        self.pan_x, self.pan_y = (float(pan[0]), float(pan[1]))
+        self.fit_mode = bool(fit)
+
     def reset(self) -> None:
         """No rotation or flip, fitted."""
         self.matrix = IDENTITY
@@ -190,3 +197,27 @@ def nice_scale_bar(pixels_per_mm: float, max_pixels: float) -> tuple[float, floa
         return None
     label = f"{best / 10:g} cm" if best >= 10 else f"{best:g} mm"
     return best, best * pixels_per_mm, label
+
+
+Rect = tuple[int, int, int, int]  # x, y, w, h in full-res pixels
+
+
+def region_between(p0: tuple[float, float], p1: tuple[float, float], columns: int, rows: int) -> Rect | None:
+    """The integer full-res rectangle spanning image points ``p0``-``p1``, clipped to a
+    ``columns`` x ``rows`` image, or None when nothing of it is inside."""
+    x0 = max(math.floor(min(p0[0], p1[0])), 0)
+    y0 = max(math.floor(min(p0[1], p1[1])), 0)
+    x1 = min(math.ceil(max(p0[0], p1[0])), columns)
+    y1 = min(math.ceil(max(p0[1], p1[1])), rows)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def rect_covers(outer: Rect | None, inner: Rect | None) -> bool:
+    """True when rectangle ``outer`` (x, y, w, h) contains ``inner``."""
+    if outer is None or inner is None:
+        return False
+    ox, oy, ow, oh = outer
+    ix, iy, iw, ih = inner
+    return ox <= ix and oy <= iy and ix + iw <= ox + ow and iy + ih <= oy + oh

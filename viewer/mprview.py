@@ -29,12 +29,13 @@ from PySide6.QtWidgets import QSizePolicy, QWidget
 from imaging import windowing
 from imaging.mpr import MprState, PlaneGeometry, display_uint8, plane_labels
 
+from .stackpaint import draw_text_lines
+
 __all__ = ["ResliceScheduler", "MprView", "Tool", "PLANE_COLORS", "SLAB_NAMES", "Measurement3D"]
 
 PLANE_COLORS = {"axial": QColor(230, 70, 70), "coronal": QColor(80, 200, 90),
                 "sagittal": QColor(240, 200, 60)}
 _TEXT = QColor(235, 235, 235)
-_SHADOW = QColor(0, 0, 0)
 _MEASURE = QColor(255, 215, 0)
 SLAB_NAMES = {"avg": "Average", "mip": "MIP", "minip": "MinIP"}
 _GRAB_CENTER = 10.0      # px: a press this close to the centre moves it
@@ -355,16 +356,7 @@ class MprView(QWidget):
 
     def _text(self, p: QPainter, at: QPointF, lines: list[str], color: QColor = _TEXT,
               right: bool = False) -> None:
-        p.setFont(self._font)
-        fm = QFontMetricsF(self._font)
-        y = at.y() + fm.ascent()
-        for line in lines:
-            x = at.x() - fm.horizontalAdvance(line) if right else at.x()
-            p.setPen(_SHADOW)
-            p.drawText(QPointF(x + 1, y + 1), line)
-            p.setPen(color)
-            p.drawText(QPointF(x, y), line)
-            y += fm.lineSpacing()
+        draw_text_lines(p, self._font, at, lines, color, right)
 
     def _paint_text(self, p: QPainter) -> None:
         fm = QFontMetricsF(self._font)

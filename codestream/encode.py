@@ -14,6 +14,7 @@ offset is returned and must be recorded; :func:`undo_offset` reverses it bit-exa
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -116,6 +117,16 @@ def _glymur_file_encode(samples: np.ndarray, ratios, numres: int, psize: int, cb
                     prog="LRCP", plt=True, irreversible=False)
         with open(path, "rb") as f:
             return f.read()
+
+
+def pixel_digest(samples: np.ndarray) -> str:
+    """SHA-256 of a frame's sample values, independent of the array's dtype (little-endian
+    int32 values, shape first): the samples given to :func:`encode_frame`, as
+    :func:`decode_full` gives them back (what a deferred verification compares)."""
+    a = np.ascontiguousarray(np.asarray(samples), dtype="<i4")
+    h = hashlib.sha256(repr(a.shape).encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def undo_offset(samples: np.ndarray, offset: int, signed: bool, bits_stored: int = 16) -> np.ndarray:

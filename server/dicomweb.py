@@ -1106,7 +1106,8 @@ class DicomWeb:
                      and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
             r = rows.get(i + 1)
             if plain and r is not None and r["offset"] == 0 and not r["signed"] \
-                    and r["SamplesPerPixel"] == 1:
+                    and r["SamplesPerPixel"] == 1 \
+                    and (r.get("lossless_state") or "verified") == "verified":
                 return self.srv.tiers.read_codestream(r)
             return enc.encode(orig.array(i), orig.info)
         return produce
@@ -1116,6 +1117,13 @@ class DicomWeb:
             raise RequestError(f"{LEGACY_CODESTREAM}: one frame at a time")
         for r in self.srv.facts.images(row["SeriesInstanceUID"]):
             if r["SOPInstanceUID"] == row["SOPInstanceUID"] and r["frame"] == nums[0]:
+                state = r.get("lossless_state") or "verified"
+                if state != "verified":         # the whole codestream is lossless
+                    raise RequestError(
+                        f"the lossless layer of this instance is {state} "
+                        + ("(not verified yet: its lossy layers stream through /jpip)"
+                           if state == "pending" else "(its verification failed)"),
+                        status=409)
                 return Response(self.srv.tiers.read_codestream(r), media_type=LEGACY_CODESTREAM,
                                 headers={"X-MedView-Offset": str(r["offset"]),
                                          "X-MedView-Signed": "1" if r["signed"] else "0"})

@@ -70,7 +70,7 @@ import io
 import json
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -80,6 +80,7 @@ import numpy as np
 from imaging.dicom import (attr, first, get, group_value, has_preamble, int_value,  # noqa: F401
                            nums, num, plausible_dataset_start, text)
 
+from . import faults
 from .catalogue import DuplicateInstanceError
 from .store import Store, sha256_hex
 
@@ -911,6 +912,7 @@ class _EncodedFrame:
     numres: int
     nlayers: int
     position: list[float] | None
+    pixel_sha256: str | None = None     # of the samples encoded (server.verify)
 
 
 @dataclass
@@ -936,10 +938,14 @@ class _Conflict:
 _Result = _Prepared | _Conflict | DuplicateFile | SkippedFile
 
 
-def _analyse(path: Path, store: Store, verify: bool, limits: IngestLimits) -> _Result:
-    """Steps 1-7 for one file (runs in a worker thread; reads the catalogue only)."""
+def _analyse(data: bytes, path: Path, sha: str, verify: bool, limits: IngestLimits) -> _Result:
+    """Steps 3-7 for one file's bytes, without the store (runs in a worker process or
+    thread; the original's bytes are not sent back: the caller holds them)."""
     try:
-        return _analyse_inner(path, store, verify, limits)
+        res = _prepare_bytes(data, path, sha, verify, limits)
+        if isinstance(res, _Prepared):
+            res.data = b""
+        return res
     except _Skip as s:
         return SkippedFile(path, s.reason, s.kind)
     except MemoryError:
@@ -1123,8 +1129,10 @@ def _decode_frames(ds, shape: dict[str, int]) -> tuple[list[PreparedFrame],
 
 def _encode_frames(prepared: list[PreparedFrame], positions: list[list[float] | None],
                    verify: bool) -> list[_EncodedFrame]:
-    """Step 7: one layered codestream per frame, checked bit for bit when ``verify``."""
-    from codestream.encode import decode_full, encode_frame
+    """Step 7: one layered codestream per frame, checked bit for bit when ``verify``
+    (else the digest of its samples is what :mod:`server.verify` checks after the
+    commit, before the lossless layer is served)."""
+    from codestream.encode import decode_full, encode_frame, pixel_digest
 
     encoded: list[_EncodedFrame] = []
     for n, (pf, pos) in enumerate(zip(prepared, positions), start=1):
@@ -1148,14 +1156,8 @@ def _encode_frames(prepared: list[PreparedFrame], positions: list[list[float] | 
         encoded.append(_EncodedFrame(
             codestream=ef.codestream, index_json=ef.index.to_json().encode("utf-8"),
             offset=int(ef.offset), numres=int(ef.index.numres), nlayers=int(ef.index.nlayers),
-            position=pos))
+            position=pos, pixel_sha256=pixel_digest(pf.pixels)))
     return encoded
-
-
-def _analyse_inner(path: Path, store: Store, verify: bool,
-                   limits: IngestLimits) -> _Result:
-    data = read_candidate(path)                                    # 1. recognise
-    return prepare(data, path, store, verify, limits)
 
 
 def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestLimits, *,
@@ -1166,13 +1168,21 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
     cat = store.catalogue
     if cat.has_original(sha):                                      # 2. deduplicate
         return DuplicateFile(path, sha)
+    return _prepare_bytes(data, path, sha, verify, limits,
+                          cat.find_instance if check_conflict else None)
+
+
+def _prepare_bytes(data: bytes, path: Path, sha: str, verify: bool, limits: IngestLimits,
+                   find_instance: Callable[[str], dict | None] | None = None) -> _Result:
+    """Steps 3-7 (``find_instance``: the conflict check of step 5 before decoding; None in
+    a worker process, where the commit finds conflicts instead)."""
     ds = parse_dataset(data, limits)
     _check_uids(ds, limits)            # 3. header checks (UIDs first: raw, before use)
     attrs = _describe(ds)
     shape = check_header(ds, limits)
     flags = value_flags(ds)                                        # 4. impossible values
     sop = attrs["SOPInstanceUID"]
-    existing = cat.find_instance(sop) if check_conflict else None  # 5. conflict
+    existing = find_instance(sop) if find_instance else None      # 5. conflict
     if existing is not None:
         if existing["original_sha256"] == sha:
             return DuplicateFile(path, sha, sop)
@@ -1198,6 +1208,8 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
         "signed": first.signed,
         "bits_stored": max(p.bits_stored for p in prepared),
         "geometry_flags": flags,
+        # verified here (decoded bit-exact), or by server.verify after the commit
+        "lossless_state": "verified" if verify else "pending",
     })
     _clear_flagged(attrs, flags)
     del prepared
@@ -1228,14 +1240,17 @@ def _write_files(p: _Prepared, store: Store, batch=None) -> list[dict]:
     frames = []
     for n, ef in enumerate(p.frames, start=1):
         cs_rel, idx_rel = store.codestream_paths(a["SeriesInstanceUID"], sop, n)
-        cs_sha = store.atomic_write(cs_rel, ef.codestream, batch=batch)
+        cs = ef.codestream
+        if a.get("lossless_state") == "pending":     # a test's damage before the verifier
+            cs = faults.damage("ingest.codestream-unverified", cs)
+        cs_sha = store.atomic_write(cs_rel, cs, batch=batch)
         idx_sha = store.atomic_write(idx_rel, ef.index_json, batch=batch)
         frames.append({
             "frame": n, "codestream_relpath": cs_rel, "codestream_sha256": cs_sha,
-            "codestream_size": len(ef.codestream), "index_relpath": idx_rel,
+            "codestream_size": len(cs), "index_relpath": idx_rel,
             "index_sha256": idx_sha, "index_size": len(ef.index_json),
             "offset": ef.offset, "numres": ef.numres, "nlayers": ef.nlayers,
-            "ImagePositionPatient": ef.position,
+            "ImagePositionPatient": ef.position, "pixel_sha256": ef.pixel_sha256,
         })
     orig_rel, orig_sha = store.put_original(p.data, batch=batch)
     a.update({"original_relpath": orig_rel, "original_sha256": orig_sha,
@@ -1396,14 +1411,20 @@ def _os_user(getpass) -> str:
 def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = None,
                  progress: ProgressFn | None = None, *, verify: bool = True,
                  workers: int | None = None, limits: IngestLimits | None = None,
-                 audit: AuditFn | None = None, user: str | None = None) -> IngestReport:
+                 audit: AuditFn | None = None, user: str | None = None,
+                 processes: bool | None = None) -> IngestReport:
     """Ingest files and folders (recursively) into ``store``.
 
     ``log(message)`` is called once per file with the outcome; ``progress(done, total)``
-    as files are settled (stored ones a batch at a time). ``verify`` decodes every new
-    codestream and compares it bit for bit with the source pixels. ``workers`` threads
-    decode and encode (OpenJPEG runs without the interpreter lock); store and catalogue
-    writes stay on the calling thread, in batches (:func:`_commit_batch`: at most
+    as files are settled (stored ones a batch at a time). ``verify`` True (or
+    ``"inline"``) decodes every new codestream and compares it bit for bit with the
+    source pixels before the commit; False (or ``"deferred"``) commits at once with the
+    instance's lossless layer ``pending``: its lossy layers are served, the last one only
+    once :func:`server.verify.verify_pending` (the server's verify job, or ``medview-server
+    verify``) has decoded the stored codestream and found the digest of the source
+    samples. ``workers`` processes (default: one per core; threads when ``processes`` is
+    False, or for a single file in-process) decode and encode (:func:`_executor`); store
+    and catalogue writes stay on the calling thread, in batches (:func:`_commit_batch`: at most
     ``COMMIT_BATCH_FILES`` files or ``COMMIT_BATCH_BYTES``, one transaction and one fsync
     per folder each; a crash loses at most the batch being committed, whose files stay
     behind as orphans that fsck reports). ``limits`` defaults to the store's (:meth:`IngestLimits.
@@ -1479,19 +1500,41 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
             flush()                     # its stored twin may be in the batch
         settle(result)
 
-    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
-    workers = max(1, int(workers)) if workers is not None else \
-        max(2, min(8, os.cpu_count() or 2))
+    inline = _verify_mode(verify)
+    workers = max(1, int(workers)) if workers is not None else max(1, min(8, os.cpu_count() or 1))
     window = 2 * workers
+    held_by: dict[Future, tuple[Path, bytes]] = {}
+
+    def outcome(fut: Future) -> _Result:
+        path, data = held_by.pop(fut)
+        try:
+            res = fut.result()
+        except Exception:  # noqa: BLE001 - a worker process died: this file in-process
+            res = _analyse(data, path, sha256_hex(data), inline, limits)
+        if isinstance(res, (_Prepared, _Conflict)):
+            res.data = data
+        return res
+
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        with _executor(workers, len(files), processes) as pool:
             pending: collections.deque[Future] = collections.deque()
             for path in files:
-                pending.append(pool.submit(_analyse, path, store, verify, limits))
+                try:
+                    data = read_candidate(path)                        # 1. recognise
+                except _Skip as e:
+                    finish(SkippedFile(path, e.reason, e.kind))
+                    continue
+                sha = sha256_hex(data)
+                if store.catalogue.has_original(sha):                  # 2. deduplicate
+                    finish(DuplicateFile(path, sha))
+                    continue
+                fut = _submit(pool, _analyse, data, path, sha, inline, limits)
+                held_by[fut] = (path, data)
+                pending.append(fut)
                 while len(pending) >= window:
-                    finish(pending.popleft().result())
+                    finish(outcome(pending.popleft()))
             while pending:
-                finish(pending.popleft().result())
+                finish(outcome(pending.popleft()))
             flush()
     finally:
         close_audit()
@@ -1499,6 +1542,62 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
 
     after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
     return report
+
+
+def _verify_mode(verify: bool | str) -> bool:
+    """True: decode and compare before the commit; False: after it (server.verify)."""
+    if verify in (True, "inline"):
+        return True
+    if verify in (False, "deferred", None):
+        return False
+    raise ValueError(f"verify must be True/'inline' or False/'deferred', not {verify!r}")
+
+
+#: Below this many files, no worker processes are started (their start costs more).
+PROCESS_MIN_FILES = 4
+
+
+class _InProcess:
+    """The executor of a single file (or of ``workers=1``): runs each task at once on the
+    calling thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _executor(workers: int, nfiles: int, processes: bool | None):
+    """Where steps 3-7 run: worker processes (``concurrent.futures.ProcessPoolExecutor``,
+    fork while this process has a single thread, else forkserver: safe in the threaded
+    server and viewer) when there are several files and cores, unless ``processes`` is
+    False (then threads: OpenJPEG runs without the interpreter lock, pydicom does not);
+    in-process for a single file or one worker."""
+    if workers <= 1 or nfiles <= 1:
+        return _InProcess()
+    if processes is None:
+        processes = nfiles >= PROCESS_MIN_FILES
+    if processes:
+        from .convert import pool_context
+
+        return ProcessPoolExecutor(max_workers=min(workers, nfiles), mp_context=pool_context())
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
+
+
+def _submit(pool, fn, *args) -> Future:
+    """``pool.submit``; on the calling thread for :class:`_InProcess` or a broken pool."""
+    if not isinstance(pool, _InProcess):
+        try:
+            return pool.submit(fn, *args)
+        except (BrokenExecutor, RuntimeError):     # a worker died: the rest in-process
+            pass
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - handed over like a worker's exception
+        fut.set_exception(e)
+    return fut
 
 
 # Public names of the pipeline's parts (server.quarantine resolves entries with them).

@@ -52,7 +52,10 @@ def routes(srv, guarded) -> list[Route]:
             d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
                      total_bytes=ix.total_bytes, key=srcs[r["index"]].key,
                      layer_bytes=[ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)],
-                     hot_layers=srcs[r["index"]].hot_layers)
+                     hot_layers=srcs[r["index"]].hot_layers,
+                     # the lossless layer only once verified (server.verify)
+                     served_layers=(ix.nlayers if srcs[r["index"]].served_layers is None
+                                    else srcs[r["index"]].served_layers))
             images.append(d)
         extra = policy_routes.series_policy(srv, uid, request.state.session,
                                             request.state.grant, policy_routes.peer_of(request))

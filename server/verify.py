@@ -1,0 +1,202 @@
+"""The lossless layer's verification after the commit (issue 15).
+
+Ingest with ``verify=False`` (``"deferred"``) stores an instance at once with
+``instance.lossless_state = 'pending'`` and, per frame, ``frame.pixel_sha256``: the
+SHA-256 of the samples the encoder was given (:func:`codestream.encode.pixel_digest`). Until the verifier
+has been through, the packet planner serves that instance's lossy layers only (never its
+last, lossless one), WADO-RS never hands out its stored codestream as lossless JPEG 2000
+(it encodes from the original instead), and the image list says ``lossless_state``.
+
+:func:`verify_pending` reads each pending frame's codestream back from the store (its
+checksum checked), decodes it with OpenJPEG, undoes the offset and compares the digest:
+
+* every frame equal: ``verified`` — the lossless layer is served from now on;
+* any difference (or a codestream that does not decode, or is damaged in the store):
+  ``failed`` with the reason in ``lossless_detail`` — nothing of that codestream is
+  served any more (not even its lossy layers), the failure is logged (logger
+  ``medview.verify``) and audited (action ``verify``, outcome ``failed``), and
+  ``/api/health`` reports ``degraded`` (:func:`lossless_health`). The original file is
+  kept bit for bit and WADO-RS still serves it; ``medview-server verify --store DIR
+  --reencode`` encodes such instances again from their originals, checked before the
+  commit (:func:`reencode_failed`).
+
+Decoding runs in worker processes when there are several frames and cores, like the
+ingest's encoding. The state only ever moves ``pending`` -> ``verified`` / ``failed``
+by a conditional UPDATE, so two verifiers (server processes sharing the catalogue) never
+undo each other's result.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from codestream.encode import pixel_digest
+
+log = logging.getLogger("medview.verify")
+
+PENDING, VERIFIED, FAILED = "pending", "verified", "failed"
+
+
+def layers_served(state: str | None, nlayers: int) -> int:
+    """How many quality layers of an image may be served in ``state``: all when
+    verified, all but the lossless one while pending, none after a failed verification."""
+    if state in (None, VERIFIED):
+        return nlayers
+    if state == PENDING:
+        return max(0, nlayers - 1)
+    return 0
+
+
+def check_frame(codestream: bytes, offset: int, signed: bool, bits_stored: int,
+                pixel_sha256: str | None) -> str | None:
+    """None when the codestream decodes to the samples of ``pixel_sha256``, else why not."""
+    from codestream.encode import decode_full
+
+    if not pixel_sha256:
+        return "no digest of the source samples was recorded"
+    try:
+        back = decode_full(codestream, int(offset), bool(signed),
+                           bits_stored=16 if int(bits_stored or 16) > 8 else 8)
+    except Exception as e:  # noqa: BLE001 - a codestream that does not decode failed
+        return f"the stored codestream does not decode: {type(e).__name__}: {e}"
+    if pixel_digest(back) != pixel_sha256:
+        return "the decoded codestream differs from the source samples (digest mismatch)"
+    return None
+
+
+def _check_job(args: tuple) -> str | None:
+    return check_frame(*args)
+
+
+@dataclass
+class VerifyReport:
+    verified: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)        # SOP -> reason
+    postponed: dict[str, str] = field(default_factory=dict)     # SOP -> why (tried later)
+
+    def summary(self) -> str:
+        return (f"{len(self.verified)} verified, {len(self.failed)} FAILED"
+                + (f", {len(self.postponed)} postponed" if self.postponed else ""))
+
+
+def pending_frames(catalogue, sops: Iterable[str] | None = None) -> dict[str, list[dict]]:
+    """SOP Instance UID -> its frames (relpath, checksums, offset, sign, digest) for the
+    instances whose lossless layer is pending (all, or those of ``sops``)."""
+    sql = ("SELECT i.SOPInstanceUID, f.frame_number, f.codestream_relpath, "
+           "f.codestream_sha256, f.codestream_size, f.pixel_offset, i.pixel_signed, "
+           "i.encoded_bits_stored, f.pixel_sha256 FROM frame f JOIN instance i "
+           "ON f.instance_pk = i.pk WHERE i.lossless_state = ? ORDER BY i.pk, f.frame_number")
+    want = None if sops is None else set(sops)
+    out: dict[str, list[dict]] = {}
+    for r in catalogue.db.all(sql, [PENDING]):
+        if want is not None and r[0] not in want:
+            continue
+        out.setdefault(r[0], []).append({
+            "frame": r[1], "relpath": r[2], "sha256": r[3], "size": r[4], "offset": r[5],
+            "signed": bool(r[6]), "bits_stored": r[7], "pixel_sha256": r[8]})
+    return out
+
+
+def set_state(catalogue, sop: str, state: str, detail: str | None,
+              expect: str = PENDING) -> bool:
+    """Move an instance's lossless state from ``expect`` to ``state`` (False if another
+    verifier, or a re-encode, changed it meanwhile)."""
+    db = catalogue.db
+    with db.transaction():
+        cur = db.execute("UPDATE instance SET lossless_state = ?, lossless_detail = ? "
+                         "WHERE SOPInstanceUID = ? AND lossless_state = ?",
+                         [state, detail, sop, expect])
+        return cur.rowcount == 1
+
+
+def lossless_health(catalogue) -> dict:
+    """For /api/health: instances whose lossless layer waits for the verifier, and those
+    whose verification failed (an alarm: the server is 'degraded')."""
+    db = catalogue.db
+    rows = dict(db.all("SELECT lossless_state, COUNT(*) FROM instance "
+                       "WHERE lossless_state <> ? GROUP BY lossless_state", [VERIFIED]))
+    failed = [r[0] for r in db.all("SELECT SOPInstanceUID FROM instance WHERE "
+                                   "lossless_state = ? ORDER BY pk LIMIT 20", [FAILED])]
+    return {"pending": int(rows.get(PENDING, 0)), "failed": int(rows.get(FAILED, 0)),
+            "failed_instances": failed}
+
+
+def verify_pending(store, *, sops: Iterable[str] | None = None, workers: int | None = None,
+                   audit: Callable[[str, str | None, str, dict], None] | None = None,
+                   should_stop: Callable[[], bool] = lambda: False) -> VerifyReport:
+    """Verify the pending lossless layers of ``store`` (all, or the instances ``sops``):
+    see the module doc. ``audit(action, resource, outcome, detail)`` records failures
+    (default: the store's audit log)."""
+    from .ingest import _executor, _submit, store_auditor
+    from .store import StoreError
+
+    cat = store.catalogue
+    todo = pending_frames(cat, sops)
+    report = VerifyReport()
+    if not todo:
+        return report
+    close = lambda: None  # noqa: E731
+    if audit is None:
+        audit, close = store_auditor(store, "medview:verify")
+    nframes = sum(len(v) for v in todo.values())
+    workers = max(1, int(workers)) if workers is not None else max(1, min(8, os.cpu_count() or 1))
+    try:
+        with _executor(workers, nframes, None) as pool:
+            window: list[tuple[str, list[Future | str]]] = []
+
+            def settle(sop: str, checks: list) -> None:
+                reasons = []
+                for n, c in enumerate(checks, start=1):
+                    why = c if isinstance(c, str) or c is None else _result(c)
+                    if why:
+                        reasons.append(f"frame {n}: {why}")
+                if not reasons:
+                    if set_state(cat, sop, VERIFIED, None):
+                        report.verified.append(sop)
+                    return
+                why = "; ".join(reasons)
+                if all(_TRANSIENT in r or _NOT_RUN in r for r in reasons):   # tried later
+                    report.postponed[sop] = why
+                    return
+                if set_state(cat, sop, FAILED, f"lossless verification failed: {why}"):
+                    report.failed[sop] = why
+                    log.error("lossless verification of %s FAILED: %s", sop, why)
+                    audit("verify", sop, "failed", {"reason": why})
+
+            for sop, frames in todo.items():
+                if should_stop():
+                    break
+                checks: list[Future | str] = []
+                for f in frames:
+                    try:
+                        cs = store.read_verified(f["relpath"], f["sha256"], f["size"])
+                    except StoreError as e:              # damaged or missing in the store
+                        checks.append(f"the stored codestream is damaged: {e}")
+                        continue
+                    except OSError as e:
+                        checks.append(f"the stored codestream {_TRANSIENT}: {e}")
+                        continue
+                    checks.append(_submit(pool, _check_job, (cs, f["offset"], f["signed"],
+                                                             f["bits_stored"], f["pixel_sha256"])))
+                window.append((sop, checks))
+                while sum(len(c) for _s, c in window) > 2 * workers and len(window) > 1:
+                    settle(*window.pop(0))
+            for item in window:
+                settle(*item)
+    finally:
+        close()
+    return report
+
+
+def _result(fut: Future) -> str | None:
+    try:
+        return fut.result()
+    except Exception as e:  # noqa: BLE001 - a worker died: not verified, tried again later
+        return f"{_NOT_RUN}: {type(e).__name__}: {e}"
+
+
+_TRANSIENT = "cannot be read"
+_NOT_RUN = "the verifier could not run"

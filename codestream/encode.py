@@ -97,8 +97,12 @@ def encode_frame(pixels: np.ndarray, *, signed: bool, bits_stored: int,
         raise EncodeError("the last layer must be lossless (ratio 1)")
     if _memory_encode is not None:           # in memory (codestream.opj_memory)
         try:
+            # on the calling thread (threads=0): callers run one encoder per core already,
+            # and OpenJPEG's own pool (one thread per codec) only adds a hand-over; the
+            # codestream is the same byte for byte
             cs = _memory_encode(np.ascontiguousarray(samples), ratios=list(ratios),
-                                numres=numres, precinct=psize, codeblock=cb, plt=True)
+                                numres=numres, precinct=psize, codeblock=cb, plt=True,
+                                threads=0)
         except (OSError, RuntimeError, ValueError) as e:
             raise EncodeError(f"OpenJPEG could not encode the frame: {e}") from e
     else:

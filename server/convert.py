@@ -835,6 +835,20 @@ def pool_context():
     return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
+def warm_up() -> None:
+    """Load what the first conversion would load (the codec library, pydicom's pixel data
+    handlers), before worker processes are forked: they inherit it, instead of each
+    paying for it on its first file."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    for c in codecs.all_codecs():
+        c.available                      # noqa: B018 - imports imagecodecs, checks it
+    get_decoder(ExplicitVRLittleEndian)
+    import pydicom.encaps                # noqa: F401
+    import pydicom.filewriter            # noqa: F401
+
+
 def _worker(pairs: list[tuple[str, str]], opts: Options) -> list[FileResult]:
     """A chunk of files in one worker process (one task, one reply: less hand-over per
     file than a task each)."""
@@ -873,8 +887,10 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
             for r in convert_files(part, opts):
                 note(r)
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, total),
-                                 mp_context=pool_context()) as pool:
+        ctx = pool_context()
+        if ctx.get_start_method() == "fork":
+            warm_up()                    # inherited by every worker
+        with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as pool:
             futs = {pool.submit(_worker, [(str(s), str(d)) for s, d in part], opts): part
                     for part in chunks(pairs, workers)}
             for fut in as_completed(futs):

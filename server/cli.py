@@ -4,7 +4,7 @@ Sub-commands::
 
     medview-server ingest PATH... --store DIR [--no-verify] [--quiet] [--max-frames N]
             [--max-pixels-per-frame N] [--max-decoded-bytes N] [--accept-nonstandard-uids]
-    medview-server verify --store DIR [--workers N]
+    medview-server verify --store DIR [--workers N] [--reencode]
     medview-server quarantine list|show|resolve [ID] --store DIR [--all] [--json]
             [--keep | --replace | --new-uid]
     medview-server fsck --store DIR [--repair]
@@ -102,10 +102,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .store import Store
-    from .verify import lossless_health, verify_pending
+    from .verify import lossless_health, reencode_failed, verify_pending
 
     with Store(args.store) as store:
         report = verify_pending(store, workers=args.workers)
+        if args.reencode:
+            for sop, what in reencode_failed(store).items():
+                print(f"{sop}: {what}", flush=True)
         for sop, why in report.failed.items():
             print(f"FAILED {sop}: {why}", flush=True)
         for sop, why in report.postponed.items():
@@ -883,6 +886,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, type=Path, help="store directory")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: one per core)")
+    p.add_argument("--reencode", action="store_true",
+                   help="encode the instances whose verification failed again from their "
+                        "originals (each decoded and compared before it replaces anything)")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("quarantine", help="files whose SOP Instance UID is stored with "

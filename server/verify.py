@@ -17,8 +17,8 @@ checksum checked), decodes it with OpenJPEG, undoes the offset and compares the 
   ``medview.verify``) and audited (action ``verify``, outcome ``failed``), and
   ``/api/health`` reports ``degraded`` (:func:`lossless_health`). The original file is
   kept bit for bit and WADO-RS still serves it; ``medview-server verify --store DIR
-  --reencode`` encodes such instances again from their originals, checked before the
-  commit (:func:`reencode_failed`).
+  --reencode`` encodes such instances again from their originals, decoded and compared
+  before anything is replaced (:func:`reencode_failed`).
 
 Decoding runs in worker processes when there are several frames and cores, like the
 ingest's encoding. The state only ever moves ``pending`` -> ``verified`` / ``failed``
@@ -200,3 +200,92 @@ def _result(fut: Future) -> str | None:
 
 _TRANSIENT = "cannot be read"
 _NOT_RUN = "the verifier could not run"
+
+
+def reencode_failed(store, *, sops: Iterable[str] | None = None,
+                    audit: Callable[[str, str | None, str, dict], None] | None = None
+                    ) -> dict[str, str]:
+    """Encode the instances whose verification failed (all, or ``sops``) again from their
+    originals: each new codestream decoded and compared bit for bit before anything
+    changes, and its samples' digest compared with the one recorded at ingest; the new
+    files written under new names, then the frame rows and the state ``verified`` in one
+    transaction, then the old files removed. Returns SOP -> what happened."""
+    import time
+    from pathlib import Path
+
+    from .ingest import IngestLimits, _prepare_bytes, _Prepared, _Skip, store_auditor
+
+    cat = store.catalogue
+    db = cat.db
+    want = None if sops is None else set(sops)
+    rows = db.all("SELECT i.pk, i.SOPInstanceUID, se.SeriesInstanceUID, i.original_relpath, "
+                  "i.original_sha256, i.original_size, i.lossless_detail FROM instance i "
+                  "JOIN series se ON i.series_pk = se.pk WHERE i.lossless_state = ? "
+                  "ORDER BY i.pk", [FAILED])
+    close = lambda: None  # noqa: E731
+    if audit is None:
+        audit, close = store_auditor(store, "medview:verify")
+    out: dict[str, str] = {}
+    limits = IngestLimits.for_store(store.root)
+    try:
+        for pk, sop, series, orel, osha, osize, detail in rows:
+            if want is not None and sop not in want:
+                continue
+            old = db.all("SELECT frame_number, codestream_relpath, index_relpath, pixel_sha256 "
+                         "FROM frame WHERE instance_pk = ? ORDER BY frame_number", [pk])
+            try:
+                data = store.read_verified(orel, osha, osize)
+                res = _prepare_bytes(data, Path(orel), osha, True, limits)
+                if not isinstance(res, _Prepared):
+                    raise _Skip(f"the original cannot be prepared again ({type(res).__name__})")
+                if len(res.frames) != len(old):
+                    raise _Skip(f"the original gives {len(res.frames)} frames, the catalogue "
+                                f"has {len(old)}")
+                for (n, _c, _i, digest), ef in zip(old, res.frames):
+                    if digest and digest != ef.pixel_sha256:
+                        raise _Skip(f"frame {n}: the original's samples are not the ones "
+                                    "encoded at ingest")
+                tag = f"re{int(time.time() * 1000)}"
+                new = []
+                for (n, _c, _i, _d), ef in zip(old, res.frames):
+                    cs_rel, idx_rel = store.codestream_paths(series, sop, n)
+                    cs_rel = cs_rel[:-len(".j2k")] + f".{tag}.j2k"
+                    idx_rel = idx_rel[:-len(".idx.json")] + f".{tag}.idx.json"
+                    new.append((n, cs_rel, store.atomic_write(cs_rel, ef.codestream),
+                                len(ef.codestream), idx_rel,
+                                store.atomic_write(idx_rel, ef.index_json),
+                                len(ef.index_json), ef))
+            except Exception as e:  # noqa: BLE001 - it stays failed, and says why
+                why = getattr(e, "reason", None) or f"{type(e).__name__}: {e}"
+                out[sop] = f"not re-encoded: {why}"
+                log.error("re-encoding %s failed: %s", sop, why)
+                continue
+            with db.transaction():
+                for n, cs_rel, cs_sha, cs_size, idx_rel, idx_sha, idx_size, ef in new:
+                    db.execute("UPDATE frame SET codestream_relpath = ?, codestream_sha256 = ?, "
+                               "codestream_size = ?, index_relpath = ?, index_sha256 = ?, "
+                               "index_size = ?, pixel_offset = ?, numres = ?, nlayers = ?, "
+                               "pixel_sha256 = ? WHERE instance_pk = ? AND frame_number = ?",
+                               [cs_rel, cs_sha, cs_size, idx_rel, idx_sha, idx_size, ef.offset,
+                                ef.numres, ef.nlayers, ef.pixel_sha256, pk, n])
+                done = db.execute("UPDATE instance SET lossless_state = ?, lossless_detail = ? "
+                                  "WHERE pk = ? AND lossless_state = ?",
+                                  [VERIFIED, f"re-encoded from the original after: {detail}",
+                                   pk, FAILED]).rowcount == 1
+            if not done:                         # changed meanwhile: the new files unused
+                for _n, cs_rel, _s, _z, idx_rel, *_ in new:
+                    store.delete_file(cs_rel)
+                    store.delete_file(idx_rel)
+                out[sop] = "changed meanwhile: left alone"
+                continue
+            for _n, c_rel, i_rel, _d in old:      # nothing names them any more
+                for rel in (c_rel, i_rel):
+                    try:
+                        store.delete_file(rel)
+                    except Exception:  # noqa: BLE001 - an orphan fsck reports
+                        log.warning("could not remove %s", rel)
+            out[sop] = "re-encoded and verified"
+            audit("verify", sop, "re-encoded", {"after": detail})
+    finally:
+        close()
+    return out

@@ -19,7 +19,7 @@ from codestream.jpp import JppMessage, parse_all
 from server import faults
 from server.ingest import _executor, ingest_paths
 from server.store import Store
-from server.verify import lossless_health, verify_pending
+from server.verify import lossless_health, reencode_failed, verify_pending
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,22 @@ def test_verification_mismatch_flags_the_instance(tmp_path, database, ct_files, 
             h = requests.get(f"{srv.url}/api/health").json()
             assert h["status"] == "degraded" and h["lossless"]["failed"] == 1
             assert any("lossless verification failed" in p for p in h["problems"])
+            # encoded again from the original (proven first): served whole from then on
+            assert reencode_failed(st) == {bad: "re-encoded and verified"}
+            state, detail = _state(st, bad)
+            assert state == "verified" and detail.startswith("re-encoded from the original")
+            ann, sent = _stream(Session(srv.url), series)
+            assert all(im["layers"] == im["nlayers"] for im in ann["images"])
+            assert sent == ann["bytes"]
+            assert requests.get(f"{srv.url}/api/health").json()["status"] == "ok"
+            row = next(r for r in st.catalogue.series_images(series)
+                       if r["SOPInstanceUID"] == bad)
+            cs = st.read_verified(row["codestream_relpath"], row["codestream_sha256"])
+            src = pydicom.dcmread(rep.imported[1].path).pixel_array
+            assert (decode_full(cs, row["offset"], False) == src).all()
+            from server.fsck import fsck
+            check = fsck(st)                      # the old files gone, the new ones named
+            assert check.clean, check.format()
         finally:
             srv.stop()
     finally:

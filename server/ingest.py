@@ -39,19 +39,29 @@ What happens to one file
    converts) become RGB, PALETTE COLOR is expanded through its lookup table to 8-bit RGB,
    MONOCHROME1 stays MONOCHROME1 (the viewer inverts). 32-bit integer data is accepted
    only when its values fit in 16 bits; float pixel data is refused.
-7. **Encode** every frame with :func:`codestream.encode.encode_frame` and, with
-   ``verify=True`` (default), decode it again with :func:`codestream.encode.decode_full`
-   and compare bit for bit with the decoded DICOM pixels.
+7. **Encode** every frame with :func:`codestream.encode.encode_frame` (from memory, no
+   temporary file) and, with ``verify=True`` (default), decode it again with
+   :func:`codestream.encode.decode_full` and compare bit for bit with the decoded DICOM
+   pixels; the instance's lossless layer is then ``verified``. With ``verify=False``
+   only the SHA-256 of each frame's samples is kept and the instance is stored with its
+   lossless layer ``pending``: its lossy layers and its original are served at once, its
+   last layer only once :mod:`server.verify` has decoded the stored codestream and
+   found that digest (a mismatch flags it ``failed``: nothing of the codestream is
+   served).
 8. **Store**: codestreams and packet indexes are written atomically, then the original
    file (content addressed, bit for bit), and only then the catalogue rows of the
    instance and all its frames, in one transaction. A crash at any point leaves at worst
    orphan files; the next ingest of the same file completes.
 
-Concurrency: steps 1-7 (CPU-bound: decoding and encoding; OpenJPEG and the pydicom
-plugins release the GIL) run in a small thread pool, files in flight bounded; step 8 and
-the quarantine writes run on the calling thread only, in input order, so the catalogue
-has a single writer (and the conflict check is repeated there, so two files of one
-batch with the same UID are caught too).
+Concurrency: steps 1-2 (read, hash, look up) run on the calling thread; steps 3-7
+(parsing, decoding and encoding: CPU) run in worker processes, one per core
+(:func:`_executor`: ``fork`` while the process has a single thread, else
+``forkserver``, so the threaded server and viewer can use them too; threads with
+``processes=False``; in-process for a single file), files in flight bounded; the
+workers get the file's bytes and return its codestreams, they never touch the store.
+Step 8 and the quarantine writes run on the calling thread only, in input order, so the
+catalogue has a single writer (the conflict check of step 5 is made there, so two files
+of one batch with the same UID are caught too).
 
 No exception escapes for a bad file: every file ends up in exactly one of
 ``IngestReport.imported``, ``.duplicates``, ``.quarantined`` or ``.skipped`` (with a
@@ -1143,7 +1153,7 @@ def _encode_frames(prepared: list[PreparedFrame], positions: list[list[float] | 
                         ERROR) from None
         if verify:
             try:
-                back = decode_full(ef.codestream, ef.offset, pf.signed)
+                back = decode_full(ef.codestream, ef.offset, pf.signed, threads=0)
             except Exception as e:  # noqa: BLE001
                 raise _Skip(f"lossless verification failed for frame {n}: cannot decode "
                             f"the codestream: {type(e).__name__}: {e}", ERROR) from None

@@ -59,12 +59,13 @@ def check_frame(codestream: bytes, offset: int, signed: bool, bits_stored: int,
         return "no digest of the source samples was recorded"
     try:
         back = decode_full(codestream, int(offset), bool(signed),
-                           bits_stored=16 if int(bits_stored or 16) > 8 else 8)
+                           bits_stored=16 if int(bits_stored or 16) > 8 else 8, threads=0)
+        return None if pixel_digest(back) == pixel_sha256 else _DIFFERS
     except Exception as e:  # noqa: BLE001 - a codestream that does not decode failed
         return f"the stored codestream does not decode: {type(e).__name__}: {e}"
-    if pixel_digest(back) != pixel_sha256:
-        return "the decoded codestream differs from the source samples (digest mismatch)"
-    return None
+
+
+_DIFFERS = "the decoded codestream differs from the source samples (digest mismatch)"
 
 
 def _check_job(args: tuple) -> str | None:

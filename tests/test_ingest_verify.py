@@ -200,3 +200,21 @@ def test_verify_job_and_command(tmp_path, ct_files, capsys):
     assert "wait for the verification" in capsys.readouterr().out
     assert main(["verify", "--store", str(tmp_path / "store"), "--workers", "1"]) == 0
     assert "2 verified, 0 FAILED; in the store: 0 pending, 0 failed" in capsys.readouterr().out
+
+
+def test_pixel_digest_is_of_the_values_not_the_dtype():
+    import numpy as np
+
+    from codestream.encode import EncodeError, pixel_digest
+
+    a = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    assert pixel_digest(a) == pixel_digest(a.astype(np.uint8)) == pixel_digest(a.astype(">u2"))
+    assert pixel_digest(a) != pixel_digest(a.reshape(4, 3))          # the shape counts
+    b = a.copy()
+    b[2, 3] += 1
+    assert pixel_digest(a) != pixel_digest(b)
+    s = (a.astype(np.int16) - 6)
+    assert pixel_digest(s) == pixel_digest(s.astype(np.int8)) == pixel_digest(s.astype(np.int32))
+    assert pixel_digest(np.asfortranarray(s)) == pixel_digest(s)
+    with pytest.raises(EncodeError):
+        pixel_digest(np.array([[70000]], dtype=np.int32))

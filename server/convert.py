@@ -832,7 +832,13 @@ def pool_context():
     methods = mp.get_all_start_methods()
     if threading.active_count() == 1 and "fork" in methods:
         return mp.get_context("fork")
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        # the forkserver loads the pipelines once; each worker forked from it has them
+        # (no effect once the forkserver runs)
+        ctx.set_forkserver_preload(["server.ingest", "server.convert", "server.verify"])
+        return ctx
+    return mp.get_context("spawn")
 
 
 def warm_up() -> None:

@@ -132,7 +132,7 @@ def verify_pending(store, *, sops: Iterable[str] | None = None, workers: int | N
     see the module doc. ``audit(action, resource, outcome, detail)`` records failures
     (default: the store's audit log)."""
     from .ingest import _executor, _submit, store_auditor
-    from .store import StoreError
+    from .store import StoreError, StoreIntegrityError
 
     cat = store.catalogue
     todo = pending_frames(cat, sops)
@@ -143,6 +143,7 @@ def verify_pending(store, *, sops: Iterable[str] | None = None, workers: int | N
     if audit is None:
         audit, close = store_auditor(store, "medview:verify")
     nframes = sum(len(v) for v in todo.values())
+    tiers: list = []
     workers = max(1, int(workers)) if workers is not None else max(1, min(8, os.cpu_count() or 1))
     try:
         with _executor(workers, nframes, None) as pool:
@@ -167,13 +168,26 @@ def verify_pending(store, *, sops: Iterable[str] | None = None, workers: int | N
                     log.error("lossless verification of %s FAILED: %s", sop, why)
                     audit("verify", sop, "failed", {"reason": why})
 
+            def read(sop: str, f: dict) -> bytes:
+                try:
+                    return store.read_verified(f["relpath"], f["sha256"], f["size"])
+                except StoreIntegrityError as e:
+                    if e.problem != "file is missing":
+                        raise
+                if not tiers:                    # its lossless layers went to the archive
+                    from .tiers import Tiers
+                    tiers.append(Tiers(store))
+                return tiers[0].read_codestream({
+                    "SOPInstanceUID": sop, "frame": f["frame"], "codestream_relpath":
+                    f["relpath"], "codestream_sha256": f["sha256"]})
+
             for sop, frames in todo.items():
                 if should_stop():
                     break
                 checks: list[Future | str] = []
                 for f in frames:
                     try:
-                        cs = store.read_verified(f["relpath"], f["sha256"], f["size"])
+                        cs = read(sop, f)
                     except StoreError as e:              # damaged or missing in the store
                         checks.append(f"the stored codestream is damaged: {e}")
                         continue
@@ -188,6 +202,8 @@ def verify_pending(store, *, sops: Iterable[str] | None = None, workers: int | N
             for item in window:
                 settle(*item)
     finally:
+        for t in tiers:
+            t.close()
         close()
     return report
 

@@ -841,6 +841,20 @@ def pool_context():
     return mp.get_context("spawn")
 
 
+#: Below this many items, no worker processes are started (their start costs more);
+#: in a threaded process (the server, the viewer), whose workers come from a forkserver
+#: and import the pipelines first, below the second figure.
+PROCESS_MIN_ITEMS = 4
+PROCESS_MIN_ITEMS_THREADED = 64
+
+
+def pool_worth(nitems: int, ctx=None) -> bool:
+    """Whether ``nitems`` CPU-bound items are worth starting worker processes for."""
+    ctx = ctx or pool_context()
+    return nitems >= (PROCESS_MIN_ITEMS if ctx.get_start_method() == "fork"
+                      else PROCESS_MIN_ITEMS_THREADED)
+
+
 def warm_up() -> None:
     """Load what the first conversion would load (the codec library, pydicom's pixel data
     handlers), before worker processes are forked: they inherit it, instead of each

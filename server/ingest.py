@@ -1563,13 +1563,6 @@ def _verify_mode(verify: bool | str) -> bool:
     raise ValueError(f"verify must be True/'inline' or False/'deferred', not {verify!r}")
 
 
-#: Below this many files, no worker processes are started (their start costs more);
-#: in a threaded process (the server, the viewer), whose workers come from a forkserver
-#: and import the pipeline first, below the second figure.
-PROCESS_MIN_FILES = 4
-PROCESS_MIN_FILES_THREADED = 64
-
-
 class _InProcess:
     """The executor of a single file (or of ``workers=1``): runs each task at once on the
     calling thread."""
@@ -1589,12 +1582,11 @@ def _executor(workers: int, nfiles: int, processes: bool | None):
     in-process for a single file or one worker."""
     if workers <= 1 or nfiles <= 1:
         return _InProcess()
-    from .convert import pool_context
+    from .convert import pool_context, pool_worth
 
     ctx = pool_context()
     if processes is None:
-        processes = nfiles >= (PROCESS_MIN_FILES if ctx.get_start_method() == "fork"
-                               else PROCESS_MIN_FILES_THREADED)
+        processes = pool_worth(nfiles, ctx)
     if processes:
         return ProcessPoolExecutor(max_workers=min(workers, nfiles), mp_context=ctx)
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")

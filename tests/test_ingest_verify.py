@@ -168,8 +168,19 @@ def _files(st: Store) -> dict:
 
 
 def test_process_pool_ingest_is_byte_identical_to_in_process(tmp_path, ct_files):
-    with _executor(2, len(ct_files), None) as pool:     # what ingest_paths uses below
+    import multiprocessing as mp
+
+    from server.convert import pool_worth
+
+    with _executor(2, len(ct_files), True) as pool:     # what ingest_paths uses below
         assert type(pool).__name__ == "ProcessPoolExecutor"
+    # by default: processes where they fork (a single-threaded process), from 4 files;
+    # from a forkserver (threaded server, viewer) only for many files; one file in-process
+    assert pool_worth(4, mp.get_context("fork")) and not pool_worth(3, mp.get_context("fork"))
+    assert not pool_worth(8, mp.get_context("forkserver"))
+    assert pool_worth(64, mp.get_context("forkserver"))
+    with _executor(2, 1, True) as one:
+        assert type(one).__name__ == "_InProcess"
     with Store(tmp_path / "pool") as a, Store(tmp_path / "one") as b:
         ra = ingest_paths(ct_files, a, workers=2, processes=True)
         rb = ingest_paths(ct_files, b, workers=1)

@@ -45,7 +45,8 @@ decode of the original file (signed stays signed; PALETTE COLOR stays palette in
 Compatibility with the project's own clients (not PS3.18): an instance asked with
 ``Accept: */*`` (or none, or ``application/dicom``) is the original file as one part;
 a frame asked as ``application/x-medview-codestream`` is the stored (layered,
-offset-shifted) JPEG 2000 codestream with its offset in ``X-MedView-Offset``.
+offset-shifted) JPEG 2000 codestream with its offset in ``X-MedView-Offset`` (409
+while its lossless layer is not verified: :mod:`server.verify`).
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ Prints:
 * **load**: N concurrent sessions (default 50 and 200), each streaming a whole series
   over and over, while this process measures small requests (login, QIDO, tiny /jpip):
   p50 / p99, errors and 503s, and what the streaming sessions saw (streams done, 503s);
-* **ingest**: images/s of ``ingest_paths`` (worker processes, one per core) against bare
+* **ingest**: images/s of ``ingest_paths`` (one worker per core) against bare
   ``opj_compress -ImgDir`` with the same settings on the same frames, as one process (as
   a user runs it) and as one process per core on a share of the frames each: verified
-  before the commit (``verify=True``); stored with the lossless layer pending
+  before the commit (``verify=True``; its default workers, and worker processes); stored with the lossless layer pending
   (``verify=False``: lossy layers served at once); and until :func:`server.verify.
   verify_pending` has verified every lossless layer (the whole cost).
 
@@ -347,7 +347,8 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
             shutil.copy(f, d / f.name)
     res: dict = {"images": slices, "size": px, "rounds": rounds, "cores": ncpu}
 
-    cpu: dict[str, list[float]] = {"opj": [], "inline": [], "verified": []}
+    cpu: dict[str, list[float]] = {"opj": [], "inline": [], "inline_processes": [],
+                                   "verified": []}
 
     def cpu_s() -> float:
         """CPU seconds of this process and its reaped children (worker processes and
@@ -380,18 +381,18 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
             raise RuntimeError("opj_compress failed")
         return time.perf_counter() - t
 
-    def ingest(verify) -> tuple[float, float]:
+    def ingest(verify, processes=None, key=None) -> tuple[float, float]:
         """(seconds until stored, seconds until every lossless layer is verified)"""
         sd = work / "ingest-store"
         shutil.rmtree(sd, ignore_errors=True)
         with Store(sd) as store:
             c = cpu_s()
             t = time.perf_counter()
-            rep = ingest_paths(files, store, verify=verify)
+            rep = ingest_paths(files, store, verify=verify, processes=processes)
             stored = time.perf_counter() - t
-            v = verify_pending(store)
+            v = verify_pending(store, processes=processes)
             done = time.perf_counter() - t
-            cpu["inline" if verify else "verified"].append(cpu_s() - c)
+            cpu[key or ("inline" if verify else "verified")].append(cpu_s() - c)
             left = lossless_health(store.catalogue)
         if len(rep.imported) != slices:
             raise RuntimeError(f"ingest imported {len(rep.imported)} of {slices}: "
@@ -402,12 +403,13 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
 
     # interleaved rounds (the machine's load changes): medians, and the median of the
     # per-round ratios
-    runs: dict[str, list[float]] = {"opj": [], "opj_n": [], "inline": [], "stored": [],
-                                    "verified": []}
+    runs: dict[str, list[float]] = {"opj": [], "opj_n": [], "inline": [],
+                                    "inline_processes": [], "stored": [], "verified": []}
     for _ in range(rounds):
         runs["opj"].append(opj())
         runs["opj_n"].append(opj_n())
         runs["inline"].append(ingest(True)[0])
+        runs["inline_processes"].append(ingest(True, True, "inline_processes")[0])
         stored, verified = ingest(False)
         runs["stored"].append(stored)
         runs["verified"].append(verified)
@@ -415,7 +417,9 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
         res[f"cpu_ms_per_image_{k}"] = 1000 * statistics.median(v) / slices
     res["opj_compress_images_per_s"] = slices / statistics.median(runs["opj"])
     res["opj_compress_n_images_per_s"] = slices / statistics.median(runs["opj_n"])
-    for k in ("inline", "stored", "verified"):
+    from server.ingest import PROCESS_MIN_CORES
+    res["default_workers"] = "processes" if ncpu >= PROCESS_MIN_CORES else "threads"
+    for k in ("inline", "inline_processes", "stored", "verified"):
         res[f"ingest_{k}_images_per_s"] = slices / statistics.median(runs[k])
         res[f"ratio_{k}"] = statistics.median(o / v for o, v in zip(runs["opj"], runs[k]))
         res[f"ratio_{k}_vs_n"] = statistics.median(
@@ -472,18 +476,21 @@ def report(res: dict) -> str:
         lines.append(f"  bare opj_compress -ImgDir, 1 process:  {o:7.1f} img/s (byte-identical "
                      f"codestream: {r.get('same_codestream_as_ingest')})")
         lines.append(f"  bare opj_compress, {r['cores']} processes:   {on:7.1f} img/s")
-        what = {"inline": "ingest, verified before the commit",
+        what = {"inline": f"ingest, verified before commit ({r['default_workers']})",
+                "inline_processes": "same, worker processes",
                 "stored": "ingest, stored (lossy layers served)",
                 "verified": "ingest + verifier, all verified"}
         for k, label in what.items():
             v = r[f"ingest_{k}_images_per_s"]
             lines.append(f"  {label:<38} {v:7.1f} img/s  {r[f'ratio_{k}']:.2f}× opj_compress "
                          f"(1 process), {r[f'ratio_{k}_vs_n']:.2f}× ({r['cores']} processes)")
-        lines.append(f"  (ingest uses {r['cores']} worker processes; medians of {r['rounds']} "
-                     "interleaved rounds)")
+        lines.append(f"  (ingest: {r['cores']} {r['default_workers']} unless said; medians of "
+                     f"{r['rounds']} interleaved rounds)")
         oc = r["cpu_ms_per_image_opj"]
         lines.append(f"  CPU per image: opj_compress {oc:.1f} ms; ingest verified before the "
-                     f"commit {r['cpu_ms_per_image_inline']:.1f} ms, deferred + verifier "
+                     f"commit {r['cpu_ms_per_image_inline']:.1f} ms ("
+                     f"{r['cpu_ms_per_image_inline_processes']:.1f} ms in worker processes), "
+                     "deferred + verifier "
                      f"{r['cpu_ms_per_image_verified']:.1f} ms: on {r['cores']} free cores at "
                      f"most {r['cores'] * oc / r['cpu_ms_per_image_inline']:.2f}× / "
                      f"{r['cores'] * oc / r['cpu_ms_per_image_verified']:.2f}× one opj_compress")

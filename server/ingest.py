@@ -56,9 +56,10 @@ What happens to one file
 Concurrency: steps 1-2 (read, hash, look up) run on the calling thread; steps 3-7
 (parsing, decoding and encoding: CPU) run in worker processes, one per core
 (:func:`_executor`: ``fork`` while the process has a single thread, else
-``forkserver``, so the threaded server and viewer can use them too; threads with
-``processes=False``; in-process for a single file), files in flight bounded; the
-workers get the file's bytes and return its codestreams, they never touch the store.
+``forkserver``, so the threaded server and viewer can use them too), or in threads
+(by default below 4 cores, see ``PROCESS_MIN_CORES``, and for few files); in-process for
+a single file; files in flight bounded. The workers get the file's bytes and return its
+codestreams, they never touch the store; the result is the same byte for byte.
 Step 8 and the quarantine writes run on the calling thread only, in input order, so the
 catalogue has a single writer (the conflict check of step 5 is made there, so two files
 of one batch with the same UID are caught too).
@@ -1432,8 +1433,9 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
     instance's lossless layer ``pending``: its lossy layers are served, the last one only
     once :func:`server.verify.verify_pending` (the server's verify job, or ``medview-server
     verify``) has decoded the stored codestream and found the digest of the source
-    samples. ``workers`` processes (default: one per core; threads when ``processes`` is
-    False, or for a single file in-process) decode and encode (:func:`_executor`); store
+    samples. ``workers`` (default: one per core) processes or threads (``processes``:
+    True, False, or None to let :func:`_executor` choose; a single file in-process)
+    decode and encode; store
     and catalogue writes stay on the calling thread, in batches (:func:`_commit_batch`: at most
     ``COMMIT_BATCH_FILES`` files or ``COMMIT_BATCH_BYTES``, one transaction and one fsync
     per folder each; a crash loses at most the batch being committed, whose files stay
@@ -1574,11 +1576,38 @@ class _InProcess:
         return False
 
 
+#: Worker processes by default only from this many cores: OpenJPEG runs without the
+#: interpreter lock, the Python part of a 512² CT slice is about 5 % of its work, so on 2
+#: cores threads keep both busy and processes only add their hand-over (measured: +3-5 %
+#: CPU, the same wall time; bench/README.md); with more cores the 5 % held under the lock
+#: starts to queue. ``processes=True`` asks for them anyway.
+PROCESS_MIN_CORES = 4
+
+
+def warm_up() -> None:
+    """Load and initialise what the first file would (OpenJPEG through glymur, pydicom's
+    reading and pixel handlers), before worker processes are forked: they inherit it
+    instead of each paying for it on its first file (about 60 ms of CPU each)."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from codestream.encode import decode_full, encode_frame
+
+    from .convert import warm_up as converter_warm_up
+
+    ef = encode_frame(np.arange(64, dtype=np.uint16).reshape(8, 8), signed=False,
+                      bits_stored=12)
+    decode_full(ef.codestream, ef.offset, False, threads=0)
+    get_decoder(ExplicitVRLittleEndian)
+    converter_warm_up()
+
+
 def _executor(workers: int, nfiles: int, processes: bool | None):
     """Where steps 3-7 run: worker processes (``concurrent.futures.ProcessPoolExecutor``,
     fork while this process has a single thread, else forkserver: safe in the threaded
-    server and viewer) when there are several files and cores, unless ``processes`` is
-    False (then threads: OpenJPEG runs without the interpreter lock, pydicom does not);
+    server and viewer) when ``processes`` is True, or when it is None and there are
+    enough files (:func:`server.convert.pool_worth`) and cores (``PROCESS_MIN_CORES``);
+    else threads (OpenJPEG runs without the interpreter lock, pydicom does not);
     in-process for a single file or one worker."""
     if workers <= 1 or nfiles <= 1:
         return _InProcess()
@@ -1586,8 +1615,10 @@ def _executor(workers: int, nfiles: int, processes: bool | None):
 
     ctx = pool_context()
     if processes is None:
-        processes = pool_worth(nfiles, ctx)
+        processes = pool_worth(nfiles, ctx) and (os.cpu_count() or 1) >= PROCESS_MIN_CORES
     if processes:
+        if ctx.get_start_method() == "fork":
+            warm_up()                    # inherited by every worker
         return ProcessPoolExecutor(max_workers=min(workers, nfiles), mp_context=ctx)
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
 

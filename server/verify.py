@@ -20,8 +20,8 @@ checksum checked), decodes it with OpenJPEG, undoes the offset and compares the 
   --reencode`` encodes such instances again from their originals, decoded and compared
   before anything is replaced (:func:`reencode_failed`).
 
-Decoding runs in worker processes when there are several frames and cores, like the
-ingest's encoding. The state only ever moves ``pending`` -> ``verified`` / ``failed``
+Decoding runs on one worker per core (threads or processes, as the ingest's encoding:
+:func:`server.ingest._executor`). The state only ever moves ``pending`` -> ``verified`` / ``failed``
 by a conditional UPDATE, so two verifiers (server processes sharing the catalogue) never
 undo each other's result.
 """
@@ -127,7 +127,8 @@ def lossless_health(catalogue) -> dict:
 
 def verify_pending(store, *, sops: Iterable[str] | None = None, workers: int | None = None,
                    audit: Callable[[str, str | None, str, dict], None] | None = None,
-                   should_stop: Callable[[], bool] = lambda: False) -> VerifyReport:
+                   should_stop: Callable[[], bool] = lambda: False,
+                   processes: bool | None = None) -> VerifyReport:
     """Verify the pending lossless layers of ``store`` (all, or the instances ``sops``):
     see the module doc. ``audit(action, resource, outcome, detail)`` records failures
     (default: the store's audit log)."""
@@ -146,7 +147,7 @@ def verify_pending(store, *, sops: Iterable[str] | None = None, workers: int | N
     tiers: list = []
     workers = max(1, int(workers)) if workers is not None else max(1, min(8, os.cpu_count() or 1))
     try:
-        with _executor(workers, nframes, None) as pool:
+        with _executor(workers, nframes, processes) as pool:
             window: list[tuple[str, list[Future | str]]] = []
 
             def settle(sop: str, checks: list) -> None:

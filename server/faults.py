@@ -10,7 +10,7 @@ Points: ``migrate.tail-copied``, ``migrate.head-written``, ``migrate.committed``
 ``migrate.original-copied``, ``migrate.original-committed``, ``recall.written``,
 ``recall.committed``, ``recall.original-written``, ``objects.put`` (before a store
 file goes to a remote object store), ``objects.put-sent`` (the S3 PUT done, not yet
-checked).
+checked), ``ingest.worker`` (an ingest worker process, before it decodes a file).
 
 Damage, too: :func:`damage` returns the bytes it is given with some of them changed the
 N-th time a named point is reached (``ingest.codestream-unverified``: a codestream whose

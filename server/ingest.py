@@ -972,6 +972,17 @@ def _analyse(data: bytes, path: Path, sha: str, verify: bool, limits: IngestLimi
         return SkippedFile(path, f"decoder failure: {type(e).__name__}: {e}", ERROR)
 
 
+def _analyse_in_worker(data: bytes, path: Path, sha: str, verify: bool,
+                       limits: IngestLimits) -> _Result:
+    """:func:`_analyse` in a worker process (fault point ``ingest.worker``: a worker
+    killed as a crashing decoder would kill it)."""
+    faults.point("ingest.worker")
+    return _analyse(data, path, sha, verify, limits)
+
+
+_analyse_in_worker.in_process = _analyse    # type: ignore[attr-defined]
+
+
 def read_candidate(path: Path) -> bytes:
     """Step 1, the bytes: the whole file when it may be DICOM (Part 10 preamble, or a
     plausible preamble-less dataset start); ``_Skip`` otherwise."""
@@ -1521,8 +1532,9 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
         path, data = held_by.pop(fut)
         try:
             res = fut.result()
-        except Exception:  # noqa: BLE001 - a worker process died: this file in-process
-            res = _analyse(data, path, sha256_hex(data), inline, limits)
+        except Exception as e:  # noqa: BLE001 - a worker process died (a decoder crashed?)
+            return SkippedFile(path, f"the worker process decoding it died ({type(e).__name__}:"
+                                     f" {e}); nothing of it is stored: ingest it again", ERROR)
         if isinstance(res, (_Prepared, _Conflict)):
             res.data = data
         return res
@@ -1540,7 +1552,8 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
                 if store.catalogue.has_original(sha):                  # 2. deduplicate
                     finish(DuplicateFile(path, sha))
                     continue
-                fut = _submit(pool, _analyse, data, path, sha, inline, limits)
+                fut = _submit(pool, _analyse_in_worker if isinstance(pool, ProcessPoolExecutor)
+                              else _analyse, data, path, sha, inline, limits)
                 held_by[fut] = (path, data)
                 pending.append(fut)
                 while len(pending) >= window:
@@ -1629,7 +1642,7 @@ def _submit(pool, fn, *args) -> Future:
         try:
             return pool.submit(fn, *args)
         except (BrokenExecutor, RuntimeError):     # a worker died: the rest in-process
-            pass
+            fn = getattr(fn, "in_process", fn)
     fut: Future = Future()
     try:
         fut.set_result(fn(*args))

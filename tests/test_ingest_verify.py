@@ -229,3 +229,53 @@ def test_pixel_digest_is_of_the_values_not_the_dtype():
     assert pixel_digest(np.asfortranarray(s)) == pixel_digest(s)
     with pytest.raises(EncodeError):
         pixel_digest(np.array([[70000]], dtype=np.int32))
+
+
+def test_a_worker_process_that_dies_loses_nothing_silently(tmp_path, ct_files):
+    """A worker killed (as a crashing decoder would kill it) while files are in flight:
+    those files are reported skipped with the reason, nothing of them is stored, the
+    others are stored; a second ingest takes the rest. (In a fresh single-threaded
+    process, as the command line runs: its workers fork and see MEDVIEW_FAULTS.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server.fsck import fsck
+
+    files = ct_files + [tmp_path / f"copy{i}.dcm" for i in range(4)]
+    for i, f in enumerate(files[4:]):               # four more instances (other UIDs)
+        ds = pydicom.dcmread(ct_files[i])
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(f)
+    script = (
+        "import json, sys\n"
+        "from server.ingest import ingest_paths\n"
+        "from server.store import Store\n"
+        "with Store(sys.argv[1]) as st:\n"
+        "    r = ingest_paths(sys.argv[2:], st, workers=2, processes=True)\n"
+        "print(json.dumps({'imported': len(r.imported), 'dup': len(r.duplicates),"
+        " 'skipped': [[s.reason, s.is_error] for s in r.skipped]}))\n")
+    root = Path(__file__).resolve().parents[1]
+
+    def run(faults_env: str | None) -> dict:
+        env = {k: v for k, v in os.environ.items() if k != "MEDVIEW_FAULTS"}
+        if faults_env:
+            env["MEDVIEW_FAULTS"] = faults_env
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store"),
+                              *map(str, files)], cwd=root, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run("ingest.worker=2")                  # each worker dies on its 2nd file
+    died = [r for r, err in first["skipped"] if "worker process decoding it died" in r]
+    assert died and all(err for _r, err in first["skipped"])
+    assert first["imported"] + len(first["skipped"]) == len(files) == 8
+    with Store(tmp_path / "store") as st:
+        assert st.catalogue.counts()["instances"] == first["imported"]
+        assert fsck(st).clean
+    again = run(None)
+    assert again["imported"] == len(died) and again["dup"] == first["imported"]

@@ -7,8 +7,12 @@ Prints:
 * **load**: N concurrent sessions (default 50 and 200), each streaming a whole series
   over and over, while this process measures small requests (login, QIDO, tiny /jpip):
   p50 / p99, errors and 503s, and what the streaming sessions saw (streams done, 503s);
-* **ingest**: images/s of ``ingest_paths`` (verification on and off) against bare
-  ``opj_compress -ImgDir`` with the same settings on the same frames.
+* **ingest**: images/s of ``ingest_paths`` (one worker per core) against bare
+  ``opj_compress -ImgDir`` with the same settings on the same frames, as one process (as
+  a user runs it) and as one process per core on a share of the frames each: verified
+  before the commit (``verify=True``; its default workers, and worker processes); stored with the lossless layer pending
+  (``verify=False``: lossy layers served at once); and until :func:`server.verify.
+  verify_pending` has verified every lossless layer (the whole cost).
 
 Usage::
 
@@ -30,6 +34,7 @@ import http.client
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -64,6 +69,7 @@ def make_store(work: Path, sizes: tuple[int, ...], px: int) -> tuple[Path, dict[
     from server.ingest import ingest_paths
     from server.sample import make_sample_ct
     from server.store import Store
+    from server.verify import verify_pending
 
     store_dir = work / "store"
     info_path = work / "series.json"
@@ -79,7 +85,9 @@ def make_store(work: Path, sizes: tuple[int, ...], px: int) -> tuple[Path, dict[
             files = make_sample_ct(src, slices=n, size=px, seed=seed)
             t = time.perf_counter()
             rep = ingest_paths(files, store, verify=False)
-            log(f"ingested {len(rep.imported)} in {time.perf_counter() - t:.1f} s")
+            verify_pending(store)          # every layer served, as after a verified ingest
+            log(f"ingested and verified {len(rep.imported)} in "
+                f"{time.perf_counter() - t:.1f} s")
             uid = files and __import__("pydicom").dcmread(files[0], stop_before_pixels=True)
             info[n] = {"series": str(uid.SeriesInstanceUID), "study": str(uid.StudyInstanceUID)}
             shutil.rmtree(src, ignore_errors=True)
@@ -308,6 +316,7 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
     from server.ingest import ingest_paths
     from server.sample import make_sample_ct
     from server.store import Store
+    from server.verify import lossless_health, verify_pending
 
     src = work / "ingest-dicom"
     shutil.rmtree(src, ignore_errors=True)
@@ -325,46 +334,96 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
             fh.write(a.tobytes())
     numres = numres_for(px, px)
     # (opj_compress -ImgDir writes its outputs beside the inputs)
-    cmd = [OPJ_COMPRESS, "-ImgDir", str(pgm), "-OutFor", "j2k",
-           "-r", ",".join(str(r) for r in LAYER_RATIOS), "-n", str(numres),
-           "-c", ",".join(["[128,128]"] * numres), "-b", "64,64", "-p", "LRCP", "-PLT"]
-    res: dict = {"images": slices, "size": px, "rounds": rounds}
+    args = ["-OutFor", "j2k", "-r", ",".join(str(r) for r in LAYER_RATIOS), "-n", str(numres),
+            "-c", ",".join(["[128,128]"] * numres), "-b", "64,64", "-p", "LRCP", "-PLT"]
+    cmd = [OPJ_COMPRESS, "-ImgDir", str(pgm), *args]
+    # the same frames in one folder per core, for as many opj_compress processes at once
+    ncpu = os.cpu_count() or 1
+    halves = [work / f"ingest-pgm-{k}" for k in range(ncpu)]
+    for k, d in enumerate(halves):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir()
+        for f in sorted(pgm.glob("*.pgm"))[k::ncpu]:
+            shutil.copy(f, d / f.name)
+    res: dict = {"images": slices, "size": px, "rounds": rounds, "cores": ncpu}
+
+    cpu: dict[str, list[float]] = {"opj": [], "inline": [], "inline_processes": [],
+                                   "verified": []}
+
+    def cpu_s() -> float:
+        """CPU seconds of this process and its reaped children (worker processes and
+        opj_compress): what the machine's load does not inflate much"""
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
     def opj() -> float:
         for p in pgm.glob("*.j2k"):
             p.unlink()
+        c = cpu_s()
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         el = time.perf_counter() - t
+        cpu["opj"].append(cpu_s() - c)
         made = sum(1 for _ in pgm.glob("*.j2k"))
         if made != slices:
             raise RuntimeError(f"opj_compress wrote {made} of {slices}")
         return el
 
-    def ingest(verify: bool) -> float:
+    def opj_n() -> float:
+        for d in halves:
+            for p in d.glob("*.j2k"):
+                p.unlink()
+        t = time.perf_counter()
+        procs = [subprocess.Popen([OPJ_COMPRESS, "-ImgDir", str(d), *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for d in halves]
+        if any(p.wait() for p in procs):
+            raise RuntimeError("opj_compress failed")
+        return time.perf_counter() - t
+
+    def ingest(verify, processes=None, key=None) -> tuple[float, float]:
+        """(seconds until stored, seconds until every lossless layer is verified)"""
         sd = work / "ingest-store"
         shutil.rmtree(sd, ignore_errors=True)
         with Store(sd) as store:
+            c = cpu_s()
             t = time.perf_counter()
-            rep = ingest_paths(files, store, verify=verify)
-            el = time.perf_counter() - t
+            rep = ingest_paths(files, store, verify=verify, processes=processes)
+            stored = time.perf_counter() - t
+            v = verify_pending(store, processes=processes)
+            done = time.perf_counter() - t
+            cpu[key or ("inline" if verify else "verified")].append(cpu_s() - c)
+            left = lossless_health(store.catalogue)
         if len(rep.imported) != slices:
             raise RuntimeError(f"ingest imported {len(rep.imported)} of {slices}: "
                                f"{rep.summary()}")
-        return el
+        if left["pending"] or left["failed"] or (not verify and len(v.verified) != slices):
+            raise RuntimeError(f"verification: {v.summary()}, left {left}")
+        return stored, done
 
     # interleaved rounds (the machine's load changes): medians, and the median of the
     # per-round ratios
-    runs: dict[str, list[float]] = {"opj": [], "on": [], "off": []}
+    runs: dict[str, list[float]] = {"opj": [], "opj_n": [], "inline": [],
+                                    "inline_processes": [], "stored": [], "verified": []}
     for _ in range(rounds):
         runs["opj"].append(opj())
-        runs["on"].append(ingest(True))
-        runs["off"].append(ingest(False))
+        runs["opj_n"].append(opj_n())
+        runs["inline"].append(ingest(True)[0])
+        runs["inline_processes"].append(ingest(True, True, "inline_processes")[0])
+        stored, verified = ingest(False)
+        runs["stored"].append(stored)
+        runs["verified"].append(verified)
+    for k, v in cpu.items():
+        res[f"cpu_ms_per_image_{k}"] = 1000 * statistics.median(v) / slices
     res["opj_compress_images_per_s"] = slices / statistics.median(runs["opj"])
-    for k in ("on", "off"):
-        res[f"ingest_verify_{k}_images_per_s"] = slices / statistics.median(runs[k])
-        res[f"ratio_verify_{k}"] = statistics.median(
-            o / v for o, v in zip(runs["opj"], runs[k]))
+    res["opj_compress_n_images_per_s"] = slices / statistics.median(runs["opj_n"])
+    from server.ingest import PROCESS_MIN_CORES
+    res["default_workers"] = "processes" if ncpu >= PROCESS_MIN_CORES else "threads"
+    for k in ("inline", "inline_processes", "stored", "verified"):
+        res[f"ingest_{k}_images_per_s"] = slices / statistics.median(runs[k])
+        res[f"ratio_{k}"] = statistics.median(o / v for o, v in zip(runs["opj"], runs[k]))
+        res[f"ratio_{k}_vs_n"] = statistics.median(
+            o / v for o, v in zip(runs["opj_n"], runs[k]))
     res["seconds"] = runs
     from codestream.encode import encode_frame
     a0 = pydicom.dcmread(files[0]).pixel_array
@@ -374,6 +433,8 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
     shutil.rmtree(work / "ingest-store", ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(pgm, ignore_errors=True)
+    for d in halves:
+        shutil.rmtree(d, ignore_errors=True)
     return res
 
 
@@ -411,12 +472,28 @@ def report(res: dict) -> str:
         r = res["ingest"]
         o = r["opj_compress_images_per_s"]
         lines.append(f"\nIngest, {r['images']} × {r['size']}² CT")
-        lines.append(f"  bare opj_compress -ImgDir: {o:7.1f} img/s (byte-identical codestream: "
-                     f"{r.get('same_codestream_as_ingest')})")
-        for k in ("on", "off"):
-            v = r[f"ingest_verify_{k}_images_per_s"]
-            lines.append(f"  ingest, verify {k:3}:       {v:7.1f} img/s  ({r[f'ratio_verify_{k}']:.2f}× "
-                         f"opj_compress, median of {r['rounds']} interleaved rounds)")
+        on = r["opj_compress_n_images_per_s"]
+        lines.append(f"  bare opj_compress -ImgDir, 1 process:  {o:7.1f} img/s (byte-identical "
+                     f"codestream: {r.get('same_codestream_as_ingest')})")
+        lines.append(f"  bare opj_compress, {r['cores']} processes:   {on:7.1f} img/s")
+        what = {"inline": f"ingest, verified before commit ({r['default_workers']})",
+                "inline_processes": "same, worker processes",
+                "stored": "ingest, stored (lossy layers served)",
+                "verified": "ingest + verifier, all verified"}
+        for k, label in what.items():
+            v = r[f"ingest_{k}_images_per_s"]
+            lines.append(f"  {label:<38} {v:7.1f} img/s  {r[f'ratio_{k}']:.2f}× opj_compress "
+                         f"(1 process), {r[f'ratio_{k}_vs_n']:.2f}× ({r['cores']} processes)")
+        lines.append(f"  (ingest: {r['cores']} {r['default_workers']} unless said; medians of "
+                     f"{r['rounds']} interleaved rounds)")
+        oc = r["cpu_ms_per_image_opj"]
+        lines.append(f"  CPU per image: opj_compress {oc:.1f} ms; ingest verified before the "
+                     f"commit {r['cpu_ms_per_image_inline']:.1f} ms ("
+                     f"{r['cpu_ms_per_image_inline_processes']:.1f} ms in worker processes), "
+                     "deferred + verifier "
+                     f"{r['cpu_ms_per_image_verified']:.1f} ms: on {r['cores']} free cores at "
+                     f"most {r['cores'] * oc / r['cpu_ms_per_image_inline']:.2f}× / "
+                     f"{r['cores'] * oc / r['cpu_ms_per_image_verified']:.2f}× one opj_compress")
     return "\n".join(lines)
 
 

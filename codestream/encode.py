@@ -14,6 +14,7 @@ offset is returned and must be recorded; :func:`undo_offset` reverses it bit-exa
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -96,8 +97,12 @@ def encode_frame(pixels: np.ndarray, *, signed: bool, bits_stored: int,
         raise EncodeError("the last layer must be lossless (ratio 1)")
     if _memory_encode is not None:           # in memory (codestream.opj_memory)
         try:
+            # on the calling thread (threads=0): callers run one encoder per core already,
+            # and OpenJPEG's own pool (one thread per codec) only adds a hand-over; the
+            # codestream is the same byte for byte
             cs = _memory_encode(np.ascontiguousarray(samples), ratios=list(ratios),
-                                numres=numres, precinct=psize, codeblock=cb, plt=True)
+                                numres=numres, precinct=psize, codeblock=cb, plt=True,
+                                threads=0)
         except (OSError, RuntimeError, ValueError) as e:
             raise EncodeError(f"OpenJPEG could not encode the frame: {e}") from e
     else:
@@ -116,6 +121,26 @@ def _glymur_file_encode(samples: np.ndarray, ratios, numres: int, psize: int, cb
                     prog="LRCP", plt=True, irreversible=False)
         with open(path, "rb") as f:
             return f.read()
+
+
+def pixel_digest(samples: np.ndarray) -> str:
+    """SHA-256 of a frame's sample values, whatever their width (shape first, then the
+    values as little-endian 16-bit integers, signed for a signed dtype: no copy for the
+    usual 16-bit frames): the samples given to :func:`encode_frame`, as
+    :func:`decode_full` gives them back (what a deferred verification compares). Values
+    beyond 16 bits are refused (the encoder takes none)."""
+    a = np.asarray(samples)
+    if a.dtype.kind not in "ui":
+        raise EncodeError(f"pixels must be integers, got {a.dtype}")
+    want = np.dtype("<i2" if a.dtype.kind == "i" else "<u2")
+    if a.dtype != want:
+        if a.size and (int(a.min()) < np.iinfo(want).min or int(a.max()) > np.iinfo(want).max):
+            raise EncodeError(f"pixel values {int(a.min())}..{int(a.max())} exceed 16 bits")
+        a = a.astype(want)
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(repr(a.shape).encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
 
 
 def undo_offset(samples: np.ndarray, offset: int, signed: bool, bits_stored: int = 16) -> np.ndarray:
@@ -138,7 +163,8 @@ class DecodeError(RuntimeError):
 
 
 def openjpeg_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
-                    area: tuple[int, int, int, int] | None = None) -> np.ndarray:
+                    area: tuple[int, int, int, int] | None = None,
+                    threads: int | None = None) -> np.ndarray:
     """Decode through OpenJPEG: the first ``layers`` layers (0 = all), at ``reduce``,
     restricted to ``area`` = (x, y, w, h) in full-resolution pixels. From memory
     (:mod:`codestream.opj_memory`: the library glymur binds, the same parameters, no
@@ -149,7 +175,7 @@ def openjpeg_decode(codestream: bytes, *, layers: int = 0, reduce: int = 0,
                                          area[0] + area[2])
         try:
             return _memory_decode(codestream, layers=layers if layers > 0 else 0,
-                                  reduce=reduce, area=box)
+                                  reduce=reduce, area=box, threads=threads)
         except (OSError, RuntimeError, ValueError, IndexError) as e:
             raise DecodeError(f"OpenJPEG could not decode the image: {e}") from e
     return _glymur_file_decode(codestream, layers=layers, reduce=reduce, area=area)
@@ -187,9 +213,12 @@ except (ImportError, AttributeError, OSError):       # pragma: no cover - old li
 
 
 def decode_full(codestream: bytes, offset: int, signed: bool, *, layers: int = 0, reduce: int = 0,
-                area: tuple[int, int, int, int] | None = None, bits_stored: int = 16) -> np.ndarray:
+                area: tuple[int, int, int, int] | None = None, bits_stored: int = 16,
+                threads: int | None = None) -> np.ndarray:
     """Reference decode of a stored codestream, offset undone. ``area`` is (y0, x0, y1, x1)
-    in full-resolution pixels; the result is at ``reduce``."""
+    in full-resolution pixels; the result is at ``reduce``. ``threads``: OpenJPEG's own
+    (None: glymur's option; 0 on the calling thread, for callers that run one decoder per
+    core already)."""
     xywh = None if area is None else (area[1], area[0], area[3] - area[1], area[2] - area[0])
-    arr = openjpeg_decode(codestream, layers=layers, reduce=reduce, area=xywh)
+    arr = openjpeg_decode(codestream, layers=layers, reduce=reduce, area=xywh, threads=threads)
     return undo_offset(arr, offset, signed, bits_stored)

@@ -125,8 +125,10 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and TMP_MARK in name
 
 
-def ensure_dir(d: Path) -> None:
-    """``d`` and its missing parents created, each new directory entry made durable."""
+def ensure_dir(d: Path, dirs: set | None = None) -> None:
+    """``d`` and its missing parents created, each new directory entry made durable now,
+    or, with ``dirs`` (a batch's folders: :func:`make_durable` later), left to the batch:
+    the folders holding the new entries are added to ``dirs``."""
     d = Path(d)
     if d.is_dir():
         return
@@ -137,4 +139,7 @@ def ensure_dir(d: Path) -> None:
         p = p.parent
     d.mkdir(parents=True, exist_ok=True)
     for m in reversed(missing):
-        fsync_dir(m.parent)
+        if dirs is not None:
+            dirs.add(m.parent)
+        else:
+            fsync_dir(m.parent)

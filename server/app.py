@@ -58,9 +58,10 @@ from .packets import ImageSource
 from .policy import PolicySource
 from .dbutil import StorageFull
 from .store import Store, StoreIntegrityError
-from .jobs import JobScheduler, Leases, MigrationJob
+from .jobs import JobScheduler, Leases, MigrationJob, VerifyJob
 from .series_facts import SeriesFacts
 from .tiers import Tiers
+from .verify import layers_served
 from .versions import VersionTable
 
 log = logging.getLogger("medview.server")
@@ -201,6 +202,10 @@ class Server:
             else:
                 out.append(ImageSource(r["index"], key, self._index(r), self._loader(r),
                                        load_part=self._part_loader(r)))
+            state = r.get("lossless_state") or "verified"
+            if state != "verified":      # the lossless layer is not served unverified
+                out[-1].lossless_state = state
+                out[-1].served_layers = layers_served(state, out[-1].index.nlayers)
         return out
 
     def close(self) -> None:
@@ -260,13 +265,13 @@ def create_app(store: Store, authority: Authority | None = None, *,
 
 
 def background_jobs(srv: Server, store: Store) -> JobScheduler | None:
-    """The background jobs (series and slide tiering), each under its lease in the
-    catalogue database so that one process of several runs it; none on a read-only
-    store."""
+    """The background jobs (series and slide tiering, the verification of lossless layers
+    stored unverified), each under its lease in the catalogue database so that one
+    process of several runs it; none on a read-only store."""
     if store.read_only is not None:
         return None
     first = float(os.environ.get("MEDVIEW_JOB_FIRST_DELAY_S", "60"))
-    return JobScheduler([MigrationJob(srv.tiers, first_delay=first)],
+    return JobScheduler([MigrationJob(srv.tiers, first_delay=first), VerifyJob(store)],
                         leases=Leases(store.database))
 
 

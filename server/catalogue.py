@@ -235,6 +235,20 @@ _GENERATION_DDL = [
                        _SERIES_OF_SOP.format("NEW.stored_sop_instance_uid")),
 ]
 
+# Step 4: the lossless layer of an instance is served only once verified (server.verify):
+# 'verified' (decoded bit-exact before the commit, or by the verifier since), 'pending'
+# (stored, its lossy layers served, the verifier not through yet) or 'failed' (the
+# decoded codestream differs from the source pixels: nothing of it is served;
+# ``lossless_detail`` says why). ``frame.pixel_sha256`` is the SHA-256 of the samples the
+# encoder was given, which the verifier compares with the decoded stored codestream.
+LOSSLESS_STATES = ("verified", "pending", "failed")
+_LOSSLESS_DDL = [
+    "ALTER TABLE instance ADD COLUMN lossless_state TEXT NOT NULL DEFAULT 'verified'",
+    "ALTER TABLE instance ADD COLUMN lossless_detail TEXT",
+    "ALTER TABLE frame ADD COLUMN pixel_sha256 TEXT",
+    "CREATE INDEX instance_lossless_state ON instance (lossless_state)",
+]
+
 _DATE_RE = re.compile(r"^\d{8}$")
 
 
@@ -435,13 +449,17 @@ class Catalogue:
             for stmt in _GENERATION_DDL:     # addition (schema_version stays 2, so an
                 db.execute(stmt)             # older release still opens the store)
 
+        def v4(db: Db) -> None:     # the lossless layer's verification (issue 15): rows
+            for stmt in _LOSSLESS_DDL:       # made before were verified before the commit
+                db.execute(stmt)
+
         try:
-            self.db.migrate("catalogue", {1: v1, 2: v2, 3: v3}, baseline=baseline)
+            self.db.migrate("catalogue", {1: v1, 2: v2, 3: v3, 4: v4}, baseline=baseline)
         except DatabaseError as e:
             if "schema version" in str(e):
                 raise CatalogueError(f"catalogue {self.path}: {e}") from e
             raise
-        # Future migrations: a step 4 here (SCHEMA_VERSION = 3 when older releases must
+        # Future migrations: a step 5 here (SCHEMA_VERSION = 3 when older releases must
         # refuse the store).
 
     def _table_exists(self, name: str) -> bool:
@@ -505,18 +523,25 @@ class Catalogue:
                 {"study_pk": study_pk})
             cols = [c for c in INSTANCE_COLS if c != "ingested_at"]
             values = [_encode(c, instance.get(c)) for c in cols]
-            names = ["series_pk"] + [_sqlname(c) for c in cols] + ["header_json", "ingested_at"]
-            params = [series_pk] + values + [instance.get("header_json") or "{}", now]
+            state = instance.get("lossless_state") or "verified"
+            if state not in LOSSLESS_STATES:
+                raise CatalogueError(f"instance {sop}: lossless_state {state!r} is not one of "
+                                     f"{', '.join(LOSSLESS_STATES)}")
+            names = (["series_pk"] + [_sqlname(c) for c in cols]
+                     + ["header_json", "lossless_state", "lossless_detail", "ingested_at"])
+            params = [series_pk] + values + [instance.get("header_json") or "{}", state,
+                                             instance.get("lossless_detail"), now]
             (instance_pk,) = self._one(
                 f"INSERT INTO instance ({', '.join(names)}) "
                 f"VALUES ({', '.join('?' * len(names))}) RETURNING pk", params)
             fcols = [c for c in FRAME_COLS if c != "ingested_at"]
-            fnames = ["instance_pk"] + [_sqlname(c) for c in fcols] + ["ingested_at"]
+            fnames = ["instance_pk"] + [_sqlname(c) for c in fcols] + ["pixel_sha256",
+                                                                        "ingested_at"]
             fsql = (f"INSERT INTO frame ({', '.join(fnames)}) "
                     f"VALUES ({', '.join('?' * len(fnames))})")
             for fr in frames:
                 self._execute(fsql, [instance_pk] + [_encode(c, fr.get(c)) for c in fcols]
-                              + [now])
+                              + [fr.get("pixel_sha256"), now])
         return instance_pk
 
     def _get_or_create(self, table: str, key_cols: Sequence[str], cols: Sequence[str],
@@ -852,6 +877,7 @@ _IMAGE_INSTANCE_COLS = (
     "PixelRepresentation", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
     "SliceThickness", "SpacingBetweenSlices", "RescaleSlope", "RescaleIntercept",
     "RescaleType", "WindowCenter", "WindowWidth", "signed", "bits_stored", "geometry_flags",
+    "lossless_state",
 )
 _IMAGE_FRAME_COLS = (
     "frame", "codestream_relpath", "codestream_sha256", "codestream_size", "index_relpath",
@@ -870,7 +896,7 @@ SERIES_IMAGE_KEYS = (
     "signed", "bits_stored", "offset", "numres", "nlayers",
     "codestream_relpath", "codestream_sha256", "codestream_size",
     "index_relpath", "index_sha256", "index_size",
-    "geometry_flags", "conflict",
+    "geometry_flags", "conflict", "lossless_state",
 )
 
 

@@ -4,6 +4,7 @@ Sub-commands::
 
     medview-server ingest PATH... --store DIR [--no-verify] [--quiet] [--max-frames N]
             [--max-pixels-per-frame N] [--max-decoded-bytes N] [--accept-nonstandard-uids]
+    medview-server verify --store DIR [--workers N] [--reencode]
     medview-server quarantine list|show|resolve [ID] --store DIR [--all] [--json]
             [--keep | --replace | --new-uid]
     medview-server fsck --store DIR [--repair]
@@ -90,9 +91,32 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         report = ingest_paths(args.paths, store, log=log, verify=not args.no_verify,
                               limits=limits)      # final copies too, if [codec] on_ingest
     print(report.summary(), flush=True)
+    if args.no_verify and report.imported:
+        print(f"{len(report.imported)} instances wait for the verification of their lossless "
+              "layer (served without it until then): medview-server verify --store "
+              f"{args.store}, or the verify job of medview-server serve", flush=True)
     if not report.ok:
         return 1
     return 3 if report.quarantined else 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .store import Store
+    from .verify import lossless_health, reencode_failed, verify_pending
+
+    with Store(args.store) as store:
+        report = verify_pending(store, workers=args.workers)
+        if args.reencode:
+            for sop, what in reencode_failed(store).items():
+                print(f"{sop}: {what}", flush=True)
+        for sop, why in report.failed.items():
+            print(f"FAILED {sop}: {why}", flush=True)
+        for sop, why in report.postponed.items():
+            print(f"postponed {sop}: {why}", flush=True)
+        health = lossless_health(store.catalogue)
+    print(f"lossless verification: {report.summary()}; in the store: {health['pending']} "
+          f"pending, {health['failed']} failed", flush=True)
+    return 1 if health["failed"] or report.postponed else 0
 
 
 def _cmd_quarantine(args: argparse.Namespace) -> int:
@@ -857,7 +881,9 @@ def _add_store_parsers(sub) -> None:
                         "preamble, not its name)")
     p.add_argument("--store", required=True, type=Path, help="store directory")
     p.add_argument("--no-verify", action="store_true",
-                   help="skip the bit-exact decode check after encoding")
+                   help="store at once, without the bit-exact decode check before the "
+                        "commit: the lossless layer is served only once `medview-server "
+                        "verify` (or the server's verify job) has checked it")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.add_argument("--max-frames", type=int, help="refuse instances with more frames "
                    "(default: STORE/policy.toml [ingest], else 1000000)")
@@ -869,6 +895,16 @@ def _add_store_parsers(sub) -> None:
                    help="accept UIDs with characters other than digits and dots, or "
                         "longer than 64 (printable, URL-safe ones only)")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("verify", help="check the lossless layers stored unverified "
+                                      "(ingest --no-verify) and serve them once equal")
+    p.add_argument("--store", required=True, type=Path, help="store directory")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: one per core)")
+    p.add_argument("--reencode", action="store_true",
+                   help="encode the instances whose verification failed again from their "
+                        "originals (each decoded and compared before it replaces anything)")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("quarantine", help="files whose SOP Instance UID is stored with "
                        "other content: list, show, resolve")

@@ -630,12 +630,62 @@ def _spliced_bytes(data: bytes, conv: Converted, start: int, at: int) -> bytes:
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
 
-    register_transfer_syntaxes()
-    meta = DicomBytesIO()
-    write_file_meta_info(meta, conv.dataset.file_meta, enforce_standard=True)
+    meta_bytes = _meta_with_syntax(data[132:start], conv.codec.transfer_syntax)
+    if meta_bytes is None:               # not the plain layout: pydicom writes it
+        register_transfer_syntaxes()
+        meta = DicomBytesIO()
+        write_file_meta_info(meta, conv.dataset.file_meta, enforce_standard=True)
+        meta_bytes = meta.getvalue()
     pixel = conv.dataset["PixelData"].value
-    return b"".join((data[:128], b"DICM", meta.getvalue(), data[start:at], _PIXEL_HEADER,
+    return b"".join((data[:128], b"DICM", meta_bytes, data[start:at], _PIXEL_HEADER,
                      pixel, _SEQ_DELIMITER))
+
+
+_LONG_VRS = (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV")
+
+
+def _meta_with_syntax(meta: bytes, ts: str) -> bytes | None:
+    """The input's file meta information (group 0002, explicit VR little endian, starting
+    with its group length) with the TransferSyntaxUID element's value replaced by ``ts``
+    and the group length recomputed: what pydicom's ``write_file_meta_info`` writes for
+    the same elements, without building a dataset. None when the group is not laid out
+    that way (then pydicom writes it)."""
+    import struct
+
+    if meta[:8] != b"\x02\x00\x00\x00UL\x04\x00" or len(meta) < 12:
+        return None
+    if struct.unpack_from("<I", meta, 8)[0] != len(meta) - 12:
+        return None
+    out, i, seen = [], 12, False
+    while i < len(meta):
+        if i + 8 > len(meta):
+            return None
+        group, elem = struct.unpack_from("<HH", meta, i)
+        vr = meta[i + 4:i + 6]
+        if group != 2:
+            return None
+        if vr in _LONG_VRS:
+            (n,) = struct.unpack_from("<I", meta, i + 8)
+            head = 12
+        else:
+            (n,) = struct.unpack_from("<H", meta, i + 6)
+            head = 8
+        if n == 0xFFFFFFFF or i + head + n > len(meta):
+            return None
+        if elem == 0x0010:
+            if vr != b"UI":
+                return None
+            value = ts.encode("ascii")
+            value += b"\x00" * (len(value) % 2)
+            out.append(meta[i:i + 6] + struct.pack("<H", len(value)) + value)
+            seen = True
+        else:
+            out.append(meta[i:i + head + n])
+        i += head + n
+    if not seen:
+        return None
+    body = b"".join(out)
+    return b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(body)) + body
 
 
 def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
@@ -643,7 +693,45 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
     """Convert one file to ``dst`` (see the module doc). Never raises for a bad file: the
     result says what happened."""
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    res, out = _convert_to_bytes(Path(src), Path(dst), opts)
+    if out is not None:
+        _write_output(res, Path(dst), out, sync_dir)
+    res.seconds = round(time.perf_counter() - t0, 4)
+    return res
+
+
+def _write_output(res: FileResult, dst: Path, out: bytes, sync_dir: bool) -> FileResult:
+    """Write a proven output once, atomically and fsynced (the result says if it failed)."""
+    try:
+        write_atomic(dst, out, sync_dir=sync_dir)
+    except OSError as e:
+        res.status, res.error = "failed", f"cannot write the output: {e}"
+    return res
+
+
+def convert_files(pairs: list[tuple[str | Path, str | Path]], opts: Options) -> list[FileResult]:
+    """:func:`convert_file` for several files (folders fsynced by the caller), each output
+    written on a writer thread while the next file is converted: its fsync waits for the
+    disk without holding up the encoder. An output still only exists once proven, and
+    under its name only once complete (temp file, fsync, rename)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: list[FileResult] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="convert-write") as writer:
+        writes = []
+        for s, d in pairs:
+            res, out = _convert_to_bytes(Path(s), Path(d), opts)
+            results.append(res)
+            if out is not None:       # res.seconds: the conversion; the write overlaps
+                writes.append(writer.submit(_write_output, res, Path(d), out, False))
+        for w in writes:
+            w.result()
+    return results
+
+
+def _convert_to_bytes(src: Path, dst: Path, opts: Options) -> tuple[FileResult, bytes | None]:
+    """Everything of :func:`convert_file` but the write: (result, proven output or None)."""
+    t0 = time.perf_counter()
     res = FileResult(str(src), str(dst))
     try:
         if src.resolve() == dst.resolve():
@@ -656,21 +744,16 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
                 res.sop_instance_uid = done[2]
                 res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
                 res.verification = "output exists (verified when written)"
-                return res
+                return res, None
         data = src.read_bytes()
     except (ConvertError, OSError) as e:
         res.status, res.error = "failed", str(e)
         res.seconds = round(time.perf_counter() - t0, 4)
-        return res
+        return res, None
     res, out = convert_bytes(data, opts, str(src))
     res.output = str(dst)
-    if out is not None:
-        try:
-            write_atomic(dst, out, sync_dir=sync_dir)
-        except OSError as e:
-            res.status, res.error = "failed", f"cannot write the output: {e}"
     res.seconds = round(time.perf_counter() - t0, 4)
-    return res
+    return res, out
 
 
 def _expected_ts(src: Path, opts: Options) -> str | None:
@@ -749,11 +832,54 @@ def pool_context():
     methods = mp.get_all_start_methods()
     if threading.active_count() == 1 and "fork" in methods:
         return mp.get_context("fork")
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        ctx = mp.get_context("forkserver")
+        # the forkserver loads the pipelines once; each worker forked from it has them
+        # (no effect once the forkserver runs)
+        ctx.set_forkserver_preload(["server.ingest", "server.convert", "server.verify"])
+        return ctx
+    return mp.get_context("spawn")
 
 
-def _worker(args: tuple[str, str, Options]) -> FileResult:
-    return convert_file(*args, sync_dir=False)
+#: Below this many items, no worker processes are started (their start costs more);
+#: in a threaded process (the server, the viewer), whose workers come from a forkserver
+#: and import the pipelines first, below the second figure.
+PROCESS_MIN_ITEMS = 4
+PROCESS_MIN_ITEMS_THREADED = 64
+
+
+def pool_worth(nitems: int, ctx=None) -> bool:
+    """Whether ``nitems`` CPU-bound items are worth starting worker processes for."""
+    ctx = ctx or pool_context()
+    return nitems >= (PROCESS_MIN_ITEMS if ctx.get_start_method() == "fork"
+                      else PROCESS_MIN_ITEMS_THREADED)
+
+
+def warm_up() -> None:
+    """Load what the first conversion would load (the codec library, pydicom's pixel data
+    handlers), before worker processes are forked: they inherit it, instead of each
+    paying for it on its first file."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    for c in codecs.all_codecs():
+        c.available                      # noqa: B018 - imports imagecodecs, checks it
+    get_decoder(ExplicitVRLittleEndian)
+    import pydicom.encaps                # noqa: F401
+    import pydicom.filewriter            # noqa: F401
+
+
+def _worker(pairs: list[tuple[str, str]], opts: Options) -> list[FileResult]:
+    """A chunk of files in one worker process (one task, one reply: less hand-over per
+    file than a task each)."""
+    return convert_files(pairs, opts)
+
+
+def chunks(items: list, workers: int, most: int = 16) -> list[list]:
+    """``items`` in consecutive chunks: about four per worker (so that a slow chunk does
+    not leave the others idle at the end), at most ``most`` items each (progress)."""
+    size = max(1, min(most, -(-len(items) // (4 * max(1, workers)))))
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Options, *,
@@ -777,16 +903,23 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
             progress(done, total, r)
 
     if workers <= 1 or total <= 1:
-        for s, d in pairs:
-            note(convert_file(s, d, opts, sync_dir=False))
+        for part in chunks(pairs, 1):
+            for r in convert_files(part, opts):
+                note(r)
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
-            futs = {pool.submit(_worker, (str(s), str(d), opts)): s for s, d in pairs}
+        ctx = pool_context()
+        if ctx.get_start_method() == "fork":
+            warm_up()                    # inherited by every worker
+        with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as pool:
+            futs = {pool.submit(_worker, [(str(s), str(d)) for s, d in part], opts): part
+                    for part in chunks(pairs, workers)}
             for fut in as_completed(futs):
                 try:
-                    note(fut.result())
-                except Exception as e:  # noqa: BLE001 - a worker died: that file failed
-                    note(FileResult(str(futs[fut]), status="failed", error=f"worker: {e}"))
+                    for r in fut.result():
+                        note(r)
+                except Exception as e:  # noqa: BLE001 - a worker died: its files failed
+                    for s, _d in futs[fut]:
+                        note(FileResult(str(s), status="failed", error=f"worker: {e}"))
     fsync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
     order = {str(s): i for i, (s, _d) in enumerate(pairs)}
     report.results.sort(key=lambda r: order.get(r.file, -1))

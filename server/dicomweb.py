@@ -45,7 +45,8 @@ decode of the original file (signed stays signed; PALETTE COLOR stays palette in
 Compatibility with the project's own clients (not PS3.18): an instance asked with
 ``Accept: */*`` (or none, or ``application/dicom``) is the original file as one part;
 a frame asked as ``application/x-medview-codestream`` is the stored (layered,
-offset-shifted) JPEG 2000 codestream with its offset in ``X-MedView-Offset``.
+offset-shifted) JPEG 2000 codestream with its offset in ``X-MedView-Offset`` (409
+while its lossless layer is not verified: :mod:`server.verify`).
 """
 from __future__ import annotations
 
@@ -1106,7 +1107,8 @@ class DicomWeb:
                      and orig.info.photometric in ("MONOCHROME1", "MONOCHROME2"))
             r = rows.get(i + 1)
             if plain and r is not None and r["offset"] == 0 and not r["signed"] \
-                    and r["SamplesPerPixel"] == 1:
+                    and r["SamplesPerPixel"] == 1 \
+                    and (r.get("lossless_state") or "verified") == "verified":
                 return self.srv.tiers.read_codestream(r)
             return enc.encode(orig.array(i), orig.info)
         return produce
@@ -1116,6 +1118,13 @@ class DicomWeb:
             raise RequestError(f"{LEGACY_CODESTREAM}: one frame at a time")
         for r in self.srv.facts.images(row["SeriesInstanceUID"]):
             if r["SOPInstanceUID"] == row["SOPInstanceUID"] and r["frame"] == nums[0]:
+                state = r.get("lossless_state") or "verified"
+                if state != "verified":         # the whole codestream is lossless
+                    raise RequestError(
+                        f"the lossless layer of this instance is {state} "
+                        + ("(not verified yet: its lossy layers stream through /jpip)"
+                           if state == "pending" else "(its verification failed)"),
+                        status=409)
                 return Response(self.srv.tiers.read_codestream(r), media_type=LEGACY_CODESTREAM,
                                 headers={"X-MedView-Offset": str(r["offset"]),
                                          "X-MedView-Signed": "1" if r["signed"] else "0"})

@@ -10,7 +10,12 @@ Points: ``migrate.tail-copied``, ``migrate.head-written``, ``migrate.committed``
 ``migrate.original-copied``, ``migrate.original-committed``, ``recall.written``,
 ``recall.committed``, ``recall.original-written``, ``objects.put`` (before a store
 file goes to a remote object store), ``objects.put-sent`` (the S3 PUT done, not yet
-checked).
+checked), ``ingest.worker`` (an ingest worker process, before it decodes a file).
+
+Damage, too: :func:`damage` returns the bytes it is given with some of them changed the
+N-th time a named point is reached (``ingest.codestream-unverified``: a codestream whose
+lossless layer is left to the verifier, changed just before it is written, as a bad disk
+or a bug between encoding and verification would: :mod:`server.verify` must catch it).
 
 A full disk, too: with ``disk-full`` in ``MEDVIEW_FAULTS`` (or after
 :func:`set_disk_full`), every database write transaction and every store file write
@@ -50,6 +55,33 @@ def point(name: str) -> None:
         hit = _counts[name] == want
     if hit:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def damage(name: str, data: bytes) -> bytes:
+    """``data``, or a copy with 32 bytes before its last two changed if ``MEDVIEW_FAULTS``
+    names this point and this is its N-th time (a JPEG 2000 codestream keeps its EOC
+    marker, so the damage is in the data of its last packets)."""
+    if "MEDVIEW_FAULTS" not in os.environ:
+        return data
+    want = _plan().get(name)
+    if want is None:
+        return data
+    with _lock:
+        _counts[name] = _counts.get(name, 0) + 1
+        hit = _counts[name] == want
+    if not hit or len(data) < 40:
+        return data
+    b = bytearray(data)
+    for i in range(len(b) - 34, len(b) - 2):
+        v = b[i] ^ 0x5A
+        b[i] = 0 if v == 0xFF else v
+    return bytes(b)
+
+
+def reset() -> None:
+    """Forget how often each point was reached (tests, between two cases)."""
+    with _lock:
+        _counts.clear()
 
 
 _disk_full: bool | None = None            # None: as MEDVIEW_FAULTS says

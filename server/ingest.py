@@ -39,19 +39,30 @@ What happens to one file
    converts) become RGB, PALETTE COLOR is expanded through its lookup table to 8-bit RGB,
    MONOCHROME1 stays MONOCHROME1 (the viewer inverts). 32-bit integer data is accepted
    only when its values fit in 16 bits; float pixel data is refused.
-7. **Encode** every frame with :func:`codestream.encode.encode_frame` and, with
-   ``verify=True`` (default), decode it again with :func:`codestream.encode.decode_full`
-   and compare bit for bit with the decoded DICOM pixels.
+7. **Encode** every frame with :func:`codestream.encode.encode_frame` (from memory, no
+   temporary file) and, with ``verify=True`` (default), decode it again with
+   :func:`codestream.encode.decode_full` and compare bit for bit with the decoded DICOM
+   pixels; the instance's lossless layer is then ``verified``. With ``verify=False``
+   only the SHA-256 of each frame's samples is kept and the instance is stored with its
+   lossless layer ``pending``: its lossy layers and its original are served at once, its
+   last layer only once :mod:`server.verify` has decoded the stored codestream and
+   found that digest (a mismatch flags it ``failed``: nothing of the codestream is
+   served).
 8. **Store**: codestreams and packet indexes are written atomically, then the original
    file (content addressed, bit for bit), and only then the catalogue rows of the
    instance and all its frames, in one transaction. A crash at any point leaves at worst
    orphan files; the next ingest of the same file completes.
 
-Concurrency: steps 1-7 (CPU-bound: decoding and encoding; OpenJPEG and the pydicom
-plugins release the GIL) run in a small thread pool, files in flight bounded; step 8 and
-the quarantine writes run on the calling thread only, in input order, so the catalogue
-has a single writer (and the conflict check is repeated there, so two files of one
-batch with the same UID are caught too).
+Concurrency: steps 1-2 (read, hash, look up) run on the calling thread; steps 3-7
+(parsing, decoding and encoding: CPU) run in worker processes, one per core
+(:func:`_executor`: ``fork`` while the process has a single thread, else
+``forkserver``, so the threaded server and viewer can use them too), or in threads
+(by default below 4 cores, see ``PROCESS_MIN_CORES``, and for few files); in-process for
+a single file; files in flight bounded. The workers get the file's bytes and return its
+codestreams, they never touch the store; the result is the same byte for byte.
+Step 8 and the quarantine writes run on the calling thread only, in input order, so the
+catalogue has a single writer (the conflict check of step 5 is made there, so two files
+of one batch with the same UID are caught too).
 
 No exception escapes for a bad file: every file ends up in exactly one of
 ``IngestReport.imported``, ``.duplicates``, ``.quarantined`` or ``.skipped`` (with a
@@ -70,7 +81,7 @@ import io
 import json
 import os
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -80,6 +91,7 @@ import numpy as np
 from imaging.dicom import (attr, first, get, group_value, has_preamble, int_value,  # noqa: F401
                            nums, num, plausible_dataset_start, text)
 
+from . import faults
 from .catalogue import DuplicateInstanceError
 from .store import Store, sha256_hex
 
@@ -933,6 +945,7 @@ class _EncodedFrame:
     numres: int
     nlayers: int
     position: list[float] | None
+    pixel_sha256: str | None = None     # of the samples encoded (server.verify)
 
 
 @dataclass
@@ -958,10 +971,14 @@ class _Conflict:
 _Result = _Prepared | _Conflict | DuplicateFile | SkippedFile
 
 
-def _analyse(path: Path, store: Store, verify: bool, limits: IngestLimits) -> _Result:
-    """Steps 1-7 for one file (runs in a worker thread; reads the catalogue only)."""
+def _analyse(data: bytes, path: Path, sha: str, verify: bool, limits: IngestLimits) -> _Result:
+    """Steps 3-7 for one file's bytes, without the store (runs in a worker process or
+    thread; the original's bytes are not sent back: the caller holds them)."""
     try:
-        return _analyse_inner(path, store, verify, limits)
+        res = _prepare_bytes(data, path, sha, verify, limits)
+        if isinstance(res, _Prepared):
+            res.data = b""
+        return res
     except _Skip as s:
         return SkippedFile(path, s.reason, s.kind)
     except MemoryError:
@@ -975,6 +992,17 @@ def _analyse(path: Path, store: Store, verify: bool, limits: IngestLimits) -> _R
         if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
             raise
         return SkippedFile(path, f"decoder failure: {type(e).__name__}: {e}", ERROR)
+
+
+def _analyse_in_worker(data: bytes, path: Path, sha: str, verify: bool,
+                       limits: IngestLimits) -> _Result:
+    """:func:`_analyse` in a worker process (fault point ``ingest.worker``: a worker
+    killed as a crashing decoder would kill it)."""
+    faults.point("ingest.worker")
+    return _analyse(data, path, sha, verify, limits)
+
+
+_analyse_in_worker.in_process = _analyse    # type: ignore[attr-defined]
 
 
 def read_candidate(path: Path) -> bytes:
@@ -1145,8 +1173,10 @@ def _decode_frames(ds, shape: dict[str, int]) -> tuple[list[PreparedFrame],
 
 def _encode_frames(prepared: list[PreparedFrame], positions: list[list[float] | None],
                    verify: bool) -> list[_EncodedFrame]:
-    """Step 7: one layered codestream per frame, checked bit for bit when ``verify``."""
-    from codestream.encode import decode_full, encode_frame
+    """Step 7: one layered codestream per frame, checked bit for bit when ``verify``
+    (else the digest of its samples is what :mod:`server.verify` checks after the
+    commit, before the lossless layer is served)."""
+    from codestream.encode import decode_full, encode_frame, pixel_digest
 
     encoded: list[_EncodedFrame] = []
     for n, (pf, pos) in enumerate(zip(prepared, positions), start=1):
@@ -1157,7 +1187,7 @@ def _encode_frames(prepared: list[PreparedFrame], positions: list[list[float] | 
                         ERROR) from None
         if verify:
             try:
-                back = decode_full(ef.codestream, ef.offset, pf.signed)
+                back = decode_full(ef.codestream, ef.offset, pf.signed, threads=0)
             except Exception as e:  # noqa: BLE001
                 raise _Skip(f"lossless verification failed for frame {n}: cannot decode "
                             f"the codestream: {type(e).__name__}: {e}", ERROR) from None
@@ -1170,14 +1200,8 @@ def _encode_frames(prepared: list[PreparedFrame], positions: list[list[float] | 
         encoded.append(_EncodedFrame(
             codestream=ef.codestream, index_json=ef.index.to_json().encode("utf-8"),
             offset=int(ef.offset), numres=int(ef.index.numres), nlayers=int(ef.index.nlayers),
-            position=pos))
+            position=pos, pixel_sha256=pixel_digest(pf.pixels)))
     return encoded
-
-
-def _analyse_inner(path: Path, store: Store, verify: bool,
-                   limits: IngestLimits) -> _Result:
-    data = read_candidate(path)                                    # 1. recognise
-    return prepare(data, path, store, verify, limits)
 
 
 def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestLimits, *,
@@ -1188,13 +1212,21 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
     cat = store.catalogue
     if cat.has_original(sha):                                      # 2. deduplicate
         return DuplicateFile(path, sha)
+    return _prepare_bytes(data, path, sha, verify, limits,
+                          cat.find_instance if check_conflict else None)
+
+
+def _prepare_bytes(data: bytes, path: Path, sha: str, verify: bool, limits: IngestLimits,
+                   find_instance: Callable[[str], dict | None] | None = None) -> _Result:
+    """Steps 3-7 (``find_instance``: the conflict check of step 5 before decoding; None in
+    a worker process, where the commit finds conflicts instead)."""
     ds = parse_dataset(data, limits)
     _check_uids(ds, limits)            # 3. header checks (UIDs first: raw, before use)
     attrs = _describe(ds)
     shape = check_header(ds, limits)
     flags = value_flags(ds)                                        # 4. impossible values
     sop = attrs["SOPInstanceUID"]
-    existing = cat.find_instance(sop) if check_conflict else None  # 5. conflict
+    existing = find_instance(sop) if find_instance else None      # 5. conflict
     if existing is not None:
         if existing["original_sha256"] == sha:
             return DuplicateFile(path, sha, sop)
@@ -1220,6 +1252,8 @@ def prepare(data: bytes, path: Path, store: Store, verify: bool, limits: IngestL
         "signed": first.signed,
         "bits_stored": max(p.bits_stored for p in prepared),
         "geometry_flags": flags,
+        # verified here (decoded bit-exact), or by server.verify after the commit
+        "lossless_state": "verified" if verify else "pending",
     })
     _clear_flagged(attrs, flags)
     del prepared
@@ -1250,14 +1284,17 @@ def _write_files(p: _Prepared, store: Store, batch=None) -> list[dict]:
     frames = []
     for n, ef in enumerate(p.frames, start=1):
         cs_rel, idx_rel = store.codestream_paths(a["SeriesInstanceUID"], sop, n)
-        cs_sha = store.atomic_write(cs_rel, ef.codestream, batch=batch)
+        cs = ef.codestream
+        if a.get("lossless_state") == "pending":     # a test's damage before the verifier
+            cs = faults.damage("ingest.codestream-unverified", cs)
+        cs_sha = store.atomic_write(cs_rel, cs, batch=batch)
         idx_sha = store.atomic_write(idx_rel, ef.index_json, batch=batch)
         frames.append({
             "frame": n, "codestream_relpath": cs_rel, "codestream_sha256": cs_sha,
-            "codestream_size": len(ef.codestream), "index_relpath": idx_rel,
+            "codestream_size": len(cs), "index_relpath": idx_rel,
             "index_sha256": idx_sha, "index_size": len(ef.index_json),
             "offset": ef.offset, "numres": ef.numres, "nlayers": ef.nlayers,
-            "ImagePositionPatient": ef.position,
+            "ImagePositionPatient": ef.position, "pixel_sha256": ef.pixel_sha256,
         })
     orig_rel, orig_sha = store.put_original(p.data, batch=batch)
     a.update({"original_relpath": orig_rel, "original_sha256": orig_sha,
@@ -1418,14 +1455,21 @@ def _os_user(getpass) -> str:
 def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = None,
                  progress: ProgressFn | None = None, *, verify: bool = True,
                  workers: int | None = None, limits: IngestLimits | None = None,
-                 audit: AuditFn | None = None, user: str | None = None) -> IngestReport:
+                 audit: AuditFn | None = None, user: str | None = None,
+                 processes: bool | None = None) -> IngestReport:
     """Ingest files and folders (recursively) into ``store``.
 
     ``log(message)`` is called once per file with the outcome; ``progress(done, total)``
-    as files are settled (stored ones a batch at a time). ``verify`` decodes every new
-    codestream and compares it bit for bit with the source pixels. ``workers`` threads
-    decode and encode (OpenJPEG runs without the interpreter lock); store and catalogue
-    writes stay on the calling thread, in batches (:func:`_commit_batch`: at most
+    as files are settled (stored ones a batch at a time). ``verify`` True (or
+    ``"inline"``) decodes every new codestream and compares it bit for bit with the
+    source pixels before the commit; False (or ``"deferred"``) commits at once with the
+    instance's lossless layer ``pending``: its lossy layers are served, the last one only
+    once :func:`server.verify.verify_pending` (the server's verify job, or ``medview-server
+    verify``) has decoded the stored codestream and found the digest of the source
+    samples. ``workers`` (default: one per core) processes or threads (``processes``:
+    True, False, or None to let :func:`_executor` choose; a single file in-process)
+    decode and encode; store
+    and catalogue writes stay on the calling thread, in batches (:func:`_commit_batch`: at most
     ``COMMIT_BATCH_FILES`` files or ``COMMIT_BATCH_BYTES``, one transaction and one fsync
     per folder each; a crash loses at most the batch being committed, whose files stay
     behind as orphans that fsck reports). ``limits`` defaults to the store's (:meth:`IngestLimits.
@@ -1440,19 +1484,43 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
     if audit is None:
         audit, close_audit = store_auditor(store, user)
     run = _IngestRun(store, len(files), log or (lambda _msg: None), progress, audit)
-    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
-    workers = max(1, int(workers)) if workers is not None else \
-        max(2, min(8, os.cpu_count() or 2))
+    inline = _verify_mode(verify)
+    workers = max(1, int(workers)) if workers is not None else max(1, min(8, os.cpu_count() or 1))
     window = 2 * workers
+    held_by: dict[Future, tuple[Path, bytes]] = {}
+
+    def outcome(fut: Future) -> _Result:
+        path, data = held_by.pop(fut)
+        try:
+            res = fut.result()
+        except Exception as e:  # noqa: BLE001 - a worker process died (a decoder crashed?)
+            return SkippedFile(path, f"the worker process decoding it died ({type(e).__name__}:"
+                                     f" {e}); nothing of it is stored: ingest it again", ERROR)
+        if isinstance(res, (_Prepared, _Conflict)):
+            res.data = data
+        return res
+
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+        with _executor(workers, len(files), processes) as pool:
             pending: collections.deque[Future] = collections.deque()
             for path in files:
-                pending.append(pool.submit(_analyse, path, store, verify, limits))
+                try:
+                    data = read_candidate(path)                        # 1. recognise
+                except _Skip as e:
+                    run.finish(SkippedFile(path, e.reason, e.kind))
+                    continue
+                sha = sha256_hex(data)
+                if store.catalogue.has_original(sha):                  # 2. deduplicate
+                    run.finish(DuplicateFile(path, sha))
+                    continue
+                fut = _submit(pool, _analyse_in_worker if isinstance(pool, ProcessPoolExecutor)
+                              else _analyse, data, path, sha, inline, limits)
+                held_by[fut] = (path, data)
+                pending.append(fut)
                 while len(pending) >= window:
-                    run.finish(pending.popleft().result())
+                    run.finish(outcome(pending.popleft()))
             while pending:
-                run.finish(pending.popleft().result())
+                run.finish(outcome(pending.popleft()))
             run.flush()
     finally:
         close_audit()
@@ -1537,6 +1605,88 @@ class _IngestRun:
         if isinstance(result, _Conflict):
             self.flush()                     # its stored twin may be in the batch
         self.settle(result)
+
+
+def _verify_mode(verify: bool | str) -> bool:
+    """True: decode and compare before the commit; False: after it (server.verify)."""
+    if verify in (True, "inline"):
+        return True
+    if verify in (False, "deferred", None):
+        return False
+    raise ValueError(f"verify must be True/'inline' or False/'deferred', not {verify!r}")
+
+
+class _InProcess:
+    """The executor of a single file (or of ``workers=1``): runs each task at once on the
+    calling thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+#: Worker processes by default only from this many cores: OpenJPEG runs without the
+#: interpreter lock, the Python part of a 512² CT slice is about 5 % of its work, so on 2
+#: cores threads keep both busy and processes only add their hand-over (measured: +3-5 %
+#: CPU, the same wall time; bench/README.md); with more cores the 5 % held under the lock
+#: starts to queue. ``processes=True`` asks for them anyway.
+PROCESS_MIN_CORES = 4
+
+
+def warm_up() -> None:
+    """Load and initialise what the first file would (OpenJPEG through glymur, pydicom's
+    reading and pixel handlers), before worker processes are forked: they inherit it
+    instead of each paying for it on its first file (about 60 ms of CPU each)."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from codestream.encode import decode_full, encode_frame
+
+    from .convert import warm_up as converter_warm_up
+
+    ef = encode_frame(np.arange(64, dtype=np.uint16).reshape(8, 8), signed=False,
+                      bits_stored=12)
+    decode_full(ef.codestream, ef.offset, False, threads=0)
+    get_decoder(ExplicitVRLittleEndian)
+    converter_warm_up()
+
+
+def _executor(workers: int, nfiles: int, processes: bool | None):
+    """Where steps 3-7 run: worker processes (``concurrent.futures.ProcessPoolExecutor``,
+    fork while this process has a single thread, else forkserver: safe in the threaded
+    server and viewer) when ``processes`` is True, or when it is None and there are
+    enough files (:func:`server.convert.pool_worth`) and cores (``PROCESS_MIN_CORES``);
+    else threads (OpenJPEG runs without the interpreter lock, pydicom does not);
+    in-process for a single file or one worker."""
+    if workers <= 1 or nfiles <= 1:
+        return _InProcess()
+    from .convert import pool_context, pool_worth
+
+    ctx = pool_context()
+    if processes is None:
+        processes = pool_worth(nfiles, ctx) and (os.cpu_count() or 1) >= PROCESS_MIN_CORES
+    if processes:
+        if ctx.get_start_method() == "fork":
+            warm_up()                    # inherited by every worker
+        return ProcessPoolExecutor(max_workers=min(workers, nfiles), mp_context=ctx)
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest")
+
+
+def _submit(pool, fn, *args) -> Future:
+    """``pool.submit``; on the calling thread for :class:`_InProcess` or a broken pool."""
+    if not isinstance(pool, _InProcess):
+        try:
+            return pool.submit(fn, *args)
+        except (BrokenExecutor, RuntimeError):     # a worker died: the rest in-process
+            fn = getattr(fn, "in_process", fn)
+    fut: Future = Future()
+    try:
+        fut.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - handed over like a worker's exception
+        fut.set_exception(e)
+    return fut
 
 
 # Public names of the pipeline's parts (server.quarantine resolves entries with them).

@@ -1,8 +1,9 @@
 """Background jobs of the server: one scheduler, one lease per job across every server
 process that shares the catalogue.
 
-Two jobs exist today, both moves between storage tiers whose rules are data of the site
-policy and the slide store's tier settings:
+Three jobs exist today: :class:`VerifyJob` (lossless layers stored unverified, checked
+by :mod:`server.verify`) and two moves between storage tiers whose rules are data of the
+site policy and the slide store's tier settings:
 
 - :class:`MigrationJob`: old lossless layers and originals of series to the archive
   (:meth:`server.tiers.Tiers.migrate`), every ``[storage] schedule_hours`` (0 = off);
@@ -177,6 +178,46 @@ class SlideTierJob:
 
     def skipped(self) -> None:
         self._quiet_until = self.clock() + self.idle_seconds
+
+
+class VerifyJob:
+    """Lossless layers stored unverified (``ingest --no-verify``): every ``period`` seconds,
+    if some instance's lossless layer is pending, :func:`server.verify.verify_pending`
+    decodes and compares them (on the scheduler's thread, one frame at a time, so that
+    serving keeps the other cores); until then they are served without their last layer."""
+
+    name = "verify"
+
+    def __init__(self, store, *, period: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.period = period
+        self.clock = clock
+        self._next = clock()
+
+    def _pending(self) -> bool:
+        return self.store.catalogue.db.one(
+            "SELECT 1 FROM instance WHERE lossless_state = 'pending' LIMIT 1") is not None
+
+    def wait(self, now: float) -> float | None:
+        if now < self._next:
+            return self._next - now
+        if self._pending():
+            return 0
+        self._next = now + self.period
+        return self.period
+
+    def run(self, should_stop):
+        from .verify import verify_pending
+
+        report = verify_pending(self.store, workers=1, should_stop=should_stop)
+        self._next = self.clock() + self.period
+        (log.error if report.failed else log.info)("lossless verification: %s",
+                                                   report.summary())
+        return report
+
+    def skipped(self) -> None:
+        self._next = self.clock() + self.period
 
 
 class JobScheduler:

@@ -44,7 +44,9 @@ def image_entry(r: dict, src: ImageSource) -> dict:
     d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
              total_bytes=ix.total_bytes, key=src.key,
              layer_bytes=[ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)],
-             hot_layers=src.hot_layers)
+             hot_layers=src.hot_layers,
+             # the lossless layer only once verified (server.verify)
+             served_layers=ix.nlayers if src.served_layers is None else src.served_layers)
     return d
 
 

@@ -56,6 +56,11 @@ Rights (SPEC P7, V6): :func:`plan` takes the user's :class:`~server.rights.Grant
 and refuses (HTTP 403) a request that would send anything beyond it, naming the maximum
 allowed; see :mod:`server.rights`.
 
+Verification (issue 15): an image whose lossless layer is not verified yet
+(``lossless_state`` pending, :mod:`server.verify`) is served without its last layer, one
+whose verification failed not at all (``served_layers``); the announcement says each
+image's ``lossless_state`` and the layers it will get.
+
 Tiered storage (SPEC V7): an image whose lossless layers are in the archive has
 ``hot_layers`` set; the announcement lists the images that need a recall
 (``"recall"``), and the stream sends a ``recalling`` control message before it waits for
@@ -106,6 +111,10 @@ class ImageSource:
     # (layers, res) -> data-bins with at least those packets (range reads of a remote
     # object store); None: ``load`` the whole codestream
     load_part: Callable[[int, int], object] | None = None
+    # layers that may be served (server.verify.layers_served): None = all; one fewer while
+    # the lossless layer awaits its verification; 0 after a failed one
+    served_layers: int | None = None
+    lossless_state: str = "verified"
 
     def needs_recall(self, layers: int) -> bool:
         return self.hot_layers is not None and layers > self.hot_layers
@@ -558,6 +567,7 @@ class Plan:
                 "nlayers": im.index.nlayers, "width": im.index.width,
                 "height": im.index.height, "res": self.res[im.csn],
                 "layers": self.layers[im.csn], "total_bytes": im.index.total_bytes,
+                "lossless_state": im.lossless_state,
             } for im in self.images],
             "increments": [[inc.csn, inc.layer + 1, inc.res, inc.nbytes] for inc in self.increments],
             "region": list(self.request.region) if self.request.region else None,
@@ -672,6 +682,8 @@ def image_targets(req: PacketRequest, images: list[ImageSource]
             raise RequestError(f"layers={req.layers} but the images have {ix.nlayers} layers",
                                status=416, max_layers=ix.nlayers)
         layers[im.csn] = req.layers or ix.nlayers
+        if im.served_layers is not None:         # never an unverified lossless layer
+            layers[im.csn] = min(layers[im.csn], im.served_layers)
         if req.fsiz is not None:
             res[im.csn] = res_for_fsiz(ix, *req.fsiz, req.fsiz_round)
         elif req.reduce is not None:

@@ -27,6 +27,7 @@ and deleting a study deletes them.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -300,8 +301,11 @@ def after_ingest(store: Store, sops: Iterable[str], *, log_fn: Callable[[str], N
     except PolicyError as e:                 # a broken site policy never breaks ingest
         log.error("no final copies after ingest: %s", e)
         return None
+    from .convert import pool_worth
+
+    workers = min(8, os.cpu_count() or 1) if pool_worth(len(sops)) else 1
     try:
-        rep = convert_store(store, sops=sops)
+        rep = convert_store(store, sops=sops, workers=workers)   # a process per core
     except Exception as e:  # noqa: BLE001 - the instances are stored; copies can be redone
         log.exception("final copies after ingest failed")
         if log_fn:

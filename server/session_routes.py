@@ -71,21 +71,26 @@ def routes(srv, guarded) -> list[Route]:
         start), audit rows wait in memory because writes fail, or final copies failed their
         verification (an alarm: :mod:`server.policy_copies`)."""
         from .policy_copies import conversion_health
+        from .verify import lossless_health
 
         audit = srv.auth.health()
         read_only = read_only_reason(srv.auth.db.path)
         conv = await run_in_threadpool(conversion_health, srv.catalogue)
+        lossless = await run_in_threadpool(lossless_health, srv.catalogue)
         problems = []
         if read_only:
             problems.append(f"read-only: {read_only}")
         if audit["failing"] or audit["dropped"]:
             problems.append(f"audit rows held in memory: {audit['pending']}, not written: "
                             f"{audit['dropped']} ({audit['failing'] or 'writes work again'})")
+        if lossless["failed"]:
+            problems.append(f"instances whose lossless verification failed (not served): "
+                            f"{lossless['failed']}")
         if conv["failed"]:
             problems.append(f"final copies that failed verification: {conv['failed']}")
         return JSONResponse({"status": "degraded" if problems else "ok", "version": VERSION,
                              "read_only": read_only is not None, "problems": problems,
-                             "audit": audit, "conversion": conv,
+                             "audit": audit, "conversion": conv, "lossless": lossless,
                              "admission": srv.gates.stats() if srv.gates is not None else None,
                              "jobs": srv.jobs.stats() if srv.jobs is not None else None,
                              "replica": srv.auth.replica})

@@ -83,6 +83,10 @@ class SlabCatalogue:
         rows = self.srv.catalogue.series_images(series_uid)
         if not rows:
             raise SlabUnavailable(f"unknown series {series_uid}", status=404)
+        unverified = sum((r.get("lossless_state") or "verified") != "verified" for r in rows)
+        if unverified:          # slabs are made from the lossless layers (server.verify)
+            raise SlabUnavailable(f"the lossless layer of {unverified} image(s) of the series "
+                                  "is not verified (yet): no slabs until it is")
         fingerprint = hashlib.sha256(
             "|".join(r["codestream_sha256"] for r in rows).encode()).hexdigest()
         with self._lock:

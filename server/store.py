@@ -351,7 +351,8 @@ class Store:
         sha = sha256_hex(data)
         if not self.objects.remote:
             target = self._resolve(path)
-            self._ensure_dir(target.parent)
+            # a batch makes new folders durable with its files (one syncfs)
+            self._ensure_dir(target.parent, batch.dirs if batch is not None else None)
             write_file_atomic(target, data, sync_dir=batch is None, sync_file=batch is None)
             if batch is not None:
                 batch.files.append(target)

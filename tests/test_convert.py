@@ -667,3 +667,26 @@ def test_lossless_output_keeps_the_input_bytes_of_every_other_element(tmp_path):
     big = _testfile("MR_small_bigendian.dcm")
     assert _splice_plan(Path(big).read_bytes(), pydicom.dcmread(big),
                         codecs.by_name("jpegls")) is None
+
+
+@pytest.mark.parametrize("name", ["emri_small.dcm", "CT_small.dcm", "MR_small.dcm",
+                                  "693_UNCR.dcm", "US1_UNCR.dcm"])
+def test_spliced_meta_is_what_pydicom_writes(name):
+    """The spliced output's file meta information (the input's, the syntax replaced and
+    the group length recomputed, without a dataset) is byte for byte what pydicom's
+    writer makes of the same meta elements, for every target syntax."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    from server.convert import _meta_with_syntax, register_transfer_syntaxes
+
+    register_transfer_syntaxes()
+    data = Path(_testfile(name)).read_bytes()
+    start = 144 + int.from_bytes(data[140:144], "little")
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for c in codecs.all_codecs():
+        ds.file_meta.TransferSyntaxUID = c.transfer_syntax
+        ref = DicomBytesIO()
+        write_file_meta_info(ref, ds.file_meta, enforce_standard=True)
+        assert _meta_with_syntax(data[132:start], c.transfer_syntax) == ref.getvalue(), c.label
+    assert _meta_with_syntax(b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00", "1.2") is None

@@ -279,7 +279,7 @@ def test_upgrade_and_serve_with_the_database_option(tmp_path, pg_cluster, ct_fil
     capsys.readouterr()
     assert main(["upgrade", "--store", str(root), "--database", url]) == 0
     out = capsys.readouterr().out
-    for part in ("auth 2", "catalogue 3", "diagnosis 1", "jobs 2", "policy_copies 1",
+    for part in ("auth 2", "catalogue 4", "diagnosis 1", "jobs 2", "policy_copies 1",
                  "slides 3", "tiers 3", "versions 1"):
         assert part in out
     assert not (root / "catalogue.sqlite").exists()

@@ -7,6 +7,8 @@ import os
 import re
 import threading
 
+import pytest
+
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from client.pool import INTERACTION, WorkerPool  # noqa: E402
@@ -83,4 +85,79 @@ def test_mpr_and_slides_run_in_the_one_pool(qtbot, server, ct_series_uid, tmp_pa
     finally:
         session.logout()
         st.close()
+        pool.shutdown()
+
+
+class _WaitingLoader:
+    """A loader (the runner's contract: ``run``, ``cancel``, ``token``) that yields one
+    event, then waits until it is cancelled."""
+
+    def __init__(self) -> None:
+        from client.pool import CancelToken
+
+        self.token = CancelToken()
+        self.ended = threading.Event()
+
+    def cancel(self) -> None:
+        self.token.cancel()
+
+    def run(self):
+        yield "first"
+        while not self.token.cancelled:
+            threading.Event().wait(0.01)
+        self.ended.set()
+
+
+def test_turning_away_cancels_the_load_through_the_pool(qtbot):
+    from viewer.mprlayout import LoadRunner
+
+    pool = WorkerPool(1, name="onepool")
+    try:
+        # running: the pool's cancel reaches the loader through the shared token
+        loader = _WaitingLoader()
+        runner = LoadRunner(loader, pool=pool)
+        with qtbot.waitSignal(runner.event, timeout=WAIT_MS):
+            runner.start()
+        assert runner.is_running()
+        assert pool.cancel_where(lambda j: j.tag is loader) == 1
+        assert loader.ended.wait(WAIT_MS / 1000) and runner.wait(WAIT_MS / 1000)
+        assert not runner.is_running()
+        # queued behind a busy worker: cancelled, it never starts
+        gate = threading.Event()
+        blocker = pool.submit(lambda tok: gate.wait(WAIT_MS / 1000), INTERACTION)
+        queued = _WaitingLoader()
+        later = LoadRunner(queued, pool=pool)
+        later.start()
+        later.cancel(wait=0)
+        assert queued.token.cancelled and later._job.future.cancelled()
+        gate.set()
+        blocker.future.result(WAIT_MS / 1000)
+        assert pool.submit(lambda tok: "idle", INTERACTION).future.result(60) == "idle"
+        assert not queued.ended.is_set()
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("route", ["j2k", "htj2k"])
+def test_a_volume_load_inside_a_pool_of_one_does_not_starve(server, ct_series_uid, route):
+    """The loader's job holds the only worker; its transfer and its decodes (or its HTJ2K
+    fetches) are sub-jobs of the same pool: the loader runs them itself."""
+    from client.series import SeriesData
+    from client.session import Session
+    from client.volume_loader import VolumeLoader, load_all
+
+    pool = WorkerPool(1, name="onepool")
+    session = Session(server.url)
+    try:
+        loader = VolumeLoader(SeriesData(session, None, ct_series_uid), pool=pool,
+                              decode_threads=2, full_route=route)
+        events = []
+        job = pool.submit(lambda tok: load_all(loader, events.append), INTERACTION, tag=loader,
+                          token=loader.token)
+        volume = job.future.result(WAIT_MS / 1000)
+        assert events and events[-1].final
+        assert len(volume.own_slots()) == volume.shape[0]
+        assert ("HTJ2K copies" in events[-1].update.label) == (route == "htj2k")
+    finally:
+        session.logout()
         pool.shutdown()

@@ -106,8 +106,8 @@ class LoadRunner(QObject):
             futures_wait([self._job.future], timeout=wait)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the load's job to end (not from the UI thread: its events are queued
-        to it). True when it has ended."""
+        """Wait for the load's job to end (its events are queued to the UI thread and
+        delivered after). True when it has ended."""
         if self._job is None:
             return True
         done, _ = futures_wait([self._job.future], timeout=timeout)

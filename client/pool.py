@@ -11,17 +11,19 @@ One pool serves the whole app — stack, MPR, VR, slides and super-resolution al
 
 A job may split its work into sub-jobs and wait for them (:meth:`WorkerPool.map`,
 :meth:`WorkerPool.imap_unordered`, :meth:`WorkerPool.run_now`). The waiting thread never
-only waits: it runs its own sub-jobs that no worker has taken yet, so a job waiting on
-sub-jobs of its own pool cannot starve it, even in a pool of one worker.
+only waits while work remains: it takes items itself, or runs a sub-job that no worker
+has taken yet, so a job waiting on sub-jobs of its own pool cannot starve it, even in a
+pool of one worker.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 
 log = logging.getLogger("medview.pool")
 
@@ -140,46 +142,55 @@ class WorkerPool:
         """``fn(item)`` for every item, on free workers of ``priority``'s class *and* on
         this thread; yields each item's future as it completes (``.result()`` gives the
         value or raises). At most ``parallel`` items run at once (this thread included;
-        default: the class's cap plus this thread). While it waits, this thread runs the
-        queued sub-jobs itself, so a pool job may call it without risk of starving the
-        pool. Closing the generator early cancels the sub-jobs not started."""
+        default: the class's cap plus this thread).
+
+        ``parallel - 1`` helper jobs are queued; each, and this thread, takes the next
+        item until none is left, so nobody waits for a hand-out. This thread never only
+        waits while items remain: with no worker free it does them all, so a pool job may
+        call this without risk of starving the pool. Closing the generator early stops
+        the helpers after their current item (the ones not started never run)."""
         it = iter(items)
         width = max(1, parallel if parallel is not None else self.caps.get(priority, 1) + 1)
-        pending: list[Job] = []
-        exhausted = False
+        lock = threading.Lock()
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        state = {"taken": 0, "exhausted": False, "closed": False}
+
+        def take():
+            with lock:
+                if state["exhausted"] or state["closed"]:
+                    return _END
+                x = next(it, _END)
+                if x is _END:
+                    state["exhausted"] = True
+                else:
+                    state["taken"] += 1
+                return x
+
+        def helper(_token) -> None:
+            while (x := take()) is not _END:
+                results.put(_run_inline(fn, x))
+
+        helpers = [self.submit(helper, priority, tag, token) for _ in range(width - 1)]
+        given = 0
         try:
             while True:
-                while not exhausted and len(pending) < width - 1:
-                    x = next(it, _END)
-                    if x is _END:
-                        exhausted = True
-                        break
-                    pending.append(self.submit(lambda _tok, x=x: fn(x), priority, tag, token))
-                done = [j for j in pending if j.future.done()]
-                if done:
-                    for j in done:
-                        pending.remove(j)
-                        yield j.future
-                    continue
-                # this thread's share: the next item, else a sub-job no worker has taken
-                if not exhausted:
-                    x = next(it, _END)
-                    if x is _END:
-                        exhausted = True
-                        continue
-                    yield _run_inline(fn, x)
-                    continue
-                with self._cv:
-                    mine = next((j for j in pending if self._claim(j)), None)
-                if mine is not None:
-                    self._execute(mine)
-                    continue
-                if not pending:
-                    return
-                wait([j.future for j in pending], return_when=FIRST_COMPLETED)
+                try:
+                    fut = results.get_nowait()
+                except queue.Empty:
+                    x = take()
+                    if x is not _END:                   # this thread's share
+                        fut = _run_inline(fn, x)
+                    else:
+                        with lock:
+                            if given == state["taken"]:
+                                return
+                        fut = results.get()             # a helper's item, running now
+                given += 1
+                yield fut
         finally:
+            state["closed"] = True
             with self._cv:
-                unstarted = [j for j in pending if self._claim(j)]
+                unstarted = [j for j in helpers if self._claim(j)]
             for j in unstarted:
                 j.future.cancel()
 
@@ -189,10 +200,14 @@ class WorkerPool:
         results in order; the first error is raised."""
         indexed = list(enumerate(items))
         out: list = [None] * len(indexed)
-        for fut in self.imap_unordered(lambda ix: (ix[0], fn(ix[1])), indexed, priority,
-                                       parallel=parallel, tag=tag, token=token):
-            i, value = fut.result()
-            out[i] = value
+        batch = self.imap_unordered(lambda ix: (ix[0], fn(ix[1])), indexed, priority,
+                                    parallel=parallel, tag=tag, token=token)
+        try:
+            for fut in batch:
+                i, value = fut.result()
+                out[i] = value
+        finally:
+            batch.close()
         return out
 
     def mapper(self, priority: int = VISIBLE, parallel: int | None = None):

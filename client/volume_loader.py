@@ -41,7 +41,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 from client.pool import INTERACTION, CancelToken, WorkerPool, default_pool
@@ -388,7 +387,7 @@ class VolumeLoader:
             return c, decode_frame(data, im), len(data)
 
         # fetches and decodes in the pool, this thread among them; closing the batch (an
-        # error, a cancel) drops what has not started
+        # error, a cancel) stops the helpers after their current frame
         batch = self.pool.imap_unordered(one, todo, self.priority, tag=self, token=self.token,
                                          parallel=max(2, 2 * self.decode_threads))
         try:
@@ -397,8 +396,6 @@ class VolumeLoader:
                     return
                 try:
                     c, arr, n = fut.result()
-                except CancelledError:
-                    return
                 except Exception as e:  # noqa: BLE001 - 403/406/network: fall back
                     raise _RouteFailed(f"{type(e).__name__}: {e}") from e
                 decoded[c] = arr
@@ -527,12 +524,8 @@ class VolumeLoader:
                 return c, None
         if self.decode_threads == 1 or len(comps) < 2:
             return dict(one(c) for c in comps)
-        try:
-            return dict(self.pool.map(one, comps, self.priority, parallel=self.decode_threads,
-                                      tag=self, token=self.token))
-        except CancelledError:                    # the pool dropped the batch
-            self.token.cancel()
-            return {}
+        return dict(self.pool.map(one, comps, self.priority, parallel=self.decode_threads,
+                                  tag=self, token=self.token))
 
     def _apply(self, stage: LoadStage, comps: list[int], layers: int, reduce: int,
                final: bool) -> LoadEvent | None:

@@ -161,3 +161,16 @@ def test_a_volume_load_inside_a_pool_of_one_does_not_starve(server, ct_series_ui
     finally:
         session.logout()
         pool.shutdown()
+
+
+def test_the_backend_pool_is_the_process_default_while_it_lives():
+    from client.pool import BACKGROUND, default_pool
+    from viewer.services import Backend
+
+    backend = Backend()
+    try:
+        assert default_pool() is backend.pool
+        assert backend.pool.caps[BACKGROUND] == 1
+    finally:
+        backend.close()
+    assert default_pool() is not backend.pool and not default_pool().closed

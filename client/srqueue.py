@@ -264,7 +264,10 @@ class SRQueue:
                 if self._jobs.get(job.key) is job:
                     del self._jobs[job.key]
                 if job.future.running():           # pre-empted, then cancelled
-                    job.future.set_exception(CancelledError())
+                    try:
+                        job.future.set_exception(CancelledError())
+                    except InvalidStateError:      # settled by SRJob.cancel meanwhile
+                        pass
                 continue
             if not job.future.running() and not job.future.set_running_or_notify_cancel():
                 continue                           # (a requeued job's future is running)

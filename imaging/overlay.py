@@ -4,7 +4,7 @@ No Qt: the widget only draws the lines this module returns.
 
 - top left: patient name, patient ID, study date, study description
 - top right: series description, modality/body part, image number, slice position, thickness
-- bottom left: window, zoom, quality level and the resolution shown
+- bottom left: window, zoom, the quality layers held (``L n/N``) and the resolution shown
 - bottom right: position and value under the cursor
 """
 

@@ -301,10 +301,11 @@ def choose_storage(rescales: Sequence[tuple[float, float]], stored_range: tuple[
                    "re-quantised to 16 bits (rescale differs per slice)")
 
 
-def quality_key(reduce: int = 0, layers: int = 255, level: int = 0) -> int:
-    """Comparable quality of slice data: thinner first (slab ``level``), then finer
-    resolution (``reduce``), then more quality layers. Higher is better."""
-    return ((15 - min(level, 15)) << 16) | ((63 - min(reduce, 63)) << 8) | min(layers, 255)
+def quality_key(reduce: int = 0, layers: int = 255, slab_level: int = 0) -> int:
+    """Comparable quality of slice data: thinner first (``slab_level``: slabs of
+    ``2**slab_level`` slices, 0 = the thin slices), then finer resolution (``reduce``:
+    resolution levels discarded), then more quality layers. Higher is better."""
+    return ((15 - min(slab_level, 15)) << 16) | ((63 - min(reduce, 63)) << 8) | min(layers, 255)
 
 
 # --------------------------------------------------------------------------- volume

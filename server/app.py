@@ -45,8 +45,10 @@ from starlette.middleware import Middleware
 from codestream.databins import databins_from_ranges, split_databins
 from codestream.index import PacketIndex
 
-from . import dicomweb, packet_routes, peers, policy_routes, session_routes
+from . import (dicomweb, packet_routes, peers, policy_routes, session_routes, slab_routes,
+               slide_routes)
 from .guard import make_guard
+from .openapi import openapi_route
 from .admission import Admission, Gates, Limits
 from .responses import (GZIP_MIN_BYTES, accepts_gzip, error, json_response,  # noqa: F401
                         storage_full_error)
@@ -225,16 +227,52 @@ def create_app(store: Store, authority: Authority | None = None, *,
     gates = Gates(admission)        # 503 + Retry-After beyond them (server.admission)
     if allow_local:
         srv.auth.allow_local = True
-
     srv.gates = gates
     guarded = make_guard(srv)
+    scheduler = background_jobs(srv, store) if schedule else None
+    srv.jobs = scheduler
 
     # the app only assembles: one module per resource, each behind the one guard
     routes = session_routes.routes(srv, guarded)         # log-in, log-out, health
     routes += packet_routes.routes(srv, guarded)         # series image list, /jpip
     routes += policy_routes.routes(srv, guarded)        # issue 5: versions, diagnosis
     routes += dicomweb.routes(srv, guarded)             # PS3.18 QIDO / WADO / STOW-RS
+    slab_routes.register_routes(routes, srv, guarded)   # thick-to-thin slab pyramids (issue 4)
+    slide_routes.register_routes(routes, srv, guarded,  # whole-slide pyramids (issue 6)
+                                 jobs=scheduler)
+    routes.append(openapi_route(VERSION))    # /api/openapi.json, from this table
 
+    not_found, unhandled = error_handlers(srv)
+
+    async def storage_full(request, exc):
+        return storage_full_error(exc)
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
+                                                       StorageFull: storage_full,
+                                                       Exception: unhandled},
+                    middleware=[Middleware(Admission, gates=gates)],
+                    lifespan=lifespan(srv, store, scheduler))
+    app.state.server = srv
+    app.state.admission = gates
+    app.state.trusted_proxies = peers.parse_networks(trusted_proxies)
+    app.state.proxy_header = proxy_header.lower()
+    return app
+
+
+def background_jobs(srv: Server, store: Store) -> JobScheduler | None:
+    """The background jobs (series and slide tiering), each under its lease in the
+    catalogue database so that one process of several runs it; none on a read-only
+    store."""
+    if store.read_only is not None:
+        return None
+    first = float(os.environ.get("MEDVIEW_JOB_FIRST_DELAY_S", "60"))
+    return JobScheduler([MigrationJob(srv.tiers, first_delay=first)],
+                        leases=Leases(store.database))
+
+
+def error_handlers(srv: Server):
+    """The app's handlers of what no guarded route answered: (no such route or method,
+    anything unhandled), both in JSON and audited."""
     async def not_found(request, exc):
         """No such route (404) or method (405): answered in JSON, and audited."""
         status = getattr(exc, "status_code", 404)
@@ -262,15 +300,13 @@ def create_app(store: Store, authority: Authority | None = None, *,
             log.exception("audit of an unhandled error failed")
         return error(500, "internal server error (logged and audited)")
 
-    # the background jobs (series and slide tiering), each under its lease in the
-    # catalogue database so that one process of several runs it
-    scheduler = None
-    if schedule and store.read_only is None:
-        first = float(os.environ.get("MEDVIEW_JOB_FIRST_DELAY_S", "60"))
-        scheduler = JobScheduler([MigrationJob(srv.tiers, first_delay=first)],
-                                 leases=Leases(store.database))
-    srv.jobs = scheduler
+    return not_found, unhandled
 
+
+def lifespan(srv: Server, store: Store, scheduler: JobScheduler | None):
+    """The app's lifespan: the background jobs run while it serves; a store whose disk
+    is full is watched until there is room again (then read-write); the server closes
+    at the end."""
     space_back = threading.Event()
 
     def watch_space() -> None:
@@ -281,7 +317,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
                 return
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def serving(app):
         if scheduler is not None:
             scheduler.start()
         watcher = None
@@ -298,27 +334,7 @@ def create_app(store: Store, authority: Authority | None = None, *,
                 scheduler.stop()
             srv.close()
 
-    from .slabs import register_routes as register_slab_routes
-    register_slab_routes(routes, srv, guarded)     # thick-to-thin slab pyramids (issue 4)
-    from .slides import register_routes as register_slide_routes
-    register_slide_routes(routes, srv, guarded,    # whole-slide pyramids (issue 6)
-                          jobs=scheduler)
-
-    from .openapi import openapi_route
-    routes.append(openapi_route(VERSION))    # /api/openapi.json, from this table
-
-    async def storage_full(request, exc):
-        return storage_full_error(exc)
-
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found,
-                                                       StorageFull: storage_full,
-                                                       Exception: unhandled},
-                    middleware=[Middleware(Admission, gates=gates)], lifespan=lifespan)
-    app.state.server = srv
-    app.state.admission = gates
-    app.state.trusted_proxies = peers.parse_networks(trusted_proxies)
-    app.state.proxy_header = proxy_header.lower()
-    return app
+    return serving
 
 
 def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info",

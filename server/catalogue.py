@@ -1030,71 +1030,91 @@ def qido_condition(key: QidoKey, value: str, ref: str,
     if vr in _BINARY_VRS:
         raise QueryError(f"{name}: attributes of VR {vr} cannot be matched")
     if vr == "UI":
-        uids = _split_list(value, commas=True)
-        for u in uids:
-            if not u:
-                raise QueryError(f"{name}={value}: a UID list with an empty item matches no "
-                                 "valid UID (PS3.4 C.2.2.2.2)")
-            if not _UID_RE.match(u) or len(u) > 64:
-                raise QueryError(f"{name}={value}: {u!r} is not a UID (digits and dots, at "
-                                 "most 64; wildcards are not allowed for UIDs)")
-        return f"{ref} IN ({', '.join('?' * len(uids))})", uids
+        return _uid_condition(name, value, ref)
     if vr in ("DA", "TM", "DT"):
-        if "*" in value or "?" in value:
-            raise QueryError(f"{name}={value}: wildcards are not allowed for dates and times")
-        regex, what = {"DA": (_DATE_RE, "date"), "TM": (_TIME_RE, "time"),
-                       "DT": (_DT_RE, "datetime")}[vr]
-        if vr == "DA":
-            value = value.replace(".", "")      # old ACR-NEMA yyyy.mm.dd
-        if (vr == "DT" and _DT_RE.match(value)           # one datetime (maybe "-hhmm" zone)
-                and not re.fullmatch(r"\d{4,8}-\d{4}", value)):   # not a range of years
-            lo, sep, hi = value, "", ""
-        else:
-            if value.count("-") > 1:
-                raise QueryError(f"{name}={value}: a range has one '-' (time zone offsets "
-                                 "in datetime ranges are not supported)")
-            lo, sep, hi = value.partition("-") if "-" in value else (value, "", "")
-        lo, hi = lo.strip(), hi.strip()
-        if sep and not lo and not hi:
-            raise QueryError(f"{name}={value}: a range needs at least one end")
-        for v in (lo, hi):
-            if v and not (regex.match(v.replace(":", "")) and _plausible(v, vr)):
-                raise QueryError(f"{name}={value}: bad {what} {v!r} (DICOM {vr} format)")
-        if vr == "DA":
-            if not sep:
-                return f"{ref} = ?", [lo]
-            parts, params = [], []
-            if lo:
-                parts.append(f"{ref} >= ?")
-                params.append(lo)
-            if hi:
-                parts.append(f"{ref} <= ?")
-                params.append(hi)
-            return " AND ".join(parts), params
+        return _date_time_condition(name, vr, value, ref)
+    if vr in _NUMBER_VRS:
+        return _number_condition(name, vr, value, ref)
+    return _text_condition(name, vr, value, ref, dialect)
+
+
+def _uid_condition(name: str, value: str, ref: str) -> tuple[str, list[Any]]:
+    """UID list matching (PS3.4 C.2.2.2.2): no wildcards, no empty item."""
+    uids = _split_list(value, commas=True)
+    for u in uids:
+        if not u:
+            raise QueryError(f"{name}={value}: a UID list with an empty item matches no "
+                             "valid UID (PS3.4 C.2.2.2.2)")
+        if not _UID_RE.match(u) or len(u) > 64:
+            raise QueryError(f"{name}={value}: {u!r} is not a UID (digits and dots, at "
+                             "most 64; wildcards are not allowed for UIDs)")
+    return f"{ref} IN ({', '.join('?' * len(uids))})", uids
+
+
+def _date_time_condition(name: str, vr: str, value: str, ref: str) -> tuple[str, list[Any]]:
+    """A DA / TM / DT value or range (PS3.4 C.2.2.2.5); no wildcards."""
+    if "*" in value or "?" in value:
+        raise QueryError(f"{name}={value}: wildcards are not allowed for dates and times")
+    regex, what = {"DA": (_DATE_RE, "date"), "TM": (_TIME_RE, "time"),
+                   "DT": (_DT_RE, "datetime")}[vr]
+    if vr == "DA":
+        value = value.replace(".", "")      # old ACR-NEMA yyyy.mm.dd
+    if (vr == "DT" and _DT_RE.match(value)           # one datetime (maybe "-hhmm" zone)
+            and not re.fullmatch(r"\d{4,8}-\d{4}", value)):   # not a range of years
+        lo, sep, hi = value, "", ""
+    else:
+        if value.count("-") > 1:
+            raise QueryError(f"{name}={value}: a range has one '-' (time zone offsets "
+                             "in datetime ranges are not supported)")
+        lo, sep, hi = value.partition("-") if "-" in value else (value, "", "")
+    lo, hi = lo.strip(), hi.strip()
+    if sep and not lo and not hi:
+        raise QueryError(f"{name}={value}: a range needs at least one end")
+    for v in (lo, hi):
+        if v and not (regex.match(v.replace(":", "")) and _plausible(v, vr)):
+            raise QueryError(f"{name}={value}: bad {what} {v!r} (DICOM {vr} format)")
+    if vr == "DA":
+        if not sep:
+            return f"{ref} = ?", [lo]
         parts, params = [], []
         if lo:
-            parts.append(f"REPLACE({ref}, ':', '') >= ?")
-            params.append(_time_bounds(lo, regex, what, name)[0])
-        if hi or not sep:
-            parts.append(f"REPLACE({ref}, ':', '') <= ?")
-            params.append(_time_bounds(hi if sep else lo, regex, what, name)[1])
+            parts.append(f"{ref} >= ?")
+            params.append(lo)
+        if hi:
+            parts.append(f"{ref} <= ?")
+            params.append(hi)
         return " AND ".join(parts), params
-    if vr in _NUMBER_VRS:
-        nums = []
-        for item in _split_list(value, commas=False):
-            try:
-                n = int(item) if vr in ("IS", "US", "SS", "UL", "SL") else float(item)
-            except ValueError:
-                raise QueryError(f"{name}={value}: {item!r} is not a number") from None
-            if isinstance(n, int) and not -_INT64 <= n < _INT64:
-                raise QueryError(f"{name}={value}: {item} is out of range")
-            if isinstance(n, float) and not math.isfinite(n):
-                raise QueryError(f"{name}={value}: {item} is not a finite number")
-            nums.append(n)
-        return f"{ref} IN ({', '.join('?' * len(nums))})", nums
-    # text: PN case-insensitive (PS3.4 C.2.2.2.1 allows it; fuzzymatching is accepted and
-    # changes nothing more), every other VR case-sensitive; * and ? wildcards; a
-    # backslash separates a list of values (any may match); CS lists may use commas.
+    parts, params = [], []
+    if lo:
+        parts.append(f"REPLACE({ref}, ':', '') >= ?")
+        params.append(_time_bounds(lo, regex, what, name)[0])
+    if hi or not sep:
+        parts.append(f"REPLACE({ref}, ':', '') <= ?")
+        params.append(_time_bounds(hi if sep else lo, regex, what, name)[1])
+    return " AND ".join(parts), params
+
+
+def _number_condition(name: str, vr: str, value: str, ref: str) -> tuple[str, list[Any]]:
+    """A list of numbers (integers for IS/US/SS/UL/SL), any of which may match."""
+    nums = []
+    for item in _split_list(value, commas=False):
+        try:
+            n = int(item) if vr in ("IS", "US", "SS", "UL", "SL") else float(item)
+        except ValueError:
+            raise QueryError(f"{name}={value}: {item!r} is not a number") from None
+        if isinstance(n, int) and not -_INT64 <= n < _INT64:
+            raise QueryError(f"{name}={value}: {item} is out of range")
+        if isinstance(n, float) and not math.isfinite(n):
+            raise QueryError(f"{name}={value}: {item} is not a finite number")
+        nums.append(n)
+    return f"{ref} IN ({', '.join('?' * len(nums))})", nums
+
+
+def _text_condition(name: str, vr: str, value: str, ref: str,
+                    dialect: str) -> tuple[str, list[Any]]:
+    """Text: PN case-insensitive (PS3.4 C.2.2.2.1 allows it; fuzzymatching is accepted
+    and changes nothing more), every other VR case-sensitive; * and ? wildcards; a
+    backslash separates a list of values (any may match); CS lists may use commas."""
     items = _split_list(value, commas=(vr == "CS"))
     if any(i == "" for i in items) and len(items) > 1:
         raise QueryError(f"{name}={value}: a list of values with an empty item")

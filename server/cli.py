@@ -836,6 +836,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Image store administration and server for the medview workstation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_store_parsers(sub)
+    _add_serve_parser(sub)
+    _add_user_parser(sub)
+    _add_tier_parsers(sub)
+    _add_record_parsers(sub)
+    _add_dimse_parsers(sub)
+    _add_convert_parser(sub)
+    _add_list_parser(sub)
+    for name in ("ingest", "fsck", "serve", "sample", "migrate"):
+        _object_store_args(sub.choices[name])
+    return parser
+
+
+def _add_store_parsers(sub) -> None:
+    """The sub-commands ingest, quarantine, fsck, upgrade, sample: a store's contents and health."""
     p = sub.add_parser("ingest", help="import DICOM files and folders into a store")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                    help="files or folders (searched recursively; DICOM recognised by its "
@@ -886,6 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True, type=Path, help="store directory")
     p.set_defaults(func=_cmd_sample)
 
+
+def _add_serve_parser(sub) -> None:
+    """The sub-commands serve: the HTTP image server."""
     p = sub.add_parser("serve", help="run the HTTP image server")
     p.add_argument("--store", required=True, type=Path, help="store directory")
     p.add_argument("--host", default="127.0.0.1",
@@ -914,6 +932,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the database; default 1)")
     p.set_defaults(func=_cmd_serve)
 
+
+def _add_user_parser(sub) -> None:
+    """The sub-commands user: users, groups and rights."""
     p = sub.add_parser("user", help="users, groups and rights")
     p.add_argument("action", choices=("add", "remove", "passwd", "groups", "grant", "list"))
     p.add_argument("name", nargs="?", help="user name (grant: a user, or @group)")
@@ -942,6 +963,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revoke", action="store_true", help="grant: remove the rule instead")
     p.set_defaults(func=_cmd_user_checked)
 
+
+def _add_tier_parsers(sub) -> None:
+    """The sub-commands migrate, prefetch: the archive tier and prior studies."""
     p = sub.add_parser("migrate", help="move old lossless layers and originals to the archive")
     p.add_argument("--store", required=True, type=Path, help="store directory")
     p.add_argument("--days", type=float, help="age in days (default: the site policy's)")
@@ -966,6 +990,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     p.set_defaults(func=_cmd_prefetch)
 
+
+def _add_record_parsers(sub) -> None:
+    """The sub-commands audit, versions: what was fetched, and the versions of the series."""
     p = sub.add_parser("audit", help="who fetched what, and when")
     p.add_argument("--store", required=True, type=Path, help="store directory")
     p.add_argument("--user")
@@ -982,13 +1009,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", help="one Series Instance UID")
     p.add_argument("--policy", type=Path, help="site policy file (TOML)")
     p.set_defaults(func=_cmd_versions)
-    _add_dimse_parsers(sub)
-    _add_convert_parser(sub)
-
-    _add_list_parser(sub)
-    for name in ("ingest", "fsck", "serve", "sample", "migrate"):
-        _object_store_args(sub.choices[name])
-    return parser
 
 
 def _object_store_args(p: argparse.ArgumentParser) -> None:

@@ -821,85 +821,22 @@ class Pacs:
         (completed, failed, warning, imported, duplicates, skipped).
         """
         from pynetdicom import evt
-        from .ingest import ingest_paths
 
         counts = {"completed": 0, "failed": 0, "warning": 0, "imported": 0,
                   "duplicates": 0, "skipped": 0, "errors": []}
-        lock = threading.Lock()
-        tmp = Path(store.root) / "incoming"
-        tmp.mkdir(exist_ok=True)
-
-        def on_store(event) -> int:
-            fd, name = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=tmp)
-            path = Path(name)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(event.encoded_dataset(include_meta=True))
-                with lock:
-                    rep = ingest_paths([path], store, verify=verify)
-                    counts["imported"] += len(rep.imported)
-                    counts["duplicates"] += len(rep.duplicates)
-                    counts["skipped"] += len(rep.skipped)
-                    counts["errors"] += [s.reason for s in rep.skipped]
-                return 0x0000 if (rep.imported or rep.duplicates) else 0xC000
-            finally:
-                path.unlink(missing_ok=True)
-
+        handlers = [(evt.EVT_C_STORE, _ingesting_handler(store, counts, verify))]
         ident = Dataset()
         ident.QueryRetrieveLevel = "STUDY"
         ident.StudyInstanceUID = study_uid
-        ae = self._ae()
+        server = None
         if via == "get":
-            from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role
-            from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get
-            ae.add_requested_context(Get)
-            # 127 contexts at most: the common image storage classes, every syntax
-            sops = _common_storage_classes()[:120]
-            roles = []
-            for sop in sops:
-                ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                                               *[t for t in ALL_TRANSFER_SYNTAXES
-                                                 if not _native(t)]][:64])
-                roles.append(build_role(sop, scp_role=True))
-            a = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
-            responses = a.send_c_get(ident, Get)
+            a, responses = self._start_get(ident, handlers)
         elif via == "move":
-            from pynetdicom import ALL_TRANSFER_SYNTAXES
-            from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move
-            if not listen_port:
-                raise DimseError("C-MOVE needs the port of our storage SCP (--listen-port), "
-                                 "as the PACS knows it for our AE title")
-            scp_ae = self._ae()
-            for sop in _storage_sop_classes():
-                scp_ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
-            scp_ae.require_calling_aet = [self.peer.ae_title]
-            server = scp_ae.start_server((listen_host, listen_port), block=False,
-                                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-            ae.add_requested_context(Move)
-            try:
-                a = self._associate(ae)
-            except DimseError:
-                server.shutdown()
-                raise
-            responses = a.send_c_move(ident, self.ae_title, Move)
+            a, responses, server = self._start_move(ident, handlers, listen_host, listen_port)
         else:
             raise ValueError(f"--via is move or get, not {via!r}")
         try:
-            final = None
-            for st, _ in responses:
-                if not st:
-                    raise DimseError("the peer did not answer the retrieve request")
-                done = int(getattr(st, "NumberOfCompletedSuboperations", 0) or 0)
-                failed = int(getattr(st, "NumberOfFailedSuboperations", 0) or 0)
-                warn = int(getattr(st, "NumberOfWarningSuboperations", 0) or 0)
-                left = int(getattr(st, "NumberOfRemainingSuboperations", 0) or 0)
-                if progress is not None:
-                    progress(done + failed + warn, done + failed + warn + left)
-                final = st
-                if cancel is not None and cancel.is_set() and st.Status in (0xFF00, 0xFF01):
-                    ctx_id = next(iter(a.accepted_contexts)).context_id
-                    a.send_c_cancel(1, ctx_id)
-                    cancel = None
+            final = _follow_retrieve(a, responses, progress, cancel)
             if final is not None:
                 counts["completed"] = int(getattr(final, "NumberOfCompletedSuboperations", 0) or 0)
                 counts["failed"] = int(getattr(final, "NumberOfFailedSuboperations", 0) or 0)
@@ -909,9 +846,102 @@ class Pacs:
                     raise DimseError(f"C-{via.upper()} failed: {_status_text(final)}")
         finally:
             a.release()
-            if via == "move":
+            if server is not None:
                 server.shutdown()
         return counts
+
+    def _start_get(self, ident: Dataset, handlers: list):
+        """C-GET of ``ident`` on one association that also takes the C-STOREs (the
+        common image storage classes, every syntax): (association, responses)."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES, build_role
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get
+
+        ae = self._ae()
+        ae.add_requested_context(Get)
+        # 127 contexts at most: the common image storage classes, every syntax
+        sops = _common_storage_classes()[:120]
+        roles = []
+        for sop in sops:
+            ae.add_requested_context(sop, [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                           *[t for t in ALL_TRANSFER_SYNTAXES
+                                             if not _native(t)]][:64])
+            roles.append(build_role(sop, scp_role=True))
+        a = self._associate(ae, ext_neg=roles, evt_handlers=handlers)
+        return a, a.send_c_get(ident, Get)
+
+    def _start_move(self, ident: Dataset, handlers: list, listen_host: str,
+                    listen_port: int | None):
+        """C-MOVE of ``ident`` to our own AE title, a temporary storage SCP (calling AE:
+        the PACS only) listening meanwhile: (association, responses, SCP server)."""
+        from pynetdicom import ALL_TRANSFER_SYNTAXES
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move
+
+        ae = self._ae()
+        if not listen_port:
+            raise DimseError("C-MOVE needs the port of our storage SCP (--listen-port), "
+                             "as the PACS knows it for our AE title")
+        scp_ae = self._ae()
+        for sop in _storage_sop_classes():
+            scp_ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
+        scp_ae.require_calling_aet = [self.peer.ae_title]
+        server = scp_ae.start_server((listen_host, listen_port), block=False,
+                                     evt_handlers=handlers)
+        ae.add_requested_context(Move)
+        try:
+            a = self._associate(ae)
+        except DimseError:
+            server.shutdown()
+            raise
+        return a, a.send_c_move(ident, self.ae_title, Move), server
+
+
+def _ingesting_handler(store, counts: dict, verify: bool):
+    """A C-STORE handler that ingests each received data set through the common ingest
+    path (one at a time) and adds the outcome to ``counts``."""
+    from .ingest import ingest_paths
+
+    lock = threading.Lock()
+    tmp = Path(store.root) / "incoming"
+    tmp.mkdir(exist_ok=True)
+
+    def on_store(event) -> int:
+        fd, name = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=tmp)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(event.encoded_dataset(include_meta=True))
+            with lock:
+                rep = ingest_paths([path], store, verify=verify)
+                counts["imported"] += len(rep.imported)
+                counts["duplicates"] += len(rep.duplicates)
+                counts["skipped"] += len(rep.skipped)
+                counts["errors"] += [s.reason for s in rep.skipped]
+            return 0x0000 if (rep.imported or rep.duplicates) else 0xC000
+        finally:
+            path.unlink(missing_ok=True)
+    return on_store
+
+
+def _follow_retrieve(a, responses, progress: ProgressFn | None,
+                     cancel: threading.Event | None):
+    """Read a C-GET / C-MOVE's pending responses (progress from their sub-operation
+    counts; C-CANCEL once ``cancel`` is set); the final status."""
+    final = None
+    for st, _ in responses:
+        if not st:
+            raise DimseError("the peer did not answer the retrieve request")
+        done = int(getattr(st, "NumberOfCompletedSuboperations", 0) or 0)
+        failed = int(getattr(st, "NumberOfFailedSuboperations", 0) or 0)
+        warn = int(getattr(st, "NumberOfWarningSuboperations", 0) or 0)
+        left = int(getattr(st, "NumberOfRemainingSuboperations", 0) or 0)
+        if progress is not None:
+            progress(done + failed + warn, done + failed + warn + left)
+        final = st
+        if cancel is not None and cancel.is_set() and st.Status in (0xFF00, 0xFF01):
+            ctx_id = next(iter(a.accepted_contexts)).context_id
+            a.send_c_cancel(1, ctx_id)
+            cancel = None
+    return final
 
 
 def _plain(elem) -> Any:

@@ -61,98 +61,17 @@ def make_guard(srv):
         request body (for the OpenAPI document)."""
         def deco(fn):
             async def endpoint(request: Request):
-                peer = peers.peer_of(request)
-                request.state.audit = {}
-                request.state.audit_deferred = False
-                request.state.target = None
-                who: dict = {"user": None, "session": None}
-                resolved: list = []
-
-                def fallback_resource():
-                    p = request.path_params
-                    return (p.get("slide") or p.get("series") or request.query_params.get("target")
-                            or p.get("study"))
-
-                async def audit(outcome: str, status: int, message: str | None = None):
-                    t = request.state.target
-                    query_ = {k: v for k, v in request.query_params.items()
-                              if k not in ("cid", "cclose")}
-                    detail = {"method": request.method, "path": request.url.path,
-                              **({"query": query_} if query_ else {}),
-                              **({"served": t.served()} if t is not None else {}),
-                              **request.state.audit, **({"error": message} if message else {})}
-                    resource = (t.resource if t is not None else None) or \
-                        (resolved[0] if resolved else None) or fallback_resource()
-                    try:
-                        await run_in_threadpool(
-                            srv.auth.audit, user=who["user"], session=who["session"], peer=peer,
-                            action=action, resource=resource, outcome=outcome, status=status,
-                            detail=detail)
-                    except Exception:  # noqa: BLE001 - the answer still goes out
-                        log.exception("audit failed for %s %s", request.method, request.url.path)
-
-                def target():
-                    t = resolve_target(srv, request.path_params, request.query_params)
-                    if scopes is not None and t.scopes is None:
-                        t.scopes = resolved[:] = [x for x in scopes(request) if x]
-                    request.state.target = t
-                    return t
-
+                call = GuardedCall(srv, request, action, scopes)
                 try:
-                    request.state.body = (await read_body(request)
-                                          if request.method in ("POST", "PUT") else b"")
-                    session, grant = await run_in_threadpool(
-                        srv.auth.authorize, _sid(request), action, target=target)
-                    who.update(user=session.user, session=session.serial)
-                    check_query(query, request.query_params)
-                    request.state.json = None
-                    if request.state.body and not request.headers.get(
-                            "content-type", "").startswith(("multipart/", "application/dicom")):
-                        try:
-                            request.state.json = parse_json(request.state.body)
-                        except InputError as e:        # "POST body must be JSON (...)"
-                            raise InputError(f"{request.method} {e}", e.field, e.status) from None
-                    request.state.session, request.state.grant = session, grant
+                    await call.admit(query)
                     response = await run_in_threadpool(fn, request)
                     if not request.state.audit_deferred:
-                        await audit("ok" if response.status_code < 400 else
-                                    "denied" if response.status_code in (401, 403) else "error",
-                                    response.status_code)
+                        status = response.status_code
+                        await call.audit("ok" if status < 400 else "denied"
+                                         if status in (401, 403) else "error", status)
                     return response
-                except AuthError as e:
-                    if e.session is not None:
-                        who.update(user=e.session.user, session=e.session.serial)
-                    await audit("denied", e.status, str(e))
-                    return error(e.status, str(e), **e.extra)
-                except (InputError, BadParam, NotFound) as e:
-                    session = getattr(e, "session", None)
-                    if session is not None:
-                        who.update(user=session.user, session=session.serial)
-                    await audit("not-found" if e.status == 404 else "error", e.status, str(e))
-                    return error(e.status, str(e), field=e.field)
-                except (RequestError, DiagnosisError) as e:
-                    session = getattr(e, "session", None)      # (raised resolving the path)
-                    if session is not None and who["user"] is None:
-                        who.update(user=session.user, session=session.serial)
-                    await audit("denied" if e.status == 403 else "error", e.status, str(e))
-                    return error(e.status, str(e), **e.extra)
-                except QueryError as e:
-                    await audit("error", 400, str(e))
-                    return error(400, str(e))
-                except StorageFull as e:                 # a full disk: writes only
-                    await audit("error", 507, str(e))
-                    return storage_full_error(e)
-                except (StoreError, CodestreamError, PolicyError) as e:
-                    log.error("store problem: %s", e)
-                    await audit("error", 500, str(e))
-                    return error(500, f"stored data is damaged or missing: {e}")
-                except Exception as e:  # noqa: BLE001 - never a traceback to the client
-                    log.exception("unhandled error in %s %s", request.method, request.url.path)
-                    session = getattr(e, "session", None)
-                    if isinstance(session, Session) and who["user"] is None:
-                        who.update(user=session.user, session=session.serial)
-                    await audit("error", 500, f"unhandled {type(e).__name__}")
-                    return error(500, "internal server error (logged and audited)")
+                except Exception as e:  # noqa: BLE001 - every failure is answered in JSON
+                    return await call.failure(e)
             endpoint.medview = {"action": action, "query": tuple(query), "body": body}
             endpoint.__doc__ = fn.__doc__
             endpoint.__name__ = fn.__name__
@@ -160,3 +79,111 @@ def make_guard(srv):
         return deco
 
     return guarded
+
+
+class GuardedCall:
+    """One request through the guard: who asks (known once the session is), the object
+    it is about, and its audit row."""
+
+    def __init__(self, srv, request: Request, action: str, scopes) -> None:
+        self.srv = srv
+        self.request = request
+        self.action = action
+        self.scopes = scopes
+        self.peer = peers.peer_of(request)
+        self.who: dict = {"user": None, "session": None}
+        self.resolved: list = []
+        request.state.audit = {}
+        request.state.audit_deferred = False
+        request.state.target = None
+
+    async def admit(self, query: tuple) -> None:
+        """Read the body, authorise the session on the object the path names, check the
+        query and parse a JSON body; leaves ``session``, ``grant``, ``target``, ``body``
+        and ``json`` on ``request.state``."""
+        request = self.request
+        request.state.body = (await read_body(request)
+                              if request.method in ("POST", "PUT") else b"")
+        session, grant = await run_in_threadpool(
+            self.srv.auth.authorize, _sid(request), self.action, target=self.target)
+        self.who.update(user=session.user, session=session.serial)
+        check_query(query, request.query_params)
+        request.state.json = None
+        if request.state.body and not request.headers.get(
+                "content-type", "").startswith(("multipart/", "application/dicom")):
+            try:
+                request.state.json = parse_json(request.state.body)
+            except InputError as e:        # "POST body must be JSON (...)"
+                raise InputError(f"{request.method} {e}", e.field, e.status) from None
+        request.state.session, request.state.grant = session, grant
+
+    def target(self):
+        """The object the path names, resolved against its parents (called by
+        :meth:`~server.auth.Authority.authorize` once the session is valid)."""
+        request = self.request
+        t = resolve_target(self.srv, request.path_params, request.query_params)
+        if self.scopes is not None and t.scopes is None:
+            t.scopes = self.resolved[:] = [x for x in self.scopes(request) if x]
+        request.state.target = t
+        return t
+
+    def fallback_resource(self):
+        p = self.request.path_params
+        return (p.get("slide") or p.get("series") or self.request.query_params.get("target")
+                or p.get("study"))
+
+    async def audit(self, outcome: str, status: int, message: str | None = None) -> None:
+        request = self.request
+        t = request.state.target
+        query_ = {k: v for k, v in request.query_params.items() if k not in ("cid", "cclose")}
+        detail = {"method": request.method, "path": request.url.path,
+                  **({"query": query_} if query_ else {}),
+                  **({"served": t.served()} if t is not None else {}),
+                  **request.state.audit, **({"error": message} if message else {})}
+        resource = (t.resource if t is not None else None) or \
+            (self.resolved[0] if self.resolved else None) or self.fallback_resource()
+        try:
+            await run_in_threadpool(
+                self.srv.auth.audit, user=self.who["user"], session=self.who["session"],
+                peer=self.peer, action=self.action, resource=resource, outcome=outcome,
+                status=status, detail=detail)
+        except Exception:  # noqa: BLE001 - the answer still goes out
+            log.exception("audit failed for %s %s", request.method, request.url.path)
+
+    def note_session(self, e: Exception, *, unless_known: bool = False) -> None:
+        """Who asked, from a failure that carries the session (raised after it was
+        checked)."""
+        session = getattr(e, "session", None)
+        if isinstance(session, Session) and not (unless_known and self.who["user"] is not None):
+            self.who.update(user=session.user, session=session.serial)
+
+    async def failure(self, e: Exception):
+        """The JSON error of a failure, audited: its status, and for an unexpected one
+        a 500 without details (logged)."""
+        request = self.request
+        if isinstance(e, AuthError):
+            self.note_session(e)
+            await self.audit("denied", e.status, str(e))
+            return error(e.status, str(e), **e.extra)
+        if isinstance(e, (InputError, BadParam, NotFound)):
+            self.note_session(e)
+            await self.audit("not-found" if e.status == 404 else "error", e.status, str(e))
+            return error(e.status, str(e), field=e.field)
+        if isinstance(e, (RequestError, DiagnosisError)):
+            self.note_session(e, unless_known=True)      # (raised resolving the path)
+            await self.audit("denied" if e.status == 403 else "error", e.status, str(e))
+            return error(e.status, str(e), **e.extra)
+        if isinstance(e, QueryError):
+            await self.audit("error", 400, str(e))
+            return error(400, str(e))
+        if isinstance(e, StorageFull):                 # a full disk: writes only
+            await self.audit("error", 507, str(e))
+            return storage_full_error(e)
+        if isinstance(e, (StoreError, CodestreamError, PolicyError)):
+            log.error("store problem: %s", e)
+            await self.audit("error", 500, str(e))
+            return error(500, f"stored data is damaged or missing: {e}")
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=e)
+        self.note_session(e, unless_known=True)
+        await self.audit("error", 500, f"unhandled {type(e).__name__}")
+        return error(500, "internal server error (logged and audited)")

@@ -481,6 +481,28 @@ def check_header(ds, limits: IngestLimits) -> dict[str, int]:
     """Refuse (``_Skip``) a header whose pixel description contradicts its pixel data or
     exceeds the site limits; nothing is decoded. Returns rows, columns, frames, samples,
     bits_allocated."""
+    rows, cols, spp, ba, frames = _pixel_description(ds)
+    _check_limits(rows, cols, spp, ba, frames, limits)
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    elem = ds.get_item(0x7FE00010)
+    value = getattr(elem, "value", None)
+    undefined = getattr(elem, "length", None) == 0xFFFFFFFF
+    encapsulated = bool(ts is not None and getattr(ts, "is_encapsulated", False))
+    if value is None:
+        raise _Skip("Pixel Data element is empty", REFUSED)
+    what = (f"Rows {rows} x Columns {cols} x {frames} frame{'s' if frames != 1 else ''} x "
+            f"{spp} sample{'s' if spp != 1 else ''} x {ba} bits")
+    if not encapsulated:
+        _check_native_pixels(ds, value, undefined, ts, what)
+    else:
+        _check_encapsulated_pixels(ds, value, ts, rows, cols, spp, ba, frames, what)
+    return {"rows": rows, "columns": cols, "frames": frames, "samples": spp,
+            "bits_allocated": ba}
+
+
+def _pixel_description(ds) -> tuple[int, int, int, int, int]:
+    """(Rows, Columns, SamplesPerPixel, BitsAllocated, frames) of a header, each
+    possible (``_Skip`` otherwise)."""
     rows = _header_int(ds, "Rows")
     cols = _header_int(ds, "Columns")
     spp = _header_int(ds, "SamplesPerPixel", 1)
@@ -499,10 +521,14 @@ def check_header(ds, limits: IngestLimits) -> dict[str, int]:
     bs = _get(ds, "BitsStored")
     if bs not in (None, "") and _header_int(ds, "BitsStored") > ba:
         raise _Skip(f"BitsStored {bs} is more than BitsAllocated {ba}", REFUSED)
+    return rows, cols, spp, ba, frames
 
+
+def _check_limits(rows: int, cols: int, spp: int, ba: int, frames: int,
+                  limits: IngestLimits) -> None:
+    """The site limits (frames, pixels per frame, decoded bytes), before any decoding."""
     pixels = rows * cols
-    sample_bytes = max(1, ba // 8)
-    decoded = pixels * spp * sample_bytes * frames
+    decoded = pixels * spp * max(1, ba // 8) * frames
     if frames > limits.max_frames:
         raise _Skip(f"too many frames: NumberOfFrames {frames} exceeds the site limit "
                     f"max_frames = {limits.max_frames} (not decoded)", REFUSED)
@@ -514,71 +540,67 @@ def check_header(ds, limits: IngestLimits) -> dict[str, int]:
         raise _Skip(f"too much pixel data: {decoded} decoded bytes exceeds the site limit "
                     f"max_decoded_bytes = {limits.max_decoded_bytes} (not decoded)", REFUSED)
 
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    elem = ds.get_item(0x7FE00010)
-    value = getattr(elem, "value", None)
-    undefined = getattr(elem, "length", None) == 0xFFFFFFFF
-    encapsulated = bool(ts is not None and getattr(ts, "is_encapsulated", False))
-    if value is None:
-        raise _Skip("Pixel Data element is empty", REFUSED)
-    what = (f"Rows {rows} x Columns {cols} x {frames} frame{'s' if frames != 1 else ''} x "
-            f"{spp} sample{'s' if spp != 1 else ''} x {ba} bits")
-    if not encapsulated:
-        if undefined:
-            raise _Skip("encapsulated (undefined length) Pixel Data under the native "
-                        f"transfer syntax {ts}", REFUSED)
-        from pydicom.pixels.utils import get_expected_length
 
-        try:
-            expected = int(get_expected_length(ds, "bytes"))
-        except Exception as e:  # noqa: BLE001
-            raise _Skip(f"cannot size the pixel data: {type(e).__name__}: {e}",
-                        REFUSED) from None
-        have = len(value)
-        if have != expected and not (expected % 2 == 1 and have == expected + 1):
-            raise _Skip(f"geometry does not match the pixel data: {what} = {expected} "
-                        f"bytes, Pixel Data holds {have} bytes (refused, not "
-                        "reinterpreted)", REFUSED)
-    else:
-        from pydicom.encaps import parse_basic_offsets, parse_fragments
+def _check_native_pixels(ds, value, undefined: bool, ts, what: str) -> None:
+    """Native Pixel Data holds exactly what the header describes (one pad byte allowed)."""
+    if undefined:
+        raise _Skip("encapsulated (undefined length) Pixel Data under the native "
+                    f"transfer syntax {ts}", REFUSED)
+    from pydicom.pixels.utils import get_expected_length
 
-        if not (isinstance(value, (bytes, bytearray)) and value[:4] == b"\xfe\xff\x00\xe0"):
-            raise _Skip(f"transfer syntax {ts.name} needs encapsulated Pixel Data; the "
-                        "element is not (refused, not reinterpreted)", REFUSED)
-        try:
-            buf = io.BytesIO(value)
-            bot = parse_basic_offsets(buf)
-            nfrag, _offsets = parse_fragments(buf)
-        except Exception as e:  # noqa: BLE001
-            raise _Skip(f"encapsulated Pixel Data is damaged: {type(e).__name__}: {e}",
-                        REFUSED) from None
-        eot = _get(ds, "ExtendedOffsetTable")
-        if eot:
-            if len(eot) // 8 != frames:
-                raise _Skip(f"geometry does not match the pixel data: {what}, the extended "
-                            f"offset table lists {len(eot) // 8} frames", REFUSED)
-        elif bot and len(bot) != frames:
-            raise _Skip(f"geometry does not match the pixel data: {what}, the basic offset "
-                        f"table lists {len(bot)} frames", REFUSED)
-        if nfrag < frames:
-            raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
-                        f"Pixel Data holds {nfrag} fragment{'s' if nfrag != 1 else ''}",
-                        REFUSED)
-        starts = _frame_starts(value, _offsets, str(ts))
-        if starts is not None and starts != frames:
-            raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
-                        f"Pixel Data holds {starts} compressed frame"
-                        f"{'s' if starts != 1 else ''}", REFUSED)
-        if str(ts) == _RLE:
-            _check_rle(value, _offsets, rows * cols, spp * sample_bytes, what)
-        for n, o in enumerate(_offsets, start=1):
-            size = _codestream_size(value, o)
-            if size is not None and size != (rows, cols):
-                raise _Skip(f"geometry does not match the pixel data: {what}, fragment {n} "
-                            f"holds a {size[0]} x {size[1]} codestream (refused before "
-                            "decoding)", REFUSED)
-    return {"rows": rows, "columns": cols, "frames": frames, "samples": spp,
-            "bits_allocated": ba}
+    try:
+        expected = int(get_expected_length(ds, "bytes"))
+    except Exception as e:  # noqa: BLE001
+        raise _Skip(f"cannot size the pixel data: {type(e).__name__}: {e}",
+                    REFUSED) from None
+    have = len(value)
+    if have != expected and not (expected % 2 == 1 and have == expected + 1):
+        raise _Skip(f"geometry does not match the pixel data: {what} = {expected} "
+                    f"bytes, Pixel Data holds {have} bytes (refused, not "
+                    "reinterpreted)", REFUSED)
+
+
+def _check_encapsulated_pixels(ds, value, ts, rows: int, cols: int, spp: int, ba: int,
+                               frames: int, what: str) -> None:
+    """Encapsulated Pixel Data: one offset table entry, one fragment and one codestream
+    start per frame, RLE segments of the right size, codestreams of the header's size."""
+    from pydicom.encaps import parse_basic_offsets, parse_fragments
+
+    if not (isinstance(value, (bytes, bytearray)) and value[:4] == b"\xfe\xff\x00\xe0"):
+        raise _Skip(f"transfer syntax {ts.name} needs encapsulated Pixel Data; the "
+                    "element is not (refused, not reinterpreted)", REFUSED)
+    try:
+        buf = io.BytesIO(value)
+        bot = parse_basic_offsets(buf)
+        nfrag, _offsets = parse_fragments(buf)
+    except Exception as e:  # noqa: BLE001
+        raise _Skip(f"encapsulated Pixel Data is damaged: {type(e).__name__}: {e}",
+                    REFUSED) from None
+    eot = _get(ds, "ExtendedOffsetTable")
+    if eot:
+        if len(eot) // 8 != frames:
+            raise _Skip(f"geometry does not match the pixel data: {what}, the extended "
+                        f"offset table lists {len(eot) // 8} frames", REFUSED)
+    elif bot and len(bot) != frames:
+        raise _Skip(f"geometry does not match the pixel data: {what}, the basic offset "
+                    f"table lists {len(bot)} frames", REFUSED)
+    if nfrag < frames:
+        raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
+                    f"Pixel Data holds {nfrag} fragment{'s' if nfrag != 1 else ''}",
+                    REFUSED)
+    starts = _frame_starts(value, _offsets, str(ts))
+    if starts is not None and starts != frames:
+        raise _Skip(f"geometry does not match the pixel data: {what}, the encapsulated "
+                    f"Pixel Data holds {starts} compressed frame"
+                    f"{'s' if starts != 1 else ''}", REFUSED)
+    if str(ts) == _RLE:
+        _check_rle(value, _offsets, rows * cols, spp * max(1, ba // 8), what)
+    for n, o in enumerate(_offsets, start=1):
+        size = _codestream_size(value, o)
+        if size is not None and size != (rows, cols):
+            raise _Skip(f"geometry does not match the pixel data: {what}, fragment {n} "
+                        f"holds a {size[0]} x {size[1]} codestream (refused before "
+                        "decoding)", REFUSED)
 
 
 _RLE = "1.2.840.10008.1.2.5"
@@ -1412,20 +1434,56 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
     operating-system user). Never raises for a bad input file.
     """
     files = list(iter_files(paths))
-    total = len(files)
-    report = IngestReport()
-    emit = log or (lambda _msg: None)
     if limits is None:
         limits = IngestLimits.for_store(store.root)
     close_audit: Callable[[], None] = lambda: None
     if audit is None:
         audit, close_audit = store_auditor(store, user)
+    run = _IngestRun(store, len(files), log or (lambda _msg: None), progress, audit)
+    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
+    workers = max(1, int(workers)) if workers is not None else \
+        max(2, min(8, os.cpu_count() or 2))
+    window = 2 * workers
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
+            pending: collections.deque[Future] = collections.deque()
+            for path in files:
+                pending.append(pool.submit(_analyse, path, store, verify, limits))
+                while len(pending) >= window:
+                    run.finish(pending.popleft().result())
+            while pending:
+                run.finish(pending.popleft().result())
+            run.flush()
+    finally:
+        close_audit()
+    from .policy_copies import after_ingest     # final copies, if [codec] on_ingest (H1)
 
-    def done() -> int:
-        return (len(report.imported) + len(report.duplicates) + len(report.skipped)
-                + len(report.quarantined))
+    after_ingest(store, [f.sop_instance_uid for f in run.report.imported], log_fn=log)
+    return run.report
 
-    def record(result: ImportedFile | DuplicateFile | SkippedFile | QuarantinedFile) -> None:
+
+class _IngestRun:
+    """The calling thread's side of :func:`ingest_paths`: analysed files gathered into
+    commit batches, each outcome settled (a conflict quarantined), reported and logged."""
+
+    def __init__(self, store: Store, total: int, emit: LogFn, progress: ProgressFn | None,
+                 audit: AuditFn) -> None:
+        self.store = store
+        self.total = total
+        self.emit = emit
+        self.progress = progress
+        self.audit = audit
+        self.report = IngestReport()
+        self.batch: list[_Prepared] = []
+        self.held = 0                               # bytes held by the batch
+
+    def done(self) -> int:
+        r = self.report
+        return len(r.imported) + len(r.duplicates) + len(r.skipped) + len(r.quarantined)
+
+    def record(self, result: ImportedFile | DuplicateFile | SkippedFile | QuarantinedFile
+               ) -> None:
+        report, emit = self.report, self.emit
         if isinstance(result, ImportedFile):
             report.imported.append(result)
             flags = f"; FLAGGED: {'; '.join(result.flags)}" if result.flags else ""
@@ -1442,63 +1500,43 @@ def ingest_paths(paths: Iterable[str | Path], store: Store, log: LogFn | None = 
         else:
             report.skipped.append(result)
             emit(f"skipped   {result.path}: {result.reason}")
-        if progress is not None:
-            progress(done(), total)
+        if self.progress is not None:
+            self.progress(self.done(), self.total)
 
-    batch: list[_Prepared] = []
-    held = [0]                                  # bytes held by the batch
-
-    def settle(result) -> None:
+    def settle(self, result) -> None:
         if isinstance(result, _Conflict):
-            result = _quarantine(result, store, audit)
-        record(result)
+            result = _quarantine(result, self.store, self.audit)
+        self.record(result)
 
-    def flush() -> None:
-        items = batch[:]
-        batch.clear()
-        held[0] = 0
+    def flush(self) -> None:
+        """Commit the batch (:func:`_commit_batch`) and settle its files."""
+        items = self.batch[:]
+        self.batch.clear()
+        self.held = 0
         if not items:
             return
         try:
-            results = _commit_batch(items, store)
+            results = _commit_batch(items, self.store)
         except Exception as e:  # noqa: BLE001 - e.g. catalogue locked for too long
             results = [SkippedFile(p.path, f"cannot store: {type(e).__name__}: {e}", ERROR)
                        for p in items]
         for r in results:
-            settle(r)
+            self.settle(r)
 
-    def finish(result: _Result) -> None:
+    def finish(self, result: _Result) -> None:
+        """One analysed file: a prepared one joins the batch (committed when full);
+        anything else is settled now (a conflict after the batch, which may hold its
+        stored twin)."""
         if isinstance(result, _Prepared):
-            batch.append(result)
-            held[0] += len(result.data) + sum(len(f.codestream) + len(f.index_json)
-                                              for f in result.frames)
-            if len(batch) >= COMMIT_BATCH_FILES or held[0] >= COMMIT_BATCH_BYTES:
-                flush()
+            self.batch.append(result)
+            self.held += len(result.data) + sum(len(f.codestream) + len(f.index_json)
+                                                for f in result.frames)
+            if len(self.batch) >= COMMIT_BATCH_FILES or self.held >= COMMIT_BATCH_BYTES:
+                self.flush()
             return
         if isinstance(result, _Conflict):
-            flush()                     # its stored twin may be in the batch
-        settle(result)
-
-    # OpenJPEG runs without the interpreter lock: a thread per core (at least 2, at most 8)
-    workers = max(1, int(workers)) if workers is not None else \
-        max(2, min(8, os.cpu_count() or 2))
-    window = 2 * workers
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ingest") as pool:
-            pending: collections.deque[Future] = collections.deque()
-            for path in files:
-                pending.append(pool.submit(_analyse, path, store, verify, limits))
-                while len(pending) >= window:
-                    finish(pending.popleft().result())
-            while pending:
-                finish(pending.popleft().result())
-            flush()
-    finally:
-        close_audit()
-    from .policy_copies import after_ingest     # final copies, if [codec] on_ingest (H1)
-
-    after_ingest(store, [f.sop_instance_uid for f in report.imported], log_fn=log)
-    return report
+            self.flush()                     # its stored twin may be in the batch
+        self.settle(result)
 
 
 # Public names of the pipeline's parts (server.quarantine resolves entries with them).

@@ -12,7 +12,7 @@ from starlette.routing import Route
 from . import peers, policy_routes
 from .responses import json_response
 from .inputs import Param
-from .packets import (RequestError, declare_from_body, parse_request, plan,
+from .packets import (ImageSource, Plan, RequestError, declare_from_body, parse_request, plan,
                       resolve_model, stream)
 
 log = logging.getLogger("medview.server")
@@ -22,43 +22,63 @@ _PRIVATE_KEYS = {"codestream_relpath", "codestream_sha256", "index_relpath", "in
                  "original_relpath", "original_sha256"}
 
 
-def routes(srv, guarded) -> list[Route]:
-    @guarded("metadata")
-    def series_images(request: Request):
-        """Per-image facts of a series: only of the images the user's grant allows; an
-        image beyond the grant keeps its place in the list (its index is its packet
-        component number) with ``"allowed": false`` and only the shape a viewer lays out
-        (Rows, Columns, numres, nlayers, ncomp; 0 bytes), under a key that is not the
-        image's own (which names its SOP Instance UID)."""
-        uid = request.state.target.series
-        info = request.state.target.series_row
-        allowed = request.state.grant.images
-        rows = srv.facts.images(uid)
-        srcs = {s.csn: s for s in srv.sources(uid)}
-        images = []
-        for r in rows:
-            ix = srcs[r["index"]].index
-            if allowed is not None and r["index"] not in allowed:
-                # its place and the shape a viewer lays out (size, resolutions, layers),
-                # nothing of the image: no UID (its own key names its SOP Instance UID),
-                # no geometry, no values; 0 bytes, as nothing of it will be sent
-                images.append({"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
-                               "allowed": False, "Rows": r["Rows"], "Columns": r["Columns"],
-                               "numres": ix.numres, "nlayers": ix.nlayers, "ncomp": ix.ncomp,
-                               "total_bytes": 0, "layer_bytes": [0] * ix.nlayers,
-                               "hot_layers": None})
-                continue
-            d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
-            d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
-                     total_bytes=ix.total_bytes, key=srcs[r["index"]].key,
-                     layer_bytes=[ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)],
-                     hot_layers=srcs[r["index"]].hot_layers)
-            images.append(d)
-        extra = policy_routes.series_policy(srv, uid, request.state.session,
-                                            request.state.grant, policy_routes.peer_of(request))
-        return json_response(request, {"series": info, "images": images, **extra})
+def stream_headers(p: Plan, session) -> tuple[str, dict[str, str]]:
+    """The media type and headers of a packet stream (series, slabs and slides alike):
+    the framed protocol or a bare JPP-stream, the session's channel, the bytes announced
+    and the target's total."""
+    media = "application/x-medview-jpp" if p.request.framing == "mv" else "image/jpp-stream"
+    return media, {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
+                   "X-Bytes-Total": str(p.total_bytes)}
 
-    jpip_params = (
+
+def routes(srv, guarded) -> list[Route]:
+    """The packet routes of a series, each wrapped by ``guarded`` (see :mod:`server.app`)."""
+    return PacketRoutes(srv, guarded).routes()
+
+
+def image_entry(r: dict, src: ImageSource) -> dict:
+    """The facts of one image of the list (private store paths and checksums left out)
+    with its codestream's shape, bytes per layer and hot layers."""
+    ix = src.index
+    d = {k: v for k, v in r.items() if k not in _PRIVATE_KEYS}
+    d.update(numres=ix.numres, nlayers=ix.nlayers, ncomp=ix.ncomp,
+             total_bytes=ix.total_bytes, key=src.key,
+             layer_bytes=[ix.bytes_at(q + 1, ix.numres - 1) for q in range(ix.nlayers)],
+             hot_layers=src.hot_layers)
+    return d
+
+
+def hidden_entry(uid: str, r: dict, src: ImageSource) -> dict:
+    """An image beyond the grant: its place and the shape a viewer lays out (size,
+    resolutions, layers), nothing of the image: no UID (its own key names its SOP
+    Instance UID), no geometry, no values; 0 bytes, as nothing of it will be sent."""
+    ix = src.index
+    return {"index": r["index"], "key": f"{uid}#beyond-rights/{r['index']}",
+            "allowed": False, "Rows": r["Rows"], "Columns": r["Columns"],
+            "numres": ix.numres, "nlayers": ix.nlayers, "ncomp": ix.ncomp,
+            "total_bytes": 0, "layer_bytes": [0] * ix.nlayers, "hot_layers": None}
+
+
+def audited_stream(srv, body, detail: dict, who: dict, target: str):
+    """The packet stream, then its audit row: who fetched what of which target (series
+    or slide), and how many bytes actually left (also when the client went away)."""
+    outcome = "incomplete"          # the client went away, or the server stopped
+    try:
+        yield from body
+        outcome = "ok" if detail.get("reason") == "complete" else detail.get("reason")
+    finally:
+        try:
+            srv.auth.audit(action="fetch", resource=target, outcome=outcome, status=200,
+                           detail=detail, **who)
+        except Exception:  # noqa: BLE001 - never turn a finished stream into an error
+            log.exception("audit of a packet stream failed")
+
+
+class PacketRoutes:
+    """The packet routes of a series, one method per handler, each wrapped by
+    ``guarded`` in :meth:`routes`."""
+
+    JPIP_QUERY = (
         Param("target", "str", "Series Instance UID", required=True),
         Param("comps", "str", "image ranges, e.g. 0-9,12"),
         Param("layers", "int", "quality layers", lo=1),
@@ -71,8 +91,42 @@ def routes(srv, guarded) -> list[Route]:
         Param("type", "str"), Param("version", "str", "version name or auto"),
         Param("quality", "int", "0-100", hi=100), Param("purpose", "str"))
 
-    @guarded("fetch", query=jpip_params, body={"type": "object"})
-    def jpip(request: Request):
+    def __init__(self, srv, guarded) -> None:
+        self.srv = srv
+        self.guarded = guarded
+
+    def routes(self) -> list[Route]:
+        """The route table, each handler wrapped by ``guarded``."""
+        g = self.guarded
+        return [
+            Route("/api/series/{series}/images", g("metadata")(self.series_images)),
+            Route("/jpip", g("fetch", query=self.JPIP_QUERY, body={"type": "object"})(self.jpip),
+                  methods=["GET", "POST"]),
+        ]
+
+    def series_images(self, request: Request):
+        """Per-image facts of a series: only of the images the user's grant allows; an
+        image beyond the grant keeps its place in the list (its index is its packet
+        component number) with ``"allowed": false`` and only the shape a viewer lays out
+        (Rows, Columns, numres, nlayers, ncomp; 0 bytes), under a key that is not the
+        image's own (which names its SOP Instance UID)."""
+        srv = self.srv
+        uid = request.state.target.series
+        info = request.state.target.series_row
+        allowed = request.state.grant.images
+        rows = srv.facts.images(uid)
+        srcs = {s.csn: s for s in srv.sources(uid)}
+        images = []
+        for r in rows:
+            hidden = allowed is not None and r["index"] not in allowed
+            src = srcs[r["index"]]
+            images.append(hidden_entry(uid, r, src) if hidden else image_entry(r, src))
+        extra = policy_routes.series_policy(srv, uid, request.state.session,
+                                            request.state.grant, policy_routes.peer_of(request))
+        return json_response(request, {"series": info, "images": images, **extra})
+
+    def jpip(self, request: Request):
+        srv = self.srv
         q = dict(request.query_params)
         req = parse_request(q)
         session = request.state.session
@@ -83,18 +137,12 @@ def routes(srv, guarded) -> list[Route]:
         if request.method == "POST":
             declare_from_body(request.state.body, model)
         versions = srv.versions.get(req.target)
-        auto = None
-        if req.version == "auto":
-            auto = policy_routes.auto_choice(srv, session, request.state.grant, versions,
-                                             policy_routes.peer_of(request))
-            req.version = auto.version
+        auto = policy_routes.auto_version(srv, request, req, versions)
         p = plan(req, sources, model, request.state.grant, versions)
         if auto is not None and p.version is not None:
             p.version["auto"] = auto.reasons
             p.version["why"], p.version["facts"] = auto.why, auto.facts
-        media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
-        headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
-                   "X-Bytes-Total": str(p.total_bytes)}
+        media, headers = stream_headers(p, session)
         if req.framing == "jpp":        # JPIP: a channel only when one was asked for
             headers.pop("JPIP-cnew")
         headers.update(jpip_headers)
@@ -105,26 +153,6 @@ def routes(srv, guarded) -> list[Route]:
                   "recall": p.recall}
         who = dict(user=session.user, session=session.serial,
                    peer=peers.peer_of(request))
-        return StreamingResponse(_audited(stream(p, model, stats=detail), detail, who,
-                                          req.target), media_type=media, headers=headers)
-
-    def _audited(body, detail: dict, who: dict, target: str):
-        """The packet stream, then its audit row: who fetched what of which series, and
-        how many bytes actually left (also when the client went away)."""
-        outcome = "incomplete"          # the client went away, or the server stopped
-        try:
-            yield from body
-            outcome = "ok" if detail.get("reason") == "complete" else detail.get("reason")
-        finally:
-            try:
-                srv.auth.audit(action="fetch", resource=target, outcome=outcome, status=200,
-                               detail=detail, **who)
-            except Exception:  # noqa: BLE001 - never turn a finished stream into an error
-                log.exception("audit of a packet stream failed")
-
-    srv.audited_stream = _audited          # the slide packet route audits the same way
-
-    return [
-        Route("/api/series/{series}/images", series_images),
-        Route("/jpip", jpip, methods=["GET", "POST"]),
-    ]
+        return StreamingResponse(audited_stream(srv, stream(p, model, stats=detail), detail,
+                                                who, req.target),
+                                 media_type=media, headers=headers)

@@ -612,26 +612,58 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
     ``grant`` (from :meth:`server.auth.Authority.authorize`) is enforced here: a
     request beyond it raises :class:`RequestError` with status 403 and the maximum
     allowed in its body. ``versions`` (a :class:`~server.policy.SeriesVersions`)
-    resolves version/quality/purpose requests and caps layers by the status matrix."""
+    resolves version/quality/purpose requests and caps layers by the status matrix.
+
+    The steps: the version asked for (:func:`resolve_version`), the images
+    (:func:`select_images`), each image's resolution and layers (:func:`image_targets`),
+    the rights (:func:`enforce`), the packets the session lacks (:func:`missing_packets`),
+    the send order written as data (:func:`send_order`), then the increments and the
+    recommendations after each consistent set (:func:`build_increments`)."""
     version = resolve_version(req, versions)
-    if req.comps is None:
-        images = list(series)
-    else:
-        bad = [c for c in req.comps if c >= len(series)]
-        if bad:
-            raise RequestError(
-                f"comps out of range: the series has {len(series)} images (0-{len(series) - 1})",
-                status=416, max_comp=len(series) - 1)
-        images = [series[c] for c in req.comps]
+    images = select_images(req, series)
     if req.region is not None and req.fsiz is not None and req.framing == "jpp" and images:
-        # JPIP C.4.3: roff/rsiz are in the frame of the requested fsiz; map them to the
-        # full-resolution pixels used below (the series' images share one size)
-        ix0 = images[0].index
-        sx, sy = ix0.width / req.fsiz[0], ix0.height / req.fsiz[1]
-        x, y, w, h = req.region
-        x0, y0 = int(x * sx), int(y * sy)
-        req.region = (x0, y0, max(1, math.ceil((x + w) * sx) - x0),
-                      max(1, math.ceil((y + h) * sy) - y0))
+        req.region = region_at_full_resolution(req.region, req.fsiz, images[0].index)
+    res, layers = image_targets(req, images)
+    if grant is not None:
+        enforce(grant, req, images, len(series), res, layers, versions)
+    units, need_headers = missing_packets(images, res, layers, req.region, model)
+    keys = send_order(req.order, [im.csn for im in images], res, layers)
+    increments, recs = build_increments(req.order, keys, units, need_headers, images, res,
+                                        layers)
+    total = sum(im.index.total_bytes for im in images)
+    sent = sum(inc.nbytes for inc in increments)
+    return Plan(req, images, res, layers, increments, total, sent, recs, version,
+                recall_needed(increments, images))
+
+
+def select_images(req: PacketRequest, series: list[ImageSource]) -> list[ImageSource]:
+    """The images a request names (``comps``; every image when it names none)."""
+    if req.comps is None:
+        return list(series)
+    bad = [c for c in req.comps if c >= len(series)]
+    if bad:
+        raise RequestError(
+            f"comps out of range: the series has {len(series)} images (0-{len(series) - 1})",
+            status=416, max_comp=len(series) - 1)
+    return [series[c] for c in req.comps]
+
+
+def region_at_full_resolution(region: tuple[int, int, int, int], fsiz: tuple[int, int],
+                              ix: PacketIndex) -> tuple[int, int, int, int]:
+    """JPIP C.4.3: in a JPP-stream request with ``fsiz``, roff/rsiz are in the frame of
+    the requested fsiz; the same region in full-resolution pixels (outward; the images
+    of a series share one size)."""
+    sx, sy = ix.width / fsiz[0], ix.height / fsiz[1]
+    x, y, w, h = region
+    x0, y0 = int(x * sx), int(y * sy)
+    return (x0, y0, max(1, math.ceil((x + w) * sx) - x0), max(1, math.ceil((y + h) * sy) - y0))
+
+
+def image_targets(req: PacketRequest, images: list[ImageSource]
+                  ) -> tuple[dict[int, int], dict[int, int]]:
+    """Per image (by csn): the resolution index to reach (``fsiz``, else ``reduce``, else
+    full) and the number of quality layers (``layers``, else all); a request beyond
+    what the images have is refused (416, naming the maximum)."""
     res: dict[int, int] = {}
     layers: dict[int, int] = {}
     for im in images:
@@ -655,11 +687,19 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
             if x >= ix.width or y >= ix.height:
                 raise RequestError(f"region offset {x},{y} is outside the {ix.width}x{ix.height} image",
                                    status=416, width=ix.width, height=ix.height)
-    if grant is not None:
-        enforce(grant, req, images, len(series), res, layers, versions)
+    return res, layers
 
-    # per image: packets wanted per (layer, res), minus what the session holds
-    units: dict[tuple[int, int, int], tuple[list, int]] = {}
+
+# (csn, layer, resolution) -> (packets (comp, res, prec, layer), their bytes)
+Units = dict[tuple[int, int, int], tuple[list, int]]
+
+
+def missing_packets(images: list[ImageSource], res: dict[int, int], layers: dict[int, int],
+                    region: tuple[int, int, int, int] | None, model: CacheModel
+                    ) -> tuple[Units, set[int]]:
+    """Per image, the packets wanted per (layer, resolution) minus what the session
+    holds (``model``), and the images whose headers the session lacks."""
+    units: Units = {}
     need_headers: set[int] = set()
     for im in images:
         ix = im.index
@@ -669,8 +709,8 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
         lengths = ix.packet_lengths_by_bin()
         for c in range(ix.ncomp):
             for r in range(res[im.csn] + 1):
-                if req.region is not None:
-                    x, y, w, h = req.region
+                if region is not None:
+                    x, y, w, h = region
                     precs = ix.precincts_for_region(c, r, x, y, x + w, y + h)
                 else:
                     precs = range(ix.num_precincts(c, r))
@@ -680,17 +720,33 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
                         pk, n = units.setdefault((im.csn, l, r), ([], 0))
                         pk.append((c, r, p, l))
                         units[(im.csn, l, r)] = (pk, n + lengths[b][l])
+    return units, need_headers
 
-    csns = [im.csn for im in images]
+
+def send_order(order: str, csns: list[int], res: dict[int, int], layers: dict[int, int]
+               ) -> list[tuple[int, int, int]]:
+    """The progression as data: the (csn, layer, resolution) steps in the order they are
+    sent. ``quality``: every image at layer 1 (coarse to fine), then layer 2 …;
+    ``resolution``: every layer of resolution 0, then resolution 1 …; ``image``: image
+    by image. Steps beyond an image's own layers or resolution are skipped later."""
     maxres = max(res.values(), default=0)
     maxlay = max(layers.values(), default=0)
-    if req.order == "quality":
-        keys = [(i, l, r) for l in range(maxlay) for r in range(maxres + 1) for i in csns]
-    elif req.order == "resolution":
-        keys = [(i, l, r) for r in range(maxres + 1) for l in range(maxlay) for i in csns]
-    else:
-        keys = [(i, l, r) for i in csns for l in range(maxlay) for r in range(maxres + 1)]
+    if order == "quality":
+        return [(i, l, r) for l in range(maxlay) for r in range(maxres + 1) for i in csns]
+    if order == "resolution":
+        return [(i, l, r) for r in range(maxres + 1) for l in range(maxlay) for i in csns]
+    return [(i, l, r) for i in csns for l in range(maxlay) for r in range(maxres + 1)]
 
+
+def build_increments(order: str, keys: list[tuple[int, int, int]], units: Units,
+                     need_headers: set[int], images: list[ImageSource],
+                     res: dict[int, int], layers: dict[int, int]
+                     ) -> tuple[list[Increment], dict[int, dict]]:
+    """The increments of the steps ``keys`` (an image's headers ride with its first
+    increment) and a recommendation after each consistent set: a (layer, resolution)
+    reached by every image, or an image finished (``image`` order)."""
+    maxres = max(res.values(), default=0)
+    maxlay = max(layers.values(), default=0)
     increments: list[Increment] = []
     recs: dict[int, dict] = {}
     by_csn = {im.csn: im for im in images}
@@ -706,25 +762,26 @@ def plan(req: PacketRequest, series: list[ImageSource], model: CacheModel,
             nbytes += header_bytes(by_csn[i].index)
         if pk or hdr:
             increments.append(Increment(i, l, r, hdr, pk, nbytes))
-        # consistent sets: a (layer, res) reached by every image, or an image finished
-        group = (l, r) if req.order != "image" else i
+        group = (l, r) if order != "image" else i
         nxt = keys[n + 1] if n + 1 < len(keys) else None
-        nxt_group = None if nxt is None else ((nxt[1], nxt[2]) if req.order != "image" else nxt[0])
+        nxt_group = None if nxt is None else ((nxt[1], nxt[2]) if order != "image" else nxt[0])
         if nxt_group != group and increments:
-            if req.order == "image":
+            if order == "image":
                 rec = {"images": [i], "layers": layers[i], "res": res[i], "action": "render"}
             else:
-                full = (r == maxres) if req.order == "quality" else (l == maxlay - 1)
+                full = (r == maxres) if order == "quality" else (l == maxlay - 1)
                 action = "render" if (full or first_render) else "store"
                 first_render = False
                 rec = {"images": "all", "layers": l + 1, "res": r, "action": action}
             recs[len(increments) - 1] = {"type": "recommend", **rec}
+    return increments, recs
 
-    total = sum(im.index.total_bytes for im in images)
-    sent = sum(inc.nbytes for inc in increments)
-    recall = sorted({inc.csn for inc in increments
-                     if by_csn[inc.csn].needs_recall(max((pk[3] + 1 for pk in inc.packets), default=0))})
-    return Plan(req, images, res, layers, increments, total, sent, recs, version, recall)
+
+def recall_needed(increments: list[Increment], images: list[ImageSource]) -> list[int]:
+    """The images (csn) whose increments need layers that are in the archive only."""
+    by_csn = {im.csn: im for im in images}
+    return sorted({inc.csn for inc in increments if by_csn[inc.csn].needs_recall(
+        max((pk[3] + 1 for pk in inc.packets), default=0))})
 
 
 def enforce(grant: "_rights.Grant", req: PacketRequest, images: list[ImageSource],
@@ -760,34 +817,20 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
     JPP messages, recommend records after each consistent set, an end record. The
     session model is updated as data is handed out, so nothing is sent twice.
     ``stats`` (if given) is kept up to date with ``bytes_sent`` (packet and header bytes
-    handed out so far) and ``reason`` (how the stream ended)."""
+    handed out so far) and ``reason`` (how the stream ended).
+
+    The steps per increment: the archive first when its layers were migrated
+    (:func:`_recall`), the image's data-bins (:class:`_Databins`), its JPP messages
+    (:meth:`_Body.add_increment`), a DATA record when enough is gathered or a consistent
+    set ends (:meth:`_Body.flush`)."""
     stats = {} if stats is None else stats
     stats.update(bytes_sent=0, reason="started")
-    mv = p.request.framing == "mv"
-    w = JppWriter()
-    out = bytearray()
+    body = _Body(p.request.framing == "mv", model)
     sent = 0
     limit = p.request.max_bytes
-    pending_model: list[tuple[str, dict[int, int] | None]] = []
-
-    def flush_data() -> bytes:
-        data = bytes(out)
-        out.clear()
-        return framing.record(framing.DATA, data) if mv else data
-
-    def commit_model() -> None:
-        for key, bins in pending_model:
-            if bins is None:
-                model.add_headers(key)
-            else:
-                model.add_layers(key, bins)
-        pending_model.clear()
-
-    if mv:
+    if body.mv:
         yield framing.control(p.announcement())
-    bins_cache: dict[int, object] = {}
-    whole: set[int] = set()          # images whose bins come from the whole codestream
-    recalled: set[int] = set()
+    bins = _Databins()
     reason = "complete"
     for n, inc in enumerate(p.increments):
         if cancelled():
@@ -797,47 +840,52 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
         if limit is not None and sent + inc.nbytes > limit:
             reason = "byte-limit"
             break
-        top = max((pk[3] + 1 for pk in inc.packets), default=0)
-        if im.needs_recall(top) and inc.csn not in whole:
-            if not recalled and mv:
-                # what is ready goes out first; then the client knows why it waits
-                if out:
-                    yield flush_data()
-                    commit_model()
-                yield framing.control({"type": "recalling", "images": p.recall})
-            try:
-                data = im.recall()
-            except Exception as e:  # noqa: BLE001 - reported to the client, then logged
-                import logging
-                logging.getLogger("medview.server").error("recall failed: %s", e)
-                if out:
-                    yield flush_data()
-                    commit_model()
-                stats["reason"] = "recall-failed"
-                if mv:
-                    yield framing.control({"type": "error", "error": f"the archive could "
-                                           f"not deliver image {inc.csn}: {e}"})
-                return
-            bins_cache[inc.csn] = split_databins(data, im.index)
-            whole.add(inc.csn)
-            recalled.add(inc.csn)
-            if mv and recalled >= set(p.recall):
-                yield framing.control({"type": "recalled", "images": p.recall})
-        db = bins_cache.get(inc.csn)
-        if db is None:
-            if len(bins_cache) > 8:
-                bins_cache.clear()
-            if im.load_part is not None and im.hot_layers is None and inc.csn not in whole:
-                # the packets this plan sends of the image, as range reads
-                db = im.load_part(p.layers[inc.csn], p.res[inc.csn])
+        if bins.must_recall(im, inc) and not (yield from _recall(p, im, inc, body, bins, stats)):
+            return
+        body.add_increment(p, im, inc, bins.of(p, im, inc))
+        sent += inc.nbytes
+        stats["bytes_sent"] = sent
+        rec = p.recommendations.get(n)
+        if len(body.out) >= RECORD_TARGET or rec is not None:
+            yield from body.flush()
+        if rec is not None and body.mv:
+            yield framing.control(rec)
+    stats["reason"] = reason
+    body.out += body.writer.eor(EOR_BYTE_LIMIT if reason == "byte-limit" else EOR_WINDOW_DONE)
+    yield from body.flush()
+    if body.mv:
+        yield framing.control({"type": "end", "reason": reason, "bytes_sent": sent,
+                               "bytes_announced": p.request_bytes})
+
+
+class _Body:
+    """The response being written: JPP messages gathered into DATA records (``mv``
+    framing) or a bare JPP-stream (``jpp``), and the session model's updates, applied
+    only once their data was handed out."""
+
+    def __init__(self, mv: bool, model: CacheModel) -> None:
+        self.mv = mv
+        self.model = model
+        self.writer = JppWriter()
+        self.out = bytearray()
+        self.pending_model: list[tuple[str, dict[int, int] | None]] = []
+
+    def flush(self) -> Iterator[bytes]:
+        """Hand out what is gathered (one DATA record), then note it in the model."""
+        data = bytes(self.out)
+        self.out.clear()
+        yield framing.record(framing.DATA, data) if self.mv else data
+        for key, bins in self.pending_model:
+            if bins is None:
+                self.model.add_headers(key)
             else:
-                data = im.recall() if inc.csn in whole and im.recall is not None else im.load()
-                if im.hot_layers is None or len(data) == im.index.total_bytes:
-                    db = split_databins(data, im.index)
-                    whole.add(inc.csn)
-                else:
-                    db = databins_from_head(data, im.index, im.hot_layers)
-            bins_cache[inc.csn] = db
+                self.model.add_layers(key, bins)
+        self.pending_model.clear()
+
+    def add_increment(self, p: Plan, im: ImageSource, inc: Increment, db) -> None:
+        """The JPP messages of one increment: the main and tile header bins first when
+        it carries them, then its packets, each a precinct data-bin message."""
+        w, out = self.writer, self.out
         if inc.headers:
             th, mh = db.tile_header, db.main_header
             if p.request.compat == "openjpeg":
@@ -845,7 +893,7 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
                 mh = reduced_main_header(mh, im.index.numres - 1 - p.res[inc.csn])
             out += w.message(JppMessage(MAIN_HEADER, inc.csn, 0, 0, mh, True))
             out += w.message(JppMessage(TILE_HEADER, inc.csn, 0, 0, th, True))
-            pending_model.append((im.key, None))
+            self.pending_model.append((im.key, None))
         got: dict[int, int] = {}
         ix = im.index
         for c, r, pr, l in inc.packets:
@@ -856,19 +904,73 @@ def stream(p: Plan, model: CacheModel, *, cancelled: Callable[[], bool] = lambda
             off = sum(len(x) for x in layers[:l])
             out += w.message(JppMessage(PRECINCT, inc.csn, b, off, layers[l], l == ix.nlayers - 1))
             got[b] = l + 1
-        pending_model.append((im.key, got))
-        sent += inc.nbytes
-        stats["bytes_sent"] = sent
-        rec = p.recommendations.get(n)
-        if len(out) >= RECORD_TARGET or rec is not None:
-            yield flush_data()
-            commit_model()
-        if rec is not None and mv:
-            yield framing.control(rec)
-    stats["reason"] = reason
-    out += w.eor(EOR_BYTE_LIMIT if reason == "byte-limit" else EOR_WINDOW_DONE)
-    yield flush_data()
-    commit_model()
-    if mv:
-        yield framing.control({"type": "end", "reason": reason, "bytes_sent": sent,
-                               "bytes_announced": p.request_bytes})
+        self.pending_model.append((im.key, got))
+
+
+class _Databins:
+    """The data-bins of the images a stream sends, read once per image (a few kept):
+    range reads of the packets the plan sends, the whole codestream, the hot layers of
+    an archived image, or the codestream recalled from the archive."""
+
+    KEEP = 8
+
+    def __init__(self) -> None:
+        self.cache: dict[int, object] = {}
+        self.whole: set[int] = set()      # images whose bins come from the whole codestream
+        self.recalled: set[int] = set()
+
+    def must_recall(self, im: ImageSource, inc: Increment) -> bool:
+        top = max((pk[3] + 1 for pk in inc.packets), default=0)
+        return im.needs_recall(top) and inc.csn not in self.whole
+
+    def add_recalled(self, csn: int, db) -> None:
+        self.cache[csn] = db
+        self.whole.add(csn)
+        self.recalled.add(csn)
+
+    def of(self, p: Plan, im: ImageSource, inc: Increment):
+        db = self.cache.get(inc.csn)
+        if db is not None:
+            return db
+        if len(self.cache) > self.KEEP:
+            self.cache.clear()
+        if im.load_part is not None and im.hot_layers is None and inc.csn not in self.whole:
+            # the packets this plan sends of the image, as range reads
+            db = im.load_part(p.layers[inc.csn], p.res[inc.csn])
+        else:
+            data = im.recall() if inc.csn in self.whole and im.recall is not None else im.load()
+            if im.hot_layers is None or len(data) == im.index.total_bytes:
+                db = split_databins(data, im.index)
+                self.whole.add(inc.csn)
+            else:
+                db = databins_from_head(data, im.index, im.hot_layers)
+        self.cache[inc.csn] = db
+        return db
+
+
+def _recall(p: Plan, im: ImageSource, inc: Increment, body: _Body, bins: _Databins,
+            stats: dict) -> Iterator[bytes]:
+    """Bring an image's archived layers back before its increment. In ``mv`` framing,
+    what is ready goes out first, then a ``recalling`` message (the client knows why it
+    waits) and ``recalled`` once every image of the plan's recall list is back. Returns
+    False (the stream ends, after an ``error`` message) when the archive fails."""
+    if not bins.recalled and body.mv:
+        if body.out:
+            yield from body.flush()
+        yield framing.control({"type": "recalling", "images": p.recall})
+    try:
+        data = im.recall()
+    except Exception as e:  # noqa: BLE001 - reported to the client, then logged
+        import logging
+        logging.getLogger("medview.server").error("recall failed: %s", e)
+        if body.out:
+            yield from body.flush()
+        stats["reason"] = "recall-failed"
+        if body.mv:
+            yield framing.control({"type": "error", "error": f"the archive could "
+                                   f"not deliver image {inc.csn}: {e}"})
+        return False
+    bins.add_recalled(inc.csn, split_databins(data, im.index))
+    if body.mv and bins.recalled >= set(p.recall):
+        yield framing.control({"type": "recalled", "images": p.recall})
+    return True

@@ -466,12 +466,31 @@ def _read(path: Path) -> dict:
 
 
 def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
-    """Check a merged policy table and build a :class:`SitePolicy`."""
+    """Check a merged policy table and build a :class:`SitePolicy` (one parser per
+    table, in this order: versions, ratios, quality, status, auto, storage, codec)."""
     where = " + ".join(sources or ["policy"])
 
     def fail(msg: str) -> PolicyError:
         return PolicyError(f"{where}: {msg}")
 
+    versions = _parse_versions(raw, fail)
+    names = [v.name for v in versions]
+    rows = _parse_ratios(raw, versions, fail)
+    quality = _parse_quality(raw, names, fail)
+    st = raw.get("status") or {}
+    status_names, status_versions, diagnosing = _parse_status(st, names, fail)
+    auto = raw.get("auto") or {}
+    default, rules, networks = _parse_auto(auto, names, fail)
+    storage = _parse_storage(raw, names, fail)
+    fp = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return SitePolicy(versions, rows, quality, status_names, status_versions,
+                      bool(st.get("auto_advance", True)), default, rules, networks, storage,
+                      list(sources or []), fp, _parse_codec(raw, fail),
+                      [str(x) for x in diagnosing])
+
+
+def _parse_versions(raw: dict, fail) -> list[VersionDef]:
+    """``[versions]``: at least one; the first, and only it, lossless."""
     vt = raw.get("versions")
     if not isinstance(vt, dict) or not vt:
         raise fail("[versions] must define at least one version")
@@ -483,8 +502,13 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
                                    bool(d.get("lossless", False))))
     if not versions[0].lossless or sum(v.lossless for v in versions) != 1:
         raise fail("the first version, and only it, must be lossless (lossless = true)")
-    names = [v.name for v in versions]
+    return versions
 
+
+def _parse_ratios(raw: dict, versions: list[VersionDef], fail) -> list[RatioRow]:
+    """``[[ratios]]``: target ratios (>= 1) per modality / body part / exam, with a
+    default row that names every lossy version."""
+    names = [v.name for v in versions]
     rows = []
     for i, r in enumerate(raw.get("ratios", [])):
         if not isinstance(r, dict):
@@ -507,7 +531,11 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
     if lossy and not any(r.specificity() == 0 and all(n in r.ratios for n in lossy) for r in rows):
         raise fail("[[ratios]] needs a default row (every field \"*\") with a ratio for "
                    + ", ".join(lossy))
+    return rows
 
+
+def _parse_quality(raw: dict, names: list[str], fail) -> dict[str, dict[str, int]]:
+    """``[quality.<modality>]``: quality figures per version; ``"*"`` names every one."""
     quality = {}
     for mod, q in (raw.get("quality") or {}).items():
         if not isinstance(q, dict):
@@ -516,8 +544,13 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
     for n in names:
         if n not in quality.get("*", {}):
             raise fail(f'[quality."*"] needs a figure for {n}')
+    return quality
 
-    st = raw.get("status") or {}
+
+def _parse_status(st: dict, names: list[str], fail
+                  ) -> tuple[dict[int, str], dict[int, list[str]], list]:
+    """``[status]``: status names, the versions allowed per status (1-5), the versions
+    that count as diagnosing."""
     status_names = {int(k): str(v) for k, v in (st.get("names") or {}).items()}
     status_versions: dict[int, list[str]] = {}
     for k, v in (st.get("versions") or {}).items():
@@ -534,8 +567,12 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
     diagnosing = st.get("diagnosing_versions") or []
     if not isinstance(diagnosing, list) or any(x not in names for x in diagnosing):
         raise fail(f"[status] diagnosing_versions must list versions of {', '.join(names)}")
+    return status_names, status_versions, diagnosing
 
-    auto = raw.get("auto") or {}
+
+def _parse_auto(auto: dict, names: list[str], fail) -> tuple[str, list[AutoRule], list]:
+    """``[auto]``: the default version, the rules of the automatic choice (V8), the
+    networks that name a place."""
     default = str(auto.get("default", names[0]))
     if default not in names:
         raise fail(f"[auto] default {default!r} is not a version")
@@ -554,18 +591,18 @@ def parse_policy(raw: dict, sources: list[str] | None = None) -> SitePolicy:
             networks.append((ipaddress.ip_network(cidr, strict=False), str(place)))
         except ValueError:
             raise fail(f"[auto.networks]: {cidr!r} is not a network (CIDR)") from None
+    return default, rules, networks
 
+
+def _parse_storage(raw: dict, names: list[str], fail) -> StorageSettings:
+    """``[storage]``: when images move to the archive and which version stays hot."""
     s = raw.get("storage") or {}
     storage = StorageSettings(float(s.get("migrate_after_days", 30)), str(s.get("keep_hot", "V2")),
                               int(s.get("min_status", 1)), str(s.get("archive", "")),
                               float(s.get("schedule_hours", 24)))
     if storage.keep_hot not in names:
         raise fail(f"[storage] keep_hot {storage.keep_hot!r} is not a version")
-    fp = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return SitePolicy(versions, rows, quality, status_names, status_versions,
-                      bool(st.get("auto_advance", True)), default, rules, networks, storage,
-                      list(sources or []), fp, _parse_codec(raw, fail),
-                      [str(x) for x in diagnosing])
+    return storage
 
 
 def load_policy(store_root: str | Path | None = None, path: str | Path | None = None) -> SitePolicy:

@@ -139,93 +139,15 @@ def convert_store(root: str | Path | Store, *, policy_file: str | Path | None = 
     store = Store(root) if own else root
     copies = PolicyCopies(store)
     tiers = Tiers(store)
-    report = ConvertReport()
     try:
-        pol = load_policy(store.root, policy_file)
-        opts = Options(to="policy", codec_policy=pol.codec)
-        todo: list[tuple[dict, str]] = []
-        for inst in _instances(store, sops):
-            series = store.catalogue.get_series(inst["SeriesInstanceUID"]) or {}
-            choice = pol.codec.choose(
-                rows=int(inst["Rows"]), cols=int(inst["Columns"]),
-                samples=int(inst["SamplesPerPixel"]), modality=series.get("Modality"),
-                body_part=series.get("BodyPartExamined"),
-                transfer_syntax=inst.get("TransferSyntaxUID"))
-            have = copies.row(inst["SOPInstanceUID"])
-            if (have and have["verified"] in OK_STATES and have["codec"] == choice.codec
-                    and (have["codec"] == "keep" or tiers.final_present(have))):
-                report.results.append(FileResult(
-                    inst["SOPInstanceUID"], have["relpath"], "skipped", have["codec"],
-                    have["transfer_syntax"], have["source_size"] or 0, have["size"] or 0,
-                    have["ratio"] or 0.0, verification=f"{have['verified']} (made before)"))
-                continue
-            todo.append((inst, choice.codec))
-        total = len(todo) + len(report.results)
-        done = len(report.results)
-
-        def finish(inst: dict, res: FileResult, out: bytes | None) -> None:
-            nonlocal done
-            sop = inst["SOPInstanceUID"]
-            res.file = sop
-            old = copies.row(sop)
-            rel = None
-            if out is not None:
-                if res.status == "kept":
-                    rel = inst["original_relpath"]       # the original is the final copy
-                else:
-                    rel = PolicyCopies.relpath(inst["SeriesInstanceUID"], sop, res.codec)
-                    try:
-                        store.atomic_write(rel, out)
-                    except OSError as e:
-                        res.status, res.error, rel = "failed", f"cannot write: {e}", None
-            res.output = rel or ""
-            copies.record(inst["_pk"], res, rel, pol.fingerprint)
-            if (old and old["relpath"] and old["relpath"] != rel
-                    and old["relpath"].startswith(FINAL_DIR + "/")):
-                try:
-                    store.delete_file(old["relpath"])
-                except (OSError, StoreError):
-                    pass
-            if res.status == "failed":
-                log.error("final copy of %s failed: %s", sop, res.error)
-                if audit:
-                    _audit(store, sop, "failed", {"error": res.error, "codec": res.codec})
-            done += 1
-            report.results.append(res)
-            if progress:
-                progress(done, total, res)
-
-        def job(inst: dict) -> bytes:
-            return tiers.read_original(inst)
-
+        run = _Conversion(store, copies, tiers, load_policy(store.root, policy_file),
+                          progress, audit)
+        todo = run.plan(sops)
         if workers <= 1 or len(todo) <= 1:
-            for inst, _codec in todo:
-                try:
-                    data = job(inst)
-                except Exception as e:  # noqa: BLE001 - a missing/damaged original
-                    finish(inst, FileResult(inst["SOPInstanceUID"], error=f"original: {e}"), None)
-                    continue
-                res, out = convert_bytes(data, opts, inst["SOPInstanceUID"])
-                finish(inst, res, out)
+            run.convert_here(todo)
         else:
-            from concurrent.futures import ProcessPoolExecutor
-
-            from .convert import pool_context
-
-            with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
-                window: list = []
-                for inst, _codec in todo:
-                    try:
-                        data = job(inst)
-                    except Exception as e:  # noqa: BLE001
-                        finish(inst, FileResult(inst["SOPInstanceUID"], error=f"original: {e}"), None)
-                        continue
-                    window.append((inst, pool.submit(convert_bytes, data, opts, inst["SOPInstanceUID"])))
-                    while len(window) >= 2 * workers:
-                        i, fut = window.pop(0)
-                        finish(i, *fut.result())
-                for i, fut in window:
-                    finish(i, *fut.result())
+            run.convert_in_pool(todo, workers)
+        report = run.report
         report.seconds = time.perf_counter() - t0
         if audit and report.results:
             failed = report.count("failed")
@@ -237,6 +159,118 @@ def convert_store(root: str | Path | Store, *, policy_file: str | Path | None = 
         copies.close()
         if own:
             store.close()
+
+
+class _Conversion:
+    """One :func:`convert_store` run: which instances need a final copy, the conversion
+    of their originals (here or in a process pool), and each result recorded."""
+
+    def __init__(self, store: Store, copies: "PolicyCopies", tiers, pol,
+                 progress: Callable[[int, int, FileResult], None] | None, audit: bool) -> None:
+        self.store = store
+        self.copies = copies
+        self.tiers = tiers
+        self.pol = pol
+        self.opts = Options(to="policy", codec_policy=pol.codec)
+        self.progress = progress
+        self.audit = audit
+        self.report = ConvertReport()
+        self.total = self.done = 0
+
+    def plan(self, sops: Iterable[str] | None) -> list[tuple[dict, str]]:
+        """The instances to convert, with the codec the policy chooses; one whose
+        verified copy with that codec exists is reported as skipped."""
+        store, report = self.store, self.report
+        todo: list[tuple[dict, str]] = []
+        for inst in _instances(store, sops):
+            series = store.catalogue.get_series(inst["SeriesInstanceUID"]) or {}
+            choice = self.pol.codec.choose(
+                rows=int(inst["Rows"]), cols=int(inst["Columns"]),
+                samples=int(inst["SamplesPerPixel"]), modality=series.get("Modality"),
+                body_part=series.get("BodyPartExamined"),
+                transfer_syntax=inst.get("TransferSyntaxUID"))
+            have = self.copies.row(inst["SOPInstanceUID"])
+            if (have and have["verified"] in OK_STATES and have["codec"] == choice.codec
+                    and (have["codec"] == "keep" or self.tiers.final_present(have))):
+                report.results.append(FileResult(
+                    inst["SOPInstanceUID"], have["relpath"], "skipped", have["codec"],
+                    have["transfer_syntax"], have["source_size"] or 0, have["size"] or 0,
+                    have["ratio"] or 0.0, verification=f"{have['verified']} (made before)"))
+                continue
+            todo.append((inst, choice.codec))
+        self.total = len(todo) + len(report.results)
+        self.done = len(report.results)
+        return todo
+
+    def original(self, inst: dict) -> bytes | None:
+        """The instance's original (recalled when archived); None (and recorded as
+        failed) when it is missing or damaged."""
+        try:
+            return self.tiers.read_original(inst)
+        except Exception as e:  # noqa: BLE001 - a missing/damaged original
+            self.finish(inst, FileResult(inst["SOPInstanceUID"], error=f"original: {e}"), None)
+            return None
+
+    def convert_here(self, todo: list[tuple[dict, str]]) -> None:
+        for inst, _codec in todo:
+            data = self.original(inst)
+            if data is not None:
+                self.finish(inst, *convert_bytes(data, self.opts, inst["SOPInstanceUID"]))
+
+    def convert_in_pool(self, todo: list[tuple[dict, str]], workers: int) -> None:
+        """Convert in ``workers`` processes, at most ``2 * workers`` originals in flight;
+        results are recorded here, in order."""
+        from concurrent.futures import ProcessPoolExecutor
+
+        from .convert import pool_context
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=pool_context()) as pool:
+            window: list = []
+            for inst, _codec in todo:
+                data = self.original(inst)
+                if data is None:
+                    continue
+                window.append((inst, pool.submit(convert_bytes, data, self.opts,
+                                                 inst["SOPInstanceUID"])))
+                while len(window) >= 2 * workers:
+                    i, fut = window.pop(0)
+                    self.finish(i, *fut.result())
+            for i, fut in window:
+                self.finish(i, *fut.result())
+
+    def finish(self, inst: dict, res: FileResult, out: bytes | None) -> None:
+        """Write a converted copy (the original itself when kept), record it, delete the
+        copy it replaces, report it."""
+        store = self.store
+        sop = inst["SOPInstanceUID"]
+        res.file = sop
+        old = self.copies.row(sop)
+        rel = None
+        if out is not None:
+            if res.status == "kept":
+                rel = inst["original_relpath"]       # the original is the final copy
+            else:
+                rel = PolicyCopies.relpath(inst["SeriesInstanceUID"], sop, res.codec)
+                try:
+                    store.atomic_write(rel, out)
+                except OSError as e:
+                    res.status, res.error, rel = "failed", f"cannot write: {e}", None
+        res.output = rel or ""
+        self.copies.record(inst["_pk"], res, rel, self.pol.fingerprint)
+        if (old and old["relpath"] and old["relpath"] != rel
+                and old["relpath"].startswith(FINAL_DIR + "/")):
+            try:
+                store.delete_file(old["relpath"])
+            except (OSError, StoreError):
+                pass
+        if res.status == "failed":
+            log.error("final copy of %s failed: %s", sop, res.error)
+            if self.audit:
+                _audit(store, sop, "failed", {"error": res.error, "codec": res.codec})
+        self.done += 1
+        self.report.results.append(res)
+        if self.progress:
+            self.progress(self.done, self.total, res)
 
 
 def _audit(store: Store, sop: str | None, outcome: str, detail: dict) -> None:

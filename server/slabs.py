@@ -10,15 +10,8 @@ details that make them thinner; nothing is sent twice, the total is close to the
 series (the details of neighbouring slices compress well), and the thin slices come back
 bit for bit.
 
-Routes (see :func:`register_routes`):
-
-``GET  /api/series/{series}/slabs``   the pyramid: ``{"series", "images", "pyramid"}``;
-                                       ``images`` are per-band image facts as
-                                       ``/api/series/{series}/images`` gives them,
-                                       ``pyramid`` the layout (levels, band of each
-                                       component, thin-slice order, byte totals).
-``GET|POST /jpip/slabs/{series}``     packet requests on the slab target, with the fields
-                                       of ``/jpip`` (``target`` may be left out).
+The routes (``/api/series/{series}/slabs``, ``/jpip/slabs/{series}``) are
+:mod:`server.slab_routes`.
 
 The pyramid is built on first use and kept under ``STORE/derived/slabs/<series>/``
 (written atomically, manifest last, each file checked by SHA-256 when read). The folder
@@ -39,12 +32,12 @@ from codestream import slabs as transform
 from codestream.encode import EncodeError, decode_full, encode_frame
 from codestream.index import PacketIndex
 
-from .packets import ImageSource, RequestError, declare_from_body, parse_request, plan, stream
+from .packets import ImageSource, RequestError
 from .store import StoreError, safe_component
 
 log = logging.getLogger("medview.slabs")
 
-__all__ = ["SlabUnavailable", "SlabSeries", "SlabCatalogue", "register_routes", "DERIVED_DIR"]
+__all__ = ["SlabUnavailable", "SlabSeries", "SlabCatalogue", "DERIVED_DIR"]
 
 DERIVED_DIR = "derived/slabs"
 MANIFEST = "manifest.json"
@@ -146,11 +139,11 @@ class SlabCatalogue:
             load = getattr(src, "recall", None) or src.load
             stack[t] = decode_full(load(), r["offset"], bool(r["signed"]),
                                    bits_stored=int(r["bits_stored"]))
-        levels = transform.default_levels(len(order))
-        pyr = transform.forward(stack, levels)
+        slab_levels = transform.default_levels(len(order))
+        pyr = transform.forward(stack, slab_levels)
         folder = self._folder(series_uid)
         images, files = [], []
-        for comp, (kind, level, i, img) in enumerate(pyr.bands()):
+        for comp, (kind, slab_level, slab, img) in enumerate(pyr.bands()):
             lo, hi = int(img.min()), int(img.max())
             signed = kind == "high" or facts["signed"] or lo < 0
             bits = min(16, facts["bits_stored"] + (1 if kind == "high" else 0))
@@ -159,15 +152,18 @@ class SlabCatalogue:
             try:
                 enc = encode_frame(img, signed=signed, bits_stored=bits)
             except EncodeError as e:
-                raise SlabUnavailable(f"band {kind} {level}/{i} cannot be encoded: {e}") from e
+                raise SlabUnavailable(f"band {kind} {slab_level}/{slab} cannot be encoded: "
+                                      f"{e}") from e
             rel = f"{folder}/{fingerprint[:16]}.{comp}.j2k"
             sha = self.store.atomic_write(rel, enc.codestream)
             files.append({"path": rel, "sha256": sha, "size": len(enc.codestream)})
-            images.append(self._image_dict(series_uid, fingerprint, comp, kind, level, i, len(order),
-                                           enc.index, enc.offset, signed, bits, facts))
-        slab_counts, detail_counts = transform.counts(len(order), levels)
+            images.append(self._image_dict(series_uid, fingerprint, comp, kind, slab_level, slab,
+                                           len(order), enc.index, enc.offset, signed, bits,
+                                           facts))
+        slab_counts, detail_counts = transform.counts(len(order), slab_levels)
         pyramid = {
-            "format": FORMAT, "fingerprint": fingerprint, "levels": levels, "count": len(order),
+            "format": FORMAT, "fingerprint": fingerprint, "levels": slab_levels,
+            "count": len(order),
             "order": order, "bands": [[im["band"], im["level"], im["slab"]] for im in images],
             "slab_counts": slab_counts, "detail_counts": detail_counts,
             "total_bytes": sum(im["total_bytes"] for im in images),
@@ -179,15 +175,17 @@ class SlabCatalogue:
         manifest = {"layout": layout, "files": files}
         self.store.atomic_write(f"{folder}/{MANIFEST}", json.dumps(manifest).encode())
         log.info("slab pyramid of %s: %d images, %d levels, %d bytes (series %d bytes)", series_uid,
-                 len(order), levels, pyramid["total_bytes"], pyramid["series_bytes"])
+                 len(order), slab_levels, pyramid["total_bytes"], pyramid["series_bytes"])
         return self._series(series_uid, manifest)
 
-    def _image_dict(self, series_uid, fingerprint, comp, kind, level, i, n, ix: PacketIndex,
-                    offset, signed, bits, facts) -> dict:
-        start, stop = transform.slab_span(n, level, i)   # the slab this band holds or splits
+    def _image_dict(self, series_uid, fingerprint, comp, kind, slab_level, slab, n,
+                    ix: PacketIndex, offset, signed, bits, facts) -> dict:
+        """The facts of one band image (JSON: ``level`` is its slab level, ``slab`` the
+        slab it holds or splits)."""
+        start, stop = transform.slab_span(n, slab_level, slab)   # the slab it holds or splits
         return {
             "index": comp, "key": f"{series_uid}#slabs/{fingerprint[:16]}/{comp}",
-            "band": kind, "level": level, "slab": i, "span": [start, stop],
+            "band": kind, "level": slab_level, "slab": slab, "span": [start, stop],
             "Rows": facts["rows"], "Columns": facts["columns"], "SamplesPerPixel": 1,
             "PhotometricInterpretation": "MONOCHROME2", "frame": 1,
             "RescaleSlope": facts["rescale"][0], "RescaleIntercept": facts["rescale"][1],
@@ -255,54 +253,3 @@ def visible_layout(layout: dict, images: set[int] | None) -> dict:
         return layout
     return {**layout, "images": [im for im in layout["images"] if im["index"] in bands],
             "rights": {"allowed_bands": sorted(bands)}}
-
-
-# --------------------------------------------------------------------------- HTTP
-def register_routes(routes: list, srv, guarded) -> SlabCatalogue:
-    """Add the slab routes to a Starlette route list; ``create_app`` calls this with its
-    authorise-and-run decorator ``guarded``, so every slab request passes the one
-    authorisation point."""
-    from starlette.responses import JSONResponse, StreamingResponse
-    from starlette.routing import Route
-
-    if isinstance(getattr(srv, "slabs", None), SlabCatalogue):
-        return srv.slabs
-    slabs = SlabCatalogue(srv)
-    srv.slabs = slabs
-    guard = guarded
-
-    @guard("metadata")
-    def layout(request):
-        """The slab pyramid: only the band images the user's grant allows."""
-        built = slabs.get(request.state.target.series)
-        return JSONResponse(visible_layout(built.layout, request.state.grant.images))
-
-    from .inputs import Param
-    from .packets import KNOWN_FIELDS
-
-    @guard("fetch", query=tuple(Param(k) for k in sorted(KNOWN_FIELDS)),
-           body={"type": "object"})
-    def packets(request):
-        uid = request.path_params["series"]
-        q = dict(request.query_params)
-        if q.setdefault("target", uid) != uid:
-            raise RequestError("target must be the series of the path (or left out)")
-        req = parse_request(q)
-        built = slabs.get(uid)
-        session = request.state.session
-        model = session.model_for(f"{uid}#slabs")
-        if request.method == "POST":
-            declare_from_body(request.state.body, model)
-        # image ranges in slab terms: only bands whose slab holds allowed images only
-        grant = slab_grant(getattr(request.state, "grant", None), built.layout)
-        table = getattr(srv, "versions", None)         # image versions (V1-V3), when served
-        versions = table.get(uid) if table is not None and hasattr(table, "get") else None
-        p = plan(req, built.sources, model, grant, versions)
-        media = "application/x-medview-jpp" if req.framing == "mv" else "image/jpp-stream"
-        headers = {"JPIP-cnew": f"cid={session.id}", "X-Bytes-Announced": str(p.request_bytes),
-                   "X-Bytes-Total": str(p.total_bytes)}
-        return StreamingResponse(stream(p, model), media_type=media, headers=headers)
-
-    routes.append(Route("/api/series/{series}/slabs", layout))
-    routes.append(Route("/jpip/slabs/{series}", packets, methods=["GET", "POST"]))
-    return slabs

@@ -448,11 +448,41 @@ def upgrade_slide_catalogue(slides_root: str | Path, catalogue_path: str | Path)
     ``slides.sqlite.migrated``. Idempotent: rows already moved (same slide UID and manifest
     checksum) are not copied twice; a slide UID present with another manifest is refused.
     Returns the counts moved, or None when there is nothing to upgrade."""
-    import sqlite3
-
     legacy = Path(slides_root) / LEGACY_FILE
     if not legacy.is_file():
         return None
+    old = _read_legacy(legacy)
+    cat = SlideCatalogue(catalogue_path)
+    try:
+        with cat.db.transaction():
+            move = _LegacyMove(cat, old)
+            move.patients()
+            move.exams()
+            move.slides()
+            move.tier_moves()
+            move.temp_tiles()
+            move.stations()
+            move.assignments()
+            move.check_arrived()
+            moved = move.moved
+    finally:
+        cat.close()
+    done = legacy.with_name(LEGACY_FILE + ".migrated")
+    os.replace(legacy, done)
+    for suffix in ("-wal", "-shm"):
+        Path(str(legacy) + suffix).unlink(missing_ok=True)
+    fsync_dir(legacy.parent)
+    return moved
+
+
+_LEGACY_TABLES = ("patient", "exam", "slide", "tier_move", "temp_tile", "station", "assignment")
+
+
+def _read_legacy(legacy: Path) -> dict[str, list[dict]]:
+    """Every row of the old slide catalogue's tables, in insertion order (a table it does
+    not have: no rows)."""
+    import sqlite3
+
     src = sqlite3.connect(str(legacy), timeout=30.0)
     try:
         src.row_factory = sqlite3.Row
@@ -463,90 +493,113 @@ def upgrade_slide_catalogue(slides_root: str | Path, catalogue_path: str | Path)
                 return []
             return [dict(r) for r in src.execute(f"SELECT * FROM {table} ORDER BY rowid")]
 
-        old = {t: rows(t) for t in ("patient", "exam", "slide", "tier_move", "temp_tile",
-                                    "station", "assignment")}
+        return {t: rows(t) for t in _LEGACY_TABLES}
     finally:
         src.close()                      # the last connection: SQLite checkpoints its WAL
-    cat = SlideCatalogue(catalogue_path)
-    db = cat.db
-    moved = {t: 0 for t in old}
-    try:
-        with db.transaction():
-            patient_pk, exam_pk, slide_pk, station_pk = {}, {}, {}, {}
-            for p in old["patient"]:
-                pk = cat._patient_pk(p["patient_id"], p["name"], create=True)
-                db.execute("UPDATE patient SET status = ?, discharged_at = ? WHERE pk = ?",
-                           [p["status"], p["discharged_at"], pk])
-                patient_pk[p["pk"]] = pk
-                moved["patient"] += 1
-            for e in old["exam"]:
-                have = db.one("SELECT pk, patient_pk FROM exam WHERE accession = ?",
-                              [e["accession"]])
-                if have is not None:
-                    if have[1] != patient_pk[e["patient_pk"]]:
-                        raise CatalogueError(f"upgrade: exam {e['accession']} exists for "
-                                             "another patient in the catalogue")
-                    exam_pk[e["pk"]] = have[0]
-                    continue
-                exam_pk[e["pk"]] = db.insert(
-                    "INSERT INTO exam(patient_pk, accession, exam_date, description)"
-                    " VALUES (?,?,?,?)", [patient_pk[e["patient_pk"]], e["accession"],
-                                          e["exam_date"], e["description"]])
-                moved["exam"] += 1
-            cols = [c for c in (old["slide"][0].keys() if old["slide"] else ())
-                    if c not in ("pk", "exam_pk")]
-            fresh = set()
-            for s in old["slide"]:
-                have = db.one("SELECT pk, manifest_sha256 FROM slide WHERE slide_uid = ?",
-                              [s["slide_uid"]])
-                if have is not None:
-                    if have[1] != s["manifest_sha256"]:
-                        raise CatalogueError(f"upgrade: slide {s['slide_uid']} is catalogued "
-                                             "already with another manifest")
-                    slide_pk[s["pk"]] = have[0]
-                    continue
-                slide_pk[s["pk"]] = db.insert(
-                    f"INSERT INTO slide(exam_pk, {', '.join(cols)}) VALUES "
-                    f"({', '.join('?' * (len(cols) + 1))})",
-                    [exam_pk[s["exam_pk"]]] + [s[c] for c in cols])
-                fresh.add(s["pk"])
-                moved["slide"] += 1
-            for m in old["tier_move"]:
-                if m["slide_pk"] in fresh:
-                    db.execute("INSERT INTO tier_move(slide_pk, from_tier, to_tier, state,"
-                               " started_at, finished_at, detail) VALUES (?,?,?,?,?,?,?)",
-                               [slide_pk[m["slide_pk"]], m["from_tier"], m["to_tier"],
-                                m["state"], m["started_at"], m["finished_at"], m["detail"]])
-                    moved["tier_move"] += 1
-            for t in old["temp_tile"]:
-                cur = db.execute("INSERT INTO temp_tile(slide_pk, key, path, sha256,"
-                                 " size, created_at) VALUES (?,?,?,?,?,?)"
-                                 " ON CONFLICT DO NOTHING",
-                                 [slide_pk[t["slide_pk"]], t["key"], t["path"], t["sha256"],
-                                  t["size"], t["created_at"]])
-                moved["temp_tile"] += cur.rowcount
-            for st in old["station"]:
-                have = db.one("SELECT pk FROM station WHERE name = ?", [st["name"]])
-                station_pk[st["pk"]] = have[0] if have else db.insert(
-                    "INSERT INTO station(name, cache_dir) VALUES (?,?)",
-                    [st["name"], st["cache_dir"]])
-                moved["station"] += have is None
-            for a in old["assignment"]:
-                cur = db.execute("INSERT INTO assignment(station_pk, exam_pk,"
-                                 " assigned_at, distributed_at) VALUES (?,?,?,?)"
-                                 " ON CONFLICT DO NOTHING",
-                                 [station_pk[a["station_pk"]], exam_pk[a["exam_pk"]],
-                                  a["assigned_at"], a["distributed_at"]])
-                moved["assignment"] += cur.rowcount
-            # nothing lost: every old slide and exam is reachable in the catalogue
-            for s in old["slide"]:
-                if db.one("SELECT 1 FROM slide WHERE slide_uid = ?", [s["slide_uid"]]) is None:
-                    raise CatalogueError(f"upgrade: slide {s['slide_uid']} did not arrive")
-    finally:
-        cat.close()
-    done = legacy.with_name(LEGACY_FILE + ".migrated")
-    os.replace(legacy, done)
-    for suffix in ("-wal", "-shm"):
-        Path(str(legacy) + suffix).unlink(missing_ok=True)
-    fsync_dir(legacy.parent)
-    return moved
+
+
+class _LegacyMove:
+    """The rows of the old slide catalogue copied into the catalogue database, table by
+    table inside the caller's transaction; old primary keys mapped to the new ones, and
+    ``moved`` counting what was copied (rows already there are not)."""
+
+    def __init__(self, cat: "SlideCatalogue", old: dict[str, list[dict]]) -> None:
+        self.cat = cat
+        self.db = cat.db
+        self.old = old
+        self.moved = {t: 0 for t in old}
+        self.patient_pk: dict = {}
+        self.exam_pk: dict = {}
+        self.slide_pk: dict = {}
+        self.station_pk: dict = {}
+        self.fresh: set = set()           # old slide pks copied now (their tier moves follow)
+
+    def patients(self) -> None:
+        """Joined to the catalogue's patients by PatientID and name."""
+        for p in self.old["patient"]:
+            pk = self.cat._patient_pk(p["patient_id"], p["name"], create=True)
+            self.db.execute("UPDATE patient SET status = ?, discharged_at = ? WHERE pk = ?",
+                            [p["status"], p["discharged_at"], pk])
+            self.patient_pk[p["pk"]] = pk
+            self.moved["patient"] += 1
+
+    def exams(self) -> None:
+        db = self.db
+        for e in self.old["exam"]:
+            have = db.one("SELECT pk, patient_pk FROM exam WHERE accession = ?",
+                          [e["accession"]])
+            if have is not None:
+                if have[1] != self.patient_pk[e["patient_pk"]]:
+                    raise CatalogueError(f"upgrade: exam {e['accession']} exists for "
+                                         "another patient in the catalogue")
+                self.exam_pk[e["pk"]] = have[0]
+                continue
+            self.exam_pk[e["pk"]] = db.insert(
+                "INSERT INTO exam(patient_pk, accession, exam_date, description)"
+                " VALUES (?,?,?,?)", [self.patient_pk[e["patient_pk"]], e["accession"],
+                                      e["exam_date"], e["description"]])
+            self.moved["exam"] += 1
+
+    def slides(self) -> None:
+        """Every column but the keys; a slide UID present with the same manifest is not
+        copied twice, with another one refused."""
+        db, old = self.db, self.old
+        cols = [c for c in (old["slide"][0].keys() if old["slide"] else ())
+                if c not in ("pk", "exam_pk")]
+        for s in old["slide"]:
+            have = db.one("SELECT pk, manifest_sha256 FROM slide WHERE slide_uid = ?",
+                          [s["slide_uid"]])
+            if have is not None:
+                if have[1] != s["manifest_sha256"]:
+                    raise CatalogueError(f"upgrade: slide {s['slide_uid']} is catalogued "
+                                         "already with another manifest")
+                self.slide_pk[s["pk"]] = have[0]
+                continue
+            self.slide_pk[s["pk"]] = db.insert(
+                f"INSERT INTO slide(exam_pk, {', '.join(cols)}) VALUES "
+                f"({', '.join('?' * (len(cols) + 1))})",
+                [self.exam_pk[s["exam_pk"]]] + [s[c] for c in cols])
+            self.fresh.add(s["pk"])
+            self.moved["slide"] += 1
+
+    def tier_moves(self) -> None:
+        for m in self.old["tier_move"]:
+            if m["slide_pk"] in self.fresh:
+                self.db.execute("INSERT INTO tier_move(slide_pk, from_tier, to_tier, state,"
+                                " started_at, finished_at, detail) VALUES (?,?,?,?,?,?,?)",
+                                [self.slide_pk[m["slide_pk"]], m["from_tier"], m["to_tier"],
+                                 m["state"], m["started_at"], m["finished_at"], m["detail"]])
+                self.moved["tier_move"] += 1
+
+    def temp_tiles(self) -> None:
+        for t in self.old["temp_tile"]:
+            cur = self.db.execute("INSERT INTO temp_tile(slide_pk, key, path, sha256,"
+                                  " size, created_at) VALUES (?,?,?,?,?,?)"
+                                  " ON CONFLICT DO NOTHING",
+                                  [self.slide_pk[t["slide_pk"]], t["key"], t["path"],
+                                   t["sha256"], t["size"], t["created_at"]])
+            self.moved["temp_tile"] += cur.rowcount
+
+    def stations(self) -> None:
+        db = self.db
+        for st in self.old["station"]:
+            have = db.one("SELECT pk FROM station WHERE name = ?", [st["name"]])
+            self.station_pk[st["pk"]] = have[0] if have else db.insert(
+                "INSERT INTO station(name, cache_dir) VALUES (?,?)",
+                [st["name"], st["cache_dir"]])
+            self.moved["station"] += have is None
+
+    def assignments(self) -> None:
+        for a in self.old["assignment"]:
+            cur = self.db.execute("INSERT INTO assignment(station_pk, exam_pk,"
+                                  " assigned_at, distributed_at) VALUES (?,?,?,?)"
+                                  " ON CONFLICT DO NOTHING",
+                                  [self.station_pk[a["station_pk"]], self.exam_pk[a["exam_pk"]],
+                                   a["assigned_at"], a["distributed_at"]])
+            self.moved["assignment"] += cur.rowcount
+
+    def check_arrived(self) -> None:
+        """Nothing lost: every old slide is reachable in the catalogue."""
+        for s in self.old["slide"]:
+            if self.db.one("SELECT 1 FROM slide WHERE slide_uid = ?", [s["slide_uid"]]) is None:
+                raise CatalogueError(f"upgrade: slide {s['slide_uid']} did not arrive")

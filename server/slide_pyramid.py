@@ -92,81 +92,20 @@ def build_pyramid(source: TileSource, dest_root: Path, *, slide_uid: str | None 
     staging.mkdir()
     tmp = Path(tempfile.mkdtemp(prefix="canvas-", dir=staging))
     levels = plan_levels(source.width, source.height, tile_size)
-    total = sum(g.count for g in levels)
-    done = 0
-    # where each output level is read from: the source, or the previous level's canvas
-    from_canvas = []
-    for g in levels:
-        lvl = source.best_level_for_downsample(g.downsample)
-        from_canvas.append(g.level > 0 and g.downsample / source.levels[lvl].downsample > 4)
-    canvases: dict[int, _Canvas] = {}
-    man_levels = []
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="slide-encode")
+    writer = _LevelWriter(source, staging, tmp, levels, workers, progress, cancelled)
     try:
-        for g in levels:
-            nxt = g.level + 1
-            if nxt < len(levels) and from_canvas[nxt]:
-                canvases[nxt] = _Canvas(tmp, levels[nxt].width, levels[nxt].height)
-            src_canvas = canvases.get(g.level)
-
-            def read(t: int, g=g, src_canvas=src_canvas) -> np.ndarray:
-                x, y, w, h = g.tile_rect(t)
-                if src_canvas is not None:
-                    return src_canvas.read(x, y, w, h)
-                return source.read_scaled(g.downsample, x, y, w, h)
-
-            def encode(t: int, read=read):
-                px = read(t)
-                return px, encode_frame(px, signed=False, bits_stored=8).codestream
-
-            fname = f"level-{g.level}.j2kp"
-            tiles = []
-            h = hashlib.sha256()
-            off = 0
-            with open(staging / fname, "xb") as f:
-                for row in range(g.rows):
-                    if cancelled():
-                        raise PyramidError("ingest cancelled")
-                    idx = list(range(row * g.cols, (row + 1) * g.cols))
-                    for t, (px, cs) in zip(idx, pool.map(encode, idx)):
-                        f.write(cs)
-                        h.update(cs)
-                        tiles.append([off, len(cs), zlib.crc32(cs)])
-                        off += len(cs)
-                        if nxt in canvases:
-                            x, y, _w, _h = g.tile_rect(t)
-                            canvases[nxt].put(x, y, px)
-                        done += 1
-                        if progress:
-                            progress(done, total)
-                f.flush()
-                os.fsync(f.fileno())
-            if src_canvas is not None:
-                src_canvas.close()
-                del canvases[g.level]
-            man_levels.append({"level": g.level, "width": g.width, "height": g.height,
-                               "downsample": g.downsample, "cols": g.cols, "rows": g.rows,
-                               "file": fname, "sha256": h.hexdigest(), "size": off,
-                               "tiles": tiles})
+        manifest_levels = [writer.write(g) for g in levels]
     finally:
-        pool.shutdown(wait=True)
-        for c in canvases.values():
-            c.close()
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    assoc = {}
-    for name, img in sorted(source.associated.items()):
-        data = _png_bytes(img)
-        fname = f"assoc-{name}.png"
-        sha = write_atomic(staging / fname, data)
-        assoc[name] = {"file": fname, "sha256": sha, "size": len(data),
-                       "width": int(img.shape[1]), "height": int(img.shape[0])}
+    assoc = _write_associated(source, staging)
     manifest = {"format": FORMAT, "slide_uid": uid, "width": source.width,
                 "height": source.height, "tile_size": tile_size,
                 "mpp": list(source.mpp) if source.mpp else None,
                 "objective_power": source.objective_power,
                 "codestream": {"layers": 4, "ratios": [50, 20, 8, 1], "precinct": 128,
                                "wavelet": "5/3 reversible", "components": 3},
-                "levels": man_levels, "associated": assoc,
+                "levels": manifest_levels, "associated": assoc,
                 "source": {"reader": source.name, "path": source.source_path,
                            "levels": [[lv.width, lv.height, lv.downsample] for lv in source.levels],
                            "acquired_at": source.acquired_at},
@@ -175,5 +114,95 @@ def build_pyramid(source: TileSource, dest_root: Path, *, slide_uid: str | None 
     fsync_dir(staging)
     os.rename(staging, final)
     fsync_dir(dest_root)
-    nbytes = sum(lv["size"] for lv in man_levels) + sum(a["size"] for a in assoc.values())
-    return IngestResult(uid, final, manifest, time.monotonic() - t0, total, nbytes)
+    nbytes = sum(lv["size"] for lv in manifest_levels) + sum(a["size"] for a in assoc.values())
+    return IngestResult(uid, final, manifest, time.monotonic() - t0, writer.total, nbytes)
+
+
+class _LevelWriter:
+    """Encodes the pyramid levels of a slide, finest first, each into one file of tile
+    codestreams (fsynced). A level reduced more than 4 times from the nearest source
+    level is read from a canvas the level before it filled (each of its tiles written in
+    as encoded), not from the source."""
+
+    def __init__(self, source: TileSource, staging: Path, tmp: Path, levels, workers: int,
+                 progress: Callable[[int, int], None] | None,
+                 cancelled: Callable[[], bool]) -> None:
+        self.source = source
+        self.staging = staging
+        self.tmp = tmp
+        self.levels = levels
+        self.progress = progress
+        self.cancelled = cancelled
+        self.total = sum(g.count for g in levels)
+        self.done = 0
+        # where each output level is read from: the source, or the previous level's canvas
+        self.from_canvas = []
+        for g in levels:
+            lvl = source.best_level_for_downsample(g.downsample)
+            self.from_canvas.append(g.level > 0 and g.downsample / source.levels[lvl].downsample > 4)
+        self.canvases: dict[int, _Canvas] = {}
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="slide-encode")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for c in self.canvases.values():
+            c.close()
+
+    def write(self, g) -> dict:
+        """Encode pyramid level ``g`` (tiles row by row, on the pool); its manifest entry."""
+        levels, canvases, source = self.levels, self.canvases, self.source
+        nxt = g.level + 1
+        if nxt < len(levels) and self.from_canvas[nxt]:
+            canvases[nxt] = _Canvas(self.tmp, levels[nxt].width, levels[nxt].height)
+        src_canvas = canvases.get(g.level)
+
+        def read(t: int) -> np.ndarray:
+            x, y, w, h = g.tile_rect(t)
+            if src_canvas is not None:
+                return src_canvas.read(x, y, w, h)
+            return source.read_scaled(g.downsample, x, y, w, h)
+
+        def encode(t: int):
+            px = read(t)
+            return px, encode_frame(px, signed=False, bits_stored=8).codestream
+
+        fname = f"level-{g.level}.j2kp"
+        tiles = []
+        h = hashlib.sha256()
+        off = 0
+        with open(self.staging / fname, "xb") as f:
+            for row in range(g.rows):
+                if self.cancelled():
+                    raise PyramidError("ingest cancelled")
+                idx = list(range(row * g.cols, (row + 1) * g.cols))
+                for t, (px, cs) in zip(idx, self.pool.map(encode, idx)):
+                    f.write(cs)
+                    h.update(cs)
+                    tiles.append([off, len(cs), zlib.crc32(cs)])
+                    off += len(cs)
+                    if nxt in canvases:
+                        x, y, _w, _h = g.tile_rect(t)
+                        canvases[nxt].put(x, y, px)
+                    self.done += 1
+                    if self.progress:
+                        self.progress(self.done, self.total)
+            f.flush()
+            os.fsync(f.fileno())
+        if src_canvas is not None:
+            src_canvas.close()
+            del canvases[g.level]
+        return {"level": g.level, "width": g.width, "height": g.height,
+                "downsample": g.downsample, "cols": g.cols, "rows": g.rows,
+                "file": fname, "sha256": h.hexdigest(), "size": off, "tiles": tiles}
+
+
+def _write_associated(source: TileSource, staging: Path) -> dict:
+    """The label / macro / thumbnail images as PNG files; their manifest entries."""
+    assoc = {}
+    for name, img in sorted(source.associated.items()):
+        data = _png_bytes(img)
+        fname = f"assoc-{name}.png"
+        sha = write_atomic(staging / fname, data)
+        assoc[name] = {"file": fname, "sha256": sha, "size": len(data),
+                       "width": int(img.shape[1]), "height": int(img.shape[0])}
+    return assoc

@@ -39,7 +39,7 @@ def main() -> int:
         elif st == "mpr" and state["mpr"] is not None and state["mpr"].isVisible():
             win.open_slide(slide_uid)
             state["stage"] = "slide"
-        elif st == "slide" and any(w.isVisible() for w in getattr(win, "_slide_windows", [])):
+        elif st == "slide" and any(w.isVisible() for w in win.slides.windows):
             print(f"quit at {time.monotonic():.3f} with windows: "
                   f"{sorted(type(w).__name__ for w in app.topLevelWidgets() if w.isVisible())}",
                   flush=True)

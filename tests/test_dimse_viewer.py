@@ -70,9 +70,9 @@ def test_browse_remote_pacs_retrieve_and_export(qtbot, tmp_path, pacs):
         assert b.retrieve_button.isEnabled()
         with qtbot.waitSignal(b.retrieveRequested, timeout=TIMEOUT):
             b.retrieve_button.click()
-        qtbot.waitUntil(lambda: w.retrieve_task.done, timeout=TIMEOUT)
-        assert w.retrieve_task.error is None, w.retrieve_task.error
-        assert w.retrieve_task.result["imported"] == 3
+        qtbot.waitUntil(lambda: w.browsing.retrieve_task.done, timeout=TIMEOUT)
+        assert w.browsing.retrieve_task.error is None, w.browsing.retrieve_task.error
+        assert w.browsing.retrieve_task.result["imported"] == 3
         assert len(srv.store.catalogue.query_instances(StudyInstanceUID=study)) == 3
         assert b.remote_source() is None                  # back on the server's studies
         assert any(r["user"] == "MEDVIEW" and r["action"] == "dimse-get"

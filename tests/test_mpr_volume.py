@@ -92,7 +92,7 @@ def test_reduced_resolution_slices_are_upsampled_in_place():
 
 def test_quality_key_order():
     assert quality_key(0, 4) > quality_key(0, 3) > quality_key(1, 4)
-    assert quality_key(3, 1, level=0) > quality_key(0, 4, level=1)
+    assert quality_key(3, 1, slab_level=0) > quality_key(0, 4, slab_level=1)
 
 
 # ---------------------------------------------------------------------------- server

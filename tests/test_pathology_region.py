@@ -14,7 +14,7 @@ from pathology_util import new_store
 @pytest.fixture(scope="module")
 def slide_server(tmp_path_factory):
     from server.embedded import EmbeddedServer
-    from server.slides import register_routes
+    from server.slide_routes import register_routes
 
     root = tmp_path_factory.mktemp("slidesrv")
     img, assoc = make_ihc_slide(1024, 768, seed=2)

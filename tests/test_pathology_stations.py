@@ -184,7 +184,7 @@ def test_viewer_as_station_opens_from_the_cache(qtbot, station_server, tmp_path)
     try:
         with qtbot.waitSignal(win.connected, timeout=WAIT_MS):
             win.connect_to(srv.url)
-        wl = win.worklist
+        wl = win.slides.worklist
         qtbot.waitUntil(lambda: wl.table.rowCount() == 3, timeout=WAIT_MS)
         assert [wl.table.item(r, 2).text() for r in range(3)] == ["A1", "B1", "A2"]
         assert [wl.table.item(r, 6).text() for r in range(3)] == \
@@ -200,7 +200,7 @@ def test_viewer_as_station_opens_from_the_cache(qtbot, station_server, tmp_path)
         assert win.act_station.isVisible()
         wl.close()
         win.act_station.trigger()
-        assert win.worklist is wl and wl.isVisible()
+        assert win.slides.worklist is wl and wl.isVisible()
     finally:
         win.close()
 

@@ -59,8 +59,8 @@ def open_and_wait_idle(qtbot, win: MainWindow, uid: str):
     qtbot.waitUntil(lambda: win.loader is not None and win.loader.state == "idle"
                     and win.stack.decoded() is not None, timeout=TIMEOUT)
     # the last decode of the shown slice may still be on its way
-    qtbot.waitUntil(lambda: win.stack.decoded().layers == win.loader.image_status(win._shown).layers
-                    or win.loader.best(win._shown) is win.stack.decoded(), timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: win.stack.decoded().layers == win.loader.image_status(win.series_ctl.shown).layers
+                    or win.loader.best(win.series_ctl.shown) is win.stack.decoded(), timeout=TIMEOUT)
     return win.loader
 
 
@@ -271,7 +271,7 @@ def test_window_presets_change_the_window_and_the_picture(qtbot, win, ct_series_
     open_and_wait_idle(qtbot, win, ct_series_uid)
     assert win.stack.window() == (40.0, 400.0)              # the DICOM window
     before = gray(win.stack.grab().toImage())
-    names = [a.data().name for a in win.preset_actions]
+    names = [a.data().name for a in win.presets.actions]
     assert {"Brain", "Soft tissue", "Lung", "Bone"} <= set(names)
     lung = win.preset_action("Lung")
     assert lung.shortcut().toString() and lung.isEnabled()
@@ -380,7 +380,7 @@ def test_import_folder_lists_errors_imports_good_files_and_loses_nothing(qtbot, 
         assert reasons[notes][0] == "not-dicom"
         assert reasons[truncated][0] not in ("not-dicom", "not-image") and reasons[truncated][1]
         # the result dialog lists every file, with the reason for each skip
-        dlg = w.last_import_dialog
+        dlg = w.files.last_import_dialog
         assert dlg is not None and dlg.isVisible()
         rows = {Path(f): (result, detail) for f, result, detail in dlg.rows()}
         assert set(rows) == set(inputs)
@@ -620,7 +620,7 @@ def test_reading_panel_follows_the_series_and_saves_notes(qtbot, tmp_path, priva
         qtbot.waitUntil(lambda: any("nodule 4 mm" in n.get("text", "")
                                     for n in pc.diagnosis(study).get("notes", [])),
                         timeout=TIMEOUT)
-        win._close_loader()
+        win.series_ctl.close_loader()
         assert win.policy.sd is None
     finally:
         win.close()
@@ -689,8 +689,8 @@ def test_open_folder_in_mpr_scans_off_the_ui_thread(qtbot, win, tmp_path, monkey
     make_sample_ct(folder, slices=12, size=64, seed=5)
     monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(folder))
     win.open_mpr_folder()
-    qtbot.waitUntil(lambda: bool(getattr(win, "_mpr_windows", [])), timeout=TIMEOUT)
-    mpr = win._mpr_windows[-1]
+    qtbot.waitUntil(lambda: bool(win.threed.windows), timeout=TIMEOUT)
+    mpr = win.threed.windows[-1]
     qtbot.addWidget(mpr)
     qtbot.waitUntil(lambda: "complete" in mpr.mpr.status.text(), timeout=TIMEOUT)
     assert len(mpr.mpr.volume.own_slots()) == 12

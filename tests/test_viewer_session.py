@@ -29,7 +29,7 @@ def test_switching_version_keeps_slice_zoom_pan_and_window(qtbot, tmp_path, serv
         qtbot.waitUntil(lambda: win.loader is not old and win.loader is not None
                         and win.series_info is not None and win.stack.decoded() is not None,
                         timeout=TIMEOUT)
-        assert win.stack.current_index() == 7 and win._shown == 7
+        assert win.stack.current_index() == 7 and win.series_ctl.shown == 7
         after = win.stack.snapshot()
         assert (after.center, after.width) == (123.0, 456.0)
         assert after.zoom == pytest.approx(before.zoom) and after.pan == pytest.approx(before.pan)
@@ -61,8 +61,8 @@ def test_the_series_opened_after_an_import_is_highlighted(qtbot, tmp_path, ct_st
         with qtbot.waitSignal(win.importFinished, timeout=60_000) as blocker:
             win.import_paths([str(p) for p in files])
         new_uid = blocker.args[0].report.imported[0].series_instance_uid
-        if win.last_import_dialog is not None:
-            win.last_import_dialog.close()
+        if win.files.last_import_dialog is not None:
+            win.files.last_import_dialog.close()
         qtbot.waitUntil(lambda: bool(opened) and opened[-1] == new_uid, timeout=TIMEOUT)
         qtbot.waitUntil(lambda: win.browser.selected_series() == new_uid, timeout=TIMEOUT)
         # a later refresh of the list keeps the shown series highlighted

@@ -132,7 +132,14 @@ class StudyBrowser(QWidget):
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(300)
         self._debounce.timeout.connect(self.refresh)
+        self._build_filters()
+        self._build_source()
+        self._build_tree()
+        self._lay_out()
 
+    def _build_filters(self) -> None:
+        """Name search, modality, date range, refresh: a change queries again (typing
+        and dates after a pause)."""
         self.search = QLineEdit(self)
         self.search.setPlaceholderText("Patient name or ID")
         self.search.setClearButtonEnabled(True)
@@ -159,6 +166,8 @@ class StudyBrowser(QWidget):
         self.refresh_button = QPushButton("Refresh", self)
         self.refresh_button.clicked.connect(self.refresh)
 
+    def _build_source(self) -> None:
+        """This server or a remote PACS (shown once the server names one), and retrieve."""
         self.source = QComboBox(self)
         self.source.addItem("This server", None)
         self.source.setToolTip("Where the studies come from: the image server, or a remote "
@@ -172,6 +181,7 @@ class StudyBrowser(QWidget):
         self.retrieve_button.setEnabled(False)
         self.retrieve_button.clicked.connect(self._on_retrieve)
 
+    def _build_tree(self) -> None:
         self.tree = QTreeWidget(self)
         self.tree.setColumnCount(len(self.COLUMNS))
         self.tree.setHeaderLabels(list(self.COLUMNS))
@@ -190,6 +200,7 @@ class StudyBrowser(QWidget):
 
         self.status = QLabel("", self)
 
+    def _lay_out(self) -> None:
         row0 = QHBoxLayout()
         row0.addWidget(self.source, 1)
         row0.addWidget(self.retrieve_button)

@@ -178,6 +178,13 @@ class VersionSelector(QWidget):
 
 
 # --------------------------------------------------------------------------- panel
+def _wrap_list(lst: QListWidget) -> None:
+    """Long notes and annotation labels wrap in their lists (no sideways scrolling)."""
+    lst.setWordWrap(True)
+    lst.setTextElideMode(Qt.TextElideMode.ElideNone)
+    lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+
+
 class DiagnosisPanel(QWidget):
     """Diagnosis status, reading notes, annotations, report and their history."""
 
@@ -201,62 +208,8 @@ class DiagnosisPanel(QWidget):
         self.tabs = QTabWidget(self)
         self.tabs.tabBar().setUsesScrollButtons(False)      # all four tabs always readable
         self.tabs.tabBar().setExpanding(False)
-        # notes
-        self.notes = QListWidget(self)
-        self.note_edit = QPlainTextEdit(self)
-        self.note_edit.setPlaceholderText("Reading note…")
-        self.note_new = QPushButton("New", self)
-        self.note_save = QPushButton("Save note", self)
-        self.note_delete = QPushButton("Delete", self)
-        notes = QWidget(self)
-        nl = QVBoxLayout(notes)
-        nl.addWidget(self.notes, 1)
-        nl.addWidget(self.note_edit, 1)
-        nb = QHBoxLayout()
-        for b in (self.note_new, self.note_save, self.note_delete):
-            nb.addWidget(b)
-        nl.addLayout(nb)
-        # annotations
-        self.annotations = QListWidget(self)
-        self.ann_add = QPushButton("Add current measurement", self)
-        self.ann_delete = QPushButton("Delete", self)
-        anns = QWidget(self)
-        al = QVBoxLayout(anns)
-        al.addWidget(self.annotations, 1)
-        ab = QHBoxLayout()
-        ab.addWidget(self.ann_add)
-        ab.addWidget(self.ann_delete)
-        al.addLayout(ab)
-        # report
-        self.report = QPlainTextEdit(self)
-        self.report.setPlaceholderText("Diagnostic report…")
-        self.report_info = QLabel(self)
-        self.report_save = QPushButton("Save report", self)
-        rep = QWidget(self)
-        rl = QVBoxLayout(rep)
-        rl.addWidget(self.report, 1)
-        rb = QHBoxLayout()
-        rb.addWidget(self.report_info, 1)
-        rb.addWidget(self.report_save)
-        rl.addLayout(rb)
-        # long notes and annotation labels wrap in their lists (no sideways scrolling)
-        for lst in (self.notes, self.annotations):
-            lst.setWordWrap(True)
-            lst.setTextElideMode(Qt.TextElideMode.ElideNone)
-            lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        # history: the study's timeline (status changes, report revisions) and the
-        # revisions of the selected note or annotation
-        self.timeline = QListWidget(self)
-        self.history = QListWidget(self)
-        for lst in (self.timeline, self.history):
-            lst.setWordWrap(True)
-            lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        hist = QWidget(self)
-        hl = QVBoxLayout(hist)
-        hl.addWidget(QLabel("Study: status changes and report revisions", hist))
-        hl.addWidget(self.timeline, 1)
-        hl.addWidget(QLabel("Selected note or annotation", hist))
-        hl.addWidget(self.history, 1)
+        notes, anns, rep, hist = (self._notes_tab(), self._annotations_tab(),
+                                  self._report_tab(), self._history_tab())
         self._report_revisions: list[dict] = []
         self.tabs.addTab(notes, "Notes")
         self.tabs.addTab(anns, "Annotations")
@@ -287,6 +240,69 @@ class DiagnosisPanel(QWidget):
         self.annotations.currentItemChanged.connect(self._item_for_history)
         self.report_save.clicked.connect(self._report_save)
         self.set_record(None)
+
+    # ---------------------------------------------------------------- tabs
+    def _notes_tab(self) -> QWidget:
+        self.notes = QListWidget(self)
+        self.note_edit = QPlainTextEdit(self)
+        self.note_edit.setPlaceholderText("Reading note…")
+        self.note_new = QPushButton("New", self)
+        self.note_save = QPushButton("Save note", self)
+        self.note_delete = QPushButton("Delete", self)
+        notes = QWidget(self)
+        nl = QVBoxLayout(notes)
+        nl.addWidget(self.notes, 1)
+        nl.addWidget(self.note_edit, 1)
+        nb = QHBoxLayout()
+        for b in (self.note_new, self.note_save, self.note_delete):
+            nb.addWidget(b)
+        nl.addLayout(nb)
+        _wrap_list(self.notes)
+        return notes
+
+    def _annotations_tab(self) -> QWidget:
+        self.annotations = QListWidget(self)
+        self.ann_add = QPushButton("Add current measurement", self)
+        self.ann_delete = QPushButton("Delete", self)
+        anns = QWidget(self)
+        al = QVBoxLayout(anns)
+        al.addWidget(self.annotations, 1)
+        ab = QHBoxLayout()
+        ab.addWidget(self.ann_add)
+        ab.addWidget(self.ann_delete)
+        al.addLayout(ab)
+        _wrap_list(self.annotations)
+        return anns
+
+    def _report_tab(self) -> QWidget:
+        self.report = QPlainTextEdit(self)
+        self.report.setPlaceholderText("Diagnostic report…")
+        self.report_info = QLabel(self)
+        self.report_save = QPushButton("Save report", self)
+        rep = QWidget(self)
+        rl = QVBoxLayout(rep)
+        rl.addWidget(self.report, 1)
+        rb = QHBoxLayout()
+        rb.addWidget(self.report_info, 1)
+        rb.addWidget(self.report_save)
+        rl.addLayout(rb)
+        return rep
+
+    def _history_tab(self) -> QWidget:
+        """The study's timeline (status changes, report revisions) and the revisions of
+        the selected note or annotation."""
+        self.timeline = QListWidget(self)
+        self.history = QListWidget(self)
+        for lst in (self.timeline, self.history):
+            lst.setWordWrap(True)
+            lst.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        hist = QWidget(self)
+        hl = QVBoxLayout(hist)
+        hl.addWidget(QLabel("Study: status changes and report revisions", hist))
+        hl.addWidget(self.timeline, 1)
+        hl.addWidget(QLabel("Selected note or annotation", hist))
+        hl.addWidget(self.history, 1)
+        return hist
 
     # ---------------------------------------------------------------- setters
     def show_message(self, text: str, warning: bool = False) -> None:

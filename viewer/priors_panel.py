@@ -9,10 +9,11 @@ series' background fill (the controller holds the loader's prefetch meanwhile).
 The priors' bytes come out of the same memory budget as the decoded images of the
 current series (``SeriesLoader`` decoded budget minus what the current series needs).
 
-Wiring (``viewer/mainwindow.py``): add :class:`PriorsPanel` to the Reading dock, make a
-:class:`PriorsController` with the backend getter and a runner, call
-``open_series(loader)`` from ``_on_opened`` and ``close_series()`` from
-``_close_loader``, and connect the loader bridge's ``stageChanged`` to ``on_stage``.
+Wiring (``viewer/controllers/reading.py``): :class:`PriorsPanel` sits in the Reading
+dock; the reading controller makes the :class:`PriorsController` with the backend getter
+and its runner and calls ``open_series(loader)`` / ``close_series()`` as the series
+controller opens and closes a series; the window connects the loader bridge's
+``stageChanged`` to ``on_stage``.
 """
 from __future__ import annotations
 

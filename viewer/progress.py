@@ -10,11 +10,15 @@ from collections.abc import Sequence
 
 from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import QColor, QMouseEvent, QPainter, QPaintEvent, QPen, QPolygonF
-from PySide6.QtWidgets import QLabel, QSizePolicy, QWidget
+from PySide6.QtWidgets import (QFrame, QGridLayout, QHBoxLayout, QLabel, QPushButton,
+                               QSizePolicy, QWidget)
 
 from client.transferstats import TransferRate, TransferSnapshot, format_bytes, level_fraction
 
-__all__ = ["ThreeToneBar", "LevelBar", "BytesBar", "SeriesStrip", "TransferLabel", "level_color"]
+from .cinebar import CineBar
+
+__all__ = ["ThreeToneBar", "LevelBar", "BytesBar", "SeriesStrip", "TransferLabel", "TransferPanel",
+           "level_color"]
 
 _EMPTY = QColor(45, 45, 48)
 _REQUESTED = QColor(70, 110, 150)
@@ -253,3 +257,50 @@ class TransferLabel(QLabel):
     def snapshot(self) -> TransferSnapshot | None:
         """The last derived state (speed, time left), or None before any update."""
         return self._snapshot
+
+
+class TransferPanel(QFrame):
+    """The panel under the stack view: the shown image's level and bytes bars and
+    resolution, the series strip, the transfer rate, the cancel button and the cine bar."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.level_bar = LevelBar(self)
+        self.bytes_bar = BytesBar(self)
+        self.res_label = QLabel("–", self)
+        self.strip = SeriesStrip(self)
+        self.transfer_label = TransferLabel(self)
+        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button.setToolTip("Stop the transfers of this series (Ctrl+.); "
+                                      "press again to resume")
+        self.cancel_button.setEnabled(False)
+        self.cine_bar = CineBar(self)
+        grid = QGridLayout(self)
+        grid.setContentsMargins(6, 4, 6, 4)
+        grid.addWidget(QLabel("Image", self), 0, 0)
+        grid.addWidget(self.level_bar, 0, 1)
+        grid.addWidget(self.bytes_bar, 0, 2)
+        grid.addWidget(self.res_label, 0, 3, 1, 2)
+        grid.addWidget(QLabel("Series", self), 1, 0)
+        grid.addWidget(self.strip, 1, 1, 1, 2)
+        grid.addWidget(self.transfer_label, 1, 3)
+        grid.addWidget(self.cancel_button, 1, 4)
+        grid.setColumnStretch(1, 1)
+        grid.setColumnStretch(2, 1)
+        # the texts beside the bars wrap rather than squeeze the bars below their text
+        for label in (self.res_label, self.transfer_label):
+            label.setWordWrap(True)
+            label.setMinimumWidth(label.fontMetrics().horizontalAdvance("Shown 0000×0000 ·"))
+        cine_row = QHBoxLayout()
+        cine_row.addWidget(QLabel("Cine", self))
+        cine_row.addWidget(self.cine_bar, 1)
+        grid.addLayout(cine_row, 2, 0, 1, 5)
+
+    def reset(self) -> None:
+        """Nothing transferred yet (another series is opening)."""
+        self.strip.set_count(0)
+        self.transfer_label.reset()
+        self.level_bar.set_levels(0, 0, 0)
+        self.bytes_bar.set_bytes(0, 0, 0)
+        self.res_label.setText("–")

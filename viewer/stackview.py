@@ -46,7 +46,7 @@ from imaging.orientation import EdgeLabels, Matrix2, edge_labels
 from imaging.overlay import Corners, corner_lines
 from imaging.viewstate import ViewState, nice_scale_bar
 
-__all__ = ["MouseMode", "ViewSnapshot", "StackView", "numpy_to_qimage"]
+__all__ = ["MouseMode", "ViewSnapshot", "StackView", "numpy_to_qimage", "VIEW_SHORTCUTS"]
 
 _WHEEL_STEP = 120  # angleDelta units per wheel notch
 _DRAG_ZOOM_RATE = 0.01  # zoom factor exp(rate) per pixel of vertical right-drag
@@ -69,6 +69,20 @@ class MouseMode(str, Enum):
     RECT_ROI = "rect"
     ELLIPSE_ROI = "ellipse"
     REGION = "region"  # select a rectangle to fetch at full resolution
+
+
+VIEW_SHORTCUTS: tuple[tuple[str, str], ...] = (
+    ("Wheel, ↑ ↓ ← →", "Previous / next slice"),
+    ("Page Up / Page Down", "Move a tenth of the series"),
+    ("Home / End", "First / last slice"),
+    ("Left drag", "Current tool (window/level by default)"),
+    ("Middle drag", "Pan"),
+    ("Right drag, Ctrl+wheel", "Zoom"),
+    ("Double click", "Fit to window"),
+    ("Delete", "Remove the last measurement on this slice"),
+    ("Esc", "Abandon the shape being drawn"),
+)
+"""Bindings the stack view handles itself (listed in Help → Keyboard shortcuts)."""
 
 
 _MEASURE_KINDS = {

@@ -10,7 +10,8 @@ then measures, all in this process:
 * **oblique reslice**: frames per second of a 512×512 double-oblique plane that turns a
   little every frame (so no frame repeats the previous one), trilinear, on ``--threads``
   threads — with the default backend (vtkImageReslice) and the reference one (scipy
-  ``map_coordinates``); target ≥ 20 fps on 2 cores;
+  ``map_coordinates``, its bands of rows on the worker pool as in the viewer); target
+  ≥ 20 fps on 2 cores;
 * **thick slab**: a 10 mm MIP of the same plane;
 * **VR**: frame time of the volume rendering (CT bone, 512×512) while rotating (the
   coarse interactive sampling) and when still (full quality), with the OpenGL backend and
@@ -62,9 +63,11 @@ def build_volume(slices: int, size: int):
 
 
 def bench_reslice(vol, frames: int, threads: int, backend: str, slab: float = 0.0) -> float:
+    from client.pool import INTERACTION, default_pool
     from imaging.mpr import MprState
 
     state = MprState(vol)
+    state.mapper = default_pool().mapper(INTERACTION)      # as the viewer: the one pool
     state.set_slab(slab, "mip" if slab else "avg")
     times = []
     for f in range(frames + 2):

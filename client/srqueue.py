@@ -1,6 +1,8 @@
 """Super-resolution jobs: a priority queue with pre-emption, and the generated-tile cache.
 
-:class:`SRQueue` runs jobs on a few worker threads. Priorities, most urgent first:
+:class:`SRQueue` schedules jobs on the app's one :class:`~client.pool.WorkerPool` (no
+threads of its own; a tile on screen runs in the pool's VISIBLE class, the rest in
+PREFETCH and BACKGROUND, under the pool's caps). Priorities, most urgent first:
 ``VIEW`` (a tile the pathologist is looking at), ``NEAR`` (next to the view, likely next),
 ``BACKGROUND`` (the rest of the slide while the pathologist reads). A job for a key that is
 already queued is *raised* to the better priority, never duplicated. When a ``VIEW`` (or
@@ -47,19 +49,23 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from client import pool
 from imaging.sr import SRCancelled, load_generator
 
 log = logging.getLogger("medview.imaging.sr")
 
 VIEW, NEAR, BACKGROUND = 0, 1, 2
 PRIORITY_NAMES = {VIEW: "view", NEAR: "near", BACKGROUND: "background"}
+POOL_CLASS = {VIEW: pool.VISIBLE, NEAR: pool.PREFETCH, BACKGROUND: pool.BACKGROUND}
+"""The worker-pool class an SR job runs in: a tile on screen is visible work, the rest
+prefetch and background (the pool's caps hold for SR as for every other job)."""
 GENERATED_TEXT = "super-resolution x{scale} - generated, not scanned detail"
 
 
@@ -74,14 +80,22 @@ class SRJob:
         self.preemptions = 0
         self._preempt = threading.Event()
         self._cancel = threading.Event()
+        self._lane: pool.CancelToken | None = None    # the pool job's token while it runs
         self.seq = 0
 
     def should_stop(self) -> bool:
-        return self._preempt.is_set() or self._cancel.is_set()
+        lane = self._lane
+        return (self._preempt.is_set() or self._cancel.is_set()
+                or (lane is not None and lane.cancelled))
 
     def cancel(self) -> None:
         self._cancel.set()
-        self.future.cancel()
+        if not self.future.cancel() and self.future.running() and self._lane is None:
+            # pre-empted and waiting to be redone: nothing runs it any more
+            try:
+                self.future.set_exception(CancelledError())
+            except InvalidStateError:               # settled meanwhile
+                pass
 
     @property
     def cancelled(self) -> bool:
@@ -89,20 +103,26 @@ class SRJob:
 
 
 class SRQueue:
-    """Priority queue of SR jobs with pre-emption of less urgent running work."""
+    """Priority queue of SR jobs with pre-emption of less urgent running work, scheduled
+    on the app's :class:`~client.pool.WorkerPool` (no threads of its own).
 
-    def __init__(self, workers: int = 1) -> None:
+    At most ``workers`` SR jobs run at once. Each runs in a pool job (a *lane*) of the
+    pool class of its priority (:data:`POOL_CLASS`), so the pool's caps and cancel hold;
+    a lane takes the most urgent SR job when it starts (not when it was queued), so the
+    ranking of :meth:`retarget` decides. ``pool.cancel_where`` on a lane (its ``tag`` is
+    the queue) cancels the SR job it runs."""
+
+    def __init__(self, workers: int = 1, worker_pool: pool.WorkerPool | None = None) -> None:
+        self.workers = max(1, workers)
+        self.pool = worker_pool or pool.default_pool()
         self._heap: list = []
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._jobs: dict = {}            # key -> queued or running job
         self._running: set[SRJob] = set()
+        self._lanes: set[pool.Job] = set()          # pool jobs queued or running
         self._stop = False
         self.log: list[tuple[str, object]] = []     # ("start"|"done"|"preempted", key)
-        self._threads = [threading.Thread(target=self._loop, name=f"sr-worker-{i}", daemon=True)
-                         for i in range(max(1, workers))]
-        for t in self._threads:
-            t.start()
 
     # ------------------------------------------------------------------ API
     def submit(self, key, fn: Callable[[Callable[[], bool]], object],
@@ -114,13 +134,18 @@ class SRQueue:
             if job is not None and not job.future.done() and not job.cancelled:
                 if priority < job.priority:
                     self._raise(job, priority)
+                    self._maybe_preempt(priority)
+                    self._pump()
                 return job
             job = SRJob(key, fn, priority)
+            if self._stop:
+                job.cancel()
+                return job
             job.seq = next(self._seq)
             self._jobs[key] = job
             heapq.heappush(self._heap, (priority, job.seq, job))
             self._maybe_preempt(priority)
-            self._cv.notify()
+            self._pump()
             return job
 
     def retarget(self, view: set, near: set = frozenset(), drop_others: bool = False) -> None:
@@ -141,6 +166,7 @@ class SRQueue:
                         self._raise(job, want)
             self._rebuild()
             self._maybe_preempt(min((j.priority for j in self._queued()), default=BACKGROUND))
+            self._pump()
             self._cv.notify_all()
 
     def pending(self) -> list:
@@ -151,7 +177,9 @@ class SRQueue:
         with self._cv:
             return self._cv.wait_for(lambda: not self._running and not self._queued(), timeout)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: float = 10.0) -> None:
+        """Cancel every job, queued or running; wait (at most ``wait`` s) for the
+        running ones to stop."""
         with self._cv:
             self._stop = True
             for _, _, j in self._heap:
@@ -159,9 +187,12 @@ class SRQueue:
             for j in self._running:
                 j.cancel()
             self._heap.clear()
-            self._cv.notify_all()
-        for t in self._threads:
-            t.join(timeout=10)
+            lanes = list(self._lanes)
+        for lane in lanes:
+            if not self.pool.run_now(lane):       # a queued lane: it finds nothing to do
+                lane.token.cancel()
+        with self._cv:
+            self._cv.wait_for(lambda: not self._lanes, wait)
 
     # ------------------------------------------------------------------ internals
     def _queued(self) -> list[SRJob]:
@@ -177,61 +208,121 @@ class SRQueue:
         heapq.heapify(self._heap)
 
     def _maybe_preempt(self, priority: int) -> None:
-        """A job of ``priority`` waits: if no worker is free, stop the least urgent
+        """A job of ``priority`` waits: if every lane is busy, stop the least urgent
         running job that is less urgent than it."""
-        if len(self._running) < len(self._threads):
+        if len(self._running) < self.workers:
             return
         victims = [j for j in self._running if j.priority > priority and not j.should_stop()]
         if victims:
             v = max(victims, key=lambda j: (j.priority, j.seq))
             v._preempt.set()
 
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                job = None
-                while not self._stop:
-                    while self._heap and (self._heap[0][2].future.done() or self._heap[0][2].cancelled):
-                        dead = heapq.heappop(self._heap)[2]
-                        self._jobs.pop(dead.key, None) if self._jobs.get(dead.key) is dead else None
-                        if dead.future.running():      # pre-empted, then cancelled
-                            dead.future.set_exception(CancelledError())
-                    if self._heap:
-                        job = heapq.heappop(self._heap)[2]
-                        break
-                    self._cv.wait(0.5)
-                if self._stop or job is None:
-                    return
-                # a requeued (pre-empted) job's future is already running
-                if not job.future.running() and not job.future.set_running_or_notify_cancel():
-                    continue
-                job._preempt.clear()
-                self._running.add(job)
-                self.log.append(("start", job.key))
-            try:
-                result, error = job.fn(job.should_stop), None
-            except SRCancelled:
-                result, error = None, SRCancelled()
-            except BaseException as e:  # delivered through the future
-                result, error = None, e
-            with self._cv:
-                self._running.discard(job)
-                if isinstance(error, SRCancelled) and not job.cancelled and not self._stop:
-                    # back in the queue, first of its class; its future stays pending
-                    job.preemptions += 1
-                    self.log.append(("preempted", job.key))
-                    heapq.heappush(self._heap, (job.priority, job.seq, job))
-                    self._cv.notify_all()
-                    continue
-                self._jobs.pop(job.key, None)
-                self.log.append(("done", job.key))
+    def _pump(self) -> None:
+        """Keep one lane queued in the pool per waiting job, ``workers`` at most, each in
+        the pool class of the most urgent waiting job (lock held)."""
+        if self._stop:
+            return
+        queued = sorted(self._queued(), key=lambda j: (j.priority, j.seq))
+        idle = [lane for lane in self._lanes if not lane.started]
+        want = min(len(queued), self.workers - (len(self._lanes) - len(idle)))
+        for k, lane in enumerate(idle):
+            if k < want:                           # a lane still queued: the right class
+                self.pool.reprioritize(lane, POOL_CLASS[queued[k].priority])
+        for k in range(len(idle), want):
+            cls = POOL_CLASS[queued[k].priority]
+            # the lane starts with this lock: the holder is filled before it reads it
+            holder: list = []
+            lane = self.pool.submit(lambda tok, h=holder: self._lane(h[0], tok), cls, tag=self)
+            holder.append(lane)
+            if lane.future.cancelled():            # the pool is shut down: nothing runs
+                self._drop_waiting(lambda j: True)
+                return
+            self._lanes.add(lane)
+            lane.future.add_done_callback(lambda _f, ln=lane: self._lane_gone(ln))
+
+    def _lane_gone(self, lane: pool.Job) -> None:
+        """A lane ended or was cancelled while queued (pool.cancel_where, shutdown)."""
+        with self._cv:
+            self._lanes.discard(lane)
+            if lane.future.cancelled():
+                # the pool dropped a queued lane (cancel_where, shutdown): the jobs
+                # waiting for a lane of its class are cancelled with it
+                self._drop_waiting(lambda j: POOL_CLASS[j.priority] == lane.priority)
+            self._cv.notify_all()
+
+    def _drop_waiting(self, pred) -> None:
+        for _, _, j in self._heap:
+            if pred(j):
+                j.cancel()
+        self._rebuild()
+
+    def _take(self) -> SRJob | None:
+        """The most urgent waiting job (lock held); finished or cancelled ones leave."""
+        while self._heap:
+            job = heapq.heappop(self._heap)[2]
+            if job.future.done() or job.cancelled:
+                if self._jobs.get(job.key) is job:
+                    del self._jobs[job.key]
+                if job.future.running():           # pre-empted, then cancelled
+                    try:
+                        job.future.set_exception(CancelledError())
+                    except InvalidStateError:      # settled by SRJob.cancel meanwhile
+                        pass
+                continue
+            if not job.future.running() and not job.future.set_running_or_notify_cancel():
+                continue                           # (a requeued job's future is running)
+            return job
+        return None
+
+    def _lane(self, lane: pool.Job, token: pool.CancelToken) -> None:
+        """One pool job: run the most urgent SR job, then leave (the pool decides what
+        runs next; :meth:`_pump` queues the next lane)."""
+        with self._cv:
+            job = None if self._stop or token.cancelled else self._take()
+            if job is None:
+                self._lanes.discard(lane)
+                self._pump()
                 self._cv.notify_all()
-            if job.cancelled or isinstance(error, SRCancelled):
+                return
+            job._preempt.clear()
+            job._lane = token
+            self._running.add(job)
+            self.log.append(("start", job.key))
+        try:
+            result, error = job.fn(job.should_stop), None
+        except SRCancelled:
+            result, error = None, SRCancelled()
+        except BaseException as e:  # delivered through the future
+            result, error = None, e
+        with self._cv:
+            job._lane = None
+            self._running.discard(job)
+            self._lanes.discard(lane)
+            requeue = (isinstance(error, SRCancelled) and not job.cancelled
+                       and not self._stop and not token.cancelled)
+            if requeue:
+                # back in the queue, first of its class; its future stays pending
+                job.preemptions += 1
+                self.log.append(("preempted", job.key))
+                heapq.heappush(self._heap, (job.priority, job.seq, job))
+            else:
+                if self._jobs.get(job.key) is job:
+                    del self._jobs[job.key]
+                self.log.append(("done", job.key))
+            self._pump()
+            self._cv.notify_all()
+        if requeue or job.future.done():           # (cancelled by SRJob.cancel meanwhile)
+            return
+        try:
+            if job.cancelled or token.cancelled or isinstance(error, SRCancelled):
+                job._cancel.set()
                 job.future.set_exception(CancelledError())
             elif error is not None:
                 job.future.set_exception(error)
             else:
                 job.future.set_result(result)
+        except InvalidStateError:                   # settled by SRJob.cancel meanwhile
+            pass
 
 
 # --------------------------------------------------------------------------- tiles

@@ -29,7 +29,10 @@ Two plans:
 
 :meth:`VolumeLoader.run` is a generator of :class:`LoadEvent` (STYLE 2): a worker turns
 each yield into a signal for the UI thread; :meth:`VolumeLoader.cancel` stops the
-transfer, and the generator ends at the next yield.
+transfer, and the generator ends at the next yield. The transfer, the decodes and the
+HTJ2K fetches are sub-jobs of the app's one :class:`~client.pool.WorkerPool` (tagged with
+the loader and sharing its cancel token); the thread that runs the generator, a pool
+worker itself, runs its own sub-jobs while it waits for them.
 """
 from __future__ import annotations
 
@@ -38,10 +41,9 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from client.pool import CancelToken
+from client.pool import INTERACTION, CancelToken, WorkerPool, default_pool
 from client.series import Callbacks, Cancelled, SeriesData, TransferProgress
 
 from imaging.volume import SliceGeometry, Volume, VolumeError, VolumeUpdate, quality_key, volume_for_slices
@@ -237,7 +239,8 @@ class VolumeLoader:
                  slots: dict[int, int] | None = None, plan: Sequence[LoadStage] | None = None, *,
                  decode_threads: int = 2,
                  on_progress: Callable[[TransferProgress], None] | None = None,
-                 full_route: str = "auto", link_bytes_s: float | None = None) -> None:
+                 full_route: str = "auto", link_bytes_s: float | None = None,
+                 pool: WorkerPool | None = None, priority: int = INTERACTION) -> None:
         self.series = series
         if volume is None:
             volume, slots = volume_for_series(series.images, modality=str(series.info.get("Modality") or ""),
@@ -250,16 +253,20 @@ class VolumeLoader:
             im = series.images[self.comps[0]]
             plan = interleaved_plan(self.comps, int(im["numres"]), max(int(im["Rows"]), int(im["Columns"])))
         self.plan = list(plan)
-        self._init_run_state(decode_threads, on_progress)
+        self._init_run_state(decode_threads, on_progress, pool, priority)
         if full_route not in ("auto", "j2k", "htj2k"):
             raise ValueError(f"full_route must be auto, j2k or htj2k, got {full_route!r}")
         self.full_route = full_route
         self.link_bytes_s = link_bytes_s          # None: measured on the earlier stages
         self.full_choice = None                   # client.frames.FullLoadChoice, once made
 
-    def _init_run_state(self, decode_threads: int, on_progress) -> None:
+    def _init_run_state(self, decode_threads: int, on_progress, pool: WorkerPool | None,
+                        priority: int) -> None:
         """What every loader holds while it runs (also set by :class:`SlabVolumeLoader`,
-        which has no series of its own at first)."""
+        which has no series of its own at first). ``decode_threads``: images decoded at
+        once (the generator's thread included) in ``pool`` (default: the app's one)."""
+        self.pool = pool or default_pool()
+        self.priority = priority
         self.decode_threads = max(1, decode_threads)
         self.on_progress = on_progress
         self.token = CancelToken()
@@ -353,8 +360,6 @@ class VolumeLoader:
     def _run_htj2k(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
         """Every frame's HTJ2K copy fetched whole and decoded (threads), applied in one
         batch; progress as bytes arrive. Raises _RouteFailed before anything is applied."""
-        from concurrent.futures import FIRST_COMPLETED, wait
-
         from client.frames import choose_full_load, decode_frame, fetch_frame
 
         comps = self.stage_comps(stage)
@@ -381,28 +386,27 @@ class VolumeLoader:
                                im["SOPInstanceUID"], int(im.get("frame") or 1))
             return c, decode_frame(data, im), len(data)
 
-        ex = ThreadPoolExecutor(max(2, 2 * self.decode_threads),
-                                thread_name_prefix="medview-volume-htj2k")
+        # fetches and decodes in the pool, this thread among them; closing the batch (an
+        # error, a cancel) stops the helpers after their current frame
+        batch = self.pool.imap_unordered(one, todo, self.priority, tag=self, token=self.token,
+                                         parallel=max(2, 2 * self.decode_threads))
         try:
-            pending = {ex.submit(one, c) for c in todo}
-            while pending:
-                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in batch:
                 if self.cancelled:
                     return
-                for fut in done:
-                    try:
-                        c, arr, n = fut.result()
-                    except Exception as e:  # noqa: BLE001 - 403/406/network: fall back
-                        raise _RouteFailed(f"{type(e).__name__}: {e}") from e
-                    decoded[c] = arr
-                    got += n
-                    self.received = base + got
-                    if self.on_progress:
-                        self.on_progress(TransferProgress(self.received, base + max(estimate, got),
-                                                          base + max(estimate, got),
-                                                          time.monotonic() - t0))
+                try:
+                    c, arr, n = fut.result()
+                except Exception as e:  # noqa: BLE001 - 403/406/network: fall back
+                    raise _RouteFailed(f"{type(e).__name__}: {e}") from e
+                decoded[c] = arr
+                got += n
+                self.received = base + got
+                if self.on_progress:
+                    self.on_progress(TransferProgress(self.received, base + max(estimate, got),
+                                                      base + max(estimate, got),
+                                                      time.monotonic() - t0))
         finally:
-            ex.shutdown(wait=not self.cancelled, cancel_futures=True)
+            batch.close()
         if self.cancelled:
             return
         updates: list[VolumeUpdate] = []
@@ -445,15 +449,15 @@ class VolumeLoader:
             except BaseException as e:  # noqa: BLE001 - delivered to the generator
                 q.put(("error", e))
 
-        thread = threading.Thread(target=work, name="medview-volume-transfer", daemon=True)
-        thread.start()
+        # beside this generator, in the pool; if no worker takes it, this thread runs it
+        job = self.pool.submit(lambda _token: work(), self.priority, tag=self, token=self.token)
         want_layers = stage.layers or max(int(self.series.images[c]["nlayers"]) for c in comps)
         want_reduce = stage.reduce or 0
         applied: tuple[int, int] | None = None
         try:
             finished = False
             while not finished:
-                items = [q.get()]
+                items = [self._next_item(q, job)]
                 while True:                        # coalesce: the latest recommendation wins
                     try:
                         items.append(q.get_nowait())
@@ -489,15 +493,27 @@ class VolumeLoader:
                     if ev is not None:
                         yield ev
         finally:
-            if thread.is_alive() and self.cancelled:
+            if not job.future.done() and self.cancelled:
                 transfer.cancel()
             with self._lock:
                 self._transfer = None
             self._link[0] += link[0]               # the link rate, for the full stage
             self._link[1] += link[1]
 
+    def _next_item(self, q: queue.Queue, job) -> tuple:
+        """The transfer's next message. While waiting, a transfer job no worker has taken
+        yet is run here (the pool may be busy: this generator must not wait for ever)."""
+        while True:
+            try:
+                return q.get(timeout=0.05 if not job.started else None)
+            except queue.Empty:
+                if job.future.cancelled():        # dropped from the pool before it ran
+                    return ("error", Cancelled())
+                self.pool.run_now(job)
+
     def _decode(self, comps: list[int], layers: int, reduce: int) -> dict[int, object]:
-        """Decode ``comps`` (in parallel; OpenJPEG releases the GIL)."""
+        """Decode ``comps`` in parallel (``decode_threads`` at once, in the pool;
+        OpenJPEG releases the GIL)."""
         def one(c):
             if self.cancelled:
                 return c, None
@@ -508,8 +524,8 @@ class VolumeLoader:
                 return c, None
         if self.decode_threads == 1 or len(comps) < 2:
             return dict(one(c) for c in comps)
-        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="medview-volume-decode") as ex:
-            return dict(ex.map(one, comps))
+        return dict(self.pool.map(one, comps, self.priority, parallel=self.decode_threads,
+                                  tag=self, token=self.token))
 
     def _apply(self, stage: LoadStage, comps: list[int], layers: int, reduce: int,
                final: bool) -> LoadEvent | None:
@@ -551,7 +567,8 @@ class SlabVolumeLoader(VolumeLoader):
 
     def __init__(self, slab_series, plain_images: Sequence[dict] | None = None, *,
                  decode_threads: int = 2, modality: str | None = None,
-                 on_progress: Callable[[TransferProgress], None] | None = None) -> None:
+                 on_progress: Callable[[TransferProgress], None] | None = None,
+                 pool: WorkerPool | None = None, priority: int = INTERACTION) -> None:
         factory = None
         if callable(slab_series) and not isinstance(slab_series, SeriesData):
             factory, slab_series = slab_series, None
@@ -568,7 +585,7 @@ class SlabVolumeLoader(VolumeLoader):
         self.slots: dict[int, int] = {}
         self.comps: list[int] = []
         self.plan: list[LoadStage] = []
-        self._init_run_state(decode_threads, on_progress)
+        self._init_run_state(decode_threads, on_progress, pool, priority)
         self._factory = factory
         self.slab_series = slab_series
         self.thin_slots: list[int] = []

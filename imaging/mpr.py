@@ -16,7 +16,9 @@ Conventions (patient coordinates are DICOM LPS: +x Left, +y Posterior, +z Head):
 
 :func:`reslice` samples a volume on a plane with trilinear interpolation on worker
 threads (2 by default): with vtkImageReslice (multithreaded C++, bound to the voxel array
-without a copy), or with ``scipy.ndimage.map_coordinates`` as the reference backend. Thick slabs sample
+without a copy), or with ``scipy.ndimage.map_coordinates`` as the reference backend, whose
+bands of rows run through the ``mapper`` the caller gives (the app's worker pool, see
+:meth:`client.pool.WorkerPool.mapper`; this layer starts no threads). Thick slabs sample
 planes along the normal one voxel step apart across the slab and combine them by maximum
 (MIP), minimum (MinIP) or mean. Results are float32 modality values (HU for CT); pixels
 outside the volume are NaN.
@@ -26,8 +28,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,17 +65,9 @@ SLAB_MODES = ("avg", "mip", "minip")
 RESLICE_THREADS = max(1, min(2, os.cpu_count() or 1))
 """Threads :func:`reslice` splits rows over (the benchmark target is for 2 cores)."""
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(RESLICE_THREADS, 2),
-                                       thread_name_prefix="medview-reslice")
-        return _pool
+Mapper = Callable[[Callable, Iterable], Iterable]
+"""``map(fn, items)``: results in order (the builtin runs them one after the other; the
+app gives its worker pool's :meth:`~client.pool.WorkerPool.mapper`)."""
 
 
 # --------------------------------------------------------------------------- rotations
@@ -232,13 +225,14 @@ def _scipy_rows(data: np.ndarray, o: np.ndarray, du: np.ndarray, dv: np.ndarray,
     return out
 
 
-def _reslice_scipy(data, o, du, dv, dn, offsets, shape, mode, threads) -> np.ndarray:
+def _reslice_scipy(data, o, du, dv, dn, offsets, shape, mode, threads,
+                   mapper: Mapper) -> np.ndarray:
     h, w = shape
     n = min(max(1, threads), h)
     if n == 1:
         return _scipy_rows(data, o, du, dv, (0, h), w, offsets, dn, mode)
     bounds = [(h * k // n, h * (k + 1) // n) for k in range(n)]
-    parts = list(_executor().map(
+    parts = list(mapper(
         lambda b: _scipy_rows(data, o, du, dv, b, w, offsets, dn, mode), bounds))
     return np.concatenate(parts, axis=0)
 
@@ -353,13 +347,13 @@ DEFAULT_BACKEND = "vtk" if backend_available("vtk") else "scipy"
 
 def reslice(volume: Volume, plane: PlaneGeometry, *, slab: float = 0.0, mode: str = "avg",
             max_samples: int = 256, threads: int | None = None, lock: bool = True,
-            backend: str | None = None) -> np.ndarray:
+            backend: str | None = None, mapper: Mapper | None = None) -> np.ndarray:
     """Sample ``volume`` on ``plane``: (rows, columns) float32 modality values, NaN outside.
 
     ``slab`` > 0 mm makes a thick slab combined by ``mode`` (``avg``, ``mip``, ``minip``),
     sampled one voxel step apart (at most ``max_samples`` planes). ``backend``: ``"vtk"``
-    (vtkImageReslice, multithreaded C++) or ``"scipy"`` (map_coordinates, rows split over
-    threads). The volume lock is held while sampling (``lock``), so a consistent set being
+    (vtkImageReslice, multithreaded C++) or ``"scipy"`` (map_coordinates, rows split in
+    ``threads`` bands run through ``mapper``, default one after the other). The volume lock is held while sampling (``lock``), so a consistent set being
     applied is never seen half done.
     """
     if mode not in SLAB_MODES:
@@ -381,7 +375,8 @@ def reslice(volume: Volume, plane: PlaneGeometry, *, slab: float = 0.0, mode: st
 
     def run() -> np.ndarray:
         if backend == "scipy":
-            return _reslice_scipy(volume.data, o, du, dv, dn, offsets, plane.shape, mode, n_threads)
+            return _reslice_scipy(volume.data, o, du, dv, dn, offsets, plane.shape, mode, n_threads,
+                                  mapper or map)
         n = len(offsets)
         step = (offsets[1] - offsets[0]) if n > 1 else 1.0
         if n == 1:
@@ -435,6 +430,7 @@ class MprState:
         self.slab = 0.0
         self.slab_mode = "avg"
         self.window: tuple[float, float] | None = None
+        self.mapper: Mapper | None = None       # where reslice bands run (the app's pool)
         self._listeners: list[Listener] = []
         self._reset_axes()
 
@@ -551,4 +547,5 @@ class MprState:
 
     def render(self, name: str, plane: PlaneGeometry, **kw) -> np.ndarray:
         """Reslice with the shared slab settings."""
+        kw.setdefault("mapper", self.mapper)
         return reslice(self.volume, plane, slab=self.slab, mode=self.slab_mode, **kw)

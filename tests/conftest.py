@@ -88,3 +88,16 @@ def ct_series_uid(ct_store):
     with Store(ct_store) as st:
         (series,) = [s for s in st.catalogue.query_series() if s["Modality"] == "CT"]
         return series["SeriesInstanceUID"]
+
+
+@pytest.fixture(autouse=True)
+def _default_pool_per_test():
+    """Each test has its own default worker pool (the one a window or loader uses when it
+    is handed none), shut down after it: jobs a test leaves running never hold the
+    workers of the next test, as each window's own threads once did not."""
+    from client.pool import WorkerPool, install_default_pool
+
+    pool = WorkerPool(4)
+    install_default_pool(pool)
+    yield pool
+    pool.shutdown(wait=False)

@@ -254,7 +254,7 @@ def test_open_folder_refuses_below_the_threshold(tmp_path, qtbot):
         open_folder(tmp_path, show=False, show_errors=False)
     win = open_folder(tmp_path, threshold=3, show=False, sync=True, vr=False, show_errors=False)
     qtbot.addWidget(win)
-    win.runner._thread.join(WAIT_S)
+    assert win.runner.wait(WAIT_S)
     qtbot.waitUntil(lambda: "complete" in win.mpr.status.text(), timeout=WAIT_MS)
     assert len(win.mpr.volume.own_slots()) == 4
     win.close()

@@ -12,6 +12,7 @@ import pytest
 
 from imaging import sr
 from client.srqueue import BACKGROUND, NEAR, VIEW, SRQueue, SRTileService
+from gates import Gated
 from waits import WAIT_S
 
 
@@ -179,6 +180,81 @@ def test_queued_job_is_raised_not_duplicated_and_retargeted():
         assert [n for k, n in order if k == "start"] == ["b", "a", "c"]
     finally:
         q.shutdown()
+
+
+def test_sr_jobs_run_in_the_worker_pool_in_the_class_of_their_priority():
+    from client import pool as wp
+
+    pool = wp.WorkerPool(2, name="onepool")
+    q = SRQueue(workers=1, worker_pool=pool)
+    try:
+        seen = []
+
+        def probe(name):
+            def fn(should_stop):
+                seen.append((name, threading.current_thread().name,
+                             {c: pool.running(c) for c in wp.CLASSES}))
+                return name
+            return fn
+
+        for key, prio in (("v", VIEW), ("n", NEAR), ("b", BACKGROUND)):
+            assert q.submit(key, probe(key), prio).future.result(WAIT_S) == key
+        for (name, thread, running), cls in zip(seen, (wp.VISIBLE, wp.PREFETCH, wp.BACKGROUND)):
+            assert thread.startswith("onepool-"), (name, thread)
+            assert running[cls] == 1 and sum(running.values()) == 1, (name, running)
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("sr-worker")]
+    finally:
+        q.shutdown()
+        pool.shutdown()
+
+
+def test_sr_jobs_obey_the_pool_cap():
+    from client import pool as wp
+
+    pool = wp.WorkerPool(3, caps={wp.INTERACTION: 3, wp.VISIBLE: 3, wp.PREFETCH: 3,
+                                  wp.BACKGROUND: 1})
+    q = SRQueue(workers=3, worker_pool=pool)        # the queue would run three at once
+    try:
+        bg = Gated()
+        jobs = [q.submit(("bg", i), bg, BACKGROUND) for i in range(3)]
+        assert bg.first.wait(WAIT_S)
+        # workers are free (this runs), yet the background cap holds the other SR jobs
+        assert pool.submit(lambda tok: "ok", wp.INTERACTION).future.result(WAIT_S) == "ok"
+        assert pool.running(wp.BACKGROUND) == 1
+        bg.gate.set()
+        assert all(j.future.result(WAIT_S) for j in jobs)
+        assert bg.peak == 1
+    finally:
+        q.shutdown()
+        pool.shutdown()
+
+
+def test_pool_cancel_stops_running_and_queued_sr_jobs():
+    from concurrent.futures import CancelledError
+
+    from client import pool as wp
+
+    pool = wp.WorkerPool(2, caps={wp.INTERACTION: 2, wp.VISIBLE: 1, wp.PREFETCH: 1,
+                                  wp.BACKGROUND: 1})
+    q = SRQueue(workers=2, worker_pool=pool)
+    try:
+        order: list = []
+        started = threading.Event()
+        running = q.submit("a", _busy(order, "a", started, steps=100000), VIEW)
+        assert started.wait(WAIT_S)
+        queued = q.submit("b", _busy(order, "b"), VIEW)      # its lane waits: VISIBLE cap
+        # the window turns away: its jobs in the one pool are cancelled
+        assert pool.cancel_where(lambda j: j.tag is q) == 2
+        for job in (running, queued):
+            with pytest.raises(CancelledError):
+                job.future.result(WAIT_S)
+        assert q.wait_idle(WAIT_S)
+        assert ("start", "b") not in order and ("done", "a") not in order
+        # the queue still works afterwards
+        assert q.submit("c", lambda stop: "c", VIEW).future.result(WAIT_S) == "c"
+    finally:
+        q.shutdown()
+        pool.shutdown()
 
 
 def test_sr_tiles_are_generated_marked_and_cached(tmp_path):

@@ -118,14 +118,15 @@ def test_tiles_of_a_cancelled_prefetch_load_when_asked_again(slide_store):
     again (on screen now), they never loaded and the pane waited without end."""
     import threading
 
-    from client.pool import INTERACTION, PREFETCH
+    from client.pool import INTERACTION, PREFETCH, WorkerPool
     from client.slides import LocalSlide
     from viewer.slideview import SlideTileLoader
 
     _root, st, high, _low, img = slide_store
     prov = LocalSlide.from_store(st, high["pk"])
     cache = TileCache(64 << 20)
-    loader = SlideTileLoader(prov, cache, lambda: None, workers=1)
+    pool = WorkerPool(1)
+    loader = SlideTileLoader(prov, cache, lambda: None, pool=pool)
     try:
         gate = threading.Event()
         busy = loader.pool.submit(lambda tok: gate.wait(WAIT_S), INTERACTION)  # the worker
@@ -144,6 +145,7 @@ def test_tiles_of_a_cancelled_prefetch_load_when_asked_again(slide_store):
             assert np.array_equal(c.pixels, img[ty:ty + th, tx:tx + tw])
     finally:
         loader.close()
+        pool.shutdown()
 
 
 def test_low_resolution_mode_super_resolves_and_marks(qtbot, slide_store):

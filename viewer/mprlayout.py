@@ -16,14 +16,15 @@ Opening (one call each; they return the :class:`MprWindow`, a top-level window):
 * :func:`open_folder` — an image file or folder on disk: the series selection of
   :mod:`imaging.series_select` (M1–M3), a refusal shown as a message box.
 
-The loader runs on a plain thread as a generator; each yield is handed to the UI thread
-through a queued signal, and closing the window cancels it.
+The loader runs as a generator in a job of the app's one worker pool (its transfers and
+decodes are sub-jobs of the same pool, the reslices too); each yield is handed to the UI
+thread through a queued signal, and closing the window cancels it.
 """
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel,
                                QMainWindow, QMessageBox, QPushButton, QProgressBar, QVBoxLayout, QWidget)
 
+from client.pool import INTERACTION, Job, WorkerPool, default_pool
 from imaging import windowing
 from imaging.mpr import PLANES, MprState
 from .mprview import SLAB_NAMES, MprView, ResliceScheduler, Tool
@@ -49,17 +51,22 @@ PANE_ORDER = ("axial", "coronal", "sagittal", "vr")       # grid order: row by r
 
 
 class LoadRunner(QObject):
-    """Runs a loader's ``run()`` generator on a thread; each yield becomes ``event``."""
+    """Runs a loader's ``run()`` generator as a job of the app's worker pool; each yield
+    becomes ``event``. The job shares the loader's cancel token: cancelling the runner,
+    the loader or the pool job (``WorkerPool.cancel_where``) stops the load."""
 
     event = Signal(object)
     failed = Signal(str)
     finished = Signal()
     progress = Signal(int, int)           # bytes received, bytes requested by the transfer
 
-    def __init__(self, loader, parent: QObject | None = None) -> None:
+    def __init__(self, loader, parent: QObject | None = None, *,
+                 pool: WorkerPool | None = None, priority: int = INTERACTION) -> None:
         super().__init__(parent)
         self.loader = loader
-        self._thread: threading.Thread | None = None
+        self.pool = pool or getattr(loader, "pool", None) or default_pool()
+        self.priority = priority
+        self._job: Job | None = None
         prev = getattr(loader, "on_progress", None)
 
         def on_progress(p) -> None:
@@ -73,8 +80,8 @@ class LoadRunner(QObject):
             loader.on_progress = on_progress
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="medview-mpr-loader", daemon=True)
-        self._thread.start()
+        self._job = self.pool.submit(lambda _token: self._run(), self.priority, tag=self.loader,
+                                     token=getattr(self.loader, "token", None))
 
     def _run(self) -> None:
         try:
@@ -92,12 +99,22 @@ class LoadRunner(QObject):
             pass
 
     def cancel(self, wait: float = 5.0) -> None:
+        """Stop the load; wait (at most ``wait`` s) for its job to end."""
         self.loader.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout=wait)
+        if self._job is not None:
+            self._job.cancel()
+            futures_wait([self._job.future], timeout=wait)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the load's job to end (its events are queued to the UI thread and
+        delivered after). True when it has ended."""
+        if self._job is None:
+            return True
+        done, _ = futures_wait([self._job.future], timeout=timeout)
+        return bool(done)
 
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._job is not None and not self._job.future.done()
 
 
 class MprLayout(QWidget):
@@ -106,17 +123,20 @@ class MprLayout(QWidget):
     layoutChanged = Signal(str)          # "2x2" or the maximised pane's name
 
     def __init__(self, volume: Volume, parent: QWidget | None = None, *, sync: bool = False,
-                 window: tuple[float, float] | None = None, vr: bool = True) -> None:
+                 window: tuple[float, float] | None = None, vr: bool = True,
+                 pool: WorkerPool | None = None) -> None:
         super().__init__(parent)
         self.volume = volume
+        self.pool = pool or default_pool()
         self.state = MprState(volume)
+        self.state.mapper = self.pool.mapper(INTERACTION)     # reslice bands in the pool
         # the header's window when usable, else decided from the voxels once they arrive
         head = header_window(*window) if window is not None else None
         if head is not None:
             self.state.window = head
         self._window_decided = head is not None
         self._deciding_window = False
-        self.scheduler = None if sync else ResliceScheduler(self)
+        self.scheduler = None if sync else ResliceScheduler(self, self.pool)
         self.views: dict[str, MprView] = {
             name: MprView(self.state, name, self.scheduler, self, sync=sync) for name in PLANES}
         self.decide_window()                     # a volume that already holds voxels
@@ -407,10 +427,13 @@ def volume_nbytes(volume: Volume) -> int:
 def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = None,
                 window: tuple[float, float] | None = None, runner: LoadRunner | None = None,
                 sync: bool = False, vr: bool = True, show: bool = True,
-                memory=None) -> MprWindow:
+                memory=None, pool: WorkerPool | None = None) -> MprWindow:
     """An :class:`MprWindow` on a volume already in memory (filled or being filled);
-    ``memory``: the app's :class:`~imaging.memory.MemoryBudget` the volume counts in."""
-    layout = MprLayout(volume, sync=sync, window=window, vr=vr)
+    ``memory``: the app's :class:`~imaging.memory.MemoryBudget` the volume counts in;
+    ``pool``: the app's worker pool (default: :func:`client.pool.default_pool`, which
+    the app's backend installs)."""
+    layout = MprLayout(volume, sync=sync, window=window, vr=vr,
+                       pool=pool or (runner.pool if runner is not None else None))
     win = MprWindow(layout, title, runner, parent, memory=memory)
     if show:
         win.show()
@@ -422,7 +445,7 @@ def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = 
 def open_series(session, series_uid: str, *, cache=None, series=None, parent: QWidget | None = None,
                 thick_to_thin: bool = False, threshold: int = 10, show: bool = True,
                 sync: bool = False, vr: bool = True, show_errors: bool = True,
-                memory=None) -> MprWindow:
+                memory=None, pool: WorkerPool | None = None) -> MprWindow:
     """Open a server series in MPR, loaded progressively (see the module docstring).
 
     ``series``: the :class:`~client.series.SeriesData` the app already holds for this
@@ -455,10 +478,10 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
             from client.slabs import SlabSeries
 
             loader = SlabVolumeLoader(lambda: SlabSeries(session, cache, series_uid), series.images,
-                                      modality=modality)
+                                      modality=modality, pool=pool)
             loader.volume.series_uid = series_uid
         else:
-            loader = VolumeLoader(series)
+            loader = VolumeLoader(series, pool=pool)
     except VolumeError as e:
         _refuse(parent, f"This series cannot be shown in MPR: {e}", show_errors)
     info = series.info
@@ -466,7 +489,8 @@ def open_series(session, series_uid: str, *, cache=None, series=None, parent: QW
     first = series.images[keep[0]]
     window = header_window(first.get("WindowCenter"), first.get("WindowWidth"))
     return open_volume(loader.volume, title=title, parent=parent, window=window,
-                       runner=LoadRunner(loader), sync=sync, vr=vr, show=show, memory=memory)
+                       runner=LoadRunner(loader, pool=loader.pool), sync=sync, vr=vr, show=show,
+                       memory=memory)
 
 
 def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=None,
@@ -484,7 +508,8 @@ def open_folder(path: str | Path, *, parent: QWidget | None = None, catalogue=No
 
 def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, sync: bool = False,
                    vr: bool = True, show_errors: bool = True,
-                   report: Callable[[str], None] | None = None, memory=None) -> MprWindow:
+                   report: Callable[[str], None] | None = None, memory=None,
+                   pool: WorkerPool | None = None) -> MprWindow:
     """Open a finished series selection in MPR (refused with a message when too small)."""
     if report:
         report(sel.report())
@@ -498,8 +523,8 @@ def open_selection(sel, *, parent: QWidget | None = None, show: bool = True, syn
                           "PatientName": ref.patient_name, "SeriesDescription": ref.series_description,
                           "Modality": ref.modality, "SeriesNumber": ref.series_number,
                           "SeriesInstanceUID": ref.series_uid}),
-                      parent=parent, sync=sync, vr=vr, show=show, runner=LoadRunner(loader),
-                      window=ref.window, memory=memory)
+                      parent=parent, sync=sync, vr=vr, show=show,
+                      runner=LoadRunner(loader, pool=pool), window=ref.window, memory=memory)
     if sel.warnings:
         win.mpr.status.setToolTip("\n".join(sel.warnings))
         win.mpr.status.setText("; ".join(sel.warnings)[:120])

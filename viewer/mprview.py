@@ -3,9 +3,9 @@
 The widget holds no geometry of its own beyond its zoom and pan: the plane, the
 crosshair centre, the slab and the window live in :class:`~imaging.mpr.MprState`, which
 every pane subscribes to (and unsubscribes from in ``closeEvent``). Reslicing runs on a
-:class:`ResliceScheduler` — one worker thread, the latest request per pane wins, results
-come back to the UI thread through a queued signal — or synchronously (``sync=True``,
-for tests and offscreen snapshots).
+:class:`ResliceScheduler` — in the app's worker pool, one at a time, the latest request
+per pane wins, results come back to the UI thread through a queued signal — or
+synchronously (``sync=True``, for tests and offscreen snapshots).
 
 Mouse: left button = the current tool: *crosshair* (drag the centre to move it, drag a
 line away from the centre to rotate the other two planes — oblique and double-oblique
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from PySide6.QtCore import QObject, QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
+from client.pool import INTERACTION, Job, WorkerPool, default_pool
 from imaging import windowing
 from imaging.mpr import MprState, PlaneGeometry, display_uint8, plane_labels
 
@@ -63,36 +65,41 @@ class Measurement3D:
 
 # --------------------------------------------------------------------------- scheduler
 class ResliceScheduler(QObject):
-    """One worker thread; per key only the latest request runs (older ones are dropped
-    unseen). ``submit`` from the UI thread; the callback runs on the UI thread."""
+    """Reslices in the app's worker pool, one at a time (INTERACTION class); per key only
+    the latest request runs (older ones are dropped unseen). ``submit`` from the UI
+    thread; the callback runs on the UI thread. No thread of its own: one pool job drains
+    the requests while there are any."""
 
     _done = Signal(object)
 
-    def __init__(self, parent: QObject | None = None) -> None:
+    def __init__(self, parent: QObject | None = None, pool: WorkerPool | None = None) -> None:
         super().__init__(parent)
+        self.pool = pool or default_pool()
         self._cv = threading.Condition()
         self._jobs: dict[object, tuple] = {}
+        self._job: Job | None = None             # the pool job draining the requests
         self._stop = False
         self._done.connect(self._deliver, Qt.ConnectionType.QueuedConnection)
-        self._thread = threading.Thread(target=self._loop, name="medview-mpr-reslice", daemon=True)
-        self._thread.start()
 
     def submit(self, key, fn, callback) -> None:
         with self._cv:
+            if self._stop:
+                return
             self._jobs.pop(key, None)                   # supersede, keep arrival order fair
             self._jobs[key] = (fn, callback)
-            self._cv.notify()
+            if self._job is None or self._job.future.done():
+                self._job = self.pool.submit(self._drain, INTERACTION, tag=self)
 
     def pending(self) -> int:
         with self._cv:
             return len(self._jobs)
 
-    def _loop(self) -> None:
+    def _drain(self, token) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stop:
-                    self._cv.wait()
-                if self._stop:
+                if self._stop or token.cancelled or not self._jobs:
+                    self._job = None
+                    self._cv.notify_all()
                     return
                 key = next(iter(self._jobs))
                 fn, callback = self._jobs.pop(key)
@@ -103,7 +110,8 @@ class ResliceScheduler(QObject):
             try:
                 self._done.emit((callback, result))
             except RuntimeError:      # the scheduler was deleted
-                return
+                with self._cv:
+                    self._stop = True
 
     def _deliver(self, item) -> None:
         callback, result = item
@@ -112,12 +120,15 @@ class ResliceScheduler(QObject):
         except RuntimeError:          # the pane was closed while its reslice ran
             pass
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: float = 2.0) -> None:
+        """Drop the requests; wait (at most ``wait`` s) for a reslice that is running."""
         with self._cv:
             self._stop = True
             self._jobs.clear()
-            self._cv.notify_all()
-        self._thread.join(timeout=2)
+            job = self._job
+        if job is not None:
+            job.cancel()
+            futures_wait([job.future], timeout=wait)
 
 
 # --------------------------------------------------------------------------- view

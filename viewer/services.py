@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from client.cache import PacketCache
-from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool
+from client.pool import (BACKGROUND, INTERACTION, PREFETCH, VISIBLE, WorkerPool,
+                         install_default_pool)
 from client.session import DEFAULT_USER, Session
 from imaging.memory import MemoryBudget
 
@@ -24,10 +25,11 @@ log = logging.getLogger("medview.services")
 __all__ = ["Backend", "ImportOutcome", "ImportDisabled", "POOL_CAPS"]
 
 POOL_WORKERS = 8
-POOL_CAPS = {INTERACTION: 8, VISIBLE: 2, PREFETCH: 2}
-"""Background work never takes more than 4 of the 8 workers: what the user looks at
-always finds a free one (its transfer and its decodes run side by side), and few Python
-threads compete with the UI thread for the interpreter."""
+POOL_CAPS = {INTERACTION: 8, VISIBLE: 2, PREFETCH: 2, BACKGROUND: 1}
+"""Work the user does not look at never takes more than 5 of the 8 workers: what the user
+looks at always finds a free one (its transfer and its decodes run side by side), and few
+Python threads compete with the UI thread for the interpreter. BACKGROUND is one worker:
+the super-resolution of tiles off screen (as the SR queue's own thread did before)."""
 
 
 class ImportDisabled(RuntimeError):
@@ -77,8 +79,10 @@ class Backend:
         caps = dict(POOL_CAPS)
         caps[INTERACTION] = workers
         # one worker pool and one memory budget for the whole app: series images, slide
-        # tiles and volumes (a quarter of the machine's memory by default, 512 MB at least)
+        # tiles and volumes (a quarter of the machine's memory by default, 512 MB at least).
+        # The pool is the process's default too: stack, MPR, VR, slides and SR all run in it
         self.pool = WorkerPool(workers, caps)
+        install_default_pool(self.pool)
         self.memory = MemoryBudget(memory_budget or default_memory_budget())
         self.cache: PacketCache | None = None
         self.session: Session | None = None

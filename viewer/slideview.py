@@ -6,7 +6,8 @@ Widgets only build and wire; the logic lives in :mod:`imaging`, :mod:`client.sli
 :class:`~imaging.viewport.TileCache` (one budget; on-screen and overview tiles are never
 evicted), a provider (:class:`~client.slides.LocalSlide` or
 :class:`~client.slides.RemoteSlide`), and for super-resolution
-:class:`~client.srqueue.SRTileService` on a :class:`~client.srqueue.SRQueue`.
+:class:`~client.srqueue.SRTileService` on a :class:`~client.srqueue.SRQueue` (scheduled on
+the same worker pool as the tiles).
 
 Loading (:class:`SlideTileLoader`): the visible tiles are asked for first at quality layer
 1 (a small fraction of the bytes; INTERACTION priority), then at all layers (lossless),
@@ -54,7 +55,7 @@ from PySide6.QtGui import QBrush, QColor, QFont, QImage, QPainter, QPen, QPixmap
 from PySide6.QtWidgets import (QComboBox, QDialog, QHBoxLayout, QLabel, QPushButton,
                                QVBoxLayout, QWidget)
 
-from client.pool import INTERACTION, PREFETCH, VISIBLE, WorkerPool  # noqa: F401
+from client.pool import INTERACTION, PREFETCH, WorkerPool, default_pool
 from client.rights import RightsLimited
 from client.srqueue import NEAR, VIEW, SRQueue, SRTileService
 from imaging.memory import MemoryBudget
@@ -95,16 +96,13 @@ class SlideTileLoader:
     ``notify()`` is called (on a worker thread) whenever a tile arrived; the view turns
     it into a repaint on the UI thread."""
 
-    def __init__(self, provider, cache: TileCache, notify, workers: int = 3,
+    def __init__(self, provider, cache: TileCache, notify,
                  pool: WorkerPool | None = None) -> None:
         self.provider = provider
         self.cache = cache
         self.notify = notify
-        # the app's one worker pool when given (its class caps hold for slides too); a
-        # private one only for a pane made on its own (tests, a bare slide window)
-        self._own_pool = pool is None
-        self.pool = pool or WorkerPool(workers, caps={INTERACTION: workers, VISIBLE: workers,
-                                                      PREFETCH: max(1, workers - 1)})
+        # the app's one worker pool (its class caps hold for slides too)
+        self.pool = pool or default_pool()
         self._inflight: dict = {}
         self._lock = threading.Lock()
         self.requests = 0
@@ -201,16 +199,10 @@ class SlideTileLoader:
         return c is not None and (c.complete or c.layers >= layers)
 
     def cancel_prefetch(self) -> None:
-        self.pool.cancel_where(lambda j: j.priority == PREFETCH and self._mine(j))
-
-    def _mine(self, job) -> bool:
-        return self._own_pool or getattr(job, "tag", None) is self
+        self.pool.cancel_where(lambda j: j.priority == PREFETCH and j.tag is self)
 
     def close(self) -> None:
-        if self._own_pool:
-            self.pool.shutdown(wait=False)
-        else:
-            self.pool.cancel_where(lambda j: j.tag is self)
+        self.pool.cancel_where(lambda j: j.tag is self)
 
 
 class SlideView(QWidget):
@@ -236,7 +228,7 @@ class SlideView(QWidget):
         disp = dispatcher()
         self.loader = SlideTileLoader(provider, self.cache, lambda: disp.post(self._arrived),
                                       pool=pool)
-        self._sr_queue = sr_queue or SRQueue(1)
+        self._sr_queue = sr_queue or SRQueue(1, self.loader.pool)
         self._own_sr_queue = sr_queue is None
         self._sr_cache = sr_cache
         self.sr = self._make_sr()

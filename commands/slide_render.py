@@ -10,7 +10,8 @@
   of the region, and of edge tiles only the precincts needed, are fetched).
 * ``--sr 2|4|8`` super-resolves the region (output ``s·w × s·h``) with the shipped
   generator; ×8 only when it is offered (:func:`imaging.sr.offer_check`: its weights beat
-  bicubic by at least 1 dB on held-out slides), else exit 2 with the reason. The picture is then *marked*: a magenta frame and a banner "SUPER-RESOLVED
+  bicubic by at least 1 dB on held-out slides), else exit 2 with the reason. The
+  picture is then *marked*: a magenta frame and a banner "SUPER-RESOLVED
   ×s — GENERATED, NOT SCANNED DETAIL", and PNG text chunks ``MedView-Generated``; a
   generated picture can never be mistaken for a scan. ``--sr-ensemble`` averages the
   generator over the 8 flips/rotations of the input (8× the time; about +0.1 dB on the

@@ -50,7 +50,8 @@ blurred, so it was not shipped; the same on ``pyramid``: see PATHOLOGY.md (shipp
 
 The exported file holds the parameters under the names :class:`imaging.sr.Generator`
 expects, plus ``meta`` (JSON: architecture, data, iterations, held-out PSNR of the
-generator and of bicubic per source and degradation). The script checks that numpy and torch agree before saving.
+generator and of bicubic per source and degradation). The script checks that numpy and
+torch agree before saving.
 """
 from __future__ import annotations
 
@@ -218,7 +219,8 @@ def init_params(path: Path, scale: int) -> dict[str, np.ndarray]:
     if r == scale:
         return params
     if 2 * r != scale:
-        raise SystemExit(f"{path} is a ×{r} generator; it can seed ×{r} or ×{2 * r}, not ×{scale}")
+        raise SystemExit(f"{path} is a ×{r} generator; it can seed ×{r} or ×{2 * r}, "
+                         f"not ×{scale}")
     w, b = params["tail.w"], params["tail.b"]
     idx = [c * r * r + (i // 2) * r + (j // 2)
            for c in range(3) for i in range(scale) for j in range(scale)]

@@ -31,7 +31,8 @@ def test_scan_degradation_blurs_and_compresses():
     scan = srdata.degrade(hr, 4, "scan").astype(np.float64)
     assert scan.shape == blur_only.shape == pyr.shape
     # optical blur: less high-frequency energy than the plain block mean, same mean
-    lap = lambda a: np.abs(np.diff(a, 2, axis=0)).mean()            # noqa: E731
+    def lap(a):
+        return np.abs(np.diff(a, 2, axis=0)).mean()
     assert lap(blur_only) < 0.9 * lap(pyr)
     assert abs(blur_only.mean() - pyr.mean()) < 1.0
     # JPEG at the scanner's quality changes pixels, but only a little
@@ -63,8 +64,10 @@ def test_held_out_sources_are_real_and_separate_from_training():
 
 def test_score_reports_per_source_mean_and_worst():
     src = {k: v[:1] for k, v in srdata.heldout_sources().items()}
-    bic = lambda lr: (np.clip(sr.bicubic_upscale(lr.astype(np.float32) / 255, 4), 0, 1)  # noqa: E731
-                      * 255 + 0.5).astype(np.uint8)
+    def bic(lr):
+        return (np.clip(sr.bicubic_upscale(lr.astype(np.float32) / 255, 4), 0, 1) * 255
+                + 0.5).astype(np.uint8)
+
     r = srdata.score(bic, 4, "pyramid", src)                  # bicubic against itself: 0
     assert all(v["psnr_gain_db"] == 0 for v in r["sources"].values())
     g = sr.load_generator(4)

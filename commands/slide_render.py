@@ -8,8 +8,10 @@
   with its samples — the sample slide included — on first use, as the app does), or
   from an image server with ``--server URL`` through the packet protocol (only the tiles
   of the region, and of edge tiles only the precincts needed, are fetched).
-* ``--sr 2|4`` super-resolves the region (output ``s·w × s·h``) with the shipped
-  generator. The picture is then *marked*: a magenta frame and a banner "SUPER-RESOLVED
+* ``--sr 2|4|8`` super-resolves the region (output ``s·w × s·h``) with the shipped
+  generator; ×8 only when it is offered (:func:`imaging.sr.offer_check`: its weights beat
+  bicubic by at least 1 dB on held-out slides), else exit 2 with the reason. The
+  picture is then *marked*: a magenta frame and a banner "SUPER-RESOLVED
   ×s — GENERATED, NOT SCANNED DETAIL", and PNG text chunks ``MedView-Generated``; a
   generated picture can never be mistaken for a scan. ``--sr-ensemble`` averages the
   generator over the 8 flips/rotations of the input (8× the time; about +0.1 dB on the
@@ -121,7 +123,8 @@ def build_parser(prog: str = "medview render") -> argparse.ArgumentParser:
     p.add_argument("--slide", required=True, help="slide UID or catalogue number")
     p.add_argument("--level", type=int, default=0)
     p.add_argument("--region", type=region_arg, help="x,y,w,h in pixels of the level")
-    p.add_argument("--sr", type=int, choices=(2, 4), help="super-resolve ×2 or ×4 (marked)")
+    p.add_argument("--sr", type=int, choices=(2, 4, 8),
+                   help="super-resolve ×2, ×4 or (where offered) ×8 (marked)")
     p.add_argument("--sr-ensemble", action="store_true",
                    help="with --sr: average over the 8 flips/rotations (8x the time)")
     p.add_argument("--layers", type=int, default=0, help="quality layers (default all)")
@@ -175,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.sr_ensemble and not args.sr:
         print("medview render: --sr-ensemble needs --sr 2|4", file=sys.stderr)
         return 2
+    if args.sr:
+        from imaging.sr import offer_check
+
+        why = offer_check(args.sr)
+        if why:
+            print(f"medview render: {why}", file=sys.stderr)
+            return 2
     from client.session import ServerError
 
     from server.slide_catalogue import CatalogueError

@@ -18,9 +18,13 @@ replicated row/column for the stride-2 encoder and the output is cropped back to
 (:mod:`client.srqueue`). The bicubic base (Keys, a = -0.5, edge pixels replicated)
 is the same function the benchmark uses as its baseline.
 
-Weights live in ``resources/pathology/sr_x2.npz`` and ``sr_x4.npz`` (float16, about
-1 MB each) with a JSON ``meta`` entry (architecture, training data, held-out
-scores). They are read from disk only: nothing is ever fetched from a network.
+Weights live in ``resources/pathology/sr_x2.npz``, ``sr_x4.npz`` and ``sr_x8.npz``
+(float16, about 1 MB each) with a JSON ``meta`` entry (architecture, training data,
+held-out scores). They are read from disk only: nothing is ever fetched from a network.
+×8 (5× → 40×) is offered — by :func:`offered_scales`, the CLI's ``--sr 8`` and
+:func:`load_generator` — only when its weights' meta records a gain over bicubic of at
+least :data:`X8_MIN_GAIN_DB` on the held-out slides never trained on (:func:`offer_check`
+says why not otherwise).
 """
 from __future__ import annotations
 
@@ -33,10 +37,14 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["Generator", "GeneratorError", "SRCancelled", "bicubic_upscale", "load_generator",
-           "weights_path", "RESOURCES", "upscale_tile"]
+           "offered_scales", "weights_path", "RESOURCES", "upscale_tile"]
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources" / "pathology"
-SCALES = (2, 4)
+SCALES = (2, 4, 8)
+#: ×8 (5× → 40×) is offered only when its weights beat bicubic by at least this much on
+#: the held-out slides never trained on (mean over them, the ``pyramid`` degradation:
+#: ``meta["heldout"]["pyramid"]["unseen_mean_gain_db"]``, written by imaging.train_sr)
+X8_MIN_GAIN_DB = 1.0
 
 
 class GeneratorError(RuntimeError):
@@ -229,12 +237,51 @@ def default_backend() -> str:
     return "onnxruntime" if available() else "numpy"
 
 
-def load_generator(scale: int, root: Path | str | None = None, *,
-                   backend: str | None = None) -> Generator:
-    """The ×``scale`` generator from ``resources/pathology`` (or ``root``), cached, on
-    ``backend`` (default :func:`default_backend`)."""
+def _read_meta(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(bytes(z["meta"]).decode("utf-8")) if "meta" in z else {}
+    except (OSError, ValueError, KeyError) as e:
+        raise GeneratorError(f"generator weights {path} are damaged: {e}") from e
+
+
+def offer_check(scale: int, root: Path | str | None = None) -> str | None:
+    """None when ×``scale`` may be offered, else why not (one sentence). ×2 and ×4 need
+    their weights; ×8 also needs a held-out gain over bicubic of at least
+    :data:`X8_MIN_GAIN_DB` recorded in its weights' meta."""
     if scale not in SCALES:
-        raise GeneratorError(f"super-resolution is available at ×2 and ×4, not ×{scale}")
+        return f"super-resolution is available at ×2, ×4 and ×8, not ×{scale}"
+    path = weights_path(scale, Path(root) if root else None)
+    if not path.is_file():
+        return f"no ×{scale} generator weights ({path})"
+    if scale == 8:
+        gain = (_read_meta(path).get("heldout", {}).get("pyramid", {})
+                .get("unseen_mean_gain_db"))
+        if gain is None:
+            return "the ×8 generator has no held-out score"
+        if gain < X8_MIN_GAIN_DB:
+            return (f"×8 is not offered: on slides it never saw it beats bicubic by only "
+                    f"{gain:+.2f} dB (at least +{X8_MIN_GAIN_DB:.1f} dB needed)")
+    return None
+
+
+def offered_scales(root: Path | str | None = None) -> tuple[int, ...]:
+    """The super-resolution factors the viewer and the CLI offer (:func:`offer_check`)."""
+    return tuple(s for s in SCALES if offer_check(s, root) is None)
+
+
+def load_generator(scale: int, root: Path | str | None = None, *,
+                   backend: str | None = None, unoffered: bool = False) -> Generator:
+    """The ×``scale`` generator from ``resources/pathology`` (or ``root``), cached, on
+    ``backend`` (default :func:`default_backend`). A factor that is not offered
+    (:func:`offer_check`: ×8 below its held-out bar) raises :class:`GeneratorError`
+    unless ``unoffered`` (benchmarks and training scores only)."""
+    if scale not in SCALES:
+        raise GeneratorError(f"super-resolution is available at ×2, ×4 and ×8, not ×{scale}")
+    if scale == 8 and not unoffered:
+        why = offer_check(scale, root)
+        if why:
+            raise GeneratorError(why)
     backend = backend or default_backend()
     path = weights_path(scale, Path(root) if root else None)
     key = (scale, str(path), backend)

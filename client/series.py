@@ -328,11 +328,19 @@ class Transfer:
         holds the explanation, and the series' listeners hear ``limited``."""
         if token is not None:
             self.token = token
-        s = self.series
         if self.blocked is not None:
             return self._beyond_rights(self.blocked)
-        model = s.model() if s.declare_needed else None
         t0 = time.monotonic()
+        resp = self._open()
+        if resp is None:
+            return self.end
+        return self._receive(resp, t0)
+
+    def _open(self):
+        """Send the request; the streaming response (its headers read), or None when
+        the rights leave nothing of it (``end`` says so)."""
+        s = self.series
+        model = s.model() if s.declare_needed else None
         try:
             resp = s.session.packet_stream(self.params, model)
         except ServerError as e:
@@ -346,13 +354,24 @@ class Transfer:
             try:
                 retry = s.clamp(self.asked)
             except RightsLimited as limited:
-                return self._beyond_rights(limited, notify=False)
+                self._beyond_rights(limited, notify=False)
+                return None
             if retry == self.params:
                 raise
             self.params = retry
             resp = s.session.packet_stream(self.params, model)
-        self._resp = resp
         s.declare_needed = False
+        return resp
+
+    def _receive(self, resp, t0: float) -> dict:
+        """Read the response to its end, applying every record as it arrives."""
+        s = self.series
+        self._resp = resp
+        if self.token.cancelled:          # cancelled while the request was on its way
+            resp.close()
+            self._resp = None
+            s.declare_needed = True
+            raise Cancelled()
         reader = framing.PacketStreamReader()
         dirty: dict[int, dict] = {}
         per_image_rx: dict[int, int] = {}
@@ -468,3 +487,77 @@ class Transfer:
         q, r = s.levels(csn)
         self.cb.on_image(ImageProgress(csn, im["key"], q, r, im["nlayers"], im["numres"],
                                        rx.get(csn, 0), req.get(csn, 0), im["total_bytes"]))
+
+
+def run_in_order(transfers: list[Transfer], token: CancelToken | None = None) -> list[dict]:
+    """Run transfers of one series one after the other, each next request sent while
+    the previous response still streams, so the link does not idle between them (the
+    stages of a progressive session: preview, ~1:20, lossless). Returns their end
+    messages; blocking (use a worker).
+
+    Every request but the last is sent with JPIP ``wait=yes``: the server plans the next
+    one only once the previous stream has ended, against a model that holds all it sent,
+    so nothing is sent twice. The next response is read only after the previous one
+    ended (its data continues the same data-bins). If a transfer fails or is cancelled,
+    the next (already asked) is closed unread, the series declares what it holds on its
+    next request, and the error is raised."""
+    if not transfers:
+        return []
+    s = transfers[0].series
+    if any(t.series is not s for t in transfers):
+        raise ValueError("run_in_order: transfers of one series only")
+    token = token or CancelToken()
+    for t in transfers[:-1]:
+        t.params["wait"] = "yes"
+    ends: list[dict] = []
+    pending: tuple[threading.Thread, dict] | None = None
+    try:
+        for i, t in enumerate(transfers):
+            t.token = token
+            if pending is not None:
+                resp, pending = _collect(pending), None
+            elif t.blocked is not None:
+                ends.append(t._beyond_rights(t.blocked))
+                continue
+            else:
+                resp = t._open()
+            t0 = time.monotonic()
+            if resp is None:                  # nothing of it within the rights
+                ends.append(t.end)
+                continue
+            if i + 1 < len(transfers) and transfers[i + 1].blocked is None:
+                pending = _open_async(transfers[i + 1])
+            ends.append(t._receive(resp, t0))
+    except BaseException:
+        if pending is not None:
+            try:
+                resp = _collect(pending)
+                if resp is not None:
+                    resp.close()
+            except Exception:  # noqa: BLE001 - the first error is the one to raise
+                pass
+            s.declare_needed = True
+        raise
+    return ends
+
+
+def _open_async(t: Transfer) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["resp"] = t._open()
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread
+            box["error"] = e
+
+    th = threading.Thread(target=run, name="transfer-next", daemon=True)
+    th.start()
+    return th, box
+
+
+def _collect(pending: tuple[threading.Thread, dict]):
+    th, box = pending
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("resp")

@@ -287,6 +287,12 @@ class SeriesData:
 
 
 
+#: :func:`run_in_order`: send the next request when this much time of data is left
+#: of the current one at its rate so far, or this many bytes, whichever is more.
+PIPELINE_LEAD_S = 0.1
+PIPELINE_LEAD_MIN_BYTES = 64 * 1024
+
+
 class Transfer:
     """One packet request, run with :meth:`run` (blocking; use a worker)."""
 
@@ -309,6 +315,7 @@ class Transfer:
         self.total = 0
         self.recommendations: list[dict] = []
         self._resp = None
+        self._near_end: Callable[[], None] | None = None   # run_in_order: ask the next
 
     def cancel(self) -> None:
         """Stop promptly: the connection is closed, so the server stops too."""
@@ -400,6 +407,8 @@ class Transfer:
                     if self.cb.on_progress:
                         self.cb.on_progress(TransferProgress(self.received, self.requested,
                                                              self.total, time.monotonic() - t0))
+                if self._near_end is not None and self.announce is not None:
+                    self._check_near_end(t0)
                 if self.token.cancelled:
                     raise Cancelled()
         except Cancelled:
@@ -421,6 +430,13 @@ class Transfer:
             s.declare_needed = True
             raise TransferError("the server closed the stream before the end of the transfer")
         return self.end
+
+    def _check_near_end(self, t0: float) -> None:
+        elapsed = time.monotonic() - t0
+        rate = self.received / elapsed if elapsed > 0 else 0.0
+        if self.requested - self.received <= max(PIPELINE_LEAD_MIN_BYTES, rate * PIPELINE_LEAD_S):
+            fn, self._near_end = self._near_end, None
+            fn()
 
     def _beyond_rights(self, e: RightsLimited, notify: bool = True) -> dict:
         self.limited = e.body
@@ -500,7 +516,12 @@ def run_in_order(transfers: list[Transfer], token: CancelToken | None = None) ->
     so nothing is sent twice. The next response is read only after the previous one
     ended (its data continues the same data-bins). If a transfer fails or is cancelled,
     the next (already asked) is closed unread, the series declares what it holds on its
-    next request, and the error is raised."""
+    next request, and the error is raised.
+
+    The next request goes out when the current one has about ``PIPELINE_LEAD_S`` of data
+    left at its measured rate (at least ``PIPELINE_LEAD_MIN_BYTES``): early enough to
+    hide the round trip and the server's planning, late enough that the next stage's
+    data does not share the link with (and so delay) most of the current stage."""
     if not transfers:
         return []
     s = transfers[0].series
@@ -510,12 +531,12 @@ def run_in_order(transfers: list[Transfer], token: CancelToken | None = None) ->
     for t in transfers[:-1]:
         t.params["wait"] = "yes"
     ends: list[dict] = []
-    pending: tuple[threading.Thread, dict] | None = None
+    pending: list = []                  # the next request, once sent: (thread, box)
     try:
         for i, t in enumerate(transfers):
             t.token = token
-            if pending is not None:
-                resp, pending = _collect(pending), None
+            if pending:
+                resp = _collect(pending.pop())
             elif t.blocked is not None:
                 ends.append(t._beyond_rights(t.blocked))
                 continue
@@ -525,13 +546,14 @@ def run_in_order(transfers: list[Transfer], token: CancelToken | None = None) ->
             if resp is None:                  # nothing of it within the rights
                 ends.append(t.end)
                 continue
-            if i + 1 < len(transfers) and transfers[i + 1].blocked is None:
-                pending = _open_async(transfers[i + 1])
+            nxt = transfers[i + 1] if i + 1 < len(transfers) else None
+            if nxt is not None and nxt.blocked is None:
+                t._near_end = lambda nxt=nxt: pending.append(_open_async(nxt))
             ends.append(t._receive(resp, t0))
     except BaseException:
-        if pending is not None:
+        if pending:
             try:
-                resp = _collect(pending)
+                resp = _collect(pending.pop())
                 if resp is not None:
                     resp.close()
             except Exception:  # noqa: BLE001 - the first error is the one to raise

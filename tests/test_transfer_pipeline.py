@@ -121,7 +121,9 @@ def test_pipeline_broken_stage_closes_the_next_and_recovers(server, ct_store, ct
             first["csn"] = p.csn
             token.cancel()                          # the run's token: the run stops
 
-    stages = [sd.transfer(layers=2, order="image", callbacks=Callbacks(on_image=on_image)),
+    # a small first stage: the next is asked at once (less than the pipelining lead left)
+    stages = [sd.transfer(layers=1, reduce=1, order="image",
+                          callbacks=Callbacks(on_image=on_image)),
               sd.transfer()]
     with pytest.raises(Cancelled):
         run_in_order(stages, token)

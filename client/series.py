@@ -235,10 +235,16 @@ class SeriesData:
         return n
 
     def flush(self, dirty: dict[int, dict]) -> None:
+        """Queue the changed data-bins for the cache (written off this thread)."""
         if self.cache:
             for csn, bins in dirty.items():
-                self.cache.put(self.ns, self.images[csn]["key"], bins)
+                self.cache.put_later(self.ns, self.images[csn]["key"], bins)
         dirty.clear()
+
+    def drain(self) -> None:
+        """Wait for this series' queued cache writes (the cache holds what was received)."""
+        if self.cache:
+            self.cache.drain()
 
     # ------------------------------------------------------------------ requests
     def transfer(self, *, comps: list[int] | None = None, layers: int | None = None,
@@ -426,6 +432,7 @@ class Transfer:
         finally:
             resp.close()
             self._resp = None
+            s.drain()
         if self.end is None:
             s.declare_needed = True
             raise TransferError("the server closed the stream before the end of the transfer")

@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
 
 # (name, bits per second, one-way latency in seconds)
 LINKS = (("10 Mbit/s", 10e6, 0.005), ("100 Mbit/s", 100e6, 0.001))
-TARGETS = {"overhead": 1.03, "preview_pct": 2.0, "decode_ratio": 0.8}
+TARGETS = {"overhead": 1.03, "preview_pct": 2.0, "decode_ratio": 0.8, "link_floor": 1.3}
 OPJ = shutil.which("opj_decompress") or "/usr/bin/opj_decompress"
 PROXY_LIFETIME_S = 900.0          # the proxies and the server child stop by themselves
 
@@ -435,6 +435,43 @@ def run_progressive(side: ServerSide, link: int, data: dict):
     return sess, sd, {"metadata": meta, "stages": stages, "sequence": total}
 
 
+def run_pipelined(side: ServerSide, link: int, data: dict):
+    """The same session as :func:`run_progressive` on a fresh login, with every stage's
+    request sent while the previous one streams (``client.run_in_order``); per-stage
+    times from the callbacks, bytes of the whole sequence."""
+    import client
+
+    url = side.proxy_urls[link]
+    sess = client.Session(url)
+    m = Meter(side, link)
+    sd = client.SeriesData(sess, None, data["series_uid"])
+    t_meta = time.monotonic() - m.t0
+    n = len(sd)
+    params = stage_params(data)
+    t_all: list[float | None] = [None] * len(params)
+    reached: list[set] = [set() for _ in params]
+    transfers = []
+    for i, (_name, kw, want_l, want_r) in enumerate(params):
+        def on_image(p, i=i, want_l=want_l, want_r=want_r):
+            if p.layers >= want_l and p.res >= want_r:
+                reached[i].add(p.csn)
+                if len(reached[i]) == n and t_all[i] is None:
+                    t_all[i] = time.monotonic()
+        transfers.append(sd.transfer(order="quality",
+                                     callbacks=client.Callbacks(on_image=on_image), **kw))
+    ends = client.run_in_order(transfers)
+    t_end = time.monotonic()
+    w = m.read()
+    ok = all(sd.levels(c) == (params[-1][2], params[-1][3]) for c in range(n))
+    return sess, sd, {
+        "seconds_metadata": t_meta,
+        "cum_seconds_all_visible": [(t - m.t0) if t else None for t in t_all],
+        "seconds": t_end - m.t0, "wire_down": w["down"], "wire_up": w["up"],
+        "client_cpu_seconds": w["client_cpu_seconds"], "all_lossless": ok,
+        "payload_new_bytes": sum(t.received for t in transfers),
+        "reasons": [e.get("reason") for e in ends]}
+
+
 def run_plain(side: ServerSide, link: int, data: dict, sess_id: str, kind: str) -> dict:
     """Sequential GETs of every frame codestream (kind='j2k') or DICOM file ('dicom')."""
     import requests
@@ -645,6 +682,11 @@ def table(headers: list[str], rows: list[list], title: str) -> str:
     return "\n".join(lines)
 
 
+def link_floor(nbytes: float, bits_per_s: float) -> float:
+    """Seconds a perfect transfer of ``nbytes`` takes on the link (bytes / rate)."""
+    return nbytes * 8.0 / bits_per_s
+
+
 def met(value: float, target: float, le: bool) -> str:
     ok = value <= target if le else value >= target
     return "met" if ok else "MISSED"
@@ -677,13 +719,14 @@ def report(res: dict) -> str:
     dcm_bytes = base["plain_dicom"]["wire_down"]
     hdr = ["stage", "bytes (MB)", "% raw DICOM", "x plain J2K"]
     for lk in L:
-        hdr += [f"t {lk['name']} (s)", "x J2K", "x DICOM"]
+        hdr += [f"t {lk['name']} (s)", "x link floor", "x J2K", "x DICOM"]
     rows = []
 
     def add(label, nbytes, times):
         r = [label, mb(nbytes), f"{100 * nbytes / dcm_bytes:.2f}", f"{nbytes / j2k_bytes:.3f}"]
         for lk, t in zip(L, times):
-            r += [f"{t:.2f}", f"{t / lk['plain_j2k']['seconds']:.3f}",
+            r += [f"{t:.2f}", f"{t / link_floor(nbytes, lk['bits_per_s']):.2f}",
+                  f"{t / lk['plain_j2k']['seconds']:.3f}",
                   f"{t / lk['plain_dicom']['seconds']:.3f}"]
         rows.append(r)
 
@@ -694,6 +737,14 @@ def report(res: dict) -> str:
         times = [lk["progressive"]["stages"][i]["cum_seconds_all_visible"]
                  or lk["progressive"]["stages"][i]["cum_seconds"] for lk in L]
         add(f"{i + 1} {st['stage']}", cum, times)
+    if "pipelined" in base["progressive"]:
+        for i, st in enumerate(base["progressive"]["stages"]):
+            times = [lk["progressive"]["pipelined"]["cum_seconds_all_visible"][i]
+                     or lk["progressive"]["pipelined"]["seconds"] for lk in L]
+            add(f"{i + 1}p same, stages pipelined", base["progressive"]["pipelined"]["wire_down"]
+                if i == len(base["progressive"]["stages"]) - 1 else
+                base["progressive"]["metadata"]["down"]
+                + sum(x["wire_down"] for x in base["progressive"]["stages"][:i + 1]), times)
     add("plain lossless J2K (listing + frames)", j2k_bytes, [lk["plain_j2k"]["seconds"] for lk in L])
     add("plain raw DICOM (listing + files)", dcm_bytes, [lk["plain_dicom"]["seconds"] for lk in L])
     out.append(table(hdr, rows, "Progressive (cumulative, one quality-first session) vs plain "
@@ -711,6 +762,26 @@ def report(res: dict) -> str:
                    f"{lk['plain_j2k']['client_cpu_seconds']:.2f} s, plain DICOM "
                    f"{lk['plain_dicom']['client_cpu_seconds']:.2f} s")
     out.append("Client CPU time (receiving only, no decoding): " + "; ".join(cpu) + ".")
+    floors = []
+    for lk in L:
+        whole = lk["progressive"]["sequence"]
+        t_ll = (lk["progressive"]["stages"][-1]["cum_seconds_all_visible"]
+                or lk["progressive"]["stages"][-1]["cum_seconds"])
+        x = t_ll / link_floor(whole["down"], lk["bits_per_s"])
+        floors.append(f"{lk['name']}: {t_ll:.2f} s for {mb(whole['down'])} MB = {x:.2f}x "
+                      f"(<= {TARGETS['link_floor']}: {met(x, TARGETS['link_floor'], True)}), "
+                      f"plain J2K {lk['plain_j2k']['seconds'] / link_floor(lk['plain_j2k']['wire_down'], lk['bits_per_s']):.2f}x")
+        pp = lk["progressive"].get("pipelined")
+        if pp:
+            t_pp = pp["cum_seconds_all_visible"][-1] or pp["seconds"]
+            x = t_pp / link_floor(pp["wire_down"], lk["bits_per_s"])
+            floors.append(f"pipelined {t_pp:.2f} s for {mb(pp['wire_down'])} MB = {x:.2f}x "
+                          f"(<= {TARGETS['link_floor']}: {met(x, TARGETS['link_floor'], True)}; "
+                          f"{'all lossless' if pp['all_lossless'] else 'NOT ALL LOSSLESS'}, "
+                          f"{pp['wire_down'] - whole['down']:+d} B vs stage by stage, "
+                          f"client CPU {pp['client_cpu_seconds']:.2f} s)")
+    out.append("Lossless series vs the link floor (bytes on the wire / link rate): "
+               + "; ".join(floors) + ".")
     ds = res.get("decode_stages", {})
     if ds:
         out.append("Decode of every slice at each stage after it arrived (client decode "
@@ -737,6 +808,9 @@ def report(res: dict) -> str:
         ["progressive lossless wire / plain J2K frames wire", f"{jpp_wire / frames_wire:.4f}", ""],
         ["new data-bin bytes received (client) / data-bin bytes stored", f"{jpp_payload / bins:.4f}",
          "1.0000 = nothing resent, nothing missing"],
+        *([["  same, stages pipelined", f"{p['pipelined']['payload_new_bytes'] / bins:.4f}",
+            f"wire {p['pipelined']['wire_down'] - p['sequence']['down']:+d} B vs stage by stage"]]
+          if "pipelined" in p else []),
         ["progressive lossless wire / single-layer default J2K", f"{jpp_wire / plain1:.4f}", ""],
         ["stored layered J2K / single-layer default J2K", f"{stored / plain1:.4f}",
          "cost of layers + precincts + PLT"],
@@ -785,6 +859,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="decode repetitions (default 3)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "transfer.json"))
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--no-decode-bench", action="store_true",
+                    help="skip the decode throughput table (transfers only)")
     args = ap.parse_args(argv)
     slices = 24 if args.quick and args.slices == 100 else args.slices
     reps = args.reps or 3
@@ -820,6 +896,9 @@ def main(argv=None) -> int:
         for li, (name, bps, lat) in enumerate(LINKS):
             log(f"link {name}: progressive")
             sess, sd, prog = run_progressive(side, li, data)
+            log(f"link {name}: progressive, stages pipelined")
+            psess, psd, piped = run_pipelined(side, li, data)
+            prog["pipelined"] = piped
             log(f"link {name}: plain J2K")
             pj = run_plain(side, li, data, sess.id, "j2k")
             log(f"link {name}: plain DICOM")
@@ -827,16 +906,18 @@ def main(argv=None) -> int:
             res["links"].append({"name": name, "bits_per_s": bps, "latency_s": lat,
                                  "progressive": prog, "plain_j2k": pj, "plain_dicom": pd,
                                  "proxy_totals": side.counts(li)})
+            sess.logout()
             if last_sd is not None:
                 last_sd[0].logout()
-            last_sd = (sess, sd)
+            last_sd = (psess, psd)           # the pipelined session's packets are checked
         log("decoding every stage from the client's packets")
         res["decode_stages"] = decode_stages(last_sd[1], data)
         last_sd[0].logout()
         side.stop()
         side = None
-        log(f"decode throughput ({reps} reps)")
-        res["decode"] = decode_benchmark(data, work, reps)
+        if not args.no_decode_bench:
+            log(f"decode throughput ({reps} reps)")
+            res["decode"] = decode_benchmark(data, work, reps)
     finally:
         if side is not None:
             side.stop()

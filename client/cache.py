@@ -22,12 +22,19 @@ emptied on opening: its entries cannot be checked (they are fetched again once).
 
 Size is bounded: least recently used images are evicted first.
 
+A transfer writes through :meth:`PacketCache.put_later`: the writes run in order on the
+cache's own writer thread (a bounded queue: the receiving thread waits only when
+``WRITE_QUEUE`` writes are pending, nothing is dropped), so reading the network never
+waits for SQLite; a transfer drains the queue before it returns, and every read of the
+cache (and :meth:`close`) first waits for the queued writes.
+
 Namespaces separate servers: the same SOP Instance UID on two servers may have been
 encoded differently.
 """
 from __future__ import annotations
 
 import logging
+import collections
 import os
 import sqlite3
 import threading
@@ -69,6 +76,11 @@ def _text(b: bytes) -> str:
 
 
 class PacketCache:
+    #: writes queued by :meth:`put_later` at most; beyond, the caller waits
+    WRITE_QUEUE = 64
+    #: the writer thread ends after this long without work (a new write starts another)
+    WRITER_IDLE_S = 5.0
+
     def __init__(self, path: str | Path, max_bytes: int = 2 << 30) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
@@ -78,6 +90,9 @@ class PacketCache:
         self.recovered = 0        # times the database was found damaged and replaced
         self.in_memory = False    # no usable file: caching for this run only
         self._closed = False
+        self._queue: collections.deque = collections.deque()   # (ns, image, bins), in order
+        self._queue_cv = threading.Condition()
+        self._writer: threading.Thread | None = None
         self._con = self._open()
 
     # ------------------------------------------------------------------ setup
@@ -170,6 +185,7 @@ class PacketCache:
                 return default
 
     def close(self) -> None:
+        self.drain()
         with self._lock:
             self._closed = True
             try:
@@ -180,6 +196,7 @@ class PacketCache:
     # ------------------------------------------------------------------ read
     def load(self, ns: str, image: str) -> BinSet:
         """The bins held for one image; damaged entries are dropped, never raised."""
+        self.drain()
         rows = self._guard("read", lambda con: self._load_rows(con, ns, image), [])
         bs = BinSet()
         for c, b, d in rows:
@@ -229,6 +246,7 @@ class PacketCache:
         return good
 
     def images(self, ns: str) -> list[str]:
+        self.drain()
         return self._guard("list", lambda con: [r[0] for r in con.execute(
             "SELECT DISTINCT image FROM bins WHERE ns = ?", (ns,))], [])
 
@@ -252,11 +270,58 @@ class PacketCache:
 
         self._guard("write", write, None, retry=True)
 
+    def put_later(self, ns: str, image: str, bins: dict[tuple[int, int], bytes]) -> None:
+        """:meth:`put` on the writer thread, after the writes queued before it. Waits
+        only while ``WRITE_QUEUE`` writes are pending. A failing write is logged and
+        skipped (the data stays with the caller; the cache is an optimisation)."""
+        if not bins:
+            return
+        item = (ns, image, dict(bins))
+        with self._queue_cv:
+            while len(self._queue) >= self.WRITE_QUEUE:
+                self._queue_cv.wait()
+            self._queue.append(item)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, daemon=True,
+                                                name="packet-cache-writer")
+                self._writer.start()
+            self._queue_cv.notify_all()
+
+    def _write_queued(self) -> None:
+        cv = self._queue_cv
+        while True:
+            with cv:
+                if not self._queue and not cv.wait_for(lambda: self._queue,
+                                                       self.WRITER_IDLE_S):
+                    self._writer = None
+                    return
+                ns, image, bins = self._queue[0]      # stays queued until written
+            try:
+                self.put(ns, image, bins)
+            except Exception:  # noqa: BLE001 - never lose the writer (and later writes)
+                log.exception("packet cache %s: a queued write failed", self.path)
+            with cv:
+                self._queue.popleft()
+                cv.notify_all()
+
+    def drain(self) -> None:
+        """Wait until every write queued by :meth:`put_later` is done."""
+        if threading.current_thread() is self._writer:
+            return
+        with self._queue_cv:
+            self._queue_cv.wait_for(lambda: not self._queue)
+
     def forget(self, ns: str, image: str) -> None:
+        self.drain()
+        self._forget(ns, image)
+
+    def _forget(self, ns: str, image: str) -> None:
         self._guard("forget", lambda con: con.execute(
             "DELETE FROM bins WHERE ns = ? AND image = ?", (ns, image)) and None, None)
 
     def clear(self) -> None:
+        self.drain()
+
         def run(con: sqlite3.Connection) -> None:
             con.execute("DELETE FROM bins")
             con.execute("VACUUM")
@@ -265,6 +330,10 @@ class PacketCache:
     # ------------------------------------------------------------------ size
     def usage(self) -> tuple[int, int]:
         """(bytes held, images held)."""
+        self.drain()
+        return self._usage()
+
+    def _usage(self) -> tuple[int, int]:
         def run(con: sqlite3.Connection) -> tuple[int, int]:
             n, s = con.execute("SELECT count(DISTINCT ns || '|' || image), "
                                "coalesce(sum(size), 0) FROM bins").fetchone()
@@ -274,8 +343,9 @@ class PacketCache:
     def evict(self, keep: set[tuple[str, str]] = frozenset()) -> int:
         """Drop least recently used images until under max_bytes; returns bytes freed.
         Images in ``keep`` (on screen, being fetched) are never evicted."""
+        self.drain()              # (never under the lock: the writer needs it)
         with self._lock:
-            total, _ = self.usage()
+            total, _ = self._usage()
             if total <= self.max_bytes:
                 return 0
             rows = self._guard("evict", lambda con: con.execute(
@@ -287,7 +357,7 @@ class PacketCache:
                     break
                 if (ns, image) in keep:
                     continue
-                self.forget(ns, image)
+                self._forget(ns, image)
                 freed += size if type(size) is int else 0
         return freed
 

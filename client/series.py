@@ -235,10 +235,16 @@ class SeriesData:
         return n
 
     def flush(self, dirty: dict[int, dict]) -> None:
+        """Queue the changed data-bins for the cache (written off this thread)."""
         if self.cache:
             for csn, bins in dirty.items():
-                self.cache.put(self.ns, self.images[csn]["key"], bins)
+                self.cache.put_later(self.ns, self.images[csn]["key"], bins)
         dirty.clear()
+
+    def drain(self) -> None:
+        """Wait for this series' queued cache writes (the cache holds what was received)."""
+        if self.cache:
+            self.cache.drain()
 
     # ------------------------------------------------------------------ requests
     def transfer(self, *, comps: list[int] | None = None, layers: int | None = None,
@@ -287,6 +293,12 @@ class SeriesData:
 
 
 
+#: :func:`run_in_order`: send the next request when this much time of data is left
+#: of the current one at its rate so far, or this many bytes, whichever is more.
+PIPELINE_LEAD_S = 0.1
+PIPELINE_LEAD_MIN_BYTES = 64 * 1024
+
+
 class Transfer:
     """One packet request, run with :meth:`run` (blocking; use a worker)."""
 
@@ -309,6 +321,7 @@ class Transfer:
         self.total = 0
         self.recommendations: list[dict] = []
         self._resp = None
+        self._near_end: Callable[[], None] | None = None   # run_in_order: ask the next
 
     def cancel(self) -> None:
         """Stop promptly: the connection is closed, so the server stops too."""
@@ -328,11 +341,19 @@ class Transfer:
         holds the explanation, and the series' listeners hear ``limited``."""
         if token is not None:
             self.token = token
-        s = self.series
         if self.blocked is not None:
             return self._beyond_rights(self.blocked)
-        model = s.model() if s.declare_needed else None
         t0 = time.monotonic()
+        resp = self._open()
+        if resp is None:
+            return self.end
+        return self._receive(resp, t0)
+
+    def _open(self):
+        """Send the request; the streaming response (its headers read), or None when
+        the rights leave nothing of it (``end`` says so)."""
+        s = self.series
+        model = s.model() if s.declare_needed else None
         try:
             resp = s.session.packet_stream(self.params, model)
         except ServerError as e:
@@ -346,13 +367,24 @@ class Transfer:
             try:
                 retry = s.clamp(self.asked)
             except RightsLimited as limited:
-                return self._beyond_rights(limited, notify=False)
+                self._beyond_rights(limited, notify=False)
+                return None
             if retry == self.params:
                 raise
             self.params = retry
             resp = s.session.packet_stream(self.params, model)
-        self._resp = resp
         s.declare_needed = False
+        return resp
+
+    def _receive(self, resp, t0: float) -> dict:
+        """Read the response to its end, applying every record as it arrives."""
+        s = self.series
+        self._resp = resp
+        if self.token.cancelled:          # cancelled while the request was on its way
+            resp.close()
+            self._resp = None
+            s.declare_needed = True
+            raise Cancelled()
         reader = framing.PacketStreamReader()
         dirty: dict[int, dict] = {}
         per_image_rx: dict[int, int] = {}
@@ -381,6 +413,8 @@ class Transfer:
                     if self.cb.on_progress:
                         self.cb.on_progress(TransferProgress(self.received, self.requested,
                                                              self.total, time.monotonic() - t0))
+                if self._near_end is not None and self.announce is not None:
+                    self._check_near_end(t0)
                 if self.token.cancelled:
                     raise Cancelled()
         except Cancelled:
@@ -398,10 +432,18 @@ class Transfer:
         finally:
             resp.close()
             self._resp = None
+            s.drain()
         if self.end is None:
             s.declare_needed = True
             raise TransferError("the server closed the stream before the end of the transfer")
         return self.end
+
+    def _check_near_end(self, t0: float) -> None:
+        elapsed = time.monotonic() - t0
+        rate = self.received / elapsed if elapsed > 0 else 0.0
+        if self.requested - self.received <= max(PIPELINE_LEAD_MIN_BYTES, rate * PIPELINE_LEAD_S):
+            fn, self._near_end = self._near_end, None
+            fn()
 
     def _beyond_rights(self, e: RightsLimited, notify: bool = True) -> dict:
         self.limited = e.body
@@ -468,3 +510,83 @@ class Transfer:
         q, r = s.levels(csn)
         self.cb.on_image(ImageProgress(csn, im["key"], q, r, im["nlayers"], im["numres"],
                                        rx.get(csn, 0), req.get(csn, 0), im["total_bytes"]))
+
+
+def run_in_order(transfers: list[Transfer], token: CancelToken | None = None) -> list[dict]:
+    """Run transfers of one series one after the other, each next request sent while
+    the previous response still streams, so the link does not idle between them (the
+    stages of a progressive session: preview, ~1:20, lossless). Returns their end
+    messages; blocking (use a worker).
+
+    Every request but the last is sent with JPIP ``wait=yes``: the server plans the next
+    one only once the previous stream has ended, against a model that holds all it sent,
+    so nothing is sent twice. The next response is read only after the previous one
+    ended (its data continues the same data-bins). If a transfer fails or is cancelled,
+    the next (already asked) is closed unread, the series declares what it holds on its
+    next request, and the error is raised.
+
+    The next request goes out when the current one has about ``PIPELINE_LEAD_S`` of data
+    left at its measured rate (at least ``PIPELINE_LEAD_MIN_BYTES``): early enough to
+    hide the round trip and the server's planning, late enough that the next stage's
+    data does not share the link with (and so delay) most of the current stage."""
+    if not transfers:
+        return []
+    s = transfers[0].series
+    if any(t.series is not s for t in transfers):
+        raise ValueError("run_in_order: transfers of one series only")
+    token = token or CancelToken()
+    for t in transfers[:-1]:
+        t.params["wait"] = "yes"
+    ends: list[dict] = []
+    pending: list = []                  # the next request, once sent: (thread, box)
+    try:
+        for i, t in enumerate(transfers):
+            t.token = token
+            if pending:
+                resp = _collect(pending.pop())
+            elif t.blocked is not None:
+                ends.append(t._beyond_rights(t.blocked))
+                continue
+            else:
+                resp = t._open()
+            t0 = time.monotonic()
+            if resp is None:                  # nothing of it within the rights
+                ends.append(t.end)
+                continue
+            nxt = transfers[i + 1] if i + 1 < len(transfers) else None
+            if nxt is not None and nxt.blocked is None:
+                t._near_end = lambda nxt=nxt: pending.append(_open_async(nxt))
+            ends.append(t._receive(resp, t0))
+    except BaseException:
+        if pending:
+            try:
+                resp = _collect(pending.pop())
+                if resp is not None:
+                    resp.close()
+            except Exception:  # noqa: BLE001 - the first error is the one to raise
+                pass
+            s.declare_needed = True
+        raise
+    return ends
+
+
+def _open_async(t: Transfer) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["resp"] = t._open()
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread
+            box["error"] = e
+
+    th = threading.Thread(target=run, name="transfer-next", daemon=True)
+    th.start()
+    return th, box
+
+
+def _collect(pending: tuple[threading.Thread, dict]):
+    th, box = pending
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("resp")

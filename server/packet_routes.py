@@ -12,8 +12,8 @@ from starlette.routing import Route
 from . import peers, policy_routes
 from .responses import json_response
 from .inputs import Param
-from .packets import (ImageSource, Plan, RequestError, declare_from_body, parse_request, plan,
-                      resolve_model, stream)
+from .packets import (ORDERED_WAIT_S, ImageSource, Plan, RequestError, declare_from_body,
+                      ordered, parse_request, plan, resolve_model, stream)
 
 log = logging.getLogger("medview.server")
 
@@ -76,6 +76,23 @@ def audited_stream(srv, body, detail: dict, who: dict, target: str):
             log.exception("audit of a packet stream failed")
 
 
+class OrderedStreamingResponse(StreamingResponse):
+    """The stream of a ``wait=yes`` request: its model's later requests are released
+    when the response is done, also when the client went away mid-stream (Starlette
+    then abandons the body iterator, which would only be closed by the garbage
+    collector)."""
+
+    def __init__(self, content, release, **kw) -> None:
+        super().__init__(content, **kw)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 class PacketRoutes:
     """The packet routes of a series, one method per handler, each wrapped by
     ``guarded`` in :meth:`routes`."""
@@ -91,7 +108,9 @@ class PacketRoutes:
         Param("framing", "str", enum=("mv", "jpp")), Param("len", "int", "byte budget"),
         Param("cid", "str", "session id (instead of the Authorization header)"),
         Param("type", "str"), Param("version", "str", "version name or auto"),
-        Param("quality", "int", "0-100", hi=100), Param("purpose", "str"))
+        Param("quality", "int", "0-100", hi=100), Param("purpose", "str"),
+        Param("wait", "str", "yes: later requests of the model wait for this one",
+              enum=("yes", "no")))
 
     def __init__(self, srv, guarded) -> None:
         self.srv = srv
@@ -136,6 +155,11 @@ class PacketRoutes:
         if not sources:
             raise RequestError(f"unknown target {req.target!r}: no such series", status=404)
         model, jpip_headers, in_channel = resolve_model(req, session, sources)
+        # an earlier wait=yes stream on this model (a pipelining client) ends first, so
+        # this plan sees everything it sent
+        if not model.wait_ordered(ORDERED_WAIT_S):
+            log.warning("jpip: earlier wait=yes stream still running after %.0f s; "
+                        "planning anyway", ORDERED_WAIT_S)
         if request.method == "POST":
             declare_from_body(request.state.body, model)
         versions = srv.versions.get(req.target)
@@ -155,6 +179,9 @@ class PacketRoutes:
                   "recall": p.recall}
         who = dict(user=session.user, session=session.serial,
                    peer=peers.peer_of(request))
-        return StreamingResponse(audited_stream(srv, stream(p, model, stats=detail), detail,
-                                                who, req.target),
-                                 media_type=media, headers=headers)
+        body = audited_stream(srv, stream(p, model, stats=detail), detail, who, req.target)
+        if req.wait:
+            release = model.begin_ordered()
+            return OrderedStreamingResponse(ordered(body, release), release,
+                                            media_type=media, headers=headers)
+        return StreamingResponse(body, media_type=media, headers=headers)

@@ -39,6 +39,11 @@ Request fields (JPIP names where JPIP has one):
 ``need``     JPIP ``need``: only these data-bins (same descriptors as ``model``).
 ``compat``   ``openjpeg``: the tile-header data-bin laid out as OpenJPEG's JPIP tools
              read it (see docs/ARCHITECTURE.md), for ``opj_jpip_transcode``.
+``wait``     ``yes`` (JPIP C.7.1): this request is answered completely before any later
+             request on the same cache model (session and target, or channel) is
+             planned; a later request waits (at most ``ORDERED_WAIT_S``) until this
+             stream has ended. A client may so send its next request while this one
+             still streams (pipelining) and nothing is sent twice. ``no``: default.
 
 Cache models: the framed protocol (``framing=mv``) keeps the login session's model per
 target (the project's client declares it once and relies on it). A JPP-stream request
@@ -72,6 +77,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -136,6 +142,7 @@ class PacketRequest:
     purpose: str | None = None
     fsiz_round: str = "round-down"                        # JPIP default
     cnew: bool = False
+    wait: bool = False                                    # JPIP wait=yes: later ones queue
     cid: str | None = None
     cclose: list[str] = field(default_factory=list)
     tid: str | None = None
@@ -169,7 +176,8 @@ def parse_ranges(value: str, name: str = "comps") -> list[int]:
 
 KNOWN_FIELDS = {"target", "comps", "layers", "fsiz", "reduce", "roff", "rsiz", "order",
                 "framing", "len", "cid", "type", "version", "quality", "purpose",
-                "cnew", "cclose", "tid", "stream", "context", "model", "need", "compat"}
+                "cnew", "cclose", "tid", "stream", "context", "model", "need", "compat",
+                "wait"}
 FSIZ_ROUNDING = ("round-down", "round-up", "closest")
 
 
@@ -246,6 +254,10 @@ def parse_request(q: dict[str, str]) -> PacketRequest:
             raise RequestError("type: this server sends jpp-stream only", status=415)
         if "framing" not in q:
             q = {**q, "framing": "jpp"}
+    if "wait" in q:
+        if q["wait"] not in ("yes", "no"):
+            raise RequestError("wait must be yes or no")
+        req.wait = q["wait"] == "yes"
     if "cnew" in q:
         if q["cnew"].strip() not in ("http", "http-tcp"):
             raise RequestError("cnew: this server offers the http transport only")
@@ -309,6 +321,30 @@ class CacheModel:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._images: dict[str, dict] = {}
+        self._ordered = threading.Condition()
+        self._streams_ahead = 0          # wait=yes streams planned and not yet ended
+
+    def begin_ordered(self) -> Callable[[], None]:
+        """Register a ``wait=yes`` stream planned on this model; returns its release
+        (idempotent), to be called when the stream has ended (completed, cancelled,
+        never started)."""
+        with self._ordered:
+            self._streams_ahead += 1
+        done = [False]
+
+        def release() -> None:
+            with self._ordered:
+                if not done[0]:
+                    done[0] = True
+                    self._streams_ahead -= 1
+                    self._ordered.notify_all()
+        return release
+
+    def wait_ordered(self, timeout: float) -> bool:
+        """Block until no ``wait=yes`` stream of this model is running (False: timed
+        out; the caller plans anyway, which at worst resends what is in flight)."""
+        with self._ordered:
+            return self._ordered.wait_for(lambda: self._streams_ahead == 0, timeout)
 
     def declare(self, images: dict[str, dict]) -> None:
         """Replace what is known of the target by the client's own declaration:
@@ -338,6 +374,23 @@ class CacheModel:
             for b, n in bins.items():
                 if n > m.get(b, 0):
                     m[b] = n
+
+
+#: How long a request waits for earlier ``wait=yes`` streams on its model to end.
+ORDERED_WAIT_S = 120.0
+
+
+def ordered(body: Iterator[bytes], release: Callable[[], None]) -> Iterator[bytes]:
+    """``body``, then ``release`` (also when the stream breaks off). A stream that is
+    never started is released when it is garbage-collected."""
+    def run() -> Iterator[bytes]:
+        try:
+            yield from body
+        finally:
+            release()
+    gen = run()
+    weakref.finalize(gen, release)
+    return gen
 
 
 # --------------------------------------------------------------------------- JPIP state

@@ -42,8 +42,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.series_loader import (BACKGROUND, FOCUS, IDLE_S, PREVIEW, PlanState,  # noqa: E402
-                           plan_stages, supersedes)
+from client.series_loader import (BACKGROUND, FOCUS, IDLE_S, PAUSE_S, PREVIEW, PlanState,  # noqa: E402
+                           background_fill, follow_scroll, plan_stages, supersedes)
+
 
 N = 300                                     # slices (1 mm chest CT)
 NUMRES, NLAYERS = 4, 4
@@ -133,6 +134,7 @@ class Sim:
     shown_bytes: list = field(default_factory=lambda: [0.0] * N)
     preview_done: bool = False
     settled: dict = field(default_factory=dict)
+    by_kind: dict = field(default_factory=dict)
 
     def held(self, i: int) -> float:
         q, r = self.levels[i]
@@ -148,6 +150,8 @@ class Sim:
             numres=[NUMRES] * N, nlayers=[NLAYERS] * N, levels=self.levels, focus=self.focus,
             reduce=0, preview_done=self.preview_done, settled=self.settled,
             fill_layers=link_layers(self.bps) if self.adaptive else None,
+            scrolling=self.adaptive and self.moved and quiet < PAUSE_S,
+            spec_layers=self.bg[0], fill_window=self.bg[1],
             idle=quiet >= IDLE_S, predict=self.predict, shown=self.shown,
             direction=self.direction, speed=self.speed if quiet < 1.0 else 0.0,
             max_ahead=64)
@@ -173,8 +177,12 @@ class Sim:
         return out
 
     def run(self) -> dict:
+        versions = [(None, N * (LAYER_BYTES[3] + 250)), (2, N * (LAYER_BYTES[1] + 250)),
+                    (1, N * (LAYER_BYTES[0] + 250))]
+        self.bg = (background_fill(self.bps, versions, N, 2, link_layers(self.bps))
+                   if self.adaptive else (None, None))
         self.focus = self.shown = self.trace[0][1]
-        self.direction, self.speed, self.last_move = 0, 0.0, 0.0
+        self.direction, self.speed, self.last_move, self.moved = 0, 0.0, 0.0, False
         settle_at = None
         running: Running | None = None
         events = list(self.trace)
@@ -199,6 +207,7 @@ class Sim:
                 stages = plan_stages(self.state(now))
                 if supersedes(stages[0] if stages else None, running.stage):
                     self.fetched += running.partial        # a cancelled partial increment
+                    self.by_kind[running.stage.kind] = self.by_kind.get(running.stage.kind, 0) + running.partial
                     running = None
             if running is None:
                 start(now)
@@ -211,11 +220,10 @@ class Sim:
             while k < len(events) and events[k][0] <= t:
                 _, s = events[k]
                 if s != self.shown:
-                    dt, steps = t - self.last_move, abs(s - self.shown)
-                    rate = steps / max(dt, 1e-3)
-                    self.speed = rate if dt > 1.0 else 0.5 * self.speed + 0.5 * rate
-                    self.direction = 1 if s > self.shown else -1
-                    self.last_move = t
+                    self.speed, jump = follow_scroll(self.speed, t - self.last_move,
+                                                     abs(s - self.shown))
+                    self.direction = 0 if jump else (1 if s > self.shown else -1)
+                    self.last_move, self.moved = t, True
                     arrivals[-1][2] = t
                     arrivals.append([t, s, None, None])
                     self.shown = s
@@ -229,6 +237,8 @@ class Sim:
                     changed = True
             if self.adaptive and abs(t - self.last_move - IDLE_S) < DT / 2:
                 changed = True                  # the reader rests: the fill goes on
+            if self.adaptive and abs(t - self.last_move - PAUSE_S) < DT / 2:
+                changed = True                  # the reader pauses: the window fill starts
             if changed:
                 replan(t)
             # the link
@@ -245,6 +255,7 @@ class Sim:
                     if need <= budget:
                         budget -= need
                         self.fetched += nb
+                        self.by_kind[running.stage.kind] = self.by_kind.get(running.stage.kind, 0) + nb
                         running.partial = 0.0
                         running.k += 1
                         self.levels[i] = (q, r)

@@ -24,12 +24,20 @@ the prediction and the background fill stop at the layers of the version the ser
 automatic choice names for this client's measured link (``PlanState.fill_layers``, from
 ``SeriesData.auto``); they go on to every layer when the link is faster (a new automatic
 choice: the series' ``auto`` event re-plans) or when the reader rests (``IDLE_S`` without
-scrolling; ``PlanState.idle``, a timer re-plans). Prediction: while the reader scrolls,
-``near`` becomes the slices ahead of the slice on screen in small requests, as deep as
+scrolling; ``PlanState.idle``, a timer re-plans). While the reader is active, the
+background fill (beyond the neighbourhood and the prediction) brings only what is likely
+to be worth its bytes (:func:`background_fill`, from the measured link): the whole series
+at the best version the link brings it at within ``FILL_WHOLE_S`` (a LAN: every layer, as
+without adaptation), else the smallest version within the slices the link brings in
+``FILL_HORIZON_S`` around the reader; and it starts only once the reader pauses
+(``PAUSE_S`` without scrolling). Prediction: while the reader scrolls, ``near`` becomes
+the slices ahead of the slice on screen in small requests, as deep as
 ``neighbours + speed x lookahead_s`` (bounded by the decoded-image budget), then the one
 behind; a prediction is cancelled when the reader turns the other way, and kept when the
-reader reaches a slice it is bringing. ``bench/adaptive.py`` replays scroll traces over
-simulated links through these functions.
+reader reaches a slice it is bringing. A move of more than ``JUMP_STEPS`` slices is a jump,
+not scrolling: no direction, no speed (:func:`follow_scroll`). ``bench/adaptive.py``
+replays scroll traces through these functions (simulated links), or through the loader
+against the real server over throttled links (``--real``).
 
 :class:`SeriesLoader` runs that plan through the :class:`~client.pool.WorkerPool`, one
 network transfer at a time per series (the server's session model stays exact), and

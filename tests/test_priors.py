@@ -210,6 +210,45 @@ def test_prior_fetcher_recalls_and_fetches_within_budget(psrv):
     assert heard[-1][2]["reason"] == "memory budget"
 
 
+def test_prior_fetch_is_given_up_when_the_reader_turns_away(psrv):
+    """Opening another series cancels the fetch ahead (the controller's token): the prior
+    being fetched goes back to waiting, the ones after it are not fetched, nothing more
+    arrives; the fetch of the next series' preview respects the same token and budget."""
+    from client.pool import CancelToken
+    from client.priors import PriorFetcher, find_priors
+    from client.series import Cancelled, SeriesData
+    from client.session import Session
+
+    s = Session(psrv.url)
+    priors = find_priors(s, SeriesData(s, None, psrv.p["current"]["series"]).info)
+    assert len(priors) == 2
+    token = CancelToken()
+    heard = []
+
+    def on_state(study, state, _detail):
+        heard.append((study, state))
+        if state == "fetching":
+            token.cancel()                    # the reader opened another series
+    made = {}
+    f = PriorFetcher(lambda uid: made.setdefault(uid, SeriesData(s, None, uid)),
+                     budget_bytes=10 << 20, on_state=on_state)
+    states = f.run(priors, token)
+    first, second = (p["StudyInstanceUID"] for p in priors)
+    assert states == {first: "waiting", second: "waiting"}
+    assert (second, "fetching") not in heard and (first, "ready") not in heard
+    sd = made[priors[0]["compare"]["SeriesInstanceUID"]]
+    v2 = next(v for v in sd.versions if v["name"] == "V2")
+    assert not all(sd.levels(i)[0] >= v2["layers"] for i in range(len(sd)))
+    with pytest.raises(Cancelled):
+        f.preview(psrv.p["next"]["series"], token)
+    # the next series' preview within the budget: fetched; beyond it: not
+    assert PriorFetcher(lambda uid: SeriesData(s, None, uid), budget_bytes=1).preview(
+        psrv.p["next"]["series"]) is False
+    nxt = SeriesData(s, None, psrv.p["next"]["series"])
+    assert PriorFetcher(lambda uid: nxt, budget_bytes=10 << 20).preview(nxt.uid) is True
+    assert all(nxt.levels(i)[1] == 0 for i in range(len(nxt)))
+
+
 def test_prior_in_the_archive_at_the_comparison_version_says_recalling(pstore, tmp_path, qtbot):
     """A store whose policy keeps only V3 hot: the comparison version (V2) of an archived
     prior must be recalled; the prior's line in the Reading dock says "recalling from

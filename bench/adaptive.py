@@ -417,6 +417,11 @@ class RealRun:
         arrivals[-1][2] = end
         c1 = self.side.counts(self.link)
         fetched = c1["down"] - c0["down"]
+        sd = loader.sd
+        payload = sum(sd.held_bytes(i) for i in range(len(sd))) if sd is not None else 0
+        requests = c1["connections"] - c0["connections"]
+        measured = session.link.throughput_bps
+        auto = (sd.auto or {}).get("version") if sd is not None else None
         reporter.close()
         loader.close()
         pool.shutdown()
@@ -432,7 +437,9 @@ class RealRun:
         return {"stops": len(data), "p50": pct(data, 50), "p95": pct(data, 95),
                 "never": sum(1 for x in data if x == math.inf),
                 "shown_p50": pct(shown_t, 50), "shown_p95": pct(shown_t, 95),
-                "fetched_MB": fetched / 1e6, "wasted_MB": (fetched - sum(held.values())) / 1e6}
+                "fetched_MB": fetched / 1e6, "wasted_MB": (fetched - sum(held.values())) / 1e6,
+                "payload_MB": payload / 1e6, "connections": requests,
+                "measured_mbps": measured / 1e6 if measured else None, "auto": auto}
 
 
 def run_real(a) -> list[dict]:

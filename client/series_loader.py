@@ -329,7 +329,8 @@ def supersedes(first: Stage | None, running: Stage) -> bool:
     """True when ``first`` (the new head of the plan) should cancel ``running``.
 
     The preview and an explicit region request always finish; otherwise a more urgent
-    kind wins, a focus on another image wins, and a need for more resolution wins.
+    kind wins, a focus on another image wins, a need for more resolution wins, and a
+    stage of the same kind capped at fewer layers wins (the adaptive cap came down).
     """
     if first is None or running.kind in (PREVIEW, REGION):
         return False
@@ -344,6 +345,10 @@ def supersedes(first: Stage | None, running: Stage) -> bool:
         return True
     if first.kind == running.kind == FOCUS and first.comps != running.comps:
         return True
+    if (first.kind == running.kind and first.layers is not None
+            and (running.layers is None or running.layers > first.layers)):
+        return True                  # the link's version dropped (measured, or the reader
+                                     # is active again): stop bringing layers it does not want
     if (first.kind == running.kind and first.reduce is not None
             and running.reduce is not None and first.reduce < running.reduce):
         return True

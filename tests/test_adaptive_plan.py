@@ -141,6 +141,12 @@ def test_prediction_is_given_up_when_the_reader_turns_away():
     # ...but not if it brings less than the shown slice needs, or another slice
     assert supersedes(Stage(FOCUS, (12,), None, 0), running)
     assert supersedes(Stage(FOCUS, (20,), 2, 0), running)
+    # the link was measured slow (or the reader is active again): a stage bringing more
+    # layers than the plan now wants gives way to the capped one
+    assert supersedes(Stage(NEAR, (11, 12), 1, 0), Stage(NEAR, (11, 12), None, 0))
+    assert supersedes(Stage(BACKGROUND, (1, 2), 1, 0), Stage(BACKGROUND, (3, 4), 2, 0))
+    assert not supersedes(Stage(BACKGROUND, (1, 2), 2, 0), Stage(BACKGROUND, (3, 4), 1, 0))
+    assert not supersedes(Stage(BACKGROUND, (1, 2), None, 0), Stage(BACKGROUND, (3, 4), 1, 0))
 
 
 # ---------------------------------------------------------------- the loader, served

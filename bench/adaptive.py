@@ -29,7 +29,7 @@ Two ways to run it:
   link rate plus a round trip of ``--rtt-ms`` per request) through the loader's own plan
   functions (:func:`client.series_loader.plan_stages`, ``supersedes``,
   ``background_fill``, ``follow_scroll``); bytes per image are those of the synthetic
-  512x512 CT of the sample store (V3 1:49.4, V2 1:20, 1:8, lossless 1:2.6; 4
+  512x512 CT of the sample store (preview 2.4 kB, V3 1:49.4, V2 1:20, 1:8, lossless 1:2.6; 4
   resolutions). About 20 s; what it measures is the plan.
 * ``--real``: real transfers in real time. The synthetic 300-slice 512² CT is ingested
   (once, into ``--work``), the embedded server runs in one child process and
@@ -68,7 +68,7 @@ N = 300                                     # slices (1 mm chest CT)
 NUMRES, NLAYERS = 4, 4
 RAW = 512 * 512 * 2
 LAYER_BYTES = [RAW / 49.4, RAW / 20.0, RAW / 8.0, RAW / 2.6]    # cumulative, full res
-PREVIEW_BYTES = LAYER_BYTES[0] / 64 + 250                     # lowest res + headers
+PREVIEW_BYTES = 2134 + 303        # measured: layer 1 of the 64² LL band (2134 B) + headers
 SETTLE_S = 0.200                            # the window moves the plan after this
 STOP_S = 0.300                              # a dwell this long is a stop
 DT = 0.005

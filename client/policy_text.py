@@ -413,5 +413,12 @@ def prior_line(prior: Mapping[str, Any], state: str | None = None,
         reason = (detail or {}).get("reason") or "not loaded"
         return f"{text} — not loaded ahead ({reason}); opens on demand"
     if state:
-        return f"{text} — {_PRIOR_STATES.get(state, state)}"
+        said = _PRIOR_STATES.get(state, state)
+        v = (detail or {}).get("version")
+        if v and state in ("fetching", "recalling", "ready"):
+            ratio = (detail or {}).get("ratio")
+            how = ("lossless" if ratio is not None and ratio <= 1.0
+                   else f"about 1:{ratio:.0f}" if ratio else "")
+            said += f" ({v}{', ' + how if how else ''})"
+        return f"{text} — {said}"
     return text

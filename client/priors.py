@@ -8,11 +8,13 @@ the same modality, then the rest; newest first within each.
 
 :class:`PriorFetcher` runs after the current series' preview and before its background
 fill (the viewer holds the fill meanwhile): each prior's comparable series at the version
-the site policy gives for ``purpose=comparison`` (``resources/policy.toml``: V3), at the
-display's resolution, while the estimate fits the memory budget left. Per prior it says
-its state: ``archived`` (layers needed are in the archive: they will be recalled),
-``recalling`` (the server is bringing them back), ``fetching``, ``ready``, ``skipped``
-(the budget is spent) or ``failed``.
+the site policy gives for ``purpose=comparison`` (``resources/policy.toml``: V2, about
+1:20; the nearest version the prior's diagnosis status allows when that one may not be
+sent), at the display's resolution, while the estimate fits the memory budget left. Per
+prior it says its state: ``archived`` (layers needed are in the archive: they will be
+recalled), ``recalling`` (the server is bringing them back), ``fetching``, ``ready``,
+``skipped`` (the budget is spent) or ``failed``; from the transfer's announce on, the
+detail names the version sent (``version``, ``version_label``, ``ratio``).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .series import Callbacks, Cancelled, SeriesData
 log = logging.getLogger("medview.priors")
 
 __all__ = ["rank_key", "find_priors", "comparable_series", "next_series", "SliceSync",
-           "PriorFetcher", "PRIOR_STATES"]
+           "PriorFetcher", "PRIOR_STATES", "version_detail"]
 
 PRIOR_STATES = ("waiting", "archived", "recalling", "fetching", "ready", "skipped", "failed")
 
@@ -151,6 +153,16 @@ class SliceSync:
         return int(round(index * (m - 1) / (n - 1)))
 
 
+def version_detail(v: dict | None) -> dict:
+    """What a prior's state says of the version its transfer announced: ``version``
+    (name), ``version_label`` and ``ratio`` (reached, 1 for lossless); {} if none."""
+    if not v or not v.get("name"):
+        return {}
+    ratio = 1.0 if v.get("lossless") else v.get("actual_ratio") or v.get("target_ratio")
+    return {"version": str(v["name"]), "version_label": str(v.get("label") or ""),
+            "ratio": float(ratio) if ratio else None}
+
+
 class PriorFetcher:
     """Fetch priors' comparable series at the comparison version within a byte budget.
 
@@ -226,11 +238,21 @@ class PriorFetcher:
                 if sd.versions and any(v.get("purpose") == self.purpose for v in sd.versions):
                     sd.select(purpose=self.purpose)
                 self._state(study, "fetching", series=series, bytes=need)
-                cb = Callbacks(on_recalling=lambda msg, s=study: self._state(
-                    s, "recalling" if msg.get("type") != "recalled" else "fetching", **msg))
+                sent: dict = {}
+
+                def announced(msg: dict, s=study, series=series, need=need, sent=sent) -> None:
+                    sent.update(version_detail(msg.get("version")))
+                    if sent:
+                        self._state(s, self.states.get(s, "fetching"), series=series,
+                                    bytes=need, **sent)
+
+                def recalling(msg: dict, s=study, sent=sent) -> None:
+                    self._state(s, "recalling" if msg.get("type") != "recalled" else "fetching",
+                                **{**msg, **sent})
+                cb = Callbacks(on_announce=announced, on_recalling=recalling)
                 tr = sd.transfer(reduce=self.reduce, callbacks=cb)
                 end = tr.run(token)
-                self._state(study, "ready", series=series, bytes=end.get("bytes_sent", 0))
+                self._state(study, "ready", series=series, bytes=end.get("bytes_sent", 0), **sent)
             except Cancelled:
                 self._state(study, "waiting")
                 break

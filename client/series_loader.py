@@ -24,12 +24,20 @@ the prediction and the background fill stop at the layers of the version the ser
 automatic choice names for this client's measured link (``PlanState.fill_layers``, from
 ``SeriesData.auto``); they go on to every layer when the link is faster (a new automatic
 choice: the series' ``auto`` event re-plans) or when the reader rests (``IDLE_S`` without
-scrolling; ``PlanState.idle``, a timer re-plans). Prediction: while the reader scrolls,
-``near`` becomes the slices ahead of the slice on screen in small requests, as deep as
+scrolling; ``PlanState.idle``, a timer re-plans). While the reader is active, the
+background fill (beyond the neighbourhood and the prediction) brings only what is likely
+to be worth its bytes (:func:`background_fill`, from the measured link): the whole series
+at the best version the link brings it at within ``FILL_WHOLE_S`` (a LAN: every layer, as
+without adaptation), else the smallest version within the slices the link brings in
+``FILL_HORIZON_S`` around the reader; and it starts only once the reader pauses
+(``PAUSE_S`` without scrolling). Prediction: while the reader scrolls, ``near`` becomes
+the slices ahead of the slice on screen in small requests, as deep as
 ``neighbours + speed x lookahead_s`` (bounded by the decoded-image budget), then the one
 behind; a prediction is cancelled when the reader turns the other way, and kept when the
-reader reaches a slice it is bringing. ``bench/adaptive.py`` replays scroll traces over
-simulated links through these functions.
+reader reaches a slice it is bringing. A move of more than ``JUMP_STEPS`` slices is a jump,
+not scrolling: no direction, no speed (:func:`follow_scroll`). ``bench/adaptive.py``
+replays scroll traces through these functions (simulated links), or through the loader
+against the real server over throttled links (``--real``).
 
 :class:`SeriesLoader` runs that plan through the :class:`~client.pool.WorkerPool`, one
 network transfer at a time per series (the server's session model stays exact), and
@@ -71,7 +79,8 @@ log = logging.getLogger("medview.loader")
 
 __all__ = [
     "PREVIEW", "REGION", "FOCUS", "NEAR", "BACKGROUND", "Stage", "PlanState", "plan_stages",
-    "supersedes", "reduce_for_fit", "held_levels", "ImageStatus", "SeriesStatus",
+    "supersedes", "fill_window_for", "background_fill", "FILL_HORIZON_S", "FILL_WHOLE_S",
+    "follow_scroll", "JUMP_STEPS", "reduce_for_fit", "held_levels", "ImageStatus", "SeriesStatus",
     "DecodedStore", "SeriesRegistry", "LoaderListener", "SeriesLoader", "fetch_thumbnail",
 ]
 
@@ -79,6 +88,9 @@ PREVIEW, REGION, FOCUS, NEAR, BACKGROUND = "preview", "region", "focus", "near",
 _RANK = {PREVIEW: 0, REGION: 1, FOCUS: 2, NEAR: 3, BACKGROUND: 4}
 _PRIORITY = {PREVIEW: INTERACTION, REGION: INTERACTION, FOCUS: INTERACTION, NEAR: VISIBLE,
              BACKGROUND: PREFETCH}
+PAUSE_S = 1.0
+"""Seconds without scrolling after which the background fill (within its window, at the
+smallest version) starts, when adapting."""
 IDLE_S = 4.0
 """Seconds without scrolling after which the reader rests: the fill goes on beyond the
 link's version (H5)."""
@@ -138,6 +150,17 @@ class PlanState:
     the shown slice, the prediction and the background fill stop there..."""
     idle: bool = False
     """...unless the reader rests (then everything goes on to every layer)."""
+    spec_layers: int | None = None
+    """Layers of the background fill beyond the reader's neighbourhood and prediction while
+    the reader is active: the smallest version (None: as ``fill_layers``). What the reader
+    looks at still gets the link's version; a jump brings the rest of one slice."""
+    scrolling: bool = False
+    """The reader moved less than ``PAUSE_S`` ago (adaptation only): no background fill
+    beyond the neighbourhood and prediction until the reader pauses."""
+    fill_window: int | None = None
+    """While the reader is active, the background fill covers only the slices within this
+    many of the reader (:func:`fill_window_for`: what the link brings in
+    ``FILL_HORIZON_S``); None: the whole series."""
     # prediction (H5)
     predict: bool = False
     shown: int | None = None                    # the slice on screen (None: the focus)
@@ -155,6 +178,20 @@ class PlanState:
     def cap(self) -> int | None:
         """Layers the plan asks for now (None: every layer)."""
         return None if self.idle else self.fill_layers
+
+    @property
+    def fill_cap(self) -> int | None:
+        """Layers the background fill asks for now (None: every layer)."""
+        if self.idle:
+            return None
+        caps = [c for c in (self.fill_layers, self.spec_layers) if c is not None]
+        return min(caps) if caps else None
+
+    @property
+    def holds_back(self) -> bool:
+        """True when the plan keeps something for when the reader rests."""
+        return not self.idle and (self.fill_cap is not None or self.fill_window is not None
+                                  or self.scrolling)
 
     def target_res(self, i: int) -> int:
         return max(0, self.numres[i] - 1 - self.reduce)
@@ -196,13 +233,13 @@ def plan_stages(s: PlanState) -> list[Stage]:
     if not s.at_target(focus, cap):
         stages.append(Stage(FOCUS, (focus,), cap, s.reduce))
     planned = {focus}
+    shown = focus if s.shown is None or not s.predict else min(max(s.shown, 0), n - 1)
+    if shown != focus and not s.at_target(shown, cap):
+        stages.append(Stage(FOCUS, (shown,), cap, s.reduce))     # the plan follows the reader
+    planned.add(shown)
     if s.predict and s.direction:
         # the slices ahead of the reader, nearest first, in small requests (cheap to
         # cancel when the reader turns away), then the one behind
-        shown = focus if s.shown is None else min(max(s.shown, 0), n - 1)
-        if shown != focus and not s.at_target(shown, cap):
-            stages.append(Stage(FOCUS, (shown,), cap, s.reduce))
-        planned.add(shown)
         ahead = [shown + d * s.direction for d in range(1, s.depth() + 1)]
         ahead = [i for i in ahead if 0 <= i < n and i not in planned]
         planned.update(ahead)
@@ -217,24 +254,83 @@ def plan_stages(s: PlanState) -> list[Stage]:
             if not s.at_target(behind, cap):
                 stages.append(Stage(NEAR, (behind,), cap, s.reduce))
     else:
-        near = tuple(i for d in range(1, s.neighbours + 1) for i in (focus - d, focus + d)
-                     if 0 <= i < n and not s.at_target(i, cap))
-        planned.update(i for d in range(1, s.neighbours + 1) for i in (focus - d, focus + d))
+        near = tuple(i for d in range(1, s.neighbours + 1) for i in (shown - d, shown + d)
+                     if 0 <= i < n and i not in planned and not s.at_target(i, cap))
+        planned.update(i for d in range(1, s.neighbours + 1) for i in (shown - d, shown + d))
         if near:
             stages.append(Stage(NEAR, tuple(sorted(near)), cap, s.reduce))
-    if s.prefetch:
-        rest = sorted((i for i in range(n) if i not in planned and not s.at_target(i, cap)),
+    if s.prefetch and not (s.scrolling and not s.idle):
+        bg = s.fill_cap
+        reach = n if s.idle or s.fill_window is None else max(s.fill_window, 0)
+        rest = sorted((i for i in range(n) if i not in planned and abs(i - focus) <= reach
+                       and not s.at_target(i, bg)),
                       key=lambda i: (abs(i - focus), i))
         for k in range(0, len(rest), max(1, s.chunk)):
-            stages.append(Stage(BACKGROUND, tuple(sorted(rest[k:k + s.chunk])), cap, s.reduce))
+            stages.append(Stage(BACKGROUND, tuple(sorted(rest[k:k + s.chunk])), bg, s.reduce))
     return stages
+
+
+JUMP_STEPS = 8
+"""A move of more slices than this at once is a jump (a click in the strip, a typed image
+number), not scrolling: it predicts no direction and adds nothing to the speed."""
+
+
+def follow_scroll(speed: float, dt: float, steps: int) -> tuple[float, bool]:
+    """The scroll speed (slices per second) after a move of ``steps`` slices ``dt``
+    seconds after the last one, and whether the move was a jump (then the speed is 0)."""
+    if steps > JUMP_STEPS:
+        return 0.0, True
+    rate = steps / max(dt, 1e-3)
+    return (rate if dt > 1.0 else 0.5 * speed + 0.5 * rate), False
+
+
+FILL_HORIZON_S = 1.0
+"""While the reader is active, the background fill reaches as far around the reader as the
+measured link brings (at the smallest version) in this many seconds..."""
+FILL_WHOLE_S = 2.0
+"""...unless the link brings the whole series at some version within this many seconds:
+then the whole series at the best such version (a LAN: everything, as before)."""
+
+
+def background_fill(link_bps: float | None, versions: list[tuple[int | None, float]],
+                    count: int, neighbours: int = 2, link_layers: int | None = None,
+                    whole_s: float = FILL_WHOLE_S,
+                    horizon_s: float = FILL_HORIZON_S) -> tuple[int | None, int | None]:
+    """``(layers, window)`` of the background fill while the reader is active.
+
+    ``versions``: ``(layers or None for lossless, bytes of the whole series at it)``, best
+    first; ``link_layers`` the version the policy names for the link (None: lossless).
+    The best version no better than the link's whose whole series the link brings in
+    ``whole_s``: ``(its layers, None)``; else the smallest version within
+    :func:`fill_window_for`; ``(None, None)`` (no limit) when the link is not measured."""
+    if not link_bps or link_bps <= 0 or not versions or count <= 0:
+        return None, None
+    cap = link_layers if link_layers is not None else 1 << 30
+    fit = [(q, b) for q, b in versions if (q if q is not None else 1 << 30) <= cap] or versions[-1:]
+    for q, b in fit:
+        if b * 8 / link_bps <= whole_s:
+            return q, None
+    q, b = fit[-1]
+    return q, fill_window_for(link_bps, b / count, count, neighbours, horizon_s)
+
+
+def fill_window_for(link_bps: float | None, slice_bytes: float, count: int,
+                    neighbours: int = 2, horizon_s: float = FILL_HORIZON_S) -> int | None:
+    """Slices on each side of the reader the background fill covers while the reader is
+    active: half of what the link brings in ``horizon_s`` at ``slice_bytes`` a slice;
+    None (the whole series) when it brings all ``count`` slices or the link is unknown."""
+    if not link_bps or link_bps <= 0 or slice_bytes <= 0:
+        return None
+    slices = int(link_bps / 8 * horizon_s / slice_bytes)
+    return None if slices >= count else max(slices // 2, neighbours)
 
 
 def supersedes(first: Stage | None, running: Stage) -> bool:
     """True when ``first`` (the new head of the plan) should cancel ``running``.
 
     The preview and an explicit region request always finish; otherwise a more urgent
-    kind wins, a focus on another image wins, and a need for more resolution wins.
+    kind wins, a focus on another image wins, a need for more resolution wins, and a
+    stage of the same kind capped at fewer layers wins (the adaptive cap came down).
     """
     if first is None or running.kind in (PREVIEW, REGION):
         return False
@@ -249,6 +345,10 @@ def supersedes(first: Stage | None, running: Stage) -> bool:
         return True
     if first.kind == running.kind == FOCUS and first.comps != running.comps:
         return True
+    if (first.kind == running.kind and first.layers is not None
+            and (running.layers is None or running.layers > first.layers)):
+        return True                  # the link's version dropped (measured, or the reader
+                                     # is active again): stop bringing layers it does not want
     if (first.kind == running.kind and first.reduce is not None
             and running.reduce is not None and first.reduce < running.reduce):
         return True
@@ -548,7 +648,9 @@ class SeriesLoader:
         self._budget = self._best.budget    # bytes of the one memory budget
         self._speed = 0.0                 # slices per second
         self._last_move = clock()
+        self._moved_at: float | None = None  # the reader's last scroll (None: not yet)
         self._idle_timer: threading.Timer | None = None
+        self._timer_at = 0.0
 
     # ------------------------------------------------------------------ public API
     def start(self) -> None:
@@ -635,12 +737,11 @@ class SeriesLoader:
             index = min(max(int(index), 0), len(self._levels) - 1)
             moved = index != self._shown
             if moved:
-                self._direction = 1 if index > self._shown else -1
                 now = self._clock()
-                dt, steps = now - self._last_move, abs(index - self._shown)
-                rate = steps / max(dt, 1e-3)
-                self._speed = rate if dt > 1.0 else 0.5 * self._speed + 0.5 * rate
-                self._last_move = now
+                self._speed, jump = follow_scroll(self._speed, now - self._last_move,
+                                                  abs(index - self._shown))
+                self._direction = 0 if jump else (1 if index > self._shown else -1)
+                self._last_move = self._moved_at = now
             self._shown = index
             changed = fetch and index != self._focus
             if moved and not fetch and self._predict:
@@ -875,6 +976,33 @@ class SeriesLoader:
             return None
         return int(v["layers"])
 
+    def _adapting(self) -> bool:
+        """Adaptation applies: wanted, and the viewer asked for no particular version."""
+        sd = self.sd
+        return bool(self._adaptive and sd is not None and not sd.selection and sd.auto
+                    and sd.versions)
+
+    def background_fill(self) -> tuple[int | None, int | None]:
+        """``(layers, window)`` of the background fill while the reader is active
+        (:func:`background_fill` from this session's measured link and the series'
+        versions at the display's resolution); ``(None, None)`` when not adapting."""
+        if not self._adapting():
+            return None, None
+        sd = self.sd
+        meter = getattr(getattr(sd, "session", None), "link", None)
+        if meter is None or not len(sd):
+            return None, None
+        shrink = 4 ** (self._reduce or 0)
+        versions = [(None if v.get("lossless") else int(v["layers"]),
+                     int(v.get("bytes") or 0) / shrink)
+                    for v in sd.versions if v.get("lossless") or v.get("layers")]
+        return background_fill(meter.throughput_bps, versions, len(sd), self._neighbours,
+                               self.fill_layers())
+
+    def spec_layers(self) -> int | None:
+        """Layers of the background fill while the reader is active (None: no limit)."""
+        return self.background_fill()[0]
+
     def _sd_event(self, kind: str, _msg) -> None:          # any thread
         if kind == "auto" and not self._closed:      # the automatic choice changed
             self._replan()
@@ -889,6 +1017,8 @@ class SeriesLoader:
         sd = self.sd
         now = self._clock()
         quiet = now - self._last_move
+        adapting = self._adapting()
+        bg = self.background_fill() if adapting else (None, None)
         return PlanState(
             numres=[im["numres"] for im in sd.images], nlayers=[im["nlayers"] for im in sd.images],
             levels=self._levels, focus=self._focus, reduce=self._reduce or 0,
@@ -896,6 +1026,8 @@ class SeriesLoader:
             allow_preview=not self._paused, allow_focus=self._allow_focus,
             prefetch=self._prefetch and not self._paused, neighbours=self._neighbours,
             chunk=self._chunk, fill_layers=self.fill_layers(), idle=quiet >= self._idle_s,
+            spec_layers=bg[0], fill_window=bg[1],
+            scrolling=adapting and self._moved_at is not None and now - self._moved_at < PAUSE_S,
             predict=self._predict, shown=self._shown, direction=self._direction,
             speed=self._speed if quiet < 1.0 else 0.0, max_ahead=self._max_ahead())
 
@@ -924,15 +1056,24 @@ class SeriesLoader:
                 stages = plan_stages(self._plan_state())
                 stage = stages[0] if stages else None
                 state = "loading" if stage else ("paused" if self._paused else "idle")
-            if (stage is None and state == "idle" and self._idle_timer is None
-                    and self._adaptive):
-                # the fill stopped at the link's version: go on once the reader rests
+            if stage is None and state == "idle" and self._adaptive:
+                # the fill waits for the reader to pause (PAUSE_S), or stopped at the
+                # link's version and the window: go on once the reader pauses / rests
                 ps = self._plan_state()
-                if ps.cap is not None and not ps.idle:
-                    wait = max(self._idle_s - (self._clock() - self._last_move), 0.0) + 0.05
-                    t = self._idle_timer = threading.Timer(wait, self._idle_reached)
-                    t.daemon = True
-                    t.start()
+                if ps.holds_back:
+                    now = self._clock()
+                    wait = (PAUSE_S - (now - self._moved_at) if ps.scrolling
+                            else self._idle_s - (now - self._last_move))
+                    at = time.monotonic() + max(wait, 0.0) + 0.05
+                    if self._idle_timer is not None and at < self._timer_at - 0.01:
+                        self._idle_timer.cancel()
+                        self._idle_timer = None
+                    if self._idle_timer is None:
+                        self._timer_at = at
+                        t = self._idle_timer = threading.Timer(at - time.monotonic(),
+                                                               self._idle_reached)
+                        t.daemon = True
+                        t.start()
             if stage is not None:
                 running = self._net = _Running(stage)
                 for i in (stage.comps if stage.comps is not None else range(len(self._levels))):

@@ -612,11 +612,45 @@ def load_policy(store_root: str | Path | None = None, path: str | Path | None = 
         raise PolicyError(f"the default policy file {DEFAULT_POLICY} is missing "
                           "(MedView's resources/ folder must sit beside server/)")
     raw = _read(DEFAULT_POLICY)
+    defaults = raw
     sources = [str(DEFAULT_POLICY)]
+    site_purposes: dict[str, str] = {}
     for p in _site_files(store_root, path):
-        raw = _merge(raw, _read(p))
+        over = _read(p)
+        for name, d in (over.get("versions") or {}).items():
+            if isinstance(d, dict) and "purpose" in d:
+                site_purposes[name] = str(d["purpose"])
+        raw = _merge(raw, over)
         sources.append(str(p))
-    return parse_policy(raw, sources)
+    return parse_policy(_keep_site_purposes(raw, defaults, site_purposes), sources)
+
+
+def _keep_site_purposes(raw: dict, defaults: dict, site: dict[str, str]) -> dict:
+    """A purpose a site file gives one version is taken from the version the defaults
+    give it to: that version gets, instead, the purpose the site's version had by default
+    (when no other version has it), else none. A site file written against older defaults
+    (V3 "comparison") keeps its meaning; selection by purpose stays unambiguous."""
+    vt = raw.get("versions")
+    if not site or not isinstance(vt, dict):
+        return raw
+    dv = defaults.get("versions") or {}
+
+    def default_purpose(name: str) -> str:
+        d = dv.get(name)
+        return str(d.get("purpose", "")) if isinstance(d, dict) else ""
+    vt = {k: dict(v) if isinstance(v, dict) else v for k, v in vt.items()}
+    for name, d in vt.items():
+        if name in site or not isinstance(d, dict):
+            continue
+        mine = str(d.get("purpose", "")).lower()
+        taker = next((a for a, pa in site.items() if a != name and mine and pa.lower() == mine), None)
+        if taker is None:
+            continue
+        freed = default_purpose(taker)
+        used = {str(v.get("purpose", "")).lower() for k, v in vt.items()
+                if k != name and isinstance(v, dict)}
+        d["purpose"] = freed if freed and freed.lower() not in used else ""
+    return dict(raw, versions=vt)
 
 
 def _site_files(store_root, path) -> list[Path]:

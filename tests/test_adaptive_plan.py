@@ -13,8 +13,10 @@ from client.policy import PolicyClient
 from client.session import Session
 from policyutil import copy_store, series_uid, study_uid
 from server.embedded import EmbeddedServer
-from client.series_loader import (FOCUS, NEAR, LoaderListener, PlanState,
-                           SeriesLoader, SeriesRegistry, Stage, plan_stages, supersedes)
+from client.series_loader import (BACKGROUND, FOCUS, JUMP_STEPS, NEAR, LoaderListener,
+                                  PlanState, SeriesLoader, SeriesRegistry, Stage,
+                                  background_fill, fill_window_for, follow_scroll, plan_stages,
+                                  supersedes)
 from waits import WAIT_S, wait_for
 
 
@@ -40,6 +42,69 @@ def test_fill_stops_at_the_links_version_and_goes_on_when_idle():
     # the link became fast (the policy names the lossless version): the same
     s.idle, s.fill_layers = False, None
     assert plan_stages(s)[0] == Stage(FOCUS, (10,), None, 0)
+
+
+def test_background_fill_while_active_is_small_near_and_waits_for_a_pause():
+    # a fast link (the lossless version for the shown slice): the rest of the series
+    # comes at the smallest version while the reader is active
+    s = state(focus=10, spec_layers=1, neighbours=1, levels=[(0, 0)] * 40)
+    stages = plan_stages(s)
+    assert stages[0] == Stage(FOCUS, (10,), None, 0)
+    assert stages[1] == Stage(NEAR, (9, 11), None, 0)
+    bg = [st for st in stages if st.kind == BACKGROUND]
+    assert {st.layers for st in bg} == {1}
+    assert sorted(i for st in bg for i in st.comps) == [i for i in range(40) if i not in (9, 10, 11)]
+    # a window: only the slices within reach of the reader
+    s.fill_window = 3
+    bg = [st for st in plan_stages(s) if st.kind == BACKGROUND]
+    assert sorted(i for st in bg for i in st.comps) == [7, 8, 12, 13]
+    # scrolling: nothing beyond the neighbourhood until the reader pauses
+    s.scrolling = True
+    assert [st.kind for st in plan_stages(s)] == [FOCUS, NEAR]
+    assert s.holds_back
+    # resting: everything, every layer, the whole series
+    s.idle = True
+    bg = [st for st in plan_stages(s) if st.kind == BACKGROUND]
+    assert {st.layers for st in bg} == {None} and sum(len(st.comps) for st in bg) == 37
+    assert not s.holds_back
+    # the link's version caps the fill too when it is smaller than the smallest layers
+    s2 = state(focus=0, fill_layers=1, spec_layers=2, levels=[(0, 0)] * 10, n=10)
+    assert {st.layers for st in plan_stages(s2)} == {1}
+
+
+def test_fill_window_is_what_the_link_brings_in_the_horizon():
+    # 1 Mbit/s, 10.8 kB a slice, 1 s: 11 slices -> 5 on each side
+    assert fill_window_for(1e6, 10_800, 300, horizon_s=1.0) == 5
+    assert fill_window_for(1e6, 10_800, 300, neighbours=8, horizon_s=1.0) == 8
+    assert fill_window_for(100e6, 10_800, 300, horizon_s=1.0) is None    # the whole series
+    assert fill_window_for(None, 10_800, 300) is None                      # not measured yet
+
+
+def test_background_version_follows_the_measured_link():
+    mb = 1e6
+    versions = [(None, 60 * mb), (2, 8 * mb), (1, 3.2 * mb)]     # a 300-slice CT
+    # 1 Gbit/s: the whole series losslessly in 0.5 s: no limit (as before)
+    assert background_fill(1e9, versions, 300) == (None, None)
+    # 100 Mbit/s: lossless would take 4.8 s, V2 0.64 s: the whole series at V2
+    assert background_fill(100e6, versions, 300) == (2, None)
+    # 10 Mbit/s, V2 for the link: neither fits in 2 s: the smallest, within 1 s of link
+    assert background_fill(10e6, versions, 300, link_layers=2) == (1, 58)
+    # 1 Mbit/s: 5 slices each side
+    assert background_fill(1e6, versions, 300, link_layers=1) == (1, 5)
+    # never better than the link's version; unknown link: no limit
+    assert background_fill(1e9, versions, 300, link_layers=2) == (2, None)
+    assert background_fill(None, versions, 300) == (None, None)
+
+
+def test_a_jump_is_not_scrolling():
+    speed, jump = follow_scroll(0.0, 0.1, 1)
+    assert not jump and speed == 5.0                     # 10 slices/s, halfway from 0
+    speed, jump = follow_scroll(speed, 2.0, JUMP_STEPS + 1)
+    assert jump and speed == 0.0
+    # after a jump the plan predicts no direction: the neighbours on both sides
+    stages = plan_stages(state(focus=5, shown=30, predict=True, direction=0, neighbours=1))
+    assert stages[:3] == [Stage(FOCUS, (5,), None, 0), Stage(FOCUS, (30,), None, 0),
+                          Stage(NEAR, (29, 31), None, 0)]
 
 
 def test_prediction_ahead_grows_with_speed_within_the_budget():
@@ -76,6 +141,12 @@ def test_prediction_is_given_up_when_the_reader_turns_away():
     # ...but not if it brings less than the shown slice needs, or another slice
     assert supersedes(Stage(FOCUS, (12,), None, 0), running)
     assert supersedes(Stage(FOCUS, (20,), 2, 0), running)
+    # the link was measured slow (or the reader is active again): a stage bringing more
+    # layers than the plan now wants gives way to the capped one
+    assert supersedes(Stage(NEAR, (11, 12), 1, 0), Stage(NEAR, (11, 12), None, 0))
+    assert supersedes(Stage(BACKGROUND, (1, 2), 1, 0), Stage(BACKGROUND, (3, 4), 2, 0))
+    assert not supersedes(Stage(BACKGROUND, (1, 2), 2, 0), Stage(BACKGROUND, (3, 4), 1, 0))
+    assert not supersedes(Stage(BACKGROUND, (1, 2), None, 0), Stage(BACKGROUND, (3, 4), 1, 0))
 
 
 # ---------------------------------------------------------------- the loader, served
@@ -167,6 +238,8 @@ def test_loader_fill_resumes_when_the_link_is_faster(asrv, pool):
     sd._notify("auto", sd.auto)                        # as the policy controller does
     wait_for(lambda: all(sd.levels(i) == (4, 2) for i in range(len(sd))),
              what="the fill to go on to every layer")
+    # loopback brings the whole series losslessly within FILL_WHOLE_S: no limit
+    assert loader.background_fill() == (None, None)
     loader.close()
     s.logout()
 
@@ -211,5 +284,25 @@ def test_loader_idle_timer_resumes_the_fill_by_itself(asrv, pool):
     wait_for(lambda: all(loader.sd.levels(i) == (4, 2) for i in range(len(loader.sd)))
              if loader.sd is not None else False, what="the fill to go on after the rest")
     assert loader.fill_layers() == 1            # still the link's version: the rest did it
+    loader.close()
+    s.logout()
+
+
+def test_loader_background_fill_follows_its_measured_link(asrv, pool):
+    clock = Clock()
+    s, loader, rec = _slow_loader(asrv, pool, clock)
+    sd = loader.sd
+    v3 = next(v for v in sd.versions if v["name"] == "V3")
+    per = v3["bytes"] / len(sd) / 4 ** loader.reduce
+    from client.link import LinkMeter
+    s.link = LinkMeter(min_bytes=1)             # not measured yet: no limit
+    assert loader.background_fill() == (None, None)
+    s.link.add(1.0, 10 << 20)                   # fast: the whole series at V3 (the link's)
+    assert loader.background_fill() == (1, None)
+    s.link = LinkMeter(min_bytes=1)             # as if measured on a slow link:
+    s.link.add(1.0, int(per * 3))               # three slices a second: a window of 2
+    assert loader.background_fill() == (1, 2)   # at least the neighbours
+    sd.select(version="V2")                     # a version asked for: no adaptation
+    assert loader.background_fill() == (None, None)
     loader.close()
     s.logout()

@@ -23,7 +23,8 @@ def policy():
 def test_defaults_are_documented_and_valid(policy):
     assert DEFAULT_POLICY.is_file()
     assert policy.version_names() == ["V1", "V2", "V3"]
-    assert [v.purpose for v in policy.versions] == ["diagnosis", "reference", "comparison"]
+    # priors are compared at the 1:20 version (issue 17, SPEC V9); 1:50 is for a look
+    assert [v.purpose for v in policy.versions] == ["diagnosis", "comparison", "reference"]
     # the source document's Fig. 3: unread only V1; read..annotations all; report no V1
     assert policy.allowed_versions(1) == ["V1"]
     assert all(policy.allowed_versions(s) == ["V1", "V2", "V3"] for s in (2, 3, 4))
@@ -51,6 +52,34 @@ def test_site_file_overrides_parts(tmp_path):
     assert p.allowed_versions(1) == ["V1", "V2"] and p.allowed_versions(5) == ["V2", "V3"]
     assert p.storage.migrate_after_days == 7 and p.storage.keep_hot == "V2"
     assert p.quality_for("CT")["V2"] == 50                                   # kept
+
+
+def test_site_purposes_are_kept(tmp_path):
+    """A site file that names the purposes as the earlier defaults did (V3 "comparison")
+    keeps them: the version the site takes the purpose from gets the site version's
+    default purpose, so selection by purpose stays unambiguous."""
+    (tmp_path / "policy.toml").write_text('[versions.V3]\npurpose = "comparison"\n')
+    p = load_policy(tmp_path)
+    assert [v.purpose for v in p.versions] == ["diagnosis", "reference", "comparison"]
+    facts = [ImageFacts(1000, (20, 50, 100, 400))]
+    sv = p.series_versions("1.2", {"Modality": "OT"}, facts)
+    assert sv.select(purpose="comparison").name == "V3"
+    assert sv.select(purpose="reference").name == "V2"
+    # a site's own purpose that takes nobody's leaves the defaults alone
+    (tmp_path / "policy.toml").write_text('[versions.V3]\npurpose = "teaching"\n')
+    p = load_policy(tmp_path)
+    assert [v.purpose for v in p.versions] == ["diagnosis", "comparison", "teaching"]
+    # a site that names every purpose gets exactly what it names
+    (tmp_path / "policy.toml").write_text('[versions.V2]\npurpose = "reference"\n'
+                                          '[versions.V3]\npurpose = "comparison"\n')
+    assert [v.purpose for v in load_policy(tmp_path).versions] == \
+        ["diagnosis", "reference", "comparison"]
+    # and a policy given with --policy is treated the same way
+    other = tmp_path / "other.toml"
+    other.write_text('[versions.V1]\npurpose = "comparison"\n')
+    (tmp_path / "policy.toml").unlink()
+    assert [v.purpose for v in load_policy(tmp_path, other).versions] == \
+        ["comparison", "diagnosis", "reference"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -94,7 +123,7 @@ def test_versions_are_truncation_points(policy):
     assert sv.select(version="V2").name == "V2"
     assert sv.select(quality=60).name == "V1" and sv.select(quality=50).name == "V2"
     assert sv.select(quality=1).name == "V3"
-    assert sv.select(purpose="Comparison").name == "V3"
+    assert sv.select(purpose="Comparison").name == "V2"
     with pytest.raises(SelectionError, match="V1, V2, V3"):
         sv.select(version="V9")
     with pytest.raises(SelectionError, match="purpose"):

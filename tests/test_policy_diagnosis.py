@@ -116,7 +116,7 @@ def test_versions_route_and_requests(dsrv, pc):
     pc.set_status(dsrv.study, 2)
     try:
         s = pc.session
-        for params, name, layers in (({"version": "V2"}, "V2", 2), ({"purpose": "comparison"}, "V3", 1),
+        for params, name, layers in (({"version": "V2"}, "V2", 2), ({"purpose": "comparison"}, "V2", 2),
                                      ({"quality": 40}, "V2", 2), ({"version": "V1"}, "V1", 4)):
             r = fetch(dsrv.url, Session(dsrv.url).id, target=dsrv.series, comps="0", **params)
             ann = r.controls[0]
@@ -133,7 +133,7 @@ def test_versions_route_and_requests(dsrv, pc):
         sd.select(purpose="reference")
         t = sd.transfer(comps=[5])
         t.run()
-        assert t.announce["version"]["name"] == "V2" and sd.levels(5)[0] == 2
+        assert t.announce["version"]["name"] == "V3" and sd.levels(5)[0] == 1
         with pytest.raises(ServerError) as e:
             s.request("POST", "/api/session/context", json={"weather": "rain"})
         assert e.value.status == 400 and "weather" in e.value.message

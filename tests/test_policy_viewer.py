@@ -242,4 +242,4 @@ def test_controller_explains_limits(qtbot, vsrv):
     with qtbot.waitSignal(ctl.notice, timeout=WAIT_MS) as sig:
         sd.transfer(comps=[0], layers=2).run()
     assert "higher than your account may load" in sig.args[0]
-    assert "comparison quality (V3" in panel.banner.text()
+    assert "reference quality (V3" in panel.banner.text()

@@ -98,8 +98,9 @@ def test_prefetch_worklist_recalls_archived_priors(pstore, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- client side
-def _archived_server(pstore, where):
-    """A server on a private copy of the store whose studies are in the archive."""
+def _archived_server(pstore, where, site_policy: str | None = None):
+    """A server on a private copy of the store whose studies are in the archive (with
+    ``site_policy`` as the store's own policy.toml)."""
     from policyutil import copy_store
     from server.cli import main
     from server.embedded import EmbeddedServer
@@ -107,6 +108,8 @@ def _archived_server(pstore, where):
     from client.session import Session
 
     store = copy_store(pstore["store"], where / "store")
+    if site_policy is not None:
+        (store / "policy.toml").write_text(site_policy)
     assert main(["migrate", "--store", str(store), "--days", "0", "--min-status", "1",
                  "--quiet"]) == 0
     srv = EmbeddedServer(str(store)).start()
@@ -173,16 +176,22 @@ def test_prior_fetcher_recalls_and_fetches_within_budget(psrv):
     def get(uid):
         made[uid] = made.get(uid) or SeriesData(s, None, uid)
         return made[uid]
-    f = PriorFetcher(get, budget_bytes=10 << 20, on_state=lambda st, state, d: heard.append((st, state)))
+    details = []
+    f = PriorFetcher(get, budget_bytes=10 << 20, on_state=lambda st, state, d: (
+        heard.append((st, state)), details.append((state, d))))
     states = f.run(priors[:1])
     prior = psrv.p["prior"]["study"]
     seq = [state for st, state in heard if st == prior]
     assert seq[0] == "waiting" and seq[-1] == "ready" and states[prior] == "ready"
-    # the comparison version's layers: the hot ones here (V2 stays hot), so no recall
+    assert "recalling" not in seq and "archived" not in seq
+    # the comparison version is V2 (about 1:20) by default, and the state says so; its
+    # layers are the hot ones (keep_hot V2), so no recall
     sd = made[psrv.p["prior"]["series"]]
     assert sd.selection == {"purpose": "comparison"}
+    assert details[-1][1]["version"] == "V2" and 15 < details[-1][1]["ratio"] < 30
     need, layers = f.estimate(sd)
-    assert layers is not None and all(sd.levels(i)[0] == layers for i in range(len(sd)))
+    v2 = next(v for v in sd.versions if v["name"] == "V2")
+    assert layers == v2["layers"] and all(sd.levels(i)[0] == layers for i in range(len(sd)))
     # asking for the lossless version needs the archive: "archived", then "recalling"
     heard.clear()
     f2 = PriorFetcher(get, budget_bytes=10 << 20, purpose="diagnosis",
@@ -199,6 +208,82 @@ def test_prior_fetcher_recalls_and_fetches_within_budget(psrv):
                       on_state=lambda st, state, d: heard.append((st, state, d)))
     assert f3.run(priors[1:])[psrv.p["other"]["study"]] == "skipped"
     assert heard[-1][2]["reason"] == "memory budget"
+
+
+def test_prior_fetch_is_given_up_when_the_reader_turns_away(psrv):
+    """Opening another series cancels the fetch ahead (the controller's token): the prior
+    being fetched goes back to waiting, the ones after it are not fetched, nothing more
+    arrives; the fetch of the next series' preview respects the same token and budget."""
+    from client.pool import CancelToken
+    from client.priors import PriorFetcher, find_priors
+    from client.series import Cancelled, SeriesData
+    from client.session import Session
+
+    s = Session(psrv.url)
+    priors = find_priors(s, SeriesData(s, None, psrv.p["current"]["series"]).info)
+    assert len(priors) == 2
+    token = CancelToken()
+    heard = []
+
+    def on_state(study, state, _detail):
+        heard.append((study, state))
+        if state == "fetching":
+            token.cancel()                    # the reader opened another series
+    made = {}
+    f = PriorFetcher(lambda uid: made.setdefault(uid, SeriesData(s, None, uid)),
+                     budget_bytes=10 << 20, on_state=on_state)
+    states = f.run(priors, token)
+    first, second = (p["StudyInstanceUID"] for p in priors)
+    assert states == {first: "waiting", second: "waiting"}
+    assert (second, "fetching") not in heard and (first, "ready") not in heard
+    sd = made[priors[0]["compare"]["SeriesInstanceUID"]]
+    v2 = next(v for v in sd.versions if v["name"] == "V2")
+    assert not all(sd.levels(i)[0] >= v2["layers"] for i in range(len(sd)))
+    with pytest.raises(Cancelled):
+        f.preview(psrv.p["next"]["series"], token)
+    # the next series' preview within the budget: fetched; beyond it: not
+    assert PriorFetcher(lambda uid: SeriesData(s, None, uid), budget_bytes=1).preview(
+        psrv.p["next"]["series"]) is False
+    nxt = SeriesData(s, None, psrv.p["next"]["series"])
+    assert PriorFetcher(lambda uid: nxt, budget_bytes=10 << 20).preview(nxt.uid) is True
+    assert all(nxt.levels(i)[1] == 0 for i in range(len(nxt)))
+
+
+def test_prior_in_the_archive_at_the_comparison_version_says_recalling(pstore, tmp_path, qtbot):
+    """A store whose policy keeps only V3 hot: the comparison version (V2) of an archived
+    prior must be recalled; the prior's line in the Reading dock says "recalling from
+    archive" with the version, then "ready for comparison" with it."""
+    from client.priors import PriorFetcher, find_priors
+    from client.series import SeriesData
+    from client.session import Session
+    from viewer.priors_panel import PriorsPanel
+
+    srv = _archived_server(pstore, tmp_path, '[storage]\nkeep_hot = "V3"\n')
+    try:
+        s = Session(srv.url)
+        cur = SeriesData(s, None, pstore["current"]["series"])
+        priors = find_priors(s, cur.info)
+        panel = PriorsPanel()
+        qtbot.addWidget(panel)
+        panel.set_priors(priors)
+        lines = []
+
+        def on_state(study, state, detail):       # the controller queues this to the UI
+            panel.set_state(study, state, detail)
+            lines.append(panel.list.item(0).text())
+        made = {}
+        f = PriorFetcher(lambda uid: made.setdefault(uid, SeriesData(s, None, uid)),
+                         budget_bytes=10 << 20, on_state=on_state)
+        assert f.run(priors[:1])[pstore["prior"]["study"]] == "ready"
+        said = [line.split(" — ", 1)[1] for line in lines]
+        assert said[1] == "in the archive: being recalled"
+        assert any(x.startswith("recalling from archive… (V2, about 1:") for x in said), said
+        assert said[-1].startswith("ready for comparison (V2, about 1:")
+        sd = made[pstore["prior"]["series"]]
+        v2 = next(v for v in sd.versions if v["name"] == "V2")
+        assert all(sd.levels(i)[0] == v2["layers"] for i in range(len(sd)))
+    finally:
+        srv.stop()
 
 
 # ---------------------------------------------------------------- viewer (offscreen)

@@ -252,7 +252,7 @@ def bench_viewer_volume(tmp: Path, slices: int) -> dict:
     of the layered J2K and (b) through the HTJ2K copies (WADO-RS), and (c) as ``auto``
     chooses from the link it measured on the previews; over unthrottled loopback and
     bench/transfer.py's 100 and 10 Mbit/s links. All three volumes are checked equal."""
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))    # after the project: bench/server.py is a script
     from transfer import ServerSide
 
     from client.series import SeriesData
@@ -325,7 +325,7 @@ def _static_server_child(conn, root: str, links) -> None:
     import http.server
     import threading
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))    # after the project: bench/server.py is a script
     from transfer import ThrottledProxy
 
     class Handler(http.server.SimpleHTTPRequestHandler):

@@ -358,9 +358,13 @@ class VolumeLoader:
         return max(len(data) / dt, self.measured_link() or 0.0)
 
     def _run_htj2k(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
-        """Every frame's HTJ2K copy fetched whole and decoded (threads), applied in one
-        batch; progress as bytes arrive. Raises _RouteFailed before anything is applied."""
-        from client.frames import choose_full_load, decode_frame, fetch_frame
+        """Every frame's HTJ2K copy, decoded in the pool, applied in one batch; progress
+        as bytes arrive. The frames come in one request (the series' Pixel Data
+        resource), read part by part by whichever pool thread takes the next frame,
+        which then decodes it while the next part is read; from a server without that
+        resource, one request per frame. Raises _RouteFailed before anything is applied."""
+        from client.frames import choose_full_load, decode_frame, fetch_frame, fetch_series_frames
+        from client.session import ServerError
 
         comps = self.stage_comps(stage)
         images = self.series.images
@@ -372,23 +376,58 @@ class VolumeLoader:
         estimate = choose_full_load([images[c] for c in todo], [0] * len(todo), None).htj2k_bytes
         base, got, t0 = self.received, 0, time.monotonic()
         decoded: dict[int, object] = {}
-
         probe = getattr(self, "_probe", None)
         self._probe = None
 
-        def one(c):
-            if self.cancelled:
-                return c, None, 0
-            im = images[c]
-            if probe is not None and probe[0] == c:         # fetched to time the link
-                return c, decode_frame(probe[1], im), 0
-            data = fetch_frame(self.series.session, study, self.series.uid,
-                               im["SOPInstanceUID"], int(im.get("frame") or 1))
-            return c, decode_frame(data, im), len(data)
+        resp = None
+        try:
+            resp, parts = fetch_series_frames(self.series.session, study, self.series.uid)
+        except ServerError as e:
+            if e.status not in (404, 405):             # rights, syntax: the layers
+                raise _RouteFailed(f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the network, an answer not multipart
+            raise _RouteFailed(f"{type(e).__name__}: {e}") from e
 
-        # fetches and decodes in the pool, this thread among them; closing the batch (an
+        if resp is not None:
+            where = {(images[c]["SOPInstanceUID"], int(images[c].get("frame") or 1)): c for c in todo}
+
+            def items():
+                """(image, frame bytes, bytes read) as the parts arrive; frames the load
+                does not need (a localizer, a slice already held) only count as read."""
+                skipped = 0
+                try:
+                    for sop, frame, data in parts:
+                        if self.cancelled:
+                            return
+                        c = where.get((sop, frame))
+                        if c is None:
+                            skipped += len(data)
+                            continue
+                        yield c, data, len(data) + skipped
+                        skipped = 0
+                except Exception as e:  # noqa: BLE001 - delivered with the next item
+                    yield None, e, 0
+            source = items()
+        else:
+            source = [(c, probe[1] if probe is not None and probe[0] == c else None, 0)
+                      for c in todo]
+
+        def one(item):
+            c, data, n = item
+            if isinstance(data, BaseException):
+                raise data
+            if self.cancelled:
+                return c, None, n
+            if data is None:                   # one request per frame
+                im = images[c]
+                data = fetch_frame(self.series.session, study, self.series.uid,
+                                   im["SOPInstanceUID"], int(im.get("frame") or 1))
+                n = len(data)
+            return c, decode_frame(data, images[c]), n
+
+        # reads and decodes in the pool, this thread among them; closing the batch (an
         # error, a cancel) stops the helpers after their current frame
-        batch = self.pool.imap_unordered(one, todo, self.priority, tag=self, token=self.token,
+        batch = self.pool.imap_unordered(one, source, self.priority, tag=self, token=self.token,
                                          parallel=max(2, 2 * self.decode_threads))
         try:
             for fut in batch:
@@ -407,6 +446,13 @@ class VolumeLoader:
                                                       time.monotonic() - t0))
         finally:
             batch.close()
+            if resp is not None:
+                resp.close()
+        if self.cancelled:
+            return
+        missing = [c for c in todo if decoded.get(c) is None]
+        if missing:
+            raise _RouteFailed(f"the server's answer lacked {len(missing)} of the frames")
         if self.cancelled:
             return
         updates: list[VolumeUpdate] = []

@@ -37,6 +37,10 @@ def _load(url, uid, route, **kw):
     from client.volume_loader import VolumeLoader, load_all
 
     session = Session(url)
+    paths = []
+    request = session.request
+    session.request = lambda method, path, **k: (paths.append(path), request(method, path, **k))[1]
+    _load.paths = paths                 # the requests the last load made
     try:
         sd = SeriesData(session, None, uid)
         calls = []
@@ -64,6 +68,10 @@ def test_htj2k_volume_equals_the_lossless_j2k_volume(server, ct_series_uid):
     tail = [p for p in prog if p.received > ev_b[-2].received]
     assert tail and all(p.received <= p.requested for p in tail)
     assert tail[-1].received == ev_b[-1].received
+    # the copies came in one request (the series' Pixel Data resource), not one per frame
+    assert [p for p in _load.paths if p.endswith("/pixeldata")] == [
+        f"/dicomweb/studies/{b.series.info['StudyInstanceUID']}/series/{ct_series_uid}/pixeldata"]
+    assert not [p for p in _load.paths if "/frames/" in p]
 
 
 def test_auto_takes_htj2k_on_loopback_and_copies_are_used(ct_store, tmp_path):

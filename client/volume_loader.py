@@ -295,11 +295,12 @@ class VolumeLoader:
 
     def run(self) -> Iterator[LoadEvent]:
         """Run the plan; yields a :class:`LoadEvent` after each consistent set applied."""
+        early = self._early_route()
         for n, stage in enumerate(self.plan):
             if self.cancelled:
                 return
             last_stage = n == len(self.plan) - 1
-            if self._htj2k_chosen(stage):
+            if early if last_stage and early is not None else self._htj2k_chosen(stage):
                 try:
                     yield from self._run_htj2k(stage, last_stage)
                     continue
@@ -309,6 +310,23 @@ class VolumeLoader:
             yield from self._run_stage(stage, last_stage)
 
     # ------------------------------------------------------------------ HTJ2K route
+    def _early_route(self) -> bool | None:
+        """With three stages or more (a first preview, more previews, full quality): the
+        full stage's route chosen before the previews when it can be known (HTJ2K asked
+        for, or the link rate given or timed on one HTJ2K frame). When the copies win,
+        only the first preview stays: the whole volume at full quality then arrives
+        sooner than the further coarse previews would. None: decided at the full stage."""
+        if len(self.plan) < 3 or self.full_route == "j2k" or type(self) is not VolumeLoader:
+            return None
+        last = self.plan[-1]
+        chosen = self._htj2k_chosen(last)
+        if chosen:
+            dropped = self.plan[1:-1]
+            self.plan = [self.plan[0], last]
+            log.info("HTJ2K copies for the full stage: previews %s left out",
+                     ", ".join(s.name for s in dropped))
+        return chosen
+
     def measured_link(self) -> float | None:
         """Bytes/s of this load's transfers so far (None below 64 KiB: not a measure)."""
         n, secs = self._link

@@ -295,28 +295,34 @@ class VolumeLoader:
 
     def run(self) -> Iterator[LoadEvent]:
         """Run the plan; yields a :class:`LoadEvent` after each consistent set applied."""
-        early = self._early_route()
-        for n, stage in enumerate(self.plan):
+        early: bool | None = None
+        n = 0
+        while n < len(self.plan):               # the plan may lose stages on the way
+            stage = self.plan[n]
             if self.cancelled:
                 return
             last_stage = n == len(self.plan) - 1
             if early if last_stage and early is not None else self._htj2k_chosen(stage):
                 try:
                     yield from self._run_htj2k(stage, last_stage)
+                    n += 1
                     continue
                 except _RouteFailed as e:       # nothing applied: the transport instead
                     log.warning("HTJ2K route failed (%s); loading through the J2K layers",
                                 e)
             yield from self._run_stage(stage, last_stage)
+            if n == 0 and not last_stage and not self.cancelled:
+                early = self._early_route()     # once the first preview is shown
+            n += 1
 
     # ------------------------------------------------------------------ HTJ2K route
     def _early_route(self) -> bool | None:
         """With three stages or more (a first preview, more previews, full quality): the
-        full stage's route chosen before the previews when it can be known (HTJ2K asked
-        for, or the link rate given or timed on one HTJ2K frame). When the copies win,
-        only the first preview stays: the whole volume at full quality then arrives
-        sooner than the further coarse previews would. None: decided at the full stage."""
-        if len(self.plan) < 3 or self.full_route == "j2k" or type(self) is not VolumeLoader:
+        full stage's route chosen once the first preview is shown (HTJ2K asked for, or
+        the link rate given or timed on one HTJ2K frame). When the copies win, the
+        further previews are left out: the whole volume at full quality then arrives
+        sooner than they would. None: decided at the full stage."""
+        if type(self) is not VolumeLoader or len(self.plan) < 3 or self.full_route == "j2k":
             return None
         last = self.plan[-1]
         chosen = self._htj2k_chosen(last)

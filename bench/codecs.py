@@ -245,23 +245,30 @@ def bench_converter(files: list[Path], tmp: Path, min_time: float, rounds: int =
 
 
 # --------------------------------------------------------------------------- viewer
-def bench_viewer_volume(tmp: Path, slices: int) -> dict:
-    """The viewer's own route (viewer/volume_loader.py against the real server, in its
-    own process, with HTJ2K final copies in the store): a whole-volume load with the
-    interleaved plan (previews, then full quality), the full stage (a) through the rest
-    of the layered J2K and (b) through the HTJ2K copies (WADO-RS), and (c) as ``auto``
-    chooses from the link it measured on the previews; over unthrottled loopback and
-    bench/transfer.py's 100 and 10 Mbit/s links. All three volumes are checked equal."""
-    sys.path.insert(0, str(ROOT / "bench"))
+def bench_viewer_volume(tmp: Path, slices: int, rounds: int = 3,
+                        links_wanted: tuple[str, ...] = ("loopback", "100 Mbit/s", "10 Mbit/s"),
+                        ) -> dict:
+    """The viewer's own route against the real server (in its own process, with HTJ2K
+    final copies in the store): what viewer/mprlayout.py does — ``VolumeLoader(series,
+    pool=pool)`` with a pool made as viewer/services.Backend makes the app's one, its
+    generator run as a job of that pool — a whole-volume load with the interleaved plan
+    (previews, then full quality), the full stage (a) through the rest of the layered J2K
+    and (b) through the HTJ2K copies (WADO-RS), and (c) as ``auto`` chooses from the link
+    it measures; over unthrottled loopback and bench/transfer.py's 100 and 10 Mbit/s
+    links. The routes run interleaved (J2K, HTJ2K, auto, J2K, ...), ``rounds`` times;
+    medians, with the load average at each run. Every volume is checked equal."""
+    sys.path.append(str(ROOT / "bench"))    # after the project: bench/server.py is a script
     from transfer import ServerSide
 
+    from client.pool import INTERACTION, WorkerPool
     from client.series import SeriesData
     from client.session import Session
+    from client.volume_loader import VolumeLoader
     from server import sample
     from server.ingest import ingest_paths
     from server.policy_copies import convert_store
     from server.store import Store
-    from client.volume_loader import VolumeLoader, load_all
+    from viewer.services import POOL_CAPS, POOL_WORKERS
 
     files = sample.make_sample_ct(tmp / "vv", slices=slices, size=512, seed=2)
     root = tmp / "vvstore"
@@ -276,44 +283,70 @@ def bench_viewer_volume(tmp: Path, slices: int) -> dict:
         uid = series["SeriesInstanceUID"]
     links = (("100 Mbit/s", 100e6, 0.001), ("10 Mbit/s", 10e6, 0.005))
     side = ServerSide(str(root), links)
-    out: dict = {"slices": slices, "links": {}}
+    pool = WorkerPool(POOL_WORKERS, dict(POOL_CAPS))
+    out: dict = {"slices": slices, "rounds": rounds, "pool_workers": POOL_WORKERS, "links": {}}
+
+    def one_load(url: str, route: str):
+        session = Session(url)
+        try:
+            sd = SeriesData(session, None, uid)
+            loader = VolumeLoader(sd, full_route=route, pool=pool)
+
+            def job(_token):                  # as the viewer runs it: a job of the pool
+                stamps = [time.perf_counter()]
+                events = []
+                for ev in loader.run():
+                    events.append(ev)
+                    stamps.append(time.perf_counter())
+                return events, stamps
+            events, stamps = pool.submit(job, INTERACTION).future.result()
+        finally:
+            session.logout()
+        assert events and events[-1].final
+        # the full-quality stage: from the previews' last event to the end
+        previews = [s for e, s in zip(events, stamps[1:]) if e.stage is not loader.plan[-1]]
+        return loader, stamps[-1] - stamps[0], stamps[-1] - (previews[-1] if previews else stamps[0])
+
     try:
-        for name, url in [("loopback", side.server_url)] + [
-                (n, u) for (n, _b, _l), u in zip(links, side.proxy_urls)]:
-            row, ref = {}, None
-            for route in ("j2k", "htj2k", "auto"):
-                session = Session(url)
-                try:
-                    sd = SeriesData(session, None, uid)
-                    loader = VolumeLoader(sd, full_route=route)
-                    t0 = time.perf_counter()
-                    events, stamps = [], []
-                    for ev in loader.run():
-                        events.append(ev)
-                        stamps.append(time.perf_counter())
-                    dt = time.perf_counter() - t0
-                    # the full-quality stage: from the previews' last event to the end
-                    previews = [s for e, s in zip(events, stamps) if e.stage is not loader.plan[-1]]
-                    full_s = stamps[-1] - (previews[-1] if previews else t0)
-                finally:
-                    session.logout()
-                assert events and events[-1].final
-                full = events[-1]
-                if ref is None:
-                    ref = loader.volume.data.copy()
-                else:
-                    assert np.array_equal(loader.volume.data, ref), f"{route} differs"
-                row[route] = {"seconds": dt, "full_stage_seconds": full_s,
-                              "bytes": loader.received}
+        urls = [("loopback", side.server_url)] + [(n, u) for (n, _b, _l), u in zip(links, side.proxy_urls)]
+        for name, url in urls:
+            if name not in links_wanted:
+                continue
+            runs: dict[str, list[dict]] = {"j2k": [], "htj2k": [], "auto": []}
+            ref = None
+            for _r in range(rounds):
+                for route in ("j2k", "htj2k", "auto"):
+                    load = os.getloadavg()[0]
+                    loader, dt, full_s = one_load(url, route)
+                    if ref is None:
+                        ref = loader.volume.data.copy()
+                    else:
+                        assert np.array_equal(loader.volume.data, ref), f"{route} differs"
+                    run = {"seconds": dt, "full_stage_seconds": full_s, "bytes": loader.received,
+                           "load": load}
+                    if route == "auto":
+                        c = loader.full_choice
+                        run["chose"] = c.route if c else "j2k"
+                        run["measured_mbit_s"] = (c.link_bytes_s * 8 / 1e6
+                                                  if c and c.link_bytes_s else None)
+                    runs[route].append(run)
+                    del loader
+            row = {"runs": runs}
+            for route, rs in runs.items():
+                row[route] = {"seconds": statistics.median(r["seconds"] for r in rs),
+                              "full_stage_seconds": statistics.median(r["full_stage_seconds"] for r in rs),
+                              "load": statistics.median(r["load"] for r in rs)}
                 if route == "auto":
-                    c = loader.full_choice
-                    row[route]["chose"] = c.route if c else "j2k"
-                    row[route]["measured_mbit_s"] = (c.link_bytes_s * 8 / 1e6
-                                                     if c and c.link_bytes_s else None)
-                del events, full
+                    row[route]["chose"] = "/".join(sorted({r["chose"] for r in rs}))
+                    row[route]["measured_mbit_s"] = statistics.median(
+                        r["measured_mbit_s"] or 0 for r in rs)
+            row["full_stage_speedup"] = (row["j2k"]["full_stage_seconds"]
+                                         / row["htj2k"]["full_stage_seconds"])
+            row["whole_load_speedup"] = row["j2k"]["seconds"] / row["htj2k"]["seconds"]
             out["links"][name] = row
     finally:
         side.stop()
+        pool.shutdown()
     return out
 
 
@@ -325,7 +358,7 @@ def _static_server_child(conn, root: str, links) -> None:
     import http.server
     import threading
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))    # after the project: bench/server.py is a script
     from transfer import ThrottledProxy
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -430,6 +463,10 @@ def main(argv=None) -> int:
                          "against the real server with HTJ2K copies; 0 = skip)")
     ap.add_argument("--viewer-only", action="store_true",
                     help="only the viewer-route comparison (--viewer-volume, default 48)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of the viewer-route comparison (default 3)")
+    ap.add_argument("--links", default="loopback,100 Mbit/s,10 Mbit/s",
+                    help="links of the viewer-route comparison, comma-separated")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "codecs.json")
     args = ap.parse_args(argv)
     if args.quick:
@@ -440,14 +477,18 @@ def main(argv=None) -> int:
         try:
             n = args.viewer_volume or 48
             print(f"== the viewer's whole-volume load ({n} x 512², previews then full quality)")
-            vv = bench_viewer_volume(tmp, n)
-            print("whole load (full-quality stage) in seconds")
+            vv = bench_viewer_volume(tmp, n, args.rounds, tuple(args.links.split(",")))
+            print(f"whole load (full-quality stage) in seconds, medians of {args.rounds} "
+                  "interleaved rounds")
             print(f"{'link':<12} {'J2K layers':>16} {'HTJ2K copies':>16} {'auto':>16}  auto chose")
             for name, row in vv["links"].items():
                 a = row["auto"]
                 cell = lambda r: f"{r['seconds']:6.2f} ({r['full_stage_seconds']:5.2f})"  # noqa: E731
                 print(f"{name:<12} {cell(row['j2k']):>16} {cell(row['htj2k']):>16} {cell(a):>16}  "
                       f"{a['chose']} (measured {a['measured_mbit_s'] or 0:.0f} Mbit/s)")
+                print(f"{'':<12} HTJ2K sooner: {row['full_stage_speedup']:.1f}x the full-quality "
+                      f"stage (the remaining J2K layers), {row['whole_load_speedup']:.1f}x the "
+                      f"whole load; load average {row['j2k']['load']:.1f} (median at the runs)")
             load1 = os.getloadavg()[0]
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_name("codecs_viewer.json").write_text(json.dumps(

@@ -16,10 +16,14 @@ takes the longer of the two — from the measured link rate and what the cache a
 holds, and picks the sooner. Against bench/codecs.py's measurement (100 x 512², 19.8 MB)
 the model gives J2K 3.1 / 3.5 / 16.6 s and HTJ2K 0.3 / 1.8 / 17.0 s on loopback, 100 and
 10 Mbit/s (measured 3.2 / 2.5 / 16.3 and 0.3 / 1.7 / 16.8 s). The rates come from ``bench/codecs.py`` (:data:`RATES`).
-:func:`fetch_frame` and :func:`decode_frame` are the route (b).
+:func:`fetch_series_frames` (every frame of the series in one multipart/related answer,
+the series' Pixel Data resource; :func:`fetch_frame` one frame per request, where the
+server lacks it) and :func:`decode_frame` are the route (b).
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,12 +88,90 @@ def frame_path(study_uid: str, series_uid: str, sop_uid: str, frame: int) -> str
             f"/frames/{int(frame)}")
 
 
+_MEDIA = {codecs.HTJ2K_LOSSLESS_RPCL: HTJ2K_MEDIA, codecs.HTJ2K_LOSSLESS: HTJ2K_MEDIA,
+          codecs.JPEGLS_LOSSLESS: "image/jls", codecs.JPEGXL_LOSSLESS: "image/jxl"}
+_LOCATION = re.compile(r"/instances/([^/]+)/frames/(\d+)\s*$")
+
+
+def iter_multipart(chunks: Iterable[bytes], boundary: str) -> Iterator[tuple[dict, bytes]]:
+    """The parts of a multipart/related body as its chunks arrive: (headers with
+    lower-case names, content). Raises ValueError when the body ends before its closing
+    delimiter (a cut answer: the server failed on the way)."""
+    delim = b"\r\n--" + boundary.encode("latin-1")
+    buf = bytearray(b"\r\n")           # the first delimiter has no CRLF of its own
+    start = None                        # where the current part begins in buf
+    search = 0
+    it = iter(chunks)
+    while True:
+        i = buf.find(delim, search)
+        if i < 0:
+            chunk = next(it, None)
+            if chunk is None:
+                raise ValueError("the multipart answer ended before its closing delimiter")
+            search = max(0, len(buf) - len(delim) + 1)
+            buf += chunk
+            continue
+        if len(buf) < i + len(delim) + 2:   # what follows the delimiter not here yet
+            chunk = next(it, None)
+            if chunk is None:
+                raise ValueError("the multipart answer ended inside a delimiter")
+            buf += chunk
+            continue
+        if start is not None:
+            head, sep, body = bytes(buf[start:i]).partition(b"\r\n\r\n")
+            if not sep:
+                raise ValueError("a multipart part without its header block")
+            headers = {}
+            for line in head.decode("latin-1").split("\r\n"):
+                k, _, v = line.partition(":")
+                if k.strip():
+                    headers[k.strip().lower()] = v.strip()
+            yield headers, body
+        after = bytes(buf[i + len(delim):i + len(delim) + 2])
+        if after == b"--":
+            return
+        if after != b"\r\n":
+            raise ValueError("a malformed multipart delimiter line")
+        del buf[:i + len(delim) + 2]
+        start, search = 0, 0
+
+
+def fetch_series_frames(session, study_uid: str, series_uid: str, syntax: str = HTJ2K_SYNTAX,
+                        ) -> tuple[object, Iterator[tuple[str, int, bytes]]]:
+    """Every frame of a series in ``syntax``, in one request (the series' Pixel Data
+    resource, ``GET .../series/{uid}/pixeldata``, one multipart/related answer):
+    (the open response — the caller closes it —, an iterator of (SOP Instance UID, frame
+    number, frame bytes) as the parts arrive). Raises the session's ServerError (403
+    without an unlimited grant, 404 where the server lacks the resource, 406 when the
+    syntax cannot hold an image); the iterator raises ValueError for a cut answer or a
+    part in another syntax."""
+    media = _MEDIA[syntax]
+    resp = session.request("GET", f"/dicomweb/studies/{study_uid}/series/{series_uid}/pixeldata",
+                           headers={"Accept": f'multipart/related; type="{media}"; '
+                                              f"transfer-syntax={syntax}"}, stream=True)
+    ctype = resp.headers.get("content-type", "")
+    m = re.search(r'boundary="?([^";]+)"?', ctype)
+    if not ctype.startswith("multipart/related") or m is None:
+        resp.close()
+        raise ValueError(f"asked multipart/related {media}, got {ctype!r}")
+
+    def frames() -> Iterator[tuple[str, int, bytes]]:
+        for headers, body in iter_multipart(resp.iter_content(1 << 18), m.group(1)):
+            got = headers.get("content-type", "")
+            if not got.startswith(media) or f"transfer-syntax={syntax}" not in got:
+                raise ValueError(f"asked {media} {syntax}, got a part in {got!r}")
+            loc = _LOCATION.search(headers.get("content-location", ""))
+            if loc is None:
+                raise ValueError("a frame part without its Content-Location")
+            yield loc.group(1), int(loc.group(2)), body
+    return resp, frames()
+
+
 def fetch_frame(session, study_uid: str, series_uid: str, sop_uid: str, frame: int,
                 syntax: str = HTJ2K_SYNTAX) -> bytes:
     """One frame in ``syntax`` as a single part (raises the session's ServerError, e.g.
     403 when the grant is not unlimited, 406 when the syntax cannot hold the image)."""
-    media = {codecs.HTJ2K_LOSSLESS_RPCL: HTJ2K_MEDIA, codecs.HTJ2K_LOSSLESS: HTJ2K_MEDIA,
-             codecs.JPEGLS_LOSSLESS: "image/jls", codecs.JPEGXL_LOSSLESS: "image/jxl"}[syntax]
+    media = _MEDIA[syntax]
     resp = session.request("GET", frame_path(study_uid, series_uid, sop_uid, frame),
                            headers={"Accept": f"{media}; transfer-syntax={syntax}"})
     got = resp.headers.get("content-type", "")

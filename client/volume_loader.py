@@ -295,20 +295,44 @@ class VolumeLoader:
 
     def run(self) -> Iterator[LoadEvent]:
         """Run the plan; yields a :class:`LoadEvent` after each consistent set applied."""
-        for n, stage in enumerate(self.plan):
+        early: bool | None = None
+        n = 0
+        while n < len(self.plan):               # the plan may lose stages on the way
+            stage = self.plan[n]
             if self.cancelled:
                 return
             last_stage = n == len(self.plan) - 1
-            if self._htj2k_chosen(stage):
+            if early if last_stage and early is not None else self._htj2k_chosen(stage):
                 try:
                     yield from self._run_htj2k(stage, last_stage)
+                    n += 1
                     continue
                 except _RouteFailed as e:       # nothing applied: the transport instead
                     log.warning("HTJ2K route failed (%s); loading through the J2K layers",
                                 e)
             yield from self._run_stage(stage, last_stage)
+            if n == 0 and not last_stage and not self.cancelled:
+                early = self._early_route()     # once the first preview is shown
+            n += 1
 
     # ------------------------------------------------------------------ HTJ2K route
+    def _early_route(self) -> bool | None:
+        """With three stages or more (a first preview, more previews, full quality): the
+        full stage's route chosen once the first preview is shown (HTJ2K asked for, or
+        the link rate given or timed on one HTJ2K frame). When the copies win, the
+        further previews are left out: the whole volume at full quality then arrives
+        sooner than they would. None: decided at the full stage."""
+        if type(self) is not VolumeLoader or len(self.plan) < 3 or self.full_route == "j2k":
+            return None
+        last = self.plan[-1]
+        chosen = self._htj2k_chosen(last)
+        if chosen:
+            dropped = self.plan[1:-1]
+            self.plan = [self.plan[0], last]
+            log.info("HTJ2K copies for the full stage: previews %s left out",
+                     ", ".join(s.name for s in dropped))
+        return chosen
+
     def measured_link(self) -> float | None:
         """Bytes/s of this load's transfers so far (None below 64 KiB: not a measure)."""
         n, secs = self._link
@@ -358,9 +382,13 @@ class VolumeLoader:
         return max(len(data) / dt, self.measured_link() or 0.0)
 
     def _run_htj2k(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
-        """Every frame's HTJ2K copy fetched whole and decoded (threads), applied in one
-        batch; progress as bytes arrive. Raises _RouteFailed before anything is applied."""
-        from client.frames import choose_full_load, decode_frame, fetch_frame
+        """Every frame's HTJ2K copy, decoded in the pool, applied in one batch; progress
+        as bytes arrive. The frames come in one request (the series' Pixel Data
+        resource), read part by part by whichever pool thread takes the next frame,
+        which then decodes it while the next part is read; from a server without that
+        resource, one request per frame. Raises _RouteFailed before anything is applied."""
+        from client.frames import choose_full_load, decode_frame, fetch_frame, fetch_series_frames
+        from client.session import ServerError
 
         comps = self.stage_comps(stage)
         images = self.series.images
@@ -372,23 +400,58 @@ class VolumeLoader:
         estimate = choose_full_load([images[c] for c in todo], [0] * len(todo), None).htj2k_bytes
         base, got, t0 = self.received, 0, time.monotonic()
         decoded: dict[int, object] = {}
-
         probe = getattr(self, "_probe", None)
         self._probe = None
 
-        def one(c):
-            if self.cancelled:
-                return c, None, 0
-            im = images[c]
-            if probe is not None and probe[0] == c:         # fetched to time the link
-                return c, decode_frame(probe[1], im), 0
-            data = fetch_frame(self.series.session, study, self.series.uid,
-                               im["SOPInstanceUID"], int(im.get("frame") or 1))
-            return c, decode_frame(data, im), len(data)
+        resp = None
+        try:
+            resp, parts = fetch_series_frames(self.series.session, study, self.series.uid)
+        except ServerError as e:
+            if e.status not in (404, 405):             # rights, syntax: the layers
+                raise _RouteFailed(f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the network, an answer not multipart
+            raise _RouteFailed(f"{type(e).__name__}: {e}") from e
 
-        # fetches and decodes in the pool, this thread among them; closing the batch (an
+        if resp is not None:
+            where = {(images[c]["SOPInstanceUID"], int(images[c].get("frame") or 1)): c for c in todo}
+
+            def items():
+                """(image, frame bytes, bytes read) as the parts arrive; frames the load
+                does not need (a localizer, a slice already held) only count as read."""
+                skipped = 0
+                try:
+                    for sop, frame, data in parts:
+                        if self.cancelled:
+                            return
+                        c = where.get((sop, frame))
+                        if c is None:
+                            skipped += len(data)
+                            continue
+                        yield c, data, len(data) + skipped
+                        skipped = 0
+                except Exception as e:  # noqa: BLE001 - delivered with the next item
+                    yield None, e, 0
+            source = items()
+        else:
+            source = [(c, probe[1] if probe is not None and probe[0] == c else None, 0)
+                      for c in todo]
+
+        def one(item):
+            c, data, n = item
+            if isinstance(data, BaseException):
+                raise data
+            if self.cancelled:
+                return c, None, n
+            if data is None:                   # one request per frame
+                im = images[c]
+                data = fetch_frame(self.series.session, study, self.series.uid,
+                                   im["SOPInstanceUID"], int(im.get("frame") or 1))
+                n = len(data)
+            return c, decode_frame(data, images[c]), n
+
+        # reads and decodes in the pool, this thread among them; closing the batch (an
         # error, a cancel) stops the helpers after their current frame
-        batch = self.pool.imap_unordered(one, todo, self.priority, tag=self, token=self.token,
+        batch = self.pool.imap_unordered(one, source, self.priority, tag=self, token=self.token,
                                          parallel=max(2, 2 * self.decode_threads))
         try:
             for fut in batch:
@@ -407,6 +470,13 @@ class VolumeLoader:
                                                       time.monotonic() - t0))
         finally:
             batch.close()
+            if resp is not None:
+                resp.close()
+        if self.cancelled:
+            return
+        missing = [c for c in todo if decoded.get(c) is None]
+        if missing:
+            raise _RouteFailed(f"the server's answer lacked {len(missing)} of the frames")
         if self.cancelled:
             return
         updates: list[VolumeUpdate] = []

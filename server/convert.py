@@ -52,7 +52,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from codestream import codecs
-from imaging.files import fsync_dirs, is_temp_name, write_atomic
+from imaging.files import fsync_dirs, is_temp_name, write_atomic, write_file_atomic
 
 TARGETS = ("policy", "jpegls", "htj2k", "jxl", "j2k")
 DEFAULT_MIN_PSNR = 40.0                 # dB: lossy outputs below this are refused
@@ -196,17 +196,51 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
                            "be lossless, so the image is not converted")
     if spp not in (1, 3):
         raise ConvertError(f"SamplesPerPixel {spp} is not supported")
-    try:
-        arr = ds.pixel_array
-    except Exception as e:  # noqa: BLE001 - pydicom's reason, reported
-        raise ConvertError(f"pixel data cannot be decoded: {type(e).__name__}: {e}") from None
     n = int(ds.get("NumberOfFrames", 1) or 1)
+    arr = _native_greyscale(ds, ts, spp, ba, n)
+    if arr is None:
+        try:
+            arr = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 - pydicom's reason, reported
+            raise ConvertError(f"pixel data cannot be decoded: {type(e).__name__}: {e}") from None
     arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)   # big-endian files
     frames = [np.ascontiguousarray(f) for f in arr] if n > 1 else [np.ascontiguousarray(arr)]
     if len(frames) != n:
         raise ConvertError(f"NumberOfFrames {n} but {len(frames)} frames decoded")
     out_pi = "RGB" if spp == 3 and pi.startswith("YBR") else pi
     return frames, out_pi
+
+
+_NATIVE_LE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+
+
+def _native_greyscale(ds, ts: str, spp: int, ba: int, n: int) -> np.ndarray | None:
+    """The frames of a native little-endian greyscale image read straight from the bytes
+    pydicom already holds (a view, no copy), the unused high bits handled as pydicom's
+    ``pixel_array`` handles them (masked off, or the sign extended); None for anything
+    else (pydicom decodes it)."""
+    if ts not in _NATIVE_LE or spp != 1 or ba not in (8, 16):
+        return None
+    raw = ds.get("PixelData")
+    if not isinstance(raw, (bytes, bytearray)):
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        bits = int(ds.get("BitsStored", ba) or ba)
+    except (TypeError, ValueError):
+        return None                       # damaged values: pydicom says what is wrong
+    if not 1 <= bits <= ba:
+        return None
+    count = n * rows * cols
+    if len(raw) < count * (ba // 8):
+        return None                       # short pixel data: pydicom says what is wrong
+    dt = np.dtype(f"<{'i' if signed else 'u'}{ba // 8}")
+    arr = np.frombuffer(raw, dt, count).reshape((n, rows, cols) if n > 1 else (rows, cols))
+    if bits < ba:
+        shift = ba - bits
+        arr = (arr << shift) >> shift if signed else arr & ((1 << bits) - 1)
+    return arr
 
 
 def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
@@ -701,9 +735,11 @@ def convert_file(src: str | Path, dst: str | Path, opts: Options, *,
 
 
 def _write_output(res: FileResult, dst: Path, out: bytes, sync_dir: bool) -> FileResult:
-    """Write a proven output once, atomically and fsynced (the result says if it failed)."""
+    """Write a proven output once, atomically and fsynced (the result says if it failed;
+    its checksum was taken by :func:`convert_bytes`)."""
     try:
-        write_atomic(dst, out, sync_dir=sync_dir)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_file_atomic(dst, out, sync_dir=sync_dir)
     except OSError as e:
         res.status, res.error = "failed", f"cannot write the output: {e}"
     return res

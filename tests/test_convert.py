@@ -690,3 +690,25 @@ def test_spliced_meta_is_what_pydicom_writes(name):
         write_file_meta_info(ref, ds.file_meta, enforce_standard=True)
         assert _meta_with_syntax(data[132:start], c.transfer_syntax) == ref.getvalue(), c.label
     assert _meta_with_syntax(b"\x02\x00\x00\x00UL\x04\x00\x00\x00\x00\x00", "1.2") is None
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_native_pixels_with_stray_high_bits_convert_as_pydicom_reads_them(tmp_path, signed):
+    """Native frames are read straight from the file's bytes (not through pydicom's
+    pixel_array); bits above BitsStored set in the file are treated as pydicom treats
+    them (masked off, or the sign extended from the high bit): the output decodes to
+    pydicom's values of the input, frame by frame, the signedness kept."""
+    src = _synthetic(tmp_path / "in.dcm", signed=signed, bits=12, frames=3)
+    ds = pydicom.dcmread(src)
+    raw = np.frombuffer(ds.PixelData, np.uint16).copy()
+    raw[::7] |= 0xB000                       # garbage above the 12 stored bits
+    ds.PixelData = raw.tobytes()
+    ds.save_as(src, enforce_file_format=True)
+    want = _pixels_from_pydicom(src)
+    assert want.dtype == (np.int16 if signed else np.uint16)
+    for to in ("jpegls", "htj2k"):
+        res = convert_file(src, tmp_path / f"{to}.dcm", Options(to=to))
+        assert res.status == "converted", res.error
+        got = _pixels_from_pydicom(tmp_path / f"{to}.dcm")
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)

@@ -589,3 +589,33 @@ def test_matching_conditions_unit():
         with pytest.raises(QueryError) as e:
             cond(k, v)
         assert k in str(e.value)
+
+
+def test_series_pixel_data_in_one_answer(dw, corpus):
+    """The series' Pixel Data resource: every frame of the series in one multipart
+    answer, each part naming its instance and frame, the values those of the frames
+    asked one by one; a cut answer is noticed by the client's reader."""
+    from client.frames import iter_multipart
+
+    st, se, sop = _uids(corpus["multiframe"])
+    want = _frames_ref(corpus["multiframe"])
+    r = requests.get(f"{dw.url}/dicomweb/studies/{st}/series/{se}/pixeldata",
+                     headers={**dw.h, "Accept": 'multipart/related; '
+                              f'type="application/octet-stream"; transfer-syntax={ELE}'})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("multipart/related")
+    boundary = r.headers["content-type"].split("boundary=")[1].strip('"')
+    # read in small uneven pieces, as a network hands them over
+    pieces = [r.content[i:i + 977] for i in range(0, len(r.content), 977)]
+    parts = list(iter_multipart(pieces, boundary))
+    assert len(parts) == len(want)
+    ref = _ds(corpus["multiframe"])
+    for n, (headers, body) in enumerate(parts, 1):
+        assert headers["content-location"].endswith(f"/instances/{sop}/frames/{n}")
+        assert ELE in headers["content-type"]
+        np.testing.assert_array_equal(_decode_part(body, ELE, ref), want[n - 1])
+    with pytest.raises(ValueError, match="ended"):
+        list(iter_multipart(pieces[:-2], boundary))
+    # a syntax the frames cannot be given in: refused before the answer starts
+    bad = requests.get(f"{dw.url}/dicomweb/studies/{st}/series/{se}/pixeldata",
+                       headers={**dw.h, "Accept": 'multipart/related; type="image/x-none"'})
+    assert bad.status_code == 406

@@ -7,6 +7,8 @@ import logging
 import socket
 import threading
 
+import pytest
+
 from viewer.services import Backend
 from waits import WAIT_S
 
@@ -106,3 +108,28 @@ def test_close_in_background_stops_the_owned_server_and_closes_the_cache(tmp_pat
         raise AssertionError("the owned server still answers after closing")
     except requests.ConnectionError:
         pass
+
+
+def test_the_window_makes_no_request_on_the_ui_thread(qtbot, tmp_path, server, ct_series_uid):
+    """Connect, browse, open a series, open MPR (its series described in the pool), close:
+    with the guard on, any request from the UI thread raises (and fails the test)."""
+    from client.series_loader import SeriesRegistry
+    from client.session import UI_THREAD_GUARD, UIThreadRequest, assert_off_ui_thread
+    from test_viewer_app import connect, make_window, open_and_wait_idle
+    from waits import WAIT_MS
+
+    with assert_off_ui_thread():
+        with pytest.raises(UIThreadRequest):         # the guard works: here is the UI thread
+            UI_THREAD_GUARD.check("GET", "/api/health")
+        win = make_window(qtbot, tmp_path, cache_path=tmp_path / "cache" / "packets.sqlite")
+        try:
+            connect(qtbot, win, server.url)
+            open_and_wait_idle(qtbot, win, ct_series_uid)
+            win.series_ctl.close_loader()
+            # a registry that has not described the series: MPR must ask the server
+            win.backend.registry = SeriesRegistry(win.backend.session, win.backend.cache)
+            win.threed.open_mpr()
+            qtbot.waitUntil(lambda: bool(win.threed.windows), timeout=WAIT_MS)
+        finally:
+            win.close()
+        assert win.backend.wait_closed(WAIT_S)

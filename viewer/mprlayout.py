@@ -393,8 +393,8 @@ class MprWindow(QMainWindow):
         """Never called for the pinned volume (the budget's holder protocol)."""
 
     def closeEvent(self, event) -> None:  # noqa: N802
-        if self.runner is not None:
-            self.runner.cancel()
+        if self.runner is not None:     # the load may be in a network read: cancelled,
+            self.runner.cancel(wait=0)  # it ends on its own, the UI thread does not wait
         self.mpr.close_layout()
         if self._hold is not None:
             self._memory.unregister(self._hold)

@@ -1,6 +1,7 @@
 """HTTP session with the image server: login, catalogue browsing, packet streams."""
 from __future__ import annotations
 
+import os
 import random
 import threading
 from typing import Any, Callable
@@ -56,6 +57,38 @@ def retry_after(resp: requests.Response) -> float | None:
         return None                     # an HTTP date or nothing: not our server's busy
 
 
+class UIThreadRequest(AssertionError):
+    """A request was made on the UI (main) thread while the guard was on (a bug)."""
+
+
+class _UIThreadGuard:
+    """Debug check: while on, a request from the main thread (a Qt app's UI thread)
+    raises :class:`UIThreadRequest`. On from the start with ``MEDVIEW_ASSERT_OFF_UI_THREAD=1``;
+    tests turn it on around UI actions with :func:`assert_off_ui_thread`. Off, it costs
+    one attribute test per request."""
+
+    def __init__(self) -> None:
+        self.on = os.environ.get("MEDVIEW_ASSERT_OFF_UI_THREAD", "") not in ("", "0")
+
+    def check(self, method: str, path: str) -> None:
+        if self.on and threading.current_thread() is threading.main_thread():
+            raise UIThreadRequest(f"{method} {path} on the UI thread (run it in a worker)")
+
+
+UI_THREAD_GUARD = _UIThreadGuard()
+
+
+class assert_off_ui_thread:
+    """``with assert_off_ui_thread():`` — requests from the main thread raise inside."""
+
+    def __enter__(self) -> "assert_off_ui_thread":
+        self._was, UI_THREAD_GUARD.on = UI_THREAD_GUARD.on, True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        UI_THREAD_GUARD.on = self._was
+
+
 class Session:
     """One logged-in session. Thread-safe for concurrent requests (requests.Session
     pools connections per host).
@@ -89,6 +122,8 @@ class Session:
         return f"{self.base_url}{path}"
 
     def request(self, method: str, path: str, **kw) -> requests.Response:
+        if UI_THREAD_GUARD.on:
+            UI_THREAD_GUARD.check(method, path)
         kw.setdefault("timeout", self.timeout)
         headers = kw.pop("headers", {})
         if self.id:

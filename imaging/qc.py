@@ -464,39 +464,9 @@ def check_slide(slide, *, thresholds: QCThresholds | None = None,
     single-level slide) is reduced by the power of two that fits, as the stored pyramid
     would be, so a source and its stored pyramid are checked on the same pixels."""
     th = thresholds or QCThresholds()
-    stored = hasattr(slide, "tile_bytes")
-    if stored:
-        dims = [(g.width, g.height) for g in slide.levels]
-        ds = [g.downsample for g in slide.levels]
-        mpp = slide.mpp
-    else:
-        dims = [(lv.width, lv.height) for lv in slide.levels]
-        ds = [lv.downsample for lv in slide.levels]
-        mpp = slide.mpp[0] if slide.mpp else None
-
-    def region(level, x, y, w, h):
-        return slide.read_region(level, x, y, w, h)
-
-    ov_lvl = _overview_level(dims)
-    ow, oh = dims[ov_lvl]
-    ov_ds = ds[ov_lvl]
-    if max(ow, oh) > 1024 and not stored:
-        ov_ds = 1
-        while max(dims[0]) / ov_ds > 1024:
-            ov_ds *= 2
-        overview = slide.read_scaled(ov_ds, 0, 0, -(-dims[0][0] // ov_ds), -(-dims[0][1] // ov_ds))
-        ov_lvl = None
-    else:
-        overview = region(ov_lvl, 0, 0, ow, oh)
-    mask = tissue_mask(overview)
-    # marker ink is not tissue: measured on its own, left out of every other measure
-    ink = ink_mask(overview)
-    pen_fraction = float(ink.mean())
-    if pen_fraction > th.pen_max_fraction:
-        from scipy import ndimage as ndi
-
-        ink = ndi.binary_dilation(ink, iterations=PEN_FRINGE)
-    mask &= ~ink
+    stored, dims, ds, mpp = _slide_geometry(slide)
+    overview, ov_lvl, ov_ds = _read_overview(slide, stored, dims, ds)
+    mask, ink, pen_fraction = _tissue_without_ink(overview, th)
     tissue_fraction = float(mask.mean())
     if reference is not None:
         ref, why = reference, "given"
@@ -514,6 +484,60 @@ def check_slide(slide, *, thresholds: QCThresholds | None = None,
     if tissue_fraction < th.min_tissue_fraction:
         out["flags"] = flags + ["no-tissue"]
         return out
+    flags += _overview_artefacts(out, overview, mask, ink, ref, th)
+    focus = _focus_level(mpp, ds, ov_lvl, th)
+    cands, tile = _focus_tiles(mask, dims[focus], ov_ds / ds[focus], max_tiles)
+    vols = _tile_sharpness(slide, stored, focus, cands, tile)
+    out["focus_level"] = focus
+    out["blur_tiles"] = len(vols)
+    out["blur_median"] = round(float(np.median(vols)), 2)
+    out["blurred_fraction"] = round(float(np.mean([v < th.blur_threshold for v in vols])), 3)
+    if out["blurred_fraction"] > th.blur_max_fraction:
+        flags.append("blur")
+    out["flags"] = flags
+    return out
+
+
+def _slide_geometry(slide) -> tuple[bool, list[tuple[int, int]], list, float | None]:
+    """(stored pyramid?, level sizes, level downsamples, µm per pixel of level 0)."""
+    stored = hasattr(slide, "tile_bytes")
+    if stored:
+        return (True, [(g.width, g.height) for g in slide.levels],
+                [g.downsample for g in slide.levels], slide.mpp)
+    return (False, [(lv.width, lv.height) for lv in slide.levels],
+            [lv.downsample for lv in slide.levels], slide.mpp[0] if slide.mpp else None)
+
+
+def _read_overview(slide, stored: bool, dims, ds) -> tuple[np.ndarray, int | None, int]:
+    """(overview pixels, its level or None when reduced from level 0, its downsample)."""
+    ov_lvl = _overview_level(dims)
+    ow, oh = dims[ov_lvl]
+    if max(ow, oh) > 1024 and not stored:
+        ov_ds = 1
+        while max(dims[0]) / ov_ds > 1024:
+            ov_ds *= 2
+        overview = slide.read_scaled(ov_ds, 0, 0, -(-dims[0][0] // ov_ds), -(-dims[0][1] // ov_ds))
+        return overview, None, ov_ds
+    return slide.read_region(ov_lvl, 0, 0, ow, oh), ov_lvl, ds[ov_lvl]
+
+
+def _tissue_without_ink(overview: np.ndarray, th: QCThresholds):
+    """(tissue mask without marker ink, ink mask, ink fraction). Marker ink is not
+    tissue: measured on its own, left out of every other measure."""
+    mask = tissue_mask(overview)
+    ink = ink_mask(overview)
+    pen_fraction = float(ink.mean())
+    if pen_fraction > th.pen_max_fraction:
+        from scipy import ndimage as ndi
+
+        ink = ndi.binary_dilation(ink, iterations=PEN_FRINGE)
+    mask &= ~ink
+    return mask, ink, pen_fraction
+
+
+def _overview_artefacts(out: dict, overview, mask, ink, ref: dict, th: QCThresholds) -> list[str]:
+    """Colour, stain, fold and bubble measures of the overview (into ``out``); their flags."""
+    flags: list[str] = []
     # the glass (not tissue, not ink) is judged only where there is enough of it: on a
     # view filled with tissue the brightest pixels are pale tissue, not glass
     out.update(colour_measures(overview, mask, ref, th.min_glass_fraction, mask | ink))
@@ -528,15 +552,25 @@ def check_slide(slide, *, thresholds: QCThresholds | None = None,
     out["bubbles"] = bubble_measure(overview, mask, th)
     if out["bubbles"]:
         flags.append("bubble")
-    # blur on tissue tiles of the focus level
+    return flags
+
+
+def _focus_level(mpp: float | None, ds, ov_lvl: int | None, th: QCThresholds) -> int:
+    """The level blur is judged on: nearest ``th.focus_mpp``, never coarser than the overview."""
     focus = 0
     if mpp:
         focus = int(np.argmin([abs(mpp * d - th.focus_mpp) for d in ds]))
         if ov_lvl is not None:
             focus = min(focus, ov_lvl)
-    fw, fh = dims[focus]
+    return focus
+
+
+def _focus_tiles(mask: np.ndarray, size: tuple[int, int], f: float,
+                 max_tiles: int) -> tuple[list[tuple[int, int]], int]:
+    """(tile origins on tissue of the focus level, at most ``max_tiles`` of them drawn
+    reproducibly, tile size). ``f``: focus-level pixels per overview pixel."""
+    fw, fh = size
     tile = 256
-    f = ov_ds / ds[focus]
     cands = []
     for y in range(0, fh - tile + 1, tile):
         for x in range(0, fw - tile + 1, tile):
@@ -549,28 +583,25 @@ def check_slide(slide, *, thresholds: QCThresholds | None = None,
     rng = np.random.default_rng(0)
     if len(cands) > max_tiles:
         cands = [cands[i] for i in sorted(rng.choice(len(cands), max_tiles, replace=False))]
+    return cands, tile
+
+
+def _tile_sharpness(slide, stored: bool, focus: int, cands, tile: int) -> list[float]:
+    """Variance of the Laplacian of each candidate tile of the focus level."""
     st = getattr(slide, "tile_size", 0) if stored else 0
-    if st and st % tile == 0 and tile == 256:
-        # a stored pyramid: each stored tile decoded once for the QC tiles inside it
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for x, y in cands:
-            groups.setdefault((y // st, x // st), []).append((x, y))
-        vols = []
-        for (ty, tx), members in sorted(groups.items()):
-            block = region(focus, tx * st, ty * st, st, st)
-            for x, y in members:
-                bx, by = x - tx * st, y - ty * st
-                vols.append(variance_of_laplacian(block[by:by + tile, bx:bx + tile]))
-    else:
-        vols = [variance_of_laplacian(region(focus, x, y, tile, tile)) for x, y in cands]
-    out["focus_level"] = focus
-    out["blur_tiles"] = len(vols)
-    out["blur_median"] = round(float(np.median(vols)), 2)
-    out["blurred_fraction"] = round(float(np.mean([v < th.blur_threshold for v in vols])), 3)
-    if out["blurred_fraction"] > th.blur_max_fraction:
-        flags.append("blur")
-    out["flags"] = flags
-    return out
+    if not (st and st % tile == 0 and tile == 256):
+        return [variance_of_laplacian(slide.read_region(focus, x, y, tile, tile)) for x, y in cands]
+    # a stored pyramid: each stored tile decoded once for the QC tiles inside it
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for x, y in cands:
+        groups.setdefault((y // st, x // st), []).append((x, y))
+    vols = []
+    for (ty, tx), members in sorted(groups.items()):
+        block = slide.read_region(focus, tx * st, ty * st, st, st)
+        for x, y in members:
+            bx, by = x - tx * st, y - ty * st
+            vols.append(variance_of_laplacian(block[by:by + tile, bx:bx + tile]))
+    return vols
 
 
 # --------------------------------------------------------------------------- real artefacts

@@ -522,29 +522,9 @@ def select_series(start: str | Path, *, series_uid: str | None = None,
                                threshold=threshold)
     cands, skipped = scan_folder(folder)
     sel = SeriesSelection(None, threshold=threshold)
-    if start.is_file():
-        mine = [c for c in cands if c.path is not None and c.path.resolve() == start.resolve()]
-        if not mine:
-            why = next((s.reason for s in skipped if Path(s.name).resolve() == start.resolve()),
-                       "not a DICOM image")
-            sel.skipped = skipped
-            sel.refusal = f"{start.name}: {why}"
-            return sel
-        ref = mine[0]
-    else:
-        pool = [c for c in cands if not c.is_localizer and c.samples_per_pixel == 1]
-        if series_uid:
-            pool = [c for c in pool if c.series_uid == series_uid]
-        if not pool:
-            sel.skipped = skipped
-            what = f"series {series_uid}" if series_uid else "grey-level DICOM images"
-            sel.refusal = f"no {what} found in {folder}"
-            return sel
-        counts = Counter(c.series_uid for c in pool)
-        best = max(counts, key=lambda uid: (counts[uid], -min(
-            (c.series_number or 0) for c in pool if c.series_uid == uid)))
-        ref = next(c for c in pool if c.series_uid == best)
-        sel.other_series = {uid: n for uid, n in counts.items() if uid != best}
+    ref = _reference_image(sel, start, folder, cands, skipped, series_uid)
+    if ref is None:
+        return sel
     sel.reference = ref
     orientation = _series_orientation(cands, ref)
     size = (ref.rows, ref.columns)
@@ -553,9 +533,48 @@ def select_series(start: str | Path, *, series_uid: str | None = None,
     sel.skipped = skipped + rejected
     if sum(1 for s in rejected if "orientation differs" in s.reason):
         sel.warnings.append("mixed orientations in the folder: images of another plane were left out")
+    kept += _recover_missing(sel, kept, folder, ref, seen, orientation, size,
+                             search_levels, catalogue)
+    sel.kept = _order_along_normal(sel, kept, orientation)
+    _check_volume(sel, threshold, ref, folder)
+    return sel
 
-    # M2: gaps in Instance Number, looked for up the folder tree, then in the catalogue
+
+def _reference_image(sel: SeriesSelection, start: Path, folder: Path, cands, skipped,
+                     series_uid: str | None) -> Candidate | None:
+    """The image the series is chosen by: the file given, else one of ``series_uid`` or
+    of the series with the most grey-level images (ties: the lowest Series Number). None
+    with ``sel``'s refusal set when there is none."""
+    if start.is_file():
+        mine = [c for c in cands if c.path is not None and c.path.resolve() == start.resolve()]
+        if not mine:
+            why = next((s.reason for s in skipped if Path(s.name).resolve() == start.resolve()),
+                       "not a DICOM image")
+            sel.skipped = skipped
+            sel.refusal = f"{start.name}: {why}"
+            return None
+        return mine[0]
+    pool = [c for c in cands if not c.is_localizer and c.samples_per_pixel == 1]
+    if series_uid:
+        pool = [c for c in pool if c.series_uid == series_uid]
+    if not pool:
+        sel.skipped = skipped
+        what = f"series {series_uid}" if series_uid else "grey-level DICOM images"
+        sel.refusal = f"no {what} found in {folder}"
+        return None
+    counts = Counter(c.series_uid for c in pool)
+    best = max(counts, key=lambda uid: (counts[uid], -min(
+        (c.series_number or 0) for c in pool if c.series_uid == uid)))
+    sel.other_series = {uid: n for uid, n in counts.items() if uid != best}
+    return next(c for c in pool if c.series_uid == best)
+
+
+def _recover_missing(sel: SeriesSelection, kept, folder: Path, ref, seen, orientation, size,
+                     search_levels: int, catalogue: CatalogueSource | None) -> list[Candidate]:
+    """M2: gaps in Instance Number, looked for up the folder tree, then in the
+    catalogue. Returns the images found (also in ``sel.recovered``); sets ``sel.missing``."""
     missing = set(_missing_numbers(kept))
+    found_all: list[Candidate] = []
     scanned = [folder.resolve()]
     parent = folder.resolve()
     for _ in range(max(0, search_levels)):
@@ -568,20 +587,23 @@ def select_series(start: str | Path, *, series_uid: str | None = None,
         got, _rej = _filter(wanted, ref, seen, orientation, size)
         for c in got:
             missing.discard(c.instance_number)
-        kept += got
-        sel.recovered += got
+        found_all += got
     if missing and catalogue is not None:
         got, _rej = _filter(catalogue.find(ref, set(missing)), ref, seen, orientation, size)
         for c in got:
             missing.discard(c.instance_number)
-        kept += got
-        sel.recovered += got
+        found_all += got
+    sel.recovered += found_all
     sel.missing = sorted(missing)
     if sel.missing:
         sel.warnings.append(f"{len(sel.missing)} image(s) of the series not found anywhere "
                             f"(instance numbers {format_ranges(sel.missing, ', ')})")
+    return found_all
 
-    # order along the normal; positions taken twice keep the lower Instance Number
+
+def _order_along_normal(sel: SeriesSelection, kept, orientation) -> list[Candidate]:
+    """``kept`` ordered along the normal; positions taken twice keep the lower Instance
+    Number (the others go to ``sel.skipped`` with a warning)."""
     normal = np.cross(orientation[:3], orientation[3:6]) if orientation else np.array([0, 0, 1.0])
     kept.sort(key=lambda c: (float(np.dot(c.position, normal)), c.instance_number or 0))
     unique: list[Candidate] = []
@@ -593,18 +615,21 @@ def select_series(start: str | Path, *, series_uid: str | None = None,
                 sel.warnings.append(note)
             continue
         unique.append(c)
-    sel.kept = unique
+    return unique
 
+
+def _check_volume(sel: SeriesSelection, threshold: int, ref, folder: Path) -> None:
+    """Refuse (``sel.refusal``) too few images or images that do not form one volume;
+    else add the geometry's warnings."""
     if len(sel.kept) < threshold:
         sel.refusal = (f"MPR needs at least {threshold} images of one series; found "
                        f"{len(sel.kept)} usable image(s) of series #{ref.series_number} "
                        f"({ref.modality or '?'}) in {folder}"
                        + (f", {len(sel.missing)} missing" if sel.missing else ""))
-        return sel
+        return
     try:
         placement = build_geometry(sel.slice_geometries())
     except VolumeError as e:
         sel.refusal = f"the images do not form one volume: {e}"
-        return sel
+        return
     sel.warnings += placement.warnings
-    return sel

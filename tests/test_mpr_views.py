@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PySide6.QtCore import QPoint, QPointF, Qt  # noqa: E402
 
-from viewer.mprlayout import MprLayout, open_folder, open_series  # noqa: E402
+from viewer.mprlayout import MprLayout, describe_series, open_folder, open_series  # noqa: E402
 from viewer.mprview import MprView, ResliceScheduler, Tool  # noqa: E402
 from imaging.volume import SliceGeometry, Volume, volume_for_slices  # noqa: E402
 from waits import WAIT_MS, WAIT_S  # noqa: E402
@@ -229,7 +229,8 @@ def test_progressive_volume_redraws_at_each_level(qtbot, server, ct_series_uid):
 
     session = Session(server.url)
     try:
-        win = open_series(session, ct_series_uid, show=False, sync=True, vr=False, show_errors=False)
+        win = open_series(session, ct_series_uid, series=describe_series(session, ct_series_uid),
+                          show=False, sync=True, vr=False, show_errors=False)
         qtbot.addWidget(win)
         win.resize(600, 500)
         win.show()

@@ -24,7 +24,7 @@ STRAY = re.compile(r"^(sr-worker|medview-mpr|medview-volume|medview-reslice)")
 def test_mpr_and_slides_run_in_the_one_pool(qtbot, server, ct_series_uid, tmp_path):
     from client.session import Session
     from client.slides import LocalSlide
-    from viewer.mprlayout import open_series
+    from viewer.mprlayout import describe_series, open_series
     from viewer.slideview import open_slide_window
 
     pool = WorkerPool(4, name="onepool")
@@ -41,8 +41,8 @@ def test_mpr_and_slides_run_in_the_one_pool(qtbot, server, ct_series_uid, tmp_pa
         low = st.ingest(ArraySource(img, mpp=2.0), patient_id="P1", accession="A1",
                         tile_size=256, label="low", run_qc=False)
         # a progressive MPR load with reslices in the background (not sync)
-        win = open_series(session, ct_series_uid, show=False, vr=False, show_errors=False,
-                          pool=pool)
+        win = open_series(session, ct_series_uid, series=describe_series(session, ct_series_uid),
+                          show=False, vr=False, show_errors=False, pool=pool)
         qtbot.addWidget(win)
         assert win.runner.pool is pool and win.mpr.scheduler.pool is pool
         win.resize(600, 500)

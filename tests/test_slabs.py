@@ -181,13 +181,14 @@ def test_mpr_window_loads_thick_to_thin(slab_server, qtbot):
     import os
 
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from viewer.mprlayout import open_series
+    from viewer.mprlayout import describe_series, open_series
 
     srv, files = slab_server
     s = _session(srv)
     try:
         uid = s.series()[0]["SeriesInstanceUID"]
-        win = open_series(s, uid, thick_to_thin=True, show=False, sync=True, vr=False, show_errors=False)
+        win = open_series(s, uid, series=describe_series(s, uid), thick_to_thin=True,
+                          show=False, sync=True, vr=False, show_errors=False)
         qtbot.addWidget(win)
         win.resize(500, 400)
         win.show()

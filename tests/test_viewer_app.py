@@ -20,7 +20,7 @@ from imaging.windowing import apply_window
 
 from netsim import slow_packet_streams
 from tests.policyutil import copy_store_tree
-from waits import WAIT_MS
+from waits import WAIT_MS, WAIT_S
 
 TIMEOUT = WAIT_MS   # bounds a hang only
 
@@ -557,6 +557,7 @@ def test_packet_cache_is_reused_by_the_next_session(qtbot, tmp_path, server, ct_
         held = [first.loader.sd.held_bytes(i) for i in range(12)]
     finally:
         first.close()
+        assert first.backend.wait_closed(WAIT_S)   # its cache is closed off the UI thread
     second = make_window(qtbot, tmp_path, cache_path=cache)
     try:
         connect(qtbot, second, server.url)
@@ -584,7 +585,8 @@ def test_closing_stops_the_bundled_server_it_started(qtbot, tmp_path, ct_store):
     assert url.startswith("http://127.0.0.1:") and w.backend.own_server
     assert requests.get(f"{url}/api/health", timeout=WAIT_MS / 1000).json()["status"] == "ok"
     assert w.act_open_folder.isEnabled()                # the bundled store takes imports
-    w.close()
+    w.close()                        # returns at once; a shutdown thread stops the server
+    assert w.backend.wait_closed(WAIT_S)
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/api/health", timeout=2)
 

@@ -47,3 +47,6 @@ def test_quit_closes_every_window_and_the_process_exits_0(tmp_path):
     assert m, out
     print(f"process ended {ended - float(m.group(1)):.2f} s after Quit")   # the figure, not a test
     assert "event loop left" in out and "stage quit" in out
+    # the logout, the bundled server's stop and the cache's close (a shutdown thread)
+    # finished before the process ended, and nothing was left to the exit watchdog
+    assert "closing did not finish" not in err and "exiting although threads" not in err, err[-3000:]

@@ -60,11 +60,16 @@ def run_gui(args) -> int:
     window.show()
     QTimer.singleShot(0, window.start)      # connect once the window is on screen
     code = app.exec()
+    # the window closed at once; its shutdown thread logs out, stops the bundled server
+    # and closes the cache: wait for it here (the UI is gone), bounded, and say so if not
+    window.backend.close_in_background()
+    window.backend.wait_closed(CLOSE_WAIT_S)
     _exit_watchdog(code)
     return code
 
 
 EXIT_GRACE_S = 5.0
+CLOSE_WAIT_S = 15.0     # logout (2 s) + running jobs ending + bundled server stopping
 
 
 def _exit_watchdog(code: int) -> None:

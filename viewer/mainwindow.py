@@ -380,7 +380,10 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: QCloseEvent) -> None:  # noqa: N802
         """Stop what this window started: the MPR and slide windows, transfers, pool,
-        bundled server. The main window closing ends the application."""
+        bundled server. The main window closing ends the application. The window goes at
+        once: logging out, stopping the bundled server and closing the cache run on a
+        shutdown thread (``backend.shut_down`` is set when they finished; ``medview``
+        waits for it, bounded, after the event loop ended)."""
         self.connection.closing = True
         self.settings.set_layout(self.saveGeometry(), self.saveState())
         self.settings.sync()
@@ -389,5 +392,5 @@ class MainWindow(QMainWindow):
         self.threed.windows, self.slides.windows = [], []
         self.series_ctl.close_loader()
         self.thumbs.cancel_all()
-        self.backend.close()
+        self.backend.close_in_background()
         super().closeEvent(event)

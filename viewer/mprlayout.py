@@ -44,7 +44,7 @@ from .vrview import VrView
 
 log = logging.getLogger("medview.mprlayout")
 
-__all__ = ["MprLayout", "MprWindow", "LoadRunner", "open_series", "open_folder", "open_volume",
+__all__ = ["MprLayout", "MprWindow", "LoadRunner", "describe_series", "open_series", "open_folder", "open_volume",
            "mpr_threshold_check"]
 
 PANE_ORDER = ("axial", "coronal", "sagittal", "vr")       # grid order: row by row
@@ -393,8 +393,8 @@ class MprWindow(QMainWindow):
         """Never called for the pinned volume (the budget's holder protocol)."""
 
     def closeEvent(self, event) -> None:  # noqa: N802
-        if self.runner is not None:
-            self.runner.cancel()
+        if self.runner is not None:     # the load may be in a network read: cancelled,
+            self.runner.cancel(wait=0)  # it ends on its own, the UI thread does not wait
         self.mpr.close_layout()
         if self._hold is not None:
             self._memory.unregister(self._hold)
@@ -442,29 +442,39 @@ def open_volume(volume: Volume, *, title: str = "MPR", parent: QWidget | None = 
     return win
 
 
+def describe_series(session, series_uid: str, cache=None):
+    """The :class:`~client.series.SeriesData` of a server series for :func:`open_series`
+    (one metadata request and cache reads: call from a worker). It declares its cache to
+    the server on its first request."""
+    from client.series import SeriesData
+
+    series = SeriesData(session, cache, series_uid)
+    series.declare_needed = True
+    return series
+
+
 def open_series(session, series_uid: str, *, cache=None, series=None, parent: QWidget | None = None,
                 thick_to_thin: bool = False, threshold: int = 10, show: bool = True,
                 sync: bool = False, vr: bool = True, show_errors: bool = True,
                 memory=None, pool: WorkerPool | None = None) -> MprWindow:
     """Open a server series in MPR, loaded progressively (see the module docstring).
 
-    ``series``: the :class:`~client.series.SeriesData` the app already holds for this
-    series (share it: packets received for the stack view are reused, and the server's
-    model of what this session holds stays right). Without it one is made here (one
-    metadata request) and declares its cache to the server on its first request.
+    ``series`` (required): the :class:`~client.series.SeriesData` the app already holds
+    for this series (share it: packets received for the stack view are reused, and the
+    server's model of what this session holds stays right), or one made by
+    :func:`describe_series` in a worker — describing a series is a request and cache
+    reads, never done here on the UI thread.
     ``thick_to_thin`` loads through the server's slab pyramid (built on first use, on the
     loader's thread). Raises RuntimeError (after a message box unless ``show_errors`` is
     False) when the series cannot form a volume or has fewer than ``threshold`` usable
     images.
     """
-    from client.series import SeriesData
-
     from imaging.volume import VolumeError
     from client.volume_loader import SlabVolumeLoader, VolumeLoader, geometry_refusal, usable_images
 
     if series is None:
-        series = SeriesData(session, cache, series_uid)
-        series.declare_needed = True
+        raise ValueError("open_series needs the series described: run describe_series "
+                         "in a worker (a request: never on the UI thread)")
     flagged = geometry_refusal(series.images)
     if flagged:
         _refuse(parent, flagged, show_errors)

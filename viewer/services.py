@@ -8,6 +8,7 @@ started (a server given to :meth:`Backend.adopt_server` with ``own=False`` stays
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ log = logging.getLogger("medview.services")
 __all__ = ["Backend", "ImportOutcome", "ImportDisabled", "POOL_CAPS"]
 
 POOL_WORKERS = 8
+LOGOUT_TIMEOUT_S = 2.0       # closing: how long the logout may wait for the server
 POOL_CAPS = {INTERACTION: 8, VISIBLE: 2, PREFETCH: 2, BACKGROUND: 1}
 """Work the user does not look at never takes more than 5 of the 8 workers: what the user
 looks at always finds a free one (its transfer and its decodes run side by side), and few
@@ -91,6 +93,8 @@ class Backend:
         self.own_server = False
         self.store_dir: Path | None = None
         self.closed = False
+        self.shut_down = threading.Event()   # set when closing finished
+        self.shutdown_step = "running"
 
     # ------------------------------------------------------------------ connecting
     @property
@@ -347,19 +351,56 @@ class Backend:
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
-        """Stop what this backend started: pool, session, owned server, cache."""
+        """Stop what this backend started: pool, session, owned server, cache. Blocks on
+        the network (logout) — the window calls :meth:`close_in_background` instead."""
         if self.closed:
             return
         self.closed = True
         self.pool.shutdown(wait=False)
-        if self.session is not None:
-            self.session.timeout = 2.0      # closing must not hang on a slow server
-            try:
-                self.session.logout()
-            except Exception:  # noqa: BLE001 - the server may already be gone
-                pass
-        if self.server is not None and self.own_server:
-            self.server.stop()
-        self.server = None
-        if self.cache is not None:
-            self.cache.close()
+        self._finish_close(join_workers=False)
+
+    def close_in_background(self) -> threading.Event:
+        """Start closing on a shutdown thread and return at once (the UI thread never
+        waits on the logout or the server stopping). The pool stops taking jobs now; the
+        thread logs out, lets the running jobs end (so none writes into a closed cache),
+        stops the owned server and closes the cache, then sets :attr:`shut_down`."""
+        if self.closed:
+            return self.shut_down
+        self.closed = True
+        self.pool.shutdown(wait=False)           # queued jobs cancelled, running ones told
+        threading.Thread(target=self._finish_close, kwargs={"join_workers": True},
+                         name="medview-shutdown").start()
+        return self.shut_down
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait (not on the UI thread) until closing finished; False when it did not
+        within ``timeout`` seconds (logged with what is still being stopped)."""
+        if self.shut_down.wait(timeout):
+            return True
+        log.warning("closing did not finish within %.0f s (still at: %s)",
+                    timeout, self.shutdown_step)
+        return False
+
+    def _finish_close(self, join_workers: bool) -> None:
+        try:
+            if self.session is not None:
+                self.shutdown_step = f"logging out of {self.session.base_url}"
+                self.session.timeout = LOGOUT_TIMEOUT_S   # a slow server must not hang it
+                try:
+                    self.session.logout()
+                except Exception as e:  # noqa: BLE001 - the server may already be gone
+                    log.warning("logout from %s failed (server did not answer): %s",
+                                self.session.base_url, e)
+            if join_workers:                # the logout also ends a running job's waits
+                self.shutdown_step = "waiting for running jobs"
+                self.pool.shutdown(wait=True)
+            if self.server is not None and self.own_server:
+                self.shutdown_step = "stopping the bundled server"
+                self.server.stop()
+            self.server = None
+            if self.cache is not None:
+                self.shutdown_step = "closing the packet cache"
+                self.cache.close()
+            self.shutdown_step = "done"
+        finally:
+            self.shut_down.set()

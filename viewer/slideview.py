@@ -297,8 +297,8 @@ class SlideView(QWidget):
         self._anim.stop()
         self.loader.close()
         self.cache.close()              # its tiles leave the one memory budget
-        if self._own_sr_queue:
-            self._sr_queue.shutdown()
+        if self._own_sr_queue:          # running SR jobs (tile reads, maybe over the
+            self._sr_queue.shutdown(wait=0)  # network) are cancelled: not waited for here
 
     def level(self) -> int:
         """The level drawn: the one the zoom calls for, never finer than the rights."""

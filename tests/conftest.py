@@ -14,12 +14,15 @@ _cluster = None
 
 
 def _pg():
-    """The run's throwaway PostgreSQL cluster (started on first use, stopped at exit)."""
+    """The run's throwaway PostgreSQL cluster (started on first use, stopped at exit;
+    pytest-xdist workers use the one their controller started: MEDVIEW_TEST_PG_DIR)."""
     global _cluster
     if _cluster is None:
         from pgcluster import PgCluster
 
-        _cluster = PgCluster().start()
+        shared = os.environ.get("MEDVIEW_TEST_PG_DIR")
+        _cluster = PgCluster.attach(shared) if shared else PgCluster().start()
+        os.environ["MEDVIEW_TEST_PG_DIR"] = str(_cluster.dir)
     return _cluster
 
 
@@ -68,9 +71,11 @@ def _watch_databases() -> None:
 
 
 def pytest_configure(config):
+    _reporter[0] = not hasattr(config, "workerinput")
+    if _reporter[0] and getattr(config.option, "numprocesses", None):
+        _pg()           # the xdist controller: one cluster for its workers (started later)
     if PG_RUN:
         os.environ["MEDVIEW_DATABASE"] = _pg().url(schema="{store}")
-    _reporter[0] = not hasattr(config, "workerinput")
     if RECORD:
         _watch_databases()
         if _reporter[0]:

@@ -6,12 +6,13 @@
 #      started by the tests).
 # MEDVIEW_TEST_DATABASE=postgresql ./test.sh runs every test once, on PostgreSQL;
 # MEDVIEW_TEST_DATABASE=sqlite ./test.sh every test once, on SQLite.
-# MEDVIEW_TEST_WORKERS=N: pytest-xdist workers (default 0: none, all in this process).
+# MEDVIEW_TEST_WORKERS=N: pytest-xdist workers, each taking whole files (default 2;
+# 0: none, all in this process). Workers share the PostgreSQL cluster, nothing else.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/bootstrap.sh
 export QT_QPA_PLATFORM=offscreen
-workers=${MEDVIEW_TEST_WORKERS:-0}
+workers=${MEDVIEW_TEST_WORKERS:-2}
 par=()
 if [ "$workers" != 0 ]; then par=(-n "$workers" --dist loadfile); fi
 if [ -n "${MEDVIEW_TEST_DATABASE:-}" ]; then

@@ -59,9 +59,14 @@ class Cluster:
         # cluster.sh gives it) in the PostgreSQL pass of the tests, else the SQLite file
         self.database = (f"postgresql://medview@127.0.0.1:{port + 50}/medview" if PG_RUN
                          else str(d / "store" / "catalogue.sqlite"))
+        self._db: Db | None = None
 
     def db(self) -> Db:
-        return Db(self.database)
+        """The shared catalogue, opened once (a quick look right after the first data of a
+        stream, not the set-up of a connection pool), closed with the cluster."""
+        if self._db is None:
+            self._db = Db(self.database)
+        return self._db
 
     def replica_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.port + i}"
@@ -108,6 +113,8 @@ def cluster(tmp_path_factory):
         assert c.sh("status").returncode == 0
         yield c
     finally:
+        if c._db is not None:
+            c._db.close()
         down = c.sh("down")
         assert down.returncode == 0, down.stderr
     for i in (1, 2):
@@ -167,11 +174,7 @@ def test_a_background_job_runs_once(cluster):
     h = wait_for(decided, what="both replicas deciding the migration's first turn and "
                                "one of them finishing it")
     assert sorted(x["runs"] for x in h) == [0, 1], h
-    db = cluster.db()
-    try:
-        (runs,) = db.one("SELECT runs FROM job_run WHERE name = 'migration'")
-    finally:
-        db.close()
+    (runs,) = cluster.db().one("SELECT runs FROM job_run WHERE name = 'migration'")
     assert runs == 1
 
 
@@ -205,9 +208,10 @@ def test_kill_9_of_the_streaming_replica(cluster, series):
         sd = SeriesData(s, None, series["uid"])
         first_data, killed = threading.Event(), threading.Event()
 
-        def progress(_p, first_data=first_data, killed=killed) -> None:
-            first_data.set()
-            killed.wait(WAIT_S)
+        def progress(p, first_data=first_data, killed=killed) -> None:
+            if p.received:               # data, not the announcement (received 0)
+                first_data.set()
+                killed.wait(WAIT_S)
 
         # a small receive window, so that most of the series is still on the server's
         # side when the client stalls
@@ -224,11 +228,15 @@ def test_kill_9_of_the_streaming_replica(cluster, series):
                 errors.append(e)
 
         th = threading.Thread(target=run)
+        # asked before the stream starts: between its first data and the kill, only one
+        # quick look at the sessions table (the longer the wait, the more of the stream
+        # the kernel's buffers already hold when the replica dies)
+        by_replica = {cluster.health(i)["replica"]: i for i in (1, 2)}
+        cluster.db()
         th.start()
         try:
             assert first_data.wait(WAIT_S)
             # the replica that streams owns the session's cache model (sessions table)
-            by_replica = {cluster.health(i)["replica"]: i for i in (1, 2)}
             victim = by_replica[_owner_of(cluster, s.id)]
             os.kill(cluster.pid(victim), signal.SIGKILL)
             wait_for(lambda: not _alive(cluster.pid(victim)), what="the killed replica gone")
@@ -258,12 +266,8 @@ def test_kill_9_of_the_streaming_replica(cluster, series):
 
 def _owner_of(cluster: Cluster, sid: str) -> str | None:
     import hashlib
-    db = cluster.db()
-    try:
-        row = db.one("SELECT model_owner FROM sessions WHERE id_sha256 = ?",
-                     (hashlib.sha256(sid.encode()).hexdigest(),))
-    finally:
-        db.close()
+    row = cluster.db().one("SELECT model_owner FROM sessions WHERE id_sha256 = ?",
+                           (hashlib.sha256(sid.encode()).hexdigest(),))
     return row[0] if row else None
 
 

@@ -213,15 +213,26 @@ class LoginThrottle:
     def failed_recently(self, key: tuple, now: float) -> bool:
         return self._get(key, now) is not None
 
+    def _until(self, key: tuple, failures: int, now: float) -> float | None:
+        """The end of the delay after a key's ``failures``-th failure (None: still free)."""
+        over = failures - self._free(key)
+        if over < 0:
+            return None
+        return now + min(self.max_delay_s, self.base_delay_s * 2 ** min(over, 40))
+
     def fail(self, key: tuple, now: float) -> None:
-        rec = self._get(key, now) or [0, now, now]
-        rec[0] += 1
-        rec[1] = now
-        over = rec[0] - self._free(key)
-        if over >= 0:
-            rec[2] = now + min(self.max_delay_s, self.base_delay_s * 2 ** min(over, 40))
-        self.records[key] = rec
-        if len(self.records) > self.max_keys:
+        records = self.records
+        if not (isinstance(records, DbFailures)
+                and records.add_failure(key, now, self.window_s,
+                                        lambda n: self._until(key, n, now))):
+            rec = self._get(key, now) or [0, now, now]
+            rec[0] += 1
+            rec[1] = now
+            until = self._until(key, rec[0], now)
+            if until is not None:
+                rec[2] = until
+            records[key] = rec
+        if len(records) > self.max_keys:
             self._prune(now)
 
     def forget(self, key: tuple) -> None:
@@ -279,6 +290,38 @@ class DbFailures:
             self._mem.pop(key, None)
         except Exception:  # noqa: BLE001 - a read-only store: remember them here
             self._mem[key] = rec
+
+    def add_failure(self, key: tuple, now: float, window_s: float,
+                    until_of: Callable[[int], float | None]) -> bool:
+        """Count one more failure of ``key`` at ``now`` in one atomic statement (replicas
+        failing the same log-in at once each add theirs: no read-then-write), starting
+        afresh when the record has expired (``window_s`` past its last failure and past
+        its delay); ``until_of(failures)`` gives the delay's end (None: no delay yet).
+        False: the database cannot be written (the caller keeps the count in memory)."""
+        if key in self._mem:
+            return False
+        try:
+            with self.db.transaction():
+                expired = "? - login_failures.last_at >= ? AND ? >= login_failures.until_at"
+                row = self.db.one(
+                    "INSERT INTO login_failures (k, failures, last_at, until_at) "
+                    "VALUES (?, 1, ?, ?) ON CONFLICT(k) DO UPDATE SET "
+                    f"failures = CASE WHEN {expired} THEN 1 "
+                    "ELSE login_failures.failures + 1 END, "
+                    f"until_at = CASE WHEN {expired} THEN excluded.until_at "
+                    "ELSE login_failures.until_at END, "
+                    "last_at = excluded.last_at RETURNING failures",
+                    (self._k(key), float(now), float(now),
+                     float(now), float(window_s), float(now),
+                     float(now), float(window_s), float(now)))
+                until = until_of(int(row[0]))
+                if until is not None:      # the row is this transaction's until it commits
+                    self.db.execute("UPDATE login_failures SET until_at = ? "
+                                    "WHERE k = ? AND until_at < ?",
+                                    (float(until), self._k(key), float(until)))
+            return True
+        except Exception:  # noqa: BLE001 - a read-only store: counted in memory instead
+            return False
 
     def __delitem__(self, key: tuple) -> None:
         if self.pop(key, None) is None:

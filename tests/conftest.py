@@ -14,18 +14,121 @@ _cluster = None
 
 
 def _pg():
-    """The run's throwaway PostgreSQL cluster (started on first use, stopped at exit)."""
+    """The run's throwaway PostgreSQL cluster (started on first use, stopped at exit;
+    pytest-xdist workers use the one their controller started: MEDVIEW_TEST_PG_DIR)."""
     global _cluster
     if _cluster is None:
         from pgcluster import PgCluster
 
-        _cluster = PgCluster().start()
+        shared = os.environ.get("MEDVIEW_TEST_PG_DIR")
+        _cluster = PgCluster.attach(shared) if shared else PgCluster().start()
+        os.environ["MEDVIEW_TEST_PG_DIR"] = str(_cluster.dir)
     return _cluster
 
 
+# ----------------------------------------------------------------- both engines in CI
+# ./test.sh runs the suite twice: first everything on SQLite, then — with
+# MEDVIEW_TEST_DATABASE=postgresql — only the tests that touched a database in the first
+# pass. MEDVIEW_TEST_DB_TESTS names the file that carries them from one pass to the next:
+# the SQLite pass writes there the ids of the tests that opened a server database (a
+# ``server.dbutil.Db``, in the test, in one of its fixtures of any scope, or through a
+# Python subprocess or the cluster script they started); the PostgreSQL pass runs those.
+# Tests that take the ``database``/``pg_url``/``pg_cluster`` fixtures choose their engines
+# themselves (both, in every pass): the second pass leaves them out.
+DB_TESTS_FILE = os.environ.get("MEDVIEW_TEST_DB_TESTS", "").strip()
+RECORD = bool(DB_TESTS_FILE) and not PG_RUN
+ENGINE_FIXTURES = {"database", "pg_url", "pg_cluster"}
+_opened = [0]                          # databases opened (and server subprocesses started)
+_reporter = [True]                     # this process writes DB_TESTS_FILE (not an xdist worker)
+
+
+def _server_process(args) -> bool:
+    """Whether a subprocess may open a store's database: any Python program (the server,
+    the CLI, a viewer app run) or the cluster script."""
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    words = " ".join(str(a) for a in argv)
+    return "python" in os.path.basename(str(argv[0])) or "cluster.sh" in words
+
+
+def _watch_databases() -> None:
+    import subprocess
+
+    from server import dbutil
+
+    db_init, popen_init = dbutil.Db.__init__, subprocess.Popen.__init__
+
+    def counting_db_init(self, *a, **kw):
+        _opened[0] += 1
+        return db_init(self, *a, **kw)
+
+    def counting_popen_init(self, args, *a, **kw):
+        if _server_process(args):
+            _opened[0] += 1
+        return popen_init(self, args, *a, **kw)
+
+    dbutil.Db.__init__ = counting_db_init
+    subprocess.Popen.__init__ = counting_popen_init
+
+
 def pytest_configure(config):
+    _reporter[0] = not hasattr(config, "workerinput")
+    if _reporter[0] and getattr(config.option, "numprocesses", None):
+        _pg()           # the xdist controller: one cluster for its workers (started later)
     if PG_RUN:
         os.environ["MEDVIEW_DATABASE"] = _pg().url(schema="{store}")
+    if RECORD:
+        _watch_databases()
+        if _reporter[0]:
+            open(DB_TESTS_FILE, "w").close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    before = _opened[0]
+    yield
+    if RECORD and _opened[0] > before:
+        fixturedef.medview_database = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.medview_opened = _opened[0]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    if RECORD and call.when == "teardown" and not ENGINE_FIXTURES & set(item.fixturenames):
+        defs = item._fixtureinfo.name2fixturedefs
+        if _opened[0] > getattr(item, "medview_opened", _opened[0]) or any(
+                getattr(d, "medview_database", False)
+                for name in item.fixturenames for d in defs.get(name, ())):
+            item.user_properties.append(("medview_database", True))
+    yield
+
+
+def pytest_runtest_logreport(report):
+    # in the process that reports (the controller under xdist): one line per DB test
+    if RECORD and _reporter[0] and report.when == "teardown" and \
+            ("medview_database", True) in report.user_properties:
+        with open(DB_TESTS_FILE, "a") as f:
+            f.write(report.nodeid + "\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not (PG_RUN and DB_TESTS_FILE):
+        return
+    if not os.path.isfile(DB_TESTS_FILE):
+        raise pytest.UsageError(f"MEDVIEW_TEST_DB_TESTS={DB_TESTS_FILE}: no such file (the "
+                                "SQLite pass writes it; run that first, or unset it)")
+    with open(DB_TESTS_FILE) as f:
+        wanted = {line.strip() for line in f if line.strip()}
+    keep, drop = [], []
+    for item in items:
+        (keep if item.nodeid in wanted and not ENGINE_FIXTURES & set(item.fixturenames)
+         else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_unconfigure(config):

@@ -50,6 +50,20 @@ class PgCluster:
 
             self.user = getpass.getuser()
         self.started = False
+        self.owned = True                # stopped and removed by stop()
+
+    @classmethod
+    def attach(cls, directory: str | Path) -> "PgCluster":
+        """The cluster another process of the same test run started in ``directory``
+        (pytest-xdist workers share their controller's): used, never stopped here."""
+        self = cls.__new__(cls)
+        self.bindir = _bindir()
+        self.dir = Path(directory)
+        self.data = self.dir / "data"
+        self.as_user = []
+        self.user = "postgres" if os.geteuid() == 0 else __import__("getpass").getuser()
+        self.started, self.owned = True, False
+        return self
 
     def _run(self, *cmd: str) -> None:
         subprocess.run(self.as_user + list(cmd), check=True, stdout=subprocess.DEVNULL,
@@ -79,6 +93,8 @@ class PgCluster:
         return self.url(schema="s_" + uuid.uuid4().hex[:16])
 
     def stop(self) -> None:
+        if not self.owned:
+            return
         if self.started:
             subprocess.run(self.as_user + [str(self.bindir / "pg_ctl"), "-D", str(self.data),
                                           "-m", "fast", "-w", "-t", "300", "stop"],

@@ -38,6 +38,21 @@ def copy_store(src: Path, dst: Path) -> Path:
     return dst
 
 
+def clear_tables(store_dir: Path, tables) -> None:
+    """Empty those of ``tables`` that the store's database has (either engine), e.g. the
+    reading history a shared store picked up from other tests."""
+    from server.dbutil import Db
+
+    db = Db(database_of(store_dir))
+    try:
+        with db.transaction():
+            for table in tables:
+                if db.table_exists(table):
+                    db.execute(f"DELETE FROM {table}")
+    finally:
+        db.close()
+
+
 def copy_store_tree(src: Path, dst: Path) -> Path:
     """A copy of a whole store directory with its database, whatever the engine (the
     SQLite file is in the tree; a PostgreSQL schema is copied beside)."""

@@ -9,6 +9,7 @@ data in a throwaway directory, and stopped by its PID.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -73,7 +74,13 @@ class Seaweed:
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "MEDVIEW_S3_ENDPOINT": self.endpoint, "AWS_REGION": "us-east-1"}
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """Stop the server. Graceful (SIGTERM) takes ~15 s: the filer waits that long for
+        its own metadata subscribers before it gives up; ``graceful=False`` (SIGKILL) is
+        for throwaway data, which is all the tests keep there."""
+        if self.proc.poll() is None and not graceful:
+            self.proc.kill()
+            self.proc.wait(30)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -96,7 +103,9 @@ def start(root: str | Path, limit_s: float = START_LIMIT_S) -> Seaweed:
            f"-dir={root / 'data'}", "-s3", f"-s3.port={s3}", f"-s3.config={cfg}",
            "-s3.port.iceberg=0", "-s3.port.lance=0",
            f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-           "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0"]
+           "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+           # one volume server: no other server for clients to move to before it stops
+           "-volume.preStopSeconds=0"]
     log = open(root / "weed.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root,
                             start_new_session=True)
@@ -130,8 +139,19 @@ def start(root: str | Path, limit_s: float = START_LIMIT_S) -> Seaweed:
 if __name__ == "__main__":            # scripts/cluster.sh: run in the foreground
     sw = start(sys.argv[1])
     print(sw.endpoint, flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (sw.stop(), sys.exit(0)))
+    # MEDVIEW_SEAWEED_DATA=throwaway (the tests' cluster): stopped at once, not gracefully
+    graceful = os.environ.get("MEDVIEW_SEAWEED_DATA") != "throwaway"
+
+    def on_term(*_) -> None:
+        # only a signal to weed here: this handler runs inside the proc.wait() below, and a
+        # second wait for the same process cannot start until that one returns
+        if graceful:
+            sw.proc.send_signal(signal.SIGTERM)
+        else:
+            sw.proc.kill()
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         sw.proc.wait()
     except KeyboardInterrupt:
-        sw.stop()
+        sw.stop(graceful)

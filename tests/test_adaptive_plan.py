@@ -4,14 +4,13 @@ rests; the slices ahead of the reader are prefetched, deeper the faster they scr
 within the memory budget, and given up when the reader turns away."""
 from __future__ import annotations
 
-import sqlite3
 import threading
 
 import pytest
 
 from client.policy import PolicyClient
 from client.session import Session
-from policyutil import copy_store, series_uid, study_uid
+from policyutil import clear_tables, copy_store, series_uid, study_uid
 from server.embedded import EmbeddedServer
 from client.series_loader import (BACKGROUND, FOCUS, JUMP_STEPS, NEAR, LoaderListener,
                                   PlanState, SeriesLoader, SeriesRegistry, Stage,
@@ -175,13 +174,7 @@ class Idle(LoaderListener):
 @pytest.fixture(scope="module")
 def asrv(ct_store, tmp_path_factory):
     store = copy_store(ct_store, tmp_path_factory.mktemp("adaptive") / "store")
-    con = sqlite3.connect(store / "catalogue.sqlite")
-    with con:
-        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
-        for table in ("study_status_history", "study_status"):
-            if table in have:
-                con.execute(f"DELETE FROM {table}")
-    con.close()
+    clear_tables(store, ("study_status_history", "study_status"))
     srv = EmbeddedServer(str(store)).start()
     srv.series = series_uid(store)
     PolicyClient(Session(srv.url)).set_status(study_uid(store), 2)     # read: auto follows

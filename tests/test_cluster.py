@@ -6,10 +6,11 @@ through nginx, declares its cache and finishes bit-exact with nothing sent twice
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import requests
 
 from client import Callbacks, SeriesData, Session, TransferError
 from codestream.encode import decode_full
+from conftest import PG_RUN
+from server.dbutil import Db
 from waits import WAIT_S, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +55,18 @@ class Cluster:
     def __init__(self, d: Path, port: int, env: dict) -> None:
         self.dir, self.port, self.env = d, port, env
         self.url = f"http://127.0.0.1:{port}"
+        # the catalogue the replicas share: the cluster's own PostgreSQL (on the port
+        # cluster.sh gives it) in the PostgreSQL pass of the tests, else the SQLite file
+        self.database = (f"postgresql://medview@127.0.0.1:{port + 50}/medview" if PG_RUN
+                         else str(d / "store" / "catalogue.sqlite"))
+        self._db: Db | None = None
+
+    def db(self) -> Db:
+        """The shared catalogue, opened once (a quick look right after the first data of a
+        stream, not the set-up of a connection pool), closed with the cluster."""
+        if self._db is None:
+            self._db = Db(self.database)
+        return self._db
 
     def replica_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.port + i}"
@@ -77,12 +92,20 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     subprocess.run(["bash", "scripts/apt-ensure.sh", "nginx-light", "curl"], cwd=ROOT, check=True)
-    d = tmp_path_factory.mktemp("cluster")
-    port = _free_base(3)
-    env = {**os.environ, "MEDVIEW_CLUSTER_DIR": str(d), "MEDVIEW_CLUSTER_PORT": str(port),
-           "MEDVIEW_REPLICAS": "2", "MEDVIEW_CLUSTER_POSTGRES": "0",
-           "MEDVIEW_CLUSTER_USER": USER, "MEDVIEW_CLUSTER_PASSWORD": PASSWORD,
-           "MEDVIEW_JOB_FIRST_DELAY_S": "1", "MEDVIEW_CLUSTER_WAIT_S": str(int(WAIT_S))}
+    if PG_RUN:
+        # the cluster's PostgreSQL runs as the postgres user when the tests run as root:
+        # its directory must be reachable (pytest's base temp directory is private)
+        d = Path(tempfile.mkdtemp(prefix="medview-cluster-"))
+        os.chmod(d, 0o711)
+    else:
+        d = tmp_path_factory.mktemp("cluster")
+    port = _free_base(51)                       # nginx, the replicas, ..., PostgreSQL (+50)
+    env = {k: v for k, v in os.environ.items() if k != "MEDVIEW_DATABASE"}
+    env.update({"MEDVIEW_CLUSTER_DIR": str(d), "MEDVIEW_CLUSTER_PORT": str(port),
+                "MEDVIEW_REPLICAS": "2", "MEDVIEW_CLUSTER_POSTGRES": "1" if PG_RUN else "0",
+                "MEDVIEW_CLUSTER_USER": USER, "MEDVIEW_CLUSTER_PASSWORD": PASSWORD,
+                "MEDVIEW_JOB_FIRST_DELAY_S": "1", "MEDVIEW_SEAWEED_DATA": "throwaway",
+                "MEDVIEW_CLUSTER_WAIT_S": str(int(WAIT_S))})
     c = Cluster(d, port, env)
     r = c.sh("up")
     try:
@@ -90,10 +113,14 @@ def cluster(tmp_path_factory):
         assert c.sh("status").returncode == 0
         yield c
     finally:
+        if c._db is not None:
+            c._db.close()
         down = c.sh("down")
         assert down.returncode == 0, down.stderr
     for i in (1, 2):
         assert not (d / "pids" / f"replica{i}.pid").exists()
+    if PG_RUN:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +145,7 @@ def series(cluster, tmp_path_factory):
     import seaweed
     os.environ.update(AWS_ACCESS_KEY_ID=seaweed.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=seaweed.SECRET_KEY)
     try:
-        with Store(cluster.dir / "store") as st:
+        with Store(cluster.dir / "store", database=cluster.database if PG_RUN else None) as st:
             assert st.objects.remote
             (s,) = st.catalogue.query_series()
             uid = s["SeriesInstanceUID"]
@@ -147,11 +174,7 @@ def test_a_background_job_runs_once(cluster):
     h = wait_for(decided, what="both replicas deciding the migration's first turn and "
                                "one of them finishing it")
     assert sorted(x["runs"] for x in h) == [0, 1], h
-    db = sqlite3.connect(cluster.dir / "store" / "catalogue.sqlite")
-    try:
-        (runs,) = db.execute("SELECT runs FROM job_run WHERE name = 'migration'").fetchone()
-    finally:
-        db.close()
+    (runs,) = cluster.db().one("SELECT runs FROM job_run WHERE name = 'migration'")
     assert runs == 1
 
 
@@ -185,9 +208,10 @@ def test_kill_9_of_the_streaming_replica(cluster, series):
         sd = SeriesData(s, None, series["uid"])
         first_data, killed = threading.Event(), threading.Event()
 
-        def progress(_p, first_data=first_data, killed=killed) -> None:
-            first_data.set()
-            killed.wait(WAIT_S)
+        def progress(p, first_data=first_data, killed=killed) -> None:
+            if p.received:               # data, not the announcement (received 0)
+                first_data.set()
+                killed.wait(WAIT_S)
 
         # a small receive window, so that most of the series is still on the server's
         # side when the client stalls
@@ -204,11 +228,15 @@ def test_kill_9_of_the_streaming_replica(cluster, series):
                 errors.append(e)
 
         th = threading.Thread(target=run)
+        # asked before the stream starts: between its first data and the kill, only one
+        # quick look at the sessions table (the longer the wait, the more of the stream
+        # the kernel's buffers already hold when the replica dies)
+        by_replica = {cluster.health(i)["replica"]: i for i in (1, 2)}
+        cluster.db()
         th.start()
         try:
             assert first_data.wait(WAIT_S)
             # the replica that streams owns the session's cache model (sessions table)
-            by_replica = {cluster.health(i)["replica"]: i for i in (1, 2)}
             victim = by_replica[_owner_of(cluster, s.id)]
             os.kill(cluster.pid(victim), signal.SIGKILL)
             wait_for(lambda: not _alive(cluster.pid(victim)), what="the killed replica gone")
@@ -238,12 +266,8 @@ def test_kill_9_of_the_streaming_replica(cluster, series):
 
 def _owner_of(cluster: Cluster, sid: str) -> str | None:
     import hashlib
-    db = sqlite3.connect(cluster.dir / "store" / "catalogue.sqlite")
-    try:
-        row = db.execute("SELECT model_owner FROM sessions WHERE id_sha256 = ?",
-                         (hashlib.sha256(sid.encode()).hexdigest(),)).fetchone()
-    finally:
-        db.close()
+    row = cluster.db().one("SELECT model_owner FROM sessions WHERE id_sha256 = ?",
+                           (hashlib.sha256(sid.encode()).hexdigest(),))
     return row[0] if row else None
 
 

@@ -3,7 +3,6 @@ transfer time and latency from its own transfers, reports them with its free mem
 processors, and ``version=auto`` follows; the Reading dock says what was chosen and why."""
 from __future__ import annotations
 
-import sqlite3
 
 import pytest
 
@@ -13,7 +12,7 @@ from client.policy_text import explain_choice
 from client.series import SeriesData
 from client.session import Session
 from netsim import slow_packet_streams
-from policyutil import copy_store, series_uid, study_uid
+from policyutil import clear_tables, copy_store, series_uid, study_uid
 from server.embedded import EmbeddedServer
 from waits import WAIT_MS, wait_for
 
@@ -145,13 +144,7 @@ def test_choice_in_one_sentence():
 @pytest.fixture(scope="module")
 def lsrv(ct_store, tmp_path_factory):
     store = copy_store(ct_store, tmp_path_factory.mktemp("link") / "store")
-    con = sqlite3.connect(store / "catalogue.sqlite")
-    with con:
-        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
-        for table in ("diag_revision", "diag_item", "study_status_history", "study_status"):
-            if table in have:
-                con.execute(f"DELETE FROM {table}")
-    con.close()
+    clear_tables(store, ("diag_revision", "diag_item", "study_status_history", "study_status"))
     srv = EmbeddedServer(str(store)).start()
     srv.study, srv.series = study_uid(store), series_uid(store)
     # a read study: the automatic choice follows the link (an unread one is always V1)

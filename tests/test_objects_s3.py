@@ -39,7 +39,7 @@ def s3(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    sw.stop()
+    sw.stop(graceful=False)                  # throwaway data
 
 
 def bucket() -> str:

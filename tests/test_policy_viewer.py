@@ -20,7 +20,7 @@ from viewer.policy_panel import (DiagnosisPanel, PolicyController, VersionSelect
                                  measurement_annotation)
 from client.policy_text import (explain_login_error, explain_recall, explain_rights,  # noqa: E402
                                 explain_rights_error, image_ranges_1based)
-from tests.policyutil import copy_store, series_uid, study_uid  # noqa: E402
+from tests.policyutil import clear_tables, copy_store, series_uid, study_uid  # noqa: E402
 from waits import WAIT_MS  # noqa: E402
 
 VERSIONS = [
@@ -157,14 +157,7 @@ def vsrv(ct_store, tmp_path_factory):
     store = copy_store(ct_store, tmp_path_factory.mktemp("viewer") / "store")
     # the shared store may carry reading history from other tests (notes, status): these
     # tests start from an unread study
-    import sqlite3
-    con = sqlite3.connect(store / "catalogue.sqlite")
-    with con:
-        have = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
-        for table in ("diag_revision", "diag_item", "study_status_history", "study_status"):
-            if table in have:
-                con.execute(f"DELETE FROM {table}")
-    con.close()
+    clear_tables(store, ("diag_revision", "diag_item", "study_status_history", "study_status"))
     srv = EmbeddedServer(str(store)).start()
     srv.study, srv.series, srv.store_dir = study_uid(store), series_uid(store), store
     yield srv

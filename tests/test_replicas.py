@@ -2,6 +2,8 @@
 through the database, so any server process on a store serves any request."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import requests
@@ -62,6 +64,70 @@ def test_login_throttling_is_shared(tmp_path):
     assert b.login("ann", "pw-ann-1", "10.0.0.9").user == "ann"
     a.close()
     b.close()
+
+
+def _concurrently(n: int, work) -> None:
+    """``work(i)`` in ``n`` threads released together; re-raises the first error."""
+    start, errors = threading.Barrier(n), []
+
+    def run(i):
+        try:
+            start.wait(timeout=60)
+            work(i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_concurrent_failures_on_several_replicas_are_all_counted(tmp_path, database):
+    """Replicas failing the same log-in at once each add their failure (one atomic
+    statement, no read-then-write): none is lost, on SQLite and on PostgreSQL."""
+    where = database or str(tmp_path / "a.sqlite")
+    now = [1000.0]
+    replicas = [Authority(where, clock=lambda: now[0], max_failures=10_000)
+                for _ in range(4)]
+    try:
+        replicas[0].add_user("ann", "pw-ann-1")
+        per_thread = 40
+
+        def fail(i):
+            for _ in range(per_thread):
+                replicas[i].throttle.fail(("user", "ann"), now[0])
+
+        _concurrently(len(replicas), fail)
+        got = replicas[0].db.one("SELECT failures FROM login_failures WHERE k = ?",
+                                 ('["user","ann"]',))
+        assert got == (len(replicas) * per_thread,)
+        for auth in replicas:
+            auth.throttle.forget(("user", "ann"))
+            auth.max_failures = 3
+
+        # through login(): 4 wrong passwords at once on 4 replicas, 3 free failures: the
+        # 4th counted failure sets a delay, so even the right password is refused now
+        def wrong(i):
+            with pytest.raises(AuthError) as e:
+                replicas[i].login("ann", "wrong", f"10.0.0.{i + 1}")
+            assert e.value.status == 401
+
+        _concurrently(len(replicas), wrong)
+        assert replicas[0].throttle.records[("user", "ann")][0] == 4
+        with pytest.raises(AuthError) as e:
+            replicas[1].login("ann", "pw-ann-1", "10.0.0.9")
+        assert e.value.status == 429
+        now[0] += 3600                          # the window passes: counted afresh
+        replicas[2].throttle.fail(("user", "ann"), now[0])
+        assert replicas[3].throttle.records[("user", "ann")] == [1, now[0], now[0]]
+        assert replicas[3].login("ann", "pw-ann-1", "10.0.0.9").user == "ann"
+    finally:
+        for auth in replicas:
+            auth.close()
 
 
 def test_a_stale_cache_model_is_forgotten(tmp_path):

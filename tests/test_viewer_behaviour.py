@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 from client.policy_text import explain_shown_version  # noqa: E402
 from client.transferstats import TransferRate  # noqa: E402
 
+from policyutil import copy_store_tree  # noqa: E402
 from test_viewer_app import TIMEOUT, connect, make_window, wait_thumbnail_done  # noqa: E402
 
 VERSIONS = [
@@ -52,13 +53,11 @@ def test_the_dock_says_in_one_sentence_which_version_is_shown_and_why():
 
 
 def test_reopening_a_reported_study_best_allowed_is_v1_for_the_radiologist(qtbot, tmp_path, ct_store):
-    import shutil
-
     from server.embedded import EmbeddedServer
     from server.store import Store
 
     store = tmp_path / "store"
-    shutil.copytree(ct_store, store)
+    copy_store_tree(ct_store, store)
     with Store(store) as st:
         (series,) = [s for s in st.catalogue.query_series() if s["Modality"] == "CT"]
     srv = EmbeddedServer(str(store)).start()

@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (QAbstractButton, QLabel, QScrollArea, QTabWidget,
 from viewer.progress import ThreeToneBar  # noqa: E402
 from viewer.titles import series_name, window_title  # noqa: E402
 
+from policyutil import copy_store_tree  # noqa: E402
 from test_viewer_app import TIMEOUT, connect, make_window, open_and_wait_idle  # noqa: E402
 
 SIZES = [(1366, 768), (1920, 1080)]
@@ -62,11 +63,9 @@ def misfits(root: QWidget) -> list[str]:
 @pytest.fixture()
 def own_server(ct_store, tmp_path):
     """A server on a copy of the CT store: the reports and notes written here stay here."""
-    import shutil
-
     from server.embedded import EmbeddedServer
 
-    shutil.copytree(ct_store, tmp_path / "own-store")
+    copy_store_tree(ct_store, tmp_path / "own-store")
     srv = EmbeddedServer(str(tmp_path / "own-store")).start()
     yield srv
     srv.stop()
@@ -125,13 +124,11 @@ def test_titles_are_words():
 
 
 def test_history_lists_status_changes_and_report_revisions(qtbot, tmp_path, ct_store):
-    import shutil
-
     from server.embedded import EmbeddedServer
     from server.store import Store
 
     store = tmp_path / "store"
-    shutil.copytree(ct_store, store)
+    copy_store_tree(ct_store, store)
     with Store(store) as st:
         uid = [s for s in st.catalogue.query_series() if s["Modality"] == "CT"][0]["SeriesInstanceUID"]
     srv = EmbeddedServer(str(store)).start()

@@ -2,10 +2,9 @@
 series opened after an import is highlighted in the browser."""
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
+from policyutil import copy_store_tree
 from test_viewer_app import TIMEOUT, connect, make_window, open_and_wait_idle
 
 
@@ -47,7 +46,7 @@ def test_the_series_opened_after_an_import_is_highlighted(qtbot, tmp_path, ct_st
     from server.sample import make_sample_ct
 
     store = tmp_path / "store"
-    shutil.copytree(ct_store, store)
+    copy_store_tree(ct_store, store)
     files = make_sample_ct(tmp_path / "incoming", slices=4, size=64, seed=77)
     srv = EmbeddedServer(str(store)).start()
     win = make_window(qtbot, tmp_path)

@@ -553,7 +553,11 @@ def test_packet_cache_is_reused_by_the_next_session(qtbot, tmp_path, server, ct_
     first = make_window(qtbot, tmp_path, cache_path=cache)
     try:
         connect(qtbot, first, server.url)
-        open_and_wait_idle(qtbot, first, ct_series_uid)
+        sd = open_and_wait_idle(qtbot, first, ct_series_uid).sd
+        # idle may also mean the adaptive fill waits for the reader to rest (a loaded
+        # machine measures loopback as a slow link): wait until every image is whole
+        qtbot.waitUntil(lambda: all(sd.levels(i)[0] == sd.images[i]["nlayers"]
+                                    for i in range(len(sd))), timeout=TIMEOUT)
         held = [first.loader.sd.held_bytes(i) for i in range(12)]
     finally:
         first.close()

@@ -699,6 +699,14 @@ class SlidePane(QWidget):
     def __init__(self, provider, parent: QWidget | None = None, **kw) -> None:
         super().__init__(parent)
         self.provider = provider
+        # listening before the view asks for its first tiles, so that rights a refused
+        # request teaches are never missed (handled on the UI thread, after this returns)
+        listeners = getattr(provider, "listeners", None)
+        if listeners is not None:           # heard on a worker thread, handled on the UI's
+            disp = dispatcher()
+            self._listener = (lambda kind, body: disp.post(self._on_limited, body)
+                              if kind == "limited" else None)
+            listeners.append(self._listener)
         self.view = SlideView(provider, self, **kw)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
@@ -746,12 +754,6 @@ class SlidePane(QWidget):
         lay.addWidget(self.view, 1)
         self.rights_text = ""
         self._show_rights()
-        listeners = getattr(provider, "listeners", None)
-        if listeners is not None:           # heard on a worker thread, handled on the UI's
-            disp = dispatcher()
-            self._listener = (lambda kind, body: disp.post(self._on_limited, body)
-                              if kind == "limited" else None)
-            listeners.append(self._listener)
 
     # ------------------------------------------------------------------ rights
     def _slide_words(self) -> dict:

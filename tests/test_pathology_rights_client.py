@@ -227,10 +227,13 @@ def test_pane_label_refused_and_rights_learnt(qtbot, env):
     assert "not permitted" in pane.assoc_buttons["label"].text()
     assert not pane.assoc_buttons["label"].isEnabled()
     pane.close()
+    s.logout()
     # The small test slide is whole on screen at its finest level, so a pane may hold
     # every layer of every tile before a test could change the rights, and then no
-    # request would meet the change. So the rights shrink after the client read them
-    # (it still believes the old ones) and before its pane asks for any tile.
+    # request would meet the change. So the rights shrink after a new client (a new
+    # session: the server's model of the old one holds what the first pane received)
+    # read them, and before its pane asks for any tile.
+    s = Session(env["url"], name, PASSWORD)
     rs = RemoteSlide(s, a["slide_uid"])
     assert rs.unlimited and rs.max_layers == rs.stored_layers
     auth.set_rule(Rule(name, "*", actions={"browse", "metadata", "fetch"}, max_layers=1))

@@ -32,6 +32,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from imaging.files import write_atomic
 from imaging.pyramid import FORMAT, MANIFEST, PyramidError, StoredSlide
 
 from . import faults
@@ -198,6 +199,15 @@ class SlideObjects:
             elif hashlib.sha256(data).hexdigest() != f["sha256"]:
                 problems.append(f"{f['file']}: SHA-256 mismatch")
         return problems
+
+    def fetch_into(self, uid: str, folder: Path, manifest_sha256: str | None = None) -> None:
+        """Write the files of a stored slide into the local ``folder``, each checked
+        against the manifest, the manifest last (a staging folder of
+        :func:`server.slide_tiers.copy_verified`, which verifies and renames it)."""
+        st = self.open(uid, manifest_sha256)
+        for f in st.files():
+            write_atomic(folder / f["file"], self._whole(uid, f), sync_dir=False)
+        write_atomic(folder / MANIFEST, self.objects.get(self.key(uid, MANIFEST)), sync_dir=False)
 
     def uids(self) -> set[str]:
         """Every slide UID that has objects in the store."""

@@ -76,20 +76,25 @@ def _copy_file(src: Path, dst: Path) -> None:
         os.fsync(fo.fileno())
 
 
-def copy_verified(src_dir: Path, dst_dir: Path, manifest_sha256: str | None = None,
-                  fault: Callable[[str, Path], None] | None = None) -> None:
+def copy_verified(src_dir: Path | None, dst_dir: Path, manifest_sha256: str | None = None,
+                  fault: Callable[[str, Path], None] | None = None,
+                  fill: Callable[[Path], None] | None = None) -> None:
     """Copy a pyramid folder to ``dst_dir`` (which must not exist) through a staging
     folder, verify it completely, then rename it into place. Raises TierMoveError
-    (nothing left behind) when the copy does not verify."""
+    (nothing left behind) when the copy does not verify. ``fill(staging)`` instead of
+    ``src_dir``: writes the files itself (a download from the object store)."""
     if dst_dir.exists():
         raise TierMoveError(f"{dst_dir} exists already")
     dst_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = dst_dir.parent / f".incoming-{dst_dir.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        names = sorted(p.name for p in src_dir.iterdir() if p.is_file() and p.name != MANIFEST)
-        for n in names + [MANIFEST]:
-            _copy_file(src_dir / n, staging / n)
+        if fill is not None:
+            fill(staging)
+        else:
+            names = sorted(p.name for p in src_dir.iterdir() if p.is_file() and p.name != MANIFEST)
+            for n in names + [MANIFEST]:
+                _copy_file(src_dir / n, staging / n)
         fsync_dir(staging)
         if fault:
             fault("copied", staging)

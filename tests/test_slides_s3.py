@@ -2,7 +2,7 @@
 fixture): ingest uploads the pyramid, the HTTP slide routes serve it bit-exact to a local
 store's (range reads and whole reads through the read cache), fsck finds a deleted or
 damaged object and orphans, tier moves record the tier in place, and a kill -9 during
-the upload leaves no row without its objects."""
+the upload leaves no row without its objects; a station's copy is downloaded."""
 from __future__ import annotations
 
 import os
@@ -153,3 +153,13 @@ def test_kill_9_during_slide_upload_loses_nothing(s3, slide, tmp_path, point):
         assert st.fsck()["damaged"] == {} and st.fsck()["checked"] == 1
         _r, stored = st.open(row["pk"])
         np.testing.assert_array_equal(stored.read_region(0, 0, 0, 512, 384), slide[0])
+        # a reading station's copy comes down from the bucket, verified
+        from client.slides import LocalSlide
+        from server.slide_organise import distribute
+
+        st.catalogue.add_station("ws-1", str(tmp_path / "ws1"))
+        st.catalogue.assign("A1", "ws-1")
+        assert distribute(st)[0]["slides"] == [{"slide_uid": row["slide_uid"], "copy": "copied"}]
+        local = LocalSlide.from_folder(tmp_path / "ws1" / row["slide_uid"])
+        assert local.stored.verify() == []
+        np.testing.assert_array_equal(local.read_level(0, 0, 0, 512, 384), slide[0])

@@ -128,7 +128,7 @@ class StoredSlide:
     files (the server injects range reads from its object store; the default reads the
     files of ``path``)."""
 
-    path: Path
+    path: Path | str
     manifest: dict
     read_range: Callable[[str, int, int], bytes] | None = None
     levels: list[LevelGeometry] = field(init=False)
@@ -139,8 +139,9 @@ class StoredSlide:
                                      m["tile_size"]) for lv in m["levels"]]
         self._index_cache: dict[tuple[int, int], PacketIndex] = {}
         self._lock = threading.Lock()
-        if self.read_range is None:
-            self.read_range = local_read_range(self.path)
+        self.local = self.read_range is None
+        if self.local:
+            self.read_range = local_read_range(Path(self.path))
 
     @classmethod
     def open(cls, path: str | Path) -> "StoredSlide":
@@ -187,7 +188,15 @@ class StoredSlide:
 
     def verify(self) -> list[str]:
         """Problems found (missing file, wrong size or SHA-256); empty when intact."""
-        return verify_folder(self.path, self.manifest)
+        if self.local:
+            return verify_folder(Path(self.path), self.manifest)
+        problems = []
+        for f in self.files():
+            try:
+                self.file_bytes(f["file"])
+            except PyramidError as e:
+                problems.append(f"{f['file']}: {e}")
+        return problems
 
     # ------------------------------------------------------------------ tiles
     def tile_bytes(self, level: int, index: int) -> bytes:

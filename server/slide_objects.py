@@ -129,8 +129,8 @@ class SlideObjects:
             raise PyramidError(f"the manifest of slide {uid} is not JSON: {e}") from None
         if m.get("format") != FORMAT:
             raise PyramidError(f"slide {uid}: unknown pyramid format {m.get('format')!r}")
-        files = {f["file"]: f for f in StoredSlide(Path(uid), m, lambda *a: b"").files()}
-        return StoredSlide(Path(self.label(uid)), m, self._reader(uid, files))
+        files = {f["file"]: f for f in StoredSlide(uid, m, lambda *a: b"").files()}
+        return StoredSlide(self.label(uid), m, self._reader(uid, files))
 
     def _reader(self, uid: str, files: dict[str, dict]):
         def read(name: str, offset: int, length: int) -> bytes:

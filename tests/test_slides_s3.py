@@ -105,6 +105,8 @@ def test_ingest_serve_fsck_move_on_s3(s3, slide, tmp_path, monkeypatch):
         moved = SlideTiers(st).move(uid, "long")
         assert moved["tier"] == "long" and sorted(o.keys("slides")) == keys
         assert st.fsck() == {"checked": 1, "damaged": {}, "orphans": [], "removed": []}
+        _row, stored = st.open(uid)
+        assert str(stored.path) == f"{o.url}/slides/{uid}" and stored.verify() == []
         # fsck: a deleted object, a damaged one, an orphan
         o.delete(f"slides/{uid}/level-1.j2kp")
         lv0 = o.get(f"slides/{uid}/level-0.j2kp")

@@ -32,12 +32,14 @@ slide size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -108,12 +110,27 @@ def plan_levels(width: int, height: int, tile: int) -> list[LevelGeometry]:
 
 
 # --------------------------------------------------------------------------- stored
+def local_read_range(folder: Path) -> Callable[[str, int, int], bytes]:
+    """``read_range(name, offset, length)`` over the files of a local pyramid folder."""
+    def read(name: str, offset: int, length: int) -> bytes:
+        with open(Path(folder) / name, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+    return read
+
+
 @dataclass
 class StoredSlide:
-    """A stored pyramid folder, opened read-only. Thread-safe."""
+    """A stored pyramid, opened read-only. Thread-safe.
 
-    path: Path
+    ``path`` is the local folder, or a label (an object-store URL) when ``read_range``
+    is given: ``read_range(name, offset, length)`` returns bytes of one of the slide's
+    files (the server injects range reads from its object store; the default reads the
+    files of ``path``)."""
+
+    path: Path | str
     manifest: dict
+    read_range: Callable[[str, int, int], bytes] | None = None
     levels: list[LevelGeometry] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +139,9 @@ class StoredSlide:
                                      m["tile_size"]) for lv in m["levels"]]
         self._index_cache: dict[tuple[int, int], PacketIndex] = {}
         self._lock = threading.Lock()
+        self.local = self.read_range is None
+        if self.local:
+            self.read_range = local_read_range(Path(self.path))
 
     @classmethod
     def open(cls, path: str | Path) -> "StoredSlide":
@@ -168,18 +188,27 @@ class StoredSlide:
 
     def verify(self) -> list[str]:
         """Problems found (missing file, wrong size or SHA-256); empty when intact."""
-        return verify_folder(self.path, self.manifest)
+        if self.local:
+            return verify_folder(Path(self.path), self.manifest)
+        problems = []
+        for f in self.files():
+            try:
+                self.file_bytes(f["file"])
+            except PyramidError as e:
+                problems.append(f"{f['file']}: {e}")
+        return problems
 
     # ------------------------------------------------------------------ tiles
     def tile_bytes(self, level: int, index: int) -> bytes:
         lv = self.manifest["levels"][level]
         off, n, crc = lv["tiles"][index]
-        with open(self.path / lv["file"], "rb") as f:
-            f.seek(off)
-            data = f.read(n)
+        try:
+            data = self.read_range(lv["file"], off, n)
+        except FileNotFoundError:
+            raise PyramidError(f"{self.path}/{lv['file']} of slide {self.uid} is missing") from None
         if len(data) != n or zlib.crc32(data) != crc:
             raise PyramidError(f"tile {index} of level {level} of slide {self.uid} is damaged "
-                               f"(CRC-32 mismatch in {self.path / lv['file']})")
+                               f"(CRC-32 mismatch in {self.path}/{lv['file']})")
         return data
 
     def tile_index(self, level: int, index: int) -> PacketIndex:
@@ -218,7 +247,22 @@ class StoredSlide:
         a = self.manifest.get("associated", {}).get(name)
         if a is None:
             raise KeyError(name)
-        return iio.imread(self.path / a["file"])
+        return iio.imread(self.file_bytes(a["file"]), extension=".png")
+
+    def file_bytes(self, name: str) -> bytes:
+        """A whole file of the slide (an associated image), checked against the
+        manifest's size and SHA-256."""
+        entry = next((f for f in self.files() if f["file"] == name), None)
+        if entry is None:
+            raise PyramidError(f"slide {self.uid} has no file {name!r}")
+        try:
+            data = self.read_range(name, 0, entry["size"])
+        except FileNotFoundError:
+            raise PyramidError(f"{self.path}/{name} of slide {self.uid} is missing") from None
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise PyramidError(f"{self.path}/{name} of slide {self.uid} is damaged "
+                               "(size or SHA-256 differs from the manifest)")
+        return data
 
     def level_for_downsample(self, downsample: float) -> int:
         best = 0

@@ -36,6 +36,10 @@ def _place(store: SlideStore, row: dict, dest: Path) -> str:
         import shutil
 
         shutil.rmtree(dest)
+    if store.objects is not None:            # in the object store (S3): downloaded
+        copy_verified(None, dest, row["manifest_sha256"], fill=lambda staging:
+                      store.objects.fetch_into(row["path"], staging, row["manifest_sha256"]))
+        return "copied"
     _row, st = store.open(row["pk"])
     copy_verified(st.path, dest, row["manifest_sha256"])
     return "copied"

@@ -185,7 +185,10 @@ class SlideRoutes:
                                "identity) and need unlimited access to it; ask for packets "
                                "within your rights at /jpip/slides", status=403,
                                **slide_limits(grant, st, versions, ["whole-file"]))
-        data = (st.path / a["file"]).read_bytes()
+        try:
+            data = st.file_bytes(a["file"])
+        except PyramidError as e:
+            raise RequestError(f"slide data unavailable: {e}", status=500) from None
         return Response(data, media_type="image/png")
 
     def packets(self, request: Request):

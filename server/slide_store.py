@@ -35,11 +35,13 @@ from imaging.tilesource import TileSource, open_slide
 
 from .slide_catalogue import (TIERS, CatalogueError, SlideCatalogue, age_days, now_iso,
                               upgrade_slide_catalogue)
+from .slide_objects import SlideObjects, store_cache, store_objects
 from .slide_pyramid import build_pyramid
 from .database import CATALOGUE_NAME, database_of  # noqa: F401
 
 log = logging.getLogger("medview.pathology")
 
+UPLOAD_DIR = "uploading"   # pyramids built here before their upload to an object store
 LOW_RES_MPP = 0.9      # coarser than this (below about 10x) a slide is stored as "low"
 
 
@@ -105,6 +107,11 @@ class SlideStore:
         self.catalogue = SlideCatalogue(self.catalogue_path)
         self.config = TierConfig.load(self.root)
         self._opened: dict[tuple[str, str], StoredSlide] = {}
+        # the image store's remote object store (S3), if it has one: the pyramids live
+        # there (server.slide_objects), whatever the tier
+        remote = store_objects(self.root.parent)
+        self.objects: SlideObjects | None = (
+            SlideObjects(remote, store_cache(self.root.parent)) if remote is not None else None)
         self.activity: Callable[[], None] = lambda: None   # set by the idle scheduler
 
     @classmethod
@@ -136,7 +143,8 @@ class SlideStore:
         key = (row["slide_uid"], row["tier"])
         st = self._opened.get(key)
         if st is None:
-            st = StoredSlide.open(self.slide_dir(row))
+            st = (self.objects.open(row["path"], row["manifest_sha256"])
+                  if self.objects is not None else StoredSlide.open(self.slide_dir(row)))
             if len(self._opened) > 64:
                 self._opened.clear()
             self._opened[key] = st
@@ -174,14 +182,20 @@ class SlideStore:
             tier = self.config.tier_for(pstatus, acquired)
             if state is None:
                 state = "low" if src.mpp and src.mpp[0] > LOW_RES_MPP else "high"
-            res = build_pyramid(src, self.config.tier_root(tier), tile_size=tile_size,
+            # to an object store: built in a local upload folder, then uploaded
+            dest = self.root / UPLOAD_DIR if self.objects is not None else self.config.tier_root(tier)
+            res = build_pyramid(src, dest, tile_size=tile_size,
                                 workers=workers, progress=progress,
                                 extra={"state": state, "stain": stain, "label": label})
         finally:
             if own:
                 src.close()
+        uploaded = False
         try:
-            stored = StoredSlide.open(res.path)
+            if self.objects is not None:
+                uploaded = True
+                self.objects.upload(res.path, res.slide_uid)
+            stored = StoredSlide.open(res.path)     # (the uploaded bytes, checked)
             qc = None
             if run_qc:
                 qc = check_slide(stored, thresholds=thresholds or self.qc_thresholds(),
@@ -197,7 +211,17 @@ class SlideStore:
             import shutil
 
             shutil.rmtree(res.path, ignore_errors=True)    # never an uncatalogued pyramid
+            if uploaded:
+                try:
+                    self.objects.delete(res.slide_uid)
+                except Exception as e:  # noqa: BLE001 - left as orphans for fsck
+                    log.error("slide %s: uploaded objects not removed (%s); fsck --repair "
+                              "removes them", res.slide_uid, e)
             raise
+        if self.objects is not None:
+            import shutil
+
+            shutil.rmtree(res.path, ignore_errors=True)    # the local copy of the upload
         log.info("slide %s ingested in %.1f s (%d tiles, %d bytes, tier %s, QC %s)",
                  res.slide_uid, res.seconds, res.tiles, res.bytes, tier,
                  "unchecked" if qc is None else (qc.get("flags") or "pass"))
@@ -220,13 +244,29 @@ class SlideStore:
         for row in self.catalogue.slides():
             known[(row["tier"], row["path"])] = row
             report["checked"] += 1
-            d = self.slide_dir(row)
             try:
-                problems = StoredSlide.open(d).verify()
+                if self.objects is not None:
+                    problems = self.objects.verify(row["path"], row["manifest_sha256"])
+                else:
+                    problems = StoredSlide.open(self.slide_dir(row)).verify()
             except Exception as e:  # noqa: BLE001
                 problems = [str(e)]
             if problems:
                 report["damaged"][row["slide_uid"]] = problems
+        if self.objects is not None:
+            paths = {p for _t, p in known}
+            for uid in sorted(self.objects.uids() - paths):
+                report["orphans"].append(self.objects.label(uid))
+                if repair:
+                    self.objects.delete(uid)
+                    report["removed"].append(self.objects.label(uid))
+            up = self.root / UPLOAD_DIR
+            if up.is_dir():
+                for d in sorted(up.iterdir()):
+                    report["orphans"].append(str(d))
+                    if repair:
+                        shutil.rmtree(d, ignore_errors=True)
+                        report["removed"].append(str(d))
         busy = {m["slide_pk"] for m in self.catalogue.open_moves()}
         for tier in TIERS:
             troot = self.config.tier_root(tier)

@@ -15,6 +15,10 @@ A move never loses data — copy, verify, commit, delete:
    tier and the journal row becomes ``committed``;
 5. only then is the source folder deleted, and the journal row becomes ``done``.
 
+When the image store keeps its data in an object store (S3, :mod:`server.slide_objects`)
+the bucket is the one place of every tier, as the series' hot store is: a move verifies
+the slide's objects and records the new tier (journalled the same way); no bytes move.
+
 :meth:`SlideTiers.recover` (run before every batch) finishes what a crash interrupted: a
 ``copying`` move had not committed, so its partial copy is deleted and the source — still
 what the catalogue points at — is kept; a ``committed`` move deletes the leftover source
@@ -72,20 +76,25 @@ def _copy_file(src: Path, dst: Path) -> None:
         os.fsync(fo.fileno())
 
 
-def copy_verified(src_dir: Path, dst_dir: Path, manifest_sha256: str | None = None,
-                  fault: Callable[[str, Path], None] | None = None) -> None:
+def copy_verified(src_dir: Path | None, dst_dir: Path, manifest_sha256: str | None = None,
+                  fault: Callable[[str, Path], None] | None = None,
+                  fill: Callable[[Path], None] | None = None) -> None:
     """Copy a pyramid folder to ``dst_dir`` (which must not exist) through a staging
     folder, verify it completely, then rename it into place. Raises TierMoveError
-    (nothing left behind) when the copy does not verify."""
+    (nothing left behind) when the copy does not verify. ``fill(staging)`` instead of
+    ``src_dir``: writes the files itself (a download from the object store)."""
     if dst_dir.exists():
         raise TierMoveError(f"{dst_dir} exists already")
     dst_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = dst_dir.parent / f".incoming-{dst_dir.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        names = sorted(p.name for p in src_dir.iterdir() if p.is_file() and p.name != MANIFEST)
-        for n in names + [MANIFEST]:
-            _copy_file(src_dir / n, staging / n)
+        if fill is not None:
+            fill(staging)
+        else:
+            names = sorted(p.name for p in src_dir.iterdir() if p.is_file() and p.name != MANIFEST)
+            for n in names + [MANIFEST]:
+                _copy_file(src_dir / n, staging / n)
         fsync_dir(staging)
         if fault:
             fault("copied", staging)
@@ -131,22 +140,31 @@ class SlideTiers:
             row = self.store.slide(ref)
             if row["tier"] == to_tier:
                 return row
+            # in the image store's object store (S3) the bucket is the one place of every
+            # tier: the move checks the objects and records the new tier, nothing is copied
+            objects = self.store.objects
             src = self.store.slide_dir(row)
             dst = self.store.config.tier_root(to_tier) / row["path"]
             move = self.cat.begin_move(row["pk"], row["tier"], to_tier)
             try:
-                if not src.is_dir():
+                if objects is not None:
+                    problems = objects.verify(row["path"], row["manifest_sha256"])
+                    if problems:
+                        raise TierMoveError("the slide's objects do not verify (not moved): "
+                                            + "; ".join(problems))
+                elif not src.is_dir():
                     raise TierMoveError(f"the slide folder {src} is missing")
-                problems = StoredSlide.open(src).verify()
-                if problems:
-                    raise TierMoveError("the source does not verify (not moved): "
-                                        + "; ".join(problems))
-                if dst.exists():          # left by an earlier, interrupted attempt
-                    shutil.rmtree(dst)
-                copy_verified(src, dst, row["manifest_sha256"], self.fault)
-                faults.point("slide-move.renamed")
-                if self.fault:
-                    self.fault("renamed", dst)
+                else:
+                    problems = StoredSlide.open(src).verify()
+                    if problems:
+                        raise TierMoveError("the source does not verify (not moved): "
+                                            + "; ".join(problems))
+                    if dst.exists():          # left by an earlier, interrupted attempt
+                        shutil.rmtree(dst)
+                    copy_verified(src, dst, row["manifest_sha256"], self.fault)
+                    faults.point("slide-move.renamed")
+                    if self.fault:
+                        self.fault("renamed", dst)
             except BaseException as e:
                 if isinstance(e, Exception):
                     self.cat.end_move(move, "failed", str(e))
@@ -155,6 +173,12 @@ class SlideTiers:
                 self.cat.set_tier(row["pk"], to_tier, row["path"])
                 self.cat.db.execute("UPDATE tier_move SET state = 'committed' WHERE pk = ?", [move])
             self.store.forget(row["slide_uid"])
+            if objects is not None:
+                where = objects.objects.url
+                self.cat.end_move(move, "done", f"in place: the objects stay in {where}")
+                log.info("slide %s: tier %s -> %s (objects stay in %s)", row["slide_uid"],
+                         row["tier"], to_tier, where)
+                return self.store.slide(row["pk"])
             faults.point("slide-move.committed")
             if self.fault:
                 self.fault("committed", dst)
@@ -173,6 +197,12 @@ class SlideTiers:
             if row is None:
                 continue
             uid = row["slide_uid"]
+            if self.store.objects is not None:   # moves in place: nothing to copy or remove
+                self.cat.end_move(m["pk"], "done" if row["tier"] == m["to_tier"] else "failed",
+                                  "interrupted; the objects stay where they are")
+                self.store.forget(uid)
+                done.append(uid)
+                continue
             src_root = self.store.config.tier_root(m["from_tier"])
             dst_root = self.store.config.tier_root(m["to_tier"])
             for root in (src_root, dst_root):

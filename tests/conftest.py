@@ -144,6 +144,24 @@ def pg_cluster():
     return _pg()
 
 
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS, tests/seaweed.py) on loopback with throwaway data, for
+    the whole run; its endpoint and credentials in the environment meanwhile."""
+    import seaweed
+
+    sw = seaweed.start(tmp_path_factory.mktemp("seaweed"))
+    old = {k: os.environ.get(k) for k in sw.env()}
+    os.environ.update(sw.env())
+    yield sw
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    sw.stop(graceful=False)                  # throwaway data
+
+
 @pytest.fixture()
 def pg_url(pg_cluster):
     """A PostgreSQL URL with a schema of its own (empty)."""

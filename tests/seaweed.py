@@ -24,6 +24,13 @@ SECRET_KEY = "medview-test-secret-key"
 START_LIMIT_S = 120.0
 
 
+def bucket_name() -> str:
+    """A new bucket name for one test (buckets are the tests' throwaway namespaces)."""
+    import uuid
+
+    return "mv-" + uuid.uuid4().hex[:12]
+
+
 def weed_binary() -> str:
     cand = Path(sys.executable).parent / "weed"
     if cand.exists():

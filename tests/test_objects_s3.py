@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,29 +20,13 @@ from server.embedded import EmbeddedServer
 from server.fsck import fsck
 from server.objects import ObjectError, ObjectMissing, S3Objects
 from server.store import Store
+import seaweed
 from waits import WAIT_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    import seaweed
-
-    sw = seaweed.start(tmp_path_factory.mktemp("seaweed"))
-    old = {k: os.environ.get(k) for k in sw.env()}
-    os.environ.update(sw.env())
-    yield sw
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    sw.stop(graceful=False)                  # throwaway data
-
-
-def bucket() -> str:
-    return "mv-" + uuid.uuid4().hex[:12]
+bucket = seaweed.bucket_name      # the SeaweedFS server itself: the ``s3`` fixture (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from client.policy import PolicyClient  # noqa: E402
 from client.session import ServerError  # noqa: E402
 from server.embedded import EmbeddedServer  # noqa: E402
 from server.rights import Rule  # noqa: E402
-from server.store import Store  # noqa: E402
 from imaging.measure import MeasureKind, Measurement  # noqa: E402
 from imaging.model import ImageMeta  # noqa: E402
 from viewer.policy_panel import (DiagnosisPanel, PolicyController, VersionSelector,  # noqa: E402

@@ -10,9 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 from server.fsck import fsck
-from PySide6.QtCore import QMimeData, QPoint, QPointF, QSettings, Qt, QUrl
-from PySide6.QtGui import QDropEvent, QImage
+from PySide6.QtCore import QEvent, QMimeData, QPoint, QPointF, QSettings, Qt, QUrl
+from PySide6.QtGui import QDropEvent, QImage, QMouseEvent
 from PySide6.QtTest import QTest
+from PySide6.QtWidgets import QApplication
 
 from client.series_loader import BACKGROUND, NEAR
 from viewer.mainwindow import AppConfig, MainWindow
@@ -292,8 +293,11 @@ def test_value_under_the_cursor_is_hu(qtbot, win, ct_store, ct_series_uid):
     hu = dicom_hu(ct_store, 0)
     for x, y in ((100, 120), (30, 200), (128, 40)):
         pos = win.stack.image_to_widget(x + 0.5, y + 0.5)
-        QTest.mouseMove(win.stack, QPoint(round(pos.x()), round(pos.y())))
-        # the move event may arrive in steps: wait for this very pixel
+        # a hover move straight to the widget: QTest.mouseMove goes through the platform's
+        # cursor, which the offscreen platform may coalesce away when it is busy
+        QApplication.sendEvent(win.stack, QMouseEvent(
+            QEvent.Type.MouseMove, QPointF(pos), win.stack.mapToGlobal(QPointF(pos)),
+            Qt.MouseButton.NoButton, Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier))
         qtbot.waitUntil(lambda: win.stack.cursor_value() is not None
                         and (int(win.stack.cursor_value()[0]),
                              int(win.stack.cursor_value()[1])) == (x, y), timeout=TIMEOUT)

@@ -25,7 +25,6 @@ fact (policy, ages), a tier move does not move its objects (see
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -37,6 +36,7 @@ from imaging.pyramid import FORMAT, MANIFEST, PyramidError, StoredSlide
 
 from . import faults
 from .objects import ObjectError, ObjectMissing, ObjectStore, ReadCache, open_objects
+from .store import sha256_hex
 
 PREFIX = "slides"
 
@@ -96,11 +96,12 @@ class SlideObjects:
         st = StoredSlide(folder, manifest)
         for f in st.files():
             self._put(uid, f["file"], (folder / f["file"]).read_bytes(), f["sha256"])
-        self._put(uid, MANIFEST, man_bytes, hashlib.sha256(man_bytes).hexdigest())
-        return hashlib.sha256(man_bytes).hexdigest()
+        man_sha = sha256_hex(man_bytes)
+        self._put(uid, MANIFEST, man_bytes, man_sha)
+        return man_sha
 
     def _put(self, uid: str, name: str, data: bytes, sha: str) -> None:
-        if hashlib.sha256(data).hexdigest() != sha:
+        if sha256_hex(data) != sha:
             raise PyramidError(f"{name} of slide {uid} changed before its upload")
         faults.point("objects.put")
         self.objects.put(self.key(uid, name), data)      # checked: size, MD5, SHA-256
@@ -121,7 +122,7 @@ class SlideObjects:
             raise PyramidError(f"{self.label(uid)} holds no slide pyramid (no {MANIFEST})") from None
         except ObjectError as e:
             raise PyramidError(f"cannot read the manifest of slide {uid}: {e}") from None
-        if manifest_sha256 and hashlib.sha256(man_bytes).hexdigest() != manifest_sha256:
+        if manifest_sha256 and sha256_hex(man_bytes) != manifest_sha256:
             raise PyramidError(f"the manifest of slide {uid} does not match the catalogue")
         try:
             m = json.loads(man_bytes)
@@ -162,7 +163,7 @@ class SlideObjects:
                 raise PyramidError(f"{self.label(uid)}/{f['file']} is missing") from None
             except ObjectError as e:
                 raise PyramidError(f"cannot read {f['file']} of slide {uid}: {e}") from None
-            if len(data) != f["size"] or hashlib.sha256(data).hexdigest() != sha:
+            if len(data) != f["size"] or sha256_hex(data) != sha:
                 raise PyramidError(f"{self.label(uid)}/{f['file']} is damaged (size or "
                                    "SHA-256 differs from the manifest)")
             if self.cache is not None:
@@ -196,7 +197,7 @@ class SlideObjects:
                 continue
             if len(data) != f["size"]:
                 problems.append(f"{f['file']}: {len(data)} bytes, manifest says {f['size']}")
-            elif hashlib.sha256(data).hexdigest() != f["sha256"]:
+            elif sha256_hex(data) != f["sha256"]:
                 problems.append(f"{f['file']}: SHA-256 mismatch")
         return problems
 

@@ -117,7 +117,7 @@ class ServeProcess:
     with SIGTERM (uvicorn's graceful shutdown), its process group killed if it hangs."""
 
     def __init__(self, store_dir: Path, workers: int, log_path: Path,
-                 database: str | None = None) -> None:
+                 database: str | None = None, max_streams: int | None = None) -> None:
         self.workers = workers
         self.host, self.port = "127.0.0.1", free_port()
         cmd = [*server_command(), "serve", "--store", str(store_dir), "--host", self.host,
@@ -125,6 +125,8 @@ class ServeProcess:
                "--log-level", "warning"]
         if database:
             cmd += ["--database", database]
+        if max_streams:
+            cmd += ["--max-streams", str(max_streams)]
         env = dict(os.environ)
         env.pop("MEDVIEW_DATABASE", None)
         self.log_path = log_path
@@ -648,6 +650,11 @@ def ingest_bench(work: Path, slices: int, px: int, rounds: int = 3) -> dict:
 
 
 # =========================================================================== report
+def wm(r: dict) -> str:
+    """workers, and ``:M`` when --max-streams M was given"""
+    return f"{r['workers']}" + (f":{r['max_streams']}" if r.get("max_streams") else "")
+
+
 def load_table(load: dict) -> list[str]:
     """One row per (sessions, worker processes): the small requests' p50 / p99 / max per
     kind, their 503s and errors; the streams completed and verified, their 503s (with
@@ -656,7 +663,7 @@ def load_table(load: dict) -> list[str]:
              f"{next(iter(load.values()))['stream_size']}-image series over and over "
              "(model declared empty: every stream sends everything), small requests on "
              "fresh connections meanwhile (ms)",
-             f"{'sess':>4} {'wrk':>3} | {'login p50/p99/max':>19} | {'qido p50/p99/max':>19} | "
+             f"{'sess':>4} {'wrk':>5} | {'login p50/p99/max':>19} | {'qido p50/p99/max':>19} | "
              f"{'jpip p50/p99/max':>19} | {'small 503/err/wrong':>19} | "
              f"{'streams ok':>10} {'MB/s':>6} {'503 (RA)':>10} {'err':>4} {'wrong':>5} "
              f"{'lost':>4}"]
@@ -669,12 +676,12 @@ def load_table(load: dict) -> list[str]:
         ra = s.get("503", 0) - s.get("503_no_retry_after", 0)
         mbs = s.get("bytes", 0) / 1e6 / r["seconds"]
         lines.append(
-            f"{r['sessions']:>4} {r['workers']:>3} | {three('login'):>19} | {three('qido'):>19} | "
+            f"{r['sessions']:>4} {wm(r):>5} | {three('login'):>19} | {three('qido'):>19} | "
             f"{three('jpip'):>19} | {st['503']:>7}/{st['errors']:>4}/{st['wrong']:>5}  | "
             f"{s.get('streams', '?'):>10} {mbs:6.2f} {s.get('503', '?'):>5} ({ra:>3}) "
             f"{s.get('errors', '?'):>4} {s.get('wrong', '?'):>5} {s.get('lost', '?'):>4}")
     lines.append("  per row: n small requests "
-                 + "; ".join(f"{r['sessions']}/{r['workers']}: "
+                 + "; ".join(f"{r['sessions']}/{wm(r)}: "
                              + "/".join(str(r['small'][k]['n']) for k in ('login', 'qido', 'jpip'))
                              for r in load.values()))
     for r in load.values():
@@ -697,7 +704,7 @@ def load_table(load: dict) -> list[str]:
             adm.append(f"streams limit {g.get('limit')} admitted {g.get('admitted')} refused "
                        f"{g.get('refused')}, small limit {m.get('limit')} admitted "
                        f"{m.get('admitted')} refused {m.get('refused')}")
-        lines.append(f"  {r['sessions']} sessions, {r['workers']} worker(s): "
+        lines.append(f"  {r['sessions']} sessions, {wm(r)} worker(s): "
                      + "; ".join(extra))
         for i, x in enumerate(adm):
             lines.append(f"      process {i + 1}: {x}")
@@ -759,7 +766,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", default="1,2",
                     help="comma-separated worker processes of the server under load "
                          "(medview-server serve --workers N), each level side by side; "
-                         "default 1,2")
+                         "N:M also gives --max-streams M (the machine's streams at once, "
+                         "shared by the processes); default 1,2")
     ap.add_argument("--database", default=None,
                     help="the store's database for the server (postgresql://...; default "
                          "the store's SQLite WAL file)")
@@ -772,7 +780,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     big = 200 if a.quick else 2000
     sessions = [int(x) for x in (a.sessions or ("10,40" if a.quick else "50,200")).split(",")]
-    workers = [int(x) for x in a.workers.split(",")]
+    workers = [tuple(int(y) for y in x.split(":")) + (None,) for x in a.workers.split(",")]
     seconds = a.seconds or (10.0 if a.quick else 20.0)
     n = a.n or (100 if a.quick else 300)
     slices = a.ingest_slices or (12 if a.quick else 32)
@@ -797,16 +805,17 @@ def main(argv=None) -> int:
                 # each level against 1, 2 ... worker processes one after the other, a
                 # fresh server each time (nothing left over of the level before)
                 for s in sessions:
-                    for w in workers:
-                        log(f"{s} streaming sessions, serve --workers {w}")
-                        srv = ServeProcess(store_dir, w, work / "serve.log", a.database)
+                    for w, m, *_ in workers:
+                        log(f"{s} streaming sessions, serve --workers {w}"
+                            + (f" --max-streams {m}" if m else ""))
+                        srv = ServeProcess(store_dir, w, work / "serve.log", a.database, m)
                         try:
                             r = under_load(srv.host, srv.port, info, s, seconds, 20)
                             r["replicas"] = srv.replicas()
                         finally:
                             srv.stop()
-                        r.update(stream_size=20, sessions=s, workers=w)
-                        res["load"][f"{s}x{w}"] = r
+                        r.update(stream_size=20, sessions=s, workers=w, max_streams=m)
+                        res["load"][f"{s}x{w}" + (f"m{m}" if m else "")] = r
         if "ingest" not in skip:
             log("ingest")
             res["ingest"] = ingest_bench(work, slices, a.ingest_size)

@@ -474,8 +474,30 @@ def small_request(host, port, kind: str, s: dict, sid: str) -> tuple[float, int,
     return dt, r.status, problem
 
 
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """CPU seconds (user + system) of a process so far, and with ``children`` of its
+    child processes too (the worker processes of ``serve --workers N``), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def one(p: int) -> tuple[float, int]:
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0, -1
+        return (int(f[11]) + int(f[12])) / tick, int(f[1])
+
+    total = one(pid)[0]
+    if children:
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                t, ppid = one(int(d.name))
+                if ppid == pid:
+                    total += t
+    return total
+
+
 def under_load(host, port, info: dict[int, dict], sessions: int, seconds: float,
-               stream_size: int) -> dict:
+               stream_size: int, server_pid: int | None = None) -> dict:
     small = min(info)
     s = info[small]
     ref = reference_stream(host, port, info[stream_size]["series"], stream_size)
@@ -492,7 +514,10 @@ def under_load(host, port, info: dict[int, dict], sessions: int, seconds: float,
     kinds = {"login": [], "qido": [], "jpip": []}
     status = {"503": 0, "errors": 0, "wrong": 0, "503_no_retry_after": 0, "kinds": {}}
     time.sleep(min(5.0, seconds / 4))              # let the streams get going
-    t_end = time.monotonic() + seconds
+    cpu0 = {"server": cpu_seconds(server_pid, True) if server_pid else 0.0,
+            "streamers": cpu_seconds(proc.pid), "prober": cpu_seconds(os.getpid())}
+    t0 = time.monotonic()
+    t_end = t0 + seconds
     while time.monotonic() < t_end:
         for kind in kinds:
             dt, st, problem = small_request(host, port, kind, s, probe.sid)
@@ -507,6 +532,10 @@ def under_load(host, port, info: dict[int, dict], sessions: int, seconds: float,
                 status[key] += 1
                 what = f"{kind} {problem or st}"
                 status["kinds"][what] = status["kinds"].get(what, 0) + 1
+    wall = time.monotonic() - t0
+    cpu = {"server": cpu_seconds(server_pid, True) if server_pid else 0.0,
+           "streamers": cpu_seconds(proc.pid), "prober": cpu_seconds(os.getpid())}
+    cores_used = {k: (cpu[k] - cpu0[k]) / wall for k in cpu}
     a.send("stop")
     streams = a.recv() if a.poll(90) else {}
     proc.join(30)
@@ -516,7 +545,8 @@ def under_load(host, port, info: dict[int, dict], sessions: int, seconds: float,
                "max_ms": 1e3 * max(v) if v else float("nan")}
            for k, v in kinds.items()}
     return {"small": out, "small_status": status, "streams": streams, "seconds": seconds,
-            "stream_bytes": ref["data"]}
+            "stream_bytes": ref["data"], "cores_used": cores_used,
+            "loadavg_end": os.getloadavg()[0]}
 
 
 # =========================================================================== ingest
@@ -704,6 +734,11 @@ def load_table(load: dict) -> list[str]:
             adm.append(f"streams limit {g.get('limit')} admitted {g.get('admitted')} refused "
                        f"{g.get('refused')}, small limit {m.get('limit')} admitted "
                        f"{m.get('admitted')} refused {m.get('refused')}")
+        cu = r.get("cores_used") or {}
+        if cu:
+            extra.insert(0, "cores busy: server {server:.2f}, streaming client {streamers:.2f}, "
+                            "prober {prober:.2f}".format(**cu)
+                         + f"; load average at the end {r.get('loadavg_end', 0):.1f}")
         lines.append(f"  {r['sessions']} sessions, {wm(r)} worker(s): "
                      + "; ".join(extra))
         for i, x in enumerate(adm):
@@ -810,7 +845,8 @@ def main(argv=None) -> int:
                             + (f" --max-streams {m}" if m else ""))
                         srv = ServeProcess(store_dir, w, work / "serve.log", a.database, m)
                         try:
-                            r = under_load(srv.host, srv.port, info, s, seconds, 20)
+                            r = under_load(srv.host, srv.port, info, s, seconds, 20,
+                                           srv.proc.pid)
                             r["replicas"] = srv.replicas()
                         finally:
                             srv.stop()

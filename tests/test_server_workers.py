@@ -104,14 +104,15 @@ def test_two_worker_processes_share_sessions(two_workers):
 
 def _stream(conn: http.client.HTTPConnection, sid: str, query: str,
             declare: dict | None = None) -> set[tuple]:
-    """One framed packet request on ``conn``: the JPP messages it brought, as (class,
-    image, bin, offset, bytes) — what a client's cache would hold of them."""
+    """One framed packet request on ``conn`` (``query``: path and query): the JPP
+    messages it brought, as (class, image, bin, offset, bytes) — what a client's cache
+    would hold of them."""
     h = {"Authorization": f"Bearer {sid}"}
     if declare is None:
-        conn.request("GET", f"/jpip?{query}&framing=mv", headers=h)
+        conn.request("GET", f"{query}&framing=mv", headers=h)
     else:
         h["Content-Type"] = "application/json"
-        conn.request("POST", f"/jpip?{query}&framing=mv", headers=h,
+        conn.request("POST", f"{query}&framing=mv", headers=h,
                      body=json.dumps({"model": declare}).encode())
     r = conn.getresponse()
     assert r.status == 200, r.read()[:300]
@@ -131,14 +132,17 @@ def _login(url: str) -> str:
                          timeout=30).json()["session"]
 
 
+@pytest.mark.parametrize("route", ["series", "slabs"])
 def test_a_client_that_dropped_its_cache_gets_everything_from_the_other_process(
-        two_workers, ct_series_uid):
+        two_workers, ct_series_uid, route):
     """Process B streams layer 1 to the session; the client drops its cache and says so
     to process A (its declared model is empty) while fetching one image; B, asked next
-    for the whole series, must not plan against its own stale model (which believes the
-    client holds layer 1 of every image): what the client got after dropping its cache
-    is the whole series."""
-    url, t = two_workers.url, f"target={ct_series_uid}"
+    for the whole series (or its slab pyramid), must not plan against its own stale
+    model (which believes the client holds layer 1 of every image): what the client got
+    after dropping its cache is the whole target."""
+    url = two_workers.url
+    t = (f"/jpip?target={ct_series_uid}" if route == "series"
+         else f"/jpip/slabs/{ct_series_uid}?target={ct_series_uid}")
     full = _stream(two_workers.on()[0], _login(url), t)          # a fresh session: all
     sid = _login(url)
     cb, b = two_workers.on()
@@ -149,3 +153,41 @@ def test_a_client_that_dropped_its_cache_gets_everything_from_the_other_process(
     cb, _ = two_workers.on(replica=b)
     held |= _stream(cb, sid, t)
     assert held == full
+
+
+def _jpp(conn: http.client.HTTPConnection, sid: str, query: str):
+    """A bare JPP-stream request on ``conn``: (status, messages, response headers)."""
+    from codestream.jpp import parse_all
+
+    conn.request("GET", f"/jpip?{query}&type=jpp-stream",
+                 headers={"Authorization": f"Bearer {sid}"})
+    r = conn.getresponse()
+    body = r.read()
+    return r.status, (parse_all(body) if r.status == 200 else body), r.headers
+
+
+def test_a_jpip_channel_opened_on_one_process_is_served_by_the_other(
+        two_workers, ct_series_uid):
+    """A JPIP client's channel (cnew) opened on process B, then used on process A (its
+    connection was closed and the kernel handed the new one to A): A serves it — what B
+    sent on it is not known there, so it comes again, nothing is lost — and keeps its
+    model from then on; a channel closed (cclose) stays closed."""
+    from codestream.jpp import EorMessage
+
+    sid, q = _login(two_workers.url), f"target={ct_series_uid}&comps=0"
+    cb, b = two_workers.on()
+    st, first, h = _jpp(cb, sid, f"{q}&layers=1&cnew=http&tid=0")
+    assert st == 200
+    cid = dict(kv.split("=", 1) for kv in h["JPIP-cnew"].split(","))["cid"]
+    data = [m for m in first if not isinstance(m, EorMessage)]
+    assert data
+    ca, _ = two_workers.on(avoid=b)
+    st, again, _ = _jpp(ca, sid, f"{q}&layers=1&cid={cid}")
+    assert st == 200, again
+    assert [m for m in again if not isinstance(m, EorMessage)] == data     # sent again
+    st, more, _ = _jpp(ca, sid, f"{q}&layers=1&cid={cid}")
+    assert st == 200 and all(isinstance(m, EorMessage) for m in more)     # A's model now
+    st, _, _ = _jpp(ca, sid, f"{q}&layers=1&cid={cid}&cclose={cid}")
+    assert st == 200
+    st, body, _ = _jpp(ca, sid, f"{q}&layers=1&cid={cid}")
+    assert st == 404, body

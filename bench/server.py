@@ -5,8 +5,13 @@ Prints:
 * **idle**: tiny ``/jpip`` (1 image, 1 layer, 64² images) and QIDO (study query) median
   and p99, for a 20-image and a 2,000-image series in the same store, and their ratio;
 * **load**: N concurrent sessions (default 50 and 200), each streaming a whole series
-  over and over, while this process measures small requests (login, QIDO, tiny /jpip):
-  p50 / p99, errors and 503s, and what the streaming sessions saw (streams done, 503s);
+  over and over (its cache model declared empty each time), against ``medview-server
+  serve --workers W`` for each W of ``--workers`` (default 1 and 2) in turn, while this
+  process measures small requests (login, QIDO, tiny /jpip) on fresh connections:
+  p50 / p99 / max, errors, wrong answers and 503s (with Retry-After); what the
+  streaming sessions saw (streams completed, each checked against a reference stream:
+  wrong or lost; 503s with Retry-After; errors); the cores each party kept busy; and
+  each worker process's admission counters;
 * **ingest**: images/s of ``ingest_paths`` (one worker per core) against bare
   ``opj_compress -ImgDir`` with the same settings on the same frames, as one process (as
   a user runs it) and as one process per core on a share of the frames each: verified
@@ -20,11 +25,13 @@ Usage::
     .venv/bin/python bench/server.py --quick          # 200-image series, 10/40 sessions
     .venv/bin/python bench/server.py --work /tmp/srvbench   # keep and reuse the stores
     .venv/bin/python bench/server.py --skip load,ingest
+    .venv/bin/python bench/server.py --skip idle,ingest --workers 1,2,2:8  # 2:8: --max-streams 8
 
 Nothing is asserted: the figures are printed (and written to ``bench/out/server.json``).
-The server runs in a child process (``EmbeddedServer``); the streaming sessions run in a
-second child process (threads, one per session), so the measuring client is not held up
-by them more than by the machine itself. Timings depend on the machine's load, which the
+The server runs as a user runs it (``medview-server serve --allow-local`` on loopback,
+the store's SQLite WAL database unless ``--database``), a fresh one per load cell; the
+streaming sessions run in a child process (threads, one per session), so the measuring
+client is not held up by them more than by the machine itself. Timings depend on the machine's load, which the
 script prints.
 """
 from __future__ import annotations

@@ -22,7 +22,11 @@ The refusals are counted (:meth:`Admission.stats`, in ``/api/health``).
 
 The limits (:class:`Limits`) default to a few streams per core: streams are CPU-bound
 Python, and more of them at once only share the same cores while small requests wait
-for the interpreter lock behind them.
+for the interpreter lock behind them. They are the machine's: ``serve --workers N``
+gives each of its N processes a share (:meth:`Limits.for_workers`, rounded up), so that
+N processes together run about as many streams at once as one would, each gate counts
+its own process only (a process does not see the other's line), and the kernel's spread
+of connections decides which process a request waits in.
 """
 from __future__ import annotations
 
@@ -52,6 +56,22 @@ class Limits:
     stream_budget: float = 2.0
     small: int = 24
     small_budget: float = 0.5
+
+    @classmethod
+    def for_workers(cls, workers: int, streams: int | None = None) -> "Limits":
+        """The limits of one of ``workers`` server processes on this machine: its share
+        (rounded up, at least 1) of the machine's ``streams`` (default 2 per core, at
+        least 2) and of the small requests' limit; the budgets (waiting times) are not
+        shared."""
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        machine = cls() if streams is None else cls(streams=streams)
+        if machine.streams < 1:
+            raise ValueError("the machine's streams must be at least 1")
+        return cls(streams=max(1, math.ceil(machine.streams / workers)),
+                   stream_budget=machine.stream_budget,
+                   small=max(1, math.ceil(machine.small / workers)),
+                   small_budget=machine.small_budget)
 
 
 class Gate:

@@ -344,7 +344,8 @@ def lifespan(srv: Server, store: Store, scheduler: JobScheduler | None):
 
 def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: str = "info",
         policy_path: str | None = None, *, allow_local: bool = False, trusted_proxies=(),
-        proxy_header: str = "x-forwarded-for", workers: int = 1) -> None:
+        proxy_header: str = "x-forwarded-for", workers: int = 1,
+        max_streams: int | None = None) -> None:
     """Serve until interrupted (blocking), with the scheduled migration job. uvicorn's
     own proxy-header handling is off: :mod:`server.peers` decides who the client
     is, from ``trusted_proxies`` only.
@@ -353,14 +354,16 @@ def run(store_dir: str, host: str = "127.0.0.1", port: int = 8042, log_level: st
     the kernel spreads the connections): sessions, login throttling, series facts and
     job leases live in the database, so any process serves any request, and Python's
     interpreter lock stops being the ceiling. Each process builds its app from the same
-    settings (:func:`app_from_environment`)."""
+    settings (:func:`app_from_environment`). Admission control's limits are the
+    machine's (``max_streams`` packet streams at once, default 2 per core), each process
+    taking its share (:meth:`~server.admission.Limits.for_workers`)."""
     import json
 
     import uvicorn
 
     settings = {"store": str(store_dir), "policy": policy_path, "allow_local": allow_local,
                 "trusted_proxies": [str(n) for n in trusted_proxies],
-                "proxy_header": proxy_header}
+                "proxy_header": proxy_header, "workers": workers, "max_streams": max_streams}
     if workers > 1:
         os.environ[_SERVE_ENV] = json.dumps(settings)
         log.warning("medview-server %s serving %s on http://%s:%d with %d worker processes",
@@ -386,7 +389,9 @@ def _app_from(settings: dict) -> Starlette:
     return create_app(store, policy=PolicySource(store.root, settings.get("policy")),
                       schedule=True, allow_local=bool(settings.get("allow_local")),
                       trusted_proxies=tuple(settings.get("trusted_proxies") or ()),
-                      proxy_header=settings.get("proxy_header") or "x-forwarded-for")
+                      proxy_header=settings.get("proxy_header") or "x-forwarded-for",
+                      admission=Limits.for_workers(int(settings.get("workers") or 1),
+                                                   settings.get("max_streams")))
 
 
 def app_from_environment() -> Starlette:

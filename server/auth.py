@@ -154,6 +154,10 @@ class Session:
     context: dict = field(default_factory=dict)   # what the client reports (V8)
     claim: Callable[["Session"], None] | None = field(default=None, repr=False)
     model_owner: str | None = field(default=None, repr=False)
+    # True once another replica streamed to the session: JPIP channels this process does
+    # not hold may have been opened there (server.packets.resolve_model)
+    foreign_channels: bool = field(default=False, repr=False)
+    closed_channels: set = field(default_factory=set, repr=False)
 
     def claim_model(self) -> None:
         """Before the cache model is used: make this replica the model's owner, and
@@ -808,6 +812,7 @@ class Authority:
         if s.model_owner == self.replica or s.id in self._mem_only:
             return
         s.model.clear()                          # another replica streamed since
+        s.foreign_channels = True
         s.model_owner = self.replica
         self._write("UPDATE sessions SET model_owner = ? WHERE id_sha256 = ?",
                     (self.replica, self._sid_key(s.id)))

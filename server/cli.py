@@ -11,6 +11,7 @@ Sub-commands::
     medview-server sample --store DIR
     medview-server serve --store DIR [--host H] [--port P] [--policy FILE]
             [--dicom-port N [--ae-title MEDVIEW] [--dicom-host 127.0.0.1]]
+            [--workers N [--max-streams N]]
     medview-server ae add TITLE --host H --port P --store DIR | ae list | ae remove TITLE
             | ae allow-any on|off
     medview-server pacs add NAME --host H --port P --ae TITLE --store DIR | pacs list
@@ -241,6 +242,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .peers import parse_networks
 
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.max_streams is not None and args.max_streams < 1:
+        raise UsageError("--max-streams must be at least 1")
     problem = _port_problem(args.host, args.port)
     if problem:
         print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
@@ -261,7 +266,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         run(str(args.store), host=args.host, port=args.port, log_level=args.log_level,
             policy_path=str(args.policy) if args.policy else None,
             allow_local=args.allow_local, trusted_proxies=trusted,
-            proxy_header=args.proxy_header, workers=args.workers)
+            proxy_header=args.proxy_header, workers=args.workers,
+            max_streams=args.max_streams)
     finally:
         if dimse is not None:
             dimse.stop()
@@ -966,6 +972,10 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="server processes on the one port (sessions and caches are shared "
                         "through the database; default 1)")
+    p.add_argument("--max-streams", type=int, default=None, metavar="N",
+                   help="packet streams the machine runs at once, shared by the worker "
+                        "processes (each takes its share, rounded up); beyond them 503 "
+                        "with Retry-After (default 2 per core)")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -9,7 +9,12 @@ Two engines behind one interface (:class:`Db`), chosen by where the database is:
   ``foreign_keys=ON``, ``synchronous=FULL``, a busy timeout so that a command-line tool and
   the server can write the same file, one connection per thread (connections of threads
   that have ended are closed when the next thread connects), and one lock plus
-  ``BEGIN IMMEDIATE`` per write transaction.
+  ``BEGIN IMMEDIATE`` per write transaction. The lock is the file's writer lock
+  (:class:`_WriterLock`): a thread lock per file shared by every :class:`Db` of the
+  process, and across processes (``serve --workers N``, a command-line tool) a
+  ``flock`` on ``<file>-writer``, whose waiter the kernel wakes as soon as the lock is
+  free; SQLite's busy handler polls with sleeps of up to 100 ms, which under write load
+  from several processes made every contended write wait tens of milliseconds longer.
 * PostgreSQL (a ``postgresql://`` URL, :func:`is_postgres`): psycopg 3 with a connection
   pool per URL shared by every :class:`Db` of the process. A statement outside a
   transaction borrows a connection for that statement; a write transaction holds one for
@@ -146,6 +151,71 @@ def set_read_only(path: str | Path, reason: str | None) -> None:
     else:
         _read_only[key] = reason
     _mode_changes[key] = _mode_changes.get(key, 0) + 1
+
+
+class _WriterLock:
+    """One writer at a time on an SQLite file: a thread lock (re-entrant: a nested
+    transaction of another :class:`Db` on the same file behaves as without it) and,
+    held by the outermost holder, an exclusive ``flock`` on ``<file>-writer`` opened once
+    per process. Without that file (a read-only directory, a full disk) only the thread
+    lock; SQLite's own locking still decides then."""
+
+    _all: dict[str, "_WriterLock"] = {}
+    _all_lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.path = f"{path}-writer"
+        self.lock = threading.RLock()
+        self.depth = 0
+        self.fd: int | None = None
+        self.pid = 0
+
+    @classmethod
+    def of(cls, key: str) -> "_WriterLock":
+        with cls._all_lock:
+            wl = cls._all.get(key)
+            if wl is None:
+                wl = cls._all[key] = cls(key)
+            return wl
+
+    def _file(self) -> int | None:
+        import os
+
+        if self.pid != os.getpid():         # a forked child: its own open file
+            self.fd, self.pid = None, os.getpid()
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError:
+                return None
+        return self.fd
+
+    def __enter__(self) -> "_WriterLock":
+        import fcntl
+
+        self.lock.acquire()
+        if self.depth == 0:
+            fd = self._file()
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError:
+                    pass
+        self.depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        self.depth -= 1
+        try:
+            if self.depth == 0 and self.fd is not None:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_UN)
+                except OSError:
+                    pass
+        finally:
+            self.lock.release()
 
 
 def read_only_reason(path: str | Path) -> str | None:
@@ -495,26 +565,27 @@ class Db:
             if conn.in_transaction:
                 yield
                 return
-            try:
-                faults.check_disk("db")
-                # IMMEDIATE takes the write lock now
-                conn.execute("BEGIN IMMEDIATE")
-            except (sqlite3.OperationalError, OSError) as e:
-                if is_disk_full(e):
-                    raise StorageFull(f"the store's disk is full: {e}") from e
-                raise map_error(e) from e
-            try:
-                yield
-                conn.execute("COMMIT")
-            except BaseException as e:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                if isinstance(e, (sqlite3.OperationalError, OperationalError, OSError)) \
-                        and is_disk_full(e):
-                    raise StorageFull(f"the store's disk is full: {e}") from e
-                if isinstance(e, sqlite3.Error):
+            with _WriterLock.of(self._key):
+                try:
+                    faults.check_disk("db")
+                    # IMMEDIATE takes the write lock now
+                    conn.execute("BEGIN IMMEDIATE")
+                except (sqlite3.OperationalError, OSError) as e:
+                    if is_disk_full(e):
+                        raise StorageFull(f"the store's disk is full: {e}") from e
                     raise map_error(e) from e
-                raise
+                try:
+                    yield
+                    conn.execute("COMMIT")
+                except BaseException as e:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    if isinstance(e, (sqlite3.OperationalError, OperationalError, OSError)) \
+                            and is_disk_full(e):
+                        raise StorageFull(f"the store's disk is full: {e}") from e
+                    if isinstance(e, sqlite3.Error):
+                        raise map_error(e) from e
+                    raise
 
     @contextmanager
     def _pg_transaction(self) -> Iterator[None]:

@@ -539,6 +539,13 @@ def resolve_model(req: PacketRequest, session, series: list["ImageSource"]
         claim()
     if req.cid and req.cid != session.id:
         model = session.model.get(CHANNEL_KEY + req.cid)
+        if model is None and getattr(session, "foreign_channels", False) \
+                and req.cid.startswith(f"{session.id}.") \
+                and req.cid not in getattr(session, "closed_channels", ()):
+            # serve --workers N: a channel of this session that another process opened,
+            # or whose model this process forgot when another streamed to the session;
+            # what was sent on it is not known here: sent again, nothing lost
+            model = session.model[CHANNEL_KEY + req.cid] = CacheModel()
         if model is None:
             raise RequestError(f"cid: no channel {req.cid!r} in this session (closed, or "
                                "never opened with cnew)", status=404)
@@ -562,10 +569,14 @@ def resolve_model(req: PacketRequest, session, series: list["ImageSource"]
     if req.need:
         model = need_model(req.need, series, model)
         stateful = False                           # the channel is not advanced by a need
+    closed = getattr(session, "closed_channels", None)     # (stay closed: see above)
     for c in req.cclose:
-        for k in [k for k in session.model if k.startswith(CHANNEL_KEY)
-                  and (c == "*" or k == CHANNEL_KEY + c)]:
+        keys = [k for k in session.model if k.startswith(CHANNEL_KEY)
+                and (c == "*" or k == CHANNEL_KEY + c)]
+        for k in keys:
             session.model.pop(k, None)
+        if closed is not None and len(closed) < 4 * MAX_CHANNELS:
+            closed.update([c] if c != "*" else [k[len(CHANNEL_KEY):] for k in keys])
     return model, headers, stateful
 
 

@@ -71,6 +71,7 @@ class SlabRoutes:
         req = parse_request(q)
         built = self.slabs.get(uid)
         session = request.state.session
+        session.claim_model()      # serve --workers N: forget a model another made stale
         model = session.model_for(f"{uid}#slabs")
         if request.method == "POST":
             declare_from_body(request.state.body, model)

@@ -195,6 +195,7 @@ class SlideRoutes:
         self.svc.touch()
         level, row, st, req = self.packet_request(request)
         session, grant = request.state.session, request.state.grant
+        session.claim_model()      # serve --workers N: forget a model another made stale
         model = session.model_for(f"slide:{row['slide_uid']}")
         if request.method == "POST":
             declare_tiles(model, getattr(request.state, "json", None) or {})  # parsed by the guard

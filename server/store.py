@@ -4,6 +4,7 @@ Layout (see docs/ARCHITECTURE.md)::
 
     STORE/
       catalogue.sqlite                              SQLite, WAL, foreign keys on
+      catalogue.sqlite-writer                       empty: the writers' flock (dbutil)
       originals/ab/<sha256>.dcm                     original DICOM, bit for bit
       j2k/<series_uid>/<sop_uid>.<frame>.j2k        layered codestream
       j2k/<series_uid>/<sop_uid>.<frame>.idx.json   packet index

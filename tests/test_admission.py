@@ -213,3 +213,22 @@ def test_the_image_server_reports_its_gates(server):
     r = requests.get(f"{server.url}/api/health", timeout=30).json()
     assert set(r["admission"]) == {"streams", "small"}
     assert r["admission"]["small"]["limit"] >= 1
+
+
+def test_worker_processes_share_the_machines_limits():
+    """serve --workers N: each process takes its share (rounded up) of the machine's
+    streams and small requests, so N processes run about as many at once as one would;
+    the waiting budgets are not shared."""
+    one = Limits()
+    assert Limits.for_workers(1) == one
+    two = Limits.for_workers(2, streams=8)
+    assert (two.streams, two.small) == (4, (one.small + 1) // 2)
+    assert (two.stream_budget, two.small_budget) == (one.stream_budget, one.small_budget)
+    three = Limits.for_workers(3, streams=4)
+    assert three.streams == 2                     # 4/3 rounded up: never less than asked
+    assert Limits.for_workers(8, streams=2).streams == 1
+    assert Limits.for_workers(2).streams == (one.streams + 1) // 2
+    with pytest.raises(ValueError):
+        Limits.for_workers(0)
+    with pytest.raises(ValueError):
+        Limits.for_workers(2, streams=0)

@@ -34,9 +34,10 @@ def main() -> int:
             win.open_series(uid)
             state["stage"] = "series"
         elif st == "series" and win.loader is not None and win.series_uid == uid:
-            state["mpr"] = win.open_mpr()
+            # a window, or the task describing the series first (the window opens when it ends)
+            win.open_mpr()
             state["stage"] = "mpr"
-        elif st == "mpr" and state["mpr"] is not None and state["mpr"].isVisible():
+        elif st == "mpr" and any(w.isVisible() for w in win.threed.windows):
             win.open_slide(slide_uid)
             state["stage"] = "slide"
         elif st == "slide" and any(w.isVisible() for w in win.slides.windows):

@@ -325,7 +325,7 @@ class VolumeLoader:
         if type(self) is not VolumeLoader or len(self.plan) < 3 or self.full_route == "j2k":
             return None
         last = self.plan[-1]
-        chosen = self._htj2k_chosen(last)
+        chosen = self._htj2k_chosen(last, self.plan[1:-1])
         if chosen:
             dropped = self.plan[1:-1]
             self.plan = [self.plan[0], last]
@@ -338,7 +338,10 @@ class VolumeLoader:
         n, secs = self._link
         return n / secs if n >= 65536 and secs > 0 else None
 
-    def _htj2k_chosen(self, stage: LoadStage) -> bool:
+    def _htj2k_chosen(self, stage: LoadStage, previews: Sequence[LoadStage] = ()) -> bool:
+        """Whether ``stage`` (the full one) takes the HTJ2K copies. ``previews``: the J2K
+        preview stages before it that the copies' route leaves out (the layers' route
+        still runs them: the choice counts their cost)."""
         from client.frames import choose_full_load
 
         if (type(self) is not VolumeLoader or self.full_route == "j2k"
@@ -358,7 +361,15 @@ class VolumeLoader:
             link = self._probe_link(comps)
             if link is None:
                 return False                   # the copies cannot be had: the layers
-        self.full_choice = choose_full_load(ims, [self.series.held_bytes(c) for c in comps], link)
+        at = {c: i for i, c in enumerate(comps)}
+        ratio = None
+        if self._probe is not None:            # the copies' size, measured on one frame
+            total = int(self.series.images[self._probe[0]].get("total_bytes") or 0)
+            ratio = len(self._probe[1]) / total if total else None
+        self.full_choice = choose_full_load(
+            ims, [self.series.held_bytes(c) for c in comps], link, htj2k_ratio=ratio,
+            previews=[([at[c] for c in self.stage_comps(s) if c in at], s.reduce or 0, s.layers or 0)
+                      for s in previews])
         log.info("full-quality load: %s", self.full_choice.reason)
         return self.full_choice.route == "htj2k"
 

@@ -8,8 +8,9 @@ same stored values, bit for bit:
 (b) each frame's HTJ2K copy, fetched whole through WADO-RS
     (``GET /dicomweb/.../frames/N`` with ``Accept: image/jphc;
     transfer-syntax=1.2.840.10008.1.2.4.202``; the server sends its final copy as stored,
-    or transcodes) and decoded by OpenJPH, 13–26× faster but ~7 % more bytes, none of
-    which the cache holds.
+    or transcodes) and decoded by OpenJPH: a 512² CT frame in 1.5 ms of CPU against
+    OpenJPEG's 25.8 ms for the whole J2K, but ~6 % more bytes, none of which the cache
+    holds.
 
 :func:`choose_full_load` estimates both end to end as the loader runs them
 (:mod:`client.volume_loader`), and picks the sooner:
@@ -73,6 +74,21 @@ def decode_cores() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def cpu_share() -> float:
+    """The share of the machine's cores a decode can expect now: cores over the
+    1-minute load average (at most 1; 1 where the system does not say). On a shared
+    machine the decodes slow down with the other work (the bench's J2K decode of 100
+    512² slices: ~1.4 s alone, 6-8 s at a load of 10 on 2 cores), which the CPU seconds
+    of :data:`RATES` do not show."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 1.0
+    return min(1.0, (os.cpu_count() or 1) / load) if load > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class FullLoadChoice:
     """The route of a full-quality volume load and why."""
@@ -95,7 +111,7 @@ def _layer_bytes(im: dict) -> list[int]:
 
 
 def _j2k_full_stage(images: list[dict], held: list[int], link: float, r: dict,
-                    cores: int) -> float:
+                    cores: float) -> float:
     """Seconds of the full stage through the layers: the transfer of what ``held`` lacks,
     layer after layer across all images (``order=quality``); at each layer's end the
     server recommends a render and the loader decodes every image at that layer unless
@@ -129,7 +145,7 @@ def _j2k_full_stage(images: list[dict], held: list[int], link: float, r: dict,
 def choose_full_load(images: list[dict], held: list[int], link_bytes_s: float | None, *,
                      previews: Sequence[tuple[Sequence[int], int, int]] = (),
                      htj2k_ratio: float | None = None, cores: int | None = None,
-                     rates: dict | None = None) -> FullLoadChoice:
+                     share: float = 1.0, rates: dict | None = None) -> FullLoadChoice:
     """Pick the sooner route for loading ``images`` (``series_images`` rows) whole and
     lossless. ``held``: bytes of each image the client already holds (the packet
     cache); ``link_bytes_s``: the measured link rate (None: unknown — the transport,
@@ -137,9 +153,10 @@ def choose_full_load(images: list[dict], held: list[int], link_bytes_s: float | 
     layers) of each J2K preview stage the layers' route still runs before the full stage and the copies'
     route leaves out (their bytes are part of what the cache lacks; their request and
     renders are the cost). ``htj2k_ratio``: the copies' bytes against the J2K, measured
-    (default :data:`RATES`); ``cores``: default :func:`decode_cores`."""
+    (default :data:`RATES`); ``cores``: default :func:`decode_cores`; ``share``: of
+    those the decodes get (:func:`cpu_share`; 1: all)."""
     r = {**RATES, **(rates or {})}
-    cores = cores or decode_cores()
+    cores = (cores or decode_cores()) * min(1.0, max(share, 0.05))
     total = sum(int(im.get("total_bytes") or 0) for im in images)
     remaining = max(0, total - sum(held))
     ratio = htj2k_ratio if htj2k_ratio and htj2k_ratio > 0 else r["htj2k_size_ratio"]
@@ -177,7 +194,7 @@ def choose_full_load(images: list[dict], held: list[int], link_bytes_s: float | 
     why = (f"{'HTJ2K copies' if route == 'htj2k' else 'J2K layers'} sooner: J2K "
            f"{remaining / 1e6:.1f} MB to fetch, ~{t_j2k:.2f} s (decode after the last "
            f"byte); HTJ2K {ht_bytes / 1e6:.1f} MB, ~{t_ht:.2f} s at "
-           f"{link_bytes_s * 8 / 1e6:.0f} Mbit/s{left}")
+           f"{link_bytes_s * 8 / 1e6:.0f} Mbit/s, decodes on {cores:.1f} cores{left}")
     return FullLoadChoice(route, t_j2k, t_ht, remaining, ht_bytes, link_bytes_s, why,
                           len(previews) if route == "htj2k" else 0)
 
@@ -277,6 +294,38 @@ def fetch_frame(session, study_uid: str, series_uid: str, sop_uid: str, frame: i
     if not got.startswith(media) or f"transfer-syntax={syntax}" not in got:
         raise ValueError(f"asked {media} {syntax}, got {got!r}")
     return resp.content
+
+
+def probe_frame(session, study_uid: str, series_uid: str, sop_uid: str, frame: int,
+                syntax: str = HTJ2K_SYNTAX, chunk: int = 16384) -> tuple[bytes, float]:
+    """One frame in ``syntax`` (as :func:`fetch_frame`) and the link rate it shows, in
+    bytes/s: the body after its first chunk over the time it took to arrive — the
+    server's time before the first byte left out (under load it is most of a small
+    frame's time, and would make a fast link look slow); the whole answer's rate where
+    the body came at once (loopback)."""
+    import time
+
+    media = _MEDIA[syntax]
+    t0 = time.monotonic()
+    resp = session.request("GET", frame_path(study_uid, series_uid, sop_uid, frame),
+                           headers={"Accept": f"{media}; transfer-syntax={syntax}"}, stream=True)
+    try:
+        got = resp.headers.get("content-type", "")
+        if not got.startswith(media) or f"transfer-syntax={syntax}" not in got:
+            raise ValueError(f"asked {media} {syntax}, got {got!r}")
+        parts, first, t1 = [], 0, None
+        for c in resp.iter_content(chunk):
+            if t1 is None:
+                t1, first = time.monotonic(), len(c)
+            parts.append(c)
+        t2 = time.monotonic()
+    finally:
+        resp.close()
+    data = b"".join(parts)
+    rest = len(data) - first
+    if t1 is not None and rest >= len(data) // 2 and t2 - t1 > 1e-3:
+        return data, rest / (t2 - t1)
+    return data, len(data) / max(t2 - t0, 1e-6)
 
 
 def decode_frame(data: bytes, image: dict, syntax: str = HTJ2K_SYNTAX) -> np.ndarray:

@@ -43,8 +43,12 @@ def test_choice_follows_link_and_cache():
     for link in (10 * MBIT, 50 * MBIT):
         c = choose_full_load(ims, most, link, previews=previews, cores=2)
         assert c.route == "j2k" and c.j2k_bytes == (200_000 - 180_000) * len(ims), (link, c)
-    # all held: only the decode is left, sooner than fetching the copies at 100 Mbit/s
+    # all held: only the decode is left, sooner than fetching the copies at 100 Mbit/s;
+    # not when other work leaves the decodes a quarter of the cores (the copies' decode
+    # runs while they arrive, the layers' after)
     assert choose_full_load(ims, [200_000] * len(ims), 100 * MBIT, cores=2).route == "j2k"
+    busy = choose_full_load(ims, [200_000] * len(ims), 100 * MBIT, cores=2, share=0.25)
+    assert busy.route == "htj2k" and "0.5 cores" in busy.reason
     # no measurement: the transport (its bytes stay in the cache)
     assert choose_full_load(ims, held, None).route == "j2k"
     assert RATES["htj2k_cpu_s_per_px"] * 512 * 512 < RATES["j2k_cpu_s_per_byte"] * 200_000
@@ -115,6 +119,9 @@ def test_htj2k_volume_equals_the_lossless_j2k_volume(server, ct_series_uid):
     a, ev_a, calls_a, _ = _load(server.url, ct_series_uid, "j2k")
     b, ev_b, calls_b, prog = _load(server.url, ct_series_uid, "htj2k")
     assert ev_a[-1].final and ev_b[-1].final and ev_b[-1].update.complete
+    # the full stage's events say its route (the previews' do not)
+    assert ev_b[-1].route == "htj2k" and ev_b[-1].why == "HTJ2K copies asked for"
+    assert not ev_b[0].route and not ev_a[-1].route       # J2K asked for: no choice made
     # HTJ2K asked for: only the first preview stays (the whole volume comes sooner than
     # the further coarse previews would), and the last stage made no packet transfer
     assert len(a.plan) >= 3 and b.plan == [a.plan[0], a.plan[-1]]
@@ -160,10 +167,12 @@ def test_auto_takes_htj2k_on_loopback_and_copies_are_used(ct_store, tmp_path):
         np.testing.assert_array_equal(probed.volume.data, ref.volume.data)
         # the choice counts the preview the copies leave out
         assert got.full_choice.previews_left_out == 1 and "preview" in got.full_choice.reason
+        assert events[-1].route == "htj2k" and events[-1].why == got.full_choice.reason
         # a slow link measured (1 Mbit/s: the copies' extra bytes outweigh the
         # layers' decode and preview): the layers
-        slow, *_ = _load(srv.url, uid, "auto", link_bytes_s=1e6 / 8)
+        slow, slow_events, *_ = _load(srv.url, uid, "auto", link_bytes_s=1e6 / 8)
         assert slow.full_choice.route == "j2k"
+        assert slow_events[-1].route == "j2k" and "J2K layers sooner" in slow_events[-1].why
         np.testing.assert_array_equal(slow.volume.data, ref.volume.data)
         # the frames come from the copies alone: without the originals, the same volume
         with Store(root) as st:
@@ -195,6 +204,7 @@ def test_a_failing_route_falls_back_to_the_layers(ct_store, tmp_path):
         got, events, calls, _ = _load(srv.url, uid, "htj2k")
         assert len(calls) == len(got.plan)               # the last stage went by packets
         assert events[-1].final
+        assert events[-1].route == "j2k" and events[-1].why.startswith("HTJ2K copies failed")
         np.testing.assert_array_equal(got.volume.data, ref.volume.data)
     finally:
         srv.stop()

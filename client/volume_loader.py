@@ -12,11 +12,14 @@ decode is running are coalesced: the latest wins.
 The full-quality stage of a whole-volume load (H1, "HTJ2K where it wins") takes the
 sooner of two routes to the same lossless values: the rest of the layered J2K transport,
 or every frame's HTJ2K copy through WADO-RS (:mod:`client.frames`), decided by
-:func:`client.frames.choose_full_load` from the link rate (given, or measured by timing
-one whole HTJ2K frame, which the load then keeps — the previews' small packet transfers
-understate a fast link) and what the cache already holds. The previews stay layered J2K. If the HTJ2K
-route fails (rights, a syntax the server cannot make, the network) the stage runs
-through the transport as before.
+:func:`client.frames.choose_full_load` from the link rate (given, or measured on one
+HTJ2K frame's body, :func:`client.frames.probe_frame` — the previews' small packet
+transfers understate a fast link), what the cache already holds, the previews each route
+still runs and the decodes' cost, once the first preview is shown. The previews stay
+layered J2K; when the copies win, the further previews are left out. The full stage's
+events say the route taken and why (:attr:`LoadEvent.route`, :attr:`LoadEvent.why`). If
+the HTJ2K route fails (rights, a syntax the server cannot make, the network) the stage
+runs through the transport as before.
 
 Two plans:
 

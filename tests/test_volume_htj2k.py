@@ -168,9 +168,10 @@ def test_auto_takes_htj2k_on_loopback_and_copies_are_used(ct_store, tmp_path):
         # the choice counts the preview the copies leave out
         assert got.full_choice.previews_left_out == 1 and "preview" in got.full_choice.reason
         assert events[-1].route == "htj2k" and events[-1].why == got.full_choice.reason
-        # a slow link measured (1 Mbit/s: the copies' extra bytes outweigh the
-        # layers' decode and preview): the layers
-        slow, slow_events, *_ = _load(srv.url, uid, "auto", link_bytes_s=1e6 / 8)
+        # a slow link measured (50 kbit/s: the copies' extra bytes outweigh the layers'
+        # decode and preview, also on the busiest machine — the decodes' share of the
+        # cores is at least 5 %, client.frames): the layers
+        slow, slow_events, *_ = _load(srv.url, uid, "auto", link_bytes_s=50e3 / 8)
         assert slow.full_choice.route == "j2k"
         assert slow_events[-1].route == "j2k" and "J2K layers sooner" in slow_events[-1].why
         np.testing.assert_array_equal(slow.volume.data, ref.volume.data)

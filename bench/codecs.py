@@ -329,6 +329,9 @@ def bench_viewer_volume(tmp: Path, slices: int, rounds: int = 3,
                         run["chose"] = c.route if c else "j2k"
                         run["measured_mbit_s"] = (c.link_bytes_s * 8 / 1e6
                                                   if c and c.link_bytes_s else None)
+                        # the model's estimates of the full stage (from the choice on)
+                        run["estimated_s"] = ({"j2k": c.j2k_seconds, "htj2k": c.htj2k_seconds}
+                                              if c else None)
                     runs[route].append(run)
                     del loader
             row = {"runs": runs}
@@ -340,6 +343,9 @@ def bench_viewer_volume(tmp: Path, slices: int, rounds: int = 3,
                     row[route]["chose"] = "/".join(sorted({r["chose"] for r in rs}))
                     row[route]["measured_mbit_s"] = statistics.median(
                         r["measured_mbit_s"] or 0 for r in rs)
+                    est = [r["estimated_s"] for r in rs if r.get("estimated_s")]
+                    row[route]["estimated_s"] = ({k: statistics.median(e[k] for e in est)
+                                                  for k in ("j2k", "htj2k")} if est else None)
             row["full_stage_speedup"] = (row["j2k"]["full_stage_seconds"]
                                          / row["htj2k"]["full_stage_seconds"])
             row["whole_load_speedup"] = row["j2k"]["seconds"] / row["htj2k"]["seconds"]
@@ -486,6 +492,10 @@ def main(argv=None) -> int:
                 cell = lambda r: f"{r['seconds']:6.2f} ({r['full_stage_seconds']:5.2f})"  # noqa: E731
                 print(f"{name:<12} {cell(row['j2k']):>16} {cell(row['htj2k']):>16} {cell(a):>16}  "
                       f"{a['chose']} (measured {a['measured_mbit_s'] or 0:.0f} Mbit/s)")
+                if a.get("estimated_s"):
+                    e = a["estimated_s"]
+                    print(f"{'':<12} auto's estimate from the choice on: J2K {e['j2k']:.2f} s, "
+                          f"HTJ2K {e['htj2k']:.2f} s (medians)")
                 print(f"{'':<12} HTJ2K sooner: {row['full_stage_speedup']:.1f}x the full-quality "
                       f"stage (the remaining J2K layers), {row['whole_load_speedup']:.1f}x the "
                       f"whole load; load average {row['j2k']['load']:.1f} (median at the runs)")

@@ -12,11 +12,14 @@ decode is running are coalesced: the latest wins.
 The full-quality stage of a whole-volume load (H1, "HTJ2K where it wins") takes the
 sooner of two routes to the same lossless values: the rest of the layered J2K transport,
 or every frame's HTJ2K copy through WADO-RS (:mod:`client.frames`), decided by
-:func:`client.frames.choose_full_load` from the link rate (given, or measured by timing
-one whole HTJ2K frame, which the load then keeps — the previews' small packet transfers
-understate a fast link) and what the cache already holds. The previews stay layered J2K. If the HTJ2K
-route fails (rights, a syntax the server cannot make, the network) the stage runs
-through the transport as before.
+:func:`client.frames.choose_full_load` from the link rate (given, or measured on one
+HTJ2K frame's body, :func:`client.frames.probe_frame` — the previews' small packet
+transfers understate a fast link), what the cache already holds, the previews each route
+still runs and the decodes' cost, once the first preview is shown. The previews stay
+layered J2K; when the copies win, the further previews are left out. The full stage's
+events say the route taken and why (:attr:`LoadEvent.route`, :attr:`LoadEvent.why`). If
+the HTJ2K route fails (rights, a syntax the server cannot make, the network) the stage
+runs through the transport as before.
 
 Two plans:
 
@@ -41,7 +44,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from client.pool import INTERACTION, CancelToken, WorkerPool, default_pool
 from client.series import Callbacks, Cancelled, SeriesData, TransferProgress
@@ -86,6 +89,8 @@ class LoadEvent:
     update: VolumeUpdate | None
     received: int                        # bytes received so far (whole load)
     final: bool                          # the last event of the plan
+    route: str = ""                      # full stage of a whole-volume load: "htj2k" | "j2k"
+    why: str = ""                        # why that route (client.frames.FullLoadChoice.reason)
 
 
 # --------------------------------------------------------------------------- volumes
@@ -258,7 +263,6 @@ class VolumeLoader:
             raise ValueError(f"full_route must be auto, j2k or htj2k, got {full_route!r}")
         self.full_route = full_route
         self.link_bytes_s = link_bytes_s          # None: measured on the earlier stages
-        self.full_choice = None                   # client.frames.FullLoadChoice, once made
 
     def _init_run_state(self, decode_threads: int, on_progress, pool: WorkerPool | None,
                         priority: int) -> None:
@@ -276,6 +280,7 @@ class VolumeLoader:
         self._lock = threading.Lock()
         self._link = [0, 0.0]                      # bytes, seconds of finished transfers
         self._probe = None                         # (image, HTJ2K frame) fetched to time the link
+        self.full_choice = None                    # client.frames.FullLoadChoice, once made
 
     # ------------------------------------------------------------------ control
     def cancel(self) -> None:
@@ -302,20 +307,33 @@ class VolumeLoader:
             if self.cancelled:
                 return
             last_stage = n == len(self.plan) - 1
+            why = ""
             if early if last_stage and early is not None else self._htj2k_chosen(stage):
                 try:
-                    yield from self._run_htj2k(stage, last_stage)
+                    yield from self._said(self._run_htj2k(stage, last_stage), "htj2k")
                     n += 1
                     continue
                 except _RouteFailed as e:       # nothing applied: the transport instead
                     log.warning("HTJ2K route failed (%s); loading through the J2K layers",
                                 e)
-            yield from self._run_stage(stage, last_stage)
+                    why = f"HTJ2K copies failed ({e}): the J2K layers"
+            if last_stage and (why or self.full_choice is not None):
+                yield from self._said(self._run_stage(stage, last_stage), "j2k", why)
+            else:
+                yield from self._run_stage(stage, last_stage)
             if n == 0 and not last_stage and not self.cancelled:
                 early = self._early_route()     # once the first preview is shown
             n += 1
 
     # ------------------------------------------------------------------ HTJ2K route
+    def _said(self, events: Iterator[LoadEvent], route: str, why: str = "") -> Iterator[LoadEvent]:
+        """The full stage's events, saying its route and why (the choice's reason)."""
+        if not why:
+            c = self.full_choice
+            why = c.reason if c is not None else ("HTJ2K copies asked for" if route == "htj2k" else "")
+        for ev in events:
+            yield replace(ev, route=route, why=why)
+
     def _early_route(self) -> bool | None:
         """With three stages or more (a first preview, more previews, full quality): the
         full stage's route chosen once the first preview is shown (HTJ2K asked for, or
@@ -325,7 +343,7 @@ class VolumeLoader:
         if type(self) is not VolumeLoader or len(self.plan) < 3 or self.full_route == "j2k":
             return None
         last = self.plan[-1]
-        chosen = self._htj2k_chosen(last)
+        chosen = self._htj2k_chosen(last, self.plan[1:-1])
         if chosen:
             dropped = self.plan[1:-1]
             self.plan = [self.plan[0], last]
@@ -338,8 +356,11 @@ class VolumeLoader:
         n, secs = self._link
         return n / secs if n >= 65536 and secs > 0 else None
 
-    def _htj2k_chosen(self, stage: LoadStage) -> bool:
-        from client.frames import choose_full_load
+    def _htj2k_chosen(self, stage: LoadStage, previews: Sequence[LoadStage] = ()) -> bool:
+        """Whether ``stage`` (the full one) takes the HTJ2K copies. ``previews``: the J2K
+        preview stages before it that the copies' route leaves out (the layers' route
+        still runs them: the choice counts their cost)."""
+        from client.frames import choose_full_load, cpu_share
 
         if (type(self) is not VolumeLoader or self.full_route == "j2k"
                 or stage.level or stage.reduce or stage.layers is not None):
@@ -358,28 +379,34 @@ class VolumeLoader:
             link = self._probe_link(comps)
             if link is None:
                 return False                   # the copies cannot be had: the layers
-        self.full_choice = choose_full_load(ims, [self.series.held_bytes(c) for c in comps], link)
+        at = {c: i for i, c in enumerate(comps)}
+        ratio = None
+        if self._probe is not None:            # the copies' size, measured on one frame
+            total = int(self.series.images[self._probe[0]].get("total_bytes") or 0)
+            ratio = len(self._probe[1]) / total if total else None
+        self.full_choice = choose_full_load(
+            ims, [self.series.held_bytes(c) for c in comps], link, htj2k_ratio=ratio, share=cpu_share(),
+            previews=[([at[c] for c in self.stage_comps(s) if c in at], s.reduce or 0, s.layers or 0)
+                      for s in previews])
         log.info("full-quality load: %s", self.full_choice.reason)
         return self.full_choice.route == "htj2k"
 
     def _probe_link(self, comps: list[int]) -> float | None:
         """Bytes/s of one whole HTJ2K frame fetched (its server time included), the
         larger of that and the previews' rate; None if the frame cannot be had."""
-        from client.frames import fetch_frame
+        from client.frames import probe_frame
 
         c = comps[len(comps) // 2]
         im = self.series.images[c]
-        t0 = time.monotonic()
         try:
-            data = fetch_frame(self.series.session, str(self.series.info.get("StudyInstanceUID") or ""),
-                               self.series.uid, im["SOPInstanceUID"], int(im.get("frame") or 1))
+            data, rate = probe_frame(self.series.session, str(self.series.info.get("StudyInstanceUID") or ""),
+                                     self.series.uid, im["SOPInstanceUID"], int(im.get("frame") or 1))
         except Exception as e:  # noqa: BLE001 - rights, a syntax it cannot make, the network
             log.info("no HTJ2K copies for this load (%s): the layers", e)
             return None
-        dt = max(time.monotonic() - t0, 1e-6)
         self._probe = (c, data)
         self.received += len(data)
-        return max(len(data) / dt, self.measured_link() or 0.0)
+        return max(rate, self.measured_link() or 0.0)
 
     def _run_htj2k(self, stage: LoadStage, last_stage: bool) -> Iterator[LoadEvent]:
         """Every frame's HTJ2K copy, decoded in the pool, applied in one batch; progress

@@ -241,6 +241,10 @@ def test_progressive_volume_redraws_at_each_level(qtbot, server, ct_series_uid):
         qtbot.waitUntil(lambda: bool(events) and events[-1].final, timeout=WAIT_MS)
         assert len(events) >= 3 and len(renders) >= 2
         assert "complete" in lay.status.text()
+        # the full stage's route and why: in the status (the copies) and its tooltip
+        last = events[-1]
+        assert last.route in ("htj2k", "j2k") and last.why in lay.status.toolTip()
+        assert ("HTJ2K copies" in lay.status.text()) == (last.route == "htj2k")
         assert len(lay.volume.filled_slots()) == 0
         win.close()
     finally:

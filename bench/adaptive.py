@@ -8,16 +8,21 @@ Replays three recorded scroll traces, generated deterministically from ``--seed`
 (slow reading, fast skimming, jumping), over links of 1, 10 and 100 Mbit/s, in four
 configurations:
 
-* ``fixed``    the plan without adaptation: every layer for the shown slice, its two
-               neighbours and the background fill of the whole series; the plan follows
-               the reader once scrolling settles (200 ms, as the main window);
+* ``fixed``    the plan without adaptation: the preview of the whole series first
+               (nearest the reader first, in requests of about 0.5 s of the measured
+               link), every layer for the shown slice, its two neighbours and the
+               background fill of the whole series; the plan follows the reader once
+               scrolling settles (200 ms, as the main window);
 * ``adapt``    the shown slice and its neighbours stop at the version the site policy
                names for the link (V3 = 1 layer under 5 Mbit/s, V2 = 2 layers under
                50 Mbit/s, else V1 = lossless); while the reader is active the background
                fill brings the whole series at the best version the link brings it at in
-               2 s, else the smallest version within what the link brings in 1 s around
-               the reader, and only after a 1 s pause (``client.series_loader.
-               background_fill``); everything goes on after ``IDLE_S`` without scrolling;
+               2 s, else the smallest version within what the link brings in 0.5 s
+               around the reader, and only after a 1 s pause (``client.series_loader.
+               background_fill``); on a link too slow for the whole preview within 2 s,
+               the preview too reaches only that far while the reader is active
+               (``preview_window_for``); everything goes on after ``IDLE_S`` without
+               scrolling;
 * ``predict``  prefetch ahead in the scroll direction, depth growing with scroll speed
                (bounded by the memory budget), cancelled when the reader turns away; a
                move of more than 8 slices is a jump, not scrolling;

@@ -9,9 +9,12 @@ The plan (SPEC P9, P12, V4, H2, H5)
 user looks at, the resolution the viewport needs) into an ordered list of
 :class:`Stage` s, each one packet request:
 
-1. ``preview``    every image at the lowest resolution and the first quality layer, in
-                  one quality-first request, so the whole series can be scrolled almost
-                  at once;
+1. ``preview``    every image at the lowest resolution and the first quality layer, so
+                  the whole series can be scrolled almost at once: nearest to the slice
+                  the reader is on first, in requests of what the measured link brings in
+                  ``PREVIEW_CHUNK_S`` (on a LAN the whole series in one request), each
+                  planned when the previous one ends (a jump: the next one starts around
+                  the new slice); a preview request is never cancelled;
 2. ``region``     a rectangle the user asked for at full resolution and quality;
 3. ``focus``      the shown image, at the resolution the viewport needs (never more,
                   V4) and every layer;
@@ -30,7 +33,10 @@ to be worth its bytes (:func:`background_fill`, from the measured link): the who
 at the best version the link brings it at within ``FILL_WHOLE_S`` (a LAN: every layer, as
 without adaptation), else the smallest version within the slices the link brings in
 ``FILL_HORIZON_S`` around the reader; and it starts only once the reader pauses
-(``PAUSE_S`` without scrolling). Prediction: while the reader scrolls, ``near`` becomes
+(``PAUSE_S`` without scrolling). On a link too slow for the whole series' preview within
+``FILL_WHOLE_S``, the preview of the active reader reaches only as far as that window,
+after the shown slice and its neighbours; the rest when the reader rests
+(:func:`preview_window_for`). Prediction: while the reader scrolls, ``near`` becomes
 the slices ahead of the slice on screen in small requests, as deep as
 ``neighbours + speed x lookahead_s`` (bounded by the decoded-image budget), then the one
 behind; a prediction is cancelled when the reader turns the other way, and kept when the
@@ -296,7 +302,7 @@ def follow_scroll(speed: float, dt: float, steps: int) -> tuple[float, bool]:
     return (rate if dt > 1.0 else 0.5 * speed + 0.5 * rate), False
 
 
-FILL_HORIZON_S = 1.0
+FILL_HORIZON_S = 0.5
 """While the reader is active, the background fill reaches as far around the reader as the
 measured link brings (at the smallest version) in this many seconds..."""
 FILL_WHOLE_S = 2.0

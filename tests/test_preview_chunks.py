@@ -231,13 +231,17 @@ def test_loader_slow_link_previews_the_window_then_the_whole_series(asrv, pool):
     rec.idle.clear()
     clock.advance(2e6)
     loader.set_prefetch(True)                    # any re-plan (the idle timer's too)
-    wait_for(lambda: all(sd.levels(i)[1] >= 0 for i in range(n)),
+    rest = [i for i in range(n) if i not in (4, 5, 6)]
+
+    def completed():
+        with rec.lock:
+            return [e for e in rec.events[start:] if e[2] == "complete"]
+    wait_for(lambda: sorted(i for k, c, _st in completed() if k == PREVIEW for i in c) == rest,
              what="the whole series' preview")
-    with rec.lock:
-        events = [e for e in rec.events[start:] if e[2] == "complete"]
+    events = completed()
     after = [c for k, c, _st in events if k == PREVIEW]
     assert after[:2] == [(3,), (7,)]
     assert [k for k, _c, _st in events[:len(after)]] == [PREVIEW] * len(after)
-    assert sorted(i for c in after for i in c) == [i for i in range(n) if i not in (4, 5, 6)]
+    assert all(sd.levels(i)[1] >= 0 for i in range(n))
     loader.close()
     s.logout()

@@ -8,16 +8,21 @@ Replays three recorded scroll traces, generated deterministically from ``--seed`
 (slow reading, fast skimming, jumping), over links of 1, 10 and 100 Mbit/s, in four
 configurations:
 
-* ``fixed``    the plan without adaptation: every layer for the shown slice, its two
-               neighbours and the background fill of the whole series; the plan follows
-               the reader once scrolling settles (200 ms, as the main window);
+* ``fixed``    the plan without adaptation: the preview of the whole series first
+               (nearest the reader first, in requests of about 0.5 s of the measured
+               link), every layer for the shown slice, its two neighbours and the
+               background fill of the whole series; the plan follows the reader once
+               scrolling settles (200 ms, as the main window);
 * ``adapt``    the shown slice and its neighbours stop at the version the site policy
                names for the link (V3 = 1 layer under 5 Mbit/s, V2 = 2 layers under
                50 Mbit/s, else V1 = lossless); while the reader is active the background
                fill brings the whole series at the best version the link brings it at in
-               2 s, else the smallest version within what the link brings in 1 s around
-               the reader, and only after a 1 s pause (``client.series_loader.
-               background_fill``); everything goes on after ``IDLE_S`` without scrolling;
+               2 s, else the smallest version within what the link brings in 0.5 s
+               around the reader, and only after a 1 s pause (``client.series_loader.
+               background_fill``); on a link too slow for the whole preview within 2 s,
+               the preview too reaches only that far while the reader is active
+               (``preview_window_for``); everything goes on after ``IDLE_S`` without
+               scrolling;
 * ``predict``  prefetch ahead in the scroll direction, depth growing with scroll speed
                (bounded by the memory budget), cancelled when the reader turns away; a
                move of more than 8 slices is a jump, not scrolling;
@@ -61,7 +66,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.series_loader import (BACKGROUND, FOCUS, IDLE_S, PAUSE_S, PREVIEW, PlanState,  # noqa: E402
-                           background_fill, follow_scroll, plan_stages, supersedes)
+                           background_fill, follow_scroll, plan_stages, preview_chunk_for,
+                           preview_window_for, supersedes)
 
 
 N = 300                                     # slices (1 mm chest CT)
@@ -150,6 +156,7 @@ class Sim:
     fetched: float = 0.0
     shown_bytes: list = field(default_factory=lambda: [0.0] * N)
     preview_done: bool = False
+    previewed: set = field(default_factory=set)
     settled: dict = field(default_factory=dict)
     by_kind: dict = field(default_factory=dict)
 
@@ -165,7 +172,11 @@ class Sim:
         quiet = now - self.last_move
         return PlanState(
             numres=[NUMRES] * N, nlayers=[NLAYERS] * N, levels=self.levels, focus=self.focus,
-            reduce=0, preview_done=self.preview_done, settled=self.settled,
+            reduce=0, preview_done=self.preview_done, previewed=self.previewed,
+            preview_chunk=preview_chunk_for(self.bps, PREVIEW_BYTES),
+            preview_window=(preview_window_for(self.bps, PREVIEW_BYTES, N, self.bg[1])
+                            if self.adaptive else None),
+            settled=self.settled,
             fill_layers=link_layers(self.bps) if self.adaptive else None,
             scrolling=self.adaptive and self.moved and quiet < PAUSE_S,
             spec_layers=self.bg[0], fill_window=self.bg[1],
@@ -301,7 +312,8 @@ class Sim:
     def finish(self, running: Running) -> None:
         st = running.stage
         if st.kind == PREVIEW:
-            self.preview_done = True
+            self.previewed.update(st.comps if st.comps is not None else range(N))
+            self.preview_done = len(self.previewed) == N
         elif st.layers is None and st.kind != BACKGROUND or st.kind == FOCUS and st.layers is None:
             for i in st.comps:
                 self.settled[i] = 0
@@ -362,7 +374,18 @@ class RealRun:
         pc = PolicyClient(session)
         pool = WorkerPool(4, POOL_CAPS)
         shown = self.trace[0][1]
-        loader = SeriesLoader(SeriesRegistry(session, None), self.series, pool, LoaderListener(),
+        by_kind: dict[str, int] = {}
+
+        class Bytes(LoaderListener):
+            """Bytes received, by the kind of stage that brought them."""
+            held = 0
+
+            def on_series_status(self, _loader, st) -> None:
+                if st.stage is not None and st.held > self.held:
+                    by_kind[st.stage] = by_kind.get(st.stage, 0) + st.held - self.held
+                self.held = max(self.held, st.held)
+
+        loader = SeriesLoader(SeriesRegistry(session, None), self.series, pool, Bytes(),
                               focus=shown, viewport=(512, 512), adaptive=self.adaptive,
                               predict=self.predict)
 
@@ -439,7 +462,8 @@ class RealRun:
                 "shown_p50": pct(shown_t, 50), "shown_p95": pct(shown_t, 95),
                 "fetched_MB": fetched / 1e6, "wasted_MB": (fetched - sum(held.values())) / 1e6,
                 "payload_MB": payload / 1e6, "connections": requests,
-                "measured_mbps": measured / 1e6 if measured else None, "auto": auto}
+                "measured_mbps": measured / 1e6 if measured else None, "auto": auto,
+                "received_MB_by_stage": {k: v / 1e6 for k, v in sorted(by_kind.items())}}
 
 
 def run_real(a) -> list[dict]:
@@ -530,6 +554,10 @@ def main(argv=None) -> int:
               f"{fmt(r['p50']):>6} {fmt(r['p95']):>6} {r['never']:>5} "
               + (f"{fmt(r['shown_p50']):>9} {fmt(r['shown_p95']):>6} " if shown else "")
               + f"{r['fetched_MB']:>10.1f} {r['wasted_MB']:>9.1f}")
+    if shown:
+        print("\nreceived by stage (MB): " + "; ".join(
+            f"{r['trace']}/{r['link_mbps']:g}/{r['plan']}: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in r["received_MB_by_stage"].items()) for r in rows))
     skim10 = {r["plan"]: r for r in rows if r["trace"] == "fast skimming" and r["link_mbps"] == 10}
     if "both" in skim10:
         ok_p95 = skim10["both"]["p95"] <= 1.0

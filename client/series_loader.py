@@ -9,9 +9,12 @@ The plan (SPEC P9, P12, V4, H2, H5)
 user looks at, the resolution the viewport needs) into an ordered list of
 :class:`Stage` s, each one packet request:
 
-1. ``preview``    every image at the lowest resolution and the first quality layer, in
-                  one quality-first request, so the whole series can be scrolled almost
-                  at once;
+1. ``preview``    every image at the lowest resolution and the first quality layer, so
+                  the whole series can be scrolled almost at once: nearest to the slice
+                  the reader is on first, in requests of what the measured link brings in
+                  ``PREVIEW_CHUNK_S`` (on a LAN the whole series in one request), each
+                  planned when the previous one ends (a jump: the next one starts around
+                  the new slice); a preview request is never cancelled;
 2. ``region``     a rectangle the user asked for at full resolution and quality;
 3. ``focus``      the shown image, at the resolution the viewport needs (never more,
                   V4) and every layer;
@@ -30,7 +33,10 @@ to be worth its bytes (:func:`background_fill`, from the measured link): the who
 at the best version the link brings it at within ``FILL_WHOLE_S`` (a LAN: every layer, as
 without adaptation), else the smallest version within the slices the link brings in
 ``FILL_HORIZON_S`` around the reader; and it starts only once the reader pauses
-(``PAUSE_S`` without scrolling). Prediction: while the reader scrolls, ``near`` becomes
+(``PAUSE_S`` without scrolling). On a link too slow for the whole series' preview within
+``FILL_WHOLE_S``, the preview of the active reader reaches only as far as that window,
+after the shown slice and its neighbours; the rest when the reader rests
+(:func:`preview_window_for`). Prediction: while the reader scrolls, ``near`` becomes
 the slices ahead of the slice on screen in small requests, as deep as
 ``neighbours + speed x lookahead_s`` (bounded by the decoded-image budget), then the one
 behind; a prediction is cancelled when the reader turns the other way, and kept when the
@@ -80,6 +86,7 @@ log = logging.getLogger("medview.loader")
 __all__ = [
     "PREVIEW", "REGION", "FOCUS", "NEAR", "BACKGROUND", "Stage", "PlanState", "plan_stages",
     "supersedes", "fill_window_for", "background_fill", "FILL_HORIZON_S", "FILL_WHOLE_S",
+    "preview_stages", "preview_chunk_for", "preview_window_for", "PREVIEW_CHUNK_S",
     "follow_scroll", "JUMP_STEPS", "reduce_for_fit", "held_levels", "ImageStatus", "SeriesStatus",
     "DecodedStore", "SeriesRegistry", "LoaderListener", "SeriesLoader", "fetch_thumbnail",
 ]
@@ -136,6 +143,16 @@ class PlanState:
     focus: int = 0
     reduce: int = 0                             # resolution reduction the viewport needs
     preview_done: bool = False
+    previewed: set[int] = field(default_factory=set)
+    """Images a completed preview request covered (they hold what the rights allow)."""
+    preview_chunk: int | None = None
+    """Images per preview request (:func:`preview_chunk_for`: what the link brings in
+    ``PREVIEW_CHUNK_S``); None: the whole preview in one request."""
+    preview_window: int | None = None
+    """While the reader is active on a link too slow for the whole series' preview within
+    ``FILL_WHOLE_S`` (:func:`preview_window_for`), the preview reaches only this many
+    slices around the reader, after the shown slice and its neighbours; the rest of it
+    when the reader rests. None: the whole preview first."""
     settled: dict[int, int] = field(default_factory=dict)
     """image -> smallest reduce at which a complete transfer left nothing more to fetch."""
     region: tuple[int, tuple[int, int, int, int]] | None = None   # (image, x, y, w, h)
@@ -191,7 +208,8 @@ class PlanState:
     def holds_back(self) -> bool:
         """True when the plan keeps something for when the reader rests."""
         return not self.idle and (self.fill_cap is not None or self.fill_window is not None
-                                  or self.scrolling)
+                                  or self.scrolling or (self.preview_window is not None
+                                                        and not self.preview_done))
 
     def target_res(self, i: int) -> int:
         return max(0, self.numres[i] - 1 - self.reduce)
@@ -218,16 +236,14 @@ def plan_stages(s: PlanState) -> list[Stage]:
     n = s.count
     if n == 0:
         return stages
-    if s.allow_preview and not s.preview_done:
-        empty = tuple(i for i in range(n) if s.levels[i][1] < 0)
-        if empty:
-            lowest = max(nr - 1 for nr in s.numres)
-            stages.append(Stage(PREVIEW, None if len(empty) == n else empty, 1, lowest))
+    windowed = s.preview_window is not None and not s.idle
+    if not windowed:
+        stages.extend(preview_stages(s))     # the whole series at low resolution first
     if s.region is not None:
         index, rect = s.region
         stages.append(Stage(REGION, (index,), None, 0, tuple(rect)))
     if not s.allow_focus:
-        return stages
+        return stages + (preview_stages(s) if windowed else [])
     cap = s.cap
     focus = min(max(s.focus, 0), n - 1)
     if not s.at_target(focus, cap):
@@ -259,6 +275,8 @@ def plan_stages(s: PlanState) -> list[Stage]:
         planned.update(i for d in range(1, s.neighbours + 1) for i in (shown - d, shown + d))
         if near:
             stages.append(Stage(NEAR, tuple(sorted(near)), cap, s.reduce))
+    if windowed:                     # a slow link, the reader active: the window's preview
+        stages.extend(preview_stages(s, skip=planned))
     if s.prefetch and not (s.scrolling and not s.idle):
         bg = s.fill_cap
         reach = n if s.idle or s.fill_window is None else max(s.fill_window, 0)
@@ -284,7 +302,7 @@ def follow_scroll(speed: float, dt: float, steps: int) -> tuple[float, bool]:
     return (rate if dt > 1.0 else 0.5 * speed + 0.5 * rate), False
 
 
-FILL_HORIZON_S = 1.0
+FILL_HORIZON_S = 0.5
 """While the reader is active, the background fill reaches as far around the reader as the
 measured link brings (at the smallest version) in this many seconds..."""
 FILL_WHOLE_S = 2.0
@@ -323,6 +341,64 @@ def fill_window_for(link_bps: float | None, slice_bytes: float, count: int,
         return None
     slices = int(link_bps / 8 * horizon_s / slice_bytes)
     return None if slices >= count else max(slices // 2, neighbours)
+
+
+def preview_stages(s: PlanState, skip: set[int] = frozenset()) -> list[Stage]:
+    """The preview requests (every image at the lowest resolution and the first layer)
+    still to make, nearest to the slice the reader is on first, ``s.preview_chunk``
+    images each (a request brings its images in index order); within
+    ``s.preview_window`` of the reader only, unless the reader rests. Re-planned at every
+    request's end, so the next request starts around where the reader is then. Not the
+    images in ``skip`` (stages before it bring their preview)."""
+    n = s.count
+    if not s.allow_preview or s.preview_done or n == 0:
+        return []
+    centre = min(max(s.focus if s.shown is None else s.shown, 0), n - 1)
+    reach = n if s.idle or s.preview_window is None else max(s.preview_window, 0)
+    empty = sorted((i for i in range(n) if s.levels[i][1] < 0 and i not in s.previewed
+                    and i not in skip and abs(i - centre) <= reach),
+                   key=lambda i: (abs(i - centre), i))
+    if not empty:
+        return []
+    lowest = max(nr - 1 for nr in s.numres)
+    size = len(empty) if s.preview_chunk is None else max(1, s.preview_chunk)
+    return [Stage(PREVIEW, None if len(part) == n else tuple(sorted(part)), 1, lowest)
+            for part in (empty[k:k + size] for k in range(0, len(empty), size))]
+
+
+PREVIEW_CHUNK_S = 0.5
+"""A preview request brings what the measured link brings in about this many seconds (a
+reader who jumps waits at most that long for the preview to start around the new slice)..."""
+PREVIEW_FIRST = 32
+"""...and this many images while the link is not measured yet (twice as many for every
+preview request done since)."""
+PREVIEW_IMAGE_BYTES = 4096
+"""Bytes of one image's preview until a preview request measured it."""
+
+
+def preview_chunk_for(link_bps: float | None, image_bytes: float, done: int = 0) -> int:
+    """Images per preview request: what the link brings in ``PREVIEW_CHUNK_S`` at
+    ``image_bytes`` an image (on a LAN: the whole series in one request); while the link
+    is not measured, ``PREVIEW_FIRST`` doubled for each of the ``done`` requests made."""
+    if not link_bps or link_bps <= 0 or image_bytes <= 0:
+        return PREVIEW_FIRST << min(max(done, 0), 16)
+    return max(1, int(link_bps / 8 * PREVIEW_CHUNK_S / image_bytes))
+
+
+def preview_window_for(link_bps: float | None, image_bytes: float, count: int,
+                       fill_window: int | None, neighbours: int = 2,
+                       whole_s: float = FILL_WHOLE_S) -> int | None:
+    """Slices around the reader the preview covers while the reader is active: None (the
+    whole series, first) when the link brings the whole series' preview within
+    ``whole_s`` or is not measured; else as far as the background fill reaches
+    (``fill_window``, at least the neighbours)."""
+    if not link_bps or link_bps <= 0 or image_bytes <= 0 or count <= 0:
+        return None
+    if count * image_bytes * 8 / link_bps <= whole_s:
+        return None
+    if fill_window is None:
+        fill_window = fill_window_for(link_bps, image_bytes, count, neighbours)
+    return None if fill_window is None else max(fill_window, neighbours)
 
 
 def supersedes(first: Stage | None, running: Stage) -> bool:
@@ -605,7 +681,7 @@ class SeriesLoader:
                  prefetch: bool = True, neighbours: int = 2, chunk: int = 8,
                  decoded_budget: "int | MemoryBudget" = 512 << 20, adaptive: bool = True,
                  predict: bool = True, idle_s: float = IDLE_S,
-                 clock=time.monotonic) -> None:
+                 preview_chunk: int | None = None, clock=time.monotonic) -> None:
         self.registry = registry
         self.uid = uid
         self.pool = pool
@@ -624,6 +700,10 @@ class SeriesLoader:
         self._paused = False
         self._allow_focus = True
         self._preview_done = False
+        self._previewed: set[int] = set()     # images a completed preview request covered
+        self._preview_requests = 0            # preview requests completed
+        self._preview_image_bytes: float | None = None   # measured by the first of them
+        self._preview_chunk = preview_chunk   # images per preview request (None: the link's)
         self._settled: dict[int, int] = {}
         self._region: tuple[int, tuple[int, int, int, int]] | None = None
         self._levels: list[tuple[int, int]] = []
@@ -1019,10 +1099,18 @@ class SeriesLoader:
         quiet = now - self._last_move
         adapting = self._adapting()
         bg = self.background_fill() if adapting else (None, None)
+        meter = getattr(sd.session, "link", None)
+        link_bps = meter.throughput_bps if meter is not None else None
+        image_bytes = self._preview_image_bytes or PREVIEW_IMAGE_BYTES
         return PlanState(
             numres=[im["numres"] for im in sd.images], nlayers=[im["nlayers"] for im in sd.images],
             levels=self._levels, focus=self._focus, reduce=self._reduce or 0,
-            preview_done=self._preview_done, settled=self._settled, region=self._region,
+            preview_done=self._preview_done, previewed=self._previewed,
+            preview_chunk=(self._preview_chunk if self._preview_chunk is not None else
+                           preview_chunk_for(link_bps, image_bytes, self._preview_requests)),
+            preview_window=(preview_window_for(link_bps, image_bytes, len(sd.images), bg[1],
+                                               self._neighbours) if adapting else None),
+            settled=self._settled, region=self._region,
             allow_preview=not self._paused, allow_focus=self._allow_focus,
             prefetch=self._prefetch and not self._paused, neighbours=self._neighbours,
             chunk=self._chunk, fill_layers=self.fill_layers(), idle=quiet >= self._idle_s,
@@ -1138,7 +1226,12 @@ class SeriesLoader:
             if outcome == "complete":
                 self._failures = 0
                 if stage.kind == PREVIEW:
-                    self._preview_done = True
+                    self._previewed.update(comps)
+                    self._preview_requests += 1
+                    if self._preview_image_bytes is None and running.received > 0:
+                        self._preview_image_bytes = running.received / max(len(comps), 1)
+                    self._preview_done = all(r >= 0 or i in self._previewed
+                                             for i, (_q, r) in enumerate(self._levels))
                 elif stage.kind == REGION:
                     if self._region is not None and self._region[1] == stage.region:
                         self._region = None

@@ -86,10 +86,12 @@ def test_background_version_follows_the_measured_link():
     assert background_fill(1e9, versions, 300) == (None, None)
     # 100 Mbit/s: lossless would take 4.8 s, V2 0.64 s: the whole series at V2
     assert background_fill(100e6, versions, 300) == (2, None)
-    # 10 Mbit/s, V2 for the link: neither fits in 2 s: the smallest, within 1 s of link
-    assert background_fill(10e6, versions, 300, link_layers=2) == (1, 58)
-    # 1 Mbit/s: 5 slices each side
-    assert background_fill(1e6, versions, 300, link_layers=1) == (1, 5)
+    # 10 Mbit/s, V2 for the link: neither fits in 2 s: the smallest, within 0.5 s of link
+    assert background_fill(10e6, versions, 300, link_layers=2) == (1, 29)
+    assert background_fill(10e6, versions, 300, link_layers=2, horizon_s=1.0) == (1, 58)
+    # 1 Mbit/s: the neighbours (2 slices each side; 5 within 1 s)
+    assert background_fill(1e6, versions, 300, link_layers=1) == (1, 2)
+    assert background_fill(1e6, versions, 300, link_layers=1, horizon_s=1.0) == (1, 5)
     # never better than the link's version; unknown link: no limit
     assert background_fill(1e9, versions, 300, link_layers=2) == (2, None)
     assert background_fill(None, versions, 300) == (None, None)

@@ -187,9 +187,11 @@ class PriorsController(QObject):
         return bool(lv) and all(r >= 0 for _q, r in lv)
 
     def on_stage(self, loader, stage, state: str, _message: str = "") -> None:
-        """The loader bridge's ``stageChanged``: the preview done starts the priors."""
+        """The loader bridge's ``stageChanged``: the preview done (its last request,
+        or as far as the link brings it while the reader is active) starts the priors."""
         if (loader is self.loader and stage.kind == PREVIEW and state == "complete"
-                and (self.priors or self.next_uid)):
+                and (self.priors or self.next_uid)
+                and not any(st.kind == PREVIEW for st in loader.plan())):
             self.fetch_ahead()
 
     def budget(self) -> int:

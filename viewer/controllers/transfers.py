@@ -19,7 +19,7 @@ PROGRESS_INTERVAL_MS = 150
 """Progress widgets repaint at most this often while a transfer runs (about 7 times a
 second: readable, and cheap for the event loop)."""
 
-_STAGE_TEXT = {PREVIEW: "preview of every image", REGION: "region at full resolution",
+_STAGE_TEXT = {PREVIEW: "preview (nearest first)", REGION: "region at full resolution",
                FOCUS: "shown image", NEAR: "neighbouring images", BACKGROUND: "rest of the series"}
 
 

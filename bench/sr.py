@@ -86,7 +86,8 @@ def curve(pattern: str, ensemble: bool = False) -> list[dict]:
                          "unseen_worst": r["unseen_worst_gain_db"],
                          **{k: r["sources"][k]["psnr_gain_db"] for k in r["sources"]}}
         rows.append(row)
-    rows.sort(key=lambda r: (r["iteration"] is None, r["iteration"] or 0))
+    rows.sort(key=lambda r: (str(Path(r["file"]).parent), r["iteration"] is None,
+                             r["iteration"] or 0))
     return rows
 
 
@@ -96,11 +97,12 @@ def _print_curve(rows: list[dict]) -> None:
     names = list(srdata.UNSEEN) + ["cmu-he", "skimage-ihc"]
     for kind in srdata.DEGRADATIONS:
         print(f"learning curve, degradation {kind} (gain over bicubic, dB)")
-        print(f"  {'iteration':>9} {'unseen mean':>11} {'worst':>6} "
+        print(f"  {'run':<12} {'iteration':>9} {'unseen mean':>11} {'worst':>6} "
               + " ".join(f"{n:>15}" for n in names))
         for r in rows:
             k = r[kind]
-            print(f"  {str(r['iteration']):>9} {k['unseen_mean']:>+11.3f} {k['unseen_worst']:>+6.2f} "
+            print(f"  {Path(r['file']).parent.name[:12]:<12} {str(r['iteration']):>9} "
+                  f"{k['unseen_mean']:>+11.3f} {k['unseen_worst']:>+6.2f} "
                   + " ".join(f"{k[n]:>+15.2f}" for n in names))
 
 

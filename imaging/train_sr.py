@@ -47,6 +47,14 @@ docs/PATHOLOGY.md): the 6-block generator above +0.99 / +0.31 and +0.16 / +0.07 
 fine-tuned with the TCGA slide and stain jitter on the ``mixed`` degradation (28 min):
 +0.21 / −0.83 and +0.23 / +0.11 dB — it sharpens a crisp block-mean input as if it were
 blurred, so it was not shipped; the same on ``pyramid``: see PATHOLOGY.md (shipped).
+Issue 17 (not shipped): the shipped generator grown to 12 blocks (``--blocks 12 --init
+sr_x4.npz``: the new blocks start as the identity), 58 min, 3272 iterations, patch 32,
+``--zooms 1 0.75 0.5 0.25 --mix 0.5 0.2 0.15 0.15``: pyramid +1.06 / +0.34, scan +0.16 /
++0.07 — +0.01 dB over the 6-block generator for 1.5× the inference time, a plateau (the
+learning curve, ``bench/sr.py --curve``, is flat from 1000 iterations on); the same trained
+on ``scan``: scan +0.19 / +0.07 (+0.39 / +0.15 at 500 iterations), pyramid −0.61 / −2.84,
+while the held-out parts of its training slides gain +0.65 / +0.81 on scan: it learns the
+training slides' sharpening, not a prior that carries to other slides.
 
 The exported file holds the parameters under the names :class:`imaging.sr.Generator`
 expects, plus ``meta`` (JSON: architecture, data, iterations, held-out PSNR of the

@@ -3,6 +3,7 @@ stain jitter, the ×8 offer gate, one tiny training run with checkpoints."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +200,26 @@ def test_shipped_x8_is_offered_exactly_when_its_recorded_gain_allows():
     gain = meta["heldout"]["pyramid"]["unseen_mean_gain_db"]
     assert (8 in sr.offered_scales()) == (gain >= sr.X8_MIN_GAIN_DB)
     assert {2, 4} <= set(sr.offered_scales())
+
+
+def test_bench_curve_scores_checkpoints_as_the_weights_record(tmp_path):
+    """bench/sr.py --curve: each checkpoint scored on the held-out sources by iteration,
+    on ONNX Runtime — the shipped ×4 weights, copied as a checkpoint, score what their
+    meta recorded (numpy inference at training time) within float rounding."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_sr", Path(__file__).resolve().parents[1] / "bench" / "sr.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(sr.weights_path(4), run / "ck_b.npz")
+    recorded = sr.load_generator(4, backend="numpy").meta["heldout"]
+    rows = bench.curve(str(run / "ck_*.npz"))
+    assert len(rows) == 1 and rows[0]["scale"] == 4
+    assert rows[0]["iteration"] == sr.load_generator(4, backend="numpy").meta["iterations"]
+    for kind in srdata.DEGRADATIONS:
+        assert abs(rows[0][kind]["unseen_mean"] - recorded[kind]["unseen_mean_gain_db"]) < 0.01
+        assert rows[0][kind]["unseen_worst"] == min(rows[0][kind][n] for n in srdata.UNSEEN)

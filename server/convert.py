@@ -44,7 +44,6 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -175,9 +174,11 @@ class Converted:
     fragments: list[bytes] = field(default_factory=list)   # the encoded frames
 
 
-def read_pixels(ds) -> tuple[list[np.ndarray], str]:
-    """pydicom's decode of a dataset's frames and the PhotometricInterpretation they are in."""
-    if "PixelData" not in ds:
+def read_pixels(ds, raw=None) -> tuple[list[np.ndarray], str]:
+    """pydicom's decode of a dataset's frames and the PhotometricInterpretation they are in.
+    ``raw``: the native pixel data bytes of a dataset read without them (see
+    :func:`_read_dataset`)."""
+    if raw is None and "PixelData" not in ds:
         raise ConvertError("no pixel data (not an image)")
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -197,7 +198,9 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
     if spp not in (1, 3):
         raise ConvertError(f"SamplesPerPixel {spp} is not supported")
     n = int(ds.get("NumberOfFrames", 1) or 1)
-    arr = _native_greyscale(ds, ts, spp, ba, n)
+    arr = _native_greyscale(ds, ts, spp, ba, n, raw)
+    if arr is None and raw is not None:        # _read_dataset checked the layout first
+        raise ConvertError("native pixel data not readable as planned")
     if arr is None:
         try:
             arr = ds.pixel_array
@@ -214,45 +217,65 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
 _NATIVE_LE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
-def _native_greyscale(ds, ts: str, spp: int, ba: int, n: int) -> np.ndarray | None:
+def _native_greyscale(ds, ts: str, spp: int, ba: int, n: int, raw=None) -> np.ndarray | None:
     """The frames of a native little-endian greyscale image read straight from the bytes
-    pydicom already holds (a view, no copy), the unused high bits handled as pydicom's
-    ``pixel_array`` handles them (masked off, or the sign extended); None for anything
-    else (pydicom decodes it)."""
-    if ts not in _NATIVE_LE or spp != 1 or ba not in (8, 16):
+    pydicom already holds (or ``raw``, the pixel data's bytes): a view, no copy, with the
+    unused high bits handled as pydicom's ``pixel_array`` handles them (masked off, or the
+    sign extended; a copy only when some sample has such bits to change); None for
+    anything else (pydicom decodes it)."""
+    layout = _native_layout(ds, ts, spp, ba, n)
+    if layout is None:
         return None
-    raw = ds.get("PixelData")
-    if not isinstance(raw, (bytes, bytearray)):
+    dt, shape, bits = layout
+    if raw is None:
+        raw = ds.get("PixelData")
+        if not isinstance(raw, (bytes, bytearray)):
+            return None
+    count = math.prod(shape)
+    if len(raw) < count * dt.itemsize:
+        return None                       # short pixel data: pydicom says what is wrong
+    arr = np.frombuffer(raw, dt, count).reshape(shape)
+    if bits < ba:
+        if dt.kind == "i":
+            half = 1 << (bits - 1)
+            if int(arr.min()) < -half or int(arr.max()) >= half:
+                shift = ba - bits
+                arr = (arr << shift) >> shift
+        elif int(arr.max()) >> bits:
+            arr = arr & ((1 << bits) - 1)
+    return arr
+
+
+def _native_layout(ds, ts: str, spp: int, ba: int, n: int
+                   ) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, BitsStored) of a native little-endian greyscale image's pixel data,
+    None when it is not one (or its values are damaged: pydicom says what is wrong)."""
+    if ts not in _NATIVE_LE or spp != 1 or ba not in (8, 16):
         return None
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         bits = int(ds.get("BitsStored", ba) or ba)
-    except (TypeError, ValueError):
-        return None                       # damaged values: pydicom says what is wrong
-    if not 1 <= bits <= ba:
+    except (TypeError, ValueError, AttributeError):
         return None
-    count = n * rows * cols
-    if len(raw) < count * (ba // 8):
-        return None                       # short pixel data: pydicom says what is wrong
+    if not 1 <= bits <= ba or rows <= 0 or cols <= 0 or n <= 0:
+        return None
     dt = np.dtype(f"<{'i' if signed else 'u'}{ba // 8}")
-    arr = np.frombuffer(raw, dt, count).reshape((n, rows, cols) if n > 1 else (rows, cols))
-    if bits < ba:
-        shift = ba - bits
-        arr = (arr << shift) >> shift if signed else arr & ((1 << bits) - 1)
-    return arr
+    return dt, ((n, rows, cols) if n > 1 else (rows, cols)), bits
 
 
 def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
-                   reason: str = "", copy_first: bool = True, resolve: bool = True) -> Converted:
+                   reason: str = "", copy_first: bool = True, resolve: bool = True,
+                   raw=None) -> Converted:
     """The dataset re-encoded with ``codec``: a deep copy, or ``ds`` itself changed in
-    place when ``copy_first`` is False (the converter's own freshly read dataset)."""
+    place when ``copy_first`` is False (the converter's own freshly read dataset).
+    ``raw``: the native pixel bytes of a dataset read without its pixel data."""
     from pydicom.encaps import encapsulate
     from pydicom.uid import UID
 
     if not codec.available:
         raise ConvertError(codec.missing)
-    frames, out_pi = read_pixels(ds)
+    frames, out_pi = read_pixels(ds, raw)
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
     bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
     why = codec.supports(frames[0], signed=signed, bits_stored=bits)
@@ -448,9 +471,11 @@ def verify_encoded(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MI
     the encapsulated pixel data after its element header, byte for byte — under the
     codec's transfer syntax in the file meta information. Same result as
     :func:`verify_bytes`, without a second parse of the whole dataset."""
-    pixel = conv.dataset["PixelData"].value + _SEQ_DELIMITER
+    pixel = conv.dataset["PixelData"].value
     at = data.rfind(_PIXEL_HEADER)
-    if at < 0 or data[at + len(_PIXEL_HEADER):at + len(_PIXEL_HEADER) + len(pixel)] != pixel:
+    p0 = at + len(_PIXEL_HEADER)
+    if (at < 0 or not data.startswith(pixel, p0)            # compared in place, no copy
+            or not data.startswith(_SEQ_DELIMITER, p0 + len(pixel))):
         return Verification(False, "the written pixel data are not the encoded frames")
     if _meta_transfer_syntax(data) != conv.codec.transfer_syntax:
         return Verification(False, "the written transfer syntax is not the codec's")
@@ -581,13 +606,15 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")     # pydicom warns about damage it then survives
-            try:
-                ds = pydicom.dcmread(BytesIO(data))
-            except (InvalidDicomError, EOFError) as e:
-                raise ConvertError(f"not a DICOM file: {e}") from None
-            except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
-                raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
-            if "PixelData" not in ds:
+            ds, pixel_at = _read_dataset(data)
+            if ds is None:
+                try:
+                    ds = pydicom.dcmread(BytesIO(data))
+                except (InvalidDicomError, EOFError) as e:
+                    raise ConvertError(f"not a DICOM file: {e}") from None
+                except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
+                    raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
+            if pixel_at is None and "PixelData" not in ds:
                 raise ConvertError("no pixel data (not an image, or cut inside its pixel data)")
             res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
             codec, reason = choose_codec(ds, opts)
@@ -599,9 +626,12 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
                 res.sop_instance_uid = res.source_sop_instance_uid
             else:
                 res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
-                splice = _splice_plan(data, ds, codec)
+                splice = _splice_plan(data, ds, codec, pixel_at)
+                raw = None
+                if pixel_at is not None:          # the pixel bytes in place (a view)
+                    raw = memoryview(data)[pixel_at + 12:]
                 conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
-                                      copy_first=False, resolve=splice is None)
+                                      copy_first=False, resolve=splice is None, raw=raw)
                 enc = (dataset_bytes(conv.dataset) if splice is None
                        else _spliced_bytes(data, conv, *splice))
                 v = verify_encoded(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
@@ -622,7 +652,42 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
     return res, out
 
 
-def _splice_plan(data: bytes, ds, codec: codecs.Codec) -> tuple[int, int] | None:
+def _read_dataset(data: bytes):
+    """(dataset, position of its pixel data element) for the common case, a native
+    greyscale image in explicit VR little endian whose pixel data element ends the file:
+    the dataset is read by pydicom up to the pixel data only, whose bytes the converter
+    then reads in place (no copy of the pixels, no parse of them). (None, None) for
+    anything else, and for whatever pydicom cannot read this way: the full read then
+    reads it, or says what is wrong."""
+    from io import BytesIO
+
+    import pydicom
+
+    fp = BytesIO(data)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        at = fp.tell()
+        if getattr(ds, "original_encoding", None) != (False, True):
+            return None, None
+        if data[at:at + 4] != b"\xe0\x7f\x10\x00" or data[at + 4:at + 6] not in (b"OB", b"OW"):
+            return None, None
+        length = int.from_bytes(data[at + 8:at + 12], "little")
+        if at + 12 + length != len(data):         # cut short, or elements after it
+            return None, None
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        ba = int(ds.get("BitsAllocated", 0) or 0)
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        layout = _native_layout(ds, ts, spp, ba, n)
+    except Exception:  # noqa: BLE001 - the full read reports it
+        return None, None
+    if layout is None or length < math.prod(layout[1]) * layout[0].itemsize:
+        return None, None
+    return ds, at
+
+
+def _splice_plan(data: bytes, ds, codec: codecs.Codec,
+                 pixel_at: int | None = None) -> tuple[int, int] | None:
     """Where the input's dataset starts and its pixel data element begins, when a
     lossless conversion changes nothing but the pixel data and the transfer syntax: then
     the output is the input's own bytes for every other element (written once, not
@@ -637,9 +702,11 @@ def _splice_plan(data: bytes, ds, codec: codecs.Codec) -> tuple[int, int] | None
     if data[start:start + 2] == b"\x02\x00":
         return None
     tags = list(ds.keys())
-    if (not tags or tags[-1] != 0x7FE00010 or any(t.group == 0 for t in tags)
-            or 0x7FE00000 in ds):              # a pixel group length would go stale
+    # pixel_at: read up to the pixel data, which ends the file (see _read_dataset)
+    if not tags or (pixel_at is None and tags[-1] != 0x7FE00010):
         return None
+    if any(t.group == 0 for t in tags) or 0x7FE00000 in ds:   # a pixel group length
+        return None                                            # would go stale
     if "ExtendedOffsetTable" in ds or "ExtendedOffsetTableLengths" in ds:
         return None
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -649,7 +716,10 @@ def _splice_plan(data: bytes, ds, codec: codecs.Codec) -> tuple[int, int] | None
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if ts in LOSSY_INPUT_TS and ds.get("LossyImageCompression") != "01":
         return None
-    tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
+    if pixel_at is not None:
+        tell = pixel_at + 12
+    else:
+        tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
     if tell is None or tell < start + 12:
         return None
     at = tell - 12
@@ -770,10 +840,12 @@ def _convert_to_bytes(src: Path, dst: Path, opts: Options) -> tuple[FileResult, 
     t0 = time.perf_counter()
     res = FileResult(str(src), str(dst))
     try:
-        if src.resolve() == dst.resolve():
+        # an output that does not exist yet cannot be the input (no resolve() then)
+        exists = dst.exists()
+        if exists and src.resolve() == dst.resolve():
             raise ConvertError("the output would overwrite the input")
         res.bytes_before = src.stat().st_size
-        if dst.exists():
+        if exists:
             done = _done_before(dst)
             if done is not None and done[0] == _expected_ts(src, opts):
                 res.status, res.transfer_syntax, res.bytes_after = "skipped", done[0], done[1]
@@ -905,17 +977,16 @@ def warm_up() -> None:
     import pydicom.filewriter            # noqa: F401
 
 
-def _worker(pairs: list[tuple[str, str]], opts: Options) -> list[FileResult]:
-    """A chunk of files in one worker process (one task, one reply: less hand-over per
-    file than a task each)."""
-    return convert_files(pairs, opts)
-
-
 def chunks(items: list, workers: int, most: int = 16) -> list[list]:
     """``items`` in consecutive chunks: about four per worker (so that a slow chunk does
     not leave the others idle at the end), at most ``most`` items each (progress)."""
     size = max(1, min(most, -(-len(items) // (4 * max(1, workers)))))
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+#: Files sent ahead to a worker process: the next one waits in its pipe while it converts
+#: one, so that it never waits for the parent; more would only unbalance the end.
+IN_FLIGHT = 2
 
 
 def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Options, *,
@@ -943,24 +1014,151 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
             for r in convert_files(part, opts):
                 note(r)
     else:
-        ctx = pool_context()
-        if ctx.get_start_method() == "fork":
-            warm_up()                    # inherited by every worker
-        with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as pool:
-            futs = {pool.submit(_worker, [(str(s), str(d)) for s, d in part], opts): part
-                    for part in chunks(pairs, workers)}
-            for fut in as_completed(futs):
-                try:
-                    for r in fut.result():
-                        note(r)
-                except Exception as e:  # noqa: BLE001 - a worker died: its files failed
-                    for s, _d in futs[fut]:
-                        note(FileResult(str(s), status="failed", error=f"worker: {e}"))
+        _convert_in_workers(pairs, opts, min(workers, total), note)
     fsync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
     order = {str(s): i for i, (s, _d) in enumerate(pairs)}
     report.results.sort(key=lambda r: order.get(r.file, -1))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: int,
+                        note: Callable[[FileResult], None]) -> None:
+    """Convert ``pairs`` in ``workers`` processes, a file at a time each (whichever is free
+    takes the next: no idle worker at the end), :data:`IN_FLIGHT` files sent ahead. Only
+    paths go to a worker and only its result comes back: the worker reads the input,
+    converts, proves and writes the output itself (the write overlapping its next file),
+    and answers once the output is written. A worker that dies fails the files it held
+    (named in the report); a new one takes over the rest."""
+    import gc
+    from collections import deque
+
+    ctx = pool_context()
+    forked = ctx.get_start_method() == "fork"
+    if forked:
+        warm_up()                        # inherited by every worker
+    todo = deque(enumerate(pairs))
+    held: dict = {}                      # parent end of a worker's pipe -> (process, {i: src})
+
+    def start() -> None:
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, args=(theirs, opts), daemon=True,
+                           name="medview-convert")
+        if forked:
+            gc.freeze()                  # the workers' collections leave inherited objects
+        try:                             # alone (no copy-on-write of their pages)
+            proc.start()
+        finally:
+            if forked:
+                gc.unfreeze()
+        theirs.close()
+        held[mine] = (proc, {})
+
+    def feed(conn) -> None:
+        out = held[conn][1]
+        while todo and len(out) < IN_FLIGHT:
+            i, (s, d) = todo.popleft()
+            out[i] = s
+            conn.send((i, str(s), str(d)))
+
+    def lost(conn) -> None:
+        proc, out = held.pop(conn)
+        proc.join()
+        conn.close()
+        why = f"worker: the worker process ended abruptly (exit code {proc.exitcode})"
+        for _i, s in sorted(out.items()):
+            note(FileResult(str(s), status="failed", error=why))
+        if todo:
+            start()
+            feed(next(reversed(held)))
+
+    try:
+        for _ in range(workers):
+            start()
+        for conn in list(held):
+            feed(conn)
+        _serve_workers(held, note, feed, lost)
+    finally:
+        for conn, (proc, _o) in held.items():     # only after an error of our own
+            proc.terminate()
+            proc.join()
+            conn.close()
+
+
+def _serve_workers(held: dict, note, feed, lost) -> None:
+    """The parent's loop of :func:`_convert_in_workers`: results in, next files out."""
+    from multiprocessing.connection import wait
+
+    while held:
+        sentinels = {proc.sentinel: conn for conn, (proc, _o) in held.items()}
+        for ready in wait([*held, *sentinels]):
+            conn = sentinels.get(ready, ready)
+            if conn not in held:
+                continue
+            proc, out = held[conn]
+            try:
+                while conn.poll():       # every result it sent, also from a worker that ended
+                    i, r = conn.recv()
+                    out.pop(i, None)
+                    note(r)
+            except (EOFError, OSError):
+                lost(conn)
+                continue
+            if not proc.is_alive() and not conn.poll():
+                lost(conn)
+                continue
+            feed(conn)
+            if not out:                  # nothing left for it
+                conn.send(None)
+                proc.join()
+                conn.close()
+                del held[conn]
+
+
+def _worker_main(conn, opts: Options) -> None:
+    """A worker process: convert the files the parent sends, a (index, input, output) at a
+    time, until None; each output written on a writer thread (its fsync does not hold up
+    the next conversion) and the result sent once it is written."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _reuse_freed_memory()
+
+    def finish(i: int, res: FileResult, dst: str, out: bytes | None) -> None:
+        if out is not None:
+            _write_output(res, Path(dst), out, False)
+        conn.send((i, res))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="convert-write") as writer:
+        while True:
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):
+                break                    # the parent is gone
+            if task is None:
+                break
+            i, s, d = task
+            try:
+                res, out = _convert_to_bytes(Path(s), Path(d), opts)
+            except Exception as e:  # noqa: BLE001 - reported, the worker goes on
+                res, out = FileResult(s, d, error=f"{type(e).__name__}: {e}"), None
+            writer.submit(finish, i, res, d, out)
+    conn.close()
+
+
+def _reuse_freed_memory() -> None:
+    """In a worker process (it ends with the batch): glibc keeps freed memory for the next
+    file instead of giving each image-sized buffer back to the system and faulting fresh
+    zeroed pages in for the next one (a third of the converter's own time per image
+    went to that). Nothing where the C library is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)      # buffers below 64 MiB from the heap
+    mallopt(m_trim_threshold, 256 << 20)     # and up to 256 MiB of it kept
 
 
 def progress_printer(stream=None) -> Callable[[int, int, FileResult], None]:

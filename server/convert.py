@@ -172,13 +172,19 @@ class Converted:
     bits_stored: int
     reason: str
     fragments: list[bytes] = field(default_factory=list)   # the encoded frames
+    pixel_data: bytes | None = None   # the encapsulated frames, when ``dataset`` is None
+
+    @property
+    def encapsulated(self) -> bytes:
+        """The pixel data element's value: the encapsulated frames."""
+        if self.pixel_data is not None:
+            return self.pixel_data
+        return self.dataset["PixelData"].value
 
 
-def read_pixels(ds, raw=None) -> tuple[list[np.ndarray], str]:
-    """pydicom's decode of a dataset's frames and the PhotometricInterpretation they are in.
-    ``raw``: the native pixel data bytes of a dataset read without them (see
-    :func:`_read_dataset`)."""
-    if raw is None and "PixelData" not in ds:
+def read_pixels(ds) -> tuple[list[np.ndarray], str]:
+    """pydicom's decode of a dataset's frames and the PhotometricInterpretation they are in."""
+    if "PixelData" not in ds:
         raise ConvertError("no pixel data (not an image)")
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -198,20 +204,22 @@ def read_pixels(ds, raw=None) -> tuple[list[np.ndarray], str]:
     if spp not in (1, 3):
         raise ConvertError(f"SamplesPerPixel {spp} is not supported")
     n = int(ds.get("NumberOfFrames", 1) or 1)
-    arr = _native_greyscale(ds, ts, spp, ba, n, raw)
-    if arr is None and raw is not None:        # _read_dataset checked the layout first
-        raise ConvertError("native pixel data not readable as planned")
+    arr = _native_greyscale(ds, ts, spp, ba, n)
     if arr is None:
         try:
             arr = ds.pixel_array
         except Exception as e:  # noqa: BLE001 - pydicom's reason, reported
             raise ConvertError(f"pixel data cannot be decoded: {type(e).__name__}: {e}") from None
-    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)   # big-endian files
-    frames = [np.ascontiguousarray(f) for f in arr] if n > 1 else [np.ascontiguousarray(arr)]
+    frames = _frames(arr, n)
     if len(frames) != n:
         raise ConvertError(f"NumberOfFrames {n} but {len(frames)} frames decoded")
     out_pi = "RGB" if spp == 3 and pi.startswith("YBR") else pi
     return frames, out_pi
+
+
+def _frames(arr: np.ndarray, n: int) -> list[np.ndarray]:
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)   # big-endian files
+    return [np.ascontiguousarray(f) for f in arr] if n > 1 else [np.ascontiguousarray(arr)]
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
@@ -265,29 +273,17 @@ def _native_layout(ds, ts: str, spp: int, ba: int, n: int
 
 
 def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
-                   reason: str = "", copy_first: bool = True, resolve: bool = True,
-                   raw=None) -> Converted:
+                   reason: str = "", copy_first: bool = True, resolve: bool = True) -> Converted:
     """The dataset re-encoded with ``codec``: a deep copy, or ``ds`` itself changed in
-    place when ``copy_first`` is False (the converter's own freshly read dataset).
-    ``raw``: the native pixel bytes of a dataset read without its pixel data."""
+    place when ``copy_first`` is False (the converter's own freshly read dataset)."""
     from pydicom.encaps import encapsulate
     from pydicom.uid import UID
 
     if not codec.available:
         raise ConvertError(codec.missing)
-    frames, out_pi = read_pixels(ds, raw)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    why = codec.supports(frames[0], signed=signed, bits_stored=bits)
-    if why:
-        raise ConvertError(why)
-    encoded = []
-    for f in frames:
-        try:
-            encoded.append(codec.encode(f, signed=signed, bits_stored=bits,
-                                        ratio=None if codec.lossless else ratio))
-        except codecs.CodecError as e:
-            raise ConvertError(str(e)) from None
+    frames, out_pi = read_pixels(ds)
+    signed, bits = _sign_and_bits(ds)
+    encoded = _encode_frames(codec, frames, signed, bits, ratio)
     big_endian = getattr(ds, "original_encoding", (None, True))[1] is False
     if copy_first:
         out = copy.deepcopy(ds)
@@ -321,6 +317,27 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
         raw = sum(f.nbytes for f in frames)
         _mark_lossy(out, ds, codec, raw / max(1, sum(len(e) for e in encoded)))
     return Converted(out, codec, frames, signed, bits, reason, encoded)
+
+
+def _sign_and_bits(ds) -> tuple[bool, int]:
+    """(signed, BitsStored) as the encoder is told them."""
+    return (int(ds.get("PixelRepresentation", 0) or 0) == 1,
+            int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16))
+
+
+def _encode_frames(codec: codecs.Codec, frames: list[np.ndarray], signed: bool, bits: int,
+                   ratio: float | None) -> list[bytes]:
+    why = codec.supports(frames[0], signed=signed, bits_stored=bits)
+    if why:
+        raise ConvertError(why)
+    encoded = []
+    for f in frames:
+        try:
+            encoded.append(codec.encode(f, signed=signed, bits_stored=bits,
+                                        ratio=None if codec.lossless else ratio))
+        except codecs.CodecError as e:
+            raise ConvertError(str(e)) from None
+    return encoded
 
 
 class _Original:
@@ -471,7 +488,7 @@ def verify_encoded(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MI
     the encapsulated pixel data after its element header, byte for byte — under the
     codec's transfer syntax in the file meta information. Same result as
     :func:`verify_bytes`, without a second parse of the whole dataset."""
-    pixel = conv.dataset["PixelData"].value
+    pixel = conv.encapsulated
     at = data.rfind(_PIXEL_HEADER)
     p0 = at + len(_PIXEL_HEADER)
     if (at < 0 or not data.startswith(pixel, p0)            # compared in place, no copy
@@ -594,53 +611,15 @@ def choose_codec(ds, opts: Options) -> tuple[codecs.Codec | None, str]:
 def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResult, bytes | None]:
     """Convert one DICOM file given as bytes: (result, verified output bytes or None).
     Writes nothing; never raises for bad input (the result says what happened)."""
-    import warnings
-    from io import BytesIO
-
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     t0 = time.perf_counter()
     res = FileResult(name, bytes_before=len(data))
     out: bytes | None = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # pydicom warns about damage it then survives
-            ds, pixel_at = _read_dataset(data)
-            if ds is None:
-                try:
-                    ds = pydicom.dcmread(BytesIO(data))
-                except (InvalidDicomError, EOFError) as e:
-                    raise ConvertError(f"not a DICOM file: {e}") from None
-                except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
-                    raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
-            if pixel_at is None and "PixelData" not in ds:
-                raise ConvertError("no pixel data (not an image, or cut inside its pixel data)")
-            res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
-            codec, reason = choose_codec(ds, opts)
-            res.reason = reason
-            if codec is None:                            # stays as it arrived: a byte copy
-                out = data
-                res.codec, res.transfer_syntax = "keep", str(ds.file_meta.TransferSyntaxUID)
-                res.status, res.verification = "kept", "byte copy"
-                res.sop_instance_uid = res.source_sop_instance_uid
-            else:
-                res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
-                splice = _splice_plan(data, ds, codec, pixel_at)
-                raw = None
-                if pixel_at is not None:          # the pixel bytes in place (a view)
-                    raw = memoryview(data)[pixel_at + 12:]
-                conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
-                                      copy_first=False, resolve=splice is None, raw=raw)
-                enc = (dataset_bytes(conv.dataset) if splice is None
-                       else _spliced_bytes(data, conv, *splice))
-                v = verify_encoded(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
-                res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
-                if not v.ok:
-                    raise ConvertError(f"verification failed: {v.text}")
-                out = enc
-                res.status = "converted"
-                res.sop_instance_uid = str(conv.dataset.SOPInstanceUID)
+        hdr = _read_header(data)
+        if hdr is not None:                  # the common case, without pydicom
+            out = _convert_plain(data, hdr, opts, res)
+        if out is None:
+            out = _convert_dataset(data, opts, res)
         res.bytes_after = len(out)
         res.sha256 = hashlib.sha256(out).hexdigest()
         res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
@@ -652,42 +631,248 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
     return res, out
 
 
-def _read_dataset(data: bytes):
-    """(dataset, position of its pixel data element) for the common case, a native
-    greyscale image in explicit VR little endian whose pixel data element ends the file:
-    the dataset is read by pydicom up to the pixel data only, whose bytes the converter
-    then reads in place (no copy of the pixels, no parse of them). (None, None) for
-    anything else, and for whatever pydicom cannot read this way: the full read then
-    reads it, or says what is wrong."""
+def _convert_dataset(data: bytes, opts: Options, res: FileResult) -> bytes:
+    """The general path of :func:`convert_bytes`: the file read by pydicom; the proven
+    output (raises ConvertError)."""
+    import warnings
     from io import BytesIO
 
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    fp = BytesIO(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # pydicom warns about damage it then survives
+        try:
+            ds = pydicom.dcmread(BytesIO(data))
+        except (InvalidDicomError, EOFError) as e:
+            raise ConvertError(f"not a DICOM file: {e}") from None
+        except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
+            raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
+        if "PixelData" not in ds:
+            raise ConvertError("no pixel data (not an image, or cut inside its pixel data)")
+        res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
+        codec, reason = choose_codec(ds, opts)
+        res.reason = reason
+        if codec is None:                            # stays as it arrived: a byte copy
+            res.codec, res.transfer_syntax = "keep", str(ds.file_meta.TransferSyntaxUID)
+            res.status, res.verification = "kept", "byte copy"
+            res.sop_instance_uid = res.source_sop_instance_uid
+            return data
+        res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+        splice = _splice_plan(data, ds, codec)
+        conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
+                              copy_first=False, resolve=splice is None)
+        enc = (dataset_bytes(conv.dataset) if splice is None
+               else _spliced_bytes(data, conv, *splice))
+        _prove(enc, conv, opts, res)
+        res.status = "converted"
+        res.sop_instance_uid = str(conv.dataset.SOPInstanceUID)
+        return enc
+
+
+def _prove(enc: bytes, conv: Converted, opts: Options, res: FileResult) -> None:
+    """:func:`verify_encoded`, its outcome in ``res``; ConvertError when it fails."""
+    v = verify_encoded(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
+    res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
+    if not v.ok:
+        raise ConvertError(f"verification failed: {v.text}")
+
+
+def _convert_plain(data: bytes, hdr: "_Header", opts: Options, res: FileResult) -> bytes | None:
+    """A lossless conversion of a file :func:`_read_header` read: the output is what the
+    general path's splice makes of it (the input's bytes but the file meta information
+    and the pixel data, :func:`_spliced_bytes`), the frames read in place from the input's
+    bytes and proven the same way. None (nothing done) when the codec chosen is not a
+    lossless one, or the file meta information is not laid out plainly: the general path
+    then converts the file."""
+    from pydicom.encaps import encapsulate
+
+    codec, reason = choose_codec(hdr, opts)
+    if codec is None or not codec.lossless or not codec.available:
+        return None
+    meta = _meta_with_syntax(data[132:hdr.start], codec.transfer_syntax)
+    if meta is None:
+        return None
+    res.source_sop_instance_uid = hdr.SOPInstanceUID
+    res.reason = reason
+    res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+    n, ba = hdr.NumberOfFrames, hdr.BitsAllocated
+    arr = _native_greyscale(hdr, _EXPLICIT_LE, 1, ba, n, memoryview(data)[hdr.at + 12:])
+    if arr is None:                          # _read_header checked the layout
+        raise ConvertError("the native pixel data do not have the layout read")
+    frames = _frames(arr, n)
+    signed, bits = _sign_and_bits(hdr)
+    encoded = _encode_frames(codec, frames, signed, bits, None)
+    conv = Converted(None, codec, frames, signed, bits, reason, encoded,
+                     pixel_data=encapsulate(encoded, has_bot=True))
+    enc = b"".join((data[:128], b"DICM", meta, data[hdr.start:hdr.at], _PIXEL_HEADER,
+                    conv.pixel_data, _SEQ_DELIMITER))
+    _prove(enc, conv, opts, res)
+    res.status = "converted"
+    res.sop_instance_uid = hdr.SOPInstanceUID
+    return enc
+
+
+class _Header:
+    """What the converter needs of a plain file's header (see :func:`_read_header`), read
+    without building a pydicom dataset; answers ``get`` and attribute access as a dataset
+    does for these keywords (``choose_codec`` and the pixel reader take it)."""
+
+    def __init__(self, values: dict, ts: str, start: int, at: int) -> None:
+        self._v = values
+        self.file_meta = {"TransferSyntaxUID": ts}
+        self.start, self.at = start, at          # dataset start, pixel data element
+
+    def get(self, key, default=None):
+        return self._v.get(key, default)
+
+    def __getattr__(self, key):
+        try:
+            return self.__dict__["_v"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_VR_SHORT = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
+                       b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
+                       b"US"})
+_VR_LONG = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL",
+                      b"OV", b"SV", b"UV"})
+_HEADER_US = {0x00280002: "SamplesPerPixel", 0x00280010: "Rows", 0x00280011: "Columns",
+              0x00280100: "BitsAllocated", 0x00280101: "BitsStored",
+              0x00280103: "PixelRepresentation"}
+_HEADER_TEXT = {0x00080018: "SOPInstanceUID", 0x00080060: "Modality",
+                0x00180015: "BodyPartExamined", 0x00280004: "PhotometricInterpretation",
+                0x00280008: "NumberOfFrames"}
+
+
+def _element(data: bytes, i: int) -> tuple[int, bytes, int, int] | None:
+    """(tag, VR, value length, header length) of the explicit VR little endian element
+    at ``i``; None past the end or for an unknown VR."""
+    import struct
+
+    if i + 8 > len(data):
+        return None
+    group, elem = struct.unpack_from("<HH", data, i)
+    vr = data[i + 4:i + 6]
+    if vr in _VR_LONG:
+        if i + 12 > len(data):
+            return None
+        return group << 16 | elem, vr, struct.unpack_from("<I", data, i + 8)[0], 12
+    if vr in _VR_SHORT:
+        return group << 16 | elem, vr, struct.unpack_from("<H", data, i + 6)[0], 8
+    return None
+
+
+def _skip_sequence(data: bytes, i: int, depth: int = 0) -> int | None:
+    """The position after an undefined-length sequence whose first item starts at ``i``
+    (its items walked as pydicom reads them), None when it is not well formed."""
+    import struct
+
+    if depth > 16:
+        return None
+    end = len(data)
+    while i + 8 <= end:
+        tag = struct.unpack_from("<HH", data, i)
+        length = struct.unpack_from("<I", data, i + 4)[0]
+        i += 8
+        if tag == (0xFFFE, 0xE0DD):                # sequence delimiter
+            return i
+        if tag != (0xFFFE, 0xE000):
+            return None
+        if length != 0xFFFFFFFF:                   # an item of defined length
+            i += length
+            continue
+        while True:                                # its elements up to the item delimiter
+            if data[i:i + 4] == b"\xfe\xff\x0d\xe0":
+                i += 8
+                break
+            el = _element(data, i)
+            if el is None:
+                return None
+            _tag, vr, length, head = el
+            if length == 0xFFFFFFFF:
+                if vr != b"SQ":
+                    return None
+                i = _skip_sequence(data, i + head, depth + 1)
+                if i is None:
+                    return None
+            else:
+                i += head + length
+    return None
+
+
+def _read_header(data: bytes) -> _Header | None:
+    """The common case read without pydicom: a file in explicit VR little endian (plain
+    file meta information) whose elements come in ascending order, without group
+    lengths, ending with a native pixel data element of a greyscale image (the bytes up
+    to it are kept as they are: :func:`_splice_plan`'s conditions). The walk only
+    finds each element's extent (sequences of undefined length item by item, as pydicom
+    reads them) and the few values the converter reads. None for anything else or
+    anything unexpected: pydicom then reads the file (and says what is wrong with it)."""
+    if (len(data) < 144 or data[128:132] != b"DICM"
+            or data[132:138] != b"\x02\x00\x00\x00UL"):
+        return None
+    start = 144 + int.from_bytes(data[140:144], "little")
+    if _meta_transfer_syntax(data) != _EXPLICIT_LE:
+        return None
+    i, end, last = start, len(data), -1
+    values: dict = {}
+    at = None
+    while at is None:
+        el = _element(data, i)
+        if el is None:
+            return None
+        tag, vr, length, head = el
+        if tag <= last or tag >> 16 in (0, 2):
+            return None                            # unordered, group length, meta
+        last = tag
+        if tag >= 0x7FE00000:
+            if (tag != 0x7FE00010 or vr not in (b"OB", b"OW")
+                    or i + head + length != end):  # pixel data last, ending the file
+                return None
+            at = i
+        elif length == 0xFFFFFFFF:
+            if vr != b"SQ":
+                return None
+            i = _skip_sequence(data, i + head)
+            if i is None:
+                return None
+        else:
+            value = data[i + head:i + head + length]
+            if tag in _HEADER_US:
+                if vr != b"US" or length != 2:
+                    return None
+                values[_HEADER_US[tag]] = int.from_bytes(value, "little")
+            elif tag in _HEADER_TEXT:
+                try:
+                    text = value.decode("ascii").rstrip("\0 ")
+                except UnicodeDecodeError:
+                    return None
+                if "\\" in text or text != text.lstrip():
+                    return None                    # several values: pydicom reads them
+                values[_HEADER_TEXT[tag]] = text
+            i += head + length
+            if i > end:
+                return None
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        at = fp.tell()
-        if getattr(ds, "original_encoding", None) != (False, True):
-            return None, None
-        if data[at:at + 4] != b"\xe0\x7f\x10\x00" or data[at + 4:at + 6] not in (b"OB", b"OW"):
-            return None, None
-        length = int.from_bytes(data[at + 8:at + 12], "little")
-        if at + 12 + length != len(data):         # cut short, or elements after it
-            return None, None
-        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        ba = int(ds.get("BitsAllocated", 0) or 0)
-        n = int(ds.get("NumberOfFrames", 1) or 1)
-        layout = _native_layout(ds, ts, spp, ba, n)
-    except Exception:  # noqa: BLE001 - the full read reports it
-        return None, None
-    if layout is None or length < math.prod(layout[1]) * layout[0].itemsize:
-        return None, None
-    return ds, at
+        n = int(values.get("NumberOfFrames") or 1)
+    except ValueError:
+        return None
+    values["NumberOfFrames"] = n
+    if "SOPInstanceUID" not in values or values.get("SamplesPerPixel", 1) != 1:
+        return None
+    ba = values.get("BitsAllocated", 0)
+    hdr = _Header(values, _EXPLICIT_LE, start, at)
+    layout = _native_layout(hdr, _EXPLICIT_LE, 1, ba, n) if values.get("Rows") and \
+        values.get("Columns") else None
+    if layout is None or end - at - 12 < math.prod(layout[1]) * layout[0].itemsize:
+        return None
+    return hdr
 
 
-def _splice_plan(data: bytes, ds, codec: codecs.Codec,
-                 pixel_at: int | None = None) -> tuple[int, int] | None:
+def _splice_plan(data: bytes, ds, codec: codecs.Codec) -> tuple[int, int] | None:
     """Where the input's dataset starts and its pixel data element begins, when a
     lossless conversion changes nothing but the pixel data and the transfer syntax: then
     the output is the input's own bytes for every other element (written once, not
@@ -702,11 +887,9 @@ def _splice_plan(data: bytes, ds, codec: codecs.Codec,
     if data[start:start + 2] == b"\x02\x00":
         return None
     tags = list(ds.keys())
-    # pixel_at: read up to the pixel data, which ends the file (see _read_dataset)
-    if not tags or (pixel_at is None and tags[-1] != 0x7FE00010):
+    if (not tags or tags[-1] != 0x7FE00010 or any(t.group == 0 for t in tags)
+            or 0x7FE00000 in ds):              # a pixel group length would go stale
         return None
-    if any(t.group == 0 for t in tags) or 0x7FE00000 in ds:   # a pixel group length
-        return None                                            # would go stale
     if "ExtendedOffsetTable" in ds or "ExtendedOffsetTableLengths" in ds:
         return None
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -716,10 +899,7 @@ def _splice_plan(data: bytes, ds, codec: codecs.Codec,
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if ts in LOSSY_INPUT_TS and ds.get("LossyImageCompression") != "01":
         return None
-    if pixel_at is not None:
-        tell = pixel_at + 12
-    else:
-        tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
+    tell = getattr(ds.get_item(0x7FE00010), "value_tell", None)
     if tell is None or tell < start + 12:
         return None
     at = tell - 12
@@ -740,7 +920,7 @@ def _spliced_bytes(data: bytes, conv: Converted, start: int, at: int) -> bytes:
         meta = DicomBytesIO()
         write_file_meta_info(meta, conv.dataset.file_meta, enforce_standard=True)
         meta_bytes = meta.getvalue()
-    pixel = conv.dataset["PixelData"].value
+    pixel = conv.encapsulated
     return b"".join((data[:128], b"DICM", meta_bytes, data[start:at], _PIXEL_HEADER,
                      pixel, _SEQ_DELIMITER))
 

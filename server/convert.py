@@ -1252,20 +1252,38 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
             start()
             feed(next(reversed(held)))
 
+    stopped: list = []
+
+    def stop_idle() -> None:
+        """Workers with nothing to do: told to end (joined at the end, not waited for)."""
+        for conn, (proc, out) in list(held.items()):
+            if not out and not todo:
+                conn.send(None)
+                conn.close()
+                del held[conn]
+                stopped.append(proc)
+
     try:
         for _ in range(workers):
             start()
-        for conn in list(held):
-            feed(conn)
-        _serve_workers(held, note, feed, lost)
+        for _ in range(IN_FLIGHT):               # the first files spread over the workers
+            for conn, (_p, out) in held.items():
+                if todo:
+                    i, (s, d) = todo.popleft()
+                    out[i] = s
+                    conn.send((i, str(s), str(d)))
+        stop_idle()
+        _serve_workers(held, note, feed, lost, stop_idle)
     finally:
         for conn, (proc, _o) in held.items():     # only after an error of our own
             proc.terminate()
-            proc.join()
             conn.close()
+            stopped.append(proc)
+        for proc in stopped:
+            proc.join()
 
 
-def _serve_workers(held: dict, note, feed, lost) -> None:
+def _serve_workers(held: dict, note, feed, lost, stop_idle) -> None:
     """The parent's loop of :func:`_convert_in_workers`: results in, next files out."""
     from multiprocessing.connection import wait
 
@@ -1288,11 +1306,7 @@ def _serve_workers(held: dict, note, feed, lost) -> None:
                 lost(conn)
                 continue
             feed(conn)
-            if not out:                  # nothing left for it
-                conn.send(None)
-                proc.join()
-                conn.close()
-                del held[conn]
+        stop_idle()
 
 
 def _worker_main(conn, opts: Options) -> None:

@@ -840,3 +840,15 @@ def test_a_worker_that_dies_fails_its_files_only(tmp_path, monkeypatch):
     for n, r in by.items():
         if n not in failed:
             assert r.status == "converted" and (tmp_path / "out" / n).is_file(), r.error
+
+
+def test_more_workers_than_files_to_spread(tmp_path):
+    """Fewer files than workers × files sent ahead: every worker that gets nothing is
+    told to end, and the batch ends (the workers' first files are spread over them)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        _synthetic(d / f"s{i}.dcm", rows=16 + i, frames=1)
+    for workers in (2, 3, 4):
+        rep = convert_paths([d], tmp_path / f"out{workers}", Options(to="jpegls"), workers=workers)
+        assert rep.count("converted") == 3, rep.summary()

@@ -1164,9 +1164,13 @@ def chunks(items: list, workers: int, most: int = 16) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-#: Files sent ahead to a worker process: the next one waits in its pipe while it converts
-#: one, so that it never waits for the parent; more would only unbalance the end.
+#: Files a worker process holds not yet converted: the one it converts and the next,
+#: waiting in its pipe (so it never waits for the parent); more would only unbalance the
+#: end. It asks for another as soon as it has converted one (not once it is written).
 IN_FLIGHT = 2
+#: Proven outputs a worker may hold waiting for its writer thread (a slow disk: an fsync
+#: can take longer than a conversion) before it waits for the disk itself.
+WRITE_BACKLOG = 4
 
 
 def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Options, *,
@@ -1232,17 +1236,21 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
             if forked:
                 gc.unfreeze()
         theirs.close()
-        held[mine] = (proc, {})
+        held[mine] = (proc, {}, [0])     # its files not yet written, how many unconverted
+
+    def send_one(conn) -> None:
+        _proc, out, ahead = held[conn]
+        i, (s, d) = todo.popleft()
+        out[i] = s
+        ahead[0] += 1
+        conn.send((i, str(s), str(d)))
 
     def feed(conn) -> None:
-        out = held[conn][1]
-        while todo and len(out) < IN_FLIGHT:
-            i, (s, d) = todo.popleft()
-            out[i] = s
-            conn.send((i, str(s), str(d)))
+        while todo and held[conn][2][0] < IN_FLIGHT:
+            send_one(conn)
 
     def lost(conn) -> None:
-        proc, out = held.pop(conn)
+        proc, out, _ahead = held.pop(conn)
         proc.join()
         conn.close()
         why = f"worker: the worker process ended abruptly (exit code {proc.exitcode})"
@@ -1256,7 +1264,7 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
 
     def stop_idle() -> None:
         """Workers with nothing to do: told to end (joined at the end, not waited for)."""
-        for conn, (proc, out) in list(held.items()):
+        for conn, (proc, out, _ahead) in list(held.items()):
             if not out and not todo:
                 conn.send(None)
                 conn.close()
@@ -1267,15 +1275,13 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
         for _ in range(workers):
             start()
         for _ in range(IN_FLIGHT):               # the first files spread over the workers
-            for conn, (_p, out) in held.items():
+            for conn in held:
                 if todo:
-                    i, (s, d) = todo.popleft()
-                    out[i] = s
-                    conn.send((i, str(s), str(d)))
+                    send_one(conn)
         stop_idle()
         _serve_workers(held, note, feed, lost, stop_idle)
     finally:
-        for conn, (proc, _o) in held.items():     # only after an error of our own
+        for conn, (proc, _o, _a) in held.items():     # only after an error of our own
             proc.terminate()
             conn.close()
             stopped.append(proc)
@@ -1288,15 +1294,19 @@ def _serve_workers(held: dict, note, feed, lost, stop_idle) -> None:
     from multiprocessing.connection import wait
 
     while held:
-        sentinels = {proc.sentinel: conn for conn, (proc, _o) in held.items()}
+        sentinels = {proc.sentinel: conn for conn, (proc, _o, _a) in held.items()}
         for ready in wait([*held, *sentinels]):
             conn = sentinels.get(ready, ready)
             if conn not in held:
                 continue
-            proc, out = held[conn]
+            proc, out, ahead = held[conn]
             try:
-                while conn.poll():       # every result it sent, also from a worker that ended
-                    i, r = conn.recv()
+                while conn.poll():       # all it sent, also from a worker that ended
+                    msg = conn.recv()
+                    if msg == NEXT:
+                        ahead[0] -= 1
+                        continue
+                    i, r = msg
                     out.pop(i, None)
                     note(r)
             except (EOFError, OSError):
@@ -1311,17 +1321,27 @@ def _serve_workers(held: dict, note, feed, lost, stop_idle) -> None:
 
 def _worker_main(conn, opts: Options) -> None:
     """A worker process: convert the files the parent sends, a (index, input, output) at a
-    time, until None; each output written on a writer thread (its fsync does not hold up
-    the next conversion) and the result sent once it is written."""
+    time, until None. After each conversion it asks for the next file ("next"); the
+    output is written on a writer thread (its fsync does not hold up the next
+    conversion; at most :data:`WRITE_BACKLOG` outputs wait for it) and the result (index,
+    FileResult) sent once it is written."""
+    import threading
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     _reuse_freed_memory()
+    lock = threading.Lock()                  # the writer thread sends too
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
 
     def finish(i: int, res: FileResult, dst: str, out: bytes | None) -> None:
         if out is not None:
             _write_output(res, Path(dst), out, False)
-        conn.send((i, res))
+        send((i, res))
 
+    writes: deque = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="convert-write") as writer:
         while True:
             try:
@@ -1335,8 +1355,14 @@ def _worker_main(conn, opts: Options) -> None:
                 res, out = _convert_to_bytes(Path(s), Path(d), opts)
             except Exception as e:  # noqa: BLE001 - reported, the worker goes on
                 res, out = FileResult(s, d, error=f"{type(e).__name__}: {e}"), None
-            writer.submit(finish, i, res, d, out)
+            send(NEXT)
+            while writes and (writes[0].done() or len(writes) >= WRITE_BACKLOG):
+                writes.popleft().result()
+            writes.append(writer.submit(finish, i, res, d, out))
     conn.close()
+
+
+NEXT = "next"       # a worker's request for another file
 
 
 def _reuse_freed_memory() -> None:

@@ -145,18 +145,35 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     base = p.with_suffix("") if p.suffix.lower() in (".json", ".csv") else p
     jpath, cpath = base.with_suffix(".json"), base.with_suffix(".csv")
-    jpath.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(jpath, json.dumps(report.to_json(), indent=1).encode())
+    import io
+    import threading
+
     rows = []
     for r in report.results:
         d = r.to_json()
         rows.append({k: d[k] for k in CSV_FIELDS})
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    write_atomic(cpath, buf.getvalue().encode())
+    jpath.parent.mkdir(parents=True, exist_ok=True)
+    # both written atomically and fsynced at once (the fsyncs overlap), then their names
+    # made durable by one fsync of the folder(s)
+    errors: list[BaseException] = []
+
+    def write(path: Path, data: bytes) -> None:
+        try:
+            write_atomic(path, data, sync_dir=False)
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller
+            errors.append(e)
+    t = threading.Thread(target=write, args=(cpath, buf.getvalue().encode()),
+                         name="convert-report")
+    t.start()
+    write(jpath, json.dumps(report.to_json(), indent=1).encode())
+    t.join()
+    if errors:
+        raise errors[0]
+    fsync_dirs({jpath.parent, cpath.parent})
     return jpath, cpath
 
 

@@ -1229,8 +1229,8 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
     takes the next: no idle worker at the end), :data:`IN_FLIGHT` files sent ahead. Only
     paths go to a worker and only its result comes back: the worker reads the input,
     converts, proves and writes the output itself (the write overlapping its next file),
-    and answers once the output is written. A worker that dies fails the files it held
-    (named in the report); a new one takes over the rest."""
+    and answers once the output is written. A worker that dies fails the file it was
+    converting (named in the report); a new one takes over the rest (:func:`lost`)."""
     import gc
     from collections import deque
 
@@ -1253,10 +1253,11 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
             if forked:
                 gc.unfreeze()
         theirs.close()
-        held[mine] = (proc, {}, [0])     # its files not yet written, how many unconverted
+        # its files not yet written, how many of them not yet converted, those converted
+        held[mine] = (proc, {}, [0], set())
 
     def send_one(conn) -> None:
-        _proc, out, ahead = held[conn]
+        _proc, out, ahead, _c = held[conn]
         i, (s, d) = todo.popleft()
         out[i] = s
         ahead[0] += 1
@@ -1266,13 +1267,26 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
         while todo and held[conn][2][0] < IN_FLIGHT:
             send_one(conn)
 
+    strikes: dict[int, int] = {}
+
     def lost(conn) -> None:
-        proc, out, _ahead = held.pop(conn)
+        """A worker died: the file it was converting (the first it had not converted) is
+        failed; the others it held (converted but not yet written, or not yet begun) go
+        to another worker, unless they were held by a worker that died before."""
+        proc, out, _ahead, converted = held.pop(conn)
         proc.join()
         conn.close()
         why = f"worker: the worker process ended abruptly (exit code {proc.exitcode})"
-        for _i, s in sorted(out.items()):
-            note(FileResult(str(s), status="failed", error=why))
+        culprit = next((i for i in out if i not in converted), None)
+        again = []
+        for i, s in out.items():
+            strikes[i] = strikes.get(i, 0) + 1
+            if i == culprit or strikes[i] >= 2:
+                note(FileResult(str(s), status="failed", error=why))
+            else:
+                again.append(i)
+        for i in reversed(again):
+            todo.appendleft((i, pairs[i]))
         if todo:
             start()
             feed(next(reversed(held)))
@@ -1281,7 +1295,7 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
 
     def stop_idle() -> None:
         """Workers with nothing to do: told to end (joined at the end, not waited for)."""
-        for conn, (proc, out, _ahead) in list(held.items()):
+        for conn, (proc, out, _ahead, _c) in list(held.items()):
             if not out and not todo:
                 conn.send(None)
                 conn.close()
@@ -1298,7 +1312,7 @@ def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: 
         stop_idle()
         _serve_workers(held, note, feed, lost, stop_idle)
     finally:
-        for conn, (proc, _o, _a) in held.items():     # only after an error of our own
+        for conn, (proc, _o, _a, _c) in held.items():     # only after an error of ours
             proc.terminate()
             conn.close()
             stopped.append(proc)
@@ -1311,19 +1325,21 @@ def _serve_workers(held: dict, note, feed, lost, stop_idle) -> None:
     from multiprocessing.connection import wait
 
     while held:
-        sentinels = {proc.sentinel: conn for conn, (proc, _o, _a) in held.items()}
+        sentinels = {proc.sentinel: conn for conn, (proc, *_rest) in held.items()}
         for ready in wait([*held, *sentinels]):
             conn = sentinels.get(ready, ready)
             if conn not in held:
                 continue
-            proc, out, ahead = held[conn]
+            proc, out, ahead, converted = held[conn]
             try:
                 while conn.poll():       # all it sent, also from a worker that ended
                     msg = conn.recv()
-                    if msg == NEXT:
+                    if msg[0] == NEXT:   # (NEXT, index): converted, wants another
                         ahead[0] -= 1
+                        converted.add(msg[1])
                         continue
                     i, r = msg
+                    converted.discard(i)
                     out.pop(i, None)
                     note(r)
             except (EOFError, OSError):
@@ -1372,7 +1388,7 @@ def _worker_main(conn, opts: Options) -> None:
                 res, out = _convert_to_bytes(Path(s), Path(d), opts)
             except Exception as e:  # noqa: BLE001 - reported, the worker goes on
                 res, out = FileResult(s, d, error=f"{type(e).__name__}: {e}"), None
-            send(NEXT)
+            send((NEXT, i))
             while writes and (writes[0].done() or len(writes) >= WRITE_BACKLOG):
                 writes.popleft().result()
             writes.append(writer.submit(finish, i, res, d, out))

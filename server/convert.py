@@ -1170,6 +1170,8 @@ def warm_up() -> None:
     for c in codecs.all_codecs():
         c.available                      # noqa: B018 - imports imagecodecs, checks it
     get_decoder(ExplicitVRLittleEndian)
+    import concurrent.futures.thread     # noqa: F401 - the workers' writer thread
+    import ctypes                        # noqa: F401 - _reuse_freed_memory
     import pydicom.encaps                # noqa: F401
     import pydicom.filewriter            # noqa: F401
 

@@ -6,7 +6,11 @@ attribute kept, every output proven before it counts.
 through :func:`convert_file`:
 
 1. read the input with pydicom (a file that is not DICOM, has no pixels or cannot be
-   decoded is reported as failed; the other files go on);
+   decoded is reported as failed; the other files go on). The common case — explicit VR
+   little endian, a native greyscale image, its pixel data ending the file — is read
+   without pydicom by a walk of the header (:func:`_read_header`: each element's extent
+   and the dozen values needed), its frames straight from the file's bytes, and the
+   output is the same file, byte for byte, the general path makes of it (tested);
 2. choose the codec: ``--to`` names it, or ``policy`` asks the site policy's [codec]
    table (:class:`~server.policy.CodecPolicy`; an image that arrived as JPEG baseline
    stays as it is and is copied byte for byte);
@@ -30,6 +34,12 @@ through :func:`convert_file`:
    dataset again. It is then written once, to a temporary file beside its final name,
    fsynced and renamed into place (atomic), so an output that exists is a verified one —
    a rerun skips it. The input is read once and never written.
+
+With ``--workers N`` (N > 1), N worker processes (forked after :func:`warm_up`) take a
+file at a time: the parent sends paths, each worker reads, converts, proves and writes
+(fsync on a writer thread) itself and answers with the file's result; a worker that dies
+fails the file it was converting and a new one takes the rest
+(:func:`_convert_in_workers`).
 
 The report (:class:`ConvertReport`) lists per file: file, output, status, codec, transfer
 syntax, bytes before and after, ratio, seconds, verification; ``write_report`` writes it

@@ -25,7 +25,10 @@ the same layers and weights) on 2 threads (the machine has 2 cores) and on 1 thr
 median (and best) of ``--repeat`` runs after a warm-up, the backends' runs alternating
 (on a shared machine both see the same load; the load average is printed). ``--speed-only --scales 4`` for the speed
 alone; ``--quality-only`` for the scores alone; ``--ensemble`` scores the self-ensemble
-(``medview render --sr-ensemble``).
+(``medview render --sr-ensemble``). ``--curve 'DIR/ck_*.npz'`` scores training checkpoints
+(``imaging.train_sr --checkpoint 'DIR/ck_{it}.npz'``) on ONNX Runtime, one row per
+iteration: the learning curve on the never-trained slides and on the held-out parts of the
+training slides (how far apart they are says whether the generator over-fits).
 """
 from __future__ import annotations
 
@@ -53,6 +56,54 @@ def quality(scale: int, root: str | None = None, ensemble: bool = False) -> dict
     out["weights_id"] = g.weights_id
     out["offered"] = sr.offer_check(scale, root) is None
     return out
+
+
+def curve(pattern: str, ensemble: bool = False) -> list[dict]:
+    """Held-out scores of every checkpoint matching ``pattern`` (a glob), by iteration."""
+    import glob
+    import json as _json
+
+    import numpy as np
+
+    from imaging import sr, sr_ort, srdata
+
+    src = srdata.heldout_sources()
+    rows = []
+    for f in glob.glob(pattern):
+        with np.load(f, allow_pickle=False) as z:
+            meta = _json.loads(bytes(z["meta"]).decode("utf-8")) if "meta" in z else {}
+            params = {k: z[k].astype(np.float32) for k in z.files if k != "meta"}
+        scale = params["tail.w"].shape[0] // 3
+        scale = int(round(scale ** 0.5))
+        g = sr.Generator(scale, params, meta).use_backend(
+            "onnxruntime" if sr_ort.available() else "numpy")
+        up = (lambda lr, g=g: g.upscale(lr, ensemble=True)) if ensemble else g.upscale
+        row = {"file": f, "scale": scale,
+               "iteration": meta.get("checkpoint", meta.get("iterations"))}
+        for kind in srdata.DEGRADATIONS:
+            r = srdata.score(up, scale, kind, src)
+            row[kind] = {"unseen_mean": r["unseen_mean_gain_db"],
+                         "unseen_worst": r["unseen_worst_gain_db"],
+                         **{k: r["sources"][k]["psnr_gain_db"] for k in r["sources"]}}
+        rows.append(row)
+    rows.sort(key=lambda r: (str(Path(r["file"]).parent), r["iteration"] is None,
+                             r["iteration"] or 0))
+    return rows
+
+
+def _print_curve(rows: list[dict]) -> None:
+    from imaging import srdata
+
+    names = list(srdata.UNSEEN) + ["cmu-he", "skimage-ihc"]
+    for kind in srdata.DEGRADATIONS:
+        print(f"learning curve, degradation {kind} (gain over bicubic, dB)")
+        print(f"  {'run':<12} {'iteration':>9} {'unseen mean':>11} {'worst':>6} "
+              + " ".join(f"{n:>15}" for n in names))
+        for r in rows:
+            k = r[kind]
+            print(f"  {Path(r['file']).parent.name[:12]:<12} {str(r['iteration']):>9} "
+                  f"{k['unseen_mean']:>+11.3f} {k['unseen_worst']:>+6.2f} "
+                  + " ".join(f"{k[n]:>+15.2f}" for n in names))
 
 
 def _print_quality(scale: int, q: dict, label: str) -> None:
@@ -115,6 +166,8 @@ def main(argv=None) -> int:
     p.add_argument("--scales", default="2,4,8")
     p.add_argument("--ensemble", action="store_true",
                    help="score the self-ensemble (8 flips/rotations, as --sr-ensemble)")
+    p.add_argument("--curve", default=None,
+                   help="score the training checkpoints matching this glob (a learning curve)")
     p.add_argument("--weights", default=None,
                    help="also score the weights in this folder (a candidate)")
     a = p.parse_args(argv)
@@ -124,6 +177,13 @@ def main(argv=None) -> int:
 
     backends = ["numpy"] + (["onnxruntime"] if available() else [])
     report = {"loadavg_before": os.getloadavg()}
+    if a.curve:
+        report["curve"] = curve(a.curve, a.ensemble)
+        _print_curve(report["curve"])
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=2, default=float))
+        print(f"written {a.out}")
+        return 0
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     for s in (int(v) for v in a.scales.split(",")):
         entry = report[f"x{s}"] = {}

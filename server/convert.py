@@ -6,7 +6,11 @@ attribute kept, every output proven before it counts.
 through :func:`convert_file`:
 
 1. read the input with pydicom (a file that is not DICOM, has no pixels or cannot be
-   decoded is reported as failed; the other files go on);
+   decoded is reported as failed; the other files go on). The common case — explicit VR
+   little endian, a native greyscale image, its pixel data ending the file — is read
+   without pydicom by a walk of the header (:func:`_read_header`: each element's extent
+   and the dozen values needed), its frames straight from the file's bytes, and the
+   output is the same file, byte for byte, the general path makes of it (tested);
 2. choose the codec: ``--to`` names it, or ``policy`` asks the site policy's [codec]
    table (:class:`~server.policy.CodecPolicy`; an image that arrived as JPEG baseline
    stays as it is and is copied byte for byte);
@@ -31,6 +35,12 @@ through :func:`convert_file`:
    fsynced and renamed into place (atomic), so an output that exists is a verified one —
    a rerun skips it. The input is read once and never written.
 
+With ``--workers N`` (N > 1), N worker processes (forked after :func:`warm_up`) take a
+file at a time: the parent sends paths, each worker reads, converts, proves and writes
+(fsync on a writer thread) itself and answers with the file's result; a worker that dies
+fails the file it was converting and a new one takes the rest
+(:func:`_convert_in_workers`).
+
 The report (:class:`ConvertReport`) lists per file: file, output, status, codec, transfer
 syntax, bytes before and after, ratio, seconds, verification; ``write_report`` writes it
 as JSON and CSV.
@@ -44,7 +54,6 @@ import json
 import math
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -146,18 +155,35 @@ def write_report(report: ConvertReport, path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     base = p.with_suffix("") if p.suffix.lower() in (".json", ".csv") else p
     jpath, cpath = base.with_suffix(".json"), base.with_suffix(".csv")
-    jpath.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(jpath, json.dumps(report.to_json(), indent=1).encode())
+    import io
+    import threading
+
     rows = []
     for r in report.results:
         d = r.to_json()
         rows.append({k: d[k] for k in CSV_FIELDS})
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    write_atomic(cpath, buf.getvalue().encode())
+    jpath.parent.mkdir(parents=True, exist_ok=True)
+    # both written atomically and fsynced at once (the fsyncs overlap), then their names
+    # made durable by one fsync of the folder(s)
+    errors: list[BaseException] = []
+
+    def write(path: Path, data: bytes) -> None:
+        try:
+            write_atomic(path, data, sync_dir=False)
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller
+            errors.append(e)
+    t = threading.Thread(target=write, args=(cpath, buf.getvalue().encode()),
+                         name="convert-report")
+    t.start()
+    write(jpath, json.dumps(report.to_json(), indent=1).encode())
+    t.join()
+    if errors:
+        raise errors[0]
+    fsync_dirs({jpath.parent, cpath.parent})
     return jpath, cpath
 
 
@@ -173,6 +199,14 @@ class Converted:
     bits_stored: int
     reason: str
     fragments: list[bytes] = field(default_factory=list)   # the encoded frames
+    pixel_data: bytes | None = None   # the encapsulated frames, when ``dataset`` is None
+
+    @property
+    def encapsulated(self) -> bytes:
+        """The pixel data element's value: the encapsulated frames."""
+        if self.pixel_data is not None:
+            return self.pixel_data
+        return self.dataset["PixelData"].value
 
 
 def read_pixels(ds) -> tuple[list[np.ndarray], str]:
@@ -203,44 +237,66 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
             arr = ds.pixel_array
         except Exception as e:  # noqa: BLE001 - pydicom's reason, reported
             raise ConvertError(f"pixel data cannot be decoded: {type(e).__name__}: {e}") from None
-    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)   # big-endian files
-    frames = [np.ascontiguousarray(f) for f in arr] if n > 1 else [np.ascontiguousarray(arr)]
+    frames = _frames(arr, n)
     if len(frames) != n:
         raise ConvertError(f"NumberOfFrames {n} but {len(frames)} frames decoded")
     out_pi = "RGB" if spp == 3 and pi.startswith("YBR") else pi
     return frames, out_pi
 
 
+def _frames(arr: np.ndarray, n: int) -> list[np.ndarray]:
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)   # big-endian files
+    return [np.ascontiguousarray(f) for f in arr] if n > 1 else [np.ascontiguousarray(arr)]
+
+
 _NATIVE_LE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
-def _native_greyscale(ds, ts: str, spp: int, ba: int, n: int) -> np.ndarray | None:
+def _native_greyscale(ds, ts: str, spp: int, ba: int, n: int, raw=None) -> np.ndarray | None:
     """The frames of a native little-endian greyscale image read straight from the bytes
-    pydicom already holds (a view, no copy), the unused high bits handled as pydicom's
-    ``pixel_array`` handles them (masked off, or the sign extended); None for anything
-    else (pydicom decodes it)."""
-    if ts not in _NATIVE_LE or spp != 1 or ba not in (8, 16):
+    pydicom already holds (or ``raw``, the pixel data's bytes): a view, no copy, with the
+    unused high bits handled as pydicom's ``pixel_array`` handles them (masked off, or the
+    sign extended; a copy only when some sample has such bits to change); None for
+    anything else (pydicom decodes it)."""
+    layout = _native_layout(ds, ts, spp, ba, n)
+    if layout is None:
         return None
-    raw = ds.get("PixelData")
-    if not isinstance(raw, (bytes, bytearray)):
+    dt, shape, bits = layout
+    if raw is None:
+        raw = ds.get("PixelData")
+        if not isinstance(raw, (bytes, bytearray)):
+            return None
+    count = math.prod(shape)
+    if len(raw) < count * dt.itemsize:
+        return None                       # short pixel data: pydicom says what is wrong
+    arr = np.frombuffer(raw, dt, count).reshape(shape)
+    if bits < ba:
+        if dt.kind == "i":
+            half = 1 << (bits - 1)
+            if int(arr.min()) < -half or int(arr.max()) >= half:
+                shift = ba - bits
+                arr = (arr << shift) >> shift
+        elif int(arr.max()) >> bits:
+            arr = arr & ((1 << bits) - 1)
+    return arr
+
+
+def _native_layout(ds, ts: str, spp: int, ba: int, n: int
+                   ) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, BitsStored) of a native little-endian greyscale image's pixel data,
+    None when it is not one (or its values are damaged: pydicom says what is wrong)."""
+    if ts not in _NATIVE_LE or spp != 1 or ba not in (8, 16):
         return None
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         bits = int(ds.get("BitsStored", ba) or ba)
-    except (TypeError, ValueError):
-        return None                       # damaged values: pydicom says what is wrong
-    if not 1 <= bits <= ba:
+    except (TypeError, ValueError, AttributeError):
         return None
-    count = n * rows * cols
-    if len(raw) < count * (ba // 8):
-        return None                       # short pixel data: pydicom says what is wrong
+    if not 1 <= bits <= ba or rows <= 0 or cols <= 0 or n <= 0:
+        return None
     dt = np.dtype(f"<{'i' if signed else 'u'}{ba // 8}")
-    arr = np.frombuffer(raw, dt, count).reshape((n, rows, cols) if n > 1 else (rows, cols))
-    if bits < ba:
-        shift = ba - bits
-        arr = (arr << shift) >> shift if signed else arr & ((1 << bits) - 1)
-    return arr
+    return dt, ((n, rows, cols) if n > 1 else (rows, cols)), bits
 
 
 def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
@@ -253,18 +309,8 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
     if not codec.available:
         raise ConvertError(codec.missing)
     frames, out_pi = read_pixels(ds)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    why = codec.supports(frames[0], signed=signed, bits_stored=bits)
-    if why:
-        raise ConvertError(why)
-    encoded = []
-    for f in frames:
-        try:
-            encoded.append(codec.encode(f, signed=signed, bits_stored=bits,
-                                        ratio=None if codec.lossless else ratio))
-        except codecs.CodecError as e:
-            raise ConvertError(str(e)) from None
+    signed, bits = _sign_and_bits(ds)
+    encoded = _encode_frames(codec, frames, signed, bits, ratio)
     big_endian = getattr(ds, "original_encoding", (None, True))[1] is False
     if copy_first:
         out = copy.deepcopy(ds)
@@ -298,6 +344,27 @@ def encode_dataset(ds, codec: codecs.Codec, *, ratio: float | None = None,
         raw = sum(f.nbytes for f in frames)
         _mark_lossy(out, ds, codec, raw / max(1, sum(len(e) for e in encoded)))
     return Converted(out, codec, frames, signed, bits, reason, encoded)
+
+
+def _sign_and_bits(ds) -> tuple[bool, int]:
+    """(signed, BitsStored) as the encoder is told them."""
+    return (int(ds.get("PixelRepresentation", 0) or 0) == 1,
+            int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16))
+
+
+def _encode_frames(codec: codecs.Codec, frames: list[np.ndarray], signed: bool, bits: int,
+                   ratio: float | None) -> list[bytes]:
+    why = codec.supports(frames[0], signed=signed, bits_stored=bits)
+    if why:
+        raise ConvertError(why)
+    encoded = []
+    for f in frames:
+        try:
+            encoded.append(codec.encode(f, signed=signed, bits_stored=bits,
+                                        ratio=None if codec.lossless else ratio))
+        except codecs.CodecError as e:
+            raise ConvertError(str(e)) from None
+    return encoded
 
 
 class _Original:
@@ -448,9 +515,11 @@ def verify_encoded(data: bytes, conv: Converted, *, min_psnr: float = DEFAULT_MI
     the encapsulated pixel data after its element header, byte for byte — under the
     codec's transfer syntax in the file meta information. Same result as
     :func:`verify_bytes`, without a second parse of the whole dataset."""
-    pixel = conv.dataset["PixelData"].value + _SEQ_DELIMITER
+    pixel = conv.encapsulated
     at = data.rfind(_PIXEL_HEADER)
-    if at < 0 or data[at + len(_PIXEL_HEADER):at + len(_PIXEL_HEADER) + len(pixel)] != pixel:
+    p0 = at + len(_PIXEL_HEADER)
+    if (at < 0 or not data.startswith(pixel, p0)            # compared in place, no copy
+            or not data.startswith(_SEQ_DELIMITER, p0 + len(pixel))):
         return Verification(False, "the written pixel data are not the encoded frames")
     if _meta_transfer_syntax(data) != conv.codec.transfer_syntax:
         return Verification(False, "the written transfer syntax is not the codec's")
@@ -569,48 +638,15 @@ def choose_codec(ds, opts: Options) -> tuple[codecs.Codec | None, str]:
 def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResult, bytes | None]:
     """Convert one DICOM file given as bytes: (result, verified output bytes or None).
     Writes nothing; never raises for bad input (the result says what happened)."""
-    import warnings
-    from io import BytesIO
-
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     t0 = time.perf_counter()
     res = FileResult(name, bytes_before=len(data))
     out: bytes | None = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # pydicom warns about damage it then survives
-            try:
-                ds = pydicom.dcmread(BytesIO(data))
-            except (InvalidDicomError, EOFError) as e:
-                raise ConvertError(f"not a DICOM file: {e}") from None
-            except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
-                raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
-            if "PixelData" not in ds:
-                raise ConvertError("no pixel data (not an image, or cut inside its pixel data)")
-            res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
-            codec, reason = choose_codec(ds, opts)
-            res.reason = reason
-            if codec is None:                            # stays as it arrived: a byte copy
-                out = data
-                res.codec, res.transfer_syntax = "keep", str(ds.file_meta.TransferSyntaxUID)
-                res.status, res.verification = "kept", "byte copy"
-                res.sop_instance_uid = res.source_sop_instance_uid
-            else:
-                res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
-                splice = _splice_plan(data, ds, codec)
-                conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
-                                      copy_first=False, resolve=splice is None)
-                enc = (dataset_bytes(conv.dataset) if splice is None
-                       else _spliced_bytes(data, conv, *splice))
-                v = verify_encoded(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
-                res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
-                if not v.ok:
-                    raise ConvertError(f"verification failed: {v.text}")
-                out = enc
-                res.status = "converted"
-                res.sop_instance_uid = str(conv.dataset.SOPInstanceUID)
+        hdr = _read_header(data)
+        if hdr is not None:                  # the common case, without pydicom
+            out = _convert_plain(data, hdr, opts, res)
+        if out is None:
+            out = _convert_dataset(data, opts, res)
         res.bytes_after = len(out)
         res.sha256 = hashlib.sha256(out).hexdigest()
         res.ratio = round(res.bytes_before / max(1, res.bytes_after), 3)
@@ -620,6 +656,247 @@ def convert_bytes(data: bytes, opts: Options, name: str = "") -> tuple[FileResul
         res.status, res.error, out = "failed", f"{type(e).__name__}: {e}", None
     res.seconds = round(time.perf_counter() - t0, 4)
     return res, out
+
+
+def _convert_dataset(data: bytes, opts: Options, res: FileResult) -> bytes:
+    """The general path of :func:`convert_bytes`: the file read by pydicom; the proven
+    output (raises ConvertError)."""
+    import warnings
+    from io import BytesIO
+
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # pydicom warns about damage it then survives
+        try:
+            ds = pydicom.dcmread(BytesIO(data))
+        except (InvalidDicomError, EOFError) as e:
+            raise ConvertError(f"not a DICOM file: {e}") from None
+        except Exception as e:  # noqa: BLE001 - damaged headers raise many kinds
+            raise ConvertError(f"damaged DICOM file: {type(e).__name__}: {e}") from None
+        if "PixelData" not in ds:
+            raise ConvertError("no pixel data (not an image, or cut inside its pixel data)")
+        res.source_sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
+        codec, reason = choose_codec(ds, opts)
+        res.reason = reason
+        if codec is None:                            # stays as it arrived: a byte copy
+            res.codec, res.transfer_syntax = "keep", str(ds.file_meta.TransferSyntaxUID)
+            res.status, res.verification = "kept", "byte copy"
+            res.sop_instance_uid = res.source_sop_instance_uid
+            return data
+        res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+        splice = _splice_plan(data, ds, codec)
+        conv = encode_dataset(ds, codec, ratio=opts.lossy_ratio, reason=reason,
+                              copy_first=False, resolve=splice is None)
+        enc = (dataset_bytes(conv.dataset) if splice is None
+               else _spliced_bytes(data, conv, *splice))
+        _prove(enc, conv, opts, res)
+        res.status = "converted"
+        res.sop_instance_uid = str(conv.dataset.SOPInstanceUID)
+        return enc
+
+
+def _prove(enc: bytes, conv: Converted, opts: Options, res: FileResult) -> None:
+    """:func:`verify_encoded`, its outcome in ``res``; ConvertError when it fails."""
+    v = verify_encoded(enc, conv, min_psnr=opts.min_psnr, max_error=opts.max_error)
+    res.verification, res.psnr, res.max_error = v.text, v.psnr, v.max_error
+    if not v.ok:
+        raise ConvertError(f"verification failed: {v.text}")
+
+
+def _convert_plain(data: bytes, hdr: "_Header", opts: Options, res: FileResult) -> bytes | None:
+    """A lossless conversion of a file :func:`_read_header` read: the output is what the
+    general path's splice makes of it (the input's bytes but the file meta information
+    and the pixel data, :func:`_spliced_bytes`), the frames read in place from the input's
+    bytes and proven the same way. None (nothing done) when the codec chosen is not a
+    lossless one, or the file meta information is not laid out plainly: the general path
+    then converts the file."""
+    from pydicom.encaps import encapsulate
+
+    codec, reason = choose_codec(hdr, opts)
+    if codec is None or not codec.lossless or not codec.available:
+        return None
+    meta = _meta_with_syntax(data[132:hdr.start], codec.transfer_syntax)
+    if meta is None:
+        return None
+    res.source_sop_instance_uid = hdr.SOPInstanceUID
+    res.reason = reason
+    res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+    n, ba = hdr.NumberOfFrames, hdr.BitsAllocated
+    arr = _native_greyscale(hdr, _EXPLICIT_LE, 1, ba, n, memoryview(data)[hdr.at + 12:])
+    if arr is None:                          # _read_header checked the layout
+        raise ConvertError("the native pixel data do not have the layout read")
+    frames = _frames(arr, n)
+    signed, bits = _sign_and_bits(hdr)
+    encoded = _encode_frames(codec, frames, signed, bits, None)
+    conv = Converted(None, codec, frames, signed, bits, reason, encoded,
+                     pixel_data=encapsulate(encoded, has_bot=True))
+    enc = b"".join((data[:128], b"DICM", meta, data[hdr.start:hdr.at], _PIXEL_HEADER,
+                    conv.pixel_data, _SEQ_DELIMITER))
+    _prove(enc, conv, opts, res)
+    res.status = "converted"
+    res.sop_instance_uid = hdr.SOPInstanceUID
+    return enc
+
+
+class _Header:
+    """What the converter needs of a plain file's header (see :func:`_read_header`), read
+    without building a pydicom dataset; answers ``get`` and attribute access as a dataset
+    does for these keywords (``choose_codec`` and the pixel reader take it)."""
+
+    def __init__(self, values: dict, ts: str, start: int, at: int) -> None:
+        self._v = values
+        self.file_meta = {"TransferSyntaxUID": ts}
+        self.start, self.at = start, at          # dataset start, pixel data element
+
+    def get(self, key, default=None):
+        return self._v.get(key, default)
+
+    def __getattr__(self, key):
+        try:
+            return self.__dict__["_v"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_VR_SHORT = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
+                       b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
+                       b"US"})
+_VR_LONG = frozenset({b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL",
+                      b"OV", b"SV", b"UV"})
+_HEADER_US = {0x00280002: "SamplesPerPixel", 0x00280010: "Rows", 0x00280011: "Columns",
+              0x00280100: "BitsAllocated", 0x00280101: "BitsStored",
+              0x00280103: "PixelRepresentation"}
+_HEADER_TEXT = {0x00080018: "SOPInstanceUID", 0x00080060: "Modality",
+                0x00180015: "BodyPartExamined", 0x00280004: "PhotometricInterpretation",
+                0x00280008: "NumberOfFrames"}
+
+
+def _element(data: bytes, i: int) -> tuple[int, bytes, int, int] | None:
+    """(tag, VR, value length, header length) of the explicit VR little endian element
+    at ``i``; None past the end or for an unknown VR."""
+    import struct
+
+    if i + 8 > len(data):
+        return None
+    group, elem = struct.unpack_from("<HH", data, i)
+    vr = data[i + 4:i + 6]
+    if vr in _VR_LONG:
+        if i + 12 > len(data):
+            return None
+        return group << 16 | elem, vr, struct.unpack_from("<I", data, i + 8)[0], 12
+    if vr in _VR_SHORT:
+        return group << 16 | elem, vr, struct.unpack_from("<H", data, i + 6)[0], 8
+    return None
+
+
+def _skip_sequence(data: bytes, i: int, depth: int = 0) -> int | None:
+    """The position after an undefined-length sequence whose first item starts at ``i``
+    (its items walked as pydicom reads them), None when it is not well formed."""
+    import struct
+
+    if depth > 16:
+        return None
+    end = len(data)
+    while i + 8 <= end:
+        tag = struct.unpack_from("<HH", data, i)
+        length = struct.unpack_from("<I", data, i + 4)[0]
+        i += 8
+        if tag == (0xFFFE, 0xE0DD):                # sequence delimiter
+            return i
+        if tag != (0xFFFE, 0xE000):
+            return None
+        if length != 0xFFFFFFFF:                   # an item of defined length
+            i += length
+            continue
+        while True:                                # its elements up to the item delimiter
+            if data[i:i + 4] == b"\xfe\xff\x0d\xe0":
+                i += 8
+                break
+            el = _element(data, i)
+            if el is None:
+                return None
+            _tag, vr, length, head = el
+            if length == 0xFFFFFFFF:
+                if vr != b"SQ":
+                    return None
+                i = _skip_sequence(data, i + head, depth + 1)
+                if i is None:
+                    return None
+            else:
+                i += head + length
+    return None
+
+
+def _read_header(data: bytes) -> _Header | None:
+    """The common case read without pydicom: a file in explicit VR little endian (plain
+    file meta information) whose elements come in ascending order, without group
+    lengths, ending with a native pixel data element of a greyscale image (the bytes up
+    to it are kept as they are: :func:`_splice_plan`'s conditions). The walk only
+    finds each element's extent (sequences of undefined length item by item, as pydicom
+    reads them) and the few values the converter reads. None for anything else or
+    anything unexpected: pydicom then reads the file (and says what is wrong with it)."""
+    if (len(data) < 144 or data[128:132] != b"DICM"
+            or data[132:138] != b"\x02\x00\x00\x00UL"):
+        return None
+    start = 144 + int.from_bytes(data[140:144], "little")
+    if _meta_transfer_syntax(data) != _EXPLICIT_LE:
+        return None
+    i, end, last = start, len(data), -1
+    values: dict = {}
+    at = None
+    while at is None:
+        el = _element(data, i)
+        if el is None:
+            return None
+        tag, vr, length, head = el
+        if tag <= last or tag >> 16 in (0, 2):
+            return None                            # unordered, group length, meta
+        last = tag
+        if tag >= 0x7FE00000:
+            if (tag != 0x7FE00010 or vr not in (b"OB", b"OW")
+                    or i + head + length != end):  # pixel data last, ending the file
+                return None
+            at = i
+        elif length == 0xFFFFFFFF:
+            if vr != b"SQ":
+                return None
+            i = _skip_sequence(data, i + head)
+            if i is None:
+                return None
+        else:
+            value = data[i + head:i + head + length]
+            if tag in _HEADER_US:
+                if vr != b"US" or length != 2:
+                    return None
+                values[_HEADER_US[tag]] = int.from_bytes(value, "little")
+            elif tag in _HEADER_TEXT:
+                try:
+                    text = value.decode("ascii").rstrip("\0 ")
+                except UnicodeDecodeError:
+                    return None
+                if "\\" in text or text != text.lstrip():
+                    return None                    # several values: pydicom reads them
+                values[_HEADER_TEXT[tag]] = text
+            i += head + length
+            if i > end:
+                return None
+    try:
+        n = int(values.get("NumberOfFrames") or 1)
+    except ValueError:
+        return None
+    values["NumberOfFrames"] = n
+    if "SOPInstanceUID" not in values or values.get("SamplesPerPixel", 1) != 1:
+        return None
+    ba = values.get("BitsAllocated", 0)
+    hdr = _Header(values, _EXPLICIT_LE, start, at)
+    layout = _native_layout(hdr, _EXPLICIT_LE, 1, ba, n) if values.get("Rows") and \
+        values.get("Columns") else None
+    if layout is None or end - at - 12 < math.prod(layout[1]) * layout[0].itemsize:
+        return None
+    return hdr
 
 
 def _splice_plan(data: bytes, ds, codec: codecs.Codec) -> tuple[int, int] | None:
@@ -670,7 +947,7 @@ def _spliced_bytes(data: bytes, conv: Converted, start: int, at: int) -> bytes:
         meta = DicomBytesIO()
         write_file_meta_info(meta, conv.dataset.file_meta, enforce_standard=True)
         meta_bytes = meta.getvalue()
-    pixel = conv.dataset["PixelData"].value
+    pixel = conv.encapsulated
     return b"".join((data[:128], b"DICM", meta_bytes, data[start:at], _PIXEL_HEADER,
                      pixel, _SEQ_DELIMITER))
 
@@ -770,10 +1047,12 @@ def _convert_to_bytes(src: Path, dst: Path, opts: Options) -> tuple[FileResult, 
     t0 = time.perf_counter()
     res = FileResult(str(src), str(dst))
     try:
-        if src.resolve() == dst.resolve():
+        # an output that does not exist yet cannot be the input (no resolve() then)
+        exists = dst.exists()
+        if exists and src.resolve() == dst.resolve():
             raise ConvertError("the output would overwrite the input")
         res.bytes_before = src.stat().st_size
-        if dst.exists():
+        if exists:
             done = _done_before(dst)
             if done is not None and done[0] == _expected_ts(src, opts):
                 res.status, res.transfer_syntax, res.bytes_after = "skipped", done[0], done[1]
@@ -901,14 +1180,10 @@ def warm_up() -> None:
     for c in codecs.all_codecs():
         c.available                      # noqa: B018 - imports imagecodecs, checks it
     get_decoder(ExplicitVRLittleEndian)
+    import concurrent.futures.thread     # noqa: F401 - the workers' writer thread
+    import ctypes                        # noqa: F401 - _reuse_freed_memory
     import pydicom.encaps                # noqa: F401
     import pydicom.filewriter            # noqa: F401
-
-
-def _worker(pairs: list[tuple[str, str]], opts: Options) -> list[FileResult]:
-    """A chunk of files in one worker process (one task, one reply: less hand-over per
-    file than a task each)."""
-    return convert_files(pairs, opts)
 
 
 def chunks(items: list, workers: int, most: int = 16) -> list[list]:
@@ -916,6 +1191,15 @@ def chunks(items: list, workers: int, most: int = 16) -> list[list]:
     not leave the others idle at the end), at most ``most`` items each (progress)."""
     size = max(1, min(most, -(-len(items) // (4 * max(1, workers)))))
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+#: Files a worker process holds not yet converted: the one it converts and the next,
+#: waiting in its pipe (so it never waits for the parent); more would only unbalance the
+#: end. It asks for another as soon as it has converted one (not once it is written).
+IN_FLIGHT = 2
+#: Proven outputs a worker may hold waiting for its writer thread (a slow disk: an fsync
+#: can take longer than a conversion) before it waits for the disk itself.
+WRITE_BACKLOG = 4
 
 
 def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Options, *,
@@ -943,24 +1227,203 @@ def convert_paths(paths: Iterable[str | Path], out_dir: str | Path, opts: Option
             for r in convert_files(part, opts):
                 note(r)
     else:
-        ctx = pool_context()
-        if ctx.get_start_method() == "fork":
-            warm_up()                    # inherited by every worker
-        with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=ctx) as pool:
-            futs = {pool.submit(_worker, [(str(s), str(d)) for s, d in part], opts): part
-                    for part in chunks(pairs, workers)}
-            for fut in as_completed(futs):
-                try:
-                    for r in fut.result():
-                        note(r)
-                except Exception as e:  # noqa: BLE001 - a worker died: its files failed
-                    for s, _d in futs[fut]:
-                        note(FileResult(str(s), status="failed", error=f"worker: {e}"))
+        _convert_in_workers(pairs, opts, min(workers, total), note)
     fsync_dirs(Path(r.output).parent for r in report.results if r.status in ("converted", "kept"))
     order = {str(s): i for i, (s, _d) in enumerate(pairs)}
     report.results.sort(key=lambda r: order.get(r.file, -1))
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _convert_in_workers(pairs: list[tuple[Path, Path]], opts: Options, workers: int,
+                        note: Callable[[FileResult], None]) -> None:
+    """Convert ``pairs`` in ``workers`` processes, a file at a time each (whichever is free
+    takes the next: no idle worker at the end), :data:`IN_FLIGHT` files sent ahead. Only
+    paths go to a worker and only its result comes back: the worker reads the input,
+    converts, proves and writes the output itself (the write overlapping its next file),
+    and answers once the output is written. A worker that dies fails the file it was
+    converting (named in the report); a new one takes over the rest (:func:`lost`)."""
+    import gc
+    from collections import deque
+
+    ctx = pool_context()
+    forked = ctx.get_start_method() == "fork"
+    if forked:
+        warm_up()                        # inherited by every worker
+    todo = deque(enumerate(pairs))
+    held: dict = {}                      # parent end of a worker's pipe -> (process, {i: src})
+
+    def start() -> None:
+        mine, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_worker_main, args=(theirs, opts), daemon=True,
+                           name="medview-convert")
+        if forked:
+            gc.freeze()                  # the workers' collections leave inherited objects
+        try:                             # alone (no copy-on-write of their pages)
+            proc.start()
+        finally:
+            if forked:
+                gc.unfreeze()
+        theirs.close()
+        # its files not yet written, how many of them not yet converted, those converted
+        held[mine] = (proc, {}, [0], set())
+
+    def send_one(conn) -> None:
+        _proc, out, ahead, _c = held[conn]
+        i, (s, d) = todo.popleft()
+        out[i] = s
+        ahead[0] += 1
+        conn.send((i, str(s), str(d)))
+
+    def feed(conn) -> None:
+        while todo and held[conn][2][0] < IN_FLIGHT:
+            send_one(conn)
+
+    strikes: dict[int, int] = {}
+
+    def lost(conn) -> None:
+        """A worker died: the file it was converting (the first it had not converted) is
+        failed; the others it held (converted but not yet written, or not yet begun) go
+        to another worker, unless they were held by a worker that died before."""
+        proc, out, _ahead, converted = held.pop(conn)
+        proc.join()
+        conn.close()
+        why = f"worker: the worker process ended abruptly (exit code {proc.exitcode})"
+        culprit = next((i for i in out if i not in converted), None)
+        again = []
+        for i, s in out.items():
+            strikes[i] = strikes.get(i, 0) + 1
+            if i == culprit or strikes[i] >= 2:
+                note(FileResult(str(s), status="failed", error=why))
+            else:
+                again.append(i)
+        for i in reversed(again):
+            todo.appendleft((i, pairs[i]))
+        if todo:
+            start()
+            feed(next(reversed(held)))
+
+    stopped: list = []
+
+    def stop_idle() -> None:
+        """Workers with nothing to do: told to end (joined at the end, not waited for)."""
+        for conn, (proc, out, _ahead, _c) in list(held.items()):
+            if not out and not todo:
+                conn.send(None)
+                conn.close()
+                del held[conn]
+                stopped.append(proc)
+
+    try:
+        for _ in range(workers):
+            start()
+        for _ in range(IN_FLIGHT):               # the first files spread over the workers
+            for conn in held:
+                if todo:
+                    send_one(conn)
+        stop_idle()
+        _serve_workers(held, note, feed, lost, stop_idle)
+    finally:
+        for conn, (proc, _o, _a, _c) in held.items():     # only after an error of ours
+            proc.terminate()
+            conn.close()
+            stopped.append(proc)
+        for proc in stopped:
+            proc.join()
+
+
+def _serve_workers(held: dict, note, feed, lost, stop_idle) -> None:
+    """The parent's loop of :func:`_convert_in_workers`: results in, next files out."""
+    from multiprocessing.connection import wait
+
+    while held:
+        sentinels = {proc.sentinel: conn for conn, (proc, *_rest) in held.items()}
+        for ready in wait([*held, *sentinels]):
+            conn = sentinels.get(ready, ready)
+            if conn not in held:
+                continue
+            proc, out, ahead, converted = held[conn]
+            try:
+                while conn.poll():       # all it sent, also from a worker that ended
+                    msg = conn.recv()
+                    if msg[0] == NEXT:   # (NEXT, index): converted, wants another
+                        ahead[0] -= 1
+                        converted.add(msg[1])
+                        continue
+                    i, r = msg
+                    converted.discard(i)
+                    out.pop(i, None)
+                    note(r)
+            except (EOFError, OSError):
+                lost(conn)
+                continue
+            if not proc.is_alive() and not conn.poll():
+                lost(conn)
+                continue
+            feed(conn)
+        stop_idle()
+
+
+def _worker_main(conn, opts: Options) -> None:
+    """A worker process: convert the files the parent sends, a (index, input, output) at a
+    time, until None. After each conversion it asks for the next file ("next"); the
+    output is written on a writer thread (its fsync does not hold up the next
+    conversion; at most :data:`WRITE_BACKLOG` outputs wait for it) and the result (index,
+    FileResult) sent once it is written."""
+    import threading
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    _reuse_freed_memory()
+    lock = threading.Lock()                  # the writer thread sends too
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    def finish(i: int, res: FileResult, dst: str, out: bytes | None) -> None:
+        if out is not None:
+            _write_output(res, Path(dst), out, False)
+        send((i, res))
+
+    writes: deque = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="convert-write") as writer:
+        while True:
+            try:
+                task = conn.recv()
+            except (EOFError, OSError):
+                break                    # the parent is gone
+            if task is None:
+                break
+            i, s, d = task
+            try:
+                res, out = _convert_to_bytes(Path(s), Path(d), opts)
+            except Exception as e:  # noqa: BLE001 - reported, the worker goes on
+                res, out = FileResult(s, d, error=f"{type(e).__name__}: {e}"), None
+            send((NEXT, i))
+            while writes and (writes[0].done() or len(writes) >= WRITE_BACKLOG):
+                writes.popleft().result()
+            writes.append(writer.submit(finish, i, res, d, out))
+    conn.close()
+
+
+NEXT = "next"       # a worker's request for another file
+
+
+def _reuse_freed_memory() -> None:
+    """In a worker process (it ends with the batch): glibc keeps freed memory for the next
+    file instead of giving each image-sized buffer back to the system and faulting fresh
+    zeroed pages in for the next one (a third of the converter's own time per image
+    went to that). Nothing where the C library is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)      # buffers below 64 MiB from the heap
+    mallopt(m_trim_threshold, 256 << 20)     # and up to 256 MiB of it kept
 
 
 def progress_printer(stream=None) -> Callable[[int, int, FileResult], None]:

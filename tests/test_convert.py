@@ -5,6 +5,7 @@ pydicom and dcmtk; damaged input is refused and reported while the rest goes on;
 skips what is done; inputs are never written."""
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -712,3 +713,142 @@ def test_native_pixels_with_stray_high_bits_convert_as_pydicom_reads_them(tmp_pa
         got = _pixels_from_pydicom(tmp_path / f"{to}.dcm")
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- fast path
+def _plain_inputs(tmp_path) -> list[Path]:
+    """Files the header walk takes: the sample CT, synthetic MRs (private tags, nested
+    sequences, several frames, signed and not) and real explicit VR little endian ones."""
+    files = sample.make_sample_ct(tmp_path / "ct", slices=2, size=64, seed=3)
+    files += [_synthetic(tmp_path / "s.dcm", signed=True),
+              _synthetic(tmp_path / "u.dcm", signed=False, frames=1, bits=16)]
+    for name in ("emri_small.dcm", "vlut_04.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm"):
+        p = sample.find_test_file(name)
+        if p is not None:
+            files.append(Path(p))
+    return files
+
+
+@pytest.mark.parametrize("to", ["jpegls", "htj2k", "policy"])
+def test_the_header_walk_gives_what_pydicom_s_reading_gives(tmp_path, to):
+    """The common case is read without pydicom (server.convert._read_header): its output
+    is byte for byte the general path's (pydicom's read of the whole file, spliced), with
+    the same result, and proven the same way."""
+    from server.convert import FileResult, _convert_dataset, _read_header, convert_bytes
+
+    opts = Options(to=to, codec_policy=load_policy().codec if to == "policy" else None)
+    for f in _plain_inputs(tmp_path):
+        data = Path(f).read_bytes()
+        assert _read_header(data) is not None, f
+        res, out = convert_bytes(data, opts, "x")
+        ref = FileResult("x", bytes_before=len(data))
+        want = _convert_dataset(data, opts, ref)
+        assert res.status == ref.status == "converted", (f, res.error)
+        assert out == want, f
+        for k in ("codec", "transfer_syntax", "verification", "sop_instance_uid",
+                  "source_sop_instance_uid", "reason"):
+            assert getattr(res, k) == getattr(ref, k), (f, k)
+        assert res.sha256 == hashlib.sha256(want).hexdigest()
+        back = pydicom.dcmread(io.BytesIO(out))
+        np.testing.assert_array_equal(back.pixel_array, pydicom.dcmread(f).pixel_array)
+
+
+def test_the_header_walk_leaves_anything_else_to_pydicom(tmp_path):
+    """Whatever is not the plain layout is read by pydicom (and converted, or refused,
+    as before): implicit VR, big endian, a pixel group length, an element after the
+    pixel data, elements out of order, a truncated pixel data element, colour, a
+    sequence that does not end, a lossy target."""
+    from server.convert import _read_header, convert_bytes
+
+    src = _synthetic(tmp_path / "s.dcm", signed=False, frames=2)
+    data = src.read_bytes()
+    assert _read_header(data) is not None
+    ds = pydicom.dcmread(src)
+    at = data.rfind(b"\xe0\x7f\x10\x00OW")
+    cases = {
+        "implicit": None, "big endian": None,
+        "after pixels": data + b"\xfc\xff\xfc\xff" + b"OB\x00\x00" + (2).to_bytes(4, "little") + b"\x00\x00",
+        "truncated": data[:-10],
+        # (0010,0020) moved after (0010,0010): out of order
+        "unordered": None,
+    }
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    imp = copy.deepcopy(ds)
+    imp.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = io.BytesIO()
+    imp.save_as(buf, enforce_file_format=True)
+    cases["implicit"] = buf.getvalue()
+    big = _testfile("MR_small_bigendian.dcm")
+    cases["big endian"] = Path(big).read_bytes()
+    pid = data.find(b"\x10\x00\x20\x00LO")
+    pname = data.find(b"\x10\x00\x10\x00PN")
+    assert 0 < pname < pid < at
+    n_name = 8 + int.from_bytes(data[pname + 6:pname + 8], "little")
+    n_id = 8 + int.from_bytes(data[pid + 6:pid + 8], "little")
+    assert pname + n_name == pid
+    cases["unordered"] = (data[:pname] + data[pid:pid + n_id] + data[pname:pname + n_name]
+                          + data[pid + n_id:])
+    for what, d in cases.items():
+        if d is None:
+            continue
+        assert _read_header(d) is None, what
+        res, out = convert_bytes(d, Options(to="jpegls"), what)
+        if what == "truncated":
+            continue                                  # pydicom says what it makes of it
+        assert res.status == "converted", (what, res.error)
+        assert res.verification == "bit-exact"
+        back = pydicom.dcmread(io.BytesIO(out))
+        np.testing.assert_array_equal(back.pixel_array,
+                                      pydicom.dcmread(io.BytesIO(d)).pixel_array)
+    # a lossy target: the header walk reads the file, the general path converts it
+    res, out = convert_bytes(data, Options(to="j2k", lossy_ratio=5, min_psnr=0), "lossy")
+    assert res.status == "converted" and res.sop_instance_uid != ds.SOPInstanceUID, res.error
+    # colour is not the plain case
+    rgb = _testfile("US1_UNCR.dcm")
+    assert _read_header(Path(rgb).read_bytes()) is None
+
+
+def test_a_worker_that_dies_fails_its_files_only(tmp_path, monkeypatch):
+    """With worker processes, a worker that dies (a crash in a codec, the OOM killer)
+    fails the file it was converting, named in the report; a new worker converts the
+    rest, the files the dead one held but had not written included."""
+    import multiprocessing as mp
+    import os
+
+    import server.convert as conv
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs fork (the workers inherit the crashing stand-in)")
+    monkeypatch.setattr(conv, "pool_context", lambda: mp.get_context("fork"))
+    real = conv._convert_to_bytes
+
+    def crashing(src, dst, opts):
+        if src.name == "s3.dcm":
+            os._exit(7)                               # the worker process dies here
+        return real(src, dst, opts)
+    monkeypatch.setattr(conv, "_convert_to_bytes", crashing)
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(8):
+        _synthetic(d / f"s{i}.dcm", rows=20 + i, frames=1)
+    rep = convert_paths([d], tmp_path / "out", Options(to="jpegls"), workers=2)
+    by = {Path(r.file).name: r for r in rep.results}
+    assert len(by) == 8 and by["s3.dcm"].status == "failed"
+    assert "worker process ended abruptly (exit code 7)" in by["s3.dcm"].error
+    for n, r in by.items():
+        if n != "s3.dcm":
+            assert r.status == "converted" and (tmp_path / "out" / n).is_file(), r.error
+    assert not (tmp_path / "out" / "s3.dcm").exists()
+
+
+def test_more_workers_than_files_to_spread(tmp_path):
+    """Fewer files than workers × files sent ahead: every worker that gets nothing is
+    told to end, and the batch ends (the workers' first files are spread over them)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i in range(3):
+        _synthetic(d / f"s{i}.dcm", rows=16 + i, frames=1)
+    for workers in (2, 3, 4):
+        rep = convert_paths([d], tmp_path / f"out{workers}", Options(to="jpegls"), workers=workers)
+        assert rep.count("converted") == 3, rep.summary()

@@ -3,6 +3,7 @@ stain jitter, the ×8 offer gate, one tiny training run with checkpoints."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,6 +154,43 @@ def test_a_tiny_training_run_leaves_checkpoints_and_loadable_weights(tmp_path):
         train(2, 1, tmp_path / "x", sets=("tcga",), evaluate_sources=False)
 
 
+def test_training_keeps_every_checkpoint_and_samples_each_zoom(tmp_path):
+    pytest.importorskip("torch")
+    from imaging.train_sr import train
+
+    # zoom 0.25 of the IHC training columns is 128 x 96: too small for a 128-pixel patch,
+    # so those draws fall back to the next larger zoom instead of failing
+    meta = train(4, 4, tmp_path / "out", threads=1, channels=(4, 8), blocks=1, patch=32,
+                 sets=("ihc",), checkpoint=tmp_path / "ck_{it}.npz", checkpoint_every=2,
+                 batch=2, evaluate_sources=False, log=lambda m: None,
+                 zooms=(1.0, 0.5, 0.25), mix=(0.2, 0.2, 0.6))
+    assert "scales 1/0.5/0.25" in meta["trained_on"]
+    for it in (2, 4):
+        saved = json.loads(bytes(np.load(tmp_path / f"ck_{it}.npz")["meta"]).decode())
+        assert saved["checkpoint"] == it
+    with pytest.raises(SystemExit, match="one weight per zoom"):
+        train(4, 1, tmp_path / "x", sets=("ihc",), zooms=(1.0, 0.5), evaluate_sources=False)
+
+
+def test_a_generator_grown_deeper_starts_as_the_one_it_grew_from(tmp_path):
+    """--blocks above the --init generator's: the new residual blocks start as the identity,
+    so fine-tuning starts from exactly what the shipped generator computes."""
+    pytest.importorskip("torch")
+    from imaging.train_sr import train
+
+    shipped = sr.load_generator(2, backend="numpy")
+    meta = train(2, 0, tmp_path / "out", threads=1, channels=(32, 64), blocks=shipped.n_res + 2,
+                 sets=("ihc",), init=sr.weights_path(2), evaluate_sources=False,
+                 log=lambda m: None)
+    grown = sr.load_generator(2, tmp_path / "out", backend="numpy")
+    assert meta["residual_blocks"] == grown.n_res == shipped.n_res + 2
+    assert not np.any(grown.params[f"res{shipped.n_res}.b.w"])
+    assert np.any(grown.params[f"res{shipped.n_res}.a.w"])
+    hr = _tissue()
+    lr = srdata.degrade(hr, 2, "pyramid")
+    assert np.array_equal(grown.upscale(lr), shipped.upscale(lr))
+
+
 def test_shipped_x8_is_offered_exactly_when_its_recorded_gain_allows():
     path = sr.weights_path(8)
     if not path.is_file():
@@ -162,3 +200,26 @@ def test_shipped_x8_is_offered_exactly_when_its_recorded_gain_allows():
     gain = meta["heldout"]["pyramid"]["unseen_mean_gain_db"]
     assert (8 in sr.offered_scales()) == (gain >= sr.X8_MIN_GAIN_DB)
     assert {2, 4} <= set(sr.offered_scales())
+
+
+def test_bench_curve_scores_checkpoints_as_the_weights_record(tmp_path):
+    """bench/sr.py --curve: each checkpoint scored on the held-out sources by iteration,
+    on ONNX Runtime — the shipped ×4 weights, copied as a checkpoint, score what their
+    meta recorded (numpy inference at training time) within float rounding."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_sr", Path(__file__).resolve().parents[1] / "bench" / "sr.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(sr.weights_path(4), run / "ck_b.npz")
+    recorded = sr.load_generator(4, backend="numpy").meta["heldout"]
+    rows = bench.curve(str(run / "ck_*.npz"))
+    assert len(rows) == 1 and rows[0]["scale"] == 4
+    assert rows[0]["iteration"] == sr.load_generator(4, backend="numpy").meta["iterations"]
+    for kind in srdata.DEGRADATIONS:
+        assert abs(rows[0][kind]["unseen_mean"] - recorded[kind]["unseen_mean_gain_db"]) < 0.01
+        assert rows[0][kind]["unseen_worst"] == min(rows[0][kind][n] for n in srdata.UNSEEN)

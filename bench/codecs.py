@@ -21,7 +21,8 @@ converter against the bare encoder.
    HTTP server over unthrottled loopback and over bench/transfer.py's simulated
    100 and 10 Mbit/s links; both checked bit-exact.
 4. The converter (``medview-server convert FOLDER --out DIR --workers N``, run through
-   the CLI's entry point; policy codec: JPEG-LS for the CT) on the sample CT folder, with
+   the CLI's entry point; policy codec: JPEG-LS for the CT) on a sample CT folder of
+   ``--converter-slices`` files (default 200; each run's worker start-up included), with
    1 and 2 worker processes, against the bare encoder on the same frames in one process
    (and in 2). The converter also reads and writes DICOM (and its report) and proves
    every output by decoding it again; CPU per image is split into encode, proof decode
@@ -476,6 +477,9 @@ def bench_volume(tmp: Path, slices: int, threads: int = 4) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=32)
+    ap.add_argument("--converter-slices", type=int, default=200, metavar="N",
+                    help="files of the converter comparison (default 200: a batch conversion runs "
+                         "over folders, so the workers' start-up is spread as in real use)")
     ap.add_argument("--quick", action="store_true", help="8 slices, short timings")
     ap.add_argument("--min-time", type=float, default=0.5)
     ap.add_argument("--converter-only", action="store_true",
@@ -494,7 +498,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "codecs.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.slices, args.min_time = 8, 0.2
+        args.slices, args.min_time, args.converter_slices = 8, 0.2, 32
     load0 = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="medview-bench-codecs-"))
     if args.viewer_only:
@@ -526,7 +530,7 @@ def main(argv=None) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     try:
-        sets = load_sets(tmp, args.slices)
+        sets = load_sets(tmp, args.slices) if not args.converter_only else []
         results = []
         for s in ([] if args.converter_only else sets):
             print(f"\n== {s['name']}: {len(s['frames'])} images")
@@ -545,8 +549,12 @@ def main(argv=None) -> int:
                 vs = f"{b['vs_transport']:.3f}" if b["vs_transport"] else "-"
                 print(f"{label:<22} {vs:>9} {b['ratio']:>6.2f} {b['encode_per_s']:>8.1f} "
                       f"{b['decode_per_s']:>8.1f} {b['decode_reduce2_per_s']:>9.1f}  {b['reduce']}")
-        print("\n== converter vs bare encoder (sample CT, JPEG-LS, policy)")
-        conv = bench_converter(sets[0]["files"], tmp, args.min_time)
+        from server import sample
+        conv_files = sample.make_sample_ct(tmp / "converter-ct", slices=args.converter_slices,
+                                           size=512, seed=0)
+        print(f"\n== converter vs bare encoder (sample CT, {len(conv_files)} files of 512², JPEG-LS, "
+              "policy)")
+        conv = bench_converter(conv_files, tmp, args.min_time)
         print(f"bare encoder, 1 process (as the CLI's user would run it)  "
               f"{conv['bare_encode_per_s']:8.1f} images/s")
         for w in conv["workers"]:

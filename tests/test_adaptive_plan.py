@@ -16,7 +16,7 @@ from client.series_loader import (BACKGROUND, FOCUS, JUMP_STEPS, NEAR, LoaderLis
                                   PlanState, SeriesLoader, SeriesRegistry, Stage,
                                   background_fill, fill_window_for, follow_scroll, plan_stages,
                                   supersedes)
-from waits import WAIT_S, wait_for
+from waits import WAIT_S, Clock, wait_for
 
 
 def state(n=40, levels=None, **kw) -> PlanState:
@@ -151,20 +151,6 @@ def test_prediction_is_given_up_when_the_reader_turns_away():
 
 
 # ---------------------------------------------------------------- the loader, served
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self.lock:
-            return self.t
-
-    def advance(self, s: float) -> None:
-        with self.lock:
-            self.t += s
-
-
 class Idle(LoaderListener):
     def __init__(self) -> None:
         self.idle = threading.Event()

@@ -16,7 +16,7 @@ from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, LoaderListen
 from client.session import Session
 from policyutil import clear_tables, copy_store, series_uid, study_uid
 from server.embedded import EmbeddedServer
-from waits import WAIT_S, wait_for
+from waits import WAIT_S, Clock, wait_for
 
 
 def state(n=20, **kw) -> PlanState:
@@ -187,20 +187,6 @@ def asrv(ct_store, tmp_path_factory):
     PolicyClient(Session(srv.url)).set_status(study_uid(store), 2)     # read: auto follows
     yield srv
     srv.stop()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-        self.lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self.lock:
-            return self.t
-
-    def advance(self, s: float) -> None:
-        with self.lock:
-            self.t += s
 
 
 def test_loader_slow_link_previews_the_window_then_the_whole_series(asrv, pool):

@@ -8,6 +8,7 @@ result. The limit only bounds a hang; it is never what a test measures, so it is
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable
 
@@ -26,3 +27,20 @@ def wait_for(cond: Callable[[], object], timeout: float = WAIT_S, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+class Clock:
+    """A clock the test moves by hand (``advance``), for code that takes a ``clock``
+    callable: what a test checks then never depends on how fast the machine is."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+        self.lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self.lock:
+            return self.t
+
+    def advance(self, s: float) -> None:
+        with self.lock:
+            self.t += s

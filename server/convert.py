@@ -230,6 +230,7 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
                            "be lossless, so the image is not converted")
     if spp not in (1, 3):
         raise ConvertError(f"SamplesPerPixel {spp} is not supported")
+    check_photometric(pi, spp)
     n = int(ds.get("NumberOfFrames", 1) or 1)
     arr = _native_greyscale(ds, ts, spp, ba, n)
     if arr is None:
@@ -242,6 +243,20 @@ def read_pixels(ds) -> tuple[list[np.ndarray], str]:
         raise ConvertError(f"NumberOfFrames {n} but {len(frames)} frames decoded")
     out_pi = "RGB" if spp == 3 and pi.startswith("YBR") else pi
     return frames, out_pi
+
+
+_PHOTOMETRIC = {1: ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"),
+                3: ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420",
+                    "YBR_ICT", "YBR_RCT")}
+
+
+def check_photometric(pi: str, spp: int) -> None:
+    """A PhotometricInterpretation the standard defines for ``spp`` samples, or
+    ConvertError: a damaged or lying value says nothing reliable about the samples, and an
+    output keeping it would not open in a viewer."""
+    if pi not in _PHOTOMETRIC.get(spp, ()):
+        raise ConvertError(f"PhotometricInterpretation {pi!r} is not one for {spp} sample(s) "
+                           "per pixel (damaged image module)")
 
 
 def _frames(arr: np.ndarray, n: int) -> list[np.ndarray]:
@@ -723,6 +738,7 @@ def _convert_plain(data: bytes, hdr: "_Header", opts: Options, res: FileResult) 
     res.source_sop_instance_uid = hdr.SOPInstanceUID
     res.reason = reason
     res.codec, res.transfer_syntax = codec.name, codec.transfer_syntax
+    check_photometric(str(hdr.get("PhotometricInterpretation", "")), 1)
     n, ba = hdr.NumberOfFrames, hdr.BitsAllocated
     arr = _native_greyscale(hdr, _EXPLICIT_LE, 1, ba, n, memoryview(data)[hdr.at + 12:])
     if arr is None:                          # _read_header checked the layout
@@ -792,6 +808,24 @@ def _element(data: bytes, i: int) -> tuple[int, bytes, int, int] | None:
     return None
 
 
+def _meta_well_formed(data: bytes, start: int) -> bool:
+    """The file meta information from (0002,0000) to ``start`` (where its group length
+    says it ends) is group 2 elements in ascending order, each of a known VR, ending
+    exactly there: the spliced output keeps these bytes, so pydicom must be able to read
+    them (a damaged meta element is left to pydicom's reading, which refuses it)."""
+    i, last = 132, -1
+    while i < start:
+        el = _element(data, i)
+        if el is None:
+            return False
+        tag, _vr, length, head = el
+        if tag >> 16 != 2 or tag <= last or length == 0xFFFFFFFF:
+            return False
+        last = tag
+        i += head + length
+    return i == start
+
+
 def _skip_sequence(data: bytes, i: int, depth: int = 0) -> int | None:
     """The position after an undefined-length sequence whose first item starts at ``i``
     (its items walked as pydicom reads them), None when it is not well formed."""
@@ -842,7 +876,7 @@ def _read_header(data: bytes) -> _Header | None:
             or data[132:138] != b"\x02\x00\x00\x00UL"):
         return None
     start = 144 + int.from_bytes(data[140:144], "little")
-    if _meta_transfer_syntax(data) != _EXPLICIT_LE:
+    if _meta_transfer_syntax(data) != _EXPLICIT_LE or not _meta_well_formed(data, start):
         return None
     i, end, last = start, len(data), -1
     values: dict = {}

@@ -852,3 +852,44 @@ def test_more_workers_than_files_to_spread(tmp_path):
     for workers in (2, 3, 4):
         rep = convert_paths([d], tmp_path / f"out{workers}", Options(to="jpegls"), workers=workers)
         assert rep.count("converted") == 3, rep.summary()
+
+
+def test_the_header_walk_under_fuzzed_headers(tmp_path):
+    """Hostile headers: bytes of a plain file's header changed at random (seeded), lengths
+    and VRs among them, or the file cut short. Whatever the header walk accepts must
+    convert exactly as pydicom's reading of the same bytes does (same status, same output
+    bytes); nothing raises; a converted output holds the input's pixels as pydicom reads
+    them."""
+    from server.convert import ConvertError, FileResult, _convert_dataset, _read_header, convert_bytes
+
+    opts = Options(to="jpegls")
+    src = sample.make_sample_ct(tmp_path / "ct", slices=1, size=64, seed=5)[0]
+    data = Path(src).read_bytes()
+    pixel_at = data.rfind(b"\xe0\x7f\x10\x00")
+    rng = np.random.default_rng(20261204)
+    accepted = converted = 0
+    for k in range(400):
+        b = bytearray(data)
+        if k % 10 == 9:
+            b = b[:int(rng.integers(132, len(b)))]                 # cut short
+        else:
+            for _ in range(int(rng.integers(1, 4))):              # 1-3 bytes of the header
+                b[int(rng.integers(132, pixel_at + 12))] = int(rng.integers(0, 256))
+        b = bytes(b)
+        res, out = convert_bytes(b, opts, "x")
+        if _read_header(b) is None:
+            continue
+        accepted += 1
+        ref = FileResult("x", bytes_before=len(b))
+        try:
+            want = _convert_dataset(b, opts, ref)
+        except ConvertError:                    # pydicom's reading refuses the file
+            assert res.status == "failed" and res.error and out is None, (k, res)
+            continue
+        assert res.status == ref.status, (k, res, ref)
+        assert out == want, k
+        if res.status == "converted":
+            converted += 1
+            back = pydicom.dcmread(io.BytesIO(out))
+            np.testing.assert_array_equal(back.pixel_array, pydicom.dcmread(io.BytesIO(b)).pixel_array)
+    assert accepted > 50 and converted > 20, (accepted, converted)      # the walk was exercised

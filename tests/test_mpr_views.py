@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -239,10 +240,16 @@ def test_progressive_volume_redraws_at_each_level(qtbot, server, ct_series_uid):
         lay.views["coronal"].rendered.connect(renders.append)
         events = win.load_events
         qtbot.waitUntil(lambda: bool(events) and events[-1].final, timeout=WAIT_MS)
-        assert len(events) >= 3 and len(renders) >= 2
-        assert "complete" in lay.status.text()
         # the full stage's route and why: in the status (the copies) and its tooltip
         last = events[-1]
+        # a preview, then full quality; through the J2K layers the second preview stage
+        # comes between them, through the HTJ2K copies it is left out (and said so)
+        if last.route == "htj2k" and re.search(r"J2K preview stages? left out", last.why):
+            assert len(events) >= 2
+        else:
+            assert len(events) >= 3
+        assert len(renders) >= 2
+        assert "complete" in lay.status.text()
         assert last.route in ("htj2k", "j2k") and last.why in lay.status.toolTip()
         assert ("HTJ2K copies" in lay.status.text()) == (last.route == "htj2k")
         assert len(lay.volume.filled_slots()) == 0

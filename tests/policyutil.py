@@ -64,6 +64,22 @@ def copy_store_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+def read_study_server(ct_store: Path, dst: Path):
+    """An embedded server on a private copy of ``ct_store`` whose study is in status 2
+    (read), so that ``version=auto`` follows the client's reported context; its ``series``
+    is the store's series UID. The caller stops it."""
+    from client.policy import PolicyClient
+    from client.session import Session
+    from server.embedded import EmbeddedServer
+
+    store = copy_store(ct_store, dst)
+    clear_tables(store, ("study_status_history", "study_status"))
+    srv = EmbeddedServer(str(store)).start()
+    srv.series = series_uid(store)
+    PolicyClient(Session(srv.url)).set_status(study_uid(store), 2)
+    return srv
+
+
 def series_uid(store_dir: Path) -> str:
     with Store(store_dir) as st:
         (s,) = st.catalogue.query_series()

@@ -10,8 +10,7 @@ import pytest
 
 from client.policy import PolicyClient
 from client.session import Session
-from policyutil import clear_tables, copy_store, series_uid, study_uid
-from server.embedded import EmbeddedServer
+from policyutil import read_study_server
 from client.series_loader import (BACKGROUND, FOCUS, JUMP_STEPS, NEAR, LoaderListener,
                                   PlanState, SeriesLoader, SeriesRegistry, Stage,
                                   background_fill, fill_window_for, follow_scroll, plan_stages,
@@ -161,11 +160,7 @@ class Idle(LoaderListener):
 
 @pytest.fixture(scope="module")
 def asrv(ct_store, tmp_path_factory):
-    store = copy_store(ct_store, tmp_path_factory.mktemp("adaptive") / "store")
-    clear_tables(store, ("study_status_history", "study_status"))
-    srv = EmbeddedServer(str(store)).start()
-    srv.series = series_uid(store)
-    PolicyClient(Session(srv.url)).set_status(study_uid(store), 2)     # read: auto follows
+    srv = read_study_server(ct_store, tmp_path_factory.mktemp("adaptive") / "store")
     yield srv
     srv.stop()
 

@@ -14,8 +14,7 @@ from client.series_loader import (BACKGROUND, FOCUS, NEAR, PREVIEW, LoaderListen
                                   SeriesLoader, SeriesRegistry, plan_stages, preview_chunk_for,
                                   preview_window_for)
 from client.session import Session
-from policyutil import clear_tables, copy_store, series_uid, study_uid
-from server.embedded import EmbeddedServer
+from policyutil import read_study_server
 from waits import WAIT_S, Clock, wait_for
 
 
@@ -180,11 +179,7 @@ def test_loader_preview_follows_a_jump_and_fetches_each_image_once(server, ct_se
 
 @pytest.fixture(scope="module")
 def asrv(ct_store, tmp_path_factory):
-    store = copy_store(ct_store, tmp_path_factory.mktemp("preview") / "store")
-    clear_tables(store, ("study_status_history", "study_status"))
-    srv = EmbeddedServer(str(store)).start()
-    srv.series = series_uid(store)
-    PolicyClient(Session(srv.url)).set_status(study_uid(store), 2)     # read: auto follows
+    srv = read_study_server(ct_store, tmp_path_factory.mktemp("preview") / "store")
     yield srv
     srv.stop()
 

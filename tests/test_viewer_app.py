@@ -145,6 +145,11 @@ def test_open_series_increments_arrive_and_bars_match_the_client(qtbot, win, ct_
     assert len(set(first)) >= 2 and first[-1] == (0, 4)
     keys = [(-r, q) for r, q in first]
     assert keys == sorted(keys)
+    # the progress widgets follow the transfer on a timer (PROGRESS_INTERVAL_MS): its
+    # flush after the last increment updates the bars, then the transfer label
+    held = sum(sd.held_bytes(i) for i in range(len(sd)))
+    qtbot.waitUntil(lambda: (win.transfer_label.snapshot() is not None
+                             and win.transfer_label.snapshot().received == held), timeout=TIMEOUT)
     # bars of the shown slice = what the client library holds and reports
     assert win.bytes_bar.byte_counts() == (sd.held_bytes(0), sd.held_bytes(0), sd.images[0]["total_bytes"])
     assert win.level_bar.levels() == (4, 4, 4)
@@ -152,7 +157,7 @@ def test_open_series_increments_arrive_and_bars_match_the_client(qtbot, win, ct_
         assert st.held_bytes <= st.requested_bytes <= st.total_bytes
     assert [s for s in image_statuses if s.index == 0][-1].held_bytes == sd.held_bytes(0)
     snap = win.transfer_label.snapshot()
-    assert snap.received == sum(sd.held_bytes(i) for i in range(len(sd)))
+    assert snap.received == held
     assert snap.total == sum(im["total_bytes"] for im in sd.images)
     assert win.strip.levels() == [12] * 12 and win.strip.count() == 12
     assert "Im: 1 / 12" in win.stack.overlay_text()

@@ -523,6 +523,17 @@ def need_model(spec: str, series: list["ImageSource"], base: CacheModel) -> Cach
     return out
 
 
+def _open_channel(session, cid: str) -> CacheModel:
+    """A new, empty channel model in ``session`` (the oldest channels dropped beyond
+    :data:`MAX_CHANNELS`, however the channel came: ``cnew``, or adopted from another
+    process)."""
+    channels = [k for k in session.model if k.startswith(CHANNEL_KEY)]
+    for k in channels[: max(0, len(channels) - MAX_CHANNELS + 1)]:
+        session.model.pop(k, None)
+    model = session.model[CHANNEL_KEY + cid] = CacheModel()
+    return model
+
+
 def resolve_model(req: PacketRequest, session, series: list["ImageSource"]
                   ) -> tuple[CacheModel, dict[str, str], bool]:
     """The cache model a request is planned against, the JPIP response headers, and
@@ -545,18 +556,15 @@ def resolve_model(req: PacketRequest, session, series: list["ImageSource"]
             # serve --workers N: a channel of this session that another process opened,
             # or whose model this process forgot when another streamed to the session;
             # what was sent on it is not known here: sent again, nothing lost
-            model = session.model[CHANNEL_KEY + req.cid] = CacheModel()
+            model = _open_channel(session, req.cid)
         if model is None:
             raise RequestError(f"cid: no channel {req.cid!r} in this session (closed, or "
                                "never opened with cnew)", status=404)
     elif req.cid:
         model = session.model_for(req.target)
     elif req.cnew:
-        channels = [k for k in session.model if k.startswith(CHANNEL_KEY)]
-        for k in channels[: max(0, len(channels) - MAX_CHANNELS + 1)]:
-            session.model.pop(k, None)
         cid = f"{session.id}.{secrets.token_hex(6)}"
-        model = session.model[CHANNEL_KEY + cid] = CacheModel()
+        model = _open_channel(session, cid)
         headers["JPIP-cnew"] = f"cid={cid},path=/jpip,transport=http"
     elif req.framing == "mv":
         model = session.model_for(req.target)

@@ -287,13 +287,20 @@ def fetch_frame(session, study_uid: str, series_uid: str, sop_uid: str, frame: i
                 syntax: str = HTJ2K_SYNTAX) -> bytes:
     """One frame in ``syntax`` as a single part (raises the session's ServerError, e.g.
     403 when the grant is not unlimited, 406 when the syntax cannot hold the image)."""
+    return _frame_request(session, study_uid, series_uid, sop_uid, frame, syntax).content
+
+
+def _frame_request(session, study_uid: str, series_uid: str, sop_uid: str, frame: int,
+                   syntax: str, stream: bool = False):
+    """The answer to a request for one frame in ``syntax``, checked to be in it."""
     media = _MEDIA[syntax]
     resp = session.request("GET", frame_path(study_uid, series_uid, sop_uid, frame),
-                           headers={"Accept": f"{media}; transfer-syntax={syntax}"})
+                           headers={"Accept": f"{media}; transfer-syntax={syntax}"}, stream=stream)
     got = resp.headers.get("content-type", "")
     if not got.startswith(media) or f"transfer-syntax={syntax}" not in got:
+        resp.close()
         raise ValueError(f"asked {media} {syntax}, got {got!r}")
-    return resp.content
+    return resp
 
 
 def probe_frame(session, study_uid: str, series_uid: str, sop_uid: str, frame: int,
@@ -305,14 +312,9 @@ def probe_frame(session, study_uid: str, series_uid: str, sop_uid: str, frame: i
     the body came at once (loopback)."""
     import time
 
-    media = _MEDIA[syntax]
     t0 = time.monotonic()
-    resp = session.request("GET", frame_path(study_uid, series_uid, sop_uid, frame),
-                           headers={"Accept": f"{media}; transfer-syntax={syntax}"}, stream=True)
+    resp = _frame_request(session, study_uid, series_uid, sop_uid, frame, syntax, stream=True)
     try:
-        got = resp.headers.get("content-type", "")
-        if not got.startswith(media) or f"transfer-syntax={syntax}" not in got:
-            raise ValueError(f"asked {media} {syntax}, got {got!r}")
         parts, first, t1 = [], 0, None
         for c in resp.iter_content(chunk):
             if t1 is None:

@@ -329,9 +329,9 @@ class MprLayout(QWidget):
         q = ev.update.quality if ev.update else None
         done = bool(ev.final)
         layers = f" — {ev.layers} layer(s)" if ev.layers else ""        # none from disk
-        route = " — HTJ2K copies" if getattr(ev, "route", "") == "htj2k" else ""
+        route = " — HTJ2K copies" if ev.route == "htj2k" else ""
         text = f"{ev.stage.name}{layers}{route}" + (" — complete" if done else "")
-        if getattr(ev, "why", ""):                # which route the full stage took, and why
+        if ev.why:                                # which route the full stage took, and why
             self.status.setToolTip(f"full quality: {ev.why}")
         if ev.update is not None and ev.update.version > self._shown_version:
             self._shown_version = ev.update.version
